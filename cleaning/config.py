@@ -1,0 +1,113 @@
+"""The typed configuration of the corpus stage (one object; also the Prefect flow parameter)."""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cleaning.dedup import DedupConfig
+
+
+class RuleConfig(BaseModel):
+    """PanGu-α cleaning rules and filters (SPEC §3). Every threshold can be set per source."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Rule-based cleaning (transforms).
+    strip_markup: bool = Field(True, description="control chars, ANSI escapes, HTML tags/entities, repeated whitespace")
+    remove_boilerplate_lines: bool = Field(True, description="navigation bars and boilerplate lines of web pages")
+    dedup_paragraphs: bool = Field(True, description="drop repeated paragraphs inside a document")
+    t2s: bool = Field(True, description="traditional to simplified Chinese (OpenCC t2s)")
+    # Rule-based cleaning (filters).
+    min_chinese_ratio: float = Field(0.60, ge=0.0, le=1.0)
+    min_chars: int = Field(150, ge=0)
+    max_chars: int = Field(1_000_000, ge=1, description="longer documents are rejected as too_long")
+    drop_title_only: bool = True
+    ad_word_lists: list[str] = Field(default_factory=lambda: ["asset:wordlists/advertisement.txt"])
+    max_ad_hits: int = Field(3, ge=0, description="drop when more than this many ad keyword hits")
+    # Filters after cleaning.
+    sensitive_word_lists: list[str] = Field(
+        default_factory=lambda: ["asset:wordlists/politics.txt", "asset:wordlists/pornography.txt"])
+    max_sensitive_hits: int = Field(3, ge=0, description="drop when more than this many hits (PanGu-α: 3)")
+    langid: bool = True
+    langid_model: str = "asset:lid.176.ftz"
+    langid_min_score: float = Field(0.5, ge=0.0, le=1.0,
+                                    description="minimum lid.176 probability of zh, unless the character-ratio rule vouches")
+    spam_model: str | None = "asset:classifiers/spam.bin"
+    spam_threshold: float = Field(0.5, ge=0.0, le=1.0, description="drop when P(spam) is above this")
+    quality_model: str | None = "asset:classifiers/quality.bin"
+    quality_threshold: float = Field(0.0, ge=0.0, le=1.0, description="drop when P(high quality) is below this")
+
+
+class ReaderConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text_field: str = "text"
+    id_field: str = "id"
+    domain_field: str = "domain"
+    source_field: str = "source"
+    url_field: str = "url"
+    txt_split: Literal["blank_line", "line"] = "blank_line"
+    max_record_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+
+
+class CorpusConfig(BaseModel):
+    """Configuration of `pangu corpus build` and the `corpus` flow."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rules: RuleConfig = Field(default_factory=RuleConfig)
+    sources: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per-source overrides of `rules`: glob pattern on the source name → fields",
+    )
+    reader: ReaderConfig = Field(default_factory=ReaderConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    rows_per_output_shard: int = Field(100_000, ge=1)
+
+    @model_validator(mode="after")
+    def _check_overrides(self) -> "CorpusConfig":
+        for pattern, override in self.sources.items():
+            try:
+                RuleConfig.model_validate({**self.rules.model_dump(), **override})
+            except Exception as err:
+                raise ValueError(f"sources[{pattern!r}]: {err}") from err
+        return self
+
+    def rules_for(self, source: str) -> RuleConfig:
+        """The rules for one source: defaults, then every matching override in order."""
+        merged = self.rules.model_dump()
+        for pattern, override in self.sources.items():
+            if fnmatch.fnmatchcase(source, pattern):
+                merged.update(override)
+        return RuleConfig.model_validate(merged)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes outputs (used as part of the resume key)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "CorpusConfig":
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+        return cls.model_validate(data)
+
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "deploy" / "presets" / "corpus"
+
+
+def load_preset(name_or_path: str) -> CorpusConfig:
+    """A preset name from deploy/presets/corpus/ or a path to a YAML file."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"corpus preset {name_or_path!r} not found (known: {', '.join(known)})")
+    return CorpusConfig.from_yaml(path)

@@ -1,0 +1,81 @@
+"""The document that flows through the corpus build, and the schema it is stored with."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+
+@dataclass(slots=True)
+class Document:
+    id: str
+    text: str
+    domain: str
+    source: str
+    url: str | None = None
+    quality: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Rejection:
+    """A document that will not be kept, with the rule that dropped it and why."""
+
+    doc: Document
+    reason: str
+    detail: str = ""
+    dup_of: str | None = None
+
+
+# Parquet schemas of the corpus contract (SPEC §2.1). `meta` is a JSON string: nested Parquet
+# types vary per document and make `datasets.load_dataset("parquet")` fail on schema mismatch.
+KEPT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("text", pa.large_string()),
+        ("domain", pa.string()),
+        ("source", pa.string()),
+        ("quality", pa.float32()),
+        ("meta", pa.string()),
+    ]
+)
+REJECTED_SCHEMA = pa.schema(
+    list(KEPT_SCHEMA) + [("reason", pa.string()), ("detail", pa.string()), ("dup_of", pa.string())]
+)
+
+
+def kept_row(doc: Document) -> dict[str, Any]:
+    meta = dict(doc.meta)
+    if doc.url:
+        meta["url"] = doc.url
+    return {
+        "id": doc.id,
+        "text": doc.text,
+        "domain": doc.domain,
+        "source": doc.source,
+        "quality": doc.quality,
+        "meta": json.dumps(meta, ensure_ascii=False, sort_keys=True),
+    }
+
+
+def rejected_row(rejection: Rejection) -> dict[str, Any]:
+    row = kept_row(rejection.doc)
+    row["reason"] = rejection.reason
+    row["detail"] = rejection.detail
+    row["dup_of"] = rejection.dup_of
+    return row
+
+
+def document_from_row(row: dict[str, Any]) -> Document:
+    meta = json.loads(row["meta"]) if row.get("meta") else {}
+    return Document(
+        id=row["id"],
+        text=row["text"],
+        domain=row["domain"],
+        source=row["source"],
+        url=meta.pop("url", None),
+        quality=row.get("quality"),
+        meta=meta,
+    )

@@ -1,0 +1,90 @@
+"""Parquet shard writers that never leave a partial file behind.
+
+Rows are buffered and written in row groups to a temporary name beside the target; `close()`
+renames it into place, so a reader (or a rerun after a kill) sees either the whole shard or none.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Any, Iterable
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def _fs_and_path(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    return fsspec.core.url_to_fs(uri)
+
+
+def _temporary_path(path: str) -> str:
+    head, tail = os.path.split(path)
+    return os.path.join(head, f".{tail}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+class ParquetShardWriter:
+    def __init__(self, uri: str, schema: pa.Schema, rows_per_group: int = 2048):
+        self.fs, self.path = _fs_and_path(uri)
+        self.schema = schema
+        self.rows_per_group = rows_per_group
+        self.rows_written = 0
+        self._buffer: list[dict[str, Any]] = []
+        self.fs.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self._tmp = _temporary_path(self.path)
+        self._handle = self.fs.open(self._tmp, "wb")
+        self._writer = pq.ParquetWriter(self._handle, schema, compression="zstd")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._buffer.append(row)
+        if len(self._buffer) >= self.rows_per_group:
+            self._flush()
+
+    def write_many(self, rows: Iterable[dict[str, Any]]) -> None:
+        for row in rows:
+            self.write(row)
+
+    def _flush(self) -> None:
+        if self._buffer:
+            self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=self.schema))
+            self.rows_written += len(self._buffer)
+            self._buffer.clear()
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+        self._handle.close()
+        self.fs.mv(self._tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+            self._handle.close()
+        finally:
+            if self.fs.exists(self._tmp):
+                self.fs.rm(self._tmp)
+
+    def __enter__(self) -> "ParquetShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_json_atomic(uri: str, payload: Any) -> None:
+    """Write JSON to a temporary name and rename it into place (used for markers and manifests)."""
+    fs, path = _fs_and_path(uri)
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = _temporary_path(path)
+    with fs.open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(payload, fh, ensure_ascii=False, indent=2, sort_keys=True)
+    fs.mv(tmp, path)
+
+
+def read_json(uri: str) -> Any:
+    with fsspec.open(uri, "r", encoding="utf-8") as fh:
+        return json.load(fh)

