@@ -7,7 +7,6 @@ A problem that stops the rest of a file from being read (truncated gzip, unreada
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import zlib
@@ -135,17 +134,22 @@ class RecordReader:
 
     # -- formats ---------------------------------------------------------------------------
     def _lines(self, path: str) -> Iterator[tuple[int, bytes, bool]]:
-        """(line number, raw bytes, complete) for every line; oversized lines are cut short."""
-        with fsspec.open(path, "rb", compression="infer", **(self.storage_options or {})) as fh:
+        """(line number, raw bytes, complete) for every line; oversized lines are cut short.
+
+        A truncated gzip stream yields every complete line before the damage, then the partial
+        last line as incomplete, then raises `ShardReadError`.
+        """
+        with fsspec.open(path, "rb", **(self.storage_options or {})) as raw:
+            stream = _GzipLines(raw, path) if path.lower().endswith(".gz") else raw
             number = 0
             while True:
-                chunk = fh.readline(self.max_record_bytes + 1)
+                chunk = stream.readline(self.max_record_bytes + 1)
                 if not chunk:
                     return
                 number += 1
                 if len(chunk) > self.max_record_bytes and not chunk.endswith(b"\n"):
                     while True:  # drain the rest of the oversized line without holding it
-                        rest = fh.readline(self.max_record_bytes)
+                        rest = stream.readline(self.max_record_bytes)
                         if not rest or rest.endswith(b"\n"):
                             break
                     yield number, chunk[:4096], False
@@ -181,8 +185,8 @@ class RecordReader:
                                               f"expected a JSON object, got {type(record).__name__}")
                     continue
                 yield self._document(record, path, number)
-        except (EOFError, gzip.BadGzipFile, zlib.error) as err:
-            raise ShardReadError(path, f"truncated or corrupt compressed stream after line {last}: {err}",
+        except _TruncatedStream as err:
+            raise ShardReadError(path, f"truncated or corrupt gzip stream after line {last}: {err}",
                                  line=last + 1) from err
 
     def _read_txt(self, path: str) -> Iterator[Document | Rejection]:
@@ -221,8 +225,8 @@ class RecordReader:
                     start = number
                 block.append(line)
             yield from flush()
-        except (EOFError, gzip.BadGzipFile, zlib.error) as err:
-            raise ShardReadError(path, f"truncated or corrupt compressed stream after line {last}: {err}",
+        except _TruncatedStream as err:
+            raise ShardReadError(path, f"truncated or corrupt gzip stream after line {last}: {err}",
                                  line=last + 1) from err
 
     def _read_parquet(self, path: str) -> Iterator[Document | Rejection]:
@@ -241,3 +245,65 @@ class RecordReader:
                 for record in batch.to_pylist():
                     row += 1
                     yield self._document(record, path, row)
+
+
+class _TruncatedStream(Exception):
+    pass
+
+
+class _GzipLines:
+    """Line reader over a gzip stream that keeps what was decompressed before a truncation.
+
+    `gzip.GzipFile` raises before handing out lines it has already decompressed when the end of
+    the stream is missing; here complete lines come out first, and the partial tail after them.
+    Concatenated gzip members are read one after another, as gzip(1) does.
+    """
+
+    def __init__(self, raw, path: str, chunk: int = 1 << 20):
+        self._raw = raw
+        self._chunk = chunk
+        self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._buffer = bytearray()
+        self._eof = False
+        self._error: str | None = None
+        self._started = False
+
+    def _fill(self) -> None:
+        data = self._raw.read(self._chunk)
+        if not data:
+            self._eof = True
+            if self._started and not self._inflate.eof:
+                self._error = "stream ended before the gzip end-of-stream marker"
+            return
+        self._started = True
+        try:
+            self._buffer += self._inflate.decompress(data)
+            while self._inflate.eof and self._inflate.unused_data:
+                rest = self._inflate.unused_data
+                self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                self._buffer += self._inflate.decompress(rest)
+        except zlib.error as err:
+            self._error = f"corrupt gzip data ({err})"
+            self._eof = True
+
+    def readline(self, limit: int) -> bytes:
+        while True:
+            newline = self._buffer.find(b"\n", 0, limit)
+            if newline >= 0:
+                line = bytes(self._buffer[: newline + 1])
+                del self._buffer[: newline + 1]
+                return line
+            if len(self._buffer) >= limit:
+                line = bytes(self._buffer[:limit])
+                del self._buffer[:limit]
+                return line
+            if self._eof:
+                if self._buffer:
+                    line = bytes(self._buffer)
+                    self._buffer.clear()
+                    return line
+                if self._error:
+                    error, self._error = self._error, None
+                    raise _TruncatedStream(error)
+                return b""
+            self._fill()

@@ -1,0 +1,119 @@
+"""Rule-based cleaning that rewrites text (PanGu-α §3, rules 2, 4 and 5)."""
+from __future__ import annotations
+
+import html
+import re
+
+from cleaning.steps import Transform
+
+# CSI sequences (colours, cursor moves), OSC sequences (titles, links) and lone two-byte escapes.
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
+_SCRIPT_STYLE = re.compile(r"<(script|style|noscript)\b[^>]*>.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+_HTML_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
+# Block-level tags become line breaks so that paragraphs stay paragraphs.
+# Only things that look like tags: a name, then attributes whose unquoted parts hold no Han
+# characters, so running text such as "若 a<b 且 b>c" is left alone.
+_ATTRIBUTES = r"(?:\s(?:[^<>\"'\u3400-\u9fff]|\"[^\"]*\"|'[^']*')*)?/?>"
+_BLOCK_TAG = re.compile(r"</?(?:p|div|br|li|ul|ol|tr|table|h[1-6]|section|article|header|footer|nav)\b"
+                        + _ATTRIBUTES, re.IGNORECASE)
+_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9:-]*" + _ATTRIBUTES)
+_ENTITY = re.compile(r"&(?:#\d{1,7}|#x[0-9a-fA-F]{1,6}|[A-Za-z]{2,31});")
+# C0/C1 controls except tab and newline, zero-width characters, BOM, replacement-char runs.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\u2060\ufeff]")
+_SPACES = re.compile(r"[ \t\u00a0\u3000]+")
+_BLANK_LINES = re.compile(r"\n\s*\n\s*\n+")
+_TRAILING = re.compile(r"[ \t]+\n|\n[ \t]+")
+
+
+class StripMarkup(Transform):
+    """Control characters, ANSI escapes, HTML tags and entities, repeated whitespace."""
+
+    name = "strip_markup"
+
+    def transform(self, text: str) -> str:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        if "\x1b" in text:
+            text = _ANSI.sub("", text)
+        if "<" in text:
+            text = _HTML_COMMENT.sub("", text)
+            text = _SCRIPT_STYLE.sub("", text)
+            text = _BLOCK_TAG.sub("\n", text)
+            text = _TAG.sub("", text)
+        if "&" in text:
+            text = _ENTITY.sub(lambda m: html.unescape(m.group(0)), text)
+        text = _CONTROL.sub("", text)
+        text = _SPACES.sub(" ", text)
+        text = _TRAILING.sub("\n", text)
+        text = _BLANK_LINES.sub("\n\n", text)
+        return text.strip()
+
+
+# Lines of web pages that carry no content: navigation, copyright, share buttons, paging.
+_BOILERPLATE_WORDS = re.compile(
+    r"版权所有|copyright|©|all rights reserved|icp备|icp证|京公网安备|公网安备|联系我们|关于我们|网站地图|"
+    r"免责声明|隐私政策|用户协议|返回顶部|返回首页|上一篇|下一篇|上一页|下一页|首页|尾页|分享到|"
+    r"点击(?:查看|进入|阅读)|扫描二维码|扫一扫|责任编辑|编辑[:：]|来源[:：]|登录|注册|订阅|收藏本站|"
+    r"设为首页|加入收藏|相关阅读|相关新闻|热门推荐|猜你喜欢|更多>>|阅读全文|打印本页|关闭窗口",
+    re.IGNORECASE,
+)
+_NAV_SEPARATORS = re.compile(r"[|｜>»›·•/\\\-–—_]+")
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+def is_boilerplate_line(line: str, max_len: int = 60) -> bool:
+    stripped = line.strip()
+    if not stripped or len(stripped) > max_len:
+        return False  # long lines are content even if they mention 版权
+    if _BOILERPLATE_WORDS.search(stripped):
+        return True
+    # A navigation bar: several short items between separators ("首页 | 新闻 | 体育 | 娱乐").
+    items = [part for part in _NAV_SEPARATORS.split(stripped) if part.strip()]
+    separators = len(_NAV_SEPARATORS.findall(stripped))
+    if separators >= 3 and len(items) >= 4 and all(len(item.strip()) <= 6 for item in items):
+        return True
+    return False
+
+
+class RemoveBoilerplateLines(Transform):
+    name = "remove_boilerplate_lines"
+
+    def __init__(self, max_len: int = 60):
+        self.max_len = max_len
+
+    def transform(self, text: str) -> str:
+        lines = text.split("\n")
+        kept = [line for line in lines if not is_boilerplate_line(line, self.max_len)]
+        return "\n".join(kept) if len(kept) != len(lines) else text
+
+
+class DedupParagraphs(Transform):
+    """Drop the second and later copies of a paragraph inside one document."""
+
+    name = "dedup_paragraphs"
+
+    def transform(self, text: str) -> str:
+        seen: set[str] = set()
+        kept: list[str] = []
+        changed = False
+        for line in text.split("\n"):
+            key = line.strip()
+            if key and key in seen:
+                changed = True
+                continue
+            seen.add(key)
+            kept.append(line)
+        return "\n".join(kept) if changed else text
+
+
+class TraditionalToSimplified(Transform):
+    """OpenCC t2s; runs before dedup so that traditional and simplified copies meet."""
+
+    name = "t2s"
+
+    def __init__(self) -> None:
+        import opencc  # imported here: the C++ dictionaries load once per step object
+
+        self._converter = opencc.OpenCC("t2s")
+
+    def transform(self, text: str) -> str:
+        return self._converter.convert(text)

@@ -1,0 +1,126 @@
+"""The chain of cleaning steps and how a stream of records runs through it.
+
+`CleaningChain` turns records from a reader into kept documents and rejections, in batches, and
+counts every outcome per source and per rule.
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+from cleaning import filters, normalize
+from cleaning.config import CorpusConfig, RuleConfig
+from cleaning.document import Document, Rejection
+from cleaning.steps import Step, Transform
+
+
+def build_steps(rules: RuleConfig) -> list[Step]:
+    """The PanGu-α order: cheap rewrites first, then rules, then model-based filters."""
+    steps: list[Step] = [filters.TooLong(rules.max_chars)]
+    if rules.strip_markup:
+        steps.append(normalize.StripMarkup())
+    if rules.remove_boilerplate_lines:
+        steps.append(normalize.RemoveBoilerplateLines())
+    if rules.dedup_paragraphs:
+        steps.append(normalize.DedupParagraphs())
+    if rules.t2s:
+        steps.append(normalize.TraditionalToSimplified())
+    if rules.drop_title_only:
+        steps.append(filters.TitleOnly())
+    steps.append(filters.MinLength(rules.min_chars))
+    steps.append(filters.ChineseRatio(rules.min_chinese_ratio))
+    # Keyword rules run after t2s so that traditional spellings meet the simplified lists.
+    if rules.ad_word_lists:
+        steps.append(filters.KeywordHits("ad_keywords", rules.ad_word_lists, rules.max_ad_hits))
+    if rules.sensitive_word_lists:
+        steps.append(filters.KeywordHits("sensitive_words", rules.sensitive_word_lists,
+                                         rules.max_sensitive_hits))
+    if rules.langid:
+        steps.append(filters.LanguageID(rules.langid_model, rules.langid_min_score, rules.min_chinese_ratio))
+    if rules.spam_model:
+        steps.append(filters.ClassifierThreshold("spam", rules.spam_model, rules.spam_threshold,
+                                                 drop_above=True, meta_key="spam"))
+    if rules.quality_model:
+        steps.append(filters.ClassifierThreshold("quality", rules.quality_model, rules.quality_threshold,
+                                                 drop_above=False, meta_key="quality"))
+    return steps
+
+
+@dataclass
+class ChainCounts:
+    """Outcomes of one shard: input = kept + rejected, per source and per rule."""
+
+    input: Counter = field(default_factory=Counter)  # source → documents read
+    kept: Counter = field(default_factory=Counter)  # source → documents kept
+    rejected: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))  # source → reason → n
+    modified: Counter = field(default_factory=Counter)  # transform name → documents changed
+
+    def to_json(self) -> dict:
+        return {
+            "input": dict(self.input),
+            "kept": dict(self.kept),
+            "rejected": {source: dict(reasons) for source, reasons in self.rejected.items()},
+            "modified": dict(self.modified),
+        }
+
+
+class CleaningChain:
+    """Runs documents through the steps of their source's rules, one batch at a time."""
+
+    def __init__(self, config: CorpusConfig, batch_size: int = 256):
+        self.config = config
+        self.batch_size = batch_size
+        self._steps: dict[str, list[Step]] = {}
+        self.counts = ChainCounts()
+
+    def steps_for(self, source: str) -> list[Step]:
+        steps = self._steps.get(source)
+        if steps is None:
+            rules = self.config.rules_for(source)
+            # Sources that share the same rules share step objects (and loaded models).
+            key = rules.model_dump_json()
+            steps = self._steps.get(key) or build_steps(rules)
+            self._steps[key] = self._steps[source] = steps
+        return steps
+
+    def run(self, records: Iterable[Document | Rejection]) -> Iterator[Document | Rejection]:
+        batch: list[Document] = []
+        for record in records:
+            source = record.doc.source if isinstance(record, Rejection) else record.source
+            self.counts.input[source] += 1
+            if isinstance(record, Rejection):
+                self.counts.rejected[source][record.reason] += 1
+                yield record
+                continue
+            batch.append(record)
+            if len(batch) >= self.batch_size:
+                yield from self._run_batch(batch)
+                batch = []
+        if batch:
+            yield from self._run_batch(batch)
+
+    def _run_batch(self, docs: list[Document]) -> Iterator[Document | Rejection]:
+        by_source: dict[str, list[Document]] = defaultdict(list)
+        for doc in docs:
+            by_source[doc.source].append(doc)
+        for source, group in by_source.items():
+            alive = group
+            for step in self.steps_for(source):
+                if not alive:
+                    break
+                before = [doc.text for doc in alive] if isinstance(step, Transform) else None
+                verdicts = step.check_batch(alive)
+                survivors: list[Document] = []
+                for i, (doc, verdict) in enumerate(zip(alive, verdicts)):
+                    if verdict is None:
+                        if before is not None and doc.text != before[i]:
+                            self.counts.modified[step.name] += 1
+                        survivors.append(doc)
+                    else:
+                        self.counts.rejected[source][step.name] += 1
+                        yield Rejection(doc, step.name, verdict)
+                alive = survivors
+            for doc in alive:
+                self.counts.kept[source] += 1
+                yield doc

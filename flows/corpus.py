@@ -1,0 +1,151 @@
+"""The `corpus` flow: maps the corpus build's stages over shards as Prefect tasks.
+
+Thin by design: all logic is in `cleaning.build`; this module decides where each call runs,
+reports progress, and publishes the counts as artifacts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import Executor, ProcessPoolExecutor
+from typing import Any, Callable
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from cleaning.build import CorpusBuild
+from cleaning.config import CorpusConfig, load_preset
+from cleaning.inputs import InputShard
+from cleaning.writers import read_json
+from flows.reports import corpus_markdown, source_table
+
+# Compute runs in worker processes (true parallelism, no GIL); Prefect task runs are threads that
+# hand work to them, so each shard is still one task run with its own state and logs, and no
+# process has to start its own Prefect API server.
+_POOL: Executor | None = None
+
+
+def _pool() -> Executor | None:
+    return _POOL
+
+
+def _run(fn: Callable[..., Any], *args: Any) -> Any:
+    pool = _pool()
+    return pool.submit(fn, *args).result() if pool is not None else fn(*args)
+
+
+@task(name="clean-shard", task_run_name="clean-{shard.index:05d}")
+def clean_shard(build: CorpusBuild, shard: InputShard) -> dict[str, Any]:
+    summary = _run(build.clean, shard)
+    logger = get_run_logger()
+    counts = summary["counts"]
+    read, kept = sum(counts["input"].values()), sum(counts["kept"].values())
+    if summary["error"]:
+        logger.warning("shard %s: %s", shard.uri, summary["error"])
+    verb = "already done" if summary.get("skipped") else f"{summary['seconds']:.1f}s"
+    logger.info("clean %s: %d read, %d kept (%s)", shard.uri, read, kept, verb)
+    return summary
+
+
+@task(name="dedup-map", task_run_name="dedup-map-{shard.index:05d}")
+def dedup_map(build: CorpusBuild, shard: InputShard, run_key: str) -> None:
+    _run(build.dedup_map, shard, run_key)
+
+
+@task(name="dedup-reduce", task_run_name="dedup-reduce-{partition:03d}")
+def dedup_reduce(build: CorpusBuild, partition: int, run_key: str) -> None:
+    _run(build.dedup_reduce, partition, run_key)
+
+
+@task(name="dedup-cluster")
+def dedup_cluster(build: CorpusBuild, num_shards: int, run_key: str) -> dict[str, Any]:
+    summary = _run(build.dedup_cluster, num_shards, run_key)
+    get_run_logger().info("dedup: %s", json.dumps(summary, ensure_ascii=False))
+    return summary
+
+
+@task(name="finalize-shard", task_run_name="finalize-{shard.index:05d}")
+def finalize_shard(build: CorpusBuild, shard: InputShard, shards: list[InputShard], run_key: str) -> dict[str, Any]:
+    return _run(build.finalize, shard, shards, run_key)
+
+
+def _gather(futures: list, stage: str, progress_id) -> list:
+    """Waits for a stage's futures in completion order, logging and updating the progress bar."""
+    logger = get_run_logger()
+    total = len(futures)
+    started = time.perf_counter()
+    for done, _ in enumerate(as_completed(futures), start=1):
+        if progress_id is not None:
+            update_progress_artifact(progress_id, progress=100.0 * done / max(1, total))
+        logger.info("%s: %d/%d done (%.1fs)", stage, done, total, time.perf_counter() - started)
+    return [future.result() for future in futures]
+
+
+@flow(name="corpus", log_prints=True)
+def corpus(inputs: list[str], output: str, config: CorpusConfig = CorpusConfig(),
+           workers: int = 2) -> dict[str, Any]:
+    """Clean, filter, deduplicate and quality-score raw Chinese text into a versioned corpus."""
+    global _POOL
+    logger = get_run_logger()
+    build = CorpusBuild(inputs, output, config)
+    started = time.perf_counter()
+    shards = build.plan()
+    run_key = build.run_key(shards)
+    missing = [s for s in shards if s.error]
+    for shard in missing:
+        logger.warning("input problem: %s", shard.error)
+    logger.info("%d input shards (%.1f MB), build %s", len(shards), sum(s.size for s in shards) / 1e6, run_key)
+    _POOL = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        progress = create_progress_artifact(progress=0.0, description="corpus: shards cleaned")
+        cleaned = _gather([clean_shard.submit(build, s) for s in shards], "clean", progress)
+        dedup_summary = None
+        if build.dedup_enabled:
+            _gather([dedup_map.submit(build, s, run_key) for s in shards], "dedup map", None)
+            partitions = range(config.dedup.partitions)
+            _gather([dedup_reduce.submit(build, p, run_key) for p in partitions], "dedup reduce", None)
+            dedup_summary = dedup_cluster(build, len(shards), run_key)
+        finals = _gather([finalize_shard.submit(build, s, shards, run_key) for s in shards], "finalize", None)
+    finally:
+        if _POOL is not None:
+            _POOL.shutdown()
+        _POOL = None
+    manifest = build.write_manifest(shards, cleaned, finals, dedup_summary, run_key, time.perf_counter() - started)
+    create_table_artifact(key="corpus-counts", table=source_table(manifest),
+                          description="documents per source: input, kept, rejected per rule")
+    stats = read_json(f"{output.rstrip('/')}/stats.json")
+    create_markdown_artifact(key="corpus-summary", markdown=corpus_markdown(manifest, stats, output),
+                             description="corpus build summary")
+    totals = manifest["totals"]
+    logger.info("corpus %s: %d documents in, %d kept, %d rejected → %s", run_key, totals["input"],
+                totals["kept"], totals["rejected"], output)
+    return {"version": run_key, "output": output, "totals": totals}
+
+
+def corpus_with_runner(workers: int, dask_address: str | None):
+    """The flow with the task runner the user asked for."""
+    if dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        return corpus.with_options(task_runner=DaskTaskRunner(address=dask_address))
+    return corpus.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, workers) * 2))
+
+
+def build_from_cli(args: argparse.Namespace) -> int:
+    config = load_preset(args.preset)
+    # On Dask the cluster's workers do the compute; no local process pool beside them.
+    workers = 1 if args.dask_address else args.workers
+    result = corpus_with_runner(args.workers, args.dask_address)(
+        inputs=list(args.inputs), output=args.output, config=config, workers=workers)
+    totals = result["totals"]
+    print(f"corpus {result['version']}: {totals['input']} documents in, {totals['kept']} kept, "
+          f"{totals['rejected']} rejected", file=sys.stderr)
+    print(f"  data:     {args.output}/data/", file=sys.stderr)
+    print(f"  rejected: {args.output}/rejected/", file=sys.stderr)
+    print(f"  manifest: {args.output}/manifest.json", file=sys.stderr)
+    return 0

@@ -1,0 +1,269 @@
+"""PanGu-α / PanGu-Σ decoder in plain PyTorch.
+
+Layout (SPEC §5.1, our reading of "L−1 normal blocks → final LayerNorm → query layer → tied head"):
+
+    h = dropout(word_emb[ids] + pos_emb[pos])
+    for each of the L−1 blocks:                    pre-LN: h += attn(LN(h)); h += ffn(LN(h))
+    h = final_LN(h)
+    query layer:  kv = LN_a(h); q = top_query_emb[pos]   (q is *not* layer-normed)
+                  h += attn(q, kv); h += ffn(LN_f(h))     (residual from h)
+    logits = h @ word_emb.T                          (no LayerNorm after the query layer)
+
+This follows the released MindSpore code, where the backbone applies its final LayerNorm before
+`top_query_layer` and the head multiplies the query layer's output by the word table directly.
+The top `moe_layers` layers (the query layer among them) swap their FFN for a sparse one (moe.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import PanguConfig
+from .masks import AttentionLayout, attention_layout, position_ids_from_eot
+from .moe import DenseFFN, ExpertBank, MixtureOfGroupedExperts, build_ffn
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, plus their positions (for the mask)."""
+
+    keys: list[torch.Tensor | None]
+    values: list[torch.Tensor | None]
+    position_ids: torch.Tensor | None = None
+    next_position: torch.Tensor | None = None  # [B]: position of the next token (0 after an <eot>)
+
+    @classmethod
+    def empty(cls, num_layers: int) -> "KVCache":
+        return cls(keys=[None] * num_layers, values=[None] * num_layers)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.position_ids is None else self.position_ids.shape[1]
+
+    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is not None:
+            key = torch.cat([self.keys[layer], key], dim=2)
+            value = torch.cat([self.values[layer], value], dim=2)
+        self.keys[layer], self.values[layer] = key, value
+        return key, value
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None  # lm_loss + aux_loss, what the optimiser sees
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+
+
+class Attention(nn.Module):
+    """Multi-head attention whose queries and keys/values may come from different inputs."""
+
+    def __init__(self, config: PanguConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+        self.q_proj = nn.Linear(config.d_model, config.d_model)
+        self.k_proj = nn.Linear(config.d_model, config.d_model)
+        self.v_proj = nn.Linear(config.d_model, config.d_model)
+        self.out_proj = nn.Linear(config.d_model, config.d_model)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        query_source: torch.Tensor,
+        key_value_source: torch.Tensor,
+        layout: AttentionLayout,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        q = self._heads(self.q_proj(query_source))
+        k = self._heads(self.k_proj(key_value_source))
+        v = self._heads(self.v_proj(key_value_source))
+        if cache is not None:
+            k, v = cache.append(self.layer_index, k, v)
+        out_dtype = q.dtype
+        if q.device.type != "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+            # The CPU math kernel does its softmax in the input dtype; PanGu-α wants fp32 softmax.
+            # (CUDA flash / memory-efficient kernels already accumulate the softmax in fp32.)
+            q, k, v = q.float(), k.float(), v.float()
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=layout.mask,
+            is_causal=layout.is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        batch, _, length, _ = y.shape
+        y = y.to(out_dtype).transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+        return self.out_proj(y)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block. As the query layer, queries come from an outside tensor instead."""
+
+    def __init__(self, config: PanguConfig, layer_index: int) -> None:
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.attention = Attention(config, layer_index)
+        self.ffn_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.ffn = build_ffn(config, layer_index)
+        self.residual_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        layout: AttentionLayout,
+        token_ids: torch.Tensor,
+        domain_ids: torch.Tensor,
+        query: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        normed = self.attention_norm(hidden)
+        attended = self.attention(normed if query is None else query, normed, layout, cache)
+        hidden = hidden + self.residual_dropout(attended)
+        ffn_out, aux_loss = self.ffn(self.ffn_norm(hidden), token_ids, domain_ids)
+        return hidden + self.residual_dropout(ffn_out), aux_loss
+
+
+class PanguModel(nn.Module):
+    def __init__(self, config: PanguConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.word_embedding = nn.Embedding(config.vocab_size, d)
+        self.position_embedding = nn.Embedding(config.max_seq_len, d)
+        self.top_query_embedding = nn.Embedding(config.max_seq_len, d)
+        self.embedding_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers - 1))
+        self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.query_layer = Block(config, config.num_layers - 1)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """Embeddings and linears N(0, σ); output projections N(0, σ/√(2L)); biases 0; LN (1, 0)."""
+        std = self.config.init_std
+        output_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                is_output = name.endswith(("attention.out_proj", "ffn.fc_out"))
+                nn.init.normal_(module.weight, 0.0, output_std if is_output else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, ExpertBank):
+                nn.init.normal_(module.w_in, 0.0, std)
+                nn.init.normal_(module.w_out, 0.0, output_std)
+                nn.init.zeros_(module.b_in)
+                nn.init.zeros_(module.b_out)
+            elif isinstance(module, MixtureOfGroupedExperts):
+                nn.init.ones_(module.expert_scale)
+
+    @property
+    def layers(self) -> list[Block]:
+        """All L layers bottom-up, the query layer last."""
+        return [*self.blocks, self.query_layer]
+
+    def _domain_ids(self, domain_ids: torch.Tensor | int | None, input_ids: torch.Tensor) -> torch.Tensor:
+        """Per-token domain ids [B, T] from None, an int, per-row [B] or per-token [B, T]."""
+        if domain_ids is None:
+            if self.config.router == "rre" and self.config.num_domains > 1:
+                raise ValueError("an RRE model with several domains needs domain_ids")
+            domain_ids = self.config.domain_id_offset
+        domain_ids = torch.as_tensor(domain_ids, device=input_ids.device, dtype=torch.long)
+        if domain_ids.dim() == 1:
+            domain_ids = domain_ids[:, None]
+        return domain_ids.expand_as(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        domain_ids: torch.Tensor | int | None = None,
+        labels: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> ModelOutput:
+        """Logits [B, T, V]; with `labels` [B, T] also the loss (`<pad>` and -100 are ignored).
+
+        Without `position_ids`, positions restart after every `<eot>`; either way the attention mask
+        is derived from the positions, so packed documents never see each other.
+        """
+        config = self.config
+        query_length = input_ids.shape[1]
+        if position_ids is None:
+            start = cache.next_position if cache is not None else None
+            position_ids = position_ids_from_eot(input_ids, config.eot_token_id, start)
+        all_position_ids = position_ids
+        if cache is not None:
+            if cache.position_ids is not None:
+                all_position_ids = torch.cat([cache.position_ids, position_ids], dim=1)
+            cache.position_ids = all_position_ids
+            cache.next_position = torch.where(
+                input_ids[:, -1] == config.eot_token_id, torch.zeros_like(position_ids[:, -1]), position_ids[:, -1] + 1
+            )
+        layout = attention_layout(all_position_ids, query_length)
+        domains = self._domain_ids(domain_ids, input_ids)
+
+        hidden = self.embedding_dropout(self.word_embedding(input_ids) + self.position_embedding(position_ids))
+        aux_loss = hidden.new_zeros((), dtype=torch.float32)
+        for block in self.blocks:
+            hidden, block_aux = self._run_block(block, hidden, layout, input_ids, domains, None, cache)
+            aux_loss = aux_loss + block_aux
+        hidden = self.final_norm(hidden)
+        query = self.top_query_embedding(position_ids)
+        hidden, block_aux = self._run_block(self.query_layer, hidden, layout, input_ids, domains, query, cache)
+        aux_loss = aux_loss + block_aux
+        logits = F.linear(hidden, self.word_embedding.weight)  # tied head
+
+        output = ModelOutput(logits=logits, aux_loss=aux_loss)
+        if labels is not None:
+            labels = labels.masked_fill(labels == config.pad_token_id, IGNORE_INDEX)
+            output.lm_loss = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
+            )
+            output.loss = output.lm_loss + aux_loss
+        return output
+
+    def _run_block(
+        self,
+        block: Block,
+        hidden: torch.Tensor,
+        layout: AttentionLayout,
+        token_ids: torch.Tensor,
+        domain_ids: torch.Tensor,
+        query: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.config.gradient_checkpointing and self.training and cache is None:
+            return checkpoint(block, hidden, layout, token_ids, domain_ids, query, None, use_reentrant=False)
+        return block(hidden, layout, token_ids, domain_ids, query, cache)
+
+    def new_cache(self) -> KVCache:
+        return KVCache.empty(self.config.num_layers)
+
+    def sparse_layers(self) -> dict[str, nn.Module]:
+        """Qualified name → sparse FFN module of every routed layer."""
+        return {
+            name: module
+            for name, module in self.named_modules()
+            if not isinstance(module, DenseFFN) and name.endswith(".ffn")
+        }
+
+
+__all__ = ["PanguModel", "ModelOutput", "KVCache"]

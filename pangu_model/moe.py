@@ -1,0 +1,252 @@
+"""Feed-forward layers: the dense GeLU FFN and three sparse replacements with one interface.
+
+Every FFN is called as `ffn(x [B, T, d], token_ids [B, T], domain_ids [B, T]) -> (out, aux_loss)`, so a
+block never knows which router it holds:
+
+- `DenseFFN`: PanGu-α's d → 4d → d GeLU MLP.
+- `RandomRoutedExperts` (PanGu-Σ, SPEC §5.2): no learned gate; domain id picks the expert group,
+  a fixed seeded token-id table picks the expert inside it. Top-1, dropless, deterministic.
+- `MixtureOfGroupedExperts` (Pangu Pro MoE, SPEC §5.3): softmax over all experts, top-K′ inside
+  every group, so every group (device) receives exactly the same load.
+- `LearnedTopKExperts` (Switch / GShard, SPEC §5.4): learned gate, capacity factor, dropped tokens
+  pass through on the residual, load-balancing aux loss.
+
+Experts live in an `ExpertBank` of stacked tensors, so inheritance and extraction are tensor slices,
+and the routed computation sorts tokens by expert and runs one matmul pair per non-empty expert.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import PanguConfig
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """What the last forward routed where (detached; for inspection and benchmarks)."""
+
+    expert_load: torch.Tensor  # [E] assignments that were computed, per expert
+    tokens: int
+    dropped: int = 0  # assignments dropped by capacity (learned top-k only)
+
+
+def device_imbalance(expert_load: torch.Tensor, num_devices: int, tokens: int) -> float:
+    """(max − min load per device) / tokens, experts laid out contiguously over devices."""
+    per_device = expert_load.reshape(num_devices, -1).sum(dim=1)
+    return float(per_device.max() - per_device.min()) / max(tokens, 1)
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(d_model, d_ff)
+        self.fc_out = nn.Linear(d_ff, d_model)
+
+    def forward(
+        self, x: torch.Tensor, token_ids: torch.Tensor | None = None, domain_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fc_out(F.gelu(self.fc_in(x))), x.new_zeros(())
+
+
+class ExpertBank(nn.Module):
+    """`num_experts` GeLU FFNs, each laid out exactly like `DenseFFN` (nn.Linear orientation)."""
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.w_in = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.b_in = nn.Parameter(torch.zeros(num_experts, d_ff))
+        self.w_out = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.b_out = nn.Parameter(torch.zeros(num_experts, d_model))
+
+    def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        hidden = F.gelu(F.linear(x, self.w_in[index], self.b_in[index]))
+        return F.linear(hidden, self.w_out[index], self.b_out[index])
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        expert_index: torch.Tensor,
+        token_index: torch.Tensor,
+        gate_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Sum over assignments a of gate_weight[a] · expert[expert_index[a]](x[token_index[a]]).
+
+        x is [N, d]; the assignment vectors are [A]. Tokens with no assignment get zeros.
+        """
+        order = torch.argsort(expert_index, stable=True)
+        sorted_tokens = token_index[order]
+        # One host sync per layer: the split sizes. The loop runs over experts, never over tokens.
+        counts = torch.bincount(expert_index, minlength=self.num_experts).tolist()
+        outputs = []
+        for expert, tokens in zip(range(self.num_experts), torch.split(sorted_tokens, counts)):
+            if tokens.numel():
+                outputs.append(self.expert(expert, x[tokens]))
+        if not outputs:
+            return torch.zeros_like(x)
+        routed = torch.cat(outputs)
+        if gate_weight is not None:
+            routed = routed * gate_weight[order, None].to(routed.dtype)
+        return torch.zeros_like(x).index_add(0, sorted_tokens, routed)
+
+
+def random_routing_table(vocab_size: int, experts_per_group: int, seed: int) -> torch.Tensor:
+    """Token id → expert slot in [0, experts_per_group): a seeded random permutation dealt round-robin.
+
+    Dealing a permutation (rather than drawing ids independently) gives every expert the same number of
+    vocabulary entries, which is the hash-layer recipe for balance without a balance loss.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    permutation = torch.randperm(vocab_size, generator=generator, device="cpu")
+    table = torch.empty(vocab_size, dtype=torch.long, device="cpu")
+    table[permutation] = torch.arange(vocab_size, device="cpu") % experts_per_group
+    return table
+
+
+class RandomRoutedExperts(nn.Module):
+    """PanGu-Σ's two-level routing: domain → expert group, token id → expert (fixed table)."""
+
+    def __init__(self, config: PanguConfig, layer_index: int) -> None:
+        super().__init__()
+        self.num_domains = config.num_domains
+        self.experts_per_domain = config.experts_per_domain
+        self.domain_id_offset = config.domain_id_offset
+        self.experts = ExpertBank(self.num_domains * self.experts_per_domain, config.d_model, config.expert_width)
+        # A buffer, not a parameter: frozen, saved with the model, identical on every rank.
+        table = random_routing_table(config.vocab_size, self.experts_per_domain, config.routing_seed + layer_index)
+        self.register_buffer("token_to_expert", table, persistent=True)
+        self.last_stats: RoutingStats | None = None
+
+    def route(self, token_ids: torch.Tensor, domain_ids: torch.Tensor) -> torch.Tensor:
+        """Global expert id [B, T] for every token."""
+        group = domain_ids - self.domain_id_offset
+        return group * self.experts_per_domain + self.token_to_expert[token_ids]
+
+    def forward(
+        self, x: torch.Tensor, token_ids: torch.Tensor, domain_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = x.reshape(-1, x.shape[-1])
+        expert_index = self.route(token_ids, domain_ids).reshape(-1)
+        token_index = torch.arange(flat.shape[0], device=x.device)
+        out = self.experts(flat, expert_index, token_index)
+        self.last_stats = RoutingStats(
+            torch.bincount(expert_index, minlength=self.experts.num_experts).detach(), flat.shape[0]
+        )
+        return out.view_as(x), x.new_zeros(())
+
+
+class MixtureOfGroupedExperts(nn.Module):
+    """MoGE: N experts in M groups; global softmax, top-K′ per group, learned per-expert scale."""
+
+    def __init__(self, config: PanguConfig, layer_index: int) -> None:
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.num_groups = config.moge_groups
+        self.top_k_per_group = config.moge_top_k_per_group
+        self.aux_loss_coef = config.aux_loss_coef
+        self.gate = nn.Linear(config.d_model, config.num_experts, bias=False)
+        self.expert_scale = nn.Parameter(torch.ones(config.num_experts))
+        self.experts = ExpertBank(config.num_experts, config.d_model, config.expert_width)
+        self.shared_experts = (
+            ExpertBank(config.moge_shared_experts, config.d_model, config.expert_width)
+            if config.moge_shared_experts
+            else None
+        )
+        self.last_stats: RoutingStats | None = None
+
+    def forward(
+        self, x: torch.Tensor, token_ids: torch.Tensor | None = None, domain_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = x.reshape(-1, x.shape[-1])
+        tokens = flat.shape[0]
+        experts_per_group = self.num_experts // self.num_groups
+        probs = F.softmax(self.gate(flat).float(), dim=-1)
+        top_prob, top_in_group = probs.view(tokens, self.num_groups, experts_per_group).topk(
+            self.top_k_per_group, dim=-1
+        )
+        group_base = torch.arange(self.num_groups, device=x.device)[None, :, None] * experts_per_group
+        expert_index = (top_in_group + group_base).reshape(-1)
+        # No renormalisation over the selected experts: the learned scale takes its place.
+        gate_weight = top_prob.reshape(-1) * self.expert_scale[expert_index]
+        assignments_per_token = self.num_groups * self.top_k_per_group
+        token_index = torch.arange(tokens, device=x.device).repeat_interleave(assignments_per_token)
+        out = self.experts(flat, expert_index, token_index, gate_weight)
+        if self.shared_experts is not None:
+            for shared in range(self.shared_experts.num_experts):
+                out = out + self.shared_experts.expert(shared, flat)
+
+        load = torch.bincount(expert_index, minlength=self.num_experts)
+        # f_i is scaled so that a perfectly balanced router gives Σ f_i p_i = 1.
+        fraction = load.float() * self.num_experts / (assignments_per_token * tokens)
+        aux_loss = self.aux_loss_coef * (fraction.detach() * probs.mean(dim=0)).sum()
+        self.last_stats = RoutingStats(load.detach(), tokens)
+        return out.view_as(x), aux_loss.to(x.dtype)
+
+    def device_imbalance(self) -> float:
+        """(max − min tokens per group/device) / tokens of the last forward: 0 by construction."""
+        if self.last_stats is None:
+            raise RuntimeError("no forward has run yet")
+        return device_imbalance(self.last_stats.expert_load, self.num_groups, self.last_stats.tokens)
+
+
+class LearnedTopKExperts(nn.Module):
+    """Switch (k=1) / GShard (k=2) gating with a capacity limit; overflow tokens are dropped."""
+
+    def __init__(self, config: PanguConfig, layer_index: int) -> None:
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.k = config.topk_k
+        self.capacity_factor = config.capacity_factor
+        self.min_capacity = config.min_capacity
+        self.aux_loss_coef = config.aux_loss_coef
+        self.gate = nn.Linear(config.d_model, config.num_experts, bias=False)
+        self.experts = ExpertBank(config.num_experts, config.d_model, config.expert_width)
+        self.last_stats: RoutingStats | None = None
+
+    def capacity(self, tokens: int) -> int:
+        return max(self.min_capacity, math.ceil(self.capacity_factor * tokens * self.k / self.num_experts))
+
+    def forward(
+        self, x: torch.Tensor, token_ids: torch.Tensor | None = None, domain_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = x.reshape(-1, x.shape[-1])
+        tokens = flat.shape[0]
+        probs = F.softmax(self.gate(flat).float(), dim=-1)
+        top_prob, top_index = probs.topk(self.k, dim=-1)
+        if self.k > 1:  # GShard renormalises over the chosen experts; Switch keeps the raw probability.
+            top_prob = top_prob / top_prob.sum(dim=-1, keepdim=True)
+
+        # Choice-major order: every token's first choice claims capacity before any second choice.
+        expert_index = top_index.t().reshape(-1)
+        gate_weight = top_prob.t().reshape(-1)
+        token_index = torch.arange(tokens, device=x.device).repeat(self.k)
+        one_hot = F.one_hot(expert_index, self.num_experts)
+        slot = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1
+        keep = slot < self.capacity(tokens)
+        out = self.experts(flat, expert_index[keep], token_index[keep], gate_weight[keep])
+
+        # Switch aux loss: α · E · Σ_i f_i P_i with f_i from the top-1 choice, P_i the mean probability.
+        top1_fraction = torch.bincount(top_index[:, 0], minlength=self.num_experts).float() / tokens
+        aux_loss = self.aux_loss_coef * self.num_experts * (top1_fraction * probs.mean(dim=0)).sum()
+        load = torch.bincount(expert_index[keep], minlength=self.num_experts)
+        self.last_stats = RoutingStats(load.detach(), tokens, dropped=int((~keep).sum()))
+        return out.view_as(x), aux_loss.to(x.dtype)
+
+
+SPARSE_FFNS: dict[str, type[nn.Module]] = {
+    "rre": RandomRoutedExperts,
+    "moge": MixtureOfGroupedExperts,
+    "topk": LearnedTopKExperts,
+}
+
+
+def build_ffn(config: PanguConfig, layer_index: int) -> nn.Module:
+    if config.is_sparse_layer(layer_index):
+        return SPARSE_FFNS[config.router](config, layer_index)
+    return DenseFFN(config.d_model, config.d_ff)

@@ -1,0 +1,122 @@
+"""Streaming readers: every physical record comes out as a document or a rejection naming file and line."""
+from __future__ import annotations
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cleaning.document import Document, Rejection
+from cleaning.readers import FieldMap, RecordReader, ShardReadError
+from tests.realtext import abstracts
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def test_jsonl_fields_and_generated_ids(tmp_path):
+    texts = abstracts()[:3]
+    path = _jsonl(tmp_path / "news.jsonl", [
+        {"text": texts[0], "id": "a1", "domain": "science", "source": "csl", "url": "http://x"},
+        {"text": texts[1]},
+        {"content": texts[2], "lang": "zh"},
+    ])
+    out = list(RecordReader().read(path))
+    assert [type(o) for o in out] == [Document, Document, Rejection]
+    assert (out[0].id, out[0].domain, out[0].source, out[0].url) == ("a1", "science", "csl", "http://x")
+    assert out[1].id == "news:2" and out[1].domain == "news" and out[1].source == "news"
+    assert out[2].reason == "missing_text" and "line 3" in out[2].detail and "news.jsonl" in out[2].detail
+
+    mapped = list(RecordReader(fields=FieldMap(text="content")).read(path))
+    assert isinstance(mapped[2], Document) and mapped[2].text == texts[2]
+
+
+def test_corrupt_json_and_invalid_utf8_are_rejected_with_file_and_line(tmp_path):
+    good = json.dumps({"text": abstracts()[0]}, ensure_ascii=False).encode()
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(good + b"\n{\"text\": \"unterminated\n" + b'{"text": "\xff\xfe oops"}\n' + b"[1, 2]\n\n" + good + b"\n")
+    out = list(RecordReader().read(str(path)))
+    reasons = [o.reason if isinstance(o, Rejection) else "doc" for o in out]
+    assert reasons == ["doc", "corrupt_json", "invalid_utf8", "corrupt_json", "doc"]
+    assert "line 2" in out[1].detail and "line 3" in out[2].detail and "byte" in out[2].detail
+    assert out[2].doc.text  # the undecodable record is kept (with replacement chars) for inspection
+
+
+def test_truncated_gzip_keeps_what_was_readable_then_raises(tmp_path):
+    text = abstracts()[0]
+    payload = "".join(json.dumps({"text": f"{i}{text}"}, ensure_ascii=False) + "\n" for i in range(3000)).encode()
+    blob = gzip.compress(payload)
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(blob[: len(blob) // 2])
+    seen = []
+    with pytest.raises(ShardReadError) as info:
+        for item in RecordReader().read(str(path)):
+            seen.append(item)
+    assert "cut.jsonl.gz" in str(info.value) and "truncated" in str(info.value)
+    docs = [s for s in seen if isinstance(s, Document)]
+    assert 100 < len(docs) < 3000
+    assert all(d.text.endswith(text) for d in docs)
+    # The cut-off last line is accounted for as a rejection, not dropped.
+    assert isinstance(seen[-1], Rejection) and seen[-1].reason == "corrupt_json"
+    assert info.value.line == len(seen) + 1
+
+
+def test_concatenated_gzip_members_are_all_read(tmp_path):
+    member = gzip.compress((json.dumps({"text": abstracts()[0]}, ensure_ascii=False) + "\n").encode() * 10)
+    path = tmp_path / "multi.jsonl.gz"
+    path.write_bytes(member + member)
+    assert sum(isinstance(d, Document) for d in RecordReader().read(str(path))) == 20
+
+
+def test_empty_file_yields_nothing_and_missing_file_raises_clearly(tmp_path):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    assert list(RecordReader().read(str(tmp_path / "empty.jsonl"))) == []
+    with pytest.raises(ShardReadError, match="nowhere.jsonl.*not found"):
+        list(RecordReader().read(str(tmp_path / "nowhere.jsonl")))
+
+
+def test_oversized_record_is_rejected_without_holding_it(tmp_path):
+    big = json.dumps({"text": "长" * 300_000}, ensure_ascii=False)
+    path = tmp_path / "big.jsonl"
+    path.write_text(big + "\n" + json.dumps({"text": abstracts()[0]}, ensure_ascii=False) + "\n", encoding="utf-8")
+    out = list(RecordReader(max_record_bytes=100_000).read(str(path)))
+    assert out[0].reason == "record_too_large" and "line 1" in out[0].detail
+    assert len(out[0].doc.text) <= 4096
+    assert isinstance(out[1], Document)
+
+
+def test_plain_text_blocks_and_lines(tmp_path):
+    a, b = abstracts()[:2]
+    path = tmp_path / "book.txt"
+    path.write_text(f"{a}\n{b}\n\n\n{b}\n", encoding="utf-8")
+    blocks = list(RecordReader().read(str(path)))
+    assert [d.text for d in blocks] == [f"{a}\n{b}", b] and blocks[1].id == "book:5"
+    lines = list(RecordReader(txt_split="line").read(str(path)))
+    assert [d.text for d in lines] == [a, b, b]
+
+
+def test_parquet_streams_in_batches_and_checks_the_text_column(tmp_path):
+    texts = list(abstracts()[:2500])
+    pq.write_table(pa.table({"text": texts, "domain": ["science"] * len(texts)}), tmp_path / "a.parquet",
+                   row_group_size=500)
+    out = list(RecordReader().read(str(tmp_path / "a.parquet")))
+    assert [d.text for d in out] == texts and out[-1].id == f"a:{len(texts)}"
+    pq.write_table(pa.table({"body": texts[:3]}), tmp_path / "b.parquet")
+    with pytest.raises(ShardReadError, match="no 'text' column"):
+        list(RecordReader().read(str(tmp_path / "b.parquet")))
+    (tmp_path / "c.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ShardReadError, match="c.parquet"):
+        list(RecordReader().read(str(tmp_path / "c.parquet")))
+
+
+def test_memory_filesystem_uri():
+    import fsspec
+
+    with fsspec.open("memory://raw/x.jsonl", "w", encoding="utf-8") as fh:
+        fh.write(json.dumps({"text": abstracts()[0]}, ensure_ascii=False) + "\n")
+    out = list(RecordReader().read("memory://raw/x.jsonl"))
+    assert len(out) == 1 and out[0].text == abstracts()[0]

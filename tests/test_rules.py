@@ -1,0 +1,91 @@
+"""PanGu-α cleaning rules on real text: what each one changes, drops, and leaves alone."""
+from __future__ import annotations
+
+from cleaning.document import Document
+from cleaning.filters import ChineseRatio, KeywordHits, MinLength, TitleOnly, TooLong, char_profile
+from cleaning.normalize import (DedupParagraphs, RemoveBoilerplateLines, StripMarkup, TraditionalToSimplified,
+                                is_boilerplate_line)
+from tests.realtext import abstracts, app_descriptions
+
+
+def doc(text: str) -> Document:
+    return Document(id="t", text=text, domain="d", source="s")
+
+
+def test_strip_markup_removes_html_ansi_controls_and_keeps_text():
+    body = abstracts()[0]
+    raw = (f"<html><head><style>p {{color: red}}</style><script>var a = 1 < 2;</script></head>"
+           f"<body><p>{body}</p><div>第二段&nbsp;&amp;&#x4E2D;&lt;b&gt;</div>\x1b[31m红色\x1b[0m\x00\x07"
+           f"  多余   空格\u200b\r\n\r\n\r\n\r\n结尾</body></html>")
+    out = StripMarkup().transform(raw)
+    assert body in out
+    assert "第二段 &中<b>" in out  # entities decoded after tags are gone, so "<b>" is text now
+    assert "红色" in out and "\x1b" not in out and "\x00" not in out and "\x07" not in out
+    assert "color" not in out and "var a" not in out and "<p>" not in out
+    assert "多余 空格" in out and "\u200b" not in out and "\n\n\n" not in out and "\r" not in out
+
+
+def test_strip_markup_leaves_math_comparisons_alone():
+    text = "若 a<b 且 b>c，则结论成立。"
+    assert StripMarkup().transform(text) == text
+
+
+def test_boilerplate_lines_removed_but_content_kept():
+    body = abstracts()[1]
+    text = "\n".join(["首页 | 新闻 | 体育 | 娱乐 | 财经", body, "上一篇：某某新闻", "版权所有 © 2020 某某网 京ICP备12345号",
+                      "分享到：微信 微博"])
+    out = RemoveBoilerplateLines().transform(text)
+    assert out == body
+    # A long content line that mentions copyright is content, not boilerplate.
+    long_line = "本文讨论了版权所有人的权利与义务，" + body
+    assert not is_boilerplate_line(long_line)
+
+
+def test_duplicate_paragraphs_inside_a_document():
+    a, b = abstracts()[:2]
+    assert DedupParagraphs().transform(f"{a}\n{b}\n{a}\n\n{b}") == f"{a}\n{b}\n"
+    unchanged = f"{a}\n{b}"
+    assert DedupParagraphs().transform(unchanged) is unchanged
+
+
+def test_t2s_converts_traditional_text():
+    assert TraditionalToSimplified().transform("這是一個關於電腦與網絡發展的報導。") == "这是一个关于电脑与网络发展的报导。"
+
+
+def test_char_profile_counts():
+    p = char_profile("中文 text\nカナ한글 𠀀")
+    assert p.chars == 11 and p.cjk == 3 and p.kana_hangul == 4
+
+
+def test_length_ratio_and_title_filters():
+    body = abstracts()[2]
+    assert MinLength(150).check(doc(body)) is None if len(body.replace(" ", "")) >= 150 else True
+    assert "< 150" in MinLength(150).check(doc("太短了。"))
+    assert ChineseRatio(0.6).check(doc(body)) is None
+    english = "Open source large language models are trained on web text. " * 5 + "中文"
+    assert ChineseRatio(0.6).check(doc(english)).startswith("0.0")
+    assert TitleOnly().check(doc("国务院召开常务会议部署经济工作")) is not None
+    assert TitleOnly().check(doc("国务院召开常务会议。")) is None
+    assert TitleOnly().check(doc(body)) is None
+    assert TooLong(100).check(doc(body)) is not None and TooLong(10_000).check(doc(body)) is None
+
+
+def test_keyword_hits_counts_non_overlapping_occurrences(tmp_path):
+    words = tmp_path / "ads.txt"
+    words.write_text("加微信\n优惠\n优惠券\n# comment\n\n", encoding="utf-8")
+    rule = KeywordHits("ad_keywords", [str(words)], max_hits=3)
+    assert rule.check(doc("领取优惠券，加微信领优惠，优惠多多，加微信")) is not None
+    assert rule.check(doc("今天有优惠券。")) is None
+    detail = rule.check(doc("优惠券优惠券优惠券优惠券"))
+    assert detail.startswith("4 hits") and "优惠券" in detail
+
+
+def test_real_app_descriptions_pass_through_cleaning_unharmed():
+    texts = app_descriptions()[:200]
+    chain = [StripMarkup(), RemoveBoilerplateLines(), DedupParagraphs()]
+    for text in texts:
+        out = text
+        for step in chain:
+            out = step.transform(out)
+        # Cleaning may drop lines but never invents text or empties a real description.
+        assert out and len(out) <= len(text) + 1
