@@ -12,6 +12,8 @@ import json
 import os
 import random
 import re
+import subprocess
+import sys
 import tempfile
 import time
 import unicodedata
@@ -97,13 +99,33 @@ def manifest_path(model_path: str | os.PathLike[str]) -> Path:
     return Path(model_path).with_suffix(".json")
 
 
+# fastText 0.9.2 initialises only `thread`/10 of the input matrix (DenseMatrix::uniformThread
+# fills block i of 10 per thread) and leaves the rest as allocated. A fresh process gets that
+# memory zeroed from the OS; a second training in the same process can reuse freed heap holding
+# garbage, and fails at random with "Encountered NaN" (seen here with thread=1, any lr). So every
+# training runs in its own short-lived interpreter.
+_TRAIN_SCRIPT = (
+    "import json, sys, fasttext\n"
+    "model = fasttext.train_supervised(input=sys.argv[1], verbose=0, **json.loads(sys.argv[3]))\n"
+    "model.save_model(sys.argv[2])\n"
+)
+
+
+def _train_in_subprocess(train_file: str, model_file: str, params: dict[str, Any]) -> None:
+    proc = subprocess.run([sys.executable, "-c", _TRAIN_SCRIPT, train_file, model_file, json.dumps(params)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0 or not os.path.isfile(model_file):
+        tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+        raise RuntimeError(f"fastText training failed: {tail[0]}")
+
+
 def train_classifier(
     positives: Iterable[str],
     negatives: Iterable[str],
     output: str | os.PathLike[str],
     *,
     epoch: int = 10,
-    lr: float = 0.5,
+    lr: float = 0.3,
     word_ngrams: int = 2,
     dim: int = 32,
     bucket: int = 200_000,
@@ -141,10 +163,19 @@ def train_classifier(
         train_file = os.path.join(tmp, "train.txt")
         with open(train_file, "w", encoding="utf-8") as fh:
             fh.write("\n".join(lines) + "\n")
-        model = fasttext.train_supervised(input=train_file, verbose=0, **params)
-        train_seconds = time.perf_counter() - started
         tmp_model = os.path.join(tmp, "model.bin")
-        model.save_model(tmp_model)
+        while True:
+            try:
+                _train_in_subprocess(train_file, tmp_model, params)
+                break
+            except RuntimeError as err:
+                # fastText diverges on small sets when lr is too high; halve it rather than fail
+                # (the manifest records the lr that was used).
+                if "NaN" not in str(err) or params["lr"] < 0.01:
+                    raise
+                params["lr"] = round(params["lr"] / 2, 4)
+        train_seconds = time.perf_counter() - started
+        model = fasttext.load_model(tmp_model)
         os.replace(tmp_model, output)
 
     classifier = TextClassifier(model, POSITIVE, str(output))
@@ -157,7 +188,7 @@ def train_classifier(
                    "negative": {"train": len(neg_train), "test": len(neg_test)}},
         "held_out": _metrics(truth, prob),
         "hyper_parameters": {**params, "max_chars": max_chars, "test_fraction": test_fraction,
-                             "tokens": "NFKC, lower-cased, whitespace removed, digits → 0, "
+                             "tokens": "NFKC, lower-cased, digits → 0, whitespace dropped, "
                                        "one token per CJK character / symbol / ASCII word"},
         "fasttext": _fasttext_version(),
         "train_seconds": round(train_seconds, 2),

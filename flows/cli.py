@@ -25,6 +25,26 @@ def _data_fetch_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _classifier_train(args: argparse.Namespace) -> int:
+    import json
+
+    from cleaning.classifier import train_from_files
+
+    manifest = train_from_files(args.positives, args.negatives, args.output, text_field=args.text_field)
+    print(json.dumps(manifest, ensure_ascii=False, indent=2))
+    return 0
+
+
+def _model_info(args: argparse.Namespace) -> int:
+    import json
+
+    from pangu_model.info import describe, format_description
+
+    description = describe(args.preset)
+    print(json.dumps(description, indent=2) if args.json else format_description(description))
+    return 0
+
+
 def _corpus_build(args: argparse.Namespace) -> int:
     from flows.corpus import build_from_cli
 
@@ -44,6 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="output directory")
     p.add_argument("--max-docs-per-source", type=int, default=None)
     p.set_defaults(handler=_data_fetch_sample)
+
+    classifier = groups.add_parser("classifier", help="fastText spam / quality classifiers")
+    classifier_cmds = classifier.add_subparsers(dest="command", required=True)
+    p = classifier_cmds.add_parser("train", help="train from labelled JSONL files")
+    p.add_argument("--positives", required=True, help="JSONL of the positive class (spam, or high quality)")
+    p.add_argument("--negatives", required=True, help="JSONL of the negative class")
+    p.add_argument("--output", required=True, help="model path (.bin); a .json manifest is written beside it")
+    p.add_argument("--text-field", default="text")
+    p.set_defaults(handler=_classifier_train)
+
+    model = groups.add_parser("model", help="inspect PanGu model presets")
+    model_cmds = model.add_subparsers(dest="command", required=True)
+    p = model_cmds.add_parser("info", help="layout and parameter counts (meta device, nothing allocated)")
+    p.add_argument("--preset", required=True, help="tiny, 350m, 2.6b, 13b, 200b, sigma-tiny, sigma-1t")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_model_info)
 
     corpus = groups.add_parser("corpus", help="build a cleaned, filtered, deduplicated corpus")
     corpus_cmds = corpus.add_subparsers(dest="command", required=True)

@@ -189,6 +189,11 @@ class PanguModel(nn.Module):
         domain_ids = torch.as_tensor(domain_ids, device=input_ids.device, dtype=torch.long)
         if domain_ids.dim() == 1:
             domain_ids = domain_ids[:, None]
+        if self.config.router == "rre":
+            first = self.config.domain_id_offset
+            last = first + self.config.num_domains - 1
+            if bool(((domain_ids < first) | (domain_ids > last)).any()):
+                raise ValueError(f"domain ids must lie in [{first}, {last}] for this model")
         return domain_ids.expand_as(input_ids)
 
     def forward(

@@ -186,7 +186,7 @@ class MixtureOfGroupedExperts(nn.Module):
         fraction = load.float() * self.num_experts / (assignments_per_token * tokens)
         aux_loss = self.aux_loss_coef * (fraction.detach() * probs.mean(dim=0)).sum()
         self.last_stats = RoutingStats(load.detach(), tokens)
-        return out.view_as(x), aux_loss.to(x.dtype)
+        return out.view_as(x), aux_loss
 
     def device_imbalance(self) -> float:
         """(max − min tokens per group/device) / tokens of the last forward: 0 by construction."""
@@ -236,7 +236,7 @@ class LearnedTopKExperts(nn.Module):
         aux_loss = self.aux_loss_coef * self.num_experts * (top1_fraction * probs.mean(dim=0)).sum()
         load = torch.bincount(expert_index[keep], minlength=self.num_experts)
         self.last_stats = RoutingStats(load.detach(), tokens, dropped=int((~keep).sum()))
-        return out.view_as(x), aux_loss.to(x.dtype)
+        return out.view_as(x), aux_loss
 
 
 SPARSE_FFNS: dict[str, type[nn.Module]] = {

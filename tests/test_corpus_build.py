@@ -1,0 +1,174 @@
+"""The staged corpus build end to end (no orchestrator): outputs, accounting, resume, bad input."""
+from __future__ import annotations
+
+import gzip
+import json
+import random
+
+import datasets
+import pyarrow.parquet as pq
+import pytest
+
+from cleaning.build import CorpusBuild, run_local
+from cleaning.config import CorpusConfig
+from tests.realtext import abstracts, long_documents
+
+# Rules only: the model-based filters need fetched assets and have tests of their own.
+RULES_ONLY = {"ad_word_lists": [], "sensitive_word_lists": [], "langid": False,
+              "spam_model": None, "quality_model": None}
+
+
+def write_jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+    return path
+
+
+def edit(text: str, fraction: float, rng: random.Random) -> str:
+    chars = list(text)
+    for i in rng.sample(range(len(chars)), int(len(chars) * fraction)):
+        chars[i] = rng.choice("的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动")
+    return "".join(chars)
+
+
+@pytest.fixture()
+def raw(tmp_path):
+    """Two sources with planted exact, traditional-character and near copies across shards."""
+    rng = random.Random(7)
+    docs = long_documents(60)
+    news = [{"id": f"n{i}", "text": t, "domain": "news"} for i, t in enumerate(docs[:40])]
+    web = [{"id": f"w{i}", "text": f"<div>首页 | 新闻 | 体育 | 财经</div><p>{t}</p>", "source": "web", "domain": "web"}
+           for i, t in enumerate(docs[40:])]
+    web += [{"id": "w-exact", "text": docs[3], "source": "web", "domain": "web"},
+            {"id": "w-near", "text": edit(docs[5], 0.03, rng), "source": "web", "domain": "web"},
+            {"id": "w-short", "text": "太短的文本。", "source": "web", "domain": "web"}]
+    write_jsonl(tmp_path / "raw" / "news" / "part-0.jsonl", news[:20])
+    write_jsonl(tmp_path / "raw" / "news" / "part-1.jsonl.gz", news[20:])
+    path = write_jsonl(tmp_path / "raw" / "web.jsonl", web)
+    with open(path, "ab") as fh:
+        fh.write(b"{not json}\n" + b'{"text": "\xff bad utf8"}\n')
+    return tmp_path / "raw"
+
+
+def config(**dedup) -> CorpusConfig:
+    return CorpusConfig.model_validate({"rules": RULES_ONLY, "dedup": {"partitions": 4, **dedup}})
+
+
+def read_rows(folder, pattern="*.parquet"):
+    return [row for f in sorted(folder.glob(pattern)) for row in pq.read_table(f).to_pylist()]
+
+
+def test_build_accounts_for_every_document_and_removes_planted_duplicates(raw, tmp_path):
+    out = tmp_path / "corpus"
+    manifest = run_local(CorpusBuild([str(raw)], str(out), config()))
+    kept = read_rows(out / "data")
+    rejected = read_rows(out / "rejected")
+    totals = manifest["totals"]
+    assert totals["input"] == 40 + 20 + 3 + 2
+    assert totals["kept"] == len(kept) and totals["rejected"] == len(rejected)
+    assert totals["input"] == len(kept) + len(rejected)
+    reasons = {r["id"]: r["reason"] for r in rejected}
+    assert reasons["w-exact"] == "exact_duplicate" and reasons["w-near"] == "near_duplicate"
+    assert reasons["w-short"] in ("min_length", "title_only")
+    assert sorted(r["reason"] for r in rejected if r["reason"] in ("corrupt_json", "invalid_utf8")) == \
+        ["corrupt_json", "invalid_utf8"]
+    dup_of = {r["id"]: r["dup_of"] for r in rejected if r["dup_of"]}
+    assert dup_of == {"w-exact": "n3", "w-near": "n5"}  # the survivor is the earlier shard's copy
+    web_kept = [r for r in kept if r["source"] == "web"]
+    assert web_kept and all("首页" not in r["text"] for r in web_kept)
+    for source, entry in manifest["sources"].items():
+        assert entry["input"] == entry["kept"] + sum(entry["rejected"].values()), source
+    assert {i["status"] for i in manifest["inputs"]} == {"ok"}
+    assert all(len(i["content_hash"]) == 32 for i in manifest["inputs"])
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["documents"] == len(kept) and set(stats["domains"]) == {"news", "web"}
+
+    ds = datasets.load_dataset("parquet", data_files=str(out / "data" / "*.parquet"), split="train")
+    assert ds.num_rows == len(kept) and set(ds.column_names) == {"id", "text", "domain", "source", "quality", "meta"}
+
+
+def test_rerun_skips_finished_shards_and_gives_identical_output(raw, tmp_path):
+    out = tmp_path / "corpus"
+    build = CorpusBuild([str(raw)], str(out), config())
+    first = run_local(build)
+    before = {p.name: p.read_bytes() for p in (out / "data").glob("*.parquet")}
+    # A rerun after a completed build reads only markers.
+    shards = build.plan()
+    assert all(build.clean(s)["skipped"] for s in shards)
+    second = run_local(CorpusBuild([str(raw)], str(out), config()))
+    assert second["totals"] == first["totals"] and second["version"] == first["version"]
+    assert {p.name: p.read_bytes() for p in (out / "data").glob("*.parquet")} == before
+
+
+def test_interrupted_shard_leaves_no_partial_output_and_is_redone(raw, tmp_path, monkeypatch):
+    out = tmp_path / "corpus"
+    build = CorpusBuild([str(raw)], str(out), config())
+    shards = build.plan()
+    import cleaning.build as build_module
+
+    calls = {"n": 0}
+    real = build_module.kept_row
+
+    def dying(doc):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # a kill in the middle of writing a shard
+        return real(doc)
+
+    monkeypatch.setattr(build_module, "kept_row", dying)
+    with pytest.raises(KeyboardInterrupt):
+        build.clean(shards[0])
+    clean_dir = out / "_work" / "clean"
+    assert not list(clean_dir.rglob("summary.json")) and not list(clean_dir.rglob("*.parquet"))
+    monkeypatch.setattr(build_module, "kept_row", real)
+    manifest = run_local(CorpusBuild([str(raw)], str(out), config()))
+    assert manifest["totals"]["input"] == 65
+
+
+def test_changed_config_or_input_is_not_served_from_stale_work(raw, tmp_path):
+    out = tmp_path / "corpus"
+    first = run_local(CorpusBuild([str(raw)], str(out), config()))
+    stricter = CorpusConfig.model_validate({"rules": {**RULES_ONLY, "min_chars": 10_000}, "dedup": {"partitions": 4}})
+    second = run_local(CorpusBuild([str(raw)], str(out), stricter))
+    assert second["totals"]["kept"] == 0 < first["totals"]["kept"]
+    assert second["rejected_by_rule"]["min_length"] > 0
+    # A new input file changes the build version and is picked up.
+    write_jsonl(raw / "extra.jsonl", [{"id": "x1", "text": abstracts()[500] * 2, "domain": "news"}])
+    third = run_local(CorpusBuild([str(raw)], str(out), config()))
+    assert third["version"] != first["version"] and third["totals"]["input"] == 66
+
+
+def test_bad_inputs_are_reported_and_the_rest_finishes(raw, tmp_path):
+    text = abstracts()[0] * 2
+    blob = gzip.compress("".join(json.dumps({"text": f"{i}:{text}"}, ensure_ascii=False) + "\n"
+                                 for i in range(2000)).encode())
+    (raw / "cut.jsonl.gz").write_bytes(blob[: len(blob) // 2])
+    (raw / "empty.jsonl").write_bytes(b"")
+    write_jsonl(raw / "huge.jsonl", [{"id": "huge", "text": "大" * (50 * 1024 * 1024 // 3)}])
+    out = tmp_path / "corpus"
+    manifest = run_local(CorpusBuild([str(raw), str(tmp_path / "missing" / "*.jsonl"),
+                                      str(tmp_path / "nope.jsonl")], str(out), config()))
+    inputs = {i["uri"].rsplit("/", 1)[-1]: i for i in manifest["inputs"]}
+    assert inputs["cut.jsonl.gz"]["status"] == "truncated" and "truncated" in inputs["cut.jsonl.gz"]["error"]
+    assert 0 < inputs["cut.jsonl.gz"]["documents"] < 2000
+    assert inputs["nope.jsonl"]["status"] == "unreadable" and "not found" in inputs["nope.jsonl"]["error"]
+    assert inputs["*.jsonl"]["status"] == "unreadable" and "matched no" in inputs["*.jsonl"]["error"]
+    assert inputs["empty.jsonl"]["documents"] == 0 and inputs["empty.jsonl"]["status"] == "ok"
+    rejected = read_rows(out / "rejected")
+    huge = [r for r in rejected if r["id"] == "huge"]
+    assert huge and huge[0]["reason"] == "too_long" and "characters" in huge[0]["detail"]
+    assert manifest["totals"]["input"] == manifest["totals"]["kept"] + manifest["totals"]["rejected"]
+
+
+def test_per_source_overrides(raw, tmp_path):
+    def build(sources, name):
+        cfg = CorpusConfig.model_validate({"rules": RULES_ONLY, "dedup": {"exact": False, "fuzzy": False},
+                                           "sources": sources})
+        return run_local(CorpusBuild([str(raw)], str(tmp_path / name), cfg))
+
+    plain = build({}, "plain")
+    strict_web = build({"web*": {"min_chars": 100_000}}, "strict")
+    assert plain["sources"]["web"]["kept"] > 0 and strict_web["sources"]["web"]["kept"] == 0
+    assert strict_web["sources"]["news"] == plain["sources"]["news"]
+    assert strict_web["dedup"] is None

@@ -1,0 +1,76 @@
+"""The `corpus` Prefect flow: runs on a real (test-harness) Prefect API, publishes artifacts."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from cleaning.config import CorpusConfig
+from tests.realtext import long_documents
+
+RULES_ONLY = {"ad_word_lists": [], "sensitive_word_lists": [], "langid": False,
+              "spam_model": None, "quality_model": None}
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture()
+def raw(tmp_path):
+    docs = long_documents(30)
+    for shard in range(3):
+        path = tmp_path / "raw" / f"part-{shard}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        records = [{"id": f"{shard}-{i}", "text": t, "domain": "science"} for i, t in enumerate(docs[shard * 10:(shard + 1) * 10])]
+        records.append({"id": f"{shard}-copy", "text": docs[0], "domain": "science"})
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return tmp_path / "raw"
+
+
+def _artifacts(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def fetch():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+    return asyncio.run(fetch())
+
+
+def test_corpus_flow_runs_shards_as_tasks_and_publishes_counts(prefect_api, raw, tmp_path):
+    from flows.corpus import corpus_with_runner
+
+    config = CorpusConfig.model_validate({"rules": RULES_ONLY, "dedup": {"partitions": 2}})
+    state = corpus_with_runner(2, None)(inputs=[str(raw)], output=str(tmp_path / "out"), config=config,
+                                        workers=2, return_state=True)
+    assert state.is_completed()
+    result = state.result()
+    assert result["totals"]["input"] == 33
+    # docs[0] is in shard 0 and copied once into every shard: three duplicates, the first one survives.
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["rejected_by_rule"].get("exact_duplicate") == 3
+
+    artifacts = {a.key: a for a in _artifacts(state.state_details.flow_run_id)}
+    assert {"corpus-counts", "corpus-summary"} <= set(artifacts)
+    table = artifacts["corpus-counts"].data
+    table = json.loads(table) if isinstance(table, str) else table
+    assert table[0]["source"] == "science" and table[0]["input"] == 33
+    assert "exact_duplicate" in artifacts["corpus-summary"].data
+
+
+def test_cli_runs_the_flow(prefect_api, raw, tmp_path, capsys):
+    from flows.cli import main
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(json.dumps({"rules": RULES_ONLY}), encoding="utf-8")
+    assert main(["corpus", "build", str(raw / "part-*.jsonl"), "--output", str(tmp_path / "out"),
+                 "--preset", str(preset), "--workers", "1"]) == 0
+    assert "33 documents in" in capsys.readouterr().err
+    assert (tmp_path / "out" / "data" / "part-00002.parquet").exists()

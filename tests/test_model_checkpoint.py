@@ -1,0 +1,61 @@
+"""safetensors + config.json round trips."""
+
+import json
+
+import torch
+from safetensors import safe_open
+
+from pangu_model import PanguModel, get_config, load_checkpoint, save_checkpoint
+from pangu_model.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+
+
+def small(**overrides):
+    return get_config(
+        "tiny", vocab_size=64, max_seq_len=32, d_model=32, num_heads=4, d_ff=64, num_layers=3, **overrides
+    )
+
+
+def test_round_trip_is_bit_identical(tmp_path) -> None:
+    for config in (small(), small(router="rre", moe_layers=1, num_domains=2, experts_per_domain=2),
+                   small(router="moge", moe_layers=1, num_experts=4, moge_groups=2, moge_shared_experts=1)):
+        torch.manual_seed(0)
+        model = PanguModel(config).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.01)  # not just the init values
+        directory = save_checkpoint(model, tmp_path / config.router)
+        restored = load_checkpoint(directory)
+        assert restored.config == config
+        original_state, restored_state = model.state_dict(), restored.state_dict()
+        assert original_state.keys() == restored_state.keys()
+        for key in original_state:
+            assert original_state[key].dtype == restored_state[key].dtype
+            assert torch.equal(original_state[key], restored_state[key]), key
+        ids = torch.randint(10, 64, (2, 7))
+        with torch.no_grad():
+            assert torch.equal(model(ids, domain_ids=1).logits, restored(ids, domain_ids=1).logits)
+        assert not list(tmp_path.glob(f"{config.router}/.*.tmp"))
+
+
+def test_tied_head_is_stored_once_and_stays_tied(tmp_path) -> None:
+    model = PanguModel(small(dropout=0.0)).eval()
+    directory = save_checkpoint(model, tmp_path / "ckpt")
+    with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as handle:
+        keys = list(handle.keys())
+    assert "word_embedding.weight" in keys and not any("head" in key for key in keys)
+    assert json.loads((directory / CONFIG_NAME).read_text())["model_type"] == "pangu"
+
+    restored = load_checkpoint(directory)
+    ids = torch.randint(10, 64, (1, 5))
+    with torch.no_grad():
+        before = restored(ids).logits
+        restored.word_embedding.weight[20] += 1.0  # the output row of token 20 must move with it
+        after = restored(ids).logits
+    assert (after[..., 20] - before[..., 20]).abs().min() > 0
+
+
+def test_bfloat16_round_trip(tmp_path) -> None:
+    model = PanguModel(small()).to(torch.bfloat16)
+    restored = load_checkpoint(save_checkpoint(model, tmp_path / "bf16"))
+    assert restored.word_embedding.weight.dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), restored.state_dict().values()))

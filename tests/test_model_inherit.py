@@ -1,0 +1,75 @@
+"""Dense → PanGu-Σ inheritance and single-domain sub-model extraction."""
+
+import torch
+
+from pangu_model import PanguModel, extract_domain, get_config, load_checkpoint, save_checkpoint, sigma_from_dense
+
+VOCAB = 64
+
+
+def dense_config():
+    return get_config(
+        "tiny", vocab_size=VOCAB, max_seq_len=32, d_model=32, num_heads=4, d_ff=64, num_layers=4, dropout=0.0
+    )
+
+
+def sigma_config():
+    return dense_config().replace(router="rre", moe_layers=2, num_domains=3, experts_per_domain=2)
+
+
+def test_inherited_sigma_equals_dense_at_step_zero() -> None:
+    torch.manual_seed(0)
+    dense = PanguModel(dense_config()).eval()
+    ids = torch.randint(10, VOCAB, (3, 12))
+    with torch.no_grad():
+        expected = dense(ids).logits
+    for source in (dense, dense.state_dict()):
+        sigma = sigma_from_dense(source, sigma_config()).eval()
+        with torch.no_grad():
+            got = sigma(ids, domain_ids=torch.tensor([0, 1, 2])).logits
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert sum(p.numel() for p in sigma.parameters()) > sum(p.numel() for p in dense.parameters())
+
+    # Each expert is its own copy: changing one changes only the tokens routed to it.
+    layer = sigma.query_layer.ffn
+    with torch.no_grad():
+        layer.experts.b_out[1].add_(1.0)
+        after = sigma(ids, domain_ids=torch.tensor([0, 1, 2])).logits
+    routed_to_1 = layer.route(ids, torch.tensor([0, 1, 2])[:, None].expand_as(ids)) == 1
+    differs = (after - expected).abs().amax(dim=-1) > 1e-4
+    assert routed_to_1.any() and torch.equal(differs, routed_to_1)
+
+
+def test_extracted_domain_model_gives_identical_logits(tmp_path) -> None:
+    torch.manual_seed(0)
+    sigma = PanguModel(sigma_config()).eval()  # random experts: every expert differs
+    ids = torch.randint(10, VOCAB, (2, 10))
+    with torch.no_grad():
+        full = sigma(ids, domain_ids=2).logits
+        other = sigma(ids, domain_ids=1).logits
+    sub = extract_domain(sigma, 2)
+    assert sub.config.num_domains == 1 and sub.config.domain_id_offset == 2
+    assert next(iter(sub.sparse_layers().values())).experts.num_experts == 2
+    with torch.no_grad():
+        assert torch.equal(sub(ids, domain_ids=2).logits, full)
+        assert torch.equal(sub(ids).logits, full)
+    assert not torch.allclose(full, other)  # the domains really differ
+
+    restored = load_checkpoint(save_checkpoint(sub, tmp_path / "domain2"))
+    with torch.no_grad():
+        assert torch.equal(restored(ids).logits, full)
+    full_count = sum(p.numel() for p in sigma.parameters())
+    expert_count = sum(p.numel() for p in next(iter(sigma.sparse_layers().values())).experts.parameters())
+    per_expert = expert_count // 6
+    assert sum(p.numel() for p in restored.parameters()) == full_count - 2 * (6 - 2) * per_expert
+
+
+def test_extracted_model_refuses_other_domains() -> None:
+    sub = extract_domain(PanguModel(sigma_config()).eval(), 1)
+    ids = torch.randint(10, VOCAB, (1, 5))
+    try:
+        sub(ids, domain_ids=0)
+    except ValueError as error:
+        assert "domain ids" in str(error)
+    else:
+        raise AssertionError("a foreign domain id was accepted")
