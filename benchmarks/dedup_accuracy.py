@@ -34,7 +34,8 @@ from cleaning import dedup  # noqa: E402
 from cleaning.dedup import DedupConfig, band_keys  # noqa: E402
 from cleaning.minhash import MinHasher, normalize  # noqa: E402
 
-CLUE = Path("/work/shared/data/clue")
+# ../shared beside the repository (SPEC: shared data is read in place, never copied).
+CLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "clue"
 LEVELS = (0.01, 0.02, 0.05)
 
 

@@ -18,8 +18,9 @@ import pytest
 from cleaning import dedup
 from cleaning.dedup import DedupConfig, cluster, exact_key, load_duplicates, map_shard, reduce_partition
 from cleaning.minhash import MinHasher, estimated_jaccard, normalize
+from tests.realtext import CLUE
 
-CSL = Path("/work/shared/data/clue/fewclue/csl")
+CSL = CLUE / "fewclue" / "csl"
 CONFIG = DedupConfig(partitions=4)
 LEVELS = (0.01, 0.02, 0.05)
 

@@ -12,9 +12,10 @@ import pytest
 from cleaning import minhash
 from cleaning.dedup import DedupConfig
 from cleaning.minhash import EMPTY, MinHasher, code_points, estimated_jaccard, normalize
+from tests.realtext import CLUE
 
-CSL = Path("/work/shared/data/clue/fewclue/csl")
-IFLYTEK = Path("/work/shared/data/clue/fewclue/iflytek")
+CSL = CLUE / "fewclue" / "csl"
+IFLYTEK = CLUE / "fewclue" / "iflytek"
 
 
 def _jsonl(path: Path, field: str) -> list[str]:
