@@ -22,7 +22,7 @@ from cleaning.build import CorpusBuild
 from cleaning.config import CorpusConfig, load_preset
 from cleaning.inputs import InputShard
 from cleaning.writers import read_json
-from flows.reports import corpus_markdown, source_table
+from flows.reports import corpus_markdown, plot_stats, source_table
 
 # Compute runs in worker processes (true parallelism, no GIL); Prefect task runs are threads that
 # hand work to them, so each shard is still one task run with its own state and logs, and no
@@ -119,7 +119,11 @@ def corpus(inputs: list[str], output: str, config: CorpusConfig = CorpusConfig()
     create_table_artifact(key="corpus-counts", table=source_table(manifest),
                           description="documents per source: input, kept, rejected per rule")
     stats = read_json(f"{output.rstrip('/')}/stats.json")
-    create_markdown_artifact(key="corpus-summary", markdown=corpus_markdown(manifest, stats, output),
+    markdown = corpus_markdown(manifest, stats, output)
+    plot = plot_stats(stats, f"{output.rstrip('/')}/stats.png")
+    if plot:
+        markdown += f"\nDistributions plotted in `{plot}`.\n"
+    create_markdown_artifact(key="corpus-summary", markdown=markdown,
                              description="corpus build summary")
     totals = manifest["totals"]
     logger.info("corpus %s: %d documents in, %d kept, %d rejected → %s", run_key, totals["input"],

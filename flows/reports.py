@@ -1,6 +1,7 @@
 """Tables and markdown for Prefect artifacts, built from a corpus manifest."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -51,3 +52,32 @@ def corpus_markdown(manifest: dict[str, Any], stats: dict[str, Any], output: str
                   "|" + "---:|" * len(stats["quality_bins"]),
                   "| " + " | ".join(str(n) for n in stats["quality_histogram"]) + " |"]
     return "\n".join(lines) + "\n"
+
+
+def plot_stats(stats: dict[str, Any], path: str) -> str | None:
+    """Length and quality distributions as one PNG beside the corpus; None off local disk."""
+    if "://" in path and not path.startswith("file://"):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and workers
+    import matplotlib.pyplot as plt
+
+    target = Path(path.removeprefix("file://"))
+    fig, (lengths, quality) = plt.subplots(1, 2, figsize=(11, 4))
+    buckets = stats["length_buckets"]
+    bottom = [0] * len(buckets)
+    for domain, hist in stats["length_histogram"].items():
+        lengths.bar(range(len(buckets)), hist, bottom=bottom, label=domain)
+        bottom = [a + b for a, b in zip(bottom, hist)]
+    lengths.set_xticks(range(len(buckets)), buckets, rotation=45, ha="right", fontsize=8)
+    lengths.set_title("kept documents by length (characters)")
+    lengths.legend(fontsize=8)
+    quality.bar(range(len(stats["quality_bins"])), stats["quality_histogram"], color="tab:green")
+    quality.set_xticks(range(len(stats["quality_bins"])), stats["quality_bins"], rotation=45, ha="right", fontsize=8)
+    quality.set_title("quality score")
+    fig.tight_layout()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=100)
+    plt.close(fig)
+    return str(target)

@@ -63,6 +63,7 @@ def test_corpus_flow_runs_shards_as_tasks_and_publishes_counts(prefect_api, raw,
     table = json.loads(table) if isinstance(table, str) else table
     assert table[0]["source"] == "science" and table[0]["input"] == 33
     assert "exact_duplicate" in artifacts["corpus-summary"].data
+    assert (tmp_path / "out" / "stats.png").stat().st_size > 5_000
 
 
 def test_cli_runs_the_flow(prefect_api, raw, tmp_path, capsys):
