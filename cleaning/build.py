@@ -34,7 +34,7 @@ from cleaning.inputs import InputShard, content_hash, expand_inputs, file_signat
 from cleaning.pipeline import CleaningChain
 from cleaning.readers import FieldMap, RecordReader, ShardReadError
 from cleaning.stats import ShardStats
-from cleaning.writers import ParquetShardWriter, read_json, write_json_atomic
+from cleaning.writers import ParquetShardWriter, read_json, remove_temporaries, write_json_atomic
 
 
 class AccountingError(RuntimeError):
@@ -125,6 +125,7 @@ class CorpusBuild:
         marker = f"{directory}/summary.json"
         if self._exists(marker):
             return {**read_json(marker), "skipped": True}
+        remove_temporaries(directory)  # left by a worker killed mid-write
         started = time.perf_counter()
         chain = CleaningChain(self.config)
         error: str | None = shard.error

@@ -75,6 +75,18 @@ class ParquetShardWriter:
             self.abort()
 
 
+def remove_temporaries(directory_uri: str) -> int:
+    """Deletes the temporary files a killed writer left in a directory; returns how many."""
+    fs, path = _fs_and_path(directory_uri)
+    if not fs.exists(path):
+        return 0
+    stale = [p for p in fs.ls(path, detail=False)
+             if os.path.basename(p).startswith(".") and p.endswith(".tmp")]
+    for p in stale:
+        fs.rm(p)
+    return len(stale)
+
+
 def write_json_atomic(uri: str, payload: Any) -> None:
     """Write JSON to a temporary name and rename it into place (used for markers and manifests)."""
     fs, path = _fs_and_path(uri)

@@ -172,3 +172,50 @@ def test_per_source_overrides(raw, tmp_path):
     assert plain["sources"]["web"]["kept"] > 0 and strict_web["sources"]["web"]["kept"] == 0
     assert strict_web["sources"]["news"] == plain["sources"]["news"]
     assert strict_web["dedup"] is None
+
+
+KILL_SCRIPT = """
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from cleaning.build import CorpusBuild, run_local
+from cleaning.config import CorpusConfig
+config = CorpusConfig.model_validate_json(sys.argv[3])
+with ProcessPoolExecutor(2) as pool:
+    run_local(CorpusBuild([sys.argv[1]], sys.argv[2], config), pool)
+"""
+
+
+def test_kill_9_mid_build_then_rerun_finishes_without_redoing_done_shards(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    docs = long_documents(400, paragraphs=2)
+    for shard in range(12):
+        # Each shard repeats real text (with distinct ids) so that it takes a while to clean.
+        write_jsonl(tmp_path / "raw" / f"part-{shard:02d}.jsonl",
+                    [{"id": f"{shard}-{i}", "text": f"{i}{docs[(shard * 7 + i) % len(docs)]}", "domain": "d"}
+                     for i in range(3000)])
+    cfg = config(partitions=4)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "raw"), str(out),
+                             cfg.model_dump_json()], start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("_work/clean/*/summary.json"))) < 3:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job: the driver and its worker processes
+    proc.wait()
+    time.sleep(0.2)
+    done = {p: p.stat().st_mtime_ns for p in out.glob("_work/clean/*/summary.json")}
+    assert 3 <= len(done) < 12, "the kill should land in the middle of the clean stage"
+    assert not (out / "manifest.json").exists()
+
+    killed = run_local(CorpusBuild([str(tmp_path / "raw")], str(out), cfg))
+    # Shards finished before the kill were not redone; no temporary file survives the rerun.
+    assert {p: p.stat().st_mtime_ns for p in done} == done
+    assert not [p for p in out.rglob("*.tmp")]
+    clean = run_local(CorpusBuild([str(tmp_path / "raw")], str(tmp_path / "clean"), cfg))
+    assert killed["totals"] == clean["totals"] and killed["rejected_by_rule"] == clean["rejected_by_rule"]
+    assert read_rows(out / "data") == read_rows(tmp_path / "clean" / "data")
