@@ -7,6 +7,7 @@ on held-out data, so a threshold can be chosen knowingly.
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import os
@@ -24,6 +25,7 @@ import fasttext
 import fsspec
 import numpy as np
 
+from cleaning import charclass, minhash
 from cleaning.writers import write_json_atomic
 
 POSITIVE = "__label__pos"
@@ -54,7 +56,48 @@ def to_fasttext_text(text: str, max_chars: int | None = None) -> str:
     forms (People's Daily writes `１９９８`, the web `1998`), so the model learns content, not the
     typography of one source; every digit becomes 0, so numbers are generalised by shape (an
     11-digit run looks like a phone number) instead of being memorised.
+
+    The tokens are those of `reference_fasttext_text` (one regex match per token); here they are
+    cut with numpy over the code points, about 5x faster, and cached because the spam and quality
+    classifiers read the same documents one after the other.
     """
+    if max_chars is not None:
+        text = text[:max_chars]
+    return _prepared(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _prepared(text: str) -> str:
+    cps = charclass.code_points(text)
+    fold, context = minhash.fold_tables()
+    if context[cps].any():
+        # A mark, jamo or multi-character fold: normalise the whole string, as the definition does.
+        cps = charclass.code_points(_DIGIT.sub("0", unicodedata.normalize("NFKC", text).lower()))
+    else:
+        cps = fold[cps]  # lower(NFKC(c)) per character, by table
+    classes = charclass.classify(cps)
+    cps = np.where(classes == charclass.DIGIT, np.uint32(0x30), cps)
+    keep = classes != charclass.SPACE
+    chars = cps[keep]
+    if chars.size == 0:
+        return ""
+    ascii_word = ((chars >= 0x61) & (chars <= 0x7A)) | ((chars >= 0x30) & (chars <= 0x39))
+    # A token starts at every kept character, except inside a run of [a-z0-9] that was not
+    # interrupted by whitespace in the original text.
+    kept_positions = np.flatnonzero(keep)
+    adjacent = np.zeros(chars.size, dtype=bool)
+    adjacent[1:] = kept_positions[1:] == kept_positions[:-1] + 1
+    continues = np.zeros(chars.size, dtype=bool)
+    continues[1:] = ascii_word[1:] & ascii_word[:-1] & adjacent[1:]
+    starts = ~continues
+    starts[0] = False
+    out = np.full(chars.size + int(starts.sum()), 0x20, dtype=np.uint32)
+    out[np.arange(chars.size) + np.cumsum(starts)] = chars
+    return out.tobytes().decode("utf-32-le")
+
+
+def reference_fasttext_text(text: str, max_chars: int | None = None) -> str:
+    """The definition `to_fasttext_text` must equal (kept for tests)."""
     if max_chars is not None:
         text = text[:max_chars]
     text = unicodedata.normalize("NFKC", text).lower()
@@ -278,10 +321,11 @@ class TextClassifier:
                 out[start + i] = min(1.0, max(0.0, float(scores.get(self.positive_label, 0.0))))
         return out
 
-    def score(self, texts: Sequence[str], batch_size: int = 4096, max_chars: int = 20_000) -> np.ndarray:
+    def score(self, texts: Sequence[str], batch_size: int = 4096, max_chars: int = 3000) -> np.ndarray:
         """P(positive label) for each text, as float32 in [0, 1] (one fastText call per batch).
 
-        Only the first `max_chars` characters of a document are read: it bounds the cost of
-        megabyte documents and a class like spam or quality shows in any long stretch.
+        Only the first `max_chars` characters of a document are read, as in training
+        (`train_classifier` cuts documents at 3,000): it bounds the cost of megabyte documents,
+        and a class like spam or quality shows in any long stretch.
         """
         return self._score_prepared([to_fasttext_text(t, max_chars) for t in texts], batch_size)

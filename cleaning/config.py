@@ -37,6 +37,7 @@ class RuleConfig(BaseModel):
     langid_model: str = "asset:lid.176.ftz"
     langid_min_score: float = Field(0.5, ge=0.0, le=1.0,
                                     description="minimum lid.176 probability of zh, unless the character-ratio rule vouches")
+    langid_max_chars: int = Field(300, ge=20, description="characters of a document that language ID reads")
     spam_model: str | None = "asset:classifiers/spam.bin"
     spam_threshold: float = Field(0.8, ge=0.0, le=1.0, description="drop when P(spam) is above this")
     quality_model: str | None = "asset:classifiers/quality.bin"

@@ -82,6 +82,12 @@ def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return fold, context, removed
 
 
+def fold_tables() -> tuple[np.ndarray, np.ndarray]:
+    """(fold, context) of `_tables`: lower(NFKC(c)) per code point, and where that needs the string."""
+    fold, context, _ = _tables()
+    return fold, context
+
+
 @lru_cache(maxsize=1)
 def _translation() -> dict[int, None]:
     return dict.fromkeys(np.flatnonzero(_tables()[2]).tolist())

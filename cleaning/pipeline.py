@@ -37,7 +37,8 @@ def build_steps(rules: RuleConfig) -> list[Step]:
         steps.append(filters.KeywordHits("sensitive_words", rules.sensitive_word_lists,
                                          rules.max_sensitive_hits))
     if rules.langid:
-        steps.append(filters.LanguageID(rules.langid_model, rules.langid_min_score, rules.min_chinese_ratio))
+        steps.append(filters.LanguageID(rules.langid_model, rules.langid_min_score, rules.min_chinese_ratio,
+                                         rules.langid_max_chars))
     if rules.spam_model:
         steps.append(filters.ClassifierThreshold("spam", rules.spam_model, rules.spam_threshold,
                                                  drop_above=True, meta_key="spam"))

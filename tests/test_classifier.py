@@ -89,3 +89,15 @@ def test_missing_or_corrupt_model_errors(tmp_path: Path, fetched_assets: dict[st
         TextClassifier.load(lid)
     zh = TextClassifier.load(lid, positive_label="__label__zh").score(["今天天气很好，我们去公园散步吧。"])
     assert zh[0] > 0.5
+
+
+def test_fast_text_preparation_equals_the_regex_definition() -> None:
+    from cleaning.classifier import reference_fasttext_text, to_fasttext_text
+    from tests.realtext import abstracts, app_descriptions
+
+    edge = ["", "   ", "abc", "ABC def", "a b", "中文abc中文", "ab中cd", "x\u3000y", "１９９８年ＡＢＣ",
+            "e\u0301cole café", "٣٤ digits", "tab\tand\nnewline", "😀emoji😀ok", "a\u00a0b", "mixed 3g网络 4G"]
+    texts = edge + list(abstracts()[:300]) + list(app_descriptions()[:300])
+    for text in texts:
+        assert to_fasttext_text(text) == reference_fasttext_text(text), repr(text)
+        assert to_fasttext_text(text, 50) == reference_fasttext_text(text, 50), repr(text)

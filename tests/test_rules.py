@@ -1,6 +1,8 @@
 """PanGu-α cleaning rules on real text: what each one changes, drops, and leaves alone."""
 from __future__ import annotations
 
+import pytest
+
 from cleaning.document import Document
 from cleaning.filters import ChineseRatio, KeywordHits, MinLength, TitleOnly, TooLong, char_profile
 from cleaning.normalize import (DedupParagraphs, RemoveBoilerplateLines, StripMarkup, TraditionalToSimplified,
@@ -89,3 +91,46 @@ def test_real_app_descriptions_pass_through_cleaning_unharmed():
             out = step.transform(out)
         # Cleaning may drop lines but never invents text or empties a real description.
         assert out and len(out) <= len(text) + 1
+
+
+def test_keyword_matcher_is_leftmost_longest_and_non_overlapping():
+    from cleaning.filters import KeywordMatcher
+
+    matcher = KeywordMatcher(["优惠", "优惠券", "券商", "A", "微信号"])
+    assert matcher.find("优惠券商品") == ["优惠券"]  # longest at the leftmost start, then no overlap
+    assert matcher.find("券商与优惠") == ["券商", "优惠"]
+    assert matcher.find("A股加微信号") == ["A", "微信号"]
+    assert matcher.find("优惠优惠优惠", limit=2) == ["优惠", "优惠"]
+    assert matcher.find("没有关键词") == []
+
+
+@pytest.mark.parametrize("filter_bits", [24, 3])  # 3 bits: nearly every pair collides
+def test_keyword_matcher_agrees_with_a_plain_scan_on_real_text(filter_bits, monkeypatch):
+    from cleaning import filters
+    from cleaning.filters import KeywordMatcher
+
+    monkeypatch.setattr(filters, "_PAIR_FILTER_BITS", filter_bits)
+
+    texts = abstracts()[:200] + app_descriptions()[:200]
+    words = sorted({t[i:i + n] for t in texts[:40] for i in range(0, len(t) - 4, 37) for n in (2, 3, 4)})
+
+    def scan(text):
+        found, i = [], 0
+        lengths = sorted({len(w) for w in words}, reverse=True)
+        while i < len(text):
+            for n in lengths:
+                if text[i:i + n] in words_set:
+                    found.append(text[i:i + n])
+                    i += n
+                    break
+            else:
+                i += 1
+        return found
+
+    words_set = set(words)
+    matcher = KeywordMatcher(words)
+    assert any(matcher.find(t) for t in texts)
+    for text in texts:
+        assert matcher.find(text) == scan(text)
+    assert matcher.find_batch(list(texts)) == [scan(t) for t in texts]
+    assert matcher.find_batch(["", "x", texts[0]]) == [[], [], scan(texts[0])]
