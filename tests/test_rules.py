@@ -134,3 +134,22 @@ def test_keyword_matcher_agrees_with_a_plain_scan_on_real_text(filter_bits, monk
         assert matcher.find(text) == scan(text)
     assert matcher.find_batch(list(texts)) == [scan(t) for t in texts]
     assert matcher.find_batch(["", "x", texts[0]]) == [[], [], scan(texts[0])]
+
+
+def test_language_id_with_the_ratio_rule(fetched_assets):
+    from cleaning.filters import LanguageID
+
+    lid = LanguageID("asset:lid.176.ftz", min_score=0.5, min_chinese_ratio=0.6)
+    classical = "學而時習之，不亦說乎？有朋自遠方來，不亦樂乎？人不知而不慍，不亦君子乎？" * 3
+    japanese = "東京都は日本の首都であり、政治、経済、文化の中心地として発展してきました。" * 3
+    english = "Language identification decides what the ratio rule cannot vouch for. " * 4 + "中文"
+    docs = [doc(abstracts()[0]), doc(classical), doc(japanese), doc(english)]
+    verdicts = lid.check_batch(docs)
+    assert verdicts[0] is None and verdicts[1] is None  # Han text is kept whatever the label
+    assert verdicts[2].startswith("ja") and verdicts[3].startswith("en")
+    # With the ratio rule off for a source, the rule still vouches only for Han-majority text.
+    loose = LanguageID("asset:lid.176.ftz", min_score=0.5, min_chinese_ratio=0.0)
+    assert loose.check_batch([doc(english)])[0].startswith("en")
+    strict = LanguageID("asset:lid.176.ftz", min_score=0.5, min_chinese_ratio=1.01)
+    assert strict.check_batch([doc(abstracts()[0])]) == [None]  # the model says zh
+    assert strict.check_batch([doc(english)])[0].startswith("en")
