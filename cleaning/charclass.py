@@ -6,8 +6,15 @@ pass, instead of one comparison pass per range.
 from __future__ import annotations
 
 import functools
+import os
+import sys
+import unicodedata
+import uuid
+from typing import Callable
 
 import numpy as np
+
+from cleaning.assets import pangu_home
 
 OTHER, SPACE, HAN, KANA_HANGUL, DIGIT = 0, 1, 2, 3, 4
 
@@ -15,8 +22,37 @@ _HAN_RANGES = [(0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0
 _KANA_HANGUL_RANGES = [(0x3040, 0x30FF), (0xAC00, 0xD7AF)]
 
 
+def cached_tables(name: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Tables over all code points, built once per machine and loaded from disk after that.
+
+    Building one walks 1.1 M code points in Python (about half a second); every worker process of
+    a corpus build needs them, so they are kept under `$PANGU_HOME/cache`, keyed by the Unicode
+    database and Python version that define them.
+    """
+    version = f"unicode{unicodedata.unidata_version}-py{sys.version_info[0]}.{sys.version_info[1]}"
+    path = pangu_home() / "cache" / f"{name}-{version}.npz"
+    try:
+        with np.load(path) as stored:
+            return {key: stored[key] for key in stored.files}
+    except (OSError, ValueError, KeyError):
+        pass
+    tables = build()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp.npz")
+        np.savez(tmp, **tables)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs the rebuild next time
+    return tables
+
+
 @functools.lru_cache(maxsize=1)
 def table() -> np.ndarray:
+    return cached_tables("charclass", lambda: {"classes": _build_table()})["classes"]
+
+
+def _build_table() -> np.ndarray:
     classes = np.zeros(0x110000, dtype=np.uint8)
     for low, high in _HAN_RANGES:
         classes[low:high + 1] = HAN

@@ -90,20 +90,31 @@ class TitleOnly(Step):
 _PAIR_FILTER_BITS = 24
 
 
-def _pair_slots(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """A slot in a 2^24-entry filter per character pair (multiplicative hashing of the pair)."""
-    key = (first.astype(np.uint64) << np.uint64(21)) | second.astype(np.uint64)
-    return (key * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(64 - _PAIR_FILTER_BITS)
+def _keys(*columns: np.ndarray) -> np.ndarray:
+    """Code points packed into one integer per tuple (they are < 2^21: three fit in 63 bits)."""
+    key = columns[0].astype(np.uint64)
+    for column in columns[1:]:
+        key <<= np.uint64(21)
+        key |= column
+    return key
+
+
+def _slots(keys: np.ndarray) -> np.ndarray:
+    """A slot in a 2^24-entry filter per key (multiplicative hashing)."""
+    slots = keys * np.uint64(0x9E3779B97F4A7C15)
+    slots >>= np.uint64(64 - _PAIR_FILTER_BITS)
+    return slots
 
 
 class KeywordMatcher:
     """Counts leftmost-longest, non-overlapping occurrences of listed words.
 
     A word list of thousands of short Chinese words makes a trie walk slow (the root has a child
-    for almost every common character), so candidate positions are found first with one numpy
-    look-up of every character pair in a filter of the words' first pairs (a 16 MB table; a
-    collision only costs a confirmation); only there, a handful of set lookups confirm a word.
-    Single-character words are matched through a table over code points.
+    for almost every common character), so candidate positions are found first with numpy
+    look-ups of every character pair and triple in filters of the words' first two (two-character
+    words) or three characters (longer words); 16 MB tables, where a collision only costs a
+    confirmation. Only there, a handful of set lookups confirm a word. Single-character words are
+    matched through a table over code points.
     """
 
     def __init__(self, words: Sequence[str]):
@@ -111,26 +122,38 @@ class KeywordMatcher:
         if not words:
             raise ValueError("no words to match")
         self.words = set(words)
-        # Lengths of the words that begin with each character, longest first: a candidate
-        # position tries only those (a list of political terms has words of up to ~60 chars).
+        # Lengths of the words that begin with each character pair (or single-character word),
+        # longest first: a candidate position tries only those (a list of political terms has
+        # words of up to ~60 characters, but few share their first two).
         lengths: dict[str, set[int]] = {}
         for word in words:
-            lengths.setdefault(word[0], set()).add(len(word))
-        self._lengths = {first: sorted(ns, reverse=True) for first, ns in lengths.items()}
+            lengths.setdefault(word[:2], set()).add(len(word))
+        self._lengths = {start: sorted(ns, reverse=True) for start, ns in lengths.items()}
         self._single = np.zeros(0x110000, dtype=bool)
         self._single[[ord(w) for w in words if len(w) == 1]] = True
         self._has_single = bool(self._single.any())
-        pairs = [(ord(w[0]), ord(w[1])) for w in words if len(w) >= 2]
-        self._pairs = np.zeros(1 << _PAIR_FILTER_BITS, dtype=bool)
-        if pairs:
-            first, second = (np.array(column, dtype=np.uint32) for column in zip(*pairs))
-            self._pairs[_pair_slots(first, second)] = True
+        self._pairs = self._filter([w for w in words if len(w) == 2], 2)
+        self._triples = self._filter([w for w in words if len(w) >= 3], 3)
+
+    @staticmethod
+    def _filter(words: list[str], width: int) -> np.ndarray | None:
+        if not words:
+            return None
+        table = np.zeros(1 << _PAIR_FILTER_BITS, dtype=bool)
+        columns = [np.array([ord(w[i]) for w in words], dtype=np.uint64) for i in range(width)]
+        table[_slots(_keys(*columns))] = True
+        return table
 
     def candidates(self, text: str) -> np.ndarray:
         cps = charclass.code_points(text)
         hits = np.zeros(cps.size, dtype=bool)
-        if cps.size >= 2:
-            hits[:-1] = self._pairs[_pair_slots(cps[:-1], cps[1:])]
+        if cps.size >= 2 and (self._pairs is not None or self._triples is not None):
+            wide = cps.astype(np.uint64)
+            pairs = _keys(wide[:-1], wide[1:])
+            if self._pairs is not None:
+                hits[:-1] = self._pairs[_slots(pairs)]
+            if self._triples is not None and cps.size >= 3:
+                hits[:-2] |= self._triples[_slots(_keys(pairs[:-1], wide[2:]))]
         if self._has_single:
             hits |= self._single[cps]
         return np.flatnonzero(hits)
@@ -159,12 +182,16 @@ class KeywordMatcher:
             if position < next_free:
                 continue  # inside the previous match: matches do not overlap
             # A filter collision can point at any character, the joining NUL included.
-            for length in self._lengths.get(text[position:position + 1], ()):
+            for length in self._lengths.get(text[position:position + 2], ()):
                 word = text[position:position + length]
                 if len(word) == length and word in self.words:
                     found.append(word)
                     next_free = position + length
                     break
+            else:
+                if self._has_single and text[position:position + 1] in self.words:
+                    found.append(text[position])
+                    next_free = position + 1
             if limit is not None and len(found) >= limit:
                 break
         return found

@@ -42,6 +42,13 @@ _DROP_CATEGORIES = ("P", "Z", "Cc", "Cf", "Cs")
 
 @lru_cache(maxsize=1)
 def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from cleaning.charclass import cached_tables  # charclass imports nothing from here
+
+    stored = cached_tables("minhash-fold", lambda: dict(zip(("fold", "context", "removed"), _build_tables())))
+    return stored["fold"], stored["context"], stored["removed"]
+
+
+def _build_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-code-point tables for normalising a whole batch with numpy (built once, ~0.5 s).
 
     fold[cp]     the code point of lower(NFKC(chr(cp))) where that is one character;
