@@ -101,3 +101,8 @@ def test_fast_text_preparation_equals_the_regex_definition() -> None:
     for text in texts:
         assert to_fasttext_text(text) == reference_fasttext_text(text), repr(text)
         assert to_fasttext_text(text, 50) == reference_fasttext_text(text, 50), repr(text)
+    from cleaning.classifier import _prepare_batch
+
+    # One batch holding every kind at once: tokens never run from one text into the next.
+    assert _prepare_batch(texts) == [reference_fasttext_text(t) for t in texts]
+    assert _prepare_batch(["ab", "cd", "", "１２"]) == ["ab", "cd", "", "00"]
