@@ -72,9 +72,10 @@ def to_fasttext_texts(texts: Sequence[str], max_chars: int | None = None) -> lis
     """`to_fasttext_text` for a batch, in one numpy pass over all of its code points."""
     cut = [t[:max_chars] if max_chars is not None else t for t in texts]
     missing = list(dict.fromkeys(t for t in cut if t not in _PREPARED))
+    if len(_PREPARED) + len(missing) > _PREPARED_LIMIT:
+        _PREPARED.clear()
+        missing = list(dict.fromkeys(cut))
     if missing:
-        if len(_PREPARED) + len(missing) > _PREPARED_LIMIT:
-            _PREPARED.clear()
         _PREPARED.update(zip(missing, _prepare_batch(missing)))
     return [_PREPARED[t] for t in cut]
 

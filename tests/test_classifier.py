@@ -106,3 +106,14 @@ def test_fast_text_preparation_equals_the_regex_definition() -> None:
     # One batch holding every kind at once: tokens never run from one text into the next.
     assert _prepare_batch(texts) == [reference_fasttext_text(t) for t in texts]
     assert _prepare_batch(["ab", "cd", "", "１２"]) == ["ab", "cd", "", "00"]
+
+
+def test_preparation_cache_survives_being_emptied(monkeypatch) -> None:
+    from cleaning import classifier
+    from tests.realtext import abstracts
+
+    monkeypatch.setattr(classifier, "_PREPARED_LIMIT", 5)
+    texts = list(abstracts()[:4])
+    classifier.to_fasttext_texts(texts)  # cached
+    more = texts[:2] + list(abstracts()[4:8])  # two cached, four new: the cache overflows
+    assert classifier.to_fasttext_texts(more) == [classifier.reference_fasttext_text(t) for t in more]
