@@ -87,7 +87,7 @@ class TitleOnly(Step):
         return None
 
 
-_PAIR_FILTER_BITS = 24
+_PAIR_FILTER_BITS = 22  # 4 MB per table; ~12k words fill 0.3 % of it
 
 
 def _keys(*columns: np.ndarray) -> np.ndarray:
@@ -100,7 +100,7 @@ def _keys(*columns: np.ndarray) -> np.ndarray:
 
 
 def _slots(keys: np.ndarray) -> np.ndarray:
-    """A slot in a 2^24-entry filter per key (multiplicative hashing)."""
+    """A slot in a 2^_PAIR_FILTER_BITS-entry filter per key (multiplicative hashing)."""
     slots = keys * np.uint64(0x9E3779B97F4A7C15)
     slots >>= np.uint64(64 - _PAIR_FILTER_BITS)
     return slots
@@ -112,7 +112,7 @@ class KeywordMatcher:
     A word list of thousands of short Chinese words makes a trie walk slow (the root has a child
     for almost every common character), so candidate positions are found first with numpy
     look-ups of every character pair and triple in filters of the words' first two (two-character
-    words) or three characters (longer words); 16 MB tables, where a collision only costs a
+    words) or three characters (longer words); tables where a collision only costs a
     confirmation. Only there, a handful of set lookups confirm a word. Single-character words are
     matched through a table over code points.
     """
