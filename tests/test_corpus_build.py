@@ -219,3 +219,22 @@ def test_kill_9_mid_build_then_rerun_finishes_without_redoing_done_shards(tmp_pa
     clean = run_local(CorpusBuild([str(tmp_path / "raw")], str(tmp_path / "clean"), cfg))
     assert killed["totals"] == clean["totals"] and killed["rejected_by_rule"] == clean["rejected_by_rule"]
     assert read_rows(out / "data") == read_rows(tmp_path / "clean" / "data")
+
+
+def test_build_reads_and_writes_fsspec_uris():
+    import fsspec
+
+    docs = long_documents(12)
+    fs = fsspec.filesystem("memory")
+    for shard in range(2):
+        with fs.open(f"/raw-bucket/part-{shard}.jsonl", "w", encoding="utf-8") as fh:
+            for i, text in enumerate(docs[shard * 6:(shard + 1) * 6] + [docs[0]]):
+                fh.write(json.dumps({"id": f"{shard}-{i}", "text": text, "domain": "d"}, ensure_ascii=False) + "\n")
+    manifest = run_local(CorpusBuild(["memory://raw-bucket/*.jsonl"], "memory://corpus-bucket/v1", config()))
+    assert manifest["totals"]["input"] == 14
+    assert manifest["rejected_by_rule"]["exact_duplicate"] == 2
+    assert all(i["uri"].startswith("memory://") for i in manifest["inputs"])
+    with fs.open("/corpus-bucket/v1/data/part-00000.parquet", "rb") as fh:
+        kept = pq.read_table(fh).to_pylist()
+    assert kept and kept[0]["id"] == "0-0"
+    assert fs.exists("/corpus-bucket/v1/manifest.json") and fs.exists("/corpus-bucket/v1/stats.json")
