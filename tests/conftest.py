@@ -1,4 +1,4 @@
-"""Session fixtures shared by tests that need registry data.
+"""Fixtures shared by tests that need registry data (session) or real CLUE text.
 
 They use the default `$PANGU_HOME` cache, so after `pangu data fetch-assets` (run by `make test`)
 nothing is downloaded again; on a bare machine the first test that asks fetches once.
@@ -16,6 +16,22 @@ def fetched_assets() -> dict[str, str]:
     from cleaning.fetch import fetch_assets
 
     return fetch_assets()
+
+
+@pytest.fixture(scope="module")
+def abstracts() -> list[str]:
+    """Base documents of the dedup and MinHash tests: the FewCLUE CSL abstracts of tests/realtext.py
+    of >= 100 characters, unique after normalisation (720 of them)."""
+    from cleaning.minhash import normalize
+    from tests.realtext import CLUE
+    from tests.realtext import abstracts as csl_abstracts
+
+    if not (CLUE / "fewclue" / "csl").is_dir():
+        pytest.skip("CLUE data not available")
+    first: dict[str, str] = {}  # normalised text -> its first spelling
+    for text in csl_abstracts():
+        first.setdefault(normalize(text), text)
+    return [text for key, text in first.items() if len(key) >= 100]
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,12 @@
 """Dedup map -> reduce -> cluster on real Chinese text with planted duplicates.
 
 Base documents are CLUE csl abstracts (read in place) of >= 100 characters, unique after
-normalisation. Measured once over all 720 of them: the largest character 3-gram Jaccard between
-two different abstracts is 0.11, so any cluster that mixes two of them is a false positive.
+normalisation (the `abstracts` fixture, tests/conftest.py). Measured once over all 720 of them:
+the largest character 3-gram Jaccard between two different abstracts is 0.11, so any cluster
+that mixes two of them is a false positive.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -18,27 +18,9 @@ import pytest
 from cleaning import dedup
 from cleaning.dedup import DedupConfig, cluster, exact_key, load_duplicates, map_shard, reduce_partition
 from cleaning.minhash import MinHasher, estimated_jaccard, normalize
-from tests.realtext import CLUE
 
-CSL = CLUE / "fewclue" / "csl"
 CONFIG = DedupConfig(partitions=4)
 LEVELS = (0.01, 0.02, 0.05)
-
-
-@pytest.fixture(scope="module")
-def abstracts() -> list[str]:
-    if not CSL.exists():
-        pytest.skip("CLUE data not available")
-    seen, out = set(), []
-    for path in sorted(CSL.glob("*.json")):
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                text = json.loads(line)["abst"]
-                key = normalize(text)
-                if len(key) >= 100 and key not in seen:
-                    seen.add(key)
-                    out.append(text)
-    return out
 
 
 def _edit(text: str, rate: float, rng: random.Random, alphabet: str) -> str:

@@ -13,7 +13,8 @@ from cleaning.classifier import TextClassifier
 from cleaning.config import RuleConfig
 from cleaning.document import Document
 from cleaning.filters import KeywordHits
-from cleaning.sample import FetchError, Package, download, read_inews, read_peoples_daily
+from cleaning.sources.packages import FetchError, Package, download
+from cleaning.sources.pypi_text import read_inews, read_peoples_daily
 
 MIN_ENTRIES = {"politics": 3000, "pornography": 8000, "advertisement": 100, "stopwords": 1500,
                "sensitive": 10000, "ads": 80}

@@ -14,26 +14,12 @@ from cleaning.dedup import DedupConfig
 from cleaning.minhash import EMPTY, MinHasher, code_points, estimated_jaccard, normalize
 from tests.realtext import CLUE
 
-CSL = CLUE / "fewclue" / "csl"
 IFLYTEK = CLUE / "fewclue" / "iflytek"
 
 
 def _jsonl(path: Path, field: str) -> list[str]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line)[field] for line in fh if line.strip()]
-
-
-@pytest.fixture(scope="module")
-def abstracts() -> list[str]:
-    if not CSL.exists():
-        pytest.skip("CLUE data not available")
-    seen, out = set(), []
-    for path in sorted(CSL.glob("*.json")):
-        for text in _jsonl(path, "abst"):
-            if len(normalize(text)) >= 100 and normalize(text) not in seen:
-                seen.add(normalize(text))
-                out.append(text)
-    return out
 
 
 def _shingles(text: str, n: int = 3) -> set[str]:

