@@ -1,0 +1,113 @@
+"""Training: the special-id layout, tokenizer.json, jieba boundaries, sampling, reuse of a finished dir."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import sentencepiece as spm
+
+from tests.test_tokenizer_common import TINY, clue_documents, trained_model_dir, write_corpus
+from tokenizer.corpus import CorpusError
+from tokenizer.pangu import PanguTokenizer
+from tokenizer.specials import SPECIAL_PIECES
+from tokenizer.train import TokenizerTrainConfig, TrainError, sample_lines, split_long, train_tokenizer
+
+
+def test_special_ids_are_pinned() -> None:
+    sp = spm.SentencePieceProcessor(model_file=str(trained_model_dir() / "spm.model"))
+    assert [sp.id_to_piece(i) for i in range(10)] == [
+        "<unk>", "<s>", "</s>", "▃", "▂", "<sep>", "<pad>", "<mask>", "<eod>", "<eot>"
+    ]
+    assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, 6)
+    assert sp.get_piece_size() == 4000
+    # "▃"/"▂" are always single pieces, whatever surrounds them.
+    assert 3 in sp.encode("你好 ▃ 世界") and 4 in sp.encode("a ▂ b")
+
+
+def test_tokenizer_json_records_the_run() -> None:
+    meta = json.loads((trained_model_dir() / "tokenizer.json").read_text(encoding="utf-8"))
+    assert meta["special_tokens"]["eot"] == {"id": 9, "piece": "<eot>"}
+    assert meta["encoding"]["jieba_version"] == "0.42.1"
+    assert meta["options"]["model_type"] == "unigram" and meta["options"]["byte_fallback"] is False
+    assert meta["options"]["normalization_rule_name"] == "nmt_nfkc"
+    training = meta["training"]
+    assert training["sample_lines"] == TINY["input_sentence_size"] < training["lines_seen"]
+    assert training["seconds"]["train"] > 0 and training["seed"] == TINY["seed"]
+    assert (trained_model_dir() / "spm.vocab").read_text(encoding="utf-8").startswith("<unk>\t0\n<s>\t0\n")
+
+
+def test_pieces_never_cross_jieba_words() -> None:
+    tok = PanguTokenizer.load(trained_model_dir())
+    for _, text in clue_documents()[::40]:
+        segmented = tok.segment(text)
+        pieces = tok.sp.encode(segmented, out_type=str)
+        words, current = [], ""
+        for piece in pieces:
+            if piece.startswith("▁") and current:
+                words.append(current)
+                current = ""
+            current += piece
+        words.append(current)
+        # Each sentencepiece word (pieces from one "▁" to the next) is exactly one jieba word.
+        normalised = [tok.sp.normalize(w).lstrip("▁") for w in segmented.split(" ")]
+        assert [w.lstrip("▁") for w in words if w != "▁"] == [w for w in normalised if w]
+
+
+def test_sampling_is_seeded_and_bounded() -> None:
+    docs = [f"第{i}行\n  \n第{i}行乙" for i in range(500)]
+    a, counts = sample_lines(docs, 100, shuffle=True, seed=3)
+    b, _ = sample_lines(docs, 100, shuffle=True, seed=3)
+    c, _ = sample_lines(docs, 100, shuffle=True, seed=4)
+    assert a == b != c and len(a) == 100 and counts == {"documents_read": 500, "lines_seen": 1000}
+    assert any(line.startswith("第4") for line in a[50:])  # a reservoir, not the first lines
+    first, _ = sample_lines(docs, 10, shuffle=False, seed=3)
+    assert first == [f"第{i // 2}行" + ("乙" if i % 2 else "") for i in range(10)]
+
+
+def test_split_long_cuts_at_word_boundaries() -> None:
+    words = ["中国", "人民", "银行"] * 300
+    pieces = list(split_long(" ".join(words), 300))
+    assert all(len(p.encode()) <= 300 for p in pieces)
+    assert " ".join(pieces).split(" ") == words
+    assert all(len(p.encode()) <= 300 for p in split_long("长" * 1000, 300))
+
+
+def test_bpe_from_iterator_reuse_and_conflicts(tmp_path) -> None:
+    texts = [t for _, t in clue_documents()[::6]]
+    config = TokenizerTrainConfig(output=str(tmp_path / "bpe"), model_type="bpe", vocab_size=3000,
+                                  character_coverage=0.99, input_sentence_size=3000, seed=1)
+    meta = train_tokenizer(config, iter(texts))
+    assert meta["options"]["model_type"] == "bpe"
+    tok = PanguTokenizer.load(tmp_path / "bpe")
+    assert [tok.id_to_piece(i) for i in range(10)] == list(SPECIAL_PIECES)
+    vocab = (tmp_path / "bpe" / "spm.vocab").read_text(encoding="utf-8")
+    # Same config: the finished directory is kept (the iterator is never read).
+    assert train_tokenizer(config, iter(())) == meta
+    # Same seed and sample, fresh directory: the same pieces and scores (the model bytes also
+    # embed the trainer's temporary path).
+    again = config.model_copy(update={"output": str(tmp_path / "bpe2")})
+    train_tokenizer(again, iter(texts))
+    assert (tmp_path / "bpe2" / "spm.vocab").read_text(encoding="utf-8") == vocab
+    with pytest.raises(FileExistsError):
+        train_tokenizer(config.model_copy(update={"vocab_size": 2500}), iter(texts))
+
+
+def test_bad_inputs(tmp_path) -> None:
+    with pytest.raises(CorpusError, match="no corpus shards"):
+        train_tokenizer(TokenizerTrainConfig(input=str(tmp_path), output=str(tmp_path / "t")))
+    with pytest.raises(TrainError, match="no text"):
+        train_tokenizer(TokenizerTrainConfig(output=str(tmp_path / "t")), iter(["", "  \n "]))
+    with pytest.raises(TrainError, match="sentencepiece training failed"):
+        train_tokenizer(TokenizerTrainConfig(output=str(tmp_path / "t"), vocab_size=40_000), iter(["一二三 四五六"] * 20))
+    assert not (tmp_path / "t").exists() and not list(tmp_path.glob(".t.*"))
+    with pytest.raises(ValueError, match="layout"):
+        train_tokenizer(TokenizerTrainConfig(output=str(tmp_path / "t"), trainer_options={"pad_id": 3}), iter(["一"]))
+
+
+def test_trains_from_corpus_shards_with_empty_documents(tmp_path) -> None:
+    docs = [("news", t) for _, t in clue_documents()[:300]] + [("news", None), ("web", "   ")]
+    corpus = write_corpus(tmp_path / "corpus", docs, shards=2)
+    meta = train_tokenizer(TokenizerTrainConfig(input=str(corpus), output=str(tmp_path / "tok"), vocab_size=2500,
+                                                character_coverage=0.98, input_sentence_size=800,
+                                                max_input_documents=250))
+    assert meta["training"]["documents_read"] == 250 and meta["training"]["sample_lines"] == 800

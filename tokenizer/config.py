@@ -1,0 +1,64 @@
+"""Typed configurations of the tokenizer stage: training, packing, and the training-row dataset.
+
+Each is one pydantic object, the same one a Prefect flow takes as its parameter (SPEC §2).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TokenizerTrainConfig(BaseModel):
+    """sentencepiece on a jieba-segmented sample of the corpus (SPEC §4)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str | None = Field(None, description="corpus version dir (DIR/data/part-*.parquet); None when texts are passed in")
+    output: str = Field(..., description="the tokenizer version dir to create, e.g. tokenizer/v1")
+    text_field: str = "text"
+    model_type: Literal["unigram", "bpe"] = Field("unigram", description="the PanGu-α release is unigram; the paper says BPE")
+    vocab_size: int = Field(40_000, gt=10, le=65_536, description="≤ 65,536 so ids fit the uint16 token shards")
+    character_coverage: float = Field(0.9995, gt=0.0, le=1.0)
+    normalization_rule_name: str = "nmt_nfkc"
+    byte_fallback: bool = False
+    # Sampling happens before jieba (the slow part), over the lines of the input documents.
+    input_sentence_size: int = Field(1_000_000, ge=1, description="lines sampled for training")
+    shuffle_input_sentence: bool = Field(True, description="reservoir-sample lines; False takes the first ones")
+    max_input_documents: int | None = Field(None, ge=1, description="read at most this many documents")
+    seed: int = 1234
+    max_sentence_length: int = Field(16_384, ge=256, description="bytes; longer lines are cut at jieba word boundaries")
+    max_sentencepiece_length: int = Field(16, ge=1)
+    split_digits: bool = False
+    num_threads: int = Field(2, ge=1, description="sentencepiece trainer threads")
+    workers: int = Field(1, ge=1, description="processes for jieba segmentation of the sample")
+    trainer_options: dict[str, Any] = Field(default_factory=dict, description="extra sentencepiece trainer flags")
+    overwrite: bool = Field(False, description="replace an existing tokenizer made with another config")
+    verbose: bool = False
+
+    def fingerprint(self) -> str:
+        """Hash of what determines the model (not where it goes or how many processes make it)."""
+        payload = self.model_dump(exclude={"output", "num_threads", "workers", "overwrite", "verbose"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class PackConfig(BaseModel):
+    """Corpus Parquet shards → indexed uint16 token shards with a domain id per document."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(..., description="corpus version dir (DIR/data/part-*.parquet)")
+    output: str = Field(..., description="local directory for part-NNNNN.{bin,idx,domains.npy,done.json}, domains.json")
+    tokenizer: str = Field(..., description="tokenizer dir or .model file")
+    text_field: str = "text"
+    domain_field: str = "domain"
+    default_domain: str = Field("unknown", description="domain of documents whose domain is null or empty")
+    domain_ids: dict[str, int] | None = Field(
+        None, description="fixed name → id map (e.g. to match a PanGu-Σ model); new names get the next free ids"
+    )
+    workers: int = Field(1, ge=1, description="encoder processes")
+    batch_rows: int = Field(1024, ge=1, description="Parquet rows read at a time")
+    chunk_chars: int = Field(256_000, ge=1, description="characters per worker chunk")
+    force: bool = Field(False, description="re-pack shards even when their outputs are current")

@@ -1,0 +1,279 @@
+"""Corpus Parquet shards → indexed token shards with a domain id per document (SPEC §2.1, §4).
+
+Per input shard `data/part-NNNNN.parquet`, in the output directory:
+
+    part-NNNNN.bin / .idx      Megatron MMIDIDX, uint16 ids, one sequence per document ending in <eot>
+    part-NNNNN.domains.npy     uint16 domain id per document (same order as the index)
+    part-NNNNN.done.json       completion marker: input hash, tokenizer hash, domain map, counts
+
+and for the whole corpus `domain_map.json` (fixed before any shard is packed, extended — never
+renumbered — when later runs bring new domains) and `domains.json` (name ↔ id, documents, tokens,
+unknown tokens and skipped documents per domain, natural token shares).
+
+Documents stream through in record batches and are written as they are encoded, so memory is
+bounded by a few chunks plus 14 bytes per document of the shard. A shard whose marker matches its
+input, the tokenizer and the domain map is skipped; an interrupted one leaves only temporary files.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import time
+from collections import defaultdict, deque
+from pathlib import Path
+from typing import Any, Iterator
+
+import fsspec
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import xxhash
+
+from tokenizer.artifacts import write_bytes_atomic, write_json_atomic
+from tokenizer.config import PackConfig
+from tokenizer.corpus import iter_batches, list_shards
+from tokenizer.indexed import IndexedWriter, dtype_for_vocab
+from tokenizer.pangu import PanguTokenizer
+from tokenizer.specials import EOT, UNK
+
+FORMAT = "pangu-tokens/1 (Megatron MMIDIDX)"
+DOMAIN_MAP_FILE = "domain_map.json"
+DOMAINS_FILE = "domains.json"
+
+# C0/C1 control characters other than tab, newline and carriage return.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def shard_stem(shard: str) -> str:
+    name = shard.rstrip("/").rsplit("/", 1)[-1]
+    return name[: -len(".parquet")] if name.endswith(".parquet") else name
+
+
+def content_hash(uri: str) -> str:
+    h = xxhash.xxh3_64()
+    with fsspec.open(uri, "rb") as fh:
+        while block := fh.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- domain ids -------------------------------------------------------------------------------
+def _domain_name(value: Any, default: str) -> str:
+    return value if isinstance(value, str) and value.strip() else default
+
+
+def plan_domain_ids(shards: list[str], config: PackConfig, out: Path) -> dict[str, int]:
+    """Name → id for every domain in the corpus, stable across runs (see module docstring)."""
+    ids: dict[str, int] = {}
+    saved = out / DOMAIN_MAP_FILE
+    if saved.is_file():
+        ids.update(json.loads(saved.read_text(encoding="utf-8")))
+    for name, i in (config.domain_ids or {}).items():
+        if ids.get(name, i) != i:
+            raise ValueError(f"domain {name!r} is already packed as id {ids[name]}, not {i}")
+        ids[name] = i
+    if len(set(ids.values())) != len(ids):
+        raise ValueError(f"two domains share an id in {ids}")
+    names: set[str] = set()
+    for shard in shards:
+        with fsspec.open(shard, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            if config.domain_field not in pf.schema_arrow.names:
+                names.add(config.default_domain)
+                continue
+            column = pf.read(columns=[config.domain_field]).column(0)
+            for value in pc.unique(column).to_pylist():
+                names.add(_domain_name(value, config.default_domain))
+    next_id = max(ids.values(), default=-1) + 1
+    for name in sorted(names - set(ids)):
+        ids[name] = next_id
+        next_id += 1
+    if ids and max(ids.values()) > np.iinfo(np.uint16).max:
+        raise ValueError("more than 65,536 domain ids")
+    write_json_atomic(saved, ids)
+    return ids
+
+
+# -- one shard --------------------------------------------------------------------------------
+class _Counts:
+    def __init__(self) -> None:
+        self.by_domain: dict[str, dict[str, int]] = defaultdict(
+            lambda: {"documents": 0, "tokens": 0, "unk_tokens": 0, "empty_documents": 0, "control_char_documents": 0}
+        )
+
+    def add(self, name: str, key: str, n: int) -> None:
+        self.by_domain[name][key] += n
+
+
+def _marker_matches(marker: Path, outputs: list[Path], expected: dict[str, Any], domain_ids: dict[str, int]) -> dict | None:
+    if not marker.is_file() or not all(p.is_file() for p in outputs):
+        return None
+    try:
+        done = json.loads(marker.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    if any(done.get(k) != v for k, v in expected.items()):
+        return None
+    if any(domain_ids.get(name) != stats["id"] for name, stats in done.get("domains", {}).items()):
+        return None
+    return done
+
+
+def pack_shard(
+    shard: str, out: str | Path, tokenizer: PanguTokenizer, domain_ids: dict[str, int], config: PackConfig
+) -> dict[str, Any]:
+    """Pack one corpus shard (or return its marker when it is already packed); the marker's contents."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = shard_stem(shard)
+    prefix = out / stem
+    outputs = [out / f"{stem}.bin", out / f"{stem}.idx", out / f"{stem}.domains.npy"]
+    marker = out / f"{stem}.done.json"
+    expected = {
+        "input": shard,
+        "input_xxh3": content_hash(shard),
+        "tokenizer_sha256": tokenizer.fingerprint,
+        "text_field": config.text_field,
+        "domain_field": config.domain_field,
+        "default_domain": config.default_domain,
+    }
+    if not config.force:
+        done = _marker_matches(marker, outputs, expected, domain_ids)
+        if done is not None:
+            return {**done, "skipped": True}
+
+    start = time.perf_counter()
+    counts = _Counts()
+    pending_domains: deque[np.ndarray] = deque()
+    doc_domains: list[np.ndarray] = []
+    characters = 0
+
+    def chunks() -> Iterator[list[str]]:
+        nonlocal characters
+        texts: list[str] = []
+        domains: list[int] = []
+        size = 0
+        for batch in iter_batches(shard, [config.text_field, config.domain_field], config.batch_rows):
+            for text, domain in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                name = _domain_name(domain, config.default_domain)
+                if text is None or not text.strip():
+                    counts.add(name, "empty_documents", 1)
+                    continue
+                if _CONTROL.search(text):
+                    counts.add(name, "control_char_documents", 1)
+                texts.append(text)
+                domains.append(domain_ids[name])
+                size += len(text)
+                if size >= config.chunk_chars:
+                    characters += size
+                    pending_domains.append(np.asarray(domains, dtype=np.uint16))
+                    yield texts
+                    texts, domains, size = [], [], 0
+        if texts:
+            characters += size
+            pending_domains.append(np.asarray(domains, dtype=np.uint16))
+            yield texts
+
+    names = {i: name for name, i in domain_ids.items()}
+    writer = IndexedWriter(prefix, dtype_for_vocab(tokenizer.vocab_size))
+    try:
+        for flat, lengths in tokenizer.encode_chunks_as_arrays(chunks(), config.workers):
+            domains = pending_domains.popleft()
+            # A document of nothing but what the normaliser deletes (control characters) has no ids.
+            empty = lengths == 0
+            for d in domains[empty]:
+                counts.add(names[int(d)], "empty_documents", 1)
+            lengths, domains = lengths[~empty], domains[~empty]
+            if not lengths.size:
+                continue
+            ends = np.cumsum(lengths)
+            unk_per_doc = np.add.reduceat((flat == UNK).astype(np.int64), ends - lengths)
+            with_eot = np.insert(flat, ends, EOT)
+            writer.add_documents(with_eot, lengths + 1)
+            doc_domains.append(domains)
+            for d in np.unique(domains):
+                mine = domains == d
+                name = names[int(d)]
+                counts.add(name, "documents", int(mine.sum()))
+                counts.add(name, "tokens", int(lengths[mine].sum() + mine.sum()))
+                counts.add(name, "unk_tokens", int(unk_per_doc[mine].sum()))
+        all_domains = np.concatenate(doc_domains) if doc_domains else np.zeros(0, dtype=np.uint16)
+        buffer = _npy_bytes(all_domains)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    write_bytes_atomic(out / f"{stem}.domains.npy", buffer)
+    result = {
+        **expected,
+        "format": FORMAT,
+        "documents": int(all_domains.size),
+        "tokens": writer.tokens,
+        "characters": characters,
+        "seconds": round(time.perf_counter() - start, 3),
+        "domains": {name: {"id": domain_ids[name], **c} for name, c in sorted(counts.by_domain.items())},
+    }
+    write_json_atomic(marker, result)
+    return {**result, "skipped": False}
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+# -- the corpus -------------------------------------------------------------------------------
+def summarize(out: str | Path, domain_ids: dict[str, int], shard_results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write `domains.json` from the shard markers and return it."""
+    out = Path(out)
+    totals: dict[str, dict[str, int]] = {
+        name: {"id": i, "documents": 0, "tokens": 0, "unk_tokens": 0, "empty_documents": 0, "control_char_documents": 0}
+        for name, i in domain_ids.items()
+    }
+    for result in shard_results:
+        for name, stats in result["domains"].items():
+            for key, value in stats.items():
+                if key != "id":
+                    totals[name][key] += value
+    all_tokens = sum(t["tokens"] for t in totals.values())
+    for t in totals.values():
+        t["token_share"] = t["tokens"] / all_tokens if all_tokens else 0.0
+    summary = {
+        "format": FORMAT,
+        "dtype": "uint16",
+        "eot_id": EOT,
+        "unk_id": UNK,
+        "tokenizer_sha256": shard_results[0]["tokenizer_sha256"] if shard_results else None,
+        "id_to_name": {str(i): name for name, i in sorted(domain_ids.items(), key=lambda kv: kv[1])},
+        "domains": dict(sorted(totals.items(), key=lambda kv: kv[1]["id"])),
+        "shards": [shard_stem(r["input"]) for r in shard_results],
+        "documents": sum(r["documents"] for r in shard_results),
+        "tokens": all_tokens,
+    }
+    write_json_atomic(out / DOMAINS_FILE, summary)
+    return summary
+
+
+def pack_corpus(config: PackConfig, tokenizer: PanguTokenizer | None = None) -> dict[str, Any]:
+    """Pack every shard of `config.input` into `config.output`; returns `domains.json` plus per-shard results."""
+    own = tokenizer is None
+    # Loading here, in this process, turns a bad model file into one clear error before any worker starts.
+    tokenizer = tokenizer or PanguTokenizer.load(config.tokenizer)
+    if tokenizer.vocab_size > 65_536:
+        raise ValueError("uint16 shards need a vocabulary of at most 65,536 pieces")
+    try:
+        shards = list_shards(config.input)
+        out = Path(config.output)
+        out.mkdir(parents=True, exist_ok=True)
+        domain_ids = plan_domain_ids(shards, config, out)
+        results = [pack_shard(shard, out, tokenizer, domain_ids, config) for shard in shards]
+        summary = summarize(out, domain_ids, results)
+        summary["shard_results"] = [
+            {k: r[k] for k in ("input", "documents", "tokens", "characters", "seconds", "skipped")} for r in results
+        ]
+        return summary
+    finally:
+        if own:
+            tokenizer.close()

@@ -1,0 +1,218 @@
+"""Train the PanGu-α tokenizer: sample lines → jieba → sentencepiece (SPEC §4).
+
+Lines are sampled before segmentation, because jieba is the slow part: a seeded reservoir over the
+lines of the input documents (or the first lines, with `shuffle_input_sentence=False`), bounded by
+`input_sentence_size` whatever the corpus size. Each sampled line is segmented exactly as the
+encoder segments text (jieba words joined by spaces, " " → "▂"), so sentencepiece, which never
+merges across a space, learns no piece that crosses a jieba word boundary. jieba cuts text at every
+newline anyway, so segmenting a line alone gives the same words as segmenting its whole document.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import random
+import shutil
+import time
+import uuid
+from concurrent.futures import ProcessPoolExecutor
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import sentencepiece as spm
+
+from tokenizer.artifacts import META_FILE, write_tokenizer_dir
+from tokenizer.config import TokenizerTrainConfig
+from tokenizer.corpus import iter_texts
+from tokenizer.pangu import PanguTokenizer, check_layout, load_sentencepiece
+from tokenizer.parallel import chunk_texts
+from tokenizer.segment import fast_segment
+from tokenizer.specials import TRAINER_LAYOUT
+
+
+class TrainError(RuntimeError):
+    """sentencepiece refused the sample (vocabulary too large for it, no usable text, …)."""
+
+
+def sample_lines(texts: Iterable[str], size: int, shuffle: bool, seed: int) -> tuple[list[str], dict[str, int]]:
+    """Up to `size` non-blank lines of `texts`, and how many documents and lines were read."""
+    rng = random.Random(seed)
+    sample: list[str] = []
+    documents = lines = 0
+    for text in texts:
+        documents += 1
+        for line in text.split("\n"):
+            if not line or line.isspace():
+                continue
+            lines += 1
+            if len(sample) < size:
+                sample.append(line)
+            elif not shuffle:
+                return sample, {"documents_read": documents, "lines_seen": lines}
+            else:
+                # Algorithm R: the line replaces a kept one with probability size / lines.
+                j = rng.randrange(lines)
+                if j < size:
+                    sample[j] = line
+    return sample, {"documents_read": documents, "lines_seen": lines}
+
+
+def _segment_chunk(lines: list[str]) -> list[str]:
+    return [fast_segment(line) for line in lines]
+
+
+def segment_lines(lines: list[str], workers: int) -> list[str]:
+    """The encoder's segmentation of every line, in order."""
+    if workers <= 1:
+        return _segment_chunk(lines)
+    chunks = list(chunk_texts(lines, chunk_chars=200_000, chunk_docs=4096))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return [s for part in pool.map(_segment_chunk, chunks) for s in part]
+
+
+def split_long(segmented: str, max_bytes: int) -> Iterator[str]:
+    """Pieces of at most `max_bytes` UTF-8 bytes, cut at spaces (jieba word boundaries) where possible.
+
+    sentencepiece silently skips longer lines, which would bias the sample against long paragraphs.
+    """
+    if len(segmented.encode("utf-8")) <= max_bytes:
+        yield segmented
+        return
+    piece: list[str] = []
+    size = 0
+    for word in segmented.split(" "):
+        w = len(word.encode("utf-8")) + 1
+        if piece and size + w > max_bytes:
+            yield " ".join(piece)
+            piece, size = [], 0
+        if w > max_bytes:  # one enormous "word" (e.g. a base64 blob): cut by characters
+            while len(word.encode("utf-8")) > max_bytes:
+                cut = max_bytes // 4
+                yield word[:cut]
+                word = word[cut:]
+            w = len(word.encode("utf-8")) + 1
+        piece.append(word)
+        size += w
+    if piece:
+        yield " ".join(piece)
+
+
+def trainer_arguments(config: TokenizerTrainConfig) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "model_type": config.model_type,
+        "vocab_size": config.vocab_size,
+        "character_coverage": config.character_coverage,
+        "normalization_rule_name": config.normalization_rule_name,
+        "byte_fallback": config.byte_fallback,
+        # Already sampled (and shuffled) above, so sentencepiece takes every line it is given.
+        "input_sentence_size": 0,
+        "shuffle_input_sentence": False,
+        "max_sentence_length": config.max_sentence_length,
+        "max_sentencepiece_length": config.max_sentencepiece_length,
+        "split_digits": config.split_digits,
+        "num_threads": config.num_threads,
+        "minloglevel": 0 if config.verbose else 2,
+        **TRAINER_LAYOUT,
+    }
+    clash = set(config.trainer_options) & set(TRAINER_LAYOUT)
+    if clash:
+        raise ValueError(f"trainer_options may not change the special-token layout: {sorted(clash)}")
+    return {**args, **config.trainer_options}
+
+
+def _existing(output: Path, config: TokenizerTrainConfig) -> dict[str, Any] | None:
+    meta_path = output / META_FILE
+    if not meta_path.is_file():
+        if output.exists() and any(output.iterdir()) and not config.overwrite:
+            raise FileExistsError(f"{output} exists and is not a tokenizer directory (set overwrite)")
+        return None
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("training", {}).get("config_fingerprint") == config.fingerprint() and not config.overwrite:
+        return meta
+    if not config.overwrite:
+        raise FileExistsError(f"{output} holds a tokenizer trained with another config (set overwrite)")
+    return None
+
+
+def train_tokenizer(config: TokenizerTrainConfig, texts: Iterable[str] | None = None) -> dict[str, Any]:
+    """Train into `config.output`; return the contents of its tokenizer.json.
+
+    `texts` (any iterable of documents) replaces `config.input`. A finished directory made with the
+    same config is kept as it is (the training is not repeated).
+    """
+    output = Path(config.output)
+    done = _existing(output, config)
+    if done is not None:
+        return done
+    if texts is None:
+        if config.input is None:
+            raise ValueError("give config.input (a corpus directory) or texts")
+        texts = iter_texts(config.input, config.text_field, config.max_input_documents)
+    elif config.max_input_documents is not None:
+        texts = islice(texts, config.max_input_documents)
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    lines, counts = sample_lines(texts, config.input_sentence_size, config.shuffle_input_sentence, config.seed)
+    timings["sample"] = time.perf_counter() - start
+    if not lines:
+        raise TrainError("no text to train on: every document was empty or blank")
+
+    start = time.perf_counter()
+    segmented = [p for s in segment_lines(lines, config.workers) for p in split_long(s, config.max_sentence_length)]
+    timings["segment"] = time.perf_counter() - start
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = output.parent / f".{output.name}.{uuid.uuid4().hex[:8]}.tmp"
+    work.mkdir()
+    try:
+        start = time.perf_counter()
+        spm.set_random_generator_seed(config.seed)
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(segmented), model_prefix=str(work / "spm"), **trainer_arguments(config)
+            )
+        except RuntimeError as exc:
+            raise TrainError(f"sentencepiece training failed: {exc}") from exc
+        timings["train"] = time.perf_counter() - start
+
+        model_proto = (work / "spm.model").read_bytes()
+        sp = load_sentencepiece(model_proto, str(work / "spm.model"))
+        check_layout(sp, "the trained model")
+        meta = {
+            "options": {
+                "model_type": config.model_type,
+                "vocab_size": config.vocab_size,
+                "character_coverage": config.character_coverage,
+                "normalization_rule_name": config.normalization_rule_name,
+                "byte_fallback": config.byte_fallback,
+                "max_sentencepiece_length": config.max_sentencepiece_length,
+                "split_digits": config.split_digits,
+                "trainer_options": config.trainer_options,
+            },
+            "training": {
+                "input": config.input,
+                "seed": config.seed,
+                "input_sentence_size": config.input_sentence_size,
+                "shuffle_input_sentence": config.shuffle_input_sentence,
+                "sample_lines": len(lines),
+                "sample_characters": sum(len(line) for line in lines),
+                "sentencepiece_lines": len(segmented),
+                **counts,
+                "seconds": {k: round(v, 3) for k, v in timings.items()},
+                "config_fingerprint": config.fingerprint(),
+            },
+            "config": config.model_dump(),
+        }
+        staged = work / "out"
+        write_tokenizer_dir(staged, model_proto, meta, vocab=(work / "spm.vocab").read_text(encoding="utf-8"))
+        if output.exists():
+            shutil.rmtree(output)
+        staged.rename(output)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return PanguTokenizer.load(output).meta
+
+
+__all__ = ["TokenizerTrainConfig", "TrainError", "train_tokenizer", "sample_lines", "split_long"]
