@@ -5,6 +5,7 @@ Heavy imports (torch, Prefect) happen inside the handlers so that `pangu --help`
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -51,6 +52,15 @@ def _corpus_build(args: argparse.Namespace) -> int:
     return build_from_cli(args)
 
 
+def _tokenizer(handler_name: str) -> Handler:
+    def run(args: argparse.Namespace) -> int:
+        import flows.tokenizer
+
+        return getattr(flows.tokenizer, handler_name)(args)
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pangu", description=__doc__.splitlines()[0])
     groups = parser.add_subparsers(dest="group", required=True)
@@ -74,6 +84,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text")
     p.set_defaults(handler=_classifier_train)
 
+    tok = groups.add_parser("tokenizer", help="train the jieba + sentencepiece tokenizer, pack token shards")
+    tok_cmds = tok.add_subparsers(dest="command", required=True)
+
+    def training_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--vocab-size", type=int, default=40_000)
+        p.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram")
+        p.add_argument("--input-sentence-size", type=int, default=1_000_000, help="lines sampled for training")
+        p.add_argument("--workers", type=int, default=2, help="processes for jieba")
+
+    p = tok_cmds.add_parser("train", help="train on a corpus version (DIR/data/part-*.parquet)")
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--output", required=True, help="tokenizer directory to create")
+    training_options(p)
+    p.set_defaults(handler=_tokenizer("train_from_cli"))
+    p = tok_cmds.add_parser("pack", help="encode a corpus into indexed uint16 token shards")
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory or .model file")
+    p.add_argument("--output", required=True)
+    p.add_argument("--seq-len", type=int, default=1024, help="training row length the summary counts rows for")
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(handler=_tokenizer("pack_from_cli"))
+    p = tok_cmds.add_parser("run", help="the tokenizer flow: train, then pack, versioned under OUTPUT")
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--output", required=True)
+    training_options(p)
+    p.set_defaults(handler=_tokenizer("flow_from_cli"))
+
     model = groups.add_parser("model", help="inspect PanGu model presets")
     model_cmds = model.add_subparsers(dest="command", required=True)
     p = model_cmds.add_parser("info", help="layout and parameter counts (meta device, nothing allocated)")
@@ -95,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # No network here or on most clusters: Prefect's telemetry would only log failures.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -41,3 +41,12 @@ def registry_sample(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dic
 
     out = tmp_path_factory.mktemp("registry-sample")
     return out, fetch_sample(str(out), max_docs_per_source=300)
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real Prefect API (SQLite, 127.0.0.1) shared by every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

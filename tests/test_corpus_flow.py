@@ -5,19 +5,12 @@ import asyncio
 import json
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from cleaning.config import CorpusConfig
 from tests.realtext import long_documents
 
 RULES_ONLY = {"ad_word_lists": [], "sensitive_word_lists": [], "langid": False,
               "spam_model": None, "quality_model": None}
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture()

@@ -1,0 +1,76 @@
+"""The `tokenizer` flow and CLI: train then pack a real corpus version, versioned and cached."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from cleaning.build import CorpusBuild, run_local
+from cleaning.config import CorpusConfig
+from tests.realtext import abstracts, app_descriptions
+
+RULES_ONLY = {"ad_word_lists": [], "sensitive_word_lists": [], "langid": False,
+              "spam_model": None, "quality_model": None}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    raw = tmp_path_factory.mktemp("raw")
+    records = [{"id": f"s{i}", "text": t, "domain": "science"} for i, t in enumerate(abstracts()[:600])]
+    records += [{"id": f"a{i}", "text": t, "domain": "web"} for i, t in enumerate(app_descriptions()[:400])]
+    (raw / "part-0.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                                      encoding="utf-8")
+    out = tmp_path_factory.mktemp("corpus")
+    run_local(CorpusBuild([str(raw)], str(out), CorpusConfig.model_validate({"rules": RULES_ONLY})))
+    return out
+
+
+def test_tokenizer_flow_trains_packs_and_reuses(prefect_api, corpus, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.tokenizer import tokenizer_flow
+
+    state = tokenizer_flow(corpus=str(corpus), output=str(tmp_path), vocab_size=3000,
+                           input_sentence_size=20_000, workers=1, return_state=True)
+    result = state.result()
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    assert result["version"].startswith(manifest["version"])
+    domains = json.loads((tmp_path / "tokens" / result["version"] / "domains.json").read_text())
+    assert set(domains["domains"]) == {"science", "web"} and domains["tokens"] == result["tokens_total"] > 0
+    assert (tmp_path / "tokenizer" / result["version"] / "tokenizer.json").exists()
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+
+    found = {a.key: a for a in asyncio.run(artifacts())}
+    table = found["tokens-per-domain"].data
+    table = json.loads(table) if isinstance(table, str) else table
+    assert {row["domain"] for row in table} == {"science", "web"}
+    assert all(0 <= row["unk_rate"] < 0.05 for row in table)
+    assert "Special ids" in found["tokenizer-summary"].data
+
+    # Same corpus and options: the trained model is reused and no shard is packed again.
+    bins = {p: p.stat().st_mtime_ns for p in (tmp_path / "tokens").rglob("*.bin")}
+    again = tokenizer_flow(corpus=str(corpus), output=str(tmp_path), vocab_size=3000,
+                           input_sentence_size=20_000, workers=1)
+    assert again == result
+    assert {p: p.stat().st_mtime_ns for p in bins} == bins
+
+
+def test_cli_train_and_pack(corpus, tmp_path, capsys):
+    from flows.cli import main
+
+    assert main(["tokenizer", "train", "--corpus", str(corpus), "--output", str(tmp_path / "tok"),
+                 "--vocab-size", "3000", "--input-sentence-size", "20000", "--workers", "1"]) == 0
+    assert main(["tokenizer", "pack", "--corpus", str(corpus), "--tokenizer", str(tmp_path / "tok"),
+                 "--output", str(tmp_path / "tokens"), "--seq-len", "128", "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "rows of 129" in err and "science" in err
+    assert list((tmp_path / "tokens").glob("part-*.bin"))
+    with pytest.raises(Exception, match="no corpus shards|does not exist"):
+        main(["tokenizer", "pack", "--corpus", str(tmp_path / "empty"), "--tokenizer", str(tmp_path / "tok"),
+              "--output", str(tmp_path / "t2"), "--workers", "1"])
