@@ -27,6 +27,7 @@ sample: assets
 
 run: sample
 	$(BIN)/pangu corpus build $(SAMPLE) --output $(OUTPUT)/corpus
+	$(BIN)/pangu tokenizer run --corpus $(OUTPUT)/corpus --output $(OUTPUT)
 
 test: assets
 	$(BIN)/python -m pytest
