@@ -54,7 +54,7 @@ class FastSegmenter:
     and dropped by halves, oldest first, when full.
     """
 
-    def __init__(self, max_cache_entries: int = 500_000) -> None:
+    def __init__(self, max_cache_entries: int = 200_000) -> None:
         if JIEBA_VERSION not in SUPPORTED_JIEBA:
             raise RuntimeError(f"FastSegmenter replicates jieba {SUPPORTED_JIEBA}, found {JIEBA_VERSION}")
         self.max_cache_entries = max_cache_entries
