@@ -1,0 +1,122 @@
+"""Expert parallelism through DeepSpeed's MoE layer with a fixed RRE gate (SPEC §5.2: the verified pattern).
+
+PanGu-Σ routes by domain and token id, never by a learned gate: `FixedRouteGate` hands DeepSpeed
+one-hot logits on the precomputed expert, dropless, so DeepSpeed's all-to-all moves each token to
+the rank holding its expert. `gather_expert_state` collects every rank's experts back into the
+`ExpertBank` layout for export (DeepSpeed's zero_to_fp32.py cannot read MoE checkpoints).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .model import PanguModel
+from .moe import RandomRoutedExperts
+
+
+class _Expert(nn.Module):
+    """One expert, laid out like an ExpertBank slice (GeLU FFN, nn.Linear orientation)."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(d_model, d_ff)
+        self.fc_out = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(torch.nn.functional.gelu(self.fc_in(x)))
+
+
+def _fixed_route_gate_class() -> type:
+    from deepspeed.moe.sharded_moe import TopKGate, top1gating
+
+    class FixedRouteGate(TopKGate):
+        """TopKGate whose logits are one-hot on the precomputed RRE expert: softmax gives weight 1.0 to
+        that expert and 0 elsewhere; dropless (capacity = the largest load over the ep group) and
+        without random token selection, so no RNG is consumed and nothing is dropped."""
+
+        expert_ids: torch.Tensor | None = None
+
+        def forward(self, input: torch.Tensor, used_token: torch.Tensor | None = None,
+                    sparse_routes: bool = False, use_tutel: bool = False) -> Any:
+            ids = self.expert_ids
+            if ids is None or ids.numel() != input.shape[0]:
+                raise RuntimeError("FixedRouteGate: expert ids for this input were not set")
+            logits = torch.full((input.shape[0], self.wg.out_features), float("-inf"), device=input.device)
+            logits.scatter_(1, ids[:, None], 0.0)
+            return top1gating(logits, self.capacity_factor, 0, used_token, None, False, False, self.ep_group,
+                              sparse_routes, use_tutel)
+
+    return FixedRouteGate
+
+
+class DeepSpeedRRE(nn.Module):
+    """RRE routing in front of `deepspeed.moe.layer.MoE`: experts spread over `ep` ranks, all-to-all."""
+
+    def __init__(self, rre: RandomRoutedExperts, ep: int, ep_rank: int) -> None:
+        from deepspeed.moe.layer import MoE
+
+        super().__init__()
+        self.num_domains = rre.num_domains
+        self.experts_per_domain = rre.experts_per_domain
+        self.domain_id_offset = rre.domain_id_offset
+        self.register_buffer("token_to_expert", rre.token_to_expert.clone(), persistent=True)
+        bank = rre.experts
+        total, d_ff, d_model = bank.w_in.shape
+        self.moe = MoE(hidden_size=d_model, expert=_Expert(d_model, d_ff), num_experts=total, ep_size=ep, k=1,
+                       min_capacity=0, drop_tokens=False, use_rts=False)
+        old = self.moe.deepspeed_moe.gate
+        gate = _fixed_route_gate_class()(d_model, total, k=1, min_capacity=0, drop_tokens=False, use_rts=False)
+        gate.wg.weight.requires_grad_(False)  # unused: the route is fixed
+        gate.ep_group = getattr(old, "ep_group", None)
+        self.moe.deepspeed_moe.gate = gate
+        local = total // ep
+        with torch.no_grad():
+            for i, expert in enumerate(self.moe.deepspeed_moe.experts.deepspeed_experts):
+                g = ep_rank * local + i  # experts are contiguous per ep rank, domain by domain
+                expert.fc_in.weight.copy_(bank.w_in[g])
+                expert.fc_in.bias.copy_(bank.b_in[g])
+                expert.fc_out.weight.copy_(bank.w_out[g])
+                expert.fc_out.bias.copy_(bank.b_out[g])
+        self.total_experts = total
+
+    def route(self, token_ids: torch.Tensor, domain_ids: torch.Tensor) -> torch.Tensor:
+        return (domain_ids - self.domain_id_offset) * self.experts_per_domain + self.token_to_expert[token_ids]
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor, domain_ids: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.moe.deepspeed_moe.gate.expert_ids = self.route(token_ids, domain_ids).reshape(-1)
+        out, _, _ = self.moe(x)
+        return out.view_as(x), x.new_zeros(())
+
+
+def to_deepspeed_moe(model: PanguModel, ep: int, ep_rank: int) -> None:
+    """Swap every RRE layer of `model` for a DeepSpeedRRE holding this ep rank's experts."""
+    for block in model.layers:
+        if isinstance(block.ffn, RandomRoutedExperts):
+            block.ffn = DeepSpeedRRE(block.ffn, ep, ep_rank)
+
+
+def gather_expert_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with every DeepSpeedRRE's local experts gathered over its ep group into ExpertBank names.
+
+    Collective over the expert-parallel group; DeepSpeed's zero_to_fp32.py cannot do this (SPEC §5.2).
+    """
+    out = dict(state)
+    for name, module in model.named_modules():
+        if not isinstance(module, DeepSpeedRRE):
+            continue
+        prefix = f"{name}.moe."
+        for key in [k for k in out if k.startswith(prefix)]:
+            del out[key]
+        group = module.moe.deepspeed_moe.ep_group
+        experts = module.moe.deepspeed_moe.experts.deepspeed_experts
+        for bank_name, (layer, attr) in {"w_in": ("fc_in", "weight"), "b_in": ("fc_in", "bias"),
+                                         "w_out": ("fc_out", "weight"), "b_out": ("fc_out", "bias")}.items():
+            local = torch.stack([getattr(getattr(e, layer), attr).detach().float() for e in experts])
+            parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, local.contiguous(), group=group)
+            out[f"{name}.experts.{bank_name}"] = torch.cat(parts)
+    return out

@@ -1,0 +1,563 @@
+"""The pretraining program: a `TrainConfig` preset → a DeepSpeed run of PanGu-α or PanGu-Σ.
+
+    python -m pangu_model.train --config deploy/presets/pretrain/sigma-tiny.yaml [--set key=value ...]
+    deepspeed --num_gpus 8 -m pangu_model.train --config sigma-1t          (or torchrun; same program)
+
+With no launcher the process is a world of one (MASTER_ADDR/PORT defaults, gloo on CPU, NCCL on CUDA).
+
+What one run does:
+
+* builds the model from a `pangu_model.config` preset (optionally initialised from an exported
+  checkpoint, dense → sparse inheritance included) and wraps it with `deepspeed.initialize`, using the
+  DeepSpeed config generated from the preset (deploy/deepspeed_config.py), our parameter groups
+  (optim.py: no decay on LayerNorm/biases, hybrid Adam ε) and our warmup + cosine schedule;
+* PanGu-Σ experts: in the model's own `ExpertBank` (one rank's experts, ep = 1), through DeepSpeed's
+  MoE layer with a fixed RRE gate (ep > 1, expert groups inside a node: deploy/topology.py), or
+  host-resident with ECSS (ecss.py);
+* reads rows from a packed token directory (`tokenizer.dataset.PackedRowDataset`, resumable);
+* checkpoints every N steps and on SIGTERM: DeepSpeed's `save_checkpoint` plus our own per-rank
+  trainer state (step, data position) and ECSS host optimizer state, then an atomic `latest` pointer,
+  so a `kill -9` at any moment resumes from the last complete checkpoint with the same data, the
+  same dropout masks (seeded per step) and the same losses;
+* exports `model.safetensors` + `config.json` (pangu_model.checkpoint) with every expert included;
+* logs metrics (metrics.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from contextlib import closing
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .checkpoint import save_checkpoint as save_exported
+from .config import PanguConfig, get_config
+from .expert_parallel import gather_expert_state, to_deepspeed_moe
+from .model import PanguModel
+from .moe import RandomRoutedExperts
+from .optim import OptimConfig, build_scheduler, lr_at, parameter_groups
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "deploy" / "presets" / "pretrain"
+CHECKPOINT_DIR = "checkpoints"
+EXPORT_DIR = "export"
+LATEST = "latest"  # same file name as DeepSpeed's own pointer, so its tools find our tags
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+class TrainConfig(BaseModel):
+    """One pretraining run. The same object is the Prefect flow parameter and the CLI's `--config`."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    name: str = "pretrain"
+    # model
+    model: str = Field("tiny", description="pangu_model preset name (tiny, sigma-tiny, 350m, sigma-1t, ...)")
+    model_overrides: dict[str, Any] = Field(default_factory=dict, description="PanguConfig fields to change")
+    init_from: str | None = Field(
+        None, description="exported checkpoint dir to start from; a dense one initialises a sparse model's experts"
+    )
+    # data
+    data: str = Field("runs/tokens", description="packed token directory (tokenizer.pack output)")
+    mixture: str | dict[str, float] | None = Field("natural", description="domain weights (tokenizer.dataset)")
+    seq_len: int | None = Field(None, ge=1, description="row length; default: the model's max_seq_len")
+    data_seed: int = 1234
+    # run
+    output: str = Field("runs/pretrain", description="run dir: checkpoints/, export/, metrics CSVs")
+    seed: int = 1234
+    train_steps: int = Field(100, ge=1, description="optimizer steps")
+    micro_batch_size: int = Field(4, ge=1, description="rows per rank per forward")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    optimizer: OptimConfig = Field(default_factory=OptimConfig)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_stage: int = Field(1, ge=0, le=3)
+    offload_optimizer: bool = Field(False, description="engine-wide ZeRO-Offload (DeepSpeedCPUAdam) of all states")
+    reduce_bucket_size: float = Field(5e8, gt=0)
+    # experts
+    ecss: bool = Field(False, description="PanGu-Σ ECSS: expert weights and Adam states in host memory")
+    expert_parallel: int = Field(1, ge=1, description="ranks that share one copy of the experts (inside a node)")
+    topology: str | None = Field(None, description="deploy/presets/topology name or YAML: checks ep against the cluster")
+    # checkpoints and logs
+    checkpoint_every: int = Field(100, ge=0, description="steps between checkpoints; 0: only at the end / SIGTERM")
+    keep_checkpoints: int = Field(2, ge=1)
+    resume: bool = Field(True, description="continue from output/checkpoints/latest when it exists")
+    export: bool = Field(True, description="write export/model.safetensors + config.json at the end")
+    log_every: int = Field(1, ge=1, description="steps between loss-per-domain and expert-load rows")
+    progress_bar: bool | None = Field(None, description="None: only on a terminal")
+    tensorboard: bool = False
+    peak_tflops: float | None = Field(None, gt=0, description="per-device peak for MFU; None: known GPUs only")
+    throttle_s: float = Field(0.0, ge=0.0, description="sleep per step (tests and demos of preemption)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        model = self.pangu_config()
+        if model.router != "dense" and self.zero_stage == 3:
+            raise ValueError("ZeRO-3 with experts: DeepSpeed's MoE refuses stage 3 (SPEC §5.2); use 0-2")
+        if self.ecss and model.router != "rre":
+            raise ValueError("ECSS needs RRE routing: experts must be known from the batch before the forward")
+        if self.ecss and self.expert_parallel > 1:
+            raise ValueError("ECSS with expert_parallel > 1 is not implemented yet: use one or the other")
+        if self.expert_parallel > 1 and model.router != "rre":
+            raise ValueError("expert_parallel > 1 is implemented for RRE routing only")
+        if self.expert_parallel > 1 and model.total_experts % self.expert_parallel:
+            raise ValueError(f"{model.total_experts} experts do not split over expert_parallel {self.expert_parallel}")
+        if self.row_length > model.max_seq_len:
+            raise ValueError(f"seq_len {self.row_length} > the model's max_seq_len {model.max_seq_len}")
+        return self
+
+    def pangu_config(self) -> PanguConfig:
+        return get_config(self.model, **self.model_overrides)
+
+    @property
+    def row_length(self) -> int:
+        return self.seq_len or get_config(self.model, **self.model_overrides).max_seq_len
+
+    def fingerprint(self) -> str:
+        """What must not change across a resume (paths, step counts and logging may)."""
+        keep = self.model_dump(include={"model", "model_overrides", "data_seed", "seed", "micro_batch_size",
+                                        "gradient_accumulation_steps", "seq_len", "mixture", "ecss"})
+        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ValueError(f"override {text!r} is not key=value")
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def load_train_config(name_or_path: str | os.PathLike[str], overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
+    """A preset from deploy/presets/pretrain/ or a YAML path, with `a.b=value` overrides (YAML values)."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+        raise FileNotFoundError(f"pretrain preset {str(name_or_path)!r} not found (known: {known})")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    data.setdefault("name", path.stem)
+    items = overrides.items() if isinstance(overrides, dict) else (_parse_override(o) for o in overrides or [])
+    for keys, value in items:
+        keys = keys.split(".") if isinstance(keys, str) else keys
+        target = data
+        for key in keys[:-1]:
+            target = target.setdefault(key, {})
+        target[keys[-1]] = value
+    return TrainConfig.model_validate(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Process setup
+# ---------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join (or, without a launcher, create) the process group; return rank, world size, device."""
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    import deepspeed
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _compute_dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def build_model(config: TrainConfig) -> PanguModel:
+    """The initial model, identical on every rank (seeded; DeepSpeed broadcasts it again anyway)."""
+    pangu = config.pangu_config()
+    torch.manual_seed(config.seed)
+    if config.init_from is None:
+        return PanguModel(pangu)
+    from .checkpoint import load_checkpoint
+    from .inherit import sigma_from_dense
+
+    source = load_checkpoint(config.init_from)
+    if source.config.router == "dense" and pangu.router != "dense":
+        model = sigma_from_dense(source, pangu)
+    else:
+        model = PanguModel(pangu)
+        model.load_state_dict(source.state_dict(), strict=True)
+    return model.train()
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+class Trainer:
+    """One DeepSpeed engine, its data and its checkpoints. `run()` trains; `export()` writes safetensors."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        import deepspeed
+
+        from deploy.deepspeed_config import deepspeed_config
+        from tokenizer.dataset import PackedRowDataset
+
+        self.config = config
+        self.output = Path(config.output)
+        self.stop_requested = False
+        self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.rank, self.world_size, self.device = init_distributed()
+        self.pangu = config.pangu_config()
+        self.total_steps = config.train_steps
+        self._check_topology()
+
+        model = build_model(config)
+        self.expert_layers: list[str] = [n for n, m in model.named_modules() if isinstance(m, RandomRoutedExperts)]
+        self.sparse_layers = list(model.sparse_layers())
+        if config.expert_parallel > 1:
+            to_deepspeed_moe(model, config.expert_parallel, self._ep_rank())
+        self.ecss = None
+        if config.ecss:
+            from .ecss import ExpertOffload
+
+            self.ecss = ExpertOffload(
+                model, config.optimizer, self.device, _compute_dtype(config.precision),
+                group=dist.group.WORLD if self.world_size > 1 else None,
+            )
+        groups = parameter_groups(model, config.optimizer)
+        self.ds_config = deepspeed_config(config, self.world_size)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=groups,
+            config=self.ds_config,
+            lr_scheduler=lambda optimizer: build_scheduler(optimizer, config.optimizer, self.total_steps),
+            dist_init_required=False,
+        )
+        self.model: PanguModel = self.engine.module
+        if config.expert_parallel > 1:
+            self._check_expert_groups()
+
+        self.dataset = PackedRowDataset(
+            config.data, seq_len=config.row_length, weights=config.mixture, seed=config.data_seed,
+            rank=self.rank, world_size=self.world_size,
+        )
+        self.domain_names = dict(self.dataset.shards.domain_names)
+        self.num_domains = max(self.domain_names, default=-1) + 1
+        self._check_domains()
+        self.step = 0
+        if config.resume:
+            self.resume()
+        self._rows = iter(self.dataset)
+
+    # ---- checks ---------------------------------------------------------------------------------
+    def _check_topology(self) -> None:
+        ep = self.config.expert_parallel
+        if self.config.topology:
+            from deploy.topology import load_topology
+
+            topology = load_topology(self.config.topology)
+            if topology.plan.expert != ep:
+                raise ValueError(f"topology {topology.name} has expert {topology.plan.expert}, config says {ep}")
+            if topology.cluster.world_size != self.world_size:
+                raise ValueError(f"topology {topology.name} has {topology.cluster.world_size} ranks, "
+                                 f"this run {self.world_size}")
+        if self.world_size % ep:
+            raise ValueError(f"expert_parallel {ep} does not divide the world size {self.world_size}")
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+        if ep > 1 and local % ep:
+            raise ValueError(f"expert group of {ep} ranks would leave a node of {local} ranks")
+
+    def _layout(self) -> Any:
+        from deploy.topology import ClusterSpec, Layout, ParallelPlan
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+        cluster = ClusterSpec(nodes=self.world_size // local, gpus_per_node=local)
+        return Layout.build(cluster, ParallelPlan(expert=self.config.expert_parallel))
+
+    def _ep_rank(self) -> int:
+        return self._layout().info(self.rank).ep_rank
+
+    def _check_expert_groups(self) -> None:
+        """DeepSpeed built its expert groups itself: they must be the topology's (inside a node)."""
+        from deepspeed.utils import groups
+
+        ours = self._layout().expert_parallel_groups
+        name = f"ep_size_{self.config.expert_parallel}"
+        group = groups._get_expert_parallel_group(name)
+        theirs = dist.get_process_group_ranks(group)
+        if theirs not in ours:
+            raise RuntimeError(f"DeepSpeed expert group {theirs} is not one of the topology's {ours}")
+
+    def _check_domains(self) -> None:
+        if self.pangu.router != "rre":
+            return
+        low = self.pangu.domain_id_offset
+        high = low + self.pangu.num_domains - 1
+        bad = [f"{i} ({name})" for i, name in self.domain_names.items() if not low <= i <= high and i in self.dataset.domains]
+        if bad:
+            raise ValueError(f"data domains {bad} outside the model's domain ids [{low}, {high}]")
+
+    # ---- signals --------------------------------------------------------------------------------
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        # Only a flag: the step in flight finishes, then every rank checkpoints at the same step.
+        self.stop_requested = True
+
+    def _agree_to_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    # ---- data -----------------------------------------------------------------------------------
+    def _micro_batch(self) -> dict[str, torch.Tensor]:
+        rows = [next(self._rows) for _ in range(self.config.micro_batch_size)]
+        keys = ("input_ids", "labels", "position_ids", "domain_ids")
+        return {k: torch.stack([r[k] for r in rows]).to(self.device, non_blocking=True) for k in keys}
+
+    def _seed(self, step: int, micro: int) -> None:
+        # Dropout masks are a function of (seed, step, micro-batch, rank): a resumed run draws the
+        # same masks as an uninterrupted one without saving any RNG state.
+        gas = self.config.gradient_accumulation_steps
+        torch.manual_seed(self.config.seed * 1_000_003 + (step * gas + micro) * self.world_size + self.rank)
+
+    # ---- training -------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from .metrics import MetricsLogger, domain_loss_sums, flops_per_token, peak_flops
+
+        config = self.config
+        num_experts = self.pangu.total_experts
+        metrics = MetricsLogger(
+            self.output, self.total_steps, self.step, self.domain_names, self.num_domains,
+            self.expert_layers, num_experts, rank=self.rank, log_every=config.log_every,
+            progress=config.progress_bar, tensorboard=config.tensorboard,
+            flops_per_token=flops_per_token(self.pangu, config.row_length),
+            peak_flops=peak_flops(config.precision, config.peak_tflops), world_size=self.world_size,
+        )
+        status = "completed"
+        self.engine.train()
+        try:
+            while self.step < self.total_steps:
+                started = time.perf_counter()
+                row = self._train_step(metrics, domain_loss_sums)
+                if config.throttle_s:
+                    time.sleep(config.throttle_s)
+                self.step += 1
+                metrics.step(self.step, row, row.pop("_tokens"), time.perf_counter() - started)
+                stop = self._agree_to_stop()
+                if stop or (config.checkpoint_every and self.step % config.checkpoint_every == 0):
+                    self.save_checkpoint()
+                if stop:
+                    status = "preempted"
+                    break
+            if status == "completed":
+                if not self._latest_tag() == self._tag(self.step):
+                    self.save_checkpoint()
+                if config.export:
+                    self.export(self.output / EXPORT_DIR)
+        finally:
+            metrics.close()
+        return {
+            "status": status,
+            "step": self.step,
+            "output": str(self.output),
+            "losses": [r["loss"] for r in metrics.history],
+            "export": str(self.output / EXPORT_DIR) if status == "completed" and config.export else None,
+        }
+
+    def _train_step(self, metrics: Any, domain_loss_sums: Any) -> dict[str, float]:
+        config = self.config
+        gas = config.gradient_accumulation_steps
+        batches = [self._micro_batch() for _ in range(gas)]
+        if self.ecss is not None:
+            # Known before the forward pass: the experts these rows route to (SPEC §5.2).
+            self.ecss.fetch(self.ecss.plan(batches))
+        loss = lm_loss = aux_loss = 0.0
+        tokens = 0
+        for micro, batch in enumerate(batches):
+            self._seed(self.step, micro)
+            out = self.engine(
+                input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                domain_ids=batch["domain_ids"], labels=batch["labels"],
+            )
+            self.engine.backward(out.loss)
+            grad_scale = float(getattr(self.engine.optimizer, "cur_scale", 1.0) or 1.0) \
+                if config.precision == "fp16" else 1.0
+            self.engine.step()
+            loss += out.loss.item() / gas
+            lm_loss += out.lm_loss.item() / gas
+            aux_loss += float(out.aux_loss) / gas
+            tokens += int((batch["labels"] != -100).sum())
+            metrics.add_domain_losses(domain_loss_sums(
+                out.logits, batch["labels"], batch["domain_ids"], max(1, self.num_domains), self.pangu.pad_token_id))
+            if self.expert_layers:
+                metrics.add_expert_load(self._expert_load(batch))
+        lr = lr_at(self.step, config.optimizer, self.total_steps)
+        row: dict[str, float] = {"loss": loss, "lm_loss": lm_loss, "aux_loss": aux_loss, "lr": lr, "_tokens": tokens}
+        if self.ecss is not None:
+            stats = self.ecss.step(lr, grad_scale=grad_scale, skip=not self.engine.was_step_applied())
+            row["experts_updated"] = float(stats["experts_updated"])
+        norm = self.engine.get_global_grad_norm()
+        row["grad_norm"] = float(norm) if norm is not None else float("nan")
+        return row
+
+    @torch.no_grad()
+    def _expert_load(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[RRE layers, experts] tokens per expert, from the routing table (same on every backend)."""
+        loads = []
+        for name in self.expert_layers:
+            layer = self.model.get_submodule(name)
+            ids = layer.route(batch["input_ids"], batch["domain_ids"]).reshape(-1)
+            loads.append(torch.bincount(ids, minlength=self.pangu.total_experts).cpu())
+        return torch.stack(loads)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    @staticmethod
+    def _tag(step: int) -> str:
+        return f"step{step:08d}"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output / CHECKPOINT_DIR
+
+    def _latest_tag(self) -> str | None:
+        pointer = self.checkpoint_dir / LATEST
+        return pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+
+    def save_checkpoint(self) -> Path:
+        """DeepSpeed state, then ours, then the `latest` pointer (so a partial save is never picked)."""
+        tag = self._tag(self.step)
+        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, save_latest=False)
+        directory = self.checkpoint_dir / tag
+        directory.mkdir(parents=True, exist_ok=True)
+        trainer_state = {
+            "step": self.step,
+            "dataset": self.dataset.state_dict(),
+            "fingerprint": self.config.fingerprint(),
+            "world_size": self.world_size,
+        }
+        _atomic_torch_save(trainer_state, directory / f"trainer_rank{self.rank:05d}.pt")
+        if self.ecss is not None and self.rank == 0:
+            # Every rank holds the same experts (ep = 1), so one copy of their Adam states suffices.
+            _atomic_torch_save(self.ecss.state_dict(), directory / "ecss_optimizer.pt")
+        if self.world_size > 1:
+            dist.barrier()
+        if self.rank == 0:
+            _atomic_write(self.checkpoint_dir / LATEST, tag)
+            (self.checkpoint_dir / "train_config.json").write_text(self.config.model_dump_json(indent=2))
+            self._prune()
+        if self.world_size > 1:
+            dist.barrier()
+        return directory
+
+    def _prune(self) -> None:
+        tags = sorted(p for p in self.checkpoint_dir.glob("step*") if p.is_dir())
+        for old in tags[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def resume(self) -> bool:
+        tag = self._latest_tag()
+        if tag is None:
+            return False
+        directory = self.checkpoint_dir / tag
+        state = torch.load(directory / f"trainer_rank{self.rank:05d}.pt", weights_only=True)
+        if state["fingerprint"] != self.config.fingerprint():
+            raise ValueError(f"{directory} was written by a run with another model/data/batch config")
+        if state["world_size"] != self.world_size:
+            raise ValueError(f"{directory} was written by {state['world_size']} ranks, this run has {self.world_size}")
+        path, _ = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag, load_module_strict=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load {directory}")
+        if self.ecss is not None:
+            self.ecss.load_state_dict(torch.load(directory / "ecss_optimizer.pt", weights_only=True))
+        self.dataset.load_state_dict(state["dataset"])
+        self.step = int(state["step"])
+        return True
+
+    # ---- export ---------------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every weight in PanguModel's names, fp32 on the CPU (experts gathered / read from the host)."""
+        state = self.engine.module.state_dict()
+        if self.config.expert_parallel > 1:
+            state = gather_expert_state(self.engine.module, state)
+        return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu() for k, v in state.items()}
+
+    def export(self, directory: str | os.PathLike[str]) -> Path | None:
+        """`model.safetensors` + `config.json` that `pangu_model.load_checkpoint` reads back."""
+        state = self.full_state_dict()  # collective when experts are spread over ranks
+        if self.rank != 0:
+            return None
+        with torch.device("meta"):
+            model = PanguModel(self.pangu)
+        model.load_state_dict(state, strict=True, assign=True)
+        return save_exported(model, directory)
+
+    def close(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous_handler or signal.SIG_DFL)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def train(config: TrainConfig, export_only: bool = False) -> dict[str, Any]:
+    """Run (or resume) training; with `export_only`, load the latest checkpoint and export it."""
+    trainer = Trainer(config)
+    try:
+        if export_only:
+            trainer.export(Path(config.output) / EXPORT_DIR)
+            return {"status": "exported", "step": trainer.step, "output": config.output,
+                    "export": str(Path(config.output) / EXPORT_DIR)}
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Pretrain a PanGu-α / PanGu-Σ model with DeepSpeed.")
+    parser.add_argument("--config", required=True, help="pretrain preset name or YAML path")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field (dotted keys, YAML values), e.g. optimizer.lr=3e-4")
+    parser.add_argument("--export-only", action="store_true", help="export the latest checkpoint and exit")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    args = parser.parse_args(argv)
+    config = load_train_config(args.config, args.overrides)
+    result = train(config, export_only=args.export_only)
+    if dist.is_initialized() and dist.get_rank() == 0 or not dist.is_initialized():
+        print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return SIGTERM_EXIT_CODE if result["status"] == "preempted" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Shared material of the training tests: a packed token directory made from real Chinese text.
+
+FewCLUE lines (read from ../shared/data/clue, never copied) of four tasks become four domains, a small
+BPE tokenizer is trained on them with tokenizer/train.py and the corpus is packed with tokenizer/pack.py,
+once per test session. Runs go through the real CLI (`python -m pangu_model.train`) in subprocesses
+where a test needs to kill or signal them.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUE = ROOT.parent / "shared" / "data" / "clue"
+# FewCLUE task → (text field, domain). Domain ids are assigned in name order by the packer:
+# ebooks 0, news 1, public_datasets 2, web 3 — the four domains of the sigma-tiny preset.
+TASKS = {"chid": ("content", "ebooks"), "tnews": ("sentence", "news"),
+         "csl": ("abst", "public_datasets"), "iflytek": ("sentence", "web")}
+VOCAB = 2000
+_ROOT: Path | None = None
+
+
+def session_dir() -> Path:
+    global _ROOT
+    if _ROOT is None:
+        _ROOT = Path(tempfile.mkdtemp(prefix="pangu-train-tests-"))
+        atexit.register(shutil.rmtree, _ROOT, True)
+    return _ROOT
+
+
+def _documents(per_task: int) -> list[tuple[str, str]]:
+    docs = []
+    for task, (field, domain) in TASKS.items():
+        with open(CLUE / "fewclue" / task / "test_public.json", encoding="utf-8") as fh:
+            lines = [json.loads(raw)[field] for raw in fh if raw.strip()]
+        lines = list(dict.fromkeys(t for t in lines if t.strip()))[: per_task * 3]
+        docs += [(domain, "\n".join(lines[i:i + 3])) for i in range(0, len(lines), 3)]
+    return docs
+
+
+@lru_cache(maxsize=None)
+def packed_tokens(domains: tuple[str, ...] | None = None) -> Path:
+    """Packed token dir of real text; `domains` keeps only those (their ids then start at 0)."""
+    from tokenizer.config import PackConfig, TokenizerTrainConfig
+    from tokenizer.pack import pack_corpus
+    from tokenizer.train import train_tokenizer
+
+    key = "all" if domains is None else "-".join(domains)
+    docs = [(d, t) for d, t in _documents(per_task=60) if domains is None or d in domains]
+    corpus = session_dir() / f"corpus-{key}" / "data"
+    corpus.mkdir(parents=True)
+    pq.write_table(pa.table({
+        "id": [f"doc-{i}" for i in range(len(docs))],
+        "text": [t for _, t in docs],
+        "domain": [d for d, _ in docs],
+        "source": ["fewclue"] * len(docs),
+        "quality": [1.0] * len(docs),
+        "meta": ["{}"] * len(docs),
+    }), corpus / "part-00000.parquet")
+    tokenizer_dir = session_dir() / "tokenizer"
+    if not tokenizer_dir.exists():
+        train_tokenizer(
+            TokenizerTrainConfig(output=str(tokenizer_dir), model_type="bpe", vocab_size=VOCAB,
+                                 input_sentence_size=5000, character_coverage=0.98, seed=3),
+            texts=[t for _, t in _documents(per_task=60)],
+        )
+    out = session_dir() / f"tokens-{key}"
+    pack_corpus(PackConfig(input=str(corpus.parent), output=str(out), tokenizer=str(tokenizer_dir)))
+    return out
+
+
+def run_config(name: str, preset: str = "alpha-tiny", **fields: Any) -> Path:
+    """Write a run's YAML (preset + test fields) into a fresh run dir; return the YAML path."""
+    data = yaml.safe_load((ROOT / "deploy" / "presets" / "pretrain" / f"{preset}.yaml").read_text())
+    run = session_dir() / "runs" / name
+    run.mkdir(parents=True, exist_ok=False)
+    defaults = {"data": str(packed_tokens()), "output": str(run), "progress_bar": False,
+                "model_overrides": {"vocab_size": VOCAB, "max_seq_len": 64}, "seq_len": 64}
+    for key, value in {**defaults, **fields}.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    path = run / "train.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    return path
+
+
+def cli(config: Path, *args: str, **popen: Any) -> subprocess.Popen:
+    """`python -m pangu_model.train --config CONFIG` in its own process group."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pangu_model.train", "--config", str(config), *args],
+        cwd=ROOT, env=env, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen,
+    )
+
+
+def run_cli(config: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    proc = cli(config, *args)
+    out, _ = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")

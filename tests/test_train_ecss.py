@@ -1,0 +1,76 @@
+"""ECSS: host-resident experts, only routed experts fetched and updated, same losses as without ECSS."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pangu_model.ecss import HostExpertBank
+from pangu_model.train import Trainer, load_train_config
+from tests.test_train_common import packed_tokens, run_config
+
+
+def _trainer(name: str, **fields) -> Trainer:
+    return Trainer(load_train_config(run_config(name, "sigma-tiny", export=False, checkpoint_every=0, **fields)))
+
+
+def test_only_routed_experts_are_fetched_and_updated() -> None:
+    trainer = _trainer("ecss-routed", ecss=True, train_steps=2, optimizer={"lr": 1e-2, "warmup_steps": 0})
+    try:
+        ecss = trainer.ecss
+        assert ecss is not None and len(ecss.banks) == 2
+        assert all(isinstance(layer.experts, HostExpertBank) for layer in ecss.layers.values())
+        # Experts are no parameters of the engine's model: DeepSpeed never sees them.
+        assert not any(".experts." in n for n, _ in trainer.engine.module.named_parameters())
+        batch = trainer._micro_batch()
+        domain = int(batch["domain_ids"][0, 0])
+        batch["domain_ids"].fill_(domain)  # one domain: only its 2 of the 8 experts are routed
+        trainer._micro_batch = lambda: batch
+        before = {name: {k: t.clone() for k, t in bank.host.items()} for name, bank in ecss.banks.items()}
+        trainer.run()
+        for name, bank in ecss.banks.items():
+            routed = ecss.last_fetched[name]
+            assert routed and set(routed) <= {2 * domain, 2 * domain + 1}, routed
+            for key, tensor in bank.host.items():
+                for expert in range(bank.num_experts):
+                    same = torch.equal(tensor[expert], before[name][key][expert])
+                    if expert in routed:
+                        assert key.startswith("b_") or not same, (name, key, expert)
+                    else:
+                        assert same, (name, key, expert)  # bit-identical: never fetched, never stepped
+            # Adam states exist only for the routed experts, with their own step counts.
+            state = ecss.state_dict()[f"{name}.w_in"]
+            assert [int(s) for s in state["step"]] == [2 if e in routed else 0 for e in range(bank.num_experts)]
+        assert bank.device_weights == {}  # released after the host update
+    finally:
+        trainer.close()
+
+
+def test_ecss_gives_the_same_losses_as_experts_on_the_device() -> None:
+    """One domain, so every step routes to every expert and the dense Adam and the lazy host Adam do
+    the same maths; clipping off because ECSS clips experts by their own norm (ecss.py docstring)."""
+    data = str(packed_tokens(("web",)))
+    losses = {}
+    for ecss in (False, True):
+        trainer = _trainer(f"ecss-equal-{ecss}", ecss=ecss, train_steps=6, data=data,
+                           model_overrides={"num_domains": 1, "experts_per_domain": 2},
+                           optimizer={"lr": 3e-3, "warmup_steps": 2, "grad_clip": 0.0})
+        try:
+            losses[ecss] = trainer.run()["losses"]
+            if ecss:
+                assert all(len(v) == 2 for v in trainer.ecss.last_fetched.values())
+        finally:
+            trainer.close()
+    assert losses[True][0] == losses[False][0]  # same init, same first forward
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5), losses
+    assert losses[True][-1] < losses[True][0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory needs CUDA")
+def test_host_buffers_are_pinned_on_cuda() -> None:
+    trainer = _trainer("ecss-pinned", ecss=True, train_steps=1)
+    try:
+        for bank in trainer.ecss.banks.values():
+            assert all(t.is_pinned() for t in bank.host.values())
+        trainer.run()
+    finally:
+        trainer.close()
