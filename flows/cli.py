@@ -46,10 +46,31 @@ def _model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from evaluation.harness import EvalConfig, run_evaluation
+
+    config = EvalConfig(checkpoint=args.checkpoint, tokenizer=args.tokenizer, tasks=args.tasks,
+                        data_dir=args.data_dir, output=args.output, shots=args.shots, limit=args.limit,
+                        seed=args.seed, oracle=args.oracle, device=args.device)
+
+    def progress(task: str, done: int, total: int) -> None:
+        print(f"\r{task}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    run_evaluation(config, progress=progress if sys.stderr.isatty() else None)
+    print(f"results: {args.output}/results.json\nreport:  {args.output}/report.md", file=sys.stderr)
+    return 0
+
+
 def _corpus_build(args: argparse.Namespace) -> int:
     from flows.corpus import build_from_cli
 
     return build_from_cli(args)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from flows.pretrain import pretrain_from_cli
+
+    return pretrain_from_cli(args)
 
 
 def _tokenizer(handler_name: str) -> Handler:
@@ -118,6 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_model_info)
 
+    p = groups.add_parser("eval", help="zero-/few-shot evaluation on Chinese tasks (PanGu-α protocol)")
+    p.add_argument("--checkpoint", help="checkpoint dir (model.safetensors + config.json)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: found next to the checkpoint)")
+    p.add_argument("--tasks", default="all", help="comma-separated tasks or groups: all, paper, fewclue, extra, ppl, gen")
+    p.add_argument("--data-dir", required=True, help="directory with the public datasets (FewCLUE, C3, CMRC2018, ...)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--shots", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="seeded random subset of this many examples per task")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--oracle", action="store_true", help="score with the gold labels (sanity check)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(handler=_eval)
+
     corpus = groups.add_parser("corpus", help="build a cleaned, filtered, deduplicated corpus")
     corpus_cmds = corpus.add_subparsers(dest="command", required=True)
     p = corpus_cmds.add_parser("build", help="run the corpus flow")
@@ -128,6 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-runner", choices=["threads", "processes"], default="threads")
     p.add_argument("--dask-address", default=None, help="run shards on an existing Dask cluster")
     p.set_defaults(handler=_corpus_build)
+
+    p = groups.add_parser("pretrain", help="run the pretrain flow: DeepSpeed training of a preset, resumable")
+    p.add_argument("--preset", default="sigma-tiny", help="alpha-tiny, sigma-tiny, alpha-350m, sigma-1t or a YAML path")
+    p.add_argument("--data", default="runs/tokens", help="packed token dir, or a root of versions (newest is used)")
+    p.add_argument("--output", required=True, help="run dir: checkpoints/, export/, metrics; the same dir resumes")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's train_steps)")
+    p.add_argument("--nodes", type=int, default=1, help="servers; > 1 uses the deepspeed launcher and a hostfile")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node (one process on a CPU machine)")
+    p.add_argument("--hostfile", default=None, help="DeepSpeed hostfile (default: generated, node-000 ...)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a TrainConfig field (dotted keys, YAML values), e.g. optimizer.lr=3e-4")
+    p.set_defaults(handler=_pretrain)
     return parser
 
 

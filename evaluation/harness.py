@@ -1,0 +1,264 @@
+"""Run tasks with zero-, one- or few-shot prompts and collect a results dict.
+
+Few-shot: for every evaluated example, K demonstrations are drawn from the task's train split with a
+generator seeded by (seed, task, example id): the same seed gives the same prompts. The
+demonstrations are the gold-filled templates, joined by `separator` and followed by it. When the
+evaluated split is the train split itself (C3 here), the example is never its own demonstration.
+
+`limit` evaluates a seeded random subset of that many examples (FewCLUE files are sorted by label, so
+the first N would all share one label).
+
+Scorers: `ModelScorer` (a model and its tokenizer) and `OracleScorer` (reads the gold label: the
+harness, templates and metrics must then reach 100 %).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import zlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import metrics
+from .loaders import DataNotFound, clear_cache
+from .scoring import EOT_ID, NEWLINE_ID, VARIANTS, CandidateScore, generate_ids, rank, score_candidates, truncate_left
+from .tasks import Item, Task, chance_level, resolve_tasks
+
+PRIMARY_VARIANT = "mean_token"
+
+
+class Scorer(Protocol):
+    name: str
+
+    def score(self, context: str, item: Item) -> list[CandidateScore]: ...
+
+    def generate(self, context: str, item: Item, task: Task, seed: int) -> str: ...
+
+
+class OracleScorer:
+    """Reads the gold answer: a correct harness must give 100 % on every task."""
+
+    name = "oracle"
+
+    def score(self, context: str, item: Item) -> list[CandidateScore]:
+        return [CandidateScore(loss=0.0 if i == item.gold else 1.0, tokens=1, chars=1, greedy=i == item.gold)
+                for i in range(len(item.candidates))]
+
+    def generate(self, context: str, item: Item, task: Task, seed: int) -> str:
+        return item.answers[0]
+
+
+class ModelScorer:
+    """Perplexity ranking and generation with a PanguModel and a PanguTokenizer."""
+
+    name = "model"
+
+    def __init__(self, model, tokenizer, *, share_prefix: bool = True, min_shared: int = 16,
+                 max_new_tokens: int | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.share_prefix = share_prefix
+        self.min_shared = min_shared
+        self.max_new_tokens = max_new_tokens
+        self._encode = lru_cache(maxsize=200_000)(lambda text: tuple(tokenizer.encode(text)) if text else ())
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._encode(text))
+
+    def score(self, context: str, item: Item) -> list[CandidateScore]:
+        prefix = [EOT_ID, *self.encode(context)]
+        texts = [self.encode(c) for c in item.candidates]
+        return score_candidates(self.model, prefix, texts, [len(c) for c in item.candidates],
+                                share_prefix=self.share_prefix, min_shared=self.min_shared)
+
+    def generate(self, context: str, item: Item, task: Task, seed: int) -> str:
+        settings = dict(task.decoding or {})
+        max_new = self.max_new_tokens or task.max_new_tokens
+        room = max(self.model.config.max_seq_len - max_new, 1)
+        prompt = truncate_left([EOT_ID, *self.encode(context), *self.encode(item.prompt)], room)
+        new = generate_ids(self.model, prompt, max_new, seed=seed, stop_ids=(EOT_ID, NEWLINE_ID), **settings)
+        return self.tokenizer.decode(new, skip_special_tokens=True).split("\n")[0].strip()
+
+
+def _rng(seed: int, *parts: object) -> random.Random:
+    return random.Random(zlib.crc32("\x1f".join(str(p) for p in (seed, *parts)).encode("utf-8")))
+
+
+@dataclass
+class TaskRun:
+    """Everything one task produced: the summary and the per-example predictions."""
+
+    summary: dict[str, Any]
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_task(
+    task: Task,
+    scorer: Scorer,
+    data_dir: str,
+    *,
+    shots: int = 0,
+    seed: int = 1234,
+    limit: int | None = None,
+    split: str = "eval",
+    separator: str = "\n",
+    progress: Callable[[str, int, int], None] | None = None,
+) -> TaskRun:
+    started = time.perf_counter()
+    base: dict[str, Any] = {
+        "task": task.name, "title": task.title, "method": task.method, "metric": task.metric,
+        "template": task.template, "candidates": task.candidates, "extra": task.extra, "shots": shots,
+        "seed": seed, "reference": task.reference, "notes": task.notes,
+    }
+    if task.method == "gen":
+        base["decoding"] = {**(task.decoding or {}), "max_new_tokens": task.max_new_tokens, "stop": ["<eot>", "\\n"]}
+    try:
+        data = task.load(data_dir, split, seed)
+    except DataNotFound as exc:
+        return TaskRun({**base, "status": "not_found", "message": str(exc)})
+    items = data.items
+    if limit is not None and limit < len(items):
+        chosen = sorted(_rng(seed, task.name, "limit").sample(range(len(items)), limit))
+        items = [items[i] for i in chosen]
+    if not items:
+        return TaskRun({**base, "status": "empty", "message": f"no labelled examples in {data.path}"})
+
+    train: list[Item] = []
+    if shots > 0:
+        try:
+            train_data = task.load(data_dir, "train", seed)
+        except DataNotFound as exc:
+            return TaskRun({**base, "status": "not_found", "message": f"{shots}-shot needs a train split: {exc}"})
+        train = train_data.items
+        same_split = train_data.path == data.path
+
+    predictions: list[dict[str, Any]] = []
+    correct = {v: 0 for v in VARIANTS}
+    totals: dict[str, float] = {}
+    for index, item in enumerate(items):
+        context = ""
+        if shots > 0:
+            pool = [d for d in train if not (same_split and d.id == item.id)]
+            demos = _rng(seed, task.name, "shots", item.id).sample(pool, min(shots, len(pool)))
+            context = separator.join(d.demo for d in demos) + separator
+        if task.method == "ppl":
+            scores = scorer.score(context, item)
+            picked = rank(scores)
+            for v in VARIANTS:
+                correct[v] += int(picked[v] == item.gold)
+            predictions.append({
+                "id": item.id, "gold": item.gold, "pred": picked[PRIMARY_VARIANT], "pred_by": picked,
+                "loss": [round(s.loss, 5) for s in scores], "tokens": [s.tokens for s in scores],
+                "chars": [s.chars for s in scores], **({"labels": item.meta["labels"]} if "labels" in item.meta else {}),
+            })
+        else:
+            text = scorer.generate(context, item, task, zlib.crc32(f"{seed}\x1f{task.name}\x1f{item.id}".encode()))
+            per = metrics.generation_scores(task.metric, item.answers, text)
+            for key, value in per.items():
+                totals[key] = totals.get(key, 0.0) + value
+            predictions.append({"id": item.id, "prediction": text, "answers": item.answers, **per})
+        if progress is not None:
+            progress(task.name, index + 1, len(items))
+
+    n = len(items)
+    summary: dict[str, Any] = {**base, "status": "ok", "n": n, "n_available": len(data.items), "split": data.split,
+                               "file": data.path}
+    if task.method == "ppl":
+        variants = {v: {"acc": round(100.0 * correct[v] / n, 4)} for v in VARIANTS}
+        summary.update(
+            scores={"acc": variants[PRIMARY_VARIANT]["acc"]},
+            primary_variant=PRIMARY_VARIANT,
+            ppl_variants=variants,
+            chance={"published": task.chance, "expected": round(chance_level(task, items), 4)},
+            mean_candidates=round(sum(len(i.candidates) for i in items) / n, 4),
+        )
+    else:
+        summary.update(scores={k: round(100.0 * v / n, 4) for k, v in totals.items()},
+                       chance={"published": 0.0, "expected": 0.0})
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    return TaskRun(summary, predictions)
+
+
+def evaluate(
+    scorer: Scorer,
+    tasks: str | Sequence[str],
+    data_dir: str,
+    *,
+    shots: int = 0,
+    seed: int = 1234,
+    limit: int | None = None,
+    split: str = "eval",
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """(results dict, task → per-example predictions). Tasks whose data is missing are reported with
+    status `not_found` and their message; they do not stop the others."""
+    results: dict[str, Any] = {
+        "meta": {"scorer": scorer.name, "data_dir": str(data_dir), "shots": shots, "seed": seed, "limit": limit,
+                 "split": split, "primary_variant": PRIMARY_VARIANT, "variants": list(VARIANTS)},
+        "tasks": {},
+    }
+    predictions: dict[str, list[dict[str, Any]]] = {}
+    clear_cache()  # list the data directory afresh
+    for task in resolve_tasks(tasks):
+        run = run_task(task, scorer, data_dir, shots=shots, seed=seed, limit=limit, split=split, progress=progress)
+        results["tasks"][task.name] = run.summary
+        predictions[task.name] = run.predictions
+    return results, predictions
+
+
+class EvalConfig(BaseModel):
+    """`pangu eval` / the evaluate flow's parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str | None = Field(None, description="checkpoint dir (model.safetensors + config.json); None with oracle")
+    tokenizer: str | None = Field(None, description="tokenizer dir; default: found next to the checkpoint")
+    tasks: str = Field("all", description="comma-separated task or group names (all, paper, fewclue, extra, ppl, gen)")
+    data_dir: str = Field(..., description="directory (any fsspec URI) holding the public datasets")
+    output: str = Field(..., description="where results.json, report.md and predictions/ go")
+    shots: int = Field(0, ge=0)
+    seed: int = 1234
+    limit: int | None = Field(None, ge=1, description="evaluate a seeded random subset of this many examples per task")
+    split: str = Field("eval", pattern="^(eval|train|dev|test)$")
+    oracle: bool = Field(False, description="score with the gold labels (sanity check: 100 %)")
+    share_prefix: bool = Field(True, description="run the candidates' shared prefix once (KV cache)")
+    min_shared: int = Field(16, ge=0, description="share only prefixes of at least this many tokens")
+    device: str = "cpu"
+    dtype: str | None = Field(None, description="float32, bfloat16 or float16 (default: as stored)")
+
+
+def run_evaluation(config: EvalConfig, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Load, evaluate, write `results.json`, `report.md` and `predictions/<task>.jsonl`; return the results."""
+    from .report import write_outputs
+
+    if config.oracle:
+        scorer: Scorer = OracleScorer()
+        model_meta: dict[str, Any] = {}
+    else:
+        if not config.checkpoint:
+            raise ValueError("give a checkpoint (or oracle=True)")
+        import torch
+
+        from .model_io import find_tokenizer, load_for_eval
+
+        dtype = getattr(torch, config.dtype) if config.dtype else None
+        model, tok = load_for_eval(config.checkpoint, config.tokenizer, config.device, dtype)
+        scorer = ModelScorer(model, tok, share_prefix=config.share_prefix, min_shared=config.min_shared)
+        model_meta = {"checkpoint": str(config.checkpoint), "tokenizer": str(find_tokenizer(config.checkpoint, config.tokenizer)),
+                      "model": model.config.name, "vocab_size": model.config.vocab_size,
+                      "max_seq_len": model.config.max_seq_len}
+    started = time.perf_counter()
+    results, predictions = evaluate(scorer, config.tasks, config.data_dir, shots=config.shots, seed=config.seed,
+                                    limit=config.limit, split=config.split, progress=progress)
+    results["meta"].update(model_meta, seconds=round(time.perf_counter() - started, 3))
+    write_outputs(results, predictions, Path(config.output))
+    return results
+
+
+__all__ = ["EvalConfig", "ModelScorer", "OracleScorer", "PRIMARY_VARIANT", "TaskRun", "evaluate", "run_evaluation",
+           "run_task"]

@@ -1,0 +1,101 @@
+"""results.json and a markdown report, with the PanGu-α reference numbers and chance levels beside ours."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.md"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, dict):
+        return " / ".join(_fmt(v) for v in value.values())
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def _metric_label(summary: dict[str, Any]) -> str:
+    return {"acc": "acc", "em_f1": "EM / F1", "rouge1": "ROUGE-1"}[summary["metric"]]
+
+
+def _ours(summary: dict[str, Any]) -> str:
+    scores = summary.get("scores") or {}
+    if summary["metric"] == "em_f1":
+        return f"{scores.get('em', 0):.2f} / {scores.get('f1', 0):.2f}"
+    return _fmt(next(iter(scores.values()), None))
+
+
+def markdown_report(results: dict[str, Any]) -> str:
+    meta = results.get("meta", {})
+    lines = ["# Evaluation report", ""]
+    described = {k: meta[k] for k in ("scorer", "checkpoint", "model", "tokenizer", "data_dir", "shots", "seed", "limit",
+                                      "split", "primary_variant", "seconds") if k in meta}
+    lines += [f"- **{k}**: {v}" for k, v in described.items()]
+    lines += ["", "Scores in %. PPL tasks rank candidates by the lowest mean token loss over the filled template.",
+              "PanGu-α columns: the paper's zero-shot results (SPEC §6) on the datasets' own evaluation sets; ours",
+              "run on the split shown (FewCLUE `test_public`, C3 `train` and CMRC2018 `trial` where only those exist).",
+              "Chance: the expected accuracy of a scorer that ignores the input (mean 1/candidates).", ""]
+    lines += ["| task | method | metric | split | n | ours | PanGu-α 2.6B | PanGu-α 13B | chance | seconds |",
+              "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    missing = []
+    for name, s in results.get("tasks", {}).items():
+        if s.get("status") != "ok":
+            missing.append((name, s.get("message", s.get("status"))))
+            continue
+        ref = s.get("reference") or {}
+        chance = (s.get("chance") or {}).get("expected")
+        title = f"{s['title']}{' (extra)' if s.get('extra') else ''}"
+        lines.append(
+            f"| {title} | {s['method']} | {_metric_label(s)} | {s.get('split', '')} | {s.get('n', 0)} | {_ours(s)} | "
+            f"{_fmt(ref.get('PanGu-α 2.6B'))} | {_fmt(ref.get('PanGu-α 13B'))} | {_fmt(chance)} | {_fmt(s.get('seconds'))} |"
+        )
+    ppl = [(n, s) for n, s in results.get("tasks", {}).items() if s.get("status") == "ok" and s["method"] == "ppl"]
+    if ppl:
+        lines += ["", "## Perplexity ranking: the three normalisations", "",
+                  "`mean_token`: loss / tokens (primary); `char_norm`: loss / characters (lm-eval `acc_norm` style); "
+                  "`sum`: summed loss (lm-eval `acc`).", "",
+                  "| task | mean_token | char_norm | sum | candidates (mean) | candidates |", "|---|---:|---:|---:|---:|---|"]
+        for name, s in ppl:
+            v = s["ppl_variants"]
+            lines.append(f"| {s['title']} | {v['mean_token']['acc']:.2f} | {v['char_norm']['acc']:.2f} | "
+                         f"{v['sum']['acc']:.2f} | {s.get('mean_candidates', 0):.2f} | {s['candidates']} |")
+    gen = [(n, s) for n, s in results.get("tasks", {}).items() if s.get("status") == "ok" and s["method"] == "gen"]
+    if gen:
+        lines += ["", "## Generation settings", "", "| task | decoding |", "|---|---|"]
+        for name, s in gen:
+            lines.append(f"| {s['title']} | {json.dumps(s.get('decoding', {}), ensure_ascii=False)} |")
+    lines += ["", "## Templates", "", "| task | template |", "|---|---|"]
+    for name, s in results.get("tasks", {}).items():
+        template = s["template"].replace("\n", "\\n")
+        lines.append(f"| {s['title']} | `{template}` |")
+    if missing:
+        lines += ["", "## Not evaluated", ""] + [f"- **{n}**: {m}" for n, m in missing]
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_outputs(results: dict[str, Any], predictions: dict[str, list[dict[str, Any]]], output: Path) -> Path:
+    output.mkdir(parents=True, exist_ok=True)
+    pred_dir = output / "predictions"
+    pred_dir.mkdir(exist_ok=True)
+    for task, rows in predictions.items():
+        if rows:
+            _write_atomic(pred_dir / f"{task}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    _write_atomic(output / RESULTS_FILE, json.dumps(results, ensure_ascii=False, indent=2) + "\n")
+    _write_atomic(output / REPORT_FILE, markdown_report(results))
+    return output
+
+
+__all__ = ["REPORT_FILE", "RESULTS_FILE", "markdown_report", "write_outputs"]

@@ -1,0 +1,325 @@
+"""The task registry: the 16 PanGu-α tasks of SPEC §6 (PD&CFT counted as one, registered as `pd` and
+`cft`) plus three FewCLUE tasks outside the paper ("extra": BUSTM, CSLDCP, EPRSTMT).
+
+Each task names its loader, its template, how the candidates are built, the scoring method
+(`ppl`: perplexity ranking, `gen`: generation), the metric, the decoding settings and the chance level.
+A task turns loader records into `Item`s:
+
+- ppl: `candidates` = the filled template once per candidate (the text that is scored), `gold` = index;
+- gen: `prompt` = the filled template, `answers` = the gold answers.
+
+`Item.demo` is how the item reads as an in-context demonstration (the gold candidate, or the prompt
+followed by the first answer).
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from . import loaders
+
+Method = Literal["ppl", "gen"]
+
+
+@dataclass
+class Item:
+    id: str
+    candidates: list[str] | None = None
+    gold: int | None = None
+    prompt: str | None = None
+    answers: list[str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def demo(self) -> str:
+        if self.candidates is not None:
+            return self.candidates[self.gold]
+        return f"{self.prompt}{self.answers[0]}"
+
+
+@dataclass
+class TaskData:
+    items: list[Item]
+    split: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    title: str
+    method: Method
+    metric: Literal["acc", "em_f1", "rouge1"]
+    template: str
+    candidates: str  # how the candidates are built (documentation, copied into results.json)
+    load: Callable[[str, str, int], TaskData]  # (data_dir, split, seed) -> items
+    chance: float | None = None  # published chance level, % (None: data-dependent or 0 for generation)
+    decoding: dict[str, Any] | None = None
+    max_new_tokens: int = 32
+    extra: bool = False  # not one of the paper's 16
+    reference: dict[str, Any] | None = None  # PanGu-α zero-shot, SPEC §6
+    notes: str = ""
+
+
+def _seeded(seed: int, *parts: object) -> random.Random:
+    key = "\x1f".join(str(p) for p in (seed, *parts))
+    return random.Random(zlib.crc32(key.encode("utf-8")))
+
+
+def _with_distractors(gold: str, labels: list[str], k: int, rng: random.Random) -> tuple[list[str], int]:
+    """gold + k random other labels, shuffled; returns the candidates and the gold index."""
+    others = [label for label in labels if label != gold]
+    chosen = rng.sample(others, min(k, len(others))) + [gold]
+    rng.shuffle(chosen)
+    return chosen, chosen.index(gold)
+
+
+# --------------------------------------------------------------------------------------------------
+# classification and multiple choice (perplexity)
+def _topic_loader(task: str, template: str, label_of: Callable[[dict[str, Any], dict[str, str]], str],
+                  text_of: Callable[[dict[str, Any]], str], distractors: int = 3):
+    def load(data_dir: str, split: str, seed: int) -> TaskData:
+        records, located = loaders.load_clue(task, data_dir, split)
+        names = loaders.tnews_label_names(located) if task == "tnews" else {}
+        labels = list(dict.fromkeys(loaders.label_file_names(located, task)))
+        # The label space: every label seen in the labelled splits found (and the label files).
+        for other in ("eval", "train"):
+            try:
+                more, _ = loaders.load_clue(task, data_dir, other)
+            except loaders.DataNotFound:
+                continue
+            labels += [label_of(r, names) for r in more]
+        labels += [label_of(r, names) for r in records]
+        labels = sorted(set(labels))
+        items = []
+        for index, record in enumerate(records):
+            gold_label = label_of(record, names)
+            rng = _seeded(seed, task, record.get("id", index), index)
+            chosen, gold = _with_distractors(gold_label, labels, distractors, rng)
+            text = text_of(record)
+            items.append(Item(id=str(record.get("id", index)), gold=gold,
+                              candidates=[template.replace("$label", c).replace("$passage", text) for c in chosen],
+                              meta={"labels": chosen}))
+        return TaskData(items, located.split, located.path)
+
+    return load
+
+
+def _fixed_loader(task: str, verbalise: Callable[[dict[str, Any], str], str], label_words: dict[str, str],
+                  label_key: str = "label"):
+    """Tasks with a fixed verbaliser: one candidate per label word, in the order of `label_words`."""
+
+    def load(data_dir: str, split: str, seed: int) -> TaskData:
+        records, located = loaders.load_clue(task, data_dir, split)
+        keys = list(label_words)
+        items = []
+        for index, record in enumerate(records):
+            label = str(record.get(label_key, "")).strip()
+            if label not in label_words:
+                continue  # CMNLI/OCNLI "-" (no gold), unlabelled test files
+            items.append(Item(id=str(record.get("id", index)), gold=keys.index(label),
+                              candidates=[verbalise(record, label_words[k]) for k in keys]))
+        return TaskData(items, located.split, located.path)
+
+    return load
+
+
+def _nli_text(record: dict[str, Any], word: str) -> str:
+    return f"{record['sentence1']}?{word}，{record['sentence2']}"
+
+
+def _pair_text(record: dict[str, Any], word: str) -> str:
+    return f"下面两个句子语义{word}：{record['sentence1']}。{record['sentence2']}"
+
+
+def _csl_text(record: dict[str, Any], word: str) -> str:
+    keywords = record["keyword"] if isinstance(record["keyword"], str) else "、".join(record["keyword"])
+    return f"摘要：{record['abst']}，关键词：{keywords}{word}真实关键词"
+
+
+def _wsc_text(record: dict[str, Any], word: str) -> str:
+    target = record["target"]
+    return f"{record['text']}\n这里的“{target['span2_text']}”指的是“{target['span1_text']}”吗？{word}"
+
+
+def _eprstmt_text(record: dict[str, Any], word: str) -> str:
+    return f"这是一条{word}：{record['sentence']}"
+
+
+def _load_chid(data_dir: str, split: str, seed: int) -> TaskData:
+    records, located = loaders.load_clue("chid", data_dir, split)
+    items = []
+    for index, record in enumerate(records):
+        content = record["content"]
+        items.append(Item(id=str(record.get("id", index)), gold=int(record["answer"]),
+                          candidates=[content.replace("#idiom#", c, 1) for c in record["candidates"]]))
+    return TaskData(items, located.split, located.path)
+
+
+def _load_c3(data_dir: str, split: str, seed: int) -> TaskData:
+    records, located = loaders.load_c3(data_dir, split)
+    items = [Item(id=r["id"], gold=r["label"], candidates=[
+        f"问: {r['question']}\n答:{choice}\n该答案来自对话: {r['passage']}" for choice in r["choices"]])
+        for r in records]
+    return TaskData(items, located.split, located.path)
+
+
+def _load_cmrc2019(data_dir: str, split: str, seed: int, before: int = 200, after: int = 60) -> TaskData:
+    records, located = loaders.load_cmrc2019(data_dir, split)
+    items = [Item(id=r["id"], gold=r["label"], candidates=[
+        f"{r['before'][-before:]}{choice}{r['after'][:after]}" for choice in r["choices"]]) for r in records]
+    return TaskData(items, located.split, located.path)
+
+
+# --------------------------------------------------------------------------------------------------
+# generation
+READING = "阅读文章：$Document\n问：$Question\n答："
+
+
+def _reading_loader(kind: str):
+    def load(data_dir: str, split: str, seed: int) -> TaskData:
+        if kind == "dureader":
+            records, located = loaders.load_dureader(data_dir, split)
+        else:
+            records, located = loaders.load_squad(kind, data_dir, split)
+        items = [Item(id=r["id"], prompt=READING.replace("$Document", r["context"]).replace("$Question", r["question"]),
+                      answers=r["answers"]) for r in records]
+        return TaskData(items, located.split, located.path)
+
+    return load
+
+
+def _load_webqa(data_dir: str, split: str, seed: int) -> TaskData:
+    records, located = loaders.load_webqa(data_dir, split)
+    items = [Item(id=r["id"], prompt=f"问：{r['question']}\n答：", answers=r["answers"]) for r in records]
+    return TaskData(items, located.split, located.path)
+
+
+def _cloze_loader(name: str):
+    def load(data_dir: str, split: str, seed: int) -> TaskData:
+        records, located = loaders.load_cloze_txt(name, data_dir, split)
+        items = [Item(id=r["id"], prompt=f"{r['document']}\n{r['before']}", answers=r["answers"],
+                      meta={"after": r["after"]}) for r in records]
+        return TaskData(items, located.split, located.path)
+
+    return load
+
+
+def _ref(a26: Any, a13: Any) -> dict[str, Any]:
+    return {"PanGu-α 2.6B": a26, "PanGu-α 13B": a13}
+
+
+TOPIC = "gold + 3 other labels drawn at random (seeded per example), shuffled"
+TASKS: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    TASKS[task.name] = task
+    return task
+
+
+for _task in [
+    # --- generation ------------------------------------------------------------------------------
+    Task("cmrc2018", "CMRC2018", "gen", "em_f1", READING, "generation", _reading_loader("cmrc2018"),
+         decoding={"do_sample": True, "top_p": 0.8, "temperature": 0.8}, max_new_tokens=32,
+         reference=_ref({"em": 1.21, "f1": 16.65}, {"em": 1.46, "f1": 19.28})),
+    Task("drcd", "DRCD", "gen", "em_f1", READING, "generation", _reading_loader("drcd"),
+         decoding={"do_sample": True, "top_p": 0.8, "temperature": 0.8}, max_new_tokens=32,
+         notes="traditional characters, used as they are"),
+    Task("dureader", "DuReader", "gen", "rouge1", READING, "generation", _reading_loader("dureader"),
+         decoding={"do_sample": True, "top_p": 0.9, "temperature": 0.7}, max_new_tokens=64,
+         notes="passage: the most related paragraph of the first selected document"),
+    Task("webqa", "WebQA", "gen", "em_f1", "问：$Question\n答：", "generation (closed book)", _load_webqa,
+         decoding={"do_sample": True, "top_k": 5, "temperature": 1.0}, max_new_tokens=16,
+         reference=_ref({"em": 4.43, "f1": 13.71}, {"em": 5.13, "f1": 14.47})),
+    Task("pd", "PD (People's Daily cloze)", "gen", "acc", "$Document\n$Query-up-to-blank",
+         "generation; correct if the continuation starts with the answer", _cloze_loader("pd"),
+         decoding={"do_sample": False}, max_new_tokens=8),
+    Task("cft", "CFT (Children's Fairy Tale cloze)", "gen", "acc", "$Document\n$Query-up-to-blank",
+         "generation; correct if the continuation starts with the answer", _cloze_loader("cft"),
+         decoding={"do_sample": False}, max_new_tokens=8),
+    Task("cmrc2017", "CMRC2017", "gen", "acc", "$Document\n$Query-up-to-blank",
+         "generation; correct if the continuation starts with the answer", _cloze_loader("cmrc2017"),
+         decoding={"do_sample": False}, max_new_tokens=8),
+    # --- perplexity --------------------------------------------------------------------------------
+    Task("chid", "CHID", "ppl", "acc", "passage with the blank filled", "the 7 candidate idioms in the blank",
+         _load_chid, chance=100 / 7, reference=_ref(68.73, 70.64)),
+    Task("cmrc2019", "CMRC2019", "ppl", "acc", "200 chars before + $choice + 60 chars after the blank",
+         "every choice of the passage in the blank (other blanks removed)", _load_cmrc2019),
+    Task("cluewsc", "CLUEWSC2020", "ppl", "acc", "$text\n这里的“$span2”指的是“$span1”吗？是/否",
+         "是 (true) / 否 (false); the pronoun-replacement variant needs two nouns and CLUEWSC has one",
+         _fixed_loader("cluewsc", _wsc_text, {"true": "是", "false": "否"}), chance=50.0,
+         reference=_ref(73.36, 75.00)),
+    Task("c3", "C3", "ppl", "acc", "问: $Question\n答:$Choice\n该答案来自对话: $Passage", "the 2–4 choices",
+         _load_c3, reference=_ref(53.42, 54.47), notes="chance = mean of 1/choices"),
+    Task("cmnli", "CMNLI", "ppl", "acc", "$S1?对/或许/错，$S2", "对 entailment / 或许 neutral / 错 contradiction",
+         _fixed_loader("cmnli", _nli_text, {"entailment": "对", "neutral": "或许", "contradiction": "错"}),
+         chance=100 / 3, reference=_ref(50.20, 48.44)),
+    Task("ocnli", "OCNLI", "ppl", "acc", "$S1?对/或许/错，$S2", "对 entailment / 或许 neutral / 错 contradiction",
+         _fixed_loader("ocnli", _nli_text, {"entailment": "对", "neutral": "或许", "contradiction": "错"}),
+         chance=100 / 3, reference=_ref(42.61, 41.53)),
+    Task("tnews", "TNEWS", "ppl", "acc", "这是关于$label的文章：$passage", TOPIC,
+         _topic_loader("tnews", "这是关于$label的文章：$passage",
+                       lambda r, names: names.get(r["label_desc"], r["label_desc"]), lambda r: r["sentence"]),
+         chance=25.0, reference=_ref(60.95, 60.26), notes="label names: label_desc → Chinese (label_index2en2zh.json)"),
+    Task("iflytek", "IFLYTEK", "ppl", "acc", "这是关于$label的应用程序：$passage", TOPIC,
+         _topic_loader("iflytek", "这是关于$label的应用程序：$passage",
+                       lambda r, names: r["label_des"], lambda r: r["sentence"]),
+         chance=25.0, reference=_ref(74.26, 73.80), notes="label names from label_des"),
+    Task("afqmc", "AFQMC", "ppl", "acc", "下面两个句子语义相同/不同：$S1。$S2", "相同 (1) / 不同 (0)",
+         _fixed_loader("afqmc", _pair_text, {"1": "相同", "0": "不同"}), chance=50.0, reference=_ref(59.29, 65.76)),
+    Task("csl", "CSL", "ppl", "acc", "摘要：$passage，关键词：$keyword是/不是真实关键词",
+         "是 (1) / 不是 (0); keywords joined with 、",
+         _fixed_loader("csl", _csl_text, {"1": "是", "0": "不是"}), chance=50.0, reference=_ref(50.50, 49.30)),
+    # --- extra FewCLUE tasks (not in the paper) -----------------------------------------------------
+    Task("bustm", "BUSTM", "ppl", "acc", "下面两个句子语义相同/不同：$S1。$S2", "相同 (1) / 不同 (0), the AFQMC template",
+         _fixed_loader("bustm", _pair_text, {"1": "相同", "0": "不同"}), chance=50.0, extra=True),
+    Task("csldcp", "CSLDCP", "ppl", "acc", "这是关于$label的论文：$passage", TOPIC + " (of 67 disciplines)",
+         _topic_loader("csldcp", "这是关于$label的论文：$passage", lambda r, names: r["label"], lambda r: r["content"]),
+         chance=25.0, extra=True),
+    Task("eprstmt", "EPRSTMT", "ppl", "acc", "这是一条好评/差评：$sentence", "好评 (Positive) / 差评 (Negative)",
+         _fixed_loader("eprstmt", _eprstmt_text, {"Positive": "好评", "Negative": "差评"}), chance=50.0, extra=True),
+]:
+    register(_task)
+
+PAPER_TASKS = [name for name, task in TASKS.items() if not task.extra]
+FEWCLUE_TASKS = ["bustm", "chid", "cluewsc", "csl", "csldcp", "eprstmt", "iflytek", "ocnli", "tnews"]
+GROUPS: dict[str, list[str]] = {
+    "all": list(TASKS),
+    "paper": PAPER_TASKS,
+    "fewclue": FEWCLUE_TASKS,
+    "extra": [name for name, task in TASKS.items() if task.extra],
+    "ppl": [name for name, task in TASKS.items() if task.method == "ppl"],
+    "gen": [name for name, task in TASKS.items() if task.method == "gen"],
+}
+
+
+def resolve_tasks(spec: str | list[str] | tuple[str, ...]) -> list[Task]:
+    """Task names and group names (`all`, `paper`, `fewclue`, `extra`, `ppl`, `gen`), comma-separated or listed."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for raw in names:
+        name = raw.strip().lower()
+        if not name:
+            continue
+        expanded = GROUPS.get(name, [name])
+        for item in expanded:
+            if item not in TASKS:
+                raise KeyError(f"unknown task {item!r}; known: {', '.join(TASKS)}; groups: {', '.join(GROUPS)}")
+            if item not in out:
+                out.append(item)
+    return [TASKS[n] for n in out]
+
+
+def chance_level(task: Task, items: list[Item]) -> float | None:
+    """Expected accuracy (%) of a scorer that ignores the input: mean 1/candidates for ppl tasks."""
+    if task.method != "ppl" or not items:
+        return task.chance
+    return 100.0 * sum(1.0 / len(item.candidates) for item in items) / len(items)
+
+
+__all__ = ["FEWCLUE_TASKS", "GROUPS", "Item", "PAPER_TASKS", "TASKS", "Task", "TaskData", "chance_level",
+           "resolve_tasks"]

@@ -1,0 +1,107 @@
+"""The harness end to end: oracle at 100 %, a random model at chance, few-shot sampling, results.json
+and the markdown report written from a checkpoint directory."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from evaluation.harness import EvalConfig, ModelScorer, OracleScorer, evaluate, run_evaluation
+from evaluation.report import markdown_report
+from evaluation.scoring import VARIANTS
+from tests.test_eval_common import checkpoint_dir, loaded, require_clue
+
+AVAILABLE = ["cmrc2018", "chid", "cluewsc", "c3", "ocnli", "tnews", "iflytek", "csl", "bustm", "csldcp", "eprstmt"]
+
+
+def test_oracle_reaches_100_on_the_real_tasks() -> None:
+    clue = str(require_clue())
+    results, predictions = evaluate(OracleScorer(), "all", clue, limit=40, shots=2)
+    ok = [name for name, s in results["tasks"].items() if s["status"] == "ok"]
+    assert sorted(ok) == sorted(AVAILABLE)
+    for name in ok:
+        summary = results["tasks"][name]
+        assert summary["n"] == 40 and len(predictions[name]) == 40
+        assert all(v == 100.0 for v in summary["scores"].values()), (name, summary["scores"])
+        if summary["method"] == "ppl":
+            assert {v: summary["ppl_variants"][v]["acc"] for v in VARIANTS} == {v: 100.0 for v in VARIANTS}
+
+
+def _binomial_bound(p: float, n: int, z: float = 3.5) -> float:
+    """Half-width of the z-sigma band of an accuracy of n independent trials at chance p (z 3.5: two-sided
+    p ≈ 5e-4). Sampling 300 of a class-balanced test set adds no more than the same binomial noise for
+    a scorer that always picks one label."""
+    return z * math.sqrt(p * (1 - p) / n)
+
+
+@pytest.mark.parametrize("task,n", [("tnews", 300), ("chid", 240), ("ocnli", 300)])
+def test_random_model_lands_at_chance(task: str, n: int) -> None:
+    clue = str(require_clue())
+    model, tok = loaded()
+    results, predictions = evaluate(ModelScorer(model, tok), task, clue, limit=n, seed=11)
+    summary = results["tasks"][task]
+    chance = summary["chance"]["expected"] / 100
+    assert summary["n"] == n and chance == pytest.approx(summary["chance"]["published"] / 100, abs=1e-5)
+    bound = _binomial_bound(chance, n)
+    for variant in VARIANTS:
+        acc = summary["ppl_variants"][variant]["acc"] / 100
+        assert abs(acc - chance) <= bound, (task, variant, acc, chance, bound)
+    # the model's predictions are not constant (it ranks, it does not always take the first candidate)
+    assert len({p["pred"] for p in predictions[task]}) > 1
+
+
+class Recorder(OracleScorer):
+    def __init__(self) -> None:
+        self.contexts: dict[str, str] = {}
+
+    def score(self, context, item):
+        self.contexts[item.id] = context
+        return super().score(context, item)
+
+
+def test_few_shot_demonstrations_are_seeded_and_never_the_example() -> None:
+    clue = str(require_clue())
+    a, b, c = Recorder(), Recorder(), Recorder()
+    evaluate(a, "c3", clue, limit=30, shots=3, seed=5)
+    evaluate(b, "c3", clue, limit=30, shots=3, seed=5)
+    evaluate(c, "c3", clue, limit=30, shots=3, seed=6)
+    assert a.contexts == b.contexts and a.contexts != c.contexts
+    from evaluation.tasks import TASKS
+
+    items = {i.id: i for i in TASKS["c3"].load(clue, "eval", 5).items}
+    for item_id, context in a.contexts.items():
+        assert context.count("\n问: ") + context.startswith("问: ") == 3  # three demonstrations
+        assert items[item_id].demo not in context  # C3 is evaluated on its train split here
+    zero = Recorder()
+    evaluate(zero, "tnews", clue, limit=5)
+    assert set(zero.contexts.values()) == {""}
+
+
+def test_run_evaluation_writes_results_and_report(tmp_path) -> None:
+    clue = str(require_clue())
+    out = tmp_path / "eval"
+    config = EvalConfig(checkpoint=str(checkpoint_dir()), tasks="tnews,cmrc2018,drcd", data_dir=clue,
+                        output=str(out), shots=1, limit=12)
+    results = run_evaluation(config)
+    saved = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert saved == json.loads(json.dumps(results, ensure_ascii=False))
+    tnews, cmrc, drcd = (saved["tasks"][k] for k in ("tnews", "cmrc2018", "drcd"))
+    assert tnews["status"] == "ok" and tnews["n"] == 12 and tnews["shots"] == 1
+    assert set(tnews["ppl_variants"]) == {"mean_token", "char_norm", "sum"}
+    assert tnews["reference"] == {"PanGu-α 2.6B": 60.95, "PanGu-α 13B": 60.26}
+    assert tnews["chance"] == {"published": 25.0, "expected": 25.0}
+    assert cmrc["status"] == "ok" and set(cmrc["scores"]) == {"em", "f1"}
+    assert cmrc["decoding"]["top_p"] == 0.8 and cmrc["decoding"]["temperature"] == 0.8
+    assert drcd["status"] == "not_found" and "DRCD_dev.json" in drcd["message"]
+    assert saved["meta"]["model"] == "tiny" and saved["meta"]["shots"] == 1
+    rows = [json.loads(line) for line in (out / "predictions" / "cmrc2018.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 12 and {"prediction", "answers", "em", "f1"} <= set(rows[0])
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert report == markdown_report(saved)
+    assert "| TNEWS | ppl | acc | test_public | 12 |" in report and "| 60.95 | 60.26 | 25.00 |" in report
+    assert "1.21 / 16.65" in report and "**drcd**" in report
+    # same seed, same numbers (generation samples with a per-example seed)
+    again = run_evaluation(config.model_copy(update={"output": str(tmp_path / "again")}))
+    assert again["tasks"]["cmrc2018"]["scores"] == cmrc["scores"]
+    assert again["tasks"]["tnews"]["ppl_variants"] == tnews["ppl_variants"]
