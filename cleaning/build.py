@@ -62,14 +62,18 @@ def code_version() -> str:
 
 @dataclass
 class CorpusBuild:
+    """One corpus version. `work` (default `OUTPUT/_work`) holds the stage outputs; versions that
+    share a work directory share every cleaned shard whose content and rules did not change."""
+
     inputs: Sequence[str]
     output: str
     config: CorpusConfig
+    work: str | None = None
 
     def __post_init__(self) -> None:
         self.output = self.output.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.output)
-        self.work = f"{self.output}/_work"
+        self.work = (self.work or f"{self.output}/_work").rstrip("/")
 
     # -- plan ------------------------------------------------------------------------------
     def clean_fingerprint(self) -> str:

@@ -238,3 +238,28 @@ def test_build_reads_and_writes_fsspec_uris():
         kept = pq.read_table(fh).to_pylist()
     assert kept and kept[0]["id"] == "0-0"
     assert fs.exists("/corpus-bucket/v1/manifest.json") and fs.exists("/corpus-bucket/v1/stats.json")
+
+
+def test_refresh_builds_a_new_version_only_for_new_or_changed_inputs(raw, tmp_path):
+    from cleaning.versions import latest_version, refresh
+
+    root = str(tmp_path / "corpora")
+    first = refresh([str(raw)], root, config())
+    assert first["built"] and latest_version(root) == first["version"]
+    assert len(first["diff"]["new"]) == 3 and first["previous"] is None
+
+    again = refresh([str(raw)], root, config())
+    assert not again["built"] and again["version"] == first["version"]
+    assert len(again["diff"]["unchanged"]) == 3
+
+    write_jsonl(raw / "news" / "part-2.jsonl", [{"id": "late", "text": abstracts()[700] * 2, "domain": "news"}])
+    cleaned = {p: p.stat().st_mtime_ns for p in (tmp_path / "corpora" / "_work" / "clean").rglob("summary.json")}
+    third = refresh([str(raw)], root, config())
+    assert third["built"] and third["version"] != first["version"] and third["previous"] == first["version"]
+    assert [u.rsplit("/", 1)[-1] for u in third["diff"]["new"]] == ["part-2.jsonl"]
+    assert third["totals"]["input"] == first["totals"]["input"] + 1
+    # Only the new shard was cleaned; the old version stays readable beside the new one.
+    assert {p: p.stat().st_mtime_ns for p in cleaned} == cleaned
+    assert len(list((tmp_path / "corpora" / "_work" / "clean").rglob("summary.json"))) == len(cleaned) + 1
+    assert (tmp_path / "corpora" / first["version"] / "manifest.json").exists()
+    assert latest_version(root) == third["version"]
