@@ -5,15 +5,14 @@ Data is read from ../shared/data/clue (tests/realtext.CLUE), never copied into t
 """
 from __future__ import annotations
 
-import atexit
 import json
 import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import pytest
 
+from tests import scratch
 from tests.realtext import CLUE
 
 VOCAB = 2000
@@ -25,15 +24,8 @@ def require_clue() -> Path:
     return CLUE
 
 
-_ROOT: Path | None = None
-
-
 def session_dir() -> Path:
-    global _ROOT
-    if _ROOT is None:
-        _ROOT = Path(tempfile.mkdtemp(prefix="pangu-eval-tests-"))
-        atexit.register(shutil.rmtree, _ROOT, True)
-    return _ROOT
+    return scratch.session_dir("eval")
 
 
 def clue_texts() -> list[str]:

@@ -5,17 +5,15 @@ test session (cached here, not in a conftest, so the tokenizer tests stay self-c
 """
 from __future__ import annotations
 
-import atexit
 import json
-import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-CLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "clue"
+from tests import scratch
+from tests.realtext import CLUE
 
 # FewCLUE task → (text fields, corpus domain). The domains use Table 4 names and corpus aliases.
 TASKS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -88,15 +86,8 @@ def edge_texts() -> list[str]:
     ]
 
 
-_ROOT: Path | None = None
-
-
 def session_dir() -> Path:
-    global _ROOT
-    if _ROOT is None:
-        _ROOT = Path(tempfile.mkdtemp(prefix="pangu-tokenizer-tests-"))
-        atexit.register(shutil.rmtree, _ROOT, True)
-    return _ROOT
+    return scratch.session_dir("tokenizer")
 
 
 def write_corpus(directory: Path, docs: list[tuple[str | None, str | None]], shards: int = 2) -> Path:

@@ -7,13 +7,10 @@ where a test needs to kill or signal them.
 """
 from __future__ import annotations
 
-import atexit
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -22,22 +19,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from tests import scratch
+from tests.realtext import CLUE
+
 ROOT = Path(__file__).resolve().parents[1]
-CLUE = ROOT.parent / "shared" / "data" / "clue"
 # FewCLUE task → (text field, domain). Domain ids are assigned in name order by the packer:
 # ebooks 0, news 1, public_datasets 2, web 3 — the four domains of the sigma-tiny preset.
 TASKS = {"chid": ("content", "ebooks"), "tnews": ("sentence", "news"),
          "csl": ("abst", "public_datasets"), "iflytek": ("sentence", "web")}
 VOCAB = 2000
-_ROOT: Path | None = None
-
-
 def session_dir() -> Path:
-    global _ROOT
-    if _ROOT is None:
-        _ROOT = Path(tempfile.mkdtemp(prefix="pangu-train-tests-"))
-        atexit.register(shutil.rmtree, _ROOT, True)
-    return _ROOT
+    return scratch.session_dir("train")
 
 
 def _documents(per_task: int) -> list[tuple[str, str]]:
