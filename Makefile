@@ -34,3 +34,9 @@ test: assets
 
 clean:
 	rm -rf $(OUTPUT) build *.egg-info
+
+# A local Prefect server (127.0.0.1:4200, state in .prefect/), the deployments of
+# deploy/prefect.yaml on the `pangu` process pool, and a worker in the foreground (Ctrl-C stops both).
+.PHONY: serve
+serve: install
+	PREFECT=$(CURDIR)/$(BIN)/prefect deploy/serve.sh

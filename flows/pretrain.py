@@ -1,0 +1,481 @@
+"""The `pretrain` flow: runs the training program (`python -m pangu_model.train`) under a launcher.
+
+Thin: `pangu_model.train` trains, checkpoints, resumes and exports; `deploy.topology` writes the
+hostfile and the launcher flags. This module picks the packed token version, builds the command
+(one process; `torchrun` for several local ranks; the `deepspeed` launcher and a generated hostfile
+for several nodes), streams the job's output into the Prefect run, turns a failed rank or a
+preemption into a failed flow run with a clear message, and publishes the results as artifacts and
+as an asset (`file://…/export/model.safetensors`).
+
+Overrides are `TrainConfig` fields with dotted keys (`{"optimizer.lr": 3e-4, "seq_len": 64}`), the
+same as the training program's `--set key=value`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_MODULE = "pangu_model.train"
+PREEMPTED_EXIT_CODES = (143, -signal.SIGTERM)  # the trainer's own 128 + SIGTERM, or killed by it
+TAIL_LINES = 40  # kept for the result line
+ERROR_TAIL_LINES = 12  # quoted in a failure message
+_CAUSE = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[\w.]+)(?:Error|Exception|Interrupt)\b.*)$")
+LOSS_TABLE_ROWS = 100
+PROGRESS_EVERY_S = 30.0
+STOP_GRACE_S = 120.0  # SIGTERM → the trainer finishes its step and checkpoints; then SIGKILL
+# Launcher variables a flow run may have inherited; a one-process run must start a world of its own.
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class TrainingFailed(RuntimeError):
+    """The launcher or a rank exited non-zero; the message names the exit code and the last lines."""
+
+
+class TrainingPreempted(TrainingFailed):
+    """SIGTERM: the trainer checkpointed and exited 143; a rerun with the same output resumes."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and command
+# ---------------------------------------------------------------------------------------------
+def resolve_data(data: str | os.PathLike[str]) -> tuple[Path, str]:
+    """A packed token dir (has domains.json), or the newest version under a root of versions.
+
+    Returns the directory and a sentence saying which one was picked and why.
+    """
+    root = Path(data).expanduser().resolve()
+    if (root / "domains.json").is_file():
+        return root, f"packed tokens {root}"
+    if not root.is_dir():
+        raise FileNotFoundError(f"data {str(data)!r}: no such directory (expected a packed token dir with "
+                                "domains.json, or a root of versions such as runs/tokens/<version>/)")
+    versions = [p for p in root.iterdir() if p.is_dir() and (p / "domains.json").is_file()]
+    if not versions:
+        raise FileNotFoundError(f"data {str(data)!r} has no domains.json and no version subdirectory with one: "
+                                "not a packed token dir (`pangu tokenizer pack` / `pangu tokenizer run` write one)")
+    versions.sort(key=lambda p: ((p / "domains.json").stat().st_mtime_ns, p.name))
+    newest = versions[-1]
+    others = f", newest of {len(versions)} versions" if len(versions) > 1 else ""
+    return newest, f"packed tokens version {newest.name} under {root}{others}"
+
+
+def local_devices() -> int:
+    """Visible CUDA devices (0 on a CPU machine)."""
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - a broken CUDA setup means: run on the CPU
+        return 0
+
+
+def _set_args(values: dict[str, Any]) -> list[str]:
+    """`--set key=value` pairs; JSON is YAML, so every value reads back exactly as given."""
+    args: list[str] = []
+    for key, value in values.items():
+        args += ["--set", f"{key}={json.dumps(value, ensure_ascii=False)}"]
+    return args
+
+
+@dataclass
+class Launch:
+    """One training job: the command, its environment, and what it will be."""
+
+    argv: list[str]
+    launcher: str  # python, torchrun or deepspeed
+    world_size: int
+    nodes: int
+    env: dict[str, str] = field(default_factory=dict)
+    hostfile: str | None = None
+    note: str | None = None  # a choice the caller should hear about
+
+    def describe(self) -> str:
+        return " ".join(self.argv)
+
+
+def build_launch(
+    preset: str,
+    data: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    steps: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    nodes: int = 1,
+    gpus_per_node: int = 8,
+    hostfile: str | None = None,
+    expert_parallel: int = 1,
+    devices: int | None = None,
+) -> Launch:
+    """The command line for a run. `devices`: visible GPUs on this node (default: asked of torch).
+
+    * one node, no hostfile: one process on a CPU machine (world size 1) or with one GPU;
+      `torchrun --standalone --nproc_per_node K` for K = min(gpus_per_node, visible GPUs) > 1;
+    * several nodes (or a hostfile): `deepspeed` with `deploy.topology.launcher_args` and a hostfile
+      written into the run's output dir (generated from `nodes × gpus_per_node`, or the given one).
+    """
+    from deploy.topology import ClusterSpec, ParallelPlan, launcher_args, write_hostfile
+
+    output = Path(output)
+    preset_arg = str(Path(preset).resolve()) if Path(preset).suffix and Path(preset).exists() else preset
+    values: dict[str, Any] = {"data": str(data), "output": str(output)}
+    if steps is not None:
+        values["train_steps"] = int(steps)
+    values.update(overrides or {})
+    program = ["--config", preset_arg, *_set_args(values)]
+    env = {"PYTHONUNBUFFERED": "1"}
+    bin_dir = Path(sys.executable).parent
+
+    if hostfile is not None or nodes > 1:
+        if hostfile is not None:
+            cluster = ClusterSpec.from_hostfile(hostfile)
+            if nodes > 1 and cluster.nodes != nodes:
+                raise ValueError(f"--nodes {nodes} but hostfile {hostfile} lists {cluster.nodes} hosts")
+        else:
+            cluster = ClusterSpec(nodes=nodes, gpus_per_node=gpus_per_node)
+        written = write_hostfile(cluster, output / "hostfile")
+        deepspeed = str(bin_dir / "deepspeed") if (bin_dir / "deepspeed").exists() else "deepspeed"
+        argv = [deepspeed, *launcher_args(cluster, ParallelPlan(expert=expert_parallel), written),
+                "--module", TRAIN_MODULE, *program]
+        return Launch(argv, "deepspeed", cluster.world_size, cluster.nodes, env, str(written))
+
+    devices = local_devices() if devices is None else devices
+    ranks = min(gpus_per_node, devices) if devices > 0 else 1
+    note = None
+    if devices == 0 and gpus_per_node > 1:
+        note = f"no GPU visible: one CPU process (gpus_per_node {gpus_per_node} applies to GPU nodes)"
+    elif 0 < devices < gpus_per_node:
+        note = f"gpus_per_node {gpus_per_node} but {devices} GPU(s) visible: {ranks} local rank(s)"
+    if ranks <= 1:
+        return Launch([sys.executable, "-m", TRAIN_MODULE, *program], "python", 1, 1, env, note=note)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+            "-m", TRAIN_MODULE, *program]
+    return Launch(argv, "torchrun", ranks, 1, env, note=note)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the job
+# ---------------------------------------------------------------------------------------------
+def parse_result(lines: list[str] | deque[str]) -> dict[str, Any] | None:
+    """The training program's final JSON line (`{"status": …, "step": …}`), if it printed one."""
+    for line in reversed(list(lines)):
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict) and "status" in value:
+                return value
+    return None
+
+
+def read_metrics_csv(output: str | os.PathLike[str]) -> list[dict[str, float]]:
+    """Rows of the trainer's metrics.csv (step, loss, …, tokens_per_s) found under `output`."""
+    output = Path(output)
+    path = output / "metrics.csv"
+    if not path.is_file():
+        found = sorted(output.rglob("metrics.csv")) if output.is_dir() else []
+        if not found:
+            return []
+        path = found[0]
+    rows = []
+    with open(path, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if None in row or None in row.values():
+                continue  # a row being written
+            try:
+                rows.append({k: float(v) for k, v in row.items()})
+            except ValueError:
+                continue
+    return rows
+
+
+def last_metrics_row(output: str | os.PathLike[str]) -> dict[str, float] | None:
+    """The last complete row of output/metrics.csv, reading only the file's header and tail."""
+    path = Path(output) / "metrics.csv"
+    try:
+        with open(path, "rb") as fh:
+            header = fh.readline().decode("utf-8").strip().split(",")
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 4096))
+            lines = fh.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        values = line.strip().split(",")
+        if len(values) == len(header) and values != header:
+            try:
+                return dict(zip(header, map(float, values)))
+            except ValueError:
+                continue
+    return None
+
+
+def sample_rows(rows: list[dict[str, Any]], limit: int = LOSS_TABLE_ROWS) -> list[dict[str, Any]]:
+    """At most `limit` rows, evenly spaced, first and last included."""
+    if len(rows) <= limit:
+        return list(rows)
+    picks = sorted({round(i * (len(rows) - 1) / (limit - 1)) for i in range(limit)})
+    return [rows[i] for i in picks]
+
+
+def latest_checkpoint(output: str | os.PathLike[str]) -> str | None:
+    pointer = Path(output) / "checkpoints" / "latest"
+    return pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+
+
+def failure_cause(lines: list[str] | deque[str]) -> str | None:
+    """The last `SomeError: message` line of a traceback (rank prefixes removed)."""
+    for line in reversed(list(lines)):
+        match = _CAUSE.match(line.strip())
+        if match:
+            return match.group(1)
+    return None
+
+
+def _pump(stream: Any, lines: queue.Queue) -> None:
+    for line in iter(stream.readline, ""):
+        lines.put(line.rstrip("\n"))
+    lines.put(None)
+
+
+def _stop(proc: subprocess.Popen, logger: Any) -> None:
+    """SIGTERM the job's process group (the trainer checkpoints), SIGKILL after a grace period."""
+    if proc.poll() is not None:
+        return
+    logger.warning("stopping the training job (SIGTERM to process group %d; it checkpoints first)", proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+@task(name="train", task_run_name="train-{launch.launcher}-{launch.world_size}", cache_policy=NO_CACHE)
+def run_training(launch: Launch, output: str, total_steps: int) -> dict[str, Any]:
+    """Runs the job, streaming every output line into this run's logs; fails on a non-zero exit."""
+    logger = get_run_logger()
+    env = {k: v for k, v in os.environ.items() if not (launch.launcher == "python" and k in _DIST_VARS)}
+    env.update(launch.env)
+    logger.info("launching %s (%d rank%s on %d node%s): %s", launch.launcher, launch.world_size,
+                "s" if launch.world_size != 1 else "", launch.nodes, "s" if launch.nodes != 1 else "",
+                launch.describe())
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    started = time.monotonic()
+    proc = subprocess.Popen(launch.argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1,
+                            start_new_session=True)  # its own group: a stop reaches every rank
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
+    reader.start()
+    next_progress = started + PROGRESS_EVERY_S
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=1.0)
+            except queue.Empty:
+                line = ""
+            if line is None:
+                break
+            if line:
+                tail.append(line)
+                logger.info("%s", line)
+            if time.monotonic() >= next_progress:
+                next_progress = time.monotonic() + PROGRESS_EVERY_S
+                last = last_metrics_row(output)
+                if last:
+                    logger.info("progress: step %d/%d, loss %.4f, %.0f tokens/s", last.get("step", 0), total_steps,
+                                last.get("loss", float("nan")), last.get("tokens_per_s", 0.0))
+        code = proc.wait()
+    finally:
+        _stop(proc, logger)
+        reader.join(timeout=5)
+    seconds = time.monotonic() - started
+    result = parse_result(tail)
+    last_lines = "\n".join(list(tail)[-ERROR_TAIL_LINES:])
+    if code in PREEMPTED_EXIT_CODES:
+        tag = latest_checkpoint(output)
+        raise TrainingPreempted(
+            f"training was preempted (SIGTERM; {launch.launcher} exit code {code}) after {seconds:.0f}s: "
+            f"a checkpoint was written ({Path(output) / 'checkpoints' / (tag or 'latest')}); rerun with the same "
+            f"output ({output}) to resume from it.\nLast lines:\n{last_lines}")
+    if code != 0:
+        who = "the training process" if launch.launcher == "python" else f"{launch.launcher} (a rank failed)"
+        cause = failure_cause(tail)
+        raise TrainingFailed(f"training failed: {who} exited with code {code} after {seconds:.0f}s"
+                             f"{': ' + cause if cause else ''}\nLast lines:\n{last_lines}")
+    if result is None:
+        raise TrainingFailed(f"training exited 0 but printed no result line.\nLast lines:\n{last_lines}")
+    result["seconds"] = seconds
+    logger.info("training %s at step %s in %.0fs", result["status"], result.get("step"), seconds)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing
+# ---------------------------------------------------------------------------------------------
+def _record_model(path: str, metadata: dict[str, Any]) -> dict[str, Any]:
+    from prefect.assets import add_asset_metadata
+
+    info = {**metadata, "bytes": Path(path).stat().st_size}
+    add_asset_metadata(Path(path).resolve().as_uri(), info)
+    return info
+
+
+def record_model_asset(model_file: Path, data_dir: Path, metadata: dict[str, Any]) -> str | None:
+    """Materialise `file://…/model.safetensors` (upstream: the packed data) as a Prefect asset."""
+    from prefect.assets import Asset, AssetProperties, materialize
+
+    logger = get_run_logger()
+    key = model_file.resolve().as_uri()
+    try:
+        asset = Asset(key=key, properties=AssetProperties(
+            name=f"{metadata.get('preset', 'pretrain')} model", description="exported PanGu weights (safetensors)"))
+        upstream = [Asset(key=(data_dir / "domains.json").resolve().as_uri())]
+    except ValueError as exc:  # a path with characters an asset key may not hold
+        from prefect.events import emit_event
+
+        logger.warning("%s is not a valid asset key (%s): emitting a plain event instead", key, exc)
+        emit_event("pangu.model.exported", resource={"prefect.resource.id": f"pangu.model.{metadata.get('preset')}"},
+                   payload={"path": str(model_file), **metadata})
+        return None
+    record = materialize(asset, by="deepspeed", asset_deps=upstream, name="record-model",
+                         cache_policy=NO_CACHE)(_record_model)
+    record(str(model_file), metadata)
+    return key
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def publish(preset: str, config: Any, data_dir: Path, data_note: str, output: Path, result: dict[str, Any],
+            launch: Launch, resumed_from: str | None) -> dict[str, Any]:
+    rows = read_metrics_csv(output)
+    final_loss = rows[-1]["loss"] if rows else None
+    recent = [r["tokens_per_s"] for r in rows[-20:] if r.get("tokens_per_s", 0) > 0]
+    tokens_per_s = sum(recent) / len(recent) if recent else None
+    export = result.get("export")
+    model_file = Path(export) / "model.safetensors" if export else None
+    checkpoint = output / "checkpoints" / (latest_checkpoint(output) or "")
+    lines = [
+        f"# Pretrain `{preset}` (model `{config.model}`)",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| status | {result.get('status')} at step {result.get('step')} of {config.train_steps} |",
+        f"| final loss | {_fmt(final_loss, '.4f')} |",
+        f"| tokens/s | {_fmt(tokens_per_s, ',.0f')} (mean of the last {len(recent)} steps, all ranks) |",
+        f"| wall time | {result.get('seconds', 0):.0f} s |",
+        f"| launcher | {launch.launcher}, {launch.world_size} rank(s) on {launch.nodes} node(s) |",
+        f"| data | `{data_dir}` ({data_note}) |",
+        f"| checkpoint dir | `{checkpoint}` |",
+        f"| export dir | `{export}` |",
+        f"| resumed from | {resumed_from or 'no checkpoint (fresh run)'} |",
+        "",
+        f"Command: `{launch.describe()}`",
+    ]
+    create_markdown_artifact(key="pretrain-summary", markdown="\n".join(lines),
+                             description=f"pretrain {preset}: result, throughput, where the outputs are")
+    if rows:
+        fields = ("step", "loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s")
+        table = [{k: (int(r[k]) if k == "step" else round(r[k], 6)) for k in fields if k in r} for r in sample_rows(rows)]
+        create_table_artifact(key="pretrain-loss", table=table,
+                              description=f"loss curve ({len(table)} of {len(rows)} steps) from {output}/metrics.csv")
+    asset = None
+    if model_file is not None and model_file.is_file():
+        create_link_artifact(key="pretrain-model", link=model_file.resolve().as_uri(),
+                             link_text=str(model_file), description=f"exported {preset} model (safetensors)")
+        asset = record_model_asset(model_file, data_dir, {
+            "preset": preset, "model": config.model, "step": result.get("step"), "final_loss": final_loss,
+            "data": str(data_dir)})
+    return {"final_loss": final_loss, "tokens_per_s": tokens_per_s, "asset": asset,
+            "model": str(model_file) if model_file else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# The flow
+# ---------------------------------------------------------------------------------------------
+@flow(name="pretrain", log_prints=True)
+def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str = "runs/pretrain",
+             steps: int | None = None, nodes: int = 1, gpus_per_node: int = 8, hostfile: str | None = None,
+             overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Pretrain PanGu-α / PanGu-Σ from a preset with DeepSpeed; a rerun with the same output resumes."""
+    from pangu_model.train import load_train_config
+
+    logger = get_run_logger()
+    data_dir, data_note = resolve_data(data)
+    logger.info("data: %s", data_note)
+    out = Path(output).expanduser().resolve()
+    fields: dict[str, Any] = {"data": str(data_dir), "output": str(out), **(overrides or {})}
+    if steps is not None:
+        fields["train_steps"] = steps
+    try:
+        config = load_train_config(preset, fields)
+    except ValueError as exc:  # pydantic's ValidationError is one
+        raise ValueError(f"pretrain preset {preset!r} with {fields}: invalid config:\n{exc}") from exc
+    out.mkdir(parents=True, exist_ok=True)
+    resumed_from = latest_checkpoint(out)
+    if resumed_from:
+        logger.info("output %s has checkpoint %s: the trainer resumes from it (same output = resume)", out,
+                    resumed_from)
+    else:
+        logger.info("output %s has no checkpoint: fresh run of %d steps", out, config.train_steps)
+    launch = build_launch(preset, data_dir, out, steps, overrides, nodes=nodes, gpus_per_node=gpus_per_node,
+                          hostfile=hostfile, expert_parallel=config.expert_parallel)
+    if launch.note:
+        logger.info("%s", launch.note)
+    if launch.hostfile:
+        logger.info("hostfile for %d nodes written to %s", launch.nodes, launch.hostfile)
+    result = run_training(launch, str(out), config.train_steps)
+    published = publish(preset, config, data_dir, data_note, out, result, launch, resumed_from)
+    summary = {"preset": preset, "status": result["status"], "step": result.get("step"), "data": str(data_dir),
+               "output": str(out), "export": result.get("export"), "launcher": launch.launcher,
+               "world_size": launch.world_size, "resumed_from": resumed_from, **published}
+    logger.info("pretrain %s: step %s, final loss %s, export %s", preset, summary["step"],
+                _fmt(summary["final_loss"], ".4f"), summary["export"])
+    return summary
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def pretrain_from_cli(args: argparse.Namespace) -> int:
+    state = pretrain(preset=args.preset, data=args.data, output=args.output, steps=args.steps, nodes=args.nodes,
+                     gpus_per_node=args.gpus_per_node, hostfile=args.hostfile, overrides=_parse_set(args.set),
+                     return_state=True)
+    if not state.is_completed():
+        print(f"pretrain {args.preset}: {state.name}: {state.message}", file=sys.stderr)
+        return 143 if state.message and "preempted" in state.message else 1
+    result = state.result()
+    print(json.dumps(result, indent=2, ensure_ascii=False), file=sys.stderr)
+    return 0

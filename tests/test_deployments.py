@@ -1,0 +1,139 @@
+"""deploy/prefect.yaml against a REAL Prefect server: deploy, then `prefect deployment run pretrain/sigma
+--watch` while a `prefect worker start --pool pangu --run-once` runs it to completion.
+
+Everything listens on and talks to 127.0.0.1 only; the server's SQLite lives in a tmp PREFECT_HOME.
+Every wait is bounded, and the server and the worker are killed (process groups) in teardown.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from tests.test_train_common import VOCAB, packed_tokens
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+POOL = "pangu"
+
+
+def _free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _kill_group(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=grace)
+    except ProcessLookupError:
+        pass
+
+
+def _get(url: str, timeout: float = 2.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - 127.0.0.1 only
+        return response.read()
+
+
+def _post(url: str, body: dict, timeout: float = 5.0) -> object:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - 127.0.0.1 only
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A `prefect server start` subprocess on a free 127.0.0.1 port; yields the env for child commands."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PYTHONUNBUFFERED="1",
+               # deploy/prefect.yaml's pull step is `{{ $PWD }}`, read by `prefect deploy` from its environment
+               PWD=str(ROOT))
+    log = open(home / "server.log", "w")
+    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if json.loads(_get(f"{api}/health")) is True:
+                    break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"server not healthy ({server.poll()}):\n{(home / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield {"env": env, "api": api, "home": home}
+    finally:
+        _kill_group(server)
+        log.close()
+
+
+def _prefect(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_deploy_and_run_sigma_with_a_run_once_worker(prefect_server, tmp_path):
+    env, api = prefect_server["env"], prefect_server["api"]
+    tokens = packed_tokens()
+    started = time.monotonic()
+
+    created = _prefect(["work-pool", "create", POOL, "--type", "process"], env, timeout=60)
+    assert created.returncode == 0, created.stdout + created.stderr
+    deployed = _prefect(["--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml"], env, timeout=120)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    listed = _prefect(["deployment", "ls"], env, timeout=60)
+    assert "pretrain/alpha" in listed.stdout and "pretrain/sigma" in listed.stdout, listed.stdout
+    inspected = _prefect(["deployment", "inspect", "pretrain/sigma"], env, timeout=60).stdout
+    assert f"'directory': '{ROOT}'" in inspected, inspected  # {{ $PWD }} resolved at deploy time
+
+    output = tmp_path / "sigma"
+    overrides = {"seq_len": 64, "model_overrides": {"vocab_size": VOCAB, "max_seq_len": 64}, "progress_bar": False}
+    run = worker = None
+    try:
+        run = subprocess.Popen(
+            [PREFECT, "deployment", "run", "pretrain/sigma", "--watch", "--watch-timeout", "150",
+             "--param", f"data={tokens}", "--param", f"output={output}", "--param", "steps=3",
+             "--param", f"overrides={json.dumps(overrides)}"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        # A --run-once worker polls once: start it when the run is scheduled.
+        deadline = time.monotonic() + 60
+        while _post(f"{api}/flow_runs/count", {}) < 1:
+            assert run.poll() is None, run.stdout.read()
+            assert time.monotonic() < deadline, "no flow run was created"
+            time.sleep(0.5)
+        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", POOL, "--run-once", "--limit", "1"],
+                                  cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  start_new_session=True)
+        out, _ = run.communicate(timeout=180)
+        worker_out, _ = worker.communicate(timeout=60)
+    finally:
+        _kill_group(run)
+        _kill_group(worker)
+    assert run.returncode == 0, f"{out[-4000:]}\n--- worker ---\n{worker_out[-4000:]}"
+    assert "Completed" in out
+    assert (output / "export" / "model.safetensors").is_file(), worker_out[-4000:]
+    assert (output / "export" / "config.json").is_file()
+    assert len((output / "metrics.csv").read_text().splitlines()) == 1 + 3
+    assert worker.returncode == 0, worker_out[-3000:]
+    assert time.monotonic() - started < 240

@@ -1,0 +1,204 @@
+"""The `pretrain` flow on a real Prefect API: tiny presets end to end, artifacts, resume, failures,
+the packed-data version it picks, and the launch commands for one process, local ranks and nodes."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.pretrain import (Launch, build_launch, last_metrics_row, parse_result, read_metrics_csv, resolve_data,
+                            run_training, sample_rows)
+from tests.test_train_common import VOCAB, packed_tokens
+
+# The tiny presets on the session's tiny tokenizer: short rows, a small vocabulary.
+TINY = {"seq_len": 64, "model_overrides": {"vocab_size": VOCAB, "max_seq_len": 64}, "progress_bar": False}
+
+
+@pytest.fixture(scope="module")
+def tokens() -> Path:
+    return packed_tokens()
+
+
+def _artifacts(flow_run_id) -> dict:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+    return {a.key: a for a in asyncio.run(read())}
+
+
+def _table(artifact) -> list[dict]:
+    return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+
+
+@pytest.mark.parametrize("preset", ["alpha-tiny", "sigma-tiny"])
+def test_flow_trains_exports_and_publishes(prefect_api, tokens, tmp_path, preset):
+    from pangu_model import load_checkpoint
+
+    from flows.pretrain import pretrain
+
+    out = tmp_path / preset
+    state = pretrain(preset=preset, data=str(tokens), output=str(out), steps=3, overrides=TINY, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["status"] == "completed" and result["step"] == 3 and result["launcher"] == "python"
+    model = out / "export" / "model.safetensors"
+    assert model.is_file() and result["model"] == str(model)
+    assert result["asset"] == model.resolve().as_uri()
+    assert load_checkpoint(out / "export").config.vocab_size == VOCAB
+    assert result["final_loss"] == pytest.approx(read_metrics_csv(out)[-1]["loss"])
+
+    found = _artifacts(state.state_details.flow_run_id)
+    assert {"pretrain-summary", "pretrain-loss", "pretrain-model"} <= set(found)
+    summary = found["pretrain-summary"].data
+    for text in (preset, "final loss", "tokens/s", str(out / "checkpoints"), str(out / "export")):
+        assert text in summary, text
+    table = _table(found["pretrain-loss"])
+    assert [row["step"] for row in table] == [1, 2, 3] and all(row["loss"] > 0 for row in table)
+    assert str(model) in found["pretrain-model"].data
+
+
+def test_rerun_with_the_same_output_resumes(prefect_api, tokens, tmp_path):
+    from flows.pretrain import pretrain
+
+    out = tmp_path / "resume"
+    first = pretrain(preset="alpha-tiny", data=str(tokens), output=str(out), steps=2, overrides=TINY)
+    assert first["resumed_from"] is None
+    again = pretrain(preset="alpha-tiny", data=str(tokens), output=str(out), steps=4, overrides=TINY)
+    assert again["resumed_from"] == "step00000002" and again["step"] == 4
+    assert [int(r["step"]) for r in read_metrics_csv(out)] == [1, 2, 3, 4]
+
+
+def test_a_failing_rank_fails_the_flow_with_the_exit_code(prefect_api, tokens, tmp_path):
+    from flows.pretrain import pretrain
+
+    state = pretrain(preset="sigma-tiny", data=str(tokens), output=str(tmp_path / "bad"), steps=2,
+                     overrides={**TINY, "init_from": str(tmp_path / "no-such-checkpoint")}, return_state=True)
+    assert state.is_failed()
+    assert "training failed: the training process exited with code 1" in state.message
+    assert "FileNotFoundError" in state.message and "no-such-checkpoint" in state.message
+
+
+def test_two_local_ranks_run_under_torchrun_and_a_failed_rank_fails_the_flow(prefect_api, tokens, tmp_path,
+                                                                           monkeypatch):
+    """Two CPU ranks (gloo) stand in for two GPUs: torchrun launches them; a rank's error fails the flow."""
+    import flows.pretrain
+    from flows.pretrain import pretrain
+
+    monkeypatch.setattr(flows.pretrain, "local_devices", lambda: 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ok = pretrain(preset="alpha-tiny", data=str(tokens), output=str(tmp_path / "ddp"), steps=2, gpus_per_node=2,
+                  overrides=TINY)
+    assert ok["launcher"] == "torchrun" and ok["world_size"] == 2 and ok["step"] == 2
+    assert Path(ok["model"]).is_file()
+
+    state = pretrain(preset="alpha-tiny", data=str(tokens), output=str(tmp_path / "ddp-bad"), steps=2,
+                     gpus_per_node=2, overrides={**TINY, "init_from": str(tmp_path / "missing")}, return_state=True)
+    assert state.is_failed()
+    assert "torchrun (a rank failed) exited with code 1" in state.message, state.message
+
+
+def test_an_invalid_override_fails_before_launching(prefect_api, tokens, tmp_path):
+    from flows.pretrain import pretrain
+
+    state = pretrain(preset="alpha-tiny", data=str(tokens), output=str(tmp_path / "invalid"),
+                     overrides={"zero_stage": 7}, return_state=True)
+    assert state.is_failed() and "invalid config" in state.message and "zero_stage" in state.message
+    assert not (tmp_path / "invalid").exists()
+
+
+def test_data_without_domains_json_fails_the_flow(prefect_api, tmp_path):
+    from flows.pretrain import pretrain
+
+    (tmp_path / "raw" / "v1").mkdir(parents=True)
+    (tmp_path / "raw" / "v1" / "part-00000.bin").write_bytes(b"")
+    state = pretrain(preset="alpha-tiny", data=str(tmp_path / "raw"), output=str(tmp_path / "out"),
+                     return_state=True)
+    assert state.is_failed() and "domains.json" in state.message and "not a packed token dir" in state.message
+
+
+def test_preemption_says_a_checkpoint_was_written_and_a_rerun_resumes(prefect_api, tmp_path):
+    """Exit 143 (the trainer after SIGTERM): a failed run whose message tells how to resume."""
+    from prefect import flow
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step00000007")
+    launch = Launch([sys.executable, "-c", "import sys; print('saving checkpoint'); sys.exit(143)"], "python", 1, 1)
+
+    @flow
+    def preempted():
+        return run_training(launch, str(tmp_path), 10)
+
+    state = preempted(return_state=True)
+    assert state.is_failed()
+    for text in ("preempted", "exit code 143", "step00000007", "rerun with the same output"):
+        assert text in state.message, text
+
+
+# ---- no Prefect run needed ------------------------------------------------------------------------
+def test_resolve_data_picks_the_newest_version(tmp_path, tokens):
+    assert resolve_data(tokens)[0] == tokens.resolve()
+    root = tmp_path / "tokens"
+    for age, name in ((300, "b-old"), (100, "a-new"), (200, "c-mid")):
+        (root / name).mkdir(parents=True)
+        (root / name / "domains.json").write_text("{}")
+        os.utime(root / name / "domains.json", (time.time() - age, time.time() - age))
+    (root / "z-incomplete").mkdir()  # packing in progress: no domains.json yet
+    path, note = resolve_data(str(root))
+    assert path == (root / "a-new").resolve()
+    assert "a-new" in note and "newest of 3 versions" in note
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        resolve_data(tmp_path / "missing")
+
+
+def test_launch_commands(tmp_path):
+    common = dict(preset="sigma-tiny", data="/d", output=tmp_path, steps=5, overrides={"optimizer.lr": 3e-4})
+    one = build_launch(**common, devices=0)
+    assert one.launcher == "python" and one.world_size == 1
+    assert one.argv[:3] == [sys.executable, "-m", "pangu_model.train"]
+    assert one.argv[3:] == ["--config", "sigma-tiny", "--set", 'data="/d"', "--set", f'output="{tmp_path}"',
+                            "--set", "train_steps=5", "--set", "optimizer.lr=0.0003"]
+
+    local = build_launch(**common, gpus_per_node=2, devices=8)
+    assert local.launcher == "torchrun" and local.world_size == 2
+    assert local.argv[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+
+    nodes = build_launch(**common, nodes=2, gpus_per_node=8, devices=0)
+    assert nodes.launcher == "deepspeed" and nodes.world_size == 16 and nodes.hostfile == str(tmp_path / "hostfile")
+    assert (tmp_path / "hostfile").read_text() == "node-000 slots=8\nnode-001 slots=8\n"
+    args = nodes.argv
+    assert args[args.index("--hostfile") + 1] == str(tmp_path / "hostfile")
+    assert args[args.index("--num_nodes") + 1] == "2" and args[args.index("--master_addr") + 1] == "node-000"
+    assert args[args.index("--module") + 1] == "pangu_model.train"
+
+    given = tmp_path / "given"
+    given.write_text("gpu-a slots=4\ngpu-b slots=4\ngpu-c slots=4\n")
+    from_file = build_launch(**common, hostfile=str(given), expert_parallel=4, devices=0)
+    assert from_file.world_size == 12 and from_file.nodes == 3
+    assert from_file.argv[from_file.argv.index("--master_addr") + 1] == "gpu-a"
+    with pytest.raises(ValueError, match="lists 3 hosts"):
+        build_launch(**common, nodes=2, hostfile=str(given), devices=0)
+
+
+def test_result_line_and_loss_sampling(tmp_path):
+    lines = ["[INFO] starting", '{"status": "completed", "step": 3, "export": "/x"}', "bye", "{not json}"]
+    assert parse_result(lines) == {"status": "completed", "step": 3, "export": "/x"}
+    assert parse_result(["no result"]) is None
+    rows = [{"step": float(i)} for i in range(1, 1001)]
+    sample = sample_rows(rows)
+    assert len(sample) == 100 and sample[0]["step"] == 1 and sample[-1]["step"] == 1000
+    assert sample_rows(rows[:7]) == rows[:7]
+
+    rows_text = "".join(f"{i},{10 - i / 1000:.4f},300\n" for i in range(1, 2001))
+    (tmp_path / "metrics.csv").write_text("step,loss,tokens_per_s\n" + rows_text + "2001,9.")  # row being written
+    assert last_metrics_row(tmp_path) == {"step": 2000, "loss": 8.0, "tokens_per_s": 300}
+    assert len(read_metrics_csv(tmp_path)) == 2000 and last_metrics_row(tmp_path / "none") is None
