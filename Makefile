@@ -7,6 +7,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SAMPLE ?= data/sample
 OUTPUT ?= runs
+# Public evaluation datasets (FewCLUE, C3, CMRC2018 layouts); evaluation is skipped without them.
+EVAL_DATA ?= ../shared/data/clue
 
 .PHONY: install assets sample run test bench clean
 
@@ -25,9 +27,9 @@ assets: install
 sample: assets
 	$(BIN)/pangu data fetch-sample $(SAMPLE)
 
+# The whole pipeline on the sample corpus: corpus → tokenizer → PanGu-Σ sigma-tiny on CPU → evaluation.
 run: sample
-	$(BIN)/pangu corpus build $(SAMPLE) --output $(OUTPUT)/corpus
-	$(BIN)/pangu tokenizer run --corpus $(OUTPUT)/corpus --output $(OUTPUT)
+	$(BIN)/pangu pipeline $(SAMPLE) --root $(OUTPUT) --preset sigma-tiny --eval-data $(EVAL_DATA)
 
 test: assets
 	$(BIN)/python -m pytest

@@ -7,6 +7,7 @@ and the final shards are redone, since a new document can duplicate an old one).
 from __future__ import annotations
 
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import fsspec
@@ -37,28 +38,47 @@ def input_diff(previous: dict[str, Any] | None, shards: Sequence[InputShard]) ->
     }
 
 
-def refresh(inputs: Sequence[str], root: str, config: CorpusConfig, executor: Executor | None = None,
-            log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
-    """Build `ROOT/<version>` if the inputs or config changed since `LATEST`; returns a summary."""
+@dataclass(frozen=True)
+class RefreshPlan:
+    version: str  # the build key of the current inputs and config
+    previous: str | None  # the version LATEST named before
+    output: str  # ROOT/<version>
+    work: str  # ROOT/_work, shared by every version
+    current: bool  # ROOT/<version> is already built
+    diff: dict[str, list[str]]
+
+
+def plan_refresh(inputs: Sequence[str], root: str, config: CorpusConfig) -> RefreshPlan:
     root = root.rstrip("/")
     work = f"{root}/_work"
     probe = CorpusBuild(inputs, root, config, work=work)
     shards = probe.plan()
     version = probe.run_key(shards)
-    previous_version = latest_version(root)
-    previous = read_json(f"{root}/{previous_version}/manifest.json") if previous_version else None
-    diff = input_diff(previous, shards)
+    previous = latest_version(root)
+    manifest = read_json(f"{root}/{previous}/manifest.json") if previous else None
     output = f"{root}/{version}"
     fs, path = fsspec.core.url_to_fs(f"{output}/manifest.json")
-    if fs.exists(path):
-        log(f"corpus version {version} is current: nothing to build")
-        manifest = read_json(f"{output}/manifest.json")
-        built = False
+    return RefreshPlan(version, previous, output, work, fs.exists(path), input_diff(manifest, shards))
+
+
+def mark_latest(root: str, plan: RefreshPlan) -> None:
+    write_json_atomic(f"{root.rstrip('/')}/{LATEST}", {"version": plan.version, "previous": plan.previous})
+
+
+def refresh(inputs: Sequence[str], root: str, config: CorpusConfig, executor: Executor | None = None,
+            log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+    """Build `ROOT/<version>` if the inputs or config changed since `LATEST`; returns a summary."""
+    plan = plan_refresh(inputs, root, config)
+    if plan.current:
+        log(f"corpus version {plan.version} is current: nothing to build")
+        manifest = read_json(f"{plan.output}/manifest.json")
     else:
-        log(f"building corpus version {version}: {len(diff['new'])} new, {len(diff['changed'])} changed, "
-            f"{len(diff['unchanged'])} unchanged, {len(diff['removed'])} removed inputs")
-        manifest = run_local(CorpusBuild(inputs, output, config, work=work), executor, log)
-        built = True
-    write_json_atomic(f"{root}/{LATEST}", {"version": version, "previous": previous_version})
-    return {"version": version, "previous": previous_version, "output": output, "built": built,
-            "diff": diff, "totals": manifest["totals"]}
+        log(f"building corpus version {plan.version}: {describe_diff(plan.diff)}")
+        manifest = run_local(CorpusBuild(inputs, plan.output, config, work=plan.work), executor, log)
+    mark_latest(root, plan)
+    return {"version": plan.version, "previous": plan.previous, "output": plan.output, "built": not plan.current,
+            "diff": plan.diff, "totals": manifest["totals"]}
+
+
+def describe_diff(diff: dict[str, list[str]]) -> str:
+    return ", ".join(f"{len(diff[k])} {k}" for k in ("new", "changed", "unchanged", "removed")) + " inputs"

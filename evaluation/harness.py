@@ -230,6 +230,7 @@ class EvalConfig(BaseModel):
     min_shared: int = Field(16, ge=0, description="share only prefixes of at least this many tokens")
     device: str = "cpu"
     dtype: str | None = Field(None, description="float32, bfloat16 or float16 (default: as stored)")
+    domain: int | None = Field(None, ge=0, description="PanGu-Σ: evaluate this domain id's sub-model")
 
 
 def run_evaluation(config: EvalConfig, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
@@ -247,11 +248,11 @@ def run_evaluation(config: EvalConfig, progress: Callable[[str, int, int], None]
         from .model_io import find_tokenizer, load_for_eval
 
         dtype = getattr(torch, config.dtype) if config.dtype else None
-        model, tok = load_for_eval(config.checkpoint, config.tokenizer, config.device, dtype)
+        model, tok = load_for_eval(config.checkpoint, config.tokenizer, config.device, dtype, config.domain)
         scorer = ModelScorer(model, tok, share_prefix=config.share_prefix, min_shared=config.min_shared)
         model_meta = {"checkpoint": str(config.checkpoint), "tokenizer": str(find_tokenizer(config.checkpoint, config.tokenizer)),
                       "model": model.config.name, "vocab_size": model.config.vocab_size,
-                      "max_seq_len": model.config.max_seq_len}
+                      "max_seq_len": model.config.max_seq_len, "domain": config.domain}
     started = time.perf_counter()
     results, predictions = evaluate(scorer, config.tasks, config.data_dir, shots=config.shots, seed=config.seed,
                                     limit=config.limit, split=config.split, progress=progress)

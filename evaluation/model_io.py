@@ -55,9 +55,21 @@ def load_for_eval(
     tokenizer: str | os.PathLike[str] | None = None,
     device: str = "cpu",
     dtype: torch.dtype | None = None,
+    domain: int | None = None,
 ) -> tuple[PanguModel, PanguTokenizer]:
-    """(model in eval mode, tokenizer); checks that the tokenizer fits the model's vocabulary."""
+    """(model in eval mode, tokenizer); checks that the tokenizer fits the model's vocabulary.
+
+    A PanGu-Σ model with several domains is evaluated as one domain's sub-model (`extract_domain`:
+    the same outputs on that domain's inputs), since its routing needs a domain for every token.
+    """
     model = load_model(checkpoint, device, dtype)
+    if model.config.router == "rre" and model.config.num_domains > 1:
+        if domain is None:
+            raise CheckpointError(f"{checkpoint} is a PanGu-Σ model with {model.config.num_domains} domains "
+                                  f"(ids from {model.config.domain_id_offset}): give the domain to evaluate")
+        from pangu_model.inherit import extract_domain
+
+        model = extract_domain(model, domain).eval()
     tok = PanguTokenizer.load(find_tokenizer(checkpoint, tokenizer))
     if tok.vocab_size > model.config.vocab_size:
         raise CheckpointError(

@@ -51,7 +51,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     config = EvalConfig(checkpoint=args.checkpoint, tokenizer=args.tokenizer, tasks=args.tasks,
                         data_dir=args.data_dir, output=args.output, shots=args.shots, limit=args.limit,
-                        seed=args.seed, oracle=args.oracle, device=args.device)
+                        seed=args.seed, oracle=args.oracle, device=args.device, domain=args.domain)
 
     def progress(task: str, done: int, total: int) -> None:
         print(f"\r{task}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
@@ -71,6 +71,12 @@ def _pretrain(args: argparse.Namespace) -> int:
     from flows.pretrain import pretrain_from_cli
 
     return pretrain_from_cli(args)
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from flows.pipeline import pipeline_from_cli
+
+    return pipeline_from_cli(args)
 
 
 def _tokenizer(handler_name: str) -> Handler:
@@ -139,6 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_model_info)
 
+    p = groups.add_parser("pipeline", help="the whole pipeline: corpus → tokenizer → pretrain → evaluate")
+    p.add_argument("inputs", nargs="+", help="raw input files, directories or globs")
+    p.add_argument("--root", default="runs", help="where every stage writes its versioned outputs")
+    p.add_argument("--corpus-preset", default="default")
+    p.add_argument("--vocab-size", type=int, default=40_000)
+    p.add_argument("--input-sentence-size", type=int, default=1_000_000)
+    p.add_argument("--preset", default="sigma-tiny", help="pretrain preset")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--eval-data", default=None, help="directory with the public evaluation datasets")
+    p.add_argument("--eval-tasks", default="fewclue")
+    p.add_argument("--eval-limit", type=int, default=200)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(handler=_pipeline)
+
     p = groups.add_parser("eval", help="zero-/few-shot evaluation on Chinese tasks (PanGu-α protocol)")
     p.add_argument("--checkpoint", help="checkpoint dir (model.safetensors + config.json)")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: found next to the checkpoint)")
@@ -150,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--oracle", action="store_true", help="score with the gold labels (sanity check)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--domain", type=int, default=None, help="PanGu-Σ: evaluate this domain id's sub-model")
     p.set_defaults(handler=_eval)
 
     corpus = groups.add_parser("corpus", help="build a cleaned, filtered, deduplicated corpus")

@@ -21,6 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from cleaning.build import CorpusBuild
 from cleaning.config import CorpusConfig, load_preset
 from cleaning.inputs import InputShard
+from cleaning.versions import describe_diff, mark_latest, plan_refresh
 from cleaning.writers import read_json
 from flows.reports import corpus_markdown, plot_stats, source_table
 
@@ -88,11 +89,11 @@ def _gather(futures: list, stage: str, progress_id) -> list:
 
 @flow(name="corpus", log_prints=True)
 def corpus(inputs: list[str], output: str, config: CorpusConfig = CorpusConfig(),
-           workers: int = 2) -> dict[str, Any]:
+           workers: int = 2, work: str | None = None) -> dict[str, Any]:
     """Clean, filter, deduplicate and quality-score raw Chinese text into a versioned corpus."""
     global _POOL
     logger = get_run_logger()
-    build = CorpusBuild(inputs, output, config)
+    build = CorpusBuild(inputs, output, config, work=work)
     started = time.perf_counter()
     shards = build.plan()
     run_key = build.run_key(shards)
@@ -129,6 +130,30 @@ def corpus(inputs: list[str], output: str, config: CorpusConfig = CorpusConfig()
     logger.info("corpus %s: %d documents in, %d kept, %d rejected → %s", run_key, totals["input"],
                 totals["kept"], totals["rejected"], output)
     return {"version": run_key, "output": output, "totals": totals}
+
+
+@flow(name="corpus-refresh", log_prints=True)
+def corpus_refresh(inputs: list[str], root: str = "runs/corpus", config: CorpusConfig = CorpusConfig(),
+                   workers: int = 2) -> dict[str, Any]:
+    """A new corpus version under ROOT when inputs or config changed since ROOT/LATEST (the scheduled
+    refresh): only new or changed input shards are cleaned again."""
+    logger = get_run_logger()
+    plan = plan_refresh(inputs, root, config)
+    logger.info("corpus %s (previous %s): %s", plan.version, plan.previous, describe_diff(plan.diff))
+    if plan.current:
+        logger.info("%s is already built: nothing to do", plan.output)
+        totals = read_json(f"{plan.output}/manifest.json")["totals"]
+    else:
+        totals = corpus_with_runner(workers, None)(inputs=inputs, output=plan.output, config=config,
+                                                   workers=workers, work=plan.work)["totals"]
+    mark_latest(root, plan)
+    create_markdown_artifact(key="corpus-refresh", markdown="\n".join(
+        [f"# Corpus refresh → {plan.version}", "", f"Previous version: {plan.previous or '–'}; "
+         f"{'built' if not plan.current else 'already current'} at `{plan.output}`.", "",
+         "| inputs | count |", "|---|---:|"]
+        + [f"| {kind} | {len(uris)} |" for kind, uris in plan.diff.items()]), description="manifest diff")
+    return {"version": plan.version, "previous": plan.previous, "output": plan.output,
+            "built": not plan.current, "diff": {k: len(v) for k, v in plan.diff.items()}, "totals": totals}
 
 
 def corpus_with_runner(workers: int, dask_address: str | None):

@@ -32,6 +32,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.lineage import record_asset
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_MODULE = "pangu_model.train"
 PREEMPTED_EXIT_CODES = (143, -signal.SIGTERM)  # the trainer's own 128 + SIGTERM, or killed by it
@@ -334,35 +336,11 @@ def run_training(launch: Launch, output: str, total_steps: int) -> dict[str, Any
 # ---------------------------------------------------------------------------------------------
 # Publishing
 # ---------------------------------------------------------------------------------------------
-def _record_model(path: str, metadata: dict[str, Any]) -> dict[str, Any]:
-    from prefect.assets import add_asset_metadata
-
-    info = {**metadata, "bytes": Path(path).stat().st_size}
-    add_asset_metadata(Path(path).resolve().as_uri(), info)
-    return info
-
-
 def record_model_asset(model_file: Path, data_dir: Path, metadata: dict[str, Any]) -> str | None:
     """Materialise `file://…/model.safetensors` (upstream: the packed data) as a Prefect asset."""
-    from prefect.assets import Asset, AssetProperties, materialize
-
-    logger = get_run_logger()
-    key = model_file.resolve().as_uri()
-    try:
-        asset = Asset(key=key, properties=AssetProperties(
-            name=f"{metadata.get('preset', 'pretrain')} model", description="exported PanGu weights (safetensors)"))
-        upstream = [Asset(key=(data_dir / "domains.json").resolve().as_uri())]
-    except ValueError as exc:  # a path with characters an asset key may not hold
-        from prefect.events import emit_event
-
-        logger.warning("%s is not a valid asset key (%s): emitting a plain event instead", key, exc)
-        emit_event("pangu.model.exported", resource={"prefect.resource.id": f"pangu.model.{metadata.get('preset')}"},
-                   payload={"path": str(model_file), **metadata})
-        return None
-    record = materialize(asset, by="deepspeed", asset_deps=upstream, name="record-model",
-                         cache_policy=NO_CACHE)(_record_model)
-    record(str(model_file), metadata)
-    return key
+    info = {**metadata, "bytes": model_file.stat().st_size}
+    return record_asset(model_file, [data_dir / "domains.json"], f"{metadata.get('preset', 'pretrain')} model",
+                        "deepspeed", info)
 
 
 def _fmt(value: Any, spec: str) -> str:

@@ -1,0 +1,105 @@
+"""The `pipeline` flow: corpus → tokenizer → pretrain → evaluate as subflows, with run lineage.
+
+Each stage skips what is already done (a current corpus version, a trained tokenizer and packed
+shards, a finished training run, results of the same checkpoint), so a rerun goes straight through.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from cleaning.config import CorpusConfig, load_preset
+from flows.corpus import corpus_refresh
+from flows.evaluate import evaluate
+from flows.lineage import content_hash, record_asset
+from flows.pretrain import pretrain
+from flows.tokenizer import tokenizer_flow
+
+
+def lineage_rows(corpus: dict[str, Any], tok: dict[str, Any], train: dict[str, Any],
+                 evaluation: dict[str, Any] | None) -> list[dict[str, Any]]:
+    manifest = json.loads(Path(corpus["output"], "manifest.json").read_text(encoding="utf-8"))
+    rows = [{"stage": "raw input", "artefact": i["uri"], "content_hash": i["content_hash"], "made_from": ""}
+            for i in manifest["inputs"]]
+    rows.append({"stage": "corpus", "artefact": corpus["output"], "made_from": f"{len(rows)} raw inputs",
+                 "content_hash": content_hash(Path(corpus["output"], "manifest.json"))})
+    rows.append({"stage": "tokenizer", "artefact": tok["tokenizer"], "made_from": corpus["output"],
+                 "content_hash": content_hash(Path(tok["tokenizer"], "spm.model"))})
+    rows.append({"stage": "token shards", "artefact": tok["tokens"], "made_from": f"{corpus['output']} + tokenizer",
+                 "content_hash": content_hash(Path(tok["tokens"], "domains.json"))})
+    rows.append({"stage": "checkpoint", "artefact": train["export"], "made_from": tok["tokens"],
+                 "content_hash": content_hash(Path(train["export"] or "", "model.safetensors"))})
+    if evaluation:
+        rows.append({"stage": "evaluation", "artefact": evaluation["results"], "made_from": train["export"],
+                     "content_hash": content_hash(evaluation["results"])})
+    return rows
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline(inputs: list[str], root: str = "runs", corpus_config: CorpusConfig = CorpusConfig(),
+             vocab_size: int = 40_000, input_sentence_size: int = 1_000_000, preset: str = "sigma-tiny",
+             steps: int | None = None, eval_data: str | None = None, eval_tasks: str = "fewclue",
+             eval_limit: int | None = 200, workers: int = 2) -> dict[str, Any]:
+    """Raw Chinese text → corpus version → tokenizer and token shards → a trained model → zero-shot results."""
+    logger = get_run_logger()
+    corpus = corpus_refresh(inputs=inputs, root=f"{root}/corpus", config=corpus_config, workers=workers)
+    tok = tokenizer_flow(corpus=corpus["output"], output=root, vocab_size=vocab_size,
+                         input_sentence_size=input_sentence_size, workers=workers)
+    # PanGu-Σ routes by domain: the model gets one expert group per domain of this corpus.
+    domains = json.loads(Path(tok["tokens"], "domains.json").read_text(encoding="utf-8"))
+    num_domains = max(int(i) for i in domains["id_to_name"]) + 1
+    train = pretrain(preset=preset, data=tok["tokens"], output=f"{root}/pretrain/{preset}-{tok['version']}",
+                     steps=steps, overrides={"model_overrides.num_domains": num_domains})
+    evaluation = None
+    if eval_data and Path(eval_data).is_dir():
+        # A PanGu-Σ model is evaluated as the sub-model of the domain with the most tokens.
+        largest = max(domains["domains"].values(), key=lambda d: d["tokens"])
+        logger.info("evaluating with domain %d (%s)", largest["id"],
+                    domains["id_to_name"][str(largest["id"])])
+        evaluation = evaluate(checkpoint=train["export"], tokenizer=tok["tokenizer"], data_dir=eval_data,
+                              output=f"{root}/eval/{preset}-{tok['version']}", tasks=eval_tasks, limit=eval_limit,
+                              domain=largest["id"])
+    else:
+        logger.warning("no evaluation data at %s: evaluation skipped (give eval_data, e.g. a FewCLUE/CLUE dir)",
+                       eval_data)
+
+    rows = lineage_rows(corpus, tok, train, evaluation)
+    create_table_artifact(key="pipeline-lineage", table=rows,
+                          description="raw inputs → corpus → tokenizer → token shards → checkpoint → results")
+    record_asset(Path(corpus["output"], "manifest.json"), [], "corpus version", "corpus", corpus["totals"])
+    record_asset(Path(tok["tokens"], "domains.json"), [Path(corpus["output"], "manifest.json")],
+                 "token shards", "tokenizer", {"tokens": tok["tokens_total"]})
+    if evaluation:
+        record_asset(evaluation["results"], [Path(train["export"], "model.safetensors")], "evaluation",
+                     "evaluation", {"tasks": evaluation["tasks"]})
+    summary = {"corpus": corpus["output"], "tokenizer": tok["tokenizer"], "tokens": tok["tokens"],
+               "model": train["export"], "final_loss": train.get("final_loss"),
+               "results": evaluation["results"] if evaluation else None,
+               "report": str(Path(evaluation["output"], "report.md")) if evaluation else None}
+    create_markdown_artifact(key="pipeline-summary", markdown="\n".join(
+        ["# Pipeline run", ""] + [f"- **{k}**: `{v}`" for k, v in summary.items()]))
+    return summary
+
+
+def pipeline_from_cli(args: argparse.Namespace) -> int:
+    result = pipeline(inputs=list(args.inputs), root=args.root, corpus_config=load_preset(args.corpus_preset),
+                      vocab_size=args.vocab_size, input_sentence_size=args.input_sentence_size,
+                      preset=args.preset, steps=args.steps, eval_data=args.eval_data, eval_tasks=args.eval_tasks,
+                      eval_limit=args.eval_limit, workers=args.workers)
+    print("\npipeline finished:", file=sys.stderr)
+    for key, value in result.items():
+        print(f"  {key:>10}: {value}", file=sys.stderr)
+    if result["results"]:
+        results = json.loads(Path(result["results"]).read_text(encoding="utf-8"))
+        for task in results["tasks"].values():
+            if task.get("status") == "ok":
+                scores = " / ".join(f"{v:.1f}" for v in task["scores"].values())
+                print(f"  {task['title']:>16}: {scores}  (chance {task['chance']['expected']:.1f}, n={task['n']})",
+                      file=sys.stderr)
+    return 0
