@@ -33,6 +33,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 
 from flows.lineage import record_asset
+from flows.reports import plot_loss
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_MODULE = "pangu_model.train"
@@ -380,6 +381,9 @@ def publish(preset: str, config: Any, data_dir: Path, data_note: str, output: Pa
         table = [{k: (int(r[k]) if k == "step" else round(r[k], 6)) for k in fields if k in r} for r in sample_rows(rows)]
         create_table_artifact(key="pretrain-loss", table=table,
                               description=f"loss curve ({len(table)} of {len(rows)} steps) from {output}/metrics.csv")
+        plot = plot_loss(rows, output / "loss.png")
+        create_link_artifact(key="pretrain-loss-plot", link=plot.resolve().as_uri(), link_text=str(plot),
+                             description="training loss curve (PNG)")
     asset = None
     if model_file is not None and model_file.is_file():
         create_link_artifact(key="pretrain-model", link=model_file.resolve().as_uri(),

@@ -54,15 +54,40 @@ def corpus_markdown(manifest: dict[str, Any], stats: dict[str, Any], output: str
     return "\n".join(lines) + "\n"
 
 
-def plot_stats(stats: dict[str, Any], path: str) -> str | None:
-    """Length and quality distributions as one PNG beside the corpus; None off local disk."""
-    if "://" in path and not path.startswith("file://"):
-        return None
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and workers
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_loss(rows: list[dict[str, float]], path: Path) -> Path:
+    """The training loss curve (and the learning rate) as a PNG."""
+    plt = _pyplot()
+    steps = [r["step"] for r in rows]
+    fig, loss_axis = plt.subplots(figsize=(8, 4))
+    loss_axis.plot(steps, [r["loss"] for r in rows], label="loss", color="tab:blue")
+    loss_axis.set_xlabel("step")
+    loss_axis.set_ylabel("loss")
+    if all("lr" in r for r in rows):
+        lr_axis = loss_axis.twinx()
+        lr_axis.plot(steps, [r["lr"] for r in rows], label="lr", color="tab:orange", alpha=0.6)
+        lr_axis.set_ylabel("learning rate")
+    loss_axis.set_title("training loss")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_stats(stats: dict[str, Any], path: str) -> str | None:
+    """Length and quality distributions as one PNG beside the corpus; None off local disk."""
+    if "://" in path and not path.startswith("file://"):
+        return None
+    plt = _pyplot()
     target = Path(path.removeprefix("file://"))
     fig, (lengths, quality) = plt.subplots(1, 2, figsize=(11, 4))
     buckets = stats["length_buckets"]

@@ -58,7 +58,8 @@ def test_flow_trains_exports_and_publishes(prefect_api, tokens, tmp_path, preset
     assert result["final_loss"] == pytest.approx(read_metrics_csv(out)[-1]["loss"])
 
     found = _artifacts(state.state_details.flow_run_id)
-    assert {"pretrain-summary", "pretrain-loss", "pretrain-model"} <= set(found)
+    assert {"pretrain-summary", "pretrain-loss", "pretrain-model", "pretrain-loss-plot"} <= set(found)
+    assert (out / "loss.png").stat().st_size > 5_000
     summary = found["pretrain-summary"].data
     for text in (preset, "final loss", "tokens/s", str(out / "checkpoints"), str(out / "export")):
         assert text in summary, text
