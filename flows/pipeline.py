@@ -72,8 +72,12 @@ def pipeline(inputs: list[str], root: str = "runs", corpus_config: CorpusConfig 
     rows = lineage_rows(corpus, tok, train, evaluation)
     create_table_artifact(key="pipeline-lineage", table=rows,
                           description="raw inputs → corpus → tokenizer → token shards → checkpoint → results")
-    record_asset(Path(corpus["output"], "manifest.json"), [], "corpus version", "corpus", corpus["totals"])
-    record_asset(Path(tok["tokens"], "domains.json"), [Path(corpus["output"], "manifest.json")],
+    manifest = Path(corpus["output"], "manifest.json")
+    raw_inputs = [Path(row["artefact"].removeprefix("file://")) for row in rows
+                  if row["stage"] == "raw input" and "://" not in row["artefact"].removeprefix("file://")]
+    record_asset(manifest, raw_inputs, "corpus version", "corpus", corpus["totals"])
+    record_asset(Path(tok["tokenizer"], "spm.model"), [manifest], "tokenizer", "sentencepiece", {})
+    record_asset(Path(tok["tokens"], "domains.json"), [manifest, Path(tok["tokenizer"], "spm.model")],
                  "token shards", "tokenizer", {"tokens": tok["tokens_total"]})
     if evaluation:
         record_asset(evaluation["results"], [Path(train["export"], "model.safetensors")], "evaluation",

@@ -31,7 +31,10 @@ def save_checkpoint(model: PanguModel, directory: str | os.PathLike[str]) -> Pat
 
     weights_tmp = directory / f".{WEIGHTS_NAME}.tmp"
     config_tmp = directory / f".{CONFIG_NAME}.tmp"
-    save_file(tensors, str(weights_tmp), metadata={"format": "pt", "model_type": "pangu"})
+    # One metadata key only: safetensors keeps the header's metadata in a hash map whose order
+    # changes from process to process, and equal weights must give equal bytes (content hashes
+    # identify checkpoints in the lineage and in the evaluation cache). config.json names the model.
+    save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
     config_tmp.write_text(json.dumps(config_payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(weights_tmp, directory / WEIGHTS_NAME)
     os.replace(config_tmp, directory / CONFIG_NAME)

@@ -59,3 +59,15 @@ def test_bfloat16_round_trip(tmp_path) -> None:
     restored = load_checkpoint(save_checkpoint(model, tmp_path / "bf16"))
     assert restored.word_embedding.weight.dtype == torch.bfloat16
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), restored.state_dict().values()))
+
+
+def test_equal_weights_give_equal_bytes_across_processes(tmp_path):
+    """Content hashes identify checkpoints (lineage, evaluation cache): saving must be byte-stable."""
+    import subprocess
+    import sys
+
+    script = ("import sys, torch; from pangu_model import PanguModel, get_config, save_checkpoint; "
+              "torch.manual_seed(0); save_checkpoint(PanguModel(get_config('sigma-tiny')), sys.argv[1])")
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / name)], check=True)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
