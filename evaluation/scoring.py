@@ -31,7 +31,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from pangu_model.generate import filter_logits
+from pangu_model.generate import pick_next, seeded_generator
 from pangu_model.model import KVCache, PanguModel
 
 EOT_ID = 9
@@ -225,20 +225,12 @@ def generate_ids(
     stop = set(stop_ids)
     ids = torch.tensor([list(prompt)], device=device)
     budget = min(max_new_tokens, config.max_seq_len - ids.shape[1])
-    generator = None
-    if do_sample:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed if seed is not None else torch.seed())
+    generator = seeded_generator(device, do_sample, seed)
     cache = model.new_cache()
     step = ids
     out: list[int] = []
     for _ in range(max(budget, 0)):
-        logits = model(step, cache=cache).logits[:, -1].float()
-        if do_sample:
-            logits = filter_logits(logits / max(temperature, 1e-6), top_k, top_p)
-            token = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
-        else:
-            token = logits.argmax(dim=-1)
+        token = pick_next(model(step, cache=cache).logits[:, -1], do_sample, temperature, top_k, top_p, generator)
         value = int(token)
         if value in stop:
             break

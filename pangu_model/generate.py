@@ -26,6 +26,24 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def pick_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
+              top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token per row from last-position logits [B, V]: argmax, or a seeded sample."""
+    logits = logits.float()
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits / max(temperature, 1e-6), top_k, top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def seeded_generator(device: torch.device, do_sample: bool, seed: int | None) -> torch.Generator | None:
+    if not do_sample:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else torch.seed())
+    return generator
+
+
 @torch.no_grad()
 def generate(
     model: PanguModel,
@@ -51,10 +69,7 @@ def generate(
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     max_new_tokens = min(max_new_tokens, config.max_seq_len - input_ids.shape[1])
-    generator = None
-    if do_sample:
-        generator = torch.Generator(device=input_ids.device)
-        generator.manual_seed(seed if seed is not None else torch.seed())
+    generator = seeded_generator(input_ids.device, do_sample, seed)
 
     was_training = model.training
     model.eval()
@@ -65,12 +80,7 @@ def generate(
         step_input = input_ids
         for _ in range(max(max_new_tokens, 0)):
             logits = model(step_input if use_cache else sequences, domain_ids=domain_ids, cache=cache).logits[:, -1]
-            logits = logits.float()
-            if do_sample:
-                logits = filter_logits(logits / max(temperature, 1e-6), top_k, top_p)
-                next_token = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
-            else:
-                next_token = logits.argmax(dim=-1)
+            next_token = pick_next(logits, do_sample, temperature, top_k, top_p, generator)
             next_token = torch.where(finished, torch.full_like(next_token, config.pad_token_id), next_token)
             sequences = torch.cat([sequences, next_token[:, None]], dim=1)
             finished |= next_token == stop_token_id
