@@ -29,10 +29,9 @@ from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from .moe import ExpertBank, RandomRoutedExperts
+from .moe import ExpertBank, RandomRoutedExperts, grouped_experts
 from .optim import OptimConfig
 
 WEIGHT_NAMES = ("w_in", "b_in", "w_out", "b_out")
@@ -102,20 +101,8 @@ class HostExpertBank(nn.Module):
         w = self.device_weights
         # Slots are in ascending expert order, so the sort and the index_add order match ExpertBank's
         # and the numbers are the same as without ECSS.
-        order = torch.argsort(slots, stable=True)
-        sorted_tokens = token_index[order]
-        counts = torch.bincount(slots, minlength=len(self.active)).tolist()
-        outputs = []
-        for slot, tokens in enumerate(torch.split(sorted_tokens, counts)):
-            if tokens.numel():
-                hidden = F.gelu(F.linear(x[tokens], w["w_in"][slot], w["b_in"][slot]))
-                outputs.append(F.linear(hidden, w["w_out"][slot], w["b_out"][slot]))
-        if not outputs:
-            return torch.zeros_like(x)
-        routed = torch.cat(outputs)
-        if gate_weight is not None:
-            routed = routed * gate_weight[order, None].to(routed.dtype)
-        return torch.zeros_like(x).index_add(0, sorted_tokens, routed)
+        return grouped_experts(x, slots, token_index, gate_weight, len(self.active),
+                               w["w_in"], w["b_in"], w["w_out"], w["b_out"])
 
     # ---- the masters are this module's state --------------------------------------------------
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:

@@ -80,20 +80,38 @@ class ExpertBank(nn.Module):
 
         x is [N, d]; the assignment vectors are [A]. Tokens with no assignment get zeros.
         """
-        order = torch.argsort(expert_index, stable=True)
-        sorted_tokens = token_index[order]
-        # One host sync per layer: the split sizes. The loop runs over experts, never over tokens.
-        counts = torch.bincount(expert_index, minlength=self.num_experts).tolist()
-        outputs = []
-        for expert, tokens in zip(range(self.num_experts), torch.split(sorted_tokens, counts)):
-            if tokens.numel():
-                outputs.append(self.expert(expert, x[tokens]))
-        if not outputs:
-            return torch.zeros_like(x)
-        routed = torch.cat(outputs)
-        if gate_weight is not None:
-            routed = routed * gate_weight[order, None].to(routed.dtype)
-        return torch.zeros_like(x).index_add(0, sorted_tokens, routed)
+        return grouped_experts(x, expert_index, token_index, gate_weight, self.num_experts,
+                               self.w_in, self.b_in, self.w_out, self.b_out)
+
+
+def grouped_experts(
+    x: torch.Tensor,
+    expert_index: torch.Tensor,
+    token_index: torch.Tensor,
+    gate_weight: torch.Tensor | None,
+    num_experts: int,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor,
+    w_out: torch.Tensor,
+    b_out: torch.Tensor,
+) -> torch.Tensor:
+    """GeLU experts stacked along dim 0, applied to their tokens: sorted by expert, one matmul pair per
+    non-empty expert, scattered back with index_add (shared by ExpertBank and ECSS's fetched slots)."""
+    order = torch.argsort(expert_index, stable=True)
+    sorted_tokens = token_index[order]
+    # One host sync per layer: the split sizes. The loop runs over experts, never over tokens.
+    counts = torch.bincount(expert_index, minlength=num_experts).tolist()
+    outputs = []
+    for expert, tokens in zip(range(num_experts), torch.split(sorted_tokens, counts)):
+        if tokens.numel():
+            hidden = F.gelu(F.linear(x[tokens], w_in[expert], b_in[expert]))
+            outputs.append(F.linear(hidden, w_out[expert], b_out[expert]))
+    if not outputs:
+        return torch.zeros_like(x)
+    routed = torch.cat(outputs)
+    if gate_weight is not None:
+        routed = routed * gate_weight[order, None].to(routed.dtype)
+    return torch.zeros_like(x).index_add(0, sorted_tokens, routed)
 
 
 def random_routing_table(vocab_size: int, experts_per_group: int, seed: int) -> torch.Tensor:
