@@ -134,24 +134,24 @@ class FastSegmenter:
                 buf += block[x]
             else:
                 if buf:
-                    if len(buf) == 1:
-                        words.append(buf)
-                    elif not freq.get(buf):
-                        words.extend(self._hmm_cut(buf))
-                    else:
-                        words.extend(buf)
+                    self._flush_singles(buf, words, freq)
                     buf = ""
                 words.append(block[x:y])
             x = y
         if buf:
-            if len(buf) == 1:
-                words.append(buf)
-            elif not freq.get(buf):
-                words.extend(self._hmm_cut(buf))
-            else:
-                words.extend(buf)
+            self._flush_singles(buf, words, freq)
         # Han blocks hold no whitespace, so their words need no mapping.
         return " ".join(words)
+
+    def _flush_singles(self, buf: str, words: list[str], freq: dict) -> None:
+        """A run of single-character route steps, as jieba's __cut_DAG handles it: one character
+        stays, an unknown run goes to the HMM, a known word splits into its characters."""
+        if len(buf) == 1:
+            words.append(buf)
+        elif not freq.get(buf):
+            words.extend(self._hmm_cut(buf))
+        else:
+            words.extend(buf)
 
     # -- a document: Tokenizer.cut ------------------------------------------------------------
     def segment(self, text: str) -> str:
