@@ -109,10 +109,13 @@ class PanguConfig(BaseModel):
 
 
 _ALPHA_SHAPES: dict[str, dict[str, int]] = {
-    # SPEC §5.1 table: layers include the query layer.
+    # SPEC §5.1 table: layers include the query layer ...
     "350m": dict(num_layers=24, d_model=1024, d_ff=4096, num_heads=16),
     "2.6b": dict(num_layers=32, d_model=2560, d_ff=10240, num_heads=32),
-    "13b": dict(num_layers=40, d_model=5120, d_ff=20480, num_heads=40),
+    # ... except for 13B: 40 blocks give 12.80B, 2.3 % short of the published 13.1B, which is 40
+    # transformer layers *plus* the query layer (13.11B). PanGu-Σ inherits this shape: with 41 blocks
+    # its count is 1.0853T (+0.03 % of 1.085T) and a domain's sub-model 38.3B, so both figures hold.
+    "13b": dict(num_layers=41, d_model=5120, d_ff=20480, num_heads=40),
     "200b": dict(num_layers=64, d_model=16384, d_ff=65536, num_heads=128),
 }
 
@@ -124,7 +127,8 @@ PRESETS: dict[str, PanguConfig] = {
     "sigma-tiny": PanguConfig(
         name="sigma-tiny", router="rre", moe_layers=2, num_domains=4, experts_per_domain=2, **_TINY_SHAPE
     ),
-    # SPEC §5.2, our reading: the 13B shape with RRE in the top 8 layers, 40 domains × 16 experts.
+    # SPEC §5.2, our reading: the 13B shape (41 blocks, above) with RRE in the top 8 layers, 40 domains × 16
+    # experts; inheriting from a 13b checkpoint needs the same shape.
     "sigma-1t": PanguConfig(
         name="sigma-1t", router="rre", moe_layers=8, num_domains=40, experts_per_domain=16,
         **_ALPHA_SHAPES["13b"],
