@@ -15,12 +15,20 @@ placement is ours:
 * the dense part never sees any of this: it is an ordinary module under the DeepSpeed engine (ZeRO).
 
 The expert tensors are not `nn.Parameter`s of the model, so DeepSpeed neither flattens, partitions,
-casts nor reduces them. They still appear in `state_dict()` under the `ExpertBank` names, so the
-engine's checkpoint holds the masters and `model.safetensors` exports are unchanged.
+casts nor reduces them, and they are not in the module's `state_dict()` either: `ExpertOffload` saves
+the masters with their Adam states (`state_dict`, one file per expert shard) and hands the export the
+full `ExpertBank` tensors (`expert_state`).
+
+Expert parallelism (ep > 1): an expert-parallel group of `ep` ranks shares one copy of the experts,
+each rank holding a contiguous shard of `num_experts / ep` (the layout of DeepSpeed's MoE layer, domain
+by domain) in its host memory. Tokens travel to the rank that owns their expert and back with an
+all-to-all of uneven splits (`_AllToAll`: RRE is dropless, so there is no capacity to pad to). The
+ranks that hold the same shard in different expert-parallel groups (the expert-data-parallel group)
+average their expert gradients; the gradient norm for clipping is summed over the shards.
 
 Deviations (documented, not hidden): expert gradients are clipped by their own global norm (DeepSpeed
 clips the dense part by its norm before we could add ours), and with data parallelism the routed sets
-of all ranks are united so every rank fetches and updates the same experts.
+of all ranks are united so every replica of a shard fetches and updates the same experts.
 """
 
 from __future__ import annotations
@@ -38,36 +46,68 @@ WEIGHT_NAMES = ("w_in", "b_in", "w_out", "b_out")
 _DECAYED = ("w_in", "w_out")  # biases take no weight decay (optim.decays)
 
 
-class HostExpertBank(nn.Module):
-    """Drop-in for `ExpertBank`: host-resident masters, a compact device copy of the fetched experts."""
+class _AllToAll(torch.autograd.Function):
+    """All-to-all of rows with uneven splits; its gradient is the all-to-all back with the splits swapped."""
 
-    def __init__(self, bank: ExpertBank, pin: bool) -> None:
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, send: list[int], receive: list[int], group: Any) -> torch.Tensor:
+        ctx.send, ctx.receive, ctx.group = send, receive, group
+        out = x.new_empty((sum(receive), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), receive, send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        back = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), ctx.send, ctx.receive, group=ctx.group)
+        return back, None, None, None
+
+
+def _group_size(group: Any) -> int:
+    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+
+
+class HostExpertBank(nn.Module):
+    """Drop-in for `ExpertBank`: host-resident masters of this rank's shard of the experts, and a compact
+    device copy of the fetched ones. With an expert-parallel group, tokens go to their expert's owner."""
+
+    def __init__(self, bank: ExpertBank, pin: bool, ep_group: Any = None) -> None:
         super().__init__()
         self.num_experts = bank.num_experts
         self.pinned = pin
+        self.ep_group = ep_group
+        self.ep_size = _group_size(ep_group)
+        if self.num_experts % self.ep_size:
+            raise ValueError(f"{self.num_experts} experts do not split over {self.ep_size} expert-parallel ranks")
+        self.ep_rank = dist.get_rank(ep_group) if self.ep_size > 1 else 0
+        self.shard_size = self.num_experts // self.ep_size
+        self.first = self.ep_rank * self.shard_size  # experts [first, first + shard_size) live here
         self.host: dict[str, torch.Tensor] = {}
         for name in WEIGHT_NAMES:
-            source = getattr(bank, name).detach()
+            source = getattr(bank, name).detach()[self.first: self.first + self.shard_size]
             master = torch.empty(source.shape, dtype=torch.float32, pin_memory=pin)
             master.copy_(source)
             self.host[name] = master
         # One optimizer "parameter" per expert and weight: a view into the master, so the Adam update
         # writes the master in place and state['step'] counts that expert's own updates.
         self.expert_params: dict[str, list[torch.Tensor]] = {
-            name: [nn.Parameter(self.host[name][e], requires_grad=False) for e in range(self.num_experts)]
+            name: [nn.Parameter(self.host[name][e], requires_grad=False) for e in range(self.shard_size)]
             for name in WEIGHT_NAMES
         }
-        self.active = torch.zeros(0, dtype=torch.long)
+        self.active = torch.zeros(0, dtype=torch.long)  # fetched experts, global ids
         self.device_weights: dict[str, torch.Tensor] = {}
         self._slot_of: torch.Tensor | None = None
 
     # ---- placement ---------------------------------------------------------------------------
     def fetch(self, experts: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
-        """Copy the masters of `experts` (sorted global ids) to `device` as fresh leaf tensors."""
+        """Copy the masters of the experts of this shard among `experts` (sorted global ids) to `device`
+        as fresh leaf tensors."""
         experts = experts.to("cpu", torch.long)
+        experts = experts[(experts >= self.first) & (experts < self.first + self.shard_size)]
         self.active = experts
+        local = experts - self.first
         self.device_weights = {
-            name: self.host[name].index_select(0, experts)
+            name: self.host[name].index_select(0, local)
             .to(device=device, dtype=dtype, non_blocking=self.pinned)
             .requires_grad_(True)
             for name in WEIGHT_NAMES
@@ -81,8 +121,11 @@ class HostExpertBank(nn.Module):
         self._slot_of = None
         self.active = torch.zeros(0, dtype=torch.long)
 
-    def gradients(self) -> dict[str, torch.Tensor | None]:
-        return {name: w.grad for name, w in self.device_weights.items()}
+    def gradients(self) -> dict[str, torch.Tensor]:
+        """The fetched experts' gradients; zeros where no token reached this shard (replicas of a shard
+        must reduce tensors of the same shape)."""
+        return {name: w.grad if w.grad is not None else torch.zeros_like(w)
+                for name, w in self.device_weights.items()}
 
     # ---- compute (the ExpertBank algorithm over slots) -------------------------------------------
     def forward(
@@ -94,6 +137,14 @@ class HostExpertBank(nn.Module):
     ) -> torch.Tensor:
         if self._slot_of is None:
             raise RuntimeError("ECSS: forward before fetch(); call ExpertOffload.fetch(plan) for this batch")
+        if self.ep_size > 1:
+            return self._forward_expert_parallel(x, expert_index, token_index, gate_weight)
+        return self._compute(x, expert_index, token_index, gate_weight)
+
+    def _compute(
+        self, x: torch.Tensor, expert_index: torch.Tensor, token_index: torch.Tensor,
+        gate_weight: torch.Tensor | None,
+    ) -> torch.Tensor:
         slots = self._slot_of[expert_index]
         if bool((slots < 0).any()):
             missing = sorted(set(expert_index[slots < 0].tolist()))
@@ -104,26 +155,37 @@ class HostExpertBank(nn.Module):
         return grouped_experts(x, slots, token_index, gate_weight, len(self.active),
                                w["w_in"], w["b_in"], w["w_out"], w["b_out"])
 
-    # ---- the masters are this module's state --------------------------------------------------
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        for name in WEIGHT_NAMES:
-            destination[prefix + name] = self.host[name] if keep_vars else self.host[name].detach()
+    def _forward_expert_parallel(
+        self, x: torch.Tensor, expert_index: torch.Tensor, token_index: torch.Tensor,
+        gate_weight: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Send each assignment's row to its expert's owner, compute there, bring the result back."""
+        owner = torch.div(expert_index, self.shard_size, rounding_mode="floor")
+        order = torch.argsort(owner, stable=True)
+        send_counts = torch.bincount(owner, minlength=self.ep_size)
+        receive_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(receive_counts, send_counts, group=self.ep_group)
+        send, receive = send_counts.tolist(), receive_counts.tolist()
+        received_experts = expert_index.new_empty(sum(receive))
+        dist.all_to_all_single(received_experts, expert_index[order].contiguous(), receive, send,
+                               group=self.ep_group)
+        received = _AllToAll.apply(x[token_index[order]], send, receive, self.ep_group)
+        rows = torch.arange(received.shape[0], device=x.device)
+        computed = self._compute(received, received_experts, rows, None)
+        if received.requires_grad and not computed.requires_grad:
+            # Nothing reached this shard: keep both all-to-alls in the graph anyway, because their
+            # backward passes are collectives that the other ranks of the group will enter.
+            computed = computed + received * 0
+        routed = _AllToAll.apply(computed, receive, send, self.ep_group)
+        if gate_weight is not None:
+            routed = routed * gate_weight[order, None].to(routed.dtype)
+        return torch.zeros_like(x).index_add(0, token_index[order], routed)
 
-    def _load_from_state_dict(
-        self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
-        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
-    ) -> None:
-        for name in WEIGHT_NAMES:
-            key = prefix + name
-            if key not in state_dict:
-                missing_keys.append(key)
-                continue
-            value = state_dict[key]
-            if value.shape != self.host[name].shape:
-                error_msgs.append(f"{key}: shape {tuple(value.shape)} vs {tuple(self.host[name].shape)}")
-                continue
-            with torch.no_grad():
-                self.host[name].copy_(value)
+    # ---- the masters are not module state ------------------------------------------------------
+    # A rank holds one shard, so the module state of any single rank is not the model's: ExpertOffload
+    # checkpoints the masters per shard and gathers them for the export instead.
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        return None
 
 
 class ExpertOffload:
@@ -137,10 +199,18 @@ class ExpertOffload:
         dtype: torch.dtype = torch.float32,
         group: Any = None,
         pin: bool | None = None,
+        ep_group: Any = None,
+        replica_group: Any = None,
     ) -> None:
+        """`group`: all data-parallel ranks (routed sets are united over it; gradients are averaged
+        over its size). `ep_group`: the ranks that share one copy of the experts, a shard each.
+        `replica_group`: the ranks holding the same shard; by default `group` when there is no
+        expert parallelism."""
         self.device = torch.device(device)
         self.dtype = dtype
         self.group = group
+        self.ep_group = ep_group if _group_size(ep_group) > 1 else None
+        self.replica_group = replica_group if (replica_group is not None or self.ep_group is not None) else group
         self.optim = optim
         self.pin = torch.cuda.is_available() if pin is None else pin
         self.layers: dict[str, RandomRoutedExperts] = {}
@@ -149,7 +219,7 @@ class ExpertOffload:
             if isinstance(module, RandomRoutedExperts):
                 if not isinstance(module.experts, ExpertBank):
                     raise TypeError(f"{name}: experts are {type(module.experts).__name__}, not an ExpertBank")
-                bank = HostExpertBank(module.experts, self.pin)
+                bank = HostExpertBank(module.experts, self.pin, self.ep_group)
                 module.experts = bank  # the device ExpertBank is dropped here: its memory is freed
                 self.layers[name] = module
                 self.banks[name] = bank
@@ -197,23 +267,27 @@ class ExpertOffload:
         `grad_scale` is the fp16 loss scale the gradients carry; `skip` (an fp16 overflow step that the
         engine skipped) releases without updating, as the dense part does.
         """
+        if skip:
+            self.release()
+            return {"expert_grad_norm": 0.0, "experts_updated": 0}
         grads: list[torch.Tensor] = []
         owners: list[tuple[HostExpertBank, str]] = []
         for bank in self.banks.values():
             for name, grad in bank.gradients().items():
-                if grad is not None:
-                    grads.append(grad)
-                    owners.append((bank, name))
-        stats = {"expert_grad_norm": 0.0, "experts_updated": 0}
-        if skip or not grads:
+                grads.append(grad)
+                owners.append((bank, name))
+        flat = torch.cat([g.reshape(-1).float() for g in grads]) if grads else torch.zeros(0, device=self.device)
+        if _group_size(self.replica_group) > 1:
+            dist.all_reduce(flat, group=self.replica_group)
+        # The loss is a mean over all data-parallel ranks, as DeepSpeed averages the dense gradients.
+        flat.div_(grad_scale * _group_size(self.group))
+        square = flat.pow(2).sum().reshape(1)
+        if self.ep_group is not None:
+            dist.all_reduce(square, group=self.ep_group)  # the norm over every shard of the experts
+        norm = float(square.sqrt())
+        if not grads:
             self.release()
-            return stats
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        world = dist.get_world_size(self.group) if self.group is not None and dist.is_initialized() else 1
-        if world > 1:
-            dist.all_reduce(flat, group=self.group)
-        flat.div_(grad_scale * world)
-        norm = float(flat.norm())
+            return {"expert_grad_norm": norm, "experts_updated": 0}
         if self.optim.grad_clip > 0 and norm > self.optim.grad_clip:
             flat.mul_(self.optim.grad_clip / (norm + 1e-6))  # torch.nn.utils.clip_grad_norm_'s rule
         host_flat = flat.to("cpu")
@@ -222,14 +296,14 @@ class ExpertOffload:
             host_grad = host_flat[offset: offset + grad.numel()].view(grad.shape)
             offset += grad.numel()
             for slot, expert in enumerate(bank.active.tolist()):
-                bank.expert_params[name][expert].grad = host_grad[slot]
+                bank.expert_params[name][expert - bank.first].grad = host_grad[slot]
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         for bank in self.banks.values():
             for name in WEIGHT_NAMES:
                 for expert in bank.active.tolist():
-                    bank.expert_params[name][expert].grad = None
+                    bank.expert_params[name][expert - bank.first].grad = None
         stats = {"expert_grad_norm": norm, "experts_updated": sum(len(b.active) for b in self.banks.values())}
         self.release()
         return stats
@@ -238,11 +312,18 @@ class ExpertOffload:
         for bank in self.banks.values():
             bank.release()
 
-    # ---- checkpoint -----------------------------------------------------------------------------
+    # ---- checkpoint and export --------------------------------------------------------------------
+    @property
+    def shard(self) -> tuple[int, int]:
+        """(expert-parallel rank, expert-parallel size): which shard of the experts this rank holds."""
+        bank = next(iter(self.banks.values()))
+        return bank.ep_rank, bank.ep_size
+
     def state_dict(self) -> dict[str, Any]:
-        """Adam states per layer and weight, stacked over experts (zeros where never stepped), and
-        each expert's own step count. The masters themselves travel in the model's state_dict."""
-        out: dict[str, Any] = {}
+        """This shard's masters and Adam states per layer and weight, stacked over its experts (zeros
+        where never stepped), and each expert's own step count."""
+        ep_rank, ep_size = self.shard
+        out: dict[str, Any] = {"shard": torch.tensor([ep_rank, ep_size])}
         for layer, bank in self.banks.items():
             for name in WEIGHT_NAMES:
                 params = bank.expert_params[name]
@@ -255,13 +336,21 @@ class ExpertOffload:
                         steps[e] = int(state["step"])
                         exp_avg[e] = state["exp_avg"]
                         exp_avg_sq[e] = state["exp_avg_sq"]
-                out[f"{layer}.{name}"] = {"step": steps, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+                out[f"{layer}.{name}"] = {"master": bank.host[name], "step": steps, "exp_avg": exp_avg,
+                                          "exp_avg_sq": exp_avg_sq}
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved_shard = tuple(int(v) for v in state["shard"])
+        if saved_shard != self.shard:
+            raise ValueError(f"ECSS state of expert shard {saved_shard} (rank, size) loaded into shard {self.shard}")
         for layer, bank in self.banks.items():
             for name in WEIGHT_NAMES:
                 saved = state[f"{layer}.{name}"]
+                if saved["master"].shape != bank.host[name].shape:
+                    raise ValueError(f"{layer}.{name}: saved shape {tuple(saved['master'].shape)}, "
+                                     f"model {tuple(bank.host[name].shape)}")
+                bank.host[name].copy_(saved["master"])
                 for e, p in enumerate(bank.expert_params[name]):
                     self.optimizer.state.pop(p, None)
                     step = int(saved["step"][e])
@@ -271,6 +360,24 @@ class ExpertOffload:
                             "exp_avg": saved["exp_avg"][e].clone(),
                             "exp_avg_sq": saved["exp_avg_sq"][e].clone(),
                         }
+
+    def expert_state(self) -> dict[str, torch.Tensor]:
+        """Every layer's experts, whole, under `ExpertBank` names (`<layer>.experts.w_in`, ...), on the
+        first rank of each expert-parallel group (the shards are gathered there); empty elsewhere.
+        Collective over the expert-parallel group."""
+        out: dict[str, torch.Tensor] = {}
+        for layer, bank in self.banks.items():
+            for name in WEIGHT_NAMES:
+                if self.ep_group is None:
+                    out[f"{layer}.experts.{name}"] = bank.host[name].clone()
+                    continue
+                master = bank.host[name].to(self.device)  # NCCL gathers device tensors only
+                first = dist.get_global_rank(self.ep_group, 0)
+                parts = [torch.empty_like(master) for _ in range(bank.ep_size)] if bank.ep_rank == 0 else None
+                dist.gather(master, parts, dst=first, group=self.ep_group)
+                if parts is not None:
+                    out[f"{layer}.experts.{name}"] = torch.cat(parts).cpu()
+        return out
 
     def host_bytes(self) -> int:
         """Host memory held: masters plus Adam states (two fp32 moments per stepped expert)."""

@@ -13,7 +13,7 @@ What one run does:
   (optim.py: no decay on LayerNorm/biases, hybrid Adam ε) and our warmup + cosine schedule;
 * PanGu-Σ experts: in the model's own `ExpertBank` (one rank's experts, ep = 1), through DeepSpeed's
   MoE layer with a fixed RRE gate (ep > 1, expert groups inside a node: deploy/topology.py), or
-  host-resident with ECSS (ecss.py);
+  host-resident with ECSS (ecss.py), sharded over the expert-parallel group when ep > 1;
 * reads rows from a packed token directory (`tokenizer.dataset.PackedRowDataset`, resumable);
 * checkpoints every N steps and on SIGTERM: DeepSpeed's `save_checkpoint` plus our own per-rank
   trainer state (step, data position) and ECSS host optimizer state, then an atomic `latest` pointer,
@@ -110,8 +110,6 @@ class TrainConfig(BaseModel):
             raise ValueError("ZeRO-3 with experts: DeepSpeed's MoE refuses stage 3 (SPEC §5.2); use 0-2")
         if self.ecss and model.router != "rre":
             raise ValueError("ECSS needs RRE routing: experts must be known from the batch before the forward")
-        if self.ecss and self.expert_parallel > 1:
-            raise ValueError("ECSS with expert_parallel > 1 is not implemented yet: use one or the other")
         if self.expert_parallel > 1 and model.router != "rre":
             raise ValueError("expert_parallel > 1 is implemented for RRE routing only")
         if self.expert_parallel > 1 and model.total_experts % self.expert_parallel:
@@ -236,15 +234,17 @@ class Trainer:
         model = build_model(config)
         self.expert_layers: list[str] = [n for n, m in model.named_modules() if isinstance(m, RandomRoutedExperts)]
         self.sparse_layers = list(model.sparse_layers())
-        if config.expert_parallel > 1:
+        if config.expert_parallel > 1 and not config.ecss:
             to_deepspeed_moe(model, config.expert_parallel, self._ep_rank())
         self.ecss = None
         if config.ecss:
             from .ecss import ExpertOffload
 
+            ep_group, replica_group = self._ecss_groups()
             self.ecss = ExpertOffload(
                 model, config.optimizer, self.device, _compute_dtype(config.precision),
                 group=dist.group.WORLD if self.world_size > 1 else None,
+                ep_group=ep_group, replica_group=replica_group,
             )
         groups = parameter_groups(model, config.optimizer)
         self.ds_config = deepspeed_config(config, self.world_size)
@@ -256,7 +256,7 @@ class Trainer:
             dist_init_required=False,
         )
         self.model: PanguModel = self.engine.module
-        if config.expert_parallel > 1:
+        if config.expert_parallel > 1 and not config.ecss:
             self._check_expert_groups()
 
         self.dataset = PackedRowDataset(
@@ -298,6 +298,21 @@ class Trainer:
 
     def _ep_rank(self) -> int:
         return self._layout().info(self.rank).ep_rank
+
+    def _ecss_groups(self) -> tuple[Any, Any]:
+        """ECSS's expert-parallel group and expert-data-parallel (replica) group for this rank, built from
+        the topology's rank layout; (None, None) without expert parallelism."""
+        if self.config.expert_parallel == 1:
+            return None, None
+        layout = self._layout()
+        found: dict[str, Any] = {}
+        # Every rank must create every group, in the same order (torch.distributed.new_group).
+        for kind in ("expert", "expert_data"):
+            for ranks in layout.groups()[kind]:
+                group = dist.new_group(ranks)
+                if self.rank in ranks:
+                    found[kind] = group
+        return found["expert"], found["expert_data"]
 
     def _check_expert_groups(self) -> None:
         """DeepSpeed built its expert groups itself: they must be the topology's (inside a node)."""
@@ -458,9 +473,10 @@ class Trainer:
             "world_size": self.world_size,
         }
         _atomic_torch_save(trainer_state, directory / f"trainer_rank{self.rank:05d}.pt")
-        if self.ecss is not None and self.rank == 0:
-            # Every rank holds the same experts (ep = 1), so one copy of their Adam states suffices.
-            _atomic_torch_save(self.ecss.state_dict(), directory / "ecss_optimizer.pt")
+        if self.ecss is not None and self._first_replica():
+            # One file per expert shard: its masters and Adam states (replicas of a shard are equal).
+            ep_rank, _ = self.ecss.shard
+            _atomic_torch_save(self.ecss.state_dict(), directory / _ecss_file(ep_rank))
         if self.world_size > 1:
             dist.barrier()
         if self.rank == 0:
@@ -470,6 +486,13 @@ class Trainer:
         if self.world_size > 1:
             dist.barrier()
         return directory
+
+    def _first_replica(self) -> bool:
+        """True on one rank per expert shard: rank 0 without expert parallelism, else the first rank of
+        each expert-data-parallel group."""
+        if self.config.expert_parallel == 1:
+            return self.rank == 0
+        return any(ranks[0] == self.rank for ranks in self._layout().groups()["expert_data"])
 
     def _prune(self) -> None:
         tags = sorted(p for p in self.checkpoint_dir.glob("step*") if p.is_dir())
@@ -490,7 +513,8 @@ class Trainer:
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {directory}")
         if self.ecss is not None:
-            self.ecss.load_state_dict(torch.load(directory / "ecss_optimizer.pt", weights_only=True))
+            ep_rank, _ = self.ecss.shard
+            self.ecss.load_state_dict(torch.load(directory / _ecss_file(ep_rank), weights_only=True))
         self.dataset.load_state_dict(state["dataset"])
         self.step = int(state["step"])
         return True
@@ -499,7 +523,9 @@ class Trainer:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every weight in PanguModel's names, fp32 on the CPU (experts gathered / read from the host)."""
         state = self.engine.module.state_dict()
-        if self.config.expert_parallel > 1:
+        if self.ecss is not None:
+            state.update(self.ecss.expert_state())
+        elif self.config.expert_parallel > 1:
             state = gather_expert_state(self.engine.module, state)
         return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu() for k, v in state.items()}
 
@@ -515,6 +541,10 @@ class Trainer:
 
     def close(self) -> None:
         signal.signal(signal.SIGTERM, self._previous_handler or signal.SIG_DFL)
+
+
+def _ecss_file(ep_rank: int) -> str:
+    return f"ecss_experts_ep{ep_rank:03d}.pt"
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
