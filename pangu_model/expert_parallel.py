@@ -111,11 +111,13 @@ def gather_expert_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dic
         prefix = f"{name}.moe."
         for key in [k for k in out if k.startswith(prefix)]:
             del out[key]
+        local_experts = f"{prefix}deepspeed_moe.experts.deepspeed_experts"
         group = module.moe.deepspeed_moe.ep_group
-        experts = module.moe.deepspeed_moe.experts.deepspeed_experts
-        for bank_name, (layer, attr) in {"w_in": ("fc_in", "weight"), "b_in": ("fc_in", "bias"),
-                                         "w_out": ("fc_out", "weight"), "b_out": ("fc_out", "bias")}.items():
-            local = torch.stack([getattr(getattr(e, layer), attr).detach().float() for e in experts])
+        count = len(module.moe.deepspeed_moe.experts.deepspeed_experts)
+        for bank_name, weight in {"w_in": "fc_in.weight", "b_in": "fc_in.bias",
+                                  "w_out": "fc_out.weight", "b_out": "fc_out.bias"}.items():
+            # Read from `state`, which may hold the optimizer's fp32 masters instead of the module's copies.
+            local = torch.stack([state[f"{local_experts}.{i}.{weight}"].detach().float() for i in range(count)])
             parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
             dist.all_gather(parts, local.contiguous(), group=group)
             out[f"{name}.experts.{bank_name}"] = torch.cat(parts)

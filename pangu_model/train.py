@@ -521,12 +521,25 @@ class Trainer:
 
     # ---- export ---------------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every weight in PanguModel's names, fp32 on the CPU (experts gathered / read from the host)."""
-        state = self.engine.module.state_dict()
+        """Every weight in PanguModel's names, fp32 on the CPU: the optimizer's fp32 masters where the
+        module holds bf16/fp16 copies, experts gathered from their ranks or read from the host.
+        Collective: every rank calls it."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module = self.engine.module
+        state = module.state_dict()
+        masters: dict[int, torch.Tensor] = {}
+        for name, param in module.named_parameters(remove_duplicate=False):
+            if id(param) not in masters:
+                # ZeRO 1/2 and the bf16 optimizer keep fp32 masters in flat partitions: assembling one
+                # is a collective over the data-parallel group, so every rank walks the same order.
+                full = safe_get_full_fp32_param(param) if param.requires_grad else None
+                masters[id(param)] = full if full is not None else param.detach()
+            state[name] = masters[id(param)]
         if self.ecss is not None:
             state.update(self.ecss.expert_state())
         elif self.config.expert_parallel > 1:
-            state = gather_expert_state(self.engine.module, state)
+            state = gather_expert_state(module, state)
         return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu() for k, v in state.items()}
 
     def export(self, directory: str | os.PathLike[str]) -> Path | None:

@@ -12,15 +12,16 @@ import torch
 
 from pangu_model import load_checkpoint
 from pangu_model.metrics import read_metrics
+from pangu_model.train import _free_port
 from tests.test_train_common import ROOT, run_config
 
 
-def _torchrun(config: Path, port: int) -> None:
+def _torchrun(config: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         env.pop(var, None)
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
          "-m", "pangu_model.train", "--config", str(config)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
     )
@@ -33,8 +34,8 @@ def test_expert_parallel_2_gives_the_losses_of_expert_parallel_1() -> None:
     fields = dict(train_steps=4, checkpoint_every=0, ecss=False, topology=None)
     ep1 = run_config("ep1", "sigma-tiny", expert_parallel=1, **fields)
     ep2 = run_config("ep2", "sigma-tiny", expert_parallel=2, **{**fields, "topology": "cpu-tiny"})
-    _torchrun(ep1, 29731)
-    _torchrun(ep2, 29732)
+    _torchrun(ep1)
+    _torchrun(ep2)
     a, b = read_metrics(ep1.parent), read_metrics(ep2.parent)
     assert len(a) == len(b) == 4
     for x, y in zip(a, b):
@@ -56,12 +57,12 @@ def test_ecss_sharded_over_expert_parallel_2_matches_ecss_on_one_shard_and_resum
     fields = dict(checkpoint_every=2, ecss=True, optimizer=optimizer)
     one = run_config("ecss-ep1", "sigma-tiny", expert_parallel=1, train_steps=4, topology=None, **fields)
     two = run_config("ecss-ep2", "sigma-tiny", expert_parallel=2, train_steps=2, topology="cpu-tiny", **fields)
-    _torchrun(one, 29733)
-    _torchrun(two, 29734)
+    _torchrun(one)
+    _torchrun(two)
     assert (two.parent / "checkpoints" / "latest").read_text() == "step00000002"
     data = yaml.safe_load(two.read_text())
     two.write_text(yaml.safe_dump({**data, "train_steps": 4}))
-    _torchrun(two, 29735)
+    _torchrun(two)
 
     a, b = read_metrics(one.parent), read_metrics(two.parent)
     assert [r["step"] for r in b] == [1, 2, 3, 4]

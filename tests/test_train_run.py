@@ -122,3 +122,27 @@ def test_export_round_trip(ecss: bool) -> None:
             torch.testing.assert_close(again, live, rtol=0, atol=0)
     finally:
         trainer.close()
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_bf16_export_holds_the_fp32_masters(zero_stage: int) -> None:
+    """bf16 training keeps bf16 weights in the module and fp32 masters in the optimizer: the export
+    must be the masters (the module's copies are those masters rounded to bf16)."""
+    config = load_train_config(run_config(f"export-bf16-z{zero_stage}", "alpha-tiny", precision="bf16",
+                                          zero_stage=zero_stage, train_steps=3, checkpoint_every=0,
+                                          optimizer={"lr": 1e-3, "warmup_steps": 0}))
+    trainer = Trainer(config)
+    try:
+        trainer.run()
+        state = trainer.full_state_dict()
+        exported = load_checkpoint(Path(config.output) / "export").state_dict()
+        module = dict(trainer.engine.module.named_parameters())
+        for weight in ("blocks.0.attention.q_proj.weight", "word_embedding.weight"):
+            assert module[weight].dtype == torch.bfloat16
+            master = exported[weight]
+            assert master.dtype == torch.float32
+            assert torch.equal(master, state[weight])
+            assert torch.equal(master.to(torch.bfloat16), module[weight].detach().cpu())
+            assert not torch.equal(master, master.to(torch.bfloat16).float()), f"{weight}: bf16-rounded"
+    finally:
+        trainer.close()
