@@ -3,16 +3,23 @@
 safetensors only: loading never unpickles anything. The tied head is not a tensor of its own (the model
 multiplies by `word_embedding.weight`), so the file holds each weight once and the tie survives loading.
 Writes go to temporary names and are renamed, so an interrupted save leaves no partial checkpoint.
+
+The file is laid out by `SafetensorsWriter` rather than `safetensors.save_file`: its header is fixed
+before any tensor is written, so several processes can each write their own rows of a tensor into one
+file (`pangu_model.train` exports PanGu-Σ this way: every expert shard writes its experts, nobody
+gathers them). The layout is the safetensors format: an 8-byte little-endian header length, a JSON
+header (tensors in name order, padded with spaces to 8 bytes), then the tensors back to back.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .config import PanguConfig
 from .model import PanguModel
@@ -22,22 +29,111 @@ CONFIG_NAME = "config.json"
 FORMAT_VERSION = 1
 
 
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> "TensorSpec":
+        return cls(tensor.dtype, tuple(tensor.shape))
+
+
+class SafetensorsWriter:
+    """A safetensors file whose layout is fixed up front, written in pieces by one or many processes.
+
+    One process calls `create()` (header, file sized to its final length); then any process may
+    `write(name, rows, first_row)` into it, each piece at its own offset, and `close()` (fsync) when
+    done; the file is complete when every byte of every tensor has been written by someone. Equal
+    tensors give equal bytes: content hashes identify checkpoints in the lineage and in the
+    evaluation cache.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], specs: dict[str, TensorSpec]) -> None:
+        self.path = Path(path)
+        self.specs = dict(sorted(specs.items()))
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        self.offsets: dict[str, int] = {}
+        offset = 0
+        for name, spec in self.specs.items():
+            if spec.dtype not in _DTYPE_NAMES:
+                raise TypeError(f"{name}: dtype {spec.dtype} has no safetensors name here")
+            header[name] = {"dtype": _DTYPE_NAMES[spec.dtype], "shape": list(spec.shape),
+                            "data_offsets": [offset, offset + spec.nbytes]}
+            self.offsets[name] = offset
+            offset += spec.nbytes
+        text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        text += b" " * (-len(text) % 8)
+        self.header = len(text).to_bytes(8, "little") + text
+        self.size = len(self.header) + offset
+        self._fd: int | None = None
+
+    def create(self) -> None:
+        with open(self.path, "wb") as fh:
+            fh.write(self.header)
+            fh.truncate(self.size)
+
+    def write(self, name: str, tensor: torch.Tensor, first_row: int = 0) -> None:
+        """Write `tensor` as rows [first_row, first_row + len) of tensor `name` (the whole tensor by default)."""
+        spec = self.specs[name]
+        tensor = tensor.detach().to("cpu", spec.dtype).contiguous()
+        rows = spec.shape[0] if spec.shape else 1
+        if tuple(tensor.shape[1:]) != spec.shape[1:] or first_row < 0 or first_row + (
+                tensor.shape[0] if tensor.dim() else 1) > rows:
+            raise ValueError(f"{name}: rows {first_row}+{tuple(tensor.shape)} do not fit {spec.shape}")
+        row_bytes = spec.nbytes // rows if rows else 0
+        data = tensor.reshape(-1).view(torch.uint8).numpy()
+        position = len(self.header) + self.offsets[name] + first_row * row_bytes
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY)
+        view = memoryview(data)
+        while view.nbytes:
+            written = os.pwrite(self._fd, view, position)
+            view, position = view[written:], position + written
+
+    def close(self) -> None:
+        """Flush this process's pieces to disk (other writers' pieces are theirs to flush)."""
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+
+def write_config(config: PanguConfig, directory: str | os.PathLike[str]) -> None:
+    payload = {"format_version": FORMAT_VERSION, "model_type": "pangu", **config.model_dump()}
+    tmp = Path(directory) / f".{CONFIG_NAME}.tmp"
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, Path(directory) / CONFIG_NAME)
+
+
 def save_checkpoint(model: PanguModel, directory: str | os.PathLike[str]) -> Path:
     """Write the model's weights, routing tables and config into `directory`; return it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
-    config_payload = {"format_version": FORMAT_VERSION, "model_type": "pangu", **model.config.model_dump()}
-
-    weights_tmp = directory / f".{WEIGHTS_NAME}.tmp"
-    config_tmp = directory / f".{CONFIG_NAME}.tmp"
-    # One metadata key only: safetensors keeps the header's metadata in a hash map whose order
-    # changes from process to process, and equal weights must give equal bytes (content hashes
-    # identify checkpoints in the lineage and in the evaluation cache). config.json names the model.
-    save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
-    config_tmp.write_text(json.dumps(config_payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(weights_tmp, directory / WEIGHTS_NAME)
-    os.replace(config_tmp, directory / CONFIG_NAME)
+    tensors = model.state_dict()
+    writer = SafetensorsWriter(directory / f".{WEIGHTS_NAME}.tmp", {k: TensorSpec.of(t) for k, t in tensors.items()})
+    writer.create()
+    try:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+    finally:
+        writer.close()
+    os.replace(writer.path, directory / WEIGHTS_NAME)
+    write_config(model.config, directory)
     return directory
 
 
@@ -49,19 +145,41 @@ def load_config(directory: str | os.PathLike[str]) -> PanguConfig:
 
 
 def load_checkpoint(
-    directory: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    directory: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+    expert_shard: tuple[int, int] | None = None,
 ) -> PanguModel:
     """Rebuild the model from `config.json` and adopt the tensors of `model.safetensors` as they are.
 
     The model is built on the meta device and the loaded tensors are assigned, so no memory is spent on a
-    throw-away random initialisation. The model comes back in eval mode.
+    throw-away random initialisation. The model comes back in eval mode. With `expert_shard` (rank,
+    size) only that shard of every RRE layer's experts is read from disk (see `PanguModel`).
     """
     directory = Path(directory)
     config = load_config(directory)
-    state = load_file(str(directory / WEIGHTS_NAME), device=str(device))
     with torch.device("meta"):
-        model = PanguModel(config)
+        model = PanguModel(config, expert_shard)
+    if expert_shard is None:
+        state = load_file(str(directory / WEIGHTS_NAME), device=str(device))
+    else:
+        state = _read_expert_shard(directory / WEIGHTS_NAME, model, device)
     model.load_state_dict(state, strict=True, assign=True)
     if dtype is not None:
         model = model.to(dtype=dtype)
     return model.eval()
+
+
+def _read_expert_shard(path: Path, model: PanguModel, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The tensors `model` holds, expert banks as row slices (safetensors reads only those bytes)."""
+    from safetensors import safe_open
+
+    first_rows = {f"{name}.experts.{weight}": ffn.experts.first_expert
+                  for name, ffn in model.sparse_layers().items() for weight in ("w_in", "b_in", "w_out", "b_out")}
+    state = {}
+    with safe_open(str(path), framework="pt", device=str(device)) as handle:
+        for name, target in model.state_dict().items():
+            if name in first_rows:
+                first = first_rows[name]
+                state[name] = handle.get_slice(name)[first: first + target.shape[0]]
+            else:
+                state[name] = handle.get_tensor(name)
+    return state

@@ -71,9 +71,10 @@ class HostExpertBank(nn.Module):
     """Drop-in for `ExpertBank`: host-resident masters of this rank's shard of the experts, and a compact
     device copy of the fetched ones. With an expert-parallel group, tokens go to their expert's owner."""
 
-    def __init__(self, bank: ExpertBank, pin: bool, ep_group: Any = None) -> None:
+    def __init__(self, bank: ExpertBank, pin: bool, ep_group: Any = None, total_experts: int | None = None) -> None:
+        """`bank`: the layer's whole bank, or already this rank's shard of `total_experts`."""
         super().__init__()
-        self.num_experts = bank.num_experts
+        self.num_experts = total_experts or bank.num_experts
         self.pinned = pin
         self.ep_group = ep_group
         self.ep_size = _group_size(ep_group)
@@ -83,8 +84,15 @@ class HostExpertBank(nn.Module):
         self.shard_size = self.num_experts // self.ep_size
         self.first = self.ep_rank * self.shard_size  # experts [first, first + shard_size) live here
         self.host: dict[str, torch.Tensor] = {}
+        if bank.num_experts == self.num_experts:
+            rows = slice(self.first, self.first + self.shard_size)
+        elif (bank.first_expert, bank.num_experts) == (self.first, self.shard_size):
+            rows = slice(None)
+        else:
+            raise ValueError(f"bank holds experts {bank.first_expert}..{bank.first_expert + bank.num_experts - 1}, "
+                             f"expert-parallel rank {self.ep_rank} needs {self.first}..{self.first + self.shard_size - 1}")
         for name in WEIGHT_NAMES:
-            source = getattr(bank, name).detach()[self.first: self.first + self.shard_size]
+            source = getattr(bank, name).detach()[rows]
             master = torch.empty(source.shape, dtype=torch.float32, pin_memory=pin)
             master.copy_(source)
             self.host[name] = master
@@ -219,7 +227,7 @@ class ExpertOffload:
             if isinstance(module, RandomRoutedExperts):
                 if not isinstance(module.experts, ExpertBank):
                     raise TypeError(f"{name}: experts are {type(module.experts).__name__}, not an ExpertBank")
-                bank = HostExpertBank(module.experts, self.pin, self.ep_group)
+                bank = HostExpertBank(module.experts, self.pin, self.ep_group, module.total_experts)
                 module.experts = bank  # the device ExpertBank is dropped here: its memory is freed
                 self.layers[name] = module
                 self.banks[name] = bank
@@ -360,6 +368,11 @@ class ExpertOffload:
                             "exp_avg": saved["exp_avg"][e].clone(),
                             "exp_avg_sq": saved["exp_avg_sq"][e].clone(),
                         }
+
+    def expert_rows(self) -> list[tuple[str, torch.Tensor, int]]:
+        """This rank's shard as (ExpertBank tensor name, host master rows, first row) pieces."""
+        return [(f"{layer}.experts.{name}", bank.host[name], bank.first)
+                for layer, bank in self.banks.items() for name in WEIGHT_NAMES]
 
     def expert_state(self) -> dict[str, torch.Tensor]:
         """Every layer's experts, whole, under `ExpertBank` names (`<layer>.experts.w_in`, ...), on the

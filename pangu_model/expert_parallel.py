@@ -63,8 +63,9 @@ class DeepSpeedRRE(nn.Module):
         self.experts_per_domain = rre.experts_per_domain
         self.domain_id_offset = rre.domain_id_offset
         self.register_buffer("token_to_expert", rre.token_to_expert.clone(), persistent=True)
-        bank = rre.experts
-        total, d_ff, d_model = bank.w_in.shape
+        bank = rre.experts  # the whole bank, or already this rank's shard (PanguModel expert_shard)
+        total = rre.total_experts
+        _, d_ff, d_model = bank.w_in.shape
         self.moe = MoE(hidden_size=d_model, expert=_Expert(d_model, d_ff), num_experts=total, ep_size=ep, k=1,
                        min_capacity=0, drop_tokens=False, use_rts=False)
         old = self.moe.deepspeed_moe.gate
@@ -76,6 +77,9 @@ class DeepSpeedRRE(nn.Module):
         with torch.no_grad():
             for i, expert in enumerate(self.moe.deepspeed_moe.experts.deepspeed_experts):
                 g = ep_rank * local + i  # experts are contiguous per ep rank, domain by domain
+                g -= bank.first_expert
+                if not 0 <= g < bank.num_experts:
+                    raise ValueError(f"expert {g + bank.first_expert} is not in this rank's bank")
                 expert.fc_in.weight.copy_(bank.w_in[g])
                 expert.fc_in.bias.copy_(bank.b_in[g])
                 expert.fc_out.weight.copy_(bank.w_out[g])
@@ -99,26 +103,44 @@ def to_deepspeed_moe(model: PanguModel, ep: int, ep_rank: int) -> None:
             block.ffn = DeepSpeedRRE(block.ffn, ep, ep_rank)
 
 
+_BANK_WEIGHTS = {"w_in": "fc_in.weight", "b_in": "fc_in.bias", "w_out": "fc_out.weight", "b_out": "fc_out.bias"}
+
+
+def local_expert_rows(model: nn.Module, state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, int]]:
+    """This rank's experts as (ExpertBank tensor name, stacked rows, first row) pieces, read from `state`
+    (which may hold the optimizer's fp32 masters instead of the module's copies)."""
+    pieces = []
+    for name, module in model.named_modules():
+        if not isinstance(module, DeepSpeedRRE):
+            continue
+        local_experts = f"{name}.moe.deepspeed_moe.experts.deepspeed_experts"
+        count = len(module.moe.deepspeed_moe.experts.deepspeed_experts)
+        first = dist.get_rank(module.moe.deepspeed_moe.ep_group) * count  # contiguous per ep rank
+        for bank_name, weight in _BANK_WEIGHTS.items():
+            rows = torch.stack([state[f"{local_experts}.{i}.{weight}"].detach().float() for i in range(count)])
+            pieces.append((f"{name}.experts.{bank_name}", rows, first))
+    return pieces
+
+
+def without_moe_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` without the DeepSpeed MoE layers' own keys (their experts travel as `local_expert_rows`)."""
+    prefixes = tuple(f"{name}.moe." for name, module in model.named_modules() if isinstance(module, DeepSpeedRRE))
+    return {k: v for k, v in state.items() if not (prefixes and k.startswith(prefixes))}
+
+
 def gather_expert_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`state` with every DeepSpeedRRE's local experts gathered over its ep group into ExpertBank names.
 
     Collective over the expert-parallel group; DeepSpeed's zero_to_fp32.py cannot do this (SPEC §5.2).
+    Every rank ends up holding every expert: for tests and small models; exports write the local rows
+    instead (pangu_model.train.Trainer.export).
     """
-    out = dict(state)
-    for name, module in model.named_modules():
-        if not isinstance(module, DeepSpeedRRE):
-            continue
-        prefix = f"{name}.moe."
-        for key in [k for k in out if k.startswith(prefix)]:
-            del out[key]
-        local_experts = f"{prefix}deepspeed_moe.experts.deepspeed_experts"
-        group = module.moe.deepspeed_moe.ep_group
-        count = len(module.moe.deepspeed_moe.experts.deepspeed_experts)
-        for bank_name, weight in {"w_in": "fc_in.weight", "b_in": "fc_in.bias",
-                                  "w_out": "fc_out.weight", "b_out": "fc_out.bias"}.items():
-            # Read from `state`, which may hold the optimizer's fp32 masters instead of the module's copies.
-            local = torch.stack([state[f"{local_experts}.{i}.{weight}"].detach().float() for i in range(count)])
-            parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-            dist.all_gather(parts, local.contiguous(), group=group)
-            out[f"{name}.experts.{bank_name}"] = torch.cat(parts)
+    out = without_moe_keys(model, state)
+    groups = {f"{name}.experts.": module.moe.deepspeed_moe.ep_group
+              for name, module in model.named_modules() if isinstance(module, DeepSpeedRRE)}
+    for key, rows, _ in local_expert_rows(model, state):
+        group = next(g for prefix, g in groups.items() if key.startswith(prefix))
+        parts = [torch.empty_like(rows) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, rows.contiguous(), group=group)
+        out[key] = torch.cat(parts)
     return out

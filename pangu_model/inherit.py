@@ -25,9 +25,11 @@ def _expert_banks(model: PanguModel) -> dict[str, ExpertBank]:
 
 
 def sigma_from_dense(
-    dense: PanguModel | Mapping[str, torch.Tensor], sigma_config: PanguConfig
+    dense: PanguModel | Mapping[str, torch.Tensor], sigma_config: PanguConfig,
+    expert_shard: tuple[int, int] | None = None,
 ) -> PanguModel:
-    """A sparse model whose every expert starts as a copy of the dense FFN of its layer.
+    """A sparse model whose every expert starts as a copy of the dense FFN of its layer (only the
+    experts of `expert_shard` (rank, size) when given: see `PanguModel`).
 
     All other weights (embeddings, attention, LayerNorms, dense layers) are copied as they are; routing
     tables come from `sigma_config.routing_seed`; learned gates (MoGE / top-k) keep their fresh init.
@@ -44,7 +46,7 @@ def sigma_from_dense(
         raise ValueError("inheritance needs experts as wide as the dense FFN (expert_d_ff = d_ff)")
 
     reference = next(iter(dense_state.values()))
-    sparse = PanguModel(sigma_config).to(device=reference.device, dtype=reference.dtype)
+    sparse = PanguModel(sigma_config, expert_shard).to(device=reference.device, dtype=reference.dtype)
     # Routing tables are integer buffers: the dtype cast above leaves them alone, as it should.
     state = sparse.state_dict()
     expert_prefixes = {f"{name}.experts." for name in _expert_banks(sparse)}

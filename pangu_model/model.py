@@ -113,12 +113,12 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-LN transformer block. As the query layer, queries come from an outside tensor instead."""
 
-    def __init__(self, config: PanguConfig, layer_index: int) -> None:
+    def __init__(self, config: PanguConfig, layer_index: int, expert_shard: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.attention_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.attention = Attention(config, layer_index)
         self.ffn_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.ffn = build_ffn(config, layer_index)
+        self.ffn = build_ffn(config, layer_index, expert_shard)
         self.residual_dropout = nn.Dropout(config.dropout)
 
     def forward(
@@ -138,7 +138,10 @@ class Block(nn.Module):
 
 
 class PanguModel(nn.Module):
-    def __init__(self, config: PanguConfig) -> None:
+    """`expert_shard` (rank, size): RRE layers hold only that shard of their experts (training with the
+    experts spread over ranks); the rest of the model, and each expert's weights, are as without it."""
+
+    def __init__(self, config: PanguConfig, expert_shard: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.config = config
         d = config.d_model
@@ -146,9 +149,9 @@ class PanguModel(nn.Module):
         self.position_embedding = nn.Embedding(config.max_seq_len, d)
         self.top_query_embedding = nn.Embedding(config.max_seq_len, d)
         self.embedding_dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers - 1))
+        self.blocks = nn.ModuleList(Block(config, i, expert_shard) for i in range(config.num_layers - 1))
         self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.query_layer = Block(config, config.num_layers - 1)
+        self.query_layer = Block(config, config.num_layers - 1, expert_shard)
         self.reset_parameters()
 
     # ------------------------------------------------------------------------------------------
@@ -168,8 +171,16 @@ class PanguModel(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, ExpertBank):
-                nn.init.normal_(module.w_in, 0.0, std)
-                nn.init.normal_(module.w_out, 0.0, output_std)
+                # One draw from the global stream per bank, then a generator per expert seeded by its
+                # global index: a shard of the bank initialises exactly its rows of the whole bank,
+                # and the rest of the model sees the same stream either way.
+                base = int(torch.randint(0, 2**62, (1,), device="cpu"))
+                device = module.w_in.device
+                generator = None if device.type == "meta" else torch.Generator(device=device)
+                for row in range(0 if generator is None else module.num_experts):
+                    generator.manual_seed(base + module.first_expert + row)
+                    nn.init.normal_(module.w_in[row], 0.0, std, generator=generator)
+                    nn.init.normal_(module.w_out[row], 0.0, output_std, generator=generator)
                 nn.init.zeros_(module.b_in)
                 nn.init.zeros_(module.b_out)
             elif isinstance(module, MixtureOfGroupedExperts):

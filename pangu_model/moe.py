@@ -55,11 +55,15 @@ class DenseFFN(nn.Module):
 
 
 class ExpertBank(nn.Module):
-    """`num_experts` GeLU FFNs, each laid out exactly like `DenseFFN` (nn.Linear orientation)."""
+    """`num_experts` GeLU FFNs, each laid out exactly like `DenseFFN` (nn.Linear orientation).
 
-    def __init__(self, num_experts: int, d_model: int, d_ff: int) -> None:
+    `first_expert` > 0 marks a shard of a larger bank (experts first_expert, first_expert + 1, ...):
+    each expert's initial weights depend only on its global index (`PanguModel.reset_parameters`)."""
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, first_expert: int = 0) -> None:
         super().__init__()
         self.num_experts = num_experts
+        self.first_expert = first_expert
         self.w_in = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.b_in = nn.Parameter(torch.zeros(num_experts, d_ff))
         self.w_out = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
@@ -128,14 +132,22 @@ def random_routing_table(vocab_size: int, experts_per_group: int, seed: int) -> 
 
 
 class RandomRoutedExperts(nn.Module):
-    """PanGu-Σ's two-level routing: domain → expert group, token id → expert (fixed table)."""
+    """PanGu-Σ's two-level routing: domain → expert group, token id → expert (fixed table).
 
-    def __init__(self, config: PanguConfig, layer_index: int) -> None:
+    With `expert_shard` (rank, size) the layer holds only that contiguous shard of its experts, for a
+    training run that spreads them over ranks (ECSS or DeepSpeed MoE replace the bank before use)."""
+
+    def __init__(self, config: PanguConfig, layer_index: int, expert_shard: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.num_domains = config.num_domains
         self.experts_per_domain = config.experts_per_domain
         self.domain_id_offset = config.domain_id_offset
-        self.experts = ExpertBank(self.num_domains * self.experts_per_domain, config.d_model, config.expert_width)
+        total = self.num_domains * self.experts_per_domain
+        rank, size = expert_shard or (0, 1)
+        if size < 1 or not 0 <= rank < size or total % size:
+            raise ValueError(f"expert shard {rank} of {size} does not split {total} experts")
+        self.total_experts = total
+        self.experts = ExpertBank(total // size, config.d_model, config.expert_width, first_expert=rank * total // size)
         # A buffer, not a parameter: frozen, saved with the model, identical on every rank.
         table = random_routing_table(config.vocab_size, self.experts_per_domain, config.routing_seed + layer_index)
         self.register_buffer("token_to_expert", table, persistent=True)
@@ -149,12 +161,15 @@ class RandomRoutedExperts(nn.Module):
     def forward(
         self, x: torch.Tensor, token_ids: torch.Tensor, domain_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.experts.num_experts != self.total_experts:
+            raise RuntimeError(f"this layer holds {self.experts.num_experts} of {self.total_experts} experts "
+                               "(an expert shard): run it through ECSS or DeepSpeed MoE")
         flat = x.reshape(-1, x.shape[-1])
         expert_index = self.route(token_ids, domain_ids).reshape(-1)
         token_index = torch.arange(flat.shape[0], device=x.device)
         out = self.experts(flat, expert_index, token_index)
         self.last_stats = RoutingStats(
-            torch.bincount(expert_index, minlength=self.experts.num_experts).detach(), flat.shape[0]
+            torch.bincount(expert_index, minlength=self.total_experts).detach(), flat.shape[0]
         )
         return out.view_as(x), x.new_zeros(())
 
@@ -264,7 +279,11 @@ SPARSE_FFNS: dict[str, type[nn.Module]] = {
 }
 
 
-def build_ffn(config: PanguConfig, layer_index: int) -> nn.Module:
+def build_ffn(config: PanguConfig, layer_index: int, expert_shard: tuple[int, int] | None = None) -> nn.Module:
     if config.is_sparse_layer(layer_index):
+        if expert_shard is not None:
+            if config.router != "rre":
+                raise ValueError("expert shards are implemented for RRE routing only")
+            return RandomRoutedExperts(config, layer_index, expert_shard)
         return SPARSE_FFNS[config.router](config, layer_index)
     return DenseFFN(config.d_model, config.d_ff)

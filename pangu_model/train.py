@@ -16,10 +16,12 @@ What one run does:
   host-resident with ECSS (ecss.py), sharded over the expert-parallel group when ep > 1;
 * reads rows from a packed token directory (`tokenizer.dataset.PackedRowDataset`, resumable);
 * checkpoints every N steps and on SIGTERM: DeepSpeed's `save_checkpoint` plus our own per-rank
-  trainer state (step, data position) and ECSS host optimizer state, then an atomic `latest` pointer,
+  trainer state (step, data position) and ECSS host experts with their Adam states (one file per expert
+  shard), then an atomic `latest` pointer,
   so a `kill -9` at any moment resumes from the last complete checkpoint with the same data, the
   same dropout masks (seeded per step) and the same losses;
-* exports `model.safetensors` + `config.json` (pangu_model.checkpoint) with every expert included;
+* exports `model.safetensors` + `config.json` (pangu_model.checkpoint) with every expert included,
+  the fp32 optimizer masters under bf16/fp16, each expert shard writing its own rows (no gather);
 * logs metrics (metrics.py).
 """
 
@@ -43,9 +45,8 @@ import torch.distributed as dist
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .checkpoint import save_checkpoint as save_exported
 from .config import PanguConfig, get_config
-from .expert_parallel import gather_expert_state, to_deepspeed_moe
+from .expert_parallel import gather_expert_state, local_expert_rows, to_deepspeed_moe, without_moe_keys
 from .model import PanguModel
 from .moe import RandomRoutedExperts
 from .optim import OptimConfig, build_scheduler, lr_at, parameter_groups
@@ -192,20 +193,24 @@ def _compute_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def build_model(config: TrainConfig) -> PanguModel:
-    """The initial model, identical on every rank (seeded; DeepSpeed broadcasts it again anyway)."""
+def build_model(config: TrainConfig, expert_shard: tuple[int, int] | None = None) -> PanguModel:
+    """The initial model, identical on every rank (seeded; DeepSpeed broadcasts it again anyway).
+
+    With `expert_shard` (ep rank, ep size) the RRE layers hold only this rank's experts, so no rank
+    ever holds all experts of a model like sigma-1t (1.07T expert parameters)."""
     pangu = config.pangu_config()
     torch.manual_seed(config.seed)
     if config.init_from is None:
-        return PanguModel(pangu)
-    from .checkpoint import load_checkpoint
+        return PanguModel(pangu, expert_shard)
+    from .checkpoint import load_checkpoint, load_config
     from .inherit import sigma_from_dense
 
-    source = load_checkpoint(config.init_from)
-    if source.config.router == "dense" and pangu.router != "dense":
-        model = sigma_from_dense(source, pangu)
+    dense_source = load_config(config.init_from).router == "dense"
+    if dense_source and pangu.router != "dense":
+        model = sigma_from_dense(load_checkpoint(config.init_from), pangu, expert_shard)
     else:
-        model = PanguModel(pangu)
+        source = load_checkpoint(config.init_from, expert_shard=None if dense_source else expert_shard)
+        model = PanguModel(pangu, expert_shard)
         model.load_state_dict(source.state_dict(), strict=True)
     return model.train()
 
@@ -231,7 +236,8 @@ class Trainer:
         self.total_steps = config.train_steps
         self._check_topology()
 
-        model = build_model(config)
+        ep = config.expert_parallel
+        model = build_model(config, (self._ep_rank(), ep) if ep > 1 else None)
         self.expert_layers: list[str] = [n for n, m in model.named_modules() if isinstance(m, RandomRoutedExperts)]
         self.sparse_layers = list(model.sparse_layers())
         if config.expert_parallel > 1 and not config.ecss:
@@ -520,10 +526,10 @@ class Trainer:
         return True
 
     # ---- export ---------------------------------------------------------------------------------
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every weight in PanguModel's names, fp32 on the CPU: the optimizer's fp32 masters where the
-        module holds bf16/fp16 copies, experts gathered from their ranks or read from the host.
-        Collective: every rank calls it."""
+    def _module_state(self, keep_all: bool = True) -> dict[str, torch.Tensor]:
+        """The engine module's state with the optimizer's fp32 masters where the module holds bf16/fp16
+        copies. Collective: every rank calls it. Without `keep_all`, only the DeepSpeed-MoE experts'
+        masters are kept (the rest is rank 0's to write)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
         module = self.engine.module
@@ -534,26 +540,90 @@ class Trainer:
                 # ZeRO 1/2 and the bf16 optimizer keep fp32 masters in flat partitions: assembling one
                 # is a collective over the data-parallel group, so every rank walks the same order.
                 full = safe_get_full_fp32_param(param) if param.requires_grad else None
-                masters[id(param)] = full if full is not None else param.detach()
+                masters[id(param)] = full if full is not None and (keep_all or ".moe." in name) else param.detach()
             state[name] = masters[id(param)]
+        return state
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every weight in PanguModel's names, fp32 on the CPU, experts gathered from their ranks or read
+        from the host. Every rank ends up with the whole model: for tests and small models."""
+        state = self._module_state()
         if self.ecss is not None:
             state.update(self.ecss.expert_state())
         elif self.config.expert_parallel > 1:
-            state = gather_expert_state(module, state)
+            state = gather_expert_state(self.engine.module, state)
         return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu() for k, v in state.items()}
 
     def export(self, directory: str | os.PathLike[str]) -> Path | None:
-        """`model.safetensors` + `config.json` that `pangu_model.load_checkpoint` reads back."""
-        state = self.full_state_dict()  # collective when experts are spread over ranks
-        if self.rank != 0:
-            return None
+        """`model.safetensors` + `config.json` that `pangu_model.load_checkpoint` reads back.
+
+        Collective. Nobody gathers the experts: rank 0 lays the file out and writes the dense weights,
+        and one rank per expert shard writes its experts' rows in place (`SafetensorsWriter`), so the
+        export directory must be on a filesystem that those ranks share (as the checkpoints are).
+        """
+        from .checkpoint import WEIGHTS_NAME, SafetensorsWriter, TensorSpec, write_config
+
+        directory = Path(directory)
         with torch.device("meta"):
-            model = PanguModel(self.pangu)
-        model.load_state_dict(state, strict=True, assign=True)
-        return save_exported(model, directory)
+            layout = PanguModel(self.pangu).state_dict()
+        specs = {k: TensorSpec(torch.float32 if v.is_floating_point() else v.dtype, tuple(v.shape))
+                 for k, v in layout.items()}
+        state = self._module_state(keep_all=self.rank == 0)
+        pieces: list[tuple[str, torch.Tensor, int]] = []
+        if self.ecss is not None:
+            pieces = self.ecss.expert_rows()
+        elif self.config.expert_parallel > 1:
+            pieces = local_expert_rows(self.engine.module, state)
+        if not self._first_replica():
+            pieces = []  # replicas of a shard hold the same experts: one of them writes
+        dense = without_moe_keys(self.engine.module, state) if self.rank == 0 else {}
+        writer = SafetensorsWriter(directory / f".{WEIGHTS_NAME}.tmp", specs)
+        if self.rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            writer.create()
+        self._barrier()
+        try:
+            for name, tensor in dense.items():
+                writer.write(name, tensor)
+            for name, rows, first in pieces:
+                writer.write(name, rows, first)
+        finally:
+            writer.close()
+        written = [(name, len(t) if t.dim() else 1, 0) for name, t in dense.items()]
+        written += [(name, len(rows), first) for name, rows, first in pieces]
+        everyone = [written]
+        if self.world_size > 1:
+            everyone = [None] * self.world_size
+            dist.all_gather_object(everyone, written)
+        if self.rank == 0:
+            missing = _uncovered_rows(specs, [piece for part in everyone for piece in part])
+            if missing:
+                writer.path.unlink(missing_ok=True)
+                raise RuntimeError(f"export of {directory}: no rank wrote {missing[:5]}")
+            os.replace(writer.path, directory / WEIGHTS_NAME)
+            write_config(self.pangu, directory)
+        self._barrier()
+        return directory if self.rank == 0 else None
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
 
     def close(self) -> None:
         signal.signal(signal.SIGTERM, self._previous_handler or signal.SIG_DFL)
+
+
+def _uncovered_rows(specs: dict[str, Any], written: list[tuple[str, int, int]]) -> list[str]:
+    """Tensors (or row ranges) of `specs` that the written pieces (name, rows, first row) leave out or
+    write twice."""
+    rows: dict[str, list[int]] = {name: [0] * (spec.shape[0] if spec.shape else 1) for name, spec in specs.items()}
+    for name, count, first in written:
+        if name not in rows:
+            return [f"{name} (not in the model)"]
+        for row in range(first, first + count):
+            rows[name][row] += 1
+    return [f"{name} rows {[i for i, c in enumerate(hits) if c != 1][:3]}"
+            for name, hits in rows.items() if any(c != 1 for c in hits)]
 
 
 def _ecss_file(ep_rank: int) -> str:

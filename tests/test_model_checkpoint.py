@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -71,3 +72,39 @@ def test_equal_weights_give_equal_bytes_across_processes(tmp_path):
     for name in ("a", "b"):
         subprocess.run([sys.executable, "-c", script, str(tmp_path / name)], check=True)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_a_file_written_in_pieces_equals_the_file_written_whole(tmp_path) -> None:
+    """What a sharded export relies on: rows written in any order by separate writers give the same
+    bytes as one writer, and safetensors reads the file back (its own validation of the layout)."""
+    from safetensors.torch import load_file
+
+    from pangu_model.checkpoint import SafetensorsWriter, TensorSpec
+
+    torch.manual_seed(0)
+    tensors = {"experts.w_in": torch.randn(8, 3, 5), "norm.bias": torch.randn(5).to(torch.bfloat16),
+               "table": torch.randperm(11), "scale": torch.tensor(2.5)}
+    specs = {k: TensorSpec.of(t) for k, t in tensors.items()}
+    whole = SafetensorsWriter(tmp_path / "whole.safetensors", specs)
+    whole.create()
+    for name, tensor in tensors.items():
+        whole.write(name, tensor)
+    whole.close()
+
+    pieces = SafetensorsWriter(tmp_path / "pieces.safetensors", specs)
+    pieces.create()
+    for shard in (3, 1, 0, 2):  # four "ranks", two experts each, out of order
+        writer = SafetensorsWriter(tmp_path / "pieces.safetensors", specs)
+        writer.write("experts.w_in", tensors["experts.w_in"][2 * shard: 2 * shard + 2], first_row=2 * shard)
+        writer.close()
+    for name in ("norm.bias", "table", "scale"):
+        pieces.write(name, tensors[name])
+    pieces.close()
+
+    assert (tmp_path / "pieces.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
+    loaded = load_file(str(tmp_path / "pieces.safetensors"))
+    assert set(loaded) == set(tensors)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+    with pytest.raises(ValueError, match="do not fit"):
+        pieces.write("experts.w_in", torch.zeros(2, 3, 5), first_row=7)

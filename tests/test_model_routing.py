@@ -179,6 +179,8 @@ def test_topk_capacity_drops_overflow_tokens_to_the_residual() -> None:
     with torch.no_grad():
         layer.gate.weight.zero_()
         layer.gate.weight[0] = 1.0  # positive inputs all prefer expert 0
+        # A bare layer's bank is torch.empty (PanguModel initialises it): give it real weights.
+        torch.nn.init.normal_(layer.experts.w_in, 0, 0.5)
         torch.nn.init.normal_(layer.experts.w_out, 0, 0.5)
     x = torch.rand(1, 16, 32) + 0.1
     out, aux_loss = layer(x)
