@@ -14,6 +14,7 @@ header (tensors in name order, padded with spaces to 8 bytes), then the tensors 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from safetensors.torch import load_file
 
 from .config import PanguConfig
 from .model import PanguModel
+from .moe import EXPERT_WEIGHTS
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -43,10 +45,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> "TensorSpec":
@@ -173,7 +172,7 @@ def _read_expert_shard(path: Path, model: PanguModel, device: str | torch.device
     from safetensors import safe_open
 
     first_rows = {f"{name}.experts.{weight}": ffn.experts.first_expert
-                  for name, ffn in model.sparse_layers().items() for weight in ("w_in", "b_in", "w_out", "b_out")}
+                  for name, ffn in model.sparse_layers().items() for weight in EXPERT_WEIGHTS}
     state = {}
     with safe_open(str(path), framework="pt", device=str(device)) as handle:
         for name, target in model.state_dict().items():

@@ -39,10 +39,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .moe import ExpertBank, RandomRoutedExperts, grouped_experts
+from .moe import EXPERT_WEIGHTS, ExpertBank, RandomRoutedExperts, grouped_experts
 from .optim import OptimConfig
 
-WEIGHT_NAMES = ("w_in", "b_in", "w_out", "b_out")
+WEIGHT_NAMES = tuple(EXPERT_WEIGHTS)
 _DECAYED = ("w_in", "w_out")  # biases take no weight decay (optim.decays)
 
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .model import PanguModel
-from .moe import RandomRoutedExperts
+from .moe import EXPERT_WEIGHTS, RandomRoutedExperts
 
 
 class _Expert(nn.Module):
@@ -103,9 +103,6 @@ def to_deepspeed_moe(model: PanguModel, ep: int, ep_rank: int) -> None:
             block.ffn = DeepSpeedRRE(block.ffn, ep, ep_rank)
 
 
-_BANK_WEIGHTS = {"w_in": "fc_in.weight", "b_in": "fc_in.bias", "w_out": "fc_out.weight", "b_out": "fc_out.bias"}
-
-
 def local_expert_rows(model: nn.Module, state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, int]]:
     """This rank's experts as (ExpertBank tensor name, stacked rows, first row) pieces, read from `state`
     (which may hold the optimizer's fp32 masters instead of the module's copies)."""
@@ -116,7 +113,7 @@ def local_expert_rows(model: nn.Module, state: dict[str, torch.Tensor]) -> list[
         local_experts = f"{name}.moe.deepspeed_moe.experts.deepspeed_experts"
         count = len(module.moe.deepspeed_moe.experts.deepspeed_experts)
         first = dist.get_rank(module.moe.deepspeed_moe.ep_group) * count  # contiguous per ep rank
-        for bank_name, weight in _BANK_WEIGHTS.items():
+        for bank_name, weight in EXPERT_WEIGHTS.items():
             rows = torch.stack([state[f"{local_experts}.{i}.{weight}"].detach().float() for i in range(count)])
             pieces.append((f"{name}.experts.{bank_name}", rows, first))
     return pieces

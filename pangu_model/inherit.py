@@ -11,10 +11,8 @@ from collections.abc import Mapping
 import torch
 from .config import PanguConfig
 from .model import PanguModel
-from .moe import ExpertBank
+from .moe import EXPERT_WEIGHTS, ExpertBank
 
-# ExpertBank tensor → the DenseFFN tensor every expert copies.
-_EXPERT_FROM_DENSE = {"w_in": "fc_in.weight", "b_in": "fc_in.bias", "w_out": "fc_out.weight", "b_out": "fc_out.bias"}
 
 _SHAPE_FIELDS = ("vocab_size", "max_seq_len", "d_model", "num_layers", "num_heads", "d_ff")
 
@@ -55,7 +53,7 @@ def sigma_from_dense(
             prefix = next((p for p in expert_prefixes if key.startswith(p)), None)
             if prefix is not None:
                 ffn_name = prefix[: -len("experts.")]
-                source = dense_state[ffn_name + _EXPERT_FROM_DENSE[key[len(prefix):]]]
+                source = dense_state[ffn_name + EXPERT_WEIGHTS[key[len(prefix):]]]
                 target.copy_(source.unsqueeze(0).expand_as(target))
             elif key in dense_state:
                 if dense_state[key].shape != target.shape:

@@ -54,6 +54,10 @@ class DenseFFN(nn.Module):
         return self.fc_out(F.gelu(self.fc_in(x))), x.new_zeros(())
 
 
+# ExpertBank tensor → the DenseFFN / nn.Linear tensor that one expert's row of it corresponds to.
+EXPERT_WEIGHTS = {"w_in": "fc_in.weight", "b_in": "fc_in.bias", "w_out": "fc_out.weight", "b_out": "fc_out.bias"}
+
+
 class ExpertBank(nn.Module):
     """`num_experts` GeLU FFNs, each laid out exactly like `DenseFFN` (nn.Linear orientation).
 
