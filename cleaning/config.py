@@ -68,7 +68,6 @@ class CorpusConfig(BaseModel):
     )
     reader: ReaderConfig = Field(default_factory=ReaderConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
-    rows_per_output_shard: int = Field(100_000, ge=1)
 
     @model_validator(mode="after")
     def _check_overrides(self) -> "CorpusConfig":

@@ -97,6 +97,25 @@ class TaskRun:
     predictions: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _summary_base(task: Task, shots: int, seed: int) -> dict[str, Any]:
+    """What every task summary says of the task, however its run ended."""
+    base: dict[str, Any] = {
+        "task": task.name, "title": task.title, "method": task.method, "metric": task.metric,
+        "template": task.template, "candidates": task.candidates, "extra": task.extra, "shots": shots,
+        "seed": seed, "reference": task.reference, "notes": task.notes,
+    }
+    if task.method == "gen":
+        base["decoding"] = {**(task.decoding or {}), "max_new_tokens": task.max_new_tokens, "stop": ["<eot>", "\\n"]}
+    return base
+
+
+def failed_task_run(task: Task, error: BaseException, *, shots: int = 0, seed: int = 1234) -> TaskRun:
+    """The summary of a task whose run raised `error` (status `failed`), for an orchestrator that runs
+    tasks one by one and reports a crash without losing the other tasks' results."""
+    message = f"{type(error).__name__}: {error}"
+    return TaskRun({**_summary_base(task, shots, seed), "status": "failed", "message": message})
+
+
 def run_task(
     task: Task,
     scorer: Scorer,
@@ -110,13 +129,7 @@ def run_task(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> TaskRun:
     started = time.perf_counter()
-    base: dict[str, Any] = {
-        "task": task.name, "title": task.title, "method": task.method, "metric": task.metric,
-        "template": task.template, "candidates": task.candidates, "extra": task.extra, "shots": shots,
-        "seed": seed, "reference": task.reference, "notes": task.notes,
-    }
-    if task.method == "gen":
-        base["decoding"] = {**(task.decoding or {}), "max_new_tokens": task.max_new_tokens, "stop": ["<eot>", "\\n"]}
+    base = _summary_base(task, shots, seed)
     try:
         data = task.load(data_dir, split, seed)
     except DataNotFound as exc:
@@ -197,18 +210,30 @@ def evaluate(
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """(results dict, task → per-example predictions). Tasks whose data is missing are reported with
     status `not_found` and their message; they do not stop the others."""
-    results: dict[str, Any] = {
-        "meta": {"scorer": scorer.name, "data_dir": str(data_dir), "shots": shots, "seed": seed, "limit": limit,
-                 "split": split, "primary_variant": PRIMARY_VARIANT, "variants": list(VARIANTS)},
-        "tasks": {},
-    }
-    predictions: dict[str, list[dict[str, Any]]] = {}
     clear_cache()  # list the data directory afresh
-    for task in resolve_tasks(tasks):
-        run = run_task(task, scorer, data_dir, shots=shots, seed=seed, limit=limit, split=split, progress=progress)
-        results["tasks"][task.name] = run.summary
-        predictions[task.name] = run.predictions
-    return results, predictions
+    runs = {task.name: run_task(task, scorer, data_dir, shots=shots, seed=seed, limit=limit, split=split,
+                                progress=progress)
+            for task in resolve_tasks(tasks)}
+    return assemble_results(scorer.name, runs, data_dir, shots=shots, seed=seed, limit=limit, split=split)
+
+
+def assemble_results(
+    scorer_name: str,
+    runs: dict[str, TaskRun],
+    data_dir: str,
+    *,
+    shots: int = 0,
+    seed: int = 1234,
+    limit: int | None = None,
+    split: str = "eval",
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """(results dict, task → per-example predictions) from task name → `TaskRun`, in the order given."""
+    results: dict[str, Any] = {
+        "meta": {"scorer": scorer_name, "data_dir": str(data_dir), "shots": shots, "seed": seed, "limit": limit,
+                 "split": split, "primary_variant": PRIMARY_VARIANT, "variants": list(VARIANTS)},
+        "tasks": {name: run.summary for name, run in runs.items()},
+    }
+    return results, {name: run.predictions for name, run in runs.items()}
 
 
 class EvalConfig(BaseModel):
@@ -230,13 +255,14 @@ class EvalConfig(BaseModel):
     min_shared: int = Field(16, ge=0, description="share only prefixes of at least this many tokens")
     device: str = "cpu"
     dtype: str | None = Field(None, description="float32, bfloat16 or float16 (default: as stored)")
-    domain: int | None = Field(None, ge=0, description="PanGu-Σ: evaluate this domain id's sub-model")
+    domain: int | str | None = Field(
+        None, description="PanGu-Σ: evaluate this domain's sub-model (an id or a name of the export's domains.json); "
+        "default: the domain with the most training tokens")
 
 
-def run_evaluation(config: EvalConfig, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Load, evaluate, write `results.json`, `report.md` and `predictions/<task>.jsonl`; return the results."""
-    from .report import write_outputs
-
+def load_scorer(config: EvalConfig) -> tuple[Scorer, dict[str, Any]]:
+    """The scorer `config` asks for (the oracle, or its checkpoint's model and tokenizer) and what
+    results.json's meta records of that model ({} for the oracle)."""
     if config.oracle:
         scorer: Scorer = OracleScorer()
         model_meta: dict[str, Any] = {}
@@ -245,21 +271,39 @@ def run_evaluation(config: EvalConfig, progress: Callable[[str, int, int], None]
             raise ValueError("give a checkpoint (or oracle=True)")
         import torch
 
-        from .model_io import find_tokenizer, load_for_eval
+        from .model_io import choose_domain, find_tokenizer, load_for_eval, model_config
 
         dtype = getattr(torch, config.dtype) if config.dtype else None
-        model, tok = load_for_eval(config.checkpoint, config.tokenizer, config.device, dtype, config.domain)
+        # Which sub-model of a PanGu-Σ export is scored: named in results.json and the report.
+        domain = choose_domain(config.checkpoint, model_config(config.checkpoint), config.domain)
+        model, tok = load_for_eval(config.checkpoint, config.tokenizer, config.device, dtype,
+                                   domain["id"] if domain else None)
         scorer = ModelScorer(model, tok, share_prefix=config.share_prefix, min_shared=config.min_shared)
         model_meta = {"checkpoint": str(config.checkpoint), "tokenizer": str(find_tokenizer(config.checkpoint, config.tokenizer)),
                       "model": model.config.name, "vocab_size": model.config.vocab_size,
-                      "max_seq_len": model.config.max_seq_len, "domain": config.domain}
-    started = time.perf_counter()
-    results, predictions = evaluate(scorer, config.tasks, config.data_dir, shots=config.shots, seed=config.seed,
-                                    limit=config.limit, split=config.split, progress=progress)
-    results["meta"].update(model_meta, seconds=round(time.perf_counter() - started, 3))
+                      "max_seq_len": model.config.max_seq_len, "domain": domain}
+    return scorer, model_meta
+
+
+def write_results(config: EvalConfig, results: dict[str, Any], predictions: dict[str, list[dict[str, Any]]],
+                  model_meta: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """Complete the results' meta and write `results.json`, `report.md` and `predictions/<task>.jsonl`
+    under `config.output`; return the results. A task without predictions leaves its file as it is."""
+    from .report import write_outputs
+
+    results["meta"].update(model_meta, seconds=round(seconds, 3))
     write_outputs(results, predictions, Path(config.output))
     return results
 
 
-__all__ = ["EvalConfig", "ModelScorer", "OracleScorer", "PRIMARY_VARIANT", "TaskRun", "evaluate", "run_evaluation",
-           "run_task"]
+def run_evaluation(config: EvalConfig, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Load, evaluate, write `results.json`, `report.md` and `predictions/<task>.jsonl`; return the results."""
+    scorer, model_meta = load_scorer(config)
+    started = time.perf_counter()
+    results, predictions = evaluate(scorer, config.tasks, config.data_dir, shots=config.shots, seed=config.seed,
+                                    limit=config.limit, split=config.split, progress=progress)
+    return write_results(config, results, predictions, model_meta, time.perf_counter() - started)
+
+
+__all__ = ["EvalConfig", "ModelScorer", "OracleScorer", "PRIMARY_VARIANT", "TaskRun", "assemble_results", "evaluate",
+           "failed_task_run", "load_scorer", "run_evaluation", "run_task", "write_results"]

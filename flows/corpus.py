@@ -10,6 +10,7 @@ import json
 import sys
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor
+from pathlib import Path
 from typing import Any, Callable
 
 from prefect import flow, get_run_logger, task
@@ -23,7 +24,8 @@ from cleaning.config import CorpusConfig, load_preset
 from cleaning.inputs import InputShard
 from cleaning.versions import describe_diff, mark_latest, plan_refresh
 from cleaning.writers import read_json
-from flows.reports import corpus_markdown, plot_stats, source_table
+from flows.lineage import record_asset
+from flows.reports import corpus_figure, corpus_markdown, plot_stats, png_markdown, source_table
 
 # Compute runs in worker processes (true parallelism, no GIL); Prefect task runs are threads that
 # hand work to them, so each shard is still one task run with its own state and logs, and no
@@ -40,7 +42,12 @@ def _run(fn: Callable[..., Any], *args: Any) -> Any:
     return pool.submit(fn, *args).result() if pool is not None else fn(*args)
 
 
-@task(name="clean-shard", task_run_name="clean-{shard.index:05d}")
+# Shard stages read and write through fsspec (object stores time out now and then). Rerunning one is
+# safe: each stage removes its own temporaries, writes atomically and skips work behind a marker.
+SHARD_RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 10}
+
+
+@task(name="clean-shard", task_run_name="clean-{shard.index:05d}", **SHARD_RETRIES)
 def clean_shard(build: CorpusBuild, shard: InputShard) -> dict[str, Any]:
     summary = _run(build.clean, shard)
     logger = get_run_logger()
@@ -53,12 +60,12 @@ def clean_shard(build: CorpusBuild, shard: InputShard) -> dict[str, Any]:
     return summary
 
 
-@task(name="dedup-map", task_run_name="dedup-map-{shard.index:05d}")
+@task(name="dedup-map", task_run_name="dedup-map-{shard.index:05d}", **SHARD_RETRIES)
 def dedup_map(build: CorpusBuild, shard: InputShard, run_key: str) -> None:
     _run(build.dedup_map, shard, run_key)
 
 
-@task(name="dedup-reduce", task_run_name="dedup-reduce-{partition:03d}")
+@task(name="dedup-reduce", task_run_name="dedup-reduce-{partition:03d}", **SHARD_RETRIES)
 def dedup_reduce(build: CorpusBuild, partition: int, run_key: str) -> None:
     _run(build.dedup_reduce, partition, run_key)
 
@@ -70,7 +77,7 @@ def dedup_cluster(build: CorpusBuild, num_shards: int, run_key: str) -> dict[str
     return summary
 
 
-@task(name="finalize-shard", task_run_name="finalize-{shard.index:05d}")
+@task(name="finalize-shard", task_run_name="finalize-{shard.index:05d}", **SHARD_RETRIES)
 def finalize_shard(build: CorpusBuild, shard: InputShard, shards: list[InputShard], run_key: str) -> dict[str, Any]:
     return _run(build.finalize, shard, shards, run_key)
 
@@ -121,15 +128,33 @@ def corpus(inputs: list[str], output: str, config: CorpusConfig = CorpusConfig()
                           description="documents per source: input, kept, rejected per rule")
     stats = read_json(f"{output.rstrip('/')}/stats.json")
     markdown = corpus_markdown(manifest, stats, output)
+    markdown += "\n## Distributions\n\n" + png_markdown(corpus_figure(stats), "length and quality distributions") + "\n"
     plot = plot_stats(stats, f"{output.rstrip('/')}/stats.png")
     if plot:
-        markdown += f"\nDistributions plotted in `{plot}`.\n"
+        markdown += f"\nAlso saved as `{plot}`.\n"
     create_markdown_artifact(key="corpus-summary", markdown=markdown,
-                             description="corpus build summary")
+                             description="corpus build summary, with the length and quality distributions")
+    _record_corpus_asset(output, manifest)
     totals = manifest["totals"]
     logger.info("corpus %s: %d documents in, %d kept, %d rejected → %s", run_key, totals["input"],
                 totals["kept"], totals["rejected"], output)
     return {"version": run_key, "output": output, "totals": totals}
+
+
+def local_path(uri: str) -> Path | None:
+    """The local file system path of `uri` (a plain path or file://), None for other file systems."""
+    path = uri.removeprefix("file://")
+    return None if "://" in path else Path(path)
+
+
+def _record_corpus_asset(output: str, manifest: dict[str, Any]) -> None:
+    """The corpus version (its manifest.json) as a `file://` asset made from the local raw inputs."""
+    manifest_path = local_path(f"{output.rstrip('/')}/manifest.json")
+    if manifest_path is None:  # asset keys are file:// paths (flows.lineage): nothing to record off local disk
+        get_run_logger().info("corpus %s is not on local disk: no asset recorded", output)
+        return
+    raw_inputs = [path for path in (local_path(i["uri"]) for i in manifest["inputs"]) if path is not None]
+    record_asset(manifest_path, raw_inputs, "corpus version", "corpus", manifest["totals"])
 
 
 @flow(name="corpus-refresh", log_prints=True)

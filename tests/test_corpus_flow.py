@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
 from cleaning.config import CorpusConfig
 from tests.realtext import long_documents
+from tests.test_reports import decoded_image, png_images
 
 RULES_ONLY = {"ad_word_lists": [], "sensitive_word_lists": [], "langid": False,
               "spam_model": None, "quality_model": None}
@@ -37,6 +41,49 @@ def _artifacts(flow_run_id):
     return asyncio.run(fetch())
 
 
+def _poll(fetch: Callable[[], Any], done: Callable[[Any], bool], timeout: float) -> Any:
+    """`fetch()` until `done` holds: task-run states and events reach the API a moment after the run."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = fetch()
+        if done(found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def task_runs_of(flow_run_id, done: Callable[[list], bool], timeout: float = 60) -> list:
+    """The flow run's task runs, read until `done(runs)` holds (or the timeout passes)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def fetch():
+        async with get_client() as client:
+            return await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+    return _poll(lambda: asyncio.run(fetch()), done, timeout)
+
+
+def asset_materializations(paths: list[Path], timeout: float = 60) -> dict[str, list[str]]:
+    """Asset key (file:// URI of each path) → the keys of the assets its latest materialization was made from."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    keys = [path.resolve().as_uri() for path in paths]
+
+    async def fetch():
+        async with get_client() as client:
+            page = await client.read_events(EventFilter(
+                event=EventNameFilter(name=["prefect.asset.materialization.succeeded"]),
+                resource=EventResourceFilter(id=keys)), limit=50)
+        made_from: dict[str, list[str]] = {}
+        for event in sorted(page.events, key=lambda e: e.occurred):
+            made_from[event.resource.id] = sorted(r.id for r in event.related if r.role == "asset")
+        return made_from
+
+    return _poll(lambda: asyncio.run(fetch()), lambda found: set(found) == set(keys), timeout)
+
+
 def test_corpus_flow_runs_shards_as_tasks_and_publishes_counts(prefect_api, raw, tmp_path):
     from flows.corpus import corpus_with_runner
 
@@ -56,7 +103,14 @@ def test_corpus_flow_runs_shards_as_tasks_and_publishes_counts(prefect_api, raw,
     table = json.loads(table) if isinstance(table, str) else table
     assert table[0]["source"] == "science" and table[0]["input"] == 33
     assert "exact_duplicate" in artifacts["corpus-summary"].data
+    (distributions,) = png_images(artifacts["corpus-summary"].data)  # the plot renders inside the UI
+    decoded_image(distributions)
     assert (tmp_path / "out" / "stats.png").stat().st_size > 5_000
+
+    # The corpus version is an asset made from the raw input shards.
+    manifest_path = tmp_path / "out" / "manifest.json"
+    made_from = asset_materializations([manifest_path])
+    assert made_from[manifest_path.resolve().as_uri()] == sorted(p.resolve().as_uri() for p in raw.glob("*.jsonl"))
 
 
 def test_cli_runs_the_flow(prefect_api, raw, tmp_path, capsys):

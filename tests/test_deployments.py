@@ -137,3 +137,11 @@ def test_deploy_and_run_sigma_with_a_run_once_worker(prefect_server, tmp_path):
     assert len((output / "metrics.csv").read_text().splitlines()) == 1 + 3
     assert worker.returncode == 0, worker_out[-3000:]
     assert time.monotonic() - started < 240
+
+
+def test_no_flow_module_hides_a_library_package():
+    """A worker imports an entrypoint file (flows/pretrain.py) with flows/ on sys.path: a flows/tokenizer.py
+    would then be what `import tokenizer` finds, and the pretrain flow run fails in the worker."""
+    packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    assert {"tokenizer", "cleaning", "pangu_model", "evaluation"} <= packages
+    assert not packages & {p.stem for p in (ROOT / "flows").glob("*.py")}

@@ -3,6 +3,9 @@
 Thin: `tokenizer.train` and `tokenizer.pack` do the work. Outputs are versioned by the corpus
 version and the training config, so a rerun on the same corpus reuses the trained model and skips
 packed shards, and a new corpus version gets new directories beside the old ones.
+
+(Not `flows/tokenizer.py`: a worker loads a deployment's entrypoint file with its folder on
+`sys.path`, where a module of that name would hide the `tokenizer` package.)
 """
 from __future__ import annotations
 
@@ -14,9 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
 
+from flows.lineage import record_asset
+from flows.reports import png_markdown, tokens_per_domain_figure
+from tokenizer.artifacts import MODEL_FILE
 from tokenizer.config import PackConfig, TokenizerTrainConfig
+from tokenizer.corpus import list_shards
+from tokenizer.pack import DOMAINS_FILE, finish_packing, pack_shard, plan_domain_ids, shard_stem
+from tokenizer.pangu import PanguTokenizer
 from tokenizer.specials import SPECIAL_PIECES
 
 
@@ -39,15 +49,87 @@ def train_task(config: TokenizerTrainConfig) -> dict[str, Any]:
     return meta
 
 
-@task(name="pack-corpus")
-def pack_task(config: PackConfig) -> dict[str, Any]:
-    from tokenizer.pack import pack_corpus
+# -- packing: one task per corpus shard -----------------------------------------------------------
+# The shard tasks of one flow run share one tokenizer, loaded on first use. Loading takes under a
+# second (the segmenter's dictionary), but with `workers` > 1 its encoder processes take a second or
+# more to start, per shard if each task loaded its own; and an object holding a process pool makes a
+# poor task parameter (parameters are hashed for the cache key).
+_TOKENIZERS: dict[str, PanguTokenizer] = {}
 
-    summary = pack_corpus(config)
-    skipped = sum(1 for r in summary["shard_results"] if r["skipped"])
+
+def _shared_tokenizer(path: str) -> PanguTokenizer:
+    if path not in _TOKENIZERS:
+        _TOKENIZERS[path] = PanguTokenizer.load(path)
+    return _TOKENIZERS[path]
+
+
+def _release_tokenizer(path: str) -> None:
+    """Stop the shared tokenizer's encoder processes; the next use loads it afresh."""
+    tokenizer = _TOKENIZERS.pop(path, None)
+    if tokenizer is not None:
+        tokenizer.close()
+
+
+def _pack_run_name() -> str:
+    from prefect.runtime import task_run
+
+    return f"pack-{shard_stem(task_run.parameters['shard'])}"
+
+
+@task(name="plan-domain-ids")
+def plan_packing_task(config: PackConfig) -> tuple[list[str], dict[str, int]]:
+    """The corpus shards and the domain name → id map, fixed before any shard is packed."""
+    _shared_tokenizer(config.tokenizer)  # a bad model file fails here, before any shard starts
+    shards = list_shards(config.input)
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    domain_ids = plan_domain_ids(shards, config, out)
+    get_run_logger().info("%d corpus shards, domains %s", len(shards), domain_ids)
+    return shards, domain_ids
+
+
+# Reading a shard (any fsspec URI) can fail transiently; a rerun is safe: outputs are renamed into
+# place and the completion marker is written last, so a retry redoes the shard or skips it.
+@task(name="pack-shard", task_run_name=_pack_run_name, retries=2, retry_delay_seconds=10)
+def pack_shard_task(shard: str, config: PackConfig, domain_ids: dict[str, int]) -> dict[str, Any]:
+    try:
+        result = pack_shard(shard, config.output, _shared_tokenizer(config.tokenizer), domain_ids, config)
+    except BaseException:
+        # An encoder process that died leaves the pool broken: a retry must start a fresh one.
+        _release_tokenizer(config.tokenizer)
+        raise
+    verb = "already packed" if result["skipped"] else f"{result['seconds']:.1f}s"
+    get_run_logger().info("%s: %d documents, %d tokens (%s)", shard, result["documents"], result["tokens"], verb)
+    return result
+
+
+@task(name="summarize-tokens")
+def summarize_task(config: PackConfig, domain_ids: dict[str, int], results: list[dict[str, Any]]) -> dict[str, Any]:
+    """`domains.json` from the shard results, plus a short per-shard record (as `pack_corpus` returns)."""
+    summary = finish_packing(config, _shared_tokenizer(config.tokenizer), domain_ids, results)
+    skipped = sum(1 for r in results if r["skipped"])
     get_run_logger().info("packed %d documents, %d tokens into %s (%d shards already done)",
                           summary["documents"], summary["tokens"], config.output, skipped)
     return summary
+
+
+def pack_shards(config: PackConfig) -> dict[str, Any]:
+    """Pack the corpus as one Prefect task per shard (inside a flow); returns what `pack_corpus` returns.
+
+    Shards run one at a time: each one already keeps `config.workers` encoder processes busy, the
+    shared tokenizer (and its process pool) is not thread-safe, and packing shards side by side would
+    only start workers × shards processes on the same cores.
+    """
+    try:
+        shards, domain_ids = plan_packing_task(config)
+        progress = create_progress_artifact(progress=0.0, description="tokenizer: corpus shards packed")
+        results = []
+        for done, shard in enumerate(shards, start=1):
+            results.append(pack_shard_task(shard, config, domain_ids))
+            update_progress_artifact(progress, progress=100.0 * done / len(shards))
+        return summarize_task(config, domain_ids, results)
+    finally:
+        _release_tokenizer(config.tokenizer)
 
 
 def domain_rows(summary: dict[str, Any], seq_len: int) -> list[dict[str, Any]]:
@@ -71,8 +153,15 @@ def tokenizer_flow(corpus: str, output: str, vocab_size: int = 40_000, model_typ
     root = Path(output)
     train = train.model_copy(update={"output": str(root / "tokenizer" / key)})
     meta = train_task(train)
+    corpus_manifest = Path(corpus) / "manifest.json"
+    made_from = [corpus_manifest] if corpus_manifest.is_file() else []  # a corpus of the corpus stage
+    tokenizer_model = Path(train.output) / MODEL_FILE
+    record_asset(tokenizer_model, made_from, "tokenizer", "sentencepiece",
+                 {"vocab_size": meta["options"]["vocab_size"], "model_type": meta["options"]["model_type"]})
     pack = PackConfig(input=corpus, output=str(root / "tokens" / key), tokenizer=train.output, workers=workers)
-    summary = pack_task(pack)
+    summary = pack_shards(pack)
+    record_asset(Path(pack.output) / DOMAINS_FILE, [*made_from, tokenizer_model], "token shards", "tokenizer",
+                 {"tokens": summary["tokens"], "documents": summary["documents"]})
 
     specials = ", ".join(f"{i} `{piece}`" for i, piece in enumerate(SPECIAL_PIECES))
     training = meta.get("training", {})
@@ -86,7 +175,9 @@ def tokenizer_flow(corpus: str, output: str, vocab_size: int = 40_000, model_typ
         "",
         f"Packed **{summary['documents']:,}** documents into **{summary['tokens']:,}** tokens "
         f"(`{pack.output}`).",
-    ]), description="tokenizer and packing summary")
+        "",
+        png_markdown(tokens_per_domain_figure(summary), "tokens per domain"),
+    ]), description="tokenizer and packing summary, with tokens per domain")
     create_table_artifact(key="tokens-per-domain", table=domain_rows(summary, seq_len),
                           description="tokens, unknown-token rate and training rows per domain")
     return {"version": key, "tokenizer": train.output, "tokens": pack.output,
