@@ -7,8 +7,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SAMPLE ?= data/sample
 OUTPUT ?= runs
-# Public evaluation datasets (FewCLUE, C3, CMRC2018 layouts); evaluation is skipped without them.
-EVAL_DATA ?= ../shared/data/clue
+# Public evaluation datasets (FewCLUE, C3, CMRC2018 layouts) when they are at hand; without them the
+# pipeline evaluates on the built-in set made from registry packages ($PANGU_HOME/eval).
+EVAL_DATA ?= $(wildcard ../shared/data/clue)
 
 .PHONY: install assets sample run test bench clean
 
@@ -27,9 +28,20 @@ assets: install
 sample: assets
 	$(BIN)/pangu data fetch-sample $(SAMPLE)
 
+# One Prefect home for `make run` and `make serve`: .prefect/ in the checkout (its SQLite database is
+# what the UI of `make serve` shows). While `make serve` is up, `make run` sends its runs to that server;
+# a PREFECT_API_URL of your own (a remote server) wins over both.
+PREFECT_PORT ?= 4200
+LOCAL_API    := http://127.0.0.1:$(PREFECT_PORT)/api
+run serve: export PREFECT_HOME ?= $(CURDIR)/.prefect
+run serve: export PREFECT_SERVER_ANALYTICS_ENABLED = false
+
 # The whole pipeline on the sample corpus: corpus → tokenizer → PanGu-Σ sigma-tiny on CPU → evaluation.
 run: sample
-	$(BIN)/pangu pipeline $(SAMPLE) --root $(OUTPUT) --preset sigma-tiny --eval-data $(EVAL_DATA)
+	@if [ -z "$$PREFECT_API_URL" ] && $(BIN)/python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + "/health", timeout=2)' $(LOCAL_API) 2>/dev/null; then \
+		export PREFECT_API_URL=$(LOCAL_API); echo "make run: runs go to the Prefect server of make serve ($(LOCAL_API))"; \
+	else echo "make run: Prefect state in $${PREFECT_API_URL:-$$PREFECT_HOME}"; fi; \
+	$(BIN)/pangu pipeline $(SAMPLE) --root $(OUTPUT) --preset sigma-tiny $(if $(EVAL_DATA),--eval-data $(EVAL_DATA))
 
 test: assets
 	$(BIN)/python -m pytest
@@ -41,4 +53,4 @@ clean:
 # deploy/prefect.yaml on the `pangu` process pool, and a worker in the foreground (Ctrl-C stops both).
 .PHONY: serve
 serve: install
-	PREFECT=$(CURDIR)/$(BIN)/prefect deploy/serve.sh
+	PREFECT=$(CURDIR)/$(BIN)/prefect PANGU_PREFECT_PORT=$(PREFECT_PORT) deploy/serve.sh

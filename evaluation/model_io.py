@@ -7,15 +7,19 @@ from, in order: the path given explicitly; `CHECKPOINT/tokenizer/`; the checkpoi
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from pangu_model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint
+from pangu_model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint, load_config
+from pangu_model.config import PanguConfig
 from pangu_model.model import PanguModel
 from tokenizer.artifacts import META_FILE
-from tokenizer.pangu import PanguTokenizer
+from tokenizer.pack import DOMAINS_FILE
+from tokenizer.pangu import PanguTokenizer, TokenizerLoadError
 
 
 class CheckpointError(FileNotFoundError):
@@ -42,12 +46,58 @@ def find_tokenizer(checkpoint: str | os.PathLike[str], tokenizer: str | os.PathL
     )
 
 
-def load_model(checkpoint: str | os.PathLike[str], device: str = "cpu", dtype: torch.dtype | None = None) -> PanguModel:
+def model_config(checkpoint: str | os.PathLike[str]) -> PanguConfig:
+    """The checkpoint's config.json, once the directory is known to be a checkpoint."""
     checkpoint = Path(checkpoint)
     missing = [name for name in (WEIGHTS_NAME, CONFIG_NAME) if not (checkpoint / name).is_file()]
     if missing:
         raise CheckpointError(f"{checkpoint} is not a checkpoint: {', '.join(missing)} missing")
+    return load_config(checkpoint)
+
+
+def load_model(checkpoint: str | os.PathLike[str], device: str = "cpu", dtype: torch.dtype | None = None) -> PanguModel:
+    model_config(checkpoint)
     return load_checkpoint(checkpoint, device=device, dtype=dtype).eval()
+
+
+def read_domains(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The export's `domains.json` (domain names ↔ ids and training tokens per domain), if it has one."""
+    path = Path(checkpoint) / DOMAINS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def choose_domain(checkpoint: str | os.PathLike[str], config: PanguConfig,
+                  domain: int | str | None = None) -> dict[str, Any] | None:
+    """Which domain's sub-model of a PanGu-Σ export to evaluate: {"id", "name", "chosen_by"}; None for a
+    model that needs no domain (dense, or one domain).
+
+    `domain` is an id or a name of the export's `domains.json`; without one, the domain with the most
+    training tokens (the sub-model that saw the most data)."""
+    if config.router != "rre" or config.num_domains <= 1:
+        return None
+    first, last = config.domain_id_offset, config.domain_id_offset + config.num_domains - 1
+    contract = read_domains(checkpoint) or {}
+    names = {int(i): name for i, name in contract.get("id_to_name", {}).items()}
+    known = ", ".join(f"{i} {n}" for i, n in sorted(names.items()) if first <= i <= last) or f"ids {first}–{last}"
+    if domain is None:
+        tokens = {stats["id"]: stats.get("tokens", 0) for stats in contract.get("domains", {}).values()
+                  if first <= stats["id"] <= last}
+        if not tokens:
+            raise CheckpointError(f"{checkpoint} is a PanGu-Σ model with {config.num_domains} domains and no "
+                                  f"{DOMAINS_FILE} to choose one from: give the domain to evaluate ({known})")
+        chosen = max(sorted(tokens), key=lambda i: tokens[i])
+        return {"id": chosen, "name": names.get(chosen), "chosen_by": "most training tokens"}
+    text = str(domain).strip()
+    if text.isdigit():
+        chosen = int(text)
+    else:
+        by_name = {n: i for i, n in names.items()}
+        if text not in by_name:
+            raise CheckpointError(f"domain {text!r} is not one of this model's domains ({known})")
+        chosen = by_name[text]
+    if not first <= chosen <= last:
+        raise CheckpointError(f"domain {chosen} is outside this model's domains ({known})")
+    return {"id": chosen, "name": names.get(chosen), "chosen_by": "given"}
 
 
 def load_for_eval(
@@ -55,27 +105,30 @@ def load_for_eval(
     tokenizer: str | os.PathLike[str] | None = None,
     device: str = "cpu",
     dtype: torch.dtype | None = None,
-    domain: int | None = None,
+    domain: int | str | None = None,
 ) -> tuple[PanguModel, PanguTokenizer]:
-    """(model in eval mode, tokenizer); checks that the tokenizer fits the model's vocabulary.
+    """(model in eval mode, tokenizer); checks that the tokenizer fits the model.
 
     A PanGu-Σ model with several domains is evaluated as one domain's sub-model (`extract_domain`:
-    the same outputs on that domain's inputs), since its routing needs a domain for every token.
+    the same outputs on that domain's inputs), since its routing needs a domain for every token; which
+    one is `choose_domain`'s answer.
     """
     model = load_model(checkpoint, device, dtype)
-    if model.config.router == "rre" and model.config.num_domains > 1:
-        if domain is None:
-            raise CheckpointError(f"{checkpoint} is a PanGu-Σ model with {model.config.num_domains} domains "
-                                  f"(ids from {model.config.domain_id_offset}): give the domain to evaluate")
+    chosen = choose_domain(checkpoint, model.config, domain)
+    if chosen is not None:
         from pangu_model.inherit import extract_domain
 
-        model = extract_domain(model, domain).eval()
-    tok = PanguTokenizer.load(find_tokenizer(checkpoint, tokenizer))
-    if tok.vocab_size > model.config.vocab_size:
+        model = extract_domain(model, chosen["id"]).eval()
+    try:
+        tok = PanguTokenizer.load(find_tokenizer(checkpoint, tokenizer))
+    except TokenizerLoadError as exc:
+        raise CheckpointError(str(exc)) from exc
+    usable = model.config.tokenizer_pieces or model.config.vocab_size
+    if tok.vocab_size > usable:
         raise CheckpointError(
-            f"tokenizer has {tok.vocab_size} pieces but the model only {model.config.vocab_size} embeddings"
+            f"tokenizer has {tok.vocab_size} pieces but the model only {usable} token embeddings"
         )
     return model, tok
 
 
-__all__ = ["CheckpointError", "find_tokenizer", "load_for_eval", "load_model"]
+__all__ = ["CheckpointError", "choose_domain", "model_config", "find_tokenizer", "load_for_eval", "load_model", "read_domains"]

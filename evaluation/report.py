@@ -38,6 +38,10 @@ def markdown_report(results: dict[str, Any]) -> str:
     described = {k: meta[k] for k in ("scorer", "checkpoint", "model", "tokenizer", "data_dir", "shots", "seed", "limit",
                                       "split", "primary_variant", "seconds") if k in meta}
     lines += [f"- **{k}**: {v}" for k, v in described.items()]
+    if meta.get("domain"):
+        domain = meta["domain"]
+        lines.append(f"- **sub-model**: PanGu-Σ domain {domain['id']}"
+                     f"{' (' + domain['name'] + ')' if domain.get('name') else ''}, {domain['chosen_by']}")
     lines += ["", "Scores in %. PPL tasks rank candidates by the lowest mean token loss over the filled template.",
               "PanGu-α columns: the paper's zero-shot results (SPEC §6) on the datasets' own evaluation sets; ours",
               "run on the split shown (FewCLUE `test_public`, C3 `train` and CMRC2018 `trial` where only those exist).",

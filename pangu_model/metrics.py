@@ -3,6 +3,7 @@
 Files (rank 0 writes, under the run's output directory):
 
     metrics.csv       step, loss, lm_loss, aux_loss, lr, grad_norm, tokens, tokens_per_s, mfu, seconds
+    validation.csv    step, domain_id, domain, tokens, loss, ppl     (held-out rows; domain_id -1: all domains)
     domain_loss.csv   step, domain_id, domain, tokens, loss          (mean lm loss of that domain's tokens)
     expert_load.csv   step, layer, expert, tokens                   (summed since the previous log row)
     tensorboard/      the same scalars when TensorBoard is asked for and installed
@@ -24,6 +25,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+VALIDATION_FILE = "validation.csv"
+VALIDATION_FIELDS = ["step", "domain_id", "domain", "tokens", "loss", "ppl"]
+OVERALL_DOMAIN_ID, OVERALL_DOMAIN = -1, "all"
 STEP_FIELDS = ["step", "loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "seconds"]
 IGNORE_INDEX = -100
 
@@ -159,6 +163,7 @@ class MetricsLogger:
                 "metrics": (self.output / "metrics.csv", STEP_FIELDS),
                 "domain": (self.output / "domain_loss.csv", ["step", "domain_id", "domain", "tokens", "loss"]),
                 "experts": (self.output / "expert_load.csv", ["step", "layer", "expert", "tokens"]),
+                "validation": (self.output / VALIDATION_FILE, VALIDATION_FIELDS),
             }
             for path, header in self.files.values():
                 _truncate_csv(path, start_step)
@@ -215,6 +220,21 @@ class MetricsLogger:
                 postfix["mfu"] = f"{100 * row['mfu']:.1f}%"
             self.progress.update(postfix)
         return row
+
+    def validation(self, step: int, sums: torch.Tensor) -> dict[str, float]:
+        """Record the validation loss of step `step` from [domains, 2] sums (already reduced over ranks):
+        one row per domain and one for all domains; returns {domain: loss}."""
+        rows = [[d, self.domain_names.get(d, str(d)), sums[d, 0].item(), sums[d, 1].item()]
+                for d in range(sums.shape[0]) if sums[d, 1] > 0]
+        rows.append([OVERALL_DOMAIN_ID, OVERALL_DOMAIN, sums[:, 0].sum().item(), sums[:, 1].sum().item()])
+        table = [[step, d, name, int(count), total / count, math.exp(min(total / count, 50.0))]
+                 for d, name, total, count in rows if count > 0]
+        if self.rank == 0:
+            self._write("validation", table)
+            if self.writer is not None:
+                for _, _, name, _, loss, _ in table:
+                    self.writer.add_scalar(f"validation_loss/{name}", loss, step)
+        return {name: loss for _, _, name, _, loss, _ in table}
 
     def _reduce(self, values: dict[str, float], tokens: int) -> dict[str, float]:
         keys = sorted(values)

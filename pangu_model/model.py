@@ -246,6 +246,10 @@ class PanguModel(nn.Module):
         hidden, block_aux = self._run_block(self.query_layer, hidden, layout, input_ids, domains, query, cache)
         aux_loss = aux_loss + block_aux
         logits = F.linear(hidden, self.word_embedding.weight)  # tied head
+        pieces = config.tokenizer_pieces
+        if pieces is not None and pieces < config.vocab_size:
+            # Rows padded past the tokenizer's pieces (for speed) are not tokens: no probability mass.
+            logits = logits.masked_fill(self._padding_ids(logits), float("-inf"))
 
         output = ModelOutput(logits=logits, aux_loss=aux_loss)
         if labels is not None:
@@ -255,6 +259,9 @@ class PanguModel(nn.Module):
             )
             output.loss = output.lm_loss + aux_loss
         return output
+
+    def _padding_ids(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.arange(logits.shape[-1], device=logits.device) >= self.config.tokenizer_pieces
 
     def _run_block(
         self,

@@ -38,7 +38,7 @@ import sys
 import time
 from contextlib import closing
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -51,9 +51,13 @@ from .model import PanguModel
 from .moe import RandomRoutedExperts
 from .optim import OptimConfig, build_scheduler, lr_at, parameter_groups
 
+if TYPE_CHECKING:
+    from tokenizer.pangu import PanguTokenizer
+
 PRESET_DIR = Path(__file__).resolve().parents[1] / "deploy" / "presets" / "pretrain"
 CHECKPOINT_DIR = "checkpoints"
 EXPORT_DIR = "export"
+EXPORT_TOKENIZER_DIR = "tokenizer"  # inside an export: the tokenizer the model was trained with
 LATEST = "latest"  # same file name as DeepSpeed's own pointer, so its tools find our tags
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 
@@ -78,6 +82,10 @@ class TrainConfig(BaseModel):
     mixture: str | dict[str, float] | None = Field("natural", description="domain weights (tokenizer.dataset)")
     seq_len: int | None = Field(None, ge=1, description="row length; default: the model's max_seq_len")
     data_seed: int = 1234
+    validation_fraction: float = Field(0.01, ge=0.0, lt=1.0,
+                                       description="share of each domain's documents held out for validation")
+    validation_every: int = Field(100, ge=0, description="steps between validation losses (and at the end); 0: never")
+    validation_rows: int = Field(16, ge=1, description="validation rows per domain (seq_len each)")
     # run
     output: str = Field("runs/pretrain", description="run dir: checkpoints/, export/, metrics CSVs")
     seed: int = 1234
@@ -129,7 +137,8 @@ class TrainConfig(BaseModel):
     def fingerprint(self) -> str:
         """What must not change across a resume (paths, step counts and logging may)."""
         keep = self.model_dump(include={"model", "model_overrides", "data_seed", "seed", "micro_batch_size",
-                                        "gradient_accumulation_steps", "seq_len", "mixture", "ecss"})
+                                        "gradient_accumulation_steps", "seq_len", "mixture", "ecss",
+                                        "validation_fraction"})
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -158,6 +167,97 @@ def load_train_config(name_or_path: str | os.PathLike[str], overrides: list[str]
             target = target.setdefault(key, {})
         target[keys[-1]] = value
     return TrainConfig.model_validate(data)
+
+
+VOCAB_MULTIPLE = 64  # embedding rows are padded to this multiple (40,000 and 8,000 need no padding)
+
+
+class DataMismatch(ValueError):
+    """The packed data and the model cannot go together; the message says how to fix it."""
+
+
+def read_data_contract(data: str | os.PathLike[str]) -> dict[str, Any]:
+    """The packed token directory's `domains.json`: tokenizer (path, sha256, pieces) and domains."""
+    from tokenizer.pack import DOMAINS_FILE
+
+    path = Path(data) / DOMAINS_FILE
+    if not path.is_file():
+        raise DataMismatch(f"{data} is not a packed token directory: {DOMAINS_FILE} is missing "
+                           "(`pangu tokenizer pack` or `pangu tokenizer run` writes one)")
+    contract = json.loads(path.read_text(encoding="utf-8"))
+    tokenizer = contract.get("tokenizer") or {}
+    if not tokenizer.get("pieces"):
+        raise DataMismatch(f"{path} does not record its tokenizer (packed by an older version): run "
+                           "`pangu tokenizer pack` again on the same corpus and tokenizer (packed shards are kept)")
+    return contract
+
+
+def data_tokenizer(contract: dict[str, Any]) -> "PanguTokenizer | None":
+    """The tokenizer that packed the data, checked against its fingerprint; None when the data names no
+    path (synthetic data)."""
+    from tokenizer.pangu import PanguTokenizer, TokenizerLoadError
+
+    record = contract["tokenizer"]
+    if not record.get("path"):
+        return None
+    try:
+        tokenizer = PanguTokenizer.load(record["path"])
+    except TokenizerLoadError as exc:
+        raise DataMismatch(f"the tokenizer that packed this data is not readable any more: {exc}") from exc
+    if record.get("sha256") and tokenizer.fingerprint != record["sha256"]:
+        raise DataMismatch(f"the tokenizer at {record['path']} changed after it packed this data "
+                           f"(sha256 {tokenizer.fingerprint[:12]}…, packed with {record['sha256'][:12]}…): pack again")
+    return tokenizer
+
+
+def padded_vocab(pieces: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    return -(-pieces // multiple) * multiple
+
+
+def fit_to_data(config: TrainConfig) -> TrainConfig:
+    """The run's model shaped by its data (SPEC §2.1 contract), unless the user set the field himself.
+
+    * vocabulary: the tokenizer's piece count, padded to a multiple of 64; the padded ids are masked
+      out of the output distribution (`PanguConfig.tokenizer_pieces`);
+    * PanGu-Σ (RRE): one expert group per domain of the data (the preset gives experts per domain).
+
+    A user's value that cannot work (a vocabulary smaller than the tokenizer, fewer domains than the
+    data has) raises `DataMismatch` with what to change, before anything is allocated."""
+    contract = read_data_contract(config.data)
+    data_tokenizer(contract)  # a moved or changed tokenizer fails here, not at export time
+    pieces = int(contract["tokenizer"]["pieces"])
+    names = {int(i): name for i, name in contract.get("id_to_name", {}).items()}
+    chosen = dict(config.model_overrides)
+    derived: dict[str, Any] = {"tokenizer_pieces": pieces}
+    if config.init_from is not None:
+        from .checkpoint import load_config
+
+        source = load_config(config.init_from)
+        if source.vocab_size < pieces:
+            raise DataMismatch(f"init_from {config.init_from} has {source.vocab_size} embeddings but the data's "
+                               f"tokenizer {pieces} pieces: pack the corpus with that model's tokenizer")
+        derived["vocab_size"] = source.vocab_size
+    else:
+        derived["vocab_size"] = padded_vocab(pieces)
+    if "vocab_size" in chosen and int(chosen["vocab_size"]) < pieces:
+        raise DataMismatch(f"model_overrides.vocab_size={chosen['vocab_size']} is smaller than the data's tokenizer "
+                           f"({pieces} pieces, {contract['tokenizer'].get('path')}): drop the override (the vocabulary "
+                           f"is derived from the data) or give at least {pieces}")
+    base = config.pangu_config()
+    if base.router == "rre" and names:
+        needed = max(names) + 1
+        offset = int(chosen.get("domain_id_offset", base.domain_id_offset))
+        derived["num_domains"] = needed - offset
+        given = chosen.get("num_domains")
+        if given is not None and (offset > min(names) or offset + int(given) < needed):
+            listing = ", ".join(f"{i} {n}" for i, n in sorted(names.items()))
+            raise DataMismatch(f"model_overrides.num_domains={given} (ids from {offset}) cannot route the data's "
+                               f"{len(names)} domains ({listing}): a PanGu-Σ model needs one expert group per "
+                               f"domain; drop the override (derived from the data) or give at least {needed - offset}")
+    overrides = {**derived, **chosen}
+    if overrides == config.model_overrides:
+        return config
+    return TrainConfig.model_validate({**config.model_dump(), "model_overrides": overrides})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +327,7 @@ class Trainer:
         from deploy.deepspeed_config import deepspeed_config
         from tokenizer.dataset import PackedRowDataset
 
+        config = fit_to_data(config)
         self.config = config
         self.output = Path(config.output)
         self.stop_requested = False
@@ -267,8 +368,14 @@ class Trainer:
 
         self.dataset = PackedRowDataset(
             config.data, seq_len=config.row_length, weights=config.mixture, seed=config.data_seed,
-            rank=self.rank, world_size=self.world_size,
+            rank=self.rank, world_size=self.world_size, validation_fraction=config.validation_fraction,
         )
+        self.validation = []
+        if config.validation_every and config.validation_fraction > 0:
+            from tokenizer.dataset import validation_examples
+
+            self.validation = validation_examples(config.data, config.row_length, config.validation_fraction,
+                                                  config.validation_rows)
         self.domain_names = dict(self.dataset.shards.domain_names)
         self.num_domains = max(self.domain_names, default=-1) + 1
         self._check_domains()
@@ -386,6 +493,9 @@ class Trainer:
                     time.sleep(config.throttle_s)
                 self.step += 1
                 metrics.step(self.step, row, row.pop("_tokens"), time.perf_counter() - started)
+                last = self.step == self.total_steps
+                if self.validation and (last or self.step % config.validation_every == 0):
+                    metrics.validation(self.step, self.validate())
                 stop = self._agree_to_stop()
                 if stop or (config.checkpoint_every and self.step % config.checkpoint_every == 0):
                     self.save_checkpoint()
@@ -442,6 +552,41 @@ class Trainer:
         norm = self.engine.get_global_grad_norm()
         row["grad_norm"] = float(norm) if norm is not None else float("nan")
         return row
+
+    @torch.no_grad()
+    def validate(self) -> torch.Tensor:
+        """[domains, 2]: summed token loss and token count of the held-out rows, over all ranks.
+
+        Collective: the rows are dealt round-robin over the ranks, and every rank runs the same number
+        of micro-batches (short ones padded with rows that score nothing), since expert parallelism
+        exchanges tokens in every forward."""
+        from .metrics import domain_loss_sums
+
+        rows = self.validation[self.rank::self.world_size]
+        size = self.config.micro_batch_size
+        batches = -(-len(self.validation) // (size * self.world_size))
+        blank = {**self.validation[0], "labels": torch.full_like(self.validation[0]["labels"], -100)}
+        rows = rows + [blank] * (batches * size - len(rows))
+        sums = torch.zeros(max(1, self.num_domains), 2, dtype=torch.float64, device=self.device)
+        self.engine.eval()
+        try:
+            for b in range(batches):
+                chunk = rows[b * size:(b + 1) * size]
+                batch = {k: torch.stack([r[k] for r in chunk]).to(self.device)
+                         for k in ("input_ids", "labels", "position_ids", "domain_ids")}
+                if self.ecss is not None:
+                    self.ecss.fetch(self.ecss.plan([batch]))
+                out = self.engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                  domain_ids=batch["domain_ids"])
+                sums += domain_loss_sums(out.logits, batch["labels"], batch["domain_ids"], sums.shape[0],
+                                         self.pangu.pad_token_id)
+                if self.ecss is not None:
+                    self.ecss.release()
+        finally:
+            self.engine.train()
+        if self.world_size > 1:
+            dist.all_reduce(sums)
+        return sums.cpu()
 
     @torch.no_grad()
     def _expert_load(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -602,8 +747,21 @@ class Trainer:
                 raise RuntimeError(f"export of {directory}: no rank wrote {missing[:5]}")
             os.replace(writer.path, directory / WEIGHTS_NAME)
             write_config(self.pangu, directory)
+            self._bundle_data_contract(directory)
         self._barrier()
         return directory if self.rank == 0 else None
+
+    def _bundle_data_contract(self, directory: Path) -> None:
+        """What evaluation needs beside the weights: the tokenizer (`tokenizer/`) and the domain map with
+        tokens per domain (`domains.json`), so that an export directory stands on its own."""
+        from tokenizer.artifacts import write_json_atomic
+        from tokenizer.pack import DOMAINS_FILE
+
+        contract = read_data_contract(self.config.data)
+        tokenizer = data_tokenizer(contract)
+        if tokenizer is not None:
+            tokenizer.save(directory / EXPORT_TOKENIZER_DIR)
+        write_json_atomic(directory / DOMAINS_FILE, contract)
 
     def _barrier(self) -> None:
         if self.world_size > 1:
@@ -663,7 +821,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export-only", action="store_true", help="export the latest checkpoint and exit")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
-    config = load_train_config(args.config, args.overrides)
+    try:
+        config = fit_to_data(load_train_config(args.config, args.overrides))
+    except (DataMismatch, FileNotFoundError, ValueError) as exc:  # a user error: one message, no traceback
+        print(f"pangu_model.train: {exc}", file=sys.stderr)
+        return 2
     result = train(config, export_only=args.export_only)
     if dist.is_initialized() and dist.get_rank() == 0 or not dist.is_initialized():
         print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)

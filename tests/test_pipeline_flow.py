@@ -39,7 +39,7 @@ def _flow_runs_and_artifacts(flow_run_id):
 
 @pytest.mark.slow
 def test_pipeline_runs_every_stage_as_a_subflow_and_reruns_from_cache(prefect_api, raw, tmp_path):
-    from evaluation.model_io import CheckpointError, load_for_eval
+    from evaluation.model_io import load_for_eval
     from flows.pipeline import pipeline
 
     kwargs = dict(inputs=[str(raw)], root=str(tmp_path), corpus_config=CorpusConfig.model_validate({"rules": RULES_ONLY}),
@@ -63,9 +63,11 @@ def test_pipeline_runs_every_stage_as_a_subflow_and_reruns_from_cache(prefect_ap
     assert stages[2:] == ["corpus", "tokenizer", "token shards", "checkpoint", "evaluation"]
     assert all(len(row["content_hash"]) == 32 for row in lineage)
 
-    # A PanGu-Σ checkpoint with several domains is evaluated as one domain's sub-model.
-    with pytest.raises(CheckpointError, match="give the domain"):
-        load_for_eval(summary["model"], summary["tokenizer"])
+    # A PanGu-Σ export with several domains is evaluated as the sub-model of the domain with the most
+    # training tokens, with the tokenizer bundled in the export.
+    assert results["meta"]["domain"]["chosen_by"] == "most training tokens"
+    model, _ = load_for_eval(summary["model"])
+    assert model.config.num_domains == 1 and model.config.domain_id_offset == results["meta"]["domain"]["id"]
 
     marks = {p: p.stat().st_mtime_ns for p in [tmp_path / "corpus" / "LATEST"] +
              list((tmp_path / "tokens").rglob("*.bin")) + [tmp_path / summary["results"].split(str(tmp_path) + "/")[1]]}

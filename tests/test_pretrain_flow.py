@@ -59,9 +59,11 @@ def test_flow_trains_exports_and_publishes(prefect_api, tokens, tmp_path, preset
 
     found = _artifacts(state.state_details.flow_run_id)
     assert {"pretrain-summary", "pretrain-loss", "pretrain-model", "pretrain-loss-plot"} <= set(found)
-    assert (out / "loss.png").stat().st_size > 5_000
+    plots = found["pretrain-loss-plot"].data  # pictures inside the UI, not links to local files
+    assert plots.count("](data:image/png;base64,") == 2  # loss + lr, validation loss per domain
     summary = found["pretrain-summary"].data
-    for text in (preset, "final loss", "tokens/s", str(out / "checkpoints"), str(out / "export")):
+    for text in (preset, "final loss", "tokens/s", str(out / "checkpoints"), str(out / "export"),
+                 "validation loss / perplexity", "## Validation (held-out documents)", "## Samples", "床前明月光"):
         assert text in summary, text
     table = _table(found["pretrain-loss"])
     assert [row["step"] for row in table] == [1, 2, 3] and all(row["loss"] > 0 for row in table)
@@ -79,11 +81,23 @@ def test_rerun_with_the_same_output_resumes(prefect_api, tokens, tmp_path):
     assert [int(r["step"]) for r in read_metrics_csv(out)] == [1, 2, 3, 4]
 
 
+def _weights_missing(directory: Path, preset: str) -> str:
+    """A checkpoint dir with a config.json but no weights: it passes the flow's checks, and the training
+    process fails when it loads it."""
+    from pangu_model.checkpoint import write_config
+    from pangu_model.config import get_config
+
+    directory.mkdir(parents=True)
+    write_config(get_config(preset, vocab_size=VOCAB, max_seq_len=64), directory)
+    return str(directory)
+
+
 def test_a_failing_rank_fails_the_flow_with_the_exit_code(prefect_api, tokens, tmp_path):
     from flows.pretrain import pretrain
 
+    broken = _weights_missing(tmp_path / "no-such-checkpoint", "sigma-tiny")
     state = pretrain(preset="sigma-tiny", data=str(tokens), output=str(tmp_path / "bad"), steps=2,
-                     overrides={**TINY, "init_from": str(tmp_path / "no-such-checkpoint")}, return_state=True)
+                     overrides={**TINY, "init_from": broken}, return_state=True)
     assert state.is_failed()
     assert "training failed: the training process exited with code 1" in state.message
     assert "FileNotFoundError" in state.message and "no-such-checkpoint" in state.message
@@ -103,7 +117,8 @@ def test_two_local_ranks_run_under_torchrun_and_a_failed_rank_fails_the_flow(pre
     assert Path(ok["model"]).is_file()
 
     state = pretrain(preset="alpha-tiny", data=str(tokens), output=str(tmp_path / "ddp-bad"), steps=2,
-                     gpus_per_node=2, overrides={**TINY, "init_from": str(tmp_path / "missing")}, return_state=True)
+                     gpus_per_node=2, overrides={**TINY, "init_from": _weights_missing(tmp_path / "missing", "tiny")},
+                     return_state=True)
     assert state.is_failed()
     assert "torchrun (a rank failed) exited with code 1" in state.message, state.message
 
@@ -203,3 +218,22 @@ def test_result_line_and_loss_sampling(tmp_path):
     (tmp_path / "metrics.csv").write_text("step,loss,tokens_per_s\n" + rows_text + "2001,9.")  # row being written
     assert last_metrics_row(tmp_path) == {"step": 2000, "loss": 8.0, "tokens_per_s": 300}
     assert len(read_metrics_csv(tmp_path)) == 2000 and last_metrics_row(tmp_path / "none") is None
+
+
+def test_sigma_fits_a_corpus_with_more_domains_than_its_preset(prefect_api, tmp_path):
+    """The headline failure: 7 data domains, sigma-tiny's preset 4. The model takes one expert group per
+    data domain and the tokenizer's vocabulary; an override that cannot work is refused before launch."""
+    from pangu_model.checkpoint import load_config
+
+    from flows.pretrain import pretrain
+
+    data = packed_tokens(spread_over=7)
+    done = pretrain(preset="sigma-tiny", data=str(data), output=str(tmp_path / "seven"), steps=2,
+                    overrides={"seq_len": 64, "progress_bar": False})
+    config = load_config(done["export"])
+    assert (config.num_domains, config.experts_per_domain, config.vocab_size, config.tokenizer_pieces) == \
+        (7, 2, 2048, VOCAB)
+    refused = pretrain(preset="sigma-tiny", data=str(data), output=str(tmp_path / "refused"), steps=2,
+                       overrides={"model_overrides": {"num_domains": 4}}, return_state=True)
+    assert refused.is_failed() and "one expert group per domain" in refused.message
+    assert not (tmp_path / "refused").exists()

@@ -43,14 +43,18 @@ def _documents(per_task: int) -> list[tuple[str, str]]:
 
 
 @lru_cache(maxsize=None)
-def packed_tokens(domains: tuple[str, ...] | None = None) -> Path:
-    """Packed token dir of real text; `domains` keeps only those (their ids then start at 0)."""
+def packed_tokens(domains: tuple[str, ...] | None = None, spread_over: int | None = None) -> Path:
+    """Packed token dir of real text; `domains` keeps only those (their ids then start at 0);
+    `spread_over` N deals the documents round-robin into N domains `area0`… instead (a corpus with
+    another number of domains than any preset)."""
     from tokenizer.config import PackConfig, TokenizerTrainConfig
     from tokenizer.pack import pack_corpus
     from tokenizer.train import train_tokenizer
 
-    key = "all" if domains is None else "-".join(domains)
+    key = ("all" if domains is None else "-".join(domains)) + (f"-over{spread_over}" if spread_over else "")
     docs = [(d, t) for d, t in _documents(per_task=60) if domains is None or d in domains]
+    if spread_over:
+        docs = [(f"area{i % spread_over}", t) for i, (_, t) in enumerate(docs)]
     corpus = session_dir() / f"corpus-{key}" / "data"
     corpus.mkdir(parents=True)
     pq.write_table(pa.table({

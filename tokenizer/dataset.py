@@ -79,12 +79,13 @@ class TokenShards:
 class DomainStream:
     """One domain's documents, reordered per epoch, cut into rows of `seq_len + 1` ids."""
 
-    def __init__(self, shards: TokenShards, domain: int, seq_len: int, seed: int) -> None:
+    def __init__(self, shards: TokenShards, domain: int, seq_len: int, seed: int,
+                 documents: np.ndarray | None = None) -> None:
         self.shards = shards
         self.domain = domain
         self.seq_len = seq_len
         self.seed = seed
-        self.documents = np.flatnonzero(shards.doc_domains == domain)
+        self.documents = np.flatnonzero(shards.doc_domains == domain) if documents is None else documents
         self.tokens = int(shards.doc_lengths[self.documents].sum())
         self.rows_per_epoch = max(1, math.ceil((self.tokens - 1) / seq_len))
         self._epoch: int | None = None
@@ -182,6 +183,42 @@ def resolve_weights(
     return {name: w / total for name, w in sorted(raw.items()) if w > 0}
 
 
+HOLDOUT_SEED = 0xE7A1  # fixed: the held-out documents depend on the data only, never on a run's seeds
+
+
+def held_out(shards: TokenShards, fraction: float) -> np.ndarray:
+    """Per document: True if it belongs to the validation slice.
+
+    A seeded draw of `fraction` of each domain's documents (at least one where a domain has two or
+    more, never all of them), so every domain has a validation loss and training never reads it."""
+    mask = np.zeros(len(shards), dtype=bool)
+    if fraction <= 0:
+        return mask
+    for domain in np.unique(shards.doc_domains):
+        documents = np.flatnonzero(shards.doc_domains == domain)
+        if len(documents) < 2:
+            continue
+        count = min(len(documents) - 1, max(1, round(fraction * len(documents))))
+        rng = np.random.default_rng([HOLDOUT_SEED, int(domain)])
+        mask[rng.choice(documents, size=count, replace=False)] = True
+    return mask
+
+
+def validation_examples(path: str | Path, seq_len: int, fraction: float, rows_per_domain: int,
+                        block_mask: bool = False) -> list[dict[str, torch.Tensor]]:
+    """The validation rows: up to `rows_per_domain` rows of seq_len + 1 ids cut from each domain's
+    held-out documents (`held_out`), in a fixed order: the same rows at every evaluation."""
+    shards = TokenShards(path)
+    mask = held_out(shards, fraction)
+    examples = []
+    for domain in sorted(int(d) for d in np.unique(shards.doc_domains[mask])):
+        documents = np.flatnonzero(mask & (shards.doc_domains == domain))
+        stream = DomainStream(shards, domain, seq_len, HOLDOUT_SEED, documents)
+        examples += [make_example(stream.row(k), domain, block_mask)
+                     for k in range(min(rows_per_domain, stream.rows_per_epoch))]
+    return examples
+
+
 class PackedRowDataset(IterableDataset):
     """Rows of seq_len + 1 ids drawn from packed shards by domain mixture (see module docstring)."""
 
@@ -195,7 +232,10 @@ class PackedRowDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         block_mask: bool = False,
+        validation_fraction: float = 0.0,
     ) -> None:
+        """`validation_fraction`: the share of each domain's documents held out for validation
+        (`held_out`); training rows never include them."""
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError("need 0 <= rank < world_size")
@@ -205,13 +245,17 @@ class PackedRowDataset(IterableDataset):
         self.num_rows = num_rows
         self.rank, self.world_size = rank, world_size
         self.block_mask = block_mask
+        trained = ~held_out(self.shards, validation_fraction)
         ids = {name: int(i) for i, name in self.shards.domain_names.items()}
-        tokens = {name: int(self.shards.doc_lengths[self.shards.doc_domains == i].sum()) for name, i in ids.items()}
+        tokens = {name: int(self.shards.doc_lengths[trained & (self.shards.doc_domains == i)].sum())
+                  for name, i in ids.items()}
         self.weights = resolve_weights(weights, tokens)
         self.domains = [ids[name] for name in self.weights]
         self._probabilities = np.array(list(self.weights.values()), dtype=np.float64)
         self._probabilities /= self._probabilities.sum()
-        self.streams = {d: DomainStream(self.shards, d, seq_len, seed) for d in self.domains}
+        self.streams = {d: DomainStream(self.shards, d, seq_len, seed,
+                                        np.flatnonzero(trained & (self.shards.doc_domains == d)))
+                        for d in self.domains}
         self.step = 0
         self.consumed = {d: 0 for d in self.domains}
         self._block: tuple[int, np.ndarray] | None = None

@@ -7,8 +7,10 @@ Per input shard `data/part-NNNNN.parquet`, in the output directory:
     part-NNNNN.done.json       completion marker: input hash, tokenizer hash, domain map, counts
 
 and for the whole corpus `domain_map.json` (fixed before any shard is packed, extended — never
-renumbered — when later runs bring new domains) and `domains.json` (name ↔ id, documents, tokens,
-unknown tokens and skipped documents per domain, natural token shares).
+renumbered — when later runs bring new domains) and `domains.json`: name ↔ id, documents, tokens,
+unknown tokens and skipped documents per domain, natural token shares, and the tokenizer that made
+the ids (`tokenizer`: its path, SHA-256 and piece count). `domains.json` is the contract the training
+stage reads: the model's vocabulary and PanGu-Σ's expert groups are derived from it.
 
 Documents stream through in record batches and are written as they are encoded, so memory is
 bounded by a few chunks plus 14 bytes per document of the shard. A shard whose marker matches its
@@ -225,8 +227,14 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 # -- the corpus -------------------------------------------------------------------------------
-def summarize(out: str | Path, domain_ids: dict[str, int], shard_results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Write `domains.json` from the shard markers and return it."""
+def tokenizer_record(tokenizer: PanguTokenizer, source: str | Path) -> dict[str, Any]:
+    """What `domains.json` says of the tokenizer: where it is, which one it is, how many pieces it has."""
+    return {"path": str(Path(source).resolve()), "sha256": tokenizer.fingerprint, "pieces": tokenizer.vocab_size}
+
+
+def summarize(out: str | Path, domain_ids: dict[str, int], shard_results: list[dict[str, Any]],
+              tokenizer: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write `domains.json` from the shard markers (and the `tokenizer_record`) and return it."""
     out = Path(out)
     totals: dict[str, dict[str, int]] = {
         name: {"id": i, "documents": 0, "tokens": 0, "unk_tokens": 0, "empty_documents": 0, "control_char_documents": 0}
@@ -246,6 +254,7 @@ def summarize(out: str | Path, domain_ids: dict[str, int], shard_results: list[d
         "eot_id": EOT,
         "unk_id": UNK,
         "tokenizer_sha256": shard_results[0]["tokenizer_sha256"] if shard_results else None,
+        "tokenizer": tokenizer,
         "id_to_name": {str(i): name for name, i in sorted(domain_ids.items(), key=lambda kv: kv[1])},
         "domains": dict(sorted(totals.items(), key=lambda kv: kv[1]["id"])),
         "shards": [shard_stem(r["input"]) for r in shard_results],
@@ -253,6 +262,16 @@ def summarize(out: str | Path, domain_ids: dict[str, int], shard_results: list[d
         "tokens": all_tokens,
     }
     write_json_atomic(out / DOMAINS_FILE, summary)
+    return summary
+
+
+def finish_packing(config: PackConfig, tokenizer: PanguTokenizer, domain_ids: dict[str, int],
+                   results: list[dict[str, Any]]) -> dict[str, Any]:
+    """After the last shard: `domains.json` (returned) with a short record of each shard's packing."""
+    summary = summarize(config.output, domain_ids, results, tokenizer_record(tokenizer, config.tokenizer))
+    summary["shard_results"] = [
+        {k: r[k] for k in ("input", "documents", "tokens", "characters", "seconds", "skipped")} for r in results
+    ]
     return summary
 
 
@@ -269,11 +288,7 @@ def pack_corpus(config: PackConfig, tokenizer: PanguTokenizer | None = None) -> 
         out.mkdir(parents=True, exist_ok=True)
         domain_ids = plan_domain_ids(shards, config, out)
         results = [pack_shard(shard, out, tokenizer, domain_ids, config) for shard in shards]
-        summary = summarize(out, domain_ids, results)
-        summary["shard_results"] = [
-            {k: r[k] for k in ("input", "documents", "tokens", "characters", "seconds", "skipped")} for r in results
-        ]
-        return summary
+        return finish_packing(config, tokenizer, domain_ids, results)
     finally:
         if own:
             tokenizer.close()

@@ -1,0 +1,88 @@
+"""Expected errors of the `pangu` command line: one clear line on stderr, exit code 2, no traceback."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_train_common import packed_tokens
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pangu(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _one_line_error(done: subprocess.CompletedProcess, *expected: str) -> None:
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Traceback" not in done.stdout, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1, done.stderr[-2000:]
+    for text in expected:
+        assert text in errors[0], errors[0]
+
+
+def test_missing_checkpoint(tmp_path):
+    _one_line_error(pangu("eval", "--checkpoint", str(tmp_path / "nope"), "--data-dir", str(tmp_path)),
+                    "pangu eval: error:", "nope", "not a checkpoint")
+
+
+def test_pretrain_data_that_is_not_packed_tokens(tmp_path):
+    _one_line_error(pangu("pretrain", "--data", str(tmp_path), "--output", str(tmp_path / "run")),
+                    "pangu pretrain: error:", "not a packed token dir")
+    assert not (tmp_path / "run").exists()
+
+
+def test_pretrain_a_model_that_cannot_fit_the_data(tmp_path):
+    data = packed_tokens(spread_over=7)
+    _one_line_error(pangu("pretrain", "--preset", "sigma-tiny", "--data", str(data), "--output", str(tmp_path / "run"),
+                          "--set", "model_overrides.num_domains=3"),
+                    "pangu pretrain: error:", "one expert group per domain")
+    _one_line_error(pangu("pretrain", "--preset", "no-such-preset", "--data", str(data),
+                          "--output", str(tmp_path / "run")), "no-such-preset", "known:")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_sigma_export_without_its_domain_map_needs_a_domain(tmp_path):
+    """An export of an older version (no domains.json) cannot pick a sub-model by itself: it says so."""
+    from pangu_model.checkpoint import save_checkpoint
+    from pangu_model.config import get_config
+    from pangu_model.model import PanguModel
+
+    export = save_checkpoint(PanguModel(get_config("sigma-tiny")), tmp_path / "export")
+    shutil.copytree(packed_tokens().parent / "tokenizer", export / "tokenizer")
+    _one_line_error(pangu("eval", "--checkpoint", str(export), "--data-dir", str(tmp_path), "--tasks", "tnews"),
+                    "PanGu-Σ", "give the domain")
+    _one_line_error(pangu("eval", "--checkpoint", str(export), "--data-dir", str(tmp_path), "--tasks", "tnews",
+                          "--domain", "7"), "outside this model's domains")
+
+
+def test_an_unreadable_tokenizer(tmp_path):
+    data = tmp_path / "tokens"
+    shutil.copytree(packed_tokens(), data)
+    contract = json.loads((data / "domains.json").read_text())
+    broken = tmp_path / "tokenizer"
+    broken.mkdir()
+    (broken / "spm.model").write_bytes(b"not a model")
+    contract["tokenizer"]["path"] = str(broken / "spm.model")
+    (data / "domains.json").write_text(json.dumps(contract))
+    _one_line_error(pangu("pretrain", "--data", str(data), "--output", str(tmp_path / "run")),
+                    "not readable any more", "not a sentencepiece model")
+
+
+@pytest.mark.parametrize("command", [[], ["data"], ["eval"], ["pretrain"], ["pipeline"], ["tokenizer", "pack"],
+                                     ["corpus", "build"], ["data", "fetch-eval"]])
+def test_help_describes_every_option(command):
+    done = pangu(*command, "--help")
+    assert done.returncode == 0
+    lines = done.stdout.splitlines()
+    options = [i for i, line in enumerate(lines) if line.strip().startswith("--") and not line.strip().startswith("--help")]
+    for i in options:  # each option has words after it, on its line or the next
+        words = lines[i].strip().split("  ", 1)
+        assert len(words) == 2 or (i + 1 < len(lines) and lines[i + 1].startswith(" " * 10)), lines[i]

@@ -1,0 +1,132 @@
+"""The headline as a new user meets it, on a fresh copy of the repository with no `../shared` beside it.
+
+The pipeline runs on a small registry sample against a real Prefect server (so its runs are in that
+server's database), the deployments are registered, `prefect deployment run pretrain/sigma --watch`
+is run to completion by a process worker with the deployment's default parameters (fewer steps only),
+`pangu eval --checkpoint EXPORT` scores the export with no other flag, and the server's API lists the
+pipeline run and an artifact whose markdown holds a picture.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_deployments import POOL, PREFECT, _free_port, _get, _kill_group, _post
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fresh_copy(target: Path) -> Path:
+    """The repository's files as a clean clone has them (tracked and new, nothing ignored)."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                            capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            (target / name).write_bytes(source.read_bytes())
+    return target
+
+
+@pytest.fixture(scope="module")
+def fresh_repo(tmp_path_factory, registry_sample):
+    """A copy of the repository under a directory with no `shared/`, a Prefect server, and the sample."""
+    top = tmp_path_factory.mktemp("user")
+    repo = _fresh_copy(top / "pangu")
+    assert not (repo.parent / "shared").exists()
+    home = top / "prefect-home"
+    home.mkdir()
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    # `python -m` from the copy imports the copy's code first; PWD is what `prefect deploy` records.
+    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PYTHONUNBUFFERED="1", PWD=str(repo), OMP_NUM_THREADS="1", PYTHONPATH=str(repo),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    log = open(home / "server.log", "w")
+    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], cwd=home,
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if json.loads(_get(f"{api}/health")) is True:
+                    break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, (home / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield {"repo": repo, "env": env, "api": api, "sample": registry_sample[0]}
+    finally:
+        _kill_group(server)
+        log.close()
+
+
+def _run(args: list[str], repo: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_a_new_user_runs_the_pipeline_then_pretrain_sigma_then_eval(fresh_repo):
+    repo, env, api = fresh_repo["repo"], fresh_repo["env"], fresh_repo["api"]
+    pangu = [sys.executable, "-m", "flows.cli"]
+
+    # 1. the pipeline (what `make run` runs), smaller: no evaluation data given, so the built-in set is used
+    piped = _run([*pangu, "pipeline", str(fresh_repo["sample"]), "--root", "runs", "--preset", "sigma-tiny",
+                  "--steps", "3", "--vocab-size", "8000", "--input-sentence-size", "20000", "--eval-limit", "8",
+                  "--workers", "1"], repo, env, timeout=900)
+    assert piped.returncode == 0, piped.stdout[-3000:] + piped.stderr[-5000:]
+    assert "chance" in piped.stderr  # the scores printed beside chance
+
+    # 2. the deployments on a process pool, and `prefect deployment run pretrain/sigma --watch`
+    for args in (["work-pool", "create", POOL, "--type", "process"],
+                 ["--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml"]):
+        done = _run([PREFECT, *args], repo, env, timeout=120)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = worker = None
+    try:
+        run = subprocess.Popen([PREFECT, "deployment", "run", "pretrain/sigma", "--watch", "--watch-timeout", "400",
+                                "--param", "steps=3"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while not _scheduled(api):
+            assert run.poll() is None, run.stdout.read()
+            assert time.monotonic() < deadline, "no flow run was scheduled"
+            time.sleep(0.5)
+        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", POOL, "--run-once", "--limit", "1"],
+                                  cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  start_new_session=True)
+        out, _ = run.communicate(timeout=450)
+        worker_out, _ = worker.communicate(timeout=60)
+    finally:
+        _kill_group(run)
+        _kill_group(worker)
+    assert run.returncode == 0 and "Completed" in out, f"{out[-3000:]}\n--- worker ---\n{worker_out[-5000:]}"
+    export = repo / "runs" / "pretrain" / "sigma-tiny" / "export"
+    assert {"model.safetensors", "config.json", "domains.json", "tokenizer"} <= {p.name for p in export.iterdir()}
+
+    # 3. `pangu eval --checkpoint EXPORT` and nothing else
+    evaluated = _run([*pangu, "eval", "--checkpoint", str(export)], repo, env, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    results = json.loads((export.parent / "eval" / "results.json").read_text())
+    scored = {name for name, task in results["tasks"].items() if task["status"] == "ok"}
+    assert {"thucnews_title", "review_sentiment", "idiom_cloze"} <= scored
+    assert results["meta"]["domain"]["chosen_by"] == "most training tokens"
+
+    # 4. the server holds the pipeline run and a picture
+    flows = {f["id"]: f["name"] for f in _post(f"{api}/flows/filter", {})}
+    runs = _post(f"{api}/flow_runs/filter", {})
+    assert {"pipeline", "pretrain", "evaluate"} <= {flows[r["flow_id"]] for r in runs}
+    artifacts = _post(f"{api}/artifacts/filter", {"limit": 200})
+    assert any(a["type"] == "markdown" and "](data:image/png;base64," in (a["data"] or "") for a in artifacts)
+
+
+def _scheduled(api: str) -> bool:
+    runs = _post(f"{api}/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})
+    return bool(runs)
