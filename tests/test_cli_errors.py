@@ -76,13 +76,28 @@ def test_an_unreadable_tokenizer(tmp_path):
                     "not readable any more", "not a sentencepiece model")
 
 
-@pytest.mark.parametrize("command", [[], ["data"], ["eval"], ["pretrain"], ["pipeline"], ["tokenizer", "pack"],
-                                     ["corpus", "build"], ["data", "fetch-eval"]])
-def test_help_describes_every_option(command):
-    done = pangu(*command, "--help")
-    assert done.returncode == 0
-    lines = done.stdout.splitlines()
-    options = [i for i, line in enumerate(lines) if line.strip().startswith("--") and not line.strip().startswith("--help")]
-    for i in options:  # each option has words after it, on its line or the next
-        words = lines[i].strip().split("  ", 1)
-        assert len(words) == 2 or (i + 1 < len(lines) and lines[i + 1].startswith(" " * 10)), lines[i]
+def _parsers(parser):
+    """Every parser of the command line, the subcommands' included."""
+    import argparse
+
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def test_help_describes_every_option():
+    from flows.cli import build_parser
+
+    import argparse
+
+    undescribed = []
+    for parser in _parsers(build_parser()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):  # each subcommand has a line of help
+                undescribed += [f"{parser.prog} {choice.dest}" for choice in action._choices_actions if not choice.help]
+            elif not action.help and action.option_strings != ["-h", "--help"]:
+                undescribed.append(f"{parser.prog} {action.option_strings or action.dest}")
+    assert not undescribed, undescribed
+    assert pangu("eval", "--help").returncode == 0

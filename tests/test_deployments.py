@@ -92,6 +92,33 @@ def _prefect(args: list[str], env: dict, timeout: float) -> subprocess.Completed
     return subprocess.run([PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_deployment(name: str, params: dict, env: dict, api: str, cwd: Path, worker_cwd: Path,
+                   timeout: float) -> tuple[subprocess.Popen, str, subprocess.Popen, str]:
+    """`prefect deployment run NAME --watch` served by a `--run-once` process worker: both processes and their
+    output, once the watch has ended."""
+    args = [arg for key, value in params.items() for arg in ("--param", f"{key}={value}")]
+    run = worker = None
+    try:
+        run = subprocess.Popen([PREFECT, "deployment", "run", name, "--watch", "--watch-timeout", str(int(timeout)),
+                                *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+        # A --run-once worker polls once: start it when the run is scheduled.
+        deadline = time.monotonic() + 60
+        while not _post(f"{api}/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}}):
+            assert run.poll() is None, run.stdout.read()
+            assert time.monotonic() < deadline, "no flow run was scheduled"
+            time.sleep(0.5)
+        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", POOL, "--run-once", "--limit", "1"],
+                                  cwd=worker_cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  start_new_session=True)
+        out, _ = run.communicate(timeout=timeout + 30)
+        worker_out, _ = worker.communicate(timeout=60)
+    finally:
+        _kill_group(run)
+        _kill_group(worker)
+    return run, out, worker, worker_out
+
+
 @pytest.mark.slow
 def test_deploy_and_run_sigma_with_a_run_once_worker(prefect_server, tmp_path):
     env, api = prefect_server["env"], prefect_server["api"]
@@ -109,27 +136,9 @@ def test_deploy_and_run_sigma_with_a_run_once_worker(prefect_server, tmp_path):
 
     output = tmp_path / "sigma"
     overrides = {"seq_len": 64, "model_overrides": {"vocab_size": VOCAB, "max_seq_len": 64}, "progress_bar": False}
-    run = worker = None
-    try:
-        run = subprocess.Popen(
-            [PREFECT, "deployment", "run", "pretrain/sigma", "--watch", "--watch-timeout", "150",
-             "--param", f"data={tokens}", "--param", f"output={output}", "--param", "steps=3",
-             "--param", f"overrides={json.dumps(overrides)}"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        # A --run-once worker polls once: start it when the run is scheduled.
-        deadline = time.monotonic() + 60
-        while _post(f"{api}/flow_runs/count", {}) < 1:
-            assert run.poll() is None, run.stdout.read()
-            assert time.monotonic() < deadline, "no flow run was created"
-            time.sleep(0.5)
-        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", POOL, "--run-once", "--limit", "1"],
-                                  cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  start_new_session=True)
-        out, _ = run.communicate(timeout=180)
-        worker_out, _ = worker.communicate(timeout=60)
-    finally:
-        _kill_group(run)
-        _kill_group(worker)
+    run, out, worker, worker_out = run_deployment(
+        "pretrain/sigma", {"data": tokens, "output": output, "steps": 3, "overrides": json.dumps(overrides)},
+        env, api, cwd=ROOT, worker_cwd=tmp_path, timeout=150)
     assert run.returncode == 0, f"{out[-4000:]}\n--- worker ---\n{worker_out[-4000:]}"
     assert "Completed" in out
     assert (output / "export" / "model.safetensors").is_file(), worker_out[-4000:]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_deployments import POOL, PREFECT, _free_port, _get, _kill_group, _post
+from tests.test_deployments import POOL, PREFECT, _free_port, _get, _kill_group, _post, run_deployment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,24 +89,8 @@ def test_a_new_user_runs_the_pipeline_then_pretrain_sigma_then_eval(fresh_repo):
                  ["--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml"]):
         done = _run([PREFECT, *args], repo, env, timeout=120)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    run = worker = None
-    try:
-        run = subprocess.Popen([PREFECT, "deployment", "run", "pretrain/sigma", "--watch", "--watch-timeout", "400",
-                                "--param", "steps=3"], cwd=repo, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while not _scheduled(api):
-            assert run.poll() is None, run.stdout.read()
-            assert time.monotonic() < deadline, "no flow run was scheduled"
-            time.sleep(0.5)
-        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", POOL, "--run-once", "--limit", "1"],
-                                  cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  start_new_session=True)
-        out, _ = run.communicate(timeout=450)
-        worker_out, _ = worker.communicate(timeout=60)
-    finally:
-        _kill_group(run)
-        _kill_group(worker)
+    run, out, _, worker_out = run_deployment("pretrain/sigma", {"steps": 3}, env, api, cwd=repo, worker_cwd=repo,
+                                             timeout=400)
     assert run.returncode == 0 and "Completed" in out, f"{out[-3000:]}\n--- worker ---\n{worker_out[-5000:]}"
     export = repo / "runs" / "pretrain" / "sigma-tiny" / "export"
     assert {"model.safetensors", "config.json", "domains.json", "tokenizer"} <= {p.name for p in export.iterdir()}
@@ -126,7 +110,3 @@ def test_a_new_user_runs_the_pipeline_then_pretrain_sigma_then_eval(fresh_repo):
     artifacts = _post(f"{api}/artifacts/filter", {"limit": 200})
     assert any(a["type"] == "markdown" and "](data:image/png;base64," in (a["data"] or "") for a in artifacts)
 
-
-def _scheduled(api: str) -> bool:
-    runs = _post(f"{api}/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})
-    return bool(runs)
