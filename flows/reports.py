@@ -249,11 +249,6 @@ def _save_png(figure: Figure, path: Path, dpi: int = 100) -> Path:
     return path
 
 
-def plot_loss(rows: list[dict[str, float]], path: Path) -> Path:
-    """`loss_figure` written as a PNG file at `path`."""
-    return _save_png(loss_figure(rows), Path(path))
-
-
 def plot_stats(stats: dict[str, Any], path: str) -> str | None:
     """`corpus_figure` as a PNG file beside the corpus; None off local disk."""
     if "://" in path and not path.startswith("file://"):

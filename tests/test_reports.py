@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from flows.reports import (PNG_SIGNATURE, corpus_figure, eval_scores_figure, loss_figure, plot_loss, png_markdown,
+from flows.reports import (PNG_SIGNATURE, corpus_figure, eval_scores_figure, loss_figure, png_markdown,
                            tokens_per_domain_figure, validation_figure)
 
 DATA_URI = re.compile(r"!\[([^\]]*)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)")
@@ -136,8 +136,3 @@ def test_eval_scores_figure_groups_ours_reference_and_chance_per_task() -> None:
     assert [t.get_text() for t in axis.get_legend().get_texts()] == ["ours", "PanGu-α 2.6B", "PanGu-α 13B", "chance"]
     empty = eval_scores_figure({"tasks": {"drcd": results["tasks"]["drcd"]}})
     assert not empty.axes[0].patches
-
-
-def test_plot_loss_still_writes_a_png_file(tmp_path) -> None:
-    path = plot_loss(_metrics_rows(), tmp_path / "run" / "loss.png")
-    decoded_image(path.read_bytes())
