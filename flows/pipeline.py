@@ -101,9 +101,11 @@ def pipeline_from_cli(args: argparse.Namespace) -> int:
         print(f"  {key:>10}: {value}", file=sys.stderr)
     if result["results"]:
         results = json.loads(Path(result["results"]).read_text(encoding="utf-8"))
-        for task in results["tasks"].values():
-            if task.get("status") == "ok":
-                scores = " / ".join(f"{v:.1f}" for v in task["scores"].values())
-                print(f"  {task['title']:>16}: {scores}  (chance {task['chance']['expected']:.1f}, n={task['n']})",
-                      file=sys.stderr)
+        scored = [task for task in results["tasks"].values() if task.get("status") == "ok"]
+        width = max((len(task["title"]) for task in scored), default=0)
+        print("\nzero-shot scores (%):", file=sys.stderr)
+        for task in scored:
+            scores = " / ".join(f"{v:.1f}" for v in task["scores"].values())
+            print(f"  {task['title']:>{width}}: {scores:>11}  (chance {task['chance']['expected']:.1f}, n={task['n']})",
+                  file=sys.stderr)
     return 0

@@ -475,7 +475,19 @@ def publish(preset: str, config: Any, data_dir: Path, data_note: str, output: Pa
 def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str = "runs/pretrain",
              steps: int | None = None, nodes: int = 1, gpus_per_node: int = 8, hostfile: str | None = None,
              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Pretrain PanGu-α / PanGu-Σ from a preset with DeepSpeed; a rerun with the same output resumes."""
+    """Pretrain PanGu-α / PanGu-Σ from a preset with DeepSpeed; a rerun with the same output resumes.
+
+    Args:
+        preset: pretrain preset (alpha-tiny, sigma-tiny, alpha-350m, sigma-1t) or a YAML path.
+        data: packed token directory, or a root of versions (the newest is used); the model's vocabulary
+            and PanGu-Σ's expert groups (one per domain) come from it.
+        output: run directory (checkpoints/, export/, metrics); the same directory resumes.
+        steps: optimizer steps (default: the preset's train_steps).
+        nodes: servers; more than one uses the deepspeed launcher and a hostfile.
+        gpus_per_node: ranks per node (one process on a machine without GPUs).
+        hostfile: DeepSpeed hostfile (default: generated from nodes × gpus_per_node).
+        overrides: TrainConfig fields with dotted keys, e.g. {"optimizer.lr": 3e-4, "validation_every": 50}.
+    """
     from pangu_model.train import DataMismatch, fit_to_data, load_train_config
 
     logger = get_run_logger()
