@@ -75,8 +75,7 @@ def _parse(config_json: str) -> OptimConfig:
 
 
 class _Factor:
-    """A picklable lr lambda holding only plain values: LambdaLR saves a callable object's __dict__ in
-    its state_dict, and DeepSpeed checkpoints that state."""
+    """The lr lambda: `lr_factor` of this run's config and total steps."""
 
     def __init__(self, config: OptimConfig, total_steps: int) -> None:
         self.config_json = config.model_dump_json()
@@ -86,9 +85,34 @@ class _Factor:
         return lr_factor(step, _parse(self.config_json), self.total_steps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int) -> LambdaLR:
+class Schedule(LambdaLR):
+    """LambdaLR whose checkpointed state is the step count alone.
+
+    A plain LambdaLR saves its lambda's attributes and the base learning rates, and restores them on
+    resume: a run resumed with more steps (or another decay or lr) would keep the old schedule for the
+    dense parameters while ECSS's host experts follow `lr_at` of the new one. Here the schedule stays
+    one function of (step, this run's config, this run's total) for every parameter after any resume.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_epoch": self.last_epoch, "_step_count": self._step_count}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_epoch = int(state_dict["last_epoch"])
+        self._step_count = int(state_dict.get("_step_count", self.last_epoch + 1))
+        self.apply()
+
+    def apply(self) -> None:
+        """Set every group's lr for the next update (after a restored optimizer brought back old ones)."""
+        lrs = [base * factor(self.last_epoch) for base, factor in zip(self.base_lrs, self.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self._last_lr = lrs
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int) -> Schedule:
     """The schedule as a torch scheduler; DeepSpeed's engine steps it after every optimizer step."""
-    return LambdaLR(optimizer, _Factor(config, total_steps))
+    return Schedule(optimizer, _Factor(config, total_steps))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +169,7 @@ def group_of(groups: list[dict[str, Any]], param: torch.Tensor) -> str:
 
 __all__ = [
     "OptimConfig",
+    "Schedule",
     "build_scheduler",
     "decays",
     "group_of",

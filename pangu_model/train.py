@@ -663,6 +663,8 @@ class Trainer:
         path, _ = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag, load_module_strict=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {directory}")
+        # The optimizer state brought back the lrs of the old schedule: this run's config decides them.
+        self.scheduler.apply()
         if self.ecss is not None:
             ep_rank, _ = self.ecss.shard
             self.ecss.load_state_dict(torch.load(directory / _ecss_file(ep_rank), weights_only=True))

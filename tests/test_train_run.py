@@ -146,3 +146,39 @@ def test_bf16_export_holds_the_fp32_masters(zero_stage: int) -> None:
             assert not torch.equal(master, master.to(torch.bfloat16).float()), f"{weight}: bf16-rounded"
     finally:
         trainer.close()
+
+
+def test_a_resume_with_more_steps_gives_dense_and_experts_one_schedule() -> None:
+    """Resumed with more steps, the dense parameters used to keep the old schedule (restored from the
+    checkpoint) while ECSS's experts followed the new one: dense 2.3e-4 vs experts 7.2e-4 at step 75."""
+    from pangu_model.optim import lr_at
+
+    path = run_config("lr-resume", "sigma-tiny", ecss=True, train_steps=4, checkpoint_every=0,
+                      optimizer={"lr": 1e-3, "min_lr": 1e-5, "warmup_steps": 1})
+    first = Trainer(load_train_config(path))
+    try:
+        first.run()
+    finally:
+        first.close()
+    config = load_train_config(path, {"train_steps": 10})
+    trainer = Trainer(config)
+    used: dict[str, list[float]] = {"dense": [], "experts": []}
+    engine_step, ecss_step = trainer.engine.step, trainer.ecss.step
+
+    def dense_step(*args, **kwargs):
+        used["dense"].append(trainer.engine.optimizer.param_groups[0]["lr"])  # the lr this update uses
+        return engine_step(*args, **kwargs)
+
+    def expert_step(lr, *args, **kwargs):
+        used["experts"].append(lr)
+        return ecss_step(lr, *args, **kwargs)
+
+    trainer.engine.step, trainer.ecss.step = dense_step, expert_step
+    try:
+        assert trainer.step == 4
+        trainer.run()
+    finally:
+        trainer.close()
+    expected = [lr_at(step, config.optimizer, 10) for step in range(4, 10)]
+    assert used["experts"] == pytest.approx(expected, rel=1e-12)
+    assert used["dense"] == pytest.approx(expected, rel=1e-12)
