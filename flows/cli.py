@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's train_steps)")
     p.add_argument("--nodes", type=int, default=1, help="servers; > 1 uses the deepspeed launcher and a hostfile")
     p.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node (one process on a CPU machine)")
-    p.add_argument("--hostfile", default=None, help="DeepSpeed hostfile (default: generated, node-000 ...)")
+    p.add_argument("--hostfile", default=None,
+                   help="DeepSpeed hostfile (`host slots=N` per node); needed for more than one node")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TrainConfig field (dotted keys, YAML values), e.g. optimizer.lr=3e-4")
     p.set_defaults(handler=_pretrain)

@@ -142,8 +142,8 @@ def build_launch(
 
     * one node, no hostfile: one process on a CPU machine (world size 1) or with one GPU;
       `torchrun --standalone --nproc_per_node K` for K = min(gpus_per_node, visible GPUs) > 1;
-    * several nodes (or a hostfile): `deepspeed` with `deploy.topology.launcher_args` and a hostfile
-      written into the run's output dir (generated from `nodes × gpus_per_node`, or the given one).
+    * several nodes (a hostfile, required: the hosts' real names): `deepspeed` with
+      `deploy.topology.launcher_args` and the hostfile copied into the run's output dir.
     """
     from deploy.topology import ClusterSpec, ParallelPlan, launcher_args, write_hostfile
 
@@ -163,7 +163,8 @@ def build_launch(
             if nodes > 1 and cluster.nodes != nodes:
                 raise ValueError(f"--nodes {nodes} but hostfile {hostfile} lists {cluster.nodes} hosts")
         else:
-            cluster = ClusterSpec(nodes=nodes, gpus_per_node=gpus_per_node)
+            raise ValueError(f"--nodes {nodes} needs the hosts to run on: give --hostfile (one `host slots=N` line "
+                             "per node, as DeepSpeed's launcher reads it; a scheduler's node list written that way)")
         written = write_hostfile(cluster, output / "hostfile")
         deepspeed = str(bin_dir / "deepspeed") if (bin_dir / "deepspeed").exists() else "deepspeed"
         argv = [deepspeed, *launcher_args(cluster, ParallelPlan(expert=expert_parallel), written),
@@ -485,7 +486,7 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
         steps: optimizer steps (default: the preset's train_steps).
         nodes: servers; more than one uses the deepspeed launcher and a hostfile.
         gpus_per_node: ranks per node (one process on a machine without GPUs).
-        hostfile: DeepSpeed hostfile (default: generated from nodes × gpus_per_node).
+        hostfile: DeepSpeed hostfile (`host slots=N` per node); needed for more than one node.
         overrides: TrainConfig fields with dotted keys, e.g. {"optimizer.lr": 3e-4, "validation_every": 50}.
     """
     from pangu_model.train import DataMismatch, fit_to_data, load_train_config

@@ -289,6 +289,18 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def local_world_size(world_size: int, env: dict[str, str] | None = None) -> int:
+    """Ranks on this node, from whichever variable the launcher sets: torchrun's LOCAL_WORLD_SIZE,
+    the deepspeed launcher's LOCAL_SIZE (or its CROSS_SIZE nodes), else one node holds them all."""
+    env = os.environ if env is None else env
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if env.get(name):
+            return int(env[name])
+    if env.get("CROSS_SIZE"):
+        return world_size // int(env["CROSS_SIZE"])
+    return world_size
+
+
 def _compute_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
@@ -398,14 +410,14 @@ class Trainer:
                                  f"this run {self.world_size}")
         if self.world_size % ep:
             raise ValueError(f"expert_parallel {ep} does not divide the world size {self.world_size}")
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+        local = local_world_size(self.world_size)
         if ep > 1 and local % ep:
             raise ValueError(f"expert group of {ep} ranks would leave a node of {local} ranks")
 
     def _layout(self) -> Any:
         from deploy.topology import ClusterSpec, Layout, ParallelPlan
 
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+        local = local_world_size(self.world_size)
         cluster = ClusterSpec(nodes=self.world_size // local, gpus_per_node=local)
         return Layout.build(cluster, ParallelPlan(expert=self.config.expert_parallel))
 

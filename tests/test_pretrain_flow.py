@@ -188,19 +188,20 @@ def test_launch_commands(tmp_path):
     assert local.launcher == "torchrun" and local.world_size == 2
     assert local.argv[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
 
-    nodes = build_launch(**common, nodes=2, gpus_per_node=8, devices=0)
-    assert nodes.launcher == "deepspeed" and nodes.world_size == 16 and nodes.hostfile == str(tmp_path / "hostfile")
-    assert (tmp_path / "hostfile").read_text() == "node-000 slots=8\nnode-001 slots=8\n"
-    args = nodes.argv
-    assert args[args.index("--hostfile") + 1] == str(tmp_path / "hostfile")
-    assert args[args.index("--num_nodes") + 1] == "2" and args[args.index("--master_addr") + 1] == "node-000"
-    assert args[args.index("--module") + 1] == "pangu_model.train"
+    # Several nodes need their real host names: invented ones (node-000, …) cannot be reached.
+    with pytest.raises(ValueError, match="--nodes 2 needs the hosts.*--hostfile"):
+        build_launch(**common, nodes=2, gpus_per_node=8, devices=0)
+    assert not (tmp_path / "hostfile").exists()
 
     given = tmp_path / "given"
     given.write_text("gpu-a slots=4\ngpu-b slots=4\ngpu-c slots=4\n")
     from_file = build_launch(**common, hostfile=str(given), expert_parallel=4, devices=0)
-    assert from_file.world_size == 12 and from_file.nodes == 3
-    assert from_file.argv[from_file.argv.index("--master_addr") + 1] == "gpu-a"
+    assert from_file.launcher == "deepspeed" and from_file.world_size == 12 and from_file.nodes == 3
+    args = from_file.argv
+    assert args[args.index("--hostfile") + 1] == str(tmp_path / "hostfile")
+    assert (tmp_path / "hostfile").read_text() == given.read_text()
+    assert args[args.index("--num_nodes") + 1] == "3" and args[args.index("--master_addr") + 1] == "gpu-a"
+    assert args[args.index("--module") + 1] == "pangu_model.train"
     with pytest.raises(ValueError, match="lists 3 hosts"):
         build_launch(**common, nodes=2, hostfile=str(given), devices=0)
 
@@ -237,3 +238,14 @@ def test_sigma_fits_a_corpus_with_more_domains_than_its_preset(prefect_api, tmp_
                        overrides={"model_overrides": {"num_domains": 4}}, return_state=True)
     assert refused.is_failed() and "one expert group per domain" in refused.message
     assert not (tmp_path / "refused").exists()
+
+
+def test_node_local_ranks_come_from_the_launchers_variables():
+    """torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE and CROSS_SIZE: 2 nodes × 8 ranks
+    must not read as one node of 16 (expert groups would then cross nodes)."""
+    from pangu_model.train import local_world_size
+
+    assert local_world_size(16, {"LOCAL_WORLD_SIZE": "8"}) == 8  # torchrun
+    assert local_world_size(16, {"LOCAL_SIZE": "8", "CROSS_SIZE": "2"}) == 8  # deepspeed launcher
+    assert local_world_size(16, {"CROSS_SIZE": "4"}) == 4
+    assert local_world_size(16, {}) == 16  # no launcher said otherwise: one node
