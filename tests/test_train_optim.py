@@ -77,7 +77,8 @@ def test_deepspeed_config_from_the_preset() -> None:
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["zero_optimization"]["stage"] == 2 and "offload_optimizer" not in ds["zero_optimization"]
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["betas"] == [0.8, 0.95]
-    assert "torch_adam" not in ds["optimizer"]["params"]  # FusedAdam on CUDA
+    # torch's fused AdamW on CUDA: DeepSpeed's FusedAdam would JIT-compile a CUDA op (nvcc on every node)
+    assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["fused"] is True
     assert "scheduler" not in ds  # ours is handed to deepspeed.initialize
     cpu = deepspeed_config(_config(precision="fp16", offload_optimizer=True, zero_stage=1), cuda=False)
     assert cpu["fp16"]["enabled"] and cpu["fp16"]["loss_scale"] == 0
@@ -106,3 +107,22 @@ def test_invalid_combinations_are_refused() -> None:
     with pytest.raises(ValueError, match="seq_len"):
         _config(seq_len=4096)
     assert math.isclose(_config().optimizer.eps, 1e-8)
+
+
+def test_the_gpu_config_builds_torch_fused_adamw_not_a_compiled_op() -> None:
+    """DeepSpeed builds its optimizer from the config made for CUDA: torch.optim.AdamW(fused=True), which
+    needs no build (checked here on the CPU, where torch's fused AdamW also runs)."""
+    import deepspeed
+
+    from pangu_model.train import init_distributed
+
+    init_distributed()  # a world of one (gloo), as the training program makes it
+    config = _config(zero_stage=1)
+    ds = deepspeed_config(config, world_size=1, cuda=True)
+    ds["zero_optimization"]["overlap_comm"] = False  # a CUDA side stream: not on this CPU
+    model = PanguModel(config.pangu_config())
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, config.optimizer),
+                                                   config=ds)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    assert type(inner) is torch.optim.AdamW and inner.defaults["fused"] is True
+    assert [g["eps"] for g in inner.param_groups] == [g["eps"] for g in parameter_groups(model, config.optimizer)]
