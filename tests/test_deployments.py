@@ -14,8 +14,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -57,17 +58,17 @@ def _post(url: str, body: dict, timeout: float = 5.0) -> object:
         return json.loads(response.read())
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """A `prefect server start` subprocess on a free 127.0.0.1 port; yields the env for child commands."""
-    home = tmp_path_factory.mktemp("prefect-home")
+@contextmanager
+def local_server(home: Path, checkout: Path, **extra_env: str) -> Iterator[dict]:
+    """A `prefect server start` subprocess on a free 127.0.0.1 port with its SQLite in `home`; yields the
+    env for child commands (`PWD` = `checkout`, which `prefect deploy` records) and the API URL."""
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(home), PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PYTHONUNBUFFERED="1",
                # deploy/prefect.yaml's pull step is `{{ $PWD }}`, read by `prefect deploy` from its environment
-               PWD=str(ROOT))
+               PWD=str(checkout), **extra_env)
     log = open(home / "server.log", "w")
     server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -86,6 +87,12 @@ def prefect_server(tmp_path_factory):
     finally:
         _kill_group(server)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    with local_server(tmp_path_factory.mktemp("prefect-home"), ROOT) as server:
+        yield server
 
 
 def _prefect(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:

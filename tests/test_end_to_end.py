@@ -12,12 +12,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.test_deployments import POOL, PREFECT, _free_port, _get, _kill_group, _post, run_deployment
+from tests.test_deployments import POOL, PREFECT, _post, local_server, run_deployment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,30 +41,10 @@ def fresh_repo(tmp_path_factory, registry_sample):
     assert not (repo.parent / "shared").exists()
     home = top / "prefect-home"
     home.mkdir()
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    # `python -m` from the copy imports the copy's code first; PWD is what `prefect deploy` records.
-    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PYTHONUNBUFFERED="1", PWD=str(repo), OMP_NUM_THREADS="1", PYTHONPATH=str(repo),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    log = open(home / "server.log", "w")
-    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], cwd=home,
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if json.loads(_get(f"{api}/health")) is True:
-                    break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, (home / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
-        yield {"repo": repo, "env": env, "api": api, "sample": registry_sample[0]}
-    finally:
-        _kill_group(server)
-        log.close()
+    # `python -m` from the copy imports the copy's code first.
+    with local_server(home, repo, OMP_NUM_THREADS="1", PYTHONPATH=str(repo),
+                      PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}") as server:
+        yield {"repo": repo, "env": server["env"], "api": server["api"], "sample": registry_sample[0]}
 
 
 def _run(args: list[str], repo: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
