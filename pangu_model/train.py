@@ -835,12 +835,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export-only", action="store_true", help="export the latest checkpoint and exit")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
+    # A user error (the preset, an override, data the model cannot fit): one message, no traceback.
     try:
-        config = fit_to_data(load_train_config(args.config, args.overrides))
-    except (DataMismatch, FileNotFoundError, ValueError) as exc:  # a user error: one message, no traceback
+        config = load_train_config(args.config, args.overrides)
+    except (FileNotFoundError, ValueError) as exc:
         print(f"pangu_model.train: {exc}", file=sys.stderr)
         return 2
-    result = train(config, export_only=args.export_only)
+    try:
+        result = train(config, export_only=args.export_only)  # the Trainer fits the model to the data first
+    except DataMismatch as exc:
+        print(f"pangu_model.train: {exc}", file=sys.stderr)
+        return 2
     if dist.is_initialized() and dist.get_rank() == 0 or not dist.is_initialized():
         print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)
     if dist.is_initialized():
