@@ -329,7 +329,9 @@ def run_training(launch: Launch, output: str, total_steps: int) -> dict[str, Any
     seconds = time.monotonic() - started
     result = parse_result(tail)
     last_lines = "\n".join(list(tail)[-ERROR_TAIL_LINES:])
-    if code in PREEMPTED_EXIT_CODES:
+    # Under torchrun or the deepspeed launcher the launcher's own exit code says little (torchrun exits 1
+    # when SIGTERM reached it): the trainer's result line says whether it checkpointed and stopped.
+    if code in PREEMPTED_EXIT_CODES or (result or {}).get("status") == "preempted":
         tag = latest_checkpoint(output)
         raise TrainingPreempted(
             f"training was preempted (SIGTERM; {launch.launcher} exit code {code}) after {seconds:.0f}s: "

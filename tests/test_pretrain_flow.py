@@ -249,3 +249,57 @@ def test_node_local_ranks_come_from_the_launchers_variables():
     assert local_world_size(16, {"LOCAL_SIZE": "8", "CROSS_SIZE": "2"}) == 8  # deepspeed launcher
     assert local_world_size(16, {"CROSS_SIZE": "4"}) == 4
     assert local_world_size(16, {}) == 16  # no launcher said otherwise: one node
+
+
+def _job_process_group(marker: str) -> int | None:
+    """The process group of the running launcher whose command line holds `marker`."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if "torch.distributed.run" in cmdline and marker in cmdline:
+            return os.getpgid(int(proc.name))
+    return None
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_torchrun_job_is_a_preemption_with_a_checkpoint(prefect_api, tokens, tmp_path, monkeypatch):
+    """A scheduler's SIGTERM reaches torchrun and both ranks: the ranks finish their step and checkpoint,
+    torchrun exits 1, and the run must still read as preempted (it used to read as failed)."""
+    import signal
+    import threading
+
+    import flows.pretrain
+    from flows.pretrain import TrainingPreempted
+    from prefect import flow
+
+    monkeypatch.setattr(flows.pretrain, "local_devices", lambda: 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "preempt"
+    launch = build_launch("alpha-tiny", tokens, out, 200, {**TINY, "throttle_s": 0.2, "checkpoint_every": 0},
+                          gpus_per_node=2)
+    assert launch.launcher == "torchrun"
+
+    def preempt() -> None:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if len(read_metrics_csv(out)) >= 3 and (group := _job_process_group(str(out))):
+                os.killpg(group, signal.SIGTERM)
+                return
+            time.sleep(0.2)
+
+    @flow
+    def train_then_preempted():
+        return run_training(launch, str(out), 200)
+
+    killer = threading.Thread(target=preempt, daemon=True)
+    killer.start()
+    state = train_then_preempted(return_state=True)
+    killer.join(timeout=10)
+    assert state.is_failed()
+    with pytest.raises(TrainingPreempted, match="rerun with the same output"):
+        state.result()
+    steps = len(read_metrics_csv(out))
+    assert 3 <= steps < 200
+    assert (out / "checkpoints" / "latest").read_text() == f"step{steps:08d}"
