@@ -287,6 +287,27 @@ def _stop(proc: subprocess.Popen, logger: Any) -> None:
         pass
 
 
+def _terminate_with_parent() -> None:
+    """In the job's process, before exec: SIGTERM when the process that started it dies (Linux
+    PR_SET_PDEATHSIG). A flow-run process killed outright (a cancellation in the UI, an OOM kill) never
+    reaches its `finally`; the launcher then still gets SIGTERM and stops its ranks, which checkpoint."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the flow's own stop is all there is
+        pass
+
+
+def start_job(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """The training job in a session of its own (a stop reaches every rank through its process group),
+    tied to the life of this process, its output one text stream."""
+    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1,
+                            start_new_session=True, preexec_fn=_terminate_with_parent)
+
+
 @task(name="train", task_run_name="train-{launch.launcher}-{launch.world_size}", cache_policy=NO_CACHE)
 def run_training(launch: Launch, output: str, total_steps: int) -> dict[str, Any]:
     """Runs the job, streaming every output line into this run's logs; fails on a non-zero exit."""
@@ -298,9 +319,7 @@ def run_training(launch: Launch, output: str, total_steps: int) -> dict[str, Any
                 launch.describe())
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     started = time.monotonic()
-    proc = subprocess.Popen(launch.argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1,
-                            start_new_session=True)  # its own group: a stop reaches every rank
+    proc = start_job(launch.argv, env)
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
     reader.start()

@@ -303,3 +303,36 @@ def test_sigterm_to_a_torchrun_job_is_a_preemption_with_a_checkpoint(prefect_api
     steps = len(read_metrics_csv(out))
     assert 3 <= steps < 200
     assert (out / "checkpoints" / "latest").read_text() == f"step{steps:08d}"
+
+
+def test_a_job_does_not_outlive_a_killed_flow_process(tmp_path):
+    """A flow-run process killed outright (UI cancellation, OOM) never runs its `finally`: the training job,
+    in a session of its own, used to keep running. Now it gets SIGTERM (and checkpoints) when that dies."""
+    import signal
+    import subprocess
+
+    done = tmp_path / "job-stopped"
+    job = (f"import pathlib, signal, sys, time; "
+           f"signal.signal(signal.SIGTERM, lambda *_: (pathlib.Path({str(done)!r}).write_text('SIGTERM'), sys.exit(143))); "
+           f"print('ready', flush=True); time.sleep(120)")
+    parent = subprocess.Popen(
+        [sys.executable, "-c",
+         "import os, sys; from flows.pretrain import start_job; "
+         f"job = start_job([sys.executable, '-c', {job!r}], dict(os.environ)); "
+         "print(job.pid, job.stdout.readline().strip(), flush=True); import time; time.sleep(120)"],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
+    try:
+        pid, ready = parent.stdout.readline().split()
+        assert ready == "ready"
+        parent.kill()  # SIGKILL: no handler, no finally
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert done.read_text() == "SIGTERM"
+    finally:
+        parent.kill()
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, UnboundLocalError, ValueError):
+            pass
