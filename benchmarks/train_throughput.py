@@ -51,6 +51,8 @@ def synthetic_tokens(directory: Path, vocab: int, domains: int, documents: int =
     names = {str(i): f"domain{i}" for i in range(domains)}
     (directory / "domains.json").write_text(json.dumps({
         "id_to_name": names, "shards": ["part-00000"],
+        # random ids, no tokenizer file: the piece count is what the model's vocabulary follows
+        "tokenizer": {"path": None, "sha256": None, "pieces": vocab},
         "domains": {f"domain{i}": {"id": i, "tokens": int(lengths[doc_domains == i].sum())} for i in range(domains)},
     }))
     return directory
