@@ -31,6 +31,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Cancelled
 
 from flows.lineage import record_asset
 from flows.reports import loss_figure, png_markdown, validation_figure
@@ -499,6 +500,8 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Pretrain PanGu-α / PanGu-Σ from a preset with DeepSpeed; a rerun with the same output resumes.
 
+    A preempted run (SIGTERM: every rank checkpointed) ends in the state "Preempted", not Failed.
+
     Args:
         preset: pretrain preset (alpha-tiny, sigma-tiny, alpha-350m, sigma-1t) or a YAML path.
         data: packed token directory, or a root of versions (the newest is used); the model's vocabulary
@@ -540,7 +543,13 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
         logger.info("%s", launch.note)
     if launch.hostfile:
         logger.info("hostfile for %d nodes written to %s", launch.nodes, launch.hostfile)
-    result = run_training(launch, str(out), config.train_steps)
+    try:
+        result = run_training(launch, str(out), config.train_steps)
+    except TrainingPreempted as exc:
+        # Not a failure: every rank checkpointed and the same call resumes. The run ends in a state of
+        # its own (of type Cancelled, so nothing downstream treats it as done), named so in the UI.
+        logger.warning("%s", exc)
+        return Cancelled(name="Preempted", message=str(exc).splitlines()[0])
     samples = sample_task(result["export"]) if result.get("export") else None
     published = publish(preset, config, data_dir, data_note, out, result, launch, resumed_from, samples)
     summary = {"preset": preset, "status": result["status"], "step": result.get("step"), "data": str(data_dir),

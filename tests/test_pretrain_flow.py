@@ -252,13 +252,13 @@ def test_node_local_ranks_come_from_the_launchers_variables():
 
 
 def _job_process_group(marker: str) -> int | None:
-    """The process group of the running launcher whose command line holds `marker`."""
+    """The process group of the running training job whose command line holds `marker`."""
     for proc in Path("/proc").iterdir():
         try:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except (OSError, ValueError):
             continue
-        if "torch.distributed.run" in cmdline and marker in cmdline:
+        if "pangu_model.train" in cmdline and marker in cmdline:
             return os.getpgid(int(proc.name))
     return None
 
@@ -336,3 +336,32 @@ def test_a_job_does_not_outlive_a_killed_flow_process(tmp_path):
             os.kill(int(pid), signal.SIGKILL)
         except (ProcessLookupError, UnboundLocalError, ValueError):
             pass
+
+
+@pytest.mark.slow
+def test_a_preempted_pretrain_run_ends_preempted_not_failed(prefect_api, tokens, tmp_path):
+    import signal
+    import threading
+
+    from flows.pretrain import pretrain
+
+    out = tmp_path / "preempted-flow"
+
+    def preempt() -> None:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if len(read_metrics_csv(out)) >= 3 and (group := _job_process_group(str(out))):
+                os.killpg(group, signal.SIGTERM)  # as a scheduler preempts the job
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=preempt, daemon=True)
+    killer.start()
+    state = pretrain(preset="alpha-tiny", data=str(tokens), output=str(out), steps=200,
+                     overrides={**TINY, "throttle_s": 0.2, "checkpoint_every": 0}, return_state=True)
+    killer.join(timeout=10)
+    assert state.is_cancelled() and not state.is_failed() and state.name == "Preempted", state
+    assert "rerun with the same output" in state.message
+    steps = len(read_metrics_csv(out))
+    assert (out / "checkpoints" / "latest").read_text() == f"step{steps:08d}"
+
