@@ -235,7 +235,7 @@ def fit_to_data(config: TrainConfig) -> TrainConfig:
         source = load_config(config.init_from)
         if source.vocab_size < pieces:
             raise DataMismatch(f"init_from {config.init_from} has {source.vocab_size} embeddings but the data's "
-                               f"tokenizer {pieces} pieces: pack the corpus with that model's tokenizer")
+                               f"tokenizer has {pieces} pieces: pack the corpus with that model's tokenizer")
         derived["vocab_size"] = source.vocab_size
     else:
         derived["vocab_size"] = padded_vocab(pieces)
