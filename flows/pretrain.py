@@ -383,23 +383,6 @@ def _fmt(value: Any, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def read_validation(output: str | os.PathLike[str]) -> dict[str, list[tuple[int, float, float]]]:
-    """validation.csv as domain → [(step, loss, perplexity)] ("all" for every domain together)."""
-    from pangu_model.metrics import VALIDATION_FILE
-
-    path = Path(output) / VALIDATION_FILE
-    curves: dict[str, list[tuple[int, float, float]]] = {}
-    if path.is_file():
-        with open(path, newline="", encoding="utf-8") as fh:
-            for row in csv.DictReader(fh):
-                try:
-                    curves.setdefault(row["domain"], []).append((int(row["step"]), float(row["loss"]),
-                                                                 float(row["ppl"])))
-                except (TypeError, ValueError):
-                    continue  # a row being written
-    return curves
-
-
 SAMPLE_MAX_BYTES = 4 << 30  # samples come from the export on the flow's CPU: skipped for larger models
 
 
@@ -433,8 +416,10 @@ def publish(preset: str, config: Any, data_dir: Path, data_note: str, output: Pa
     final_loss = rows[-1]["loss"] if rows else None
     recent = [r["tokens_per_s"] for r in rows[-20:] if r.get("tokens_per_s", 0) > 0]
     tokens_per_s = sum(recent) / len(recent) if recent else None
+    from pangu_model.metrics import OVERALL_DOMAIN, read_validation
+
     validation = read_validation(output)
-    overall = validation.get("all", [])
+    overall = validation.get(OVERALL_DOMAIN, [])
     export = result.get("export")
     model_file = Path(export) / "model.safetensors" if export else None
     checkpoint = output / "checkpoints" / (latest_checkpoint(output) or "")
@@ -458,7 +443,7 @@ def publish(preset: str, config: Any, data_dir: Path, data_note: str, output: Pa
         "",
         f"Command: `{launch.describe()}`",
     ]
-    per_domain = {name: curve[-1] for name, curve in validation.items() if name != "all"}
+    per_domain = {name: curve[-1] for name, curve in validation.items() if name != OVERALL_DOMAIN}
     if per_domain:
         lines += ["", "## Validation (held-out documents)", "", "| domain | loss | perplexity |", "|---|---:|---:|"]
         lines += [f"| {name} | {loss:.4f} | {ppl:,.1f} |" for name, (_, loss, ppl) in sorted(per_domain.items())]

@@ -292,4 +292,21 @@ def read_metrics(output: str | os.PathLike[str]) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
-__all__ = ["MetricsLogger", "domain_loss_sums", "flops_per_token", "peak_flops", "read_metrics"]
+def read_validation(output: str | os.PathLike[str]) -> dict[str, list[tuple[int, float, float]]]:
+    """validation.csv as domain → [(step, loss, perplexity)] (OVERALL_DOMAIN for all domains together);
+    empty when the run has none yet. A row being written is skipped."""
+    path = Path(output) / VALIDATION_FILE
+    curves: dict[str, list[tuple[int, float, float]]] = {}
+    if path.is_file():
+        with open(path, newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                try:
+                    curves.setdefault(row["domain"], []).append((int(row["step"]), float(row["loss"]),
+                                                                 float(row["ppl"])))
+                except (TypeError, ValueError):
+                    continue
+    return curves
+
+
+__all__ = ["MetricsLogger", "domain_loss_sums", "flops_per_token", "peak_flops", "read_metrics",
+           "read_validation"]
