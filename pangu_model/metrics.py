@@ -10,6 +10,10 @@ Files (rank 0 writes, under the run's output directory):
 
 On resume the CSVs are cut back to the resumed step, so a killed-and-resumed run leaves the same rows as
 an uninterrupted one. Losses per domain and expert loads are summed over all data-parallel ranks.
+
+Every collective here runs on the trainer's compute device: NCCL groups accept CUDA tensors only, so a
+host tensor in an all-reduce fails the first step of any multi-GPU run. Values come back to the host
+once per logged step, after the reduction.
 """
 
 from __future__ import annotations
@@ -141,8 +145,10 @@ class MetricsLogger:
         flops_per_token: float = 0.0,
         peak_flops: float | None = None,
         world_size: int = 1,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.output = Path(output)
+        self.device = torch.device(device)
         self.rank = rank
         self.log_every = max(1, log_every)
         self.domain_names = dict(domain_names)
@@ -180,11 +186,12 @@ class MetricsLogger:
 
     # ---- accumulation (every rank, every micro-batch) -------------------------------------------
     def add_domain_losses(self, sums: torch.Tensor) -> None:
+        sums = sums.to(self.device)
         self.domain_sums = sums if self.domain_sums is None else self.domain_sums + sums
 
     def add_expert_load(self, load: torch.Tensor) -> None:
-        """[sparse layers, experts] token counts of one micro-batch."""
-        load = load.to(torch.float64)
+        """[sparse layers, experts] token counts of one micro-batch (left on its device: no sync)."""
+        load = load.to(self.device, torch.float64)
         self.expert_load = load if self.expert_load is None else self.expert_load + load
 
     # ---- one optimizer step ---------------------------------------------------------------------
@@ -238,10 +245,11 @@ class MetricsLogger:
 
     def _reduce(self, values: dict[str, float], tokens: int) -> dict[str, float]:
         keys = sorted(values)
-        vector = torch.tensor([values[k] for k in keys] + [float(tokens)], dtype=torch.float64)
+        vector = torch.tensor([values[k] for k in keys] + [float(tokens)], dtype=torch.float64, device=self.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(vector)
             vector[:-1] /= dist.get_world_size()  # mean of the scalars, sum of the tokens
+        vector = vector.cpu()
         out = dict(zip(keys, vector[:-1].tolist()))
         out["_tokens"] = int(vector[-1])
         for key in ("loss", "lm_loss", "aux_loss", "lr", "grad_norm"):
@@ -254,9 +262,9 @@ class MetricsLogger:
         sums, load = self.domain_sums, self.expert_load
         self.domain_sums = self.expert_load = None
         if sums is None:
-            sums = torch.zeros(self.num_domains, 2, dtype=torch.float64)
+            sums = torch.zeros(self.num_domains, 2, dtype=torch.float64, device=self.device)
         if load is None and self.sparse_layers:
-            load = torch.zeros(len(self.sparse_layers), self.num_experts, dtype=torch.float64)
+            load = torch.zeros(len(self.sparse_layers), self.num_experts, dtype=torch.float64, device=self.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sums)
             if load is not None:

@@ -333,7 +333,9 @@ def build_model(config: TrainConfig, expert_shard: tuple[int, int] | None = None
 class Trainer:
     """One DeepSpeed engine, its data and its checkpoints. `run()` trains; `export()` writes safetensors."""
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, device: torch.device | str | None = None) -> None:
+        """`device`: where this rank computes and where its collectives' tensors live (default: its CUDA
+        device, else the CPU). Tests set it to tell compute tensors from host ones on a CPU machine."""
         import deepspeed
 
         from deploy.deepspeed_config import deepspeed_config
@@ -345,6 +347,8 @@ class Trainer:
         self.stop_requested = False
         self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         self.rank, self.world_size, self.device = init_distributed()
+        if device is not None:
+            self.device = torch.device(device)
         self.pangu = config.pangu_config()
         self.total_steps = config.train_steps
         self._check_topology()
@@ -494,6 +498,7 @@ class Trainer:
             progress=config.progress_bar, tensorboard=config.tensorboard,
             flops_per_token=flops_per_token(self.pangu, config.row_length),
             peak_flops=peak_flops(config.precision, config.peak_tflops), world_size=self.world_size,
+            device=self.device,
         )
         status = "completed"
         self.engine.train()
@@ -607,7 +612,7 @@ class Trainer:
         for name in self.expert_layers:
             layer = self.model.get_submodule(name)
             ids = layer.route(batch["input_ids"], batch["domain_ids"]).reshape(-1)
-            loads.append(torch.bincount(ids, minlength=self.pangu.total_experts).cpu())
+            loads.append(torch.bincount(ids, minlength=self.pangu.total_experts))  # stays on the device
         return torch.stack(loads)
 
     # ---- checkpoints ----------------------------------------------------------------------------

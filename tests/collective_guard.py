@@ -1,0 +1,199 @@
+"""Catch collectives on host tensors on a machine without a GPU.
+
+NCCL, the backend of every multi-GPU run, accepts CUDA tensors only: an all-reduce of a tensor made on the
+host fails there, while gloo on a CPU test machine takes it without a word. This guard brings the NCCL rule
+to CPU runs. The trainer is given the compute device `cpu:0` (it stands for `cuda:0`); the guard follows
+which tensors the project's code puts on the host and which on the compute device, and a
+`torch.distributed` collective on a host tensor raises.
+
+A tensor is on the host when project code (pangu_model/, deploy/, tokenizer/) creates it without a device
+or with the device "cpu", or calls `.cpu()` / `.to("cpu")`. `.to(compute)` brings it back; any other op's
+result is on the host when one of its tensor inputs is. Tensors made before the guard starts (the model's
+weights) and by other libraries (DeepSpeed's buffers, which follow its accelerator) count as on the
+device. A factory given `device=some_tensor.device` counts as on the device too: on a GPU that device is
+CUDA.
+
+`python -m tests.collective_guard --config C` (under torchrun) trains and exports a run under the guard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+import weakref
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPUTE = torch.device("cpu", 0)
+PROJECT_DIRS = tuple(str(ROOT / name) + "/" for name in ("pangu_model", "deploy", "tokenizer"))
+COLLECTIVES = ("all_reduce", "all_to_all_single", "all_gather", "all_gather_into_tensor", "gather", "scatter",
+               "broadcast", "reduce", "reduce_scatter_tensor", "all_to_all")
+_FACTORIES = {torch.tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.as_tensor,
+              torch.rand, torch.randn, torch.randint, torch.linspace}
+_LIKE = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like}
+_NEW = {torch.Tensor.new_empty, torch.Tensor.new_zeros, torch.Tensor.new_ones, torch.Tensor.new_full,
+        torch.Tensor.new_tensor}
+
+
+class HostTensorError(RuntimeError):
+    pass
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+def _names_host(device: Any) -> bool:
+    """Only the string "cpu" certainly means the host: a torch.device object may be `tensor.device`, which
+    follows the compute device on a GPU."""
+    return isinstance(device, str) and torch.device(device) == torch.device("cpu")
+
+
+class _TensorSet:
+    """Tensors by identity (a WeakSet compares tensors with `==`, elementwise), without keeping them alive."""
+
+    def __init__(self) -> None:
+        self._refs: dict[int, weakref.ref] = {}
+
+    def add(self, tensor: torch.Tensor) -> None:
+        key = id(tensor)
+        self._refs[key] = weakref.ref(tensor, lambda _, key=key: self._refs.pop(key, None))
+
+    def discard(self, tensor: torch.Tensor) -> None:
+        self._refs.pop(id(tensor), None)
+
+    def __contains__(self, tensor: torch.Tensor) -> bool:
+        ref = self._refs.get(id(tensor))
+        return ref is not None and ref() is tensor
+
+
+class HostTensorGuard(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.host = _TensorSet()
+        self.rejected: list[str] = []
+
+    # ---- following tensors ----------------------------------------------------------------------
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        outputs = [t for t in _tensors(out)]
+        if not outputs:
+            return out
+        on_host = self._on_host(func, args, kwargs)
+        for tensor in outputs:
+            if on_host:
+                self.host.add(tensor)
+            else:
+                self.host.discard(tensor)
+        return out
+
+    def _on_host(self, func: Any, args: tuple, kwargs: dict) -> bool:
+        project = _called_from_project()
+        inputs_on_host = any(t in self.host for t in _tensors((args, kwargs)))
+        device = kwargs.get("device")
+        if func in _FACTORIES:
+            if not project:
+                return False
+            return device is None or _names_host(device)
+        if func in _LIKE or func in _NEW:
+            if device is None:
+                return inputs_on_host
+            return project and _names_host(device)
+        if func is torch.Tensor.cpu:
+            return project or inputs_on_host
+        if func is torch.Tensor.to:
+            target = device if device is not None else next(
+                (a for a in args[1:] if isinstance(a, (str, torch.device))), None)
+            if target is None:
+                return args[0] in self.host  # a dtype change keeps the placement
+            if target == COMPUTE or (isinstance(target, torch.device) and target.index is not None):
+                return False
+            if _names_host(target):
+                return project or args[0] in self.host
+            return args[0] in self.host
+        return inputs_on_host
+
+    # ---- checking collectives -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def active(self) -> Iterator["HostTensorGuard"]:
+        originals = {name: getattr(dist, name) for name in COLLECTIVES}
+        for name, original in originals.items():
+            setattr(dist, name, self._checked(name, original))
+        try:
+            with self:
+                yield self
+        finally:
+            for name, original in originals.items():
+                setattr(dist, name, original)
+
+    def _checked(self, name: str, original: Any) -> Any:
+        @functools.wraps(original)
+        def collective(*args: Any, **kwargs: Any) -> Any:
+            for tensor in _tensors((args, kwargs)):
+                if tensor in self.host:
+                    where = _project_caller()
+                    message = (f"torch.distributed.{name} on a host tensor {tuple(tensor.shape)} {tensor.dtype} "
+                               f"from {where}: NCCL accepts CUDA tensors only")
+                    self.rejected.append(message)
+                    raise HostTensorError(message)
+            return original(*args, **kwargs)
+
+        return collective
+
+
+def _called_from_project() -> bool:
+    frame = sys._getframe(3)  # _on_host ← __torch_function__ ← the op's caller
+    return frame.f_code.co_filename.startswith(PROJECT_DIRS)
+
+
+def _project_caller() -> str:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(PROJECT_DIRS):
+            return f"{Path(frame.f_code.co_filename).relative_to(ROOT)}:{frame.f_lineno} ({frame.f_code.co_name})"
+        frame = frame.f_back
+    return "outside the project"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m torch.distributed.run ... -m tests.collective_guard --config C`: train and export with the
+    compute device `cpu:0` under the guard; print the result line as `pangu_model.train` does."""
+    import argparse
+    import json
+
+    from pangu_model.train import EXPORT_DIR, Trainer, load_train_config
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args(argv)
+    config = load_train_config(args.config, [])
+    trainer = Trainer(config, device=COMPUTE)
+    guard = HostTensorGuard()
+    try:
+        with guard.active():
+            result = trainer.run()
+            trainer.export(Path(config.output) / EXPORT_DIR)
+    finally:
+        trainer.close()
+    if dist.get_rank() == 0:
+        print(json.dumps({"status": result["status"], "step": result["step"]}), flush=True)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Every collective of a training run takes tensors that NCCL accepts (issue: correct under NCCL).
+
+Two gloo ranks train, validate, checkpoint and export under `tests.collective_guard`, with the compute
+device `cpu:0` standing for `cuda:0`: a collective on a tensor that the project put on the host raises,
+as NCCL would on the first step of an 8-GPU run.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pangu_model.metrics import read_metrics, read_validation
+from pangu_model.train import _free_port
+from tests.test_train_common import ROOT, run_config
+
+
+def _guarded_torchrun(config) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        env.pop(var, None)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         "-m", "tests.collective_guard", "--config", str(config)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ecss", [True, False], ids=["ecss-ep2", "deepspeed-moe-ep2"])
+def test_two_ranks_run_every_collective_on_the_compute_device(ecss: bool) -> None:
+    config = run_config(f"nccl-rule-{'ecss' if ecss else 'moe'}", "sigma-tiny", ecss=ecss, expert_parallel=2,
+                        topology="cpu-tiny", train_steps=3, checkpoint_every=2, validation_every=2,
+                        log_every=1, export=True)
+    done = _guarded_torchrun(config)
+    output = done.stdout + done.stderr
+    assert "on a host tensor" not in output, output[-3000:]
+    assert done.returncode == 0, output[-4000:]
+    run = config.parent
+    rows = read_metrics(run)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert rows[-1]["tokens"] > 0
+    assert [step for step, _, _ in read_validation(run)["all"]] == [2, 3]
+    assert (run / "export" / "model.safetensors").is_file()
+    loads = (run / "expert_load.csv").read_text().splitlines()
+    assert len(loads) > 1 and sum(int(line.rsplit(",", 1)[1]) for line in loads[1:]) > 0
