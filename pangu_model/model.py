@@ -157,34 +157,40 @@ class PanguModel(nn.Module):
     # ------------------------------------------------------------------------------------------
     def reset_parameters(self) -> None:
         """Embeddings and linears N(0, σ); output projections N(0, σ/√(2L)); biases 0; LN (1, 0)."""
+        for name, module in self.named_modules():
+            self.reset_module(name, module)
+
+    def reset_module(self, name: str, module: nn.Module) -> None:
+        """`reset_parameters` for one module's own tensors, drawing from the global stream as the whole
+        pass does: calling it for every module in `named_modules()` order is `reset_parameters()`
+        (`pangu_model.materialize` builds a model one module at a time this way)."""
         std = self.config.init_std
         output_std = std / math.sqrt(2 * self.config.num_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, std)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
+        if isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            is_output = name.endswith(("attention.out_proj", "ffn.fc_out"))
+            nn.init.normal_(module.weight, 0.0, output_std if is_output else std)
+            if module.bias is not None:
                 nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                is_output = name.endswith(("attention.out_proj", "ffn.fc_out"))
-                nn.init.normal_(module.weight, 0.0, output_std if is_output else std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, ExpertBank):
-                # One draw from the global stream per bank, then a generator per expert seeded by its
-                # global index: a shard of the bank initialises exactly its rows of the whole bank,
-                # and the rest of the model sees the same stream either way.
-                base = int(torch.randint(0, 2**62, (1,), device="cpu"))
-                device = module.w_in.device
-                generator = None if device.type == "meta" else torch.Generator(device=device)
-                for row in range(0 if generator is None else module.num_experts):
-                    generator.manual_seed(base + module.first_expert + row)
-                    nn.init.normal_(module.w_in[row], 0.0, std, generator=generator)
-                    nn.init.normal_(module.w_out[row], 0.0, output_std, generator=generator)
-                nn.init.zeros_(module.b_in)
-                nn.init.zeros_(module.b_out)
-            elif isinstance(module, MixtureOfGroupedExperts):
-                nn.init.ones_(module.expert_scale)
+        elif isinstance(module, ExpertBank):
+            # One draw from the global stream per bank, then a generator per expert seeded by its
+            # global index: a shard of the bank initialises exactly its rows of the whole bank,
+            # and the rest of the model sees the same stream either way.
+            base = int(torch.randint(0, 2**62, (1,), device="cpu"))
+            device = module.w_in.device
+            generator = None if device.type == "meta" else torch.Generator(device=device)
+            for row in range(0 if generator is None else module.num_experts):
+                generator.manual_seed(base + module.first_expert + row)
+                nn.init.normal_(module.w_in[row], 0.0, std, generator=generator)
+                nn.init.normal_(module.w_out[row], 0.0, output_std, generator=generator)
+            nn.init.zeros_(module.b_in)
+            nn.init.zeros_(module.b_out)
+        elif isinstance(module, MixtureOfGroupedExperts):
+            nn.init.ones_(module.expert_scale)
 
     @property
     def layers(self) -> list[Block]:

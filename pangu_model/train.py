@@ -305,15 +305,23 @@ def _compute_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def build_model(config: TrainConfig, expert_shard: tuple[int, int] | None = None) -> PanguModel:
+def build_model(
+    config: TrainConfig, expert_shard: tuple[int, int] | None = None, device: torch.device | str = "cpu"
+) -> PanguModel:
     """The initial model, identical on every rank (seeded; DeepSpeed broadcasts it again anyway).
 
     With `expert_shard` (ep rank, ep size) the RRE layers hold only this rank's experts, so no rank
-    ever holds all experts of a model like sigma-1t (1.07T expert parameters)."""
+    ever holds all experts of a model like sigma-1t (1.07T expert parameters). A new model is built on
+    `device` one module at a time (`pangu_model.materialize`): the host never holds the whole model,
+    and with ECSS the experts are made in host memory, where they stay."""
     pangu = config.pangu_config()
-    torch.manual_seed(config.seed)
     if config.init_from is None:
-        return PanguModel(pangu, expert_shard)
+        from .materialize import build_model_on
+        from .moe import ExpertBank
+
+        host = (ExpertBank,) if config.ecss else ()
+        return build_model_on(pangu, device, config.seed, expert_shard, host).train()
+    torch.manual_seed(config.seed)
     from .checkpoint import load_checkpoint, load_config
     from .inherit import sigma_from_dense
 
@@ -354,7 +362,7 @@ class Trainer:
         self._check_topology()
 
         ep = config.expert_parallel
-        model = build_model(config, (self._ep_rank(), ep) if ep > 1 else None)
+        model = build_model(config, (self._ep_rank(), ep) if ep > 1 else None, self.device)
         self.expert_layers: list[str] = [n for n, m in model.named_modules() if isinstance(m, RandomRoutedExperts)]
         self.sparse_layers = list(model.sparse_layers())
         if config.expert_parallel > 1 and not config.ecss:

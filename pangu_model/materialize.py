@@ -1,0 +1,101 @@
+"""Build a model on its device one module at a time, with the weights of the eager construction.
+
+`PanguModel(config)` under `torch.manual_seed(seed)` materialises every weight in fp32 in host memory
+(828 GB at 200B, on every rank) before DeepSpeed moves it to the GPU. `build_model_on` gives the same
+weights, bit for bit, without ever holding more than one module's tensors on the host:
+
+1. The model is built with its parameters on the meta device (buffers, such as the RRE routing tables,
+   are small and built for real): nothing is allocated and the global random stream is not touched.
+2. The random stream is replayed: eager construction draws once for every `nn.Linear` / `nn.Embedding`
+   (their own `reset_parameters`) before `PanguModel.reset_parameters` draws again. Each of those modules
+   is made on the host and initialised, and the result dropped, one at a time, so the stream reaches the
+   state the eager path leaves it in.
+3. `PanguModel.reset_module` initialises each module's own tensors on the host in `named_modules()`
+   order, exactly as `reset_parameters` does, and they move to their device at once: the compute device,
+   or the host for modules that live there (ECSS keeps the experts in host memory).
+
+The draws stay on the CPU generator whatever the device, so a GPU run starts from the weights a CPU run
+does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .config import PanguConfig
+from .model import PanguModel
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside goes to the meta device; buffers stay where they are made."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _replay_construction_draws(model: nn.Module) -> None:
+    """Advance the global stream as building `model` eagerly would: torch's own modules initialise
+    themselves when they are made (PanGu's modules leave that to `PanguModel.reset_parameters`)."""
+    for module in model.modules():
+        if module is model or not hasattr(module, "reset_parameters"):
+            continue
+        scratch = copy.deepcopy(module)
+        scratch.to_empty(device="cpu", recurse=False)
+        scratch.reset_parameters()
+        del scratch
+
+
+def _materialize_own(module: nn.Module) -> None:
+    """Give `module`'s own parameters host storage (to be initialised), keeping requires_grad."""
+    for name, param in list(module.named_parameters(recurse=False)):
+        module.register_parameter(name, nn.Parameter(torch.empty_like(param, device="cpu"),
+                                                     requires_grad=param.requires_grad))
+
+
+def _move_own(module: nn.Module, device: torch.device) -> None:
+    for name, param in list(module.named_parameters(recurse=False)):
+        if param.device != device:
+            module.register_parameter(name, nn.Parameter(param.detach().to(device), requires_grad=param.requires_grad))
+    for name, buffer in list(module.named_buffers(recurse=False)):
+        if buffer is not None and buffer.device != device:
+            module._buffers[name] = buffer.to(device)
+
+
+def build_model_on(
+    config: PanguConfig,
+    device: torch.device | str,
+    seed: int,
+    expert_shard: tuple[int, int] | None = None,
+    host_modules: tuple[type[nn.Module], ...] = (),
+) -> PanguModel:
+    """`torch.manual_seed(seed); PanguModel(config, expert_shard)`, with each module's weights made on the
+    host, initialised and moved to `device` one module at a time; modules of `host_modules` types stay on
+    the host. `device="meta"` builds only the host-resident modules (to inspect what a rank keeps)."""
+    device = torch.device(device)
+    with parameters_on_meta():
+        model = PanguModel(config, expert_shard)
+    torch.manual_seed(seed)
+    _replay_construction_draws(model)
+    for name, module in model.named_modules():
+        _materialize_own(module)
+        model.reset_module(name, module)
+        _move_own(module, torch.device("cpu") if isinstance(module, host_modules) else device)
+    return model
+
+
+__all__ = ["build_model_on", "parameters_on_meta"]
