@@ -55,6 +55,17 @@ def _model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from deploy.plan import format_plan, plan_for
+
+    if args.topology is not None and args.nodes is not None:
+        raise ValueError("give --topology or --nodes/--gpus-per-node, not both")
+    plan = plan_for(args.preset, topology=args.topology, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                    gpu=args.gpu, host_ram_gb=args.host_ram_gb, overrides=args.set)
+    print(plan.to_json() if args.json else format_plan(plan))
+    return 0  # a report: a plan that does not fit is an answer, not an error
+
+
 def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -175,6 +186,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=_model_info)
 
+    p = groups.add_parser("plan", help="GPU and host memory, transfers, step time and MFU of a training run; "
+                                       "says whether it fits")
+    p.add_argument("--preset", required=True,
+                   help="pretrain preset (sigma-1t, alpha-350m, ...) or YAML path, or a bare model preset (200b: "
+                        "bf16, ZeRO-1, micro-batch 1, seq 1024)")
+    p.add_argument("--topology", default=None,
+                   help="deploy/presets/topology name or YAML (pangu-sigma, pangu-alpha-200b, ...); default: the "
+                        "preset's own topology, else --nodes")
+    p.add_argument("--nodes", type=int, default=None, help="servers, with data and expert parallelism only")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per server with --nodes (default 8)")
+    p.add_argument("--gpu", choices=["h100", "h200"], default="h100", help="GPU kind of the hardware table")
+    p.add_argument("--host-ram-gb", type=float, default=None,
+                   help="host RAM per node in GB (default: the table's 2 TiB, an assumption)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a TrainConfig field (dotted keys, YAML values), e.g. gradient_accumulation_steps=32")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(handler=_plan)
+
     p = groups.add_parser("pipeline", help="the whole pipeline: corpus → tokenizer → pretrain → evaluate")
     p.add_argument("inputs", nargs="+", help="raw input files, directories or globs")
     p.add_argument("--root", default="runs", help="where every stage writes its versioned outputs")
@@ -230,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node (one process on a CPU machine)")
     p.add_argument("--hostfile", default=None,
                    help="DeepSpeed hostfile (`host slots=N` per node); needed for more than one node")
+    p.add_argument("--stop-grace", type=float, default=None, metavar="SECONDS",
+                   help="time a stopped job has to checkpoint before it is killed (default: from the planner)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TrainConfig field (dotted keys, YAML values), e.g. optimizer.lr=3e-4")
     p.set_defaults(handler=_pretrain)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import queue
 import re
@@ -31,6 +32,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import TerminationSignal
 from prefect.states import Cancelled
 
 from flows.lineage import record_asset
@@ -44,7 +46,7 @@ ERROR_TAIL_LINES = 12  # quoted in a failure message
 _CAUSE = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[\w.]+)(?:Error|Exception|Interrupt)\b.*)$")
 LOSS_TABLE_ROWS = 100
 PROGRESS_EVERY_S = 30.0
-STOP_GRACE_S = 120.0  # SIGTERM → the trainer finishes its step and checkpoints; then SIGKILL
+STOP_GRACE_S = 120.0  # at least this long from SIGTERM to SIGKILL: the trainer finishes its step and checkpoints
 # Launcher variables a flow run may have inherited; a one-process run must start a world of its own.
 _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -122,6 +124,7 @@ class Launch:
     env: dict[str, str] = field(default_factory=dict)
     hostfile: str | None = None
     note: str | None = None  # a choice the caller should hear about
+    grace_s: float = STOP_GRACE_S  # from a stop (SIGTERM, the stop file) to SIGKILL
 
     def describe(self) -> str:
         return " ".join(self.argv)
@@ -138,6 +141,7 @@ def build_launch(
     hostfile: str | None = None,
     expert_parallel: int = 1,
     devices: int | None = None,
+    grace_s: float = STOP_GRACE_S,
 ) -> Launch:
     """The command line for a run. `devices`: visible GPUs on this node (default: asked of torch).
 
@@ -170,7 +174,7 @@ def build_launch(
         deepspeed = str(bin_dir / "deepspeed") if (bin_dir / "deepspeed").exists() else "deepspeed"
         argv = [deepspeed, *launcher_args(cluster, ParallelPlan(expert=expert_parallel), written),
                 "--module", TRAIN_MODULE, *program]
-        return Launch(argv, "deepspeed", cluster.world_size, cluster.nodes, env, str(written))
+        return Launch(argv, "deepspeed", cluster.world_size, cluster.nodes, env, str(written), grace_s=grace_s)
 
     devices = local_devices() if devices is None else devices
     ranks = min(gpus_per_node, devices) if devices > 0 else 1
@@ -180,10 +184,11 @@ def build_launch(
     elif 0 < devices < gpus_per_node:
         note = f"gpus_per_node {gpus_per_node} but {devices} GPU(s) visible: {ranks} local rank(s)"
     if ranks <= 1:
-        return Launch([sys.executable, "-m", TRAIN_MODULE, *program], "python", 1, 1, env, note=note)
+        return Launch([sys.executable, "-m", TRAIN_MODULE, *program], "python", 1, 1, env, note=note, grace_s=grace_s)
+    # torchrun passes a SIGTERM on to its ranks and SIGKILLs them 30 s later unless told otherwise.
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-            "-m", TRAIN_MODULE, *program]
-    return Launch(argv, "torchrun", ranks, 1, env, note=note)
+            "--shutdown-timeout", str(math.ceil(grace_s)), "-m", TRAIN_MODULE, *program]
+    return Launch(argv, "torchrun", ranks, 1, env, note=note, grace_s=grace_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,19 +278,60 @@ def _pump(stream: Any, lines: queue.Queue) -> None:
     lines.put(None)
 
 
-def _stop(proc: subprocess.Popen, logger: Any) -> None:
-    """SIGTERM the job's process group (the trainer checkpoints), SIGKILL after a grace period."""
-    if proc.poll() is not None:
-        return
-    logger.warning("stopping the training job (SIGTERM to process group %d; it checkpoints first)", proc.pid)
+def default_stop_grace(config: Any, nodes: int, gpus_per_node: int) -> float:
+    """Time for a stopped job to finish its step and checkpoint: twice the planner's step time plus
+    checkpoint write time for this preset on this cluster, at least STOP_GRACE_S."""
+    from deploy.plan import plan_for
+
+    try:
+        plan = plan_for(config, nodes=nodes, gpus_per_node=gpus_per_node)
+    except ValueError:  # a layout the planner cannot place: the trainer says why; keep the floor
+        return STOP_GRACE_S
+    return max(STOP_GRACE_S, 2.0 * (plan.step_time_s + plan.checkpoint_s))
+
+
+def request_stop(proc: subprocess.Popen, output: str | os.PathLike[str]) -> None:
+    """Ask every rank to finish its step and checkpoint: the stop file (it reaches ranks on other nodes,
+    which the deepspeed launcher does not signal) and SIGTERM to the job's process group."""
+    from pangu_model.train import STOP_FILE
+
+    try:
+        Path(output, STOP_FILE).touch()
+    except OSError:
+        pass
     try:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
     except ProcessLookupError:
         pass
+
+
+def _stop(proc: subprocess.Popen, logger: Any, grace_s: float, output: str | os.PathLike[str]) -> None:
+    """Stop a job that is still running (the trainer checkpoints), SIGKILL after `grace_s` seconds."""
+    if proc.poll() is not None:
+        return
+    logger.warning("stopping the training job (process group %d): it checkpoints first, SIGKILL in %.0fs",
+                   proc.pid, grace_s)
+    request_stop(proc, output)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        logger.error("the training job did not stop within %.0fs: SIGKILL", grace_s)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def _is_cancellation() -> bool:
+    """True when the SIGTERM that reached this flow run is Prefect's own cancellation (the runner said so
+    first), False for an outside SIGTERM (a scheduler preempting the job)."""
+    try:
+        from prefect._internal import control_listener
+
+        return control_listener.get_intent() is not None
+    except Exception:  # noqa: BLE001 - an API this version lacks: treat it as a cancellation, as before
+        return True
 
 
 def _terminate_with_parent() -> None:
@@ -320,31 +366,51 @@ def run_training(launch: Launch, output: str, total_steps: int) -> dict[str, Any
                 launch.describe())
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     started = time.monotonic()
+    from pangu_model.train import STOP_FILE
+
+    Path(output, STOP_FILE).unlink(missing_ok=True)  # left by a job that died before it could read it
     proc = start_job(launch.argv, env)
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
     reader.start()
-    next_progress = started + PROGRESS_EVERY_S
-    try:
+
+    def follow(deadline: float | None = None) -> int:
+        """Log the job's lines (and progress every PROGRESS_EVERY_S) until it exits; SIGKILL at `deadline`."""
+        next_progress = time.monotonic() + PROGRESS_EVERY_S
         while True:
             try:
                 line = lines.get(timeout=1.0)
             except queue.Empty:
                 line = ""
             if line is None:
-                break
+                return proc.wait()
             if line:
                 tail.append(line)
                 logger.info("%s", line)
+            if deadline is not None and time.monotonic() > deadline and proc.poll() is None:
+                logger.error("the training job did not stop within %.0fs: SIGKILL", launch.grace_s)
+                os.killpg(proc.pid, signal.SIGKILL)
+                deadline = None
             if time.monotonic() >= next_progress:
                 next_progress = time.monotonic() + PROGRESS_EVERY_S
                 last = last_metrics_row(output)
                 if last:
                     logger.info("progress: step %d/%d, loss %.4f, %.0f tokens/s", last.get("step", 0), total_steps,
                                 last.get("loss", float("nan")), last.get("tokens_per_s", 0.0))
-        code = proc.wait()
+
+    try:
+        try:
+            code = follow()
+        except TerminationSignal:
+            if _is_cancellation():
+                raise  # `finally` stops the job (it checkpoints); Prefect records the cancellation
+            # SIGTERM to this flow process: a scheduler preempting the run. The job stops as a preempted job
+            # does (every rank checkpoints) and the run ends Preempted below.
+            logger.warning("SIGTERM: the training job checkpoints and stops (SIGKILL in %.0fs)", launch.grace_s)
+            request_stop(proc, output)
+            code = follow(deadline=time.monotonic() + launch.grace_s)
     finally:
-        _stop(proc, logger)
+        _stop(proc, logger, launch.grace_s, output)
         reader.join(timeout=5)
     seconds = time.monotonic() - started
     result = parse_result(tail)
@@ -482,7 +548,7 @@ def publish(preset: str, config: Any, data_dir: Path, data_note: str, output: Pa
 @flow(name="pretrain", log_prints=True)
 def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str = "runs/pretrain",
              steps: int | None = None, nodes: int = 1, gpus_per_node: int = 8, hostfile: str | None = None,
-             overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+             overrides: dict[str, Any] | None = None, stop_grace_s: float | None = None) -> dict[str, Any]:
     """Pretrain PanGu-α / PanGu-Σ from a preset with DeepSpeed; a rerun with the same output resumes.
 
     A preempted run (SIGTERM: every rank checkpointed) ends in the state "Preempted", not Failed.
@@ -497,6 +563,9 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
         gpus_per_node: ranks per node (one process on a machine without GPUs).
         hostfile: DeepSpeed hostfile (`host slots=N` per node); needed for more than one node.
         overrides: TrainConfig fields with dotted keys, e.g. {"optimizer.lr": 3e-4, "validation_every": 50}.
+        stop_grace_s: seconds a stopped job (a cancellation, a SIGTERM) has to finish its step and write its
+            checkpoint before it is killed; default: the planner's step and checkpoint times for the preset
+            on this cluster, doubled, and at least 120 s.
     """
     from pangu_model.train import DataMismatch, fit_to_data, load_train_config
 
@@ -522,8 +591,10 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
                     resumed_from)
     else:
         logger.info("output %s has no checkpoint: fresh run of %d steps", out, config.train_steps)
+    grace = stop_grace_s if stop_grace_s is not None else default_stop_grace(config, nodes, gpus_per_node)
+    logger.info("a stop (cancellation, SIGTERM) gives the job %.0fs to checkpoint before SIGKILL", grace)
     launch = build_launch(preset, data_dir, out, steps, overrides, nodes=nodes, gpus_per_node=gpus_per_node,
-                          hostfile=hostfile, expert_parallel=config.expert_parallel)
+                          hostfile=hostfile, expert_parallel=config.expert_parallel, grace_s=grace)
     if launch.note:
         logger.info("%s", launch.note)
     if launch.hostfile:
@@ -568,7 +639,7 @@ def check_before_launch(args: argparse.Namespace) -> None:
 def pretrain_from_cli(args: argparse.Namespace) -> int:
     state = pretrain(preset=args.preset, data=args.data, output=args.output, steps=args.steps, nodes=args.nodes,
                      gpus_per_node=args.gpus_per_node, hostfile=args.hostfile, overrides=_parse_set(args.set),
-                     return_state=True)
+                     stop_grace_s=args.stop_grace, return_state=True)
     if not state.is_completed():
         print(f"pretrain {args.preset}: {state.name}: {state.message}", file=sys.stderr)
         return 143 if state.message and "preempted" in state.message else 1

@@ -60,6 +60,9 @@ EXPORT_DIR = "export"
 EXPORT_TOKENIZER_DIR = "tokenizer"  # inside an export: the tokenizer the model was trained with
 LATEST = "latest"  # same file name as DeepSpeed's own pointer, so its tools find our tags
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
+# `<output>/STOP`: a stop that reaches every rank on every node, whatever the launcher does with signals
+# (the deepspeed launcher does not carry one to remote nodes). Rank 0 looks for it after each step.
+STOP_FILE = "STOP"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,6 +363,7 @@ class Trainer:
         self.pangu = config.pangu_config()
         self.total_steps = config.train_steps
         self._check_topology()
+        self.plan = self._check_plan()
 
         ep = config.expert_parallel
         model = build_model(config, (self._ep_rank(), ep) if ep > 1 else None, self.device)
@@ -426,6 +430,21 @@ class Trainer:
         if ep > 1 and local % ep:
             raise ValueError(f"expert group of {ep} ranks would leave a node of {local} ranks")
 
+    def _check_plan(self) -> Any:
+        """The planner's verdict on this run with this machine's GPU and host memory (deploy/plan.py):
+        a run that cannot fit is refused, with the numbers, before anything is allocated."""
+        from deploy.plan import check_plan
+
+        cuda = self.device.type == "cuda"
+        gpu_name = torch.cuda.get_device_name(self.device) if cuda else None
+        gpu_memory = torch.cuda.get_device_properties(self.device).total_memory if cuda else None
+        try:
+            host_ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            host_ram = None
+        return check_plan(self.config, self.world_size, local_world_size(self.world_size), gpu_name, gpu_memory,
+                          host_ram)
+
     def _layout(self) -> Any:
         from deploy.topology import ClusterSpec, Layout, ParallelPlan
 
@@ -477,6 +496,9 @@ class Trainer:
         self.stop_requested = True
 
     def _agree_to_stop(self) -> bool:
+        """After every step, on every rank: stop when any rank got SIGTERM or the stop file exists."""
+        if self.rank == 0 and not self.stop_requested and (self.output / STOP_FILE).exists():
+            self.stop_requested = True
         flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
         if self.world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -526,6 +548,8 @@ class Trainer:
                     self.save_checkpoint()
                 if stop:
                     status = "preempted"
+                    if self.rank == 0:
+                        (self.output / STOP_FILE).unlink(missing_ok=True)  # consumed: a rerun resumes
                     break
             if status == "completed":
                 if not self._latest_tag() == self._tag(self.step):
@@ -848,6 +872,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export-only", action="store_true", help="export the latest checkpoint and exit")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
+    from deploy.plan import PlanDoesNotFit
+
     # A user error (the preset, an override, data the model cannot fit): one message, no traceback.
     try:
         config = load_train_config(args.config, args.overrides)
@@ -856,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = train(config, export_only=args.export_only)  # the Trainer fits the model to the data first
-    except DataMismatch as exc:
+    except (DataMismatch, PlanDoesNotFit) as exc:
         print(f"pangu_model.train: {exc}", file=sys.stderr)
         return 2
     if dist.is_initialized() and dist.get_rank() == 0 or not dist.is_initialized():

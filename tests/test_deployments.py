@@ -161,3 +161,107 @@ def test_no_flow_module_hides_a_library_package():
     packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
     assert {"tokenizer", "cleaning", "pangu_model", "evaluation"} <= packages
     assert not packages & {p.stem for p in (ROOT / "flows").glob("*.py")}
+
+
+# ---- stopping a run: SIGTERM to the flow, a cancellation in the UI ---------------------------------------
+TINY_SETS = ["seq_len=64", f"model_overrides.vocab_size={VOCAB}", "model_overrides.max_seq_len=64",
+             "progress_bar=false", "throttle_s=0.3", "checkpoint_every=0"]
+
+
+def _training_processes(marker: str) -> list[int]:
+    """Pids of live processes whose command line holds `marker` (a run's output directory)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, ValueError, IndexError):
+            continue
+        if marker in cmdline and "pangu_model.train" in cmdline and state != "Z":
+            found.append(int(proc.name))
+    return found
+
+
+def _metrics_rows(output: Path) -> int:
+    path = output / "metrics.csv"
+    return max(0, len(path.read_text().splitlines()) - 1) if path.is_file() else 0
+
+
+def _wait(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def _flow_run(api: str, run_id: str) -> dict:
+    return json.loads(_get(f"{api}/flow_runs/{run_id}"))
+
+
+def _flow_runs_with_output(api: str, output: Path) -> list[dict]:
+    runs = _post(f"{api}/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 50})
+    return [r for r in runs if r.get("parameters", {}).get("output") == str(output)]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_flow_process_checkpoints_and_ends_preempted(prefect_server, tmp_path):
+    """A scheduler preempting the flow process itself (not the job): the job used to be stopped from the
+    flow's `finally` while Prefect marked the run Crashed and re-killed the process (exit -15). Now every
+    rank checkpoints, the run ends Preempted and `pangu pretrain` exits 143."""
+    env, api = prefect_server["env"], prefect_server["api"]
+    output = tmp_path / "sigterm-flow"
+    sets = [arg for item in TINY_SETS for arg in ("--set", item)]
+    flow = subprocess.Popen([sys.executable, "-m", "flows.cli", "pretrain", "--preset", "alpha-tiny",
+                             "--data", str(packed_tokens()), "--output", str(output), "--steps", "400", *sets],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        _wait(lambda: _metrics_rows(output) >= 3 or flow.poll() is not None, 240, "3 training steps")
+        assert flow.poll() is None, flow.stdout.read()[-3000:]
+        flow.send_signal(signal.SIGTERM)  # the flow process only
+        out, _ = flow.communicate(timeout=120)
+    finally:
+        _kill_group(flow)
+    assert flow.returncode == 143, out[-3000:]
+    steps = _metrics_rows(output)
+    assert 3 <= steps < 400
+    assert (output / "checkpoints" / "latest").read_text() == f"step{steps:08d}"
+    assert not (output / "STOP").exists()
+    assert _training_processes(str(output)) == []
+    (run,) = _flow_runs_with_output(api, output)
+    assert run["state"]["type"] == "CANCELLED" and run["state"]["name"] == "Preempted", run["state"]
+
+
+@pytest.mark.slow
+def test_cancelling_a_run_through_the_api_leaves_no_training_process(prefect_server, tmp_path):
+    """Cancel a running `pretrain/alpha` flow run through the server's API (what the UI's Cancel does) while a
+    process worker runs it: the run ends Cancelled and no training process is left."""
+    env, api = prefect_server["env"], prefect_server["api"]
+    _prefect(["work-pool", "create", POOL, "--type", "process"], env, timeout=60)  # may exist already
+    deployed = _prefect(["--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml"], env, timeout=120)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    deployment = json.loads(_get(f"{api}/deployments/name/pretrain/alpha"))
+    output = tmp_path / "cancelled"
+    overrides = {"seq_len": 64, "model_overrides": {"vocab_size": VOCAB, "max_seq_len": 64}, "progress_bar": False,
+                 "throttle_s": 0.3, "checkpoint_every": 0}
+    run = _post(f"{api}/deployments/{deployment['id']}/create_flow_run",
+                {"parameters": {"data": str(packed_tokens()), "output": str(output), "steps": 400,
+                                "overrides": overrides}})
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", POOL, "--limit", "1"], cwd=tmp_path,
+                              env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait(lambda: _metrics_rows(output) >= 2 or _flow_run(api, run["id"])["state"]["type"] in
+              ("FAILED", "CRASHED", "COMPLETED"), 240, "2 training steps")
+        assert _training_processes(str(output)), _flow_run(api, run["id"])["state"]
+        _post(f"{api}/flow_runs/{run['id']}/set_state", {"state": {"type": "CANCELLING", "name": "Cancelling"},
+                                                         "force": True})
+        _wait(lambda: _flow_run(api, run["id"])["state"]["type"] == "CANCELLED", 120, "the run to be cancelled")
+        _wait(lambda: not _training_processes(str(output)), 60, "the training processes to end")
+    finally:
+        _kill_group(worker)
+        for pid in _training_processes(str(output)):
+            os.kill(pid, signal.SIGKILL)
+    assert _metrics_rows(output) < 400

@@ -184,9 +184,12 @@ def test_launch_commands(tmp_path):
     assert one.argv[3:] == ["--config", "sigma-tiny", "--set", 'data="/d"', "--set", f'output="{tmp_path}"',
                             "--set", "train_steps=5", "--set", "optimizer.lr=0.0003"]
 
-    local = build_launch(**common, gpus_per_node=2, devices=8)
+    local = build_launch(**common, gpus_per_node=2, devices=8, grace_s=900.5)
     assert local.launcher == "torchrun" and local.world_size == 2
-    assert local.argv[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    # torchrun SIGKILLs its ranks 30 s after passing on a SIGTERM unless told the grace period.
+    assert local.argv[1:9] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "--shutdown-timeout", "901", "-m"]
+    assert local.grace_s == 900.5
 
     # Several nodes need their real host names: invented ones (node-000, …) cannot be reached.
     with pytest.raises(ValueError, match="--nodes 2 needs the hosts.*--hostfile"):
@@ -365,3 +368,20 @@ def test_a_preempted_pretrain_run_ends_preempted_not_failed(prefect_api, tokens,
     steps = len(read_metrics_csv(out))
     assert (out / "checkpoints" / "latest").read_text() == f"step{steps:08d}"
 
+
+
+def test_the_default_stop_grace_covers_a_checkpoint_of_the_preset():
+    """torchrun used to SIGKILL ranks 30 s after a SIGTERM, whatever the model; the grace now comes from
+    the planner: a tiny preset keeps the floor, sigma-1t on 64 nodes gets hours (its 11.7 TiB of expert
+    states per node take that long to write)."""
+    from deploy.plan import plan_for
+    from flows.pretrain import STOP_GRACE_S, default_stop_grace
+    from pangu_model.train import load_train_config
+
+    tiny = load_train_config("alpha-tiny")
+    assert default_stop_grace(tiny, 1, 1) == STOP_GRACE_S
+    big = load_train_config("sigma-1t")
+    plan = plan_for(big, nodes=64, gpus_per_node=8)
+    grace = default_stop_grace(big, 64, 8)
+    assert grace == pytest.approx(2 * (plan.step_time_s + plan.checkpoint_s))
+    assert grace > 3600 and plan.checkpoint_bytes_per_node > 8 * 12 * plan.parameters["experts_on_host_per_gpu"]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,8 +13,8 @@ import torch
 
 from pangu_model import load_checkpoint
 from pangu_model.metrics import read_metrics
-from pangu_model.train import Trainer, load_train_config
-from tests.test_train_common import cli, run_cli, run_config
+from pangu_model.train import Trainer, _free_port, load_train_config
+from tests.test_train_common import ROOT, cli, run_cli, run_config
 
 
 def _wait_for(predicate, proc, timeout: float = 120.0) -> None:
@@ -95,6 +97,34 @@ def test_sigterm_writes_a_checkpoint_and_exits() -> None:
     state = torch.load(run / "checkpoints" / tag / "trainer_rank00000.pt", weights_only=True)
     assert state["step"] == steps and state["dataset"]["step"] == steps * 4
     assert not (run / "export").exists()  # preempted runs do not export
+
+
+def test_the_stop_file_stops_every_rank_without_a_signal() -> None:
+    """The deepspeed launcher carries no signal to ranks on other nodes; `<output>/STOP` on the shared
+    filesystem reaches them: 2 ranks under torchrun, no signal sent, both checkpoint at the same step."""
+    config = run_config("stop-file", "alpha-tiny", train_steps=200, checkpoint_every=0, throttle_s=0.2)
+    run = config.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        env.pop(var, None)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(_free_port()), "-m", "pangu_model.train", "--config", str(config)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        _wait_for(lambda: _rows(run) >= 3, proc)
+        (run / "STOP").touch()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert '"status": "preempted"' in out, out[-3000:]
+    steps = _rows(run)
+    assert 3 <= steps < 200
+    tag = (run / "checkpoints" / "latest").read_text()
+    assert tag == f"step{steps:08d}"
+    assert {f"trainer_rank{r:05d}.pt" for r in (0, 1)} <= {p.name for p in (run / "checkpoints" / tag).iterdir()}
+    assert not (run / "STOP").exists()  # consumed: a rerun resumes instead of stopping at once
 
 
 @pytest.mark.parametrize("ecss", [False, True])
@@ -182,3 +212,17 @@ def test_a_resume_with_more_steps_gives_dense_and_experts_one_schedule() -> None
     expected = [lr_at(step, config.optimizer, 10) for step in range(4, 10)]
     assert used["experts"] == pytest.approx(expected, rel=1e-12)
     assert used["dense"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_run_that_cannot_fit_is_refused_with_the_numbers_before_allocating() -> None:
+    """ECSS keeps 12 bytes per expert parameter in host memory: 256 experts of 4096 × 16384 in two layers
+    need about 0.8 TB, far beyond this machine. The trainer used to start building the model (and run out
+    of memory); the planner now refuses the run first, in one line, with the numbers."""
+    path = run_config("too-big", "sigma-tiny", ecss=True, train_steps=1,
+                      model_overrides={"d_model": 4096, "d_ff": 16384, "num_heads": 32, "experts_per_domain": 64})
+    done = run_cli(path, timeout=120)
+    assert done.returncode == 2, done.stdout[-3000:]
+    message = [line for line in done.stdout.splitlines() if line.startswith("pangu_model.train:")]
+    assert len(message) == 1 and "does not fit" in message[0] and "host memory" in message[0], done.stdout[-3000:]
+    assert "TiB per node" in message[0] or "GiB per node" in message[0]
+    assert "Traceback" not in done.stdout

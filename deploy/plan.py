@@ -1,0 +1,926 @@
+"""Memory and time planner: `pangu plan`, and the check the training program makes before it allocates.
+
+A plan takes one training configuration (``pangu_model.train.TrainConfig``), a cluster and a parallel
+plan (``deploy.topology``) and a GPU kind from :data:`HARDWARE`, and says, per GPU and per node, how many
+bytes the run holds on the device and in host memory, how many bytes cross PCIe per step, how long a
+step takes and what MFU that is, and whether it fits. Nothing is allocated: parameter counts come from
+the model's own module tree built on the meta device (as ``pangu_model.info`` does).
+
+Everything below is a *model* of what this project's code does; each figure is stated with its rule so
+that a wrong one can be found and fixed.
+
+Parameters per GPU
+------------------
+Layers are split over pipeline stages in order (``num_layers / pipeline`` each; the query layer is the
+last). Stage 0 also holds the word and position embeddings, the last stage the final LayerNorm, the query
+embedding and, with ``pipeline > 1``, its own copy of the tied word embedding for the head (Megatron's
+rule). Dense parameters of a stage are divided by ``tensor`` (LayerNorms, biases and the position tables,
+which Megatron replicates, are divided too: < 0.1 % of a block). Routed experts are divided by
+``expert``: on the device, or, with ECSS, in host memory. The stage whose GPU needs the most bytes is the
+one reported.
+
+Device bytes (``p`` = bytes per element of the compute dtype: 2 for bf16/fp16, 4 for fp32; ``Ψ`` =
+parameters on the GPU; ``dp`` = data-parallel degree; experts under DeepSpeed MoE partition over the
+expert-data-parallel group ``dp / ep``)
+
+* parameters ``p·Ψ`` (ZeRO-3: ``p·Ψ/dp`` plus ``stage3_max_live_parameters`` = 1e9 gathered at a time);
+* gradients ``p·Ψ`` (ZeRO ≥ 2: ``p·Ψ/dp``, in DeepSpeed's partition buffer). bf16 without
+  ``grad_accum_dtype`` accumulates in bf16, which is what ``deploy/deepspeed_config.py`` asks for;
+* optimizer states: fp32 master + Adam m and v = 12 bytes per parameter under bf16/fp16 (8 under fp32:
+  the parameters are the masters), divided by ``dp`` for ZeRO ≥ 1; on the host with ``offload_optimizer``;
+* during the dense optimizer step, the fp32 copy of the gradient partition (4·Ψ/dp; DeepSpeed
+  ``stage_1_and_2.py``), and the ZeRO reduce buckets: ``reduce_bucket_size`` elements × ``p``, twice
+  (``overlap_comm`` double-buffers them on CUDA);
+* activations, per layer and micro-batch, after Korthikanti et al. 2022 ("Reducing activation
+  recomputation in large transformer models", eq. 1-2) without sequence parallelism:
+  ``s·b·h·(4p + 2 + 12p/t)`` bytes (= ``s·b·h·(10 + 24/t)`` in 16-bit). Their ``5·a·s²·b/t`` term for
+  the stored attention matrix is absent: ``pangu_model/model.py`` calls
+  ``F.scaled_dot_product_attention``, whose flash / memory-efficient CUDA kernels keep only q, k, v,
+  the output and a log-sum-exp (dropout is regenerated from the RNG state). With
+  ``gradient_checkpointing`` (a model field; every preset leaves it off) a layer keeps only its input
+  (``p·s·b·h``) and one layer at a time is recomputed. A pipeline stage ``i`` under 1F1B holds
+  ``min(pipeline − i, micro-batches per step)`` micro-batches in flight;
+* logits on the last stage: ``b·s·V/t·(p + 12)``: the logits in the compute dtype, the fp32
+  log-softmax that ``cross_entropy`` saves, and two fp32 gradient buffers in backward.
+
+ECSS (``pangu_model/ecss.py``), counted from the code
+---------------------------------------------------
+Host, per GPU, for the ``E_r`` expert parameters of its shard (``experts / ep`` per sparse layer):
+
+* resident: fp32 masters (4 B, pinned on CUDA) + DeepSpeedCPUAdam's m and v (8 B, allocated as each
+  expert is first stepped; counted for every expert) = **12 bytes per expert parameter**;
+* each step: ``flat.to("cpu")`` keeps an fp32 copy of the fetched experts' gradients (4 B per fetched
+  parameter), and ``index_select`` on the pinned master makes a pageable fp32 copy of one weight tensor
+  at a time before it crosses PCIe;
+* checkpoint save (the ranks that write a shard): ``ExpertOffload.state_dict`` builds fresh m and v
+  tensors for the whole shard, +8 B per parameter;
+* resume: ``torch.load`` of the shard file (12 B) next to the masters (4 B) while ``load_state_dict``
+  clones m and v (8 B): **24 bytes per expert parameter** at the peak;
+* start-up: ``build_model`` (``pangu_model.materialize``) makes one module at a time in fp32 on the
+  host before it moves to the GPU (the largest: the word embedding or one FFN linear); this rank's
+  experts are made on the host, and each RRE layer's pinned master is allocated before its bank is
+  dropped.
+
+Device, per GPU, for the ``F`` fetched expert parameters: the weights in the compute dtype and their
+gradients (``2p·F``), then in ``ExpertOffload.step`` ``torch.cat([g.float() for g in grads])`` holds the
+fp32 copies of every gradient and their concatenation at once (``4F + 4F``; the copies cost nothing
+under fp32): 12 bytes per fetched parameter at the peak.
+
+Fetched experts per step: ``ExpertOffload.plan`` unites the routed sets of every data-parallel rank
+(``all_reduce(MAX)`` over the world) and every micro-batch of the step, and each token meets
+``experts_active_per_token`` experts per sparse layer, so per rank and sparse layer
+``F_layer = min(experts on the rank, micro_batch · seq · gradient_accumulation · dp · active)``:
+an **upper bound** that assumes the step's tokens reach every expert they could (RRE spreads a
+domain's tokens over its experts by a fixed random table; with 40 domains and ≥ 10⁴ tokens per domain
+per step every expert is hit). Host→device bytes are **4 per fetched parameter**: the code copies the
+fp32 master and converts to the compute dtype on the GPU (``.to(device, dtype)``), so fp32 bytes cross
+PCIe (SPEC §10). The gradients come back the same way (fp32, 4 B).
+
+Time per step
+-------------
+* compute: model FLOPs (``pangu_model.metrics.flops_per_token``, PaLM's 6·N + 12·L·d·T, × tokens per
+  step / GPUs) × 4/3 with recomputation, at ``peak × compute_efficiency``. Expert GEMMs are a roofline:
+  the slower of their FLOPs and of streaming their weights from HBM three times per micro-batch
+  (forward, input-gradient and weight-gradient GEMMs), because with few tokens per expert they are
+  bandwidth-bound. A pipeline adds the 1F1B bubble: × ``(m + pp − 1)/m`` for ``m`` micro-batches.
+* communication, ring algorithms (all-reduce ``2(n−1)/n``, reduce-scatter and all-gather ``(n−1)/n`` of
+  the buffer), on NVLink when the group lies inside a node, on the network otherwise:
+  the dense gradient reduction **overlaps the backward pass** (2/3 of the compute; only what is
+  longer shows); the ZeRO ≥ 1 parameter all-gather after the step, tensor-parallel all-reduces
+  (4 per layer and micro-batch), expert all-to-alls (4 per sparse layer and micro-batch) and pipeline
+  sends are **not overlapped**.
+* ECSS and ZeRO-Offload: the trainer runs them synchronously (fetch before the first forward,
+  ``ExpertOffload.step`` after the last backward), so they add up: host→device copy, device→host
+  gradients, the expert-gradient all-reduce over the expert-data-parallel group (fp32), and the CPU
+  Adam update. A copy takes the longer of its PCIe time (per GPU) and of the node's host-DRAM traffic
+  (all GPUs of a node share it: the fetch reads the master and writes and reads the pageable copy,
+  12 B per parameter). CPU Adam is bound by host DRAM: it reads the parameter, gradient, m and v and
+  writes three of them back, 28 bytes per updated parameter.
+* step time = compute (with bubble) + the non-overlapped terms; MFU = model FLOPs per GPU /
+  (step time × peak), as ``metrics.py`` computes it during training.
+
+Fits
+----
+A plan fits when the largest device phase (forward/backward, dense optimizer step, ECSS step) is at
+most ``GPU memory × (1 − GPU_RESERVE_FRACTION)`` and the largest host phase per node (start-up, step,
+checkpoint save, resume) at most ``host RAM × (1 − HOST_RESERVE_FRACTION)``; every reason it does not
+is listed with its numbers. A node's figures are its GPUs' times the GPUs per node (the worst stage's GPU
+with a pipeline; the ranks that write checkpoints, one per expert shard, share node 0).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from deploy.topology import ClusterSpec, Layout, ParallelPlan, TopologyError, load_topology
+
+if TYPE_CHECKING:
+    from pangu_model.config import PanguConfig
+    from pangu_model.train import TrainConfig
+
+GiB = 2**30
+TiB = 2**40
+
+
+# --------------------------------------------------------------------------------------------
+# Hardware figures
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Hardware:
+    """One GPU kind in one kind of server. Peak FLOP/s come from `pangu_model.metrics.PEAK_FLOPS`."""
+
+    key: str
+    name: str
+    peak_key: str  # key of pangu_model.metrics.PEAK_FLOPS
+    memory_bytes: int  # HBM per GPU, nominal
+    hbm_bytes_per_s: float
+    nvlink_bytes_per_s: float  # per GPU, one direction
+    pcie_h2d_bytes_per_s: float  # pinned host → device, per GPU
+    pcie_d2h_bytes_per_s: float  # device → host, per GPU
+    network_bytes_per_s: float  # per GPU, one direction, between nodes
+    host_ram_bytes: int  # per node (default; --host-ram-gb overrides)
+    host_dram_bytes_per_s: float  # per node, sustained
+    compute_efficiency: float  # share of the dense peak that the model's GEMMs reach on average
+    sources: tuple[str, ...] = ()
+
+    def peak_flops(self, precision: str) -> float:
+        from pangu_model.metrics import PEAK_FLOPS
+
+        table = PEAK_FLOPS[self.peak_key]
+        return table.get(precision, table["bf16"])
+
+
+_COMMON_SOURCES = (
+    "bf16 dense peak 989 TFLOP/s, fp32 as TF32 494.7: NVIDIA H100/H200 SXM datasheets (no sparsity), the "
+    "table in pangu_model/metrics.py",
+    "NVLink 4: 900 GB/s per GPU is both directions together; a ring step sends at most 450 GB/s",
+    "PCIe Gen5 x16 ≈ 55 GB/s pinned host→device per GPU (copy engine, SPEC §10); device→host assumed equal",
+    "network: one 400 Gb/s InfiniBand NDR NIC per GPU (DGX H100/H200 layout) = 50 GB/s: assumption",
+    "host: 2 × Xeon 8480C, 16 channels DDR5-4800 = 614 GB/s theoretical, 450 GB/s sustained assumed; "
+    "2 TiB per node (DGX H100/H200): assumption, override with --host-ram-gb",
+    "compute_efficiency 0.5: assumption; Megatron-Core reaches 41-48 % MFU on dense GPT on H100 with its "
+    "communication included (SPEC §10), so its GEMMs alone run at about half the datasheet peak",
+)
+
+HARDWARE: dict[str, Hardware] = {
+    "h100": Hardware(
+        key="h100", name="NVIDIA H100 SXM5 80 GB", peak_key="H100",
+        memory_bytes=80 * GiB, hbm_bytes_per_s=3.35e12, nvlink_bytes_per_s=450e9,
+        pcie_h2d_bytes_per_s=55e9, pcie_d2h_bytes_per_s=55e9, network_bytes_per_s=50e9,
+        host_ram_bytes=2 * TiB, host_dram_bytes_per_s=450e9, compute_efficiency=0.5,
+        sources=("HBM3 80 GB (torch reports ~79.2 GiB), 3.35 TB/s: NVIDIA H100 SXM datasheet",) + _COMMON_SOURCES,
+    ),
+    "h200": Hardware(
+        key="h200", name="NVIDIA H200 SXM 141 GB", peak_key="H200",
+        memory_bytes=141 * GiB, hbm_bytes_per_s=4.8e12, nvlink_bytes_per_s=450e9,
+        pcie_h2d_bytes_per_s=55e9, pcie_d2h_bytes_per_s=55e9, network_bytes_per_s=50e9,
+        host_ram_bytes=2 * TiB, host_dram_bytes_per_s=450e9, compute_efficiency=0.5,
+        sources=("HBM3e 141 GB (torch reports ~139.8 GiB), 4.8 TB/s: NVIDIA H200 datasheet",) + _COMMON_SOURCES,
+    ),
+}
+
+GPU_RESERVE_FRACTION = 0.10  # CUDA context and NCCL buffers (~1-2 GiB) + caching-allocator fragmentation
+HOST_RESERVE_FRACTION = 0.10  # OS, page cache, data-loader workers, launcher
+ADAM_BYTES_TOUCHED = 28  # CPU Adam per parameter: read p, g, m, v (16 B fp32), write p, m, v (12 B)
+ECSS_FETCH_HOST_BYTES = 12  # per fetched parameter: index_select reads 4 and writes 4, the copy reads 4
+ZERO3_LIVE_PARAMETERS = 1e9  # DeepSpeed's default stage3_max_live_parameters
+# Assumed: what one node writes to the shared filesystem that holds the checkpoints (a parallel
+# filesystem's share per client node; local NVMe is faster, NFS slower). Sets the checkpoint time.
+CHECKPOINT_WRITE_BYTES_PER_S_PER_NODE = 2e9
+BARE_MODEL_DEFAULTS: dict[str, Any] = {  # a bare model preset (`--preset 200b`) plans with these
+    "precision": "bf16", "zero_stage": 1, "micro_batch_size": 1, "gradient_accumulation_steps": 1,
+    "seq_len": 1024,
+}
+
+
+def hardware(gpu: str) -> Hardware:
+    """A :data:`HARDWARE` entry by key (``h100``) or by a device name (``NVIDIA H200``)."""
+    key = gpu.lower()
+    if key in HARDWARE:
+        return HARDWARE[key]
+    for candidate in HARDWARE:
+        if candidate in key.replace(" ", ""):
+            return HARDWARE[candidate]
+    raise ValueError(f"unknown GPU {gpu!r}; known: {', '.join(HARDWARE)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters, counted on the meta device
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParameterLayout:
+    """Parameter counts of one model by where they live: embeddings, each block's dense and expert part."""
+
+    total: int
+    word_embedding: int
+    position_embedding: int
+    top_query_embedding: int
+    final_norm: int
+    block_dense: tuple[int, ...]  # per layer, bottom-up, the query layer last
+    block_experts: tuple[int, ...]  # per layer: all routed experts of that layer
+    per_expert: int
+    experts_per_layer: int
+
+
+@lru_cache(maxsize=16)
+def _layout_of(config_json: str) -> ParameterLayout:
+    import torch
+
+    from pangu_model.config import PanguConfig
+    from pangu_model.model import PanguModel
+
+    config = PanguConfig.model_validate_json(config_json)
+    with torch.device("meta"):
+        model = PanguModel(config)
+    layers = config.num_layers
+    dense = [0] * layers
+    experts = [0] * layers
+    singles = {"word_embedding.": 0, "position_embedding.": 0, "top_query_embedding.": 0, "final_norm.": 0}
+    total = 0
+    for name, parameter in model.named_parameters():
+        count = parameter.numel()
+        total += count
+        if name.startswith("blocks."):
+            index = int(name.split(".")[1])
+        elif name.startswith("query_layer."):
+            index = layers - 1
+        else:
+            prefix = next((p for p in singles if name.startswith(p)), None)
+            if prefix is None:
+                raise ValueError(f"planner: parameter {name} has no place in the layout")
+            singles[prefix] += count
+            continue
+        (experts if ".ffn.experts." in name else dense)[index] += count
+    sparse = sum(1 for e in experts if e)
+    per_layer = config.total_experts
+    return ParameterLayout(
+        total=total,
+        word_embedding=singles["word_embedding."],
+        position_embedding=singles["position_embedding."],
+        top_query_embedding=singles["top_query_embedding."],
+        final_norm=singles["final_norm."],
+        block_dense=tuple(dense),
+        block_experts=tuple(experts),
+        per_expert=sum(experts) // (sparse * per_layer) if sparse and per_layer else 0,
+        experts_per_layer=per_layer if sparse else 0,
+    )
+
+
+def parameter_layout(config: "PanguConfig") -> ParameterLayout:
+    """Counts from the module tree on the meta device (cached per config)."""
+    return _layout_of(config.model_dump_json())
+
+
+# --------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------
+class PlanDoesNotFit(ValueError):
+    """The run cannot fit the machines; the message names every reason with its numbers."""
+
+    def __init__(self, plan: "Plan") -> None:
+        self.plan = plan
+        super().__init__(
+            f"{plan.preset} on {plan.cluster['nodes']} × {plan.cluster['gpus_per_node']} {plan.gpu_name} does not "
+            "fit: " + "; ".join(plan.reasons)
+        )
+
+
+@dataclass
+class Plan:
+    """What `plan_training` found. Byte figures are ints, times seconds; `to_dict()` is the JSON."""
+
+    preset: str
+    model: str
+    gpu: str
+    gpu_name: str
+    cluster: dict[str, int]
+    parallel: dict[str, int]
+    training: dict[str, Any]
+    parameters: dict[str, int]
+    gpu_breakdown: dict[str, int]  # per GPU, the worst stage, by item
+    gpu_phases: dict[str, int]
+    host_breakdown: dict[str, int]  # per GPU
+    host_phases_per_node: dict[str, int]
+    transfers: dict[str, int]  # bytes per GPU per step
+    times: dict[str, float]  # seconds per step
+    fits: bool
+    gpu_bytes_per_gpu: int
+    gpu_capacity_bytes: int
+    gpu_usable_bytes: int
+    host_bytes_per_node: int
+    host_capacity_bytes: int | None
+    host_usable_bytes: int | None
+    h2d_bytes_per_gpu_per_step: int
+    step_time_s: float
+    mfu: float
+    tokens_per_step: int
+    tokens_per_s: float
+    checkpoint_bytes_per_node: int = 0  # node 0, the busiest writer
+    checkpoint_s: float = 0.0  # at CHECKPOINT_WRITE_BYTES_PER_S_PER_NODE
+    reasons: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    hardware: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def host_bytes_per_gpu(self) -> int:
+        return self.host_bytes_per_node // max(1, self.cluster["gpus_per_node"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _ring(kind: str, size: int) -> float:
+    """Bytes each rank sends per byte of buffer, ring algorithms."""
+    if size <= 1:
+        return 0.0
+    return (2.0 if kind == "all_reduce" else 1.0) * (size - 1) / size
+
+
+def _group_bandwidth(groups: list[list[int]], gpus_per_node: int, hw: Hardware) -> float:
+    inside = all(len({r // gpus_per_node for r in g}) == 1 for g in groups[:1])
+    return hw.nvlink_bytes_per_s if inside else hw.network_bytes_per_s
+
+
+def _stage_params(layout: ParameterLayout, stage: int, pp: int) -> tuple[int, int]:
+    """(dense, routed-expert) parameters of one pipeline stage."""
+    per = len(layout.block_dense) // pp
+    lo, hi = stage * per, (stage + 1) * per
+    dense = sum(layout.block_dense[lo:hi])
+    experts = sum(layout.block_experts[lo:hi])
+    if stage == 0:
+        dense += layout.word_embedding + layout.position_embedding
+    if stage == pp - 1:
+        dense += layout.final_norm + layout.top_query_embedding
+        if pp > 1:
+            dense += layout.word_embedding  # the tied head's copy on the last stage
+    return dense, experts
+
+
+def plan_training(
+    train_config: "TrainConfig",
+    cluster: ClusterSpec,
+    parallel: ParallelPlan,
+    gpu: str = "h100",
+    host_ram_gb: float | None = None,
+    gpu_memory_bytes: int | None = None,
+    host_ram_bytes: int | None = None,
+    check_host: bool = True,
+) -> Plan:
+    """The memory and time plan of `train_config` on `cluster` with `parallel` (see the module docstring).
+
+    `host_ram_gb` (decimal GB) or `host_ram_bytes` replace the table's host RAM per node,
+    `gpu_memory_bytes` the GPU's memory (the real device's, at start). Raises ValueError when the
+    parallel plan is not valid for the model or the cluster.
+    """
+    from pangu_model.metrics import flops_per_token
+
+    hw = hardware(gpu)
+    model = train_config.pangu_config()
+    layout = parameter_layout(model)
+    parallel = _checked_parallel(parallel, model, cluster)
+    tp, pp, ep, dp = parallel.tp, parallel.pp, parallel.ep, parallel.dp
+    gpn, world = cluster.gpus_per_node, cluster.world_size
+    groups = Layout.build(cluster, parallel).groups()
+
+    p = {"fp32": 4, "bf16": 2, "fp16": 2}[train_config.precision]
+    mixed = p < 4
+    zero = train_config.zero_stage
+    offload = train_config.offload_optimizer
+    ecss = train_config.ecss
+    b, s, gas = train_config.micro_batch_size, train_config.row_length, train_config.gradient_accumulation_steps
+    h, vocab = model.d_model, model.vocab_size
+    recompute = model.gradient_checkpointing
+    tokens_per_step = b * s * gas * dp
+    active = max(1, model.experts_active_per_token)
+    layers_per_stage = model.num_layers // pp
+    notes: list[str] = []
+    reasons: list[str] = []
+
+    state_bytes = 12 if mixed else 8  # fp32 master (mixed precision only) + Adam m, v
+    dense_shard = dp if zero >= 1 else 1
+    expert_shard = max(1, dp // ep) if zero >= 1 else 1
+    bucket = 2 * int(train_config.reduce_bucket_size) * p if zero >= 1 else 0
+
+    def device_for_stage(stage: int) -> dict[str, Any]:
+        dense_stage, experts_stage = _stage_params(layout, stage, pp)
+        dense = math.ceil(dense_stage / tp)
+        experts_rank = experts_stage // ep  # this rank's shard of the stage's routed experts
+        stage_layers = layout.block_experts[stage * layers_per_stage:(stage + 1) * layers_per_stage]
+        stage_sparse = sum(1 for e in stage_layers if e)
+        experts_on_rank_per_layer = layout.experts_per_layer // ep if stage_sparse else 0
+        fetched_per_layer = min(experts_on_rank_per_layer, b * s * gas * dp * active) if stage_sparse else 0
+        fetched = fetched_per_layer * layout.per_expert * stage_sparse if ecss else 0
+        device_experts = 0 if ecss else experts_rank
+        out: dict[str, int] = {}
+        if zero >= 3:
+            out["parameters"] = p * math.ceil(dense / dense_shard) + p * math.ceil(device_experts / expert_shard)
+            out["zero3_live_parameters"] = p * int(min(ZERO3_LIVE_PARAMETERS, dense + device_experts))
+        else:
+            out["parameters"] = p * (dense + device_experts)
+        if zero >= 2:
+            out["gradients"] = p * (math.ceil(dense / dense_shard) + math.ceil(device_experts / expert_shard))
+        else:
+            out["gradients"] = p * (dense + device_experts)
+        opt_elems = math.ceil(dense / dense_shard) + math.ceil(device_experts / expert_shard)
+        out["optimizer_states"] = 0 if offload else state_bytes * opt_elems
+        out["zero_buckets"] = bucket
+        in_flight = min(pp - stage, gas) if pp > 1 else 1
+        sbh = s * b * h
+        full_layer = sbh * (4 * p + 2) + math.ceil(12 * p * sbh / tp)
+        if recompute:
+            out["activations"] = p * sbh * layers_per_stage * in_flight + full_layer
+        else:
+            out["activations"] = full_layer * layers_per_stage * in_flight
+        out["logits"] = math.ceil(b * s * vocab / tp) * (p + 12) if stage == pp - 1 else 0
+        out["ecss_fetched_weights_and_grads"] = 2 * p * fetched
+        out["ecss_step_fp32_gradients"] = ((4 if mixed else 0) + 4) * fetched
+        out["dense_step_fp32_gradients"] = 0 if offload or not mixed else 4 * opt_elems
+        static = out["parameters"] + out.get("zero3_live_parameters", 0) + out["gradients"] + out["optimizer_states"]
+        phases = {
+            "forward_backward": static + bucket + out["activations"] + out["logits"] + 2 * p * fetched,
+            "dense_optimizer_step": static + bucket + out["dense_step_fp32_gradients"] + 2 * p * fetched,
+        }
+        if ecss:
+            phases["ecss_step"] = static + 2 * p * fetched + out["ecss_step_fp32_gradients"]
+        if tp == 1 and pp == 1:
+            # Export: rank 0 assembles every dense fp32 master on the device (safe_get_full_fp32_param).
+            phases["export_rank0"] = static + 4 * dense
+        return {"stage": stage, "dense": dense, "experts_rank": experts_rank, "fetched": fetched,
+                "fetched_per_layer": fetched_per_layer, "sparse_layers": stage_sparse,
+                "breakdown": out, "phases": phases, "gpu_bytes": max(phases.values())}
+
+    stages = [device_for_stage(i) for i in range(pp)]
+    worst = max(stages, key=lambda st: st["gpu_bytes"])
+    dense, experts_rank, fetched = worst["dense"], worst["experts_rank"], worst["fetched"]
+
+    # ---- host, per GPU ------------------------------------------------------------------------
+    host: dict[str, int] = {}
+    host_experts = experts_rank if ecss else 0
+    if ecss:
+        per_layer_weight = worst["fetched_per_layer"] * h * model.expert_width  # one w_in or w_out
+        host["ecss_fp32_masters"] = 4 * host_experts
+        host["ecss_adam_moments"] = 8 * host_experts
+        host["ecss_step_fp32_gradients"] = 4 * fetched
+        host["ecss_fetch_staging"] = 4 * per_layer_weight
+        host["ecss_checkpoint_moment_copies"] = 8 * host_experts
+        host["ecss_resume_loaded_state"] = 12 * host_experts
+    if offload:
+        opt_elems = math.ceil(dense / dense_shard) + (0 if ecss else math.ceil(experts_rank / expert_shard))
+        host["offload_optimizer_states"] = (state_bytes + 4) * opt_elems  # + the fp32 gradient partition
+    # build_model (pangu_model.materialize): one module at a time in fp32 on the host, then on its device;
+    # with ECSS the experts are built on the host and stay there, and each RRE layer's pinned master is
+    # made beside its bank.
+    sparse_layers = max(1, worst["sparse_layers"])
+    largest_module = max(layout.word_embedding, h * model.d_ff + model.d_ff,
+                         0 if ecss else experts_rank // sparse_layers)
+    build = 4 * largest_module
+    if ecss and worst["sparse_layers"]:
+        build += 4 * host_experts + 4 * host_experts // sparse_layers
+    host["startup_model_build"] = build
+    resident = host.get("ecss_fp32_masters", 0) + host.get("ecss_adam_moments", 0) + host.get(
+        "offload_optimizer_states", 0)
+    host_phases = {  # per GPU; the fetch's staging copy and the gradients brought back never coexist
+        "startup": build,
+        "step": resident + max(host.get("ecss_step_fp32_gradients", 0), host.get("ecss_fetch_staging", 0)),
+    }
+    if ecss:
+        host_phases["checkpoint_save"] = resident + host["ecss_checkpoint_moment_copies"]
+        host_phases["resume"] = 4 * host_experts + host["ecss_resume_loaded_state"] + 8 * host_experts + host.get(
+            "offload_optimizer_states", 0)
+    host_phases_per_node = {k: v * gpn for k, v in host_phases.items()}
+    host_phases_per_node["resident"] = resident * gpn
+    host_bytes_per_node = max(host_phases_per_node.values())
+
+    # ---- transfers and time per step ---------------------------------------------------------
+    peak = hw.peak_flops(train_config.precision)
+    rate = peak * hw.compute_efficiency
+    model_flops = flops_per_token(model, s) * tokens_per_step / world
+    sparse_total = model.moe_layers if model.router != "dense" else 0
+    expert_flops = (6.0 * 2 * h * model.expert_width * active * sparse_total * tokens_per_step / world
+                    if sparse_total else 0.0)
+    factor = 4.0 / 3.0 if recompute else 1.0
+    t_dense = factor * (model_flops - expert_flops) / rate
+    # the experts' weights that the step's GEMMs read: fetched (ECSS) or those the tokens reach
+    expert_weights_used = worst["fetched_per_layer"] * layout.per_expert * worst["sparse_layers"]
+    t_expert_flops = factor * expert_flops / rate
+    t_expert_hbm = 3 * p * expert_weights_used * gas / hw.hbm_bytes_per_s
+    t_expert = max(t_expert_flops, t_expert_hbm)
+    bubble = (gas + pp - 1) / gas
+    compute = (t_dense + t_expert) * bubble
+
+    dp_bw = _group_bandwidth(groups["data"], gpn, hw)
+    grad_bytes = p * dense
+    exp_dp = max(1, dp // ep)
+    exp_bw = _group_bandwidth(groups["expert_data"], gpn, hw) if ep > 1 else dp_bw
+    device_experts = 0 if ecss else experts_rank
+    times: dict[str, float] = {"compute_dense": t_dense, "compute_experts": t_expert}
+    if pp > 1:
+        times["pipeline_bubble"] = compute - (t_dense + t_expert)
+    if zero == 0:
+        reduce_t = (_ring("all_reduce", dp) * grad_bytes / dp_bw
+                    + _ring("all_reduce", exp_dp) * p * device_experts / exp_bw)
+        gather_t = 0.0
+    else:
+        reduce_t = (_ring("reduce_scatter", dp) * grad_bytes / dp_bw
+                    + _ring("reduce_scatter", exp_dp) * p * device_experts / exp_bw) * (gas if zero >= 2 else 1)
+        gather_t = (_ring("all_gather", dp) * p * dense / dp_bw
+                    + _ring("all_gather", exp_dp) * p * device_experts / exp_bw)
+    if zero >= 3:
+        # parameters gathered for the forward and again for the backward of every micro-batch, prefetched
+        reduce_t += 2 * gas * (_ring("all_gather", dp) * p * dense / dp_bw)
+    backward = (2.0 / 3.0) * compute
+    times["gradient_reduction_exposed"] = max(0.0, reduce_t - backward)
+    times["parameter_all_gather"] = gather_t
+    sbh = s * b * h
+    times["tensor_parallel"] = (4 + (2 if recompute else 0)) * layers_per_stage * gas * _ring(
+        "all_reduce", tp) * p * sbh / hw.nvlink_bytes_per_s
+    if ep > 1 and worst["sparse_layers"]:
+        ep_bw = _group_bandwidth(groups["expert"], gpn, hw)
+        times["expert_all_to_all"] = 4 * worst["sparse_layers"] * gas * (ep - 1) / ep * p * sbh * active / ep_bw
+    if pp > 1:
+        pp_bw = _group_bandwidth(groups["pipeline"], gpn, hw)
+        times["pipeline_send_receive"] = 2 * gas * p * math.ceil(sbh / tp) / pp_bw
+    transfers: dict[str, int] = {"h2d": 0, "d2h": 0}
+    if ecss:
+        transfers["ecss_fetch_h2d"] = 4 * fetched
+        transfers["ecss_gradients_d2h"] = 4 * fetched
+        transfers["ecss_gradient_all_reduce"] = int(_ring("all_reduce", exp_dp) * 4 * fetched)
+        fetch_dram = gpn * ECSS_FETCH_HOST_BYTES * fetched / hw.host_dram_bytes_per_s
+        times["ecss_fetch_h2d"] = max(4 * fetched / hw.pcie_h2d_bytes_per_s, fetch_dram)
+        times["ecss_gradients_d2h"] = max(4 * fetched / hw.pcie_d2h_bytes_per_s,
+                                          gpn * 4 * fetched / hw.host_dram_bytes_per_s)
+        replica_bw = _group_bandwidth(groups["expert_data"], gpn, hw) if ep > 1 else dp_bw
+        times["ecss_gradient_all_reduce"] = transfers["ecss_gradient_all_reduce"] / replica_bw
+        times["ecss_cpu_adam"] = gpn * ADAM_BYTES_TOUCHED * fetched / hw.host_dram_bytes_per_s
+        transfers["h2d"] += transfers["ecss_fetch_h2d"]
+        transfers["d2h"] += transfers["ecss_gradients_d2h"]
+    if offload:
+        opt_elems = math.ceil(dense / dense_shard) + (0 if ecss else math.ceil(experts_rank / expert_shard))
+        transfers["offload_gradients_d2h"] = p * opt_elems
+        transfers["offload_parameters_h2d"] = p * opt_elems
+        transfers["h2d"] += p * opt_elems
+        transfers["d2h"] += p * opt_elems
+        times["offload_copies"] = 2 * p * opt_elems / hw.pcie_h2d_bytes_per_s
+        times["offload_cpu_adam"] = gpn * ADAM_BYTES_TOUCHED * opt_elems / hw.host_dram_bytes_per_s
+    step_time = sum(times.values())  # compute, bubble, and every term that is not overlapped
+    times["compute"] = compute  # with the bubble; not a term of its own
+    mfu = model_flops / (step_time * peak) if step_time > 0 else 0.0
+
+    # ---- fits --------------------------------------------------------------------------------
+    capacity = int(gpu_memory_bytes) if gpu_memory_bytes else hw.memory_bytes
+    usable = int(capacity * (1 - GPU_RESERVE_FRACTION))
+    gpu_bytes = worst["gpu_bytes"]
+    if gpu_bytes > usable:
+        phase = max(worst["phases"], key=worst["phases"].get)
+        top = sorted(((v, k) for k, v in worst["breakdown"].items() if v), reverse=True)[:3]
+        where = f", pipeline stage {worst['stage']}" if pp > 1 else ""
+        reasons.append(
+            f"GPU memory: {fmt_bytes(gpu_bytes)} per GPU at its peak ({phase.replace('_', ' ')}{where}) > "
+            f"{fmt_bytes(usable)} usable of {fmt_bytes(capacity)} ({hw.name}, {GPU_RESERVE_FRACTION:.0%} reserve); "
+            "largest items " + ", ".join(f"{k.replace('_', ' ')} {fmt_bytes(v)}" for v, k in top)
+        )
+    host_capacity: int | None
+    if host_ram_bytes:
+        host_capacity = int(host_ram_bytes)
+    elif host_ram_gb:
+        host_capacity = int(host_ram_gb * 1e9)
+    else:
+        host_capacity = hw.host_ram_bytes if check_host else None
+    host_usable = int(host_capacity * (1 - HOST_RESERVE_FRACTION)) if host_capacity else None
+    if host_usable is not None and host_bytes_per_node > host_usable:
+        phase = max(host_phases_per_node, key=host_phases_per_node.get)
+        resident_items = " + ".join(
+            f"{k.replace('_', ' ')} {fmt_bytes(host[k] * gpn)}"
+            for k in ("ecss_fp32_masters", "ecss_adam_moments", "offload_optimizer_states") if host.get(k))
+        others = ", ".join(f"{k.replace('_', ' ')} {fmt_bytes(v)}" for k, v in host_phases_per_node.items()
+                           if v and k not in (phase, "resident"))
+        reasons.append(
+            f"host memory: {fmt_bytes(host_bytes_per_node)} per node at its peak ({phase.replace('_', ' ')}) > "
+            f"{fmt_bytes(host_usable)} usable of {fmt_bytes(host_capacity)} ({HOST_RESERVE_FRACTION:.0%} reserve); "
+            f"resident {fmt_bytes(host_phases_per_node['resident'])}"
+            + (f" ({resident_items})" if resident_items else "") + (f"; other phases: {others}" if others else "")
+        )
+    if offload and zero == 0:
+        reasons.append("offload_optimizer needs ZeRO stage 1, 2 or 3 (DeepSpeed refuses stage 0)")
+
+    # ---- checkpoint: what node 0 writes (the model states of data-parallel rank 0, the optimizer
+    # partitions of its GPUs, and the ECSS shard files: one per expert shard, from the first replica) -----
+    optimizer_per_gpu = state_bytes * (math.ceil(dense / dense_shard) if zero >= 1 else dense)
+    checkpoint_bytes = p * dense + min(gpn, world if zero >= 1 else 1) * optimizer_per_gpu
+    if ecss:
+        checkpoint_bytes += min(gpn, ep) * 12 * host_experts
+    elif experts_rank:
+        checkpoint_bytes += min(gpn, ep) * (p * experts_rank + state_bytes * math.ceil(experts_rank / expert_shard))
+    checkpoint_s = checkpoint_bytes / CHECKPOINT_WRITE_BYTES_PER_S_PER_NODE
+
+    # ---- notes -------------------------------------------------------------------------------
+    if tp > 1 or pp > 1:
+        notes.append(f"pangu_model.train implements data and expert parallelism only (tensor = pipeline = 1); "
+                     f"tensor {tp} × pipeline {pp} is planned as a Megatron-style split would place it")
+    if pp > 1 and gas < 4 * pp:
+        notes.append(f"pipeline bubble: {gas} micro-batch(es) per step over {pp} stages leave "
+                     f"{(pp - 1) / (gas + pp - 1):.0%} of the step idle; raise gradient_accumulation_steps "
+                     f"(--set gradient_accumulation_steps=N)")
+    if ecss and fetched:
+        all_fetched = worst["fetched_per_layer"] == layout.experts_per_layer // ep
+        notes.append(
+            f"ECSS fetches up to {worst['fetched_per_layer']} of the {layout.experts_per_layer // ep} experts per "
+            f"sparse layer on each rank per step (the routed sets of all {dp} data-parallel ranks are united: "
+            f"{tokens_per_step:,} tokens per step)"
+            + ("; every expert of the shard crosses PCIe each step, so ECSS saves no transfer at this batch"
+               if all_fetched else "")
+        )
+    if ecss and hw.pcie_h2d_bytes_per_s:
+        notes.append("the ECSS fetch copies from a pageable index_select result, not from pinned memory: "
+                     "the pinned PCIe figure is a lower bound on its time")
+    if recompute:
+        notes.append("gradient checkpointing: activations are recomputed (hardware FLOPs × 4/3)")
+
+    return Plan(
+        preset=train_config.name,
+        model=model.name,
+        gpu=hw.key,
+        gpu_name=hw.name,
+        cluster={"nodes": cluster.nodes, "gpus_per_node": gpn, "world_size": world},
+        parallel={"tensor": tp, "pipeline": pp, "expert": ep, "data": dp},
+        training={
+            "precision": train_config.precision, "zero_stage": zero, "offload_optimizer": offload,
+            "ecss": ecss, "micro_batch_size": b, "gradient_accumulation_steps": gas, "seq_len": s,
+            "gradient_checkpointing": recompute, "reduce_bucket_size": int(train_config.reduce_bucket_size),
+        },
+        parameters={
+            "total": layout.total,
+            "routed_experts": sum(layout.block_experts),
+            "per_expert": layout.per_expert,
+            "dense_per_gpu": dense,
+            "experts_per_gpu": experts_rank,
+            "experts_on_device_per_gpu": 0 if ecss else experts_rank,
+            "experts_on_host_per_gpu": host_experts,
+            "fetched_per_gpu_per_step": fetched,
+            "worst_stage": worst["stage"],
+        },
+        gpu_breakdown=worst["breakdown"],
+        gpu_phases=worst["phases"],
+        host_breakdown=host,
+        host_phases_per_node=host_phases_per_node,
+        transfers=transfers,
+        times=times,
+        fits=not reasons,
+        gpu_bytes_per_gpu=gpu_bytes,
+        gpu_capacity_bytes=capacity,
+        gpu_usable_bytes=usable,
+        host_bytes_per_node=host_bytes_per_node,
+        host_capacity_bytes=host_capacity,
+        host_usable_bytes=host_usable,
+        h2d_bytes_per_gpu_per_step=transfers["h2d"],
+        step_time_s=step_time,
+        mfu=mfu,
+        tokens_per_step=tokens_per_step,
+        tokens_per_s=tokens_per_step / step_time if step_time > 0 else 0.0,
+        checkpoint_bytes_per_node=checkpoint_bytes,
+        checkpoint_s=checkpoint_s,
+        reasons=reasons,
+        notes=notes,
+        hardware={k: v for k, v in asdict(hw).items() if k != "sources"} | {
+            "peak_flops": peak, "gpu_reserve_fraction": GPU_RESERVE_FRACTION,
+            "host_reserve_fraction": HOST_RESERVE_FRACTION},
+    )
+
+
+def _checked_parallel(parallel: ParallelPlan, model: "PanguConfig", cluster: ClusterSpec) -> ParallelPlan:
+    """`parallel` checked against the model (layers per stage, experts per rank) and resolved on `cluster`;
+    ValueError with one line naming every problem."""
+    fields = parallel.model_dump(exclude={"num_layers", "num_experts"})
+    try:
+        checked = ParallelPlan(**fields, num_layers=model.num_layers, num_experts=model.total_experts or None)
+        return checked.resolve(cluster)
+    except (TopologyError, ValueError) as exc:
+        raise ValueError(_one_line(exc)) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):  # pydantic: the messages without the URLs
+        try:
+            return "; ".join(str(e.get("msg", "")).removeprefix("Value error, ") for e in errors())
+        except Exception:  # noqa: BLE001
+            pass
+    return " ".join(str(exc).replace(":\n  - ", ": ").replace("\n  - ", "; ").split())
+
+
+# --------------------------------------------------------------------------------------------
+# Convenience: presets, topologies, the trainer's check
+# --------------------------------------------------------------------------------------------
+def resolve_train_config(preset_or_config: "str | os.PathLike[str] | TrainConfig",
+                         overrides: list[str] | dict[str, Any] | None = None) -> "TrainConfig":
+    """A pretrain preset name or YAML path, a TrainConfig, or a bare model preset (`200b`) with
+    :data:`BARE_MODEL_DEFAULTS` (seq_len capped at the model's max_seq_len). Pretrain presets win."""
+    from pangu_model.config import PRESETS
+    from pangu_model.train import PRESET_DIR, TrainConfig, load_train_config
+
+    if isinstance(preset_or_config, TrainConfig):
+        return preset_or_config
+    name = str(preset_or_config)
+    if not _is_bare_model(name):
+        if Path(name).suffix or (PRESET_DIR / f"{name}.yaml").exists():
+            return load_train_config(name, overrides)
+    else:
+        model = PRESETS[name.lower()]
+        data: dict[str, Any] = {**BARE_MODEL_DEFAULTS, "name": name, "model": name.lower(),
+                                "seq_len": min(BARE_MODEL_DEFAULTS["seq_len"], model.max_seq_len)}
+        from pangu_model.train import _parse_override  # the `--set key=value` rule of load_train_config
+
+        items = overrides.items() if isinstance(overrides, dict) else (_parse_override(o) for o in overrides or [])
+        for keys, value in items:
+            keys = keys.split(".") if isinstance(keys, str) else keys
+            target = data
+            for part in keys[:-1]:
+                target = target.setdefault(part, {})
+            target[keys[-1]] = value
+        return TrainConfig.model_validate(data)
+    known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    raise ValueError(f"unknown preset {name!r}: neither a pretrain preset ({', '.join(known)}), a YAML path, "
+                     f"nor a model preset ({', '.join(PRESETS)})")
+
+
+def _is_bare_model(preset_or_config: object) -> bool:
+    """A model preset name that is not also a pretrain preset or a YAML path."""
+    from pangu_model.config import PRESETS
+    from pangu_model.train import PRESET_DIR
+
+    if not isinstance(preset_or_config, str) or Path(preset_or_config).suffix:
+        return False
+    return preset_or_config.lower() in PRESETS and not (PRESET_DIR / f"{preset_or_config}.yaml").exists()
+
+
+def plan_for(
+    preset_or_config: "str | os.PathLike[str] | TrainConfig",
+    topology: str | None = None,
+    nodes: int | None = None,
+    gpus_per_node: int = 8,
+    gpu: str = "h100",
+    host_ram_gb: float | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> Plan:
+    """Plan a preset on a topology preset, on `nodes × gpus_per_node` (tensor = pipeline = 1, expert from
+    the config: the trainer's own layout), or on the config's own topology (else one node of 8)."""
+    config = resolve_train_config(preset_or_config, overrides)
+    if topology is not None and nodes is not None:
+        raise ValueError("give --topology or --nodes, not both")
+    topology = topology if nodes is not None or topology is not None else config.topology
+    model = config.pangu_config()
+    if topology is not None:
+        try:
+            preset = load_topology(topology)
+        except (TopologyError, ValueError) as exc:
+            raise ValueError(f"topology {topology!r}: {_one_line(exc)}") from None
+        cluster, parallel = preset.cluster, preset.plan
+        if parallel.expert > 1 and model.router == "dense":
+            raise ValueError(f"topology {preset.name} has expert parallel {parallel.expert}, "
+                             f"but model {model.name} has no experts")
+        if parallel.expert != config.expert_parallel:
+            if config.expert_parallel == 1 and model.router == "rre" and _is_bare_model(preset_or_config):
+                config = config.model_copy(update={"expert_parallel": parallel.expert})  # bare model preset
+            else:
+                raise ValueError(f"topology {preset.name} has expert parallel {parallel.expert}, "
+                                 f"the preset says expert_parallel {config.expert_parallel}")
+    else:
+        cluster = ClusterSpec(nodes=nodes or 1, gpus_per_node=gpus_per_node)
+        parallel = ParallelPlan(expert=config.expert_parallel)
+    plan = plan_training(config, cluster, parallel, gpu=gpu, host_ram_gb=host_ram_gb)
+    if _is_bare_model(preset_or_config):
+        plan.notes.insert(0, f"bare model preset {preset_or_config}: planned with "
+                             + ", ".join(f"{k} {getattr(config, k)}" for k in BARE_MODEL_DEFAULTS))
+    return plan
+
+
+def check_plan(
+    train_config: "TrainConfig",
+    world_size: int,
+    local_world_size: int,
+    gpu_name: str | None,
+    gpu_memory_bytes: int | None,
+    host_ram_bytes: int | None,
+) -> Plan:
+    """The training program's check at start: the plan of this run on `world_size` ranks,
+    `local_world_size` per node, with the trainer's layout (tensor = pipeline = 1, expert from the
+    config). `gpu_name` (e.g. ``torch.cuda.get_device_name()``) picks the speeds (H100 figures for an
+    unknown GPU); `gpu_memory_bytes` (``total_memory``) and `host_ram_bytes` replace the table's
+    capacities; either None skips that check (a CPU run has no GPU to check). Raises
+    :class:`PlanDoesNotFit` with the numbers, else returns the plan."""
+    if world_size % local_world_size:
+        raise ValueError(f"world size {world_size} is not a multiple of {local_world_size} ranks per node")
+    cluster = ClusterSpec(nodes=world_size // local_world_size, gpus_per_node=local_world_size)
+    parallel = ParallelPlan(expert=train_config.expert_parallel)
+    try:
+        gpu = hardware(gpu_name).key if gpu_name else "h100"
+    except ValueError:
+        gpu = "h100"
+    plan = plan_training(train_config, cluster, parallel, gpu=gpu, host_ram_bytes=host_ram_bytes,
+                         gpu_memory_bytes=gpu_memory_bytes, check_host=host_ram_bytes is not None)
+    if gpu_name is None and gpu_memory_bytes is None:
+        # No GPU: the device bytes are host bytes; only the host check counts.
+        plan.reasons = [r for r in plan.reasons if not r.startswith("GPU memory")]
+        plan.fits = not plan.reasons
+        plan.gpu_name = "CPU processes"
+    elif gpu_name and gpu.lower() not in gpu_name.lower().replace(" ", ""):
+        plan.notes.append(f"{gpu_name}: speeds planned with {HARDWARE[gpu].name} figures")
+    if not plan.fits:
+        raise PlanDoesNotFit(plan)
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
+# For humans
+# --------------------------------------------------------------------------------------------
+def fmt_bytes(count: float) -> str:
+    """Binary units: 1.5 GiB, 11.72 TiB."""
+    count = float(count)
+    for unit, scale in (("TiB", TiB), ("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(count) >= scale:
+            return f"{count / scale:.2f} {unit}"
+    return f"{int(count)} B"
+
+
+def _fmt_time(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    return f"{seconds * 1e3:.1f} ms"
+
+
+def format_plan(plan: Plan) -> str:
+    """A table per GPU and per node, then FITS / DOES NOT FIT with the reasons."""
+    gpn = plan.cluster["gpus_per_node"]
+    par, tr = plan.parallel, plan.training
+    lines = [
+        f"plan: {plan.preset} (model {plan.model}) on {plan.cluster['nodes']} node{'s' * (plan.cluster['nodes'] != 1)}"
+        f" × {gpn} {plan.gpu_name}",
+        f"  tensor {par['tensor']} × pipeline {par['pipeline']} × data {par['data']} (expert {par['expert']}); "
+        f"{tr['precision']}, ZeRO-{tr['zero_stage']}{', optimizer offload' if tr['offload_optimizer'] else ''}"
+        f"{', ECSS' if tr['ecss'] else ''}; micro-batch {tr['micro_batch_size']} × seq {tr['seq_len']} × "
+        f"{tr['gradient_accumulation_steps']} accumulation = {plan.tokens_per_step:,} tokens per step",
+        f"  parameters: {plan.parameters['total']:,} total; per GPU {plan.parameters['dense_per_gpu']:,} dense, "
+        f"{plan.parameters['experts_on_device_per_gpu']:,} experts on the device, "
+        f"{plan.parameters['experts_on_host_per_gpu']:,} on the host, "
+        f"{plan.parameters['fetched_per_gpu_per_step']:,} fetched per step"
+        + (f" (pipeline stage {plan.parameters['worst_stage']}, the largest)" if par["pipeline"] > 1 else ""),
+        "",
+    ]
+    rows: list[tuple[str, str, str]] = [("GPU memory", "per GPU", "per node")]
+    for key, value in plan.gpu_breakdown.items():
+        if value:
+            rows.append((f"  {key.replace('_', ' ')}", fmt_bytes(value), fmt_bytes(value * gpn)))
+    for key, value in plan.gpu_phases.items():
+        rows.append((f"  peak: {key.replace('_', ' ')}", fmt_bytes(value), fmt_bytes(value * gpn)))
+    rows.append(("  needed / usable", f"{fmt_bytes(plan.gpu_bytes_per_gpu)} / {fmt_bytes(plan.gpu_usable_bytes)}",
+                 ""))
+    rows.append(("host memory", "", ""))
+    for key, value in plan.host_breakdown.items():
+        if value:
+            rows.append((f"  {key.replace('_', ' ')}", fmt_bytes(value), fmt_bytes(value * gpn)))
+    for key, value in plan.host_phases_per_node.items():
+        if value:
+                rows.append((f"  peak: {key.replace('_', ' ')}", fmt_bytes(value / gpn), fmt_bytes(value)))
+    usable = fmt_bytes(plan.host_usable_bytes) if plan.host_usable_bytes else "unknown"
+    rows.append(("  needed / usable", "", f"{fmt_bytes(plan.host_bytes_per_node)} / {usable}"))
+    rows.append(("transfers per step", "", ""))
+    for key, value in plan.transfers.items():
+        if value:
+            rows.append((f"  {key.replace('_', ' ')}", fmt_bytes(value), fmt_bytes(value * gpn)))
+    if not any(plan.transfers.values()):
+        rows.append(("  none", "0 B", "0 B"))
+    rows.append(("time per step", "", ""))
+    for key, value in plan.times.items():
+        if value and key != "compute":
+            rows.append((f"  {key.replace('_', ' ')}", _fmt_time(value), ""))
+    rows.append(("  step time", _fmt_time(plan.step_time_s), ""))
+    rows.append(("  MFU", f"{plan.mfu:.1%}", ""))
+    rows.append(("  tokens/s (whole cluster)", f"{plan.tokens_per_s:,.0f}", ""))
+    rows.append((f"checkpoint (node 0, at {CHECKPOINT_WRITE_BYTES_PER_S_PER_NODE / 1e9:g} GB/s)",
+                 _fmt_time(plan.checkpoint_s), fmt_bytes(plan.checkpoint_bytes_per_node)))
+    width = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    lines += [f"{a:<{width}}  {b_:>{w1}}  {c:>12}".rstrip() for a, b_, c in rows]
+    lines.append("")
+    if plan.fits:
+        lines.append("FITS")
+    else:
+        lines.append("DOES NOT FIT")
+        lines += [f"  - {reason}" for reason in plan.reasons]
+    if plan.notes:
+        lines.append("notes:")
+        lines += [f"  - {note}" for note in plan.notes]
+    return "\n".join(lines)
+
+
+__all__ = ["BARE_MODEL_DEFAULTS", "GPU_RESERVE_FRACTION", "HARDWARE", "HOST_RESERVE_FRACTION", "Hardware",
+           "ParameterLayout", "Plan", "PlanDoesNotFit", "check_plan", "fmt_bytes", "format_plan", "hardware",
+           "parameter_layout", "plan_for", "plan_training", "resolve_train_config"]
