@@ -12,6 +12,12 @@ Layout (SPEC §5.1, our reading of "L−1 normal blocks → final LayerNorm → 
 This follows the released MindSpore code, where the backbone applies its final LayerNorm before
 `top_query_layer` and the head multiplies the query layer's output by the word table directly.
 The top `moe_layers` layers (the query layer among them) swap their FFN for a sparse one (moe.py).
+
+Kernels (GPU speed; the CPU path is unchanged): `PanguModel.attention_backend` ("auto" | "sdpa" |
+"flex", see masks.py: training on CUDA uses FlexAttention with a block-sparse document mask and no
+attention-probability dropout) and `PanguModel.set_expert_backend` ("auto" | "loop" | "grouped", see
+moe.py). Neither the attention layout nor the routing nor the domain-id check syncs with the host in a
+CUDA training forward. TF32, autocast and `torch.compile` live in speed.py.
 """
 
 from __future__ import annotations
@@ -25,10 +31,26 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import PanguConfig
-from .masks import AttentionLayout, attention_layout, position_ids_from_eot
-from .moe import DenseFFN, ExpertBank, MixtureOfGroupedExperts, build_ffn
+from .masks import ATTENTION_BACKENDS, AttentionLayout, attention_backend, attention_layout, position_ids_from_eot
+from .moe import EXPERT_BACKENDS, DenseFFN, ExpertBank, MixtureOfGroupedExperts, build_ffn
 
 IGNORE_INDEX = -100
+
+_compiled_flex_attention = None
+
+
+def flex_attention_kernel(device: torch.device):
+    """FlexAttention for `device`: compiled on CUDA (eager FlexAttention materialises the full score
+    matrix there), eager elsewhere (the CPU runs it for tests, forward only). Compiled once per process;
+    inside a `torch.compile`d block Dynamo inlines it."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    global _compiled_flex_attention
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return flex_attention  # the CPU; or already inside a compiled block, which compiles it with the rest
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention)
+    return _compiled_flex_attention
 
 
 @dataclass
@@ -95,6 +117,13 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(self.layer_index, k, v)
         out_dtype = q.dtype
+        if layout.block_mask is not None:
+            # FlexAttention keeps its softmax statistics in fp32 on every device. It has no dropout:
+            # the attention probabilities are not dropped on this path (masks.py explains the choice).
+            y = flex_attention_kernel(q.device)(q, k, v, block_mask=layout.block_mask)
+            batch, _, length, _ = y.shape
+            y = y.to(out_dtype).transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+            return self.out_proj(y)
         if q.device.type != "cuda" and q.dtype in (torch.float16, torch.bfloat16):
             # The CPU math kernel does its softmax in the input dtype; PanGu-α wants fp32 softmax.
             # (CUDA flash / memory-efficient kernels already accumulate the softmax in fp32.)
@@ -139,7 +168,13 @@ class Block(nn.Module):
 
 class PanguModel(nn.Module):
     """`expert_shard` (rank, size): RRE layers hold only that shard of their experts (training with the
-    experts spread over ranks); the rest of the model, and each expert's weights, are as without it."""
+    experts spread over ranks); the rest of the model, and each expert's weights, are as without it.
+
+    `attention_backend` ("auto", "sdpa" or "flex"; `masks.attention_backend`) picks the attention kernel
+    per forward; set it on the instance to force one (e.g. "sdpa" to keep PanGu-α's attention dropout on
+    the GPU, at the cost of a dense mask and one sync per forward)."""
+
+    attention_backend: str = "auto"
 
     def __init__(self, config: PanguConfig, expert_shard: tuple[int, int] | None = None) -> None:
         super().__init__()
@@ -192,6 +227,21 @@ class PanguModel(nn.Module):
         elif isinstance(module, MixtureOfGroupedExperts):
             nn.init.ones_(module.expert_scale)
 
+    def set_attention_backend(self, backend: str) -> "PanguModel":
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; known: {', '.join(ATTENTION_BACKENDS)}")
+        self.attention_backend = backend
+        return self
+
+    def set_expert_backend(self, backend: str) -> "PanguModel":
+        """Force the routed-experts kernel of every `ExpertBank` ("auto", "loop" or "grouped"; moe.py)."""
+        if backend not in EXPERT_BACKENDS:
+            raise ValueError(f"unknown expert backend {backend!r}; known: {', '.join(EXPERT_BACKENDS)}")
+        for module in self.modules():
+            if isinstance(module, ExpertBank):
+                module.expert_backend = backend
+        return self
+
     @property
     def layers(self) -> list[Block]:
         """All L layers bottom-up, the query layer last."""
@@ -203,14 +253,22 @@ class PanguModel(nn.Module):
             if self.config.router == "rre" and self.config.num_domains > 1:
                 raise ValueError("an RRE model with several domains needs domain_ids")
             domain_ids = self.config.domain_id_offset
+        if isinstance(domain_ids, int):
+            # Filled on the device: a host int copied to a CUDA device would wait for the stream.
+            domain_ids = torch.full((), domain_ids, device=input_ids.device, dtype=torch.long)
         domain_ids = torch.as_tensor(domain_ids, device=input_ids.device, dtype=torch.long)
         if domain_ids.dim() == 1:
             domain_ids = domain_ids[:, None]
         if self.config.router == "rre":
             first = self.config.domain_id_offset
             last = first + self.config.num_domains - 1
-            if bool(((domain_ids < first) | (domain_ids > last)).any()):
-                raise ValueError(f"domain ids must lie in [{first}, {last}] for this model")
+            out_of_range = ((domain_ids < first) | (domain_ids > last)).any()
+            message = f"domain ids must lie in [{first}, {last}] for this model"
+            if domain_ids.device.type == "cuda":
+                # Checked on the device, no sync: a bad id stops the run with a device-side assert.
+                torch._assert_async(~out_of_range, message)
+            elif bool(out_of_range):
+                raise ValueError(message)
         return domain_ids.expand_as(input_ids)
 
     def forward(
@@ -239,7 +297,10 @@ class PanguModel(nn.Module):
             cache.next_position = torch.where(
                 input_ids[:, -1] == config.eot_token_id, torch.zeros_like(position_ids[:, -1]), position_ids[:, -1] + 1
             )
-        layout = attention_layout(all_position_ids, query_length)
+        backend = attention_backend(
+            input_ids.device, self.training, config.dropout, cached=cache is not None, requested=self.attention_backend
+        )
+        layout = attention_layout(all_position_ids, query_length, backend)
         domains = self._domain_ids(domain_ids, input_ids)
 
         hidden = self.embedding_dropout(self.word_embedding(input_ids) + self.position_embedding(position_ids))

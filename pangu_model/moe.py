@@ -11,8 +11,19 @@ block never knows which router it holds:
 - `LearnedTopKExperts` (Switch / GShard, SPEC §5.4): learned gate, capacity factor, dropped tokens
   pass through on the residual, load-balancing aux loss.
 
-Experts live in an `ExpertBank` of stacked tensors, so inheritance and extraction are tensor slices,
-and the routed computation sorts tokens by expert and runs one matmul pair per non-empty expert.
+Experts live in an `ExpertBank` of stacked tensors, so inheritance and extraction are tensor slices.
+The routed computation (`grouped_experts`) has two backends with the same result:
+
+- ``"loop"`` (CPU, fp32/fp16 CUDA): sort tokens by expert, one matmul pair per non-empty expert. The
+  split sizes come to the host: one device→host sync per layer.
+- ``"grouped"`` (bf16 on CUDA with SM ≥ 80, the default there): `F.grouped_mm` runs every expert in
+  one kernel per matmul, with group offsets that stay on the device; no sync, static shapes (so it
+  also compiles). `expert_backend` picks; `ExpertBank.expert_backend` (or
+  `PanguModel.set_expert_backend`) forces one, e.g. "grouped" on the CPU for tests.
+
+Routing counts (`RoutingStats.expert_load`, MoGE and top-k aux-loss fractions) are counted with
+`expert_counts` (a scatter-add; `torch.bincount` syncs on CUDA to size its output) and stay on the
+device; `RoutingStats.dropped` turns the top-k drop count into an int only when someone reads it.
 """
 
 from __future__ import annotations
@@ -29,11 +40,62 @@ from .config import PanguConfig
 
 @dataclass(frozen=True)
 class RoutingStats:
-    """What the last forward routed where (detached; for inspection and benchmarks)."""
+    """What the last forward routed where (detached, on the forward's device; for inspection and benchmarks)."""
 
     expert_load: torch.Tensor  # [E] assignments that were computed, per expert
     tokens: int
-    dropped: int = 0  # assignments dropped by capacity (learned top-k only)
+    dropped_assignments: torch.Tensor | int = 0  # dropped by capacity (learned top-k only); a tensor: no sync
+
+    @property
+    def dropped(self) -> int:
+        """Assignments dropped by capacity, as an int (a device→host sync when read, never in the forward)."""
+        return int(self.dropped_assignments)
+
+
+def expert_counts(expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert [num_experts] (int64), like `torch.bincount(minlength=)` but without its
+    device→host sync on CUDA (bincount reads the maximum to size its output)."""
+    counts = torch.zeros(num_experts, dtype=torch.long, device=expert_index.device)
+    return counts.scatter_add_(0, expert_index.reshape(-1), torch.ones_like(expert_index.reshape(-1)))
+
+
+EXPERT_BACKENDS = ("auto", "loop", "grouped")
+
+# Rows of every expert group on the grouped path are padded to a multiple of this, and at least this:
+# torchtitan's recipe for `grouped_mm` (16-byte aligned groups of bf16 rows; no empty groups, which some
+# kernels mishandle in the weight-gradient pass). Padding rows are zeros and never read back.
+GROUPED_MM_ALIGN = 8
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def select_expert_backend(
+    device_type: str, compute_dtype: torch.dtype, sm_major: int | None, requested: str = "auto"
+) -> str:
+    """``"grouped"`` (one `grouped_mm` per matmul, no host sync) or ``"loop"`` (per-expert matmuls).
+
+    ``"auto"``: grouped where `grouped_mm` has its fast kernel — CUDA, bf16 compute (bf16 weights or a
+    bf16 autocast), SM ≥ 80 (SPEC §10) — and the loop everywhere else, the CPU included."""
+    if requested not in EXPERT_BACKENDS:
+        raise ValueError(f"unknown expert backend {requested!r}; known: {', '.join(EXPERT_BACKENDS)}")
+    if requested != "auto":
+        return requested
+    if device_type == "cuda" and compute_dtype == torch.bfloat16 and (sm_major or 0) >= 8:
+        return "grouped"
+    return "loop"
+
+
+def expert_backend(x: torch.Tensor, requested: str = "auto") -> str:
+    """`select_expert_backend` for the input `x` of a routed layer."""
+    if requested != "auto":
+        return select_expert_backend(x.device.type, x.dtype, None, requested)
+    sm_major = torch.cuda.get_device_properties(x.device).major if x.device.type == "cuda" else None
+    return select_expert_backend(x.device.type, _compute_dtype(x), sm_major)
 
 
 def device_imbalance(expert_load: torch.Tensor, num_devices: int, tokens: int) -> float:
@@ -64,6 +126,9 @@ class ExpertBank(nn.Module):
     `first_expert` > 0 marks a shard of a larger bank (experts first_expert, first_expert + 1, ...):
     each expert's initial weights depend only on its global index (`PanguModel.reset_parameters`)."""
 
+    # "auto", "loop" or "grouped" (see `expert_backend`); an instance attribute overrides it.
+    expert_backend = "auto"
+
     def __init__(self, num_experts: int, d_model: int, d_ff: int, first_expert: int = 0) -> None:
         super().__init__()
         self.num_experts = num_experts
@@ -89,7 +154,7 @@ class ExpertBank(nn.Module):
         x is [N, d]; the assignment vectors are [A]. Tokens with no assignment get zeros.
         """
         return grouped_experts(x, expert_index, token_index, gate_weight, self.num_experts,
-                               self.w_in, self.b_in, self.w_out, self.b_out)
+                               self.w_in, self.b_in, self.w_out, self.b_out, backend=self.expert_backend)
 
 
 def grouped_experts(
@@ -102,9 +167,16 @@ def grouped_experts(
     b_in: torch.Tensor,
     w_out: torch.Tensor,
     b_out: torch.Tensor,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """GeLU experts stacked along dim 0, applied to their tokens: sorted by expert, one matmul pair per
-    non-empty expert, scattered back with index_add (shared by ExpertBank and ECSS's fetched slots)."""
+    """GeLU experts stacked along dim 0, applied to their tokens and scattered back with index_add
+    (shared by ExpertBank and ECSS's fetched slots). `backend`: see `expert_backend`.
+
+    On the grouped backend an `expert_index` equal to `num_experts` marks a dropped assignment: it is
+    computed by no expert and contributes zero (learned top-k uses this instead of a boolean filter,
+    whose output size would need a sync)."""
+    if expert_backend(x, backend) == "grouped":
+        return _grouped_experts_mm(x, expert_index, token_index, gate_weight, num_experts, w_in, b_in, w_out, b_out)
     order = torch.argsort(expert_index, stable=True)
     sorted_tokens = token_index[order]
     # One host sync per layer: the split sizes. The loop runs over experts, never over tokens.
@@ -119,7 +191,61 @@ def grouped_experts(
     routed = torch.cat(outputs)
     if gate_weight is not None:
         routed = routed * gate_weight[order, None].to(routed.dtype)
-    return torch.zeros_like(x).index_add(0, sorted_tokens, routed)
+    return torch.zeros_like(x).index_add(0, sorted_tokens, routed.to(x.dtype))
+
+
+def _grouped_experts_mm(
+    x: torch.Tensor,
+    expert_index: torch.Tensor,
+    token_index: torch.Tensor,
+    gate_weight: torch.Tensor | None,
+    num_experts: int,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor,
+    w_out: torch.Tensor,
+    b_out: torch.Tensor,
+    align: int = GROUPED_MM_ALIGN,
+) -> torch.Tensor:
+    """`grouped_experts` with two `F.grouped_mm` calls and no device→host sync.
+
+    Assignments are sorted by expert into a row buffer of static size A + align·(E + 1) in which every
+    expert's group starts on a multiple of `align` (group e ends at offs[e]); dropped assignments go to
+    an extra group E past offs[-1], which grouped_mm does not compute. grouped_mm leaves the rows past
+    offs[-1] uninitialised, so they are masked with `torch.where` (a select: garbage cannot leak into
+    values or gradients, not even as 0·NaN) before anything reads them.
+    """
+    dtype = _compute_dtype(x)
+    device = x.device
+    assignments = expert_index.numel()
+    groups = num_experts + 1
+    counts = expert_counts(expert_index, groups)
+    padded = ((counts + align - 1) // align * align).clamp_min(align)
+    padded_end = padded.cumsum(0)
+    order = torch.argsort(expert_index, stable=True)
+    sorted_expert = expert_index[order]
+    sorted_tokens = token_index[order]
+    rank_in_group = torch.arange(assignments, device=device) - (counts.cumsum(0) - counts)[sorted_expert]
+    row = (padded_end - padded)[sorted_expert] + rank_in_group  # [A] each assignment's row
+    rows = assignments + align * groups
+    offs = padded_end[:num_experts]
+    row_index = torch.arange(rows, device=device)
+    valid = (row_index < offs[-1])[:, None]
+    row_expert = torch.searchsorted(offs, row_index, right=True).clamp(max=num_experts - 1)
+    kept = (sorted_expert < num_experts)[:, None]
+    expert_of = sorted_expert.clamp(max=num_experts - 1)
+    offs = offs.to(torch.int32)
+
+    source = torch.where(kept, x[sorted_tokens].to(dtype), 0)
+    x_rows = torch.zeros(rows, x.shape[-1], dtype=dtype, device=device).index_copy(0, row, source)
+    hidden = F.grouped_mm(x_rows, w_in.to(dtype).transpose(-2, -1), offs=offs)
+    hidden = torch.where(valid, hidden, 0) + b_in.to(dtype)[row_expert]
+    hidden = torch.where(valid, F.gelu(hidden), 0)
+    out_rows = F.grouped_mm(hidden, w_out.to(dtype).transpose(-2, -1), offs=offs)
+    routed = out_rows[row] + b_out.to(dtype)[expert_of]
+    if gate_weight is not None:
+        routed = routed * gate_weight[order, None].to(routed.dtype)
+    routed = torch.where(kept, routed, 0)
+    return torch.zeros_like(x).index_add(0, sorted_tokens, routed.to(x.dtype))
 
 
 def random_routing_table(vocab_size: int, experts_per_group: int, seed: int) -> torch.Tensor:
@@ -172,9 +298,7 @@ class RandomRoutedExperts(nn.Module):
         expert_index = self.route(token_ids, domain_ids).reshape(-1)
         token_index = torch.arange(flat.shape[0], device=x.device)
         out = self.experts(flat, expert_index, token_index)
-        self.last_stats = RoutingStats(
-            torch.bincount(expert_index, minlength=self.total_experts).detach(), flat.shape[0]
-        )
+        self.last_stats = RoutingStats(expert_counts(expert_index, self.total_experts).detach(), flat.shape[0])
         return out.view_as(x), x.new_zeros(())
 
 
@@ -218,7 +342,7 @@ class MixtureOfGroupedExperts(nn.Module):
             for shared in range(self.shared_experts.num_experts):
                 out = out + self.shared_experts.expert(shared, flat)
 
-        load = torch.bincount(expert_index, minlength=self.num_experts)
+        load = expert_counts(expert_index, self.num_experts)
         # f_i is scaled so that a perfectly balanced router gives Σ f_i p_i = 1.
         fraction = load.float() * self.num_experts / (assignments_per_token * tokens)
         aux_loss = self.aux_loss_coef * (fraction.detach() * probs.mean(dim=0)).sum()
@@ -263,16 +387,24 @@ class LearnedTopKExperts(nn.Module):
         expert_index = top_index.t().reshape(-1)
         gate_weight = top_prob.t().reshape(-1)
         token_index = torch.arange(tokens, device=x.device).repeat(self.k)
-        one_hot = F.one_hot(expert_index, self.num_experts)
+        # A scatter, not F.one_hot: identical values, and no value-range check that could sync.
+        one_hot = torch.zeros(expert_index.numel(), self.num_experts, dtype=torch.long, device=x.device)
+        one_hot.scatter_(1, expert_index[:, None], 1)
         slot = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1
         keep = slot < self.capacity(tokens)
-        out = self.experts(flat, expert_index[keep], token_index[keep], gate_weight[keep])
+        if expert_backend(flat, self.experts.expert_backend) == "grouped":
+            # Sync-free: a dropped assignment keeps its place but points at expert E (computes nothing).
+            expert_index = torch.where(keep, expert_index, self.num_experts)
+            out = self.experts(flat, expert_index, token_index, gate_weight)
+            load = expert_counts(expert_index, self.num_experts + 1)[: self.num_experts]
+        else:
+            out = self.experts(flat, expert_index[keep], token_index[keep], gate_weight[keep])
+            load = expert_counts(expert_index[keep], self.num_experts)
 
         # Switch aux loss: α · E · Σ_i f_i P_i with f_i from the top-1 choice, P_i the mean probability.
-        top1_fraction = torch.bincount(top_index[:, 0], minlength=self.num_experts).float() / tokens
+        top1_fraction = expert_counts(top_index[:, 0], self.num_experts).float() / tokens
         aux_loss = self.aux_loss_coef * self.num_experts * (top1_fraction * probs.mean(dim=0)).sum()
-        load = torch.bincount(expert_index[keep], minlength=self.num_experts)
-        self.last_stats = RoutingStats(load.detach(), tokens, dropped=int((~keep).sum()))
+        self.last_stats = RoutingStats(load.detach(), tokens, dropped_assignments=(~keep).sum().detach())
         return out.view_as(x), aux_loss
 
 

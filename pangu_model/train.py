@@ -114,6 +114,11 @@ class TrainConfig(BaseModel):
     tensorboard: bool = False
     peak_tflops: float | None = Field(None, gt=0, description="per-device peak for MFU; None: known GPUs only")
     throttle_s: float = Field(0.0, ge=0.0, description="sleep per step (tests and demos of preemption)")
+    # GPU speed (pangu_model/speed.py, masks.py)
+    attention_backend: Literal["auto", "sdpa", "flex"] = Field(
+        "auto", description="auto: FlexAttention with a document block mask when training on CUDA (no attention-"
+                            "probability dropout), SDPA elsewhere; sdpa: PanGu-α's attention dropout, dense mask")
+    compile: bool = Field(False, description="torch.compile each transformer block (CUDA; first steps compile)")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -360,6 +365,10 @@ class Trainer:
         self.rank, self.world_size, self.device = init_distributed()
         if device is not None:
             self.device = torch.device(device)
+        if self.device.type == "cuda":
+            from .speed import configure_cuda_matmul
+
+            configure_cuda_matmul()  # fp32 matmuls on TF32 tensor cores (the fp32 MFU peak assumes it)
         self.pangu = config.pangu_config()
         self.total_steps = config.train_steps
         self._check_topology()
@@ -381,6 +390,10 @@ class Trainer:
                 group=dist.group.WORLD if self.world_size > 1 else None,
                 ep_group=ep_group, replica_group=replica_group,
             )
+        from .speed import maybe_compile
+
+        model.set_attention_backend(config.attention_backend)
+        maybe_compile(model, config.compile)
         groups = parameter_groups(model, config.optimizer)
         self.ds_config = deepspeed_config(config, self.world_size)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -573,8 +586,8 @@ class Trainer:
         if self.ecss is not None:
             # Known before the forward pass: the experts these rows route to (SPEC §5.2).
             self.ecss.fetch(self.ecss.plan(batches))
-        loss = lm_loss = aux_loss = 0.0
-        tokens = 0
+        # Sums stay on the device until the step ends: no device→host sync per micro-batch.
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, lm loss, aux loss, tokens
         for micro, batch in enumerate(batches):
             self._seed(self.step, micro)
             out = self.engine(
@@ -585,16 +598,17 @@ class Trainer:
             grad_scale = float(getattr(self.engine.optimizer, "cur_scale", 1.0) or 1.0) \
                 if config.precision == "fp16" else 1.0
             self.engine.step()
-            loss += out.loss.item() / gas
-            lm_loss += out.lm_loss.item() / gas
-            aux_loss += float(out.aux_loss) / gas
-            tokens += int((batch["labels"] != -100).sum())
+            sums += torch.stack([out.loss.detach().double() / gas, out.lm_loss.detach().double() / gas,
+                                 out.aux_loss.detach().to(self.device, torch.float64) / gas,
+                                 (batch["labels"] != -100).sum().double()])
             metrics.add_domain_losses(domain_loss_sums(
                 out.logits, batch["labels"], batch["domain_ids"], max(1, self.num_domains), self.pangu.pad_token_id))
             if self.expert_layers:
                 metrics.add_expert_load(self._expert_load(batch))
         lr = lr_at(self.step, config.optimizer, self.total_steps)
-        row: dict[str, float] = {"loss": loss, "lm_loss": lm_loss, "aux_loss": aux_loss, "lr": lr, "_tokens": tokens}
+        loss, lm_loss, aux_loss, tokens = sums.tolist()  # the step's one sync
+        row: dict[str, float] = {"loss": loss, "lm_loss": lm_loss, "aux_loss": aux_loss, "lr": lr,
+                                 "_tokens": int(tokens)}
         if self.ecss is not None:
             stats = self.ecss.step(lr, grad_scale=grad_scale, skip=not self.engine.was_step_applied())
             row["experts_updated"] = float(stats["experts_updated"])
@@ -640,11 +654,13 @@ class Trainer:
     @torch.no_grad()
     def _expert_load(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """[RRE layers, experts] tokens per expert, from the routing table (same on every backend)."""
+        from .moe import expert_counts
+
         loads = []
         for name in self.expert_layers:
             layer = self.model.get_submodule(name)
             ids = layer.route(batch["input_ids"], batch["domain_ids"]).reshape(-1)
-            loads.append(torch.bincount(ids, minlength=self.pangu.total_experts))  # stays on the device
+            loads.append(expert_counts(ids, self.pangu.total_experts))  # on the device, no sync
         return torch.stack(loads)
 
     # ---- checkpoints ----------------------------------------------------------------------------

@@ -226,3 +226,15 @@ def test_a_run_that_cannot_fit_is_refused_with_the_numbers_before_allocating() -
     assert len(message) == 1 and "does not fit" in message[0] and "host memory" in message[0], done.stdout[-3000:]
     assert "TiB per node" in message[0] or "GiB per node" in message[0]
     assert "Traceback" not in done.stdout
+
+
+def test_the_speed_switches_reach_the_model() -> None:
+    path = run_config("speed-switches", "alpha-tiny", attention_backend="sdpa", compile=True, train_steps=1)
+    trainer = Trainer(load_train_config(path))
+    try:
+        assert trainer.model.attention_backend == "sdpa"
+        assert all(getattr(block, "_compiled_call_impl", None) is not None for block in trainer.model.layers)
+    finally:
+        trainer.close()
+    with pytest.raises(ValueError, match="attention_backend"):
+        load_train_config(path, ["attention_backend=flash"])
