@@ -736,16 +736,9 @@ def resolve_train_config(preset_or_config: "str | os.PathLike[str] | TrainConfig
         model = PRESETS[name.lower()]
         data: dict[str, Any] = {**BARE_MODEL_DEFAULTS, "name": name, "model": name.lower(),
                                 "seq_len": min(BARE_MODEL_DEFAULTS["seq_len"], model.max_seq_len)}
-        from pangu_model.train import _parse_override  # the `--set key=value` rule of load_train_config
+        from pangu_model.train import apply_overrides  # the `--set key=value` rule of load_train_config
 
-        items = overrides.items() if isinstance(overrides, dict) else (_parse_override(o) for o in overrides or [])
-        for keys, value in items:
-            keys = keys.split(".") if isinstance(keys, str) else keys
-            target = data
-            for part in keys[:-1]:
-                target = target.setdefault(part, {})
-            target[keys[-1]] = value
-        return TrainConfig.model_validate(data)
+        return TrainConfig.model_validate(apply_overrides(data, overrides))
     known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
     raise ValueError(f"unknown preset {name!r}: neither a pretrain preset ({', '.join(known)}), a YAML path, "
                      f"nor a model preset ({', '.join(PRESETS)})")

@@ -167,6 +167,11 @@ def load_train_config(name_or_path: str | os.PathLike[str], overrides: list[str]
         raise FileNotFoundError(f"pretrain preset {str(name_or_path)!r} not found (known: {known})")
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     data.setdefault("name", path.stem)
+    return TrainConfig.model_validate(apply_overrides(data, overrides))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """`data` (a config's fields) with `a.b=value` strings or {dotted key: value} set in place."""
     items = overrides.items() if isinstance(overrides, dict) else (_parse_override(o) for o in overrides or [])
     for keys, value in items:
         keys = keys.split(".") if isinstance(keys, str) else keys
@@ -174,7 +179,7 @@ def load_train_config(name_or_path: str | os.PathLike[str], overrides: list[str]
         for key in keys[:-1]:
             target = target.setdefault(key, {})
         target[keys[-1]] = value
-    return TrainConfig.model_validate(data)
+    return data
 
 
 VOCAB_MULTIPLE = 64  # embedding rows are padded to this multiple (40,000 and 8,000 need no padding)
