@@ -50,6 +50,16 @@ class PanguConfig(BaseModel):
     num_domains: int = Field(40, gt=0)
     experts_per_domain: int = Field(16, gt=0)
     routing_seed: int = 1234
+    routing_table: Literal["random", "balanced"] = Field(
+        "random", description="Token id → expert table of every RRE layer: 'random' (a seeded permutation dealt "
+        "round-robin: equal vocabulary per expert) or 'balanced' (Hash-Layers' balanced assignment: ids by "
+        "descending corpus frequency to the least loaded expert, from routing_counts). Either way the table is "
+        "a buffer saved with the weights: a loaded checkpoint keeps the table it was trained with.",
+    )
+    routing_counts: str | None = Field(
+        None, description="Balanced table: the token counts it is built from — a packed token directory "
+        "(tokenizer.pack output; counts over all its shards) or a .npy of counts per token id.",
+    )
     domain_id_offset: int = Field(
         0, ge=0, description="Domain ids seen by forward() are shifted by this (extracted models)."
     )
@@ -79,6 +89,9 @@ class PanguConfig(BaseModel):
                 raise ValueError("MoGE needs num_experts divisible by moge_groups")
             if self.moge_top_k_per_group > self.num_experts // self.moge_groups:
                 raise ValueError("moge_top_k_per_group exceeds the experts in a group")
+        if self.router == "rre" and self.routing_table == "balanced" and not self.routing_counts:
+            raise ValueError("routing_table 'balanced' needs routing_counts: a packed token directory or a .npy "
+                             "of token counts")
         if self.router == "topk" and self.topk_k > self.num_experts:
             raise ValueError("topk_k exceeds num_experts")
         return self

@@ -5,7 +5,8 @@ block never knows which router it holds:
 
 - `DenseFFN`: PanGu-α's d → 4d → d GeLU MLP.
 - `RandomRoutedExperts` (PanGu-Σ, SPEC §5.2): no learned gate; domain id picks the expert group,
-  a fixed seeded token-id table picks the expert inside it. Top-1, dropless, deterministic.
+  a fixed token-id table picks the expert inside it (seeded random, or frequency-balanced from corpus
+  counts: `PanguConfig.routing_table`). Top-1, dropless, deterministic.
 - `MixtureOfGroupedExperts` (Pangu Pro MoE, SPEC §5.3): softmax over all experts, top-K′ inside
   every group, so every group (device) receives exactly the same load.
 - `LearnedTopKExperts` (Switch / GShard, SPEC §5.4): learned gate, capacity factor, dropped tokens
@@ -28,9 +29,13 @@ device; `RoutingStats.dropped` turns the top-k drop count into an int only when 
 
 from __future__ import annotations
 
+import heapq
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -261,6 +266,72 @@ def random_routing_table(vocab_size: int, experts_per_group: int, seed: int) -> 
     return table
 
 
+def balanced_routing_table(
+    token_counts: np.ndarray | torch.Tensor, experts_per_group: int, seed: int, smoothing: float = 1.0
+) -> torch.Tensor:
+    """Token id → expert slot in [0, experts_per_group) that balances the corpus's tokens over the experts.
+
+    Hash Layers' "balanced" assignment (Roller et al. 2021), longest-processing-time style: ids in order of
+    descending count (equal counts in a seeded order), each to the slot with the least load so far (then
+    the fewest ids, then the lowest slot). `smoothing` is added to every id's count first, so ids the
+    corpus never shows (or rarely shows) are spread evenly instead of all landing on one slot.
+    A pure function of its arguments: every rank builds the same table from the same counts.
+    """
+    counts = np.asarray(token_counts.cpu() if isinstance(token_counts, torch.Tensor) else token_counts,
+                        dtype=np.float64).reshape(-1) + smoothing
+    if experts_per_group < 1:
+        raise ValueError("experts_per_group must be at least 1")
+    if (counts < 0).any():
+        raise ValueError("token counts must not be negative")
+    ties = np.random.default_rng([seed, 0xBA1A]).permutation(len(counts))
+    order = np.lexsort((ties, -counts))
+    table = np.empty(len(counts), dtype=np.int64)
+    heap = [(0.0, 0, slot) for slot in range(experts_per_group)]
+    for token in order.tolist():
+        load, ids, slot = heap[0]
+        table[token] = slot
+        heapq.heapreplace(heap, (load + float(counts[token]), ids + 1, slot))
+    return torch.from_numpy(table).to("cpu")
+
+
+_COUNTS_CACHE: dict[tuple[str, int, float], np.ndarray] = {}
+
+
+def load_token_counts(source: str | os.PathLike[str], vocab_size: int) -> np.ndarray:
+    """Counts per token id [vocab_size] (numpy int64) from a packed token directory or a `.npy` file
+    (cached per process: every RRE layer of a model reads the same counts)."""
+    path = Path(source)
+    key = (str(path.resolve()), vocab_size, os.path.getmtime(path))
+    if key not in _COUNTS_CACHE:
+        if path.is_dir():
+            from tokenizer.dataset import token_counts
+
+            counts = token_counts(path, vocab_size=vocab_size)
+        else:
+            counts = np.load(path).astype(np.int64).reshape(-1)
+            if len(counts) > vocab_size:
+                raise ValueError(f"{path}: counts for {len(counts)} ids, the vocabulary has {vocab_size}")
+            counts = np.pad(counts, (0, vocab_size - len(counts)))
+        _COUNTS_CACHE[key] = counts
+    return _COUNTS_CACHE[key]
+
+
+def routing_table(config: PanguConfig, layer_index: int) -> torch.Tensor:
+    """The token id → expert slot table of RRE layer `layer_index` (`PanguConfig.routing_table`).
+
+    Built on the meta device (a checkpoint being loaded: its saved table replaces this one) the balanced
+    table is not computed, so loading an export never needs the counts it was built from."""
+    seed = config.routing_seed + layer_index
+    if config.routing_table == "random":
+        return random_routing_table(config.vocab_size, config.experts_per_domain, seed)
+    if config.routing_table != "balanced":
+        raise ValueError(f"unknown routing table {config.routing_table!r}")
+    if torch.empty(0).device.type == "meta":
+        return torch.zeros(config.vocab_size, dtype=torch.long, device="meta")
+    counts = load_token_counts(config.routing_counts, config.vocab_size)
+    return balanced_routing_table(counts, config.experts_per_domain, seed)
+
+
 class RandomRoutedExperts(nn.Module):
     """PanGu-Σ's two-level routing: domain → expert group, token id → expert (fixed table).
 
@@ -279,7 +350,7 @@ class RandomRoutedExperts(nn.Module):
         self.total_experts = total
         self.experts = ExpertBank(total // size, config.d_model, config.expert_width, first_expert=rank * total // size)
         # A buffer, not a parameter: frozen, saved with the model, identical on every rank.
-        table = random_routing_table(config.vocab_size, self.experts_per_domain, config.routing_seed + layer_index)
+        table = routing_table(config, layer_index)
         self.register_buffer("token_to_expert", table, persistent=True)
         self.last_stats: RoutingStats | None = None
 

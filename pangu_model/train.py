@@ -83,6 +83,10 @@ class TrainConfig(BaseModel):
     # data
     data: str = Field("runs/tokens", description="packed token directory (tokenizer.pack output)")
     mixture: str | dict[str, float] | None = Field("natural", description="domain weights (tokenizer.dataset)")
+    domain_affine: bool | None = Field(
+        None, description="domain-affine steps: all rows of a node's ranks in a step come from one domain, so the "
+                          "step routes to that domain's experts only; the mixture holds exactly over a window of "
+                          "steps (tokenizer.dataset). None: on for RRE (PanGu-Σ) models, off otherwise")
     seq_len: int | None = Field(None, ge=1, description="row length; default: the model's max_seq_len")
     data_seed: int = 1234
     validation_fraction: float = Field(0.01, ge=0.0, lt=1.0,
@@ -147,6 +151,8 @@ class TrainConfig(BaseModel):
         keep = self.model_dump(include={"model", "model_overrides", "data_seed", "seed", "micro_batch_size",
                                         "gradient_accumulation_steps", "seq_len", "mixture", "ecss",
                                         "validation_fraction"})
+        if self.domain_affine is not None:  # only when set: runs that leave it alone keep their fingerprint
+            keep["domain_affine"] = self.domain_affine
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -412,9 +418,18 @@ class Trainer:
         if config.expert_parallel > 1 and not config.ecss:
             self._check_expert_groups()
 
+        # Domain-affine steps: one domain per node and step (a node holds whole expert-parallel groups, so
+        # their steps touch one domain's experts; the rows do not depend on ep). The dataset's state
+        # records the grouping: a resume with another sampler is refused.
+        affine = config.domain_affine if config.domain_affine is not None else self.pangu.router == "rre"
+        node_groups = None
+        if affine:
+            ranks = self._layout().ranks
+            node_groups = [[i.rank for i in ranks if i.node == n] for n in sorted({i.node for i in ranks})]
         self.dataset = PackedRowDataset(
             config.data, seq_len=config.row_length, weights=config.mixture, seed=config.data_seed,
             rank=self.rank, world_size=self.world_size, validation_fraction=config.validation_fraction,
+            domain_groups=node_groups, rows_per_step=config.micro_batch_size * config.gradient_accumulation_steps,
         )
         self.validation = []
         if config.validation_every and config.validation_fraction > 0:

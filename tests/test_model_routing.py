@@ -1,5 +1,7 @@
 """Random Routed Experts, grouped expert computation, MoGE and learned top-k gating."""
 
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -9,6 +11,7 @@ from pangu_model.moe import (
     LearnedTopKExperts,
     MixtureOfGroupedExperts,
     RandomRoutedExperts,
+    balanced_routing_table,
     device_imbalance,
     random_routing_table,
 )
@@ -46,6 +49,71 @@ def test_routing_table_is_a_pure_function_of_its_seed() -> None:
     assert torch.equal(random_routing_table(1000, 16, seed=7), random_routing_table(1000, 16, seed=7))
     assert not torch.equal(random_routing_table(1000, 16, seed=7), random_routing_table(1000, 16, seed=8))
     assert torch.bincount(random_routing_table(1000, 16, seed=7)).tolist() == [63] * 8 + [62] * 8
+
+
+def _load(table: torch.Tensor, counts: np.ndarray, slots: int) -> np.ndarray:
+    return np.bincount(table.numpy(), weights=counts, minlength=slots)
+
+
+def test_balanced_table_evens_a_skewed_corpus_better_than_the_random_table() -> None:
+    vocab, slots = 4000, 16
+    rng = np.random.default_rng(0)
+    counts = np.floor(1e6 / np.arange(1, vocab + 1) ** 0.8)[rng.permutation(vocab)]  # Zipf, shuffled ids
+    counts[rng.choice(vocab, 500, replace=False)] = 0  # ids the corpus never shows
+    balanced = balanced_routing_table(counts, slots, seed=3)
+    assert balanced.dtype == torch.long and balanced.min() >= 0 and balanced.max() < slots
+    assert torch.equal(balanced, balanced_routing_table(torch.from_numpy(counts), slots, seed=3))  # pure
+    for seed in range(5):
+        random_load = _load(random_routing_table(vocab, slots, seed), counts, slots)
+        balanced_load = _load(balanced_routing_table(counts, slots, seed), counts, slots)
+        assert balanced_load.max() / balanced_load.mean() <= random_load.max() / random_load.mean()
+        assert balanced_load.max() / balanced_load.mean() < 1.01 < 1.1 < random_load.max() / random_load.mean()
+    # The unseen ids are spread by the smoothing count, not all put on the slot that ends up lightest.
+    unseen = np.bincount(balanced.numpy()[counts == 0], minlength=slots)
+    assert (unseen > 0).sum() >= slots // 2 and unseen.max() <= 0.3 * unseen.sum()
+    # A single id heavier than a fair share gets a slot of its own; the rest stay even.
+    giant = counts.copy()
+    giant[0] = 10 * giant.sum() / slots
+    load = _load(balanced_routing_table(giant, slots, seed=3), giant, slots)
+    assert load.max() == giant[0] and np.sort(load)[:-1].max() / np.sort(load)[:-1].mean() < 1.01
+
+
+def test_routing_table_kind_is_config_and_the_default_stays_random(tmp_path) -> None:
+    from pangu_model import extract_domain, load_checkpoint, save_checkpoint
+
+    default = rre_config()
+    assert default.routing_table == "random" and default.routing_counts is None
+    layers = PanguModel(default).sparse_layers()
+    for index, (name, ffn) in zip((1, 2), layers.items()):  # num_layers 3, moe_layers 2: layers 1 and 2
+        assert torch.equal(ffn.token_to_expert, random_routing_table(VOCAB, 3, default.routing_seed + index))
+    with pytest.raises(ValueError, match="routing_counts"):
+        rre_config(routing_table="balanced")
+
+    counts = np.arange(VOCAB, dtype=np.int64) ** 2
+    np.save(tmp_path / "counts.npy", counts)
+    config = rre_config(routing_table="balanced", routing_counts=str(tmp_path / "counts.npy"))
+    torch.manual_seed(0)
+    model = PanguModel(config).eval()
+    tables = {name: ffn.token_to_expert.clone() for name, ffn in model.sparse_layers().items()}
+    for index, table in zip((1, 2), tables.values()):
+        assert torch.equal(table, balanced_routing_table(counts, 3, config.routing_seed + index))
+        assert not torch.equal(table, random_routing_table(VOCAB, 3, config.routing_seed + index))
+    # The table is a saved buffer: an export loads it back without the counts it was built from.
+    save_checkpoint(model, tmp_path / "export")
+    (tmp_path / "counts.npy").unlink()
+    loaded = load_checkpoint(tmp_path / "export")
+    assert loaded.config.routing_table == "balanced"
+    for name, table in tables.items():
+        assert torch.equal(loaded.get_submodule(name).token_to_expert, table)
+    ids = torch.randint(10, VOCAB, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, domain_ids=torch.tensor([0, 2])).logits,
+                                   model(ids, domain_ids=torch.tensor([0, 2])).logits)
+        sub = extract_domain(loaded, 2)  # extraction carries the table too
+        torch.testing.assert_close(sub(ids, domain_ids=torch.tensor([2, 2])).logits,
+                                   model(ids, domain_ids=torch.tensor([2, 2])).logits)
+    for name, table in tables.items():
+        assert torch.equal(sub.get_submodule(name).token_to_expert, table)
 
 
 def test_domain_selects_its_expert_group() -> None:

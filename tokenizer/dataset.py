@@ -11,13 +11,27 @@ which `state_dict()` returns and `load_state_dict()` restores: a resumed run con
 the rows an uninterrupted one would have produced. Ranks (`rank`, `world_size`) walk the same
 sequence and keep every world_size-th row. Use `num_workers=0` in the DataLoader: rows are
 memory-mapped slices, and a worker's copy of the counters would not reach the main process.
+
+Domain-affine sampling (`domain_groups`, PanGu-Σ; issue #12 §2): the ranks are split into equal groups
+(the trainer passes the ranks of each node, a multiple of the expert-parallel group) and in every
+optimizer step all rows of one group come from one domain, so the group's step routes to that
+domain's experts only (sigma-1t: 16 of 640 per layer, against ~105 with independent rows on the
+FewCLUE sample: benchmarks/routing_balance.py) and ECSS fetches only those. The domain of each
+(step, group) slot comes from `affine_schedule`: over a window of `window_steps` steps (W = window ×
+groups slots) domain d gets exactly n_d slots, n_d the largest-remainder rounding of W·weight_d, so
+the realised mixture over every whole window is the weights up to that rounding (|n_d/W − w_d| < 1/W;
+a domain with W·w_d < 1 may get no slot in a window). Inside a window the slots are laid out so that a
+domain with at most one slot per step (weight ≤ 1/groups) never appears in two groups of one step,
+and the steps and the groups of each step are shuffled with the seed. The global row order is step
+by step, group by group, rank by rank of the group, `rows_per_step` rows per rank (the rank's
+micro-batches × gradient accumulation of that step), and the same counters resume it exactly.
 """
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +60,9 @@ DOMAIN_ALIASES: dict[str, str] = {
     "wiki": "encyclopedia", "wikipedia": "encyclopedia", "baike": "encyclopedia",
 }
 _CHOICE_BLOCK = 4096
+# Domain-affine sampling: the default window holds at least this many (step, group) slots, so the
+# window's mixture is the weights to within 1/1024 (sigma-1t on 512 ranks, 64 nodes: 16 steps).
+AFFINE_WINDOW_SLOTS = 1024
 
 
 class TokenShards:
@@ -219,6 +236,82 @@ def validation_examples(path: str | Path, seq_len: int, fraction: float, rows_pe
     return examples
 
 
+def token_counts(path: str | Path, vocab_size: int | None = None, per_domain: bool = False,
+                 chunk_tokens: int = 1 << 24) -> np.ndarray:
+    """Occurrences of every token id in a packed token directory (all shards, held-out documents too).
+
+    [vocab] int64, or [domain ids, vocab] with `per_domain`. `vocab_size` defaults to the largest id +
+    1; the shards are read as memory maps, `chunk_tokens` at a time (a bincount per chunk)."""
+    shards = TokenShards(path)
+    domain_of_docs: list[np.ndarray] = []
+    start = 0
+    for reader in shards.readers:
+        domain_of_docs.append(shards.doc_domains[start: start + len(reader)])
+        start += len(reader)
+    num_domains = int(shards.doc_domains.max()) + 1 if len(shards) else 1
+    top = 0
+    for reader in shards.readers:
+        if reader.num_tokens:
+            top = max(top, int(reader.tokens.max()) + 1)
+    size = max(top, vocab_size or 0)
+    if vocab_size is not None and top > vocab_size:
+        raise ValueError(f"{path} holds token id {top - 1}, outside a vocabulary of {vocab_size}")
+    counts = np.zeros((num_domains if per_domain else 1, size), dtype=np.int64)
+    for reader, domains in zip(shards.readers, domain_of_docs):
+        if not reader.num_tokens:
+            continue
+        if not per_domain:
+            for first in range(0, reader.num_tokens, chunk_tokens):
+                counts[0] += np.bincount(reader.tokens[first: first + chunk_tokens], minlength=size)
+            continue
+        # Documents are back to back in the .bin: cut at document boundaries, chunk_tokens or so at a time.
+        ends = np.cumsum(reader.sizes.astype(np.int64))
+        doc = 0
+        while doc < len(reader):
+            first = int(ends[doc - 1]) if doc else 0
+            last_doc = max(doc + 1, int(np.searchsorted(ends, first + chunk_tokens, side="right")))
+            last_doc = min(last_doc, len(reader))
+            ids = reader.tokens[first: int(ends[last_doc - 1])].astype(np.int64)
+            owner = np.repeat(domains[doc:last_doc].astype(np.int64), reader.sizes[doc:last_doc])
+            counts += np.bincount(owner * size + ids, minlength=counts.size).reshape(counts.shape)
+            doc = last_doc
+    return counts if per_domain else counts[0]
+
+
+def largest_remainder(weights: Sequence[float], total: int, tie_order: Sequence[int] | None = None) -> np.ndarray:
+    """Integers n_d with sum `total` closest to total·weight_d (Hamilton's method): floors first, then
+    one more to the largest remainders; equal remainders go by `tie_order` (a rank per domain, default
+    the domain's position). |n_d − total·w_d| < 1."""
+    w = np.asarray(weights, dtype=np.float64)
+    quotas = w / w.sum() * total
+    counts = np.floor(quotas).astype(np.int64)
+    left = total - int(counts.sum())
+    if left:
+        ties = np.arange(len(w)) if tie_order is None else np.asarray(tie_order)
+        order = np.lexsort((ties, -(quotas - counts)))
+        counts[order[:left]] += 1
+    return counts
+
+
+def affine_schedule(weights: Sequence[float], groups: int, window_steps: int, seed: int,
+                    window: int) -> np.ndarray:
+    """[window_steps, groups]: the domain index (into `weights`) of every (step, group) slot of one window.
+
+    Domain d gets exactly n_d = largest_remainder(weights, window_steps·groups)[d] slots. The slots are
+    filled domain by domain (in a seeded order) down the steps of group 0, then group 1, ...: a
+    domain's slots are consecutive, so one with n_d ≤ window_steps lands in n_d different steps. The
+    steps, and the groups inside every step, are then shuffled with (seed, window). Equal remainders
+    are broken in a seeded order per window, so equal weights also get equal shares in the long run."""
+    rng = np.random.default_rng([seed, 0xAFF1, window])
+    counts = largest_remainder(weights, window_steps * groups, tie_order=rng.permutation(len(weights)))
+    order = rng.permutation(len(counts))
+    sequence = np.repeat(order, counts[order])
+    grid = sequence.reshape(groups, window_steps).T.copy()  # slot i → group i // steps, step i % steps
+    for row in grid:
+        rng.shuffle(row)
+    return grid[rng.permutation(window_steps)]
+
+
 class PackedRowDataset(IterableDataset):
     """Rows of seq_len + 1 ids drawn from packed shards by domain mixture (see module docstring)."""
 
@@ -233,9 +326,18 @@ class PackedRowDataset(IterableDataset):
         world_size: int = 1,
         block_mask: bool = False,
         validation_fraction: float = 0.0,
+        domain_groups: Sequence[Sequence[int]] | None = None,
+        rows_per_step: int = 1,
+        window_steps: int | None = None,
     ) -> None:
         """`validation_fraction`: the share of each domain's documents held out for validation
-        (`held_out`); training rows never include them."""
+        (`held_out`); training rows never include them.
+
+        `domain_groups` (domain-affine sampling, module docstring): the ranks of every group, equal
+        sizes, together 0..world_size-1 — all ranks pass the same list; `rows_per_step`: the rows a
+        rank takes per optimizer step (micro_batch_size × gradient_accumulation_steps); `window_steps`:
+        the steps over which the mixture holds exactly (default: the fewest steps with at least
+        `AFFINE_WINDOW_SLOTS` slots). None (the default): every row draws its domain independently."""
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError("need 0 <= rank < world_size")
@@ -259,6 +361,28 @@ class PackedRowDataset(IterableDataset):
         self.step = 0
         self.consumed = {d: 0 for d in self.domains}
         self._block: tuple[int, np.ndarray] | None = None
+        self.domain_groups: list[list[int]] | None = None
+        if domain_groups is not None:
+            groups = [[int(r) for r in g] for g in domain_groups]
+            if sorted(r for g in groups for r in g) != list(range(world_size)):
+                raise ValueError(f"domain_groups {groups} do not split ranks 0..{world_size - 1}")
+            if len({len(g) for g in groups}) != 1:
+                raise ValueError(f"domain_groups {groups} differ in size")
+            if rows_per_step < 1:
+                raise ValueError("rows_per_step must be at least 1")
+            self.domain_groups = groups
+            self.rows_per_step = rows_per_step
+            self.window_steps = window_steps or max(1, math.ceil(AFFINE_WINDOW_SLOTS / len(groups)))
+            if self.window_steps < 1:
+                raise ValueError("window_steps must be at least 1")
+            self._window: tuple[int, np.ndarray] | None = None
+        else:
+            self.rows_per_step = rows_per_step
+            self.window_steps = window_steps
+
+    @property
+    def domain_affine(self) -> bool:
+        return self.domain_groups is not None
 
     def _domain_at(self, step: int) -> int:
         block = step // _CHOICE_BLOCK
@@ -267,7 +391,18 @@ class PackedRowDataset(IterableDataset):
             self._block = (block, rng.choice(len(self.domains), size=_CHOICE_BLOCK, p=self._probabilities))
         return self.domains[int(self._block[1][step % _CHOICE_BLOCK])]
 
+    def affine_domain(self, step: int, group: int) -> int:
+        """Domain id of optimizer step `step`'s rows in group `group` (domain-affine sampling)."""
+        window, position = divmod(step, self.window_steps)
+        if self._window is None or self._window[0] != window:
+            grid = affine_schedule(self._probabilities, len(self.domain_groups), self.window_steps, self.seed, window)
+            self._window = (window, grid)
+        return self.domains[int(self._window[1][position, group])]
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.domain_groups is not None:
+            yield from self._iter_affine()
+            return
         while self.num_rows is None or self.step < self.num_rows:
             step = self.step
             domain = self._domain_at(step)
@@ -278,12 +413,44 @@ class PackedRowDataset(IterableDataset):
             if step % self.world_size == self.rank:
                 yield make_example(self.streams[domain].row(k), domain, self.block_mask)
 
+    def _iter_affine(self) -> Iterator[dict[str, torch.Tensor]]:
+        """`self.step` counts global rows: step by step, group by group, rank by rank, rows_per_step each."""
+        per_rank = self.rows_per_step
+        group_rows = len(self.domain_groups[0]) * per_rank
+        step_rows = self.world_size * per_rank
+        while self.num_rows is None or self.step < self.num_rows:
+            row = self.step
+            step, position = divmod(row, step_rows)
+            group, within = divmod(position, group_rows)
+            member, _ = divmod(within, per_rank)
+            domain = self.affine_domain(step, group)
+            if self.domain_groups[group][member] == self.rank:
+                k = self.consumed[domain]
+                self.consumed[domain] = k + 1
+                self.step = row + 1
+                yield make_example(self.streams[domain].row(k), domain, self.block_mask)
+            else:  # another rank's rows: move the counters past them in one go
+                skip = per_rank - within % per_rank
+                if self.num_rows is not None:
+                    skip = min(skip, self.num_rows - row)
+                self.consumed[domain] += skip
+                self.step = row + skip
+
+    def _sampler(self) -> dict[str, Any] | None:
+        if self.domain_groups is None:
+            return None
+        return {"kind": "domain-affine", "groups": [list(g) for g in self.domain_groups],
+                "rows_per_step": int(self.rows_per_step), "window_steps": int(self.window_steps)}
+
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             "seed": self.seed,
             "step": self.step,
             "consumed": {int(d): int(n) for d, n in self.consumed.items()},
         }
+        if self.domain_groups is not None:
+            state["sampler"] = self._sampler()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if int(state["seed"]) != self.seed:
@@ -291,5 +458,12 @@ class PackedRowDataset(IterableDataset):
         consumed = {int(d): int(n) for d, n in state["consumed"].items()}
         if set(consumed) != set(self.domains):
             raise ValueError(f"state covers domains {sorted(consumed)}, this dataset samples {self.domains}")
+        theirs, ours = state.get("sampler"), self._sampler()
+        if theirs != ours:
+            describe = lambda s: "independent rows (domain_affine off)" if s is None else (
+                f"domain-affine steps (groups {s['groups']}, {s['rows_per_step']} rows per rank and step, "
+                f"window {s['window_steps']} steps)")
+            raise ValueError(f"state is for {describe(theirs)}, this dataset samples {describe(ours)}: "
+                             "resume with the sampler the run started with (TrainConfig.domain_affine)")
         self.step = int(state["step"])
         self.consumed = consumed
