@@ -50,6 +50,12 @@ class PanguConfig(BaseModel):
     num_domains: int = Field(40, gt=0)
     experts_per_domain: int = Field(16, gt=0)
     routing_seed: int = 1234
+    expert_layout: Literal["contiguous", "interleaved"] = Field(
+        "contiguous", description="Where a domain's experts sit among a layer's expert ids: 'contiguous' "
+        "(domain d's k-th expert is d·K + k: an expert-parallel shard, a contiguous id range, holds whole "
+        "domains) or 'interleaved' (k·D + d: every shard holds K/ep experts of every domain, so a step of "
+        "one domain loads every rank of the expert-parallel group alike; moe.rre_expert_ids).",
+    )
     routing_table: Literal["random", "balanced"] = Field(
         "random", description="Token id → expert table of every RRE layer: 'random' (a seeded permutation dealt "
         "round-robin: equal vocabulary per expert) or 'balanced' (Hash-Layers' balanced assignment: ids by "
@@ -148,9 +154,11 @@ PRESETS: dict[str, PanguConfig] = {
         name="sigma-tiny", router="rre", moe_layers=2, num_domains=4, experts_per_domain=2, **_TINY_SHAPE
     ),
     # SPEC §5.2, our reading: the 13B shape (41 blocks, above) with RRE in the top 8 layers, 40 domains × 16
-    # experts; inheriting from a 13b checkpoint needs the same shape.
+    # experts; inheriting from a 13b checkpoint needs the same shape. Interleaved expert ids: with ep 8 each
+    # rank holds 2 experts of every domain, so a domain-affine step loads the 8 ranks of a node alike.
     "sigma-1t": PanguConfig(
         name="sigma-1t", router="rre", moe_layers=8, num_domains=40, experts_per_domain=16,
+        expert_layout="interleaved",
         **_ALPHA_SHAPES["13b"],
     ),
 }

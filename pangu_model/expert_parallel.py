@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .model import PanguModel
-from .moe import EXPERT_WEIGHTS, RandomRoutedExperts
+from .moe import EXPERT_WEIGHTS, RandomRoutedExperts, rre_expert_ids
 
 
 class _Expert(nn.Module):
@@ -62,6 +62,7 @@ class DeepSpeedRRE(nn.Module):
         self.num_domains = rre.num_domains
         self.experts_per_domain = rre.experts_per_domain
         self.domain_id_offset = rre.domain_id_offset
+        self.expert_layout = rre.expert_layout
         self.register_buffer("token_to_expert", rre.token_to_expert.clone(), persistent=True)
         bank = rre.experts  # the whole bank, or already this rank's shard (PanguModel expert_shard)
         total = rre.total_experts
@@ -87,7 +88,8 @@ class DeepSpeedRRE(nn.Module):
         self.total_experts = total
 
     def route(self, token_ids: torch.Tensor, domain_ids: torch.Tensor) -> torch.Tensor:
-        return (domain_ids - self.domain_id_offset) * self.experts_per_domain + self.token_to_expert[token_ids]
+        return rre_expert_ids(domain_ids - self.domain_id_offset, self.token_to_expert[token_ids], self.num_domains,
+                              self.experts_per_domain, self.expert_layout)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor, domain_ids: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:

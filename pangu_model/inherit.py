@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch
 from .config import PanguConfig
 from .model import PanguModel
-from .moe import EXPERT_WEIGHTS, ExpertBank
+from .moe import EXPERT_WEIGHTS, ExpertBank, rre_expert_ids
 
 
 _SHAPE_FIELDS = ("vocab_size", "max_seq_len", "d_model", "num_layers", "num_heads", "d_ff")
@@ -83,12 +83,14 @@ def extract_domain(model: PanguModel, domain: int) -> PanguModel:
     reference = next(model.parameters())
     with torch.device("meta"):
         sub_model = PanguModel(sub_config)
-    experts = config.experts_per_domain
+    # The domain's experts in slot order (the sub-model has one domain: slot k is its expert k).
+    rows = rre_expert_ids(torch.full((config.experts_per_domain,), local), torch.arange(config.experts_per_domain),
+                          config.num_domains, config.experts_per_domain, config.expert_layout)
     banks = {f"{name}.experts." for name in _expert_banks(model)}
     state = {}
     for key, tensor in model.state_dict().items():
         if any(key.startswith(prefix) for prefix in banks):
-            tensor = tensor[local * experts : (local + 1) * experts]
+            tensor = tensor[rows.to(tensor.device)]
         state[key] = tensor.detach().clone()
     sub_model.load_state_dict(state, strict=True, assign=True)
     return sub_model.to(reference.device).train(model.training)

@@ -332,6 +332,18 @@ def routing_table(config: PanguConfig, layer_index: int) -> torch.Tensor:
     return balanced_routing_table(counts, config.experts_per_domain, seed)
 
 
+def rre_expert_ids(groups: torch.Tensor, slots: torch.Tensor, num_domains: int, experts_per_domain: int,
+                   layout: str = "contiguous") -> torch.Tensor:
+    """Global expert id of (domain group, slot in the group): PanGu-Σ's level-1 × level-2 routing.
+
+    "contiguous": group·K + slot, a domain's experts side by side. "interleaved": slot·D + group, a
+    domain's experts spread evenly over the contiguous id ranges that expert-parallel ranks hold, so a
+    domain-affine step (tokenizer.dataset) spreads its tokens over the whole expert-parallel group."""
+    if layout == "interleaved":
+        return slots * num_domains + groups
+    return groups * experts_per_domain + slots
+
+
 class RandomRoutedExperts(nn.Module):
     """PanGu-Σ's two-level routing: domain → expert group, token id → expert (fixed table).
 
@@ -343,6 +355,7 @@ class RandomRoutedExperts(nn.Module):
         self.num_domains = config.num_domains
         self.experts_per_domain = config.experts_per_domain
         self.domain_id_offset = config.domain_id_offset
+        self.expert_layout = config.expert_layout
         total = self.num_domains * self.experts_per_domain
         rank, size = expert_shard or (0, 1)
         if size < 1 or not 0 <= rank < size or total % size:
@@ -356,8 +369,8 @@ class RandomRoutedExperts(nn.Module):
 
     def route(self, token_ids: torch.Tensor, domain_ids: torch.Tensor) -> torch.Tensor:
         """Global expert id [B, T] for every token."""
-        group = domain_ids - self.domain_id_offset
-        return group * self.experts_per_domain + self.token_to_expert[token_ids]
+        return rre_expert_ids(domain_ids - self.domain_id_offset, self.token_to_expert[token_ids], self.num_domains,
+                              self.experts_per_domain, self.expert_layout)
 
     def forward(
         self, x: torch.Tensor, token_ids: torch.Tensor, domain_ids: torch.Tensor

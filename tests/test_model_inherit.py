@@ -1,5 +1,6 @@
 """Dense → PanGu-Σ inheritance and single-domain sub-model extraction."""
 
+import pytest
 import torch
 
 from pangu_model import PanguModel, extract_domain, get_config, load_checkpoint, save_checkpoint, sigma_from_dense
@@ -40,9 +41,10 @@ def test_inherited_sigma_equals_dense_at_step_zero() -> None:
     assert routed_to_1.any() and torch.equal(differs, routed_to_1)
 
 
-def test_extracted_domain_model_gives_identical_logits(tmp_path) -> None:
+@pytest.mark.parametrize("layout", ["contiguous", "interleaved"])
+def test_extracted_domain_model_gives_identical_logits(tmp_path, layout) -> None:
     torch.manual_seed(0)
-    sigma = PanguModel(sigma_config()).eval()  # random experts: every expert differs
+    sigma = PanguModel(sigma_config().replace(expert_layout=layout)).eval()  # random experts: every expert differs
     ids = torch.randint(10, VOCAB, (2, 10))
     with torch.no_grad():
         full = sigma(ids, domain_ids=2).logits

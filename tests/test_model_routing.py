@@ -127,6 +127,27 @@ def test_domain_selects_its_expert_group() -> None:
     assert torch.equal(layer.route(tokens, per_token_domains) // 3, per_token_domains)
 
 
+def test_interleaved_layout_spreads_each_domain_over_every_expert_parallel_shard() -> None:
+    """Contiguous ids put a domain's experts in one expert-parallel shard (a contiguous id range), so a
+    domain-affine step sent all of a group's tokens to one rank; interleaved ids give every shard K/ep
+    of every domain's experts."""
+    domains, per_domain, ep = 4, 6, 2
+    tokens = torch.arange(VOCAB)[None].expand(domains, VOCAB)
+    rows = torch.arange(domains)[:, None].expand(domains, VOCAB)
+    shard = domains * per_domain // ep
+    for layout, shards_per_domain in (("contiguous", 1), ("interleaved", ep)):
+        layer = RandomRoutedExperts(small("rre", num_domains=domains, experts_per_domain=per_domain,
+                                          expert_layout=layout), layer_index=2)
+        experts = layer.route(tokens, rows)
+        for d in range(domains):
+            used = experts[d].unique()
+            assert len(used) == per_domain  # the domain's own K experts, whatever the layout
+            assert len((used // shard).unique()) == shards_per_domain
+            if layout == "interleaved":
+                assert torch.equal(used % domains, torch.full_like(used, d))
+                assert torch.equal(torch.bincount(used // shard, minlength=ep), torch.full((ep,), per_domain // ep))
+
+
 def test_a_tokens_route_is_the_same_in_every_batch_and_context() -> None:
     layer = RandomRoutedExperts(rre_config(), layer_index=1)
     generator = torch.Generator().manual_seed(0)

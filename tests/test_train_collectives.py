@@ -31,9 +31,10 @@ def _guarded_torchrun(config) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 @pytest.mark.parametrize("ecss", [True, False], ids=["ecss-ep2", "deepspeed-moe-ep2"])
 def test_two_ranks_run_every_collective_on_the_compute_device(ecss: bool) -> None:
+    # The interleaved expert layout on the way: its routing runs through ECSS and DeepSpeed MoE alike.
     config = run_config(f"nccl-rule-{'ecss' if ecss else 'moe'}", "sigma-tiny", ecss=ecss, expert_parallel=2,
                         topology="cpu-tiny", train_steps=3, checkpoint_every=2, validation_every=2,
-                        log_every=1, export=True)
+                        log_every=1, export=True, model_overrides={"expert_layout": "interleaved"})
     done = _guarded_torchrun(config)
     output = done.stdout + done.stderr
     assert "on a host tensor" not in output, output[-3000:]
