@@ -138,10 +138,10 @@ _ALPHA_SHAPES: dict[str, dict[str, int]] = {
     # SPEC §5.1 table: layers include the query layer ...
     "350m": dict(num_layers=24, d_model=1024, d_ff=4096, num_heads=16),
     "2.6b": dict(num_layers=32, d_model=2560, d_ff=10240, num_heads=32),
-    # ... except for 13B: 40 blocks give 12.80B, 2.3 % short of the published 13.1B, which is 40
-    # transformer layers *plus* the query layer (13.11B). PanGu-Σ inherits this shape: with 41 blocks
-    # its count is 1.0853T (+0.03 % of 1.085T) and a domain's sub-model 38.3B, so both figures hold.
-    "13b": dict(num_layers=41, d_model=5120, d_ff=20480, num_heads=40),
+    # 13B as released: 39 transformer layers plus the query layer, 40 blocks, 12.80B (the paper rounds it
+    # to 13.1B; 41 blocks would give 13.11B but hold no released checkpoint). PanGu-Σ on this shape:
+    # 1.0850T and a domain's sub-model 38.0B (SPEC §5.2).
+    "13b": dict(num_layers=40, d_model=5120, d_ff=20480, num_heads=40),
     "200b": dict(num_layers=64, d_model=16384, d_ff=65536, num_heads=128),
 }
 
@@ -153,7 +153,7 @@ PRESETS: dict[str, PanguConfig] = {
     "sigma-tiny": PanguConfig(
         name="sigma-tiny", router="rre", moe_layers=2, num_domains=4, experts_per_domain=2, **_TINY_SHAPE
     ),
-    # SPEC §5.2, our reading: the 13B shape (41 blocks, above) with RRE in the top 8 layers, 40 domains × 16
+    # SPEC §5.2, our reading: the 13B shape (40 blocks, above) with RRE in the top 8 layers, 40 domains × 16
     # experts; inheriting from a 13b checkpoint needs the same shape. Interleaved expert ids: with ep 8 each
     # rank holds 2 experts of every domain, so a domain-affine step loads the 8 ranks of a node alike.
     "sigma-1t": PanguConfig(

@@ -39,8 +39,8 @@ def meta_count(config: PanguConfig) -> int:
 PUBLISHED = {
     "350m": (0.35e9, 0.015),  # "~0.35B": two significant digits, 345.4M rounds to it
     "2.6b": (2.6e9, 0.01),
-    # 13B: 40 transformer layers plus the query layer (41 blocks); 40 blocks would give 12.80B.
-    "13b": (13.1e9, 0.01),
+    # 13B as released: 39 transformer layers plus the query layer (40 blocks), 12.80B; the paper says 13.1B.
+    "13b": (12.80e9, 0.001),
     "200b": (207.0e9, 0.01),
     "sigma-1t": (1.085e12, 0.005),
 }
@@ -63,8 +63,8 @@ def test_sigma_1t_arithmetic() -> None:
     """1.085T = 13B shape − 8 dense FFNs + 8 layers × 640 experts; one domain's sub-model ≈ 38B."""
     sigma = get_config("sigma-1t")
     dense = get_config("13b")
-    assert (sigma.num_layers, sigma.d_model, sigma.d_ff, sigma.num_heads) == (41, 5120, 20480, 40)
-    assert (dense.num_layers, dense.d_model, dense.d_ff, dense.num_heads) == (41, 5120, 20480, 40)
+    assert (sigma.num_layers, sigma.d_model, sigma.d_ff, sigma.num_heads) == (40, 5120, 20480, 40)
+    assert (dense.num_layers, dense.d_model, dense.d_ff, dense.num_heads) == (40, 5120, 20480, 40)
     assert sigma.moe_layers == 8 and sigma.total_experts == 640 == 40 * 16
     expert = 2 * 5120 * 20480 + 20480 + 5120
     assert meta_count(sigma) == meta_count(dense) + 8 * (640 - 1) * expert

@@ -33,9 +33,9 @@ def ffn(d: int, d_ff: int) -> int:
     return d * d_ff + d_ff + d_ff * d + d
 
 
-# sigma-1t: 41 blocks (40 + the query layer), d 5120, d_ff 20480, seq 1024, vocab 40000; the top 8 blocks
+# sigma-1t: 40 blocks (39 + the query layer, as released), d 5120, d_ff 20480, seq 1024, vocab 40000; the top 8 blocks
 # hold 40 domains × 16 = 640 experts each instead of the FFN.
-D, DFF, SEQ, VOCAB, LAYERS, SPARSE, EXPERTS = 5120, 20480, 1024, 40000, 41, 8, 640
+D, DFF, SEQ, VOCAB, LAYERS, SPARSE, EXPERTS = 5120, 20480, 1024, 40000, 40, 8, 640
 SIGMA_EMBEDDINGS = VOCAB * D + SEQ * D + SEQ * D  # word, position, query tables
 SIGMA_DENSE = SIGMA_EMBEDDINGS + LAYERS * block_attention(D) + (LAYERS - SPARSE) * ffn(D, DFF) + 2 * D
 PER_EXPERT = ffn(D, DFF)
@@ -60,10 +60,10 @@ def alpha_200b():
 
 def test_sigma_1t_parameters(sigma_h100):
     params = sigma_h100.parameters
-    assert params["total"] == SIGMA_DENSE + SIGMA_EXPERTS == 1_085_310_479_360
+    assert params["total"] == SIGMA_DENSE + SIGMA_EXPERTS == 1_084_995_840_000
     assert params["routed_experts"] == SIGMA_EXPERTS
     assert params["per_expert"] == PER_EXPERT == 209_740_800
-    assert params["dense_per_gpu"] == SIGMA_DENSE == 11_437_583_360  # tp = pp = 1: the whole dense part
+    assert params["dense_per_gpu"] == SIGMA_DENSE == 11_122_944_000  # tp = pp = 1: the whole dense part
     assert params["experts_on_device_per_gpu"] == 0  # ECSS: on the host
     assert params["experts_on_host_per_gpu"] == EXPERTS_PER_RANK == 134_234_112_000
     # 512 ranks × 1024 tokens reach every one of the 80 experts a rank holds per layer
@@ -79,7 +79,7 @@ def test_sigma_1t_gpu_bytes(sigma_h100):
     # ECSS step: bf16 weights + bf16 grads of the fetched experts, their fp32 copies and the fp32 concatenation
     ecss_step = static + (2 + 2 + 4 + 4) * EXPERTS_PER_RANK
     assert sigma_h100.gpu_phases["ecss_step"] == ecss_step
-    assert sigma_h100.gpu_bytes_per_gpu == ecss_step == 1_633_997_257_140  # ≈ 1.63 TB per GPU
+    assert sigma_h100.gpu_bytes_per_gpu == ecss_step == 1_633_359_375_000  # ≈ 1.63 TB per GPU
     sbh = SEQ * 1 * D
     assert sigma_h100.gpu_breakdown["activations"] == 34 * sbh * LAYERS  # Korthikanti, bf16, no recompute
     assert sigma_h100.gpu_breakdown["zero_buckets"] == 2 * 500_000_000 * 2
