@@ -1,14 +1,16 @@
 """The corpus build as restartable stages that talk through files.
 
     plan      inputs → numbered shards with content hashes
-    clean     per shard: read → rules → filters → candidates + rejected        (map)
+    clean     per shard: read → rules → filters → candidates + rejected + id keys (map)
     dedup     per shard signatures → per-partition buckets → clusters          (map-reduce)
-    finalize  per shard: candidates minus duplicates → data/, rejected/        (map)
-    manifest  counts per source and rule, input = kept + rejected checked
+    finalize  per shard: candidates minus duplicates → staged data, rejected     (map)
+    manifest  input = kept + rejected checked against the rows in the staged Parquet footers;
+              only then are the staged files moved into OUTPUT and manifest.json written last
 
 Every stage writes under `OUTPUT/_work/` with a completion marker written last, so a rerun
-after a kill skips finished work and never reads a partial file. The orchestrator (the Prefect
-flow, or `run_local`) only decides where each call runs.
+after a kill skips finished work and never reads a partial file. Nothing reaches OUTPUT before
+the accounting check passes: a failed check publishes nothing and leaves an earlier build there
+as it was. The orchestrator (the Prefect flow, or `run_local`) only decides where each call runs.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import json
 import os
 import subprocess
 import time
+from array import array
 from collections import Counter, defaultdict
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -26,19 +29,22 @@ from typing import Any, Callable, Iterator, Sequence
 import fsspec
 import pyarrow.parquet as pq
 
-from cleaning import dedup
+from cleaning import dedup, ids
 from cleaning.config import CorpusConfig
 from cleaning.document import (KEPT_SCHEMA, REJECTED_SCHEMA, Document, Rejection, document_from_row,
                                kept_row, rejected_row)
-from cleaning.inputs import InputShard, content_hash, expand_inputs, file_signature
+from cleaning.inputs import InputShard, content_hash, expand_inputs, file_signature, input_names
 from cleaning.pipeline import CleaningChain
-from cleaning.readers import FieldMap, RecordReader, ShardReadError
+from cleaning.readers import FieldMap, ReadFault, RecordReader, ShardReadError
 from cleaning.stats import ShardStats
 from cleaning.writers import ParquetShardWriter, read_json, remove_temporaries, write_json_atomic
 
 
 class AccountingError(RuntimeError):
-    """input ≠ kept + rejected for some source: a document went missing."""
+    """input ≠ kept + rejected for some source or shard: a document went missing."""
+
+
+MAX_FAULTS = 20  # fault messages kept per input in the summary and manifest (all are counted)
 
 
 def _hash_json(payload: Any) -> str:
@@ -85,9 +91,11 @@ class CorpusBuild:
         cache_uri = f"{self.work}/input-hashes.json"
         cache: dict[str, dict[str, Any]] = read_json(cache_uri) if self._exists(cache_uri) else {}
         shards: list[InputShard] = []
-        for index, (uri, error) in enumerate(expand_inputs(self.inputs)):
+        entries = expand_inputs(self.inputs)
+        names = input_names(self.inputs, entries)
+        for index, (uri, error) in enumerate(entries):
             if error:
-                shards.append(InputShard(index, uri, "", 0, error))
+                shards.append(InputShard(index, uri, "", 0, error, names[uri]))
                 continue
             try:
                 signature = file_signature(uri)
@@ -97,23 +105,24 @@ class CorpusBuild:
                 else:
                     digest, size = content_hash(uri)
                     cache[uri] = {"signature": signature, "hash": digest, "size": size}
-                shards.append(InputShard(index, uri, digest, size))
+                shards.append(InputShard(index, uri, digest, size, name=names[uri]))
             except (OSError, ValueError) as err:
-                shards.append(InputShard(index, uri, "", 0, f"unreadable: {type(err).__name__}: {err}"))
+                shards.append(InputShard(index, uri, "", 0, f"unreadable: {type(err).__name__}: {err}", names[uri]))
         write_json_atomic(cache_uri, cache)
         return shards
 
     def run_key(self, shards: Sequence[InputShard]) -> str:
-        """Identity of one build: the config and the ordered input contents."""
+        """Identity of one build: the config and the ordered input contents and names (ids)."""
         return _hash_json({"config": self.config.fingerprint(),
-                           "inputs": [(s.uri, s.content_hash, s.error) for s in shards]})[:16]
+                           "inputs": [(s.uri, s.name, s.content_hash, s.error) for s in shards]})[:16]
 
     # -- paths -----------------------------------------------------------------------------
     def _exists(self, uri: str) -> bool:
         return self.fs.exists(fsspec.core.url_to_fs(uri)[1])
 
     def clean_dir(self, shard: InputShard) -> str:
-        key = shard.content_hash[:24] if shard.content_hash else hashlib.sha256(shard.uri.encode()).hexdigest()[:24]
+        """Keyed by content and name: the name is in every generated id the shard holds."""
+        key = _hash_json([shard.content_hash or shard.uri, shard.name])[:24]
         return f"{self.work}/clean/{key}-{self.clean_fingerprint()[:12]}"
 
     def dedup_dir(self, run_key: str) -> str:
@@ -121,6 +130,33 @@ class CorpusBuild:
 
     def final_marker(self, run_key: str, shard: InputShard) -> str:
         return f"{self.work}/final/{run_key}/part-{shard.index:05d}.json"
+
+    def staged_dir(self, run_key: str, shard: InputShard) -> str:
+        return f"{self.work}/final/{run_key}/part-{shard.index:05d}"
+
+    @staticmethod
+    def outputs(shard: InputShard) -> dict[str, str]:
+        """What a shard publishes: staged file name → path under OUTPUT."""
+        return {"data.parquet": f"data/part-{shard.index:05d}.parquet",
+                "rejected.parquet": f"rejected/part-{shard.index:05d}.parquet",
+                "duplicates.parquet": f"rejected/dup-{shard.index:05d}.parquet"}
+
+    def published_version(self) -> str | None:
+        """The build whose manifest.json OUTPUT holds (None before the first publication)."""
+        uri = f"{self.output}/manifest.json"
+        return read_json(uri).get("version") if self._exists(uri) else None
+
+    def _output_files(self, shard: InputShard, run_key: str, published: str | None = None) -> dict[str, str] | None:
+        """Where the shard's outputs of this build are: staged, or already published by this build
+        (`published`: the version OUTPUT holds, read from its manifest when not given)."""
+        staged = {name: f"{self.staged_dir(run_key, shard)}/{name}" for name in self.outputs(shard)}
+        if all(self._exists(uri) for uri in staged.values()):
+            return staged
+        if (published or self.published_version()) == run_key:
+            final = {name: f"{self.output}/{path}" for name, path in self.outputs(shard).items()}
+            if all(self._exists(uri) for uri in final.values()):
+                return final
+        return None
 
     # -- clean -----------------------------------------------------------------------------
     def clean(self, shard: InputShard) -> dict[str, Any]:
@@ -134,22 +170,36 @@ class CorpusBuild:
         chain = CleaningChain(self.config)
         error: str | None = shard.error
         errors: list[ShardReadError] = []
+        faults: list[ReadFault] = []
         records: Iterator[Document | Rejection] = iter(())
         if shard.error is None:
-            records = self._guarded(self._reader().read(shard.uri), on_error=errors.append)
+            records = self._guarded(self._reader().read(shard.uri, name=shard.name or None),
+                                    on_error=errors.append, on_fault=faults.append)
+        keys = array("Q")  # the id key of every record, for the check that ids are unique
         with ParquetShardWriter(f"{directory}/candidates.parquet", KEPT_SCHEMA) as kept, \
                 ParquetShardWriter(f"{directory}/rejected.parquet", REJECTED_SCHEMA) as rejected:
             for item in chain.run(records):
                 if isinstance(item, Rejection):
-                    rejected.write(rejected_row(item))
+                    row = rejected_row(item)
+                    rejected.write(row)
                 else:
-                    kept.write(kept_row(item))
+                    row = kept_row(item)
+                    kept.write(row)
+                keys.append(ids.id_key(row["id"]))
+        ids.save_keys(f"{directory}/ids.npy", keys)
         if errors:
             error = str(errors[0])
+        elif faults:
+            error = f"{len(faults)} unreadable part(s): " + "; ".join(str(f) for f in faults[:3])
+        read = sum(chain.counts.input.values())
         summary = {
             "shard": shard.to_json(),
-            "status": "ok" if error is None else ("unreadable" if not chain.counts.input else "truncated"),
+            "status": ("unreadable" if shard.error is not None or (errors and not read and not faults)
+                       else "truncated" if errors else "damaged" if faults else "ok"),
             "error": error,
+            "unreadable": {"parts": len(faults), "rows": sum(f.rows for f in faults),
+                           "bytes": sum(f.bytes for f in faults),
+                           "faults": [str(f) for f in faults[:MAX_FAULTS]]},
             "counts": chain.counts.to_json(),
             "seconds": round(time.perf_counter() - started, 3),
         }
@@ -157,11 +207,16 @@ class CorpusBuild:
         return {**summary, "skipped": False}
 
     @staticmethod
-    def _guarded(records: Iterator[Document | Rejection],
-                 on_error: Callable[[ShardReadError], None]) -> Iterator[Document | Rejection]:
-        """Ends the stream cleanly at a read error, so records already read are still processed."""
+    def _guarded(records: Iterator[Document | Rejection | ReadFault], on_error: Callable[[ShardReadError], None],
+                 on_fault: Callable[[ReadFault], None] = lambda fault: None) -> Iterator[Document | Rejection]:
+        """Ends the stream cleanly at a read error, so records already read are still processed;
+        parts that could not be read go to `on_fault`, and reading goes on."""
         try:
-            yield from records
+            for item in records:
+                if isinstance(item, ReadFault):
+                    on_fault(item)
+                else:
+                    yield item
         except ShardReadError as err:
             on_error(err)
 
@@ -192,19 +247,21 @@ class CorpusBuild:
 
     # -- finalize --------------------------------------------------------------------------
     def finalize(self, shard: InputShard, shards: Sequence[InputShard], run_key: str) -> dict[str, Any]:
-        """Stage 3: candidates minus duplicates → data/part-N; rejected (+ duplicates) → rejected/."""
+        """Stage 3: candidates minus duplicates → data; the clean stage's rejected and the duplicates
+        → rejected; staged under the work directory until `write_manifest` publishes them."""
         marker = self.final_marker(run_key, shard)
-        if self._exists(marker):
+        if self._exists(marker) and self._output_files(shard, run_key):
             return {**read_json(marker), "skipped": True}
+        staged = self.staged_dir(run_key, shard)
+        remove_temporaries(staged)  # left by a worker killed mid-write
         clean = self.clean_dir(shard)
         duplicates = dedup.load_duplicates(self.dedup_dir(run_key), shard.index) if self.dedup_enabled else {}
         survivor_ids = self._survivor_ids(duplicates, shards)
         stats = ShardStats()
         dup_counts: dict[str, Counter] = defaultdict(Counter)
         kept_counts: Counter = Counter()
-        name = f"part-{shard.index:05d}.parquet"
-        with ParquetShardWriter(f"{self.output}/data/{name}", KEPT_SCHEMA) as kept, \
-                ParquetShardWriter(f"{self.output}/rejected/dup-{shard.index:05d}.parquet", REJECTED_SCHEMA) as dups:
+        with ParquetShardWriter(f"{staged}/data.parquet", KEPT_SCHEMA) as kept, \
+                ParquetShardWriter(f"{staged}/duplicates.parquet", REJECTED_SCHEMA) as dups:
             row = 0
             for batch in pq.ParquetFile(self._open(f"{clean}/candidates.parquet")).iter_batches(batch_size=2048):
                 for record in batch.to_pylist():
@@ -223,7 +280,7 @@ class CorpusBuild:
                             dup_of=survivor_ids[(survivor_shard, survivor_row)])))
                     row += 1
         self.fs.copy(fsspec.core.url_to_fs(f"{clean}/rejected.parquet")[1],
-                     fsspec.core.url_to_fs(f"{self.output}/rejected/{name}")[1])
+                     fsspec.core.url_to_fs(f"{staged}/rejected.parquet")[1])
         summary = {"kept": dict(kept_counts), "duplicates": {s: dict(c) for s, c in dup_counts.items()},
                    "stats": stats.to_json()}
         write_json_atomic(marker, summary)
@@ -247,6 +304,9 @@ class CorpusBuild:
     def write_manifest(self, shards: Sequence[InputShard], cleaned: Sequence[dict[str, Any]],
                        finals: Sequence[dict[str, Any]], dedup_summary: dict[str, Any] | None,
                        run_key: str, seconds: float) -> dict[str, Any]:
+        """Checks the accounting, then publishes: moves the staged files into OUTPUT and writes
+        stats.json and, last, manifest.json. A failed check raises `AccountingError` before
+        anything in OUTPUT changes."""
         per_source: dict[str, dict[str, Any]] = {}
 
         def entry(source: str) -> dict[str, Any]:
@@ -268,10 +328,10 @@ class CorpusBuild:
             rejected = sum(e["rejected"].values())
             if e["input"] != e["kept"] + rejected:
                 problems.append(f"{source}: input {e['input']} ≠ kept {e['kept']} + rejected {rejected}")
+        files, written = self._check_written(shards, cleaned, finals, run_key, problems)
         if problems:
             raise AccountingError("documents unaccounted for: " + "; ".join(problems))
-        totals = {"input": sum(e["input"] for e in per_source.values()),
-                  "kept": sum(e["kept"] for e in per_source.values())}
+        totals = {"input": sum(e["input"] for e in per_source.values()), "kept": written["data.parquet"]}
         totals["rejected"] = totals["input"] - totals["kept"]
         by_rule: Counter = Counter()
         for e in per_source.values():
@@ -287,10 +347,14 @@ class CorpusBuild:
             "config": self.config.model_dump(mode="json"),
             "inputs": [
                 {**shard.to_json(), "status": summary["status"], "error": summary["error"],
-                 "documents": sum(summary["counts"]["input"].values())}
+                 "documents": sum(summary["counts"]["input"].values()),
+                 "unreadable": summary.get("unreadable", {"parts": 0, "rows": 0, "bytes": 0, "faults": []})}
                 for shard, summary in zip(shards, cleaned)
             ],
             "totals": totals,
+            "unreadable": {key: sum(s.get("unreadable", {}).get(key, 0) for s in cleaned)
+                           for key in ("parts", "rows", "bytes")},
+            "ids": self._id_report(shards, totals["input"]),
             "rejected_by_rule": dict(by_rule.most_common()),
             "sources": {s: {"input": e["input"], "kept": e["kept"], "rejected": dict(e["rejected"])}
                         for s, e in sorted(per_source.items())},
@@ -304,10 +368,85 @@ class CorpusBuild:
             "seconds": round(seconds, 3),
         }
         stats = ShardStats.merge([f["stats"] for f in finals])
+        self._publish(shards, files)
         write_json_atomic(f"{self.output}/stats.json", stats)
         write_json_atomic(f"{self.output}/manifest.json", manifest)
-        self._remove_stale_outputs(shards)
         return manifest
+
+    def _check_written(self, shards: Sequence[InputShard], cleaned: Sequence[dict[str, Any]],
+                       finals: Sequence[dict[str, Any]], run_key: str,
+                       problems: list[str]) -> tuple[list[dict[str, str]], Counter]:
+        """Per shard, documents read = rows in the Parquet footers of the files to publish, and each
+        file holds what its stage counted. Returns those files and the rows per kind of file."""
+        published = self.published_version()
+        files: list[dict[str, str]] = []
+        written: Counter = Counter()
+        for shard, summary, final in zip(shards, cleaned, finals):
+            found = self._output_files(shard, run_key, published)
+            if found is None:
+                problems.append(f"shard {shard.index} ({shard.uri}): finalized outputs are missing")
+                continue
+            files.append(found)
+            rows = {name: self._rows(uri) for name, uri in found.items()}
+            written.update(rows)
+            read = sum(summary["counts"]["input"].values())
+            expected = {"data.parquet": sum(final["kept"].values()),
+                        "rejected.parquet": sum(sum(r.values()) for r in summary["counts"]["rejected"].values()),
+                        "duplicates.parquet": sum(sum(r.values()) for r in final["duplicates"].values())}
+            if read != sum(rows.values()) or rows != expected:
+                problems.append(f"shard {shard.index} ({shard.uri}): read {read}, written {rows}, counted {expected}")
+                # What was written is wrong: a rerun must redo it, not skip it behind its marker.
+                self._remove(self.final_marker(run_key, shard))
+                # The clean stage's outputs too, when they hold fewer records than it read.
+                if rows["rejected.parquet"] != expected["rejected.parquet"] or read != sum(expected.values()):
+                    self._remove(f"{self.clean_dir(shard)}/summary.json")
+        return files, written
+
+    @staticmethod
+    def _rows(uri: str) -> int:
+        """Rows of a Parquet file, from its footer."""
+        with fsspec.open(uri, "rb") as fh:
+            return pq.ParquetFile(fh).metadata.num_rows
+
+    def _remove(self, uri: str) -> None:
+        path = fsspec.core.url_to_fs(uri)[1]
+        if self.fs.exists(path):
+            self.fs.rm(path)
+
+    def _publish(self, shards: Sequence[InputShard], files: Sequence[dict[str, str]]) -> None:
+        """Moves the staged files into OUTPUT. The old manifest goes first, so that a kill in the
+        middle never leaves a manifest.json beside files it does not describe."""
+        targets = [(uri, f"{self.output}/{self.outputs(shard)[name]}")
+                   for shard, found in zip(shards, files) for name, uri in found.items()]
+        moves = [(src, dst) for src, dst in targets if src != dst]
+        if moves and self._exists(f"{self.output}/manifest.json"):
+            self.fs.rm(fsspec.core.url_to_fs(f"{self.output}/manifest.json")[1])
+        for src, dst in moves:
+            dst_path = fsspec.core.url_to_fs(dst)[1]
+            self.fs.makedirs(os.path.dirname(dst_path), exist_ok=True)
+            self.fs.mv(fsspec.core.url_to_fs(src)[1], dst_path)
+        self._remove_stale_outputs(shards)
+
+    def _id_report(self, shards: Sequence[InputShard], documents: int) -> dict[str, Any]:
+        """Explicit ids held by more than one document (generated ones are unique by construction):
+        reported with where they occur; both documents stay."""
+        key_files = [f"{self.clean_dir(s)}/ids.npy" for s in shards]
+        found = ids.find_collisions([uri if self._exists(uri) else None for uri in key_files], documents)
+        examples = []
+        for key, holders in found.examples.items():
+            where: list[str] = []
+            doc_id = None
+            for index in holders:
+                for name in ("candidates.parquet", "rejected.parquet"):
+                    with fsspec.open(f"{self.clean_dir(shards[index])}/{name}", "rb") as fh:
+                        table = pq.read_table(fh, columns=["id", "meta"])
+                    for row_id, meta in zip(table.column("id").to_pylist(), table.column("meta").to_pylist()):
+                        if ids.id_key(row_id) == key:
+                            doc_id = row_id
+                            line = json.loads(meta).get("line") if meta else None
+                            where.append(f"{shards[index].name or shards[index].uri}, line {line}")
+            examples.append({"id": doc_id, "where": where[:10]})
+        return {"colliding_ids": found.ids, "extra_documents": found.documents, "examples": examples}
 
     def _remove_stale_outputs(self, shards: Sequence[InputShard]) -> None:
         """Parts of an earlier build with more inputs would otherwise be read as part of this one."""

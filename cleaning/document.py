@@ -46,6 +46,16 @@ REJECTED_SCHEMA = pa.schema(
 )
 
 
+def writable(value: str) -> str:
+    """`value` as text that UTF-8 (and so Parquet) can store: a lone surrogate becomes its escape
+    (`\\ud800`), so a rejected record keeps what was there and never fails the write."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def kept_row(doc: Document) -> dict[str, Any]:
     meta = dict(doc.meta)
     if doc.url:
@@ -61,11 +71,12 @@ def kept_row(doc: Document) -> dict[str, Any]:
 
 
 def rejected_row(rejection: Rejection) -> dict[str, Any]:
+    """A rejected record is whatever the input held: every string is made writable."""
     row = kept_row(rejection.doc)
     row["reason"] = rejection.reason
     row["detail"] = rejection.detail
     row["dup_of"] = rejection.dup_of
-    return row
+    return {key: writable(value) if isinstance(value, str) else value for key, value in row.items()}
 
 
 def document_from_row(row: dict[str, Any]) -> Document:

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import glob as globlib
+import posixpath
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import fsspec
 import xxhash
@@ -18,6 +19,7 @@ class InputShard:
     content_hash: str  # xxh3-128 of the file's bytes; "" when the file could not be read
     size: int
     error: str | None = None  # set when the input could not be listed or hashed
+    name: str = ""  # path relative to the input root: the prefix of generated document ids
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,6 +52,63 @@ def expand_inputs(inputs: Iterable[str], storage_options: dict | None = None) ->
         else:
             found[raw] = f"input not found: {raw}"
     return sorted(found.items())
+
+
+def input_root(raw: str, storage_options: dict | None = None) -> str:
+    """The directory an INPUT argument names files under, as a URI: the directory itself, the part
+    of a glob before its first wildcard, or a file's parent directory."""
+    fs, path = fsspec.core.url_to_fs(raw, **(storage_options or {}))
+    if _has_magic(path):
+        parts = path.split("/")
+        root = "/".join(parts[:next(i for i, part in enumerate(parts) if _has_magic(part))])
+    elif fs.isdir(path):
+        root = path
+    else:
+        root = posixpath.dirname(path.rstrip("/"))
+    return fs.unstrip_protocol(root.rstrip("/") or "/")
+
+
+def _split(uri: str) -> tuple[str, list[str]]:
+    protocol, _, path = uri.rpartition("://")
+    return protocol, path.rstrip("/").split("/")
+
+
+def input_names(inputs: Iterable[str], entries: Sequence[tuple[str, str | None]],
+                storage_options: dict | None = None) -> dict[str, str]:
+    """Each entry of `expand_inputs` named by its path relative to the input root, the deepest
+    directory that holds the root of every INPUT argument that was found. Distinct URIs give
+    distinct names, so ids made from them are unique across the whole input
+    (`crawl2019/part-00000.jsonl` and `crawl2020/part-00000.jsonl` stay apart), and a name does not
+    change when files are added under the same arguments."""
+    missing = {uri for uri, error in entries if error}
+    roots = []
+    for raw in inputs:
+        if raw in missing:
+            continue
+        try:
+            roots.append(_split(input_root(raw, storage_options)))
+        except (OSError, ValueError):  # an argument that cannot be resolved: its error is reported
+            continue
+    protocols = {protocol for protocol, _ in roots}
+    common: list[str] = []
+    if len(protocols) == 1:
+        common = roots[0][1]
+        for _, parts in roots[1:]:
+            n = 0
+            while n < min(len(common), len(parts)) and common[n] == parts[n]:
+                n += 1
+            common = common[:n]
+    names = {}
+    for uri, _ in entries:
+        try:
+            fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+            protocol, parts = _split(fs.unstrip_protocol(path))
+        except (OSError, ValueError):
+            protocol, parts = "", []
+        inside = len(protocols) == 1 and protocol in protocols and parts[:len(common)] == common \
+            and len(parts) > len(common)
+        names[uri] = "/".join(parts[len(common):]) if inside else uri
+    return names
 
 
 def _hidden(path: str) -> bool:

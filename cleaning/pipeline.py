@@ -1,7 +1,9 @@
 """The chain of cleaning steps and how a stream of records runs through it.
 
 `CleaningChain` turns records from a reader into kept documents and rejections, in batches, and
-counts every outcome per source and per rule.
+counts every outcome per source and per rule. A step that raises is retried one document at a
+time, and a document it still raises on is rejected with the reason `error:<step>` and the
+message: one bad document never stops a shard.
 """
 from __future__ import annotations
 
@@ -110,14 +112,18 @@ class CleaningChain:
             for step in self.steps_for(source):
                 if not alive:
                     break
-                before = [doc.text for doc in alive] if isinstance(step, Transform) else None
-                verdicts = step.check_batch(alive)
+                before = [doc.text for doc in alive]
+                verdicts = _checked(step, alive, before)
                 survivors: list[Document] = []
                 for i, (doc, verdict) in enumerate(zip(alive, verdicts)):
                     if verdict is None:
-                        if before is not None and doc.text != before[i]:
+                        if isinstance(step, Transform) and doc.text != before[i]:
                             self.counts.modified[step.name] += 1
                         survivors.append(doc)
+                    elif isinstance(verdict, _Failed):
+                        reason = f"error:{step.name}"
+                        self.counts.rejected[source][reason] += 1
+                        yield Rejection(doc, reason, verdict.message)
                     else:
                         self.counts.rejected[source][step.name] += 1
                         yield Rejection(doc, step.name, verdict)
@@ -125,3 +131,37 @@ class CleaningChain:
             for doc in alive:
                 self.counts.kept[source] += 1
                 yield doc
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """The verdict on a document that a step raised on."""
+
+    message: str
+
+
+def _checked(step: Step, docs: list[Document], texts: list[str]) -> list[str | None | _Failed]:
+    """`step.check_batch(docs)`; when it raises, each document again on its own (from the text it
+    had before the step), so that only the documents the step fails on are rejected."""
+    try:
+        verdicts = list(step.check_batch(docs))
+        if len(verdicts) == len(docs):
+            return verdicts
+        raise RuntimeError(f"step returned {len(verdicts)} verdicts for {len(docs)} documents")
+    except Exception as batch_error:  # noqa: BLE001 - isolate the document(s) it fails on
+        if len(docs) == 1:
+            docs[0].text = texts[0]
+            return [_Failed(_message(batch_error))]
+    out: list[str | None | _Failed] = []
+    for doc, text in zip(docs, texts):
+        doc.text = text  # a transform may have rewritten it before the batch failed
+        try:
+            out.append(step.check_batch([doc])[0])
+        except Exception as err:  # noqa: BLE001
+            doc.text = text
+            out.append(_Failed(_message(err)))
+    return out
+
+
+def _message(err: Exception, limit: int = 1000) -> str:
+    return f"{type(err).__name__}: {err}"[:limit]

@@ -2,8 +2,14 @@
 
 A reader never loads a whole file. Every physical record comes out as either a `Document` or a
 `Rejection` naming the file and line, so that input = kept + rejected holds from the first step.
-A problem that stops the rest of a file from being read (truncated gzip, unreadable path) raises
-`ShardReadError` after everything readable before it has been yielded.
+Damage that can be read past (a corrupt gzip member followed by intact ones, an unreadable Parquet
+row group) comes out as a `ReadFault` counting what was lost, and reading goes on. A problem that
+stops the rest of a file from being read (truncated gzip, unreadable path) raises `ShardReadError`
+after everything readable before it has been yielded.
+
+Compression (and Parquet under a JSONL name) is recognised from a file's first bytes, not its name.
+Generated ids are `NAME:LINE` (`NAME:ROW` for Parquet), NAME being the file's path relative to the
+input root (the build passes it; the file's base name when reading a file on its own).
 """
 from __future__ import annotations
 
@@ -14,9 +20,10 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cleaning.document import Document, Rejection
+from cleaning.document import Document, Rejection, writable
 
 Format = Literal["jsonl", "parquet", "txt"]
 
@@ -43,10 +50,33 @@ class ShardReadError(Exception):
         self.message = message
 
 
+@dataclass(frozen=True)
+class ReadFault:
+    """A part of a file that could not be read, while the rest of the file was: what and how much.
+
+    `rows` counts the records lost where the format knows it (Parquet row groups), `bytes` the
+    compressed bytes skipped where it does not (gzip members)."""
+
+    path: str
+    where: str
+    message: str
+    rows: int = 0
+    bytes: int = 0
+
+    def __str__(self) -> str:
+        lost = ", ".join(f"{n} {unit} lost" for n, unit in ((self.rows, "rows"), (self.bytes, "bytes")) if n)
+        return f"{self.path}, {self.where}: {self.message}" + (f" ({lost})" if lost else "")
+
+
 _SUFFIXES: list[tuple[str, Format]] = [
     (".jsonl.gz", "jsonl"), (".json.gz", "jsonl"), (".jsonl", "jsonl"), (".json", "jsonl"),
     (".ndjson", "jsonl"), (".parquet", "parquet"), (".txt.gz", "txt"), (".txt", "txt"),
 ]
+
+# First bytes of the containers a mislabelled input may hold.
+_GZIP_MAGIC = b"\x1f\x8b"
+_PARQUET_MAGIC = b"PAR1"
+_UNSUPPORTED_MAGIC = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": "zip"}
 
 
 def detect_format(path: str) -> Format:
@@ -63,7 +93,7 @@ def is_supported(path: str) -> bool:
 
 
 def shard_name(path: str) -> str:
-    """Short name of an input file, used in generated ids: the basename without extensions."""
+    """Short name of an input file, the default source and domain: the basename without extensions."""
     base = os.path.basename(path.rstrip("/"))
     for suffix, _ in _SUFFIXES:
         if base.lower().endswith(suffix):
@@ -72,8 +102,17 @@ def shard_name(path: str) -> str:
 
 
 def _preview(raw: bytes | str, limit: int = 2000) -> str:
-    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else writable(raw)
     return text[:limit]
+
+
+def _unencodable(value: str) -> int | None:
+    """Position of the first character UTF-8 cannot encode (a lone surrogate), or None."""
+    try:
+        value.encode("utf-8")
+        return None
+    except UnicodeEncodeError as err:
+        return err.start
 
 
 @dataclass
@@ -86,137 +125,186 @@ class RecordReader:
     default_domain: str | None = None
     storage_options: dict[str, Any] | None = None
 
-    def read(self, path: str) -> Iterator[Document | Rejection]:
+    def read(self, path: str, name: str | None = None) -> Iterator[Document | Rejection | ReadFault]:
+        """Records of one file. `name` (default: the base name) prefixes generated ids; a build
+        passes the path relative to the input root so that ids are unique across its inputs."""
         fmt = detect_format(path)
+        name = writable(name or os.path.basename(path.rstrip("/")))
         try:
+            head = self._head(path)
+            if fmt == "jsonl" and head.startswith(_PARQUET_MAGIC):  # no JSON line starts so
+                fmt = "parquet"
             if fmt == "parquet":
-                yield from self._read_parquet(path)
+                yield from self._read_parquet(path, name)
             elif fmt == "jsonl":
-                yield from self._read_jsonl(path)
+                yield from self._read_jsonl(path, name, head)
             else:
-                yield from self._read_txt(path)
+                yield from self._read_txt(path, name, head)
         except ShardReadError:
             raise
         except FileNotFoundError as err:
             raise ShardReadError(path, f"file not found ({err})") from err
         except PermissionError as err:
             raise ShardReadError(path, f"permission denied ({err})") from err
-        except (OSError, EOFError, zlib.error) as err:
+        except Exception as err:  # noqa: BLE001 - whatever stops a file is reported, never fatal to a build
             raise ShardReadError(path, f"unreadable: {type(err).__name__}: {err}") from err
 
+    def _head(self, path: str) -> bytes:
+        with fsspec.open(path, "rb", **(self.storage_options or {})) as fh:
+            return fh.read(8)
+
     # -- record assembly -------------------------------------------------------------------
-    def _document(self, record: dict[str, Any], path: str, line: int) -> Document | Rejection:
+    def _document(self, record: dict[str, Any], path: str, name: str, line: int) -> Document | Rejection:
         f = self.fields
-        name = shard_name(path)
+        base = writable(shard_name(path))
         rid = record.get(f.id)
         doc_id = str(rid) if rid not in (None, "") else f"{name}:{line}"
-        source = record.get(f.source) or record.get(f.domain) or self.default_domain or name
-        domain = record.get(f.domain) or record.get(f.source) or self.default_domain or name
+        source = str(record.get(f.source) or record.get(f.domain) or self.default_domain or base)
+        domain = str(record.get(f.domain) or record.get(f.source) or self.default_domain or base)
         url = record.get(f.url)
-        meta = {"input": path, "line": line}
+        url = str(url) if url else None
+        meta = {"input": writable(path), "line": line}
         text = record.get(f.text)
-        doc = Document(id=doc_id, text=text if isinstance(text, str) else "", domain=str(domain),
-                       source=str(source), url=str(url) if url else None, meta=meta)
+        where = f"{path}, line {line}"
+        if text is not None and not isinstance(text, str):
+            text = json.dumps(text, ensure_ascii=False, default=str)[:2000]
+            return self._rejection(doc_id, text, domain, source, url, meta, "invalid_text",
+                                   f"{where}: '{f.text}' is {type(record.get(f.text)).__name__}, not a string")
+        for field_name, value in ((f.text, text), (f.id, doc_id), (f.domain, domain), (f.source, source),
+                                  (f.url, url)):
+            bad = _unencodable(value) if value else None
+            if bad is not None:
+                return self._rejection(doc_id, text or "", domain, source, url, meta, "invalid_unicode",
+                                       f"{where}: '{field_name}' holds U+{ord(value[bad]):04X} at character "
+                                       f"{bad}, a lone surrogate that UTF-8 cannot encode")
         if text is None:
-            return Rejection(doc, "missing_text", f"{path}, line {line}: no '{f.text}' field")
-        if not isinstance(text, str):
-            doc.text = json.dumps(text, ensure_ascii=False)[:2000]
-            return Rejection(doc, "missing_text",
-                             f"{path}, line {line}: '{f.text}' is {type(text).__name__}, not a string")
-        return doc
+            return self._rejection(doc_id, "", domain, source, url, meta, "missing_text",
+                                   f"{where}: no '{f.text}' field")
+        if "\x00" in text:
+            return self._rejection(doc_id, text, domain, source, url, meta, "control_characters",
+                                   f"{where}: '{f.text}' holds {text.count(chr(0))} NUL characters "
+                                   "(binary data, or text in another encoding)")
+        return Document(id=doc_id, text=text, domain=domain, source=source, url=url, meta=meta)
 
-    def _raw_rejection(self, path: str, line: int, raw: bytes, reason: str, detail: str) -> Rejection:
-        doc = Document(id=f"{shard_name(path)}:{line}", text=_preview(raw, 1 << 20),
-                       domain=self.default_domain or shard_name(path),
-                       source=self.default_domain or shard_name(path),
-                       meta={"input": path, "line": line})
+    @staticmethod
+    def _rejection(doc_id: str, text: str, domain: str, source: str, url: str | None, meta: dict,
+                   reason: str, detail: str) -> Rejection:
+        doc = Document(id=writable(doc_id), text=writable(text), domain=writable(domain), source=writable(source),
+                       url=writable(url) if url else None, meta=meta)
+        return Rejection(doc, reason, detail)
+
+    def _raw_rejection(self, path: str, name: str, line: int, raw: bytes, reason: str, detail: str) -> Rejection:
+        base = self.default_domain or shard_name(path)
+        doc = Document(id=writable(f"{name}:{line}"), text=_preview(raw, 1 << 20), domain=writable(base),
+                       source=writable(base), meta={"input": writable(path), "line": line})
         return Rejection(doc, reason, f"{path}, line {line}: {detail}")
 
     # -- formats ---------------------------------------------------------------------------
-    def _lines(self, path: str) -> Iterator[tuple[int, bytes, bool]]:
+    def _lines(self, path: str, head: bytes) -> Iterator[tuple[int, bytes, bool] | ReadFault]:
         """(line number, raw bytes, complete) for every line; oversized lines are cut short.
 
-        A truncated gzip stream yields every complete line before the damage, then the partial
-        last line as incomplete, then raises `ShardReadError`.
+        Gzip is read when the bytes say so, whatever the name. A corrupt gzip member is skipped
+        up to the next intact member (a `ReadFault` counts the bytes skipped); a stream that ends
+        early yields every complete line before the damage, then the partial last line as
+        incomplete, then raises `ShardReadError`.
         """
+        for magic, kind in _UNSUPPORTED_MAGIC.items():
+            if head.startswith(magic):
+                raise ShardReadError(path, f"{kind}-compressed data, which is not read (use gzip or none)")
         with fsspec.open(path, "rb", **(self.storage_options or {})) as raw:
-            stream = _GzipLines(raw, path) if path.lower().endswith(".gz") else raw
+            gz = _GzipLines(raw) if head.startswith(_GZIP_MAGIC) else None
+            stream = gz or raw
             number = 0
-            while True:
-                chunk = stream.readline(self.max_record_bytes + 1)
-                if not chunk:
-                    return
-                number += 1
-                if len(chunk) > self.max_record_bytes and not chunk.endswith(b"\n"):
-                    while True:  # drain the rest of the oversized line without holding it
-                        rest = stream.readline(self.max_record_bytes)
-                        if not rest or rest.endswith(b"\n"):
-                            break
-                    yield number, chunk[:4096], False
-                    continue
-                yield number, chunk, True
 
-    def _read_jsonl(self, path: str) -> Iterator[Document | Rejection]:
-        lines = self._lines(path)
-        last = 0
-        try:
-            for number, raw, complete in lines:
-                last = number
-                if not complete:
-                    yield self._raw_rejection(path, number, raw, "record_too_large",
-                                              f"record exceeds {self.max_record_bytes} bytes")
-                    continue
-                if not raw.strip():
-                    continue  # blank line between records: nothing to account for
-                try:
-                    decoded = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    yield self._raw_rejection(path, number, raw, "invalid_utf8",
-                                              f"invalid UTF-8 at byte {err.start}")
-                    continue
-                try:
-                    record = json.loads(decoded)
-                except json.JSONDecodeError as err:
-                    yield self._raw_rejection(path, number, raw, "corrupt_json",
-                                              f"corrupt JSON: {err.msg} at column {err.colno}")
-                    continue
-                if not isinstance(record, dict):
-                    yield self._raw_rejection(path, number, raw, "corrupt_json",
-                                              f"expected a JSON object, got {type(record).__name__}")
-                    continue
-                yield self._document(record, path, number)
-        except _TruncatedStream as err:
-            raise ShardReadError(path, f"truncated or corrupt gzip stream after line {last}: {err}",
-                                 line=last + 1) from err
+            def gaps(passed: bool) -> Iterator[ReadFault]:
+                for start, end, why in gz.pop_gaps(passed) if gz is not None else ():
+                    yield ReadFault(path, f"compressed bytes {start}-{end}, after line {number}", why,
+                                    bytes=end - start)
 
-    def _read_txt(self, path: str) -> Iterator[Document | Rejection]:
+            try:
+                while True:
+                    chunk = stream.readline(self.max_record_bytes + 1)
+                    yield from gaps(passed=bool(chunk))  # damage before this line (or at the end)
+                    if not chunk:
+                        return
+                    number += 1
+                    if len(chunk) > self.max_record_bytes and not chunk.endswith(b"\n"):
+                        while True:  # drain the rest of the oversized line without holding it
+                            rest = stream.readline(self.max_record_bytes)
+                            if not rest or rest.endswith(b"\n"):
+                                break
+                        yield number, chunk[:4096], False
+                    else:
+                        yield number, chunk, True
+                    yield from gaps(passed=False)  # the damage came right after it
+            except _TruncatedStream as err:
+                raise ShardReadError(path, f"truncated or corrupt gzip stream after line {number}: {err}",
+                                     line=number + 1) from err
+
+    def _read_jsonl(self, path: str, name: str, head: bytes) -> Iterator[Document | Rejection | ReadFault]:
+        for item in self._lines(path, head):
+            if isinstance(item, ReadFault):
+                yield item
+                continue
+            number, raw, complete = item
+            if not complete:
+                yield self._raw_rejection(path, name, number, raw, "record_too_large",
+                                          f"record exceeds {self.max_record_bytes} bytes")
+                continue
+            if not raw.strip():
+                continue  # blank line between records: nothing to account for
+            try:
+                decoded = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield self._raw_rejection(path, name, number, raw, "invalid_utf8",
+                                          f"invalid UTF-8 at byte {err.start}")
+                continue
+            try:
+                record = json.loads(decoded)
+            except json.JSONDecodeError as err:
+                yield self._raw_rejection(path, name, number, raw, "corrupt_json",
+                                          f"corrupt JSON: {err.msg} at column {err.colno}")
+                continue
+            except RecursionError:
+                yield self._raw_rejection(path, name, number, raw, "corrupt_json", "corrupt JSON: nested too deeply")
+                continue
+            if not isinstance(record, dict):
+                yield self._raw_rejection(path, name, number, raw, "corrupt_json",
+                                          f"expected a JSON object, got {type(record).__name__}")
+                continue
+            yield self._document(record, path, name, number)
+
+    def _read_txt(self, path: str, name: str, head: bytes) -> Iterator[Document | Rejection | ReadFault]:
         block: list[str] = []
         start = 0
-        last = 0
 
         def flush() -> Iterator[Document | Rejection]:
             if block:
-                yield self._document({self.fields.text: "".join(block).strip("\n")}, path, start)
+                yield self._document({self.fields.text: "".join(block).strip("\n")}, path, name, start)
                 block.clear()
 
         try:
-            for number, raw, complete in self._lines(path):
-                last = number
+            for item in self._lines(path, head):
+                if isinstance(item, ReadFault):
+                    yield from flush()
+                    yield item
+                    continue
+                number, raw, complete = item
                 if not complete:
                     yield from flush()
-                    yield self._raw_rejection(path, number, raw, "record_too_large",
+                    yield self._raw_rejection(path, name, number, raw, "record_too_large",
                                               f"line exceeds {self.max_record_bytes} bytes")
                     continue
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
                     yield from flush()
-                    yield self._raw_rejection(path, number, raw, "invalid_utf8",
+                    yield self._raw_rejection(path, name, number, raw, "invalid_utf8",
                                               f"invalid UTF-8 at byte {err.start}")
                     continue
                 if self.txt_split == "line":
                     if line.strip():
-                        yield self._document({self.fields.text: line.rstrip("\n")}, path, number)
+                        yield self._document({self.fields.text: line.rstrip("\n")}, path, name, number)
                     continue
                 if not line.strip():
                     yield from flush()
@@ -224,12 +312,14 @@ class RecordReader:
                 if not block:
                     start = number
                 block.append(line)
-            yield from flush()
-        except _TruncatedStream as err:
-            raise ShardReadError(path, f"truncated or corrupt gzip stream after line {last}: {err}",
-                                 line=last + 1) from err
+        except ShardReadError:
+            yield from flush()  # the block read before the damage is not lost
+            raise
+        yield from flush()
 
-    def _read_parquet(self, path: str) -> Iterator[Document | Rejection]:
+    def _read_parquet(self, path: str, name: str) -> Iterator[Document | Rejection | ReadFault]:
+        """Row group by row group: a group that cannot be read is counted and skipped, and a row
+        whose values cannot be decoded is rejected on its own."""
         with fsspec.open(path, "rb", **(self.storage_options or {})) as fh:
             try:
                 pf = pq.ParquetFile(fh)
@@ -238,70 +328,205 @@ class RecordReader:
             names = set(pf.schema_arrow.names)
             if self.fields.text not in names:
                 raise ShardReadError(path, f"no '{self.fields.text}' column (columns: {sorted(names)})")
-            wanted = [c for c in {self.fields.text, self.fields.id, self.fields.domain,
-                                  self.fields.source, self.fields.url} if c in names]
-            row = 0
-            for batch in pf.iter_batches(batch_size=1024, columns=wanted):
-                for record in batch.to_pylist():
-                    row += 1
-                    yield self._document(record, path, row)
+            wanted = [c for c in dict.fromkeys([self.fields.text, self.fields.id, self.fields.domain,
+                                                self.fields.source, self.fields.url]) if c in names]
+            first = 0  # rows before this row group
+            for group in range(pf.metadata.num_row_groups):
+                rows = pf.metadata.row_group(group).num_rows
+                done = 0
+                try:
+                    for batch in pf.iter_batches(batch_size=1024, row_groups=[group], columns=wanted):
+                        yield from self._parquet_batch(batch, path, name, first + done)
+                        done += batch.num_rows
+                except Exception as err:  # noqa: BLE001 - a damaged row group: count it, go on
+                    yield ReadFault(path, f"row group {group} (rows {first + done + 1}-{first + rows})",
+                                    f"unreadable: {type(err).__name__}: {str(err)[:500]}", rows=rows - done)
+                first += rows
+
+    def _parquet_batch(self, batch: pa.RecordBatch, path: str, name: str,
+                       before: int) -> Iterator[Document | Rejection]:
+        try:
+            records = batch.to_pylist()
+        except Exception:  # noqa: BLE001 - some value does not decode: find it row by row
+            records = None
+        for i in range(batch.num_rows):
+            if records is not None:
+                yield self._document(records[i], path, name, before + i + 1)
+                continue
+            row = batch.slice(i, 1)
+            try:
+                record = row.to_pylist()[0]
+            except Exception as err:  # noqa: BLE001
+                reason = "invalid_utf8" if isinstance(err, UnicodeDecodeError) else "unreadable_record"
+                yield self._raw_rejection(path, name, before + i + 1, _raw_text(row, self.fields.text), reason,
+                                          f"row {before + i + 1} does not decode: {type(err).__name__}: {err}")
+                continue
+            yield self._document(record, path, name, before + i + 1)
+
+
+def _raw_text(row: pa.RecordBatch, column: str) -> bytes:
+    """The bytes of a row's text value, for inspecting a value that does not decode."""
+    try:
+        value = row.column(row.schema.get_field_index(column))
+        binary = pa.large_binary() if pa.types.is_large_string(value.type) else pa.binary()
+        data = value.cast(binary)[0].as_py() if pa.types.is_string(value.type) or \
+            pa.types.is_large_string(value.type) else None
+        return data or b""
+    except Exception:  # noqa: BLE001
+        return b""
 
 
 class _TruncatedStream(Exception):
     pass
 
 
-class _GzipLines:
-    """Line reader over a gzip stream that keeps what was decompressed before a truncation.
+def _member_header_at(data: bytes | bytearray, i: int) -> bool:
+    """Whether a plausible gzip member header (RFC 1952: magic, deflate, no reserved flags,
+    known extra flags, known OS) starts at `data[i]`; random bytes pass with odds of ~1 in 10^11."""
+    return (data[i:i + 3] == b"\x1f\x8b\x08" and not data[i + 3] & 0xE0 and data[i + 8] in (0, 2, 4)
+            and (data[i + 9] <= 13 or data[i + 9] == 255))
 
-    `gzip.GzipFile` raises before handing out lines it has already decompressed when the end of
-    the stream is missing; here complete lines come out first, and the partial tail after them.
-    Concatenated gzip members are read one after another, as gzip(1) does.
+
+class _GzipLines:
+    """Line reader over a gzip stream that reads as much as it can.
+
+    Concatenated gzip members are read one after another, as gzip(1) does. A member that does not
+    decompress (or fails its CRC check) is read up to the damage (to within `_STEP` compressed
+    bytes); reading resumes at the next member header, and the skipped compressed bytes are
+    recorded as a gap (`pop_gaps`) at the point of the stream where they occurred; the partial
+    line before a gap comes out as a line of its own. `gzip.GzipFile` raises before handing out lines it has already decompressed when the
+    end of the stream is missing; here complete lines come out first, then the partial tail, then
+    the error.
     """
 
-    def __init__(self, raw, path: str, chunk: int = 1 << 20):
+    _STEP = 256
+    # Compressed bytes of the current member kept for the search after damage: the decompressor
+    # can run past the member's true end (into the next header) before it notices.
+    _HISTORY = 1 << 20
+
+    def __init__(self, raw, chunk: int = 1 << 20):
         self._raw = raw
         self._chunk = chunk
-        self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._history = bytearray()  # the last compressed bytes fed to the current member
+        self._inflate: Any = None  # the decompressor of the member being read
+        self._pending = b""  # compressed bytes read but not yet decompressed or searched
+        self._offset = 0  # file offset of self._pending[0] (of the data in hand)
+        self._member_start = 0
+        self._member_output = 0  # bytes the current member decompressed to
+        self._scan: tuple[int, str] | None = None  # (gap start, why) while looking for a member
         self._buffer = bytearray()
+        self._gaps: list[list[Any]] = []  # [buffer position, first byte, end byte, why]
         self._eof = False
         self._error: str | None = None
-        self._started = False
+
+    def pop_gaps(self, passed: bool = False) -> list[tuple[int, int, str]]:
+        """Gaps that the lines handed out so far have reached: (first byte, end byte, why).
+        `passed`: only those before the last line handed out, not the one right after it."""
+        due: list[list[Any]] = []
+        keep: list[list[Any]] = []
+        for gap in self._gaps:
+            (keep if gap[0] > 0 or (gap[0] == 0 and passed) else due).append(gap)
+        self._gaps = keep
+        return [(start, end, why) for _, start, end, why in due]
+
+    def _take(self, n: int) -> bytes:
+        line = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        for gap in self._gaps:
+            gap[0] -= n
+        return line
+
+    def _gap(self, end: int) -> None:
+        start, why = self._scan  # type: ignore[misc]
+        self._scan = None
+        if start >= end:  # the damage showed only past the next header: the whole member counts
+            start = min(self._member_start, end)
+        if self._buffer and not self._buffer.endswith(b"\n"):
+            self._buffer += b"\n"  # a line cut by the damage must not run into what follows
+        self._gaps.append([len(self._buffer), start, end, why])
 
     def _fill(self) -> None:
-        data = self._raw.read(self._chunk)
+        if self._scan is not None:
+            more = self._raw.read(self._chunk)
+            data, self._pending = self._pending + more, b""
+            if more:
+                self._resync(data, 0)
+                return
+            self._offset += len(data)
+            self._eof = True
+            if self._member_output:  # lines of the member were read, its tail is lost
+                self._error = f"{self._scan[1]}; no intact gzip member after it"
+                self._scan = None
+            else:  # nothing of it decompressed: count the bytes, the stream ends here
+                self._gap(self._offset)
+            return
+        data, self._pending = self._pending or self._raw.read(self._chunk), b""
         if not data:
             self._eof = True
-            if self._started and not self._inflate.eof:
+            if self._inflate is not None and not self._inflate.eof:
                 self._error = "stream ended before the gzip end-of-stream marker"
             return
-        self._started = True
+        if self._inflate is None:
+            self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            self._member_start, self._member_output = self._offset, 0
+            self._history.clear()
+        before = self._inflate.copy()
         try:
-            self._buffer += self._inflate.decompress(data)
-            while self._inflate.eof and self._inflate.unused_data:
-                rest = self._inflate.unused_data
-                self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                self._buffer += self._inflate.decompress(rest)
+            out = self._inflate.decompress(data)
         except zlib.error as err:
-            self._error = f"corrupt gzip data ({err})"
-            self._eof = True
+            self._inflate = None
+            damage = self._salvage(before, data)  # what decompresses before the damage
+            self._scan = (self._offset + damage, f"gzip member at byte {self._member_start} is corrupt ({err})")
+            seen, self._history = bytes(self._history), bytearray()
+            self._offset -= len(seen)
+            self._resync(seen + data, self._member_start + 1 - self._offset)
+            return
+        self._history += data
+        if len(self._history) > self._HISTORY:
+            del self._history[: len(self._history) - self._HISTORY]
+        self._buffer += out
+        self._member_output += len(out)
+        if self._inflate.eof:  # the member ended: what follows is the next member (or the end)
+            rest = self._inflate.unused_data
+            self._offset += len(data) - len(rest)
+            self._inflate, self._pending = None, rest
+        else:
+            self._offset += len(data)
+
+    def _salvage(self, inflate: Any, data: bytes) -> int:
+        """Decompresses `data` again in small steps up to the damage; returns where that step began."""
+        for at in range(0, len(data), self._STEP):
+            try:
+                out = inflate.decompress(data[at:at + self._STEP])
+            except zlib.error:
+                return at
+            self._buffer += out
+            self._member_output += len(out)
+        return len(data)
+
+    def _resync(self, data: bytes, skip: int) -> None:
+        """Looks for the next member header in `data` (file offset self._offset onwards)."""
+        i = data.find(b"\x1f\x8b\x08", max(skip, 0))
+        while i >= 0 and len(data) - i >= 10:
+            if _member_header_at(data, i):
+                self._gap(self._offset + i)
+                self._pending, self._offset = data[i:], self._offset + i
+                return
+            i = data.find(b"\x1f\x8b\x08", i + 1)
+        # Not found yet: keep the bytes that may hold the start of a header, read on.
+        keep = i if i >= 0 else max(len(data) - 9, skip, 0)
+        self._pending, self._offset = data[keep:], self._offset + keep
 
     def readline(self, limit: int) -> bytes:
         while True:
             newline = self._buffer.find(b"\n", 0, limit)
             if newline >= 0:
-                line = bytes(self._buffer[: newline + 1])
-                del self._buffer[: newline + 1]
-                return line
+                return self._take(newline + 1)
             if len(self._buffer) >= limit:
-                line = bytes(self._buffer[:limit])
-                del self._buffer[:limit]
-                return line
+                return self._take(limit)
             if self._eof:
                 if self._buffer:
-                    line = bytes(self._buffer)
-                    self._buffer.clear()
-                    return line
+                    return self._take(len(self._buffer))
                 if self._error:
                     error, self._error = self._error, None
                     raise _TruncatedStream(error)

@@ -3,7 +3,8 @@
 A step looks at a batch of documents and returns, for each, `None` (keep; the step may have
 changed `doc.text`) or a short detail string (drop; the step's `name` is the reason). Batches let
 model-based steps (language ID, classifiers) call their model once per batch; simple rules only
-write `check`.
+write `check`. A step may raise: the chain then rejects the document(s) it fails on with the
+reason `error:<name>` and the message, and goes on.
 """
 from __future__ import annotations
 

@@ -28,7 +28,9 @@ def test_jsonl_fields_and_generated_ids(tmp_path):
     out = list(RecordReader().read(path))
     assert [type(o) for o in out] == [Document, Document, Rejection]
     assert (out[0].id, out[0].domain, out[0].source, out[0].url) == ("a1", "science", "csl", "http://x")
-    assert out[1].id == "news:2" and out[1].domain == "news" and out[1].source == "news"
+    # Generated ids: the file's name (the build passes its path under the input root) and line.
+    assert out[1].id == "news.jsonl:2" and out[1].domain == "news" and out[1].source == "news"
+    assert list(RecordReader().read(path, name="crawl2019/news.jsonl"))[1].id == "crawl2019/news.jsonl:2"
     assert out[2].reason == "missing_text" and "line 3" in out[2].detail and "news.jsonl" in out[2].detail
 
     mapped = list(RecordReader(fields=FieldMap(text="content")).read(path))
@@ -94,7 +96,7 @@ def test_plain_text_blocks_and_lines(tmp_path):
     path = tmp_path / "book.txt"
     path.write_text(f"{a}\n{b}\n\n\n{b}\n", encoding="utf-8")
     blocks = list(RecordReader().read(str(path)))
-    assert [d.text for d in blocks] == [f"{a}\n{b}", b] and blocks[1].id == "book:5"
+    assert [d.text for d in blocks] == [f"{a}\n{b}", b] and blocks[1].id == "book.txt:5"
     lines = list(RecordReader(txt_split="line").read(str(path)))
     assert [d.text for d in lines] == [a, b, b]
 
@@ -104,7 +106,7 @@ def test_parquet_streams_in_batches_and_checks_the_text_column(tmp_path):
     pq.write_table(pa.table({"text": texts, "domain": ["science"] * len(texts)}), tmp_path / "a.parquet",
                    row_group_size=500)
     out = list(RecordReader().read(str(tmp_path / "a.parquet")))
-    assert [d.text for d in out] == texts and out[-1].id == f"a:{len(texts)}"
+    assert [d.text for d in out] == texts and out[-1].id == f"a.parquet:{len(texts)}"
     pq.write_table(pa.table({"body": texts[:3]}), tmp_path / "b.parquet")
     with pytest.raises(ShardReadError, match="no 'text' column"):
         list(RecordReader().read(str(tmp_path / "b.parquet")))
