@@ -55,6 +55,31 @@ def _model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_import(args: argparse.Namespace) -> int:
+    from cleaning.sources.packages import FetchError
+    from pangu_model.released import import_released
+
+    try:
+        summary = import_released(args.source, args.output, dtype=args.dtype, trust=args.trust,
+                                  tokenizer=args.tokenizer)
+    except FetchError as exc:  # the registry could not be reached: a message, not a traceback
+        raise ConnectionError(f"the released tokenizer could not be fetched: {exc}") from exc
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def _tokenizer_released(args: argparse.Namespace) -> int:
+    from cleaning.sources.packages import FetchError
+    from tokenizer.released import RELEASED_PACKAGE, write_released_tokenizer
+
+    try:
+        directory = write_released_tokenizer(args.output)
+    except FetchError as exc:
+        raise ConnectionError(str(exc)) from exc
+    print(f"released PanGu-α tokenizer ({RELEASED_PACKAGE.spec}) → {directory}")
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     from deploy.plan import format_plan, plan_for
 
@@ -178,13 +203,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="root: OUTPUT/tokenizer/<version>, OUTPUT/tokens/<version>")
     training_options(p)
     p.set_defaults(handler=_tokenizer("flow_from_cli"))
+    p = tok_cmds.add_parser("released", help="the released PanGu-α tokenizer, from the pcl_pangu wheel on PyPI "
+                                             "(cached in $PANGU_HOME/downloads), into our tokenizer layout")
+    p.add_argument("--output", required=True, help="tokenizer directory to create (spm.model, spm.vocab, "
+                                                   "tokenizer.json)")
+    p.set_defaults(handler=_tokenizer_released)
 
-    model = groups.add_parser("model", help="inspect PanGu model presets")
+    model = groups.add_parser("model", help="inspect PanGu model presets, import released checkpoints")
     model_cmds = model.add_subparsers(dest="command", required=True)
     p = model_cmds.add_parser("info", help="layout and parameter counts (meta device, nothing allocated)")
     p.add_argument("--preset", required=True, help="tiny, 350m, 2.6b, 13b, 200b, sigma-tiny, sigma-1t")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=_model_info)
+    p = model_cmds.add_parser("import", help="convert a released PanGu-α PyTorch checkpoint (Megatron 1.1 layout, "
+                                             "1 or more model-parallel partitions) into an export")
+    p.add_argument("source", help="checkpoint directory (latest_checkpointed_iteration.txt + "
+                                  "iter_NNNNNNN/ or release/ with mp_rank_XX/model_optim_rng.pt), an iter_*/release "
+                                  "directory, or one model_optim_rng.pt")
+    p.add_argument("--output", required=True, help="export directory to write (model.safetensors, config.json, "
+                                                   "tokenizer/)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="dtype of the exported weights (the release is fp16; default fp32)")
+    p.add_argument("--trust", action="store_true",
+                   help="unpickle files that weights_only loading refuses (optimizer/RNG state); this can run code "
+                        "from the file: only for checkpoints whose origin you trust")
+    p.add_argument("--tokenizer", default=None,
+                   help="bundle this tokenizer directory instead of the released one (default: the released "
+                        "tokenizer from the pcl_pangu wheel)")
+    p.set_defaults(handler=_model_import)
 
     p = groups.add_parser("plan", help="GPU and host memory, transfers, step time and MFU of a training run; "
                                        "says whether it fits")

@@ -1,0 +1,361 @@
+"""Import released PanGu-α PyTorch checkpoints (Megatron 1.1 layout, `pcl_pangu` port) into an export.
+
+Layout read (SPEC §10; `megatron/checkpointing.py` of the `pcl_pangu` wheel):
+
+    SOURCE/latest_checkpointed_iteration.txt        an iteration number, or "release"
+    SOURCE/iter_NNNNNNN/mp_rank_XX/model_optim_rng.pt   (or SOURCE/release/mp_rank_XX/...)
+
+Each file is `{"model": {"language_model": {"embedding": …, "topQueryEmbedding": …, "transformer": …}},
+"iteration": …}` (training checkpoints may also carry `args`, optimizer and RNG state). SOURCE may also
+be the `iter_*` / `release` directory itself, or one `model_optim_rng.pt` (a single partition).
+
+Files are read with `torch.load(weights_only=True)` (plus `argparse.Namespace`, the `args` Megatron
+saves); a file that needs more is refused with the global it asks for, unless `trust=True`.
+
+Model-parallel partitions (`mpu/layers.py`) are merged as `tools/merge_mp_partitions.py` does, stride 1:
+column-parallel tensors (word embedding rows, query/key/value and dense_h_to_4h weights and biases)
+are concatenated on dim 0, row-parallel weights (attention dense, dense_4h_to_h) on dim 1, everything
+else (LayerNorms, position and query tables, row-parallel biases) is replicated and taken from rank 0.
+The word table is cut to the tokenizer's 40,000 rows (Megatron pads it to a multiple of
+make_vocab_size_divisible_by × partitions). The shape is read from the tensors and must match a preset
+(its head count is the preset's: tensors do not say it).
+"""
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import PRESETS, PanguConfig
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+PARTITION_FILE = "model_optim_rng.pt"
+RELEASED_VOCAB = 40000
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Megatron names (inside language_model) → ours. {i}: the layer index.
+_EMBEDDINGS = {
+    "embedding.word_embeddings.weight": "word_embedding.weight",
+    "embedding.position_embeddings.weight": "position_embedding.weight",
+    "topQueryEmbedding.top_query_embeddings.weight": "top_query_embedding.weight",
+    "transformer.final_layernorm.weight": "final_norm.weight",
+    "transformer.final_layernorm.bias": "final_norm.bias",
+}
+_LAYER = {
+    "input_layernorm": "attention_norm",
+    "attention.query": "attention.q_proj",
+    "attention.key": "attention.k_proj",
+    "attention.value": "attention.v_proj",
+    "attention.dense": "attention.out_proj",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.dense_h_to_4h": "ffn.fc_in",
+    "mlp.dense_4h_to_h": "ffn.fc_out",
+}
+# How a model-parallel tensor is split (mpu.VocabParallelEmbedding / ColumnParallelLinear / RowParallelLinear).
+_COLUMN_PARALLEL = re.compile(
+    r"(embedding\.word_embeddings\.weight"
+    r"|attention\.(query|key|value)\.(weight|bias)"
+    r"|mlp\.dense_h_to_4h\.(weight|bias))$"
+)
+_ROW_PARALLEL = re.compile(r"(attention\.dense|mlp\.dense_4h_to_h)\.weight$")
+_LAYER_NAME = re.compile(r"^transformer\.(?:layers\.(\d+)|topQueryLayer)\.(.+)\.(weight|bias)$")
+
+
+class ReleasedCheckpointError(ValueError):
+    """The source is not a readable released checkpoint; the message names the file and the reason."""
+
+
+@dataclass
+class ImportSummary:
+    source: Path
+    files: list[Path]
+    iteration: str
+    partitions: int
+    preset: str
+    config: PanguConfig
+    padded_vocab: int
+    source_dtype: str
+    dtype: str
+    output: Path | None = None
+    tokenizer: Path | None = None
+    parameters: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        c = self.config
+        out = [
+            f"source      {self.source} (iteration {self.iteration}, {self.partitions} model-parallel "
+            f"partition{'s' if self.partitions != 1 else ''}, {self.source_dtype})",
+            f"shape       {c.num_layers} layers incl. the query layer, d {c.d_model}, d_ff {c.d_ff}, "
+            f"heads {c.num_heads} (the preset's), seq {c.max_seq_len} → preset {self.preset}",
+            f"vocabulary  {self.padded_vocab} rows → {c.vocab_size}",
+            f"parameters  {self.parameters:,} ({self.dtype})",
+        ]
+        if self.output is not None:
+            out.append(f"export      {self.output}")
+        if self.tokenizer is not None:
+            out.append(f"tokenizer   {self.tokenizer}")
+        out += [f"note        {n}" for n in self.notes]
+        return out
+
+
+# -- locating the files -----------------------------------------------------------------------------
+def _partition_files(directory: Path) -> list[Path]:
+    ranks = {}
+    for child in directory.iterdir():
+        m = re.fullmatch(r"mp_rank_(\d+)", child.name)
+        if m and child.is_dir():
+            ranks[int(m.group(1))] = child
+    if not ranks:
+        raise ReleasedCheckpointError(f"{directory}: no mp_rank_XX/{PARTITION_FILE} partitions (wrong layout)")
+    count = max(ranks) + 1
+    missing = [f"mp_rank_{r:02d}/{PARTITION_FILE}" for r in range(count)
+               if r not in ranks or not (ranks[r] / PARTITION_FILE).is_file()]
+    if missing:
+        raise ReleasedCheckpointError(f"{directory}: missing partition {', '.join(missing)} "
+                                      f"(found ranks {sorted(ranks)})")
+    return [ranks[r] / PARTITION_FILE for r in range(count)]
+
+
+def locate(source: str | Path) -> tuple[list[Path], str]:
+    """The partition files of the checkpoint at `source`, rank order, and its iteration label."""
+    source = Path(source)
+    if not source.exists():
+        raise ReleasedCheckpointError(f"{source}: no such file or directory")
+    if source.is_file():
+        if source.name == TRACKER_FILE:
+            return locate(source.parent)
+        return [source], "?"
+    tracker = source / TRACKER_FILE
+    if tracker.is_file():
+        text = tracker.read_text(encoding="utf-8", errors="replace").strip()
+        if text == "release":
+            directory, label = source / "release", "release"
+        else:
+            try:
+                iteration = int(text)
+            except ValueError:
+                raise ReleasedCheckpointError(f"{tracker}: expected an iteration number or 'release', "
+                                              f"found {text[:40]!r}") from None
+            directory, label = source / f"iter_{iteration:07d}", str(iteration)
+        if not directory.is_dir():
+            raise ReleasedCheckpointError(f"{tracker} names {label}, but {directory} does not exist")
+        return _partition_files(directory), label
+    if re.fullmatch(r"iter_\d+|release", source.name) or any(source.glob("mp_rank_*")):
+        label = source.name[len("iter_"):].lstrip("0") or "0" if source.name.startswith("iter_") else source.name
+        return _partition_files(source), label
+    raise ReleasedCheckpointError(f"{source}: not a Megatron checkpoint directory (no {TRACKER_FILE}, "
+                                  f"no iter_*/release/mp_rank_XX folders)")
+
+
+# -- reading ---------------------------------------------------------------------------------------
+def read_partition(path: Path, trust: bool = False) -> dict[str, Any]:
+    """One `model_optim_rng.pt`, loaded with weights_only unless `trust`."""
+    try:
+        if trust:
+            payload = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "Weights only load failed" in text:
+            m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+            what = f"the global {m.group(1)}" if m else "objects other than tensors and plain containers"
+            raise ReleasedCheckpointError(
+                f"{path}: refused to load with weights_only=True: it needs {what} (e.g. optimizer or RNG "
+                f"state); pass --trust to unpickle it fully, only if you trust where it came from "
+                f"(unpickling can run code)") from None
+        raise ReleasedCheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+                                      f"{text.splitlines()[0] if text else type(exc).__name__}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ReleasedCheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+                                      f"{first}") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
+        keys = sorted(payload)[:8] if isinstance(payload, dict) else type(payload).__name__
+        raise ReleasedCheckpointError(f"{path}: wrong layout: expected a dict with 'model' "
+                                      f"(Megatron 1.1), found {keys}")
+    model = payload["model"]
+    lm = model.get("language_model", model)
+    if not isinstance(lm, dict) or not {"embedding", "transformer"} <= set(lm):
+        found = sorted(lm)[:8] if isinstance(lm, dict) else type(lm).__name__
+        raise ReleasedCheckpointError(f"{path}: wrong layout: expected model.language_model with 'embedding', "
+                                      f"'topQueryEmbedding' and 'transformer', found {found}")
+    return {"tensors": _flatten(lm, path), "iteration": payload.get("iteration")}
+
+
+def _flatten(tree: dict[str, Any], path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, path, name + "."))
+        elif isinstance(value, torch.Tensor):
+            out[name] = value
+        else:
+            raise ReleasedCheckpointError(f"{path}: wrong layout: {name} is a {type(value).__name__}, not a tensor")
+    return out
+
+
+# -- merging ---------------------------------------------------------------------------------------
+def split_dim(name: str) -> int | None:
+    """The dim a model-parallel tensor is split on (0 column-parallel, 1 row-parallel), None if replicated."""
+    if _COLUMN_PARALLEL.search(name):
+        return 0
+    if _ROW_PARALLEL.search(name):
+        return 1
+    return None
+
+
+def merge_partitions(partitions: list[dict[str, torch.Tensor]], files: list[Path]) -> dict[str, torch.Tensor]:
+    """One state (Megatron names) from the partitions' states, in rank order."""
+    first = partitions[0]
+    for rank, (part, path) in enumerate(zip(partitions, files)):
+        if set(part) != set(first):
+            diff = sorted(set(part) ^ set(first))[:4]
+            raise ReleasedCheckpointError(f"{path}: partition {rank} holds other tensors than {files[0]}: {diff}")
+    merged = {}
+    for name, tensor in first.items():
+        dim = split_dim(name)
+        pieces = [part[name] for part in partitions]
+        if dim is None or len(pieces) == 1:
+            merged[name] = tensor
+            continue
+        for piece, path in zip(pieces, files):
+            if piece.dim() <= dim or piece.shape != tensor.shape:
+                raise ReleasedCheckpointError(f"{path}: {name} has shape {tuple(piece.shape)}, rank 0 has "
+                                              f"{tuple(tensor.shape)}")
+        merged[name] = torch.cat(pieces, dim=dim)
+    return merged
+
+
+# -- shape → preset, names → ours --------------------------------------------------------------------
+def _require(state: dict[str, torch.Tensor], name: str, where: Path) -> torch.Tensor:
+    if name not in state:
+        raise ReleasedCheckpointError(f"{where}: wrong layout: tensor language_model.{name} is missing")
+    return state[name]
+
+
+def infer_config(state: dict[str, torch.Tensor], where: Path, vocab: int = RELEASED_VOCAB,
+                 partitions: int = 1) -> tuple[str, PanguConfig]:
+    """The preset whose shape the merged tensors have, as a config with `vocab` rows."""
+    words = _require(state, "embedding.word_embeddings.weight", where)
+    positions = _require(state, "embedding.position_embeddings.weight", where)
+    _require(state, "topQueryEmbedding.top_query_embeddings.weight", where)
+    fc_in = _require(state, "transformer.topQueryLayer.mlp.dense_h_to_4h.weight", where)
+    layers = {int(m.group(1)) for n in state if (m := re.match(r"transformer\.layers\.(\d+)\.", n))}
+    if layers != set(range(len(layers))):
+        raise ReleasedCheckpointError(f"{where}: wrong layout: transformer layers {sorted(layers)} are not 0..N-1")
+    d_model, seq, d_ff, num_layers = words.shape[1], positions.shape[0], fc_in.shape[0], len(layers) + 1
+    query = _require(state, "transformer.topQueryLayer.attention.query.weight", where)
+    if query.shape != (d_model, d_model):
+        per = query.shape[0] // max(partitions, 1)
+        raise ReleasedCheckpointError(
+            f"{where}: the query weight is {tuple(query.shape)} after merging {partitions} partition(s), not "
+            f"{(d_model, d_model)}: a model-parallel partition is missing (each holds {per} of {d_model} rows, "
+            f"so {d_model // max(per, 1)} partitions are needed)")
+    if words.shape[0] < vocab:
+        raise ReleasedCheckpointError(f"{where}: the word table has {words.shape[0]} rows, fewer than the "
+                                      f"tokenizer's {vocab}")
+    shape = dict(num_layers=num_layers, d_model=d_model, d_ff=d_ff, max_seq_len=seq)
+    for name, preset in PRESETS.items():
+        if preset.router == "dense" and all(getattr(preset, k) == v for k, v in shape.items()):
+            return name, preset.replace(vocab_size=vocab, tokenizer_pieces=None)
+    known = "; ".join(f"{n}: {p.num_layers}×{p.d_model}, d_ff {p.d_ff}, seq {p.max_seq_len}"
+                      for n, p in PRESETS.items() if p.router == "dense")
+    raise ReleasedCheckpointError(
+        f"{where}: shape matches no preset: {num_layers} layers (Megatron --num-layers {num_layers - 1} + the query "
+        f"layer) × d {d_model}, d_ff {d_ff}, seq {seq}; known: {known}")
+
+
+def to_pangu_state(state: dict[str, torch.Tensor], config: PanguConfig, where: Path) -> dict[str, torch.Tensor]:
+    """Megatron names → `PanguModel` names; the word table cut to `config.vocab_size` rows."""
+    out: dict[str, torch.Tensor] = {}
+    last = config.num_layers - 2
+    for name, tensor in state.items():
+        if name in _EMBEDDINGS:
+            target = _EMBEDDINGS[name]
+        else:
+            m = _LAYER_NAME.match(name)
+            if not m or m.group(2) not in _LAYER:
+                raise ReleasedCheckpointError(f"{where}: unexpected tensor language_model.{name}")
+            block = "query_layer" if m.group(1) is None else f"blocks.{m.group(1)}"
+            if m.group(1) is not None and int(m.group(1)) > last:
+                raise ReleasedCheckpointError(f"{where}: unexpected tensor language_model.{name}")
+            target = f"{block}.{_LAYER[m.group(2)]}.{m.group(3)}"
+        if target == "word_embedding.weight":
+            tensor = tensor[: config.vocab_size]
+        out[target] = tensor
+    return out
+
+
+# -- the whole import ------------------------------------------------------------------------------
+def read_released(source: str | Path, trust: bool = False, vocab: int = RELEASED_VOCAB,
+                  dtype: str = "fp32") -> tuple[dict[str, torch.Tensor], ImportSummary]:
+    """Our state dict and a summary for the released checkpoint at `source` (nothing written)."""
+    if dtype not in DTYPES:
+        raise ReleasedCheckpointError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    files, label = locate(source)
+    parts = [read_partition(path, trust) for path in files]
+    if label == "?" and parts[0]["iteration"] is not None:
+        label = str(parts[0]["iteration"])
+    merged = merge_partitions([p["tensors"] for p in parts], files)
+    where = files[0] if len(files) == 1 else files[0].parent.parent
+    preset, config = infer_config(merged, where, vocab, len(files))
+    if config.num_heads % len(files):
+        raise ReleasedCheckpointError(f"{where}: {len(files)} partitions do not divide the preset's "
+                                      f"{config.num_heads} heads")
+    words = merged["embedding.word_embeddings.weight"]
+    state = to_pangu_state(merged, config, where)
+    target = DTYPES[dtype]
+    state = {k: v.detach().to(target).contiguous() for k, v in state.items()}
+    summary = ImportSummary(
+        source=Path(source), files=files, iteration=label, partitions=len(files), preset=preset, config=config,
+        padded_vocab=words.shape[0], source_dtype=str(words.dtype).replace("torch.", ""), dtype=dtype,
+        parameters=sum(v.numel() for v in state.values()),
+    )
+    return state, summary
+
+
+def import_released(source: str | Path, output: str | Path, dtype: str = "fp32", trust: bool = False,
+                    tokenizer: str | Path | None = None, cache: str | Path | None = None) -> ImportSummary:
+    """Convert the released checkpoint at `source` into a self-contained export at `output`.
+
+    The export: `model.safetensors` + `config.json` (via `save_checkpoint`, after a strict load into
+    `PanguModel`) and `tokenizer/` — the released tokenizer from the `pcl_pangu` wheel, or a copy of
+    `tokenizer` (any directory `PanguTokenizer.load` reads) when given.
+    """
+    from tokenizer.pangu import PanguTokenizer
+
+    from .checkpoint import save_checkpoint
+    from .model import PanguModel
+
+    state, summary = read_released(source, trust=trust, dtype=dtype)
+    with torch.device("meta"):
+        model = PanguModel(summary.config)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:  # a shape the preset does not have (e.g. a layer of another width)
+        raise ReleasedCheckpointError(f"{summary.files[0]}: tensors do not fit preset {summary.preset}: "
+                                      f"{str(exc).splitlines()[-1].strip()}") from None
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        tok = PanguTokenizer.load(tokenizer)
+    else:
+        from tokenizer.released import load_released_tokenizer
+        tok = load_released_tokenizer(cache)
+    if tok.vocab_size != summary.config.vocab_size:
+        raise ReleasedCheckpointError(f"{tok.origin}: tokenizer has {tok.vocab_size} pieces, the model "
+                                      f"{summary.config.vocab_size} rows")
+    save_checkpoint(model, output)
+    summary.tokenizer = tok.save(output / "tokenizer", {"imported_with": str(summary.source)})
+    tok.close()
+    summary.output = output
+    return summary
