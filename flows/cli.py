@@ -305,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node (one process on a CPU machine)")
     p.add_argument("--hostfile", default=None,
                    help="DeepSpeed hostfile (`host slots=N` per node); needed for more than one node")
+    p.add_argument("--init-from", default=None, metavar="EXPORT",
+                   help="start from this export (PanGu-Σ: from a dense PanGu-α one, e.g. `pangu model import` output)")
     p.add_argument("--stop-grace", type=float, default=None, metavar="SECONDS",
                    help="time a stopped job has to checkpoint before it is killed (default: from the planner)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -548,7 +548,8 @@ def publish(preset: str, config: Any, data_dir: Path, data_note: str, output: Pa
 @flow(name="pretrain", log_prints=True)
 def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str = "runs/pretrain",
              steps: int | None = None, nodes: int = 1, gpus_per_node: int = 8, hostfile: str | None = None,
-             overrides: dict[str, Any] | None = None, stop_grace_s: float | None = None) -> dict[str, Any]:
+             overrides: dict[str, Any] | None = None, stop_grace_s: float | None = None,
+             init_from: str | None = None) -> dict[str, Any]:
     """Pretrain PanGu-α / PanGu-Σ from a preset with DeepSpeed; a rerun with the same output resumes.
 
     A preempted run (SIGTERM: every rank checkpointed) ends in the state "Preempted", not Failed.
@@ -563,6 +564,9 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
         gpus_per_node: ranks per node (one process on a machine without GPUs).
         hostfile: DeepSpeed hostfile (`host slots=N` per node); needed for more than one node.
         overrides: TrainConfig fields with dotted keys, e.g. {"optimizer.lr": 3e-4, "validation_every": 50}.
+        init_from: an export to start from instead of random weights: the same model, or, for PanGu-Σ, a
+            dense PanGu-α export (`pangu model import` of a released checkpoint, for one) whose FFN every
+            expert copies; its vocabulary must be the data's tokenizer's.
         stop_grace_s: seconds a stopped job (a cancellation, a SIGTERM) has to finish its step and write its
             checkpoint before it is killed; default: the planner's step and checkpoint times for the preset
             on this cluster, doubled, and at least 120 s.
@@ -573,7 +577,10 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
     data_dir, data_note = resolve_data(data)
     logger.info("data: %s", data_note)
     out = Path(output).expanduser().resolve()
-    fields: dict[str, Any] = {"data": str(data_dir), "output": str(out), **(overrides or {})}
+    overrides = dict(overrides or {})
+    if init_from is not None:
+        overrides["init_from"] = str(Path(init_from).expanduser().resolve())
+    fields: dict[str, Any] = {"data": str(data_dir), "output": str(out), **overrides}
     if steps is not None:
         fields["train_steps"] = steps
     try:
@@ -633,13 +640,16 @@ def check_before_launch(args: argparse.Namespace) -> None:
     from pangu_model.train import fit_to_data, load_train_config
 
     data_dir, _ = resolve_data(args.data)
-    fit_to_data(load_train_config(args.preset, {"data": str(data_dir), **_parse_set(args.set)}))
+    fields = {"data": str(data_dir), **_parse_set(args.set)}
+    if getattr(args, "init_from", None):
+        fields["init_from"] = str(Path(args.init_from).expanduser().resolve())
+    fit_to_data(load_train_config(args.preset, fields))
 
 
 def pretrain_from_cli(args: argparse.Namespace) -> int:
     state = pretrain(preset=args.preset, data=args.data, output=args.output, steps=args.steps, nodes=args.nodes,
                      gpus_per_node=args.gpus_per_node, hostfile=args.hostfile, overrides=_parse_set(args.set),
-                     stop_grace_s=args.stop_grace, return_state=True)
+                     stop_grace_s=args.stop_grace, init_from=args.init_from, return_state=True)
     if not state.is_completed():
         print(f"pretrain {args.preset}: {state.name}: {state.message}", file=sys.stderr)
         return 143 if state.message and "preempted" in state.message else 1

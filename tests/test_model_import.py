@@ -277,3 +277,48 @@ def test_merge_rules_are_the_release_s(megatron) -> None:
         short = name.removeprefix("language_model.")
         expected = param.partition_dim if getattr(param, "model_parallel", False) else None
         assert split_dim(short) == expected, name
+
+
+def test_a_pangu_sigma_run_inherits_from_an_imported_release(megatron, tmp_path: Path) -> None:
+    """Released PanGu-α → `pangu model import` → a PanGu-Σ run with `init_from` (its data packed with the
+    imported tokenizer): every expert starts as its layer's dense FFN, so at step 0 the Σ model computes
+    the released model's logits on every domain."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pangu_model import PanguModel
+    from pangu_model.train import Trainer, load_train_config
+    from tests.test_train_common import _documents
+    from tokenizer.config import PackConfig
+    from tokenizer.pack import pack_corpus
+
+    source = _write_release(megatron, _reference(megatron, 1), tmp_path / "ckpt", 1)
+    import_released(source, tmp_path / "alpha")
+    docs = _documents(per_task=8)
+    corpus = tmp_path / "corpus" / "data"
+    corpus.mkdir(parents=True)
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(len(docs))], "text": [t for _, t in docs],
+                             "domain": [d for d, _ in docs], "source": ["fewclue"] * len(docs),
+                             "quality": [1.0] * len(docs), "meta": ["{}"] * len(docs)}),
+                   corpus / "part-00000.parquet")
+    tokens = tmp_path / "tokens"
+    pack_corpus(PackConfig(input=str(corpus.parent), output=str(tokens), tokenizer=str(tmp_path / "alpha" / "tokenizer")))
+
+    config = load_train_config("sigma-tiny", {"data": str(tokens), "output": str(tmp_path / "run"), "seq_len": 64,
+                                              "init_from": str(tmp_path / "alpha"), "progress_bar": False})
+    trainer = Trainer(config)
+    try:
+        sigma = PanguModel(trainer.pangu)
+        sigma.load_state_dict(trainer.full_state_dict(), strict=True)
+    finally:
+        trainer.close()
+    dense = load_checkpoint(tmp_path / "alpha").eval()
+    sigma.eval()
+    assert sigma.config.router == "rre" and sigma.config.num_domains == 4
+    ids = torch.randint(10, 40000, (4, 24), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(24)[None].expand_as(ids)
+    with torch.no_grad():
+        expected = dense(ids, position_ids=positions).logits
+        for domain in range(4):
+            got = sigma(ids, position_ids=positions, domain_ids=domain).logits
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
