@@ -4,6 +4,9 @@ from __future__ import annotations
 import html
 import re
 
+from typing import Sequence
+
+from cleaning.document import Document
 from cleaning.steps import Transform
 
 # CSI sequences (colours, cursor moves), OSC sequences (titles, links) and lone two-byte escapes.
@@ -75,10 +78,22 @@ def is_boilerplate_line(line: str, max_len: int = 60) -> bool:
 
 
 class RemoveBoilerplateLines(Transform):
+    """Drops navigation and boilerplate lines of web pages.
+
+    `domains`: only documents of these domains are touched (None: every document). The default
+    rules give ("web",): in edited text the same patterns are content ("编辑：", "来源：", a line
+    that mentions 登录 or 首页 in an app description or a dialogue)."""
+
     name = "remove_boilerplate_lines"
 
-    def __init__(self, max_len: int = 60):
+    def __init__(self, max_len: int = 60, domains: Sequence[str] | None = None):
         self.max_len = max_len
+        self.domains = None if domains is None else frozenset(domains)
+
+    def check(self, doc: Document) -> str | None:
+        if self.domains is None or doc.domain in self.domains:
+            doc.text = self.transform(doc.text)
+        return None
 
     def transform(self, text: str) -> str:
         lines = text.split("\n")

@@ -23,7 +23,7 @@ def build_steps(rules: RuleConfig) -> list[Step]:
     if rules.strip_markup:
         steps.append(normalize.StripMarkup())
     if rules.remove_boilerplate_lines:
-        steps.append(normalize.RemoveBoilerplateLines())
+        steps.append(normalize.RemoveBoilerplateLines(domains=rules.boilerplate_domains))
     if rules.dedup_paragraphs:
         steps.append(normalize.DedupParagraphs())
     if rules.t2s:
@@ -32,12 +32,20 @@ def build_steps(rules: RuleConfig) -> list[Step]:
         steps.append(filters.TitleOnly())
     steps.append(filters.MinLength(rules.min_chars))
     steps.append(filters.ChineseRatio(rules.min_chinese_ratio))
+    if rules.min_distinct_ngram_ratio > 0:
+        steps.append(filters.Repetition(rules.min_distinct_ngram_ratio))
+    if rules.min_bigram_plausibility > 0:
+        steps.append(filters.ImplausibleBigrams(rules.min_bigram_plausibility, rules.bigram_min_pairs))
     # Keyword rules run after t2s so that traditional spellings meet the simplified lists.
     if rules.ad_word_lists:
-        steps.append(filters.KeywordHits("ad_keywords", rules.ad_word_lists, rules.max_ad_hits))
+        steps.append(filters.KeywordHits("ad_keywords", rules.ad_word_lists, rules.max_ad_hits,
+                                         rules.keyword_distinct, rules.keyword_word_boundaries))
     if rules.sensitive_word_lists:
         steps.append(filters.KeywordHits("sensitive_words", rules.sensitive_word_lists,
-                                         rules.max_sensitive_hits))
+                                         rules.max_sensitive_hits, rules.keyword_distinct,
+                                         rules.keyword_word_boundaries))
+    if rules.max_contact_signals is not None:
+        steps.append(filters.ContactSpam(rules.max_contact_signals))
     if rules.langid:
         steps.append(filters.LanguageID(rules.langid_model, rules.langid_min_score, rules.min_chinese_ratio,
                                          rules.langid_max_chars))

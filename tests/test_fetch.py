@@ -113,11 +113,12 @@ def test_default_filters_keep_clean_sources(fetched_assets: dict[str, str],
             "spam": int((spam.score([d.text for d in docs]) > rules.spam_threshold).sum()),
         }
         assert all(n < bound * len(docs) for n in dropped.values()), (source, dropped, len(docs))
-    # The raw lists, for contrast, drop most of the newspaper: the test would notice a regression.
+    # The raw lists, for contrast, drop over a fifth of the newspaper even counted as distinct whole words
+    # (over half with substring counting): the test would notice a regression in the curation.
     raw = KeywordHits("raw", (fetched_assets["wordlists/politics.txt"], fetched_assets["wordlists/pornography.txt"]), 3)
     news = [json.loads(line)["text"] for line in (out / "peoples_daily" / "part-00000.jsonl").read_text(
         encoding="utf-8").splitlines()]
-    assert sum(raw.check(Document(id="x", text=t, domain="news", source="x")) is not None for t in news) > len(news) / 2
+    assert sum(raw.check(Document(id="x", text=t, domain="news", source="x")) is not None for t in news) > len(news) / 5
 
 
 def test_entries_normalisation() -> None:

@@ -75,7 +75,8 @@ def test_length_ratio_and_title_filters():
 def test_keyword_hits_counts_non_overlapping_occurrences(tmp_path):
     words = tmp_path / "ads.txt"
     words.write_text("加微信\n优惠\n优惠券\n# comment\n\n", encoding="utf-8")
-    rule = KeywordHits("ad_keywords", [str(words)], max_hits=3)
+    # The previous counting (every occurrence, substrings); the default is distinct whole words.
+    rule = KeywordHits("ad_keywords", [str(words)], max_hits=3, distinct=False, word_boundaries=False)
     assert rule.check(doc("领取优惠券，加微信领优惠，优惠多多，加微信")) is not None
     assert rule.check(doc("今天有优惠券。")) is None
     detail = rule.check(doc("优惠券优惠券优惠券优惠券"))
