@@ -68,6 +68,17 @@ def _model_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_export_hf(args: argparse.Namespace) -> int:
+    import torch
+
+    from pangu_model.hf import export_hf
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
+    output = export_hf(args.export, args.output, tokenizer=args.tokenizer, domain=args.domain, dtype=dtype)
+    print(f"transformers directory → {output} (AutoModelForCausalLM / AutoTokenizer after `import pangu_model.hf`)")
+    return 0
+
+
 def _tokenizer_released(args: argparse.Namespace) -> int:
     from cleaning.sources.packages import FetchError
     from tokenizer.released import RELEASED_PACKAGE, write_released_tokenizer
@@ -231,6 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundle this tokenizer directory instead of the released one (default: the released "
                         "tokenizer from the pcl_pangu wheel)")
     p.set_defaults(handler=_model_import)
+    p = model_cmds.add_parser("export-hf", help="write an export as a transformers directory (AutoModelForCausalLM, "
+                                                "AutoTokenizer, lm-eval --model hf; after `import pangu_model.hf`)")
+    p.add_argument("export", help="export directory (model.safetensors + config.json + tokenizer/)")
+    p.add_argument("--output", required=True, help="transformers directory to write")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the one bundled in the export)")
+    p.add_argument("--domain", default=None,
+                   help="PanGu-Σ: default domain (id or name) when no domain_ids are given (default: the domain with "
+                        "the most training tokens, from the export's domains.json)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="dtype of the written weights (default: as in the export)")
+    p.set_defaults(handler=_model_export_hf)
 
     p = groups.add_parser("plan", help="GPU and host memory, transfers, step time and MFU of a training run; "
                                        "says whether it fits")
