@@ -463,12 +463,18 @@ def plan_training(
 
     # ---- host, per GPU ------------------------------------------------------------------------
     host: dict[str, int] = {}
-    host_experts = experts_rank if ecss else 0
+    # ECSS with sharded host state (`ecss_shard_states`): each of the dp/ep replicas of an expert shard keeps
+    # the masters and Adam states of its block only, and steps only its block's fetched experts.
+    replicas = max(1, dp // ep)
+    shard_states = ecss and bool(getattr(train_config, "ecss_shard_states", False)) and replicas > 1
+    owners = replicas if shard_states else 1
+    host_experts = math.ceil(experts_rank / owners) if ecss else 0
+    owned_fetched = math.ceil(fetched / owners)
     if ecss:
         per_layer_weight = worst["fetched_per_layer"] * h * model.expert_width  # one w_in or w_out
         host["ecss_fp32_masters"] = 4 * host_experts
         host["ecss_adam_moments"] = 8 * host_experts
-        host["ecss_step_fp32_gradients"] = 4 * fetched
+        host["ecss_step_fp32_gradients"] = 4 * owned_fetched
         host["ecss_fetch_staging"] = 4 * per_layer_weight
         host["ecss_checkpoint_moment_copies"] = 8 * host_experts
         host["ecss_resume_loaded_state"] = 12 * host_experts
@@ -550,16 +556,25 @@ def plan_training(
         times["pipeline_send_receive"] = 2 * gas * p * math.ceil(sbh / tp) / pp_bw
     transfers: dict[str, int] = {"h2d": 0, "d2h": 0}
     if ecss:
-        transfers["ecss_fetch_h2d"] = 4 * fetched
-        transfers["ecss_gradients_d2h"] = 4 * fetched
-        transfers["ecss_gradient_all_reduce"] = int(_ring("all_reduce", exp_dp) * 4 * fetched)
-        fetch_dram = gpn * ECSS_FETCH_HOST_BYTES * fetched / hw.host_dram_bytes_per_s
-        times["ecss_fetch_h2d"] = max(4 * fetched / hw.pcie_h2d_bytes_per_s, fetch_dram)
-        times["ecss_gradients_d2h"] = max(4 * fetched / hw.pcie_d2h_bytes_per_s,
-                                          gpn * 4 * fetched / hw.host_dram_bytes_per_s)
+        # Each rank copies the fetched rows it holds (all of them, or its owned block's) as fp32 and casts
+        # on the GPU; with sharded state the owners' rows then reach every replica by an all-gather in
+        # the compute dtype, and the gradients return to their owners by a reduce-scatter (fp32).
         replica_bw = _group_bandwidth(groups["expert_data"], gpn, hw) if ep > 1 else dp_bw
-        times["ecss_gradient_all_reduce"] = transfers["ecss_gradient_all_reduce"] / replica_bw
-        times["ecss_cpu_adam"] = gpn * ADAM_BYTES_TOUCHED * fetched / hw.host_dram_bytes_per_s
+        transfers["ecss_fetch_h2d"] = 4 * owned_fetched
+        transfers["ecss_gradients_d2h"] = 4 * owned_fetched
+        fetch_dram = gpn * ECSS_FETCH_HOST_BYTES * owned_fetched / hw.host_dram_bytes_per_s
+        times["ecss_fetch_h2d"] = max(4 * owned_fetched / hw.pcie_h2d_bytes_per_s, fetch_dram)
+        times["ecss_gradients_d2h"] = max(4 * owned_fetched / hw.pcie_d2h_bytes_per_s,
+                                          gpn * 4 * owned_fetched / hw.host_dram_bytes_per_s)
+        if shard_states:
+            transfers["ecss_owner_all_gather"] = int(_ring("all_gather", exp_dp) * p * fetched)
+            transfers["ecss_gradient_reduce_scatter"] = int(_ring("reduce_scatter", exp_dp) * 4 * fetched)
+            times["ecss_owner_all_gather"] = transfers["ecss_owner_all_gather"] / replica_bw
+            times["ecss_gradient_reduce_scatter"] = transfers["ecss_gradient_reduce_scatter"] / replica_bw
+        else:
+            transfers["ecss_gradient_all_reduce"] = int(_ring("all_reduce", exp_dp) * 4 * fetched)
+            times["ecss_gradient_all_reduce"] = transfers["ecss_gradient_all_reduce"] / replica_bw
+        times["ecss_cpu_adam"] = gpn * ADAM_BYTES_TOUCHED * owned_fetched / hw.host_dram_bytes_per_s
         transfers["h2d"] += transfers["ecss_fetch_h2d"]
         transfers["d2h"] += transfers["ecss_gradients_d2h"]
     if offload:
@@ -616,7 +631,7 @@ def plan_training(
     optimizer_per_gpu = state_bytes * (math.ceil(dense / dense_shard) if zero >= 1 else dense)
     checkpoint_bytes = p * dense + min(gpn, world if zero >= 1 else 1) * optimizer_per_gpu
     if ecss:
-        checkpoint_bytes += min(gpn, ep) * 12 * host_experts
+        checkpoint_bytes += (gpn if shard_states else min(gpn, ep)) * 12 * host_experts
     elif experts_rank:
         checkpoint_bytes += min(gpn, ep) * (p * experts_rank + state_bytes * math.ceil(experts_rank / expert_shard))
     checkpoint_s = checkpoint_bytes / CHECKPOINT_WRITE_BYTES_PER_S_PER_NODE

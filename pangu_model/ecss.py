@@ -26,6 +26,14 @@ all-to-all of uneven splits (`_AllToAll`: RRE is dropless, so there is no capaci
 ranks that hold the same shard in different expert-parallel groups (the expert-data-parallel group)
 average their expert gradients; the gradient norm for clipping is summed over the shards.
 
+Host state sharded like ZeRO (`shard_states`, TrainConfig `ecss_shard_states`): the R ranks that hold the
+same expert shard (the replica group) split it into R contiguous blocks of `shard_size / R` experts; a rank
+keeps the fp32 masters and Adam states of its own block only (its host bytes: total / (ep × R)). A step's
+fetched experts come from their owners by one all-gather over the replica group (in the compute dtype, on
+the compute device); their gradients go to the owners by one reduce-scatter; each owner clips with the
+global norm (squares summed over owners and shards, every element once) and steps its block on the CPU.
+Checkpoints and the export hold each owner's block once.
+
 Deviations (documented, not hidden): expert gradients are clipped by their own global norm (DeepSpeed
 clips the dense part by its norm before we could add ours), and with data parallelism the routed sets
 of all ranks are united so every replica of a shard fetches and updates the same experts.
@@ -71,8 +79,11 @@ class HostExpertBank(nn.Module):
     """Drop-in for `ExpertBank`: host-resident masters of this rank's shard of the experts, and a compact
     device copy of the fetched ones. With an expert-parallel group, tokens go to their expert's owner."""
 
-    def __init__(self, bank: ExpertBank, pin: bool, ep_group: Any = None, total_experts: int | None = None) -> None:
-        """`bank`: the layer's whole bank, or already this rank's shard of `total_experts`."""
+    def __init__(self, bank: ExpertBank, pin: bool, ep_group: Any = None, total_experts: int | None = None,
+                 replica_group: Any = None) -> None:
+        """`bank`: the layer's whole bank, or already this rank's shard of `total_experts`. With a
+        `replica_group` of R > 1 ranks (sharded host state), this rank keeps only its block of
+        `shard_size / R` experts of the shard (`owned_first`, `owned_size`)."""
         super().__init__()
         self.num_experts = total_experts or bank.num_experts
         self.pinned = pin
@@ -83,11 +94,20 @@ class HostExpertBank(nn.Module):
         self.ep_rank = dist.get_rank(ep_group) if self.ep_size > 1 else 0
         self.shard_size = self.num_experts // self.ep_size
         self.first = self.ep_rank * self.shard_size  # experts [first, first + shard_size) live here
+        self.replica_group = replica_group
+        self.replicas = _group_size(replica_group)
+        if self.shard_size % self.replicas:
+            raise ValueError(f"ECSS sharded host state: the {self.shard_size} experts of a shard do not split "
+                             f"over its {self.replicas} replicas (ecss_shard_states needs a multiple)")
+        self.replica_rank = dist.get_rank(replica_group) if self.replicas > 1 else 0
+        self.owned_size = self.shard_size // self.replicas
+        # masters and Adam states of experts [owned_first, owned_first + owned_size) live here
+        self.owned_first = self.first + self.replica_rank * self.owned_size
         self.host: dict[str, torch.Tensor] = {}
         if bank.num_experts == self.num_experts:
-            rows = slice(self.first, self.first + self.shard_size)
+            rows = slice(self.owned_first, self.owned_first + self.owned_size)
         elif (bank.first_expert, bank.num_experts) == (self.first, self.shard_size):
-            rows = slice(None)
+            rows = slice(self.owned_first - self.first, self.owned_first - self.first + self.owned_size)
         else:
             raise ValueError(f"bank holds experts {bank.first_expert}..{bank.first_expert + bank.num_experts - 1}, "
                              f"expert-parallel rank {self.ep_rank} needs {self.first}..{self.first + self.shard_size - 1}")
@@ -99,7 +119,7 @@ class HostExpertBank(nn.Module):
         # One optimizer "parameter" per expert and weight: a view into the master, so the Adam update
         # writes the master in place and state['step'] counts that expert's own updates.
         self.expert_params: dict[str, list[torch.Tensor]] = {
-            name: [nn.Parameter(self.host[name][e], requires_grad=False) for e in range(self.shard_size)]
+            name: [nn.Parameter(self.host[name][e], requires_grad=False) for e in range(self.owned_size)]
             for name in WEIGHT_NAMES
         }
         self.active = torch.zeros(0, dtype=torch.long)  # fetched experts, global ids
@@ -107,6 +127,26 @@ class HostExpertBank(nn.Module):
         self._slot_of: torch.Tensor | None = None
 
     # ---- placement ---------------------------------------------------------------------------
+    def select(self, experts: torch.Tensor, device: torch.device) -> None:
+        """Sharded host state: the experts of this shard among `experts` become the active slots; their
+        weights are set by `ExpertOffload` (gathered from their owners)."""
+        experts = experts.to("cpu", torch.long)
+        self.active = experts[(experts >= self.first) & (experts < self.first + self.shard_size)]
+        slot_of = torch.full((self.num_experts,), -1, dtype=torch.long)
+        slot_of[self.active] = torch.arange(len(self.active))
+        self._slot_of = slot_of.to(device)
+
+    def owner_counts(self) -> list[int]:
+        """How many of the active experts each replica owns (the active ids are sorted, so each owner's
+        are consecutive slots, in replica order)."""
+        owner = torch.div(self.active - self.first, self.owned_size, rounding_mode="floor")
+        return torch.bincount(owner, minlength=self.replicas).tolist()
+
+    def owned_active(self) -> torch.Tensor:
+        """The active experts of this rank's own block (global ids)."""
+        a = self.active
+        return a[(a >= self.owned_first) & (a < self.owned_first + self.owned_size)]
+
     def fetch(self, experts: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
         """Copy the masters of the experts of this shard among `experts` (sorted global ids) to `device`
         as fresh leaf tensors."""
@@ -209,16 +249,20 @@ class ExpertOffload:
         pin: bool | None = None,
         ep_group: Any = None,
         replica_group: Any = None,
+        shard_states: bool = False,
     ) -> None:
         """`group`: all data-parallel ranks (routed sets are united over it; gradients are averaged
         over its size). `ep_group`: the ranks that share one copy of the experts, a shard each.
         `replica_group`: the ranks holding the same shard; by default `group` when there is no
-        expert parallelism."""
+        expert parallelism. `shard_states`: each replica keeps only its block of the shard's masters
+        and Adam states (module docstring); a no-op with one replica."""
         self.device = torch.device(device)
         self.dtype = dtype
         self.group = group
         self.ep_group = ep_group if _group_size(ep_group) > 1 else None
         self.replica_group = replica_group if (replica_group is not None or self.ep_group is not None) else group
+        self.sharded = bool(shard_states) and _group_size(self.replica_group) > 1
+        self.replicas = _group_size(self.replica_group) if self.sharded else 1
         self.optim = optim
         self.pin = torch.cuda.is_available() if pin is None else pin
         self.layers: dict[str, RandomRoutedExperts] = {}
@@ -227,7 +271,8 @@ class ExpertOffload:
             if isinstance(module, RandomRoutedExperts):
                 if not isinstance(module.experts, ExpertBank):
                     raise TypeError(f"{name}: experts are {type(module.experts).__name__}, not an ExpertBank")
-                bank = HostExpertBank(module.experts, self.pin, self.ep_group, module.total_experts)
+                bank = HostExpertBank(module.experts, self.pin, self.ep_group, module.total_experts,
+                                      self.replica_group if self.sharded else None)
                 module.experts = bank  # the device ExpertBank is dropped here: its memory is freed
                 self.layers[name] = module
                 self.banks[name] = bank
@@ -264,9 +309,54 @@ class ExpertOffload:
         return {name: row.nonzero().flatten().cpu() for name, row in zip(self.layers, stacked)}
 
     def fetch(self, plan: dict[str, torch.Tensor]) -> None:
-        for name, bank in self.banks.items():
-            bank.fetch(plan[name], self.device, self.dtype)
+        if self.sharded:
+            self._fetch_from_owners(plan)
+        else:
+            for name, bank in self.banks.items():
+                bank.fetch(plan[name], self.device, self.dtype)
         self.last_fetched = {name: plan[name].tolist() for name in self.banks}
+
+    def _row_sizes(self, bank: HostExpertBank) -> list[int]:
+        return [bank.host[name][0].numel() for name in WEIGHT_NAMES]
+
+    def _segments(self) -> tuple[list[list[int]], list[int]]:
+        """Per bank, its active experts per owner; and per owner, the numbers it holds in one flat
+        segment (banks in order, then weights in WEIGHT_NAMES order, rows in expert order)."""
+        counts = [bank.owner_counts() for bank in self.banks.values()]
+        totals = [sum(c[j] * sum(self._row_sizes(bank)) for c, bank in zip(counts, self.banks.values()))
+                  for j in range(self.replicas)]
+        return counts, totals
+
+    @torch.no_grad()
+    def _fetch_from_owners(self, plan: dict[str, torch.Tensor]) -> None:
+        """Every replica gets the fetched experts of its shard: each owner contributes the rows of its
+        block, one all-gather (padded to the largest contribution) over the replica group."""
+        for name, bank in self.banks.items():
+            bank.select(plan[name], self.device)
+        counts, totals = self._segments()
+        width = max(totals)
+        mine = [bank.host[name].index_select(0, bank.owned_active() - bank.owned_first).reshape(-1)
+                for bank in self.banks.values() for name in WEIGHT_NAMES]
+        local = torch.cat(mine) if mine else torch.zeros(0)
+        buffer = torch.zeros(width, device=self.device, dtype=self.dtype)
+        buffer[: local.numel()] = local.to(device=self.device, dtype=self.dtype, non_blocking=self.pin)
+        gathered = torch.empty(self.replicas * width, device=self.device, dtype=self.dtype)
+        if width:
+            dist.all_gather_into_tensor(gathered, buffer, group=self.replica_group)
+        pieces: list[list[list[torch.Tensor]]] = [[[] for _ in WEIGHT_NAMES] for _ in self.banks]
+        for j in range(self.replicas):
+            offset = j * width
+            for b, bank in enumerate(self.banks.values()):
+                for w, size in enumerate(self._row_sizes(bank)):
+                    n = counts[b][j] * size
+                    pieces[b][w].append(gathered[offset: offset + n])
+                    offset += n
+        for b, bank in enumerate(self.banks.values()):
+            bank.device_weights = {
+                name: torch.cat(pieces[b][w]).view(len(bank.active), *bank.host[name].shape[1:])
+                .clone().requires_grad_(True)
+                for w, name in enumerate(WEIGHT_NAMES)
+            }
 
     @torch.no_grad()
     def step(self, lr: float, grad_scale: float = 1.0, skip: bool = False) -> dict[str, float]:
@@ -278,6 +368,8 @@ class ExpertOffload:
         if skip:
             self.release()
             return {"expert_grad_norm": 0.0, "experts_updated": 0}
+        if self.sharded:
+            return self._step_owned(lr, grad_scale)
         grads: list[torch.Tensor] = []
         owners: list[tuple[HostExpertBank, str]] = []
         for bank in self.banks.values():
@@ -304,15 +396,69 @@ class ExpertOffload:
             host_grad = host_flat[offset: offset + grad.numel()].view(grad.shape)
             offset += grad.numel()
             for slot, expert in enumerate(bank.active.tolist()):
-                bank.expert_params[name][expert - bank.first].grad = host_grad[slot]
+                bank.expert_params[name][expert - bank.owned_first].grad = host_grad[slot]
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         for bank in self.banks.values():
             for name in WEIGHT_NAMES:
                 for expert in bank.active.tolist():
-                    bank.expert_params[name][expert - bank.first].grad = None
+                    bank.expert_params[name][expert - bank.owned_first].grad = None
         stats = {"expert_grad_norm": norm, "experts_updated": sum(len(b.active) for b in self.banks.values())}
+        self.release()
+        return stats
+
+    def _step_owned(self, lr: float, grad_scale: float) -> dict[str, float]:
+        """Sharded host state: reduce-scatter the fetched experts' gradients to their owners, clip by the
+        global norm, and let each owner update its own block on the host."""
+        counts, totals = self._segments()
+        width = max(totals)
+        banks = list(self.banks.values())
+        grads = [bank.gradients() for bank in banks]
+        starts = [[sum(c[:j]) for j in range(self.replicas)] for c in counts]
+        segments = []
+        for j in range(self.replicas):
+            parts = [grads[b][name][starts[b][j]: starts[b][j] + counts[b][j]].reshape(-1).float()
+                     for b in range(len(banks)) for name in WEIGHT_NAMES]
+            segment = torch.zeros(width, device=self.device, dtype=torch.float32)
+            if parts:
+                joined = torch.cat(parts)
+                segment[: joined.numel()] = joined
+            segments.append(segment)
+        mine = torch.zeros(width, device=self.device, dtype=torch.float32)
+        if width:
+            dist.reduce_scatter_tensor(mine, torch.cat(segments), group=self.replica_group)
+        # The loss is a mean over all data-parallel ranks, as DeepSpeed averages the dense gradients.
+        mine.div_(grad_scale * _group_size(self.group))
+        square = mine.pow(2).sum().reshape(1)
+        dist.all_reduce(square, group=self.replica_group)  # every owner's block of this shard ...
+        if self.ep_group is not None:
+            dist.all_reduce(square, group=self.ep_group)  # ... and every shard: each element once
+        norm = float(square.sqrt())
+        if self.optim.grad_clip > 0 and norm > self.optim.grad_clip:
+            mine.mul_(self.optim.grad_clip / (norm + 1e-6))  # torch.nn.utils.clip_grad_norm_'s rule
+        host = mine.to("cpu")
+        me = banks[0].replica_rank
+        offset = 0
+        stepped: list[torch.Tensor] = []
+        for b, bank in enumerate(banks):
+            owned = (bank.owned_active() - bank.owned_first).tolist()
+            for name in WEIGHT_NAMES:
+                shape = bank.host[name].shape[1:]
+                n = counts[b][me] * bank.host[name][0].numel()
+                block = host[offset: offset + n].view(counts[b][me], *shape)
+                offset += n
+                for slot, e in enumerate(owned):
+                    param = bank.expert_params[name][e]
+                    param.grad = block[slot]
+                    stepped.append(param)
+        if stepped:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            for param in stepped:
+                param.grad = None
+        stats = {"expert_grad_norm": norm, "experts_updated": sum(len(b.active) for b in banks)}
         self.release()
         return stats
 
@@ -327,11 +473,19 @@ class ExpertOffload:
         bank = next(iter(self.banks.values()))
         return bank.ep_rank, bank.ep_size
 
+    @property
+    def owner(self) -> tuple[int, int]:
+        """(replica index, replicas): which block of its shard this rank owns ((0, 1) when not sharded)."""
+        bank = next(iter(self.banks.values()))
+        return (bank.replica_rank, bank.replicas) if self.sharded else (0, 1)
+
     def state_dict(self) -> dict[str, Any]:
-        """This shard's masters and Adam states per layer and weight, stacked over its experts (zeros
-        where never stepped), and each expert's own step count."""
+        """This shard's (with sharded host state: this owner's block's) masters and Adam states per layer
+        and weight, stacked over its experts (zeros where never stepped), and each expert's own step count."""
         ep_rank, ep_size = self.shard
         out: dict[str, Any] = {"shard": torch.tensor([ep_rank, ep_size])}
+        if self.sharded:
+            out["owner"] = torch.tensor(list(self.owner))
         for layer, bank in self.banks.items():
             for name in WEIGHT_NAMES:
                 params = bank.expert_params[name]
@@ -352,6 +506,10 @@ class ExpertOffload:
         saved_shard = tuple(int(v) for v in state["shard"])
         if saved_shard != self.shard:
             raise ValueError(f"ECSS state of expert shard {saved_shard} (rank, size) loaded into shard {self.shard}")
+        saved_owner = tuple(int(v) for v in state["owner"]) if "owner" in state else (0, 1)
+        if saved_owner != self.owner:
+            raise ValueError(f"ECSS state of block {saved_owner} (replica, replicas) of its shard loaded into "
+                             f"block {self.owner}: written with another ecss_shard_states layout")
         for layer, bank in self.banks.items():
             for name in WEIGHT_NAMES:
                 saved = state[f"{layer}.{name}"]
@@ -370,21 +528,29 @@ class ExpertOffload:
                         }
 
     def expert_rows(self) -> list[tuple[str, torch.Tensor, int]]:
-        """This rank's shard as (ExpertBank tensor name, host master rows, first row) pieces."""
-        return [(f"{layer}.experts.{name}", bank.host[name], bank.first)
+        """This rank's shard (sharded host state: its own block) as (ExpertBank tensor name, host master
+        rows, first row) pieces."""
+        return [(f"{layer}.experts.{name}", bank.host[name], bank.owned_first)
                 for layer, bank in self.banks.items() for name in WEIGHT_NAMES]
 
     def expert_state(self) -> dict[str, torch.Tensor]:
         """Every layer's experts, whole, under `ExpertBank` names (`<layer>.experts.w_in`, ...), on the
         first rank of each expert-parallel group (the shards are gathered there); empty elsewhere.
-        Collective over the expert-parallel group."""
+        Collective over the expert-parallel group (and the replica group with sharded host state)."""
         out: dict[str, torch.Tensor] = {}
         for layer, bank in self.banks.items():
             for name in WEIGHT_NAMES:
+                if self.sharded:  # the blocks of the shard, from their owners, in replica order
+                    block = bank.host[name].to(self.device)
+                    whole = block.new_empty((bank.shard_size, *block.shape[1:]))
+                    dist.all_gather_into_tensor(whole, block, group=self.replica_group)
+                    shard = whole.cpu()
+                else:
+                    shard = bank.host[name]
                 if self.ep_group is None:
-                    out[f"{layer}.experts.{name}"] = bank.host[name].clone()
+                    out[f"{layer}.experts.{name}"] = shard.clone()
                     continue
-                master = bank.host[name].to(self.device)  # NCCL gathers device tensors only
+                master = shard.to(self.device)  # NCCL gathers device tensors only
                 first = dist.get_global_rank(self.ep_group, 0)
                 parts = [torch.empty_like(master) for _ in range(bank.ep_size)] if bank.ep_rank == 0 else None
                 dist.gather(master, parts, dst=first, group=self.ep_group)

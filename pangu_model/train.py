@@ -106,6 +106,8 @@ class TrainConfig(BaseModel):
     reduce_bucket_size: float = Field(5e8, gt=0)
     # experts
     ecss: bool = Field(False, description="PanGu-Σ ECSS: expert weights and Adam states in host memory")
+    ecss_shard_states: bool = Field(False, description="ECSS: each replica of an expert shard keeps only its block "
+                                                       "of the masters + Adam states (host bytes / (ep × dp))")
     expert_parallel: int = Field(1, ge=1, description="ranks that share one copy of the experts (inside a node)")
     topology: str | None = Field(None, description="deploy/presets/topology name or YAML: checks ep against the cluster")
     # checkpoints and logs
@@ -399,7 +401,7 @@ class Trainer:
             self.ecss = ExpertOffload(
                 model, config.optimizer, self.device, _compute_dtype(config.precision),
                 group=dist.group.WORLD if self.world_size > 1 else None,
-                ep_group=ep_group, replica_group=replica_group,
+                ep_group=ep_group, replica_group=replica_group, shard_states=config.ecss_shard_states,
             )
         from .speed import maybe_compile
 
@@ -709,10 +711,10 @@ class Trainer:
             "world_size": self.world_size,
         }
         _atomic_torch_save(trainer_state, directory / f"trainer_rank{self.rank:05d}.pt")
-        if self.ecss is not None and self._first_replica():
-            # One file per expert shard: its masters and Adam states (replicas of a shard are equal).
-            ep_rank, _ = self.ecss.shard
-            _atomic_torch_save(self.ecss.state_dict(), directory / _ecss_file(ep_rank))
+        if self.ecss is not None and (self.ecss.sharded or self._first_replica()):
+            # One file per expert shard: its masters and Adam states (replicas of a shard are equal);
+            # with sharded host state, one per owner of a block of a shard.
+            _atomic_torch_save(self.ecss.state_dict(), directory / self._ecss_path())
         if self.world_size > 1:
             dist.barrier()
         if self.rank == 0:
@@ -722,6 +724,11 @@ class Trainer:
         if self.world_size > 1:
             dist.barrier()
         return directory
+
+    def _ecss_path(self) -> str:
+        """This rank's ECSS checkpoint file: one per expert shard, or per owner with sharded host state."""
+        ep_rank, _ = self.ecss.shard
+        return _ecss_file(ep_rank, self.ecss.owner[0] if self.ecss.sharded else None)
 
     def _first_replica(self) -> bool:
         """True on one rank per expert shard: rank 0 without expert parallelism, else the first rank of
@@ -745,14 +752,18 @@ class Trainer:
             raise ValueError(f"{directory} was written by a run with another model/data/batch config")
         if state["world_size"] != self.world_size:
             raise ValueError(f"{directory} was written by {state['world_size']} ranks, this run has {self.world_size}")
+        if self.ecss is not None and not (directory / self._ecss_path()).is_file():
+            other = "sharded (ecss_shard_states: true)" if not self.ecss.sharded else "unsharded (ecss_shard_states: false)"
+            found = sorted(p.name for p in directory.glob("ecss_experts_ep*.pt"))
+            raise ValueError(f"{directory} has no {self._ecss_path()} (found {found[:4]}): its ECSS host state "
+                             f"was written {other}; resume with the same ecss_shard_states")
         path, _ = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag, load_module_strict=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {directory}")
         # The optimizer state brought back the lrs of the old schedule: this run's config decides them.
         self.scheduler.apply()
         if self.ecss is not None:
-            ep_rank, _ = self.ecss.shard
-            self.ecss.load_state_dict(torch.load(directory / _ecss_file(ep_rank), weights_only=True))
+            self.ecss.load_state_dict(torch.load(directory / self._ecss_path(), weights_only=True))
         self.dataset.load_state_dict(state["dataset"])
         self.step = int(state["step"])
         return True
@@ -806,8 +817,8 @@ class Trainer:
             pieces = self.ecss.expert_rows()
         elif self.config.expert_parallel > 1:
             pieces = local_expert_rows(self.engine.module, state)
-        if not self._first_replica():
-            pieces = []  # replicas of a shard hold the same experts: one of them writes
+        if not self._first_replica() and not (self.ecss is not None and self.ecss.sharded):
+            pieces = []  # replicas of a shard hold the same experts: one of them writes (sharded: each its block)
         dense = without_moe_keys(self.engine.module, state) if self.rank == 0 else {}
         writer = SafetensorsWriter(directory / f".{WEIGHTS_NAME}.tmp", specs)
         if self.rank == 0:
@@ -871,7 +882,9 @@ def _uncovered_rows(specs: dict[str, Any], written: list[tuple[str, int, int]]) 
             for name, hits in rows.items() if any(c != 1 for c in hits)]
 
 
-def _ecss_file(ep_rank: int) -> str:
+def _ecss_file(ep_rank: int, owner: int | None = None) -> str:
+    if owner is not None:  # sharded host state: one file per owner of a block of the shard
+        return f"ecss_experts_ep{ep_rank:03d}_owner{owner:03d}.pt"
     return f"ecss_experts_ep{ep_rank:03d}.pt"
 
 

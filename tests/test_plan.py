@@ -253,3 +253,23 @@ def test_cli_user_errors(capsys, argv, fragment):
     err = capsys.readouterr().err.strip()
     assert err.startswith("pangu plan: error: ") and fragment in err
     assert len(err.splitlines()) == 1
+
+
+def test_sigma_1t_with_sharded_ecss_state_holds_a_64th_of_the_host_bytes():
+    """`ecss_shard_states`: each of the 64 replicas of an expert shard (one per node) owns 1/64 of it: host
+    state per node falls from 12.9 TB to 201 GB; the fetched experts reach the replicas by an all-gather
+    (bf16) and their gradients return to the owners by a reduce-scatter (fp32), over the network."""
+    hw = HARDWARE["h100"]
+    plan = plan_for("sigma-1t", topology="pangu-sigma", gpu="h100", overrides=["ecss_shard_states=true"])
+    owned = EXPERTS_PER_RANK // 64
+    assert EXPERTS_PER_RANK % 64 == 0
+    assert plan.parameters["experts_on_host_per_gpu"] == owned
+    assert plan.host_phases_per_node["resident"] == 8 * 12 * owned == 201_351_168_000
+    assert plan.h2d_bytes_per_gpu_per_step == 4 * owned
+    fetched = EXPERTS_PER_RANK
+    assert plan.transfers["ecss_owner_all_gather"] == int(63 / 64 * 2 * fetched)
+    assert plan.transfers["ecss_gradient_reduce_scatter"] == int(63 / 64 * 4 * fetched)
+    assert "ecss_gradient_all_reduce" not in plan.times
+    assert plan.times["ecss_cpu_adam"] == pytest.approx(8 * 28 * owned / hw.host_dram_bytes_per_s)
+    assert not any(r.startswith("host memory") for r in plan.reasons)  # the host fits now; the GPU does not
+    assert any(r.startswith("GPU memory") for r in plan.reasons)

@@ -1,0 +1,149 @@
+"""ECSS host state sharded like ZeRO (issue #12 §1, `ecss_shard_states`): 4 gloo ranks, ep 2 × dp 2.
+
+Each expert's fp32 master and Adam states live on one owner among the replicas of its expert shard:
+a rank's host expert bytes are ¼ of the total; the losses, a stop-and-resume and the export equal
+unsharded ECSS. The module is also the torchrun entry point of these runs
+(`python -m tests.test_train_ecss_sharded --config C`): it trains and exports with the compute device
+`cpu:0` under the collective guard (every collective on the compute device, as NCCL needs) and writes
+each rank's `ExpertOffload.host_bytes()` to `host_bytes_rank<r>.json` in the run dir.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RANKS = 4
+STEPS = 3
+
+
+def _torchrun(config: Path, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    from pangu_model.train import _free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        env.pop(var, None)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(RANKS),
+         "--master_port", str(_free_port()), "-m", "tests.test_train_ecss_sharded", "--config", str(config)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    if expect_ok:
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return done
+
+
+def _host_bytes(run: Path) -> list[dict[str, int]]:
+    return [json.loads((run / f"host_bytes_rank{r}.json").read_text()) for r in range(RANKS)]
+
+
+@pytest.mark.slow
+def test_sharded_host_state_matches_unsharded_ecss_resumes_and_exports_the_same() -> None:
+    from pangu_model import load_checkpoint
+    from pangu_model.metrics import read_metrics
+    from tests.test_train_common import run_config
+
+    # domain_affine off: every rank's rows mix the domains, so every step routes to every expert and
+    # every owner has work (and Adam states) on every step.
+    optimizer = {"lr": 3e-3, "warmup_steps": 1, "decay_steps": STEPS, "grad_clip": 0.5}
+    fields = dict(ecss=True, expert_parallel=2, topology=None, domain_affine=False, optimizer=optimizer,
+                  micro_batch_size=2)
+    whole = run_config("ecss-unsharded-4", "sigma-tiny", train_steps=STEPS, checkpoint_every=0,
+                       ecss_shard_states=False, **fields)
+    owned = run_config("ecss-sharded-4", "sigma-tiny", train_steps=2, checkpoint_every=2,
+                       ecss_shard_states=True, **fields)
+    _torchrun(whole)
+    _torchrun(owned)
+    assert (owned.parent / "checkpoints" / "latest").read_text() == "step00000002"
+    data = yaml.safe_load(owned.read_text())
+    owned.write_text(yaml.safe_dump({**data, "train_steps": STEPS}))
+    _torchrun(owned)  # resumes from step 2, each owner from its own file
+
+    a, b = read_metrics(whole.parent), read_metrics(owned.parent)
+    assert [r["step"] for r in b] == list(range(1, STEPS + 1)) == [r["step"] for r in a]
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6), (x["step"], x["loss"], y["loss"])
+
+    # Host memory: an unsharded rank holds its ep shard (½ of all expert state), a sharded one ¼.
+    unsharded, sharded = _host_bytes(whole.parent), _host_bytes(owned.parent)
+    total = sum(r["host_bytes"] for r in unsharded) // 2  # the 2 replicas of each shard hold copies
+    assert all(r["host_bytes"] * 2 == total for r in unsharded), (unsharded, total)
+    assert sum(r["host_bytes"] for r in sharded) == total
+    assert all(r["host_bytes"] * 4 == total for r in sharded), (sharded, total)
+    assert all(r["master_bytes"] * 4 == unsharded[0]["master_bytes"] * 2 for r in sharded)
+
+    # Each owner's block once in the checkpoint: 2 of the 8 experts per file; the blocks of a shard
+    # together are the unsharded shard file (masters, Adam moments, per-expert step counts).
+    files = sorted((owned.parent / "checkpoints" / f"step{STEPS:08d}").glob("ecss_experts_ep*.pt"))
+    assert [p.name for p in files] == [f"ecss_experts_ep{e:03d}_owner{o:03d}.pt" for e in range(2) for o in range(2)]
+    states = [torch.load(path, weights_only=True) for path in files]
+    for i, state in enumerate(states):
+        assert state["shard"].tolist() == [i // 2, 2] and state["owner"].tolist() == [i % 2, 2]
+        assert all(v["master"].shape[0] == 2 for k, v in state.items() if k not in ("shard", "owner"))
+    for ep_rank in range(2):
+        reference = torch.load(whole.parent / "checkpoints" / f"step{STEPS:08d}" / f"ecss_experts_ep{ep_rank:03d}.pt",
+                               weights_only=True)
+        blocks = states[2 * ep_rank: 2 * ep_rank + 2]
+        for key, ref in reference.items():
+            if key == "shard":
+                continue
+            assert torch.equal(torch.cat([b[key]["step"] for b in blocks]), ref["step"]), key
+            assert int(ref["step"].sum()) > 0
+            for part in ("master", "exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(torch.cat([b[key][part] for b in blocks]), ref[part],
+                                           rtol=1e-5, atol=1e-7, msg=f"{key}.{part}")
+
+    # The export, written by every owner for its block, equals the unsharded one.
+    x, y = (load_checkpoint(p.parent / "export").state_dict() for p in (whole, owned))
+    assert set(x) == set(y)
+    for name, tensor in x.items():
+        torch.testing.assert_close(y[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+    # A checkpoint of the other layout is refused, by name.
+    data = yaml.safe_load(whole.read_text())
+    whole.write_text(yaml.safe_dump({**data, "train_steps": STEPS + 1, "ecss_shard_states": True}))
+    refused = _torchrun(whole, expect_ok=False)
+    assert refused.returncode != 0
+    assert "resume with the same ecss_shard_states" in refused.stdout + refused.stderr
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    import torch.distributed as dist
+
+    from pangu_model.train import EXPORT_DIR, Trainer, load_train_config
+    from tests.collective_guard import COMPUTE, HostTensorGuard
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args(argv)
+    config = load_train_config(args.config, [])
+    trainer = Trainer(config, device=COMPUTE)
+    guard = HostTensorGuard()
+    try:
+        with guard.active():
+            result = trainer.run()
+            if result["status"] == "completed" and not config.export:
+                trainer.export(Path(config.output) / EXPORT_DIR)
+        ecss = trainer.ecss
+        masters = sum(t.numel() * t.element_size() for b in ecss.banks.values() for t in b.host.values())
+        Path(config.output, f"host_bytes_rank{trainer.rank}.json").write_text(
+            json.dumps({"host_bytes": ecss.host_bytes(), "master_bytes": masters, "sharded": ecss.sharded}))
+    finally:
+        trainer.close()
+    if dist.get_rank() == 0:
+        print(json.dumps({"status": result["status"], "step": result["step"]}), flush=True)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
