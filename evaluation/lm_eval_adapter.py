@@ -20,7 +20,8 @@ import zlib
 from collections import defaultdict
 from typing import Any
 
-from lm_eval import utils as lm_utils
+import lm_eval.models  # noqa: F401 - lm-eval discovers its own models only while its registry is empty:
+from lm_eval import utils as lm_utils  # registering "pangu" first used to hide "hf" & co. in this process
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 

@@ -105,3 +105,13 @@ def test_registered_name_and_model_object() -> None:
     assert lm.max_length == model.config.max_seq_len
     with pytest.raises(ValueError, match="checkpoint"):
         PanguLM()
+
+
+def test_registering_pangu_keeps_lm_evals_own_models():
+    """lm-eval loads its own models only while its registry is empty: registering "pangu" first used to
+    make `--model hf` unknown in the same process."""
+    import evaluation.lm_eval_adapter  # noqa: F401 - registers "pangu"
+    from lm_eval.api.registry import get_model
+
+    assert get_model("pangu").__name__ == "PanguLM"
+    assert get_model("hf").__name__ == "HFLM"
