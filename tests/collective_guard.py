@@ -23,7 +23,7 @@ import functools
 import sys
 import weakref
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -169,9 +169,10 @@ def _project_caller() -> str:
     return "outside the project"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m torch.distributed.run ... -m tests.collective_guard --config C`: train and export with the
-    compute device `cpu:0` under the guard; print the result line as `pangu_model.train` does."""
+def main(argv: list[str] | None = None, report: Callable[[Any], None] | None = None) -> int:
+    """`python -m torch.distributed.run ... -m tests.collective_guard --config C`: train (and export) with the
+    compute device `cpu:0` under the guard; print the result line as `pangu_model.train` does. `report`
+    gets the trainer after its run (a test module's own entry point may write what it measured)."""
     import argparse
     import json
 
@@ -186,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with guard.active():
             result = trainer.run()
-            trainer.export(Path(config.output) / EXPORT_DIR)
+            if result["status"] == "completed" and not config.export:
+                trainer.export(Path(config.output) / EXPORT_DIR)
+        if report is not None:
+            report(trainer)
     finally:
         trainer.close()
     if dist.get_rank() == 0:

@@ -114,35 +114,18 @@ def test_sharded_host_state_matches_unsharded_ecss_resumes_and_exports_the_same(
     assert "resume with the same ecss_shard_states" in refused.stdout + refused.stderr
 
 
+def _write_host_bytes(trainer) -> None:
+    ecss = trainer.ecss
+    masters = sum(t.numel() * t.element_size() for b in ecss.banks.values() for t in b.host.values())
+    Path(trainer.config.output, f"host_bytes_rank{trainer.rank}.json").write_text(
+        json.dumps({"host_bytes": ecss.host_bytes(), "master_bytes": masters, "sharded": ecss.sharded}))
+
+
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    """Torchrun entry point: `tests.collective_guard`'s guarded run, then each rank's ECSS host bytes."""
+    from tests import collective_guard
 
-    import torch.distributed as dist
-
-    from pangu_model.train import EXPORT_DIR, Trainer, load_train_config
-    from tests.collective_guard import COMPUTE, HostTensorGuard
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
-    args = parser.parse_args(argv)
-    config = load_train_config(args.config, [])
-    trainer = Trainer(config, device=COMPUTE)
-    guard = HostTensorGuard()
-    try:
-        with guard.active():
-            result = trainer.run()
-            if result["status"] == "completed" and not config.export:
-                trainer.export(Path(config.output) / EXPORT_DIR)
-        ecss = trainer.ecss
-        masters = sum(t.numel() * t.element_size() for b in ecss.banks.values() for t in b.host.values())
-        Path(config.output, f"host_bytes_rank{trainer.rank}.json").write_text(
-            json.dumps({"host_bytes": ecss.host_bytes(), "master_bytes": masters, "sharded": ecss.sharded}))
-    finally:
-        trainer.close()
-    if dist.get_rank() == 0:
-        print(json.dumps({"status": result["status"], "step": result["step"]}), flush=True)
-    dist.destroy_process_group()
-    return 0
+    return collective_guard.main(argv, report=_write_host_bytes)
 
 
 if __name__ == "__main__":
