@@ -236,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="dtype of the exported weights (the release is fp16; default fp32)")
     p.add_argument("--trust", action="store_true",
-                   help="unpickle files that weights_only loading refuses (optimizer/RNG state); this can run code "
-                        "from the file: only for checkpoints whose origin you trust")
+                   help="allow the globals a file names beyond tensors (optimizer/RNG state), still loading with "
+                        "weights_only; this imports what the file names: only for checkpoints you trust")
     p.add_argument("--tokenizer", default=None,
                    help="bundle this tokenizer directory instead of the released one (default: the released "
                         "tokenizer from the pcl_pangu wheel)")

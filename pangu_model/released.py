@@ -10,7 +10,8 @@ Each file is `{"model": {"language_model": {"embedding": …, "topQueryEmbedding
 be the `iter_*` / `release` directory itself, or one `model_optim_rng.pt` (a single partition).
 
 Files are read with `torch.load(weights_only=True)` (plus `argparse.Namespace`, the `args` Megatron
-saves); a file that needs more is refused with the global it asks for, unless `trust=True`.
+saves); a file that needs more is refused with the global it asks for, unless `trust=True`, which
+allows each global the file names (still weights_only: nothing but those is unpickled).
 
 Model-parallel partitions (`mpu/layers.py`) are merged as `tools/merge_mp_partitions.py` does, stride 1:
 column-parallel tensors (word embedding rows, query/key/value and dense_h_to_4h weights and biases)
@@ -23,6 +24,7 @@ make_vocab_size_divisible_by × partitions). The shape is read from the tensors 
 from __future__ import annotations
 
 import argparse
+import importlib
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -154,14 +156,34 @@ def locate(source: str | Path) -> tuple[list[Path], str]:
 
 
 # -- reading ---------------------------------------------------------------------------------------
+_NEEDED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)|but got <class '([^']+)'>")
+
+
+def _resolve(name: str) -> Any:
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _load(path: Path, trust: bool) -> Any:
+    """`torch.load(weights_only=True)`, with Megatron's `args`; with `trust`, every other global the file
+    needs (optimizer or NumPy RNG state) is allowed by name as the loader meets it."""
+    allowed: list[Any] = [argparse.Namespace]
+    for _ in range(64):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            m = _NEEDED_GLOBAL.search(str(exc))
+            if not trust or m is None:
+                raise
+            allowed.append(_resolve(m.group(1) or m.group(2)))
+    raise pickle.UnpicklingError(f"{path}: more than 64 globals to allow")
+
+
 def read_partition(path: Path, trust: bool = False) -> dict[str, Any]:
-    """One `model_optim_rng.pt`, loaded with weights_only unless `trust`."""
+    """One `model_optim_rng.pt`, loaded with weights_only; `trust` allows the other globals it names."""
     try:
-        if trust:
-            payload = torch.load(path, map_location="cpu", weights_only=False)
-        else:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = _load(path, trust)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "Weights only load failed" in text:
@@ -169,8 +191,7 @@ def read_partition(path: Path, trust: bool = False) -> dict[str, Any]:
             what = f"the global {m.group(1)}" if m else "objects other than tensors and plain containers"
             raise ReleasedCheckpointError(
                 f"{path}: refused to load with weights_only=True: it needs {what} (e.g. optimizer or RNG "
-                f"state); pass --trust to unpickle it fully, only if you trust where it came from "
-                f"(unpickling can run code)") from None
+                f"state); pass --trust to allow what it names, only if you trust where it came from") from None
         raise ReleasedCheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
                                       f"{text.splitlines()[0] if text else type(exc).__name__}") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError) as exc:

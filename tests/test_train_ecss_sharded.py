@@ -88,8 +88,8 @@ def test_sharded_host_state_matches_unsharded_ecss_resumes_and_exports_the_same(
         assert state["shard"].tolist() == [i // 2, 2] and state["owner"].tolist() == [i % 2, 2]
         assert all(v["master"].shape[0] == 2 for k, v in state.items() if k not in ("shard", "owner"))
     for ep_rank in range(2):
-        reference = torch.load(whole.parent / "checkpoints" / f"step{STEPS:08d}" / f"ecss_experts_ep{ep_rank:03d}.pt",
-                               weights_only=True)
+        unsharded = whole.parent / "checkpoints" / f"step{STEPS:08d}" / f"ecss_experts_ep{ep_rank:03d}.pt"
+        reference = torch.load(unsharded, weights_only=True)
         blocks = states[2 * ep_rank: 2 * ep_rank + 2]
         for key, ref in reference.items():
             if key == "shard":
