@@ -20,7 +20,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.test_train_common import VOCAB, packed_tokens
+from flows.pretrain import read_metrics_csv
+from tests.test_train_common import VOCAB, packed_tokens, training_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -168,25 +169,8 @@ TINY_SETS = ["seq_len=64", f"model_overrides.vocab_size={VOCAB}", "model_overrid
              "progress_bar=false", "throttle_s=0.3", "checkpoint_every=0"]
 
 
-def _training_processes(marker: str) -> list[int]:
-    """Pids of live processes whose command line holds `marker` (a run's output directory)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, ValueError, IndexError):
-            continue
-        if marker in cmdline and "pangu_model.train" in cmdline and state != "Z":
-            found.append(int(proc.name))
-    return found
-
-
 def _metrics_rows(output: Path) -> int:
-    path = output / "metrics.csv"
-    return max(0, len(path.read_text().splitlines()) - 1) if path.is_file() else 0
+    return len(read_metrics_csv(output))
 
 
 def _wait(condition, timeout: float, what: str) -> None:
@@ -229,7 +213,7 @@ def test_sigterm_to_the_flow_process_checkpoints_and_ends_preempted(prefect_serv
     assert 3 <= steps < 400
     assert (output / "checkpoints" / "latest").read_text() == f"step{steps:08d}"
     assert not (output / "STOP").exists()
-    assert _training_processes(str(output)) == []
+    assert training_processes(str(output)) == []
     (run,) = _flow_runs_with_output(api, output)
     assert run["state"]["type"] == "CANCELLED" and run["state"]["name"] == "Preempted", run["state"]
 
@@ -255,13 +239,13 @@ def test_cancelling_a_run_through_the_api_leaves_no_training_process(prefect_ser
     try:
         _wait(lambda: _metrics_rows(output) >= 2 or _flow_run(api, run["id"])["state"]["type"] in
               ("FAILED", "CRASHED", "COMPLETED"), 240, "2 training steps")
-        assert _training_processes(str(output)), _flow_run(api, run["id"])["state"]
+        assert training_processes(str(output)), _flow_run(api, run["id"])["state"]
         _post(f"{api}/flow_runs/{run['id']}/set_state", {"state": {"type": "CANCELLING", "name": "Cancelling"},
                                                          "force": True})
         _wait(lambda: _flow_run(api, run["id"])["state"]["type"] == "CANCELLED", 120, "the run to be cancelled")
-        _wait(lambda: not _training_processes(str(output)), 60, "the training processes to end")
+        _wait(lambda: not training_processes(str(output)), 60, "the training processes to end")
     finally:
         _kill_group(worker)
-        for pid in _training_processes(str(output)):
+        for pid in training_processes(str(output)):
             os.kill(pid, signal.SIGKILL)
     assert _metrics_rows(output) < 400

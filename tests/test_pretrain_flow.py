@@ -13,7 +13,7 @@ import pytest
 
 from flows.pretrain import (Launch, build_launch, last_metrics_row, parse_result, read_metrics_csv, resolve_data,
                             run_training, sample_rows)
-from tests.test_train_common import VOCAB, packed_tokens
+from tests.test_train_common import VOCAB, packed_tokens, training_processes
 
 # The tiny presets on the session's tiny tokenizer: short rows, a small vocabulary.
 TINY = {"seq_len": 64, "model_overrides": {"vocab_size": VOCAB, "max_seq_len": 64}, "progress_bar": False}
@@ -256,14 +256,11 @@ def test_node_local_ranks_come_from_the_launchers_variables():
 
 def _job_process_group(marker: str) -> int | None:
     """The process group of the running training job whose command line holds `marker`."""
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, ValueError):
-            continue
-        if "pangu_model.train" in cmdline and marker in cmdline:
-            return os.getpgid(int(proc.name))
-    return None
+    pids = training_processes(marker)
+    try:
+        return os.getpgid(pids[0]) if pids else None
+    except ProcessLookupError:
+        return None
 
 
 @pytest.mark.slow

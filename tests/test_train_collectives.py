@@ -6,26 +6,16 @@ as NCCL would on the first step of an 8-GPU run.
 """
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
 
 from pangu_model.metrics import read_metrics, read_validation
-from pangu_model.train import _free_port
-from tests.test_train_common import ROOT, run_config
+from tests.test_train_common import run_config, run_torchrun
 
 
 def _guarded_torchrun(config) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        env.pop(var, None)
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         "-m", "tests.collective_guard", "--config", str(config)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
-    )
+    return run_torchrun(config, module="tests.collective_guard")
 
 
 @pytest.mark.slow

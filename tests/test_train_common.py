@@ -110,3 +110,49 @@ def run_cli(config: Path, *args: str, timeout: float = 240) -> subprocess.Comple
     proc = cli(config, *args)
     out, _ = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def torchrun(config: Path, module: str = "pangu_model.train", ranks: int = 2, **popen: Any) -> subprocess.Popen:
+    """`torchrun --nproc_per_node RANKS -m MODULE --config CONFIG` on this machine (gloo, a free port),
+    in its own process group, with the launcher variables of the calling process removed."""
+    from pangu_model.train import _free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        env.pop(var, None)
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+         str(_free_port()), "-m", module, "--config", str(config)],
+        cwd=ROOT, env=env, text=True, start_new_session=True, **popen)
+
+
+def run_torchrun(config: Path, module: str = "pangu_model.train", ranks: int = 2,
+                 timeout: float = 240) -> subprocess.CompletedProcess:
+    """`torchrun` to the end: its exit code and output."""
+    proc = torchrun(config, module, ranks)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def training_processes(marker: str) -> list[int]:
+    """Pids of the live (not zombie) training processes whose command line holds `marker` (a run's
+    output directory)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, ValueError, IndexError):
+            continue
+        if marker in cmdline and "pangu_model.train" in cmdline and state != "Z":
+            found.append(int(proc.name))
+    return found
+

@@ -10,7 +10,6 @@ each rank's `ExpertOffload.host_bytes()` to `host_bytes_rank<r>.json` in the run
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,22 +18,14 @@ import pytest
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
 RANKS = 4
 STEPS = 3
 
 
 def _torchrun(config: Path, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    from pangu_model.train import _free_port
+    from tests.test_train_common import run_torchrun
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        env.pop(var, None)
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(RANKS),
-         "--master_port", str(_free_port()), "-m", "tests.test_train_ecss_sharded", "--config", str(config)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
-    )
+    done = run_torchrun(config, module="tests.test_train_ecss_sharded", ranks=RANKS)
     if expect_ok:
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return done

@@ -1,9 +1,6 @@
 """Expert parallelism through DeepSpeed's MoE layer with a fixed RRE gate: 2 gloo ranks on CPU."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,19 +9,11 @@ import torch
 
 from pangu_model import load_checkpoint
 from pangu_model.metrics import read_metrics
-from pangu_model.train import _free_port
-from tests.test_train_common import ROOT, run_config
+from tests.test_train_common import run_config, run_torchrun
 
 
 def _torchrun(config: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        env.pop(var, None)
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         "-m", "pangu_model.train", "--config", str(config)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
-    )
+    done = run_torchrun(config, timeout=180)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,8 +12,8 @@ import torch
 
 from pangu_model import load_checkpoint
 from pangu_model.metrics import read_metrics
-from pangu_model.train import Trainer, _free_port, load_train_config
-from tests.test_train_common import ROOT, cli, run_cli, run_config
+from pangu_model.train import Trainer, load_train_config
+from tests.test_train_common import cli, run_cli, run_config, torchrun
 
 
 def _wait_for(predicate, proc, timeout: float = 120.0) -> None:
@@ -104,13 +103,7 @@ def test_the_stop_file_stops_every_rank_without_a_signal() -> None:
     filesystem reaches them: 2 ranks under torchrun, no signal sent, both checkpoint at the same step."""
     config = run_config("stop-file", "alpha-tiny", train_steps=200, checkpoint_every=0, throttle_s=0.2)
     run = config.parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        env.pop(var, None)
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(_free_port()), "-m", "pangu_model.train", "--config", str(config)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = torchrun(config, stderr=subprocess.STDOUT)
     try:
         _wait_for(lambda: _rows(run) >= 3, proc)
         (run / "STOP").touch()
