@@ -187,14 +187,15 @@ def main(argv: list[str] | None = None, report: Callable[[Any], None] | None = N
     try:
         with guard.active():
             result = trainer.run()
-            if result["status"] == "completed" and not config.export:
-                trainer.export(Path(config.output) / EXPORT_DIR)
+            if result["status"] == "completed":
+                trainer.export(Path(config.output) / EXPORT_DIR)  # the export's collectives, guarded again
         if report is not None:
             report(trainer)
     finally:
         trainer.close()
     if dist.get_rank() == 0:
         print(json.dumps({"status": result["status"], "step": result["step"]}), flush=True)
+    dist.barrier()  # no rank tears its group down while another still uses it
     dist.destroy_process_group()
     return 0
 
