@@ -942,4 +942,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The work is done and flushed: skip interpreter teardown, where a communication thread destroyed
+    # while joinable has aborted a finished rank (SIGABRT, "terminate called without an active
+    # exception") in CI runs.
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

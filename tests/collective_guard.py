@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 import weakref
 from pathlib import Path
@@ -201,4 +202,10 @@ def main(argv: list[str] | None = None, report: Callable[[Any], None] | None = N
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The work is done and flushed: skip interpreter teardown, where a communication thread destroyed
+    # while joinable has aborted a finished rank (SIGABRT, "terminate called without an active
+    # exception") in CI runs.
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
