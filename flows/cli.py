@@ -226,11 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", required=True, help="tiny, 350m, 2.6b, 13b, 200b, sigma-tiny, sigma-1t")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=_model_info)
-    p = model_cmds.add_parser("import", help="convert a released PanGu-α PyTorch checkpoint (Megatron 1.1 layout, "
-                                             "1 or more model-parallel partitions) into an export")
+    p = model_cmds.add_parser("import", help="convert a released PanGu-α checkpoint (PyTorch Megatron 1.1 layout, "
+                                             "1 or more model-parallel partitions, or MindSpore .ckpt / .npy "
+                                             "directory) into an export")
     p.add_argument("source", help="checkpoint directory (latest_checkpointed_iteration.txt + "
                                   "iter_NNNNNNN/ or release/ with mp_rank_XX/model_optim_rng.pt), an iter_*/release "
-                                  "directory, or one model_optim_rng.pt")
+                                  "directory, one model_optim_rng.pt, a MindSpore .ckpt (or a folder with one), "
+                                  "or a folder of MindSpore <parameter>.npy files")
     p.add_argument("--output", required=True, help="export directory to write (model.safetensors, config.json, "
                                                    "tokenizer/)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",

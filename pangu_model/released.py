@@ -1,6 +1,7 @@
-"""Import released PanGu-α PyTorch checkpoints (Megatron 1.1 layout, `pcl_pangu` port) into an export.
+"""Import released PanGu-α checkpoints into an export: the PyTorch port's (Megatron 1.1 layout) and
+MindSpore's (the release's own `.ckpt`, or the `.npy` directory `pcl_pangu`'s `ms_2_numpy` writes).
 
-Layout read (SPEC §10; `megatron/checkpointing.py` of the `pcl_pangu` wheel):
+PyTorch layout read (SPEC §10; `megatron/checkpointing.py` of the `pcl_pangu` wheel):
 
     SOURCE/latest_checkpointed_iteration.txt        an iteration number, or "release"
     SOURCE/iter_NNNNNNN/mp_rank_XX/model_optim_rng.pt   (or SOURCE/release/mp_rank_XX/...)
@@ -20,6 +21,15 @@ else (LayerNorms, position and query tables, row-parallel biases) is replicated 
 The word table is cut to the tokenizer's 40,000 rows (Megatron pads it to a multiple of
 make_vocab_size_divisible_by × partitions). The shape is read from the tensors and must match a preset
 (its head count is the preset's: tensors do not say it).
+
+MindSpore: the container is read by `mindspore_ckpt` (no MindSpore needed). Names and layouts are those
+the release's converter (`pcl_pangu/model_converter/_numpy_ckpt_2_pytorch.py`) maps:
+`backbone.blocks.{i}.attention.dense1/2/3` → query/key/value as they are; `attention.projection`,
+`output.mapping` and `output.projection` weights transposed (MindSpore keeps them [in, out]);
+`layernorm1/2` and the final `backbone.layernorm` gamma/beta → LayerNorm weight/bias. Optimizer states
+(`adam_m.…`, `moment1.…`) and scalars (`global_step`, `learning_rate`, …) are skipped and listed. The
+MindSpore word table has exactly the tokenizer's rows. The result goes through the same shape check and
+renaming as a PyTorch checkpoint.
 """
 from __future__ import annotations
 
@@ -31,9 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .config import PRESETS, PanguConfig
+from .mindspore_ckpt import MindSporeCheckpoint, MindSporeCheckpointError
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 PARTITION_FILE = "model_optim_rng.pt"
@@ -67,6 +79,37 @@ _COLUMN_PARALLEL = re.compile(
 _ROW_PARALLEL = re.compile(r"(attention\.dense|mlp\.dense_4h_to_h)\.weight$")
 _LAYER_NAME = re.compile(r"^transformer\.(?:layers\.(\d+)|topQueryLayer)\.(.+)\.(weight|bias)$")
 
+# MindSpore names (after "backbone.") → Megatron names; layer sub-names → (Megatron sub-name, transposed).
+_MS_EMBEDDINGS = {
+    "word_embedding.embedding_table": "embedding.word_embeddings.weight",
+    "position_embedding.embedding_table": "embedding.position_embeddings.weight",
+    "top_query_embedding.embedding_table": "topQueryEmbedding.top_query_embeddings.weight",
+    "layernorm.gamma": "transformer.final_layernorm.weight",
+    "layernorm.beta": "transformer.final_layernorm.bias",
+}
+_MS_LAYER = {
+    "attention.dense1.weight": ("attention.query.weight", False),
+    "attention.dense1.bias": ("attention.query.bias", False),
+    "attention.dense2.weight": ("attention.key.weight", False),
+    "attention.dense2.bias": ("attention.key.bias", False),
+    "attention.dense3.weight": ("attention.value.weight", False),
+    "attention.dense3.bias": ("attention.value.bias", False),
+    "attention.projection.weight": ("attention.dense.weight", True),
+    "attention.projection.bias": ("attention.dense.bias", False),
+    "output.mapping.weight": ("mlp.dense_h_to_4h.weight", True),
+    "output.mapping.bias": ("mlp.dense_h_to_4h.bias", False),
+    "output.projection.weight": ("mlp.dense_4h_to_h.weight", True),
+    "output.projection.bias": ("mlp.dense_4h_to_h.bias", False),
+    "layernorm1.gamma": ("input_layernorm.weight", False),
+    "layernorm1.beta": ("input_layernorm.bias", False),
+    "layernorm2.gamma": ("post_attention_layernorm.weight", False),
+    "layernorm2.beta": ("post_attention_layernorm.bias", False),
+}
+_MS_LAYER_NAME = re.compile(r"^(?:blocks\.(\d+)|top_query_layer)\.(.+)$")
+# Cells of MindSpore optimizers and loss scaling whose parameters mirror the model's names.
+_MS_OPTIMIZER_PART = re.compile(r"^(adam_[mv]|moments?\d*|accu_grads?|accum\w*|exp_avg\w*|.*_state)$")
+FORMATS = {"megatron": "PyTorch, Megatron 1.1 layout", "mindspore": "MindSpore .ckpt", "npy": "MindSpore tensors as .npy"}
+
 
 class ReleasedCheckpointError(ValueError):
     """The source is not a readable released checkpoint; the message names the file and the reason."""
@@ -87,12 +130,15 @@ class ImportSummary:
     tokenizer: Path | None = None
     parameters: int = 0
     notes: list[str] = field(default_factory=list)
+    format: str = "megatron"
 
     def lines(self) -> list[str]:
         c = self.config
+        parts = f", {self.partitions} model-parallel partition{'s' if self.partitions != 1 else ''}" \
+            if self.format == "megatron" else ""
         out = [
-            f"source      {self.source} (iteration {self.iteration}, {self.partitions} model-parallel "
-            f"partition{'s' if self.partitions != 1 else ''}, {self.source_dtype})",
+            f"source      {self.source} ({FORMATS[self.format]}, iteration {self.iteration}{parts}, "
+            f"{self.source_dtype})",
             f"shape       {c.num_layers} layers incl. the query layer, d {c.d_model}, d_ff {c.d_ff}, "
             f"heads {c.num_heads} (the preset's), seq {c.max_seq_len} → preset {self.preset}",
             f"vocabulary  {self.padded_vocab} rows → {c.vocab_size}",
@@ -153,6 +199,40 @@ def locate(source: str | Path) -> tuple[list[Path], str]:
         return _partition_files(source), label
     raise ReleasedCheckpointError(f"{source}: not a Megatron checkpoint directory (no {TRACKER_FILE}, "
                                   f"no iter_*/release/mp_rank_XX folders)")
+
+
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save: a zip archive, or a legacy pickle
+
+
+def source_format(source: str | Path) -> str:
+    """"megatron", "mindspore" or "npy": which kind of released checkpoint `source` is."""
+    source = Path(source)
+    if not source.exists():
+        raise ReleasedCheckpointError(f"{source}: no such file or directory")
+    if source.is_file():
+        if source.suffix == ".npy":
+            raise ReleasedCheckpointError(f"{source}: one tensor of a .npy directory: give the directory")
+        with open(source, "rb") as fh:
+            head = fh.read(4)
+        if source.name == TRACKER_FILE or head.startswith(_TORCH_MAGIC):
+            return "megatron"
+        if source.suffix == ".ckpt" or head[:1] == b"\x0a":
+            return "mindspore"
+        return "megatron"  # read as PyTorch, whose loader says what is wrong with it
+    if (source / TRACKER_FILE).is_file() or re.fullmatch(r"iter_\d+|release", source.name) \
+            or any(source.glob("mp_rank_*")):
+        return "megatron"
+    if any(source.glob("*backbone.*.npy")):
+        return "npy"
+    ckpts = sorted(source.glob("*.ckpt"))
+    if len(ckpts) == 1:
+        return "mindspore"
+    if ckpts:
+        raise ReleasedCheckpointError(
+            f"{source}: {len(ckpts)} MindSpore .ckpt files ({', '.join(p.name for p in ckpts[:4])}…): give one "
+            f"file; model-parallel slices must first be merged into one (the release ships merged files)")
+    raise ReleasedCheckpointError(f"{source}: not a released checkpoint: no {TRACKER_FILE}, iter_*/release/"
+                                  f"mp_rank_XX folders, .ckpt file or backbone.*.npy tensors")
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -222,6 +302,76 @@ def _flatten(tree: dict[str, Any], path: Path, prefix: str = "") -> dict[str, to
         else:
             raise ReleasedCheckpointError(f"{path}: wrong layout: {name} is a {type(value).__name__}, not a tensor")
     return out
+
+
+def read_mindspore(source: Path) -> tuple[dict[str, torch.Tensor], str, Path, list[str]]:
+    """The tensors of a MindSpore `.ckpt` (or `.npy` directory) under their Megatron names, transposed to
+    its layout; the iteration (`global_step` when saved), the file named in errors, and notes."""
+    tensors: dict[str, torch.Tensor] = {}
+    no_tensor: dict[str, str] = {}
+    if source.is_dir() and any(source.glob("*backbone.*.npy")):
+        where = source
+        for path in sorted(source.glob("*.npy")):
+            try:  # copy-on-write map: one tensor in memory at a time, the file never written
+                tensors[path.name[:-len(".npy")]] = torch.from_numpy(np.load(path, mmap_mode="c"))
+            except (ValueError, OSError, TypeError) as exc:
+                raise ReleasedCheckpointError(f"{path}: not a readable .npy tensor (truncated?): {exc}") from None
+    else:
+        where = source if source.is_file() else next(source.glob("*.ckpt"))
+        try:
+            ckpt = MindSporeCheckpoint(where)
+        except MindSporeCheckpointError as exc:
+            raise ReleasedCheckpointError(str(exc)) from None
+        with ckpt:
+            tensors = {tag: ckpt.tensor(tag) for tag in ckpt.entries}
+        no_tensor = ckpt.skipped
+    notes: list[str] = []
+    state: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    iteration = "?"
+    for tag, tensor in tensors.items():
+        prefix, found, name = tag.rpartition("backbone.")
+        if not found or any(_MS_OPTIMIZER_PART.match(part) for part in prefix.split(".") if part):
+            skipped.append(tag)
+            if tag.rsplit(".", 1)[-1] == "global_step" and tensor.numel() == 1:
+                iteration = str(int(tensor.reshape(()).item()))
+            continue
+        target, transpose = _MS_EMBEDDINGS.get(name), False
+        if target is None:
+            m = _MS_LAYER_NAME.match(name)
+            if not m or m.group(2) not in _MS_LAYER:
+                raise ReleasedCheckpointError(f"{where}: unexpected MindSpore tensor {tag!r} (not a PanGu-α "
+                                              f"backbone parameter)")
+            sub, transpose = _MS_LAYER[m.group(2)]
+            block = "topQueryLayer" if m.group(1) is None else f"layers.{m.group(1)}"
+            target = f"transformer.{block}.{sub}"
+        if target in state:
+            raise ReleasedCheckpointError(f"{where}: two tensors map to {target}: {tag!r} and another with a "
+                                          f"different prefix")
+        state[target] = tensor.t() if transpose else tensor
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        notes.append(f"skipped {len(skipped)} non-model entr{'y' if len(skipped) == 1 else 'ies'}: {shown}")
+    if no_tensor:
+        notes.append(f"skipped {len(no_tensor)} value(s) without a tensor: "
+                     f"{', '.join(f'{tag} ({kind})' for tag, kind in list(no_tensor.items())[:5])}")
+    _check_mindspore_names(state, where)
+    return state, iteration, where, notes
+
+
+def _check_mindspore_names(state: dict[str, torch.Tensor], where: Path) -> None:
+    """Every tensor of the embeddings and of each block present, named as MindSpore names it."""
+    blocks = {m.group(1) for n in state if (m := re.match(r"transformer\.(layers\.\d+|topQueryLayer)\.", n))}
+    blocks.add("topQueryLayer")
+    wanted = {target: f"backbone.{name}" for name, target in _MS_EMBEDDINGS.items()}
+    for block in blocks:
+        ms_block = "top_query_layer" if block == "topQueryLayer" else f"blocks.{block.split('.')[1]}"
+        wanted.update({f"transformer.{block}.{sub}": f"backbone.{ms_block}.{name}"
+                       for name, (sub, _) in _MS_LAYER.items()})
+    missing = sorted(ms for target, ms in wanted.items() if target not in state)
+    if missing:
+        raise ReleasedCheckpointError(f"{where}: wrong layout: MindSpore tensor{'s' if len(missing) > 1 else ''} "
+                                      f"{', '.join(missing[:4])}{' …' if len(missing) > 4 else ''} missing")
 
 
 # -- merging ---------------------------------------------------------------------------------------
@@ -322,12 +472,18 @@ def read_released(source: str | Path, trust: bool = False, vocab: int = RELEASED
     """Our state dict and a summary for the released checkpoint at `source` (nothing written)."""
     if dtype not in DTYPES:
         raise ReleasedCheckpointError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    files, label = locate(source)
-    parts = [read_partition(path, trust) for path in files]
-    if label == "?" and parts[0]["iteration"] is not None:
-        label = str(parts[0]["iteration"])
-    merged = merge_partitions([p["tensors"] for p in parts], files)
-    where = files[0] if len(files) == 1 else files[0].parent.parent
+    fmt = source_format(source)
+    notes: list[str] = []
+    if fmt == "megatron":
+        files, label = locate(source)
+        parts = [read_partition(path, trust) for path in files]
+        if label == "?" and parts[0]["iteration"] is not None:
+            label = str(parts[0]["iteration"])
+        merged = merge_partitions([p["tensors"] for p in parts], files)
+        where = files[0] if len(files) == 1 else files[0].parent.parent
+    else:
+        merged, label, where, notes = read_mindspore(Path(source))
+        files = [where]
     preset, config = infer_config(merged, where, vocab, len(files))
     if config.num_heads % len(files):
         raise ReleasedCheckpointError(f"{where}: {len(files)} partitions do not divide the preset's "
@@ -339,7 +495,7 @@ def read_released(source: str | Path, trust: bool = False, vocab: int = RELEASED
     summary = ImportSummary(
         source=Path(source), files=files, iteration=label, partitions=len(files), preset=preset, config=config,
         padded_vocab=words.shape[0], source_dtype=str(words.dtype).replace("torch.", ""), dtype=dtype,
-        parameters=sum(v.numel() for v in state.values()),
+        parameters=sum(v.numel() for v in state.values()), notes=notes, format=fmt,
     )
     return state, summary
 

@@ -218,7 +218,7 @@ def test_truncated_file(megatron, tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_wrong_layout(megatron, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "plain").mkdir()
     line = _cli_error(["model", "import", str(tmp_path / "plain"), "--output", str(tmp_path / "out")], capsys)
-    assert "not a Megatron checkpoint directory" in line and str(tmp_path / "plain") in line
+    assert "not a released checkpoint" in line and str(tmp_path / "plain") in line
 
     bad = tmp_path / "bad" / "release" / "mp_rank_00" / "model_optim_rng.pt"
     bad.parent.mkdir(parents=True)
