@@ -271,7 +271,7 @@ def load_scorer(config: EvalConfig) -> tuple[Scorer, dict[str, Any]]:
             raise ValueError("give a checkpoint (or oracle=True)")
         import torch
 
-        from .model_io import choose_domain, find_tokenizer, load_for_eval, model_config
+        from .model_io import choose_domain, find_tokenizer, imported_from, load_for_eval, model_config
 
         dtype = getattr(torch, config.dtype) if config.dtype else None
         # Which sub-model of a PanGu-Σ export is scored: named in results.json and the report.
@@ -281,7 +281,10 @@ def load_scorer(config: EvalConfig) -> tuple[Scorer, dict[str, Any]]:
         scorer = ModelScorer(model, tok, share_prefix=config.share_prefix, min_shared=config.min_shared)
         model_meta = {"checkpoint": str(config.checkpoint), "tokenizer": str(find_tokenizer(config.checkpoint, config.tokenizer)),
                       "model": model.config.name, "vocab_size": model.config.vocab_size,
-                      "max_seq_len": model.config.max_seq_len, "domain": domain}
+                      "max_seq_len": model.config.max_seq_len, "domain": domain,
+                      "tokenizer_name": tok.meta.get("name"),
+                      "tokenizer_package": (tok.meta.get("source") or {}).get("package"),
+                      "imported": imported_from(config.checkpoint)}
     return scorer, model_meta
 
 

@@ -46,6 +46,19 @@ def find_tokenizer(checkpoint: str | os.PathLike[str], tokenizer: str | os.PathL
     )
 
 
+def imported_from(checkpoint: str | os.PathLike[str]) -> dict | None:
+    """What `pangu model import` recorded of a released checkpoint the export was made from, if it was."""
+    from pangu_model.released import PROVENANCE_FILE
+
+    path = Path(checkpoint) / PROVENANCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not readable JSON: {exc}") from None
+
+
 def model_config(checkpoint: str | os.PathLike[str]) -> PanguConfig:
     """The checkpoint's config.json, once the directory is known to be a checkpoint."""
     checkpoint = Path(checkpoint)

@@ -7,8 +7,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tokenizer.released import RELEASED_NAME as RELEASED_TOKENIZER
+
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
+REFERENCE_COLUMNS = ("PanGu-α 2.6B", "PanGu-α 13B")
 
 
 def _fmt(value: Any) -> str:
@@ -32,6 +35,15 @@ def _ours(summary: dict[str, Any]) -> str:
     return _fmt(next(iter(scores.values()), None))
 
 
+def _same_model_column(meta: dict[str, Any]) -> str | None:
+    """The reference column that reports the very model evaluated: an imported release of a published size,
+    read with the released tokenizer."""
+    published = (meta.get("imported") or {}).get("published")
+    if published in REFERENCE_COLUMNS and meta.get("tokenizer_name") == RELEASED_TOKENIZER:
+        return published
+    return None
+
+
 def markdown_report(results: dict[str, Any]) -> str:
     meta = results.get("meta", {})
     lines = ["# Evaluation report", ""]
@@ -42,11 +54,25 @@ def markdown_report(results: dict[str, Any]) -> str:
         domain = meta["domain"]
         lines.append(f"- **sub-model**: PanGu-Σ domain {domain['id']}"
                      f"{' (' + domain['name'] + ')' if domain.get('name') else ''}, {domain['chosen_by']}")
+    same = _same_model_column(meta)
+    imported = meta.get("imported")
+    if imported:
+        what = f"the released {imported['published']}" if imported.get("published") else \
+            f"preset {imported['preset']}, not a published PanGu-α size"
+        lines.append(f"- **weights**: imported from {imported['source']} ({imported['format']}, iteration "
+                     f"{imported['iteration']}, {imported['source_dtype']}): {what}")
+    if meta.get("tokenizer_name") == RELEASED_TOKENIZER:
+        lines.append(f"- **tokenizer**: the released PanGu-α tokenizer ({meta.get('tokenizer_package')})")
+    if same:
+        lines += ["", f"**Like with like**: these are the released {same} weights with the released tokenizer, so "
+                      f"the {same} column is the same model as ours; what differs is the split, the templates "
+                      f"and the example subset."]
     lines += ["", "Scores in %. PPL tasks rank candidates by the lowest mean token loss over the filled template.",
               "PanGu-α columns: the paper's zero-shot results (SPEC §6) on the datasets' own evaluation sets; ours",
               "run on the split shown (FewCLUE `test_public`, C3 `train` and CMRC2018 `trial` where only those exist).",
               "Chance: the expected accuracy of a scorer that ignores the input (mean 1/candidates).", ""]
-    lines += ["| task | method | metric | split | n | ours | PanGu-α 2.6B | PanGu-α 13B | chance | seconds |",
+    columns = [f"{c} (same weights)" if c == same else c for c in REFERENCE_COLUMNS]
+    lines += [f"| task | method | metric | split | n | ours | {' | '.join(columns)} | chance | seconds |",
               "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     missing = []
     for name, s in results.get("tasks", {}).items():

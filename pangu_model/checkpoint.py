@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,19 +120,28 @@ def write_config(config: PanguConfig, directory: str | os.PathLike[str]) -> None
     os.replace(tmp, Path(directory) / CONFIG_NAME)
 
 
-def save_checkpoint(model: PanguModel, directory: str | os.PathLike[str]) -> Path:
-    """Write the model's weights, routing tables and config into `directory`; return it."""
+def write_weights(directory: str | os.PathLike[str], specs: dict[str, TensorSpec],
+                  tensor: Callable[[str], torch.Tensor]) -> Path:
+    """Write `directory/model.safetensors` (atomically) with the tensors `specs` names, asking `tensor(name)`
+    for each in turn: a caller converting from another format holds one tensor at a time, not the model."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = model.state_dict()
-    writer = SafetensorsWriter(directory / f".{WEIGHTS_NAME}.tmp", {k: TensorSpec.of(t) for k, t in tensors.items()})
+    writer = SafetensorsWriter(directory / f".{WEIGHTS_NAME}.tmp", specs)
     writer.create()
     try:
-        for name, tensor in tensors.items():
-            writer.write(name, tensor)
+        for name in writer.specs:
+            writer.write(name, tensor(name))
     finally:
         writer.close()
     os.replace(writer.path, directory / WEIGHTS_NAME)
+    return directory / WEIGHTS_NAME
+
+
+def save_checkpoint(model: PanguModel, directory: str | os.PathLike[str]) -> Path:
+    """Write the model's weights, routing tables and config into `directory`; return it."""
+    directory = Path(directory)
+    tensors = model.state_dict()
+    write_weights(directory, {k: TensorSpec.of(t) for k, t in tensors.items()}, tensors.__getitem__)
     write_config(model.config, directory)
     return directory
 

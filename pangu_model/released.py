@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -48,6 +49,9 @@ from .config import PRESETS, PanguConfig
 from .mindspore_ckpt import MindSporeCheckpoint, MindSporeCheckpointError
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
+PROVENANCE_FILE = "imported.json"  # in the export: what it was imported from (read by `pangu eval`)
+# Presets of the published sizes: an import of one is the model the paper's columns report.
+PUBLISHED = {"2.6b": "PanGu-α 2.6B", "13b": "PanGu-α 13B", "200b": "PanGu-α 200B"}
 PARTITION_FILE = "model_optim_rng.pt"
 RELEASED_VOCAB = 40000
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,6 +119,44 @@ class ReleasedCheckpointError(ValueError):
     """The source is not a readable released checkpoint; the message names the file and the reason."""
 
 
+class Joined:
+    """One weight still in its model-parallel pieces (or a row range of it), joined only when it is
+    written: an import then holds one tensor at a time, not a second copy of the model."""
+
+    def __init__(self, pieces: list[torch.Tensor], dim: int, rows: int | None = None):
+        self.pieces, self.split, self.rows = pieces, dim, rows
+        shape = list(pieces[0].shape)
+        shape[dim] = sum(p.shape[dim] for p in pieces)
+        if rows is not None:
+            shape[0] = min(rows, shape[0])
+        self.shape = torch.Size(shape)
+        self.dtype = pieces[0].dtype
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, rows: slice) -> Joined:
+        assert rows.start is None and rows.step is None, "only a leading row range is taken"
+        return Joined(self.pieces, self.split, rows.stop)
+
+    def build(self) -> torch.Tensor:
+        if self.split == 0 and self.rows is not None:  # only the pieces that hold the kept rows
+            kept, total = [], 0
+            for piece in self.pieces:
+                if total >= self.rows:
+                    break
+                kept.append(piece[: self.rows - total])
+                total += kept[-1].shape[0]
+            return torch.cat(kept, dim=0)
+        whole = torch.cat(self.pieces, dim=self.split)
+        return whole if self.rows is None else whole[: self.rows]
+
+
+def materialize(tensor: torch.Tensor | Joined, dtype: torch.dtype | None = None) -> torch.Tensor:
+    built = tensor.build() if isinstance(tensor, Joined) else tensor.detach()
+    return built.contiguous() if dtype is None else built.to(dtype).contiguous()
+
+
 @dataclass
 class ImportSummary:
     source: Path
@@ -131,6 +173,12 @@ class ImportSummary:
     parameters: int = 0
     notes: list[str] = field(default_factory=list)
     format: str = "megatron"
+
+    def provenance(self) -> dict[str, Any]:
+        """What the export records of its source (`imported.json`)."""
+        return {"source": str(self.source), "format": FORMATS[self.format], "iteration": self.iteration,
+                "partitions": self.partitions, "source_dtype": self.source_dtype, "preset": self.preset,
+                "published": PUBLISHED.get(self.preset), "notes": self.notes}
 
     def lines(self) -> list[str]:
         c = self.config
@@ -204,6 +252,11 @@ def locate(source: str | Path) -> tuple[list[Path], str]:
 _TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save: a zip archive, or a legacy pickle
 
 
+def _head(path: Path, size: int = 4) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read(size)
+
+
 def source_format(source: str | Path) -> str:
     """"megatron", "mindspore" or "npy": which kind of released checkpoint `source` is."""
     source = Path(source)
@@ -212,8 +265,7 @@ def source_format(source: str | Path) -> str:
     if source.is_file():
         if source.suffix == ".npy":
             raise ReleasedCheckpointError(f"{source}: one tensor of a .npy directory: give the directory")
-        with open(source, "rb") as fh:
-            head = fh.read(4)
+        head = _head(source)
         if source.name == TRACKER_FILE or head.startswith(_TORCH_MAGIC):
             return "megatron"
         if source.suffix == ".ckpt" or head[:1] == b"\x0a":
@@ -248,10 +300,13 @@ def _load(path: Path, trust: bool) -> Any:
     """`torch.load(weights_only=True)`, with Megatron's `args`; with `trust`, every other global the file
     needs (optimizer or NumPy RNG state) is allowed by name as the loader meets it."""
     allowed: list[Any] = [argparse.Namespace]
+    # Memory-mapped when the file is a zip archive (every torch.save since 1.6): tensors are read when
+    # written out, one at a time. A legacy pickle file is read whole.
+    mmap = _head(path) == _TORCH_MAGIC[0]
     for _ in range(64):
         try:
             with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location="cpu", weights_only=True)
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as exc:
             m = _NEEDED_GLOBAL.search(str(exc))
             if not trust or m is None:
@@ -384,8 +439,9 @@ def split_dim(name: str) -> int | None:
     return None
 
 
-def merge_partitions(partitions: list[dict[str, torch.Tensor]], files: list[Path]) -> dict[str, torch.Tensor]:
-    """One state (Megatron names) from the partitions' states, in rank order."""
+def merge_partitions(partitions: list[dict[str, torch.Tensor]],
+                     files: list[Path]) -> dict[str, torch.Tensor | Joined]:
+    """One state (Megatron names) from the partitions' states, in rank order; split tensors stay `Joined`."""
     first = partitions[0]
     for rank, (part, path) in enumerate(zip(partitions, files)):
         if set(part) != set(first):
@@ -402,7 +458,7 @@ def merge_partitions(partitions: list[dict[str, torch.Tensor]], files: list[Path
             if piece.dim() <= dim or piece.shape != tensor.shape:
                 raise ReleasedCheckpointError(f"{path}: {name} has shape {tuple(piece.shape)}, rank 0 has "
                                               f"{tuple(tensor.shape)}")
-        merged[name] = torch.cat(pieces, dim=dim)
+        merged[name] = Joined(pieces, dim)
     return merged
 
 
@@ -467,9 +523,9 @@ def to_pangu_state(state: dict[str, torch.Tensor], config: PanguConfig, where: P
 
 
 # -- the whole import ------------------------------------------------------------------------------
-def read_released(source: str | Path, trust: bool = False, vocab: int = RELEASED_VOCAB,
-                  dtype: str = "fp32") -> tuple[dict[str, torch.Tensor], ImportSummary]:
-    """Our state dict and a summary for the released checkpoint at `source` (nothing written)."""
+def _read_lazy(source: str | Path, trust: bool, vocab: int,
+               dtype: str) -> tuple[dict[str, torch.Tensor | Joined], ImportSummary]:
+    """Our names → source tensors (memory-mapped where the format allows, split ones still `Joined`)."""
     if dtype not in DTYPES:
         raise ReleasedCheckpointError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     fmt = source_format(source)
@@ -490,37 +546,47 @@ def read_released(source: str | Path, trust: bool = False, vocab: int = RELEASED
                                       f"{config.num_heads} heads")
     words = merged["embedding.word_embeddings.weight"]
     state = to_pangu_state(merged, config, where)
-    target = DTYPES[dtype]
-    state = {k: v.detach().to(target).contiguous() for k, v in state.items()}
     summary = ImportSummary(
         source=Path(source), files=files, iteration=label, partitions=len(files), preset=preset, config=config,
         padded_vocab=words.shape[0], source_dtype=str(words.dtype).replace("torch.", ""), dtype=dtype,
-        parameters=sum(v.numel() for v in state.values()), notes=notes, format=fmt,
+        parameters=sum(math.prod(v.shape) for v in state.values()), notes=notes, format=fmt,
     )
     return state, summary
+
+
+def read_released(source: str | Path, trust: bool = False, vocab: int = RELEASED_VOCAB,
+                  dtype: str = "fp32") -> tuple[dict[str, torch.Tensor], ImportSummary]:
+    """Our state dict and a summary for the released checkpoint at `source` (nothing written)."""
+    state, summary = _read_lazy(source, trust, vocab, dtype)
+    return {k: materialize(v, DTYPES[dtype]) for k, v in state.items()}, summary
 
 
 def import_released(source: str | Path, output: str | Path, dtype: str = "fp32", trust: bool = False,
                     tokenizer: str | Path | None = None, cache: str | Path | None = None) -> ImportSummary:
     """Convert the released checkpoint at `source` into a self-contained export at `output`.
 
-    The export: `model.safetensors` + `config.json` (via `save_checkpoint`, after a strict load into
-    `PanguModel`) and `tokenizer/` — the released tokenizer from the `pcl_pangu` wheel, or a copy of
-    `tokenizer` (any directory `PanguTokenizer.load` reads) when given.
+    The export: `model.safetensors` + `config.json` (names and shapes checked against `PanguModel` of the
+    matched preset, then written one tensor at a time: memory holds one tensor, not the model) and
+    `tokenizer/`: the released tokenizer from the `pcl_pangu` wheel, or a copy of `tokenizer` (any
+    directory `PanguTokenizer.load` reads) when given.
     """
+    from tokenizer.artifacts import write_json_atomic
     from tokenizer.pangu import PanguTokenizer
 
-    from .checkpoint import save_checkpoint
+    from .checkpoint import TensorSpec, write_config, write_weights
     from .model import PanguModel
 
-    state, summary = read_released(source, trust=trust, dtype=dtype)
+    state, summary = _read_lazy(source, trust, RELEASED_VOCAB, dtype)
     with torch.device("meta"):
         model = PanguModel(summary.config)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:  # a shape the preset does not have (e.g. a layer of another width)
-        raise ReleasedCheckpointError(f"{summary.files[0]}: tensors do not fit preset {summary.preset}: "
-                                      f"{str(exc).splitlines()[-1].strip()}") from None
+    expected = {k: TensorSpec(DTYPES[dtype], tuple(v.shape)) for k, v in model.state_dict().items()}
+    for name in sorted(expected.keys() | state.keys()):  # what a strict load_state_dict checks
+        got = tuple(state[name].shape) if name in state else None
+        want = expected[name].shape if name in expected else None
+        if got != want:
+            what = f"missing {name} {want}" if got is None else f"unexpected {name}" if want is None \
+                else f"{name} is {got}, the preset's is {want}"
+            raise ReleasedCheckpointError(f"{summary.files[0]}: tensors do not fit preset {summary.preset}: {what}")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
@@ -531,8 +597,11 @@ def import_released(source: str | Path, output: str | Path, dtype: str = "fp32",
     if tok.vocab_size != summary.config.vocab_size:
         raise ReleasedCheckpointError(f"{tok.origin}: tokenizer has {tok.vocab_size} pieces, the model "
                                       f"{summary.config.vocab_size} rows")
-    save_checkpoint(model, output)
+    # One tensor in memory at a time: read (or joined from its partitions), cast, written.
+    write_weights(output, expected, lambda name: materialize(state[name]))
+    write_config(summary.config, output)
     summary.tokenizer = tok.save(output / "tokenizer", {"imported_with": str(summary.source)})
     tok.close()
+    write_json_atomic(output / PROVENANCE_FILE, summary.provenance())
     summary.output = output
     return summary

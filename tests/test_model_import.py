@@ -127,7 +127,23 @@ def _write_release(megatron, model, directory: Path, partitions: int, release: b
     return directory
 
 
-def _reference_logits(megatron, model, ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
+def _release_function(megatron, module: str, name: str):
+    """One function of the port, compiled alone from its source (its module's imports need apex and
+    NumPy 1): used for functions that need nothing but torch."""
+    import ast
+
+    path = Path(megatron.megatron.__file__).parent / f"{module}.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    namespace: dict = {"torch": torch}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec"), namespace)
+    return namespace[name]
+
+
+def _reference_logits(megatron, model, ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch,
+                      eod: int | None = None) -> torch.Tensor:
+    """The port's logits; with `eod`, positions and attention reset after it, by the port's own
+    `get_ltor_masks_and_position_ids` (its training-time `--reset-position-ids --reset-attention-mask`)."""
     class _NoCudaRng:
         @contextlib.contextmanager
         def fork(self, *args, **kwargs):
@@ -138,6 +154,9 @@ def _reference_logits(megatron, model, ids: torch.Tensor, monkeypatch: pytest.Mo
     length = ids.shape[1]
     positions = torch.arange(length)[None].expand_as(ids)
     ltor_mask = torch.tril(torch.ones(length, length)).view(1, 1, length, length) < 0.5  # utils.py: True = masked
+    if eod is not None:
+        masks = _release_function(megatron, "utils", "get_ltor_masks_and_position_ids")
+        ltor_mask, _, positions = masks(ids, eod, True, True, False)
     with torch.no_grad():
         return model(ids, positions, ltor_mask)[..., :40000]
 
@@ -322,3 +341,55 @@ def test_a_pangu_sigma_run_inherits_from_an_imported_release(megatron, tmp_path:
         for domain in range(4):
             got = sigma(ids, position_ids=positions, domain_ids=domain).logits
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_of_an_imported_release_uses_its_tokenizer_and_says_so(megatron, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pangu eval --checkpoint <imported export>`: the released tokenizer scores with the released weights
+    (each candidate's loss equals the release's own model on the release's own token ids), and the report
+    says what was evaluated."""
+    import json
+
+    from evaluation.report import markdown_report
+    from evaluation.scoring import EOT_ID
+    from evaluation.tasks import TASKS
+    from flows.cli import main
+    from tests.test_eval_common import require_clue
+    from tokenizer.released import load_released_tokenizer
+
+    clue = require_clue()
+    reference = _reference(megatron, 2)
+    source = _write_release(megatron, reference, tmp_path / "ckpt", 2)
+    import_released(source, tmp_path / "export")
+    assert main(["eval", "--checkpoint", str(tmp_path / "export"), "--data-dir", str(clue), "--tasks", "tnews",
+                 "--limit", "4", "--output", str(tmp_path / "eval")]) == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text(encoding="utf-8"))
+    meta = results["meta"]
+    assert meta["tokenizer"] == str(tmp_path / "export" / "tokenizer")
+    assert meta["tokenizer_name"] == "pangu-alpha-released" and meta["tokenizer_package"] == RELEASED_PACKAGE.spec
+    assert meta["imported"]["source"] == str(source) and meta["imported"]["partitions"] == 2
+    assert meta["imported"]["preset"] == "tiny" and meta["imported"]["published"] is None
+
+    released = load_released_tokenizer()
+    items = {item.id: item for item in TASKS["tnews"].load(str(clue), "eval", 1234).items}
+    rows = [json.loads(line) for line in
+            (tmp_path / "eval" / "predictions" / "tnews.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 4
+    for row in rows[:2]:
+        for candidate, loss, tokens in zip(items[row["id"]].candidates, row["loss"], row["tokens"]):
+            ids = released.encode(candidate)
+            assert tokens == len(ids)
+            sequence = torch.tensor([[EOT_ID, *ids]])
+            # the harness's `<eot>` context: positions and attention restart after it, as in training
+            logits = _reference_logits(megatron, reference, sequence, monkeypatch, eod=EOT_ID)[0, :-1]
+            expected = torch.nn.functional.cross_entropy(logits, sequence[0, 1:], reduction="sum").item()
+            assert loss == pytest.approx(expected, abs=1e-3)
+
+    report = (tmp_path / "eval" / "report.md").read_text(encoding="utf-8")
+    assert f"imported from {source}" in report and "not a published PanGu-α size" in report
+    assert f"the released PanGu-α tokenizer ({RELEASED_PACKAGE.spec})" in report and "same weights" not in report
+    published = {**meta, "imported": {**meta["imported"], "preset": "2.6b", "published": "PanGu-α 2.6B"}}
+    marked = markdown_report({**results, "meta": published})
+    assert "| ours | PanGu-α 2.6B (same weights) | PanGu-α 13B |" in marked and "Like with like" in marked
+    other_tokenizer = markdown_report({**results, "meta": {**published, "tokenizer_name": "corpus-trained"}})
+    assert "same weights" not in other_tokenizer

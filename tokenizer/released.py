@@ -20,12 +20,13 @@ RELEASED_PACKAGE = Package("pcl_pangu", "1.2.5.8", "pypi", "Apache-2.0")
 RELEASED_MODEL_MEMBER = "pcl_pangu/tokenizer/bpe_4w_pcl/vocab.model"
 RELEASED_VOCAB_MEMBER = "pcl_pangu/tokenizer/bpe_4w_pcl/vocab.vocab"
 RELEASED_PIECES = 40000
+RELEASED_NAME = "pangu-alpha-released"  # `name` in tokenizer.json
 
 
 def released_source() -> dict[str, Any]:
     """What `tokenizer.json` records about where the released tokenizer came from."""
     return {
-        "name": "pangu-alpha-released",
+        "name": RELEASED_NAME,
         "source": {
             "package": RELEASED_PACKAGE.spec,
             "registry": RELEASED_PACKAGE.registry,
