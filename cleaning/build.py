@@ -223,7 +223,8 @@ class CorpusBuild:
     def _reader(self) -> RecordReader:
         r = self.config.reader
         return RecordReader(fields=FieldMap(r.text_field, r.id_field, r.domain_field, r.source_field, r.url_field),
-                            txt_split=r.txt_split, max_record_bytes=r.max_record_bytes)
+                            txt_split=r.txt_split, txt_max_chars=r.txt_max_chars, html=r.html,
+                            html_favor=r.html_favor, max_record_bytes=r.max_record_bytes)
 
     # -- dedup -----------------------------------------------------------------------------
     @property
@@ -444,7 +445,8 @@ class CorpusBuild:
                         if ids.id_key(row_id) == key:
                             doc_id = row_id
                             line = json.loads(meta).get("line") if meta else None
-                            where.append(f"{shards[index].name or shards[index].uri}, line {line}")
+                            where.append(f"{shards[index].name or shards[index].uri}"
+                                         + (f", line {line}" if line is not None else ""))
             examples.append({"id": doc_id, "where": where[:10]})
         return {"colliding_ids": found.ids, "extra_documents": found.documents, "examples": examples}
 

@@ -73,8 +73,18 @@ class ReaderConfig(BaseModel):
     domain_field: str = "domain"
     source_field: str = "source"
     url_field: str = "url"
-    txt_split: Literal["blank_line", "line"] = "blank_line"
-    max_record_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    txt_split: Literal["blank_line", "line"] = Field(
+        "blank_line", description="plain text: one document per blank-line-separated block, or per line")
+    txt_max_chars: int = Field(
+        100_000, ge=100, description="plain text: a longer block or line is cut at sentence ends into "
+                                     "documents of at most this many characters (ids NAME:LINE#K)")
+    html: Literal["auto", "always", "never"] = Field(
+        "auto", description="JSONL/Parquet text that is HTML: extract the main content when the text starts "
+                            "like an HTML document (auto), always, or never (.html files: always)")
+    html_favor: Literal["precision", "balanced", "recall"] = Field(
+        "balanced", description="main-content extraction: precision drops pages that are mostly menus, "
+                                "recall keeps more of the page around the article")
+    max_record_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="a larger record or web page is rejected")
 
 
 class CorpusConfig(BaseModel):

@@ -1,8 +1,12 @@
-"""Document ids across the whole input: the check that finds ids held by more than one document.
+"""Document ids across the whole input: how generated ids are made, and the check that finds ids
+held by more than one document.
 
-Generated ids (`NAME:LINE`, NAME the path relative to the input root) are unique by construction;
-explicit ids (the records' own `id` field) are the input's, and two inputs may share one. Such a
-collision is reported in the manifest, never merged: both documents stay, each accounted for.
+Generated ids (`generated_id`: `NAME:LINE`, NAME the path relative to the input root; `NAME:LINE#K`
+for the K-th piece of a plain-text block cut to a bounded size; `NAME` alone for a file that is one
+document, a web page) are unique by construction: NAMEs are distinct, and an id with a line ends
+in `:LINE` or `:LINE#K`, which no supported file name does. Explicit ids (the records' own `id`
+field) are the input's, and two inputs may share one. Such a collision is reported in the
+manifest, never merged: both documents stay, each accounted for.
 
 The clean stage writes each shard's id keys (uint64 xxh3 of the id, sorted) beside its outputs;
 `find_collisions` merges them one range of the key space at a time, so memory holds about
@@ -18,6 +22,14 @@ import numpy as np
 import xxhash
 
 from cleaning.dedup import _load_array, _save_array
+
+
+def generated_id(name: str, line: int | None = None, piece: int | None = None) -> str:
+    """The id of a record that has none of its own: file NAME, the line (or row) it starts on, and
+    its piece number when one record was cut into several documents."""
+    if line is None:
+        return name
+    return f"{name}:{line}" if piece is None else f"{name}:{line}#{piece}"
 
 
 def id_key(doc_id: str) -> int:

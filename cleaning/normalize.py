@@ -12,7 +12,8 @@ from cleaning.steps import Transform
 # CSI sequences (colours, cursor moves), OSC sequences (titles, links) and lone two-byte escapes.
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
 _SCRIPT_STYLE = re.compile(r"<(script|style|noscript)\b[^>]*>.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
-_HTML_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
+# Comments, and the doctype that `_TAG` (tags only) would leave at the top of a page.
+_HTML_COMMENT = re.compile(r"<!--.*?-->|<!doctype\b[^<>]*>", re.IGNORECASE | re.DOTALL)
 # Block-level tags become line breaks so that paragraphs stay paragraphs.
 # Only things that look like tags: a name, then attributes whose unquoted parts hold no Han
 # characters, so running text such as "若 a<b 且 b>c" is left alone.

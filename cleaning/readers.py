@@ -1,7 +1,8 @@
-"""Streaming readers over fsspec URIs: JSONL (optionally gzipped), Parquet and plain text.
+"""Streaming readers over fsspec URIs: JSONL, Parquet, plain text and web pages (gzipped or not).
 
-A reader never loads a whole file. Every physical record comes out as either a `Document` or a
-`Rejection` naming the file and line, so that input = kept + rejected holds from the first step.
+A reader never loads a whole file (a web page, one document, is held up to `max_record_bytes`).
+Every physical record comes out as either a `Document` or a `Rejection` naming the file and line,
+so that input = kept + rejected holds from the first step.
 Damage that can be read past (a corrupt gzip member followed by intact ones, an unreadable Parquet
 row group) comes out as a `ReadFault` counting what was lost, and reading goes on. A problem that
 stops the rest of a file from being read (truncated gzip, unreadable path) raises `ShardReadError`
@@ -9,7 +10,18 @@ after everything readable before it has been yielded.
 
 Compression (and Parquet under a JSONL name) is recognised from a file's first bytes, not its name.
 Generated ids are `NAME:LINE` (`NAME:ROW` for Parquet), NAME being the file's path relative to the
-input root (the build passes it; the file's base name when reading a file on its own).
+input root (the build passes it; the file's base name when reading a file on its own); see
+`cleaning.ids.generated_id`.
+
+Plain text is one document per blank-line-separated block, or per line (`txt_split`). A block or
+line longer than `txt_max_chars` is cut at sentence ends into documents of at most that size,
+`NAME:LINE#K` for its K-th piece, so that no document, and no reader's memory, grows with the file.
+
+A web page (`.html`, `.htm`, `.xhtml`) is one document, id `NAME`: its bytes are decoded as the
+page declares or as they look (GBK and Big5 included), and its main content is extracted
+(`cleaning.webpage`). A JSONL or Parquet record whose text is an HTML document goes through the
+same extraction (`html`: "auto" when it starts like one, "always", "never"). A page with no main
+content, or one the parser fails on, is a rejection (`html_no_content`), never a stopped shard.
 """
 from __future__ import annotations
 
@@ -24,8 +36,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cleaning.document import Document, Rejection, writable
+from cleaning.ids import generated_id
+from cleaning.webpage import Favor, decode_html, extract_main_content, looks_like_html_document
 
-Format = Literal["jsonl", "parquet", "txt"]
+Format = Literal["jsonl", "parquet", "txt", "html"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,8 @@ class ReadFault:
 _SUFFIXES: list[tuple[str, Format]] = [
     (".jsonl.gz", "jsonl"), (".json.gz", "jsonl"), (".jsonl", "jsonl"), (".json", "jsonl"),
     (".ndjson", "jsonl"), (".parquet", "parquet"), (".txt.gz", "txt"), (".txt", "txt"),
+    (".html.gz", "html"), (".htm.gz", "html"), (".xhtml.gz", "html"), (".html", "html"), (".htm", "html"),
+    (".xhtml", "html"),
 ]
 
 # First bytes of the containers a mislabelled input may hold.
@@ -84,7 +100,8 @@ def detect_format(path: str) -> Format:
     for suffix, fmt in _SUFFIXES:
         if lowered.endswith(suffix):
             return fmt
-    raise ShardReadError(path, "unknown input format (expected .jsonl[.gz], .json[.gz], .parquet, .txt[.gz])")
+    raise ShardReadError(path, "unknown input format (expected .jsonl[.gz], .json[.gz], .parquet, .txt[.gz], "
+                               ".html[.gz], .htm[.gz])")
 
 
 def is_supported(path: str) -> bool:
@@ -115,12 +132,34 @@ def _unencodable(value: str) -> int | None:
         return err.start
 
 
+# Where a plain-text block too long for one document is cut: after a sentence end, and after the
+# closing quotes or brackets that follow it.
+_SENTENCE_ENDS = "。！？!?；\n"
+_CLOSERS = "”’」』）)》】\"'"
+
+
+def sentence_cut(text: str, limit: int) -> int:
+    """Where to cut `text` so that its first piece holds at most `limit` characters: after the last
+    sentence end within them, or at `limit` when they hold none."""
+    end = max(text.rfind(mark, 0, limit) for mark in _SENTENCE_ENDS)
+    if end < 0:
+        return limit
+    cut = end + 1
+    while cut < limit and text[cut] in _CLOSERS:
+        cut += 1
+    return cut
+
+
 @dataclass
 class RecordReader:
-    """Reads one input file into documents. `max_record_bytes` bounds memory per record."""
+    """Reads one input file into documents. `max_record_bytes` bounds memory per record (and per web
+    page), `txt_max_chars` the size of a plain-text document."""
 
     fields: FieldMap = FieldMap()
     txt_split: Literal["blank_line", "line"] = "blank_line"
+    txt_max_chars: int = 100_000
+    html: Literal["auto", "always", "never"] = "auto"
+    html_favor: Favor = "balanced"
     max_record_bytes: int = 64 * 1024 * 1024
     default_domain: str | None = None
     storage_options: dict[str, Any] | None = None
@@ -138,6 +177,8 @@ class RecordReader:
                 yield from self._read_parquet(path, name)
             elif fmt == "jsonl":
                 yield from self._read_jsonl(path, name, head)
+            elif fmt == "html":
+                yield from self._read_html(path, name, head)
             else:
                 yield from self._read_txt(path, name, head)
         except ShardReadError:
@@ -154,18 +195,22 @@ class RecordReader:
             return fh.read(8)
 
     # -- record assembly -------------------------------------------------------------------
-    def _document(self, record: dict[str, Any], path: str, name: str, line: int) -> Document | Rejection:
+    def _document(self, record: dict[str, Any], path: str, name: str, line: int | None, piece: int | None = None,
+                  html: bool | None = None, meta: dict[str, Any] | None = None) -> Document | Rejection:
+        """A record as a document, or the rejection that says why it cannot be one. `html`: whether
+        its text is a web page to extract the main content of (None: as `self.html` says);
+        `line` None: the file is one document."""
         f = self.fields
         base = writable(shard_name(path))
         rid = record.get(f.id)
-        doc_id = str(rid) if rid not in (None, "") else f"{name}:{line}"
+        doc_id = str(rid) if rid not in (None, "") else generated_id(name, line, piece)
         source = str(record.get(f.source) or record.get(f.domain) or self.default_domain or base)
         domain = str(record.get(f.domain) or record.get(f.source) or self.default_domain or base)
         url = record.get(f.url)
         url = str(url) if url else None
-        meta = {"input": writable(path), "line": line}
+        meta = {"input": writable(path), **({"line": line} if line is not None else {}), **(meta or {})}
         text = record.get(f.text)
-        where = f"{path}, line {line}"
+        where = f"{path}, line {line}" if line is not None else path
         if text is not None and not isinstance(text, str):
             text = json.dumps(text, ensure_ascii=False, default=str)[:2000]
             return self._rejection(doc_id, text, domain, source, url, meta, "invalid_text",
@@ -184,7 +229,26 @@ class RecordReader:
             return self._rejection(doc_id, text, domain, source, url, meta, "control_characters",
                                    f"{where}: '{f.text}' holds {text.count(chr(0))} NUL characters "
                                    "(binary data, or text in another encoding)")
-        return Document(id=doc_id, text=text, domain=domain, source=source, url=url, meta=meta)
+        doc = Document(id=doc_id, text=text, domain=domain, source=source, url=url, meta=meta)
+        if html is None:
+            html = self.html == "always" or (self.html == "auto" and looks_like_html_document(text))
+        return self._main_content(doc, where) if html else doc
+
+    def _main_content(self, doc: Document, where: str) -> Document | Rejection:
+        """`doc` with its HTML replaced by the page's main content; a rejection keeping the HTML when
+        there is none or the parser fails."""
+        markup = doc.text
+        try:
+            text = extract_main_content(markup, self.html_favor)
+        except Exception as err:  # noqa: BLE001 - a page the parser chokes on is one rejection, not a stopped shard
+            return Rejection(doc, "html_no_content", f"{where}: the HTML parser failed: {type(err).__name__}: "
+                                                     f"{str(err)[:500]}")
+        if not text:
+            what = "an empty page" if not markup.strip() else f"{len(markup)} characters of HTML"
+            return Rejection(doc, "html_no_content", f"{where}: no main content in {what}")
+        doc.text = text
+        doc.meta["html_chars"] = len(markup)
+        return doc
 
     @staticmethod
     def _rejection(doc_id: str, text: str, domain: str, source: str, url: str | None, meta: dict,
@@ -193,11 +257,16 @@ class RecordReader:
                        url=writable(url) if url else None, meta=meta)
         return Rejection(doc, reason, detail)
 
-    def _raw_rejection(self, path: str, name: str, line: int, raw: bytes, reason: str, detail: str) -> Rejection:
+    def _raw_rejection(self, path: str, name: str, line: int | None, raw: bytes | str, reason: str, detail: str,
+                       source: str | None = None, domain: str | None = None) -> Rejection:
+        """A record that never became a document (undecodable, too large, incomplete), with its
+        first bytes. `line` None: the file is one document."""
         base = self.default_domain or shard_name(path)
-        doc = Document(id=writable(f"{name}:{line}"), text=_preview(raw, 1 << 20), domain=writable(base),
-                       source=writable(base), meta={"input": writable(path), "line": line})
-        return Rejection(doc, reason, f"{path}, line {line}: {detail}")
+        meta: dict[str, Any] = {"input": writable(path), **({"line": line} if line is not None else {})}
+        doc = Document(id=writable(generated_id(name, line)), text=_preview(raw, 1 << 20),
+                       domain=writable(domain or base), source=writable(source or base), meta=meta)
+        where = f"{path}, line {line}" if line is not None else path
+        return Rejection(doc, reason, f"{where}: {detail}")
 
     # -- formats ---------------------------------------------------------------------------
     def _lines(self, path: str, head: bytes) -> Iterator[tuple[int, bytes, bool] | ReadFault]:
@@ -275,13 +344,43 @@ class RecordReader:
             yield self._document(record, path, name, number)
 
     def _read_txt(self, path: str, name: str, head: bytes) -> Iterator[Document | Rejection | ReadFault]:
-        block: list[str] = []
-        start = 0
+        block: list[str] = []  # lines of the block being read (the part not yet handed out)
+        block_chars = 0
+        start = 0  # line the block starts on: its documents' ids
+        piece_line = 0  # line the part not yet handed out starts on
+        pieces = 0  # documents already cut from the block
+
+        def text_document(text: str, line: int, piece: int | None, first_line: int) -> Iterator[Document | Rejection]:
+            text = text.strip("\n")
+            if text.strip():
+                meta = {"line": first_line, "piece": piece} if piece is not None else None
+                yield self._document({self.fields.text: text}, path, name, line, piece=piece, html=False, meta=meta)
+
+        def cut_pieces() -> Iterator[Document | Rejection]:
+            """Hands out the pieces of an over-long block, keeping the rest (at most txt_max_chars
+            without its line end)."""
+            nonlocal block_chars, piece_line, pieces
+            text = "".join(block)
+            while len(text) - text.endswith("\n") > self.txt_max_chars:
+                cut = sentence_cut(text, self.txt_max_chars)
+                pieces += 1
+                yield from text_document(text[:cut], start, pieces, piece_line)
+                while cut < len(text) and text[cut] == "\n":  # the next piece starts on the next line
+                    cut += 1
+                piece_line += text.count("\n", 0, cut)
+                text = text[cut:]
+            block[:] = [text]
+            block_chars = len(text)
 
         def flush() -> Iterator[Document | Rejection]:
+            nonlocal block_chars, pieces
             if block:
-                yield self._document({self.fields.text: "".join(block).strip("\n")}, path, name, start)
+                if pieces:  # the end of a block that was cut: its last piece
+                    yield from text_document("".join(block), start, pieces + 1, piece_line)
+                else:
+                    yield from text_document("".join(block), start, None, start)
                 block.clear()
+                block_chars = pieces = 0
 
         try:
             for item in self._lines(path, head):
@@ -304,18 +403,65 @@ class RecordReader:
                     continue
                 if self.txt_split == "line":
                     if line.strip():
-                        yield self._document({self.fields.text: line.rstrip("\n")}, path, name, number)
+                        block[:], block_chars, start, piece_line = [line], len(line), number, number
+                        if block_chars > self.txt_max_chars:
+                            yield from cut_pieces()
+                        yield from flush()
                     continue
                 if not line.strip():
                     yield from flush()
                     continue
                 if not block:
-                    start = number
+                    start = piece_line = number
                 block.append(line)
+                block_chars += len(line)
+                if block_chars > self.txt_max_chars:
+                    yield from cut_pieces()
         except ShardReadError:
             yield from flush()  # the block read before the damage is not lost
             raise
         yield from flush()
+
+    def _read_html(self, path: str, name: str, head: bytes) -> Iterator[Document | Rejection | ReadFault]:
+        """One web page: its bytes up to `max_record_bytes`, decoded, then its main content. A page
+        that is too large, or that lost bytes to damage, is a rejection; the damage is still reported
+        (a `ReadFault`, or `ShardReadError` after the rejection)."""
+        # Pages of one directory (one site or crawl) share a source; a page is web text.
+        source = writable(os.path.basename(os.path.dirname(path.rstrip("/"))) or shard_name(path))
+        domain = self.default_domain or "web"
+        chunks: list[bytes] = []
+        size = 0
+        faults: list[ReadFault] = []
+
+        def rejected(reason: str, detail: str) -> Rejection:
+            return self._raw_rejection(path, name, None, decode_html(b"".join(chunks))[0], reason, detail,
+                                       source, domain)
+
+        try:
+            for item in self._lines(path, head):
+                if isinstance(item, ReadFault):
+                    faults.append(item)
+                    continue
+                _, raw, complete = item
+                size += len(raw)
+                if not complete or size > self.max_record_bytes:
+                    yield rejected("record_too_large", f"page exceeds {self.max_record_bytes} bytes")
+                    return
+                chunks.append(raw)
+        except ShardReadError as err:
+            yield rejected("html_incomplete", f"the page was cut short: {err.message}")
+            raise
+        if faults:
+            yield from faults
+            yield rejected("html_incomplete", f"{len(faults)} damaged part(s) of the page were skipped")
+            return
+        raw = b"".join(chunks)
+        if not raw.strip():
+            yield rejected("html_no_content", "empty file")
+            return
+        markup, encoding = decode_html(raw)
+        yield self._document({self.fields.text: markup, self.fields.source: source, self.fields.domain: domain},
+                             path, name, None, html=True, meta={"encoding": encoding})
 
     def _read_parquet(self, path: str, name: str) -> Iterator[Document | Rejection | ReadFault]:
         """Row group by row group: a group that cannot be read is counted and skipped, and a row
