@@ -28,15 +28,22 @@ average their expert gradients; the gradient norm for clipping is summed over th
 
 Host state sharded like ZeRO (`shard_states`, TrainConfig `ecss_shard_states`): the R ranks that hold the
 same expert shard (the replica group) split it into R contiguous blocks of `shard_size / R` experts; a rank
-keeps the fp32 masters and Adam states of its own block only (its host bytes: total / (ep × R)). A step's
-fetched experts come from their owners by one all-gather over the replica group (in the compute dtype, on
-the compute device); their gradients go to the owners by one reduce-scatter; each owner clips with the
-global norm (squares summed over owners and shards, every element once) and steps its block on the CPU.
-Checkpoints and the export hold each owner's block once.
+keeps the fp32 masters and Adam states of its own block only (its host bytes: total / (ep × R)).
+Each rank then fetches only the experts that its own expert-parallel group's rows route to in its shard
+(its micro-batches' and, after the token exchange, its group peers'), never the union over the world:
+1. the ranks of a replica group all-gather their active masks (one bit per expert of the shard);
+2. each owner copies the union of what its replicas asked of its block host→device once, and one
+   all-to-all over the replica group gives every rank exactly its rows (compute dtype, compute device);
+3. after backward, one all-to-all takes each rank's gradients to their owners, which sum them per
+   expert; each owner clips with the global norm (squares summed over owners and shards, every element
+   once) and steps on the CPU the experts any of its replicas used.
+Checkpoints and the export hold each owner's block once. `traffic` counts the bytes each rank moves
+host→device, receives into its device copies and sends back to the host.
 
 Deviations (documented, not hidden): expert gradients are clipped by their own global norm (DeepSpeed
-clips the dense part by its norm before we could add ours), and with data parallelism the routed sets
-of all ranks are united so every replica of a shard fetches and updates the same experts.
+clips the dense part by its norm before we could add ours). Without sharded host state every replica
+of a shard keeps and steps the whole shard, so the replicas must agree on what they update: their
+routed sets are united over the data-parallel ranks, and each fetches that union.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from .moe import EXPERT_WEIGHTS, ExpertBank, RandomRoutedExperts, grouped_expert
 from .optim import OptimConfig
 
 WEIGHT_NAMES = tuple(EXPERT_WEIGHTS)
+RECORD_STEPS = False  # tests: ExpertOffload.steps_log keeps each step's routed and fetched experts
 _DECAYED = ("w_in", "w_out")  # biases take no weight decay (optim.decays)
 
 
@@ -291,10 +299,16 @@ class ExpertOffload:
             lr=optim.lr, betas=tuple(optim.betas), eps=optim.expert_eps, adamw_mode=True,
         )
         self.last_fetched: dict[str, list[int]] = {}
+        # Bytes moved, cumulative: host→device by this rank, received into its device expert copies,
+        # and gradients device→host (its own, with sharded host state: the owner's summed ones).
+        self.traffic = {"host_to_device": 0, "device_received": 0, "device_to_host": 0}
+        self.steps_log: list[dict[str, Any]] = []  # per step, when RECORD_STEPS (tests)
 
     # ---- per step -----------------------------------------------------------------------------
     def plan(self, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Layer → sorted expert ids that the micro-batches of one step route to (united over ranks)."""
+        """Layer → sorted expert ids that the micro-batches of one step route to, united over the ranks
+        whose tokens this rank's experts compute: the expert-parallel group with sharded host state,
+        every data-parallel rank without it (module docstring)."""
         batches = list(batches)
         masks = []
         for layer in self.layers.values():
@@ -304,8 +318,12 @@ class ExpertOffload:
                 mask[ids.reshape(-1)] = True
             masks.append(mask)
         stacked = torch.stack(masks).to(torch.int32)
-        if self.group is not None and dist.is_initialized() and dist.get_world_size(self.group) > 1:
-            dist.all_reduce(stacked, op=dist.ReduceOp.MAX, group=self.group)
+        if RECORD_STEPS:
+            self.steps_log.append({"routed_here": {n: r.nonzero().flatten().tolist()
+                                                   for n, r in zip(self.layers, stacked)}})
+        union = self.ep_group if self.sharded else self.group
+        if union is not None and dist.is_initialized() and dist.get_world_size(union) > 1:
+            dist.all_reduce(stacked, op=dist.ReduceOp.MAX, group=union)
         return {name: row.nonzero().flatten().cpu() for name, row in zip(self.layers, stacked)}
 
     def fetch(self, plan: dict[str, torch.Tensor]) -> None:
@@ -314,49 +332,83 @@ class ExpertOffload:
         else:
             for name, bank in self.banks.items():
                 bank.fetch(plan[name], self.device, self.dtype)
-        self.last_fetched = {name: plan[name].tolist() for name in self.banks}
+                moved = len(bank.active) * self._row_bytes(bank, self.dtype)
+                self.traffic["host_to_device"] += moved
+                self.traffic["device_received"] += moved
+        self.last_fetched = {name: bank.active.tolist() for name, bank in self.banks.items()}
+        if RECORD_STEPS and self.steps_log:  # the entry plan() opened for this step
+            self.steps_log[-1].update(fetched=self.last_fetched, traffic=dict(self.traffic))
 
     def _row_sizes(self, bank: HostExpertBank) -> list[int]:
         return [bank.host[name][0].numel() for name in WEIGHT_NAMES]
 
-    def _segments(self) -> tuple[list[list[int]], list[int]]:
-        """Per bank, its active experts per owner; and per owner, the numbers it holds in one flat
-        segment (banks in order, then weights in WEIGHT_NAMES order, rows in expert order)."""
-        counts = [bank.owner_counts() for bank in self.banks.values()]
-        totals = [sum(c[j] * sum(self._row_sizes(bank)) for c, bank in zip(counts, self.banks.values()))
-                  for j in range(self.replicas)]
-        return counts, totals
+    def _row_bytes(self, bank: HostExpertBank, dtype: torch.dtype) -> int:
+        return sum(self._row_sizes(bank)) * dtype.itemsize
+
+    def _exchange_plan(self) -> torch.Tensor:
+        """counts[r, j, b]: how many of replica r's active experts of bank b lie in replica j's block
+        (all-gathered active masks: every rank knows every pair, so the all-to-alls' splits agree)."""
+        banks = list(self.banks.values())
+        masks = torch.zeros(len(banks), banks[0].shard_size, dtype=torch.int32, device=self.device)
+        for b, bank in enumerate(banks):
+            masks[b, (bank.active - bank.first).to(self.device)] = 1
+        everyone = torch.empty(self.replicas * len(banks), banks[0].shard_size, dtype=torch.int32, device=self.device)
+        dist.all_gather_into_tensor(everyone, masks, group=self.replica_group)
+        self._masks = everyone.cpu().bool().view(self.replicas, len(banks), -1)  # [R, banks, shard_size]
+        blocks = self._masks.view(self.replicas, len(banks), self.replicas, banks[0].owned_size)
+        return blocks.sum(-1).permute(0, 2, 1)  # [r, j, b]
+
+    def _numbers(self, counts: torch.Tensor) -> torch.Tensor:
+        """counts [..., b] of expert rows → numbers (all weights of those rows)."""
+        sizes = torch.tensor([sum(self._row_sizes(bank)) for bank in self.banks.values()])
+        return (counts * sizes).sum(-1)
 
     @torch.no_grad()
     def _fetch_from_owners(self, plan: dict[str, torch.Tensor]) -> None:
-        """Every replica gets the fetched experts of its shard: each owner contributes the rows of its
-        block, one all-gather (padded to the largest contribution) over the replica group."""
+        """Every rank gets exactly the experts it asked for (its expert-parallel group's routed set in its
+        shard) from their owners: one host→device copy per owner of what any replica asked of its block,
+        one all-to-all over the replica group."""
+        banks = list(self.banks.values())
         for name, bank in self.banks.items():
             bank.select(plan[name], self.device)
-        counts, totals = self._segments()
-        width = max(totals)
-        mine = [bank.host[name].index_select(0, bank.owned_active() - bank.owned_first).reshape(-1)
-                for bank in self.banks.values() for name in WEIGHT_NAMES]
-        local = torch.cat(mine) if mine else torch.zeros(0)
-        buffer = torch.zeros(width, device=self.device, dtype=self.dtype)
-        buffer[: local.numel()] = local.to(device=self.device, dtype=self.dtype, non_blocking=self.pin)
-        gathered = torch.empty(self.replicas * width, device=self.device, dtype=self.dtype)
-        if width:
-            dist.all_gather_into_tensor(gathered, buffer, group=self.replica_group)
-        pieces: list[list[list[torch.Tensor]]] = [[[] for _ in WEIGHT_NAMES] for _ in self.banks]
+        counts = self._exchange_plan()
+        self._counts = counts
+        me = banks[0].replica_rank
+        send = self._numbers(counts[:, me]).tolist()  # to each replica r: its rows of my block
+        receive = self._numbers(counts[me]).tolist()  # from each owner j: my rows of its block
+        # My block's rows that anyone asked for: uploaded once, in the compute dtype.
+        mine = self._masks[:, :, me * banks[0].owned_size:(me + 1) * banks[0].owned_size]  # [R, banks, owned]
+        wanted = mine.any(0)
+        uploaded: list[list[torch.Tensor]] = []
+        for b, bank in enumerate(banks):
+            rows = wanted[b].nonzero().flatten()
+            uploaded.append([bank.host[name].index_select(0, rows).to(self.device, self.dtype, non_blocking=self.pin)
+                             for name in WEIGHT_NAMES])
+            self.traffic["host_to_device"] += len(rows) * self._row_bytes(bank, self.dtype)
+        outgoing = []
+        for r in range(self.replicas):  # segment for replica r: banks, then weights, rows in expert order
+            for b in range(len(banks)):
+                pick = mine[r, b][wanted[b]].nonzero().flatten().to(self.device)
+                outgoing += [w.index_select(0, pick).reshape(-1) for w in uploaded[b]]
+        inbound = torch.empty(sum(receive), device=self.device, dtype=self.dtype)
+        if int(self._numbers(counts).sum()):  # every rank knows the totals: all skip together
+            dist.all_to_all_single(inbound, torch.cat(outgoing) if outgoing else inbound.new_empty(0),
+                                   receive, send, group=self.replica_group)
+        pieces: list[list[list[torch.Tensor]]] = [[[] for _ in WEIGHT_NAMES] for _ in banks]
+        offset = 0
         for j in range(self.replicas):
-            offset = j * width
-            for b, bank in enumerate(self.banks.values()):
+            for b, bank in enumerate(banks):
                 for w, size in enumerate(self._row_sizes(bank)):
-                    n = counts[b][j] * size
-                    pieces[b][w].append(gathered[offset: offset + n])
+                    n = int(counts[me, j, b]) * size
+                    pieces[b][w].append(inbound[offset: offset + n])
                     offset += n
-        for b, bank in enumerate(self.banks.values()):
+        for b, bank in enumerate(banks):
             bank.device_weights = {
                 name: torch.cat(pieces[b][w]).view(len(bank.active), *bank.host[name].shape[1:])
                 .clone().requires_grad_(True)
                 for w, name in enumerate(WEIGHT_NAMES)
             }
+            self.traffic["device_received"] += len(bank.active) * self._row_bytes(bank, self.dtype)
 
     @torch.no_grad()
     def step(self, lr: float, grad_scale: float = 1.0, skip: bool = False) -> dict[str, float]:
@@ -391,6 +443,7 @@ class ExpertOffload:
         if self.optim.grad_clip > 0 and norm > self.optim.grad_clip:
             flat.mul_(self.optim.grad_clip / (norm + 1e-6))  # torch.nn.utils.clip_grad_norm_'s rule
         host_flat = flat.to("cpu")
+        self.traffic["device_to_host"] += host_flat.numel() * host_flat.element_size()
         offset = 0
         for grad, (bank, name) in zip(grads, owners):
             host_grad = host_flat[offset: offset + grad.numel()].view(grad.shape)
@@ -409,46 +462,59 @@ class ExpertOffload:
         return stats
 
     def _step_owned(self, lr: float, grad_scale: float) -> dict[str, float]:
-        """Sharded host state: reduce-scatter the fetched experts' gradients to their owners, clip by the
-        global norm, and let each owner update its own block on the host."""
-        counts, totals = self._segments()
-        width = max(totals)
+        """Sharded host state: one all-to-all takes each rank's gradients to their owners, which sum them
+        per expert, clip by the global norm and update on the host the experts any replica used."""
         banks = list(self.banks.values())
+        counts, me = self._counts, banks[0].replica_rank
+        owned = banks[0].owned_size
         grads = [bank.gradients() for bank in banks]
-        starts = [[sum(c[:j]) for j in range(self.replicas)] for c in counts]
-        segments = []
-        for j in range(self.replicas):
-            parts = [grads[b][name][starts[b][j]: starts[b][j] + counts[b][j]].reshape(-1).float()
-                     for b in range(len(banks)) for name in WEIGHT_NAMES]
-            segment = torch.zeros(width, device=self.device, dtype=torch.float32)
-            if parts:
-                joined = torch.cat(parts)
-                segment[: joined.numel()] = joined
-            segments.append(segment)
-        mine = torch.zeros(width, device=self.device, dtype=torch.float32)
-        if width:
-            dist.reduce_scatter_tensor(mine, torch.cat(segments), group=self.replica_group)
+        outgoing = []
+        for j in range(self.replicas):  # to owner j: my rows of its block, banks then weights
+            for b in range(len(banks)):
+                start = int(counts[me, :j, b].sum())
+                outgoing += [grads[b][name][start: start + int(counts[me, j, b])].reshape(-1).float()
+                             for name in WEIGHT_NAMES]
+        send = self._numbers(counts[me]).tolist()
+        receive = self._numbers(counts[:, me]).tolist()
+        inbound = torch.empty(sum(receive), device=self.device, dtype=torch.float32)
+        if int(self._numbers(counts).sum()):
+            dist.all_to_all_single(inbound, torch.cat(outgoing) if outgoing else inbound.new_empty(0),
+                                   receive, send, group=self.replica_group)
+        # Sum every replica's rows into one gradient per used expert of my block.
+        mine = self._masks[:, :, me * owned:(me + 1) * owned]  # [R, banks, owned]
+        used = mine.any(0)
+        summed = [[torch.zeros(int(used[b].sum()), *bank.host[name].shape[1:], device=self.device)
+                   for name in WEIGHT_NAMES] for b, bank in enumerate(banks)]
+        offset = 0
+        for r in range(self.replicas):
+            for b, bank in enumerate(banks):
+                slots = mine[r, b][used[b]].nonzero().flatten().to(self.device)
+                for w, name in enumerate(WEIGHT_NAMES):
+                    n = len(slots) * bank.host[name][0].numel()
+                    summed[b][w].index_add_(0, slots, inbound[offset: offset + n].view(len(slots), *bank.host[name].shape[1:]))
+                    offset += n
+        flat = torch.cat([t.reshape(-1) for row in summed for t in row]) if summed else torch.zeros(0, device=self.device)
         # The loss is a mean over all data-parallel ranks, as DeepSpeed averages the dense gradients.
-        mine.div_(grad_scale * _group_size(self.group))
-        square = mine.pow(2).sum().reshape(1)
+        flat.div_(grad_scale * _group_size(self.group))
+        square = flat.pow(2).sum().reshape(1)
         dist.all_reduce(square, group=self.replica_group)  # every owner's block of this shard ...
         if self.ep_group is not None:
             dist.all_reduce(square, group=self.ep_group)  # ... and every shard: each element once
         norm = float(square.sqrt())
         if self.optim.grad_clip > 0 and norm > self.optim.grad_clip:
-            mine.mul_(self.optim.grad_clip / (norm + 1e-6))  # torch.nn.utils.clip_grad_norm_'s rule
-        host = mine.to("cpu")
-        me = banks[0].replica_rank
+            flat.mul_(self.optim.grad_clip / (norm + 1e-6))  # torch.nn.utils.clip_grad_norm_'s rule
+        host = flat.to("cpu")
+        self.traffic["device_to_host"] += host.numel() * host.element_size()
         offset = 0
         stepped: list[torch.Tensor] = []
         for b, bank in enumerate(banks):
-            owned = (bank.owned_active() - bank.owned_first).tolist()
+            experts = used[b].nonzero().flatten().tolist()  # indices within my block
             for name in WEIGHT_NAMES:
                 shape = bank.host[name].shape[1:]
-                n = counts[b][me] * bank.host[name][0].numel()
-                block = host[offset: offset + n].view(counts[b][me], *shape)
+                n = len(experts) * bank.host[name][0].numel()
+                block = host[offset: offset + n].view(len(experts), *shape)
                 offset += n
-                for slot, e in enumerate(owned):
+                for slot, e in enumerate(experts):
                     param = bank.expert_params[name][e]
                     param.grad = block[slot]
                     stepped.append(param)
@@ -458,7 +524,7 @@ class ExpertOffload:
             self.optimizer.step()
             for param in stepped:
                 param.grad = None
-        stats = {"expert_grad_norm": norm, "experts_updated": sum(len(b.active) for b in banks)}
+        stats = {"expert_grad_norm": norm, "experts_updated": int(used.sum())}
         self.release()
         return stats
 
