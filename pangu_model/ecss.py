@@ -27,8 +27,9 @@ ranks that hold the same shard in different expert-parallel groups (the expert-d
 average their expert gradients; the gradient norm for clipping is summed over the shards.
 
 Host state sharded like ZeRO (`shard_states`, TrainConfig `ecss_shard_states`): the R ranks that hold the
-same expert shard (the replica group) split it into R contiguous blocks of `shard_size / R` experts; a rank
-keeps the fp32 masters and Adam states of its own block only (its host bytes: total / (ep × R)).
+same expert shard (the replica group) split each layer's shard into R contiguous blocks (`shard_size / R`
+experts, one more for some when R does not divide it); a rank keeps the fp32 masters and Adam states of
+its own block only (its host bytes: about total / (ep × R)).
 Each rank then fetches only the experts that its own expert-parallel group's rows route to in its shard
 (its micro-batches' and, after the token exchange, its group peers'), never the union over the world:
 1. the ranks of a replica group all-gather their active masks (one bit per expert of the shard);
@@ -104,13 +105,17 @@ class HostExpertBank(nn.Module):
         self.first = self.ep_rank * self.shard_size  # experts [first, first + shard_size) live here
         self.replica_group = replica_group
         self.replicas = _group_size(replica_group)
-        if self.shard_size % self.replicas:
-            raise ValueError(f"ECSS sharded host state: the {self.shard_size} experts of a shard do not split "
-                             f"over its {self.replicas} replicas (ecss_shard_states needs a multiple)")
+        if self.shard_size < self.replicas:
+            raise ValueError(f"ECSS sharded host state: a shard of {self.shard_size} experts per layer cannot give "
+                             f"each of its {self.replicas} replicas an expert to own (use fewer replicas or "
+                             f"ecss_shard_states: false)")
         self.replica_rank = dist.get_rank(replica_group) if self.replicas > 1 else 0
-        self.owned_size = self.shard_size // self.replicas
+        # Replica j owns experts [bounds[j], bounds[j + 1]) of the shard: blocks differ by at most one
+        # expert when the replicas do not divide the shard (sigma-1t: 80 experts over 64 nodes).
+        self.bounds = [j * self.shard_size // self.replicas for j in range(self.replicas + 1)]
+        self.owned_size = self.bounds[self.replica_rank + 1] - self.bounds[self.replica_rank]
         # masters and Adam states of experts [owned_first, owned_first + owned_size) live here
-        self.owned_first = self.first + self.replica_rank * self.owned_size
+        self.owned_first = self.first + self.bounds[self.replica_rank]
         self.host: dict[str, torch.Tensor] = {}
         if bank.num_experts == self.num_experts:
             rows = slice(self.owned_first, self.owned_first + self.owned_size)
@@ -147,7 +152,7 @@ class HostExpertBank(nn.Module):
     def owner_counts(self) -> list[int]:
         """How many of the active experts each replica owns (the active ids are sorted, so each owner's
         are consecutive slots, in replica order)."""
-        owner = torch.div(self.active - self.first, self.owned_size, rounding_mode="floor")
+        owner = torch.bucketize(self.active - self.first, torch.tensor(self.bounds[1:]), right=True)
         return torch.bincount(owner, minlength=self.replicas).tolist()
 
     def owned_active(self) -> torch.Tensor:
@@ -355,8 +360,14 @@ class ExpertOffload:
         everyone = torch.empty(self.replicas * len(banks), banks[0].shard_size, dtype=torch.int32, device=self.device)
         dist.all_gather_into_tensor(everyone, masks, group=self.replica_group)
         self._masks = everyone.cpu().bool().view(self.replicas, len(banks), -1)  # [R, banks, shard_size]
-        blocks = self._masks.view(self.replicas, len(banks), self.replicas, banks[0].owned_size)
-        return blocks.sum(-1).permute(0, 2, 1)  # [r, j, b]
+        bounds = banks[0].bounds
+        return torch.stack([self._masks[:, :, bounds[j]:bounds[j + 1]].sum(-1) for j in range(self.replicas)],
+                           dim=1)  # [r, j, b]
+
+    def _my_block(self) -> torch.Tensor:
+        """The replicas' active masks over this rank's own block: [R, banks, owned_size]."""
+        bank = next(iter(self.banks.values()))
+        return self._masks[:, :, bank.bounds[bank.replica_rank]:bank.bounds[bank.replica_rank + 1]]
 
     def _numbers(self, counts: torch.Tensor) -> torch.Tensor:
         """counts [..., b] of expert rows → numbers (all weights of those rows)."""
@@ -377,7 +388,7 @@ class ExpertOffload:
         send = self._numbers(counts[:, me]).tolist()  # to each replica r: its rows of my block
         receive = self._numbers(counts[me]).tolist()  # from each owner j: my rows of its block
         # My block's rows that anyone asked for: uploaded once, in the compute dtype.
-        mine = self._masks[:, :, me * banks[0].owned_size:(me + 1) * banks[0].owned_size]  # [R, banks, owned]
+        mine = self._my_block()
         wanted = mine.any(0)
         uploaded: list[list[torch.Tensor]] = []
         for b, bank in enumerate(banks):
@@ -466,7 +477,6 @@ class ExpertOffload:
         per expert, clip by the global norm and update on the host the experts any replica used."""
         banks = list(self.banks.values())
         counts, me = self._counts, banks[0].replica_rank
-        owned = banks[0].owned_size
         grads = [bank.gradients() for bank in banks]
         outgoing = []
         for j in range(self.replicas):  # to owner j: my rows of its block, banks then weights
@@ -481,7 +491,7 @@ class ExpertOffload:
             dist.all_to_all_single(inbound, torch.cat(outgoing) if outgoing else inbound.new_empty(0),
                                    receive, send, group=self.replica_group)
         # Sum every replica's rows into one gradient per used expert of my block.
-        mine = self._masks[:, :, me * owned:(me + 1) * owned]  # [R, banks, owned]
+        mine = self._my_block()
         used = mine.any(0)
         summed = [[torch.zeros(int(used[b].sum()), *bank.host[name].shape[1:], device=self.device)
                    for name in WEIGHT_NAMES] for b, bank in enumerate(banks)]
@@ -607,10 +617,14 @@ class ExpertOffload:
         for layer, bank in self.banks.items():
             for name in WEIGHT_NAMES:
                 if self.sharded:  # the blocks of the shard, from their owners, in replica order
+                    widest = max(b - a for a, b in zip(bank.bounds, bank.bounds[1:]))
                     block = bank.host[name].to(self.device)
-                    whole = block.new_empty((bank.shard_size, *block.shape[1:]))
-                    dist.all_gather_into_tensor(whole, block, group=self.replica_group)
-                    shard = whole.cpu()
+                    padded = block.new_zeros((widest, *block.shape[1:]))
+                    padded[: len(block)] = block
+                    gathered = block.new_empty((widest * bank.replicas, *block.shape[1:]))
+                    dist.all_gather_into_tensor(gathered, padded, group=self.replica_group)
+                    shard = torch.cat([gathered[j * widest: j * widest + hi - lo]
+                                       for j, (lo, hi) in enumerate(zip(bank.bounds, bank.bounds[1:]))]).cpu()
                 else:
                     shard = bank.host[name]
                 if self.ep_group is None:

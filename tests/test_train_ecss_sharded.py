@@ -22,17 +22,17 @@ RANKS = 4
 STEPS = 3
 
 
-def _torchrun(config: Path, expect_ok: bool = True) -> subprocess.CompletedProcess:
+def _torchrun(config: Path, expect_ok: bool = True, ranks: int = RANKS) -> subprocess.CompletedProcess:
     from tests.test_train_common import run_torchrun
 
-    done = run_torchrun(config, module="tests.test_train_ecss_sharded", ranks=RANKS)
+    done = run_torchrun(config, module="tests.test_train_ecss_sharded", ranks=ranks)
     if expect_ok:
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return done
 
 
-def _host_bytes(run: Path) -> list[dict[str, int]]:
-    return [json.loads((run / f"host_bytes_rank{r}.json").read_text()) for r in range(RANKS)]
+def _host_bytes(run: Path, ranks: int = RANKS) -> list[dict[str, int]]:
+    return [json.loads((run / f"host_bytes_rank{r}.json").read_text()) for r in range(ranks)]
 
 
 @pytest.mark.slow
@@ -112,24 +112,52 @@ def test_sharded_host_state_matches_unsharded_ecss_resumes_and_exports_the_same(
     assert "resume with the same ecss_shard_states" in refused.stdout + refused.stderr
 
 
-def _check_rank_local_fetch(run: Path) -> None:
+@pytest.mark.slow
+def test_uneven_owner_blocks_when_replicas_do_not_divide_the_shard() -> None:
+    """3 replicas (ep 1 × dp 3) of 8 experts per layer own blocks of 2, 3 and 3 (sigma-1t: 80 experts over
+    64 nodes): the losses and the export equal unsharded ECSS, each rank holds its block's masters."""
+    from pangu_model import load_checkpoint
+    from pangu_model.metrics import read_metrics
+    from tests.test_train_common import run_config
+
+    optimizer = {"lr": 3e-3, "warmup_steps": 1, "decay_steps": 2, "grad_clip": 0.5}
+    fields = dict(ecss=True, expert_parallel=1, topology=None, optimizer=optimizer, micro_batch_size=2,
+                  train_steps=2, checkpoint_every=0)
+    whole = run_config("ecss-unsharded-3", "sigma-tiny", ecss_shard_states=False, **fields)
+    owned = run_config("ecss-sharded-3", "sigma-tiny", ecss_shard_states=True, **fields)
+    _torchrun(whole, ranks=3)
+    _torchrun(owned, ranks=3)
+    a, b = read_metrics(whole.parent), read_metrics(owned.parent)
+    assert [r["step"] for r in b] == [1, 2] == [r["step"] for r in a]
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6), (x["step"], x["loss"], y["loss"])
+    full = _host_bytes(whole.parent, 3)[0]["master_bytes"]
+    assert [r["master_bytes"] * 8 for r in _host_bytes(owned.parent, 3)] == [2 * full, 3 * full, 3 * full]
+    x, y = (load_checkpoint(p.parent / "export").state_dict() for p in (whole, owned))
+    assert set(x) == set(y)
+    for name, tensor in x.items():
+        torch.testing.assert_close(y[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    _check_rank_local_fetch(owned.parent, ranks=3)
+
+
+def _check_rank_local_fetch(run: Path, ranks: int = RANKS) -> None:
     """Every fetch of every rank (3 steps over two launches, and validation) holds exactly the experts its
     expert-parallel group's rows route to in its shard, not the world's union; the bytes it moved are
     those experts' (received) and, as an owner, what any replica asked of its block (host→device)."""
     logs = {r: [json.loads(line) for line in (run / f"ecss_steps_rank{r}.jsonl").read_text().splitlines()]
-            for r in range(RANKS)}
-    runs = {r: [e for e in logs[r] if "run" in e] for r in range(RANKS)}
-    steps = {r: [e for e in logs[r] if "run" not in e] for r in range(RANKS)}
+            for r in range(ranks)}
+    runs = {r: [e for e in logs[r] if "run" in e] for r in range(ranks)}
+    steps = {r: [e for e in logs[r] if "run" not in e] for r in range(ranks)}
     assert len({len(v) for v in steps.values()}) == 1 and len(steps[0]) >= STEPS
     info = runs[0][0]
     layers = list(steps[0][0]["fetched"])
     narrower = 0
-    previous = {r: {"host_to_device": 0, "device_received": 0} for r in range(RANKS)}
+    previous = {r: {"host_to_device": 0, "device_received": 0} for r in range(ranks)}
     for i in range(len(steps[0])):
-        if any(steps[r][i].get("first_of_run") for r in range(RANKS)):
-            previous = {r: {"host_to_device": 0, "device_received": 0} for r in range(RANKS)}
-        world = {layer: set().union(*(steps[r][i]["routed_here"][layer] for r in range(RANKS))) for layer in layers}
-        for r in range(RANKS):
+        if any(steps[r][i].get("first_of_run") for r in range(ranks)):
+            previous = {r: {"host_to_device": 0, "device_received": 0} for r in range(ranks)}
+        world = {layer: set().union(*(steps[r][i]["routed_here"][layer] for r in range(ranks))) for layer in layers}
+        for r in range(ranks):
             me = runs[r][0]
             first, size = me["shard_first"], me["shard_size"]
             group = me["ep_ranks"]
