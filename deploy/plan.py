@@ -7,7 +7,8 @@ step takes and what MFU that is, and whether it fits. Nothing is allocated: para
 the model's own module tree built on the meta device (as ``pangu_model.info`` does).
 
 Everything below is a *model* of what this project's code does; each figure is stated with its rule so
-that a wrong one can be found and fixed.
+that a wrong one can be found and fixed. The GPU kind is an argument (``pangu plan --gpu``, default
+``h100``; the trainer's check takes the device's name): topology presets name no GPU.
 
 Parameters per GPU
 ------------------
@@ -45,36 +46,80 @@ expert-data-parallel group ``dp / ep``)
 
 ECSS (``pangu_model/ecss.py``), counted from the code
 ---------------------------------------------------
-Host, per GPU, for the ``E_r`` expert parameters of its shard (``experts / ep`` per sparse layer):
+Per sparse layer a GPU's expert-parallel rank holds a shard of ``S = experts / ep`` experts (sigma-1t:
+80); the ``R = dp / ep`` ranks holding the same shard (one per expert-parallel group) are its replicas.
+Without sharded host state every replica keeps the whole shard; with ``ecss_shard_states`` replica ``j``
+owns block ``[j·S//R, (j+1)·S//R)`` of it (``HostExpertBank.bounds``: blocks of ``⌊S/R⌋`` or ``⌈S/R⌉``
+experts; sigma-1t: 80 over 64, 1 or 2) and the planner counts the largest block, ``O = ⌈S/R⌉`` experts per
+layer (the nodes whose ranks own 2 are the slowest and the fullest). Parameters below are per GPU over its
+sparse layers: an expert is ``2·d·d_ff + d_ff + d`` parameters.
+
+Host, per GPU, for the ``E_h`` expert parameters it keeps (the shard, or its block):
 
 * resident: fp32 masters (4 B, pinned on CUDA) + DeepSpeedCPUAdam's m and v (8 B, allocated as each
-  expert is first stepped; counted for every expert) = **12 bytes per expert parameter**;
-* each step: ``flat.to("cpu")`` keeps an fp32 copy of the fetched experts' gradients (4 B per fetched
-  parameter), and ``index_select`` on the pinned master makes a pageable fp32 copy of one weight tensor
-  at a time before it crosses PCIe;
-* checkpoint save (the ranks that write a shard): ``ExpertOffload.state_dict`` builds fresh m and v
-  tensors for the whole shard, +8 B per parameter;
-* resume: ``torch.load`` of the shard file (12 B) next to the masters (4 B) while ``load_state_dict``
-  clones m and v (8 B): **24 bytes per expert parameter** at the peak;
-* start-up: ``build_model`` (``pangu_model.materialize``) makes one module at a time in fp32 on the
-  host before it moves to the GPU (the largest: the word embedding or one FFN linear); this rank's
-  experts are made on the host, and each RRE layer's pinned master is allocated before its bank is
-  dropped.
+  expert is first stepped; counted for every expert) = **12 bytes per kept expert parameter**;
+* each step: the gradients brought back in fp32 (4 B per uploaded parameter: ``flat.to("cpu")``, with
+  sharded state the owner's per-expert sums), and ``index_select`` on the pinned master makes a pageable
+  fp32 copy of one weight tensor of one layer at a time before it crosses PCIe (never at once with the
+  gradients);
+* checkpoint save (every rank that writes a shard or a block): ``ExpertOffload.state_dict`` builds fresh m
+  and v tensors for what it keeps, +8 B per parameter;
+* resume: ``torch.load`` of the file (12 B) next to the masters (4 B) while ``load_state_dict`` clones m and
+  v (8 B): **24 bytes per kept expert parameter** at the peak;
+* start-up: ``build_model`` (``pangu_model.materialize``) makes one module at a time in fp32 on the host
+  before it moves to the GPU (the largest: the word embedding or one FFN linear); the experts of the rank's
+  **whole shard** (``S`` per layer, sharded state or not: ``build_model`` knows only the expert-parallel
+  shard) are made on the host and stay there until ``ExpertOffload`` copies each RRE layer's block (or
+  shard) into its pinned master and drops the layer's bank: ``4·(shard) + 4·(one layer's kept experts)``.
 
-Device, per GPU, for the ``F`` fetched expert parameters: the weights in the compute dtype and their
-gradients (``2p·F``), then in ``ExpertOffload.step`` ``torch.cat([g.float() for g in grads])`` holds the
-fp32 copies of every gradient and their concatenation at once (``4F + 4F``; the copies cost nothing
-under fp32): 12 bytes per fetched parameter at the peak.
+Which experts a step moves, per rank and sparse layer:
 
-Fetched experts per step: ``ExpertOffload.plan`` unites the routed sets of every data-parallel rank
-(``all_reduce(MAX)`` over the world) and every micro-batch of the step, and each token meets
-``experts_active_per_token`` experts per sparse layer, so per rank and sparse layer
-``F_layer = min(experts on the rank, micro_batch · seq · gradient_accumulation · dp · active)``:
-an **upper bound** that assumes the step's tokens reach every expert they could (RRE spreads a
-domain's tokens over its experts by a fixed random table; with 40 domains and ≥ 10⁴ tokens per domain
-per step every expert is hit). Host→device bytes are **4 per fetched parameter**: the code copies the
-fp32 master and converts to the compute dtype on the GPU (``.to(device, dtype)``), so fp32 bytes cross
-PCIe (SPEC §10). The gradients come back the same way (fp32, 4 B).
+* **without sharded host state** ``ExpertOffload.plan`` unites the routed sets of every data-parallel rank
+  (``all_reduce(MAX)`` over the world) and every micro-batch of the step, so every replica fetches, steps
+  and uploads ``A = U = min(S, micro_batch · seq · gradient_accumulation · dp · active)``: an **upper
+  bound** that assumes the step's tokens reach every expert they could (with 40 domains and ≥ 10⁴ tokens
+  per domain per step every expert is hit).
+* **with sharded host state** the union is rank-local: ``plan()`` unites only over the expert-parallel
+  group, so a rank fetches ``A`` = the experts of its shard that its group's rows (all micro-batches of
+  the step) route to. With domain-affine steps (``TrainConfig.domain_affine``; on by default for RRE: all
+  rows of a node in a step come from one domain, ``tokenizer.dataset``) ``A`` is that domain's experts on
+  the rank: ``K / ep`` with the interleaved layout (sigma-1t: 16 per domain over 8 ranks = **2**), ``K``
+  with the contiguous one, and at most the group's ``b·s·gas·ep·active`` token assignments. Without
+  domain-affine rows, ``A`` = ``Σ_d m_d·(1 − (1 − w_d)^n)``, the expected experts of the domains that the
+  group's ``n = b·gas·ep`` rows bring (``m_d`` experts of domain ``d`` on the rank), an expectation.
+  The owner of a block uploads and steps ``U`` = the union of what its replicas asked of its block:
+  **the whole block** (``O``), the bound that memory and time use. Its expectation is
+  ``Σ_{e ∈ block} P(domain of e in the step)``; the affine schedule (``affine_schedule``) lays a domain's
+  slots of a window down consecutive steps, so a domain of weight ``w_d ≥ 1/nodes`` is in **every** step
+  and the expectation is the bound (sigma-1t, uniform: 2 = 2; independent draws per node would give
+  ``1 − (1 − 1/40)^64 ≈ 0.80`` of the block, but the schedule is not independent); without domain-affine
+  rows ``1 − (1 − w_d)^(b·gas·dp)``. The replicas ask ``Q`` rows of the block: with domain-affine steps a
+  domain sits on at most ``⌈nodes·w_d⌉`` nodes of a step (``nodes·w_d`` on average), each with ``R/nodes``
+  replicas, so ``Q = Σ_{e ∈ block} ⌈nodes·w_d⌉·R/nodes`` with at most ``nodes`` domain slots in all
+  (sigma-1t: 2 × 2 = **4**; expected 3.2); without, ``R·Σ_e (1 − (1 − w_d)^n)`` expected. The weights
+  ``w_d`` are the preset's mixture when it names weights, otherwise **uniform** (the default "natural"
+  mixture follows the data's token counts, unknown to the planner); with named weights the heaviest
+  domains are put on the worst block. A skewed mixture raises ``Q``: a domain on ``k`` nodes of a step
+  sends its owner ``k`` copies of each gradient.
+
+Device, per GPU: the ``A`` fetched parameters' weights in the compute dtype and their gradients
+(``2p·A``); in ``ExpertOffload.step`` the fp32 copies of every gradient and their concatenation
+(``4A + 4A``; the copies cost nothing under fp32). With sharded host state also, in
+``_fetch_from_owners``, the uploaded union (``p·U``), the outgoing rows picked per replica and their
+concatenation (``2p·Q``) and the inbound rows (``p·A``) next to the device copies being assembled (``p·A``;
+one weight of one layer cloned at a time is left out); in ``_step_owned``, beside the gradients and their
+outgoing fp32 copies, the gradients inbound from the replicas (``4Q``), the per-expert sums (``4U``) and
+their concatenation (``4U``).
+
+Transfers: host→device **4 bytes per uploaded parameter** (``U``; ``A`` = ``U`` without sharding): the code
+copies the fp32 master and converts to the compute dtype on the GPU (``.to(device, dtype)``), so fp32 bytes
+cross PCIe (SPEC §10); the gradients come back in fp32 (4 B). With sharded host state, over the replica
+group (one rank per expert-parallel group: across nodes, the network): the active masks all-gathered
+(int32, one per expert of the shard: tiny, as the routed masks all-reduced over the expert-parallel
+group), then **one all-to-all** of the fetched rows in the compute dtype (the largest block's owner sends
+``p·Q``, every rank receives ``p·A``) and **one all-to-all** of the gradients in fp32 (sends ``4A``, the
+owner receives ``4Q``). The plan also states what PCIe moves each way during the step's dense compute
+(``times["compute_dense"]``): what the transfers would have to fit in to hide under it.
 
 Time per step
 -------------
@@ -90,14 +135,21 @@ Time per step
   (4 per layer and micro-batch), expert all-to-alls (4 per sparse layer and micro-batch) and pipeline
   sends are **not overlapped**.
 * ECSS and ZeRO-Offload: the trainer runs them synchronously (fetch before the first forward,
-  ``ExpertOffload.step`` after the last backward), so they add up: host→device copy, device→host
-  gradients, the expert-gradient all-reduce over the expert-data-parallel group (fp32), and the CPU
-  Adam update. A copy takes the longer of its PCIe time (per GPU) and of the node's host-DRAM traffic
-  (all GPUs of a node share it: the fetch reads the master and writes and reads the pageable copy,
-  12 B per parameter). CPU Adam is bound by host DRAM: it reads the parameter, gradient, m and v and
-  writes three of them back, 28 bytes per updated parameter.
+  ``ExpertOffload.step`` after the last backward; no prefetch, no delayed update), so they add up:
+  host→device copy of ``U``, device→host gradients of ``U``, and the CPU Adam update of ``U``; without
+  sharded state the expert-gradient all-reduce over the replica group (fp32), with it the mask
+  collectives and the two all-to-alls, each as long as its busiest rank's larger direction
+  (``p·max(A, Q)`` and ``4·max(A, Q)`` over the network). A copy takes the longer of its PCIe time (per
+  GPU) and of the node's host-DRAM traffic (all GPUs of a node share it: the fetch reads the master and
+  writes and reads the pageable copy, 12 B per parameter; the gradients are written once, 4 B). CPU Adam
+  is bound by host DRAM: it reads the parameter, gradient, m and v and writes three of them back, 28 bytes
+  per updated parameter, for the 8 GPUs of a node.
 * step time = compute (with bubble) + the non-overlapped terms; MFU = model FLOPs per GPU /
   (step time × peak), as ``metrics.py`` computes it during training.
+* dense counterpart (sparse models): the same plan for the same TrainConfig and cluster with the model's
+  dense base shape (router dense, no sparse layers: sigma-1t → the 13b shape), ECSS off and expert
+  parallel 1 (:func:`dense_counterpart_config`); ``dense_counterpart["step_time_ratio"]`` = this step time
+  / that one.
 
 Fits
 ----
@@ -322,6 +374,15 @@ class Plan:
     tokens_per_s: float
     checkpoint_bytes_per_node: int = 0  # node 0, the busiest writer
     checkpoint_s: float = 0.0  # at CHECKPOINT_WRITE_BYTES_PER_S_PER_NODE
+    d2h_bytes_per_gpu_per_step: int = 0
+    # what PCIe moves, each way, in the step's dense compute (times["compute_dense"]): what the
+    # transfers would have to fit in to hide under compute (the trainer does not overlap them yet)
+    h2d_link_bytes_in_dense_compute: int = 0
+    d2h_link_bytes_in_dense_compute: int = 0
+    ecss: dict[str, Any] = field(default_factory=dict)  # experts per sparse layer an ECSS step moves (EcssRouting)
+    # sparse models: the same run with the model's dense base shape (router dense, ECSS off, expert 1);
+    # step_time_ratio = this plan's step time / the counterpart's
+    dense_counterpart: dict[str, Any] | None = None
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     hardware: dict[str, Any] = field(default_factory=dict)
@@ -364,6 +425,131 @@ def _stage_params(layout: ParameterLayout, stage: int, pp: int) -> tuple[int, in
     return dense, experts
 
 
+# --------------------------------------------------------------------------------------------
+# ECSS: which experts a step moves (module docstring, "Fetched experts per step")
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EcssRouting:
+    """Experts per sparse layer that one ECSS step moves, on the worst rank and the largest block."""
+
+    sharded: bool  # ecss_shard_states with more than one replica
+    domain_affine: bool
+    mixture: str  # the domain weights the expectations use, in words
+    shard: int  # S: experts of a layer on one expert-parallel rank
+    replicas: int  # R: ranks holding the same shard (1 without sharded host state)
+    owned: int  # experts of a layer whose masters + Adam states a rank keeps (the largest block)
+    fetched: int  # A: experts of a layer a rank computes with (device copies)
+    union: int  # U: experts of a layer an owner copies host→device and steps (its block's union)
+    asked: int  # Q: rows of a layer asked of the largest block by all replicas (0 without sharding)
+    union_expected: float  # E|U| (the figure above is its bound, the whole block)
+    asked_expected: float  # E[Q]
+    why: str  # one sentence for the notes
+
+
+def _domain_weights(train_config: "TrainConfig", domains: int) -> tuple[list[float], str]:
+    """The sampling weight of each of the model's domains, as far as the config says: a name → weight
+    map or a named mixture (tokenizer.dataset.MIXTURE_PRESETS) gives its weights (domains without one get
+    none), "natural" (tokens per domain of the data, unknown here) or None a uniform mixture."""
+    mixture = train_config.mixture
+    if isinstance(mixture, str) and mixture != "natural":
+        from tokenizer.dataset import MIXTURE_PRESETS
+
+        mixture = MIXTURE_PRESETS.get(mixture, None)
+    if isinstance(mixture, dict) and sum(mixture.values()) > 0:
+        total = sum(mixture.values())
+        weights = sorted((w / total for w in mixture.values()), reverse=True)[:domains]
+        return weights + [0.0] * (domains - len(weights)), (
+            f"the mixture's {len(mixture)} weights, heaviest domains on the worst block")
+    why = "uniform over the model's domains" + (" (mixture 'natural' follows the data's tokens, unknown to the "
+                                                 "planner)" if train_config.mixture in (None, "natural") else "")
+    return [1.0 / domains] * domains, why
+
+
+def _worst_pairing(counts: list[int], values: list[float]) -> float:
+    """Σ counts·values with the largest counts on the largest values (the domain ids are not known)."""
+    return sum(c * v for c, v in zip(sorted(counts, reverse=True), sorted(values, reverse=True)))
+
+
+def _worst_slots(counts: list[int], caps: list[int], nodes: int) -> int:
+    """The most rows one step's nodes can ask of a block whose domains hold `counts` experts: domain d is
+    on at most caps[d] nodes, and a step has `nodes` (one domain each), the largest counts served first."""
+    total, left = 0, nodes
+    for count, cap in zip(sorted(counts, reverse=True), sorted(caps, reverse=True)):
+        take = min(cap, left)
+        total, left = total + count * take, left - take
+    return total
+
+
+def _ecss_routing(train_config: "TrainConfig", model: "PanguConfig", ep: int, dp: int, nodes: int,
+                  sharded: bool) -> EcssRouting:
+    """A, U and Q per sparse layer (module docstring); 0 experts for a model without RRE layers."""
+    from collections import Counter
+
+    from pangu_model.moe import rre_expert_ids
+
+    import torch
+
+    b, s, gas = train_config.micro_batch_size, train_config.row_length, train_config.gradient_accumulation_steps
+    active = max(1, model.experts_active_per_token)
+    affine = train_config.domain_affine if train_config.domain_affine is not None else model.router == "rre"
+    domains, per_domain = model.num_domains, model.experts_per_domain
+    total = model.total_experts
+    shard = total // ep if total else 0
+    replicas = max(1, dp // ep) if sharded else 1
+    weights, mixture = _domain_weights(train_config, domains)
+    if not shard or model.router != "rre":
+        return EcssRouting(sharded, affine, mixture, shard, replicas, 0, 0, 0, 0, 0.0, 0.0, "")
+    if not sharded:
+        # Every replica keeps and steps the whole shard, so the replicas agree on what they update: the
+        # routed sets of every data-parallel rank are united (the world's tokens reach every expert).
+        fetched = min(shard, b * s * gas * dp * active)
+        why = (f"the routed sets of all {dp} data-parallel ranks are united ({b * s * gas * dp:,} tokens per step)"
+               if dp > 1 else f"the rank's own {b * s * gas:,} tokens per step")
+        return EcssRouting(False, affine, mixture, shard, 1, shard, fetched, fetched, 0, float(fetched), 0.0, why)
+
+    # domain of every expert id, and of every expert of every shard (PanguConfig.expert_layout)
+    grid = rre_expert_ids(torch.arange(domains).repeat_interleave(per_domain), torch.arange(per_domain).repeat(domains),
+                          domains, per_domain, model.expert_layout)
+    domain_of = [0] * total
+    for index, expert in enumerate(grid.tolist()):
+        domain_of[expert] = index // per_domain
+    shards = [domain_of[r * shard:(r + 1) * shard] for r in range(ep)]
+    bounds = [j * shard // replicas for j in range(replicas + 1)]  # ecss.HostExpertBank.bounds
+    owned = max(hi - lo for lo, hi in zip(bounds, bounds[1:]))
+    blocks = [list(Counter(sh[lo:hi]).values()) for sh in shards for lo, hi in zip(bounds, bounds[1:])]
+    group_tokens = b * s * gas * ep * active  # an expert-parallel group's token assignments per step
+    rows_group, rows_step = b * gas * ep, b * gas * dp
+    per_node = max(1, replicas // max(1, nodes))  # replicas of a shard in one node: one domain per node
+    if affine:
+        # One domain per node and step: a rank fetches that domain's experts of its shard. The schedule
+        # (tokenizer.dataset.affine_schedule) gives domain d ⌈nodes·w_d⌉ nodes of a step at most, nodes·w_d
+        # on average, and puts a domain with nodes·w_d ≥ 1 in every step.
+        most = max(max(Counter(sh).values()) for sh in shards)
+        fetched = min(most, shard, group_tokens)
+        caps = [min(nodes, math.ceil(nodes * w - 1e-9)) for w in weights]
+        present = [min(1.0, nodes * w) for w in weights]
+        asked = max(_worst_slots(c, caps, nodes) for c in blocks) * per_node
+        asked_mean = max(_worst_pairing(c, [nodes * w * per_node for w in weights]) for c in blocks)
+        why = (f"domain-affine steps: all rows of a node come from one domain, whose {most} experts per layer on "
+               f"this rank ({model.expert_layout} layout: {per_domain} per domain over {ep} ranks) are the ones "
+               f"fetched")
+    else:
+        # Independent rows: the expert-parallel group's rows bring about Σ_d (1 − (1 − w_d)^n) domains.
+        chance = [1.0 - (1.0 - w) ** rows_group for w in weights]
+        expected = max(_worst_pairing(list(Counter(sh).values()), chance) for sh in shards)
+        fetched = min(shard, group_tokens, math.ceil(expected - 1e-9))
+        asked_mean = max(_worst_pairing(c, [replicas * x for x in chance]) for c in blocks)
+        asked = min(replicas * owned, math.ceil(asked_mean - 1e-9))
+        present = [1.0 - (1.0 - w) ** rows_step for w in weights]
+        distinct = sum(chance)
+        why = (f"independent rows: the {rows_group} rows of the expert-parallel group bring {distinct:.1f} of the "
+               f"{domains} domains on average ({mixture}), so about {fetched} of the shard's {shard} experts per "
+               f"layer (an expectation)")
+    union_mean = max(_worst_pairing(c, present) for c in blocks)
+    return EcssRouting(True, affine, mixture, shard, replicas, owned, fetched, owned, asked, union_mean,
+                       asked_mean, why)
+
+
 def plan_training(
     train_config: "TrainConfig",
     cluster: ClusterSpec,
@@ -373,12 +559,14 @@ def plan_training(
     gpu_memory_bytes: int | None = None,
     host_ram_bytes: int | None = None,
     check_host: bool = True,
+    dense_counterpart: bool = True,
 ) -> Plan:
     """The memory and time plan of `train_config` on `cluster` with `parallel` (see the module docstring).
 
     `host_ram_gb` (decimal GB) or `host_ram_bytes` replace the table's host RAM per node,
-    `gpu_memory_bytes` the GPU's memory (the real device's, at start). Raises ValueError when the
-    parallel plan is not valid for the model or the cluster.
+    `gpu_memory_bytes` the GPU's memory (the real device's, at start). A sparse model's plan carries its
+    dense counterpart's step time (`dense_counterpart`: see :func:`dense_counterpart_config`). Raises
+    ValueError when the parallel plan is not valid for the model or the cluster.
     """
     from pangu_model.metrics import flops_per_token
 
@@ -408,6 +596,10 @@ def plan_training(
     dense_shard = dp if zero >= 1 else 1
     expert_shard = max(1, dp // ep) if zero >= 1 else 1
     bucket = 2 * int(train_config.reduce_bucket_size) * p if zero >= 1 else 0
+    # ECSS with sharded host state (`ecss_shard_states`): each of the dp/ep replicas of an expert shard keeps
+    # the masters and Adam states of its block only; a rank fetches its expert-parallel group's routed set.
+    shard_states = ecss and bool(train_config.ecss_shard_states) and dp // ep > 1
+    routing = _ecss_routing(train_config, model, ep, dp, cluster.nodes, shard_states) if ecss else None
 
     def device_for_stage(stage: int) -> dict[str, Any]:
         dense_stage, experts_stage = _stage_params(layout, stage, pp)
@@ -416,8 +608,16 @@ def plan_training(
         stage_layers = layout.block_experts[stage * layers_per_stage:(stage + 1) * layers_per_stage]
         stage_sparse = sum(1 for e in stage_layers if e)
         experts_on_rank_per_layer = layout.experts_per_layer // ep if stage_sparse else 0
-        fetched_per_layer = min(experts_on_rank_per_layer, b * s * gas * dp * active) if stage_sparse else 0
-        fetched = fetched_per_layer * layout.per_expert * stage_sparse if ecss else 0
+        if not stage_sparse:
+            fetched_per_layer = 0
+        elif routing is not None:
+            fetched_per_layer = routing.fetched
+        else:
+            fetched_per_layer = min(experts_on_rank_per_layer, b * s * gas * dp * active)
+        fetched = fetched_per_layer * layout.per_expert * stage_sparse if ecss else 0  # A: device copies
+        # U: the rows an owner uploads and steps; Q: the rows all replicas ask of its block (sharded state)
+        union = routing.union * layout.per_expert * stage_sparse if shard_states and routing else fetched
+        asked = routing.asked * layout.per_expert * stage_sparse if shard_states and routing else 0
         device_experts = 0 if ecss else experts_rank
         out: dict[str, int] = {}
         if zero >= 3:
@@ -442,36 +642,48 @@ def plan_training(
         out["logits"] = math.ceil(b * s * vocab / tp) * (p + 12) if stage == pp - 1 else 0
         out["ecss_fetched_weights_and_grads"] = 2 * p * fetched
         out["ecss_step_fp32_gradients"] = ((4 if mixed else 0) + 4) * fetched
+        # _fetch_from_owners: the uploaded union, the outgoing rows (picked, then concatenated), the inbound
+        out["ecss_fetch_exchange_buffers"] = p * (union + 2 * asked + fetched) if shard_states else 0
+        # _step_owned: the replicas' gradients inbound (fp32), the per-expert sums and their concatenation
+        out["ecss_step_owner_buffers"] = 4 * asked + 8 * union if shard_states else 0
         out["dense_step_fp32_gradients"] = 0 if offload or not mixed else 4 * opt_elems
         static = out["parameters"] + out.get("zero3_live_parameters", 0) + out["gradients"] + out["optimizer_states"]
         phases = {
             "forward_backward": static + bucket + out["activations"] + out["logits"] + 2 * p * fetched,
             "dense_optimizer_step": static + bucket + out["dense_step_fp32_gradients"] + 2 * p * fetched,
         }
+        if shard_states:
+            phases["ecss_fetch"] = static + p * fetched + out["ecss_fetch_exchange_buffers"]
         if ecss:
-            phases["ecss_step"] = static + 2 * p * fetched + out["ecss_step_fp32_gradients"]
+            phases["ecss_step"] = (static + 2 * p * fetched + out["ecss_step_fp32_gradients"]
+                                   + out["ecss_step_owner_buffers"])
         if tp == 1 and pp == 1:
             # Export: rank 0 assembles every dense fp32 master on the device (safe_get_full_fp32_param).
             phases["export_rank0"] = static + 4 * dense
         return {"stage": stage, "dense": dense, "experts_rank": experts_rank, "fetched": fetched,
+                "union": union, "asked": asked,
                 "fetched_per_layer": fetched_per_layer, "sparse_layers": stage_sparse,
                 "breakdown": out, "phases": phases, "gpu_bytes": max(phases.values())}
 
     stages = [device_for_stage(i) for i in range(pp)]
     worst = max(stages, key=lambda st: st["gpu_bytes"])
     dense, experts_rank, fetched = worst["dense"], worst["experts_rank"], worst["fetched"]
+    union, asked = worst["union"], worst["asked"]
 
     # ---- host, per GPU ------------------------------------------------------------------------
     host: dict[str, int] = {}
-    # ECSS with sharded host state (`ecss_shard_states`): each of the dp/ep replicas of an expert shard keeps
-    # the masters and Adam states of its block only, and steps only its block's fetched experts.
-    replicas = max(1, dp // ep)
-    shard_states = ecss and bool(getattr(train_config, "ecss_shard_states", False)) and replicas > 1
-    owners = replicas if shard_states else 1
-    host_experts = math.ceil(experts_rank / owners) if ecss else 0
-    owned_fetched = math.ceil(fetched / owners)
+    # With sharded host state a rank keeps its block (the largest: ceil(S / R) experts per layer) and
+    # uploads and steps the union U of what its replicas asked of it; without, its shard and the fetched set.
+    sparse_here = worst["sparse_layers"]
+    if shard_states and routing is not None:
+        host_experts = routing.owned * layout.per_expert * sparse_here
+        union_per_layer = routing.union
+    else:
+        host_experts = experts_rank if ecss else 0
+        union_per_layer = worst["fetched_per_layer"]
+    owned_fetched = union  # parameters that cross PCIe each way and that CPU Adam updates, per GPU
     if ecss:
-        per_layer_weight = worst["fetched_per_layer"] * h * model.expert_width  # one w_in or w_out
+        per_layer_weight = union_per_layer * h * model.expert_width  # one w_in or w_out, one layer
         host["ecss_fp32_masters"] = 4 * host_experts
         host["ecss_adam_moments"] = 8 * host_experts
         host["ecss_step_fp32_gradients"] = 4 * owned_fetched
@@ -482,14 +694,15 @@ def plan_training(
         opt_elems = math.ceil(dense / dense_shard) + (0 if ecss else math.ceil(experts_rank / expert_shard))
         host["offload_optimizer_states"] = (state_bytes + 4) * opt_elems  # + the fp32 gradient partition
     # build_model (pangu_model.materialize): one module at a time in fp32 on the host, then on its device;
-    # with ECSS the experts are built on the host and stay there, and each RRE layer's pinned master is
-    # made beside its bank.
+    # with ECSS the experts of the rank's whole shard are built on the host and stay there until
+    # ExpertOffload copies the rank's block (the whole shard without sharded state) into a pinned master,
+    # layer by layer, and drops the layer's bank.
     sparse_layers = max(1, worst["sparse_layers"])
     largest_module = max(layout.word_embedding, h * model.d_ff + model.d_ff,
                          0 if ecss else experts_rank // sparse_layers)
     build = 4 * largest_module
     if ecss and worst["sparse_layers"]:
-        build += 4 * host_experts + 4 * host_experts // sparse_layers
+        build += 4 * experts_rank + 4 * host_experts // sparse_layers
     host["startup_model_build"] = build
     resident = host.get("ecss_fp32_masters", 0) + host.get("ecss_adam_moments", 0) + host.get(
         "offload_optimizer_states", 0)
@@ -556,9 +769,11 @@ def plan_training(
         times["pipeline_send_receive"] = 2 * gas * p * math.ceil(sbh / tp) / pp_bw
     transfers: dict[str, int] = {"h2d": 0, "d2h": 0}
     if ecss:
-        # Each rank copies the fetched rows it holds (all of them, or its owned block's) as fp32 and casts
-        # on the GPU; with sharded state the owners' rows then reach every replica by an all-gather in
-        # the compute dtype, and the gradients return to their owners by a reduce-scatter (fp32).
+        # Each rank (with sharded state: each owner, for the union of what its replicas asked of its block)
+        # copies fp32 masters host→device and casts on the GPU. With sharded state the rows then reach the
+        # replicas that asked for them by one all-to-all in the compute dtype, and the gradients return to
+        # their owners by one all-to-all in fp32; an all-to-all lasts as long as its busiest rank's larger
+        # direction: the owner of the largest block sends Q rows, every rank receives its A rows.
         replica_bw = _group_bandwidth(groups["expert_data"], gpn, hw) if ep > 1 else dp_bw
         transfers["ecss_fetch_h2d"] = 4 * owned_fetched
         transfers["ecss_gradients_d2h"] = 4 * owned_fetched
@@ -566,11 +781,22 @@ def plan_training(
         times["ecss_fetch_h2d"] = max(4 * owned_fetched / hw.pcie_h2d_bytes_per_s, fetch_dram)
         times["ecss_gradients_d2h"] = max(4 * owned_fetched / hw.pcie_d2h_bytes_per_s,
                                           gpn * 4 * owned_fetched / hw.host_dram_bytes_per_s)
-        if shard_states:
-            transfers["ecss_owner_all_gather"] = int(_ring("all_gather", exp_dp) * p * fetched)
-            transfers["ecss_gradient_reduce_scatter"] = int(_ring("reduce_scatter", exp_dp) * 4 * fetched)
-            times["ecss_owner_all_gather"] = transfers["ecss_owner_all_gather"] / replica_bw
-            times["ecss_gradient_reduce_scatter"] = transfers["ecss_gradient_reduce_scatter"] / replica_bw
+        if shard_states and routing is not None:
+            sparse_here = worst["sparse_layers"]
+            replicas = routing.replicas
+            # plan(): int32 routed masks all-reduced (MAX) over the expert-parallel group; _exchange_plan():
+            # int32 active masks of the shard all-gathered over the replica group
+            plan_masks = _ring("all_reduce", ep) * 4 * sparse_here * layout.experts_per_layer
+            exchange_masks = (replicas - 1) * 4 * sparse_here * routing.shard
+            transfers["ecss_routing_masks"] = int(plan_masks + exchange_masks)
+            ep_bw = _group_bandwidth(groups["expert"], gpn, hw) if ep > 1 else hw.nvlink_bytes_per_s
+            times["ecss_routing_masks"] = plan_masks / ep_bw + exchange_masks / replica_bw
+            transfers["ecss_owner_all_to_all_sent"] = p * asked
+            transfers["ecss_owner_all_to_all_received"] = p * fetched
+            transfers["ecss_gradient_all_to_all_sent"] = 4 * fetched
+            transfers["ecss_gradient_all_to_all_received"] = 4 * asked
+            times["ecss_owner_all_to_all"] = p * max(asked, fetched) / replica_bw
+            times["ecss_gradient_all_to_all"] = 4 * max(asked, fetched) / replica_bw
         else:
             transfers["ecss_gradient_all_reduce"] = int(_ring("all_reduce", exp_dp) * 4 * fetched)
             times["ecss_gradient_all_reduce"] = transfers["ecss_gradient_all_reduce"] / replica_bw
@@ -644,22 +870,33 @@ def plan_training(
         notes.append(f"pipeline bubble: {gas} micro-batch(es) per step over {pp} stages leave "
                      f"{(pp - 1) / (gas + pp - 1):.0%} of the step idle; raise gradient_accumulation_steps "
                      f"(--set gradient_accumulation_steps=N)")
-    if ecss and fetched:
+    if ecss and fetched and routing is not None:
         all_fetched = worst["fetched_per_layer"] == layout.experts_per_layer // ep
         notes.append(
-            f"ECSS fetches up to {worst['fetched_per_layer']} of the {layout.experts_per_layer // ep} experts per "
-            f"sparse layer on each rank per step (the routed sets of all {dp} data-parallel ranks are united: "
-            f"{tokens_per_step:,} tokens per step)"
+            f"ECSS: each rank fetches {worst['fetched_per_layer']} of its shard's {routing.shard} experts per "
+            f"sparse layer per step: {routing.why}"
             + ("; every expert of the shard crosses PCIe each step, so ECSS saves no transfer at this batch"
-               if all_fetched else "")
+               if all_fetched and not shard_states else "")
         )
+        if shard_states:
+            notes.append(
+                f"ECSS sharded host state: the {routing.replicas} replicas of a shard own blocks of at most "
+                f"{routing.owned} expert(s) per layer; the owner of the largest uploads and steps U = {routing.union} "
+                f"per layer (the whole block: a bound; expected {routing.union_expected:.2f}) and its replicas ask "
+                f"Q = {routing.asked} rows of it per layer (expected {routing.asked_expected:.2f}); mixture "
+                f"{routing.mixture}")
+    if ecss:
+        ecss_terms = sum(v for k, v in times.items() if k.startswith("ecss_"))
+        notes.append(f"ECSS runs synchronously (fetch before the first forward, step after the last backward): "
+                     f"{_fmt_time(ecss_terms)} of the step; hidden under the {_fmt_time(times['compute'])} of compute "
+                     f"only with a prefetch and a delayed host optimizer (not built)")
     if ecss and hw.pcie_h2d_bytes_per_s:
         notes.append("the ECSS fetch copies from a pageable index_select result, not from pinned memory: "
                      "the pinned PCIe figure is a lower bound on its time")
     if recompute:
         notes.append("gradient checkpointing: activations are recomputed (hardware FLOPs × 4/3)")
 
-    return Plan(
+    plan = Plan(
         preset=train_config.name,
         model=model.name,
         gpu=hw.key,
@@ -680,6 +917,7 @@ def plan_training(
             "experts_on_device_per_gpu": 0 if ecss else experts_rank,
             "experts_on_host_per_gpu": host_experts,
             "fetched_per_gpu_per_step": fetched,
+            "owner_uploaded_per_gpu_per_step": owned_fetched if ecss else 0,
             "worst_stage": worst["stage"],
         },
         gpu_breakdown=worst["breakdown"],
@@ -702,12 +940,57 @@ def plan_training(
         tokens_per_s=tokens_per_step / step_time if step_time > 0 else 0.0,
         checkpoint_bytes_per_node=checkpoint_bytes,
         checkpoint_s=checkpoint_s,
+        d2h_bytes_per_gpu_per_step=transfers["d2h"],
+        h2d_link_bytes_in_dense_compute=int(hw.pcie_h2d_bytes_per_s * times["compute_dense"]),
+        d2h_link_bytes_in_dense_compute=int(hw.pcie_d2h_bytes_per_s * times["compute_dense"]),
+        ecss=({"sharded": routing.sharded, "domain_affine": routing.domain_affine, "mixture": routing.mixture,
+               "experts_per_rank_per_layer": routing.shard, "replicas": routing.replicas,
+               "owned_per_layer": routing.owned, "fetched_per_layer": worst["fetched_per_layer"],
+               "owner_union_per_layer": routing.union, "owner_union_expected_per_layer": routing.union_expected,
+               "asked_of_block_per_layer": routing.asked, "asked_expected_per_layer": routing.asked_expected,
+               "sparse_layers": worst["sparse_layers"], "why": routing.why} if routing is not None else {}),
         reasons=reasons,
         notes=notes,
         hardware={k: v for k, v in asdict(hw).items() if k != "sources"} | {
             "peak_flops": peak, "gpu_reserve_fraction": GPU_RESERVE_FRACTION,
             "host_reserve_fraction": HOST_RESERVE_FRACTION},
     )
+    counterpart = dense_counterpart_config(train_config) if dense_counterpart else None
+    if counterpart is not None:
+        dense_plan = plan_training(
+            counterpart, cluster, ParallelPlan(tensor=tp, pipeline=pp, expert=1), gpu=gpu, host_ram_gb=host_ram_gb,
+            gpu_memory_bytes=gpu_memory_bytes, host_ram_bytes=host_ram_bytes, check_host=check_host,
+            dense_counterpart=False)
+        plan.dense_counterpart = {
+            "model": dense_plan.model, "parameters": dense_plan.parameters["total"],
+            "step_time_s": dense_plan.step_time_s, "mfu": dense_plan.mfu, "tokens_per_s": dense_plan.tokens_per_s,
+            "fits": dense_plan.fits, "gpu_bytes_per_gpu": dense_plan.gpu_bytes_per_gpu,
+            "host_bytes_per_node": dense_plan.host_bytes_per_node, "times": dense_plan.times,
+            "step_time_ratio": step_time / dense_plan.step_time_s if dense_plan.step_time_s > 0 else 0.0,
+        }
+    return plan
+
+
+def dense_counterpart_config(train_config: "TrainConfig") -> "TrainConfig | None":
+    """A sparse model's run with its dense base shape instead: the same TrainConfig (precision, ZeRO,
+    batch, sequence) with the router dense and no sparse layers (each FFN back to the shared d_ff one:
+    sigma-1t → the 13b shape, 12.8B), ECSS off and no expert parallelism. None for a dense model. The
+    model is named after the dense preset of that shape when there is one."""
+    from pangu_model.config import PRESETS
+    from pangu_model.train import TrainConfig
+
+    model = train_config.pangu_config()
+    if model.router == "dense":
+        return None
+    shape = ("vocab_size", "max_seq_len", "d_model", "num_layers", "num_heads", "d_ff")  # inherit._SHAPE_FIELDS
+    name = next((n for n, c in PRESETS.items()
+                 if c.router == "dense" and all(getattr(c, f) == getattr(model, f) for f in shape)), None)
+    overrides = {**train_config.model_overrides, "router": "dense", "moe_layers": 0,
+                 "name": name or f"{model.name}-dense"}
+    data = train_config.model_dump() | {
+        "name": f"{train_config.name} (dense counterpart)", "model_overrides": overrides, "ecss": False,
+        "ecss_shard_states": False, "expert_parallel": 1, "topology": None}
+    return TrainConfig.model_validate(data)
 
 
 def _checked_parallel(parallel: ParallelPlan, model: "PanguConfig", cluster: ClusterSpec) -> ParallelPlan:
@@ -833,7 +1116,8 @@ def check_plan(
     except ValueError:
         gpu = "h100"
     plan = plan_training(train_config, cluster, parallel, gpu=gpu, host_ram_bytes=host_ram_bytes,
-                         gpu_memory_bytes=gpu_memory_bytes, check_host=host_ram_bytes is not None)
+                         gpu_memory_bytes=gpu_memory_bytes, check_host=host_ram_bytes is not None,
+                         dense_counterpart=False)  # the check needs no comparison
     if gpu_name is None and gpu_memory_bytes is None:
         # No GPU: the device bytes are host bytes; only the host check counts.
         plan.reasons = [r for r in plan.reasons if not r.startswith("GPU memory")]
@@ -880,8 +1164,17 @@ def format_plan(plan: Plan) -> str:
         f"{plan.parameters['experts_on_host_per_gpu']:,} on the host, "
         f"{plan.parameters['fetched_per_gpu_per_step']:,} fetched per step"
         + (f" (pipeline stage {plan.parameters['worst_stage']}, the largest)" if par["pipeline"] > 1 else ""),
-        "",
     ]
+    if plan.ecss:
+        e = plan.ecss
+        lines.append(
+            f"  ECSS{' (sharded host state)' if e['sharded'] else ''}: per rank and sparse layer "
+            f"{e['fetched_per_layer']} of {e['experts_per_rank_per_layer']} experts fetched"
+            f" ({'domain-affine' if e['domain_affine'] else 'independent rows'})"
+            + (f", {e['owned_per_layer']} owned (largest block of {e['replicas']}), {e['owner_union_per_layer']} "
+               f"uploaded and stepped by the owner, {e['asked_of_block_per_layer']} rows asked of it"
+               if e["sharded"] else ""))
+    lines.append("")
     rows: list[tuple[str, str, str]] = [("GPU memory", "per GPU", "per node")]
     for key, value in plan.gpu_breakdown.items():
         if value:
@@ -905,6 +1198,10 @@ def format_plan(plan: Plan) -> str:
             rows.append((f"  {key.replace('_', ' ')}", fmt_bytes(value), fmt_bytes(value * gpn)))
     if not any(plan.transfers.values()):
         rows.append(("  none", "0 B", "0 B"))
+    if plan.h2d_bytes_per_gpu_per_step or plan.d2h_bytes_per_gpu_per_step:
+        rows.append(("  PCIe h2d | d2h in the dense compute",
+                     f"{fmt_bytes(plan.h2d_link_bytes_in_dense_compute)} | "
+                     f"{fmt_bytes(plan.d2h_link_bytes_in_dense_compute)}", ""))
     rows.append(("time per step", "", ""))
     for key, value in plan.times.items():
         if value and key != "compute":
@@ -912,6 +1209,11 @@ def format_plan(plan: Plan) -> str:
     rows.append(("  step time", _fmt_time(plan.step_time_s), ""))
     rows.append(("  MFU", f"{plan.mfu:.1%}", ""))
     rows.append(("  tokens/s (whole cluster)", f"{plan.tokens_per_s:,.0f}", ""))
+    if plan.dense_counterpart:
+        dc = plan.dense_counterpart
+        rows.append((f"  dense counterpart ({dc['model']}) step", _fmt_time(dc["step_time_s"]),
+                     f"MFU {dc['mfu']:.1%}"))
+        rows.append(("  step / dense counterpart step", f"{dc['step_time_ratio']:.2f}×", ""))
     rows.append((f"checkpoint (node 0, at {CHECKPOINT_WRITE_BYTES_PER_S_PER_NODE / 1e9:g} GB/s)",
                  _fmt_time(plan.checkpoint_s), fmt_bytes(plan.checkpoint_bytes_per_node)))
     width = max(len(r[0]) for r in rows)
@@ -929,6 +1231,7 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BARE_MODEL_DEFAULTS", "GPU_RESERVE_FRACTION", "HARDWARE", "HOST_RESERVE_FRACTION", "Hardware",
-           "ParameterLayout", "Plan", "PlanDoesNotFit", "check_plan", "fmt_bytes", "format_plan", "hardware",
-           "parameter_layout", "plan_for", "plan_training", "resolve_train_config"]
+__all__ = ["BARE_MODEL_DEFAULTS", "GPU_RESERVE_FRACTION", "HARDWARE", "HOST_RESERVE_FRACTION", "EcssRouting",
+           "Hardware", "ParameterLayout", "Plan", "PlanDoesNotFit", "check_plan", "dense_counterpart_config",
+           "fmt_bytes", "format_plan", "hardware", "parameter_layout", "plan_for", "plan_training",
+           "resolve_train_config"]
