@@ -80,8 +80,36 @@ class _AllToAll(torch.autograd.Function):
         return back, None, None, None
 
 
+def copy_rows(source: torch.Tensor, rows: list[int], target: torch.Tensor, non_blocking: bool = False) -> None:
+    """target[i] = source[rows[i]], one copy per run of consecutive rows: each is a contiguous slice of
+    the (pinned) source, so it crosses the link as one DMA and needs no pageable gather first."""
+    i = 0
+    while i < len(rows):
+        j = i + 1
+        while j < len(rows) and rows[j] == rows[j - 1] + 1:
+            j += 1
+        target[i:j].copy_(source[rows[i]:rows[j - 1] + 1], non_blocking=non_blocking)
+        i = j
+
+
+def _on(stream: Any):
+    """`torch.cuda.stream(stream)`, or nothing on CPU (the copies are then synchronous)."""
+    import contextlib
+
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
 def _group_size(group: Any) -> int:
     return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+
+
+def default_host_threads() -> int:
+    """This rank's share of the cores it may run on: the node's cores over its local ranks."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, cores // max(1, local))
 
 
 class HostExpertBank(nn.Module):
@@ -138,6 +166,8 @@ class HostExpertBank(nn.Module):
         self.active = torch.zeros(0, dtype=torch.long)  # fetched experts, global ids
         self.device_weights: dict[str, torch.Tensor] = {}
         self._slot_of: torch.Tensor | None = None
+        self.shadow: dict[str, torch.Tensor] = self.host  # until make_shadows(compute dtype)
+        self.ready: Any = None  # CUDA event: this bank's fetched weights have arrived
 
     # ---- placement ---------------------------------------------------------------------------
     def select(self, experts: torch.Tensor, device: torch.device) -> None:
@@ -160,19 +190,52 @@ class HostExpertBank(nn.Module):
         a = self.active
         return a[(a >= self.owned_first) & (a < self.owned_first + self.owned_size)]
 
-    def fetch(self, experts: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
-        """Copy the masters of the experts of this shard among `experts` (sorted global ids) to `device`
-        as fresh leaf tensors."""
+    def make_shadows(self, dtype: torch.dtype) -> None:
+        """Host copies of the owned masters in the compute dtype (pinned on CUDA), the source of every
+        host→device copy: `p` bytes per parameter cross the link instead of fp32's 4, and a pinned source
+        lets the copy run as DMA beside compute. The masters themselves when the compute dtype is fp32."""
+        if dtype == torch.float32:
+            self.shadow = self.host
+            return
+        self.shadow = {}
+        for name, master in self.host.items():
+            shadow = torch.empty(master.shape, dtype=dtype, pin_memory=self.pinned)
+            shadow.copy_(master)
+            self.shadow[name] = shadow
+
+    def refresh_shadows(self, rows: list[int]) -> None:
+        """After the host optimizer stepped these owned rows: their shadows follow the masters."""
+        if self.shadow is self.host or not rows:
+            return
+        index = torch.tensor(rows)
+        for name, master in self.host.items():
+            self.shadow[name].index_copy_(0, index, master.index_select(0, index).to(self.shadow[name].dtype))
+
+    def device_slots(self, count: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """`count` rows of the preallocated device pool per weight (grown when a step needs more): the
+        fetched experts are copied into them, so no step allocates its expert weights anew."""
+        pool = getattr(self, "_pool", {})
+        if not pool or next(iter(pool.values())).shape[0] < count:
+            capacity = max(count, 1)
+            pool = {name: torch.empty((capacity, *t.shape[1:]), dtype=t.dtype, device=device)
+                    for name, t in self.shadow.items()}
+            self._pool = pool
+        return {name: t[:count] for name, t in pool.items()}
+
+    def fetch(self, experts: torch.Tensor, device: torch.device, copy_stream: Any = None) -> None:
+        """Copy the experts of this shard among `experts` (sorted global ids) from the pinned shadows into
+        the device pool, run by run of consecutive rows, on `copy_stream` when given (CUDA: the layer's
+        forward waits for its own copies only, so later layers' copies overlap earlier layers' compute)."""
         experts = experts.to("cpu", torch.long)
         experts = experts[(experts >= self.first) & (experts < self.first + self.shard_size)]
         self.active = experts
-        local = experts - self.first
-        self.device_weights = {
-            name: self.host[name].index_select(0, local)
-            .to(device=device, dtype=dtype, non_blocking=self.pinned)
-            .requires_grad_(True)
-            for name in WEIGHT_NAMES
-        }
+        local = (experts - self.owned_first).tolist()
+        slots = self.device_slots(len(local), device)
+        with _on(copy_stream):
+            for name, source in self.shadow.items():
+                copy_rows(source, local, slots[name], non_blocking=self.pinned)
+            self.ready = copy_stream.record_event() if copy_stream is not None else None
+        self.device_weights = {name: t.detach().requires_grad_(True) for name, t in slots.items()}
         slot_of = torch.full((self.num_experts,), -1, dtype=torch.long)
         slot_of[experts] = torch.arange(len(experts))
         self._slot_of = slot_of.to(device)
@@ -180,6 +243,7 @@ class HostExpertBank(nn.Module):
     def release(self) -> None:
         self.device_weights = {}
         self._slot_of = None
+        self.ready = None
         self.active = torch.zeros(0, dtype=torch.long)
 
     def gradients(self) -> dict[str, torch.Tensor]:
@@ -198,6 +262,8 @@ class HostExpertBank(nn.Module):
     ) -> torch.Tensor:
         if self._slot_of is None:
             raise RuntimeError("ECSS: forward before fetch(); call ExpertOffload.fetch(plan) for this batch")
+        if self.ready is not None:  # this layer's copies, not the later layers' still in flight
+            torch.cuda.current_stream(x.device).wait_event(self.ready)
         if self.ep_size > 1:
             return self._forward_expert_parallel(x, expert_index, token_index, gate_weight)
         return self._compute(x, expert_index, token_index, gate_weight)
@@ -263,12 +329,14 @@ class ExpertOffload:
         ep_group: Any = None,
         replica_group: Any = None,
         shard_states: bool = False,
+        host_threads: int | None = None,
     ) -> None:
         """`group`: all data-parallel ranks (routed sets are united over it; gradients are averaged
         over its size). `ep_group`: the ranks that share one copy of the experts, a shard each.
         `replica_group`: the ranks holding the same shard; by default `group` when there is no
         expert parallelism. `shard_states`: each replica keeps only its block of the shard's masters
-        and Adam states (module docstring); a no-op with one replica."""
+        and Adam states (module docstring); a no-op with one replica. `host_threads`: CPU threads of
+        the host optimizer (default: this rank's share of the node's cores, `default_host_threads`)."""
         self.device = torch.device(device)
         self.dtype = dtype
         self.group = group
@@ -291,6 +359,14 @@ class ExpertOffload:
                 self.banks[name] = bank
         if not self.layers:
             raise ValueError("ECSS needs Random Routed Experts layers (router 'rre'); this model has none")
+        for bank in self.banks.values():
+            bank.make_shadows(dtype)
+        # Host→device copies run on their own stream (CUDA), so they overlap compute.
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # DeepSpeedCPUAdam runs on torch's OpenMP threads: torchrun starts every rank with
+        # OMP_NUM_THREADS=1, which would leave the host update on one core per rank.
+        self.host_threads = host_threads or default_host_threads()
+        torch.set_num_threads(self.host_threads)
         decay = [p for bank in self.banks.values() for n in _DECAYED for p in bank.expert_params[n]]
         no_decay = [p for bank in self.banks.values() for n in WEIGHT_NAMES if n not in _DECAYED
                     for p in bank.expert_params[n]]
@@ -335,8 +411,10 @@ class ExpertOffload:
         if self.sharded:
             self._fetch_from_owners(plan)
         else:
+            if self.copy_stream is not None:  # the pool is overwritten only after the last step used it
+                self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             for name, bank in self.banks.items():
-                bank.fetch(plan[name], self.device, self.dtype)
+                bank.fetch(plan[name], self.device, self.copy_stream)
                 moved = len(bank.active) * self._row_bytes(bank, self.dtype)
                 self.traffic["host_to_device"] += moved
                 self.traffic["device_received"] += moved
@@ -392,10 +470,16 @@ class ExpertOffload:
         wanted = mine.any(0)
         uploaded: list[list[torch.Tensor]] = []
         for b, bank in enumerate(banks):
-            rows = wanted[b].nonzero().flatten()
-            uploaded.append([bank.host[name].index_select(0, rows).to(self.device, self.dtype, non_blocking=self.pin)
-                             for name in WEIGHT_NAMES])
+            rows = wanted[b].nonzero().flatten().tolist()
+            copies = [torch.empty((len(rows), *bank.shadow[name].shape[1:]), dtype=self.dtype, device=self.device)
+                      for name in WEIGHT_NAMES]
+            with _on(self.copy_stream):
+                for name, target in zip(WEIGHT_NAMES, copies):
+                    copy_rows(bank.shadow[name], rows, target, non_blocking=self.pin)
+            uploaded.append(copies)
             self.traffic["host_to_device"] += len(rows) * self._row_bytes(bank, self.dtype)
+        if self.copy_stream is not None:  # the exchange reads what the copies wrote
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
         outgoing = []
         for r in range(self.replicas):  # segment for replica r: banks, then weights, rows in expert order
             for b in range(len(banks)):
@@ -468,6 +552,7 @@ class ExpertOffload:
             for name in WEIGHT_NAMES:
                 for expert in bank.active.tolist():
                     bank.expert_params[name][expert - bank.owned_first].grad = None
+            bank.refresh_shadows((bank.active - bank.owned_first).tolist())
         stats = {"expert_grad_norm": norm, "experts_updated": sum(len(b.active) for b in self.banks.values())}
         self.release()
         return stats
@@ -534,6 +619,8 @@ class ExpertOffload:
             self.optimizer.step()
             for param in stepped:
                 param.grad = None
+        for b, bank in enumerate(banks):
+            bank.refresh_shadows(used[b].nonzero().flatten().tolist())
         stats = {"expert_grad_norm": norm, "experts_updated": int(used.sum())}
         self.release()
         return stats
@@ -602,6 +689,7 @@ class ExpertOffload:
                             "exp_avg": saved["exp_avg"][e].clone(),
                             "exp_avg_sq": saved["exp_avg_sq"][e].clone(),
                         }
+            bank.refresh_shadows(list(range(bank.owned_size)))
 
     def expert_rows(self) -> list[tuple[str, torch.Tensor, int]]:
         """This rank's shard (sharded host state: its own block) as (ExpertBank tensor name, host master
@@ -639,10 +727,13 @@ class ExpertOffload:
         return out
 
     def host_bytes(self) -> int:
-        """Host memory held: masters plus Adam states (two fp32 moments per stepped expert)."""
+        """Host memory held: masters, their compute-dtype shadows (none under fp32) and Adam states (two
+        fp32 moments per stepped expert)."""
         masters = sum(t.numel() * t.element_size() for b in self.banks.values() for t in b.host.values())
+        shadows = sum(t.numel() * t.element_size() for b in self.banks.values() if b.shadow is not b.host
+                      for t in b.shadow.values())
         moments = sum(s["exp_avg"].numel() * 8 for s in self.optimizer.state.values() if s)
-        return masters + moments
+        return masters + shadows + moments
 
 
 __all__ = ["ExpertOffload", "HostExpertBank"]

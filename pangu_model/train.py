@@ -108,6 +108,8 @@ class TrainConfig(BaseModel):
     ecss: bool = Field(False, description="PanGu-Σ ECSS: expert weights and Adam states in host memory")
     ecss_shard_states: bool = Field(False, description="ECSS: each replica of an expert shard keeps only its block "
                                                        "of the masters + Adam states (host bytes / (ep × dp))")
+    ecss_host_threads: int | None = Field(None, ge=1, description="ECSS: CPU threads of the host optimizer per rank "
+                                                               "(default: the node's cores / its ranks)")
     expert_parallel: int = Field(1, ge=1, description="ranks that share one copy of the experts (inside a node)")
     topology: str | None = Field(None, description="deploy/presets/topology name or YAML: checks ep against the cluster")
     # checkpoints and logs
@@ -402,6 +404,7 @@ class Trainer:
                 model, config.optimizer, self.device, _compute_dtype(config.precision),
                 group=dist.group.WORLD if self.world_size > 1 else None,
                 ep_group=ep_group, replica_group=replica_group, shard_states=config.ecss_shard_states,
+                host_threads=config.ecss_host_threads,
             )
         from .speed import maybe_compile
 

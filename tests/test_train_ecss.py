@@ -76,3 +76,57 @@ def test_host_buffers_are_pinned_on_cuda() -> None:
         trainer.run()
     finally:
         trainer.close()
+
+
+def test_copy_rows_copies_runs_of_rows() -> None:
+    from pangu_model.ecss import copy_rows
+
+    source = torch.arange(40.0).view(10, 4)
+    rows = [0, 1, 2, 5, 7, 8]
+    target = torch.empty(len(rows), 4)
+    copy_rows(source, rows, target)
+    assert torch.equal(target, source[rows])
+
+
+def test_fetches_come_from_compute_dtype_shadows_refreshed_after_each_host_step() -> None:
+    """bf16 compute: the host keeps bf16 shadows of the fp32 masters; a fetch copies them (2 bytes per
+    parameter) into the device pool, and after the host step the stepped experts' shadows follow their
+    masters while the others stay bit-identical. The host optimizer gets its own threads."""
+    from pangu_model import PanguModel
+    from pangu_model.config import PRESETS
+    from pangu_model.ecss import ExpertOffload
+    from pangu_model.optim import OptimConfig
+
+    torch.manual_seed(0)
+    model = PanguModel(PRESETS["sigma-tiny"].replace(vocab_size=512, max_seq_len=32))
+    torch.set_num_threads(1)  # as torchrun starts a rank
+    try:
+        ecss = ExpertOffload(model, OptimConfig(lr=1e-2, warmup_steps=0), "cpu", torch.bfloat16, host_threads=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(max(1, len(__import__("os").sched_getaffinity(0))))
+    bank = next(iter(ecss.banks.values()))
+    assert all(bank.shadow[n].dtype == torch.bfloat16 and torch.equal(bank.shadow[n], bank.host[n].bfloat16())
+               for n in bank.host)
+    batch = {"input_ids": torch.randint(10, 512, (1, 32)), "domain_ids": torch.full((1, 32), 1)}
+    plan = ecss.plan([batch])
+    ecss.fetch(plan)
+    active = bank.active.tolist()
+    assert 0 < len(active) < bank.num_experts
+    row = sum(t[0].numel() for t in bank.host.values())
+    assert ecss.traffic["host_to_device"] == sum(len(plan[n]) for n in ecss.banks) * row * 2
+    for name, weight in bank.device_weights.items():
+        assert weight.dtype == torch.bfloat16 and weight.is_leaf and weight.requires_grad
+        assert torch.equal(weight.detach(), bank.host[name][active].bfloat16())
+    before = {n: t.clone() for n, t in bank.shadow.items()}
+    for b in ecss.banks.values():
+        for weight in b.device_weights.values():
+            weight.grad = torch.ones_like(weight)
+    ecss.step(lr=1e-2)
+    for name, shadow in bank.shadow.items():
+        assert torch.equal(shadow, bank.host[name].bfloat16()), name  # every row follows its master
+        others = [e for e in range(bank.num_experts) if e not in active]
+        assert torch.equal(shadow[others], before[name][others])
+        if name.startswith("w_"):
+            assert not torch.equal(shadow[active], before[name][active])
+    assert ecss.host_bytes() > sum(t.numel() * 4 for t in bank.host.values())  # masters + shadows + moments
