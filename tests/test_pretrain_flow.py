@@ -369,8 +369,8 @@ def test_a_preempted_pretrain_run_ends_preempted_not_failed(prefect_api, tokens,
 
 def test_the_default_stop_grace_covers_a_checkpoint_of_the_preset():
     """torchrun used to SIGKILL ranks 30 s after a SIGTERM, whatever the model; the grace now comes from
-    the planner: a tiny preset keeps the floor, sigma-1t on 64 nodes gets hours (its 11.7 TiB of expert
-    states per node take that long to write)."""
+    the planner: a tiny preset keeps the floor, sigma-1t on 64 nodes gets twice its step and checkpoint
+    time (each of a node's 8 ranks writes its owned block of expert states)."""
     from deploy.plan import plan_for
     from flows.pretrain import STOP_GRACE_S, default_stop_grace
     from pangu_model.train import load_train_config
@@ -381,4 +381,5 @@ def test_the_default_stop_grace_covers_a_checkpoint_of_the_preset():
     plan = plan_for(big, nodes=64, gpus_per_node=8)
     grace = default_stop_grace(big, 64, 8)
     assert grace == pytest.approx(2 * (plan.step_time_s + plan.checkpoint_s))
-    assert grace > 3600 and plan.checkpoint_bytes_per_node > 8 * 12 * plan.parameters["experts_on_host_per_gpu"]
+    assert grace > STOP_GRACE_S and plan.checkpoint_s > 60
+    assert plan.checkpoint_bytes_per_node >= 8 * 12 * plan.parameters["experts_on_host_per_gpu"]
