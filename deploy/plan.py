@@ -56,12 +56,13 @@ sparse layers: an expert is ``2·d·d_ff + d_ff + d`` parameters.
 
 Host, per GPU, for the ``E_h`` expert parameters it keeps (the shard, or its block):
 
-* resident: fp32 masters (4 B, pinned on CUDA) + DeepSpeedCPUAdam's m and v (8 B, allocated as each
-  expert is first stepped; counted for every expert) = **12 bytes per kept expert parameter**;
+* resident: fp32 masters (4 B) + their shadows in the compute dtype, the source of every fetch (``p`` B,
+  pinned on CUDA; none under fp32, where the masters are the shadows) + DeepSpeedCPUAdam's m and v (8 B,
+  allocated as each expert is first stepped; counted for every expert) = **12 + p bytes per kept expert
+  parameter** (14 under bf16);
 * each step: the gradients brought back in fp32 (4 B per uploaded parameter: ``flat.to("cpu")``, with
-  sharded state the owner's per-expert sums), and ``index_select`` on the pinned master makes a pageable
-  fp32 copy of one weight tensor of one layer at a time before it crosses PCIe (never at once with the
-  gradients);
+  sharded state the owner's per-expert sums); the fetch copies straight from the pinned shadows (runs of
+  rows, ``copy_rows``), with no staging copy;
 * checkpoint save (every rank that writes a shard or a block): ``ExpertOffload.state_dict`` builds fresh m
   and v tensors for what it keeps, +8 B per parameter;
 * resume: ``torch.load`` of the file (12 B) next to the masters (4 B) while ``load_state_dict`` clones m and
@@ -111,9 +112,9 @@ one weight of one layer cloned at a time is left out); in ``_step_owned``, besid
 outgoing fp32 copies, the gradients inbound from the replicas (``4Q``), the per-expert sums (``4U``) and
 their concatenation (``4U``).
 
-Transfers: host→device **4 bytes per uploaded parameter** (``U``; ``A`` = ``U`` without sharding): the code
-copies the fp32 master and converts to the compute dtype on the GPU (``.to(device, dtype)``), so fp32 bytes
-cross PCIe (SPEC §10); the gradients come back in fp32 (4 B). With sharded host state, over the replica
+Transfers: host→device **p bytes per uploaded parameter** (``U``; ``A`` = ``U`` without sharding): the code
+copies the compute-dtype shadow rows from pinned memory into a device pool on a copy stream (one event per
+layer); the gradients come back in fp32 (4 B). With sharded host state, over the replica
 group (one rank per expert-parallel group: across nodes, the network): the active masks all-gathered
 (int32, one per expert of the shard: tiny, as the routed masks all-reduced over the expert-parallel
 group), then **one all-to-all** of the fetched rows in the compute dtype (the largest block's owner sends
@@ -140,10 +141,12 @@ Time per step
   sharded state the expert-gradient all-reduce over the replica group (fp32), with it the mask
   collectives and the two all-to-alls, each as long as its busiest rank's larger direction
   (``p·max(A, Q)`` and ``4·max(A, Q)`` over the network). A copy takes the longer of its PCIe time (per
-  GPU) and of the node's host-DRAM traffic (all GPUs of a node share it: the fetch reads the master and
-  writes and reads the pageable copy, 12 B per parameter; the gradients are written once, 4 B). CPU Adam
-  is bound by host DRAM: it reads the parameter, gradient, m and v and writes three of them back, 28 bytes
-  per updated parameter, for the 8 GPUs of a node.
+  GPU) and of the node's host-DRAM traffic (all GPUs of a node share it: the fetch's DMA reads the shadow,
+  p B per parameter; the gradients are written once, 4 B). CPU Adam is bound by host DRAM: it reads the
+  parameter, gradient, m and v and writes three of them back, 28 bytes per updated parameter, and the
+  shadow refresh reads the master and writes the shadow (4 + p B; none under fp32), for the 8 GPUs of a
+  node. The copies are issued on a copy stream that each layer waits for, so a layer's compute may
+  overlap the later layers' copies; the plan still adds the whole copy time (an upper bound).
 * step time = compute (with bubble) + the non-overlapped terms; MFU = model FLOPs per GPU /
   (step time × peak), as ``metrics.py`` computes it during training.
 * dense counterpart (sparse models): the same plan for the same TrainConfig and cluster with the model's
@@ -239,7 +242,6 @@ HARDWARE: dict[str, Hardware] = {
 GPU_RESERVE_FRACTION = 0.10  # CUDA context and NCCL buffers (~1-2 GiB) + caching-allocator fragmentation
 HOST_RESERVE_FRACTION = 0.10  # OS, page cache, data-loader workers, launcher
 ADAM_BYTES_TOUCHED = 28  # CPU Adam per parameter: read p, g, m, v (16 B fp32), write p, m, v (12 B)
-ECSS_FETCH_HOST_BYTES = 12  # per fetched parameter: index_select reads 4 and writes 4, the copy reads 4
 ZERO3_LIVE_PARAMETERS = 1e9  # DeepSpeed's default stage3_max_live_parameters
 # Assumed: what one node writes to the shared filesystem that holds the checkpoints (a parallel
 # filesystem's share per client node; local NVMe is faster, NFS slower). Sets the checkpoint time.
@@ -683,37 +685,41 @@ def plan_training(
         union_per_layer = worst["fetched_per_layer"]
     owned_fetched = union  # parameters that cross PCIe each way and that CPU Adam updates, per GPU
     if ecss:
-        per_layer_weight = union_per_layer * h * model.expert_width  # one w_in or w_out, one layer
         host["ecss_fp32_masters"] = 4 * host_experts
+        if p < 4:  # under fp32 the masters are the shadows
+            host["ecss_compute_dtype_shadows"] = p * host_experts
         host["ecss_adam_moments"] = 8 * host_experts
         host["ecss_step_fp32_gradients"] = 4 * owned_fetched
-        host["ecss_fetch_staging"] = 4 * per_layer_weight
         host["ecss_checkpoint_moment_copies"] = 8 * host_experts
         host["ecss_resume_loaded_state"] = 12 * host_experts
     if offload:
         opt_elems = math.ceil(dense / dense_shard) + (0 if ecss else math.ceil(experts_rank / expert_shard))
         host["offload_optimizer_states"] = (state_bytes + 4) * opt_elems  # + the fp32 gradient partition
     # build_model (pangu_model.materialize): one module at a time in fp32 on the host, then on its device;
-    # with ECSS the experts of the rank's whole shard are built on the host and stay there until
-    # ExpertOffload copies the rank's block (the whole shard without sharded state) into a pinned master,
-    # layer by layer, and drops the layer's bank.
+    # with ECSS the experts are built on the host. Without sharded state the rank's whole shard stays there
+    # until ExpertOffload copies it into pinned masters, layer by layer, dropping each layer's bank. With
+    # sharded state each layer's shard is cut to the rank's block as soon as it is made (`keep_block`):
+    # one layer's shard beside the blocks made so far, then ExpertOffload's masters beside the blocks.
     sparse_layers = max(1, worst["sparse_layers"])
     largest_module = max(layout.word_embedding, h * model.d_ff + model.d_ff,
                          0 if ecss else experts_rank // sparse_layers)
     build = 4 * largest_module
-    if ecss and worst["sparse_layers"]:
+    if ecss and worst["sparse_layers"] and shard_states:
+        build += max(4 * host_experts + 4 * experts_rank // sparse_layers, 8 * host_experts)
+    elif ecss and worst["sparse_layers"]:
         build += 4 * experts_rank + 4 * host_experts // sparse_layers
     host["startup_model_build"] = build
-    resident = host.get("ecss_fp32_masters", 0) + host.get("ecss_adam_moments", 0) + host.get(
+    shadows = host.get("ecss_compute_dtype_shadows", 0)
+    resident = host.get("ecss_fp32_masters", 0) + shadows + host.get("ecss_adam_moments", 0) + host.get(
         "offload_optimizer_states", 0)
-    host_phases = {  # per GPU; the fetch's staging copy and the gradients brought back never coexist
+    host_phases = {  # per GPU
         "startup": build,
-        "step": resident + max(host.get("ecss_step_fp32_gradients", 0), host.get("ecss_fetch_staging", 0)),
+        "step": resident + host.get("ecss_step_fp32_gradients", 0),
     }
     if ecss:
         host_phases["checkpoint_save"] = resident + host["ecss_checkpoint_moment_copies"]
-        host_phases["resume"] = 4 * host_experts + host["ecss_resume_loaded_state"] + 8 * host_experts + host.get(
-            "offload_optimizer_states", 0)
+        host_phases["resume"] = 4 * host_experts + shadows + host["ecss_resume_loaded_state"] + 8 * host_experts \
+            + host.get("offload_optimizer_states", 0)
     host_phases_per_node = {k: v * gpn for k, v in host_phases.items()}
     host_phases_per_node["resident"] = resident * gpn
     host_bytes_per_node = max(host_phases_per_node.values())
@@ -775,10 +781,10 @@ def plan_training(
         # their owners by one all-to-all in fp32; an all-to-all lasts as long as its busiest rank's larger
         # direction: the owner of the largest block sends Q rows, every rank receives its A rows.
         replica_bw = _group_bandwidth(groups["expert_data"], gpn, hw) if ep > 1 else dp_bw
-        transfers["ecss_fetch_h2d"] = 4 * owned_fetched
+        transfers["ecss_fetch_h2d"] = p * owned_fetched
         transfers["ecss_gradients_d2h"] = 4 * owned_fetched
-        fetch_dram = gpn * ECSS_FETCH_HOST_BYTES * owned_fetched / hw.host_dram_bytes_per_s
-        times["ecss_fetch_h2d"] = max(4 * owned_fetched / hw.pcie_h2d_bytes_per_s, fetch_dram)
+        fetch_dram = gpn * p * owned_fetched / hw.host_dram_bytes_per_s
+        times["ecss_fetch_h2d"] = max(p * owned_fetched / hw.pcie_h2d_bytes_per_s, fetch_dram)
         times["ecss_gradients_d2h"] = max(4 * owned_fetched / hw.pcie_d2h_bytes_per_s,
                                           gpn * 4 * owned_fetched / hw.host_dram_bytes_per_s)
         if shard_states and routing is not None:
@@ -800,7 +806,8 @@ def plan_training(
         else:
             transfers["ecss_gradient_all_reduce"] = int(_ring("all_reduce", exp_dp) * 4 * fetched)
             times["ecss_gradient_all_reduce"] = transfers["ecss_gradient_all_reduce"] / replica_bw
-        times["ecss_cpu_adam"] = gpn * ADAM_BYTES_TOUCHED * owned_fetched / hw.host_dram_bytes_per_s
+        refresh = (4 + p) if p < 4 else 0  # the stepped rows' shadows follow their masters
+        times["ecss_cpu_adam"] = gpn * (ADAM_BYTES_TOUCHED + refresh) * owned_fetched / hw.host_dram_bytes_per_s
         transfers["h2d"] += transfers["ecss_fetch_h2d"]
         transfers["d2h"] += transfers["ecss_gradients_d2h"]
     if offload:
@@ -840,7 +847,8 @@ def plan_training(
         phase = max(host_phases_per_node, key=host_phases_per_node.get)
         resident_items = " + ".join(
             f"{k.replace('_', ' ')} {fmt_bytes(host[k] * gpn)}"
-            for k in ("ecss_fp32_masters", "ecss_adam_moments", "offload_optimizer_states") if host.get(k))
+            for k in ("ecss_fp32_masters", "ecss_compute_dtype_shadows", "ecss_adam_moments",
+                      "offload_optimizer_states") if host.get(k))
         others = ", ".join(f"{k.replace('_', ' ')} {fmt_bytes(v)}" for k, v in host_phases_per_node.items()
                            if v and k not in (phase, "resident"))
         reasons.append(
@@ -890,9 +898,6 @@ def plan_training(
         notes.append(f"ECSS runs synchronously (fetch before the first forward, step after the last backward): "
                      f"{_fmt_time(ecss_terms)} of the step; hidden under the {_fmt_time(times['compute'])} of compute "
                      f"only with a prefetch and a delayed host optimizer (not built)")
-    if ecss and hw.pcie_h2d_bytes_per_s:
-        notes.append("the ECSS fetch copies from a pageable index_select result, not from pinned memory: "
-                     "the pinned PCIe figure is a lower bound on its time")
     if recompute:
         notes.append("gradient checkpointing: activations are recomputed (hardware FLOPs × 4/3)")
 

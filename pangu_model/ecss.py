@@ -103,6 +103,24 @@ def _group_size(group: Any) -> int:
     return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
 
 
+def block_bounds(shard_size: int, replicas: int) -> list[int]:
+    """Replica j of a shard owns its experts [bounds[j], bounds[j + 1]): blocks differ by at most one
+    expert when the replicas do not divide the shard (sigma-1t: 80 experts over 64 nodes)."""
+    return [j * shard_size // replicas for j in range(replicas + 1)]
+
+
+def keep_block(bank: ExpertBank, replica_rank: int, replicas: int) -> None:
+    """Cut a freshly built expert shard down to the block that `replica_rank` of `replicas` owns, in place,
+    so that start-up holds one layer's shard at a time rather than every layer's (`build_model`)."""
+    bounds = block_bounds(bank.num_experts, replicas)
+    start, stop = bounds[replica_rank], bounds[replica_rank + 1]
+    for name in WEIGHT_NAMES:
+        rows = getattr(bank, name).detach()[start:stop].clone()
+        setattr(bank, name, nn.Parameter(rows, requires_grad=getattr(bank, name).requires_grad))
+    bank.first_expert += start
+    bank.num_experts = stop - start
+
+
 def default_host_threads() -> int:
     """This rank's share of the cores it may run on: the node's cores over its local ranks."""
     import os
@@ -138,9 +156,7 @@ class HostExpertBank(nn.Module):
                              f"each of its {self.replicas} replicas an expert to own (use fewer replicas or "
                              f"ecss_shard_states: false)")
         self.replica_rank = dist.get_rank(replica_group) if self.replicas > 1 else 0
-        # Replica j owns experts [bounds[j], bounds[j + 1]) of the shard: blocks differ by at most one
-        # expert when the replicas do not divide the shard (sigma-1t: 80 experts over 64 nodes).
-        self.bounds = [j * self.shard_size // self.replicas for j in range(self.replicas + 1)]
+        self.bounds = block_bounds(self.shard_size, self.replicas)
         self.owned_size = self.bounds[self.replica_rank + 1] - self.bounds[self.replica_rank]
         # masters and Adam states of experts [owned_first, owned_first + owned_size) live here
         self.owned_first = self.first + self.bounds[self.replica_rank]
@@ -149,6 +165,8 @@ class HostExpertBank(nn.Module):
             rows = slice(self.owned_first, self.owned_first + self.owned_size)
         elif (bank.first_expert, bank.num_experts) == (self.first, self.shard_size):
             rows = slice(self.owned_first - self.first, self.owned_first - self.first + self.owned_size)
+        elif (bank.first_expert, bank.num_experts) == (self.owned_first, self.owned_size):
+            rows = slice(0, self.owned_size)  # built as this rank's block already (`keep_block`)
         else:
             raise ValueError(f"bank holds experts {bank.first_expert}..{bank.first_expert + bank.num_experts - 1}, "
                              f"expert-parallel rank {self.ep_rank} needs {self.first}..{self.first + self.shard_size - 1}")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -82,10 +82,13 @@ def build_model_on(
     seed: int,
     expert_shard: tuple[int, int] | None = None,
     host_modules: tuple[type[nn.Module], ...] = (),
+    on_host_module: Callable[[nn.Module], None] | None = None,
 ) -> PanguModel:
     """`torch.manual_seed(seed); PanguModel(config, expert_shard)`, with each module's weights made on the
     host, initialised and moved to `device` one module at a time; modules of `host_modules` types stay on
-    the host. `device="meta"` builds only the host-resident modules (to inspect what a rank keeps)."""
+    the host, and `on_host_module` (if given) is called on each as soon as it is made (ECSS cuts a layer's
+    shard to the rank's owned block there, before the next layer is made). `device="meta"` builds only
+    the host-resident modules (to inspect what a rank keeps)."""
     device = torch.device(device)
     with parameters_on_meta():
         model = PanguModel(config, expert_shard)
@@ -94,7 +97,10 @@ def build_model_on(
     for name, module in model.named_modules():
         _materialize_own(module)
         model.reset_module(name, module)
-        _move_own(module, torch.device("cpu") if isinstance(module, host_modules) else device)
+        on_host = isinstance(module, host_modules)
+        _move_own(module, torch.device("cpu") if on_host else device)
+        if on_host and on_host_module is not None:
+            on_host_module(module)
     return model
 
 

@@ -329,21 +329,29 @@ def _compute_dtype(precision: str) -> torch.dtype:
 
 
 def build_model(
-    config: TrainConfig, expert_shard: tuple[int, int] | None = None, device: torch.device | str = "cpu"
+    config: TrainConfig, expert_shard: tuple[int, int] | None = None, device: torch.device | str = "cpu",
+    owned_block: tuple[int, int] | None = None,
 ) -> PanguModel:
     """The initial model, identical on every rank (seeded; DeepSpeed broadcasts it again anyway).
 
     With `expert_shard` (ep rank, ep size) the RRE layers hold only this rank's experts, so no rank
     ever holds all experts of a model like sigma-1t (1.07T expert parameters). A new model is built on
     `device` one module at a time (`pangu_model.materialize`): the host never holds the whole model,
-    and with ECSS the experts are made in host memory, where they stay."""
+    and with ECSS the experts are made in host memory, where they stay. With `owned_block` (replica rank,
+    replicas: ECSS sharded host state) each layer's expert shard is cut to the rank's owned block as soon
+    as it is made, so start-up holds one layer's shard, not all of them."""
     pangu = config.pangu_config()
     if config.init_from is None:
         from .materialize import build_model_on
         from .moe import ExpertBank
 
         host = (ExpertBank,) if config.ecss else ()
-        return build_model_on(pangu, device, config.seed, expert_shard, host).train()
+        trim = None
+        if config.ecss and owned_block is not None and owned_block[1] > 1:
+            from .ecss import keep_block
+
+            trim = lambda bank: keep_block(bank, *owned_block)  # noqa: E731
+        return build_model_on(pangu, device, config.seed, expert_shard, host, trim).train()
     torch.manual_seed(config.seed)
     from .checkpoint import load_checkpoint, load_config
     from .inherit import sigma_from_dense
@@ -390,7 +398,9 @@ class Trainer:
         self.plan = self._check_plan()
 
         ep = config.expert_parallel
-        model = build_model(config, (self._ep_rank(), ep) if ep > 1 else None, self.device)
+        ecss_groups = self._ecss_groups() if config.ecss else (None, None)
+        model = build_model(config, (self._ep_rank(), ep) if ep > 1 else None, self.device,
+                            self._owned_block(ecss_groups[1]))
         self.expert_layers: list[str] = [n for n, m in model.named_modules() if isinstance(m, RandomRoutedExperts)]
         self.sparse_layers = list(model.sparse_layers())
         if config.expert_parallel > 1 and not config.ecss:
@@ -399,7 +409,7 @@ class Trainer:
         if config.ecss:
             from .ecss import ExpertOffload
 
-            ep_group, replica_group = self._ecss_groups()
+            ep_group, replica_group = ecss_groups
             self.ecss = ExpertOffload(
                 model, config.optimizer, self.device, _compute_dtype(config.precision),
                 group=dist.group.WORLD if self.world_size > 1 else None,
@@ -492,6 +502,15 @@ class Trainer:
 
     def _ep_rank(self) -> int:
         return self._layout().info(self.rank).ep_rank
+
+    def _owned_block(self, replica_group: Any) -> tuple[int, int] | None:
+        """(replica rank, replicas) of this rank's ECSS block with sharded host state, else None: the
+        replica group is the expert-data-parallel one, or every rank without expert parallelism."""
+        if not (self.config.ecss and self.config.ecss_shard_states) or self.world_size == 1:
+            return None
+        if self.config.expert_parallel == 1:
+            return self.rank, self.world_size
+        return dist.get_rank(replica_group), dist.get_world_size(replica_group)
 
     def _ecss_groups(self) -> tuple[Any, Any]:
         """ECSS's expert-parallel group and expert-data-parallel (replica) group for this rank, built from

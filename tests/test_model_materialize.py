@@ -48,3 +48,29 @@ def test_a_rank_materialises_only_what_it_keeps_on_the_host() -> None:
     eager = PanguModel(config, (0, 2)).state_dict()
     for name in on_host:
         assert torch.equal(dict(model.named_parameters())[name], eager[name]), name
+
+
+def test_ecss_owned_block_is_cut_layer_by_layer_with_the_eager_weights() -> None:
+    """Sharded ECSS host state: each layer's shard is cut to the rank's block as soon as it is made (so
+    start-up never holds every layer's shard); the block's weights are the eager model's rows."""
+    from pangu_model.ecss import keep_block
+    from pangu_model.moe import RandomRoutedExperts
+
+    config = get_config("sigma-tiny")
+    seen: list[ExpertBank] = []
+
+    def cut(bank: ExpertBank) -> None:
+        assert bank.num_experts == 8 and all(b.num_experts == 3 for b in seen)  # earlier layers already cut
+        keep_block(bank, 1, 3)
+        seen.append(bank)
+
+    cut_model = build_model_on(config, "cpu", seed=3, host_modules=(ExpertBank,), on_host_module=cut)
+    torch.manual_seed(3)
+    eager = PanguModel(config)
+    assert len(seen) == 2
+    for (name, layer), (_, ref) in zip(cut_model.named_modules(), eager.named_modules()):
+        if isinstance(layer, RandomRoutedExperts):
+            bank = layer.experts
+            assert (bank.first_expert, bank.num_experts) == (2, 3)  # bounds 0, 2, 5, 8: replica 1 owns 2..4
+            for weight in ("w_in", "b_in", "w_out", "b_out"):
+                assert torch.equal(getattr(bank, weight), getattr(ref.experts, weight)[2:5]), (name, weight)
