@@ -108,9 +108,9 @@ Device, per GPU: the ``A`` fetched parameters' weights in the compute dtype and 
 (``4A + 4A``; the copies cost nothing under fp32). With sharded host state also, in
 ``_fetch_from_owners``, the uploaded union (``p·U``), the outgoing rows picked per replica and their
 concatenation (``2p·Q``) and the inbound rows (``p·A``) next to the device copies being assembled (``p·A``;
-one weight of one layer cloned at a time is left out); in ``_step_owned``, beside the gradients and their
-outgoing fp32 copies, the gradients inbound from the replicas (``4Q``), the per-expert sums (``4U``) and
-their concatenation (``4U``).
+one weight of one layer cloned at a time is left out); in ``_step_owned``, beside the gradients, their
+concatenation in the compute dtype (``p·A``, instead of the fp32 copies), the gradients inbound from the
+replicas (``p·Q``), the fp32 per-expert sums (``4U``) and their concatenation (``4U``).
 
 Transfers: host→device **p bytes per uploaded parameter** (``U``; ``A`` = ``U`` without sharding): the code
 copies the compute-dtype shadow rows from pinned memory into a device pool on a copy stream (one event per
@@ -118,8 +118,8 @@ layer); the gradients come back in fp32 (4 B). With sharded host state, over the
 group (one rank per expert-parallel group: across nodes, the network): the active masks all-gathered
 (int32, one per expert of the shard: tiny, as the routed masks all-reduced over the expert-parallel
 group), then **one all-to-all** of the fetched rows in the compute dtype (the largest block's owner sends
-``p·Q``, every rank receives ``p·A``) and **one all-to-all** of the gradients in fp32 (sends ``4A``, the
-owner receives ``4Q``). The plan also states what PCIe moves each way during the step's dense compute
+``p·Q``, every rank receives ``p·A``) and **one all-to-all** of the gradients in the compute dtype (sends
+``p·A``, the owner receives ``p·Q`` and sums them in fp32). The plan also states what PCIe moves each way during the step's dense compute
 (``times["compute_dense"]``): what the transfers would have to fit in to hide under it.
 
 Time per step
@@ -140,7 +140,7 @@ Time per step
   host→device copy of ``U``, device→host gradients of ``U``, and the CPU Adam update of ``U``; without
   sharded state the expert-gradient all-reduce over the replica group (fp32), with it the mask
   collectives and the two all-to-alls, each as long as its busiest rank's larger direction
-  (``p·max(A, Q)`` and ``4·max(A, Q)`` over the network). A copy takes the longer of its PCIe time (per
+  (``p·max(A, Q)`` each, over the network). A copy takes the longer of its PCIe time (per
   GPU) and of the node's host-DRAM traffic (all GPUs of a node share it: the fetch's DMA reads the shadow,
   p B per parameter; the gradients are written once, 4 B). CPU Adam is bound by host DRAM: it reads the
   parameter, gradient, m and v and writes three of them back, 28 bytes per updated parameter, and the
@@ -643,11 +643,14 @@ def plan_training(
             out["activations"] = full_layer * layers_per_stage * in_flight
         out["logits"] = math.ceil(b * s * vocab / tp) * (p + 12) if stage == pp - 1 else 0
         out["ecss_fetched_weights_and_grads"] = 2 * p * fetched
-        out["ecss_step_fp32_gradients"] = ((4 if mixed else 0) + 4) * fetched
+        # ExpertOffload.step: fp32 copies of the gradients and their concatenation; _step_owned sends them
+        # as they are (compute dtype), concatenated
+        out["ecss_step_fp32_gradients"] = p * fetched if shard_states else ((4 if mixed else 0) + 4) * fetched
         # _fetch_from_owners: the uploaded union, the outgoing rows (picked, then concatenated), the inbound
         out["ecss_fetch_exchange_buffers"] = p * (union + 2 * asked + fetched) if shard_states else 0
-        # _step_owned: the replicas' gradients inbound (fp32), the per-expert sums and their concatenation
-        out["ecss_step_owner_buffers"] = 4 * asked + 8 * union if shard_states else 0
+        # _step_owned: the replicas' gradients inbound (compute dtype), the fp32 per-expert sums and their
+        # concatenation
+        out["ecss_step_owner_buffers"] = p * asked + 8 * union if shard_states else 0
         out["dense_step_fp32_gradients"] = 0 if offload or not mixed else 4 * opt_elems
         static = out["parameters"] + out.get("zero3_live_parameters", 0) + out["gradients"] + out["optimizer_states"]
         phases = {
@@ -799,10 +802,10 @@ def plan_training(
             times["ecss_routing_masks"] = plan_masks / ep_bw + exchange_masks / replica_bw
             transfers["ecss_owner_all_to_all_sent"] = p * asked
             transfers["ecss_owner_all_to_all_received"] = p * fetched
-            transfers["ecss_gradient_all_to_all_sent"] = 4 * fetched
-            transfers["ecss_gradient_all_to_all_received"] = 4 * asked
+            transfers["ecss_gradient_all_to_all_sent"] = p * fetched  # in the compute dtype
+            transfers["ecss_gradient_all_to_all_received"] = p * asked
             times["ecss_owner_all_to_all"] = p * max(asked, fetched) / replica_bw
-            times["ecss_gradient_all_to_all"] = 4 * max(asked, fetched) / replica_bw
+            times["ecss_gradient_all_to_all"] = p * max(asked, fetched) / replica_bw
         else:
             transfers["ecss_gradient_all_reduce"] = int(_ring("all_reduce", exp_dp) * 4 * fetched)
             times["ecss_gradient_all_reduce"] = transfers["ecss_gradient_all_reduce"] / replica_bw

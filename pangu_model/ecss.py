@@ -35,8 +35,8 @@ Each rank then fetches only the experts that its own expert-parallel group's row
 1. the ranks of a replica group all-gather their active masks (one bit per expert of the shard);
 2. each owner copies the union of what its replicas asked of its block host→device once, and one
    all-to-all over the replica group gives every rank exactly its rows (compute dtype, compute device);
-3. after backward, one all-to-all takes each rank's gradients to their owners, which sum them per
-   expert; each owner clips with the global norm (squares summed over owners and shards, every element
+3. after backward, one all-to-all takes each rank's gradients (in the compute dtype, as autograd made
+   them) to their owners, which sum them per expert in fp32; each owner clips with the global norm (squares summed over owners and shards, every element
    once) and steps on the CPU the experts any of its replicas used.
 Checkpoints and the export hold each owner's block once. `traffic` counts the bytes each rank moves
 host→device, receives into its device copies and sends back to the host.
@@ -585,11 +585,13 @@ class ExpertOffload:
         for j in range(self.replicas):  # to owner j: my rows of its block, banks then weights
             for b in range(len(banks)):
                 start = int(counts[me, :j, b].sum())
-                outgoing += [grads[b][name][start: start + int(counts[me, j, b])].reshape(-1).float()
+                # In the compute dtype the gradients already have: an fp32 copy would double the bytes
+                # on the network and add nothing; the owner sums them in fp32.
+                outgoing += [grads[b][name][start: start + int(counts[me, j, b])].reshape(-1).to(self.dtype)
                              for name in WEIGHT_NAMES]
         send = self._numbers(counts[me]).tolist()
         receive = self._numbers(counts[:, me]).tolist()
-        inbound = torch.empty(sum(receive), device=self.device, dtype=torch.float32)
+        inbound = torch.empty(sum(receive), device=self.device, dtype=self.dtype)
         if int(self._numbers(counts).sum()):
             dist.all_to_all_single(inbound, torch.cat(outgoing) if outgoing else inbound.new_empty(0),
                                    receive, send, group=self.replica_group)
@@ -604,7 +606,8 @@ class ExpertOffload:
                 slots = mine[r, b][used[b]].nonzero().flatten().to(self.device)
                 for w, name in enumerate(WEIGHT_NAMES):
                     n = len(slots) * bank.host[name][0].numel()
-                    summed[b][w].index_add_(0, slots, inbound[offset: offset + n].view(len(slots), *bank.host[name].shape[1:]))
+                    rows = inbound[offset: offset + n].view(len(slots), *bank.host[name].shape[1:])
+                    summed[b][w].index_add_(0, slots, rows.float())
                     offset += n
         flat = torch.cat([t.reshape(-1) for row in summed for t in row]) if summed else torch.zeros(0, device=self.device)
         # The loss is a mean over all data-parallel ranks, as DeepSpeed averages the dense gradients.
