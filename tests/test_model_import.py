@@ -29,13 +29,19 @@ PORT = "pcl_pangu/model/panguAlpha_pytorch/"
 TINY = dict(num_layers=3, hidden_size=64, num_attention_heads=4, max_position_embeddings=128)  # preset "tiny"
 
 
+def wheel_of(package) -> Path:
+    """`package`'s archive from the registry (cached); a test that cannot get it fails, never skips: the
+    registry is reachable wherever the tests run."""
+    try:
+        return download(package)
+    except Exception as exc:
+        pytest.fail(f"could not download {package.spec} from PyPI: {exc}")
+
+
 @pytest.fixture(scope="module")
 def megatron(tmp_path_factory: pytest.TempPathFactory):
     """The wheel's `megatron` package, importable, with CPU stubs; unloaded afterwards."""
-    try:
-        wheel = download(RELEASED_PACKAGE)
-    except Exception as exc:  # not a skip: the registry is reachable wherever the tests run
-        pytest.fail(f"could not download {RELEASED_PACKAGE.spec} from PyPI: {exc}")
+    wheel = wheel_of(RELEASED_PACKAGE)
     root = tmp_path_factory.mktemp("pcl_port")
     with zipfile.ZipFile(wheel) as zf:
         for name in zf.namelist():

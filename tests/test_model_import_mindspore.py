@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 import torch
 
-from cleaning.sources.packages import Package, download, read_member
+from cleaning.sources.packages import Package, read_member
 from pangu_model import load_checkpoint
 from pangu_model.mindspore_ckpt import MindSporeCheckpoint
 from pangu_model.released import import_released
-from tests.test_model_import import TINY, _cli_error, _reference, _reference_logits, megatron  # noqa: F401
+from tests.test_model_import import TINY, _cli_error, _reference, _reference_logits, megatron, wheel_of  # noqa: F401
 from tokenizer.released import RELEASED_PACKAGE
 
 MINDSPORE = Package("mindspore", "2.10.0", "pypi", "Apache-2.0")
@@ -38,10 +38,7 @@ _TYPES = {np.dtype(np.float16): "Float16", np.dtype(np.float32): "Float32", np.d
 @pytest.fixture(scope="module")
 def checkpoint_pb2(tmp_path_factory: pytest.TempPathFactory):
     """MindSpore's generated `checkpoint_pb2`, taken from its wheel (nothing else of MindSpore is used)."""
-    try:
-        wheel = download(MINDSPORE)
-    except Exception as exc:  # not a skip: the registry is reachable wherever the tests run
-        pytest.fail(f"could not download {MINDSPORE.spec} from PyPI: {exc}")
+    wheel = wheel_of(MINDSPORE)
     path = tmp_path_factory.mktemp("mindspore") / "mindspore_checkpoint_pb2.py"
     path.write_bytes(read_member(wheel, "mindspore/train/checkpoint_pb2.py"))
     spec = importlib.util.spec_from_file_location("mindspore_checkpoint_pb2", path)
@@ -52,7 +49,7 @@ def checkpoint_pb2(tmp_path_factory: pytest.TempPathFactory):
 
 def _converter(tmp_path: Path):
     """The release's `.npy` → Megatron converter module, from the `pcl_pangu` wheel."""
-    with zipfile.ZipFile(download(RELEASED_PACKAGE)) as zf:
+    with zipfile.ZipFile(wheel_of(RELEASED_PACKAGE)) as zf:
         (tmp_path / "converter.py").write_bytes(zf.read(CONVERTER))
     spec = importlib.util.spec_from_file_location("pcl_numpy_ckpt_2_pytorch", tmp_path / "converter.py")
     module = importlib.util.module_from_spec(spec)
