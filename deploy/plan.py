@@ -48,10 +48,12 @@ ECSS (``pangu_model/ecss.py``), counted from the code
 ---------------------------------------------------
 Per sparse layer a GPU's expert-parallel rank holds a shard of ``S = experts / ep`` experts (sigma-1t:
 80); the ``R = dp / ep`` ranks holding the same shard (one per expert-parallel group) are its replicas.
-Without sharded host state every replica keeps the whole shard; with ``ecss_shard_states`` replica ``j``
-owns block ``[j·S//R, (j+1)·S//R)`` of it (``HostExpertBank.bounds``: blocks of ``⌊S/R⌋`` or ``⌈S/R⌉``
-experts; sigma-1t: 80 over 64, 1 or 2) and the planner counts the largest block, ``O = ⌈S/R⌉`` experts per
-layer (the nodes whose ranks own 2 are the slowest and the fullest). Parameters below are per GPU over its
+Without sharded host state every replica keeps the whole shard; with ``ecss_shard_states`` block ``k`` is
+``[k·S//R, (k+1)·S//R)`` (``HostExpertBank.bounds``: blocks of ``⌊S/R⌋`` or ``⌈S/R⌉`` experts; sigma-1t: 80
+over 64, 1 or 2) and replica ``j`` of shard ``e`` owns block ``(j + e) mod R`` (``ecss.owned_block``), so a
+node's ranks own consecutive blocks (sigma-1t: 10 experts a layer on every node). The per-GPU figures count
+the largest block, ``O = ⌈S/R⌉`` experts per layer; a node's host memory and DRAM traffic sum its GPUs'
+blocks (``EcssRouting.node_blocks``, the busiest node). Parameters below are per GPU over its
 sparse layers: an expert is ``2·d·d_ff + d_ff + d`` parameters.
 
 Host, per GPU, for the ``E_h`` expert parameters it keeps (the shard, or its block):
@@ -358,7 +360,7 @@ class Plan:
     parameters: dict[str, int]
     gpu_breakdown: dict[str, int]  # per GPU, the worst stage, by item
     gpu_phases: dict[str, int]
-    host_breakdown: dict[str, int]  # per GPU
+    host_breakdown: dict[str, int]  # per GPU (the busiest)
     host_phases_per_node: dict[str, int]
     transfers: dict[str, int]  # bytes per GPU per step
     times: dict[str, float]  # seconds per step
@@ -388,6 +390,8 @@ class Plan:
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     hardware: dict[str, Any] = field(default_factory=dict)
+    host_breakdown_per_node: dict[str, int] = field(default_factory=dict)  # its GPUs' sums
+    host_phases_per_gpu: dict[str, int] = field(default_factory=dict)  # the busiest GPU
 
     @property
     def host_bytes_per_gpu(self) -> int:
@@ -446,6 +450,7 @@ class EcssRouting:
     union_expected: float  # E|U| (the figure above is its bound, the whole block)
     asked_expected: float  # E[Q]
     why: str  # one sentence for the notes
+    node_blocks: tuple[int, ...] = ()  # experts of a layer each rank of the busiest node owns (sharded)
 
 
 def _domain_weights(train_config: "TrainConfig", domains: int) -> tuple[list[float], str]:
@@ -548,8 +553,14 @@ def _ecss_routing(train_config: "TrainConfig", model: "PanguConfig", ep: int, dp
                f"{domains} domains on average ({mixture}), so about {fetched} of the shard's {shard} experts per "
                f"layer (an expectation)")
     union_mean = max(_worst_pairing(c, present) for c in blocks)
+    # ecss.owned_block: the owner of replica index r in shard e owns block (r + e) mod R; a node holds
+    # whole expert-parallel groups with consecutive replica indices, so its ranks own consecutive blocks.
+    sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+    groups_per_node = max(1, replicas // max(1, nodes))
+    node_blocks = max((tuple(sizes[(r + e) % replicas] for r in range(n * groups_per_node, (n + 1) * groups_per_node)
+                             for e in range(ep)) for n in range(max(1, nodes))), key=sum)
     return EcssRouting(True, affine, mixture, shard, replicas, owned, fetched, owned, asked, union_mean,
-                       asked_mean, why)
+                       asked_mean, why, node_blocks)
 
 
 def plan_training(
@@ -687,44 +698,59 @@ def plan_training(
         host_experts = experts_rank if ecss else 0
         union_per_layer = worst["fetched_per_layer"]
     owned_fetched = union  # parameters that cross PCIe each way and that CPU Adam updates, per GPU
-    if ecss:
-        host["ecss_fp32_masters"] = 4 * host_experts
-        if p < 4:  # under fp32 the masters are the shadows
-            host["ecss_compute_dtype_shadows"] = p * host_experts
-        host["ecss_adam_moments"] = 8 * host_experts
-        host["ecss_step_fp32_gradients"] = 4 * owned_fetched
-        host["ecss_checkpoint_moment_copies"] = 8 * host_experts
-        host["ecss_resume_loaded_state"] = 12 * host_experts
-    if offload:
-        opt_elems = math.ceil(dense / dense_shard) + (0 if ecss else math.ceil(experts_rank / expert_shard))
-        host["offload_optimizer_states"] = (state_bytes + 4) * opt_elems  # + the fp32 gradient partition
-    # build_model (pangu_model.materialize): one module at a time in fp32 on the host, then on its device;
-    # with ECSS the experts are built on the host. Without sharded state the rank's whole shard stays there
-    # until ExpertOffload copies it into pinned masters, layer by layer, dropping each layer's bank. With
-    # sharded state each layer's shard is cut to the rank's block as soon as it is made (`keep_block`):
-    # one layer's shard beside the blocks made so far, then ExpertOffload's masters beside the blocks.
     sparse_layers = max(1, worst["sparse_layers"])
     largest_module = max(layout.word_embedding, h * model.d_ff + model.d_ff,
                          0 if ecss else experts_rank // sparse_layers)
-    build = 4 * largest_module
-    if ecss and worst["sparse_layers"] and shard_states:
-        build += max(4 * host_experts + 4 * experts_rank // sparse_layers, 8 * host_experts)
-    elif ecss and worst["sparse_layers"]:
-        build += 4 * experts_rank + 4 * host_experts // sparse_layers
-    host["startup_model_build"] = build
-    shadows = host.get("ecss_compute_dtype_shadows", 0)
-    resident = host.get("ecss_fp32_masters", 0) + shadows + host.get("ecss_adam_moments", 0) + host.get(
-        "offload_optimizer_states", 0)
-    host_phases = {  # per GPU
-        "startup": build,
-        "step": resident + host.get("ecss_step_fp32_gradients", 0),
-    }
-    if ecss:
-        host_phases["checkpoint_save"] = resident + host["ecss_checkpoint_moment_copies"]
-        host_phases["resume"] = 4 * host_experts + shadows + host["ecss_resume_loaded_state"] + 8 * host_experts \
-            + host.get("offload_optimizer_states", 0)
-    host_phases_per_node = {k: v * gpn for k, v in host_phases.items()}
-    host_phases_per_node["resident"] = resident * gpn
+
+    def host_of(kept: int, stepped: int) -> tuple[dict[str, int], dict[str, int], int]:
+        """Host bytes of a GPU that keeps `kept` expert parameters and steps `stepped` a step: its items,
+        its phases and what stays resident."""
+        items: dict[str, int] = {}
+        if ecss:
+            items["ecss_fp32_masters"] = 4 * kept
+            if p < 4:  # under fp32 the masters are the shadows
+                items["ecss_compute_dtype_shadows"] = p * kept
+            items["ecss_adam_moments"] = 8 * kept
+            items["ecss_step_fp32_gradients"] = 4 * stepped
+            items["ecss_checkpoint_moment_copies"] = 8 * kept
+            items["ecss_resume_loaded_state"] = 12 * kept
+        if offload:
+            opt_elems = math.ceil(dense / dense_shard) + (0 if ecss else math.ceil(experts_rank / expert_shard))
+            items["offload_optimizer_states"] = (state_bytes + 4) * opt_elems  # + the fp32 gradient partition
+        # build_model (pangu_model.materialize): one module at a time in fp32 on the host, then on its
+        # device; with ECSS the experts are built on the host. Without sharded state the rank's whole shard
+        # stays there until ExpertOffload copies it into pinned masters, layer by layer, dropping each
+        # layer's bank. With sharded state each layer's shard is cut to the rank's block as soon as it is
+        # made (`keep_block`): one layer's shard beside the blocks made so far, then ExpertOffload's masters
+        # beside the blocks.
+        build = 4 * largest_module
+        if ecss and worst["sparse_layers"] and shard_states:
+            build += max(4 * kept + 4 * experts_rank // sparse_layers, 8 * kept)
+        elif ecss and worst["sparse_layers"]:
+            build += 4 * experts_rank + 4 * kept // sparse_layers
+        items["startup_model_build"] = build
+        shadows = items.get("ecss_compute_dtype_shadows", 0)
+        held = items.get("ecss_fp32_masters", 0) + shadows + items.get("ecss_adam_moments", 0) + items.get(
+            "offload_optimizer_states", 0)
+        phases = {"startup": build, "step": held + items.get("ecss_step_fp32_gradients", 0)}
+        if ecss:
+            phases["checkpoint_save"] = held + items["ecss_checkpoint_moment_copies"]
+            phases["resume"] = 4 * kept + shadows + items["ecss_resume_loaded_state"] + 8 * kept \
+                + items.get("offload_optimizer_states", 0)
+        return items, phases, held
+
+    host, host_phases, resident = host_of(host_experts, owned_fetched)
+    # A node: its GPUs' sums. With sharded state they own blocks of different sizes (ecss.owned_block
+    # rotates the blocks so that each node owns about the same number); the worst GPU above is the largest.
+    if shard_states and routing is not None and routing.node_blocks:
+        per_block = layout.per_expert * sparse_here
+        gpu_kinds = [host_of(size * per_block, size * per_block) for size in routing.node_blocks]
+        node_union = sum(routing.node_blocks) * per_block  # the node's owners' uploads and updates
+    else:
+        gpu_kinds = [(host, host_phases, resident)] * gpn
+        node_union = gpn * owned_fetched
+    host_phases_per_node = {k: sum(kind[1][k] for kind in gpu_kinds) for k in host_phases}
+    host_phases_per_node["resident"] = sum(kind[2] for kind in gpu_kinds)
     host_bytes_per_node = max(host_phases_per_node.values())
 
     # ---- transfers and time per step ---------------------------------------------------------
@@ -786,10 +812,10 @@ def plan_training(
         replica_bw = _group_bandwidth(groups["expert_data"], gpn, hw) if ep > 1 else dp_bw
         transfers["ecss_fetch_h2d"] = p * owned_fetched
         transfers["ecss_gradients_d2h"] = 4 * owned_fetched
-        fetch_dram = gpn * p * owned_fetched / hw.host_dram_bytes_per_s
+        fetch_dram = p * node_union / hw.host_dram_bytes_per_s
         times["ecss_fetch_h2d"] = max(p * owned_fetched / hw.pcie_h2d_bytes_per_s, fetch_dram)
         times["ecss_gradients_d2h"] = max(4 * owned_fetched / hw.pcie_d2h_bytes_per_s,
-                                          gpn * 4 * owned_fetched / hw.host_dram_bytes_per_s)
+                                          4 * node_union / hw.host_dram_bytes_per_s)
         if shard_states and routing is not None:
             sparse_here = worst["sparse_layers"]
             replicas = routing.replicas
@@ -810,7 +836,7 @@ def plan_training(
             transfers["ecss_gradient_all_reduce"] = int(_ring("all_reduce", exp_dp) * 4 * fetched)
             times["ecss_gradient_all_reduce"] = transfers["ecss_gradient_all_reduce"] / replica_bw
         refresh = (4 + p) if p < 4 else 0  # the stepped rows' shadows follow their masters
-        times["ecss_cpu_adam"] = gpn * (ADAM_BYTES_TOUCHED + refresh) * owned_fetched / hw.host_dram_bytes_per_s
+        times["ecss_cpu_adam"] = (ADAM_BYTES_TOUCHED + refresh) * node_union / hw.host_dram_bytes_per_s
         transfers["h2d"] += transfers["ecss_fetch_h2d"]
         transfers["d2h"] += transfers["ecss_gradients_d2h"]
     if offload:
@@ -931,6 +957,8 @@ def plan_training(
         gpu_breakdown=worst["breakdown"],
         gpu_phases=worst["phases"],
         host_breakdown=host,
+        host_breakdown_per_node={k: sum(kind[0].get(k, 0) for kind in gpu_kinds) for k in host},
+        host_phases_per_gpu={**host_phases, "resident": resident},
         host_phases_per_node=host_phases_per_node,
         transfers=transfers,
         times=times,
@@ -956,7 +984,8 @@ def plan_training(
                "owned_per_layer": routing.owned, "fetched_per_layer": worst["fetched_per_layer"],
                "owner_union_per_layer": routing.union, "owner_union_expected_per_layer": routing.union_expected,
                "asked_of_block_per_layer": routing.asked, "asked_expected_per_layer": routing.asked_expected,
-               "sparse_layers": worst["sparse_layers"], "why": routing.why} if routing is not None else {}),
+               "sparse_layers": worst["sparse_layers"], "node_blocks": routing.node_blocks,
+               "why": routing.why} if routing is not None else {}),
         reasons=reasons,
         notes=notes,
         hardware={k: v for k, v in asdict(hw).items() if k != "sources"} | {
@@ -1194,10 +1223,12 @@ def format_plan(plan: Plan) -> str:
     rows.append(("host memory", "", ""))
     for key, value in plan.host_breakdown.items():
         if value:
-            rows.append((f"  {key.replace('_', ' ')}", fmt_bytes(value), fmt_bytes(value * gpn)))
+            node = plan.host_breakdown_per_node.get(key, value * gpn)
+            rows.append((f"  {key.replace('_', ' ')}", fmt_bytes(value), fmt_bytes(node)))
     for key, value in plan.host_phases_per_node.items():
         if value:
-                rows.append((f"  peak: {key.replace('_', ' ')}", fmt_bytes(value / gpn), fmt_bytes(value)))
+            busiest = plan.host_phases_per_gpu.get(key, value / gpn)
+            rows.append((f"  peak: {key.replace('_', ' ')}", fmt_bytes(busiest), fmt_bytes(value)))
     usable = fmt_bytes(plan.host_usable_bytes) if plan.host_usable_bytes else "unknown"
     rows.append(("  needed / usable", "", f"{fmt_bytes(plan.host_bytes_per_node)} / {usable}"))
     rows.append(("transfers per step", "", ""))

@@ -104,16 +104,25 @@ def _group_size(group: Any) -> int:
 
 
 def block_bounds(shard_size: int, replicas: int) -> list[int]:
-    """Replica j of a shard owns its experts [bounds[j], bounds[j + 1]): blocks differ by at most one
-    expert when the replicas do not divide the shard (sigma-1t: 80 experts over 64 nodes)."""
-    return [j * shard_size // replicas for j in range(replicas + 1)]
+    """Block k of a shard is its experts [bounds[k], bounds[k + 1]): blocks differ by at most one expert
+    when the replicas do not divide the shard (sigma-1t: 80 experts over 64 nodes)."""
+    return [k * shard_size // replicas for k in range(replicas + 1)]
 
 
-def keep_block(bank: ExpertBank, replica_rank: int, replicas: int) -> None:
-    """Cut a freshly built expert shard down to the block that `replica_rank` of `replicas` owns, in place,
-    so that start-up holds one layer's shard at a time rather than every layer's (`build_model`)."""
+def owned_block(replica_rank: int, ep_rank: int, replicas: int) -> int:
+    """The block that replica `replica_rank` of expert shard `ep_rank` owns. Rotated by the shard, so that
+    the ranks of one node (one replica index, every shard) own consecutive blocks: with uneven blocks
+    every node then owns the same number of experts (sigma-1t: 10 per layer on each node) rather than
+    some nodes 2 on every rank and the others 1, and the busiest node's host memory and DRAM traffic
+    shrink with it."""
+    return (replica_rank + ep_rank) % replicas
+
+
+def keep_block(bank: ExpertBank, block: int, replicas: int) -> None:
+    """Cut a freshly built expert shard down to its block `block` of `replicas`, in place, so that
+    start-up holds one layer's shard at a time rather than every layer's (`build_model`)."""
     bounds = block_bounds(bank.num_experts, replicas)
-    start, stop = bounds[replica_rank], bounds[replica_rank + 1]
+    start, stop = bounds[block], bounds[block + 1]
     for name in WEIGHT_NAMES:
         rows = getattr(bank, name).detach()[start:stop].clone()
         setattr(bank, name, nn.Parameter(rows, requires_grad=getattr(bank, name).requires_grad))
@@ -157,9 +166,10 @@ class HostExpertBank(nn.Module):
                              f"ecss_shard_states: false)")
         self.replica_rank = dist.get_rank(replica_group) if self.replicas > 1 else 0
         self.bounds = block_bounds(self.shard_size, self.replicas)
-        self.owned_size = self.bounds[self.replica_rank + 1] - self.bounds[self.replica_rank]
+        self.block = owned_block(self.replica_rank, self.ep_rank, self.replicas)
+        self.owned_size = self.bounds[self.block + 1] - self.bounds[self.block]
         # masters and Adam states of experts [owned_first, owned_first + owned_size) live here
-        self.owned_first = self.first + self.bounds[self.replica_rank]
+        self.owned_first = self.first + self.bounds[self.block]
         self.host: dict[str, torch.Tensor] = {}
         if bank.num_experts == self.num_experts:
             rows = slice(self.owned_first, self.owned_first + self.owned_size)
@@ -197,11 +207,9 @@ class HostExpertBank(nn.Module):
         slot_of[self.active] = torch.arange(len(self.active))
         self._slot_of = slot_of.to(device)
 
-    def owner_counts(self) -> list[int]:
-        """How many of the active experts each replica owns (the active ids are sorted, so each owner's
-        are consecutive slots, in replica order)."""
-        owner = torch.bucketize(self.active - self.first, torch.tensor(self.bounds[1:]), right=True)
-        return torch.bincount(owner, minlength=self.replicas).tolist()
+    def block_of(self, replica: int) -> int:
+        """The block that `replica` of this shard owns."""
+        return owned_block(replica, self.ep_rank, self.replicas)
 
     def owned_active(self) -> torch.Tensor:
         """The active experts of this rank's own block (global ids)."""
@@ -456,14 +464,20 @@ class ExpertOffload:
         everyone = torch.empty(self.replicas * len(banks), banks[0].shard_size, dtype=torch.int32, device=self.device)
         dist.all_gather_into_tensor(everyone, masks, group=self.replica_group)
         self._masks = everyone.cpu().bool().view(self.replicas, len(banks), -1)  # [R, banks, shard_size]
-        bounds = banks[0].bounds
-        return torch.stack([self._masks[:, :, bounds[j]:bounds[j + 1]].sum(-1) for j in range(self.replicas)],
-                           dim=1)  # [r, j, b]
+        bank, bounds = banks[0], banks[0].bounds
+        blocks = [bank.block_of(j) for j in range(self.replicas)]
+        return torch.stack([self._masks[:, :, bounds[k]:bounds[k + 1]].sum(-1) for k in blocks],
+                           dim=1)  # [r, j, b]: j the owner, of block block_of(j)
 
     def _my_block(self) -> torch.Tensor:
         """The replicas' active masks over this rank's own block: [R, banks, owned_size]."""
         bank = next(iter(self.banks.values()))
-        return self._masks[:, :, bank.bounds[bank.replica_rank]:bank.bounds[bank.replica_rank + 1]]
+        return self._masks[:, :, bank.bounds[bank.block]:bank.bounds[bank.block + 1]]
+
+    def _in_block_order(self) -> list[int]:
+        """The owners, ordered by the block each owns (the order of the shard's expert ids)."""
+        bank = next(iter(self.banks.values()))
+        return sorted(range(self.replicas), key=bank.block_of)
 
     def _numbers(self, counts: torch.Tensor) -> torch.Tensor:
         """counts [..., b] of expert rows → numbers (all weights of those rows)."""
@@ -507,14 +521,19 @@ class ExpertOffload:
         if int(self._numbers(counts).sum()):  # every rank knows the totals: all skip together
             dist.all_to_all_single(inbound, torch.cat(outgoing) if outgoing else inbound.new_empty(0),
                                    receive, send, group=self.replica_group)
-        pieces: list[list[list[torch.Tensor]]] = [[[] for _ in WEIGHT_NAMES] for _ in banks]
+        # Owner j's segment holds my rows of its block (banks, then weights); the device copies take the
+        # blocks in expert order.
+        segment: dict[int, dict[tuple[int, int], torch.Tensor]] = {}
         offset = 0
         for j in range(self.replicas):
+            segment[j] = {}
             for b, bank in enumerate(banks):
                 for w, size in enumerate(self._row_sizes(bank)):
                     n = int(counts[me, j, b]) * size
-                    pieces[b][w].append(inbound[offset: offset + n])
+                    segment[j][b, w] = inbound[offset: offset + n]
                     offset += n
+        pieces = [[[segment[j][b, w] for j in self._in_block_order()] for w in range(len(WEIGHT_NAMES))]
+                  for b in range(len(banks))]
         for b, bank in enumerate(banks):
             bank.device_weights = {
                 name: torch.cat(pieces[b][w]).view(len(bank.active), *bank.host[name].shape[1:])
@@ -582,9 +601,11 @@ class ExpertOffload:
         counts, me = self._counts, banks[0].replica_rank
         grads = [bank.gradients() for bank in banks]
         outgoing = []
+        order = self._in_block_order()
         for j in range(self.replicas):  # to owner j: my rows of its block, banks then weights
             for b in range(len(banks)):
-                start = int(counts[me, :j, b].sum())
+                # my active rows are in expert order: those of the blocks before owner j's come first
+                start = int(sum(counts[me, i, b] for i in order[: order.index(j)]))
                 # In the compute dtype the gradients already have: an fp32 copy would double the bytes
                 # on the network and add nothing; the owner sums them in fp32.
                 outgoing += [grads[b][name][start: start + int(counts[me, j, b])].reshape(-1).to(self.dtype)
@@ -670,6 +691,7 @@ class ExpertOffload:
         out: dict[str, Any] = {"shard": torch.tensor([ep_rank, ep_size])}
         if self.sharded:
             out["owner"] = torch.tensor(list(self.owner))
+            out["block"] = torch.tensor(next(iter(self.banks.values())).block)
         for layer, bank in self.banks.items():
             for name in WEIGHT_NAMES:
                 params = bank.expert_params[name]
@@ -694,6 +716,13 @@ class ExpertOffload:
         if saved_owner != self.owner:
             raise ValueError(f"ECSS state of block {saved_owner} (replica, replicas) of its shard loaded into "
                              f"block {self.owner}: written with another ecss_shard_states layout")
+        if self.sharded:
+            block = next(iter(self.banks.values())).block
+            saved_block = int(state["block"]) if "block" in state else saved_owner[0]  # before blocks rotated
+            if saved_block != block:
+                raise ValueError(f"ECSS state of block {saved_block} of its shard loaded by the owner of block "
+                                 f"{block}: written before owners' blocks were rotated by shard; resume it "
+                                 f"with the version that wrote it, or start from its export")
         for layer, bank in self.banks.items():
             for name in WEIGHT_NAMES:
                 saved = state[f"{layer}.{name}"]
@@ -725,15 +754,16 @@ class ExpertOffload:
         out: dict[str, torch.Tensor] = {}
         for layer, bank in self.banks.items():
             for name in WEIGHT_NAMES:
-                if self.sharded:  # the blocks of the shard, from their owners, in replica order
+                if self.sharded:  # the blocks of the shard, from their owners, in expert order
                     widest = max(b - a for a, b in zip(bank.bounds, bank.bounds[1:]))
                     block = bank.host[name].to(self.device)
                     padded = block.new_zeros((widest, *block.shape[1:]))
                     padded[: len(block)] = block
                     gathered = block.new_empty((widest * bank.replicas, *block.shape[1:]))
                     dist.all_gather_into_tensor(gathered, padded, group=self.replica_group)
-                    shard = torch.cat([gathered[j * widest: j * widest + hi - lo]
-                                       for j, (lo, hi) in enumerate(zip(bank.bounds, bank.bounds[1:]))]).cpu()
+                    size = [hi - lo for lo, hi in zip(bank.bounds, bank.bounds[1:])]
+                    shard = torch.cat([gathered[j * widest: j * widest + size[bank.block_of(j)]]
+                                       for j in self._in_block_order()]).cpu()
                 else:
                     shard = bank.host[name]
                 if self.ep_group is None:

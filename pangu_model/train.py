@@ -337,7 +337,7 @@ def build_model(
     With `expert_shard` (ep rank, ep size) the RRE layers hold only this rank's experts, so no rank
     ever holds all experts of a model like sigma-1t (1.07T expert parameters). A new model is built on
     `device` one module at a time (`pangu_model.materialize`): the host never holds the whole model,
-    and with ECSS the experts are made in host memory, where they stay. With `owned_block` (replica rank,
+    and with ECSS the experts are made in host memory, where they stay. With `owned_block` (block,
     replicas: ECSS sharded host state) each layer's expert shard is cut to the rank's owned block as soon
     as it is made, so start-up holds one layer's shard, not all of them."""
     pangu = config.pangu_config()
@@ -504,13 +504,16 @@ class Trainer:
         return self._layout().info(self.rank).ep_rank
 
     def _owned_block(self, replica_group: Any) -> tuple[int, int] | None:
-        """(replica rank, replicas) of this rank's ECSS block with sharded host state, else None: the
-        replica group is the expert-data-parallel one, or every rank without expert parallelism."""
+        """(block, replicas) of this rank's ECSS block with sharded host state, else None: the replica group
+        is the expert-data-parallel one, or every rank without expert parallelism."""
         if not (self.config.ecss and self.config.ecss_shard_states) or self.world_size == 1:
             return None
+        from .ecss import owned_block
+
         if self.config.expert_parallel == 1:
-            return self.rank, self.world_size
-        return dist.get_rank(replica_group), dist.get_world_size(replica_group)
+            return owned_block(self.rank, 0, self.world_size), self.world_size
+        replicas = dist.get_world_size(replica_group)
+        return owned_block(dist.get_rank(replica_group), self._ep_rank(), replicas), replicas
 
     def _ecss_groups(self) -> tuple[Any, Any]:
         """ECSS's expert-parallel group and expert-data-parallel (replica) group for this rank, built from

@@ -284,6 +284,7 @@ REPLICAS, SHARD, ROWS = 64, EXPERTS // 8, 4  # micro-batch 4, no accumulation
 BLOCK = max((j + 1) * SHARD // REPLICAS - j * SHARD // REPLICAS for j in range(REPLICAS))
 # Domain-affine: a node's rows are one domain; the interleaved layout puts 16 / 8 = 2 of its experts on each rank.
 FETCHED = 2 * SPARSE * PER_EXPERT  # A: the experts a rank computes with
+NODE_OWNED = 10  # 8 consecutive blocks of 80 / 64 experts: the experts of a layer one node owns
 UPLOADED = BLOCK * SPARSE * PER_EXPERT  # U: the owner's whole block (every domain is in every step)
 # Q: 64 nodes over 40 domains: a domain sits on at most ⌈64/40⌉ = 2 nodes of a step, so each of the block's
 # 2 experts (2 domains) is asked by at most 2 replicas
@@ -325,10 +326,15 @@ def test_sigma_1t_preset_fetches_rank_locally(sigma_preset):
     # the replica group spans the 64 nodes: the network; the busiest rank sends the largest block's Q rows
     assert times["ecss_owner_all_to_all"] == pytest.approx(2 * ASKED / hw.network_bytes_per_s)
     assert times["ecss_gradient_all_to_all"] == pytest.approx(2 * ASKED / hw.network_bytes_per_s)
+    # the host DRAM of a node serves its 8 owners: blocks rotate with the shard (ecss.owned_block), so a
+    # node's ranks own 8 consecutive blocks, 10 experts a layer together (not 8 × 2)
+    assert sorted(plan.ecss["node_blocks"]) == [1] * 6 + [2] * 2
+    node = NODE_OWNED * SPARSE * PER_EXPERT
     assert times["ecss_fetch_h2d"] == pytest.approx(
-        max(2 * UPLOADED / hw.pcie_h2d_bytes_per_s, 8 * 2 * UPLOADED / hw.host_dram_bytes_per_s))
-    assert times["ecss_gradients_d2h"] == pytest.approx(4 * UPLOADED / hw.pcie_d2h_bytes_per_s)
-    assert times["ecss_cpu_adam"] == pytest.approx(8 * 34 * UPLOADED / hw.host_dram_bytes_per_s)
+        max(2 * UPLOADED / hw.pcie_h2d_bytes_per_s, 2 * node / hw.host_dram_bytes_per_s))
+    assert times["ecss_gradients_d2h"] == pytest.approx(
+        max(4 * UPLOADED / hw.pcie_d2h_bytes_per_s, 4 * node / hw.host_dram_bytes_per_s))
+    assert times["ecss_cpu_adam"] == pytest.approx(34 * node / hw.host_dram_bytes_per_s)
 
 
 def test_sigma_1t_preset_device_bytes(sigma_preset):
@@ -349,12 +355,14 @@ def test_sigma_1t_preset_host_per_node_under_1_tb(sigma_preset):
     module made on the host), one layer's shard and the blocks, then ExpertOffload's masters beside the
     blocks."""
     phases = sigma_preset.host_phases_per_node
-    assert phases["resident"] == 8 * 14 * UPLOADED == 375_855_513_600  # masters, bf16 shadows, Adam m, v
-    assert phases["step"] == 8 * 18 * UPLOADED  # + the owner's summed fp32 gradients brought back
-    assert phases["checkpoint_save"] == 8 * 22 * UPLOADED
-    assert phases["resume"] == 8 * 26 * UPLOADED == 698_017_382_400
+    node = NODE_OWNED * SPARSE * PER_EXPERT  # the node's 8 blocks: 10 experts a layer
+    assert phases["resident"] == 14 * node == 234_909_696_000  # masters, bf16 shadows, Adam m, v
+    assert phases["step"] == 18 * node  # + the owners' summed fp32 gradients brought back
+    assert phases["checkpoint_save"] == 22 * node
+    assert phases["resume"] == 26 * node
     layer_shard = EXPERTS_PER_RANK // 8
-    assert phases["startup"] == 8 * 4 * (VOCAB * D + max(UPLOADED + layer_shard, 2 * UPLOADED))
+    kept = [b * SPARSE * PER_EXPERT for b in sigma_preset.ecss["node_blocks"]]
+    assert phases["startup"] == sum(4 * (VOCAB * D + max(k + layer_shard, 2 * k)) for k in kept)
     assert max(phases.values()) <= 10**12 and sigma_preset.reasons == []
 
 

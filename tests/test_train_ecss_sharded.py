@@ -84,11 +84,13 @@ def test_sharded_host_state_matches_unsharded_ecss_resumes_and_exports_the_same(
     states = [torch.load(path, weights_only=True) for path in files]
     for i, state in enumerate(states):
         assert state["shard"].tolist() == [i // 2, 2] and state["owner"].tolist() == [i % 2, 2]
-        assert all(v["master"].shape[0] == 2 for k, v in state.items() if k not in ("shard", "owner"))
+        # blocks rotate with the shard: a node's ranks own consecutive blocks (owned_block)
+        assert int(state["block"]) == (i % 2 + i // 2) % 2
+        assert all(v["master"].shape[0] == 2 for k, v in state.items() if k not in ("shard", "owner", "block"))
     for ep_rank in range(2):
         unsharded = whole.parent / "checkpoints" / f"step{STEPS:08d}" / f"ecss_experts_ep{ep_rank:03d}.pt"
         reference = torch.load(unsharded, weights_only=True)
-        blocks = states[2 * ep_rank: 2 * ep_rank + 2]
+        blocks = sorted(states[2 * ep_rank: 2 * ep_rank + 2], key=lambda state: int(state["block"]))
         for key, ref in reference.items():
             if key == "shard":
                 continue
