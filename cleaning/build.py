@@ -3,14 +3,27 @@
     plan      inputs → numbered shards with content hashes
     clean     per shard: read → rules → filters → candidates + rejected + id keys (map)
     dedup     per shard signatures → per-partition buckets → clusters          (map-reduce)
-    finalize  per shard: candidates minus duplicates → staged data, rejected     (map)
-    manifest  input = kept + rejected checked against the rows in the staged Parquet footers;
-              only then are the staged files moved into OUTPUT and manifest.json written last
+    finalize  per shard: candidates minus duplicates → data and duplicates files  (map)
+    manifest  input = kept + rejected checked against the rows in the Parquet footers; only then
+              are the files linked into OUTPUT and manifest.json written last
 
-Every stage writes under `OUTPUT/_work/` with a completion marker written last, so a rerun
-after a kill skips finished work and never reads a partial file. Nothing reaches OUTPUT before
-the accounting check passes: a failed check publishes nothing and leaves an earlier build there
-as it was. The orchestrator (the Prefect flow, or `run_local`) only decides where each call runs.
+Every stage writes under the work directory (`OUTPUT/_work/`, or a versioned root's shared
+`ROOT/_work/`) with a completion marker written last, so a rerun after a kill skips finished work
+and never reads a partial file. The work directory is a cache keyed by content, shared by every
+version built there:
+
+    clean/<input content, name, rules>/     candidates, rejected, ids (the clean stage)
+    minhash/<cleaned content, dedup config>/ signatures and bucket records (cleaning.dedup_index)
+    index/                                   the versions' dedup indexes (cleaning.dedup_index)
+    kept/<cleaned content, duplicate rows>/  a shard's data file
+    dups/<cleaned content, duplicates>/      a shard's duplicates file
+
+so a version whose shard did not change, and whose duplicates did not change, finds all of that
+shard's files made. Publishing links each file into OUTPUT (`writers.link_or_copy`: a hard link
+on a local file system, so versions share unchanged shards' bytes; a copy on object stores).
+Nothing reaches OUTPUT before the accounting check passes: a failed check publishes nothing and
+leaves an earlier build there as it was. The orchestrator (the Prefect flow, or `run_local`) only
+decides where each call runs.
 """
 from __future__ import annotations
 
@@ -22,6 +35,7 @@ import time
 from array import array
 from collections import Counter, defaultdict
 from concurrent.futures import Executor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -29,7 +43,7 @@ from typing import Any, Callable, Iterator, Sequence
 import fsspec
 import pyarrow.parquet as pq
 
-from cleaning import dedup, ids
+from cleaning import dedup, dedup_index, ids
 from cleaning.config import CorpusConfig
 from cleaning.document import (KEPT_SCHEMA, REJECTED_SCHEMA, Document, Rejection, document_from_row,
                                kept_row, rejected_row)
@@ -37,7 +51,7 @@ from cleaning.inputs import InputShard, content_hash, expand_inputs, file_signat
 from cleaning.pipeline import CleaningChain
 from cleaning.readers import FieldMap, ReadFault, RecordReader, ShardReadError
 from cleaning.stats import ShardStats
-from cleaning.writers import ParquetShardWriter, read_json, remove_temporaries, write_json_atomic
+from cleaning.writers import ParquetShardWriter, link_or_copy, read_json, remove_temporaries, write_json_atomic
 
 
 class AccountingError(RuntimeError):
@@ -69,17 +83,22 @@ def code_version() -> str:
 @dataclass
 class CorpusBuild:
     """One corpus version. `work` (default `OUTPUT/_work`) holds the stage outputs; versions that
-    share a work directory share every cleaned shard whose content and rules did not change."""
+    share a work directory share every cleaned shard, signature and final shard whose content did
+    not change. `previous` is an earlier version's OUTPUT (built in the same work directory) whose
+    dedup index this build extends, so that only new documents are looked up; by default OUTPUT
+    itself, when it holds a version."""
 
     inputs: Sequence[str]
     output: str
     config: CorpusConfig
     work: str | None = None
+    previous: str | None = None
 
     def __post_init__(self) -> None:
         self.output = self.output.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.output)
         self.work = (self.work or f"{self.output}/_work").rstrip("/")
+        self.previous = (self.previous or self.output).rstrip("/")
 
     # -- plan ------------------------------------------------------------------------------
     def clean_fingerprint(self) -> str:
@@ -125,38 +144,20 @@ class CorpusBuild:
         key = _hash_json([shard.content_hash or shard.uri, shard.name])[:24]
         return f"{self.work}/clean/{key}-{self.clean_fingerprint()[:12]}"
 
-    def dedup_dir(self, run_key: str) -> str:
-        return f"{self.work}/dedup/{run_key}"
-
-    def final_marker(self, run_key: str, shard: InputShard) -> str:
-        return f"{self.work}/final/{run_key}/part-{shard.index:05d}.json"
-
-    def staged_dir(self, run_key: str, shard: InputShard) -> str:
-        return f"{self.work}/final/{run_key}/part-{shard.index:05d}"
+    def relative(self, uri: str) -> str:
+        """A path under the work directory, as manifests record it."""
+        return uri[len(self.work) + 1:]
 
     @staticmethod
     def outputs(shard: InputShard) -> dict[str, str]:
-        """What a shard publishes: staged file name → path under OUTPUT."""
+        """What a shard publishes: file name in the work directory → path under OUTPUT."""
         return {"data.parquet": f"data/part-{shard.index:05d}.parquet",
                 "rejected.parquet": f"rejected/part-{shard.index:05d}.parquet",
                 "duplicates.parquet": f"rejected/dup-{shard.index:05d}.parquet"}
 
-    def published_version(self) -> str | None:
-        """The build whose manifest.json OUTPUT holds (None before the first publication)."""
-        uri = f"{self.output}/manifest.json"
-        return read_json(uri).get("version") if self._exists(uri) else None
-
-    def _output_files(self, shard: InputShard, run_key: str, published: str | None = None) -> dict[str, str] | None:
-        """Where the shard's outputs of this build are: staged, or already published by this build
-        (`published`: the version OUTPUT holds, read from its manifest when not given)."""
-        staged = {name: f"{self.staged_dir(run_key, shard)}/{name}" for name in self.outputs(shard)}
-        if all(self._exists(uri) for uri in staged.values()):
-            return staged
-        if (published or self.published_version()) == run_key:
-            final = {name: f"{self.output}/{path}" for name, path in self.outputs(shard).items()}
-            if all(self._exists(uri) for uri in final.values()):
-                return final
-        return None
+    def previous_manifest(self) -> dict[str, Any] | None:
+        uri = f"{self.previous}/manifest.json"
+        return read_json(uri) if self._exists(uri) else None
 
     # -- clean -----------------------------------------------------------------------------
     def clean(self, shard: InputShard) -> dict[str, Any]:
@@ -201,10 +202,21 @@ class CorpusBuild:
                            "bytes": sum(f.bytes for f in faults),
                            "faults": [str(f) for f in faults[:MAX_FAULTS]]},
             "counts": chain.counts.to_json(),
+            # what the signatures and final shards are keyed by: the cleaned documents themselves
+            "cleaned_hash": content_hash(f"{directory}/candidates.parquet")[0],
             "seconds": round(time.perf_counter() - started, 3),
         }
         write_json_atomic(marker, summary)
         return {**summary, "skipped": False}
+
+    def cleaned_hash(self, shard: InputShard) -> str:
+        """Content hash of the shard's cleaned candidates (added to a marker written before it existed)."""
+        marker = f"{self.clean_dir(shard)}/summary.json"
+        summary = read_json(marker)
+        if "cleaned_hash" not in summary:
+            summary["cleaned_hash"] = content_hash(f"{self.clean_dir(shard)}/candidates.parquet")[0]
+            write_json_atomic(marker, summary)
+        return summary["cleaned_hash"]
 
     @staticmethod
     def _guarded(records: Iterator[Document | Rejection | ReadFault], on_error: Callable[[ShardReadError], None],
@@ -231,61 +243,115 @@ class CorpusBuild:
     def dedup_enabled(self) -> bool:
         return self.config.dedup.exact or self.config.dedup.fuzzy
 
-    def dedup_map(self, shard: InputShard, run_key: str) -> None:
-        table = pq.read_table(self._open(f"{self.clean_dir(shard)}/candidates.parquet"), columns=["text"])
-        texts = table.column("text").to_pylist()
-        dedup.map_shard(self.dedup_dir(run_key), shard.index, texts, self.config.dedup)
+    def dedup_map(self, shard: InputShard, run_key: str) -> dict[str, Any]:
+        """Signatures of the shard's cleaned documents, computed only when no version has them yet
+        (they are cached by the cleaned content). Returns the shard's entry of the dedup plan and
+        whether it was signed now."""
+        entry = dedup_index.minhash_entry(self.cleaned_hash(shard), self.config.dedup)
+        documents = dedup_index.signed_documents(self.work, entry)
+        signed = documents is None
+        if signed:
+            table = pq.read_table(self._open(f"{self.clean_dir(shard)}/candidates.parquet"), columns=["text"])
+            texts = table.column("text").to_pylist()
+            dedup_index.sign_shard(self.work, entry, texts, self.config.dedup)
+            documents = len(texts)
+        return {"name": self.clean_dir(shard).rsplit("/", 1)[1], "minhash": entry, "documents": documents,
+                "signed": signed}
 
-    def dedup_reduce(self, partition: int, run_key: str) -> None:
-        dedup.reduce_partition(self.dedup_dir(run_key), partition, self.config.dedup)
+    def dedup_plan(self, mapped: Sequence[dict[str, Any]], run_key: str) -> dict[str, Any]:
+        """The version's shards for the dedup index, and the previous version's index to extend."""
+        previous = (self.previous_manifest() or {}).get("dedup_index")
+        shards = [{k: m[k] for k in ("name", "minhash", "documents")} for m in mapped]
+        return dedup_index.write_plan(self.work, run_key, shards, previous, self.config.dedup)
 
-    def dedup_cluster(self, num_shards: int, run_key: str) -> dict[str, Any]:
-        summary = dedup.cluster(self.dedup_dir(run_key), num_shards, self.config.dedup)
-        return summary.to_json() if hasattr(summary, "to_json") else dict(vars(summary))
+    def dedup_reduce(self, partition: int, run_key: str) -> dict[str, Any]:
+        return dedup_index.reduce_partition(self.work, run_key, partition, self.config.dedup)
+
+    def dedup_cluster(self, run_key: str) -> dict[str, Any]:
+        """The version's duplicates; returns index.json (summary, work done, segments)."""
+        return dedup_index.cluster(self.work, run_key, self.config.dedup)
 
     def _open(self, uri: str):
         return fsspec.open(uri, "rb").open()
 
     # -- finalize --------------------------------------------------------------------------
+    def final_entries(self, shard: InputShard, shards: Sequence[InputShard],
+                      duplicates: dict[int, tuple[int, int, str]]) -> dict[str, str]:
+        """The cache entries of the shard's data and duplicates files. The data file depends on the
+        cleaned content and which rows are duplicates; the duplicates file also on their survivors
+        (the survivor's input name and row, which its `detail` names, and its shard's cleaned
+        content, which fixes the `dup_of` id). So a shard keeps its files across versions while
+        neither changes, even when a new input sorted before it shifts the shard numbers."""
+        cleaned = self.cleaned_hash(shard)
+        survivors = {index: (self._input_name(shards[index]), self.cleaned_hash(shards[index]))
+                     for index in {s for s, _, _ in duplicates.values()}}
+        dup_rows = sorted((row, *survivors[s], r, kind) for row, (s, r, kind) in duplicates.items())
+        return {"kept": f"{self.work}/kept/{_hash_json(['kept', cleaned, sorted(duplicates)])[:32]}",
+                "dups": f"{self.work}/dups/{_hash_json(['dups', cleaned, dup_rows])[:32]}"}
+
     def finalize(self, shard: InputShard, shards: Sequence[InputShard], run_key: str) -> dict[str, Any]:
-        """Stage 3: candidates minus duplicates → data; the clean stage's rejected and the duplicates
-        → rejected; staged under the work directory until `write_manifest` publishes them."""
-        marker = self.final_marker(run_key, shard)
-        if self._exists(marker) and self._output_files(shard, run_key):
-            return {**read_json(marker), "skipped": True}
-        staged = self.staged_dir(run_key, shard)
-        remove_temporaries(staged)  # left by a worker killed mid-write
+        """Stage 3: candidates minus duplicates → data, the duplicates → their file, each written
+        only when no earlier build made it (`final_entries`); the clean stage's rejected file is
+        published as it is. Returns the counts, the statistics of the kept documents, the files to
+        publish and the markers that vouch for them."""
         clean = self.clean_dir(shard)
-        duplicates = dedup.load_duplicates(self.dedup_dir(run_key), shard.index) if self.dedup_enabled else {}
-        survivor_ids = self._survivor_ids(duplicates, shards)
+        duplicates = dedup.load_duplicates(dedup_index.version_dir(self.work, run_key), shard.index) \
+            if self.dedup_enabled else {}
+        entries = self.final_entries(shard, shards, duplicates)
+        files = {"data.parquet": f"{entries['kept']}/data.parquet", "rejected.parquet": f"{clean}/rejected.parquet",
+                 "duplicates.parquet": f"{entries['dups']}/duplicates.parquet"}
+        markers = {"kept": f"{entries['kept']}/summary.json", "dups": f"{entries['dups']}/summary.json"}
+        made = {"kept": self._exists(markers["kept"]) and self._exists(files["data.parquet"]),
+                "dups": self._exists(markers["dups"]) and self._exists(files["duplicates.parquet"])}
+        if not all(made.values()):
+            self._write_final(clean, shard, shards, duplicates, files, markers, made)
+        kept, dups = read_json(markers["kept"]), read_json(markers["dups"])
+        return {"kept": kept["kept"], "stats": kept["stats"], "duplicates": dups["duplicates"], "files": files,
+                "markers": list(markers.values()), "entries": [self.relative(e) for e in entries.values()],
+                "skipped": all(made.values())}
+
+    def _write_final(self, clean: str, shard: InputShard, shards: Sequence[InputShard],
+                     duplicates: dict[int, tuple[int, int, str]], files: dict[str, str],
+                     markers: dict[str, str], made: dict[str, bool]) -> None:
+        """One pass over the candidates writes whichever of the two files is missing."""
+        for entry in markers.values():
+            remove_temporaries(entry.rsplit("/", 1)[0])  # left by a worker killed mid-write
+        survivor_ids = self._survivor_ids(duplicates, shards) if not made["dups"] else {}
         stats = ShardStats()
         dup_counts: dict[str, Counter] = defaultdict(Counter)
         kept_counts: Counter = Counter()
-        with ParquetShardWriter(f"{staged}/data.parquet", KEPT_SCHEMA) as kept, \
-                ParquetShardWriter(f"{staged}/duplicates.parquet", REJECTED_SCHEMA) as dups:
+        with ExitStack() as stack:
+            kept = None if made["kept"] else stack.enter_context(
+                ParquetShardWriter(files["data.parquet"], KEPT_SCHEMA))
+            dups = None if made["dups"] else stack.enter_context(
+                ParquetShardWriter(files["duplicates.parquet"], REJECTED_SCHEMA))
             row = 0
             for batch in pq.ParquetFile(self._open(f"{clean}/candidates.parquet")).iter_batches(batch_size=2048):
                 for record in batch.to_pylist():
                     hit = duplicates.get(row)
                     if hit is None:
-                        kept.write(record)
-                        kept_counts[record["source"]] += 1
-                        stats.add(document_from_row(record))
-                    else:
+                        if kept is not None:
+                            kept.write(record)
+                            kept_counts[record["source"]] += 1
+                            stats.add(document_from_row(record))
+                    elif dups is not None:
                         survivor_shard, survivor_row, kind = hit
                         reason = f"{kind}_duplicate"
                         dup_counts[record["source"]][reason] += 1
                         dups.write(rejected_row(Rejection(
                             document_from_row(record), reason,
-                            f"copy of shard {survivor_shard} row {survivor_row}",
+                            f"copy of {self._input_name(shards[survivor_shard])} row {survivor_row}",
                             dup_of=survivor_ids[(survivor_shard, survivor_row)])))
                     row += 1
-        self.fs.copy(fsspec.core.url_to_fs(f"{clean}/rejected.parquet")[1],
-                     fsspec.core.url_to_fs(f"{staged}/rejected.parquet")[1])
-        summary = {"kept": dict(kept_counts), "duplicates": {s: dict(c) for s, c in dup_counts.items()},
-                   "stats": stats.to_json()}
-        write_json_atomic(marker, summary)
-        return {**summary, "skipped": False}
+        if not made["kept"]:
+            write_json_atomic(markers["kept"], {"kept": dict(kept_counts), "stats": stats.to_json()})
+        if not made["dups"]:
+            write_json_atomic(markers["dups"], {"duplicates": {s: dict(c) for s, c in dup_counts.items()}})
+
+    @staticmethod
+    def _input_name(shard: InputShard) -> str:
+        """How a detail names an input: its name under the input root (stable across versions)."""
+        return shard.name or shard.uri
 
     def _survivor_ids(self, duplicates: dict[int, tuple[int, int, str]],
                       shards: Sequence[InputShard]) -> dict[tuple[int, int], str]:
@@ -303,11 +369,12 @@ class CorpusBuild:
 
     # -- manifest --------------------------------------------------------------------------
     def write_manifest(self, shards: Sequence[InputShard], cleaned: Sequence[dict[str, Any]],
-                       finals: Sequence[dict[str, Any]], dedup_summary: dict[str, Any] | None,
-                       run_key: str, seconds: float) -> dict[str, Any]:
-        """Checks the accounting, then publishes: moves the staged files into OUTPUT and writes
-        stats.json and, last, manifest.json. A failed check raises `AccountingError` before
-        anything in OUTPUT changes."""
+                       finals: Sequence[dict[str, Any]], dedup_done: dict[str, Any] | None,
+                       run_key: str, seconds: float,
+                       mapped: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+        """Checks the accounting, then publishes: links the files into OUTPUT and writes stats.json
+        and, last, manifest.json. A failed check raises `AccountingError` before anything in OUTPUT
+        changes. `dedup_done` is what `dedup_cluster` returned, `mapped` what `dedup_map` did."""
         per_source: dict[str, dict[str, Any]] = {}
 
         def entry(source: str) -> dict[str, Any]:
@@ -329,7 +396,7 @@ class CorpusBuild:
             rejected = sum(e["rejected"].values())
             if e["input"] != e["kept"] + rejected:
                 problems.append(f"{source}: input {e['input']} ≠ kept {e['kept']} + rejected {rejected}")
-        files, written = self._check_written(shards, cleaned, finals, run_key, problems)
+        files, written = self._check_written(shards, cleaned, finals, problems)
         if problems:
             raise AccountingError("documents unaccounted for: " + "; ".join(problems))
         totals = {"input": sum(e["input"] for e in per_source.values()), "kept": written["data.parquet"]}
@@ -360,7 +427,8 @@ class CorpusBuild:
             "sources": {s: {"input": e["input"], "kept": e["kept"], "rejected": dict(e["rejected"])}
                         for s, e in sorted(per_source.items())},
             "transforms_applied": dict(modified),
-            "dedup": dedup_summary,
+            "dedup": dedup_done["summary"] if dedup_done else None,
+            "dedup_index": run_key if dedup_done else None,
             "outputs": {
                 "data": [f"data/part-{s.index:05d}.parquet" for s in shards],
                 "rejected": [f"rejected/part-{s.index:05d}.parquet" for s in shards]
@@ -368,24 +436,64 @@ class CorpusBuild:
             },
             "seconds": round(seconds, 3),
         }
+        previous = self.previous_manifest()
+        previous = previous if previous and previous.get("version") != run_key else None
+        manifest["previous"] = previous["version"] if previous else None
+        manifest["cache"] = self._cache_record(shards, files, finals, mapped, dedup_done, run_key)
         stats = ShardStats.merge([f["stats"] for f in finals])
-        self._publish(shards, files)
+        published = self._publish(shards, files)
+        manifest["work"] = self._work_record(cleaned, mapped, finals, dedup_done, published, manifest, previous)
         write_json_atomic(f"{self.output}/stats.json", stats)
         write_json_atomic(f"{self.output}/manifest.json", manifest)
         return manifest
 
+    def _cache_record(self, shards: Sequence[InputShard], files: Sequence[dict[str, str]],
+                      finals: Sequence[dict[str, Any]], mapped: Sequence[dict[str, Any]],
+                      dedup_done: dict[str, Any] | None, run_key: str) -> dict[str, Any]:
+        """What of the work directory the version uses: `files`, each published file's cache file
+        (the same cache file in two versions is the same bytes, one inode on a local disk), and
+        `entries`, every cache entry it needs, which `pangu corpus gc` keeps while the version lives."""
+        entries = {self.relative(self.clean_dir(s)) for s in shards}
+        entries.update(e for f in finals for e in f["entries"])
+        entries.update(f"{dedup_index.MINHASH}/{m['minhash']}" for m in mapped)
+        if dedup_done:
+            entries.add(self.relative(dedup_index.version_dir(self.work, run_key)))
+            entries.update(f"{dedup_index.SEGMENTS}/{name}" for names in dedup_done["segments"] for name in names)
+        return {"files": {self.outputs(shard)[name]: self.relative(uri)
+                          for shard, found in zip(shards, files) for name, uri in found.items()},
+                "entries": sorted(entries)}
+
+    @staticmethod
+    def _work_record(cleaned: Sequence[dict[str, Any]], mapped: Sequence[dict[str, Any]],
+                     finals: Sequence[dict[str, Any]], dedup_done: dict[str, Any] | None,
+                     published: Counter, manifest: dict[str, Any],
+                     previous: dict[str, Any] | None) -> dict[str, Any]:
+        """What this build did and what it found done: a refresh with one new input cleans, signs
+        and finalizes one shard (plus any old shard whose duplicates changed)."""
+        before = set((previous or {}).get("cache", {}).get("files", {}).values())
+        data = [cache for path, cache in manifest["cache"]["files"].items() if path.startswith("data/")]
+        return {"shards": len(cleaned),
+                "cleaned": sum(not s.get("skipped") for s in cleaned),
+                "signed_shards": sum(m["signed"] for m in mapped),
+                "signed_documents": sum(m["documents"] for m in mapped if m["signed"]),
+                "finalized": sum(not f.get("skipped") for f in finals),
+                "data_files_from_previous": sum(cache in before for cache in data),
+                "published": {"linked": published["link"], "copied": published["copy"]},
+                "dedup": dedup_done["work"] if dedup_done else None}
+
     def _check_written(self, shards: Sequence[InputShard], cleaned: Sequence[dict[str, Any]],
-                       finals: Sequence[dict[str, Any]], run_key: str,
+                       finals: Sequence[dict[str, Any]],
                        problems: list[str]) -> tuple[list[dict[str, str]], Counter]:
         """Per shard, documents read = rows in the Parquet footers of the files to publish, and each
         file holds what its stage counted. Returns those files and the rows per kind of file."""
-        published = self.published_version()
         files: list[dict[str, str]] = []
         written: Counter = Counter()
         for shard, summary, final in zip(shards, cleaned, finals):
-            found = self._output_files(shard, run_key, published)
-            if found is None:
+            found = final["files"]
+            if not all(self._exists(uri) for uri in found.values()):
                 problems.append(f"shard {shard.index} ({shard.uri}): finalized outputs are missing")
+                for marker in final["markers"]:
+                    self._remove(marker)
                 continue
             files.append(found)
             rows = {name: self._rows(uri) for name, uri in found.items()}
@@ -396,8 +504,9 @@ class CorpusBuild:
                         "duplicates.parquet": sum(sum(r.values()) for r in final["duplicates"].values())}
             if read != sum(rows.values()) or rows != expected:
                 problems.append(f"shard {shard.index} ({shard.uri}): read {read}, written {rows}, counted {expected}")
-                # What was written is wrong: a rerun must redo it, not skip it behind its marker.
-                self._remove(self.final_marker(run_key, shard))
+                # What was written is wrong: a rerun must redo it, not skip it behind its markers.
+                for marker in final["markers"]:
+                    self._remove(marker)
                 # The clean stage's outputs too, when they hold fewer records than it read.
                 if rows["rejected.parquet"] != expected["rejected.parquet"] or read != sum(expected.values()):
                     self._remove(f"{self.clean_dir(shard)}/summary.json")
@@ -414,19 +523,18 @@ class CorpusBuild:
         if self.fs.exists(path):
             self.fs.rm(path)
 
-    def _publish(self, shards: Sequence[InputShard], files: Sequence[dict[str, str]]) -> None:
-        """Moves the staged files into OUTPUT. The old manifest goes first, so that a kill in the
-        middle never leaves a manifest.json beside files it does not describe."""
-        targets = [(uri, f"{self.output}/{self.outputs(shard)[name]}")
-                   for shard, found in zip(shards, files) for name, uri in found.items()]
-        moves = [(src, dst) for src, dst in targets if src != dst]
-        if moves and self._exists(f"{self.output}/manifest.json"):
-            self.fs.rm(fsspec.core.url_to_fs(f"{self.output}/manifest.json")[1])
-        for src, dst in moves:
-            dst_path = fsspec.core.url_to_fs(dst)[1]
-            self.fs.makedirs(os.path.dirname(dst_path), exist_ok=True)
-            self.fs.mv(fsspec.core.url_to_fs(src)[1], dst_path)
+    def _publish(self, shards: Sequence[InputShard], files: Sequence[dict[str, str]]) -> Counter:
+        """Links the files into OUTPUT (copies where the store has no links); returns how many of
+        each. The old manifest goes first, so that a kill in the middle never leaves a manifest.json
+        beside files it does not describe. Files are never changed in place (every writer renames a
+        new file over the old name), so a file shared by two versions cannot change under either."""
+        self._remove(f"{self.output}/manifest.json")
+        how: Counter = Counter()
+        for shard, found in zip(shards, files):
+            for name, uri in found.items():
+                how[link_or_copy(uri, f"{self.output}/{self.outputs(shard)[name]}")] += 1
         self._remove_stale_outputs(shards)
+        return how
 
     def _id_report(self, shards: Sequence[InputShard], documents: int) -> dict[str, Any]:
         """Explicit ids held by more than one document (generated ones are unique by construction):
@@ -462,6 +570,17 @@ class CorpusBuild:
                     self.fs.rm(file)
 
 
+def describe_work(work: dict[str, Any]) -> str:
+    """One line for logs and summaries: what a build did, and what it found done."""
+    n = work["shards"]
+    line = (f"cleaned {work['cleaned']} of {n} shards, signed {work['signed_documents']} documents "
+            f"({work['signed_shards']} shards), finalized {work['finalized']} shards; "
+            f"{work['data_files_from_previous']} data files the same as the previous version's")
+    if work.get("dedup") and not work["dedup"]["previous"]:
+        line += f"; dedup index built afresh ({work['dedup']['not_extended_because']})"
+    return line
+
+
 def run_local(build: CorpusBuild, executor: Executor | None = None,
               log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Runs every stage without an orchestrator (tests, benchmarks, library users)."""
@@ -471,11 +590,15 @@ def run_local(build: CorpusBuild, executor: Executor | None = None,
     run_key = build.run_key(shards)
     log(f"{len(shards)} input shards, build {run_key}")
     cleaned = list(map_(build.clean, shards))
-    dedup_summary = None
+    dedup_done, mapped = None, []
     if build.dedup_enabled:
-        list(map_(build.dedup_map, shards, [run_key] * len(shards)))
+        mapped = list(map_(build.dedup_map, shards, [run_key] * len(shards)))
+        build.dedup_plan(mapped, run_key)
         partitions = range(build.config.dedup.partitions)
         list(map_(build.dedup_reduce, partitions, [run_key] * len(partitions)))
-        dedup_summary = build.dedup_cluster(len(shards), run_key)
+        dedup_done = build.dedup_cluster(run_key)
     finals = list(map_(build.finalize, shards, [shards] * len(shards), [run_key] * len(shards)))
-    return build.write_manifest(shards, cleaned, finals, dedup_summary, run_key, time.perf_counter() - started)
+    manifest = build.write_manifest(shards, cleaned, finals, dedup_done, run_key, time.perf_counter() - started,
+                                    mapped)
+    log(describe_work(manifest["work"]))
+    return manifest

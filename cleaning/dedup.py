@@ -25,7 +25,7 @@ import json
 import re
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import fsspec
 import numpy as np
@@ -258,15 +258,25 @@ def _records(keys: np.ndarray, shard: int, rows: np.ndarray) -> np.ndarray:
 
 # -- reduce -------------------------------------------------------------------------------------
 class _Signatures:
-    """Signature rows of chosen documents, read through one memory map per shard file."""
+    """Signature rows of chosen documents, read through one memory map per shard file.
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str):
+    `locate(shard)` gives the map directory that holds a shard's files and its number there: by
+    default the work directory itself (`root`, shard numbers as given); the incremental index
+    (`cleaning.dedup_index`) points each shard at its own cached entry instead."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str,
+                 locate: Callable[[int], tuple[str, int]] | None = None):
         self.fs, self.root = fs, root
+        self.locate = locate or (lambda shard: (root, shard))
         self._maps: dict[int, np.ndarray] = {}
+
+    def _file(self, what: str, shard: int) -> str:
+        directory, number = self.locate(shard)
+        return f"{directory}/{what}/{number:05d}.npy"
 
     def _shard(self, shard: int) -> np.ndarray:
         if shard not in self._maps:
-            self._maps[shard] = _load_array(self.fs, f"{self.root}/signatures/{shard:05d}.npy", mmap=True)
+            self._maps[shard] = _load_array(self.fs, self._file("signatures", shard), mmap=True)
         return self._maps[shard]
 
     def take(self, gids: np.ndarray, what: str = "signatures") -> np.ndarray:
@@ -277,7 +287,7 @@ class _Signatures:
         for s in np.unique(shards).tolist():
             sel = np.flatnonzero(shards == s)
             source = self._shard(s) if what == "signatures" else _load_array(
-                self.fs, f"{self.root}/exact/{s:05d}.npy", mmap=True)
+                self.fs, self._file("exact", s), mmap=True)
             r = rows[sel]
             order = np.argsort(r, kind="stable")  # ascending reads: sequential pages of the map
             block = np.asarray(source[r[order]])
@@ -312,7 +322,22 @@ def reduce_partition(dir: str, partition: int, config: DedupConfig) -> None:
     files = sorted(p for p in fs.ls(folder, detail=False) if _SHARD_FILE.match(p.rsplit("/", 1)[-1])) \
         if fs.exists(folder) else []
     records = np.concatenate([_load_array(fs, f) for f in files]) if files else np.empty(0, dtype=RECORD)
+    occurrences, counts = star_pairs(records, _Signatures(fs, root), config)
+    found = _unique_pairs(occurrences)
+    _save_json(fs, stats_path, {"records": int(len(records)), **counts, "confirmed": int(len(found)),
+                                "config": config.fingerprint()})
+    _save_array(fs, out, found)
 
+
+def star_pairs(records: np.ndarray, sigs: _Signatures, config: DedupConfig) -> tuple[np.ndarray, dict[str, int]]:
+    """The confirmed pairs of the buckets that `records` (RECORD) hold, one row per bucket that
+    confirms a pair (a pair found in several buckets comes once per bucket: `_unique_pairs` merges
+    them), and the counts `grouped` (records in buckets of two or more) and `checked` (signature
+    comparisons made).
+
+    What a bucket yields depends only on its own members and their (shard, row) order, never on
+    other buckets: the incremental index relies on this to redo only the buckets a refresh touches.
+    """
     # sorted by key, then (shard, row): the first member of a group is its smallest document
     records = records[np.lexsort((records["row"], records["shard"], records["key"]))]
     key = records["key"]
@@ -336,7 +361,6 @@ def reduce_partition(dir: str, partition: int, config: DedupConfig) -> None:
     # and the pivots leave, the others try again with the next pivot, so two similar members of a
     # bucket whose first member is unrelated to them still meet.
     checked = 0
-    sigs = _Signatures(fs, root)
     l_ids, l_group = ids[~exact], group[~exact]
     remaining = np.ones(len(l_ids), dtype=bool)
     while remaining.any():
@@ -357,11 +381,7 @@ def reduce_partition(dir: str, partition: int, config: DedupConfig) -> None:
         ok = sim >= config.threshold
         pairs.append(_pairs(l_ids[pivot[ok]], l_ids[others[ok]], NEAR, sim[ok]))
         remaining[others[ok]] = False
-
-    found = _unique_pairs(np.concatenate(pairs) if pairs else np.empty(0, dtype=PAIR))
-    _save_json(fs, stats_path, {"records": int(len(key)), "grouped": int(len(ids)), "checked": checked,
-                                "confirmed": int(len(found)), "config": config.fingerprint()})
-    _save_array(fs, out, found)
+    return (np.concatenate(pairs) if pairs else np.empty(0, dtype=PAIR)), {"grouped": int(len(ids)), "checked": checked}
 
 
 def _pairs(a: np.ndarray, b: np.ndarray, kind: int, similarity: np.ndarray) -> np.ndarray:
@@ -440,9 +460,49 @@ def cluster(dir: str, num_shards: int, config: DedupConfig) -> DedupSummary:
     nodes = np.unique(np.concatenate([found["a"], found["b"]]))
     component = _components(np.searchsorted(nodes, found["a"]), np.searchsorted(nodes, found["b"]),
                             len(nodes))
+    survivor, kind, representatives = assign_survivors(nodes, component, _Signatures(fs, root), config)
+
+    is_dup = survivor != np.arange(len(nodes))
+    components = int(len(np.unique(component))) if len(nodes) else 0
+    dup_gid, surv_gid, dup_kind = nodes[is_dup], nodes[survivor[is_dup]], kind[is_dup]
+    save_duplicates(fs, root, num_shards, dup_gid, surv_gid, dup_kind)
+
+    summary = DedupSummary(
+        documents=documents,
+        clusters=int(len(np.unique(survivor[is_dup]))),
+        exact_duplicates=int((dup_kind == EXACT).sum()),
+        near_duplicates=int((dup_kind == NEAR).sum()),
+        pairs_checked=checked,
+        pairs_confirmed=int(len(found)),
+        chain_splits=representatives - components,
+    )
+    _save_json(fs, summary_path, {**summary.to_json(), "num_shards": num_shards,
+                                  "config": config.fingerprint()})
+    return summary
+
+
+def save_duplicates(fs: fsspec.AbstractFileSystem, root: str, num_shards: int, dup_gid: np.ndarray,
+                    surv_gid: np.ndarray, dup_kind: np.ndarray) -> None:
+    """`duplicates/{shard:05d}.npy` for every shard (empty ones too), rows in order."""
+    dup_shard = (dup_gid >> np.uint64(32)).astype(np.int64)
+    for s in range(num_shards):
+        sel = dup_shard == s
+        rows = np.empty(int(sel.sum()), dtype=DUPLICATE)
+        rows["row"] = dup_gid[sel] & np.uint64(0xFFFFFFFF)
+        rows["survivor_shard"] = surv_gid[sel] >> np.uint64(32)
+        rows["survivor_row"] = surv_gid[sel] & np.uint64(0xFFFFFFFF)
+        rows["kind"] = dup_kind[sel]
+        _save_array(fs, f"{root}/duplicates/{s:05d}.npy", rows[np.argsort(rows["row"], kind="stable")])
+
+
+def assign_survivors(nodes: np.ndarray, component: np.ndarray, sigs: _Signatures,
+                     config: DedupConfig) -> tuple[np.ndarray, np.ndarray, int]:
+    """The chaining-guarded survivor of every node (see `cluster`): for sorted gids `nodes` and
+    their component labels, the node index of each one's survivor, the kind (EXACT / NEAR) of
+    each duplicate, and the number of representatives. Components are independent of each other,
+    so the nodes of some whole components give the same answer for them as all nodes would."""
     survivor = np.arange(len(nodes))             # node index of each node's survivor
     kind = np.zeros(len(nodes), dtype=np.uint8)
-    sigs = _Signatures(fs, root)
     exact_keys = sigs.take(nodes, "exact")
     representatives = 0
     unplaced = np.ones(len(nodes), dtype=bool)
@@ -462,32 +522,7 @@ def cluster(dir: str, num_shards: int, config: DedupConfig) -> DedupSummary:
         survivor[members[ok]] = rep[ok]
         kind[members[ok]] = np.where(same[ok], EXACT, NEAR)
         unplaced[members[ok]] = False
-
-    is_dup = survivor != np.arange(len(nodes))
-    components = int(len(np.unique(component))) if len(nodes) else 0
-    dup_gid, surv_gid, dup_kind = nodes[is_dup], nodes[survivor[is_dup]], kind[is_dup]
-    dup_shard = (dup_gid >> np.uint64(32)).astype(np.int64)
-    for s in range(num_shards):
-        sel = dup_shard == s
-        rows = np.empty(int(sel.sum()), dtype=DUPLICATE)
-        rows["row"] = dup_gid[sel] & np.uint64(0xFFFFFFFF)
-        rows["survivor_shard"] = surv_gid[sel] >> np.uint64(32)
-        rows["survivor_row"] = surv_gid[sel] & np.uint64(0xFFFFFFFF)
-        rows["kind"] = dup_kind[sel]
-        _save_array(fs, f"{root}/duplicates/{s:05d}.npy", rows[np.argsort(rows["row"], kind="stable")])
-
-    summary = DedupSummary(
-        documents=documents,
-        clusters=int(len(np.unique(survivor[is_dup]))),
-        exact_duplicates=int((dup_kind == EXACT).sum()),
-        near_duplicates=int((dup_kind == NEAR).sum()),
-        pairs_checked=checked,
-        pairs_confirmed=int(len(found)),
-        chain_splits=representatives - components,
-    )
-    _save_json(fs, summary_path, {**summary.to_json(), "num_shards": num_shards,
-                                  "config": config.fingerprint()})
-    return summary
+    return survivor, kind, representatives
 
 
 def load_duplicates(dir: str, shard: int) -> dict[int, tuple[int, int, str]]:

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from typing import Any, Iterable
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 
 def _fs_and_path(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -95,6 +97,32 @@ def write_json_atomic(uri: str, payload: Any) -> None:
     with fs.open(tmp, "w", encoding="utf-8") as fh:
         json.dump(payload, fh, ensure_ascii=False, indent=2, sort_keys=True)
     fs.mv(tmp, path)
+
+
+def link_or_copy(source_uri: str, target_uri: str) -> str:
+    """Puts the file `source` at `target` too, without writing its bytes again where the store
+    allows it: a hard link on a local file system (both names are one inode: a corpus version that
+    reuses a shard costs no space, and the shard stays readable through either name whichever is
+    deleted), a copy on other stores (object stores have no links) or where linking fails (another
+    device, a file system without hard links). `target` appears whole or not at all: the link or
+    copy is made under a temporary name and renamed over it. Returns "link" or "copy"."""
+    fs, source = _fs_and_path(source_uri)
+    target = _fs_and_path(target_uri)[1]
+    fs.makedirs(os.path.dirname(target), exist_ok=True)
+    if not isinstance(fs, LocalFileSystem):
+        fs.copy(source, target)  # one object written by one request: whole or absent
+        return "copy"
+    if os.path.exists(target) and os.path.samefile(source, target):
+        return "link"
+    tmp = _temporary_path(target)
+    try:
+        os.link(source, tmp)
+        how = "link"
+    except OSError:
+        shutil.copyfile(source, tmp)
+        how = "copy"
+    os.replace(tmp, target)
+    return how
 
 
 def read_json(uri: str) -> Any:

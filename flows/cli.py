@@ -135,6 +135,15 @@ def _corpus_build(args: argparse.Namespace) -> int:
     return build_from_cli(args)
 
 
+def _corpus_gc(args: argparse.Namespace) -> int:
+    from cleaning.versions import collect_garbage
+
+    if args.keep < 1:
+        raise ValueError("--keep must be at least 1 (LATEST is always kept)")
+    collect_garbage(args.root, keep=args.keep, dry_run=args.dry_run, log=print)
+    return 0
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from flows.pretrain import check_before_launch, pretrain_from_cli
 
@@ -319,6 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="parallel shard workers")
     p.add_argument("--dask-address", default=None, help="run shards on an existing Dask cluster")
     p.set_defaults(handler=_corpus_build)
+    p = corpus_cmds.add_parser("gc", help="remove corpus versions no longer needed and the cached shards, "
+                                          "signatures and index files no remaining version uses")
+    p.add_argument("root", nargs="?", default="runs/corpus",
+                   help="root of corpus versions (ROOT/LATEST, ROOT/<version>/, ROOT/_work/); default runs/corpus")
+    p.add_argument("--keep", type=int, default=1,
+                   help="versions to keep, newest first, LATEST counted first (default 1: LATEST only); "
+                        "pinned versions (ROOT/<version>/PINNED) and ones being built are kept too")
+    p.add_argument("--dry-run", action="store_true", help="print what would be removed and freed; remove nothing")
+    p.set_defaults(handler=_corpus_gc)
 
     p = groups.add_parser("pretrain", help="run the pretrain flow: DeepSpeed training of a preset, resumable")
     p.add_argument("--preset", default="sigma-tiny", help="alpha-tiny, sigma-tiny, alpha-350m, sigma-1t or a YAML path")

@@ -19,10 +19,10 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from cleaning.build import CorpusBuild
+from cleaning.build import CorpusBuild, describe_work
 from cleaning.config import CorpusConfig, load_preset
 from cleaning.inputs import InputShard
-from cleaning.versions import describe_diff, mark_latest, plan_refresh
+from cleaning.versions import building, describe_diff, mark_latest, plan_refresh, previous_output
 from cleaning.writers import read_json
 from flows.lineage import record_asset
 from flows.reports import corpus_figure, corpus_markdown, plot_stats, png_markdown, source_table
@@ -61,20 +61,23 @@ def clean_shard(build: CorpusBuild, shard: InputShard) -> dict[str, Any]:
 
 
 @task(name="dedup-map", task_run_name="dedup-map-{shard.index:05d}", **SHARD_RETRIES)
-def dedup_map(build: CorpusBuild, shard: InputShard, run_key: str) -> None:
-    _run(build.dedup_map, shard, run_key)
+def dedup_map(build: CorpusBuild, shard: InputShard, run_key: str) -> dict[str, Any]:
+    mapped = _run(build.dedup_map, shard, run_key)
+    get_run_logger().info("signatures of %s: %d documents (%s)", shard.uri, mapped["documents"],
+                          "signed now" if mapped["signed"] else "cached")
+    return mapped
 
 
 @task(name="dedup-reduce", task_run_name="dedup-reduce-{partition:03d}", **SHARD_RETRIES)
-def dedup_reduce(build: CorpusBuild, partition: int, run_key: str) -> None:
-    _run(build.dedup_reduce, partition, run_key)
+def dedup_reduce(build: CorpusBuild, partition: int, run_key: str) -> dict[str, Any]:
+    return _run(build.dedup_reduce, partition, run_key)
 
 
 @task(name="dedup-cluster")
-def dedup_cluster(build: CorpusBuild, num_shards: int, run_key: str) -> dict[str, Any]:
-    summary = _run(build.dedup_cluster, num_shards, run_key)
-    get_run_logger().info("dedup: %s", json.dumps(summary, ensure_ascii=False))
-    return summary
+def dedup_cluster(build: CorpusBuild, run_key: str) -> dict[str, Any]:
+    done = _run(build.dedup_cluster, run_key)
+    get_run_logger().info("dedup: %s", json.dumps(done["summary"], ensure_ascii=False))
+    return done
 
 
 @task(name="finalize-shard", task_run_name="finalize-{shard.index:05d}", **SHARD_RETRIES)
@@ -96,11 +99,12 @@ def _gather(futures: list, stage: str, progress_id) -> list:
 
 @flow(name="corpus", log_prints=True)
 def corpus(inputs: list[str], output: str, config: CorpusConfig = CorpusConfig(),
-           workers: int = 2, work: str | None = None) -> dict[str, Any]:
-    """Clean, filter, deduplicate and quality-score raw Chinese text into a versioned corpus."""
+           workers: int = 2, work: str | None = None, previous: str | None = None) -> dict[str, Any]:
+    """Clean, filter, deduplicate and quality-score raw Chinese text into a versioned corpus;
+    `previous`: the version whose dedup index to extend (default: what OUTPUT holds)."""
     global _POOL
     logger = get_run_logger()
-    build = CorpusBuild(inputs, output, config, work=work)
+    build = CorpusBuild(inputs, output, config, work=work, previous=previous)
     started = time.perf_counter()
     shards = build.plan()
     run_key = build.run_key(shards)
@@ -112,18 +116,23 @@ def corpus(inputs: list[str], output: str, config: CorpusConfig = CorpusConfig()
     try:
         progress = create_progress_artifact(progress=0.0, description="corpus: shards cleaned")
         cleaned = _gather([clean_shard.submit(build, s) for s in shards], "clean", progress)
-        dedup_summary = None
+        dedup_done, mapped = None, []
         if build.dedup_enabled:
-            _gather([dedup_map.submit(build, s, run_key) for s in shards], "dedup map", None)
+            mapped = _gather([dedup_map.submit(build, s, run_key) for s in shards], "dedup map", None)
+            plan = build.dedup_plan(mapped, run_key)
+            logger.info("dedup index: %s", f"extends {plan['previous']}" if plan["previous"]
+                        else f"built afresh ({plan['reason']})")
             partitions = range(config.dedup.partitions)
             _gather([dedup_reduce.submit(build, p, run_key) for p in partitions], "dedup reduce", None)
-            dedup_summary = dedup_cluster(build, len(shards), run_key)
+            dedup_done = dedup_cluster(build, run_key)
         finals = _gather([finalize_shard.submit(build, s, shards, run_key) for s in shards], "finalize", None)
     finally:
         if _POOL is not None:
             _POOL.shutdown()
         _POOL = None
-    manifest = build.write_manifest(shards, cleaned, finals, dedup_summary, run_key, time.perf_counter() - started)
+    manifest = build.write_manifest(shards, cleaned, finals, dedup_done, run_key, time.perf_counter() - started,
+                                    mapped)
+    logger.info("work: %s", describe_work(manifest["work"]))
     create_table_artifact(key="corpus-counts", table=source_table(manifest),
                           description="documents per source: input, kept, rejected per rule")
     stats = read_json(f"{output.rstrip('/')}/stats.json")
@@ -138,7 +147,7 @@ def corpus(inputs: list[str], output: str, config: CorpusConfig = CorpusConfig()
     totals = manifest["totals"]
     logger.info("corpus %s: %d documents in, %d kept, %d rejected → %s", run_key, totals["input"],
                 totals["kept"], totals["rejected"], output)
-    return {"version": run_key, "output": output, "totals": totals}
+    return {"version": run_key, "output": output, "totals": totals, "work": manifest["work"]}
 
 
 def local_path(uri: str) -> Path | None:
@@ -161,24 +170,32 @@ def _record_corpus_asset(output: str, manifest: dict[str, Any]) -> None:
 def corpus_refresh(inputs: list[str], root: str = "runs/corpus", config: CorpusConfig = CorpusConfig(),
                    workers: int = 2) -> dict[str, Any]:
     """A new corpus version under ROOT when inputs or config changed since ROOT/LATEST (the scheduled
-    refresh): only new or changed input shards are cleaned again."""
+    refresh): only new or changed input shards are cleaned and signed, their documents are looked
+    up in the previous version's dedup index, and unchanged shards' files are linked, not copied."""
     logger = get_run_logger()
     plan = plan_refresh(inputs, root, config)
     logger.info("corpus %s (previous %s): %s", plan.version, plan.previous, describe_diff(plan.diff))
-    if plan.current:
-        logger.info("%s is already built: nothing to do", plan.output)
-        totals = read_json(f"{plan.output}/manifest.json")["totals"]
-    else:
-        totals = corpus_with_runner(workers, None)(inputs=inputs, output=plan.output, config=config,
-                                                   workers=workers, work=plan.work)["totals"]
-    mark_latest(root, plan)
-    create_markdown_artifact(key="corpus-refresh", markdown="\n".join(
-        [f"# Corpus refresh → {plan.version}", "", f"Previous version: {plan.previous or '–'}; "
-         f"{'built' if not plan.current else 'already current'} at `{plan.output}`.", "",
-         "| inputs | count |", "|---|---:|"]
-        + [f"| {kind} | {len(uris)} |" for kind, uris in plan.diff.items()]), description="manifest diff")
+    work = None
+    with building(root, plan.version):
+        if plan.current:
+            logger.info("%s is already built: nothing to do", plan.output)
+            totals = read_json(f"{plan.output}/manifest.json")["totals"]
+        else:
+            result = corpus_with_runner(workers, None)(inputs=inputs, output=plan.output, config=config,
+                                                       workers=workers, work=plan.work,
+                                                       previous=previous_output(root, plan))
+            totals, work = result["totals"], result["work"]
+        mark_latest(root, plan)
+    lines = [f"# Corpus refresh → {plan.version}", "", f"Previous version: {plan.previous or '–'}; "
+             f"{'built' if not plan.current else 'already current'} at `{plan.output}`.", "",
+             "| inputs | count |", "|---|---:|"]
+    lines += [f"| {kind} | {len(uris)} |" for kind, uris in plan.diff.items()]
+    if work is not None:
+        lines += ["", f"Work: {describe_work(work)}."]
+    create_markdown_artifact(key="corpus-refresh", markdown="\n".join(lines), description="manifest diff")
     return {"version": plan.version, "previous": plan.previous, "output": plan.output,
-            "built": not plan.current, "diff": {k: len(v) for k, v in plan.diff.items()}, "totals": totals}
+            "built": not plan.current, "diff": {k: len(v) for k, v in plan.diff.items()}, "totals": totals,
+            "work": work}
 
 
 def corpus_with_runner(workers: int, dask_address: str | None):
@@ -199,6 +216,7 @@ def build_from_cli(args: argparse.Namespace) -> int:
     totals = result["totals"]
     print(f"corpus {result['version']}: {totals['input']} documents in, {totals['kept']} kept, "
           f"{totals['rejected']} rejected", file=sys.stderr)
+    print(f"  work:     {describe_work(result['work'])}", file=sys.stderr)
     print(f"  data:     {args.output}/data/", file=sys.stderr)
     print(f"  rejected: {args.output}/rejected/", file=sys.stderr)
     print(f"  manifest: {args.output}/manifest.json", file=sys.stderr)

@@ -37,6 +37,12 @@ def corpus_markdown(manifest: dict[str, Any], stats: dict[str, Any], output: str
         f"**{totals['input']:,}** documents in, **{totals['kept']:,}** kept "
         f"({100 * totals['kept'] / max(1, totals['input']):.1f} %), **{totals['rejected']:,}** rejected.",
         "",
+    ]
+    if manifest.get("work"):  # what this build did itself and what it found done by earlier ones
+        from cleaning.build import describe_work  # here: the other stages' reports need no cleaning chain
+
+        lines += [f"Work: {describe_work(manifest['work'])}.", ""]
+    lines += [
         "## Rejected by rule",
         "",
         "| rule | documents |",
