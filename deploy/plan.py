@@ -835,8 +835,24 @@ def plan_training(
         else:
             transfers["ecss_gradient_all_reduce"] = int(_ring("all_reduce", exp_dp) * 4 * fetched)
             times["ecss_gradient_all_reduce"] = transfers["ecss_gradient_all_reduce"] / replica_bw
-        refresh = (4 + p) if p < 4 else 0  # the stepped rows' shadows follow their masters
-        times["ecss_cpu_adam"] = (ADAM_BYTES_TOUCHED + refresh) * node_union / hw.host_dram_bytes_per_s
+        delayed = bool(getattr(train_config, "ecss_delayed_update", False))
+        # The stepped rows' shadows follow their masters (read the master, write the shadow); separate
+        # shadows exist under bf16/fp16, and under fp32 too when the update is delayed.
+        refresh = (4 + p) if p < 4 or delayed else 0
+        adam = ADAM_BYTES_TOUCHED * node_union / hw.host_dram_bytes_per_s
+        shadow = refresh * node_union / hw.host_dram_bytes_per_s
+        if delayed:
+            # Adam and then the shadow refresh run on a worker thread beside the next step: only what
+            # outlasts the rest of that step shows.
+            rest = sum(times.values())
+            times["ecss_cpu_adam"] = max(0.0, adam + shadow - rest)
+            notes.append(f"ECSS delayed host update: CPU Adam and the shadow refresh ({_fmt_time(adam + shadow)}) "
+                         f"run beside the next step ({_fmt_time(rest)} without them); "
+                         f"{_fmt_time(times['ecss_cpu_adam'])} of it shows. A step computes with the masters "
+                         f"after the update two steps back")
+        else:
+            times["ecss_cpu_adam"] = adam
+            times["ecss_shadow_refresh"] = shadow
         transfers["h2d"] += transfers["ecss_fetch_h2d"]
         transfers["d2h"] += transfers["ecss_gradients_d2h"]
     if offload:

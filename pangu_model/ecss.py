@@ -41,6 +41,15 @@ Each rank then fetches only the experts that its own expert-parallel group's row
 Checkpoints and the export hold each owner's block once. `traffic` counts the bytes each rank moves
 host→device, receives into its device copies and sends back to the host.
 
+Delayed host update (`delayed_update`, TrainConfig `ecss_delayed_update`; ZeRO-Offload's "delayed
+parameter update"): the host optimizer of step s runs on a worker thread while step s + 1 computes, so
+CPU Adam leaves the critical path. Step s + 1 fetches the shadows as they were before update s (the
+worker writes only masters and Adam states); at the end of step s + 1 the worker is joined and update
+s's rows are copied into the shadows, before update s + 1 starts. So the weights a step computes with
+carry every update up to two steps back: step t uses the masters after update t − 2 (tested). A
+checkpoint waits for the update in flight and saves, beside the masters, the lagging shadows of its
+rows, so a resume continues exactly; the export waits too and holds every update.
+
 Deviations (documented, not hidden): expert gradients are clipped by their own global norm (DeepSpeed
 clips the dense part by its norm before we could add ours). Without sharded host state every replica
 of a shard keeps and steps the whole shard, so the replicas must agree on what they update: their
@@ -49,6 +58,8 @@ routed sets are united over the data-parallel ranks, and each fetches that union
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Any, Iterable
 
 import torch
@@ -216,11 +227,12 @@ class HostExpertBank(nn.Module):
         a = self.active
         return a[(a >= self.owned_first) & (a < self.owned_first + self.owned_size)]
 
-    def make_shadows(self, dtype: torch.dtype) -> None:
+    def make_shadows(self, dtype: torch.dtype, copy: bool = False) -> None:
         """Host copies of the owned masters in the compute dtype (pinned on CUDA), the source of every
         host→device copy: `p` bytes per parameter cross the link instead of fp32's 4, and a pinned source
-        lets the copy run as DMA beside compute. The masters themselves when the compute dtype is fp32."""
-        if dtype == torch.float32:
+        lets the copy run as DMA beside compute. The masters themselves when the compute dtype is fp32,
+        unless `copy` (a delayed host update writes the masters while the shadows are read)."""
+        if dtype == torch.float32 and not copy:
             self.shadow = self.host
             return
         self.shadow = {}
@@ -356,6 +368,7 @@ class ExpertOffload:
         replica_group: Any = None,
         shard_states: bool = False,
         host_threads: int | None = None,
+        delayed_update: bool = False,
     ) -> None:
         """`group`: all data-parallel ranks (routed sets are united over it; gradients are averaged
         over its size). `ep_group`: the ranks that share one copy of the experts, a shard each.
@@ -385,8 +398,16 @@ class ExpertOffload:
                 self.banks[name] = bank
         if not self.layers:
             raise ValueError("ECSS needs Random Routed Experts layers (router 'rre'); this model has none")
+        # One step behind, the host update writes the masters while the next step fetches: the shadows
+        # must then be copies even under fp32.
+        self.delayed_update = delayed_update
+        self._worker: threading.Thread | None = None
+        self._updated = threading.Event()  # the update in flight has reached the masters
+        self._failure: BaseException | None = None
+        self._fetched: queue.SimpleQueue = queue.SimpleQueue()  # the next step's fetch has read the shadows
+        self._pending_rows: dict[str, list[int]] = {}  # owned rows whose shadows wait for their update
         for bank in self.banks.values():
-            bank.make_shadows(dtype)
+            bank.make_shadows(dtype, copy=delayed_update)
         # Host→device copies run on their own stream (CUDA), so they overlap compute.
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # DeepSpeedCPUAdam runs on torch's OpenMP threads: torchrun starts every rank with
@@ -433,7 +454,9 @@ class ExpertOffload:
             dist.all_reduce(stacked, op=dist.ReduceOp.MAX, group=union)
         return {name: row.nonzero().flatten().cpu() for name, row in zip(self.layers, stacked)}
 
-    def fetch(self, plan: dict[str, torch.Tensor]) -> None:
+    def fetch(self, plan: dict[str, torch.Tensor], training: bool = True) -> None:
+        """Bring the experts of `plan` to the device. `training`: the step's fetch (a validation fetch is
+        not), after which a delayed update in flight may refresh its shadows."""
         if self.sharded:
             self._fetch_from_owners(plan)
         else:
@@ -445,6 +468,11 @@ class ExpertOffload:
                 self.traffic["host_to_device"] += moved
                 self.traffic["device_received"] += moved
         self.last_fetched = {name: bank.active.tolist() for name, bank in self.banks.items()}
+        if training and self._worker is not None:
+            # The shadows have been read (or are being read by the copies this event closes): the update
+            # in flight may now bring its rows' shadows up to date.
+            done = self.copy_stream.record_event() if self.copy_stream is not None else None
+            self._fetched.put(done)
         if RECORD_STEPS and self.steps_log:  # the entry plan() opened for this step
             self.steps_log[-1].update(fetched=self.last_fetched, traffic=dict(self.traffic))
 
@@ -577,21 +605,16 @@ class ExpertOffload:
         host_flat = flat.to("cpu")
         self.traffic["device_to_host"] += host_flat.numel() * host_flat.element_size()
         offset = 0
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for grad, (bank, name) in zip(grads, owners):
             host_grad = host_flat[offset: offset + grad.numel()].view(grad.shape)
             offset += grad.numel()
             for slot, expert in enumerate(bank.active.tolist()):
-                bank.expert_params[name][expert - bank.owned_first].grad = host_grad[slot]
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        for bank in self.banks.values():
-            for name in WEIGHT_NAMES:
-                for expert in bank.active.tolist():
-                    bank.expert_params[name][expert - bank.owned_first].grad = None
-            bank.refresh_shadows((bank.active - bank.owned_first).tolist())
+                pairs.append((bank.expert_params[name][expert - bank.owned_first], host_grad[slot]))
+        rows = {layer: (bank.active - bank.owned_first).tolist() for layer, bank in self.banks.items()}
         stats = {"expert_grad_norm": norm, "experts_updated": sum(len(b.active) for b in self.banks.values())}
         self.release()
+        self._update(lr, pairs, rows)
         return stats
 
     def _step_owned(self, lr: float, grad_scale: float) -> dict[str, float]:
@@ -643,7 +666,7 @@ class ExpertOffload:
         host = flat.to("cpu")
         self.traffic["device_to_host"] += host.numel() * host.element_size()
         offset = 0
-        stepped: list[torch.Tensor] = []
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for b, bank in enumerate(banks):
             experts = used[b].nonzero().flatten().tolist()  # indices within my block
             for name in WEIGHT_NAMES:
@@ -651,21 +674,90 @@ class ExpertOffload:
                 n = len(experts) * bank.host[name][0].numel()
                 block = host[offset: offset + n].view(len(experts), *shape)
                 offset += n
-                for slot, e in enumerate(experts):
-                    param = bank.expert_params[name][e]
-                    param.grad = block[slot]
-                    stepped.append(param)
-        if stepped:
+                pairs += [(bank.expert_params[name][e], block[slot]) for slot, e in enumerate(experts)]
+        rows = {layer: used[b].nonzero().flatten().tolist() for b, layer in enumerate(self.banks)}
+        stats = {"expert_grad_norm": norm, "experts_updated": int(used.sum())}
+        self.release()
+        self._update(lr, pairs, rows)
+        return stats
+
+    # ---- the host update, in line or one step behind ------------------------------------------------
+    def _update(self, lr: float, pairs: list[tuple[torch.Tensor, torch.Tensor]], rows: dict[str, list[int]]) -> None:
+        """Adam on the host for `pairs` (expert parameter, its gradient); then the shadows of `rows` (per
+        layer, owned rows) follow their masters. In line, or with `delayed_update` on a worker thread while
+        the next step runs: the next step then still fetches the shadows from before this update, and this
+        update's shadows are refreshed at the end of the next step, once it has landed (module docstring)."""
+        if not self.delayed_update:
+            self._apply(lr, pairs)
+            self._refresh(rows)
+            return
+        self._join()  # the previous update has reached the masters and its rows' shadows
+        self._refresh(self._pending_rows)  # rows left lagging by a resume (no worker refreshes them)
+        self._pending_rows = rows
+        self._fetched = queue.SimpleQueue()
+        self._updated = threading.Event()
+        self._worker = threading.Thread(target=self._apply_then_refresh, args=(lr, pairs, rows),
+                                        name="ecss-host-adam", daemon=True)
+        self._worker.start()
+
+    def _apply_then_refresh(self, lr: float, pairs: list[tuple[torch.Tensor, torch.Tensor]],
+                            rows: dict[str, list[int]]) -> None:
+        """The worker: Adam on the masters; then, once the next step's fetch has read the shadows, this
+        update's rows' shadows (so the refresh, too, stays off the critical path)."""
+        try:
+            self._apply(lr, pairs)
+        except BaseException as exc:  # handed to the training thread at its next wait
+            self._failure = exc
+            return
+        finally:
+            self._updated.set()
+        done = self._fetched.get()  # None: no copy to wait for (CPU), or released by close()
+        if done is not None:
+            done.synchronize()
+        self._refresh(rows)
+        self._pending_rows = {}
+
+    def _apply(self, lr: float, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        torch.set_num_threads(self.host_threads)  # OpenMP's thread count is per calling thread
+        for param, grad in pairs:
+            param.grad = grad
+        if pairs:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
-            for param in stepped:
-                param.grad = None
-        for b, bank in enumerate(banks):
-            bank.refresh_shadows(used[b].nonzero().flatten().tolist())
-        stats = {"expert_grad_norm": norm, "experts_updated": int(used.sum())}
-        self.release()
-        return stats
+        for param, _ in pairs:
+            param.grad = None
+
+    def _refresh(self, rows: dict[str, list[int]]) -> None:
+        for layer, bank in self.banks.items():
+            bank.refresh_shadows(rows.get(layer, []))
+
+    def wait(self) -> None:
+        """Until the update in flight (delayed_update) has reached the masters and Adam states; its rows'
+        shadows lag until the next step's fetch has read them."""
+        if self._worker is not None:
+            self._updated.wait()
+            self._raise_failure()
+
+    def _join(self) -> None:
+        if self._worker is not None:
+            self._updated.wait()
+            self._raise_failure()
+            self._worker.join()  # the step's fetch has released its shadow refresh
+            self._worker = None
+
+    def _raise_failure(self) -> None:
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            self._worker = None
+            raise RuntimeError(f"ECSS: the delayed host update failed: {failure}") from failure
+
+    def close(self) -> None:
+        """Let a delayed update in flight finish, shadows included (no further fetch will come)."""
+        if self._worker is not None:
+            self._fetched.put(None)
+            self._join()
+            self._pending_rows = {}
 
     def release(self) -> None:
         for bank in self.banks.values():
@@ -687,6 +779,7 @@ class ExpertOffload:
     def state_dict(self) -> dict[str, Any]:
         """This shard's (with sharded host state: this owner's block's) masters and Adam states per layer
         and weight, stacked over its experts (zeros where never stepped), and each expert's own step count."""
+        self.wait()
         ep_rank, ep_size = self.shard
         out: dict[str, Any] = {"shard": torch.tensor([ep_rank, ep_size])}
         if self.sharded:
@@ -706,9 +799,13 @@ class ExpertOffload:
                         exp_avg_sq[e] = state["exp_avg_sq"]
                 out[f"{layer}.{name}"] = {"master": bank.host[name], "step": steps, "exp_avg": exp_avg,
                                           "exp_avg_sq": exp_avg_sq}
+                if self.delayed_update:  # the shadows the next step fetches, where they lag their masters
+                    rows = torch.tensor(self._pending_rows.get(layer, []), dtype=torch.long)
+                    out[f"{layer}.{name}"].update(pending_rows=rows, pending_shadow=bank.shadow[name][rows].clone())
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.wait()
         saved_shard = tuple(int(v) for v in state["shard"])
         if saved_shard != self.shard:
             raise ValueError(f"ECSS state of expert shard {saved_shard} (rank, size) loaded into shard {self.shard}")
@@ -740,10 +837,18 @@ class ExpertOffload:
                             "exp_avg_sq": saved["exp_avg_sq"][e].clone(),
                         }
             bank.refresh_shadows(list(range(bank.owned_size)))
+            if self.delayed_update:  # an update in flight when it was saved: its rows' shadows still lag
+                pending = state[f"{layer}.{WEIGHT_NAMES[0]}"].get("pending_rows")
+                rows = pending.tolist() if pending is not None else []
+                for name in WEIGHT_NAMES:
+                    if rows:
+                        bank.shadow[name][rows] = state[f"{layer}.{name}"]["pending_shadow"].to(bank.shadow[name].dtype)
+                self._pending_rows[layer] = rows
 
     def expert_rows(self) -> list[tuple[str, torch.Tensor, int]]:
         """This rank's shard (sharded host state: its own block) as (ExpertBank tensor name, host master
         rows, first row) pieces."""
+        self.wait()
         return [(f"{layer}.experts.{name}", bank.host[name], bank.owned_first)
                 for layer, bank in self.banks.items() for name in WEIGHT_NAMES]
 
@@ -751,6 +856,7 @@ class ExpertOffload:
         """Every layer's experts, whole, under `ExpertBank` names (`<layer>.experts.w_in`, ...), on the
         first rank of each expert-parallel group (the shards are gathered there); empty elsewhere.
         Collective over the expert-parallel group (and the replica group with sharded host state)."""
+        self.wait()  # every update in the masters
         out: dict[str, torch.Tensor] = {}
         for layer, bank in self.banks.items():
             for name in WEIGHT_NAMES:

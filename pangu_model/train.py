@@ -110,6 +110,9 @@ class TrainConfig(BaseModel):
                                                        "of the masters + Adam states (host bytes / (ep × dp))")
     ecss_host_threads: int | None = Field(None, ge=1, description="ECSS: CPU threads of the host optimizer per rank "
                                                                "(default: the node's cores / its ranks)")
+    ecss_delayed_update: bool = Field(False, description="ECSS: the host optimizer runs one step behind, beside the "
+                                                         "next step (a step fetches weights without the previous "
+                                                         "step's update: ZeRO-Offload's delayed parameter update)")
     expert_parallel: int = Field(1, ge=1, description="ranks that share one copy of the experts (inside a node)")
     topology: str | None = Field(None, description="deploy/presets/topology name or YAML: checks ep against the cluster")
     # checkpoints and logs
@@ -414,7 +417,7 @@ class Trainer:
                 model, config.optimizer, self.device, _compute_dtype(config.precision),
                 group=dist.group.WORLD if self.world_size > 1 else None,
                 ep_group=ep_group, replica_group=replica_group, shard_states=config.ecss_shard_states,
-                host_threads=config.ecss_host_threads,
+                host_threads=config.ecss_host_threads, delayed_update=config.ecss_delayed_update,
             )
         from .speed import maybe_compile
 
@@ -685,7 +688,7 @@ class Trainer:
                 batch = {k: torch.stack([r[k] for r in chunk]).to(self.device)
                          for k in ("input_ids", "labels", "position_ids", "domain_ids")}
                 if self.ecss is not None:
-                    self.ecss.fetch(self.ecss.plan([batch]))
+                    self.ecss.fetch(self.ecss.plan([batch]), training=False)
                 out = self.engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                                   domain_ids=batch["domain_ids"])
                 sums += domain_loss_sums(out.logits, batch["labels"], batch["domain_ids"], sums.shape[0],
@@ -891,6 +894,8 @@ class Trainer:
             dist.barrier()
 
     def close(self) -> None:
+        if getattr(self, "ecss", None) is not None:
+            self.ecss.close()  # a delayed host update still in flight
         signal.signal(signal.SIGTERM, self._previous_handler or signal.SIG_DFL)
 
 

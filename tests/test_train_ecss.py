@@ -130,3 +130,67 @@ def test_fetches_come_from_compute_dtype_shadows_refreshed_after_each_host_step(
         if name.startswith("w_"):
             assert not torch.equal(shadow[active], before[name][active])
     assert ecss.host_bytes() > sum(t.numel() * 4 for t in bank.host.values())  # masters + shadows + moments
+
+
+def test_delayed_host_update_fetches_the_masters_of_two_steps_back_and_resumes_exactly(monkeypatch) -> None:
+    """ecss_delayed_update: the host Adam of step s runs beside step s + 1, which still fetches the
+    weights before update s: step t computes with the masters after update t − 2. A checkpoint with an
+    update in flight resumes to the same losses as a run that never stopped."""
+    from pangu_model.ecss import ExpertOffload
+
+    fetched: list[dict[str, tuple[list[int], torch.Tensor]]] = []
+    after_update: list[dict[str, torch.Tensor]] = []
+    original_fetch, original_apply = ExpertOffload.fetch, ExpertOffload._apply
+
+    def fetch(self, plan):
+        original_fetch(self, plan)
+        fetched.append({n: (b.active.tolist(), b.device_weights["w_in"].detach().clone()) for n, b in self.banks.items()})
+
+    def apply(self, lr, pairs):
+        original_apply(self, lr, pairs)
+        after_update.append({n: b.host["w_in"].clone() for n, b in self.banks.items()})
+
+    monkeypatch.setattr(ExpertOffload, "fetch", fetch)
+    monkeypatch.setattr(ExpertOffload, "_apply", apply)
+    fields = dict(ecss=True, ecss_delayed_update=True, validation_every=0,
+                  optimizer={"lr": 1e-2, "warmup_steps": 0, "decay_steps": 4})
+    trainer = _trainer("ecss-delayed", train_steps=4, **fields)
+    try:
+        initial = {n: b.host["w_in"].clone() for n, b in trainer.ecss.banks.items()}
+        whole = trainer.run()["losses"]
+    finally:
+        trainer.close()
+    assert len(fetched) == 4 and len(after_update) == 4
+    for t, step in enumerate(fetched, start=1):
+        masters = initial if t <= 2 else after_update[t - 3]
+        for name, (active, weights) in step.items():
+            assert torch.equal(weights, masters[name][active]), (t, name)
+    assert any(not torch.equal(after_update[0][n], initial[n]) for n in initial)  # the updates do land
+
+    sync = _trainer("ecss-delayed-sync", train_steps=4, **{**fields, "ecss_delayed_update": False})
+    try:
+        inline = sync.run()["losses"]
+    finally:
+        sync.close()
+    assert inline[0] == whole[0] and inline[1] != whole[1]  # step 2 already lacks update 1 when delayed
+
+    monkeypatch.setattr(ExpertOffload, "fetch", original_fetch)
+    monkeypatch.setattr(ExpertOffload, "_apply", original_apply)
+    from tests.test_train_common import run_config
+
+    config = run_config("ecss-delayed-resume", "sigma-tiny", export=False, train_steps=2, checkpoint_every=2, **fields)
+    first = Trainer(load_train_config(config))
+    try:
+        first.run()
+    finally:
+        first.close()
+    resumed = Trainer(load_train_config(config, {"train_steps": 4}))
+    try:
+        result = resumed.run()
+    finally:
+        resumed.close()
+    from pangu_model.metrics import read_metrics
+
+    losses = [r["loss"] for r in read_metrics(config.parent)]
+    assert losses == pytest.approx(whole, rel=1e-6), (losses, whole)
+    assert result["losses"]

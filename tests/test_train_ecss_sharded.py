@@ -117,20 +117,21 @@ def test_sharded_host_state_matches_unsharded_ecss_resumes_and_exports_the_same(
 @pytest.mark.slow
 def test_uneven_owner_blocks_when_replicas_do_not_divide_the_shard() -> None:
     """3 replicas (ep 1 × dp 3) of 8 experts per layer own blocks of 2, 3 and 3 (sigma-1t: 80 experts over
-    64 nodes): the losses and the export equal unsharded ECSS, each rank holds its block's masters."""
+    64 nodes): the losses and the export equal unsharded ECSS, each rank holds its block's masters. Both
+    runs update the host one step behind (ecss_delayed_update), on every rank."""
     from pangu_model import load_checkpoint
     from pangu_model.metrics import read_metrics
     from tests.test_train_common import run_config
 
     optimizer = {"lr": 3e-3, "warmup_steps": 1, "decay_steps": 2, "grad_clip": 0.5}
     fields = dict(ecss=True, expert_parallel=1, topology=None, optimizer=optimizer, micro_batch_size=2,
-                  train_steps=2, checkpoint_every=0)
+                  train_steps=3, checkpoint_every=0, ecss_delayed_update=True)
     whole = run_config("ecss-unsharded-3", "sigma-tiny", ecss_shard_states=False, **fields)
     owned = run_config("ecss-sharded-3", "sigma-tiny", ecss_shard_states=True, **fields)
     _torchrun(whole, ranks=3)
     _torchrun(owned, ranks=3)
     a, b = read_metrics(whole.parent), read_metrics(owned.parent)
-    assert [r["step"] for r in b] == [1, 2] == [r["step"] for r in a]
+    assert [r["step"] for r in b] == [1, 2, 3] == [r["step"] for r in a]
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-6), (x["step"], x["loss"], y["loss"])
     full = _host_bytes(whole.parent, 3)[0]["master_bytes"]
