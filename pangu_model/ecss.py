@@ -34,7 +34,9 @@ Each rank then fetches only the experts that its own expert-parallel group's row
 (its micro-batches' and, after the token exchange, its group peers'), never the union over the world:
 1. the ranks of a replica group all-gather their active masks (one bit per expert of the shard);
 2. each owner copies the union of what its replicas asked of its block host→device once, and one
-   all-to-all over the replica group gives every rank exactly its rows (compute dtype, compute device);
+   all-to-all over the replica group gives every rank exactly its rows (compute dtype, compute device),
+   asynchronously: the layers below the first expert layer compute meanwhile, and that layer's forward
+   waits for the rows;
 3. after backward, one all-to-all takes each rank's gradients (in the compute dtype, as autograd made
    them) to their owners, which sum them per expert in fp32; each owner clips with the global norm (squares summed over owners and shards, every element
    once) and steps on the CPU the experts any of its replicas used.
@@ -207,6 +209,7 @@ class HostExpertBank(nn.Module):
         self._slot_of: torch.Tensor | None = None
         self.shadow: dict[str, torch.Tensor] = self.host  # until make_shadows(compute dtype)
         self.ready: Any = None  # CUDA event: this bank's fetched weights have arrived
+        self.arrive: Any = None  # sharded host state: completes the owners' exchange (ExpertOffload)
 
     # ---- placement ---------------------------------------------------------------------------
     def select(self, experts: torch.Tensor, device: torch.device) -> None:
@@ -282,6 +285,7 @@ class HostExpertBank(nn.Module):
         self.device_weights = {}
         self._slot_of = None
         self.ready = None
+        self.arrive = None
         self.active = torch.zeros(0, dtype=torch.long)
 
     def gradients(self) -> dict[str, torch.Tensor]:
@@ -300,6 +304,8 @@ class HostExpertBank(nn.Module):
     ) -> torch.Tensor:
         if self._slot_of is None:
             raise RuntimeError("ECSS: forward before fetch(); call ExpertOffload.fetch(plan) for this batch")
+        if self.arrive is not None:  # sharded host state: the rows from the owners, once
+            self.arrive()
         if self.ready is not None:  # this layer's copies, not the later layers' still in flight
             torch.cuda.current_stream(x.device).wait_event(self.ready)
         if self.ep_size > 1:
@@ -430,6 +436,7 @@ class ExpertOffload:
         # Bytes moved, cumulative: host→device by this rank, received into its device expert copies,
         # and gradients device→host (its own, with sharded host state: the owner's summed ones).
         self.traffic = {"host_to_device": 0, "device_received": 0, "device_to_host": 0}
+        self._exchange: tuple | None = None  # the fetch's all-to-all in flight (sharded host state)
         self.steps_log: list[dict[str, Any]] = []  # per step, when RECORD_STEPS (tests)
 
     # ---- per step -----------------------------------------------------------------------------
@@ -546,9 +553,26 @@ class ExpertOffload:
                 pick = mine[r, b][wanted[b]].nonzero().flatten().to(self.device)
                 outgoing += [w.index_select(0, pick).reshape(-1) for w in uploaded[b]]
         inbound = torch.empty(sum(receive), device=self.device, dtype=self.dtype)
+        work = None
         if int(self._numbers(counts).sum()):  # every rank knows the totals: all skip together
-            dist.all_to_all_single(inbound, torch.cat(outgoing) if outgoing else inbound.new_empty(0),
-                                   receive, send, group=self.replica_group)
+            # Asynchronous: the layers below the first RRE layer compute while the rows travel; the first
+            # expert layer's forward waits for them (`arrive`).
+            work = dist.all_to_all_single(inbound, torch.cat(outgoing) if outgoing else inbound.new_empty(0),
+                                          receive, send, group=self.replica_group, async_op=True)
+        self._exchange = (work, inbound, counts, me)
+        for bank in banks:
+            bank.device_weights = {}
+            bank.arrive = self._finish_exchange
+
+    def _finish_exchange(self) -> None:
+        """Wait for the fetch's all-to-all and lay its rows out as every bank's device copies."""
+        if self._exchange is None:
+            return
+        work, inbound, counts, me = self._exchange
+        self._exchange = None
+        if work is not None:
+            work.wait()
+        banks = list(self.banks.values())
         # Owner j's segment holds my rows of its block (banks, then weights); the device copies take the
         # blocks in expert order.
         segment: dict[int, dict[tuple[int, int], torch.Tensor]] = {}
@@ -569,6 +593,9 @@ class ExpertOffload:
                 for w, name in enumerate(WEIGHT_NAMES)
             }
             self.traffic["device_received"] += len(bank.active) * self._row_bytes(bank, self.dtype)
+            bank.arrive = None
+        if RECORD_STEPS and self.steps_log:
+            self.steps_log[-1]["traffic"] = dict(self.traffic)
 
     @torch.no_grad()
     def step(self, lr: float, grad_scale: float = 1.0, skip: bool = False) -> dict[str, float]:
@@ -620,6 +647,7 @@ class ExpertOffload:
     def _step_owned(self, lr: float, grad_scale: float) -> dict[str, float]:
         """Sharded host state: one all-to-all takes each rank's gradients to their owners, which sum them
         per expert, clip by the global norm and update on the host the experts any replica used."""
+        self._finish_exchange()  # a step whose forward never reached an expert layer
         banks = list(self.banks.values())
         counts, me = self._counts, banks[0].replica_rank
         grads = [bank.gradients() for bank in banks]

@@ -325,14 +325,19 @@ def test_sigma_1t_preset_fetches_rank_locally(sigma_preset):
     assert not {"ecss_owner_all_gather", "ecss_gradient_reduce_scatter", "ecss_gradient_all_reduce"} & set(t)
     times = plan.times
     # the replica group spans the 64 nodes: the network; the busiest rank sends the largest block's Q rows
-    assert times["ecss_owner_all_to_all"] == pytest.approx(2 * ASKED / hw.network_bytes_per_s)
     assert times["ecss_gradient_all_to_all"] == pytest.approx(2 * ASKED / hw.network_bytes_per_s)
+    # the fetch (owners' copies, then the all-to-all) overlaps the forward of the 32 dense layers below the
+    # first expert layer, a third of their compute time: only the rest shows, charged to the all-to-all
+    h2d = max(2 * UPLOADED / hw.pcie_h2d_bytes_per_s, 2 * NODE_OWNED * SPARSE * PER_EXPERT / hw.host_dram_bytes_per_s)
+    a2a = 2 * ASKED / hw.network_bytes_per_s
+    window = plan.times["compute_dense"] / 3 * 32 / 40
+    assert h2d < window < h2d + a2a
+    assert times["ecss_fetch_h2d"] == 0.0
+    assert times["ecss_owner_all_to_all"] == pytest.approx(h2d + a2a - window)
     # the host DRAM of a node serves its 8 owners: blocks rotate with the shard (ecss.owned_block), so a
     # node's ranks own 8 consecutive blocks, 10 experts a layer together (not 8 × 2)
     assert sorted(plan.ecss["node_blocks"]) == [1] * 6 + [2] * 2
     node = NODE_OWNED * SPARSE * PER_EXPERT
-    assert times["ecss_fetch_h2d"] == pytest.approx(
-        max(2 * UPLOADED / hw.pcie_h2d_bytes_per_s, 2 * node / hw.host_dram_bytes_per_s))
     assert times["ecss_gradients_d2h"] == pytest.approx(
         max(4 * UPLOADED / hw.pcie_d2h_bytes_per_s, 4 * node / hw.host_dram_bytes_per_s))
     # the preset updates the host one step behind: CPU Adam and the shadow refresh run beside the next step
@@ -392,7 +397,7 @@ def test_sigma_1t_preset_transfers_fit_the_link_in_the_dense_compute(sigma_prese
 
 def test_sigma_1t_preset_against_its_dense_counterpart(sigma_preset):
     """The dense 13b shape with the same TrainConfig (ECSS off, expert 1) on the same cluster; the ratio is
-    the two step times'. Synchronous ECSS keeps sigma-1t well above 1.5× the dense step."""
+    the two step times'; sigma-1t's preset is within 1.5× of it."""
     from pangu_model.train import load_train_config
 
     dense_config = load_train_config("sigma-1t", ["model=13b", "ecss=false", "ecss_shard_states=false",
@@ -403,9 +408,11 @@ def test_sigma_1t_preset_against_its_dense_counterpart(sigma_preset):
     assert counterpart["step_time_s"] == pytest.approx(dense.step_time_s)
     assert counterpart["step_time_ratio"] == pytest.approx(sigma_preset.step_time_s / dense.step_time_s)
     assert json.loads(sigma_preset.to_json())["dense_counterpart"]["step_time_ratio"] == counterpart["step_time_ratio"]
+    # the issue's target: within 1.5× of the dense step (the fetch half hidden, the host update beside the
+    # next step; the gradient exchange and the gradients back to the host still show)
+    assert counterpart["step_time_ratio"] <= 1.5
     ecss = sum(v for k, v in sigma_preset.times.items() if k.startswith("ecss_"))
-    assert sigma_preset.step_time_s > dense.step_time_s + ecss - 0.5  # the ECSS terms are not overlapped
-    assert counterpart["step_time_ratio"] > 1.5
+    assert ecss > 0.5 and sigma_preset.times["ecss_cpu_adam"] == 0.0
     text = format_plan(sigma_preset)
     assert "dense counterpart (13b) step" in text and f"{counterpart['step_time_ratio']:.2f}×" in text
     assert plan_for("200b", topology="pangu-alpha-200b").dense_counterpart is None
