@@ -7,12 +7,14 @@ Steps (everything generated lives under --workdir, never in the repository):
 1. corpus: benchmarks/make_bench_corpus.py -> WORKDIR/corpus-<size>/ (JSONL shards of ~8 MB,
    truth.jsonl with the planted copies); reused when it exists (and always with --skip-build).
 2. ours: `cleaning.build.run_local(CorpusBuild(...), ProcessPoolExecutor(2))` with the default
-   preset (t2s, keyword lists, lid.176, spam and quality fastText classifiers, exact + MinHash
-   dedup) in a child process; `ours-cli` runs `.venv/bin/pangu corpus build --workers 2`
-   (Prefect flow, embedded mode) instead.
-3. datatrove: a venv at WORKDIR/venv-datatrove (created on first use: datatrove==0.10.1 plus
-   fasttext-numpy2-wheel, xxhash, regex, fasteners, tokenizers, orjson; jieba + spacy only for the
-   cmn_Hani variant; no torch), then benchmarks/_datatrove_side.py with
+   preset (t2s, keyword lists, lid.176, the quality fastText classifier; the spam model is off in
+   that preset; exact + MinHash dedup) in a child process; `ours-cli` runs
+   `.venv/bin/pangu corpus build --workers 2` (Prefect flow, embedded mode) instead.
+3. datatrove: a venv at WORKDIR/venv-datatrove (created on first use, repaired when its probe fails:
+   DATATROVE_PINS, i.e. datatrove==0.10.1 plus fasttext-numpy2-wheel, numpy, xxhash, regex, fasteners,
+   tokenizers, orjson, spacy, jieba at exact versions; spaCy + jieba for every variant because the side
+   script's tokenizer probe constructs the "zh" and "cmn_Hani" tokenizers; no torch), then
+   benchmarks/_datatrove_side.py with
    LocalPipelineExecutor(tasks=<input files>, workers=2). `datatrove` = character 5-grams,
    `datatrove-jieba` = cmn_Hani (spaCy + jieba words) 5-grams, both 14 bands x 8 rows.
 
@@ -21,7 +23,10 @@ Measured per system: wall time, CPU seconds of the process tree, docs/s and MB/s
 largest single process), dedup recall per planted kind among pairs where both documents passed the
 filters, precision among planted documents, and clusters that join documents neither planted
 together nor actually similar (true character 3-gram Jaccard after t2s < 0.5: false positives)
-vs. real near-duplicates already in the sources (>= 0.5), reported separately.
+vs. real near-duplicates already in the sources (>= 0.5), reported separately. Beside them: the
+preset's clean-text and junk rejection rates from cleaning.filter_rates (--clue), and one MET / MISS
+line per issue #13 §7 target (>= 3x datatrove's docs/s per core, peak RSS flat across the sizes of
+one invocation, recall >= 0.95 at 5 % edits, zero false-positive clusters, the filter-rate targets).
 """
 from __future__ import annotations
 
@@ -44,9 +49,24 @@ sys.path.insert(0, str(ROOT))
 BENCH = Path(__file__).resolve().parent
 WORKERS = 2
 KINDS = ("exact", "near1", "near2", "near5", "trad", "html")
-DATATROVE_PKGS = ["datatrove==0.10.1", "fasttext-numpy2-wheel", "xxhash<4", "regex", "fasteners",
-                  "tokenizers", "orjson"]
-JIEBA_PKGS = ["jieba", "spacy"]
+# Everything the datatrove side imports, pinned to versions the package index here serves. spaCy and
+# jieba are needed by every variant, not only datatrove-jieba: _datatrove_side.py probes
+# load_word_tokenizer("zh" / "zho" / "cmn_Hani") at start, and "zh" / "cmn_Hani" are SpaCyTokenizers
+# whose constructors require spacy (and jieba for cmn_Hani). numpy is pinned for fasttext's ABI.
+DATATROVE_PINS = {"datatrove": "0.10.1", "fasttext-numpy2-wheel": "0.9.2", "numpy": "2.4.6", "xxhash": "3.8.2",
+                  "regex": "2026.11.19", "fasteners": "0.20", "tokenizers": "0.23.3", "orjson": "3.13.0",
+                  "spacy": "3.8.18", "jieba": "0.42.1"}
+DATATROVE_PKGS = [f"{name}=={version}" for name, version in DATATROVE_PINS.items()]
+# run in the venv: versions must match the pins and the side script's tokenizer probe must construct
+DATATROVE_PROBE = (
+    "import importlib.metadata as m, json, sys\n"
+    "pins = json.loads(sys.argv[1])\n"
+    "bad = {k: m.version(k) for k in pins if m.version(k) != pins[k]}\n"
+    "assert not bad, bad\n"
+    "import datatrove, fasttext, xxhash, regex, fasteners, tokenizers, orjson, spacy, jieba\n"
+    "from datatrove.utils.word_tokenizers import load_word_tokenizer\n"
+    "for lang in ('zh', 'zho', 'cmn_Hani'):\n"
+    "    load_word_tokenizer(lang).word_tokenize('\u6211\u4eec\u5728\u5317\u4eac')\n")
 LID = Path(os.environ.get("PANGU_HOME", Path.home() / ".cache" / "pangu")) / "assets" / "lid.176.ftz"
 
 
@@ -223,17 +243,23 @@ def ours_assignment(out: Path) -> dict:
 
 
 # -- datatrove side --------------------------------------------------------------------------------
-def ensure_datatrove_venv(work: Path, jieba: bool) -> Path:
+def ensure_datatrove_venv(work: Path) -> Path:
+    """WORKDIR/venv-datatrove with DATATROVE_PKGS; (re)installs when the probe fails (fresh venv, a venv
+    from an older version of this script without spaCy / jieba, other versions)."""
     venv = work / "venv-datatrove"
     py = venv / "bin" / "python"
     if not py.exists():
         log(f"creating {venv}")
         subprocess.run([shutil.which("python3") or "python3", "-m", "venv", str(venv)], check=True)
-    pkgs = DATATROVE_PKGS + (JIEBA_PKGS if jieba else [])
-    probe = "import datatrove, fasttext, xxhash, regex, fasteners, tokenizers" + (", jieba, spacy" if jieba else "")
-    if subprocess.run([str(py), "-c", probe], capture_output=True).returncode != 0:
-        log(f"pip install {' '.join(pkgs)}")
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", *pkgs], check=True)
+    probe = [str(py), "-c", DATATROVE_PROBE, json.dumps(DATATROVE_PINS)]
+    if subprocess.run(probe, capture_output=True).returncode != 0:
+        log(f"pip install {' '.join(DATATROVE_PKGS)}")
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", *DATATROVE_PKGS],
+                       check=True)
+        done = subprocess.run(probe, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{venv}: the datatrove side's imports still fail after pip install:\n"
+                               f"{done.stderr[-2000:]}")
     version = subprocess.run([str(py), "-c", "import datatrove, importlib.metadata as m; print(m.version('datatrove'))"],
                              capture_output=True, text=True, check=True).stdout.strip()
     has_torch = subprocess.run([str(py), "-c", "import torch"], capture_output=True).returncode == 0
@@ -245,7 +271,7 @@ def ensure_datatrove_venv(work: Path, jieba: bool) -> Path:
 
 def run_datatrove(corpus: Path, work: Path, system: str) -> dict:
     tokenizer = "cmn_Hani" if system == "datatrove-jieba" else ("zh" if system == "datatrove-zh" else "char")
-    py = ensure_datatrove_venv(work, jieba=tokenizer != "char")
+    py = ensure_datatrove_venv(work)
     side = work / "datatrove-side"
     side.mkdir(parents=True, exist_ok=True)
     shutil.copy(BENCH / "_datatrove_side.py", side / "dt_pipeline.py")
@@ -434,9 +460,10 @@ def summarize(system: str, corpus: Path, fig: dict) -> dict:
     docs, mb = meta["documents"], meta["bytes"] / 1e6
     wall = fig["wall_s"]
     return {
-        "system": system, "corpus": corpus.name, "documents": docs, "input_mb": round(mb, 1),
-        "wall_s": wall, "cpu_s": fig["cpu_s"],
+        "system": system, "corpus": corpus.name, "size_mb": meta["size_mb_target"], "documents": docs,
+        "input_mb": round(mb, 1), "wall_s": wall, "cpu_s": fig["cpu_s"],
         "docs_per_s_per_core": round(docs / wall / WORKERS, 1),
+        "docs_per_cpu_s": round(docs / fig["cpu_s"], 1) if fig["cpu_s"] else None,
         "mb_per_s_per_core": round(mb / wall / WORKERS, 3),
         "peak_rss_tree_mb": fig["peak_rss_tree_mb"], "peak_rss_single_mb": fig["peak_rss_single_mb"],
     }
@@ -445,21 +472,138 @@ def summarize(system: str, corpus: Path, fig: dict) -> dict:
 def accuracy_columns(acc: dict) -> dict:
     return {"kept": acc["kept"], "removed": acc["removed_as_duplicate"],
             **{f"r_{k}": acc["recall_by_kind"][k]["recall"] for k in KINDS},
+            "recall_near_all": acc["recall_near_all"],
             "precision_planted": acc["precision_planted"], "fp_clusters": acc["false_positive_clusters"],
-            "real_dups": acc["unexplained_pairs_real_near_dup"]}
+            "fp_pairs": acc["false_positive_pairs"], "real_dups": acc["unexplained_pairs_real_near_dup"]}
+
+
+# -- the preset's filter rates (cleaning.filter_rates, issue #13 §1) -------------------------------
+def filter_rates(clue: Path, preset: str) -> dict:
+    """Clean-text and junk rejection of `preset` on cleaning.filter_rates' held-in sets: the module's
+    own sets, measure() and targets (what `python -m cleaning.filter_rates CLUE --preset P` prints),
+    plus the totals over all clean / all junk documents."""
+    from cleaning import filter_rates as fr
+    from cleaning.config import load_preset
+
+    started = time.perf_counter()
+    config = load_preset(preset)
+    clean = fr.clean_sets(clue)
+    report = fr.measure(config, clean, fr.junk_sets(clean, config.rules))
+    out: dict = {"clue": str(clue), "preset": preset, "sets": report, "markdown": fr.table(report),
+                 "clean_max_rejected": fr.CLEAN_MAX_REJECTED, "junk_min_rejected": fr.JUNK_MIN_REJECTED}
+    for kind in ("clean", "junk"):
+        rows = {n: r for n, r in report.items() if r["kind"] == kind}
+        docs = sum(r["input"] for r in rows.values())
+        out[f"{kind}_docs"] = docs
+        out[f"{kind}_rate"] = round(sum(r["rate"] * r["input"] for r in rows.values()) / docs, 4)
+        pick = max if kind == "clean" else min
+        worst = pick(rows, key=lambda n: rows[n]["rate"])
+        out[f"{kind}_worst_set"], out[f"{kind}_worst_rate"] = worst, round(rows[worst]["rate"], 4)
+    out["clean_rate_all_rules"] = round(sum(sum(r["rejected"].values()) for r in report.values()
+                                            if r["kind"] == "clean") / out["clean_docs"], 4)
+    out["meets"] = {"clean": out["clean_worst_rate"] <= fr.CLEAN_MAX_REJECTED,
+                    "junk": out["junk_worst_rate"] >= fr.JUNK_MIN_REJECTED}
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    return out
+
+
+# -- report ----------------------------------------------------------------------------------------
+RSS_FLAT = 1.25  # "flat across sizes": peak RSS at the largest size <= 1.25 x the smallest size's
+TARGET_RATIO = 3.0  # ours >= 3 x datatrove's docs/s per core
+TARGET_RECALL_5 = 0.95  # recall of 5 % edit copies
+
+
+def _pct(x) -> str:
+    return "" if x is None else f"{100 * x:.1f} %"
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """ours-* rows get ours / datatrove on the same corpus (docs/s per core, and docs per CPU second)."""
+    for r in rows:
+        if not r["system"].startswith("ours"):
+            continue
+        dts = [d for d in rows if d["corpus"] == r["corpus"] and d["system"].startswith("datatrove")]
+        dts.sort(key=lambda d: d["system"] != "datatrove")  # the char 5-gram anchor first
+        if dts:
+            d = dts[0]
+            r["vs"] = d["system"]
+            r["x_wall"] = round(r["docs_per_s_per_core"] / d["docs_per_s_per_core"], 2)
+            if r.get("docs_per_cpu_s") and d.get("docs_per_cpu_s"):
+                r["x_cpu"] = round(r["docs_per_cpu_s"] / d["docs_per_cpu_s"], 2)
+    return rows
+
+
+def grid(rows: list[dict], cols: list[tuple[str, str]]) -> str:
+    cells = [[h for h, _ in cols]] + [[("" if r.get(k) is None else str(r.get(k))) for _, k in cols] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(c[i].rjust(widths[i]) for i in range(len(cols))) for c in cells)
 
 
 def table(rows: list[dict]) -> str:
-    cols = [("system", "system"), ("corpus", "corpus"), ("docs", "documents"), ("MB", "input_mb"),
-            ("wall s", "wall_s"), ("cpu s", "cpu_s"), ("docs/s/core", "docs_per_s_per_core"),
-            ("MB/s/core", "mb_per_s_per_core"), ("RSS tree MB", "peak_rss_tree_mb"),
-            ("RSS max proc MB", "peak_rss_single_mb"), ("kept", "kept"), ("dups removed", "removed"),
-            ("exact", "r_exact"), ("1%", "r_near1"), ("2%", "r_near2"), ("5%", "r_near5"),
-            ("trad", "r_trad"), ("html", "r_html"), ("prec planted", "precision_planted"),
-            ("FP clusters", "fp_clusters"), ("real dups", "real_dups")]
-    cells = [[h for h, _ in cols]] + [[str(r.get(k, "")) for _, k in cols] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(c[i].rjust(widths[i]) for i in range(len(cols))) for c in cells)
+    speed = [("system", "system"), ("corpus", "corpus"), ("docs", "documents"), ("MB", "input_mb"),
+             ("wall s", "wall_s"), ("cpu s", "cpu_s"), ("docs/s/core", "docs_per_s_per_core"),
+             ("docs/cpu-s", "docs_per_cpu_s"), ("MB/s/core", "mb_per_s_per_core"),
+             ("x dt (docs/s/core)", "x_wall"), ("x dt (docs/cpu-s)", "x_cpu"),
+             ("RSS tree MB", "peak_rss_tree_mb"), ("RSS max proc MB", "peak_rss_single_mb")]
+    acc = [("system", "system"), ("corpus", "corpus"), ("kept", "kept"), ("dups removed", "removed"),
+           ("exact", "r_exact"), ("1%", "r_near1"), ("2%", "r_near2"), ("5%", "r_near5"),
+           ("trad", "r_trad"), ("html", "r_html"), ("prec planted", "precision_planted"),
+           ("FP clusters", "fp_clusters"), ("FP pairs", "fp_pairs"), ("real dups", "real_dups"),
+           ("clean rej", "clean_rej"), ("junk rej", "junk_rej")]
+    return "speed and memory\n" + grid(rows, speed) + "\n\nrecall per planted kind, false positives, filter rates\n" \
+        + grid(rows, acc)
+
+
+def targets(rows: list[dict], rates: dict | None) -> str:
+    """The issue #13 §7 targets, one line each, from this invocation's rows."""
+    lines = []
+    ours = [r for r in rows if r["system"] == "ours"] or [r for r in rows if r["system"].startswith("ours")]
+    ours.sort(key=lambda r: r["size_mb"])
+    for r in ours:
+        if "x_wall" in r:
+            ok = r["x_wall"] >= TARGET_RATIO
+            lines.append(f"{'MET ' if ok else 'MISS'} {r['corpus']}: ours {r['docs_per_s_per_core']} vs {r['vs']} "
+                         f"docs/s/core = {r['x_wall']}x (target >= {TARGET_RATIO:g}x); per CPU second {r.get('x_cpu')}x")
+    for system in sorted({r["system"] for r in rows}):
+        sized = sorted((r for r in rows if r["system"] == system), key=lambda r: r["size_mb"])
+        if len(sized) < 2:
+            continue
+        small, large = sized[0], sized[-1]
+        growth = large["peak_rss_tree_mb"] / max(1, small["peak_rss_tree_mb"])
+        flat = growth <= RSS_FLAT
+        mark = ("MET " if flat else "MISS") if system.startswith("ours") else "info"
+        lines.append(f"{mark} {system} peak RSS (tree): " + ", ".join(f"{r['corpus']} {r['peak_rss_tree_mb']} MB"
+                                                                    for r in sized)
+                     + f" -> {growth:.2f}x for {large['input_mb'] / max(1e-9, small['input_mb']):.1f}x input "
+                       f"(flat: <= {RSS_FLAT:g}x)")
+    for r in ours:
+        ok = r["r_near5"] is not None and r["r_near5"] >= TARGET_RECALL_5
+        lines.append(f"{'MET ' if ok else 'MISS'} {r['corpus']}: recall at 5 % edits {r['r_near5']} "
+                     f"(target >= {TARGET_RECALL_5})")
+        ok = r["fp_clusters"] == 0
+        lines.append(f"{'MET ' if ok else 'MISS'} {r['corpus']}: false-positive clusters {r['fp_clusters']} (target 0)")
+    if rates:
+        lines.append(f"{'MET ' if rates['meets']['clean'] else 'MISS'} clean-text rejection ({rates['preset']} preset, "
+                     f"rules other than length / ratio / title): {_pct(rates['clean_rate'])} of "
+                     f"{rates['clean_docs']} documents, worst set {rates['clean_worst_set']} "
+                     f"{_pct(rates['clean_worst_rate'])} (target <= {_pct(rates['clean_max_rejected'])} each set); "
+                     f"all rules {_pct(rates['clean_rate_all_rules'])}")
+        lines.append(f"{'MET ' if rates['meets']['junk'] else 'MISS'} junk rejection: {_pct(rates['junk_rate'])} of "
+                     f"{rates['junk_docs']} documents, worst set {rates['junk_worst_set']} "
+                     f"{_pct(rates['junk_worst_rate'])} (target >= {_pct(rates['junk_min_rejected'])} each set)")
+    return "\n".join(lines)
+
+
+def report(rows: list[dict], rates: dict | None) -> str:
+    if rates:
+        for r in rows:
+            if r["system"].startswith("ours"):
+                r["clean_rej"], r["junk_rej"] = _pct(rates["clean_rate"]), _pct(rates["junk_rate"])
+    out = table(with_ratios(rows))
+    if rates:
+        out += (f"\n\nfilter rates of the {rates['preset']} preset (cleaning.filter_rates on {rates['clue']}):\n"
+                + rates["markdown"])
+    return out + "\n\ntargets (issue #13 §7)\n" + targets(rows, rates)
 
 
 def main() -> None:
@@ -467,12 +611,15 @@ def main() -> None:
         ours_child(*sys.argv[2:5])
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size-mb", default="200", help="one size or a comma list, e.g. 100,200")
+    ap.add_argument("--size-mb", default="200",
+                    help="one size or a comma list, run in that order, e.g. 1000,200 (RSS compared across them)")
     ap.add_argument("--workdir", default="/tmp/pangu-bench-corpus")
     ap.add_argument("--systems", default="ours,datatrove",
                     help="ours, ours-cli, datatrove (char 5-grams), datatrove-jieba (cmn_Hani), datatrove-zh")
     ap.add_argument("--skip-build", action="store_true", help="reuse existing corpora, never generate")
     ap.add_argument("--preset", default="default")
+    ap.add_argument("--clue", default=str(ROOT.parent / "shared" / "data" / "clue"),
+                    help="held-in sets for cleaning.filter_rates (fewclue/, c3/, cmrc2018/); '' to skip")
     ap.add_argument("--json", default=None, help="where to write the figures (default WORKDIR/results.json)")
     ap.add_argument("--reevaluate", action="store_true",
                     help="recompute accuracy of the runs in the results JSON from their outputs (no runs)")
@@ -483,33 +630,50 @@ def main() -> None:
         raise SystemExit("--workdir must be outside the repository")
     results_path = Path(args.json) if args.json else work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
+    rates = None
+    if args.clue:
+        if Path(args.clue).is_dir():
+            log(f"filter rates of the {args.preset} preset on {args.clue}")
+            rates = filter_rates(Path(args.clue), args.preset)
+            results["filter_rates"] = rates
+        else:
+            log(f"--clue {args.clue} is not a directory: no filter rates")
     rows = []
     if args.reevaluate:
-        for record in results["runs"]:
+        latest = {}
+        for record in results["runs"]:  # the latest run of each system on each corpus
+            latest[(record["row"]["system"], record["row"]["corpus"])] = record
+        for record in latest.values():
             row = record["row"]
             corpus = work / row["corpus"]
             out = work / f"out-{row['system']}-{row['corpus']}"
             assign = ours_assignment(out) if row["system"].startswith("ours") else datatrove_assignment(corpus, out)
             acc = accuracy(assign, load_truth(corpus), TextStore(corpus))
             record["accuracy"] = acc
+            row.update(summarize(row["system"], corpus, record["figures"]))
             row.update(accuracy_columns(acc))
             rows.append(row)
         results_path.write_text(json.dumps(results, indent=2, ensure_ascii=False))
-        print(table(rows))
+        print(report(rows, rates))
         return
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    for system in systems:
+        if not (system.startswith("ours") or system.startswith("datatrove")):
+            raise SystemExit(f"unknown system {system}")
+    if any(s.startswith("datatrove") for s in systems):
+        ensure_datatrove_venv(work)  # before the first (long) run: a broken venv fails here, not hours in
     for size in [float(s) for s in args.size_mb.split(",")]:
         corpus = make_corpus(size, work, args.skip_build)
         truth = load_truth(corpus)
         store = TextStore(corpus)
-        for system in [s.strip() for s in args.systems.split(",") if s.strip()]:
+        for system in systems:
             if system.startswith("ours"):
                 fig = run_ours(corpus, work, system, args.preset)
-            elif system.startswith("datatrove"):
-                fig = run_datatrove(corpus, work, system)
             else:
-                raise SystemExit(f"unknown system {system}")
+                fig = run_datatrove(corpus, work, system)
             assign = fig.pop("assign")
             acc = accuracy(assign, truth, store)
+            del assign
             row = summarize(system, corpus, fig)
             row.update(accuracy_columns(acc))
             rows.append(row)
@@ -519,7 +683,7 @@ def main() -> None:
             results["runs"].append(record)
             results_path.write_text(json.dumps(results, indent=2, ensure_ascii=False))
             log(f"{system} on {corpus.name}: {json.dumps(row, ensure_ascii=False)}")
-    print(table(rows))
+    print(report(rows, rates))
     print(f"\nfigures: {results_path}")
 
 
