@@ -696,10 +696,8 @@ def plan_training(
     sparse_here = worst["sparse_layers"]
     if shard_states and routing is not None:
         host_experts = routing.owned * layout.per_expert * sparse_here
-        union_per_layer = routing.union
     else:
         host_experts = experts_rank if ecss else 0
-        union_per_layer = worst["fetched_per_layer"]
     owned_fetched = union  # parameters that cross PCIe each way and that CPU Adam updates, per GPU
     sparse_layers = max(1, worst["sparse_layers"])
     largest_module = max(layout.word_embedding, h * model.d_ff + model.d_ff,
