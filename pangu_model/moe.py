@@ -246,10 +246,11 @@ def _grouped_experts_mm(
     hidden = torch.where(valid, hidden, 0) + b_in.to(dtype)[row_expert]
     hidden = torch.where(valid, F.gelu(hidden), 0)
     out_rows = F.grouped_mm(hidden, w_out.to(dtype).transpose(-2, -1), offs=offs)
-    routed = out_rows[row] + b_out.to(dtype)[expert_of]
+    # Masked before the gate multiplies it: the gate's gradient is the routed row times the output's, and
+    # a dropped assignment's row is uninitialised (0 · NaN would be NaN).
+    routed = torch.where(kept, out_rows[row] + b_out.to(dtype)[expert_of], 0)
     if gate_weight is not None:
         routed = routed * gate_weight[order, None].to(routed.dtype)
-    routed = torch.where(kept, routed, 0)
     return torch.zeros_like(x).index_add(0, sorted_tokens, routed.to(x.dtype))
 
 

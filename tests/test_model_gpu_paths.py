@@ -260,6 +260,32 @@ def test_topk_grouped_equals_loop_with_dropped_tokens() -> None:
     assert layer.last_stats.dropped > 0  # the capacity did drop assignments
 
 
+def test_dropped_rows_left_uninitialised_by_grouped_mm_never_reach_a_gradient(monkeypatch) -> None:
+    """grouped_mm leaves the rows past the last group uninitialised; a dropped assignment's row is one of
+    them. Filled with NaN here (what stale memory can hold), the output and every gradient stay finite."""
+    import torch.nn.functional as F
+
+    real = F.grouped_mm
+
+    def poisoned(a, b, offs):
+        out = real(a, b, offs=offs)
+        out[int(offs[-1]):] = float("nan")
+        return out
+
+    monkeypatch.setattr(F, "grouped_mm", poisoned)
+    torch.manual_seed(0)
+    layer = LearnedTopKExperts(small("topk", num_experts=4, topk_k=2, capacity_factor=0.5), layer_index=2)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, 0, 0.3)
+    layer.experts.expert_backend = "grouped"
+    x = torch.randn(2, 12, 32, requires_grad=True)
+    out, aux = layer(x)
+    assert layer.last_stats.dropped > 0
+    grads = torch.autograd.grad(out.square().sum() + aux, [x, *layer.parameters()], allow_unused=True)
+    assert torch.isfinite(out).all()
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
+
+
 def test_moge_grouped_equals_loop() -> None:
     torch.manual_seed(0)
     layer = MixtureOfGroupedExperts(small("moge", num_experts=8, moge_groups=4, moge_shared_experts=1), 2)
