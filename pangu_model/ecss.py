@@ -60,6 +60,8 @@ routed sets are united over the data-parallel ranks, and each fetches that union
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 import threading
 from typing import Any, Iterable
@@ -107,8 +109,6 @@ def copy_rows(source: torch.Tensor, rows: list[int], target: torch.Tensor, non_b
 
 def _on(stream: Any):
     """`torch.cuda.stream(stream)`, or nothing on CPU (the copies are then synchronous)."""
-    import contextlib
-
     return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
@@ -145,8 +145,6 @@ def keep_block(bank: ExpertBank, block: int, replicas: int) -> None:
 
 def default_host_threads() -> int:
     """This rank's share of the cores it may run on: the node's cores over its local ranks."""
-    import os
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     return max(1, cores // max(1, local))
@@ -547,11 +545,13 @@ class ExpertOffload:
             self.traffic["host_to_device"] += len(rows) * self._row_bytes(bank, self.dtype)
         if self.copy_stream is not None:  # the exchange reads what the copies wrote
             torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        # Segment for replica r: banks, then weights, rows in expert order. The rows each replica picks out
+        # of the uploaded union, found on the host and moved to the device in one copy.
+        picks = [mine[r, b][wanted[b]].nonzero().flatten() for r in range(self.replicas) for b in range(len(banks))]
+        picks = torch.cat(picks).to(self.device).split([len(p) for p in picks]) if picks else []
         outgoing = []
-        for r in range(self.replicas):  # segment for replica r: banks, then weights, rows in expert order
-            for b in range(len(banks)):
-                pick = mine[r, b][wanted[b]].nonzero().flatten().to(self.device)
-                outgoing += [w.index_select(0, pick).reshape(-1) for w in uploaded[b]]
+        for i, pick in enumerate(picks):
+            outgoing += [w.index_select(0, pick).reshape(-1) for w in uploaded[i % len(banks)]]
         inbound = torch.empty(sum(receive), device=self.device, dtype=self.dtype)
         work = None
         if int(self._numbers(counts).sum()):  # every rank knows the totals: all skip together
@@ -575,17 +575,18 @@ class ExpertOffload:
         banks = list(self.banks.values())
         # Owner j's segment holds my rows of its block (banks, then weights); the device copies take the
         # blocks in expert order.
+        mine = counts[me].tolist()  # [owner j][bank b]: my rows of owner j's block
         segment: dict[int, dict[tuple[int, int], torch.Tensor]] = {}
         offset = 0
         for j in range(self.replicas):
             segment[j] = {}
             for b, bank in enumerate(banks):
                 for w, size in enumerate(self._row_sizes(bank)):
-                    n = int(counts[me, j, b]) * size
+                    n = mine[j][b] * size
                     segment[j][b, w] = inbound[offset: offset + n]
                     offset += n
-        pieces = [[[segment[j][b, w] for j in self._in_block_order()] for w in range(len(WEIGHT_NAMES))]
-                  for b in range(len(banks))]
+        order = self._in_block_order()
+        pieces = [[[segment[j][b, w] for j in order] for w in range(len(WEIGHT_NAMES))] for b in range(len(banks))]
         for b, bank in enumerate(banks):
             bank.device_weights = {
                 name: torch.cat(pieces[b][w]).view(len(bank.active), *bank.host[name].shape[1:])
@@ -618,19 +619,10 @@ class ExpertOffload:
         flat = torch.cat([g.reshape(-1).float() for g in grads]) if grads else torch.zeros(0, device=self.device)
         if _group_size(self.replica_group) > 1:
             dist.all_reduce(flat, group=self.replica_group)
-        # The loss is a mean over all data-parallel ranks, as DeepSpeed averages the dense gradients.
-        flat.div_(grad_scale * _group_size(self.group))
-        square = flat.pow(2).sum().reshape(1)
-        if self.ep_group is not None:
-            dist.all_reduce(square, group=self.ep_group)  # the norm over every shard of the experts
-        norm = float(square.sqrt())
+        host_flat, norm = self._clipped_on_host(flat, grad_scale, [self.ep_group])  # the norm over every shard
         if not grads:
             self.release()
             return {"expert_grad_norm": norm, "experts_updated": 0}
-        if self.optim.grad_clip > 0 and norm > self.optim.grad_clip:
-            flat.mul_(self.optim.grad_clip / (norm + 1e-6))  # torch.nn.utils.clip_grad_norm_'s rule
-        host_flat = flat.to("cpu")
-        self.traffic["device_to_host"] += host_flat.numel() * host_flat.element_size()
         offset = 0
         pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for grad, (bank, name) in zip(grads, owners):
@@ -644,6 +636,22 @@ class ExpertOffload:
         self._update(lr, pairs, rows)
         return stats
 
+    def _clipped_on_host(self, flat: torch.Tensor, grad_scale: float, norm_groups: list[Any]) -> tuple[torch.Tensor, float]:
+        """`flat` (fp32 expert gradients, on the device) unscaled and averaged, clipped by their global norm
+        (squares summed over the groups of `norm_groups` that exist), then on the host; and that norm."""
+        # The loss is a mean over all data-parallel ranks, as DeepSpeed averages the dense gradients.
+        flat.div_(grad_scale * _group_size(self.group))
+        square = flat.pow(2).sum().reshape(1)
+        for group in norm_groups:
+            if group is not None:
+                dist.all_reduce(square, group=group)
+        norm = float(square.sqrt())
+        if self.optim.grad_clip > 0 and norm > self.optim.grad_clip:
+            flat.mul_(self.optim.grad_clip / (norm + 1e-6))  # torch.nn.utils.clip_grad_norm_'s rule
+        host = flat.to("cpu")
+        self.traffic["device_to_host"] += host.numel() * host.element_size()
+        return host, norm
+
     def _step_owned(self, lr: float, grad_scale: float) -> dict[str, float]:
         """Sharded host state: one all-to-all takes each rank's gradients to their owners, which sum them
         per expert, clip by the global norm and update on the host the experts any replica used."""
@@ -651,16 +659,19 @@ class ExpertOffload:
         banks = list(self.banks.values())
         counts, me = self._counts, banks[0].replica_rank
         grads = [bank.gradients() for bank in banks]
-        outgoing = []
+        # My active rows are in expert order: owner j's come after those of the blocks before its own.
         order = self._in_block_order()
+        in_order = counts[me][order]  # [k-th block in expert order][bank]
+        first = torch.empty_like(in_order)
+        first[order] = in_order.cumsum(0) - in_order  # [owner j][bank]: where my rows of its block start
+        first, mine_per_owner = first.tolist(), counts[me].tolist()
+        outgoing = []
         for j in range(self.replicas):  # to owner j: my rows of its block, banks then weights
             for b in range(len(banks)):
-                # my active rows are in expert order: those of the blocks before owner j's come first
-                start = int(sum(counts[me, i, b] for i in order[: order.index(j)]))
+                start, n = first[j][b], mine_per_owner[j][b]
                 # In the compute dtype the gradients already have: an fp32 copy would double the bytes
                 # on the network and add nothing; the owner sums them in fp32.
-                outgoing += [grads[b][name][start: start + int(counts[me, j, b])].reshape(-1).to(self.dtype)
-                             for name in WEIGHT_NAMES]
+                outgoing += [grads[b][name][start: start + n].reshape(-1).to(self.dtype) for name in WEIGHT_NAMES]
         send = self._numbers(counts[me]).tolist()
         receive = self._numbers(counts[:, me]).tolist()
         inbound = torch.empty(sum(receive), device=self.device, dtype=self.dtype)
@@ -672,27 +683,20 @@ class ExpertOffload:
         used = mine.any(0)
         summed = [[torch.zeros(int(used[b].sum()), *bank.host[name].shape[1:], device=self.device)
                    for name in WEIGHT_NAMES] for b, bank in enumerate(banks)]
+        slots_of = [mine[r, b][used[b]].nonzero().flatten() for r in range(self.replicas) for b in range(len(banks))]
+        slots_of = torch.cat(slots_of).to(self.device).split([len(x) for x in slots_of]) if slots_of else []
         offset = 0
         for r in range(self.replicas):
             for b, bank in enumerate(banks):
-                slots = mine[r, b][used[b]].nonzero().flatten().to(self.device)
+                slots = slots_of[r * len(banks) + b]
                 for w, name in enumerate(WEIGHT_NAMES):
                     n = len(slots) * bank.host[name][0].numel()
                     rows = inbound[offset: offset + n].view(len(slots), *bank.host[name].shape[1:])
                     summed[b][w].index_add_(0, slots, rows.float())
                     offset += n
         flat = torch.cat([t.reshape(-1) for row in summed for t in row]) if summed else torch.zeros(0, device=self.device)
-        # The loss is a mean over all data-parallel ranks, as DeepSpeed averages the dense gradients.
-        flat.div_(grad_scale * _group_size(self.group))
-        square = flat.pow(2).sum().reshape(1)
-        dist.all_reduce(square, group=self.replica_group)  # every owner's block of this shard ...
-        if self.ep_group is not None:
-            dist.all_reduce(square, group=self.ep_group)  # ... and every shard: each element once
-        norm = float(square.sqrt())
-        if self.optim.grad_clip > 0 and norm > self.optim.grad_clip:
-            flat.mul_(self.optim.grad_clip / (norm + 1e-6))  # torch.nn.utils.clip_grad_norm_'s rule
-        host = flat.to("cpu")
-        self.traffic["device_to_host"] += host.numel() * host.element_size()
+        # every owner's block of this shard, and every shard: each element once
+        host, norm = self._clipped_on_host(flat, grad_scale, [self.replica_group, self.ep_group])
         offset = 0
         pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for b, bank in enumerate(banks):

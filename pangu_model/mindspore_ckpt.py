@@ -221,8 +221,8 @@ class MindSporeCheckpoint:
                 continue
             if tag in self.entries:
                 raise inner.fail(f"tag {tag!r} appears twice, apart")
-            self.entries[tag] = Entry(tag, (), tensor_type, (content,)) if dims == (0,) else \
-                Entry(tag, dims, tensor_type, (content,))
+            # MindSpore writes a scalar's dims as [0]
+            self.entries[tag] = Entry(tag, () if dims == (0,) else dims, tensor_type, (content,))
             previous = tag
         for entry in self.entries.values():
             expected = prod(entry.dims) * DTYPES[entry.tensor_type].itemsize

@@ -359,12 +359,12 @@ def _flatten(tree: dict[str, Any], path: Path, prefix: str = "") -> dict[str, to
     return out
 
 
-def read_mindspore(source: Path) -> tuple[dict[str, torch.Tensor], str, Path, list[str]]:
+def read_mindspore(source: Path, fmt: str) -> tuple[dict[str, torch.Tensor], str, Path, list[str]]:
     """The tensors of a MindSpore `.ckpt` (or `.npy` directory) under their Megatron names, transposed to
     its layout; the iteration (`global_step` when saved), the file named in errors, and notes."""
     tensors: dict[str, torch.Tensor] = {}
     no_tensor: dict[str, str] = {}
-    if source.is_dir() and any(source.glob("*backbone.*.npy")):
+    if fmt == "npy":
         where = source
         for path in sorted(source.glob("*.npy")):
             try:  # copy-on-write map: one tensor in memory at a time, the file never written
@@ -538,7 +538,7 @@ def _read_lazy(source: str | Path, trust: bool, vocab: int,
         merged = merge_partitions([p["tensors"] for p in parts], files)
         where = files[0] if len(files) == 1 else files[0].parent.parent
     else:
-        merged, label, where, notes = read_mindspore(Path(source))
+        merged, label, where, notes = read_mindspore(Path(source), fmt)
         files = [where]
     preset, config = infer_config(merged, where, vocab, len(files))
     if config.num_heads % len(files):
