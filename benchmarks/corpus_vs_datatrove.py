@@ -6,7 +6,7 @@
 Steps (everything generated lives under --workdir, never in the repository):
 1. corpus: benchmarks/make_bench_corpus.py -> WORKDIR/corpus-<size>/ (JSONL shards of ~8 MB,
    truth.jsonl with the planted copies); reused when it exists (and always with --skip-build).
-2. ours: `cleaning.build.run_local(CorpusBuild(...), ProcessPoolExecutor(2))` with the default
+2. ours: `cleaning.stages.run_local(CorpusBuild(...), ProcessPoolExecutor(2))` with the default
    preset (t2s, keyword lists, lid.176, the quality fastText classifier; the spam model is off in
    that preset; exact + MinHash dedup) in a child process; `ours-cli` runs
    `.venv/bin/pangu corpus build --workers 2` (Prefect flow, embedded mode) instead.
@@ -184,7 +184,8 @@ def pin_missing_assets(config):
 
 def ours_child(inputs: str, output: str, preset: str) -> None:
     """Runs in a child process: the library build, as a library user would call it."""
-    from cleaning.build import CorpusBuild, run_local
+    from cleaning.build import CorpusBuild
+    from cleaning.stages import run_local
     from cleaning.config import load_preset
 
     config = pin_missing_assets(load_preset(preset))

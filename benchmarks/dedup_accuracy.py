@@ -31,7 +31,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cleaning import dedup  # noqa: E402
-from cleaning.dedup import DedupConfig, band_keys  # noqa: E402
+from cleaning.dedup import band_keys  # noqa: E402
+from cleaning.dedup_config import DedupConfig  # noqa: E402
 from cleaning.minhash import MinHasher, normalize  # noqa: E402
 from make_bench_corpus import edit  # noqa: E402  (a sibling script in benchmarks/)
 

@@ -79,7 +79,7 @@ def now_iso() -> str:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    # Not tokenizer.artifacts' twin: this module runs with the standard library alone, so that a GPU image
+    # Not cleaning.writers.write_json_atomic: this module runs with the standard library alone, so that a GPU image
     # missing the project's packages still gets a report saying so.
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

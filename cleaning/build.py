@@ -34,7 +34,6 @@ import subprocess
 import time
 from array import array
 from collections import Counter, defaultdict
-from concurrent.futures import Executor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +41,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 import fsspec
 import pyarrow.parquet as pq
+import xxhash
 
 from cleaning import dedup, dedup_index, ids
 from cleaning.config import CorpusConfig
 from cleaning.document import (KEPT_SCHEMA, REJECTED_SCHEMA, Document, Rejection, document_from_row,
                                kept_row, rejected_row)
-from cleaning.inputs import InputShard, content_hash, expand_inputs, file_signature, input_names
+from cleaning.inputs import InputShard, content_hash, expand_inputs, file_signature, hash_and_split, input_names
 from cleaning.pipeline import CleaningChain
 from cleaning.readers import FieldMap, ReadFault, RecordReader, ShardReadError
 from cleaning.stats import ShardStats
@@ -106,42 +106,72 @@ class CorpusBuild:
         cfg = self.config.model_dump(mode="json")
         return _hash_json({k: cfg[k] for k in ("rules", "sources", "reader")})
 
-    def plan(self) -> list[InputShard]:
-        cache_uri = f"{self.work}/input-hashes.json"
-        cache: dict[str, dict[str, Any]] = read_json(cache_uri) if self._exists(cache_uri) else {}
-        shards: list[InputShard] = []
+    def list_inputs(self) -> list[tuple[str, str | None, str]]:
+        """(uri, error, name) of every input file, in order: a listing only, which the driver does."""
         entries = expand_inputs(self.inputs)
         names = input_names(self.inputs, entries)
-        for index, (uri, error) in enumerate(entries):
+        return [(uri, error, names[uri]) for uri, error in entries]
+
+    def hash_input(self, uri: str) -> dict[str, Any]:
+        """Content hash, size and parts of one input file (`inputs.hash_and_split`): the plan's
+        task that reads the whole file. Cached in `inputs/` by the file's size and modification time
+        (or ETag), so a rerun or a refresh reads only new or changed files."""
+        shard_bytes = self.config.shard_bytes
+        cache = f"{self.work}/{self.input_entry(uri)}"
+        try:
+            signature = file_signature(uri)
+            if self._exists(cache):
+                cached = read_json(cache)
+                if (cached.get("uri"), cached.get("signature"), cached.get("shard_bytes")) == \
+                        (uri, signature, shard_bytes) and signature.split(":", 1)[1]:
+                    return cached
+            digest, size, parts = hash_and_split(uri, shard_bytes)
+        except (OSError, ValueError, ShardReadError) as err:
+            return {"uri": uri, "error": f"unreadable: {type(err).__name__}: {err}"}
+        found = {"uri": uri, "signature": signature, "shard_bytes": shard_bytes, "hash": digest, "size": size,
+                 "parts": [list(part) for part in parts]}
+        write_json_atomic(cache, found)
+        return found
+
+    @staticmethod
+    def input_entry(uri: str) -> str:
+        """The cache entry of an input file's hash and parts, under the work directory."""
+        return f"inputs/{xxhash.xxh3_64_hexdigest(uri.encode())}.json"
+
+    @staticmethod
+    def shards(listed: Sequence[tuple[str, str | None, str]], hashed: dict[str, dict[str, Any]]) -> list[InputShard]:
+        """The build's shards: one per input file, or one per part of a file larger than the shard
+        size; `hashed` maps the uri of every input that was found to what `hash_input` returned."""
+        shards: list[InputShard] = []
+        for uri, error, name in listed:
+            found = hashed.get(uri, {})
+            error = error or found.get("error")
             if error:
-                shards.append(InputShard(index, uri, "", 0, error, names[uri]))
+                shards.append(InputShard(len(shards), uri, "", 0, error, name))
                 continue
-            try:
-                signature = file_signature(uri)
-                cached = cache.get(uri)
-                if cached and cached["signature"] == signature and ":" in signature and signature.split(":", 1)[1]:
-                    digest, size = cached["hash"], cached["size"]
-                else:
-                    digest, size = content_hash(uri)
-                    cache[uri] = {"signature": signature, "hash": digest, "size": size}
-                shards.append(InputShard(index, uri, digest, size, name=names[uri]))
-            except (OSError, ValueError) as err:
-                shards.append(InputShard(index, uri, "", 0, f"unreadable: {type(err).__name__}: {err}", names[uri]))
-        write_json_atomic(cache_uri, cache)
+            for part in found["parts"] or [None]:
+                shards.append(InputShard(len(shards), uri, found["hash"], found["size"] if part is None else part[3],
+                                         name=name, part=None if part is None else tuple(part)))
         return shards
+
+    def plan(self) -> list[InputShard]:
+        """`list_inputs`, `hash_input` for each, `shards`: the plan in this process."""
+        listed = self.list_inputs()
+        return self.shards(listed, {uri: self.hash_input(uri) for uri, error, _ in listed if not error})
 
     def run_key(self, shards: Sequence[InputShard]) -> str:
         """Identity of one build: the config and the ordered input contents and names (ids)."""
         return _hash_json({"config": self.config.fingerprint(),
-                           "inputs": [(s.uri, s.name, s.content_hash, s.error) for s in shards]})[:16]
+                           "inputs": [(s.uri, s.name, s.content_hash, s.error) + ((s.part,) if s.part else ())
+                                      for s in shards]})[:16]
 
     # -- paths -----------------------------------------------------------------------------
     def _exists(self, uri: str) -> bool:
         return self.fs.exists(fsspec.core.url_to_fs(uri)[1])
 
     def clean_dir(self, shard: InputShard) -> str:
-        """Keyed by content and name: the name is in every generated id the shard holds."""
-        key = _hash_json([shard.content_hash or shard.uri, shard.name])[:24]
+        """Keyed by content and name (the name is in every generated id the shard holds), and part."""
+        key = _hash_json([shard.content_hash or shard.uri, shard.name] + ([list(shard.part)] if shard.part else []))[:24]
         return f"{self.work}/clean/{key}-{self.clean_fingerprint()[:12]}"
 
     def relative(self, uri: str) -> str:
@@ -174,7 +204,7 @@ class CorpusBuild:
         faults: list[ReadFault] = []
         records: Iterator[Document | Rejection] = iter(())
         if shard.error is None:
-            records = self._guarded(self._reader().read(shard.uri, name=shard.name or None),
+            records = self._guarded(self._reader().read(shard.uri, name=shard.name or None, part=shard.part),
                                     on_error=errors.append, on_fault=faults.append)
         keys = array("Q")  # the id key of every record, for the check that ids are unique
         with ParquetShardWriter(f"{directory}/candidates.parquet", KEPT_SCHEMA) as kept, \
@@ -251,9 +281,11 @@ class CorpusBuild:
         documents = dedup_index.signed_documents(self.work, entry)
         signed = documents is None
         if signed:
-            table = pq.read_table(self._open(f"{self.clean_dir(shard)}/candidates.parquet"), columns=["text"])
+            table = pq.read_table(self._open(f"{self.clean_dir(shard)}/candidates.parquet"),
+                                  columns=["text", "source", "quality"])
             texts = table.column("text").to_pylist()
-            dedup_index.sign_shard(self.work, entry, texts, self.config.dedup)
+            dedup_index.sign_shard(self.work, entry, texts, self.config.dedup,
+                                   table.column("source").to_pylist(), table.column("quality").to_pylist())
             documents = len(texts)
         return {"name": self.clean_dir(shard).rsplit("/", 1)[1], "minhash": entry, "documents": documents,
                 "signed": signed}
@@ -454,6 +486,7 @@ class CorpusBuild:
         (the same cache file in two versions is the same bytes, one inode on a local disk), and
         `entries`, every cache entry it needs, which `pangu corpus gc` keeps while the version lives."""
         entries = {self.relative(self.clean_dir(s)) for s in shards}
+        entries.update(self.input_entry(s.uri) for s in shards if not s.error)
         entries.update(e for f in finals for e in f["entries"])
         entries.update(f"{dedup_index.MINHASH}/{m['minhash']}" for m in mapped)
         if dedup_done:
@@ -579,26 +612,3 @@ def describe_work(work: dict[str, Any]) -> str:
     if work.get("dedup") and not work["dedup"]["previous"]:
         line += f"; dedup index built afresh ({work['dedup']['not_extended_because']})"
     return line
-
-
-def run_local(build: CorpusBuild, executor: Executor | None = None,
-              log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
-    """Runs every stage without an orchestrator (tests, benchmarks, library users)."""
-    started = time.perf_counter()
-    map_ = executor.map if executor is not None else map
-    shards = build.plan()
-    run_key = build.run_key(shards)
-    log(f"{len(shards)} input shards, build {run_key}")
-    cleaned = list(map_(build.clean, shards))
-    dedup_done, mapped = None, []
-    if build.dedup_enabled:
-        mapped = list(map_(build.dedup_map, shards, [run_key] * len(shards)))
-        build.dedup_plan(mapped, run_key)
-        partitions = range(build.config.dedup.partitions)
-        list(map_(build.dedup_reduce, partitions, [run_key] * len(partitions)))
-        dedup_done = build.dedup_cluster(run_key)
-    finals = list(map_(build.finalize, shards, [shards] * len(shards), [run_key] * len(shards)))
-    manifest = build.write_manifest(shards, cleaned, finals, dedup_done, run_key, time.perf_counter() - started,
-                                    mapped)
-    log(describe_work(manifest["work"]))
-    return manifest

@@ -6,15 +6,15 @@ pass, instead of one comparison pass per range.
 from __future__ import annotations
 
 import functools
-import os
+import io
 import sys
 import unicodedata
-import uuid
 from typing import Callable
 
 import numpy as np
 
 from cleaning.assets import pangu_home
+from cleaning.writers import write_bytes_atomic
 
 OTHER, SPACE, HAN, KANA_HANGUL, DIGIT = 0, 1, 2, 3, 4
 
@@ -38,10 +38,9 @@ def cached_tables(name: str, build: Callable[[], dict[str, np.ndarray]]) -> dict
         pass
     tables = build()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp.npz")
-        np.savez(tmp, **tables)
-        os.replace(tmp, path)
+        buffer = io.BytesIO()
+        np.savez(buffer, **tables)
+        write_bytes_atomic(path, buffer.getvalue())
     except OSError:
         pass  # a read-only home only costs the rebuild next time
     return tables

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cleaning.dedup import DedupConfig
+from cleaning.dedup_config import DedupConfig
 
 
 class RuleConfig(BaseModel):
@@ -93,6 +93,10 @@ class CorpusConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rules: RuleConfig = Field(default_factory=RuleConfig)
+    shard_bytes: int = Field(
+        128 * 2**20, ge=1024,
+        description="a JSONL or Parquet input larger than this is cut into shards of about this size (at line "
+                    "ends, between row groups), so that a task's memory follows the shard, not the largest input")
     sources: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="per-source overrides of `rules`: glob pattern on the source name → fields",

@@ -1,12 +1,14 @@
-"""Exact and MinHash-LSH deduplication as a multi-stage map-reduce (see DedupConfig).
+"""Exact and MinHash-LSH deduplication as a multi-stage map-reduce (see DedupConfig, cleaning/dedup_config.py).
 
 Stages and the files they leave in the work directory `dir` (local path or fsspec URI); every file
 is written under a temporary name and renamed, and a stage whose output exists is skipped:
 
     map_shard(shard)          signatures/{shard:05d}.npy   uint32 (docs, num_perm), memory-mapped later
                               exact/{shard:05d}.npy        uint64 exact key per document
+                              facts/{shard:05d}.npy        FACT per document: what ranks survivors
                               buckets/p{p:03d}/{shard:05d}.npy  records (key, shard, row)
-                              map/{shard:05d}.json         completion marker, written last
+                              map/{shard:05d}.json         completion marker, written last; also
+                                                           the shard's source names (FACT.source)
     reduce_partition(p)       pairs/p{p:03d}.json          counters of the partition
                               pairs/p{p:03d}.npy           confirmed pairs (a, b, kind, similarity)
     cluster()                 duplicates/{shard:05d}.npy   (row, survivor_shard, survivor_row, kind)
@@ -14,7 +16,8 @@ is written under a temporary name and renamed, and a stage whose output exists i
 
 Memory: map holds one shard, reduce one partition of bucket records (plus the signatures of the
 documents that share a bucket, read through memory maps), cluster the confirmed pairs and the
-documents they touch, i.e. duplicates, never the corpus.
+documents they touch, i.e. duplicates, never the corpus. Nor does it read a text: a survivor is
+chosen by the facts the map stage kept of each document (source, normalised length, quality).
 
 A bucket record's key is either an exact key (top bit set) or an LSH band key (top bit clear,
 the band index mixed into the hash), so one sort per partition groups both kinds.
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
@@ -31,62 +33,20 @@ import fsspec
 import numpy as np
 import xxhash
 from fsspec.implementations.local import LocalFileSystem
-from pydantic import BaseModel, ConfigDict, Field
 
+from cleaning.dedup_config import NEUTRAL_QUALITY, DedupConfig
+from cleaning.writers import atomic_file, write_bytes_atomic
 from cleaning.minhash import MinHasher, code_points, estimated_jaccard, normalize
-
-
-class DedupConfig(BaseModel):
-    """Defaults, and why (S-curve arithmetic; J = Jaccard of the character n-gram sets).
-
-    ngram=3: measured on CLUE text (csl abstracts, iflytek descriptions, documents >= 50 chars),
-    5 % random character edits give J 0.76 on average (10th percentile 0.72) with 3-grams but only
-    0.64 (0.59) with 5-grams, while template-like unrelated documents (app descriptions sharing a
-    boilerplate sentence) reach at most ~0.5 with 3-grams. 3-grams leave the widest gap between
-    "edited copy" and "related but different", which is what recall and zero false positives need.
-
-    bands=25 x rows_per_band=5 (125 permutations): a pair becomes a candidate with probability
-    1 - (1 - J^5)^25:
-        J    0.1      0.2    0.3    0.4    0.5    0.6    0.65   0.7    0.75   0.8
-        P    0.0002   0.008  0.059  0.23   0.55   0.87   0.954  0.990  0.999  1.000
-    so edited copies (J >= 0.7) are candidates 99 % of the time and unrelated documents
-    (J <= 0.1) almost never, which keeps the reduce work small. More rows per band would cut recall
-    at J 0.7 (6 rows: 0.95 with 25 bands); fewer (4 rows) multiplies the candidates from unrelated
-    pairs by ~10 at J 0.1-0.2, and at 10^8 documents those pairs dominate the reduce.
-
-    threshold=0.6: a candidate is confirmed when the estimated J (fraction of equal signature
-    values, standard error sqrt(J(1-J)/125) ~ 0.04) is >= 0.6: an edited copy at J 0.7 passes with
-    probability 0.993, a template pair at J 0.5 with 0.013, an unrelated pair at J <= 0.3 never
-    (> 7 standard errors).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    exact: bool = True
-    fuzzy: bool = True
-    ngram: int = Field(3, ge=1, le=64, description="character n-gram length of the shingles")
-    bands: int = Field(25, ge=1)
-    rows_per_band: int = Field(5, ge=1)
-    threshold: float = Field(0.6, ge=0.0, le=1.0,
-                             description="estimated Jaccard that confirms an LSH candidate pair")
-    # 16 partitions keep one reduce at ~1/16 of the band records; raise it with the corpus so that
-    # a partition (docs x (bands + 1) / partitions x 16 bytes) fits in a worker's memory.
-    partitions: int = Field(16, ge=1, description="bucket partitions of the reduce stage")
-    seed: int = 1234
-
-    @property
-    def num_perm(self) -> int:
-        return self.bands * self.rows_per_band
-
-    def fingerprint(self) -> str:
-        """Identifies the outputs a configuration produces; a rerun with another one must not mix."""
-        return xxhash.xxh64_hexdigest(self.model_dump_json().encode())
 
 
 # -- record layouts -----------------------------------------------------------------------------
 RECORD = np.dtype([("key", "<u8"), ("shard", "<u4"), ("row", "<u4")])
 PAIR = np.dtype([("a", "<u8"), ("b", "<u8"), ("kind", "u1"), ("similarity", "<f4")])
 DUPLICATE = np.dtype([("row", "<u4"), ("survivor_shard", "<u4"), ("survivor_row", "<u4"), ("kind", "u1")])
+#: per document, what DedupConfig.survivor_order ranks by: the index of its source among the
+#: shard's source names (map marker), its length after normalisation, its quality (NaN: unscored).
+#: None of it depends on the survivor settings, so changing them re-ranks without hashing again.
+FACT = np.dtype([("source", "<u4"), ("length", "<u4"), ("quality", "<f4")])
 EXACT, NEAR = 0, 1
 KIND_NAMES = {EXACT: "exact", NEAR: "near"}
 EXACT_FLAG = np.uint64(1 << 63)
@@ -131,25 +91,13 @@ def _fs(dir: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, root.rstrip("/")
 
 
-def _tmp(path: str) -> str:
-    head, tail = path.rsplit("/", 1)
-    return f"{head}/.{tail}.{uuid.uuid4().hex[:8]}.tmp"
-
-
 def _save_array(fs: fsspec.AbstractFileSystem, path: str, array: np.ndarray) -> None:
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    tmp = _tmp(path)
-    with fs.open(tmp, "wb") as fh:
+    with atomic_file(fs.unstrip_protocol(path)) as fh:
         np.save(fh, array, allow_pickle=False)
-    fs.mv(tmp, path)
 
 
 def _save_json(fs: fsspec.AbstractFileSystem, path: str, payload: dict[str, Any]) -> None:
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    tmp = _tmp(path)
-    with fs.open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(payload, fh, sort_keys=True)
-    fs.mv(tmp, path)
+    write_bytes_atomic(fs.unstrip_protocol(path), json.dumps(payload, sort_keys=True).encode("utf-8"))
 
 
 def _load_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
@@ -165,8 +113,9 @@ def _load_array(fs: fsspec.AbstractFileSystem, path: str, mmap: bool = False) ->
         return np.load(fh, allow_pickle=False)
 
 
-def _check_fingerprint(path: str, found: str | None, config: DedupConfig) -> None:
-    if found != config.fingerprint():
+def _check_fingerprint(path: str, found: str | None, expected: str) -> None:
+    """`expected`: `config.fingerprint()`, or `config.pairs_fingerprint()` for map and reduce files."""
+    if found != expected:
         raise ValueError(f"{path} was written with another DedupConfig; use a fresh work directory")
 
 
@@ -174,6 +123,7 @@ def _paths(root: str, shard: int, partitions: int) -> dict[str, Any]:
     return {
         "signatures": f"{root}/signatures/{shard:05d}.npy",
         "exact": f"{root}/exact/{shard:05d}.npy",
+        "facts": f"{root}/facts/{shard:05d}.npy",
         "buckets": [f"{root}/buckets/p{p:03d}/{shard:05d}.npy" for p in range(partitions)],
         "marker": f"{root}/map/{shard:05d}.json",
     }
@@ -208,15 +158,23 @@ def band_keys(signatures: np.ndarray, config: DedupConfig) -> np.ndarray:
     return _mix64(keys) & ~EXACT_FLAG
 
 
-def map_shard(dir: str, shard: int, texts: Sequence[str], config: DedupConfig) -> None:
-    """Map stage for one shard: signatures, exact keys and partitioned bucket records."""
+def map_shard(dir: str, shard: int, texts: Sequence[str], config: DedupConfig,
+              sources: Sequence[str | None] | None = None,
+              qualities: Sequence[float | None] | None = None) -> None:
+    """Map stage for one shard: signatures, exact keys, rank facts and partitioned bucket records.
+    `sources` and `qualities` (the candidates' `source` and `quality` columns; None: unknown) rank
+    the survivors of clusters (DedupConfig.survivor_order)."""
     fs, root = _fs(dir)
     paths = _paths(root, shard, config.partitions)
     if fs.exists(paths["marker"]):
-        _check_fingerprint(paths["marker"], _load_json(fs, paths["marker"]).get("config"), config)
+        _check_fingerprint(paths["marker"], _load_json(fs, paths["marker"]).get("config"),
+                           config.pairs_fingerprint())
         return
     if len(texts) >= 2**32:
         raise ValueError("a shard holds at most 2^32 documents (rows are uint32)")
+    for name, column in (("sources", sources), ("qualities", qualities)):
+        if column is not None and len(column) != len(texts):
+            raise ValueError(f"{name}: {len(column)} values for {len(texts)} texts")
     cps, lengths = code_points(texts)
     ends = np.cumsum(lengths)
     keys = np.fromiter((xxhash.xxh3_64_intdigest(cps[e - l:e].astype("<u4", copy=False).tobytes())
@@ -244,10 +202,25 @@ def map_shard(dir: str, shard: int, texts: Sequence[str], config: DedupConfig) -
     bounds = np.searchsorted(partition, np.arange(config.partitions + 1))
     for p, path in enumerate(paths["buckets"]):
         _save_array(fs, path, records[bounds[p]:bounds[p + 1]])
+    facts, source_names = _facts(lengths, sources, qualities)
     _save_array(fs, paths["exact"], keys)
+    _save_array(fs, paths["facts"], facts)
     _save_array(fs, paths["signatures"], signatures)
     _save_json(fs, paths["marker"], {"documents": len(texts), "records": int(len(records)),
-                                     "empty": int((lengths == 0).sum()), "config": config.fingerprint()})
+                                     "empty": int((lengths == 0).sum()), "sources": source_names,
+                                     "config": config.pairs_fingerprint()})
+
+
+def _facts(lengths: np.ndarray, sources: Sequence[str | None] | None,
+           qualities: Sequence[float | None] | None) -> tuple[np.ndarray, list[str]]:
+    """FACT rows of a shard and its source names (FACT.source indexes them)."""
+    facts = np.empty(len(lengths), dtype=FACT)
+    facts["length"] = np.minimum(lengths, 2**32 - 1)
+    names: dict[str, int] = {}
+    facts["source"] = [names.setdefault(s or "", len(names)) for s in sources] if sources is not None else 0
+    facts["quality"] = np.nan if qualities is None else \
+        [np.nan if q is None else q for q in qualities]
+    return facts, list(names) if sources is not None else [""]
 
 
 def _records(keys: np.ndarray, shard: int, rows: np.ndarray) -> np.ndarray:
@@ -279,15 +252,20 @@ class _Signatures:
             self._maps[shard] = _load_array(self.fs, self._file("signatures", shard), mmap=True)
         return self._maps[shard]
 
+    def source_names(self, shard: int) -> list[str]:
+        """The names that the shard's FACT.source values index (its map marker)."""
+        directory, number = self.locate(shard)
+        return _load_json(self.fs, f"{directory}/map/{number:05d}.json")["sources"]
+
     def take(self, gids: np.ndarray, what: str = "signatures") -> np.ndarray:
-        """Rows for `gids` (any order); `what` is "signatures" or "exact"."""
+        """Rows for `gids` (any order); `what` is "signatures", "exact" or "facts"."""
         shards = (gids >> np.uint64(32)).astype(np.int64)
         rows = (gids & np.uint64(0xFFFFFFFF)).astype(np.int64)
         out = None
         for s in np.unique(shards).tolist():
             sel = np.flatnonzero(shards == s)
             source = self._shard(s) if what == "signatures" else _load_array(
-                self.fs, self._file("exact", s), mmap=True)
+                self.fs, self._file(what, s), mmap=True)
             r = rows[sel]
             order = np.argsort(r, kind="stable")  # ascending reads: sequential pages of the map
             block = np.asarray(source[r[order]])
@@ -295,8 +273,8 @@ class _Signatures:
                 out = np.empty((len(gids),) + block.shape[1:], dtype=block.dtype)
             out[sel[order]] = block
         if out is None:
-            width = () if what == "exact" else (0,)
-            out = np.empty((0,) + width, dtype=np.uint64 if what == "exact" else np.uint32)
+            out = {"exact": np.empty(0, np.uint64), "facts": np.empty(0, FACT)}.get(
+                what, np.empty((0, 0), np.uint32))
         return out
 
 
@@ -316,7 +294,7 @@ def reduce_partition(dir: str, partition: int, config: DedupConfig) -> None:
     out = f"{root}/pairs/p{partition:03d}.npy"
     stats_path = f"{root}/pairs/p{partition:03d}.json"
     if fs.exists(out):
-        _check_fingerprint(out, _load_json(fs, stats_path).get("config"), config)
+        _check_fingerprint(out, _load_json(fs, stats_path).get("config"), config.pairs_fingerprint())
         return
     folder = f"{root}/buckets/p{partition:03d}"
     files = sorted(p for p in fs.ls(folder, detail=False) if _SHARD_FILE.match(p.rsplit("/", 1)[-1])) \
@@ -325,7 +303,7 @@ def reduce_partition(dir: str, partition: int, config: DedupConfig) -> None:
     occurrences, counts = star_pairs(records, _Signatures(fs, root), config)
     found = _unique_pairs(occurrences)
     _save_json(fs, stats_path, {"records": int(len(records)), **counts, "confirmed": int(len(found)),
-                                "config": config.fingerprint()})
+                                "config": config.pairs_fingerprint()})
     _save_array(fs, out, found)
 
 
@@ -428,17 +406,18 @@ def cluster(dir: str, num_shards: int, config: DedupConfig) -> DedupSummary:
     Chaining guard: pairs only say "these two are similar", and similarity is not transitive
     (A~B, B~C with A and C unrelated). So the connected components of the pairs are only the
     places to look; inside a component every document is checked directly against the
-    representative, the smallest (shard, row) document not yet placed: it joins that cluster if
-    its exact key equals the representative's or the estimated Jaccard of the two signatures is
-    >= threshold. The documents that fail stay in play, and the smallest of them is the next
-    representative (a survivor). So every removed document is itself confirmed against the
-    survivor that replaces it, and a chain can never glue unrelated documents into one cluster.
+    representative, the best-ranked document not yet placed (`survivor_positions`: the keys of
+    DedupConfig.survivor_order, then (shard, row) order): it joins that cluster if its exact key
+    equals the representative's or the estimated Jaccard of the two signatures is >= threshold.
+    The documents that fail stay in play, and the best-ranked of them is the next representative
+    (a survivor). So every removed document is itself confirmed against the survivor that
+    replaces it, and a chain can never glue unrelated documents into one cluster.
     """
     fs, root = _fs(dir)
     summary_path = f"{root}/summary.json"
     if fs.exists(summary_path):
         saved = _load_json(fs, summary_path)
-        _check_fingerprint(summary_path, saved.pop("config", None), config)
+        _check_fingerprint(summary_path, saved.pop("config", None), config.fingerprint())
         if saved.pop("num_shards", None) == num_shards:
             return DedupSummary(**saved)
 
@@ -500,15 +479,17 @@ def assign_survivors(nodes: np.ndarray, component: np.ndarray, sigs: _Signatures
     """The chaining-guarded survivor of every node (see `cluster`): for sorted gids `nodes` and
     their component labels, the node index of each one's survivor, the kind (EXACT / NEAR) of
     each duplicate, and the number of representatives. Components are independent of each other,
-    so the nodes of some whole components give the same answer for them as all nodes would."""
+    so the nodes of some whole components give the same answer for them as all nodes would (a
+    node's rank depends on its own facts and gid only)."""
     survivor = np.arange(len(nodes))             # node index of each node's survivor
     kind = np.zeros(len(nodes), dtype=np.uint8)
     exact_keys = sigs.take(nodes, "exact")
+    position = survivor_positions(nodes, sigs, config)
     representatives = 0
     unplaced = np.ones(len(nodes), dtype=bool)
     while unplaced.any():
-        idx = np.flatnonzero(unplaced)           # ascending node index = (shard, row) order
-        idx = idx[np.argsort(component[idx], kind="stable")]
+        idx = np.flatnonzero(unplaced)
+        idx = idx[np.lexsort((position[idx], component[idx]))]  # by component, best-ranked first
         comp = component[idx]
         first = np.r_[True, comp[1:] != comp[:-1]]
         rep = idx[first][np.cumsum(first) - 1]
@@ -523,6 +504,38 @@ def assign_survivors(nodes: np.ndarray, component: np.ndarray, sigs: _Signatures
         kind[members[ok]] = np.where(same[ok], EXACT, NEAR)
         unplaced[members[ok]] = False
     return survivor, kind, representatives
+
+
+def survivor_positions(nodes: np.ndarray, sigs: _Signatures, config: DedupConfig) -> np.ndarray:
+    """Place of each of the sorted gids `nodes` in the survivor order (0: the best): the keys of
+    `config.survivor_order` in turn, higher wins, then gid order. Reads the map stage's FACT rows
+    of these documents (and, for "priority", their shards' source names), never a text."""
+    keys = [np.arange(len(nodes))]  # nodes are sorted: the last resort is (shard, row) order
+    facts = sigs.take(nodes, "facts") if config.survivor_order else None
+    for key in reversed(config.survivor_order):  # np.lexsort: the last key is the primary one
+        if key == "priority":
+            keys.append(-_priorities(nodes, facts["source"], sigs, config.source_priority))
+        elif key == "quality":
+            quality = facts["quality"].astype(np.float64)
+            keys.append(-np.where(np.isnan(quality), NEUTRAL_QUALITY, quality))
+        else:
+            keys.append(-facts["length"].astype(np.int64))
+    position = np.empty(len(nodes), dtype=np.int64)
+    position[np.lexsort(keys)] = np.arange(len(nodes))
+    return position
+
+
+def _priorities(nodes: np.ndarray, source: np.ndarray, sigs: _Signatures,
+                source_priority: dict[str, int]) -> np.ndarray:
+    out = np.zeros(len(nodes), dtype=np.int64)
+    if not source_priority:
+        return out
+    shards = (nodes >> np.uint64(32)).astype(np.int64)
+    for s in np.unique(shards).tolist():
+        sel = shards == s
+        table = np.array([source_priority.get(name, 0) for name in sigs.source_names(s)], dtype=np.int64)
+        out[sel] = table[source[sel]]
+    return out
 
 
 def load_duplicates(dir: str, shard: int) -> dict[int, tuple[int, int, str]]:

@@ -5,10 +5,11 @@ what is already indexed, not redo the corpus. The work directory (`WORK`, a corp
 holds three kinds of entries; every file is written under a temporary name and renamed, and the
 JSON file named last in each entry is its completion marker, written after the others:
 
-    minhash/<entry>/          one cleaned shard's signatures, exact keys and bucket records, as
-                              `dedup.map_shard` writes them (shard number 0). <entry> is the content
-                              hash of the cleaned shard plus the DedupConfig's fingerprint: a shard
-                              is hashed once, whichever versions it belongs to.
+    minhash/<entry>/          one cleaned shard's signatures, exact keys, rank facts and bucket
+                              records, as `dedup.map_shard` writes them (shard number 0). <entry> is
+                              the content hash of the cleaned shard plus the DedupConfig's
+                              `pairs_fingerprint` (every field but the survivor rule): a shard is
+                              hashed once, whichever versions and survivor settings it serves.
     index/segments/<name>/    the bucket records of some shards for one partition, sorted by key:
                               keys.npy (uint64), refs.npy (segment-local shard << 32 | row),
                               shards.json (the shards' names and the row count)
@@ -32,8 +33,11 @@ segments (a binary search per key in a memory map), takes away the pairs the old
 adds the pairs the new members make; every other bucket keeps its pairs. Unchanged shards keep
 their relative order (inputs are sorted by URI; checked, else the index is not reused), so an old
 pair keeps its orientation. The survivor of a cluster depends only on its connected component of
-pairs (`dedup.assign_survivors`): components whose pairs did not change keep the previous
-version's survivors, and only the others are worked out again.
+pairs and its members' ranks (`dedup.assign_survivors`; a rank is a function of the document's own
+facts and of its gid's order, which unchanged shards keep): components whose pairs did not change
+keep the previous version's survivors, and only the others are worked out again. A previous
+version ranked with other survivor settings (`source_priority`, `survivor_order`) is still
+extended, its pairs being the same, but every component is ranked again.
 
 Segments: a refresh adds one per partition (the new shards' records). A version's shard is owned by
 the newest of the version's segments that lists it (a shard removed and added again is listed
@@ -51,8 +55,9 @@ import fsspec
 import numpy as np
 
 from cleaning import dedup
-from cleaning.dedup import (EXACT, NEAR, PAIR, RECORD, DedupConfig, _Signatures, _components, _load_array,
-                            _load_json, _save_array, _save_json, _unique_pairs)
+from cleaning.dedup import (EXACT, NEAR, PAIR, RECORD, _Signatures, _components, _load_array, _load_json,
+                            _save_array, _save_json, _unique_pairs)
+from cleaning.dedup_config import DedupConfig
 
 MINHASH = "minhash"
 SEGMENTS = "index/segments"
@@ -70,13 +75,17 @@ def _digest(payload: Any) -> str:
 
 
 def minhash_entry(cleaned_hash: str, config: DedupConfig) -> str:
-    """The cache entry of a cleaned shard's signatures: its content and the dedup configuration."""
-    return f"{cleaned_hash}-{config.fingerprint()[:12]}"
+    """The cache entry of a cleaned shard's signatures: its content and the dedup configuration
+    (less the survivor settings, which the entry's rank facts do not depend on)."""
+    return f"{cleaned_hash}-{config.pairs_fingerprint()[:12]}"
 
 
-def sign_shard(work: str, entry: str, texts: Sequence[str], config: DedupConfig) -> None:
-    """Signatures, exact keys and bucket records of one cleaned shard (skipped when present)."""
-    dedup.map_shard(f"{work}/{MINHASH}/{entry}", 0, texts, config)
+def sign_shard(work: str, entry: str, texts: Sequence[str], config: DedupConfig,
+               sources: Sequence[str | None] | None = None,
+               qualities: Sequence[float | None] | None = None) -> None:
+    """Signatures, exact keys, rank facts (`sources`, `qualities`: see `dedup.map_shard`) and
+    bucket records of one cleaned shard (skipped when present)."""
+    dedup.map_shard(f"{work}/{MINHASH}/{entry}", 0, texts, config, sources, qualities)
 
 
 def signed_documents(work: str, entry: str) -> int | None:
@@ -122,7 +131,7 @@ def _unusable(work: str, version: str, shards: Sequence[dict[str, Any]], previou
     index = load_index(work, previous)
     if index is None:
         return f"no finished index of version {previous} in {work}"
-    if index["config"] != config.fingerprint():
+    if index.get("pairs_config") != config.pairs_fingerprint():
         return "the previous index was made with another DedupConfig"
     fs, root = dedup._fs(work)
     before = _plan(work, previous)["shards"]
@@ -293,7 +302,7 @@ def reduce_partition(work: str, version: str, partition: int, config: DedupConfi
     marker = f"{state}/pairs/p{partition:03d}.json"
     if fs.exists(marker):
         done = _load_json(fs, marker)
-        dedup._check_fingerprint(marker, done.get("config"), config)
+        dedup._check_fingerprint(marker, done.get("config"), config.fingerprint())
         return done
     plan = _plan(work, version)
     now = _Version(root, plan["shards"])
@@ -332,7 +341,7 @@ def reduce_partition(work: str, version: str, partition: int, config: DedupConfi
         records["shard"] = local
         names = [now.names[i] for i in fresh]
         # named by what it extends too: a shard removed and added again gets a segment of its own
-        name = f"p{partition:03d}-{_digest(['add', previous, names, config.fingerprint()])}"
+        name = f"p{partition:03d}-{_digest(['add', previous, names, config.pairs_fingerprint()])}"
         _write_segment(fs, root, name, records, names)
         segments.append(name)
     segments = _compact(fs, root, partition, segments, now)
@@ -378,7 +387,7 @@ def cluster(work: str, version: str, config: DedupConfig) -> dict[str, Any]:
     state = version_dir(root, version)
     if fs.exists(f"{state}/index.json"):
         done = _load_json(fs, f"{state}/index.json")
-        dedup._check_fingerprint(f"{state}/index.json", done.get("config"), config)
+        dedup._check_fingerprint(f"{state}/index.json", done.get("config"), config.fingerprint())
         return done
     plan = _plan(work, version)
     now = _Version(root, plan["shards"])
@@ -392,7 +401,7 @@ def cluster(work: str, version: str, config: DedupConfig) -> dict[str, Any]:
 
     carried = np.empty(0, dtype=ASSIGNMENT)
     redo = np.ones(len(nodes), dtype=bool)
-    if previous:
+    if previous and load_index(work, previous)["config"] == config.fingerprint():  # ranked alike
         before = _Version(root, _plan(work, previous)["shards"])
         to_now = now.table(before.names)
         old, _ = _all_pairs(fs, version_dir(root, previous), config)
@@ -439,7 +448,7 @@ def cluster(work: str, version: str, config: DedupConfig) -> dict[str, Any]:
                      "looked_up_records": sum(m["looked_up"] for m in markers),
                      "pairs_checked": summary.pairs_checked,
                      "documents_reassigned": int(redo.sum())},
-            "config": config.fingerprint()}
+            "config": config.fingerprint(), "pairs_config": config.pairs_fingerprint()}
     _save_json(fs, f"{state}/index.json", done)
     return done
 

@@ -9,17 +9,27 @@ from typing import Any, Iterable, Sequence
 import fsspec
 import xxhash
 
-from cleaning.readers import is_supported
+import pyarrow.parquet as pq
+
+from cleaning.readers import GZIP_MAGIC, PARQUET_MAGIC, detect_format, is_supported
+
+#: a part of a large input: (start, stop, records before start, bytes): byte offsets of a JSON-lines
+#: file, cut just after a newline, or row-group numbers of a Parquet file
+Part = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
 class InputShard:
+    """One unit of work of the build: a whole input file, or a part of a large one (`part`), so that
+    a task's memory is bounded by the shard size, not by the largest input."""
+
     index: int
     uri: str
-    content_hash: str  # xxh3-128 of the file's bytes; "" when the file could not be read
-    size: int
+    content_hash: str  # xxh3-128 of the whole file's bytes; "" when the file could not be read
+    size: int  # bytes of the shard (of its part, for a part)
     error: str | None = None  # set when the input could not be listed or hashed
     name: str = ""  # path relative to the input root: the prefix of generated document ids
+    part: Part | None = None  # None: the whole file
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,16 +126,74 @@ def _hidden(path: str) -> bool:
 
 
 def content_hash(uri: str, storage_options: dict | None = None, chunk: int = 1 << 20) -> tuple[str, int]:
+    """xxh3-128 of a file's bytes, and its size."""
+    digest, size, _ = hash_and_split(uri, 0, storage_options, chunk)
+    return digest, size
+
+
+def hash_and_split(uri: str, shard_bytes: int, storage_options: dict | None = None,
+                   chunk: int = 1 << 20) -> tuple[str, int, list[Part]]:
+    """A file's content hash and size and, when it is larger than `shard_bytes` (> 0) and can be
+    cut, its parts, found in the same single read. A JSON-lines file is cut just after the first
+    newline at or past every `shard_bytes`, and each part records the lines before it (so ids,
+    `NAME:LINE`, are the same as when the file is read whole); a Parquet file is cut between row
+    groups of about `shard_bytes` compressed bytes. Gzip, plain text and web pages stay whole."""
     h = xxhash.xxh3_128()
-    size = 0
+    size = lines = 0
+    cuts: list[tuple[int, int]] = []  # (byte offset just after a newline, lines before it)
+    splittable = shard_bytes > 0 and detect_format(uri) == "jsonl"
+    target = shard_bytes
     with fsspec.open(uri, "rb", **(storage_options or {})) as fh:
         while True:
             block = fh.read(chunk)
             if not block:
                 break
+            if size == 0 and block.startswith((GZIP_MAGIC, PARQUET_MAGIC)):
+                splittable = False
             h.update(block)
+            if splittable:
+                while size + len(block) > target:
+                    newline = block.find(b"\n", max(0, target - size))
+                    if newline < 0:
+                        break  # the cut falls in the next block
+                    cut = size + newline + 1
+                    cuts.append((cut, lines + block.count(b"\n", 0, newline + 1)))
+                    target = cut + shard_bytes
+                lines += block.count(b"\n")
             size += len(block)
-    return h.hexdigest(), size
+    digest = h.hexdigest()
+    if splittable:
+        bounds = [(0, 0)] + [c for c in cuts if c[0] < size] + [(size, lines)]
+        parts = [(start, stop, before, stop - start) for (start, before), (stop, _) in zip(bounds, bounds[1:])]
+        return digest, size, parts if len(parts) > 1 else []
+    if shard_bytes > 0 and size > shard_bytes and (detect_format(uri) == "parquet" or _is_parquet(uri, storage_options)):
+        return digest, size, _row_group_parts(uri, shard_bytes, storage_options)
+    return digest, size, []
+
+
+def _is_parquet(uri: str, storage_options: dict | None) -> bool:
+    with fsspec.open(uri, "rb", **(storage_options or {})) as fh:
+        return fh.read(4) == PARQUET_MAGIC
+
+
+def _row_group_parts(uri: str, shard_bytes: int, storage_options: dict | None) -> list[Part]:
+    """Consecutive row groups of about `shard_bytes` compressed bytes; an unreadable footer leaves the
+    file whole (its reader reports the damage)."""
+    try:
+        with fsspec.open(uri, "rb", **(storage_options or {})) as fh:
+            meta = pq.ParquetFile(fh).metadata
+    except Exception:  # noqa: BLE001 - reported by the clean stage's reader, not here
+        return []
+    parts: list[Part] = []
+    start = rows_before = rows = held = 0
+    for group in range(meta.num_row_groups):
+        rg = meta.row_group(group)
+        held += sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))
+        rows += rg.num_rows
+        if held >= shard_bytes or group == meta.num_row_groups - 1:
+            parts.append((start, group + 1, rows_before, held))
+            start, rows_before, rows, held = group + 1, rows_before + rows, 0, 0
+    return parts if len(parts) > 1 else []
 
 
 def file_signature(uri: str, storage_options: dict | None = None) -> str:

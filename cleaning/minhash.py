@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:  # the config lives beside the map-reduce; only its fields are read here
-    from cleaning.dedup import DedupConfig
+if TYPE_CHECKING:  # only the config's fields are read here
+    from cleaning.dedup_config import DedupConfig
 
 #: signature value of a document without any character left after normalisation
 EMPTY = np.uint32(0xFFFFFFFF)

@@ -25,6 +25,7 @@ content, or one the parser fails on, is a rejection (`html_no_content`), never a
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import zlib
@@ -34,6 +35,7 @@ from typing import Any, Iterator, Literal
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.spec import AbstractBufferedFile
 
 from cleaning.document import Document, Rejection, writable
 from cleaning.ids import generated_id
@@ -90,8 +92,8 @@ _SUFFIXES: list[tuple[str, Format]] = [
 ]
 
 # First bytes of the containers a mislabelled input may hold.
-_GZIP_MAGIC = b"\x1f\x8b"
-_PARQUET_MAGIC = b"PAR1"
+GZIP_MAGIC = b"\x1f\x8b"
+PARQUET_MAGIC = b"PAR1"
 _UNSUPPORTED_MAGIC = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": "zip"}
 
 
@@ -164,19 +166,25 @@ class RecordReader:
     default_domain: str | None = None
     storage_options: dict[str, Any] | None = None
 
-    def read(self, path: str, name: str | None = None) -> Iterator[Document | Rejection | ReadFault]:
-        """Records of one file. `name` (default: the base name) prefixes generated ids; a build
-        passes the path relative to the input root so that ids are unique across its inputs."""
+    def read(self, path: str, name: str | None = None,
+             part: tuple[int, ...] | None = None) -> Iterator[Document | Rejection | ReadFault]:
+        """Records of one file, or of one part of it (`cleaning.inputs.hash_and_split`: byte offsets
+        of a JSON-lines file, row groups of a Parquet file, and the records before the part, so that
+        line and row numbers are the file's). `name` (default: the base name) prefixes generated ids;
+        a build passes the path relative to the input root so that ids are unique across its inputs."""
         fmt = detect_format(path)
         name = writable(name or os.path.basename(path.rstrip("/")))
         try:
             head = self._head(path)
-            if fmt == "jsonl" and head.startswith(_PARQUET_MAGIC):  # no JSON line starts so
+            if fmt == "jsonl" and head.startswith(PARQUET_MAGIC):  # no JSON line starts so
                 fmt = "parquet"
+            if part is not None and (fmt not in ("jsonl", "parquet") or head.startswith(GZIP_MAGIC)):
+                raise ShardReadError(path, f"a {fmt} file{' (gzip)' if fmt == 'jsonl' else ''} is read whole, "
+                                           f"not in parts")
             if fmt == "parquet":
-                yield from self._read_parquet(path, name)
+                yield from self._read_parquet(path, name, part)
             elif fmt == "jsonl":
-                yield from self._read_jsonl(path, name, head)
+                yield from self._read_jsonl(path, name, head, part)
             elif fmt == "html":
                 yield from self._read_html(path, name, head)
             else:
@@ -269,7 +277,8 @@ class RecordReader:
         return Rejection(doc, reason, f"{where}: {detail}")
 
     # -- formats ---------------------------------------------------------------------------
-    def _lines(self, path: str, head: bytes) -> Iterator[tuple[int, bytes, bool] | ReadFault]:
+    def _lines(self, path: str, head: bytes,
+               part: tuple[int, ...] | None = None) -> Iterator[tuple[int, bytes, bool] | ReadFault]:
         """(line number, raw bytes, complete) for every line; oversized lines are cut short.
 
         Gzip is read when the bytes say so, whatever the name. A corrupt gzip member is skipped
@@ -281,9 +290,15 @@ class RecordReader:
             if head.startswith(magic):
                 raise ShardReadError(path, f"{kind}-compressed data, which is not read (use gzip or none)")
         with fsspec.open(path, "rb", **(self.storage_options or {})) as raw:
-            gz = _GzipLines(raw) if head.startswith(_GZIP_MAGIC) else None
+            if isinstance(raw, AbstractBufferedFile):  # object stores: their readline() takes no limit
+                raw = io.BufferedReader(raw, 1 << 20)
+            gz = _GzipLines(raw) if head.startswith(GZIP_MAGIC) else None
             stream = gz or raw
             number = 0
+            stop = None
+            if part is not None:  # parts of plain files only (`read`): offsets are the file's bytes
+                start, stop, number = part[:3]
+                raw.seek(start)
 
             def gaps(passed: bool) -> Iterator[ReadFault]:
                 for start, end, why in gz.pop_gaps(passed) if gz is not None else ():
@@ -292,7 +307,8 @@ class RecordReader:
 
             try:
                 while True:
-                    chunk = stream.readline(self.max_record_bytes + 1)
+                    # A part's last line is the one that ends at `stop` (parts are cut after a newline).
+                    chunk = stream.readline(self.max_record_bytes + 1) if stop is None or raw.tell() < stop else b""
                     yield from gaps(passed=bool(chunk))  # damage before this line (or at the end)
                     if not chunk:
                         return
@@ -310,8 +326,9 @@ class RecordReader:
                 raise ShardReadError(path, f"truncated or corrupt gzip stream after line {number}: {err}",
                                      line=number + 1) from err
 
-    def _read_jsonl(self, path: str, name: str, head: bytes) -> Iterator[Document | Rejection | ReadFault]:
-        for item in self._lines(path, head):
+    def _read_jsonl(self, path: str, name: str, head: bytes,
+                    part: tuple[int, ...] | None = None) -> Iterator[Document | Rejection | ReadFault]:
+        for item in self._lines(path, head, part):
             if isinstance(item, ReadFault):
                 yield item
                 continue
@@ -463,9 +480,10 @@ class RecordReader:
         yield self._document({self.fields.text: markup, self.fields.source: source, self.fields.domain: domain},
                              path, name, None, html=True, meta={"encoding": encoding})
 
-    def _read_parquet(self, path: str, name: str) -> Iterator[Document | Rejection | ReadFault]:
-        """Row group by row group: a group that cannot be read is counted and skipped, and a row
-        whose values cannot be decoded is rejected on its own."""
+    def _read_parquet(self, path: str, name: str,
+                      part: tuple[int, ...] | None = None) -> Iterator[Document | Rejection | ReadFault]:
+        """Row group by row group (those of `part` only, when given): a group that cannot be read
+        is counted and skipped, and a row whose values cannot be decoded is rejected on its own."""
         with fsspec.open(path, "rb", **(self.storage_options or {})) as fh:
             try:
                 pf = pq.ParquetFile(fh)
@@ -476,8 +494,10 @@ class RecordReader:
                 raise ShardReadError(path, f"no '{self.fields.text}' column (columns: {sorted(names)})")
             wanted = [c for c in dict.fromkeys([self.fields.text, self.fields.id, self.fields.domain,
                                                 self.fields.source, self.fields.url]) if c in names]
-            first = 0  # rows before this row group
-            for group in range(pf.metadata.num_row_groups):
+            groups, first = range(pf.metadata.num_row_groups), 0  # first: rows before this row group
+            if part is not None:
+                groups, first = range(part[0], min(part[1], pf.metadata.num_row_groups)), part[2]
+            for group in groups:
                 rows = pf.metadata.row_group(group).num_rows
                 done = 0
                 try:

@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterator, Sequence
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from cleaning.build import CorpusBuild, run_local
+from cleaning.build import CorpusBuild
+from cleaning.stages import run_local
 from cleaning.config import CorpusConfig
 from cleaning.inputs import InputShard
 from cleaning.writers import read_json, write_json_atomic
@@ -34,7 +35,7 @@ PINNED = "PINNED"  # ROOT/<version>/PINNED: gc keeps the version whatever its ag
 BUILDING = "_work/building"  # ROOT/_work/building/<version>.json while a refresh runs
 # The work directory's cache entries, one directory each under these folders. `dedup` and `final`
 # are the layout of builds made before the index existed: no version's record names them.
-CACHE_FOLDERS = ("clean", "minhash", "kept", "dups", "index/segments", "index/versions", "dedup", "final")
+CACHE_FOLDERS = ("inputs", "clean", "minhash", "kept", "dups", "index/segments", "index/versions", "dedup", "final")
 
 
 def latest_version(root: str) -> str | None:

@@ -1,4 +1,4 @@
-"""Parquet shard writers that never leave a partial file behind.
+"""Writers that never leave a partial file behind: Parquet shards, and bytes or JSON in one piece.
 
 Rows are buffered and written in row groups to a temporary name beside the target; `close()`
 renames it into place, so a reader (or a rerun after a kill) sees either the whole shard or none.
@@ -9,7 +9,8 @@ import json
 import os
 import shutil
 import uuid
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import IO, Any, Iterable, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -89,14 +90,38 @@ def remove_temporaries(directory_uri: str) -> int:
     return len(stale)
 
 
-def write_json_atomic(uri: str, payload: Any) -> None:
-    """Write JSON to a temporary name and rename it into place (used for markers and manifests)."""
-    fs, path = _fs_and_path(uri)
+@contextmanager
+def atomic_file(uri: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
+    """A binary file handle on a temporary name beside `uri` (an fsspec URI or a local path),
+    renamed into place when the block ends, so a reader sees the old file or the new one, never a
+    part. A local file is fsynced before the rename; the temporary is removed when the block fails."""
+    fs, path = _fs_and_path(os.fspath(uri))
     fs.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = _temporary_path(path)
-    with fs.open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(payload, fh, ensure_ascii=False, indent=2, sort_keys=True)
-    fs.mv(tmp, path)
+    try:
+        with fs.open(tmp, "wb") as fh:
+            yield fh
+            if isinstance(fs, LocalFileSystem):
+                fh.flush()
+                os.fsync(fh.fileno())
+        fs.mv(tmp, path)
+    except BaseException:
+        try:
+            fs.rm(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_bytes_atomic(uri: str | os.PathLike[str], data: bytes) -> None:
+    """`data` written through `atomic_file`."""
+    with atomic_file(uri) as fh:
+        fh.write(data)
+
+
+def write_json_atomic(uri: str | os.PathLike[str], payload: Any) -> None:
+    """Write JSON (UTF-8, indented, sorted keys) atomically (used for markers and manifests)."""
+    write_bytes_atomic(uri, json.dumps(payload, ensure_ascii=False, indent=2, sort_keys=True).encode("utf-8"))
 
 
 def link_or_copy(source_uri: str, target_uri: str) -> str:

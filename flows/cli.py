@@ -13,14 +13,14 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _data_fetch_assets(args: argparse.Namespace) -> int:
-    from cleaning.fetch import fetch_assets
+    from sample_data.fetch import fetch_assets
 
     fetch_assets(force=args.force)
     return 0
 
 
 def _data_fetch_sample(args: argparse.Namespace) -> int:
-    from cleaning.sample import fetch_sample
+    from sample_data.sample import fetch_sample
 
     fetch_sample(args.dir, max_docs_per_source=args.max_docs_per_source)
     return 0
@@ -56,7 +56,7 @@ def _model_info(args: argparse.Namespace) -> int:
 
 
 def _model_import(args: argparse.Namespace) -> int:
-    from cleaning.sources.packages import FetchError
+    from sample_data.sources.packages import FetchError
     from pangu_model.released import import_released
 
     try:
@@ -80,7 +80,7 @@ def _model_export_hf(args: argparse.Namespace) -> int:
 
 
 def _tokenizer_released(args: argparse.Namespace) -> int:
-    from cleaning.sources.packages import FetchError
+    from sample_data.sources.packages import FetchError
     from tokenizer.released import RELEASED_PACKAGE, write_released_tokenizer
 
     try:
@@ -297,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-tasks", default="fewclue", help="tasks on --eval-data (the built-in set runs all of its own)")
     p.add_argument("--eval-limit", type=int, default=200, help="examples per evaluation task (a seeded subset)")
     p.add_argument("--workers", type=int, default=2, help="processes for corpus shards and jieba")
+    p.add_argument("--dask-address", default=None,
+                   help="run the corpus stages on an existing Dask cluster (its workers must reach --root)")
     p.set_defaults(handler=_pipeline)
 
     p = groups.add_parser("eval", help="zero-/few-shot evaluation on Chinese tasks (PanGu-α protocol)")
@@ -326,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output directory (fsspec URI)")
     p.add_argument("--preset", default="default", help="preset name or YAML path")
     p.add_argument("--workers", type=int, default=2, help="parallel shard workers")
-    p.add_argument("--dask-address", default=None, help="run shards on an existing Dask cluster")
+    p.add_argument("--dask-address", default=None,
+                   help="run every stage on an existing Dask cluster (its workers must reach the inputs and --output)")
     p.set_defaults(handler=_corpus_build)
     p = corpus_cmds.add_parser("gc", help="remove corpus versions no longer needed and the cached shards, "
                                           "signatures and index files no remaining version uses")

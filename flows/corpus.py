@@ -6,7 +6,6 @@ reports progress, and publishes the counts as artifacts.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -21,7 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from cleaning.build import CorpusBuild, describe_work
 from cleaning.config import CorpusConfig, load_preset
-from cleaning.inputs import InputShard
+from cleaning.stages import Stage, run_build
 from cleaning.versions import building, describe_diff, mark_latest, plan_refresh, previous_output
 from cleaning.writers import read_json
 from flows.lineage import record_asset
@@ -42,58 +41,38 @@ def _run(fn: Callable[..., Any], *args: Any) -> Any:
     return pool.submit(fn, *args).result() if pool is not None else fn(*args)
 
 
-# Shard stages read and write through fsspec (object stores time out now and then). Rerunning one is
+# Stage calls read and write through fsspec (object stores time out now and then). Rerunning one is
 # safe: each stage removes its own temporaries, writes atomically and skips work behind a marker.
 SHARD_RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 10}
 
 
-@task(name="clean-shard", task_run_name="clean-{shard.index:05d}", **SHARD_RETRIES)
-def clean_shard(build: CorpusBuild, shard: InputShard) -> dict[str, Any]:
-    summary = _run(build.clean, shard)
+@task(name="corpus-stage", **SHARD_RETRIES)
+def run_call(stage: str, fn: Callable[..., Any], args: tuple, describe: Callable[[Any], str | None]) -> Any:
+    """One call of a stage (`cleaning.stages.Stage`) as one task run, with its own state and logs."""
+    result = _run(fn, *args)
+    line = describe(result)
+    if line:
+        logger = get_run_logger()
+        (logger.warning if isinstance(result, dict) and result.get("error") else logger.info)(line)
+    return result
+
+
+def map_stage(stage: Stage) -> list[Any]:
+    """Submits every call of a stage (task runs named STAGE-LABEL), then waits for them in
+    completion order, logging and updating the stage's progress bar."""
+    futures = [run_call.with_options(name=stage.name, task_run_name=f"{stage.name}-{label}")
+               .submit(stage.name, stage.fn, args, stage.describe)
+               for args, label in zip(stage.calls, stage.labels)]
+    if not futures:
+        return []
     logger = get_run_logger()
-    counts = summary["counts"]
-    read, kept = sum(counts["input"].values()), sum(counts["kept"].values())
-    if summary["error"]:
-        logger.warning("shard %s: %s", shard.uri, summary["error"])
-    verb = "already done" if summary.get("skipped") else f"{summary['seconds']:.1f}s"
-    logger.info("clean %s: %d read, %d kept (%s)", shard.uri, read, kept, verb)
-    return summary
-
-
-@task(name="dedup-map", task_run_name="dedup-map-{shard.index:05d}", **SHARD_RETRIES)
-def dedup_map(build: CorpusBuild, shard: InputShard, run_key: str) -> dict[str, Any]:
-    mapped = _run(build.dedup_map, shard, run_key)
-    get_run_logger().info("signatures of %s: %d documents (%s)", shard.uri, mapped["documents"],
-                          "signed now" if mapped["signed"] else "cached")
-    return mapped
-
-
-@task(name="dedup-reduce", task_run_name="dedup-reduce-{partition:03d}", **SHARD_RETRIES)
-def dedup_reduce(build: CorpusBuild, partition: int, run_key: str) -> dict[str, Any]:
-    return _run(build.dedup_reduce, partition, run_key)
-
-
-@task(name="dedup-cluster")
-def dedup_cluster(build: CorpusBuild, run_key: str) -> dict[str, Any]:
-    done = _run(build.dedup_cluster, run_key)
-    get_run_logger().info("dedup: %s", json.dumps(done["summary"], ensure_ascii=False))
-    return done
-
-
-@task(name="finalize-shard", task_run_name="finalize-{shard.index:05d}", **SHARD_RETRIES)
-def finalize_shard(build: CorpusBuild, shard: InputShard, shards: list[InputShard], run_key: str) -> dict[str, Any]:
-    return _run(build.finalize, shard, shards, run_key)
-
-
-def _gather(futures: list, stage: str, progress_id) -> list:
-    """Waits for a stage's futures in completion order, logging and updating the progress bar."""
-    logger = get_run_logger()
-    total = len(futures)
+    progress = create_progress_artifact(progress=0.0, description=f"corpus: {stage.name} ({len(futures)} calls)") \
+        if len(futures) > 1 else None
     started = time.perf_counter()
     for done, _ in enumerate(as_completed(futures), start=1):
-        if progress_id is not None:
-            update_progress_artifact(progress_id, progress=100.0 * done / max(1, total))
-        logger.info("%s: %d/%d done (%.1fs)", stage, done, total, time.perf_counter() - started)
+        if progress is not None:
+            update_progress_artifact(progress, progress=100.0 * done / len(futures))
+    logger.info("%s: %d done (%.1fs)", stage.name, len(futures), time.perf_counter() - started)
     return [future.result() for future in futures]
 
 
@@ -105,34 +84,14 @@ def corpus(inputs: list[str], output: str, config: CorpusConfig = CorpusConfig()
     global _POOL
     logger = get_run_logger()
     build = CorpusBuild(inputs, output, config, work=work, previous=previous)
-    started = time.perf_counter()
-    shards = build.plan()
-    run_key = build.run_key(shards)
-    missing = [s for s in shards if s.error]
-    for shard in missing:
-        logger.warning("input problem: %s", shard.error)
-    logger.info("%d input shards (%.1f MB), build %s", len(shards), sum(s.size for s in shards) / 1e6, run_key)
     _POOL = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
-        progress = create_progress_artifact(progress=0.0, description="corpus: shards cleaned")
-        cleaned = _gather([clean_shard.submit(build, s) for s in shards], "clean", progress)
-        dedup_done, mapped = None, []
-        if build.dedup_enabled:
-            mapped = _gather([dedup_map.submit(build, s, run_key) for s in shards], "dedup map", None)
-            plan = build.dedup_plan(mapped, run_key)
-            logger.info("dedup index: %s", f"extends {plan['previous']}" if plan["previous"]
-                        else f"built afresh ({plan['reason']})")
-            partitions = range(config.dedup.partitions)
-            _gather([dedup_reduce.submit(build, p, run_key) for p in partitions], "dedup reduce", None)
-            dedup_done = dedup_cluster(build, run_key)
-        finals = _gather([finalize_shard.submit(build, s, shards, run_key) for s in shards], "finalize", None)
+        manifest = run_build(build, map_stage, log=logger.info, warn=logger.warning)
     finally:
         if _POOL is not None:
             _POOL.shutdown()
         _POOL = None
-    manifest = build.write_manifest(shards, cleaned, finals, dedup_done, run_key, time.perf_counter() - started,
-                                    mapped)
-    logger.info("work: %s", describe_work(manifest["work"]))
+    run_key = manifest["version"]
     create_table_artifact(key="corpus-counts", table=source_table(manifest),
                           description="documents per source: input, kept, rejected per rule")
     stats = read_json(f"{output.rstrip('/')}/stats.json")
@@ -168,10 +127,11 @@ def _record_corpus_asset(output: str, manifest: dict[str, Any]) -> None:
 
 @flow(name="corpus-refresh", log_prints=True)
 def corpus_refresh(inputs: list[str], root: str = "runs/corpus", config: CorpusConfig = CorpusConfig(),
-                   workers: int = 2) -> dict[str, Any]:
+                   workers: int = 2, dask_address: str | None = None) -> dict[str, Any]:
     """A new corpus version under ROOT when inputs or config changed since ROOT/LATEST (the scheduled
     refresh): only new or changed input shards are cleaned and signed, their documents are looked
-    up in the previous version's dedup index, and unchanged shards' files are linked, not copied."""
+    up in the previous version's dedup index, and unchanged shards' files are linked, not copied.
+    `dask_address`: run every stage's calls on that Dask cluster (its workers must reach ROOT)."""
     logger = get_run_logger()
     plan = plan_refresh(inputs, root, config)
     logger.info("corpus %s (previous %s): %s", plan.version, plan.previous, describe_diff(plan.diff))
@@ -181,9 +141,10 @@ def corpus_refresh(inputs: list[str], root: str = "runs/corpus", config: CorpusC
             logger.info("%s is already built: nothing to do", plan.output)
             totals = read_json(f"{plan.output}/manifest.json")["totals"]
         else:
-            result = corpus_with_runner(workers, None)(inputs=inputs, output=plan.output, config=config,
-                                                       workers=workers, work=plan.work,
-                                                       previous=previous_output(root, plan))
+            # On Dask the cluster's workers do the compute; no local process pool beside them.
+            result = corpus_with_runner(workers, dask_address)(inputs=inputs, output=plan.output, config=config,
+                                                               workers=1 if dask_address else workers,
+                                                               work=plan.work, previous=previous_output(root, plan))
             totals, work = result["totals"], result["work"]
         mark_latest(root, plan)
     lines = [f"# Corpus refresh → {plan.version}", "", f"Previous version: {plan.previous or '–'}; "

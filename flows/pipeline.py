@@ -55,12 +55,14 @@ def fetch_eval_task() -> str:
 def pipeline(inputs: list[str], root: str = "runs", corpus_config: CorpusConfig = CorpusConfig(),
              vocab_size: int = 40_000, input_sentence_size: int = 1_000_000, preset: str = "sigma-tiny",
              steps: int | None = None, eval_data: str | None = None, eval_tasks: str = "fewclue",
-             eval_limit: int | None = 200, workers: int = 2) -> dict[str, Any]:
-    """Raw Chinese text → corpus version → tokenizer and token shards → a trained model → zero-shot results."""
+             eval_limit: int | None = 200, workers: int = 2, dask_address: str | None = None) -> dict[str, Any]:
+    """Raw Chinese text → corpus version → tokenizer and token shards → a trained model → zero-shot results.
+    `dask_address`: the corpus stages run on that Dask cluster."""
     logger = get_run_logger()
     if eval_data and not Path(eval_data).is_dir():
         raise FileNotFoundError(f"evaluation data {eval_data}: no such directory (leave it out for the built-in set)")
-    corpus = corpus_refresh(inputs=inputs, root=f"{root}/corpus", config=corpus_config, workers=workers)
+    corpus = corpus_refresh(inputs=inputs, root=f"{root}/corpus", config=corpus_config, workers=workers,
+                            dask_address=dask_address)
     tok = tokenizer_flow(corpus=corpus["output"], output=root, vocab_size=vocab_size,
                          input_sentence_size=input_sentence_size, workers=workers)
     # The model's vocabulary and (PanGu-Σ) one expert group per domain are derived from the token shards.
@@ -95,7 +97,7 @@ def pipeline_from_cli(args: argparse.Namespace) -> int:
     result = pipeline(inputs=list(args.inputs), root=args.root, corpus_config=load_preset(args.corpus_preset),
                       vocab_size=args.vocab_size, input_sentence_size=args.input_sentence_size,
                       preset=args.preset, steps=args.steps, eval_data=args.eval_data, eval_tasks=args.eval_tasks,
-                      eval_limit=args.eval_limit, workers=args.workers)
+                      eval_limit=args.eval_limit, workers=args.workers, dask_address=args.dask_address)
     print("\npipeline finished:", file=sys.stderr)
     for key, value in result.items():
         print(f"  {key:>10}: {value}", file=sys.stderr)

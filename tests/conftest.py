@@ -13,7 +13,7 @@ import pytest
 @pytest.fixture(scope="session")
 def fetched_assets() -> dict[str, str]:
     """Asset name → path, as `pangu data fetch-assets` leaves them."""
-    from cleaning.fetch import fetch_assets
+    from sample_data.fetch import fetch_assets
 
     return fetch_assets()
 
@@ -37,7 +37,7 @@ def abstracts() -> list[str]:
 @pytest.fixture(scope="session")
 def registry_sample(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
     """A small registry sample (300 documents per source) and its counts."""
-    from cleaning.sample import fetch_sample
+    from sample_data.sample import fetch_sample
 
     out = tmp_path_factory.mktemp("registry-sample")
     return out, fetch_sample(str(out), max_docs_per_source=300)

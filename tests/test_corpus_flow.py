@@ -122,21 +122,3 @@ def test_cli_runs_the_flow(prefect_api, raw, tmp_path, capsys):
                  "--preset", str(preset), "--workers", "1"]) == 0
     assert "33 documents in" in capsys.readouterr().err
     assert (tmp_path / "out" / "data" / "part-00002.parquet").exists()
-
-
-def test_shards_run_on_an_existing_dask_cluster(prefect_api, raw, tmp_path):
-    from distributed import Client, LocalCluster
-
-    from flows.corpus import corpus_with_runner
-
-    config = CorpusConfig.model_validate({"rules": RULES_ONLY, "dedup": {"partitions": 2}})
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
-        state = corpus_with_runner(1, cluster.scheduler_address)(
-            inputs=[str(raw)], output=str(tmp_path / "out"), config=config, workers=1, return_state=True)
-        assert state.is_completed()
-        # The cluster's scheduler saw the shard tasks: one per shard and stage at least.
-        assert len(client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes))) >= 1
-        assert len(cluster.scheduler.transition_log) >= 3 * 3
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["totals"]["input"] == 33 and manifest["rejected_by_rule"]["exact_duplicate"] == 3

@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cleaning.build import CorpusBuild, run_local
+from cleaning.build import CorpusBuild
+from cleaning.stages import run_local
 from cleaning.config import CorpusConfig
 from cleaning.document import Document, Rejection
 from cleaning.normalize import StripMarkup

@@ -16,11 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from cleaning import dedup, dedup_index
-from cleaning.build import CorpusBuild, run_local
-from cleaning.dedup import DedupConfig
+from cleaning.build import CorpusBuild
+from cleaning.stages import run_local
+from cleaning.dedup_config import DedupConfig
 from cleaning.minhash import MinHasher
 from cleaning.versions import collect_garbage, latest_version, refresh
-from tests.realtext import long_documents
+from tests.realtext import long_documents, substitute_chinese
 from tests.test_corpus_build import config, edit, read_rows, write_jsonl
 
 OLD_FILES = 5
@@ -43,7 +44,7 @@ def _old_files(raw: Path, docs: list[str]) -> None:
         records = [{"id": f"p{f}-{i}", "text": docs[f * DOCS_PER_FILE + i], "domain": "news"}
                    for i in range(DOCS_PER_FILE)]
         if f == 3:
-            records.append({"id": "p3-near", "text": edit(docs[0], 0.03, rng), "domain": "news"})
+            records.append({"id": "p3-near", "text": substitute_chinese(docs[0], 0.03, rng), "domain": "news"})
         write_jsonl(raw / f"part-{f}.jsonl", records)
 
 
@@ -52,7 +53,7 @@ def _new_file(raw: Path, docs: list[str], name: str) -> Path:
     rng = random.Random(5)
     base = OLD_FILES * DOCS_PER_FILE
     records = [{"id": f"new-{i}", "text": docs[base + i], "domain": "news"} for i in range(8)]
-    records.append({"id": "new-near", "text": edit(docs[12], 0.03, rng), "domain": "news"})
+    records.append({"id": "new-near", "text": substitute_chinese(docs[12], 0.03, rng), "domain": "news"})
     records.append({"id": "new-exact", "text": docs[25].replace("，", ", "), "domain": "news"})
     return write_jsonl(raw / name, records)
 
@@ -158,8 +159,8 @@ def test_a_near_duplicate_of_an_old_document_is_rejected_with_the_old_id(first):
 
 @pytest.mark.parametrize("name", ["part-9.jsonl", "a-new.jsonl"])
 def test_a_refresh_equals_a_build_from_scratch(first, tmp_path, name):
-    """`a-new.jsonl` sorts before every old input: by the survivor rule (the first document in
-    input order stays) its copies of p1-2 and p2-5 survive and those two become the duplicates, so
+    """`a-new.jsonl` sorts before every old input: by the survivor rule (the copies rank equal, so
+    the first document in input order stays) its copies of p1-2 and p2-5 survive and those two become the duplicates, so
     the two old shards that change are rewritten and the other old shards stay links."""
     root, raw = first["root"], first["raw"]
     _new_file(raw, first["docs"], name)
@@ -192,10 +193,14 @@ def test_a_refresh_equals_a_build_from_scratch(first, tmp_path, name):
 
 
 # -- the index on its own -----------------------------------------------------------------------
-def test_the_index_extended_version_by_version_equals_dedup_from_scratch(abstracts, tmp_path):
+@pytest.mark.parametrize("ranked", [False, True], ids=["no-sources", "priorities"])
+def test_the_index_extended_version_by_version_equals_dedup_from_scratch(abstracts, tmp_path, ranked):
     """Inputs added, removed, re-added and inserted before others: at every version the extended
-    index finds the same duplicates, survivors and counts as dedup.map/reduce/cluster from scratch."""
-    config = DedupConfig(partitions=3)
+    index finds the same duplicates, survivors and counts as dedup.map/reduce/cluster from scratch.
+    `priorities`: documents of three sources, some with a quality score, ranked by source priority
+    first; then a seventh version of the same shards with other priorities extends the sixth (same
+    signatures and pairs) and re-ranks every cluster."""
+    config = DedupConfig(partitions=3, source_priority={"baike": 2, "news": 1} if ranked else {})
     rng = random.Random(3)
     texts = []
     for i, text in enumerate(abstracts[:150]):
@@ -207,24 +212,31 @@ def test_the_index_extended_version_by_version_equals_dedup_from_scratch(abstrac
         if i % 7 == 0:  # a chain: a copy of the edited copy
             texts.append(edit(texts[-1], 0.02, rng))
     rng.shuffle(texts)
-    pool = {f"s{k:02d}": texts[k::10] for k in range(10)}
+    sources = [rng.choice(["web", "baike", "news"]) for _ in texts] if ranked else None
+    qualities = [rng.choice([None, 0.25, 0.75]) for _ in texts] if ranked else None  # ties on purpose
+    pool = {f"s{k:02d}": {"texts": texts[k::10], "sources": sources and sources[k::10],
+                          "qualities": qualities and qualities[k::10]} for k in range(10)}
     work = str(tmp_path / "work")
     sequence = [["s00", "s02", "s04", "s06"], ["s00", "s02", "s03", "s04", "s06"],
                 ["s01", "s02", "s03", "s04", "s06"], ["s00", "s01", "s02", "s03", "s06", "s09"],
                 ["s00", "s01", "s02", "s03", "s04", "s05", "s06", "s07", "s09"], ["s05", "s07", "s08"]]
-    previous = None
-    for v, names in enumerate(sequence):
+    configs = [config] * len(sequence)
+    if ranked:
+        sequence.append(sequence[-1])
+        configs.append(config.model_copy(update={"source_priority": {"web": 1}}))
+    previous, later_survivors = None, 0
+    for v, (names, config) in enumerate(zip(sequence, configs)):
         scratch = str(tmp_path / f"scratch-{v}")
         for i, name in enumerate(names):
-            dedup.map_shard(scratch, i, pool[name], config)
+            dedup.map_shard(scratch, i, config=config, **pool[name])
         for p in range(config.partitions):
             dedup.reduce_partition(scratch, p, config)
         expected = dedup.cluster(scratch, len(names), config)
 
         shards = []
         for name in names:
-            dedup_index.sign_shard(work, f"{name}-entry", pool[name], config)
-            shards.append({"name": name, "minhash": f"{name}-entry", "documents": len(pool[name])})
+            dedup_index.sign_shard(work, f"{name}-entry", config=config, **pool[name])
+            shards.append({"name": name, "minhash": f"{name}-entry", "documents": len(pool[name]["texts"])})
         plan = dedup_index.write_plan(work, f"v{v}", shards, previous, config)
         assert plan["previous"] == previous, plan["reason"]
         for p in range(config.partitions):
@@ -232,12 +244,19 @@ def test_the_index_extended_version_by_version_equals_dedup_from_scratch(abstrac
         done = dedup_index.cluster(work, f"v{v}", config)
         state = dedup_index.version_dir(work, f"v{v}")
         for i in range(len(names)):
-            assert dedup.load_duplicates(state, i) == dedup.load_duplicates(scratch, i), (v, i)
+            found = dedup.load_duplicates(state, i)
+            assert found == dedup.load_duplicates(scratch, i), (v, i)
+            later_survivors += sum((s, r) > (i, row) for row, (s, r, _) in found.items())
         assert {**done["summary"], "pairs_checked": 0} == {**expected.to_json(), "pairs_checked": 0}
         assert done["summary"]["exact_duplicates"] and done["summary"]["near_duplicates"]
         previous = f"v{v}"
     # a partition keeps few segments: the two newest merge while they are of a size
     assert all(len(names) <= 3 for names in done["segments"])
+    if ranked:  # the re-ranked version looked nothing up and placed every clustered document again
+        summary = done["summary"]
+        assert later_survivors and done["work"]["touched_keys"] == 0
+        assert done["work"]["documents_reassigned"] >= \
+            summary["exact_duplicates"] + summary["near_duplicates"] + summary["clusters"]
 
 
 # -- gc -----------------------------------------------------------------------------------------
@@ -274,7 +293,7 @@ def test_gc_removes_an_unreferenced_version_and_its_files_and_keeps_the_referenc
     assert any(e.startswith("kept/") for e in garbage.removed_entries)  # v1's part-1 data, used by no one now
     # everything v2 uses is there, and v2 reads whole
     for entry in _manifest(root, second["version"])["cache"]["entries"]:
-        assert (root / "_work" / entry).is_dir(), entry
+        assert (root / "_work" / entry).exists(), entry
     kept = read_rows(v2 / "data")
     assert len(kept) == _manifest(root, second["version"])["totals"]["kept"]
     assert collect_garbage(str(root)).files == 0  # nothing left to collect
@@ -360,7 +379,7 @@ def test_kill_9_in_the_middle_of_gc_then_rerun(first):
     assert set(finished.removed_entries) <= set(expected.removed_entries)
     assert collect_garbage(str(root)).files == 0
     for entry in _manifest(root, second["version"])["cache"]["entries"]:
-        assert (root / "_work" / entry).is_dir(), entry
+        assert (root / "_work" / entry).exists(), entry
     assert len(read_rows(root / second["version"] / "data")) == _manifest(root, second["version"])["totals"]["kept"]
     # and the next refresh builds on what is left
     write_jsonl(raw / "part-7.jsonl", [{"id": "late", "text": first["docs"][-1], "domain": "news"}])

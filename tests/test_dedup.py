@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from cleaning import dedup
-from cleaning.dedup import DedupConfig, cluster, exact_key, load_duplicates, map_shard, reduce_partition
+from cleaning.dedup import cluster, exact_key, load_duplicates, map_shard, reduce_partition
+from cleaning.dedup_config import DedupConfig
 from cleaning.minhash import MinHasher, estimated_jaccard, normalize
 
 CONFIG = DedupConfig(partitions=4)
@@ -43,9 +44,11 @@ def _respell(text: str) -> str:
     return "".join(chr(ord(c) + 0xFEE0) if c.isascii() and c.isalnum() else c for c in out)
 
 
-def _run(work: str, shards: list[list[str]], config: DedupConfig = CONFIG) -> dedup.DedupSummary:
+def _run(work: str, shards: list[list[str]], config: DedupConfig = CONFIG,
+         sources: list[list[str]] | None = None, qualities: list[list[float | None]] | None = None,
+         ) -> dedup.DedupSummary:
     for s, texts in enumerate(shards):
-        map_shard(work, s, texts, config)
+        map_shard(work, s, texts, config, sources and sources[s], qualities and qualities[s])
     for p in range(config.partitions):
         reduce_partition(work, p, config)
     return cluster(work, len(shards), config)
@@ -119,14 +122,18 @@ def test_planted_duplicates_are_found_and_nothing_unrelated_is_clustered(planted
     assert planted["summary"].clusters == len({s for d, s in survivor.items() if s != d})
 
 
-def test_kinds_and_survivor_is_the_smallest_shard_row(planted):
+def test_kinds_and_survivor_is_the_longest_then_the_smallest_shard_row(planted):
+    """No sources nor quality scores: the default survivor order comes down to the length after
+    normalisation, then (shard, row)."""
     docs, where = planted["docs"], planted["where"]
     survivor = _survivors(planted["work"], planted["shards"])
+    length = {(s, r): len(normalize(t)) for s, texts in enumerate(planted["shards"]) for r, t in enumerate(texts)}
     members: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for doc, surv in survivor.items():
         members.setdefault(surv, []).append(doc)
     for surv, group in members.items():
-        assert surv == min(group)
+        assert surv == min(group, key=lambda d: (-length[d], d))
+    assert any(surv != min(group) for surv, group in members.items())  # length overruled path order
     kinds = {(s, r): k for s in range(3) for r, (_, _, k) in load_duplicates(planted["work"], s).items()}
     for i, (_, _, kind) in enumerate(docs):
         if kind == "exact" and where[i] in kinds:
@@ -153,6 +160,44 @@ def test_chaining_does_not_glue_unrelated_documents(abstracts, tmp_path):
     assert load_duplicates(str(tmp_path), 0) == {}
     assert load_duplicates(str(tmp_path), 1) == {0: (0, 0, "near")}
     assert summary.pairs_confirmed >= 2 and summary.chain_splits == 1
+
+
+def test_survivor_order_ranks_by_priority_quality_and_length_then_path(abstracts, tmp_path):
+    """Cluster X: one abstract three times (the same normalised text, so equal lengths) from the
+    sources web, baike and books; cluster Y: another abstract from baike and its copy cut short
+    from web, first in path order. Which member survives under each DedupConfig."""
+    a, b = [t for t in abstracts if len(t) > 250][:2]
+    shards = [[a, b[:-20]], [_respell(a), b], [a]]
+    sources = [["web", "web"], ["baike", "baike"], ["books"]]
+    qualities = [[0.9, None], [0.3, 0.1], [0.9]]  # None: not scored, counts as 0.5
+    cases = [
+        ({"survivor_order": []}, (0, 0), (0, 1)),                             # path order alone
+        ({}, (0, 0), (0, 1)),                                                 # quality: 0.9 = 0.9 > 0.3; 0.5 > 0.1
+        ({"survivor_order": ["length"]}, (0, 0), (1, 1)),                     # equal lengths: path; longer
+        ({"source_priority": {"baike": 1}}, (1, 0), (1, 1)),                  # priority before quality
+        ({"source_priority": {"books": 2, "baike": 1}}, (2, 0), (1, 1)),
+        ({"survivor_order": ["quality", "priority"], "source_priority": {"books": 1}}, (2, 0), (0, 1)),
+        ({"source_priority": {"web": 1, "baike": 1, "books": 1}}, (0, 0), (0, 1)),  # equal priorities
+    ]
+    for k, (settings, x, y) in enumerate(cases):
+        config = CONFIG.model_copy(update=settings)
+        work = str(tmp_path / str(k))
+        summary = _run(work, shards, config, sources, qualities)
+        survivor = _survivors(work, shards)
+        assert {survivor[d] for d in [(0, 0), (1, 0), (2, 0)]} == {x}, settings
+        assert {survivor[d] for d in [(0, 1), (1, 1)]} == {y}, settings
+        assert summary.exact_duplicates == 2 and summary.near_duplicates == 1, settings
+
+
+def test_survivor_settings_are_validated_and_left_out_of_the_pairs_fingerprint():
+    with pytest.raises(ValueError):
+        DedupConfig(survivor_order=["length", "length"])
+    with pytest.raises(ValueError):
+        DedupConfig(survivor_order=["size"])
+    ranked = CONFIG.model_copy(update={"source_priority": {"baike": 1}, "survivor_order": ["length"]})
+    assert ranked.pairs_fingerprint() == CONFIG.pairs_fingerprint()
+    assert ranked.fingerprint() != CONFIG.fingerprint()
+    assert CONFIG.model_copy(update={"threshold": 0.7}).pairs_fingerprint() != CONFIG.pairs_fingerprint()
 
 
 # -- restartability -----------------------------------------------------------------------------

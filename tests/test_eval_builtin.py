@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from cleaning import sample
-from cleaning.sample import fetch_sample
-from cleaning.sources import heldout, pypi_text
-from cleaning.sources.heldout import HELD_OUT_VERSION, idiom_held_out, poem_held_out, poem_key, to_simplified
-from cleaning.sources.packages import download, read_member
-from cleaning.sources.poetry import POETRY_FILES
-from cleaning.sources.pypi_text import CHARS_WORDS, read_idioms
+from sample_data import sample
+from sample_data.sample import fetch_sample
+from sample_data.sources import heldout, pypi_text
+from sample_data.sources.heldout import HELD_OUT_VERSION, idiom_held_out, poem_held_out, poem_key, to_simplified
+from sample_data.sources.packages import download, read_member
+from sample_data.sources.poetry import POETRY_FILES
+from sample_data.sources.pypi_text import CHARS_WORDS, read_idioms
 from evaluation import builtin, loaders
 from evaluation.builtin import EVAL_FILE, fetch_eval_set
 from evaluation.harness import OracleScorer, evaluate

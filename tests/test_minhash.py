@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cleaning import minhash
-from cleaning.dedup import DedupConfig
+from cleaning.dedup_config import DedupConfig
 from cleaning.minhash import EMPTY, MinHasher, code_points, estimated_jaccard, normalize
 from tests.realtext import CLUE
 

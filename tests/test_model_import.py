@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from cleaning.sources.packages import download
+from sample_data.sources.packages import download
 from pangu_model import load_checkpoint
 from pangu_model.released import ReleasedCheckpointError, import_released, read_released
 from tokenizer.released import RELEASED_PACKAGE

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from cleaning.sources.packages import Package, read_member
+from sample_data.sources.packages import Package, read_member
 from pangu_model import load_checkpoint
 from pangu_model.mindspore_ckpt import MindSporeCheckpoint
 from pangu_model.released import import_released

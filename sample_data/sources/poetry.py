@@ -7,9 +7,9 @@ import tarfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from cleaning.sources.heldout import poem_held_out
-from cleaning.sources.packages import FetchError, Package, download
-from cleaning.sources.records import record
+from sample_data.sources.heldout import poem_held_out
+from sample_data.sources.packages import FetchError, Package, download
+from sample_data.sources.records import record
 
 POETRY = Package("chinese-poetry", "2.0.1", "npm", "MIT")
 
@@ -49,7 +49,7 @@ def poem_parts(poem: dict[str, Any]) -> tuple[str, str, list[str]]:
 def read_poetry(cache: str | os.PathLike[str] | None = None) -> Iterator[dict[str, Any]]:
     """Poems as `title\\nauthor\\nline…`; needs `npm` (FetchError otherwise).
 
-    Poems of the built-in evaluation set (`poem_held_out`, cleaning/sources/heldout.py) are left
+    Poems of the built-in evaluation set (`poem_held_out`, sample_data/sources/heldout.py) are left
     out; ids keep their position in the file, so they stay stable.
     """
     archive_name = f"{POETRY.name}-{POETRY.version}.tgz"

@@ -8,6 +8,6 @@
   (evaluation/builtin.py) uses to choose its idioms and poems and the readers use to drop them.
 - `records`: the record every reader yields (`id`, `text`, `domain`, `source`, `url` for debs).
 - `pypi_text`, `poetry`, `debian_text`: the per-source readers (`read_*` → records, `iter_*` →
-  texts), used by the sample corpus (cleaning/sample.py) and to train the default classifiers
-  (cleaning/fetch.py).
+  texts), used by the sample corpus (sample_data/sample.py) and to train the default classifiers
+  (sample_data/fetch.py).
 """

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from cleaning.sources.packages import FetchError, cached_download, log
+from sample_data.sources.packages import FetchError, cached_download, log
 
 APT_GET = "apt-get"
 _apt_updated = False  # `apt-get update` runs at most once per process, and only when needed

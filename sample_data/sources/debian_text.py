@@ -1,5 +1,5 @@
 """Readers of the Debian sources: manpages-zh (roff → text), LibreOffice help (raw HTML) and
-fortunes-zh. Unpinned: the version and licence come from the .deb (cleaning/sources/debian.py)."""
+fortunes-zh. Unpinned: the version and licence come from the .deb (sample_data/sources/debian.py)."""
 from __future__ import annotations
 
 import gzip
@@ -7,11 +7,11 @@ import os
 import re
 from typing import Any, Iterator
 
-from cleaning.sources.debian import deb_download, deb_files
-from cleaning.sources.heldout import poem_held_out
-from cleaning.sources.packages import Package
-from cleaning.sources.records import deb_record
-from cleaning.sources.roff import roff_to_text
+from sample_data.sources.debian import deb_download, deb_files
+from sample_data.sources.heldout import poem_held_out
+from sample_data.sources.packages import Package
+from sample_data.sources.records import deb_record
+from sample_data.sources.roff import roff_to_text
 
 
 # -- manpages-zh ------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def read_fortunes_zh(cache: str | os.PathLike[str] | None = None) -> Iterator[di
 
     The anthologies repeat poems of the complete Tang and Song editions and `chinese` quotes famous
     couplets: a fortune that opens like a poem of the built-in evaluation set (`poem_held_out`,
-    cleaning/sources/heldout.py) is left out here too. The rule looks only at the first clause, so
+    sample_data/sources/heldout.py) is left out here too. The rule looks only at the first clause, so
     one other fortune in 40 goes as well: a small, deterministic loss. Ids keep their position in
     the file.
     """

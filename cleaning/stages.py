@@ -1,0 +1,93 @@
+"""The corpus build's stages, in order, written once for every orchestrator.
+
+A `Stage` is a name and the calls of one `CorpusBuild` method (over input files, shards or
+partitions, or a single call). `run_build` walks the stages in order, does the cheap steps that
+join them (assembling the shards, the dedup plan, the manifest) itself, and hands each stage to a
+`Mapper`: the one thing an orchestrator supplies. `run_local` maps a stage with `map` or an
+executor; the Prefect flow (`flows.corpus`) submits each call as a task run, on threads, worker
+processes or a Dask cluster. Each stage's method skips work behind its completion marker and
+commits its files atomically (`cleaning.writers`), so any stage can be killed and rerun anywhere.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from cleaning.build import CorpusBuild, describe_work
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: `fn(*args)` for every `args` in `calls`, in any order, anywhere; `labels` name the
+    calls (task run names, logs) and `describe` turns one result into a log line (or None)."""
+
+    name: str
+    fn: Callable[..., Any]  # a CorpusBuild method: it pickles, so it runs in other processes
+    calls: Sequence[tuple]
+    labels: Sequence[str]
+    describe: Callable[[Any], str | None] = lambda result: None
+
+
+#: runs every call of a stage and returns the results in the order of `stage.calls`
+Mapper = Callable[[Stage], list[Any]]
+
+
+def run_build(build: CorpusBuild, map_stage: Mapper, log: Callable[[str], None] = lambda message: None,
+              warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Every stage of one corpus version; returns its manifest."""
+    warn = warn or log
+    started = time.perf_counter()
+    listed = build.list_inputs()
+    files = [uri for uri, error, _ in listed if not error]
+    hashed = map_stage(Stage("hash-input", build.hash_input, [(uri,) for uri in files],
+                             [f"{i:05d}" for i in range(len(files))]))
+    shards = build.shards(listed, dict(zip(files, hashed)))
+    run_key = build.run_key(shards)
+    for shard in shards:
+        if shard.error:
+            warn(f"input problem: {shard.error}")
+    parts = sum(s.part is not None for s in shards)
+    log(f"{len(shards)} input shards ({len(files)} files{f', {parts} shards are parts of large files' if parts else ''}; "
+        f"{sum(s.size for s in shards) / 1e6:.1f} MB), build {run_key}")
+    labels = [f"{s.index:05d}" for s in shards]
+    cleaned = map_stage(Stage("clean", build.clean, [(s,) for s in shards], labels, _describe_clean))
+    dedup_done, mapped = None, []
+    if build.dedup_enabled:
+        mapped = map_stage(Stage("dedup-map", build.dedup_map, [(s, run_key) for s in shards], labels,
+                                 lambda m: f"signatures of {m['name']}: {m['documents']} documents "
+                                           f"({'signed now' if m['signed'] else 'cached'})"))
+        plan = build.dedup_plan(mapped, run_key)
+        log("dedup index: " + (f"extends {plan['previous']}" if plan["previous"] else f"built afresh ({plan['reason']})"))
+        partitions = range(build.config.dedup.partitions)
+        map_stage(Stage("dedup-reduce", build.dedup_reduce, [(p, run_key) for p in partitions],
+                        [f"{p:03d}" for p in partitions]))
+        dedup_done = map_stage(Stage("dedup-cluster", build.dedup_cluster, [(run_key,)], ["all"]))[0]
+        log(f"dedup: {dedup_done['summary']}")
+    finals = map_stage(Stage("finalize", build.finalize, [(s, shards, run_key) for s in shards], labels))
+    manifest = build.write_manifest(shards, cleaned, finals, dedup_done, run_key, time.perf_counter() - started,
+                                    mapped)
+    log(f"work: {describe_work(manifest['work'])}")
+    return manifest
+
+
+def _describe_clean(summary: dict[str, Any]) -> str:
+    counts = summary["counts"]
+    shard = summary["shard"]
+    where = shard["uri"] + (f" (part {shard['part'][0]}-{shard['part'][1]})" if shard.get("part") else "")
+    done = "already done" if summary.get("skipped") else f"{summary['seconds']:.1f}s"
+    line = f"clean {where}: {sum(counts['input'].values())} read, {sum(counts['kept'].values())} kept ({done})"
+    return line + (f"; {summary['error']}" if summary["error"] else "")
+
+
+def run_local(build: CorpusBuild, executor: Executor | None = None,
+              log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+    """Every stage without an orchestrator (tests, benchmarks, library users): each stage's calls
+    through `executor.map` (or in this process)."""
+    map_ = executor.map if executor is not None else map
+
+    def map_stage(stage: Stage) -> list[Any]:
+        return list(map_(stage.fn, *zip(*stage.calls))) if stage.calls else []
+
+    return run_build(build, map_stage, log)
