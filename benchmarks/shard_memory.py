@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/shard_memory.py --size-mb 32 --factor 4 --shard-mb 8
 
-Writes one JSON-lines file of SIZE MB and one of FACTOR × SIZE MB of real Chinese text with planted
-duplicates (`make_bench_corpus.py`), then builds each with the default preset in a fresh process
+Writes one JSON-lines file of a SIZE MB corpus of real Chinese text with planted duplicates
+(`make_bench_corpus.py`) and one of FACTOR such corpora (other seeds), then builds each with the default preset in a fresh process
 (one worker, so the peak is one task's) twice: cut into shards of SHARD MB (`shard_bytes`), and
 read whole (one shard per file, as before shards were bounded). Prints shards, documents,
 seconds and peak RSS per run, and the ratio of the peaks across sizes: with shards the peak
@@ -46,16 +46,22 @@ def main() -> None:
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="shard-memory-"))
     rows = []
-    for size in (args.size_mb, args.size_mb * args.factor):
-        corpus = root / f"corpus-{size:g}"
+    # FACTOR × the input: FACTOR corpora of SIZE MB made with different seeds (different remixed
+    # documents; the real documents recur, as exact duplicates across them), in one file.
+    corpora = []
+    for k in range(args.factor):
+        corpus = root / f"corpus-{args.size_mb:g}-seed{k}"
         if not corpus.joinpath("corpus.json").exists():
-            make_corpus(size, corpus, shard_mb=size)
-        whole = corpus / "one" / "input.jsonl"  # the corpus as one file
+            make_corpus(args.size_mb, corpus, seed=20240601 + k)
+        corpora.append(corpus)
+    for size, used in ((args.size_mb, corpora[:1]), (args.size_mb * args.factor, corpora)):
+        whole = root / f"input-{size:g}" / "input.jsonl"  # one file
         if not whole.exists():
             whole.parent.mkdir(exist_ok=True)
             with open(whole, "wb") as out:
-                for part in sorted((corpus / "data").glob("*.jsonl")):
-                    out.write(part.read_bytes())
+                for corpus in used:
+                    for part in sorted((corpus / "data").glob("*.jsonl")):
+                        out.write(part.read_bytes())
         files = [whole]
         for label, shard_bytes in (("shards", int(args.shard_mb * 2**20)), ("whole", 2**40)):
             out = root / f"out-{size:g}-{label}"

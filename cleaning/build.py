@@ -266,7 +266,8 @@ class CorpusBuild:
         r = self.config.reader
         return RecordReader(fields=FieldMap(r.text_field, r.id_field, r.domain_field, r.source_field, r.url_field),
                             txt_split=r.txt_split, txt_max_chars=r.txt_max_chars, html=r.html,
-                            html_favor=r.html_favor, max_record_bytes=r.max_record_bytes)
+                            html_favor=r.html_favor, html_fallback=r.html_fallback,
+                            max_record_bytes=r.max_record_bytes)
 
     # -- dedup -----------------------------------------------------------------------------
     @property

@@ -6,7 +6,8 @@ is written under a temporary name and renamed, and a stage whose output exists i
     map_shard(shard)          signatures/{shard:05d}.npy   uint32 (docs, num_perm), memory-mapped later
                               exact/{shard:05d}.npy        uint64 exact key per document
                               facts/{shard:05d}.npy        FACT per document: what ranks survivors
-                              buckets/p{p:03d}/{shard:05d}.npy  records (key, shard, row)
+                              buckets/p{p:03d}/{shard:05d}.npy  records (key, shard, row), sorted by
+                                                           key, then row
                               map/{shard:05d}.json         completion marker, written last; also
                                                            the shard's source names (FACT.source)
     reduce_partition(p)       pairs/p{p:03d}.json          counters of the partition
@@ -14,20 +15,25 @@ is written under a temporary name and renamed, and a stage whose output exists i
     cluster()                 duplicates/{shard:05d}.npy   (row, survivor_shard, survivor_row, kind)
                               summary.json                 counters, written last
 
-Memory: map holds one shard, reduce one partition of bucket records (plus the signatures of the
-documents that share a bucket, read through memory maps), cluster the confirmed pairs and the
-documents they touch, i.e. duplicates, never the corpus. Nor does it read a text: a survivor is
-chosen by the facts the map stage kept of each document (source, normalised length, quality).
+Memory: map holds one shard. Reduce merges the partition's sorted bucket files block by block
+(`key_blocks`): a block is a range of keys holding about DedupConfig.reduce_block_records records,
+and it holds one block plus a few thousand records per open file, whatever the size of the
+partition; it reads the signatures of the documents that share a bucket by rows (`_Rows`: a memory
+map on a local disk, byte ranges on an object store), never a whole signature file. Cluster holds
+the confirmed pairs and the documents they touch, i.e. duplicates, never the corpus. Nor does it
+read a text: a survivor is chosen by the facts the map stage kept of each document (source,
+normalised length, quality).
 
 A bucket record's key is either an exact key (top bit set) or an LSH band key (top bit clear,
-the band index mixed into the hash), so one sort per partition groups both kinds.
+the band index mixed into the hash), so one key order groups both kinds.
 """
 from __future__ import annotations
 
+import io
 import json
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import fsspec
 import numpy as np
@@ -106,11 +112,188 @@ def _load_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
 
 
 def _load_array(fs: fsspec.AbstractFileSystem, path: str, mmap: bool = False) -> np.ndarray:
-    """Every array read goes through here (tests watch it to check what a stage opens)."""
+    """Every whole array and every memory map is read through here (tests watch it to check what a
+    stage opens); `_Rows` reads only some rows of a file on an object store, by byte ranges."""
     if mmap and isinstance(fs, LocalFileSystem):
         return np.load(path, mmap_mode="r")
     with fs.open(path, "rb") as fh:  # remote: one shard file, still bounded by a shard
         return np.load(fh, allow_pickle=False)
+
+
+#: rows one step of a merge reads from a sorted file at most (less when many files share the
+#: block), and the stride of a segment's sparse key index (`cleaning.dedup_index`)
+CHUNK_ROWS = 4096
+_HEADER_BYTES = 256  # read at once for an .npy header (ours take 128; a longer one is read again)
+_GAP_BYTES = 4096  # rows wanted this close together are read in one request
+_MERGE_SLACK = 1 << 16  # pairs a reduce gathers before it merges them (`merge_parts`)
+
+
+def npy_header(dtype: np.dtype, rows: int) -> bytes:
+    """The header `np.save` writes for a 1-d array of `rows` values of `dtype` (the data follows)."""
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                               "fortran_order": False, "shape": (rows,)})
+    return out.getvalue()
+
+
+def _read_header(fs: fsspec.AbstractFileSystem, path: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and data offset of an .npy file, from a ranged read of its start."""
+    head = fs.cat_file(path, start=0, end=_HEADER_BYTES)
+    version = np.lib.format.read_magic(io.BytesIO(head))
+    prefix = 10 if version == (1, 0) else 12  # magic, version, header length
+    length = prefix + int.from_bytes(head[8:prefix], "little")
+    if length > len(head):
+        head = fs.cat_file(path, start=0, end=length)
+    fh = io.BytesIO(head)
+    np.lib.format.read_magic(fh)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(fh)
+    if fortran:
+        raise ValueError(f"{path}: a Fortran-ordered array")
+    return shape, dtype, length
+
+
+class _Rows:
+    """One .npy array file read by rows: through a memory map (`_load_array`) on a local disk, by
+    byte ranges after the header elsewhere (object stores), so that rows are read, never the file.
+
+    `slice` reads forward: on an object store it keeps the rows of the last call from `lo` on, so
+    the merge of `key_blocks` and its caller read each row of a file once."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str):
+        self.fs, self.path = fs, path
+        if isinstance(fs, LocalFileSystem):
+            self._map: np.ndarray | None = _load_array(fs, path, mmap=True)
+            self.shape, self.dtype, self._offset = self._map.shape, self._map.dtype, 0
+        else:
+            self._map = None
+            self.shape, self.dtype, self._offset = _read_header(fs, path)
+        self._row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
+        self._buffer, self._buffer_lo = self._empty(), 0
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def _empty(self) -> np.ndarray:
+        return np.empty((0,) + tuple(self.shape[1:]), dtype=self.dtype)
+
+    def _runs(self, starts: np.ndarray, ends: np.ndarray) -> list[bytes]:
+        base, size = self._offset, self._row_bytes
+        return self.fs.cat_ranges([self.path] * len(starts), (base + starts * size).tolist(),
+                                  (base + ends * size).tolist(), on_error="raise")
+
+    def _frombytes(self, data: bytes) -> np.ndarray:
+        return np.frombuffer(data, dtype=self.dtype).reshape((-1,) + tuple(self.shape[1:]))
+
+    def slice(self, lo: int, hi: int) -> np.ndarray:
+        """Rows lo..hi-1 (a view of the map on a local disk)."""
+        if self._map is not None:
+            return self._map[lo:hi]
+        buffer, start = self._buffer, self._buffer_lo
+        if not start <= lo <= start + len(buffer):
+            buffer, start = self._empty(), lo
+        buffer = buffer[lo - start:]
+        if lo + len(buffer) < hi:
+            fresh = self._runs(np.array([lo + len(buffer)]), np.array([hi]))[0]
+            buffer = np.concatenate([buffer, self._frombytes(fresh)])
+        self._buffer, self._buffer_lo = buffer, lo
+        return buffer[:hi - lo]
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows at the positions `rows` (ascending, repeats allowed): on an object store, one byte
+        range per run of rows closer together than _GAP_BYTES."""
+        if self._map is not None:
+            return np.asarray(self._map[rows])
+        if not len(rows):
+            return self._empty()
+        rows = np.asarray(rows, dtype=np.int64)
+        gap = max(1, _GAP_BYTES // max(1, self._row_bytes))
+        cut = np.flatnonzero(np.diff(rows) > gap) + 1
+        first, last = np.r_[0, cut], np.r_[cut, len(rows)]
+        starts, ends = rows[first], rows[last - 1] + 1
+        data = self._frombytes(b"".join(self._runs(starts, ends)))
+        run_at = np.r_[0, np.cumsum(ends - starts)[:-1]]
+        run = np.repeat(np.arange(len(first)), last - first)
+        return data[run_at[run] + rows - starts[run]]
+
+    def searchsorted(self, keys: np.ndarray, side: str, sample: np.ndarray | None = None,
+                     stride: int = CHUNK_ROWS) -> np.ndarray:
+        """`np.searchsorted` of the sorted `keys` in this sorted 1-d file. On an object store it
+        reads only the windows of `stride` rows that `sample` (every stride-th value of the file,
+        from row 0) says hold the answers, some windows per request."""
+        if self._map is not None:
+            return np.searchsorted(self._map, keys, side=side)
+        keys = np.asarray(keys, dtype=self.dtype)
+        window = np.searchsorted(sample, keys, side=side) - 1  # window of each answer (-1: row 0)
+        out = np.zeros(len(keys), dtype=np.int64)
+        windows = np.unique(window[window >= 0])
+        for lo in range(0, len(windows), 256):  # 256 windows (8 MiB of uint64 keys) at a time
+            batch = windows[lo:lo + 256]
+            starts = batch * stride
+            ends = np.minimum(starts + stride, len(self))
+            values = self._frombytes(b"".join(self._runs(starts, ends)))
+            at = np.r_[0, np.cumsum(ends - starts)[:-1]]
+            sel = slice(int(np.searchsorted(window, batch[0], side="left")),
+                        int(np.searchsorted(window, batch[-1], side="right")))  # `window` ascends
+            k = np.searchsorted(batch, window[sel])
+            # an earlier window's values are all below the key (left; not above it: right), a later
+            # window's all above it: the key's place in the concatenation falls in its own window
+            found = np.searchsorted(values, keys[sel], side=side) - at[k]
+            out[sel] = starts[k] + np.clip(found, 0, ends[k] - starts[k])
+        return out
+
+
+def key_blocks(files: Sequence[_Rows], block: int, key: Callable[[np.ndarray], np.ndarray]
+               ) -> Iterator[list[tuple[int, int]]]:
+    """Blocks of the rows of files sorted by key (`key` gives the keys of some rows), in ascending
+    key order: per block, the row range (lo, hi) of each file. A block ends at a key boundary, so
+    the rows of one key (a bucket) are never split between blocks; it holds `block` rows, fewer at
+    the end, or more when its last key has more rows.
+
+    A k-way merge that reads each file forward: the keys below the smallest last key read of the
+    files not read to the end are all read, so the files with few rows read above that bound read
+    on until `block` rows lie below it. What it holds at once: the block, and about a chunk of rows
+    per file beyond it (CHUNK_ROWS, less when many files share the block; more where one key has
+    more rows), i.e. memory per open file, not per record.
+    """
+    sizes = [len(f) for f in files]
+    chunk = max(16, min(CHUNK_ROWS, block // max(1, len(files))))
+    pos = [0] * len(files)  # first row not yet in a block
+    end = [0] * len(files)  # first row not yet read
+    keys = [np.empty(0, np.uint64) for _ in files]  # keys of rows pos..end
+
+    def read_on(i: int, rows: int) -> None:
+        stop = min(sizes[i], end[i] + rows)
+        found = key(files[i].slice(pos[i], stop))
+        new = found[max(0, end[i] - pos[i] - 1):]  # with the last row read before: the order across
+        if len(new) > 1 and (new[1:] < new[:-1]).any():
+            raise ValueError(f"{files[i].path} is not sorted by key (written by an older map stage?); "
+                             "use a fresh work directory")
+        keys[i], end[i] = found, stop
+
+    for i in range(len(files)):
+        read_on(i, chunk)
+    while True:
+        unread = [i for i, n in enumerate(sizes) if end[i] < n]
+        bound = min(keys[i][-1] for i in unread) if unread else None  # every key below it is read
+        below = [len(k) if bound is None else int(np.searchsorted(k, bound, side="left")) for k in keys]
+        if unread and sum(below) < block:
+            step = max(chunk, (block - sum(below)) // len(unread))
+            for i in unread:
+                if len(keys[i]) - below[i] < chunk or keys[i][-1] == bound:
+                    read_on(i, step)
+            continue
+        if not sum(below):
+            return
+        if sum(below) > block:  # the block ends with the block-th smallest key, and all its rows
+            last = np.partition(np.concatenate([k[:b] for k, b in zip(keys, below)]), block - 1)[block - 1]
+            below = [int(np.searchsorted(k, last, side="right")) for k in keys]
+        yield [(p, p + b) for p, b in zip(pos, below)]
+        for i, b in enumerate(below):
+            pos[i] += b
+            keys[i] = keys[i][b:]
+            if pos[i] == end[i] < sizes[i]:  # read on, so that the next bound knows this file
+                read_on(i, chunk)
 
 
 def _check_fingerprint(path: str, found: str | None, expected: str) -> None:
@@ -197,7 +380,8 @@ def map_shard(dir: str, shard: int, texts: Sequence[str], config: DedupConfig,
         parts.append(_records(bands.ravel(), shard, np.repeat(rows[has_text], config.bands)))
     records = np.concatenate(parts) if parts else np.empty(0, dtype=RECORD)
     partition = records["key"] % np.uint64(config.partitions)
-    order = np.argsort(partition, kind="stable")
+    # by partition, then key (the reduce merges the files by key), then row
+    order = np.lexsort((records["row"], records["key"], partition))
     records, partition = records[order], partition[order]
     bounds = np.searchsorted(partition, np.arange(config.partitions + 1))
     for p, path in enumerate(paths["buckets"]):
@@ -231,7 +415,9 @@ def _records(keys: np.ndarray, shard: int, rows: np.ndarray) -> np.ndarray:
 
 # -- reduce -------------------------------------------------------------------------------------
 class _Signatures:
-    """Signature rows of chosen documents, read through one memory map per shard file.
+    """Rows of chosen documents from the map stage's per-shard files (signatures, exact keys,
+    facts), read by rows (`_Rows`): through one memory map per shard file on a local disk, by byte
+    ranges of the rows wanted on an object store, never a whole file.
 
     `locate(shard)` gives the map directory that holds a shard's files and its number there: by
     default the work directory itself (`root`, shard numbers as given); the incremental index
@@ -241,16 +427,20 @@ class _Signatures:
                  locate: Callable[[int], tuple[str, int]] | None = None):
         self.fs, self.root = fs, root
         self.locate = locate or (lambda shard: (root, shard))
-        self._maps: dict[int, np.ndarray] = {}
+        self._files: dict[tuple[str, int], _Rows] = {}
 
     def _file(self, what: str, shard: int) -> str:
         directory, number = self.locate(shard)
         return f"{directory}/{what}/{number:05d}.npy"
 
-    def _shard(self, shard: int) -> np.ndarray:
-        if shard not in self._maps:
-            self._maps[shard] = _load_array(self.fs, self._file("signatures", shard), mmap=True)
-        return self._maps[shard]
+    def _rows(self, what: str, shard: int) -> _Rows:
+        # kept: the signature maps, and on an object store every file's header (no descriptor)
+        if (what, shard) in self._files:
+            return self._files[what, shard]
+        rows = _Rows(self.fs, self._file(what, shard))
+        if what == "signatures" or not isinstance(self.fs, LocalFileSystem):
+            self._files[what, shard] = rows
+        return rows
 
     def source_names(self, shard: int) -> list[str]:
         """The names that the shard's FACT.source values index (its map marker)."""
@@ -264,11 +454,9 @@ class _Signatures:
         out = None
         for s in np.unique(shards).tolist():
             sel = np.flatnonzero(shards == s)
-            source = self._shard(s) if what == "signatures" else _load_array(
-                self.fs, self._file(what, s), mmap=True)
             r = rows[sel]
-            order = np.argsort(r, kind="stable")  # ascending reads: sequential pages of the map
-            block = np.asarray(source[r[order]])
+            order = np.argsort(r, kind="stable")  # ascending reads: sequential pages, fewer ranges
+            block = self._rows(what, s).take(r[order])
             if out is None:
                 out = np.empty((len(gids),) + block.shape[1:], dtype=block.dtype)
             out[sel[order]] = block
@@ -289,7 +477,10 @@ def _similarity(sigs: _Signatures, a: np.ndarray, b: np.ndarray, chunk: int = 1 
 
 
 def reduce_partition(dir: str, partition: int, config: DedupConfig) -> None:
-    """Reduce stage for one partition: group equal keys, emit confirmed pairs."""
+    """Reduce stage for one partition: group equal keys, emit confirmed pairs. The shards' sorted
+    bucket files are merged block by block (`key_blocks`); a bucket's pairs depend on its own
+    members only (`star_pairs`), so the blocks' pairs are the partition's, whatever the block size
+    (only the `checked` count can differ: a pair that two buckets of one block share is compared once)."""
     fs, root = _fs(dir)
     out = f"{root}/pairs/p{partition:03d}.npy"
     stats_path = f"{root}/pairs/p{partition:03d}.json"
@@ -297,14 +488,35 @@ def reduce_partition(dir: str, partition: int, config: DedupConfig) -> None:
         _check_fingerprint(out, _load_json(fs, stats_path).get("config"), config.pairs_fingerprint())
         return
     folder = f"{root}/buckets/p{partition:03d}"
-    files = sorted(p for p in fs.ls(folder, detail=False) if _SHARD_FILE.match(p.rsplit("/", 1)[-1])) \
+    paths = sorted(p for p in fs.ls(folder, detail=False) if _SHARD_FILE.match(p.rsplit("/", 1)[-1])) \
         if fs.exists(folder) else []
-    records = np.concatenate([_load_array(fs, f) for f in files]) if files else np.empty(0, dtype=RECORD)
-    occurrences, counts = star_pairs(records, _Signatures(fs, root), config)
-    found = _unique_pairs(occurrences)
-    _save_json(fs, stats_path, {"records": int(len(records)), **counts, "confirmed": int(len(found)),
+    files = [_Rows(fs, path) for path in paths]
+    sigs = _Signatures(fs, root)
+    found, counts = [], {"grouped": 0, "checked": 0}
+    for ranges in key_blocks(files, config.reduce_block_records, _record_keys):
+        records = np.concatenate([f.slice(lo, hi) for f, (lo, hi) in zip(files, ranges)])
+        pairs, done = star_pairs(records, sigs, config)
+        found = merge_parts(found, pairs, _unique_pairs)
+        counts = {k: counts[k] + done[k] for k in counts}
+    found = _unique_pairs(np.concatenate(found + [np.empty(0, dtype=PAIR)]))
+    _save_json(fs, stats_path, {"records": sum(len(f) for f in files), **counts, "confirmed": int(len(found)),
                                 "config": config.pairs_fingerprint()})
     _save_array(fs, out, found)
+
+
+def _record_keys(records: np.ndarray) -> np.ndarray:
+    return records["key"]
+
+
+def merge_parts(parts: list[np.ndarray], part: np.ndarray, merge: Callable[[np.ndarray], np.ndarray]
+                ) -> list[np.ndarray]:
+    """`parts` and `part`, merged (`merge` of their concatenation) once the unmerged ones outgrow
+    the merged one: a pair that many buckets of many blocks confirm is held about once, not once
+    a bucket, so the pairs of a reduce stay within a few times the pair count."""
+    parts = parts + [part]
+    if sum(len(p) for p in parts[1:]) > len(parts[0]) + _MERGE_SLACK:
+        parts = [merge(np.concatenate(parts))]
+    return parts
 
 
 def star_pairs(records: np.ndarray, sigs: _Signatures, config: DedupConfig) -> tuple[np.ndarray, dict[str, int]]:

@@ -14,10 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 SurvivorKey = Literal["priority", "quality", "length"]
 #: the fields that only choose survivors: signatures, bucket records and pairs do not depend on them
 SURVIVOR_FIELDS = frozenset({"survivor_order", "source_priority"})
+#: the fields that only say how the stages work (memory, I/O), never what they produce: left out of
+#: both fingerprints, so changing them reuses every cached output
+RUNTIME_FIELDS = frozenset({"reduce_block_records"})
 #: quality of a document the quality classifier did not score: P(high quality) = 0.5, no opinion
 NEUTRAL_QUALITY = 0.5
 # Bumped when the map stage's files change, so that cache entries of another layout are not reused.
-_MAP_LAYOUT = 2
+# 3: bucket files sorted by key (the reduce merges them block by block).
+_MAP_LAYOUT = 3
 
 
 class DedupConfig(BaseModel):
@@ -64,6 +68,13 @@ class DedupConfig(BaseModel):
     # a partition (docs x (bands + 1) / partitions x 16 bytes) fits in a worker's memory.
     partitions: int = Field(16, ge=1, description="bucket partitions of the reduce stage")
     seed: int = 1234
+    # Not part of the fingerprints (RUNTIME_FIELDS): any value gives the same files and results.
+    reduce_block_records: int = Field(
+        1 << 20, ge=1,
+        description="bucket records a reduce holds at once: it walks the partition's sorted bucket files "
+                    "in ascending key ranges of about this many records (a bucket is never split, so one "
+                    "larger bucket makes a larger block); memory is this plus a few thousand records "
+                    "per open file, whatever the corpus size")
     survivor_order: list[SurvivorKey] = Field(
         default_factory=lambda: ["priority", "quality", "length"],
         description="what ranks the members of a cluster, most important first (higher wins); "
@@ -86,12 +97,12 @@ class DedupConfig(BaseModel):
 
     def fingerprint(self) -> str:
         """Identifies the duplicates and survivors a configuration produces; a rerun with another
-        one must not mix."""
-        return xxhash.xxh64_hexdigest(self.model_dump_json().encode())
+        one must not mix. The runtime fields (RUNTIME_FIELDS) are left out: they change no output."""
+        return xxhash.xxh64_hexdigest(self.model_dump_json(exclude=set(RUNTIME_FIELDS)).encode())
 
     def pairs_fingerprint(self) -> str:
         """Identifies what the map and reduce stages produce (signatures, exact keys, per-document
         rank facts, bucket records, confirmed pairs): every field but the survivor rule, so a change
         of priorities re-ranks the clusters without hashing a document again."""
-        fields = self.model_dump_json(exclude=set(SURVIVOR_FIELDS))
+        fields = self.model_dump_json(exclude=set(SURVIVOR_FIELDS | RUNTIME_FIELDS))
         return xxhash.xxh64_hexdigest(f"{_MAP_LAYOUT}:{fields}".encode())

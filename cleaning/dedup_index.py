@@ -10,9 +10,11 @@ JSON file named last in each entry is its completion marker, written after the o
                               the content hash of the cleaned shard plus the DedupConfig's
                               `pairs_fingerprint` (every field but the survivor rule): a shard is
                               hashed once, whichever versions and survivor settings it serves.
-    index/segments/<name>/    the bucket records of some shards for one partition, sorted by key:
-                              keys.npy (uint64), refs.npy (segment-local shard << 32 | row),
-                              shards.json (the shards' names and the row count)
+    index/segments/<name>/    the bucket records of some shards for one partition, sorted by key,
+                              then (shard, row): keys.npy (uint64), refs.npy (segment-local
+                              shard << 32 | row), sparse.npy (every sparse_stride-th key, from
+                              the first: where a lookup on an object store reads), shards.json (the
+                              shards' names, their record counts, the row count, sparse_stride)
     index/versions/<version>/ one version's dedup state:
         plan.json             its shards in order (name, minhash entry, documents) and the previous
                               version whose index it extends (null: none, or not usable)
@@ -29,7 +31,8 @@ a version. Gids are (shard index in the version << 32 | row), so (shard, row) or
 Why the result equals a build from scratch: the reduce's pairs are, bucket by bucket, a function
 of the bucket's members and their order only (`dedup.star_pairs`). A refresh finds the buckets its
 new or removed shards touch (their keys), looks up those buckets' other members in the previous
-segments (a binary search per key in a memory map), takes away the pairs the old members made and
+segments (a binary search per key: in a memory map, or on an object store in the few rows that
+the segment's sparse key index points at), takes away the pairs the old members made and
 adds the pairs the new members make; every other bucket keeps its pairs. Unchanged shards keep
 their relative order (inputs are sorted by URI; checked, else the index is not reused), so an old
 pair keeps its orientation. The survivor of a cluster depends only on its connected component of
@@ -38,6 +41,13 @@ facts and of its gid's order, which unchanged shards keep): components whose pai
 keep the previous version's survivors, and only the others are worked out again. A previous
 version ranked with other survivor settings (`source_priority`, `survivor_order`) is still
 extended, its pairs being the same, but every component is ranked again.
+
+Memory: the reduce walks the new and removed shards' sorted bucket files block by block
+(`dedup.key_blocks`, DedupConfig.reduce_block_records), looks up each block's keys in the
+segments, writes the new segment as it goes, and merges segments block by block too: it holds a
+block and a chunk per open file, never a partition's records; the pairs it sums are bounded by
+the pair count. Blocks end at key boundaries, so no result depends on the block size (only the
+work counter `checked` can: a pair that two buckets of one block share is compared once).
 
 Segments: a refresh adds one per partition (the new shards' records). A version's shard is owned by
 the newest of the version's segments that lists it (a shard removed and added again is listed
@@ -49,15 +59,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, Iterator, Sequence
 
 import fsspec
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 from cleaning import dedup
-from cleaning.dedup import (EXACT, NEAR, PAIR, RECORD, _Signatures, _components, _load_array, _load_json,
-                            _save_array, _save_json, _unique_pairs)
+from cleaning.dedup import (EXACT, NEAR, PAIR, RECORD, _record_keys, _Rows, _Signatures, _components,
+                            _load_array, _load_json, _save_array, _save_json, _unique_pairs, key_blocks, merge_parts,
+                            npy_header)
 from cleaning.dedup_config import DedupConfig
+from cleaning.writers import atomic_file
 
 MINHASH = "minhash"
 SEGMENTS = "index/segments"
@@ -164,12 +178,9 @@ class _Version:
     def signatures(self, fs: fsspec.AbstractFileSystem) -> _Signatures:
         return _Signatures(fs, self.work, lambda shard: (f"{self.work}/{MINHASH}/{self.entries[shard]}", 0))
 
-    def buckets(self, fs: fsspec.AbstractFileSystem, shard: int, partition: int) -> np.ndarray:
-        """The shard's bucket records of one partition, with its index in this version."""
-        records = _load_array(fs, f"{self.work}/{MINHASH}/{self.entries[shard]}/buckets/p{partition:03d}/00000.npy")
-        records = np.array(records)
-        records["shard"] = shard
-        return records
+    def buckets(self, fs: fsspec.AbstractFileSystem, shard: int, partition: int) -> _Rows:
+        """The shard's bucket records of one partition (their `shard` is 0: see `_in_version`)."""
+        return _Rows(fs, f"{self.work}/{MINHASH}/{self.entries[shard]}/buckets/p{partition:03d}/00000.npy")
 
     def table(self, names: Sequence[str]) -> np.ndarray:
         """Index in this version of each of `names` (-1: not in it)."""
@@ -206,42 +217,65 @@ def _owned(fs: fsspec.AbstractFileSystem, work: str, segments: Sequence[str], ve
             for k, names in enumerate(listed)]
 
 
-def _lookup(fs: fsspec.AbstractFileSystem, work: str, name: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The (key, local ref) records of a segment whose key is one of the sorted `keys`: a binary
-    search per key in the memory-mapped key column, so a lookup reads a few pages, not the segment."""
+class _Segment:
+    """A segment's key and ref columns (`dedup._Rows`), opened once for a reduce."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, work: str, name: str):
+        folder = _segment_dir(work, name)
+        self.keys, self.refs = _Rows(fs, f"{folder}/keys.npy"), _Rows(fs, f"{folder}/refs.npy")
+        # an object store has no memory map to search: the sparse index says which rows to read
+        self.sample, self.stride = None, 0
+        if not isinstance(fs, LocalFileSystem):
+            self.sample = _load_array(fs, f"{folder}/sparse.npy")
+            self.stride = int(_segment_shards(fs, work, name)["sparse_stride"])
+
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The (key, local ref) records whose key is one of the sorted `keys`: a binary search per
+        key in the key column (`_Rows.searchsorted`), then the refs of the rows found, so a lookup
+        reads a few pages or byte ranges, not the segment."""
+        lo = self.keys.searchsorted(keys, "left", self.sample, self.stride)
+        hi = self.keys.searchsorted(keys, "right", self.sample, self.stride)
+        lengths = hi - lo
+        total = int(lengths.sum())
+        if not total:
+            return np.empty(0, np.uint64), np.empty(0, np.uint64)
+        starts = np.repeat(lo - (np.cumsum(lengths) - lengths), lengths) + np.arange(total)
+        return np.repeat(np.asarray(keys, dtype=np.uint64), lengths), self.refs.take(starts)
+
+
+@contextmanager
+def _segment_writer(fs: fsspec.AbstractFileSystem, work: str, name: str, rows: int, names: Sequence[str],
+                    counts: Sequence[int]) -> Iterator[Callable[[np.ndarray], None]]:
+    """Writes a segment of `rows` records block by block: the context gives `append(records)`
+    (RECORD rows whose `shard` indexes `names`; each call's keys above the previous call's), and the
+    files are those that one sort of all the records would give. `counts`: the records of each of
+    `names`. The key and ref files are renamed into place at the end, then the sparse index, then
+    shards.json, the marker; a failure leaves no file."""
     folder = _segment_dir(work, name)
-    stored = _load_array(fs, f"{folder}/keys.npy", mmap=True)
-    lo = np.searchsorted(stored, keys, side="left")
-    hi = np.searchsorted(stored, keys, side="right")
-    lengths = hi - lo
-    total = int(lengths.sum())
-    if not total:
-        return np.empty(0, np.uint64), np.empty(0, np.uint64)
-    starts = np.repeat(lo - (np.cumsum(lengths) - lengths), lengths) + np.arange(total)
-    refs = _load_array(fs, f"{folder}/refs.npy", mmap=True)
-    return np.asarray(stored[starts]), np.asarray(refs[starts])
+    sample, written, stride = [], 0, dedup.CHUNK_ROWS
+    with atomic_file(fs.unstrip_protocol(f"{folder}/keys.npy")) as keys, \
+            atomic_file(fs.unstrip_protocol(f"{folder}/refs.npy")) as refs:
+        keys.write(npy_header(np.uint64, rows))
+        refs.write(npy_header(np.uint64, rows))
 
+        def append(records: np.ndarray) -> None:
+            nonlocal written
+            records = records[np.lexsort((records["row"], records["shard"], records["key"]))]
+            sample.append(records["key"][-written % stride::stride])
+            keys.write(np.ascontiguousarray(records["key"]).tobytes())
+            refs.write(dedup.gid(records["shard"], records["row"]).tobytes())
+            written += len(records)
 
-def _write_segment(fs: fsspec.AbstractFileSystem, work: str, name: str, records: np.ndarray,
-                   names: Sequence[str]) -> None:
-    """A segment from RECORD rows whose `shard` indexes `names` (skipped when it is there)."""
-    folder = _segment_dir(work, name)
-    if fs.exists(f"{folder}/shards.json"):
-        return
-    records = records[np.lexsort((records["row"], records["shard"], records["key"]))]
-    _save_array(fs, f"{folder}/keys.npy", np.ascontiguousarray(records["key"]))
-    _save_array(fs, f"{folder}/refs.npy", dedup.gid(records["shard"], records["row"]))
-    _save_json(fs, f"{folder}/shards.json", {"shards": list(names), "rows": int(len(records))})
-
-
-def _segment_records(fs: fsspec.AbstractFileSystem, work: str, name: str, owned: np.ndarray) -> np.ndarray:
-    """All live records of a segment (RECORD, `shard` = version index): for merging."""
-    folder = _segment_dir(work, name)
-    keys, refs = _load_array(fs, f"{folder}/keys.npy"), _load_array(fs, f"{folder}/refs.npy")
-    return _as_records(keys, refs, owned)
+        yield append
+        if written != rows:
+            raise RuntimeError(f"segment {name}: {written} records written for {rows}")
+    _save_array(fs, f"{folder}/sparse.npy", np.concatenate(sample + [np.empty(0, np.uint64)]))
+    _save_json(fs, f"{folder}/shards.json", {"shards": list(names), "records": [int(c) for c in counts],
+                                              "rows": int(rows), "sparse_stride": stride})
 
 
 def _as_records(keys: np.ndarray, refs: np.ndarray, owned: np.ndarray) -> np.ndarray:
+    """Live records (RECORD, `shard` = version index) of a segment's (key, local ref) rows."""
     shard = owned[(refs >> np.uint64(32)).astype(np.int64)] if len(refs) else np.empty(0, np.int64)
     live = shard >= 0
     out = np.empty(int(live.sum()), dtype=RECORD)
@@ -249,24 +283,35 @@ def _as_records(keys: np.ndarray, refs: np.ndarray, owned: np.ndarray) -> np.nda
     return out
 
 
+def _column(keys: np.ndarray) -> np.ndarray:
+    return keys
+
+
 def _compact(fs: fsspec.AbstractFileSystem, work: str, partition: int, segments: list[str],
-             version: _Version) -> list[str]:
-    """Merges the two newest segments while the older is at most twice the newer (see module doc)."""
+             version: _Version, block: int) -> list[str]:
+    """Merges the two newest segments while the older is at most twice the newer (see module doc),
+    block by block (`dedup.key_blocks`): a merge holds a block, not the segments."""
     segments = list(segments)
     while len(segments) >= 2:
         older, newer = segments[-2], segments[-1]
-        if _segment_shards(fs, work, older)["rows"] > 2 * _segment_shards(fs, work, newer)["rows"]:
+        listed = [_segment_shards(fs, work, name) for name in (older, newer)]
+        if listed[0]["rows"] > 2 * listed[1]["rows"]:
             break
-        owned = _owned(fs, work, segments, version)
-        records = np.concatenate([_segment_records(fs, work, older, owned[-2]),
-                                  _segment_records(fs, work, newer, owned[-1])])
-        shards = np.unique(records["shard"]).astype(np.int64)
-        local = np.searchsorted(shards, records["shard"])
+        owned = _owned(fs, work, segments, version)[-2:]
+        live = {int(own[local]): count for info, own in zip(listed, owned)
+                for local, count in enumerate(info["records"]) if own[local] >= 0 and count}
+        shards = np.array(sorted(live), dtype=np.int64)  # the merged segment's, in version order
         names = [version.names[s] for s in shards.tolist()]
-        merged = np.empty(len(records), dtype=RECORD)
-        merged["key"], merged["shard"], merged["row"] = records["key"], local, records["row"]
         name = f"p{partition:03d}-{_digest(['merge', older, newer, names])}"
-        _write_segment(fs, work, name, merged, names)
+        if not fs.exists(f"{_segment_dir(work, name)}/shards.json"):
+            parts = [_Segment(fs, work, n) for n in (older, newer)]
+            with _segment_writer(fs, work, name, sum(live.values()), names,
+                                 [live[s] for s in shards.tolist()]) as append:
+                for ranges in key_blocks([part.keys for part in parts], block, _column):
+                    records = np.concatenate([_as_records(part.keys.slice(lo, hi), part.refs.slice(lo, hi), own)
+                                              for part, own, (lo, hi) in zip(parts, owned, ranges)])
+                    records["shard"] = np.searchsorted(shards, records["shard"])
+                    append(records)
         segments[-2:] = [name]
     return segments
 
@@ -278,8 +323,9 @@ def _counted(pairs: np.ndarray, sign: int) -> np.ndarray:
     return out
 
 
-def _sum_counts(parts: Sequence[np.ndarray]) -> np.ndarray:
-    """Pairs with the counts of equal (a, b, kind) added up; pairs left at zero dropped."""
+def _sum_counts(parts: Sequence[np.ndarray], final: bool = True) -> np.ndarray:
+    """Pairs with the counts of equal (a, b, kind) added up; pairs left at zero dropped. `final`:
+    the parts are all the partition's, so a count below zero is an error (else it is a part sum)."""
     pairs = np.concatenate(parts) if parts else np.empty(0, dtype=COUNTED)
     if not len(pairs):
         return pairs
@@ -289,14 +335,28 @@ def _sum_counts(parts: Sequence[np.ndarray]) -> np.ndarray:
     starts = np.flatnonzero(first)
     out = pairs[starts].copy()
     out["count"] = np.add.reduceat(pairs["count"], starts)
+    if not final:
+        return out[out["count"] != 0]
     if (out["count"] < 0).any():
         raise RuntimeError("dedup index: a pair was taken away more often than it was found; "
                            "the previous version's index does not match its shards")
     return out[out["count"] > 0]
 
 
+def _in_version(parts: Sequence[np.ndarray], shards: Sequence[int]) -> np.ndarray:
+    """Bucket records of some shards (a copy), `shard` set to each one's index in the version."""
+    out = np.concatenate([*parts, np.empty(0, RECORD)])
+    out["shard"] = np.repeat(np.asarray(shards, dtype=np.int64), [len(p) for p in parts]) if parts else 0
+    return out
+
+
 def reduce_partition(work: str, version: str, partition: int, config: DedupConfig) -> dict[str, Any]:
-    """The version's confirmed pairs of one partition, and its segments (skipped when done)."""
+    """The version's confirmed pairs of one partition, and its segments (skipped when done).
+
+    Block by block (`dedup.key_blocks` over the new and the removed shards' bucket files): the
+    keys of the block are the touched buckets; their old members come from the previous segments,
+    the pairs the old members made are taken away and those the members now make added, and the
+    new shards' records of the block go to the new segment. Buckets never straddle two blocks."""
     fs, root = dedup._fs(work)
     state = version_dir(root, version)
     marker = f"{state}/pairs/p{partition:03d}.json"
@@ -312,44 +372,52 @@ def reduce_partition(work: str, version: str, partition: int, config: DedupConfi
 
     fresh = [i for i, name in enumerate(now.names) if name not in before.position]
     gone = [j for j, name in enumerate(before.names) if name not in now.position]
-    fresh_records = np.concatenate([now.buckets(fs, i, partition) for i in fresh] + [np.empty(0, RECORD)])
-    gone_keys = [before.buckets(fs, j, partition)["key"] for j in gone]
-    touched = np.unique(np.concatenate([fresh_records["key"], *gone_keys, np.empty(0, np.uint64)]))
-
-    # The touched buckets' members in the previous version, from its segments.
+    files = [now.buckets(fs, i, partition) for i in fresh] + [before.buckets(fs, j, partition) for j in gone]
     owned = _owned(fs, root, old_segments, before)
-    found = [_as_records(*_lookup(fs, root, name, touched), owned[k]) for k, name in enumerate(old_segments)]
-    old_members = np.concatenate(found + [np.empty(0, RECORD)])
-    # The same buckets now: their old members that are still in the version, and the new records.
+    segments_before = [_Segment(fs, root, name) for name in old_segments]
     to_now = now.table(before.names)
-    index_now = to_now[old_members["shard"].astype(np.int64)]
-    still = old_members[index_now >= 0].copy()
-    still["shard"] = index_now[index_now >= 0]
-    new_members = np.concatenate([still, fresh_records])
+    sigs_before, sigs_now = before.signatures(fs), now.signatures(fs)
 
-    old_pairs, old_counts = dedup.star_pairs(old_members, before.signatures(fs), config)
-    new_pairs, new_counts = dedup.star_pairs(new_members, now.signatures(fs), config)
+    counts = [len(f) for f in files[:len(fresh)]]
+    names = [now.names[i] for i in fresh]
+    # named by what it extends too: a shard removed and added again gets a segment of its own
+    added = f"p{partition:03d}-{_digest(['add', previous, names, config.pairs_fingerprint()])}" if sum(counts) else None
+    writer = _segment_writer(fs, root, added, sum(counts), names, counts) \
+        if added and not fs.exists(f"{_segment_dir(root, added)}/shards.json") else None
+    summed, touched_keys, looked_up, checked = [], 0, 0, 0
+    with writer or nullcontext() as append:
+        for ranges in key_blocks(files, config.reduce_block_records, _record_keys):
+            read = [f.slice(lo, hi) for f, (lo, hi) in zip(files, ranges)]
+            fresh_records = _in_version(read[:len(fresh)], fresh)
+            touched = np.unique(np.concatenate([fresh_records["key"], *(r["key"] for r in read[len(fresh):])]))
+            # The touched buckets' members in the previous version, from its segments.
+            old_members = np.concatenate([_as_records(*segment.lookup(touched), owned[k])
+                                          for k, segment in enumerate(segments_before)] + [np.empty(0, RECORD)])
+            # The same buckets now: their old members that are still in the version, and the new records.
+            index_now = to_now[old_members["shard"].astype(np.int64)]
+            still = old_members[index_now >= 0].copy()
+            still["shard"] = index_now[index_now >= 0]
+            new_members = np.concatenate([still, fresh_records])
+
+            old_pairs, old_counts = dedup.star_pairs(old_members, sigs_before, config)
+            new_pairs, new_counts = dedup.star_pairs(new_members, sigs_now, config)
+            summed = merge_parts(summed, np.concatenate([_moved(_counted(old_pairs, -1), to_now), _counted(new_pairs, +1)]),
+                                 lambda pairs: _sum_counts([pairs], final=False))
+            touched_keys, looked_up = touched_keys + len(touched), looked_up + len(old_members)
+            checked += old_counts["checked"] + new_counts["checked"]
+            if append:
+                fresh_records["shard"] = np.searchsorted(np.asarray(fresh, dtype=np.int64), fresh_records["shard"])
+                append(fresh_records)
     carried_pairs = _load_array(fs, f"{version_dir(root, previous)}/pairs/p{partition:03d}.npy") if previous \
         else np.empty(0, dtype=COUNTED)
-    parts = [_moved(carried_pairs, to_now), _moved(_counted(old_pairs, -1), to_now), _counted(new_pairs, +1)]
-    pairs = _sum_counts(parts)
+    pairs = _sum_counts([_moved(carried_pairs, to_now), *summed])
 
-    segments = list(old_segments)
-    if len(fresh_records):
-        local = np.searchsorted(np.asarray(fresh, dtype=np.int64), fresh_records["shard"].astype(np.int64))
-        records = fresh_records.copy()
-        records["shard"] = local
-        names = [now.names[i] for i in fresh]
-        # named by what it extends too: a shard removed and added again gets a segment of its own
-        name = f"p{partition:03d}-{_digest(['add', previous, names, config.pairs_fingerprint()])}"
-        _write_segment(fs, root, name, records, names)
-        segments.append(name)
-    segments = _compact(fs, root, partition, segments, now)
+    segments = list(old_segments) + ([added] if added else [])
+    segments = _compact(fs, root, partition, segments, now, config.reduce_block_records)
 
     _save_array(fs, f"{state}/pairs/p{partition:03d}.npy", pairs)
-    done = {"segments": segments, "touched_keys": int(len(touched)), "looked_up": int(len(old_members)),
-            "checked": old_counts["checked"] + new_counts["checked"], "pairs": int(len(pairs)),
-            "config": config.fingerprint()}
+    done = {"segments": segments, "touched_keys": touched_keys, "looked_up": looked_up,
+            "checked": checked, "pairs": int(len(pairs)), "config": config.fingerprint()}
     _save_json(fs, marker, done)
     return done
 

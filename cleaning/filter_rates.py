@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
+from cleaning import perplexity
 from cleaning.config import CorpusConfig, RuleConfig, load_preset
 from cleaning.document import Document, Rejection
 from cleaning.pipeline import CleaningChain
@@ -223,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--junk", type=int, default=300, help="documents per junk set")
     args = parser.parse_args(argv)
     config = load_preset(args.preset)
+    if config.rules.perplexity_model == perplexity.DEFAULT_MODEL:
+        perplexity.fetch_model(clue=args.clue)  # the reference model, built once per machine
     clean = clean_sets(args.clue, args.per_set)
     junk = junk_sets(clean, config.rules, args.junk)
     print(table(measure(config, clean, junk)))

@@ -201,7 +201,12 @@ class KeywordMatcher:
     def distinct_words(self, text: str, boundaries: set[int] | None = None) -> set[str]:
         """Every listed word that occurs in `text` (overlaps allowed), each once; with
         `boundaries`, only occurrences that start and end on one of those offsets."""
-        found: set[str] = set()
+        return {word for _, word in self.occurrences(text, boundaries)}
+
+    def occurrences(self, text: str, boundaries: set[int] | None = None) -> list[tuple[int, str]]:
+        """(offset, word) of every occurrence of a listed word (overlaps allowed), by offset;
+        with `boundaries`, only occurrences that start and end on one of those offsets."""
+        found: list[tuple[int, str]] = []
         for position in self.candidates(text).tolist():
             if boundaries is not None and position not in boundaries:
                 continue
@@ -209,10 +214,10 @@ class KeywordMatcher:
                 word = text[position:position + length]
                 if (len(word) == length and word in self.words
                         and (boundaries is None or position + length in boundaries)):
-                    found.add(word)
+                    found.append((position, word))
             if self._has_single and text[position:position + 1] in self.words:
                 if boundaries is None or position + 1 in boundaries:
-                    found.add(text[position])
+                    found.append((position, text[position]))
         return found
 
 
@@ -252,14 +257,21 @@ class KeywordHits(Step):
     segmenter runs only on documents whose substring matches could exceed `max_hits`, a small
     share of clean text. With both off, hits are leftmost-longest non-overlapping occurrences
     (the previous behaviour).
+
+    With `window_chars` (distinct counting only), the distinct words are counted in the densest
+    span of that many characters (occurrences whose offsets differ by less than it) rather than
+    in the whole document: a keyword-stuffed page or block bunches its words together, while a
+    long article accumulates a few, far apart (issue #13 §1; the value is chosen in config.py).
+    The detail names the words of that span.
     """
 
     def __init__(self, name: str, word_lists: Sequence[str], max_hits: int,
-                 distinct: bool = True, word_boundaries: bool = True):
+                 distinct: bool = True, word_boundaries: bool = True, window_chars: int | None = None):
         self.name = name
         self.max_hits = max_hits
         self.distinct = distinct
         self.word_boundaries = word_boundaries
+        self.window_chars = window_chars
         self._matcher = load_word_matcher(tuple(word_lists))
 
     def check_batch(self, docs: Sequence[Document]) -> list[str | None]:
@@ -275,19 +287,41 @@ class KeywordHits(Step):
         words = self._matcher.distinct_words(doc.text)
         if len(words) <= self.max_hits and self.distinct:
             return None
-        if self.word_boundaries:
-            boundaries = word_boundaries(doc.text)
-            if not self.distinct:
-                hits = [w for w in self._matcher.find(doc.text) if w in
-                        self._matcher.distinct_words(doc.text, boundaries)]
-                return self._verdict(hits)
-            words = self._matcher.distinct_words(doc.text, boundaries)
-        return self._verdict(sorted(words, key=doc.text.find))
+        boundaries = word_boundaries(doc.text) if self.word_boundaries else None
+        if not self.distinct:
+            hits = [w for w in self._matcher.find(doc.text) if w in
+                    self._matcher.distinct_words(doc.text, boundaries)]
+            return self._verdict(hits)
+        found = self._matcher.occurrences(doc.text, boundaries)
+        if self.window_chars is not None:
+            found = self._densest_span(found, self.window_chars)
+        return self._verdict(list(dict.fromkeys(word for _, word in found)))
+
+    @staticmethod
+    def _densest_span(found: list[tuple[int, str]], window: int) -> list[tuple[int, str]]:
+        """The occurrences (by offset) of the first span of `window` characters that holds the
+        most distinct words (sliding over the occurrences: linear)."""
+        best = (0, 0, 0)  # distinct words, first index, end index
+        counts: dict[str, int] = {}
+        first = 0
+        for last, (position, word) in enumerate(found):
+            counts[word] = counts.get(word, 0) + 1
+            while position - found[first][0] >= window:
+                left = found[first][1]
+                counts[left] -= 1
+                if not counts[left]:
+                    del counts[left]
+                first += 1
+            if len(counts) > best[0]:
+                best = (len(counts), first, last + 1)
+        return found[best[1]:best[2]]
 
     def _verdict(self, hits: list[str]) -> str | None:
         if len(hits) > self.max_hits:
             shown = "、".join(dict.fromkeys(hits))[:80]
             kind = "distinct words" if self.distinct else "hits"
+            if self.distinct and self.window_chars is not None:
+                kind += f" within {self.window_chars} characters"
             return f"{len(hits)} {kind} > {self.max_hits}: {shown}"
         return None
 
@@ -393,7 +427,9 @@ _CONTACTS = re.compile(
     r"|(?:qq|扣扣|企鹅)(?:号|群)?\s*[:：]?\s*\d{5,11}"
     r"|(?:微信|vx|v信|weixin|wx)(?:号)?\s*[:：]?\s*[a-z][a-z0-9_-]{4,19}|微信同号"
     r"|https?://[^\s，。]+|www\.[a-z0-9-]+\.[a-z.]+"
-    r"|[\w.+-]+@[\w-]+\.[a-z]{2,}", re.IGNORECASE)
+    # ASCII local part, from the start of its run: `[\w.+-]+@` tried at every character of a long
+    # run of Han characters (all \w) is quadratic, and was the rule's whole cost.
+    r"|(?<![a-z0-9._%+-])[a-z0-9._%+-]+@[a-z0-9-]+\.[a-z]{2,}", re.IGNORECASE)
 _CALLS_TO_ACTION = re.compile(
     r"加微信|加我微信|扫码|私聊|咨询热线|联系电话|热线|来电咨询|详情请|点击链接|立即抢购|先到先得|名额有限|"
     r"代理|加盟|招募|日结|月入|包邮|货到付款|优惠券|红包|兼职", re.IGNORECASE)
@@ -502,4 +538,40 @@ class ClassifierThreshold(Step):
                 verdicts.append(f"{score:.3f} < {self.threshold}")
             else:
                 verdicts.append(None)
+        return verdicts
+
+
+class Perplexity(Step):
+    """Per-character perplexity under a character n-gram model of clean text (CCNet; see
+    cleaning/perplexity.py): kept in meta `perplexity`, with CCNet's `perplexity_bucket` (head,
+    middle, tail: terciles on the dev split, from the manifest); a document above the threshold
+    (by default the one in the model's manifest) is dropped."""
+
+    name = "perplexity"
+
+    def __init__(self, model: str, threshold: float | None = None):
+        from cleaning.perplexity import load_model
+
+        try:
+            self.model = load_model(assets.require(model))
+        except assets.MissingAssetError as err:
+            raise FileNotFoundError(f"{err}; the reference perplexity model is built by "
+                                    "`python -m cleaning.perplexity`") from err
+        manifest_threshold = (self.model.info.get("threshold") or {}).get("perplexity")
+        self.threshold = float(threshold if threshold is not None else manifest_threshold or "nan")
+        if not self.threshold > 1:
+            raise ValueError(f"{model}: no perplexity threshold given and none in its manifest")
+        self.buckets = self.model.info.get("buckets")
+
+    def check_batch(self, docs: Sequence[Document]) -> list[str | None]:
+        from cleaning.perplexity import bucket_of
+
+        if not docs:
+            return []
+        verdicts: list[str | None] = []
+        for doc, score in zip(docs, self.model.perplexity([doc.text for doc in docs]).tolist()):
+            doc.meta["perplexity"] = round(score, 1)
+            if self.buckets:
+                doc.meta["perplexity_bucket"] = bucket_of(score, self.buckets)
+            verdicts.append(f"{score:.1f} > {self.threshold:g}" if score > self.threshold else None)
         return verdicts

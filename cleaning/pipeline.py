@@ -39,16 +39,19 @@ def build_steps(rules: RuleConfig) -> list[Step]:
     # Keyword rules run after t2s so that traditional spellings meet the simplified lists.
     if rules.ad_word_lists:
         steps.append(filters.KeywordHits("ad_keywords", rules.ad_word_lists, rules.max_ad_hits,
-                                         rules.keyword_distinct, rules.keyword_word_boundaries))
+                                         rules.keyword_distinct, rules.keyword_word_boundaries,
+                                         rules.keyword_window_chars))
     if rules.sensitive_word_lists:
         steps.append(filters.KeywordHits("sensitive_words", rules.sensitive_word_lists,
                                          rules.max_sensitive_hits, rules.keyword_distinct,
-                                         rules.keyword_word_boundaries))
+                                         rules.keyword_word_boundaries, rules.keyword_window_chars))
     if rules.max_contact_signals is not None:
         steps.append(filters.ContactSpam(rules.max_contact_signals))
     if rules.langid:
         steps.append(filters.LanguageID(rules.langid_model, rules.langid_min_score, rules.min_chinese_ratio,
                                          rules.langid_max_chars))
+    if rules.perplexity_model:
+        steps.append(filters.Perplexity(rules.perplexity_model, rules.perplexity_threshold))
     if rules.spam_model:
         steps.append(filters.ClassifierThreshold("spam", rules.spam_model, rules.spam_threshold,
                                                  drop_above=True, meta_key="spam"))

@@ -162,6 +162,7 @@ class RecordReader:
     txt_max_chars: int = 100_000
     html: Literal["auto", "always", "never"] = "auto"
     html_favor: Favor = "balanced"
+    html_fallback: bool = False
     max_record_bytes: int = 64 * 1024 * 1024
     default_domain: str | None = None
     storage_options: dict[str, Any] | None = None
@@ -247,7 +248,7 @@ class RecordReader:
         there is none or the parser fails."""
         markup = doc.text
         try:
-            text = extract_main_content(markup, self.html_favor)
+            text = extract_main_content(markup, self.html_favor, self.html_fallback)
         except Exception as err:  # noqa: BLE001 - a page the parser chokes on is one rejection, not a stopped shard
             return Rejection(doc, "html_no_content", f"{where}: the HTML parser failed: {type(err).__name__}: "
                                                      f"{str(err)[:500]}")

@@ -23,7 +23,11 @@ PER_SET = 2500  # documents per clean set (the whole of the smaller sets); keeps
 
 @pytest.fixture(scope="module")
 def report(fetched_assets):
+    from cleaning.perplexity import fetch_model
+
     config = load_preset("default")
+    if config.rules.perplexity_model:
+        fetch_model(clue=CLUE)  # built once per machine (about 15 s)
     clean = clean_sets(CLUE, PER_SET)
     junk = junk_sets(clean, config.rules, n=300)
     result = measure(config, clean, junk)
