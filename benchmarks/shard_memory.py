@@ -71,7 +71,7 @@ def main() -> None:
                    **json.loads(done.stdout.strip().splitlines()[-1])}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n| input MB | mode | shards | documents | seconds | peak RSS MB |\n|---:|---|---:|---:|---:|---:|")
+    print("\n| input MB | mode | shards | documents | seconds | peak RSS MB |\n|---:|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['input_mb']} | {r['mode']} | {r['shards']} | {r['documents']} | {r['seconds']:.0f} | "
               f"{r['peak_rss_mb']:.0f} |")

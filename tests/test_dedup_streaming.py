@@ -18,7 +18,7 @@ from cleaning.build import CorpusBuild
 from cleaning.dedup_config import DedupConfig
 from cleaning.stages import run_local
 from cleaning.versions import refresh
-from tests.test_corpus_build import config, edit, write_jsonl
+from tests.test_corpus_build import config, edit
 from tests.test_corpus_incremental import _documents, _manifest, _new_file, _old_files, _survivors
 
 TINY = 7            # records per block: every partition of these tests is many blocks
