@@ -41,8 +41,7 @@ def run_build(build: CorpusBuild, map_stage: Mapper, log: Callable[[str], None] 
     started = time.perf_counter()
     listed = build.list_inputs()
     files = [uri for uri, error, _ in listed if not error]
-    hashed = map_stage(Stage("hash-input", build.hash_input, [(uri,) for uri in files],
-                             [f"{i:05d}" for i in range(len(files))]))
+    hashed = map_stage(hash_stage(build, files))
     shards = build.shards(listed, dict(zip(files, hashed)))
     run_key = build.run_key(shards)
     for shard in shards:
@@ -70,6 +69,11 @@ def run_build(build: CorpusBuild, map_stage: Mapper, log: Callable[[str], None] 
                                     mapped)
     log(f"work: {describe_work(manifest['work'])}")
     return manifest
+
+
+def hash_stage(build: CorpusBuild, files: Sequence[str]) -> Stage:
+    """The plan's stage: content hash, size and parts of each input file (`CorpusBuild.hash_input`)."""
+    return Stage("hash-input", build.hash_input, [(uri,) for uri in files], [f"{i:05d}" for i in range(len(files))])
 
 
 def _describe_clean(summary: dict[str, Any]) -> str:

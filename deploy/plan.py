@@ -927,9 +927,12 @@ def plan_training(
     checkpoint_s = checkpoint_bytes / CHECKPOINT_WRITE_BYTES_PER_S_PER_NODE
 
     # ---- notes -------------------------------------------------------------------------------
-    if tp > 1 or pp > 1:
-        notes.append(f"pangu_model.train implements data and expert parallelism only (tensor = pipeline = 1); "
-                     f"tensor {tp} × pipeline {pp} is planned as a Megatron-style split would place it")
+    if pp > 1:
+        notes.append(f"pangu_model.train does not run pipeline parallelism yet (it refuses pipeline {pp}); "
+                     f"the stages are planned as a Megatron-style split would place them")
+    if tp > 1 and model.router != "dense":
+        notes.append(f"pangu_model.train splits dense PanGu-α models only (it refuses tensor {tp} for this "
+                     f"model); tensor {tp} is planned as a Megatron-style split would place it")
     if pp > 1 and gas < 4 * pp:
         notes.append(f"pipeline bubble: {gas} micro-batch(es) per step over {pp} stages leave "
                      f"{(pp - 1) / (gas + pp - 1):.0%} of the step idle; raise gradient_accumulation_steps "
@@ -1124,8 +1127,9 @@ def plan_for(
     host_ram_gb: float | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
 ) -> Plan:
-    """Plan a preset on a topology preset, on `nodes × gpus_per_node` (tensor = pipeline = 1, expert from
-    the config: the trainer's own layout), or on the config's own topology (else one node of 8)."""
+    """Plan a preset on a topology preset (a dense model's config takes its tensor degree unless it sets
+    another), on `nodes × gpus_per_node` (tensor and expert from the config, pipeline 1: the trainer's own
+    layout), or on the config's own topology (else one node of 8)."""
     config = resolve_train_config(preset_or_config, overrides)
     if topology is not None and nodes is not None:
         raise ValueError("give --topology or --nodes, not both")
@@ -1140,6 +1144,11 @@ def plan_for(
         if parallel.expert > 1 and model.router == "dense":
             raise ValueError(f"topology {preset.name} has expert parallel {parallel.expert}, "
                              f"but model {model.name} has no experts")
+        if parallel.tensor != config.tensor_parallel and model.router == "dense":
+            if config.tensor_parallel != 1:
+                raise ValueError(f"topology {preset.name} has tensor parallel {parallel.tensor}, "
+                                 f"the preset says tensor_parallel {config.tensor_parallel}")
+            config = config.model_copy(update={"tensor_parallel": parallel.tensor})  # the topology's layout
         if parallel.expert != config.expert_parallel:
             if config.expert_parallel == 1 and model.router == "rre" and _is_bare_model(preset_or_config):
                 config = config.model_copy(update={"expert_parallel": parallel.expert})  # bare model preset
@@ -1148,7 +1157,7 @@ def plan_for(
                                  f"the preset says expert_parallel {config.expert_parallel}")
     else:
         cluster = ClusterSpec(nodes=nodes or 1, gpus_per_node=gpus_per_node)
-        parallel = ParallelPlan(expert=config.expert_parallel)
+        parallel = ParallelPlan(tensor=config.tensor_parallel, expert=config.expert_parallel)
     plan = plan_training(config, cluster, parallel, gpu=gpu, host_ram_gb=host_ram_gb)
     if _is_bare_model(preset_or_config):
         plan.notes.insert(0, f"bare model preset {preset_or_config}: planned with "
@@ -1165,15 +1174,15 @@ def check_plan(
     host_ram_bytes: int | None,
 ) -> Plan:
     """The training program's check at start: the plan of this run on `world_size` ranks,
-    `local_world_size` per node, with the trainer's layout (tensor = pipeline = 1, expert from the
-    config). `gpu_name` (e.g. ``torch.cuda.get_device_name()``) picks the speeds (H100 figures for an
+    `local_world_size` per node, with the trainer's layout (tensor and expert from the config,
+    pipeline 1). `gpu_name` (e.g. ``torch.cuda.get_device_name()``) picks the speeds (H100 figures for an
     unknown GPU); `gpu_memory_bytes` (``total_memory``) and `host_ram_bytes` replace the table's
     capacities; either None skips that check (a CPU run has no GPU to check). Raises
     :class:`PlanDoesNotFit` with the numbers, else returns the plan."""
     if world_size % local_world_size:
         raise ValueError(f"world size {world_size} is not a multiple of {local_world_size} ranks per node")
     cluster = ClusterSpec(nodes=world_size // local_world_size, gpus_per_node=local_world_size)
-    parallel = ParallelPlan(expert=train_config.expert_parallel)
+    parallel = ParallelPlan(tensor=train_config.tensor_parallel, expert=train_config.expert_parallel)
     try:
         gpu = hardware(gpu_name).key if gpu_name else "h100"
     except ValueError:

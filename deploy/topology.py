@@ -52,7 +52,10 @@ Expert groups are built with DeepSpeed's rule (``deepspeed.utils.groups``, E + D
 data-parallel group of a ``(stage, tp_rank)`` is cut into chunks of ``ep`` consecutive data-parallel
 ranks (the expert-parallel groups) and the ranks at the same position of every chunk form the
 expert-data-parallel groups.  See :meth:`Layout.matches_deepspeed` for when the raw rank lists are
-identical to what DeepSpeed builds.
+identical to what DeepSpeed builds.  With tensor parallelism the training program builds the tensor and
+data-parallel groups from this layout itself and hands DeepSpeed the data-parallel ones (an ``mpu``,
+``pangu_model/tensor_parallel.py``); it checks at start that DeepSpeed uses them, and refuses a layout
+with ``pipeline > 1``, which it does not run yet.
 
 No Prefect and no torch here: pure Python, so the pretrain flow, the CLI and tests can use it.
 """

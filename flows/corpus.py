@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
 from prefect.futures import as_completed
@@ -20,7 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from cleaning.build import CorpusBuild, describe_work
 from cleaning.config import CorpusConfig, load_preset
-from cleaning.stages import Stage, run_build
+from cleaning.stages import Stage, hash_stage, run_build
 from cleaning.versions import building, describe_diff, mark_latest, plan_refresh, previous_output
 from cleaning.writers import read_json
 from flows.lineage import record_asset
@@ -46,7 +47,9 @@ def _run(fn: Callable[..., Any], *args: Any) -> Any:
 SHARD_RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 10}
 
 
-@task(name="corpus-stage", **SHARD_RETRIES)
+# NO_CACHE: each stage skips finished work behind its own completion markers; a cache key would
+# hash every argument of every call (finalize's take the whole shard list).
+@task(name="corpus-stage", cache_policy=NO_CACHE, **SHARD_RETRIES)
 def run_call(stage: str, fn: Callable[..., Any], args: tuple, describe: Callable[[Any], str | None]) -> Any:
     """One call of a stage (`cleaning.stages.Stage`) as one task run, with its own state and logs."""
     result = _run(fn, *args)
@@ -133,6 +136,9 @@ def corpus_refresh(inputs: list[str], root: str = "runs/corpus", config: CorpusC
     up in the previous version's dedup index, and unchanged shards' files are linked, not copied.
     `dask_address`: run every stage's calls on that Dask cluster (its workers must reach ROOT)."""
     logger = get_run_logger()
+    # The inputs are hashed as tasks (on the Dask cluster when given); planning then reads the cache.
+    hash_inputs.with_options(task_runner=_task_runner(workers, dask_address))(
+        inputs, root, config, workers=1 if dask_address else workers)
     plan = plan_refresh(inputs, root, config)
     logger.info("corpus %s (previous %s): %s", plan.version, plan.previous, describe_diff(plan.diff))
     work = None
@@ -159,13 +165,34 @@ def corpus_refresh(inputs: list[str], root: str = "runs/corpus", config: CorpusC
             "work": work}
 
 
-def corpus_with_runner(workers: int, dask_address: str | None):
-    """The flow with the task runner the user asked for."""
+@flow(name="corpus-hash-inputs")
+def hash_inputs(inputs: list[str], root: str, config: CorpusConfig = CorpusConfig(), workers: int = 2) -> int:
+    """Content hash, size and parts of every input file under ROOT/_work/inputs (the cache that
+    planning reads), one task run per file; returns the number of files."""
+    global _POOL
+    build = CorpusBuild(inputs, root, config, work=f"{root.rstrip('/')}/_work")
+    files = [uri for uri, error, _ in build.list_inputs() if not error]
+    _POOL = ProcessPoolExecutor(workers) if workers > 1 and len(files) > 1 else None
+    try:
+        map_stage(hash_stage(build, files))
+    finally:
+        if _POOL is not None:
+            _POOL.shutdown()
+        _POOL = None
+    return len(files)
+
+
+def _task_runner(workers: int, dask_address: str | None) -> Any:
     if dask_address:
         from prefect_dask import DaskTaskRunner
 
-        return corpus.with_options(task_runner=DaskTaskRunner(address=dask_address))
-    return corpus.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, workers) * 2))
+        return DaskTaskRunner(address=dask_address)
+    return ThreadPoolTaskRunner(max_workers=max(1, workers) * 2)
+
+
+def corpus_with_runner(workers: int, dask_address: str | None):
+    """The flow with the task runner the user asked for."""
+    return corpus.with_options(task_runner=_task_runner(workers, dask_address))
 
 
 def build_from_cli(args: argparse.Namespace) -> int:

@@ -140,6 +140,7 @@ def build_launch(
     gpus_per_node: int = 8,
     hostfile: str | None = None,
     expert_parallel: int = 1,
+    tensor_parallel: int = 1,
     devices: int | None = None,
     grace_s: float = STOP_GRACE_S,
 ) -> Launch:
@@ -172,8 +173,8 @@ def build_launch(
                              "per node, as DeepSpeed's launcher reads it; a scheduler's node list written that way)")
         written = write_hostfile(cluster, output / "hostfile")
         deepspeed = str(bin_dir / "deepspeed") if (bin_dir / "deepspeed").exists() else "deepspeed"
-        argv = [deepspeed, *launcher_args(cluster, ParallelPlan(expert=expert_parallel), written),
-                "--module", TRAIN_MODULE, *program]
+        parallel = ParallelPlan(tensor=tensor_parallel, expert=expert_parallel)
+        argv = [deepspeed, *launcher_args(cluster, parallel, written), "--module", TRAIN_MODULE, *program]
         return Launch(argv, "deepspeed", cluster.world_size, cluster.nodes, env, str(written), grace_s=grace_s)
 
     devices = local_devices() if devices is None else devices
@@ -601,7 +602,8 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
     grace = stop_grace_s if stop_grace_s is not None else default_stop_grace(config, nodes, gpus_per_node)
     logger.info("a stop (cancellation, SIGTERM) gives the job %.0fs to checkpoint before SIGKILL", grace)
     launch = build_launch(preset, data_dir, out, steps, overrides, nodes=nodes, gpus_per_node=gpus_per_node,
-                          hostfile=hostfile, expert_parallel=config.expert_parallel, grace_s=grace)
+                          hostfile=hostfile, expert_parallel=config.expert_parallel,
+                          tensor_parallel=config.tensor_parallel, grace_s=grace)
     if launch.note:
         logger.info("%s", launch.note)
     if launch.hostfile:

@@ -16,19 +16,26 @@ weights, bit for bit, without ever holding more than one module's tensors on the
 
 The draws stay on the CPU generator whatever the device, so a GPU run starts from the weights a CPU run
 does.
+
+With tensor parallelism (`tp`), the same pass runs over the dense model's module tree (on the meta device)
+and each module of the tensor-parallel model keeps its rank's slice of the dense module's weights: every
+tensor size starts from the weights of the dense model, one dense module on the host at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from torch import nn
 
 from .config import PanguConfig
 from .model import PanguModel
+
+if TYPE_CHECKING:
+    from .tensor_parallel import TensorParallel
 
 
 @contextlib.contextmanager
@@ -60,20 +67,40 @@ def _replay_construction_draws(model: nn.Module) -> None:
         del scratch
 
 
+def _parameter(data: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
+    """A parameter holding `data` with `like`'s requires_grad and attributes (tensor-parallel marks)."""
+    param = nn.Parameter(data, requires_grad=like.requires_grad)
+    param.__dict__.update(like.__dict__)
+    return param
+
+
 def _materialize_own(module: nn.Module) -> None:
     """Give `module`'s own parameters host storage (to be initialised), keeping requires_grad."""
     for name, param in list(module.named_parameters(recurse=False)):
-        module.register_parameter(name, nn.Parameter(torch.empty_like(param, device="cpu"),
-                                                     requires_grad=param.requires_grad))
+        module.register_parameter(name, _parameter(torch.empty_like(param, device="cpu"), param))
 
 
 def _move_own(module: nn.Module, device: torch.device) -> None:
     for name, param in list(module.named_parameters(recurse=False)):
         if param.device != device:
-            module.register_parameter(name, nn.Parameter(param.detach().to(device), requires_grad=param.requires_grad))
+            module.register_parameter(name, _parameter(param.detach().to(device), param))
     for name, buffer in list(module.named_buffers(recurse=False)):
         if buffer is not None and buffer.device != device:
             module._buffers[name] = buffer.to(device)
+
+
+def _take_slices(dense: nn.Module, target: nn.Module) -> None:
+    """Give `target` (the tensor-parallel twin of `dense`) its rank's part of `dense`'s own parameters, on
+    the host, and return `dense`'s to the meta device (one dense module is held at a time)."""
+    from .tensor_parallel import split_dim
+
+    for name, param in list(target.named_parameters(recurse=False)):
+        full = getattr(dense, name)
+        dim = split_dim(param)
+        part = full.detach() if dim is None else full.detach().narrow(
+            dim, param.shape[dim] * target.tp.rank, param.shape[dim]).clone()
+        target.register_parameter(name, _parameter(part, param))
+        dense.register_parameter(name, nn.Parameter(torch.empty_like(full, device="meta")))
 
 
 def build_model_on(
@@ -83,24 +110,34 @@ def build_model_on(
     expert_shard: tuple[int, int] | None = None,
     host_modules: tuple[type[nn.Module], ...] = (),
     on_host_module: Callable[[nn.Module], None] | None = None,
+    tp: "TensorParallel | None" = None,
 ) -> PanguModel:
     """`torch.manual_seed(seed); PanguModel(config, expert_shard)`, with each module's weights made on the
     host, initialised and moved to `device` one module at a time; modules of `host_modules` types stay on
     the host, and `on_host_module` (if given) is called on each as soon as it is made (ECSS cuts a layer's
     shard to the rank's owned block there, before the next layer is made). `device="meta"` builds only
-    the host-resident modules (to inspect what a rank keeps)."""
+    the host-resident modules (to inspect what a rank keeps). With `tp` (a tensor group of more than one
+    rank) the model is `PanguModel(config, expert_shard, tp)` holding this rank's slices of those weights."""
+    from .tensor_parallel import as_tensor_parallel
+
     device = torch.device(device)
+    tp = as_tensor_parallel(tp)
     with parameters_on_meta():
-        model = PanguModel(config, expert_shard)
+        model = PanguModel(config, expert_shard, tp=tp)
+        dense = model if tp is None else PanguModel(config, expert_shard)
     torch.manual_seed(seed)
-    _replay_construction_draws(model)
-    for name, module in model.named_modules():
+    _replay_construction_draws(dense)
+    targets = dict(model.named_modules())
+    for name, module in dense.named_modules():
         _materialize_own(module)
-        model.reset_module(name, module)
-        on_host = isinstance(module, host_modules)
-        _move_own(module, torch.device("cpu") if on_host else device)
+        dense.reset_module(name, module)
+        target = targets[name]
+        if target is not module:
+            _take_slices(module, target)
+        on_host = isinstance(target, host_modules)
+        _move_own(target, torch.device("cpu") if on_host else device)
         if on_host and on_host_module is not None:
-            on_host_module(module)
+            on_host_module(target)
     return model
 
 

@@ -23,11 +23,14 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .tensor_parallel import TensorParallel
 
 VALIDATION_FILE = "validation.csv"
 VALIDATION_FIELDS = ["step", "domain_id", "domain", "tokens", "loss", "ppl"]
@@ -73,14 +76,19 @@ def flops_per_token(config: Any, seq_len: int) -> float:
 
 @torch.no_grad()
 def domain_loss_sums(
-    logits: torch.Tensor, labels: torch.Tensor, domain_ids: torch.Tensor, num_domains: int, pad_id: int
+    logits: torch.Tensor, labels: torch.Tensor, domain_ids: torch.Tensor, num_domains: int, pad_id: int,
+    tp: "TensorParallel | None" = None,
 ) -> torch.Tensor:
-    """[num_domains, 2]: summed token loss and token count per domain (pad and -100 excluded)."""
+    """[num_domains, 2]: summed token loss and token count per domain (pad and -100 excluded). With `tp`
+    the logits are this rank's vocabulary columns (a tensor-parallel model's): collective over its group."""
     labels = labels.masked_fill(labels == pad_id, IGNORE_INDEX)
-    loss = F.cross_entropy(
-        logits.detach().float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="none",
-    )
+    flat = logits.detach().float().reshape(-1, logits.shape[-1])
+    if tp is not None:
+        from .tensor_parallel import vocab_parallel_cross_entropy
+
+        loss = vocab_parallel_cross_entropy(flat, labels.reshape(-1), tp, IGNORE_INDEX, reduction="none")
+    else:
+        loss = F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
     keep = labels.reshape(-1) != IGNORE_INDEX
     domains = domain_ids.reshape(-1)[keep]
     out = torch.zeros(num_domains, 2, dtype=torch.float64, device=logits.device)

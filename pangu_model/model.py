@@ -12,6 +12,7 @@ Layout (SPEC §5.1, our reading of "L−1 normal blocks → final LayerNorm → 
 This follows the released MindSpore code, where the backbone applies its final LayerNorm before
 `top_query_layer` and the head multiplies the query layer's output by the word table directly.
 The top `moe_layers` layers (the query layer among them) swap their FFN for a sparse one (moe.py).
+With a tensor-parallel group (`tp`, tensor_parallel.py) a dense model splits its layers Megatron-style.
 
 Kernels (GPU speed; the CPU path is unchanged): `PanguModel.attention_backend` ("auto" | "sdpa" |
 "flex", see masks.py: training on CUDA uses FlexAttention with a block-sparse document mask and no
@@ -22,6 +23,7 @@ CUDA training forward. TF32, autocast and `torch.compile` live in speed.py.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -33,6 +35,15 @@ from torch.utils.checkpoint import checkpoint
 from .config import PanguConfig
 from .masks import ATTENTION_BACKENDS, AttentionLayout, attention_backend, attention_layout, position_ids_from_eot
 from .moe import EXPERT_BACKENDS, DenseFFN, ExpertBank, MixtureOfGroupedExperts, build_ffn
+from .tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TensorParallel,
+    VocabParallelEmbedding,
+    as_tensor_parallel,
+    copy_to_tensor_parallel_region,
+    vocab_parallel_cross_entropy,
+)
 
 IGNORE_INDEX = -100
 
@@ -87,18 +98,29 @@ class ModelOutput:
 
 
 class Attention(nn.Module):
-    """Multi-head attention whose queries and keys/values may come from different inputs."""
+    """Multi-head attention whose queries and keys/values may come from different inputs.
 
-    def __init__(self, config: PanguConfig, layer_index: int) -> None:
+    With `tp` (tensor_parallel.py) each rank computes `num_heads / tp.size` whole heads: query/key/value
+    column-parallel, the output projection row-parallel."""
+
+    def __init__(self, config: PanguConfig, layer_index: int, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.layer_index = layer_index
-        self.num_heads = config.num_heads
+        self.tp = tp = as_tensor_parallel(tp)
+        self.num_heads = config.num_heads if tp is None else tp.part(config.num_heads, "num_heads")
         self.head_dim = config.head_dim
         self.dropout = config.dropout
-        self.q_proj = nn.Linear(config.d_model, config.d_model)
-        self.k_proj = nn.Linear(config.d_model, config.d_model)
-        self.v_proj = nn.Linear(config.d_model, config.d_model)
-        self.out_proj = nn.Linear(config.d_model, config.d_model)
+        d = config.d_model
+        if tp is None:
+            self.q_proj = nn.Linear(d, d)
+            self.k_proj = nn.Linear(d, d)
+            self.v_proj = nn.Linear(d, d)
+            self.out_proj = nn.Linear(d, d)
+        else:  # the inputs enter the parallel region once, in forward
+            self.q_proj = ColumnParallelLinear(d, d, tp, copy_input=False)
+            self.k_proj = ColumnParallelLinear(d, d, tp, copy_input=False)
+            self.v_proj = ColumnParallelLinear(d, d, tp, copy_input=False)
+            self.out_proj = RowParallelLinear(d, d, tp)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -111,6 +133,10 @@ class Attention(nn.Module):
         layout: AttentionLayout,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
+        if self.tp is not None:
+            same = query_source is key_value_source
+            key_value_source = copy_to_tensor_parallel_region(key_value_source, self.tp)
+            query_source = key_value_source if same else copy_to_tensor_parallel_region(query_source, self.tp)
         q = self._heads(self.q_proj(query_source))
         k = self._heads(self.k_proj(key_value_source))
         v = self._heads(self.v_proj(key_value_source))
@@ -128,12 +154,17 @@ class Attention(nn.Module):
             # The CPU math kernel does its softmax in the input dtype; PanGu-α wants fp32 softmax.
             # (CUDA flash / memory-efficient kernels already accumulate the softmax in fp32.)
             q, k, v = q.float(), k.float(), v.float()
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=layout.mask,
-            is_causal=layout.is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        dropout = self.dropout if self.training else 0.0
+        # Dropout on this rank's heads draws from a stream of its own (the rest of the model draws the same
+        # masks on every rank of a tensor group).
+        rng = self.tp.local_rng(q.device) if self.tp is not None and dropout > 0 else contextlib.nullcontext()
+        with rng:
+            y = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=layout.mask,
+                is_causal=layout.is_causal,
+                dropout_p=dropout,
+            )
         batch, _, length, _ = y.shape
         y = y.to(out_dtype).transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         return self.out_proj(y)
@@ -142,12 +173,13 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-LN transformer block. As the query layer, queries come from an outside tensor instead."""
 
-    def __init__(self, config: PanguConfig, layer_index: int, expert_shard: tuple[int, int] | None = None) -> None:
+    def __init__(self, config: PanguConfig, layer_index: int, expert_shard: tuple[int, int] | None = None,
+                 tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.attention_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.attention = Attention(config, layer_index)
+        self.attention = Attention(config, layer_index, tp)
         self.ffn_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.ffn = build_ffn(config, layer_index, expert_shard)
+        self.ffn = build_ffn(config, layer_index, expert_shard, tp)
         self.residual_dropout = nn.Dropout(config.dropout)
 
     def forward(
@@ -172,21 +204,33 @@ class PanguModel(nn.Module):
 
     `attention_backend` ("auto", "sdpa" or "flex"; `masks.attention_backend`) picks the attention kernel
     per forward; set it on the instance to force one (e.g. "sdpa" to keep PanGu-α's attention dropout on
-    the GPU, at the cost of a dense mask and one sync per forward)."""
+    the GPU, at the cost of a dense mask and one sync per forward).
+
+    `tp` (a `tensor_parallel.TensorParallel` group of more than one rank; dense models only) splits the
+    model Megatron-style: attention by heads, the FFN by its inner width, the word embedding and the tied
+    head by the vocabulary. `logits` are then this rank's vocabulary columns and the loss is computed
+    from them (`vocab_parallel_cross_entropy`); parameter names are the dense model's
+    (`tensor_parallel.shard_state_dict` / `gather_state_dict` convert). Without it the model is the dense
+    one, unchanged."""
 
     attention_backend: str = "auto"
 
-    def __init__(self, config: PanguConfig, expert_shard: tuple[int, int] | None = None) -> None:
+    def __init__(self, config: PanguConfig, expert_shard: tuple[int, int] | None = None,
+                 tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.config = config
+        self.tp = tp = as_tensor_parallel(tp)
         d = config.d_model
-        self.word_embedding = nn.Embedding(config.vocab_size, d)
+        if tp is None:
+            self.word_embedding = nn.Embedding(config.vocab_size, d)
+        else:
+            self.word_embedding = VocabParallelEmbedding(config.vocab_size, d, tp)
         self.position_embedding = nn.Embedding(config.max_seq_len, d)
         self.top_query_embedding = nn.Embedding(config.max_seq_len, d)
         self.embedding_dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, i, expert_shard) for i in range(config.num_layers - 1))
+        self.blocks = nn.ModuleList(Block(config, i, expert_shard, tp) for i in range(config.num_layers - 1))
         self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.query_layer = Block(config, config.num_layers - 1, expert_shard)
+        self.query_layer = Block(config, config.num_layers - 1, expert_shard, tp)
         self.reset_parameters()
 
     # ------------------------------------------------------------------------------------------
@@ -312,6 +356,8 @@ class PanguModel(nn.Module):
         query = self.top_query_embedding(position_ids)
         hidden, block_aux = self._run_block(self.query_layer, hidden, layout, input_ids, domains, query, cache)
         aux_loss = aux_loss + block_aux
+        if self.tp is not None:  # this rank's vocabulary columns
+            hidden = copy_to_tensor_parallel_region(hidden, self.tp)
         logits = F.linear(hidden, self.word_embedding.weight)  # tied head
         pieces = config.tokenizer_pieces
         if pieces is not None and pieces < config.vocab_size:
@@ -321,14 +367,20 @@ class PanguModel(nn.Module):
         output = ModelOutput(logits=logits, aux_loss=aux_loss)
         if labels is not None:
             labels = labels.masked_fill(labels == config.pad_token_id, IGNORE_INDEX)
-            output.lm_loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
-            )
+            if self.tp is not None:
+                output.lm_loss = vocab_parallel_cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), self.tp, IGNORE_INDEX
+                )
+            else:
+                output.lm_loss = F.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
+                )
             output.loss = output.lm_loss + aux_loss
         return output
 
     def _padding_ids(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.arange(logits.shape[-1], device=logits.device) >= self.config.tokenizer_pieces
+        first = 0 if self.tp is None else self.word_embedding.vocab_start  # this rank's first column
+        return torch.arange(first, first + logits.shape[-1], device=logits.device) >= self.config.tokenizer_pieces
 
     def _run_block(
         self,

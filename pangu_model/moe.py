@@ -34,6 +34,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -41,6 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PanguConfig
+
+if TYPE_CHECKING:
+    from .tensor_parallel import TensorParallel
 
 
 @dataclass(frozen=True)
@@ -110,10 +114,19 @@ def device_imbalance(expert_load: torch.Tensor, num_devices: int, tokens: int) -
 
 
 class DenseFFN(nn.Module):
-    def __init__(self, d_model: int, d_ff: int) -> None:
+    """GeLU FFN; with `tp` (tensor_parallel.py) `fc_in` is column-parallel and `fc_out` row-parallel, so each
+    rank computes d_ff / tp.size of the inner width."""
+
+    def __init__(self, d_model: int, d_ff: int, tp: "TensorParallel | None" = None) -> None:
         super().__init__()
-        self.fc_in = nn.Linear(d_model, d_ff)
-        self.fc_out = nn.Linear(d_ff, d_model)
+        if tp is None or tp.size == 1:
+            self.fc_in = nn.Linear(d_model, d_ff)
+            self.fc_out = nn.Linear(d_ff, d_model)
+        else:
+            from .tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+            self.fc_in = ColumnParallelLinear(d_model, d_ff, tp)
+            self.fc_out = RowParallelLinear(d_ff, d_model, tp)
 
     def forward(
         self, x: torch.Tensor, token_ids: torch.Tensor | None = None, domain_ids: torch.Tensor | None = None
@@ -500,11 +513,15 @@ SPARSE_FFNS: dict[str, type[nn.Module]] = {
 }
 
 
-def build_ffn(config: PanguConfig, layer_index: int, expert_shard: tuple[int, int] | None = None) -> nn.Module:
+def build_ffn(config: PanguConfig, layer_index: int, expert_shard: tuple[int, int] | None = None,
+              tp: "TensorParallel | None" = None) -> nn.Module:
     if config.is_sparse_layer(layer_index):
+        if tp is not None and tp.size > 1:
+            raise ValueError("tensor parallelism is implemented for dense layers only (PanGu-Σ's sparse layers "
+                             "are expert-parallel)")
         if expert_shard is not None:
             if config.router != "rre":
                 raise ValueError("expert shards are implemented for RRE routing only")
             return RandomRoutedExperts(config, layer_index, expert_shard)
         return SPARSE_FFNS[config.router](config, layer_index)
-    return DenseFFN(config.d_model, config.d_ff)
+    return DenseFFN(config.d_model, config.d_ff, tp)

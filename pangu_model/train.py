@@ -11,6 +11,11 @@ What one run does:
   checkpoint, dense → sparse inheritance included) and wraps it with `deepspeed.initialize`, using the
   DeepSpeed config generated from the preset (deploy/deepspeed_config.py), our parameter groups
   (optim.py: no decay on LayerNorm/biases, hybrid Adam ε) and our warmup + cosine schedule;
+* PanGu-α tensor parallelism (`tensor_parallel` > 1, tensor_parallel.py): each tensor group of ranks inside
+  a node splits every layer Megatron-style and reads the same rows; DeepSpeed gets the data-parallel group
+  through an `mpu` (ZeRO partitions over it, clipping sums the norm over the tensor group, each tensor
+  rank checkpoints its own slices); layouts this program cannot run (pipeline > 1, tensor parallel with
+  experts) are refused at start (`LayoutError`), before anything is allocated;
 * PanGu-Σ experts: in the model's own `ExpertBank` (one rank's experts, ep = 1), through DeepSpeed's
   MoE layer with a fixed RRE gate (ep > 1, expert groups inside a node: deploy/topology.py), or
   host-resident with ECSS (ecss.py), sharded over the expert-parallel group when ep > 1;
@@ -50,6 +55,14 @@ from .expert_parallel import gather_expert_state, local_expert_rows, to_deepspee
 from .model import PanguModel
 from .moe import RandomRoutedExperts
 from .optim import OptimConfig, build_scheduler, lr_at, parameter_groups
+from .tensor_parallel import (
+    ModelParallelUnit,
+    TensorParallel,
+    gather_state_dict,
+    row_blocks,
+    shard_state_dict,
+    split_dims,
+)
 
 if TYPE_CHECKING:
     from tokenizer.pangu import PanguTokenizer
@@ -114,6 +127,9 @@ class TrainConfig(BaseModel):
                                                          "next step (a step fetches weights without the previous "
                                                          "step's update: ZeRO-Offload's delayed parameter update)")
     expert_parallel: int = Field(1, ge=1, description="ranks that share one copy of the experts (inside a node)")
+    tensor_parallel: int = Field(1, ge=1, description="ranks that split every layer of a dense PanGu-α model "
+                                                      "(Megatron-style, inside a node); ZeRO runs over the "
+                                                      "data-parallel rest (world / tensor_parallel)")
     topology: str | None = Field(None, description="deploy/presets/topology name or YAML: checks ep against the cluster")
     # checkpoints and logs
     checkpoint_every: int = Field(100, ge=0, description="steps between checkpoints; 0: only at the end / SIGTERM")
@@ -134,6 +150,7 @@ class TrainConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         model = self.pangu_config()
+        self._check_tensor_parallel(model)
         if model.router != "dense" and self.zero_stage == 3:
             raise ValueError("ZeRO-3 with experts: DeepSpeed's MoE refuses stage 3 (SPEC §5.2); use 0-2")
         if self.ecss and model.router != "rre":
@@ -145,6 +162,21 @@ class TrainConfig(BaseModel):
         if self.row_length > model.max_seq_len:
             raise ValueError(f"seq_len {self.row_length} > the model's max_seq_len {model.max_seq_len}")
         return self
+
+    def _check_tensor_parallel(self, model: PanguConfig) -> None:
+        """What tensor parallelism needs of the model and the run (the layout is checked at start)."""
+        tp = self.tensor_parallel
+        if tp == 1:
+            return
+        if self.ecss or self.expert_parallel > 1 or model.router != "dense":
+            what = "ECSS" if self.ecss else "expert_parallel" if self.expert_parallel > 1 else f"router {model.router}"
+            raise ValueError(f"tensor_parallel {tp} with {what}: tensor parallelism is implemented for dense "
+                             f"PanGu-α models only (PanGu-Σ's dense part is not split yet); set tensor_parallel: 1")
+        if self.zero_stage == 3:
+            raise ValueError(f"tensor_parallel {tp} with ZeRO-3 is not implemented; use zero_stage 0-2")
+        for name in ("num_heads", "d_ff", "vocab_size"):
+            if getattr(model, name) % tp:
+                raise ValueError(f"tensor_parallel {tp} does not divide {name} {getattr(model, name)}")
 
     def pangu_config(self) -> PanguConfig:
         return get_config(self.model, **self.model_overrides)
@@ -200,6 +232,11 @@ VOCAB_MULTIPLE = 64  # embedding rows are padded to this multiple (40,000 and 8,
 
 class DataMismatch(ValueError):
     """The packed data and the model cannot go together; the message says how to fix it."""
+
+
+class LayoutError(ValueError):
+    """A parallel layout this program cannot run, found at start before the model is built, or a checkpoint
+    written with another layout, found before it is loaded."""
 
 
 def read_data_contract(data: str | os.PathLike[str]) -> dict[str, Any]:
@@ -333,7 +370,7 @@ def _compute_dtype(precision: str) -> torch.dtype:
 
 def build_model(
     config: TrainConfig, expert_shard: tuple[int, int] | None = None, device: torch.device | str = "cpu",
-    owned_block: tuple[int, int] | None = None,
+    owned_block: tuple[int, int] | None = None, tp: TensorParallel | None = None,
 ) -> PanguModel:
     """The initial model, identical on every rank (seeded; DeepSpeed broadcasts it again anyway).
 
@@ -342,7 +379,9 @@ def build_model(
     `device` one module at a time (`pangu_model.materialize`): the host never holds the whole model,
     and with ECSS the experts are made in host memory, where they stay. With `owned_block` (block,
     replicas: ECSS sharded host state) each layer's expert shard is cut to the rank's owned block as soon
-    as it is made, so start-up holds one layer's shard, not all of them."""
+    as it is made, so start-up holds one layer's shard, not all of them. With `tp` (tensor parallelism)
+    each rank keeps its slices of the dense model's weights, so every tensor-parallel size starts from
+    the same weights."""
     pangu = config.pangu_config()
     if config.init_from is None:
         from .materialize import build_model_on
@@ -354,7 +393,7 @@ def build_model(
             from .ecss import keep_block
 
             trim = lambda bank: keep_block(bank, *owned_block)  # noqa: E731
-        return build_model_on(pangu, device, config.seed, expert_shard, host, trim).train()
+        return build_model_on(pangu, device, config.seed, expert_shard, host, trim, tp=tp).train()
     torch.manual_seed(config.seed)
     from .checkpoint import load_checkpoint, load_config
     from .inherit import sigma_from_dense
@@ -364,8 +403,11 @@ def build_model(
         model = sigma_from_dense(load_checkpoint(config.init_from), pangu, expert_shard)
     else:
         source = load_checkpoint(config.init_from, expert_shard=None if dense_source else expert_shard)
-        model = PanguModel(pangu, expert_shard)
-        model.load_state_dict(source.state_dict(), strict=True)
+        model = PanguModel(pangu, expert_shard, tp=tp)
+        state = source.state_dict()
+        if model.tp is not None:
+            state = shard_state_dict(state, split_dims(model), model.tp)
+        model.load_state_dict(state, strict=True)
     return model.train()
 
 
@@ -399,11 +441,16 @@ class Trainer:
         self.total_steps = config.train_steps
         self._check_topology()
         self.plan = self._check_plan()
+        # Data-parallel coordinates (the rows a rank reads, its dropout seed): the global ones without tensor
+        # parallelism; with it, every rank of a tensor group reads the same rows.
+        info = self._layout().info(self.rank)
+        self.dp_rank, self.dp_size = info.dp_rank, self.world_size // config.tensor_parallel
+        self.tp, self.mpu = self._tensor_parallel_groups()
 
         ep = config.expert_parallel
         ecss_groups = self._ecss_groups() if config.ecss else (None, None)
         model = build_model(config, (self._ep_rank(), ep) if ep > 1 else None, self.device,
-                            self._owned_block(ecss_groups[1]))
+                            self._owned_block(ecss_groups[1]), tp=self.tp)
         self.expert_layers: list[str] = [n for n, m in model.named_modules() if isinstance(m, RandomRoutedExperts)]
         self.sparse_layers = list(model.sparse_layers())
         if config.expert_parallel > 1 and not config.ecss:
@@ -431,22 +478,25 @@ class Trainer:
             config=self.ds_config,
             lr_scheduler=lambda optimizer: build_scheduler(optimizer, config.optimizer, self.total_steps),
             dist_init_required=False,
+            mpu=self.mpu,
         )
         self.model: PanguModel = self.engine.module
         if config.expert_parallel > 1 and not config.ecss:
             self._check_expert_groups()
+        if self.tp is not None:
+            self._check_tensor_groups()
 
         # Domain-affine steps: one domain per node and step (a node holds whole expert-parallel groups, so
         # their steps touch one domain's experts; the rows do not depend on ep). The dataset's state
         # records the grouping: a resume with another sampler is refused.
         affine = config.domain_affine if config.domain_affine is not None else self.pangu.router == "rre"
         node_groups = None
-        if affine:
+        if affine:  # the data-parallel ranks of each node (the global ranks without tensor parallelism)
             ranks = self._layout().ranks
-            node_groups = [[i.rank for i in ranks if i.node == n] for n in sorted({i.node for i in ranks})]
+            node_groups = [sorted({i.dp_rank for i in ranks if i.node == n}) for n in sorted({i.node for i in ranks})]
         self.dataset = PackedRowDataset(
             config.data, seq_len=config.row_length, weights=config.mixture, seed=config.data_seed,
-            rank=self.rank, world_size=self.world_size, validation_fraction=config.validation_fraction,
+            rank=self.dp_rank, world_size=self.dp_size, validation_fraction=config.validation_fraction,
             domain_groups=node_groups, rows_per_step=config.micro_batch_size * config.gradient_accumulation_steps,
         )
         self.validation = []
@@ -465,21 +515,39 @@ class Trainer:
 
     # ---- checks ---------------------------------------------------------------------------------
     def _check_topology(self) -> None:
-        ep = self.config.expert_parallel
+        """The layout this run can take, checked before anything is allocated: `LayoutError` with the reason.
+        A topology preset must be the run's own layout (its groups are the ones the trainer builds)."""
+        ep, tp = self.config.expert_parallel, self.config.tensor_parallel
+        local = local_world_size(self.world_size)
         if self.config.topology:
             from deploy.topology import load_topology
 
             topology = load_topology(self.config.topology)
-            if topology.plan.expert != ep:
-                raise ValueError(f"topology {topology.name} has expert {topology.plan.expert}, config says {ep}")
+            plan = topology.plan
+            if plan.pipeline > 1:
+                raise LayoutError(f"topology {topology.name} has pipeline {plan.pipeline}: pangu_model.train does "
+                                  f"not run pipeline parallelism yet (tensor, data and expert parallelism only); "
+                                  f"use a topology with pipeline 1")
+            if plan.tensor != tp:
+                raise LayoutError(f"topology {topology.name} has tensor {plan.tensor}, config says "
+                                  f"tensor_parallel {tp}")
+            if plan.expert != ep:
+                raise LayoutError(f"topology {topology.name} has expert {plan.expert}, config says {ep}")
             if topology.cluster.world_size != self.world_size:
-                raise ValueError(f"topology {topology.name} has {topology.cluster.world_size} ranks, "
-                                 f"this run {self.world_size}")
+                raise LayoutError(f"topology {topology.name} has {topology.cluster.world_size} ranks, "
+                                  f"this run {self.world_size}")
+            if topology.cluster.gpus_per_node != local:
+                raise LayoutError(f"topology {topology.name} has {topology.cluster.gpus_per_node} ranks per node, "
+                                  f"this run {local}")
+        if self.world_size % tp:
+            raise LayoutError(f"tensor_parallel {tp} does not divide the world size {self.world_size}")
+        if local % tp:
+            raise LayoutError(f"tensor_parallel {tp} does not divide the {local} ranks of a node (a tensor group "
+                              f"stays inside one node)")
         if self.world_size % ep:
-            raise ValueError(f"expert_parallel {ep} does not divide the world size {self.world_size}")
-        local = local_world_size(self.world_size)
+            raise LayoutError(f"expert_parallel {ep} does not divide the world size {self.world_size}")
         if ep > 1 and local % ep:
-            raise ValueError(f"expert group of {ep} ranks would leave a node of {local} ranks")
+            raise LayoutError(f"expert group of {ep} ranks would leave a node of {local} ranks")
 
     def _check_plan(self) -> Any:
         """The planner's verdict on this run with this machine's GPU and host memory (deploy/plan.py):
@@ -497,11 +565,39 @@ class Trainer:
                           host_ram)
 
     def _layout(self) -> Any:
+        """The run's rank layout and process groups (deploy/topology.py; pipeline 1)."""
         from deploy.topology import ClusterSpec, Layout, ParallelPlan
 
         local = local_world_size(self.world_size)
         cluster = ClusterSpec(nodes=self.world_size // local, gpus_per_node=local)
-        return Layout.build(cluster, ParallelPlan(expert=self.config.expert_parallel))
+        return Layout.build(cluster, ParallelPlan(tensor=self.config.tensor_parallel,
+                                                  expert=self.config.expert_parallel))
+
+    def _tensor_parallel_groups(self) -> tuple[TensorParallel | None, ModelParallelUnit | None]:
+        """This rank's tensor group and the `mpu` DeepSpeed gets (its data-parallel group), both from the
+        topology's layout; (None, None) without tensor parallelism."""
+        if self.config.tensor_parallel == 1:
+            return None, None
+        groups = self._layout().groups()
+        found: dict[str, tuple[Any, list[int]]] = {}
+        for kind in ("tensor", "data"):  # every rank creates every group, in the same order
+            for ranks in groups[kind]:
+                group = dist.new_group(ranks)
+                if self.rank in ranks:
+                    found[kind] = (group, ranks)
+        tp = TensorParallel.of(found["tensor"][0])
+        return tp, ModelParallelUnit(tp, *found["data"])
+
+    def _check_tensor_groups(self) -> None:
+        """The groups DeepSpeed partitions and reduces over are the topology's data-parallel groups."""
+        from deepspeed.utils import groups
+
+        layout = self._layout()
+        data = dist.get_process_group_ranks(groups._get_data_parallel_group())
+        tensor = dist.get_process_group_ranks(self.tp.group)
+        if data not in layout.data_parallel_groups or tensor not in layout.tensor_groups:
+            raise RuntimeError(f"DeepSpeed's data group {data} / tensor group {tensor} are not the topology's "
+                               f"({layout.data_parallel_groups}, {layout.tensor_groups})")
 
     def _ep_rank(self) -> int:
         return self._layout().info(self.rank).ep_rank
@@ -574,10 +670,11 @@ class Trainer:
         return {k: torch.stack([r[k] for r in rows]).to(self.device, non_blocking=True) for k in keys}
 
     def _seed(self, step: int, micro: int) -> None:
-        # Dropout masks are a function of (seed, step, micro-batch, rank): a resumed run draws the
-        # same masks as an uninterrupted one without saving any RNG state.
+        # Dropout masks are a function of (seed, step, micro-batch, data-parallel rank): a resumed run draws
+        # the same masks as an uninterrupted one without saving any RNG state, and the ranks of a tensor
+        # group draw the same ones (the model forks a stream per rank for its split heads).
         gas = self.config.gradient_accumulation_steps
-        torch.manual_seed(self.config.seed * 1_000_003 + (step * gas + micro) * self.world_size + self.rank)
+        torch.manual_seed(self.config.seed * 1_000_003 + (step * gas + micro) * self.dp_size + self.dp_rank)
 
     # ---- training -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -651,20 +748,27 @@ class Trainer:
             sums += torch.stack([out.loss.detach().double() / gas, out.lm_loss.detach().double() / gas,
                                  out.aux_loss.detach().to(self.device, torch.float64) / gas,
                                  (batch["labels"] != -100).sum().double()])
-            metrics.add_domain_losses(domain_loss_sums(
-                out.logits, batch["labels"], batch["domain_ids"], max(1, self.num_domains), self.pangu.pad_token_id))
+            domain_sums = domain_loss_sums(out.logits, batch["labels"], batch["domain_ids"],
+                                           max(1, self.num_domains), self.pangu.pad_token_id, tp=self.tp)
+            if self._counts_rows():
+                metrics.add_domain_losses(domain_sums)
             if self.expert_layers:
                 metrics.add_expert_load(self._expert_load(batch))
         lr = lr_at(self.step, config.optimizer, self.total_steps)
         loss, lm_loss, aux_loss, tokens = sums.tolist()  # the step's one sync
         row: dict[str, float] = {"loss": loss, "lm_loss": lm_loss, "aux_loss": aux_loss, "lr": lr,
-                                 "_tokens": int(tokens)}
+                                 "_tokens": int(tokens) if self._counts_rows() else 0}
         if self.ecss is not None:
             stats = self.ecss.step(lr, grad_scale=grad_scale, skip=not self.engine.was_step_applied())
             row["experts_updated"] = float(stats["experts_updated"])
         norm = self.engine.get_global_grad_norm()
         row["grad_norm"] = float(norm) if norm is not None else float("nan")
         return row
+
+    def _counts_rows(self) -> bool:
+        """Whether this rank's rows count in the logs: the ranks of a tensor group share theirs (rank 0 of
+        the group counts them)."""
+        return self.tp is None or self.tp.rank == 0
 
     @torch.no_grad()
     def validate(self) -> torch.Tensor:
@@ -675,9 +779,9 @@ class Trainer:
         exchanges tokens in every forward."""
         from .metrics import domain_loss_sums
 
-        rows = self.validation[self.rank::self.world_size]
+        rows = self.validation[self.dp_rank::self.dp_size]
         size = self.config.micro_batch_size
-        batches = -(-len(self.validation) // (size * self.world_size))
+        batches = -(-len(self.validation) // (size * self.dp_size))
         blank = {**self.validation[0], "labels": torch.full_like(self.validation[0]["labels"], -100)}
         rows = rows + [blank] * (batches * size - len(rows))
         sums = torch.zeros(max(1, self.num_domains), 2, dtype=torch.float64, device=self.device)
@@ -692,13 +796,13 @@ class Trainer:
                 out = self.engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                                   domain_ids=batch["domain_ids"])
                 sums += domain_loss_sums(out.logits, batch["labels"], batch["domain_ids"], sums.shape[0],
-                                         self.pangu.pad_token_id)
+                                         self.pangu.pad_token_id, tp=self.tp)
                 if self.ecss is not None:
                     self.ecss.release()
         finally:
             self.engine.train()
-        if self.world_size > 1:
-            dist.all_reduce(sums)
+        if self.world_size > 1:  # over the data-parallel ranks (a tensor group holds one copy of its rows)
+            dist.all_reduce(sums, group=None if self.mpu is None else self.mpu.get_data_parallel_group())
         return sums.cpu()
 
     @torch.no_grad()
@@ -737,6 +841,7 @@ class Trainer:
             "dataset": self.dataset.state_dict(),
             "fingerprint": self.config.fingerprint(),
             "world_size": self.world_size,
+            "tensor_parallel": self.config.tensor_parallel,
         }
         _atomic_torch_save(trainer_state, directory / f"trainer_rank{self.rank:05d}.pt")
         if self.ecss is not None and (self.ecss.sharded or self._first_replica()):
@@ -778,6 +883,12 @@ class Trainer:
         state = torch.load(directory / f"trainer_rank{self.rank:05d}.pt", weights_only=True)
         if state["fingerprint"] != self.config.fingerprint():
             raise ValueError(f"{directory} was written by a run with another model/data/batch config")
+        written_tp = int(state.get("tensor_parallel", 1))
+        if written_tp != self.config.tensor_parallel:
+            raise LayoutError(f"{directory} was written with tensor_parallel {written_tp} ({state['world_size']} "
+                              f"ranks), this run has tensor_parallel {self.config.tensor_parallel}: each tensor "
+                              f"rank's checkpoint holds its own slices; resume with the same layout (or start a "
+                              f"new run from its export with init_from)")
         if state["world_size"] != self.world_size:
             raise ValueError(f"{directory} was written by {state['world_size']} ranks, this run has {self.world_size}")
         if self.ecss is not None and not (directory / self._ecss_path()).is_file():
@@ -800,7 +911,7 @@ class Trainer:
     def _module_state(self, keep_all: bool = True) -> dict[str, torch.Tensor]:
         """The engine module's state with the optimizer's fp32 masters where the module holds bf16/fp16
         copies. Collective: every rank calls it. Without `keep_all`, only the DeepSpeed-MoE experts'
-        masters are kept (the rest is rank 0's to write)."""
+        masters are kept (the rest is the first data-parallel replica's to write)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
         module = self.engine.module
@@ -823,6 +934,8 @@ class Trainer:
             state.update(self.ecss.expert_state())
         elif self.config.expert_parallel > 1:
             state = gather_expert_state(self.engine.module, state)
+        if self.tp is not None:
+            state = gather_state_dict(state, split_dims(self.engine.module), self.tp)
         return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu() for k, v in state.items()}
 
     def export(self, directory: str | os.PathLike[str]) -> Path | None:
@@ -830,7 +943,10 @@ class Trainer:
 
         Collective. Nobody gathers the experts: rank 0 lays the file out and writes the dense weights,
         and one rank per expert shard writes its experts' rows in place (`SafetensorsWriter`), so the
-        export directory must be on a filesystem that those ranks share (as the checkpoints are).
+        export directory must be on a filesystem that those ranks share (as the checkpoints are). With
+        tensor parallelism the ranks of the first data-parallel replica each write their block of rows of
+        every split tensor (`tensor_parallel.row_blocks`) and rank 0 the replicated ones: the file is the
+        one the same weights give without it.
         """
         from .checkpoint import WEIGHTS_NAME, SafetensorsWriter, TensorSpec, write_config
 
@@ -839,7 +955,7 @@ class Trainer:
             layout = PanguModel(self.pangu).state_dict()
         specs = {k: TensorSpec(torch.float32 if v.is_floating_point() else v.dtype, tuple(v.shape))
                  for k, v in layout.items()}
-        state = self._module_state(keep_all=self.rank == 0)
+        state = self._module_state(keep_all=self.dp_rank == 0)
         pieces: list[tuple[str, torch.Tensor, int]] = []
         if self.ecss is not None:
             pieces = self.ecss.expert_rows()
@@ -848,6 +964,11 @@ class Trainer:
         if not self._first_replica() and not (self.ecss is not None and self.ecss.sharded):
             pieces = []  # replicas of a shard hold the same experts: one of them writes (sharded: each its block)
         dense = without_moe_keys(self.engine.module, state) if self.rank == 0 else {}
+        if self.tp is not None:
+            split = split_dims(self.engine.module)
+            if self.dp_rank == 0:  # the first replica's tensor group (a collective among its ranks)
+                pieces += row_blocks(state, split, self.tp)
+            dense = {name: tensor for name, tensor in dense.items() if name not in split}
         writer = SafetensorsWriter(directory / f".{WEIGHTS_NAME}.tmp", specs)
         if self.rank == 0:
             directory.mkdir(parents=True, exist_ok=True)
@@ -961,7 +1082,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = train(config, export_only=args.export_only)  # the Trainer fits the model to the data first
-    except (DataMismatch, PlanDoesNotFit) as exc:
+    except (DataMismatch, LayoutError, PlanDoesNotFit) as exc:
         print(f"pangu_model.train: {exc}", file=sys.stderr)
         return 2
     if dist.is_initialized() and dist.get_rank() == 0 or not dist.is_initialized():

@@ -140,6 +140,35 @@ def run_torchrun(config: Path, module: str = "pangu_model.train", ranks: int = 2
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def logged_rows(run: Path) -> list[dict[str, float]]:
+    """The run's metrics.csv rows so far (none before the file exists or while its header is written)."""
+    from pangu_model.metrics import read_metrics
+
+    try:
+        return read_metrics(run)
+    except (FileNotFoundError, ValueError):
+        return []
+
+
+def torchrun_killed_when(config: Path, ready: Any, module: str = "pangu_model.train", ranks: int = 2,
+                         timeout: float = 240) -> None:
+    """Start `torchrun` of the run and SIGKILL its whole process group once `ready()` holds (what a
+    preempted node does); fails when the run ends first or `timeout` passes."""
+    import signal
+    import time
+
+    proc = torchrun(config, module, ranks, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, f"the run ended early ({proc.returncode})"
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def training_processes(marker: str) -> list[int]:
     """Pids of the live (not zombie) training processes whose command line holds `marker` (a run's
     output directory)."""

@@ -34,31 +34,12 @@ def _torchrun(config: Path, expect_ok: bool = True, ranks: int = RANKS) -> subpr
 def _kill_9_after_the_step_2_checkpoint(config: Path) -> None:
     """Start the 4-rank run and SIGKILL every process of it once step 3 is logged (after the step-2
     checkpoint, before the end): what a preempted node does."""
-    import os
-    import signal
-    import time
-
     from pangu_model.metrics import read_metrics
-    from tests.test_train_common import torchrun
+    from tests.test_train_common import logged_rows, torchrun_killed_when
 
     run = config.parent
-    proc = torchrun(config, module="tests.test_train_ecss_sharded", ranks=RANKS,
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    try:
-        while True:
-            try:
-                rows = len(read_metrics(run))
-            except (FileNotFoundError, ValueError):
-                rows = 0
-            if rows >= 3 and (run / "checkpoints" / "latest").is_file():
-                break
-            assert proc.poll() is None, f"the run ended early ({proc.returncode})"
-            assert time.monotonic() < deadline, "timed out"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    step_3_logged = lambda: len(logged_rows(run)) >= 3 and (run / "checkpoints" / "latest").is_file()  # noqa: E731
+    torchrun_killed_when(config, step_3_logged, module="tests.test_train_ecss_sharded", ranks=RANKS)
     assert (run / "checkpoints" / "latest").read_text() == "step00000002"
     assert 3 <= len(read_metrics(run)) < STEPS  # killed mid-run
 
