@@ -18,7 +18,13 @@ from cleaning.writers import write_bytes_atomic
 
 OTHER, SPACE, HAN, KANA_HANGUL, DIGIT = 0, 1, 2, 3, 4
 
-_HAN_RANGES = [(0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x3134F)]
+# What a Han character is, for every rule of the project: the CJK Unified Ideographs, Extension A,
+# the Compatibility Ideographs and Extensions B–H (planes 2 and 3).
+CJK_UNIFIED = (0x4E00, 0x9FFF)
+CJK_EXTENSION_A = (0x3400, 0x4DBF)
+CJK_COMPATIBILITY = (0xF900, 0xFAFF)
+CJK_SUPPLEMENTARY = (0x20000, 0x3134F)
+HAN_RANGES = [CJK_EXTENSION_A, CJK_UNIFIED, CJK_COMPATIBILITY, CJK_SUPPLEMENTARY]
 _KANA_HANGUL_RANGES = [(0x3040, 0x30FF), (0xAC00, 0xD7AF)]
 
 
@@ -53,7 +59,7 @@ def table() -> np.ndarray:
 
 def _build_table() -> np.ndarray:
     classes = np.zeros(0x110000, dtype=np.uint8)
-    for low, high in _HAN_RANGES:
+    for low, high in HAN_RANGES:
         classes[low:high + 1] = HAN
     for low, high in _KANA_HANGUL_RANGES:
         classes[low:high + 1] = KANA_HANGUL
@@ -62,6 +68,15 @@ def _build_table() -> np.ndarray:
     # Python's own notion of whitespace (str.isspace, what `\s` matches in a str pattern).
     classes[[c for c in range(0x110000) if chr(c).isspace()]] = SPACE
     return classes
+
+
+def han_pattern(ranges: list[tuple[int, int]] | None = None) -> str:
+    """A regex character class of Han characters (`HAN_RANGES`, or the subset `ranges`)."""
+    return "[" + "".join(f"{chr(low)}-{chr(high)}" for low, high in (ranges or HAN_RANGES)) + "]"
+
+
+def is_han(char: str) -> bool:
+    return any(low <= ord(char) <= high for low, high in HAN_RANGES)
 
 
 def code_points(text: str) -> np.ndarray:

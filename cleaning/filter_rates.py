@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
-from cleaning import perplexity
+from cleaning import charclass, perplexity
 from cleaning.config import CorpusConfig, RuleConfig, load_preset
 from cleaning.document import Document, Rejection
 from cleaning.pipeline import CleaningChain
@@ -157,7 +157,7 @@ def keyword_words(rules: RuleConfig) -> list[str]:
     for ref in list(rules.ad_word_lists) + list(rules.sensitive_word_lists):
         with open(assets.require(ref), encoding="utf-8") as fh:
             words += [w.strip() for w in fh if w.strip() and not w.startswith("#")]
-    return sorted({w for w in words if 2 <= len(w) <= 6 and all("\u4e00" <= c <= "\u9fff" for c in w)})
+    return sorted({w for w in words if 2 <= len(w) <= 6 and all(charclass.is_han(c) for c in w)})
 
 
 def junk_sets(clean: dict[str, list[str]], rules: RuleConfig, n: int = 300, seed: int = 13) -> dict[str, list[str]]:

@@ -6,6 +6,7 @@ import re
 
 from typing import Sequence
 
+from cleaning import charclass
 from cleaning.document import Document
 from cleaning.steps import Transform
 
@@ -61,7 +62,7 @@ _BOILERPLATE_WORDS = re.compile(
     re.IGNORECASE,
 )
 _NAV_SEPARATORS = re.compile(r"[|｜>»›·•/\\\-–—_]+")
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_CJK = re.compile(charclass.han_pattern())
 
 
 def is_boilerplate_line(line: str, max_len: int = 60) -> bool:

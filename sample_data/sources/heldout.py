@@ -24,6 +24,9 @@ import zlib
 from functools import lru_cache
 from typing import Iterable
 
+from cleaning import charclass
+from cleaning.charclass import CJK_EXTENSION_A, CJK_UNIFIED
+
 HELD_OUT_VERSION = 1
 HELD_OUT_ONE_IN = 40  # 2.5 %: ~770 of the 30,895 idioms, ~1,400 of the 57k complete Tang poems
 
@@ -32,8 +35,9 @@ RULE = (f"crc32('<kind>\\x1f<key>') % {HELD_OUT_ONE_IN} == 0; kind 'idiom': key 
 
 # What ends a clause inside a verse line (full- and half-width).
 _CLAUSE_END = re.compile(r"[，,。．！!？?；;：:、]")
-# Not cleaning.charclass.HAN (which adds U+F900–FAFF and U+30000–3134F): keys are part of HELD_OUT_VERSION 1.
-_NOT_HAN = re.compile(r"[^\u3400-\u4dbf\u4e00-\u9fff\U00020000-\U0002ffff]")
+# A subset of cleaning.charclass.HAN_RANGES (without the compatibility ideographs and U+30000–3134F),
+# frozen with the keys of HELD_OUT_VERSION 1.
+_NOT_HAN = re.compile("[^" + charclass.han_pattern([CJK_EXTENSION_A, CJK_UNIFIED, (0x20000, 0x2FFFF)])[1:])
 
 
 def _held_out(kind: str, key: str) -> bool:
