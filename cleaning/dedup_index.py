@@ -31,8 +31,8 @@ a version. Gids are (shard index in the version << 32 | row), so (shard, row) or
 Why the result equals a build from scratch: the reduce's pairs are, bucket by bucket, a function
 of the bucket's members and their order only (`dedup.star_pairs`). A refresh finds the buckets its
 new or removed shards touch (their keys), looks up those buckets' other members in the previous
-segments (a binary search per key: in a memory map, or on an object store in the few rows that
-the segment's sparse key index points at), takes away the pairs the old members made and
+segments (a binary search per key in the few rows that the segment's sparse key index points
+at), takes away the pairs the old members made and
 adds the pairs the new members make; every other bucket keeps its pairs. Unchanged shards keep
 their relative order (inputs are sorted by URI; checked, else the index is not reused), so an old
 pair keeps its orientation. The survivor of a cluster depends only on its connected component of
@@ -64,7 +64,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 import fsspec
 import numpy as np
-from fsspec.implementations.local import LocalFileSystem
 
 from cleaning import dedup
 from cleaning.dedup import (EXACT, NEAR, PAIR, RECORD, _record_keys, _Rows, _Signatures, _components,
@@ -223,11 +222,9 @@ class _Segment:
     def __init__(self, fs: fsspec.AbstractFileSystem, work: str, name: str):
         folder = _segment_dir(work, name)
         self.keys, self.refs = _Rows(fs, f"{folder}/keys.npy"), _Rows(fs, f"{folder}/refs.npy")
-        # an object store has no memory map to search: the sparse index says which rows to read
-        self.sample, self.stride = None, 0
-        if not isinstance(fs, LocalFileSystem):
-            self.sample = _load_array(fs, f"{folder}/sparse.npy")
-            self.stride = int(_segment_shards(fs, work, name)["sparse_stride"])
+        # the sparse index says which rows to read (files are read by byte ranges, not mapped)
+        self.sample = _load_array(fs, f"{folder}/sparse.npy")
+        self.stride = int(_segment_shards(fs, work, name)["sparse_stride"])
 
     def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The (key, local ref) records whose key is one of the sorted `keys`: a binary search per

@@ -278,18 +278,25 @@ def test_reduce_reads_one_partition_and_signatures_only(planted, tmp_path, monke
     work = tmp_path / "copy"
     shutil.copytree(planted["work"], work)
     shutil.rmtree(work / "pairs")
-    opened: list[str] = []
-    real = dedup._load_array
+    whole: list[str] = []  # files read whole
+    by_rows: list[str] = []  # files read by byte ranges of rows
+    real_load, real_rows = dedup._load_array, dedup._Rows.__init__
 
-    def spy(fs, path, mmap=False):
-        opened.append((path, mmap))
-        return real(fs, path, mmap)
+    def load_spy(fs, path, mmap=False):
+        whole.append(path)
+        return real_load(fs, path, mmap)
 
-    monkeypatch.setattr(dedup, "_load_array", spy)
+    def rows_spy(self, fs, path):
+        by_rows.append(path)
+        real_rows(self, fs, path)
+
+    monkeypatch.setattr(dedup, "_load_array", load_spy)
+    monkeypatch.setattr(dedup._Rows, "__init__", rows_spy)
     reduce_partition(str(work), 2, CONFIG)
-    buckets = [p for p, _ in opened if "/buckets/" in p]
+    opened = whole + by_rows
+    buckets = [p for p in opened if "/buckets/" in p]
     assert sorted(buckets) == [f"{work}/buckets/p002/{s:05d}.npy" for s in range(3)]
-    others = [(p, m) for p, m in opened if "/buckets/" not in p]
-    assert others and all("/signatures/" in p and m for p, m in others)  # memory-mapped
+    others = [p for p in opened if "/buckets/" not in p]
+    assert others and all("/signatures/" in p for p in others) and not set(others) & set(whole)  # rows only
     pairs = np.load(work / "pairs" / "p002.npy")
     assert np.array_equal(pairs, np.load(Path(planted["work"]) / "pairs" / "p002.npy"))
