@@ -289,7 +289,8 @@ class CorpusBuild:
                                    table.column("source").to_pylist(), table.column("quality").to_pylist())
             documents = len(texts)
         return {"name": self.clean_dir(shard).rsplit("/", 1)[1], "minhash": entry, "documents": documents,
-                "signed": signed}
+                "signed": signed, "input": self._input_name(shard) + (f" part {shard.part[0]}-{shard.part[1]}"
+                                                                       if shard.part else "")}
 
     def dedup_plan(self, mapped: Sequence[dict[str, Any]], run_key: str) -> dict[str, Any]:
         """The version's shards for the dedup index, and the previous version's index to extend."""
