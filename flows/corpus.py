@@ -80,11 +80,13 @@ def map_stage(stage: Stage) -> list[Any]:
 
 
 @flow(name="corpus", log_prints=True)
-def corpus(inputs: list[str], output: str, config: CorpusConfig = CorpusConfig(),
+def corpus(inputs: list[str], output: str, config: CorpusConfig | None = None,
            workers: int = 2, work: str | None = None, previous: str | None = None) -> dict[str, Any]:
     """Clean, filter, deduplicate and quality-score raw Chinese text into a versioned corpus;
-    `previous`: the version whose dedup index to extend (default: what OUTPUT holds)."""
+    `config`: default the `default` preset (as `pangu corpus build`); `previous`: the version whose
+    dedup index to extend (default: what OUTPUT holds)."""
     global _POOL
+    config = config or load_preset("default")
     logger = get_run_logger()
     build = CorpusBuild(inputs, output, config, work=work, previous=previous)
     _POOL = ProcessPoolExecutor(workers) if workers > 1 else None
@@ -129,12 +131,15 @@ def _record_corpus_asset(output: str, manifest: dict[str, Any]) -> None:
 
 
 @flow(name="corpus-refresh", log_prints=True)
-def corpus_refresh(inputs: list[str], root: str = "runs/corpus", config: CorpusConfig = CorpusConfig(),
+def corpus_refresh(inputs: list[str], root: str = "runs/corpus", config: CorpusConfig | None = None,
                    workers: int = 2, dask_address: str | None = None) -> dict[str, Any]:
     """A new corpus version under ROOT when inputs or config changed since ROOT/LATEST (the scheduled
     refresh): only new or changed input shards are cleaned and signed, their documents are looked
     up in the previous version's dedup index, and unchanged shards' files are linked, not copied.
+    `config`: default the `default` preset, as `make run` and `pangu pipeline` use it, so that the
+    scheduled refresh and a pipeline run over the same inputs make the same version.
     `dask_address`: run every stage's calls on that Dask cluster (its workers must reach ROOT)."""
+    config = config or load_preset("default")
     logger = get_run_logger()
     # The inputs are hashed as tasks (on the Dask cluster when given); planning then reads the cache.
     hash_inputs.with_options(task_runner=_task_runner(workers, dask_address))(
@@ -166,7 +171,7 @@ def corpus_refresh(inputs: list[str], root: str = "runs/corpus", config: CorpusC
 
 
 @flow(name="corpus-hash-inputs")
-def hash_inputs(inputs: list[str], root: str, config: CorpusConfig = CorpusConfig(), workers: int = 2) -> int:
+def hash_inputs(inputs: list[str], root: str, config: CorpusConfig, workers: int = 2) -> int:
     """Content hash, size and parts of every input file under ROOT/_work/inputs (the cache that
     planning reads), one task run per file; returns the number of files."""
     global _POOL

@@ -52,7 +52,7 @@ def fetch_eval_task() -> str:
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline(inputs: list[str], root: str = "runs", corpus_config: CorpusConfig = CorpusConfig(),
+def pipeline(inputs: list[str], root: str = "runs", corpus_config: CorpusConfig | None = None,
              vocab_size: int = 40_000, input_sentence_size: int = 1_000_000, preset: str = "sigma-tiny",
              steps: int | None = None, eval_data: str | None = None, eval_tasks: str = "fewclue",
              eval_limit: int | None = 200, workers: int = 2, dask_address: str | None = None) -> dict[str, Any]:

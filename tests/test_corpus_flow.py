@@ -122,3 +122,19 @@ def test_cli_runs_the_flow(prefect_api, raw, tmp_path, capsys):
                  "--preset", str(preset), "--workers", "1"]) == 0
     assert "33 documents in" in capsys.readouterr().err
     assert (tmp_path / "out" / "data" / "part-00002.parquet").exists()
+
+
+def test_the_refresh_without_a_config_makes_the_version_a_pipeline_run_makes(prefect_api, fetched_assets, raw,
+                                                                             tmp_path):
+    """The scheduled `refresh` deployment passes no config: it must build with the `default` preset,
+    as `make run` / `pangu pipeline` do, so that over the same inputs it finds their version built."""
+    from cleaning.config import load_preset
+    from cleaning.versions import plan_refresh
+    from flows.corpus import corpus_refresh
+
+    root = str(tmp_path / "corpus")
+    expected = plan_refresh([str(raw)], root, load_preset("default")).version
+    first = corpus_refresh(inputs=[str(raw)], root=root, workers=1)
+    assert first["version"] == expected and first["built"]
+    again = corpus_refresh(inputs=[str(raw)], root=root, config=load_preset("default"), workers=1)
+    assert again["version"] == expected and not again["built"]
