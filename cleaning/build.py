@@ -117,21 +117,31 @@ class CorpusBuild:
         task that reads the whole file. Cached in `inputs/` by the file's size and modification time
         (or ETag), so a rerun or a refresh reads only new or changed files."""
         shard_bytes = self.config.shard_bytes
-        cache = f"{self.work}/{self.input_entry(uri)}"
         try:
+            cached = self.cached_input(uri)
+            if cached is not None:
+                return cached
             signature = file_signature(uri)
-            if self._exists(cache):
-                cached = read_json(cache)
-                if (cached.get("uri"), cached.get("signature"), cached.get("shard_bytes")) == \
-                        (uri, signature, shard_bytes) and signature.split(":", 1)[1]:
-                    return cached
             digest, size, parts = hash_and_split(uri, shard_bytes)
         except (OSError, ValueError, ShardReadError) as err:
             return {"uri": uri, "error": f"unreadable: {type(err).__name__}: {err}"}
         found = {"uri": uri, "signature": signature, "shard_bytes": shard_bytes, "hash": digest, "size": size,
                  "parts": [list(part) for part in parts]}
-        write_json_atomic(cache, found)
+        write_json_atomic(f"{self.work}/{self.input_entry(uri)}", found)
         return found
+
+    def cached_input(self, uri: str) -> dict[str, Any] | None:
+        """What `hash_input` found for `uri` when the file has not changed since (same size and
+        modification time or ETag, same shard size); None otherwise. A stat and a small read."""
+        cache = f"{self.work}/{self.input_entry(uri)}"
+        try:
+            signature = file_signature(uri)
+            cached = read_json(cache) if self._exists(cache) else {}
+        except (OSError, ValueError):
+            return None
+        fresh = (cached.get("uri"), cached.get("signature"), cached.get("shard_bytes")) == \
+            (uri, signature, self.config.shard_bytes) and signature.split(":", 1)[1]
+        return cached if fresh else None
 
     @staticmethod
     def input_entry(uri: str) -> str:

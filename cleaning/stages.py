@@ -41,8 +41,7 @@ def run_build(build: CorpusBuild, map_stage: Mapper, log: Callable[[str], None] 
     started = time.perf_counter()
     listed = build.list_inputs()
     files = [uri for uri, error, _ in listed if not error]
-    hashed = map_stage(hash_stage(build, files))
-    shards = build.shards(listed, dict(zip(files, hashed)))
+    shards = build.shards(listed, hash_inputs(build, files, map_stage))
     run_key = build.run_key(shards)
     for shard in shards:
         if shard.error:
@@ -71,9 +70,15 @@ def run_build(build: CorpusBuild, map_stage: Mapper, log: Callable[[str], None] 
     return manifest
 
 
-def hash_stage(build: CorpusBuild, files: Sequence[str]) -> Stage:
-    """The plan's stage: content hash, size and parts of each input file (`CorpusBuild.hash_input`)."""
-    return Stage("hash-input", build.hash_input, [(uri,) for uri in files], [f"{i:05d}" for i in range(len(files))])
+def hash_inputs(build: CorpusBuild, files: Sequence[str], map_stage: Mapper) -> dict[str, dict[str, Any]]:
+    """uri → content hash, size and parts of each input file: the cached ones looked up here, the
+    others hashed by the `hash-input` stage (`CorpusBuild.hash_input`), so a rerun or a refresh
+    makes a call only for a new or changed file."""
+    found = {uri: build.cached_input(uri) for uri in files}
+    missing = [(i, uri) for i, uri in enumerate(files) if found[uri] is None]
+    hashed = map_stage(Stage("hash-input", build.hash_input, [(uri,) for _, uri in missing],
+                             [f"{i:05d}" for i, _ in missing]))
+    return {**found, **{uri: h for (_, uri), h in zip(missing, hashed)}}
 
 
 def _describe_clean(summary: dict[str, Any]) -> str:

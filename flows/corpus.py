@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import contextmanager
 from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -21,7 +22,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from cleaning.build import CorpusBuild, describe_work
 from cleaning.config import CorpusConfig, load_preset
-from cleaning.stages import Stage, hash_stage, run_build
+from cleaning.stages import Stage, run_build
+from cleaning.stages import hash_inputs as hash_stage_inputs
 from cleaning.versions import building, describe_diff, mark_latest, plan_refresh, previous_output
 from cleaning.writers import read_json
 from flows.lineage import record_asset
@@ -35,6 +37,19 @@ _POOL: Executor | None = None
 
 def _pool() -> Executor | None:
     return _POOL
+
+
+@contextmanager
+def _worker_pool(workers: int) -> Iterator[None]:
+    """`workers` processes that the task runs of this flow hand their calls to (none for 1)."""
+    global _POOL
+    _POOL = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        yield
+    finally:
+        if _POOL is not None:
+            _POOL.shutdown()
+        _POOL = None
 
 
 def _run(fn: Callable[..., Any], *args: Any) -> Any:
@@ -85,17 +100,11 @@ def corpus(inputs: list[str], output: str, config: CorpusConfig | None = None,
     """Clean, filter, deduplicate and quality-score raw Chinese text into a versioned corpus;
     `config`: default the `default` preset (as `pangu corpus build`); `previous`: the version whose
     dedup index to extend (default: what OUTPUT holds)."""
-    global _POOL
     config = config or load_preset("default")
     logger = get_run_logger()
     build = CorpusBuild(inputs, output, config, work=work, previous=previous)
-    _POOL = ProcessPoolExecutor(workers) if workers > 1 else None
-    try:
+    with _worker_pool(workers):
         manifest = run_build(build, map_stage, log=logger.info, warn=logger.warning)
-    finally:
-        if _POOL is not None:
-            _POOL.shutdown()
-        _POOL = None
     run_key = manifest["version"]
     create_table_artifact(key="corpus-counts", table=source_table(manifest),
                           description="documents per source: input, kept, rejected per rule")
@@ -174,16 +183,10 @@ def corpus_refresh(inputs: list[str], root: str = "runs/corpus", config: CorpusC
 def hash_inputs(inputs: list[str], root: str, config: CorpusConfig, workers: int = 2) -> int:
     """Content hash, size and parts of every input file under ROOT/_work/inputs (the cache that
     planning reads), one task run per file; returns the number of files."""
-    global _POOL
     build = CorpusBuild(inputs, root, config, work=f"{root.rstrip('/')}/_work")
     files = [uri for uri, error, _ in build.list_inputs() if not error]
-    _POOL = ProcessPoolExecutor(workers) if workers > 1 and len(files) > 1 else None
-    try:
-        map_stage(hash_stage(build, files))
-    finally:
-        if _POOL is not None:
-            _POOL.shutdown()
-        _POOL = None
+    with _worker_pool(workers):
+        hash_stage_inputs(build, files, map_stage)
     return len(files)
 
 
