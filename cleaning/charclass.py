@@ -76,7 +76,7 @@ def han_pattern(ranges: list[tuple[int, int]] | None = None) -> str:
 
 
 def is_han(char: str) -> bool:
-    return any(low <= ord(char) <= high for low, high in HAN_RANGES)
+    return bool(table()[ord(char)] == HAN)
 
 
 def code_points(text: str) -> np.ndarray:
