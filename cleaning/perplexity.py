@@ -145,16 +145,21 @@ def _insert(table: np.ndarray, slot: np.ndarray, entry: np.ndarray) -> None:
 def _lookup(table: np.ndarray, slot: np.ndarray, fingerprint: np.ndarray) -> np.ndarray:
     """Packed entries of the keys (0 where absent)."""
     mask = np.uint64(table.size - 1)
-    out = np.zeros(slot.size, dtype=np.uint64)
-    index = np.arange(slot.size)
-    fp32 = fingerprint.astype(np.uint32)
+    entry = table[slot]
+    stored = entry >> np.uint64(32)
+    hit = stored == fingerprint
+    out = np.where(hit, entry, np.uint64(0))
+    # Keys that met another key's entry probe on; at load factor 0.35 that is a few per cent.
+    index = np.flatnonzero(~hit & (stored != 0))
+    slot, fingerprint = slot[index], fingerprint[index]
     while index.size:
+        slot = (slot + np.uint64(1)) & mask
         entry = table[slot]
-        stored = (entry >> np.uint64(32)).astype(np.uint32)
-        hit = stored == fp32
+        stored = entry >> np.uint64(32)
+        hit = stored == fingerprint
         out[index[hit]] = entry[hit]
         probe = ~hit & (stored != 0)
-        index, slot, fp32 = index[probe], (slot[probe] + np.uint64(1)) & mask, fp32[probe]
+        index, slot, fingerprint = index[probe], slot[probe], fingerprint[probe]
     return out
 
 
@@ -190,16 +195,24 @@ class CharNgramLM:
         contexts = np.zeros(n, dtype=np.float32)  # sum of bow_j(i - 1) for the orders passed
         contexts[1:] = self.unigram_bow[symbols[:-1]]
         h = first
+        # Positions whose (k-1)-gram is stored: only there can the k-gram be (suffix-closed), so
+        # each order looks up fewer positions than the one before (a third as many in total).
+        found = np.flatnonzero(depth >= 1)
         for k in range(2, self.order + 1):
             h = np.concatenate([first[:1], h[:-1] * _PRIME + first[1:]])
-            entry = _lookup(self.table, *_slot_and_fingerprint(h, k, self.bits))
-            entry[depth < k - 1] = 0  # the n-gram would reach into the text before
-            found = np.flatnonzero(entry != 0)
-            logp = ((entry[found] >> np.uint64(16)) & np.uint64(0xFFFF)).astype(np.uint16).view(np.float16)
+            found = found[depth[found] >= k - 1]  # the n-gram would reach into the text before
+            entry = _lookup(self.table, *_slot_and_fingerprint(h[found], k, self.bits))
+            hit = entry != 0
+            found, entry = found[hit], entry[hit]
+            logp = ((entry >> np.uint64(16)) & np.uint64(0xFFFF)).astype(np.uint16).view(np.float16)
             best[found] = logp - contexts[found]
-            if k < self.order:
-                bow = (entry & np.uint64(0xFFFF)).astype(np.uint16).view(np.float16)  # 0 where absent
-                contexts[1:] += bow[:-1]
+            if k < self.order and found.size:
+                bow = (entry & np.uint64(0xFFFF)).astype(np.uint16).view(np.float16)
+                # bow_k(i) joins the context sum of the next symbol (always in the same text:
+                # a text's last symbol precedes the next text's BOS, whose score is set to 0)
+                nxt = found + 1
+                inside = nxt < n
+                contexts[nxt[inside]] += bow[inside]
         out = best + contexts
         out[bos] = 0.0
         return out

@@ -128,3 +128,18 @@ def test_lists_curated_with_other_bounds_are_rebuilt(tmp_path: Path) -> None:
     assert not fetch._curation_current(source)
     source.write_text("{", encoding="utf-8")
     assert not fetch._curation_current(source)
+
+
+def test_boundaries_of_some_offsets_are_those_of_the_whole_segmentation() -> None:
+    """KeywordHits segments only the han blocks its words fall in; the boundaries it gets there must
+    be the whole document's (`\\r\\n` is one segment; Latin runs stay together)."""
+    import random
+
+    rng = random.Random(3)
+    texts = [r["text"] for _, r in zip(range(150), read_peoples_daily())]
+    texts += ["微博客服务\r\n最美图书 SMS客服\r\n\r\nabc def", "\r\n", "a\r\nb", "", "客服"]
+    for text in texts:
+        whole = word_boundaries(text)
+        offsets = set(rng.sample(range(len(text) + 1), min(len(text) + 1, 60))) | {0, len(text)}
+        assert word_boundaries(text, offsets) == whole & offsets, text[:30]
+    assert 2 not in word_boundaries("a\r\nb", {2}) and 1 in word_boundaries("a\r\nb", {1})

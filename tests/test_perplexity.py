@@ -152,3 +152,48 @@ def test_the_recorded_calibration_is_still_a_threshold_the_dev_split_would_choos
         model, perplexity.labelled_split(CLUE, "dev", config), config))
     recorded = perplexity.CALIBRATED["threshold"]["perplexity"]
     assert chosen["lowest_feasible"] <= recorded < (chosen["junk_ceiling"] or float("inf")), chosen
+
+
+def _backoff_log10(model: perplexity.CharNgramLM, text: str) -> list[float]:
+    """log10 p of each symbol of `text` by the backoff definition, one n-gram at a time: the
+    longest stored n-gram ending at the symbol gives logp, and the backoff weights of the longer
+    contexts ending just before it are added (absent n-grams weigh 0)."""
+    symbols, _ = perplexity.encode([text], model._symbols)
+
+    def entry(gram: np.ndarray) -> int:
+        h = np.uint64(0)
+        with np.errstate(over="ignore"):  # the hash wraps mod 2^64
+            for s in gram.astype(np.uint64):  # the rolling hash of `_rolling_hashes`, written out
+                h = h * perplexity._PRIME + s + np.uint64(1)
+        slot, fp = perplexity._slot_and_fingerprint(np.array([h]), gram.size, model.bits)
+        return int(perplexity._lookup(model.table, slot, fp)[0])
+
+    def half(value: int, shift: int) -> float:
+        return float(np.array([(value >> shift) & 0xFFFF], dtype=np.uint16).view(np.float16)[0])
+
+    out = []
+    for i in range(1, symbols.size):  # symbols[0] is BOS
+        logp = float(model.unigram_logp[symbols[i]])
+        m = 1
+        for k in range(2, min(model.order, i + 1) + 1):
+            e = entry(symbols[i - k + 1:i + 1])
+            if e:
+                logp, m = half(e, 16), k
+        backoff = 0.0
+        for j in range(m, model.order):
+            if j == 1:
+                backoff += float(model.unigram_bow[symbols[i - 1]])
+            elif i - j >= 0:
+                backoff += half(entry(symbols[i - j:i]), 0)
+        out.append(logp + backoff)
+    return out
+
+
+def test_scores_follow_the_backoff_definition(model, held_out):
+    # The scorer looks an order up only where the order below was found (stored n-gram sets are
+    # suffix-closed); this reference looks every n-gram up.
+    texts = [held_out[0][:300], shuffled(held_out[1][:200], 7), "经济发展\n\n中华人民共和国xyz\U00020000"]
+    symbols, bos = perplexity.encode(texts, model._symbols)  # one batch: no n-gram crosses a text
+    fast = np.split(model._symbol_log10(symbols, bos), bos[1:])
+    for text, scores in zip(texts, fast):
+        assert np.abs(scores[1:] - _backoff_log10(model, text)).max() < 1e-5, text[:20]

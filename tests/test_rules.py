@@ -154,3 +154,26 @@ def test_language_id_with_the_ratio_rule(fetched_assets):
     strict = LanguageID("asset:lid.176.ftz", min_score=0.5, min_chinese_ratio=1.01)
     assert strict.check_batch([doc(abstracts()[0])]) == [None]  # the model says zh
     assert strict.check_batch([doc(english)])[0].startswith("en")
+
+
+def test_contact_patterns_match_the_same_with_the_email_alternative_left_out_on_text_without_at():
+    """ContactSpam scans text without `@` with a regex whose alternatives all start with a literal
+    (the engine then skips to candidate characters); it must find what the whole pattern finds."""
+    import random
+
+    from cleaning import filters
+    from cleaning.filter_rates import _spam
+
+    rng = random.Random(5)
+    spam = [_spam(rng) for _ in range(300)]
+    edge = ["电话13812345678", "213812345678", "1381234567８", "400-123-4567转1", "0755-12345678", "10755-12345678",
+            "qq：123456 扣扣号 88888 企鹅群:1234567", "微信 abc_de vx:abcdef v信 xyz12 weixin：hello wx abcde 微信同号",
+            "https://例子.cn/页面，www.abc.com.cn", "13812345678qq12345"]
+    texts = [t for t in [*app_descriptions()[:2000], *abstracts()[:500], *spam, *edge] if "@" not in t]
+    found = 0
+    for text in texts:
+        low = text.lower()
+        fast = [m.group(0) for m in filters._CONTACTS_NO_EMAIL.finditer(low)]
+        assert fast == [m.group(0) for m in filters._CONTACTS.finditer(low)], text
+        found += len(fast)
+    assert found > 300

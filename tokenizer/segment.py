@@ -22,7 +22,9 @@ changes (`add_word`, `load_userdict`), so it keeps matching `jieba.cut` on the s
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from itertools import islice
+from typing import Iterable
 from math import log
 import jieba
 from jieba import finalseg
@@ -167,8 +169,7 @@ class FastSegmenter:
             if index & 1:
                 joined = blocks.get(blk)
                 if joined is None:
-                    self._trim(blocks)
-                    joined = blocks[blk] = self._cut_block(blk)
+                    joined = self._cut_cached(blk)
                 parts.append(joined)
             elif "\r\n" not in blk:
                 # Each whitespace character and each other character is its own segment.
@@ -183,6 +184,37 @@ class FastSegmenter:
                         parts.append(" ".join(piece))
         return " ".join(parts)
 
+    def _cut_cached(self, block: str) -> str:
+        joined = self._blocks.get(block)
+        if joined is None:
+            self._trim(self._blocks)
+            joined = self._blocks[block] = self._cut_block(block)
+        return joined
+
+    def word_ends(self, text: str, offsets: Iterable[int]) -> set[int]:
+        """The offsets of `offsets` at which one jieba word of `segment(text)` ends and the next
+        begins (0 and len(text) included). Only the han blocks that an offset falls strictly
+        inside are cut: every other offset is a block edge or lies between single-character
+        segments, except the middle of "\r\n"."""
+        self._refresh()
+        inside: dict[tuple[int, int], list[int]] = {}
+        out: set[int] = set()
+        spans = [m.span() for m in _RE_HAN.finditer(text)]
+        starts = [start for start, _ in spans]
+        for offset in set(offsets):
+            i = bisect_right(starts, offset) - 1
+            if i >= 0 and spans[i][0] < offset < spans[i][1]:
+                inside.setdefault(spans[i], []).append(offset)
+            elif 0 <= offset <= len(text) and text[offset - 1:offset + 1] != "\r\n":
+                out.add(offset)  # jieba keeps "\r\n" as one segment
+        for (start, end), wanted in inside.items():
+            position, ends = start, set()
+            for word in self._cut_cached(text[start:end]).split(" "):
+                position += len(word)
+                ends.add(position)
+            out.update(o for o in wanted if o in ends)
+        return out
+
     def segment_many(self, texts: list[str]) -> list[str]:
         return [self.segment(t) for t in texts]
 
@@ -190,9 +222,14 @@ class FastSegmenter:
 _DEFAULT: FastSegmenter | None = None
 
 
-def fast_segment(text: str) -> str:
-    """`FastSegmenter.segment` on a process-wide instance."""
+def default_segmenter() -> FastSegmenter:
+    """The process-wide instance (its caches are shared by every caller)."""
     global _DEFAULT
     if _DEFAULT is None:
         _DEFAULT = FastSegmenter()
-    return _DEFAULT.segment(text)
+    return _DEFAULT
+
+
+def fast_segment(text: str) -> str:
+    """`FastSegmenter.segment` on the process-wide instance."""
+    return default_segmenter().segment(text)
