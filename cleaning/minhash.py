@@ -70,10 +70,6 @@ def _build_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     fold = np.arange(size, dtype=np.uint32)
     context = np.zeros(size, dtype=bool)
 
-    def contextual(text: str) -> bool:
-        return any(categories[ord(c)][0] == "M" or 0x1100 <= ord(c) <= 0x11FF or c == "\u03a3"
-                   for c in text)
-
     for cp, category in enumerate(categories):
         if category in ("Cn", "Co", "Cs"):  # unassigned, private use, surrogates: unchanged
             continue
@@ -82,11 +78,17 @@ def _build_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if nfkc == ch and category[0] != "M" and not 0x1100 <= cp <= 0x11FF and ch.lower() == ch:
             continue
         result = nfkc.lower()
-        if len(result) != 1 or contextual(ch) or contextual(nfkc):
+        if len(result) != 1 or _composes(ch) or _composes(nfkc):
             context[cp] = True
         else:
             fold[cp] = ord(result)
     return fold, context, removed
+
+
+def _composes(text: str) -> bool:
+    """Whether `text` holds a character whose normalisation depends on its neighbours: a mark, a
+    Hangul jamo (they compose with or reorder around them), or capital sigma (lowered by position)."""
+    return any(unicodedata.category(c)[0] == "M" or 0x1100 <= ord(c) <= 0x11FF or c == "\u03a3" for c in text)
 
 
 def fold_tables() -> tuple[np.ndarray, np.ndarray]:
@@ -110,12 +112,35 @@ def _utf32(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
 
 
+@lru_cache(maxsize=1)
+def _expansions() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The `context` characters whose result is only longer than one character: lower(NFKC(c)) is
+    several characters and neither c nor NFKC(c) holds a mark, a jamo or a capital sigma, so
+    nothing composes or reorders across its edges and it normalises the same inside any text
+    ("…" -> "...", "⒈" -> "1.", "℃" -> "°c"). Returned as sorted code points, offsets into a flat
+    array, and the flat array of what normalisation keeps of each result."""
+    _, context, removed = _tables()
+    cps, pieces = [], []
+    for cp in np.flatnonzero(context).tolist():
+        ch = chr(cp)
+        nfkc = unicodedata.normalize("NFKC", ch)
+        if _composes(ch + nfkc):
+            continue
+        cps.append(cp)
+        pieces.append([ord(c) for c in nfkc.lower() if not removed[ord(c)]])
+    offsets = np.cumsum([0] + [len(p) for p in pieces])
+    return (np.array(cps, dtype=np.uint32), offsets.astype(np.int64),
+            np.array([c for p in pieces for c in p], dtype=np.uint32))
+
+
 def code_points(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Normalised code points of a batch, concatenated, and the per-document lengths.
 
     The same code points as `normalize` per text, but by table look-ups over the whole batch:
     unicodedata.normalize is the slowest step otherwise (full-width punctuation sends every
-    Chinese text down its slow path).
+    Chinese text down its slow path). Characters that normalise to several characters on their
+    own ("…", about one Chinese web page in eight) are expanded from a table too; only documents
+    with marks, jamo or capital sigma take the string path.
     """
     fold, context, removed = _tables()
     n = len(texts)
@@ -124,18 +149,41 @@ def code_points(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     ends = np.cumsum(lengths)
     folded = fold[raw]
     keep = ~removed[folded]
-    slow = np.unique(np.searchsorted(ends, np.flatnonzero(context[raw]), side="right"))
-    if not len(slow):
+    marked = np.flatnonzero(context[raw])
+    if not marked.size:
         kept = np.concatenate([[0], np.cumsum(keep)])
         return folded[keep], kept[ends] - kept[ends - lengths]
-    # rare: documents with marks, jamo, ligatures... take the string path
-    doc = np.repeat(np.arange(n), lengths)
-    keep &= ~np.isin(doc, slow)
-    pieces = [_utf32(normalize(texts[i])) for i in slow.tolist()]
-    cps = np.concatenate([folded[keep], *pieces])
-    owner = np.concatenate([doc[keep], np.repeat(slow, [len(p) for p in pieces])])
-    order = np.argsort(owner, kind="stable")  # documents in order, each one's characters in order
-    return cps[order], np.bincount(owner, minlength=n).astype(np.int64)
+    table_cps, table_offsets, table_values = _expansions()
+    found = np.minimum(np.searchsorted(table_cps, raw[marked]), max(table_cps.size - 1, 0))
+    expands = table_cps[found] == raw[marked] if table_cps.size else np.zeros(marked.size, dtype=bool)
+    count = keep.astype(np.int64)
+    at, which = marked[expands], found[expands]
+    count[at] = table_offsets[which + 1] - table_offsets[which]
+    # rare: documents with marks, jamo, capital sigma take the string path
+    slow = np.unique(np.searchsorted(ends, marked[~expands], side="right")).tolist()
+    for i in slow:
+        count[ends[i] - lengths[i]:ends[i]] = 0
+    out = np.repeat(folded, count)
+    placed = np.cumsum(count) - count  # where each raw character's code points go in `out`
+    keep_at = count[at] > 0
+    at, which = at[keep_at], which[keep_at]
+    if at.size:
+        size = count[at]
+        within = np.arange(int(size.sum())) - np.repeat(np.cumsum(size) - size, size)
+        out[np.repeat(placed[at], size) + within] = table_values[np.repeat(table_offsets[which], size) + within]
+    total = np.concatenate([[0], np.cumsum(count)])
+    doc_lengths = total[ends] - total[ends - lengths]
+    if not slow:
+        return out, doc_lengths
+    pieces, previous = [], 0
+    for i in slow:
+        cut = int(total[ends[i]])  # document i is empty in `out`: its string result goes here
+        piece = _utf32(normalize(texts[i]))
+        pieces += [out[previous:cut], piece]
+        doc_lengths[i] = piece.size
+        previous = cut
+    pieces.append(out[previous:])
+    return np.concatenate(pieces), doc_lengths
 
 
 class MinHasher:

@@ -48,7 +48,8 @@ class StripMarkup(Transform):
             text = _ENTITY.sub(lambda m: html.unescape(m.group(0)), text)
         text = _CONTROL.sub("", text)
         text = _SPACES.sub(" ", text)
-        text = _TRAILING.sub("\n", text)
+        if " \n" in text or "\n " in text:  # tabs are spaces by now; the search is the rule's main cost
+            text = _TRAILING.sub("\n", text)
         text = _BLANK_LINES.sub("\n\n", text)
         return text.strip()
 

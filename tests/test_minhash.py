@@ -116,3 +116,20 @@ def test_signature_speed_is_vectorised(abstracts):
     started = time.perf_counter()
     hasher.signatures(docs)
     assert 200 / (time.perf_counter() - started) > 500
+
+
+def test_characters_that_expand_are_normalised_by_table_and_equal_the_string_path(abstracts, monkeypatch):
+    # "…" -> "..." and "⒈" -> "1." are several characters after NFKC; they are expanded from a table
+    # (no document takes the string path here), and the result is still normalize()'s.
+    from cleaning import minhash
+
+    rng = random.Random(4)
+    expanding = [chr(c) for c in minhash._expansions()[0].tolist()]
+    assert {"…", "⒈", "℃", "ﬁ", "㈱"} <= set(expanding)
+    texts = ["".join(rng.choices(expanding + list("中文ab，。 "), k=rng.randrange(0, 30))) for _ in range(500)]
+    texts += [t[:40] + "……" + t[40:80] for t in abstracts[:100]] + ["…", "", "⒈⒉"]
+    monkeypatch.setattr(minhash, "normalize", lambda text: pytest.fail(f"string path taken for {text!r}"))
+    cps, lengths = code_points(texts)
+    monkeypatch.undo()
+    assert lengths.tolist() == [len(normalize(t)) for t in texts]
+    assert np.array_equal(cps, np.frombuffer("".join(normalize(t) for t in texts).encode("utf-32-le"), dtype="<u4"))
