@@ -82,12 +82,13 @@ def to_fasttext_texts(texts: Sequence[str], max_chars: int | None = None) -> lis
 
 def _prepare_batch(texts: list[str]) -> list[str]:
     # Joined by newlines: whitespace, so no token runs from one text into the next.
-    cps = charclass.code_points("\n".join(texts))
+    raw = charclass.code_points("\n".join(texts))
     lengths = np.array([len(t) for t in texts], dtype=np.int64)
-    text_of = np.repeat(np.arange(len(texts)), lengths + 1)[: cps.size]
-    fold, context = minhash.fold_tables()
-    contextual = set(np.unique(text_of[context[cps]]).tolist())
-    cps = fold[cps]  # lower(NFKC(c)) per character, by table
+    text_of = np.repeat(np.arange(len(texts)), lengths + 1)[: raw.size]
+    contextual = set(np.unique(text_of[minhash.composing_table()[raw]]).tolist())
+    cps, source = minhash.fold_expanded(raw)  # lower(NFKC(c)) per character, by table
+    if source is not None:
+        text_of = text_of[source]
     classes = charclass.classify(cps)
     cps = np.where(classes == charclass.DIGIT, np.uint32(0x30), cps)
     keep = classes != charclass.SPACE
@@ -114,7 +115,7 @@ def _prepare_batch(texts: list[str]) -> list[str]:
     prepared = []
     for i, text in enumerate(texts):
         if i in contextual:
-            # A mark, jamo or multi-character fold: normalise the whole string, as the definition does.
+            # A mark, jamo or capital sigma: normalise the whole string, as the definition does.
             prepared.append(reference_fasttext_text(text))
         elif begin[i] == end[i]:
             prepared.append("")

@@ -113,71 +113,88 @@ def _utf32(text: str) -> np.ndarray:
 
 
 @lru_cache(maxsize=1)
-def _expansions() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _expansions() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The `context` characters whose result is only longer than one character: lower(NFKC(c)) is
     several characters and neither c nor NFKC(c) holds a mark, a jamo or a capital sigma, so
     nothing composes or reorders across its edges and it normalises the same inside any text
-    ("…" -> "...", "⒈" -> "1.", "℃" -> "°c"). Returned as sorted code points, offsets into a flat
-    array, and the flat array of what normalisation keeps of each result."""
-    _, context, removed = _tables()
+    ("…" -> "...", "⒈" -> "1.", "℃" -> "°c"). Returned as their sorted code points, offsets into a
+    flat array of the results' code points, that array, and a table over all code points of the
+    other `context` characters (those that need the string path)."""
+    _, context, _ = _tables()
     cps, pieces = [], []
     for cp in np.flatnonzero(context).tolist():
         ch = chr(cp)
         nfkc = unicodedata.normalize("NFKC", ch)
-        if _composes(ch + nfkc):
-            continue
-        cps.append(cp)
-        pieces.append([ord(c) for c in nfkc.lower() if not removed[ord(c)]])
+        if not _composes(ch + nfkc):
+            cps.append(cp)
+            pieces.append([ord(c) for c in nfkc.lower()])
     offsets = np.cumsum([0] + [len(p) for p in pieces])
+    composing = context.copy()
+    composing[cps] = False
     return (np.array(cps, dtype=np.uint32), offsets.astype(np.int64),
-            np.array([c for p in pieces for c in p], dtype=np.uint32))
+            np.array([c for p in pieces for c in p], dtype=np.uint32), composing)
+
+
+def composing_table() -> np.ndarray:
+    """True for the code points whose normalisation depends on the text around them (marks, jamo,
+    capital sigma): a document holding one takes the string path of `normalize`."""
+    return _expansions()[3]
+
+
+def fold_expanded(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """lower(NFKC(c)) of each code point, by table, the characters that normalise to several
+    characters expanded; and the index in `raw` each result came from (None when every
+    character gave one). Exact where no `composing_table` character is near."""
+    fold, context, _ = _tables()
+    folded = fold[raw]
+    marked = np.flatnonzero(context[raw])
+    table_cps, offsets, values, _ = _expansions()
+    if not marked.size or not table_cps.size:
+        return folded, None
+    found = np.minimum(np.searchsorted(table_cps, raw[marked]), table_cps.size - 1)
+    expands = table_cps[found] == raw[marked]
+    at, which = marked[expands], found[expands]
+    if not at.size:
+        return folded, None
+    count = np.ones(raw.size, dtype=np.int64)
+    size = offsets[which + 1] - offsets[which]
+    count[at] = size
+    source = np.repeat(np.arange(raw.size), count)
+    out = folded[source]
+    within = np.arange(int(size.sum())) - np.repeat(np.cumsum(size) - size, size)
+    placed = np.cumsum(count) - count  # where each input character's results begin
+    out[np.repeat(placed[at], size) + within] = values[np.repeat(offsets[which], size) + within]
+    return out, source
 
 
 def code_points(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Normalised code points of a batch, concatenated, and the per-document lengths.
 
-    The same code points as `normalize` per text, but by table look-ups over the whole batch:
-    unicodedata.normalize is the slowest step otherwise (full-width punctuation sends every
-    Chinese text down its slow path). Characters that normalise to several characters on their
-    own ("…", about one Chinese web page in eight) are expanded from a table too; only documents
-    with marks, jamo or capital sigma take the string path.
+    The same code points as `normalize` per text, but by table look-ups over the whole batch
+    (`fold_expanded`): unicodedata.normalize is the slowest step otherwise (full-width punctuation
+    sends every Chinese text down its slow path, an ellipsis is three characters after NFKC).
+    Only documents with marks, jamo or capital sigma take the string path.
     """
-    fold, context, removed = _tables()
+    _, _, removed = _tables()
     n = len(texts)
     raw = _utf32("".join(texts))
     lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=n)
     ends = np.cumsum(lengths)
-    folded = fold[raw]
+    folded, source = fold_expanded(raw)
     keep = ~removed[folded]
-    marked = np.flatnonzero(context[raw])
-    if not marked.size:
-        kept = np.concatenate([[0], np.cumsum(keep)])
-        return folded[keep], kept[ends] - kept[ends - lengths]
-    table_cps, table_offsets, table_values = _expansions()
-    found = np.minimum(np.searchsorted(table_cps, raw[marked]), max(table_cps.size - 1, 0))
-    expands = table_cps[found] == raw[marked] if table_cps.size else np.zeros(marked.size, dtype=bool)
-    count = keep.astype(np.int64)
-    at, which = marked[expands], found[expands]
-    count[at] = table_offsets[which + 1] - table_offsets[which]
-    # rare: documents with marks, jamo, capital sigma take the string path
-    slow = np.unique(np.searchsorted(ends, marked[~expands], side="right")).tolist()
+    out_ends = ends if source is None else np.searchsorted(source, ends)  # results before each end
+    out_starts = np.concatenate([[0], out_ends[:-1]])
+    slow = np.unique(np.searchsorted(ends, np.flatnonzero(composing_table()[raw]), side="right")).tolist()
     for i in slow:
-        count[ends[i] - lengths[i]:ends[i]] = 0
-    out = np.repeat(folded, count)
-    placed = np.cumsum(count) - count  # where each raw character's code points go in `out`
-    keep_at = count[at] > 0
-    at, which = at[keep_at], which[keep_at]
-    if at.size:
-        size = count[at]
-        within = np.arange(int(size.sum())) - np.repeat(np.cumsum(size) - size, size)
-        out[np.repeat(placed[at], size) + within] = table_values[np.repeat(table_offsets[which], size) + within]
-    total = np.concatenate([[0], np.cumsum(count)])
-    doc_lengths = total[ends] - total[ends - lengths]
+        keep[out_starts[i]:out_ends[i]] = False
+    kept = np.concatenate([[0], np.cumsum(keep)])
+    out, doc_lengths = folded[keep], kept[out_ends] - kept[out_starts]
     if not slow:
         return out, doc_lengths
+    # rare: documents with marks, jamo or capital sigma take the string path
     pieces, previous = [], 0
     for i in slow:
-        cut = int(total[ends[i]])  # document i is empty in `out`: its string result goes here
+        cut = int(kept[out_ends[i]])  # document i is empty in `out`: its string result goes here
         piece = _utf32(normalize(texts[i]))
         pieces += [out[previous:cut], piece]
         doc_lengths[i] = piece.size

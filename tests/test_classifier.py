@@ -117,3 +117,21 @@ def test_preparation_cache_survives_being_emptied(monkeypatch) -> None:
     classifier.to_fasttext_texts(texts)  # cached
     more = texts[:2] + list(abstracts()[4:8])  # two cached, four new: the cache overflows
     assert classifier.to_fasttext_texts(more) == [classifier.reference_fasttext_text(t) for t in more]
+
+
+def test_preparation_expands_multi_character_folds_by_table(monkeypatch) -> None:
+    # "…" is "..." after NFKC and "a⒈" is "a1." (one ASCII token "a0", then "."): expanded from a
+    # table, with no document sent down the string path, and equal to the regex definition.
+    import random
+
+    from cleaning import classifier, minhash
+    from tests.realtext import abstracts
+
+    rng = random.Random(6)
+    expanding = [chr(c) for c in minhash._expansions()[0].tolist()]
+    texts = ["".join(rng.choices(expanding + list("中文ab12 \n，"), k=rng.randrange(0, 25))) for _ in range(400)]
+    texts += [t[:30] + "……" + t[30:60] for t in abstracts()[:50]] + ["a⒈b", "x…", "…", "℃5"]
+    expected = [classifier.reference_fasttext_text(t) for t in texts]
+    monkeypatch.setattr(classifier, "reference_fasttext_text",
+                        lambda text, max_chars=None: pytest.fail(f"string path taken for {text!r}"))
+    assert classifier._prepare_batch(texts) == expected
