@@ -165,8 +165,62 @@ def torchrun_killed_when(config: Path, ready: Any, module: str = "pangu_model.tr
             assert time.monotonic() < deadline, "timed out"
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        # torchrun starts each rank in a session of its own: killing the launcher's group leaves the ranks
+        # training (and checkpointing) on. Kill the ranks' groups with it, as a lost node loses them all.
+        groups = [proc.pid, *_descendants(proc.pid)]
+        for group in groups:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass  # not a group leader, or gone already (its group went with another)
         proc.wait()
+        assert not _live([pid for pid in groups if pid != proc.pid]), "a rank survived the kill"
+
+
+def _descendants(pid: int) -> list[int]:
+    """Pids of the processes below `pid` (children, theirs, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _live(pids: list[int], wait_s: float = 5.0) -> list[int]:
+    """The pids among `pids` still running (not zombies) after up to `wait_s` seconds."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state != "Z":
+                alive.append(pid)
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def kill_9_after_a_checkpoint(config: Path, ranks: int = 2, timeout: float = 120) -> tuple[str, list[dict[str, float]]]:
+    """Run the ranks and SIGKILL all of them once a checkpoint exists and a later step is logged; return the
+    checkpoint tag and the rows logged before the kill."""
+    run = config.parent
+    checkpointed_and_on = lambda: (run / "checkpoints" / "latest").is_file() and len(logged_rows(run)) >= 3  # noqa: E731
+    torchrun_killed_when(config, checkpointed_and_on, ranks=ranks, timeout=timeout)
+    return (run / "checkpoints" / "latest").read_text(), logged_rows(run)
 
 
 def training_processes(marker: str) -> list[int]:
