@@ -54,8 +54,9 @@ ranks (the expert-parallel groups) and the ranks at the same position of every c
 expert-data-parallel groups.  See :meth:`Layout.matches_deepspeed` for when the raw rank lists are
 identical to what DeepSpeed builds.  With tensor parallelism the training program builds the tensor and
 data-parallel groups from this layout itself and hands DeepSpeed the data-parallel ones (an ``mpu``,
-``pangu_model/tensor_parallel.py``); it checks at start that DeepSpeed uses them, and refuses a layout
-with ``pipeline > 1``, which it does not run yet.
+``pangu_model/tensor_parallel.py``); it checks at start that DeepSpeed uses them. With pipeline stages it
+hands DeepSpeed :meth:`Layout.deepspeed_topology` and checks that the pipeline engine's data-parallel and
+pipeline groups are these (``pangu_model/pipeline_parallel.py``).
 
 No Prefect and no torch here: pure Python, so the pretrain flow, the CLI and tests can use it.
 """
@@ -189,6 +190,38 @@ def parse_hostfile(text: str) -> tuple[list[str], list[int]]:
 
 
 # --------------------------------------------------------------------------------------------
+# Layers over pipeline stages
+# --------------------------------------------------------------------------------------------
+def stage_layers(num_layers: int, stages: int) -> list[int]:
+    """Transformer layers (blocks and the query layer, bottom-up) of each pipeline stage, as the training
+    program splits them (``pangu_model/pipeline_parallel.py``): ``num_layers // stages`` each, and one more on
+    the ``num_layers % stages`` stages just before the last. The first stage keeps the most micro-batches in
+    flight under 1F1B (``stages`` of them) and the last computes the head and the loss, so the extra layers
+    go to neither where there is a choice."""
+    if not 1 <= stages <= num_layers:
+        raise ValueError(f"pipeline {stages} needs between 1 and {num_layers} stages (one layer at least each)")
+    base, extra = divmod(num_layers, stages)
+    heavier = range(stages - 1 - extra, stages - 1)
+    return [base + (stage in heavier) for stage in range(stages)]
+
+
+def describe_split(num_layers: int, stages: int) -> str:
+    """One line: how many layers each stage holds (what the trainer logs and ``pangu plan`` prints)."""
+    counts = stage_layers(num_layers, stages)
+    ends = f"embeddings on stage 0, query layer and tied head on stage {stages - 1}"
+    if len(set(counts)) == 1:
+        return f"{num_layers} layers over {stages} stages: {counts[0]} each ({ends})"
+    runs: list[list[int]] = []  # [first stage, last stage, layers] of equal neighbours
+    for stage, count in enumerate(counts):
+        if runs and runs[-1][2] == count:
+            runs[-1][1] = stage
+        else:
+            runs.append([stage, stage, count])
+    parts = [f"stage{'s' if a != b else ''} {a}{f'-{b}' if a != b else ''}: {count}" for a, b, count in runs]
+    return f"{num_layers} layers over {stages} stages, uneven layers per stage: " + ", ".join(parts) + f" ({ends})"
+
+
+# --------------------------------------------------------------------------------------------
 # Parallel plan
 # --------------------------------------------------------------------------------------------
 class ParallelPlan(BaseModel):
@@ -210,10 +243,10 @@ class ParallelPlan(BaseModel):
     @model_validator(mode="after")
     def _model_divisibility(self) -> "ParallelPlan":
         problems = []
-        if self.num_layers is not None and self.num_layers % self.pipeline:
+        if self.num_layers is not None and self.pipeline > self.num_layers:
             problems.append(
-                f"num_layers {self.num_layers} is not divisible by pipeline {self.pipeline} "
-                f"({self.num_layers}/{self.pipeline} = {self.num_layers / self.pipeline:g} layers per stage)"
+                f"pipeline {self.pipeline} is more stages than num_layers {self.num_layers} "
+                f"(every stage needs one layer at least)"
             )
         if self.num_experts is not None and self.num_experts % self.expert:
             problems.append(
@@ -243,8 +276,14 @@ class ParallelPlan(BaseModel):
         return self.data
 
     @property
+    def stage_layer_counts(self) -> list[int] | None:
+        """Layers of each stage (``stage_layers``: uneven where ``pipeline`` does not divide them)."""
+        return None if self.num_layers is None else stage_layers(self.num_layers, self.pipeline)
+
+    @property
     def layers_per_stage(self) -> int | None:
-        return None if self.num_layers is None else self.num_layers // self.pipeline
+        """The most layers a stage holds (the slowest stage sets the pace of a pipeline)."""
+        return None if self.num_layers is None else max(stage_layers(self.num_layers, self.pipeline))
 
     @property
     def experts_per_rank(self) -> int | None:
@@ -457,8 +496,8 @@ class Layout:
             f"{p.dp // p.ep} pipeline block{'s' * (p.dp // p.ep != 1)} × {p.ep})",
         ]
         extra = []
-        if p.layers_per_stage is not None:
-            extra.append(f"{p.num_layers} layers → {p.layers_per_stage} per stage")
+        if p.num_layers is not None:
+            extra.append(describe_split(p.num_layers, p.pp))
         if p.experts_per_rank is not None:
             extra.append(f"{p.num_experts} experts per MoE layer → {p.experts_per_rank} per rank")
         block = p.pp * p.ep * p.tp

@@ -136,10 +136,26 @@ def test_invalid_plans_name_the_problem(nodes: int, plan: dict, pattern: str) ->
 
 
 def test_model_divisibility_errors() -> None:
-    with pytest.raises(ValueError, match=r"num_layers 40 is not divisible by pipeline 16 \(40/16 = 2.5"):
-        ParallelPlan(tensor=8, pipeline=16, num_layers=40)
+    with pytest.raises(ValueError, match=r"pipeline 41 is more stages than num_layers 40 \(every stage needs"):
+        ParallelPlan(tensor=8, pipeline=41, num_layers=40)
     with pytest.raises(ValueError, match=r"num_experts 640 is not divisible by expert parallel 3"):
         ParallelPlan(expert=3, num_experts=640)
+
+
+def test_layers_that_pipeline_stages_do_not_divide_are_split_unevenly() -> None:
+    from deploy.topology import describe_split, stage_layers
+
+    # The extra layers go to the stages just before the last (the first holds the most micro-batches in
+    # flight under 1F1B, the last computes the head and the loss); every layer is placed once, in order.
+    assert stage_layers(40, 16) == [2] * 7 + [3] * 8 + [2]
+    assert stage_layers(41, 4) == [10, 10, 11, 10] and stage_layers(5, 2) == [3, 2] and stage_layers(64, 16) == [4] * 16
+    plan = ParallelPlan(tensor=8, pipeline=16, num_layers=40)
+    assert plan.stage_layer_counts == stage_layers(40, 16) and plan.layers_per_stage == 3
+    assert describe_split(40, 16) == ("40 layers over 16 stages, uneven layers per stage: stages 0-6: 2, stages "
+                                      "7-14: 3, stage 15: 2 (embeddings on stage 0, query layer and tied head on "
+                                      "stage 15)")
+    with pytest.raises(ValueError, match="pipeline 5 needs between 1 and 4 stages"):
+        stage_layers(4, 5)
 
 
 def test_every_problem_is_reported_at_once() -> None:
