@@ -38,10 +38,10 @@ def deepspeed_config(config: "TrainConfig", world_size: int = 1, cuda: bool | No
 
         cuda = torch.cuda.is_available()
     optim = config.optimizer
-    # Expert parallelism is carved out of data parallelism, so every rank outside tensor groups is a
-    # data-parallel rank as far as the batch size goes; the ranks of a tensor group share their rows
-    # (pipeline = 1 here).
-    data_parallel = world_size // config.tensor_parallel
+    # Expert parallelism is carved out of data parallelism, so every rank outside tensor groups and pipelines
+    # is a data-parallel rank as far as the batch size goes; the ranks of a tensor group and the stages of a
+    # pipeline share their rows.
+    data_parallel = world_size // (config.tensor_parallel * config.pipeline_parallel)
     adam_params: dict[str, Any] = {
         "lr": optim.lr,
         "betas": list(optim.betas),

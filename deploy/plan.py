@@ -12,8 +12,9 @@ that a wrong one can be found and fixed. The GPU kind is an argument (``pangu pl
 
 Parameters per GPU
 ------------------
-Layers are split over pipeline stages in order (``num_layers / pipeline`` each; the query layer is the
-last). Stage 0 also holds the word and position embeddings, the last stage the final LayerNorm, the query
+Layers are split over pipeline stages in order as the trainer splits them (``deploy.topology.stage_layers``:
+``num_layers // pipeline`` each, one more on the ``num_layers % pipeline`` stages before the last; the query
+layer is the last). Stage 0 also holds the word and position embeddings, the last stage the final LayerNorm, the query
 embedding and, with ``pipeline > 1``, its own copy of the tied word embedding for the head (Megatron's
 rule). Dense parameters of a stage are divided by ``tensor`` (LayerNorms, biases and the position tables,
 which Megatron replicates, are divided too: < 0.1 % of a block). Routed experts are divided by
@@ -177,7 +178,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deploy.topology import ClusterSpec, Layout, ParallelPlan, TopologyError, load_topology
+from deploy.topology import ClusterSpec, Layout, ParallelPlan, TopologyError, describe_split, load_topology, stage_layers
 
 if TYPE_CHECKING:
     from pangu_model.config import PanguConfig
@@ -419,10 +420,16 @@ def _group_bandwidth(groups: list[list[int]], gpus_per_node: int, hw: Hardware) 
     return hw.nvlink_bytes_per_s if inside else hw.network_bytes_per_s
 
 
+def _stage_bounds(num_layers: int, stage: int, pp: int) -> tuple[int, int]:
+    """[first, last + 1) of the layers of `stage` (the trainer's split, uneven where pp does not divide)."""
+    counts = stage_layers(num_layers, pp)
+    first = sum(counts[:stage])
+    return first, first + counts[stage]
+
+
 def _stage_params(layout: ParameterLayout, stage: int, pp: int) -> tuple[int, int]:
     """(dense, routed-expert) parameters of one pipeline stage."""
-    per = len(layout.block_dense) // pp
-    lo, hi = stage * per, (stage + 1) * per
+    lo, hi = _stage_bounds(len(layout.block_dense), stage, pp)
     dense = sum(layout.block_dense[lo:hi])
     experts = sum(layout.block_experts[lo:hi])
     if stage == 0:
@@ -604,7 +611,7 @@ def plan_training(
     recompute = model.gradient_checkpointing
     tokens_per_step = b * s * gas * dp
     active = max(1, model.experts_active_per_token)
-    layers_per_stage = model.num_layers // pp
+    layers_per_stage = max(stage_layers(model.num_layers, pp))  # the busiest stage sets the pace
     notes: list[str] = []
     reasons: list[str] = []
 
@@ -621,8 +628,9 @@ def plan_training(
         dense_stage, experts_stage = _stage_params(layout, stage, pp)
         dense = math.ceil(dense_stage / tp)
         experts_rank = experts_stage // ep  # this rank's shard of the stage's routed experts
-        stage_layers = layout.block_experts[stage * layers_per_stage:(stage + 1) * layers_per_stage]
-        stage_sparse = sum(1 for e in stage_layers if e)
+        first, last = _stage_bounds(model.num_layers, stage, pp)
+        stage_sparse = sum(1 for e in layout.block_experts[first:last] if e)
+        stage_layer_count = last - first
         experts_on_rank_per_layer = layout.experts_per_layer // ep if stage_sparse else 0
         if not stage_sparse:
             fetched_per_layer = 0
@@ -652,9 +660,9 @@ def plan_training(
         sbh = s * b * h
         full_layer = sbh * (4 * p + 2) + math.ceil(12 * p * sbh / tp)
         if recompute:
-            out["activations"] = p * sbh * layers_per_stage * in_flight + full_layer
+            out["activations"] = p * sbh * stage_layer_count * in_flight + full_layer
         else:
-            out["activations"] = full_layer * layers_per_stage * in_flight
+            out["activations"] = full_layer * stage_layer_count * in_flight
         out["logits"] = math.ceil(b * s * vocab / tp) * (p + 12) if stage == pp - 1 else 0
         out["ecss_fetched_weights_and_grads"] = 2 * p * fetched
         # ExpertOffload.step: fp32 copies of the gradients and their concatenation; _step_owned sends them
@@ -928,8 +936,10 @@ def plan_training(
 
     # ---- notes -------------------------------------------------------------------------------
     if pp > 1:
-        notes.append(f"pangu_model.train does not run pipeline parallelism yet (it refuses pipeline {pp}); "
-                     f"the stages are planned as a Megatron-style split would place them")
+        notes.append(f"pipeline: {describe_split(model.num_layers, pp)}")
+        if model.router != "dense" or tp > 1:
+            notes.append(f"pangu_model.train runs pipeline {pp} for dense PanGu-α models without tensor parallelism "
+                         f"only (it refuses this layout); the stages are planned as its split would place them")
     if tp > 1 and model.router != "dense":
         notes.append(f"pangu_model.train splits dense PanGu-α models only (it refuses tensor {tp} for this "
                      f"model); tensor {tp} is planned as a Megatron-style split would place it")
@@ -1157,7 +1167,8 @@ def plan_for(
                                  f"the preset says expert_parallel {config.expert_parallel}")
     else:
         cluster = ClusterSpec(nodes=nodes or 1, gpus_per_node=gpus_per_node)
-        parallel = ParallelPlan(tensor=config.tensor_parallel, expert=config.expert_parallel)
+        parallel = ParallelPlan(tensor=config.tensor_parallel, pipeline=config.pipeline_parallel,
+                                expert=config.expert_parallel)
     plan = plan_training(config, cluster, parallel, gpu=gpu, host_ram_gb=host_ram_gb)
     if _is_bare_model(preset_or_config):
         plan.notes.insert(0, f"bare model preset {preset_or_config}: planned with "
@@ -1182,7 +1193,8 @@ def check_plan(
     if world_size % local_world_size:
         raise ValueError(f"world size {world_size} is not a multiple of {local_world_size} ranks per node")
     cluster = ClusterSpec(nodes=world_size // local_world_size, gpus_per_node=local_world_size)
-    parallel = ParallelPlan(tensor=train_config.tensor_parallel, expert=train_config.expert_parallel)
+    parallel = ParallelPlan(tensor=train_config.tensor_parallel, pipeline=train_config.pipeline_parallel,
+                            expert=train_config.expert_parallel)
     try:
         gpu = hardware(gpu_name).key if gpu_name else "h100"
     except ValueError:

@@ -111,13 +111,16 @@ def build_model_on(
     host_modules: tuple[type[nn.Module], ...] = (),
     on_host_module: Callable[[nn.Module], None] | None = None,
     tp: "TensorParallel | None" = None,
+    keep_modules: Callable[[str], bool] | None = None,
 ) -> PanguModel:
     """`torch.manual_seed(seed); PanguModel(config, expert_shard)`, with each module's weights made on the
     host, initialised and moved to `device` one module at a time; modules of `host_modules` types stay on
     the host, and `on_host_module` (if given) is called on each as soon as it is made (ECSS cuts a layer's
     shard to the rank's owned block there, before the next layer is made). `device="meta"` builds only
     the host-resident modules (to inspect what a rank keeps). With `tp` (a tensor group of more than one
-    rank) the model is `PanguModel(config, expert_shard, tp)` holding this rank's slices of those weights."""
+    rank) the model is `PanguModel(config, expert_shard, tp)` holding this rank's slices of those weights.
+    With `keep_modules`, modules whose qualified name it rejects go back to the meta device once their draws
+    are made (a pipeline stage keeps only its own layers)."""
     from .tensor_parallel import as_tensor_parallel
 
     device = torch.device(device)
@@ -135,6 +138,9 @@ def build_model_on(
         if target is not module:
             _take_slices(module, target)
         on_host = isinstance(target, host_modules)
+        if keep_modules is not None and not keep_modules(name):
+            _move_own(target, torch.device("meta"))
+            continue
         _move_own(target, torch.device("cpu") if on_host else device)
         if on_host and on_host_module is not None:
             on_host_module(target)

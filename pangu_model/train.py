@@ -14,8 +14,11 @@ What one run does:
 * PanGu-α tensor parallelism (`tensor_parallel` > 1, tensor_parallel.py): each tensor group of ranks inside
   a node splits every layer Megatron-style and reads the same rows; DeepSpeed gets the data-parallel group
   through an `mpu` (ZeRO partitions over it, clipping sums the norm over the tensor group, each tensor
-  rank checkpoints its own slices); layouts this program cannot run (pipeline > 1, tensor parallel with
-  experts) are refused at start (`LayoutError`), before anything is allocated;
+  rank checkpoints its own slices); layouts this program cannot run (tensor or pipeline parallel with
+  experts, tensor × pipeline) are refused at start (`LayoutError`), before anything is allocated;
+* PanGu-α pipeline parallelism (`pipeline_parallel` > 1, pipeline_parallel.py): each rank builds its stage
+  of a DeepSpeed `PipelineModule` (embeddings first, query layer and tied head last) and trains with
+  DeepSpeed's 1F1B schedule over the step's micro-batches; each stage checkpoints its own layers;
 * PanGu-Σ experts: in the model's own `ExpertBank` (one rank's experts, ep = 1), through DeepSpeed's
   MoE layer with a fixed RRE gate (ep > 1, expert groups inside a node: deploy/topology.py), or
   host-resident with ECSS (ecss.py), sharded over the expert-parallel group when ep > 1;
@@ -43,7 +46,7 @@ import sys
 import time
 from contextlib import closing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 import torch.distributed as dist
@@ -132,6 +135,9 @@ class TrainConfig(BaseModel):
     tensor_parallel: int = Field(1, ge=1, description="ranks that split every layer of a dense PanGu-α model "
                                                       "(Megatron-style, inside a node); ZeRO runs over the "
                                                       "data-parallel rest (world / tensor_parallel)")
+    pipeline_parallel: int = Field(1, ge=1, description="pipeline stages of a dense PanGu-α model (DeepSpeed's 1F1B "
+                                                        "pipeline, across nodes); the micro-batches of a step are "
+                                                        "its gradient_accumulation_steps; ZeRO 0-1")
     topology: str | None = Field(None, description="deploy/presets/topology name or YAML: checks ep against the cluster")
     # checkpoints and logs
     checkpoint_every: int = Field(100, ge=0, description="steps between checkpoints; 0: only at the end / SIGTERM")
@@ -153,6 +159,7 @@ class TrainConfig(BaseModel):
     def _check(self) -> "TrainConfig":
         model = self.pangu_config()
         self._check_tensor_parallel(model)
+        self._check_pipeline_parallel(model)
         if model.router != "dense" and self.zero_stage == 3:
             raise ValueError("ZeRO-3 with experts: DeepSpeed's MoE refuses stage 3 (SPEC §5.2); use 0-2")
         if self.ecss and model.router != "rre":
@@ -179,6 +186,26 @@ class TrainConfig(BaseModel):
         for name in ("num_heads", "d_ff", "vocab_size"):
             if getattr(model, name) % tp:
                 raise ValueError(f"tensor_parallel {tp} does not divide {name} {getattr(model, name)}")
+
+    def _check_pipeline_parallel(self, model: PanguConfig) -> None:
+        """What pipeline parallelism needs of the model and the run (the world size is checked at start)."""
+        pp = self.pipeline_parallel
+        if pp == 1:
+            return
+        if self.ecss or self.expert_parallel > 1 or model.router != "dense":
+            what = "ECSS" if self.ecss else "expert_parallel" if self.expert_parallel > 1 else f"router {model.router}"
+            raise LayoutError(f"pipeline_parallel {pp} with {what}: pipeline parallelism is implemented for dense "
+                              f"PanGu-α models only; set pipeline_parallel: 1")
+        if self.zero_stage > 1:
+            raise LayoutError(f"pipeline_parallel {pp} with ZeRO stage {self.zero_stage}: DeepSpeed's pipeline engine "
+                              f"runs ZeRO stage 0 or 1 only (gradients are reduced once per step, after the "
+                              f"last micro-batch); set zero_stage: 1")
+        if pp > model.num_layers:
+            raise LayoutError(f"pipeline_parallel {pp} is more stages than the model's {model.num_layers} layers "
+                              f"(blocks and the query layer): every stage needs one at least")
+        if self.tensor_parallel > 1:
+            raise LayoutError(f"pipeline_parallel {pp} with tensor_parallel {self.tensor_parallel} is not "
+                              f"implemented yet (each runs alone); set one of them to 1")
 
     def pangu_config(self) -> PanguConfig:
         return get_config(self.model, **self.model_overrides)
@@ -373,6 +400,7 @@ def _compute_dtype(precision: str) -> torch.dtype:
 def build_model(
     config: TrainConfig, expert_shard: tuple[int, int] | None = None, device: torch.device | str = "cpu",
     owned_block: tuple[int, int] | None = None, tp: TensorParallel | None = None,
+    keep_modules: Callable[[str], bool] | None = None,
 ) -> PanguModel:
     """The initial model, identical on every rank (seeded; DeepSpeed broadcasts it again anyway).
 
@@ -383,7 +411,8 @@ def build_model(
     replicas: ECSS sharded host state) each layer's expert shard is cut to the rank's owned block as soon
     as it is made, so start-up holds one layer's shard, not all of them. With `tp` (tensor parallelism)
     each rank keeps its slices of the dense model's weights, so every tensor-parallel size starts from
-    the same weights."""
+    the same weights. With `keep_modules` (a pipeline stage's modules, by
+    qualified name) a new model gives weights to those only; the rest stays on the meta device."""
     pangu = config.pangu_config()
     if config.init_from is None:
         from .materialize import build_model_on
@@ -395,7 +424,8 @@ def build_model(
             from .ecss import keep_block
 
             trim = lambda bank: keep_block(bank, *owned_block)  # noqa: E731
-        return build_model_on(pangu, device, config.seed, expert_shard, host, trim, tp=tp).train()
+        return build_model_on(pangu, device, config.seed, expert_shard, host, trim, tp=tp,
+                              keep_modules=keep_modules).train()
     torch.manual_seed(config.seed)
     from .checkpoint import load_checkpoint, load_config
     from .inherit import sigma_from_dense
@@ -444,17 +474,25 @@ class Trainer:
         self._check_topology()
         self.plan = self._check_plan()
         # Data-parallel coordinates (the rows a rank reads, its dropout seed): the global ones without tensor
-        # parallelism; with it, every rank of a tensor group reads the same rows.
+        # or pipeline parallelism; with them, every rank of a tensor group and every stage of a pipeline reads
+        # the same rows (the first stage feeds the inputs, the last the labels).
         info = self._layout().info(self.rank)
-        self.dp_rank, self.dp_size = info.dp_rank, self.world_size // config.tensor_parallel
+        self.dp_rank = info.dp_rank
+        self.dp_size = self.world_size // (config.tensor_parallel * config.pipeline_parallel)
+        self.stage = info.stage
         self.tp, self.mpu = self._tensor_parallel_groups()
 
         ep = config.expert_parallel
         ecss_groups = self._ecss_groups() if config.ecss else (None, None)
-        model = build_model(config, (self._ep_rank(), ep) if ep > 1 else None, self.device,
-                            self._owned_block(ecss_groups[1]), tp=self.tp)
+        # With pipeline stages: the loss of the last stage, which also sums the per-domain losses it sees.
+        self.pipeline_loss = None
+        if config.pipeline_parallel > 1:
+            model = self._pipeline_stage()
+        else:
+            model = build_model(config, (self._ep_rank(), ep) if ep > 1 else None, self.device,
+                                self._owned_block(ecss_groups[1]), tp=self.tp)
         self.expert_layers: list[str] = [n for n, m in model.named_modules() if isinstance(m, RandomRoutedExperts)]
-        self.sparse_layers = list(model.sparse_layers())
+        self.sparse_layers = list(model.sparse_layers()) if self.pipeline_loss is None else []
         if config.expert_parallel > 1 and not config.ecss:
             to_deepspeed_moe(model, config.expert_parallel, self._ep_rank())
         self.ecss = None
@@ -487,6 +525,8 @@ class Trainer:
             self._check_expert_groups()
         if self.tp is not None:
             self._check_tensor_groups()
+        if self.pipeline_loss is not None:
+            self._check_pipeline_groups()
 
         # Domain-affine steps: one domain per node and step (a node holds whole expert-parallel groups, so
         # their steps touch one domain's experts; the rows do not depend on ep). The dataset's state
@@ -509,6 +549,8 @@ class Trainer:
                                                   config.validation_rows)
         self.domain_names = dict(self.dataset.shards.domain_names)
         self.num_domains = max(self.domain_names, default=-1) + 1
+        if self.pipeline_loss is not None:
+            self.pipeline_loss.num_domains = max(1, self.num_domains)
         self._check_domains()
         self.step = 0
         if config.resume:
@@ -519,17 +561,16 @@ class Trainer:
     def _check_topology(self) -> None:
         """The layout this run can take, checked before anything is allocated: `LayoutError` with the reason.
         A topology preset must be the run's own layout (its groups are the ones the trainer builds)."""
-        ep, tp = self.config.expert_parallel, self.config.tensor_parallel
+        ep, tp, pp = self.config.expert_parallel, self.config.tensor_parallel, self.config.pipeline_parallel
         local = local_world_size(self.world_size)
         if self.config.topology:
             from deploy.topology import load_topology
 
             topology = load_topology(self.config.topology)
             plan = topology.plan
-            if plan.pipeline > 1:
-                raise LayoutError(f"topology {topology.name} has pipeline {plan.pipeline}: pangu_model.train does "
-                                  f"not run pipeline parallelism yet (tensor, data and expert parallelism only); "
-                                  f"use a topology with pipeline 1")
+            if plan.pipeline != pp:
+                raise LayoutError(f"topology {topology.name} has pipeline {plan.pipeline}, config says "
+                                  f"pipeline_parallel {pp}")
             if plan.tensor != tp:
                 raise LayoutError(f"topology {topology.name} has tensor {plan.tensor}, config says "
                                   f"tensor_parallel {tp}")
@@ -543,6 +584,9 @@ class Trainer:
                                   f"this run {local}")
         if self.world_size % tp:
             raise LayoutError(f"tensor_parallel {tp} does not divide the world size {self.world_size}")
+        if self.world_size % (tp * pp):
+            raise LayoutError(f"pipeline_parallel {pp} does not divide the world size {self.world_size}"
+                              + (f" (with tensor_parallel {tp})" if tp > 1 else ""))
         if local % tp:
             raise LayoutError(f"tensor_parallel {tp} does not divide the {local} ranks of a node (a tensor group "
                               f"stays inside one node)")
@@ -567,12 +611,13 @@ class Trainer:
                           host_ram)
 
     def _layout(self) -> Any:
-        """The run's rank layout and process groups (deploy/topology.py; pipeline 1)."""
+        """The run's rank layout and process groups (deploy/topology.py)."""
         from deploy.topology import ClusterSpec, Layout, ParallelPlan
 
         local = local_world_size(self.world_size)
         cluster = ClusterSpec(nodes=self.world_size // local, gpus_per_node=local)
         return Layout.build(cluster, ParallelPlan(tensor=self.config.tensor_parallel,
+                                                  pipeline=self.config.pipeline_parallel,
                                                   expert=self.config.expert_parallel))
 
     def _tensor_parallel_groups(self) -> tuple[TensorParallel | None, ModelParallelUnit | None]:
@@ -589,6 +634,33 @@ class Trainer:
                     found[kind] = (group, ranks)
         tp = TensorParallel.of(found["tensor"][0])
         return tp, ModelParallelUnit(tp, *found["data"])
+
+    def _pipeline_stage(self) -> Any:
+        """This rank's pipeline stage (pipeline_parallel.py) holding its part of the dense model's initial
+        weights: the other stages' modules are never made here (they stay on the meta device while the
+        initial weights are drawn), so every pipeline size starts from the weights of pipeline 1."""
+        from deploy.topology import describe_split
+
+        from .pipeline_parallel import PanguPipeline, PipelineLoss, stage_module_names
+
+        pp = self.config.pipeline_parallel
+        if self.rank == 0:
+            print(f"pangu_model.train: pipeline {describe_split(self.pangu.num_layers, pp)}", flush=True)
+        weights = build_model(self.config, device=self.device,
+                              keep_modules=stage_module_names(self.pangu, self.stage, pp))
+        self.pipeline_loss = PipelineLoss(1, self.pangu.pad_token_id)  # domains: set once the data is read
+        stage = PanguPipeline(self.pangu, self._layout().deepspeed_topology(), self.pipeline_loss)
+        stage.load_pangu_state_dict(weights.state_dict())
+        return stage.train()
+
+    def _check_pipeline_groups(self) -> None:
+        """DeepSpeed's pipeline grid (built from the topology's ProcessTopology) has the topology's groups."""
+        grid = self.engine.grid
+        layout = self._layout()
+        data, pipe = grid.get_data_parallel_group_ranks(), grid.pp_group
+        if data not in layout.data_parallel_groups or pipe not in layout.pipeline_groups or grid.stage_id != self.stage:
+            raise RuntimeError(f"DeepSpeed's data group {data} / pipeline group {pipe} (stage {grid.stage_id}) are "
+                               f"not the topology's ({layout.data_parallel_groups}, {layout.pipeline_groups})")
 
     def _check_tensor_groups(self) -> None:
         """The groups DeepSpeed partitions and reduces over are the topology's data-parallel groups."""
@@ -672,11 +744,15 @@ class Trainer:
         return {k: torch.stack([r[k] for r in rows]).to(self.device, non_blocking=True) for k in keys}
 
     def _seed(self, step: int, micro: int) -> None:
+        torch.manual_seed(self._dropout_seed(step, micro))
+
+    def _dropout_seed(self, step: int, micro: int) -> int:
         # Dropout masks are a function of (seed, step, micro-batch, data-parallel rank): a resumed run draws
         # the same masks as an uninterrupted one without saving any RNG state, and the ranks of a tensor
-        # group draw the same ones (the model forks a stream per rank for its split heads).
+        # group draw the same ones (the model forks a stream per rank for its split heads); each pipeline
+        # stage seeds itself with it before its part of a micro-batch.
         gas = self.config.gradient_accumulation_steps
-        torch.manual_seed(self.config.seed * 1_000_003 + (step * gas + micro) * self.dp_size + self.dp_rank)
+        return self.config.seed * 1_000_003 + (step * gas + micro) * self.dp_size + self.dp_rank
 
     # ---- training -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -732,6 +808,8 @@ class Trainer:
         config = self.config
         gas = config.gradient_accumulation_steps
         batches = [self._micro_batch() for _ in range(gas)]
+        if self.pipeline_loss is not None:
+            return self._pipeline_train_step(metrics, batches)
         if self.ecss is not None:
             # Known before the forward pass: the experts these rows route to (SPEC §5.2).
             self.ecss.fetch(self.ecss.plan(batches))
@@ -767,9 +845,30 @@ class Trainer:
         row["grad_norm"] = float(norm) if norm is not None else float("nan")
         return row
 
+    def _pipeline_train_step(self, metrics: Any, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """One step through the pipeline: DeepSpeed's 1F1B schedule over the step's micro-batches (the
+        gradient accumulation steps), the tied embedding's gradient summed over the first and last stage,
+        then the optimizer step. Every stage gets the loss (averaged over the data-parallel replicas); the
+        last stage has the per-domain sums."""
+        from .pipeline_parallel import micro_batches
+
+        step = self.step
+        self.model.start_step(lambda micro: self._dropout_seed(step, micro))
+        loss = float(self.engine.train_batch(micro_batches(batches)))
+        domain_sums = self.pipeline_loss.drain(self.device)
+        tokens = int(sum((batch["labels"] != -100).sum() for batch in batches))
+        if self._counts_rows():
+            metrics.add_domain_losses(domain_sums)
+        norm = self.engine.get_global_grad_norm()
+        return {"loss": loss, "lm_loss": loss, "aux_loss": 0.0, "lr": lr_at(step, self.config.optimizer, self.total_steps),
+                "_tokens": tokens if self._counts_rows() else 0,
+                "grad_norm": float(norm) if norm is not None else float("nan")}
+
     def _counts_rows(self) -> bool:
         """Whether this rank's rows count in the logs: the ranks of a tensor group share theirs (rank 0 of
-        the group counts them)."""
+        the group counts them), and the stages of a pipeline too (the last one, which sees the losses)."""
+        if self.pipeline_loss is not None:
+            return self.stage == self.config.pipeline_parallel - 1
         return self.tp is None or self.tp.rank == 0
 
     @torch.no_grad()
@@ -787,6 +886,8 @@ class Trainer:
         blank = {**self.validation[0], "labels": torch.full_like(self.validation[0]["labels"], -100)}
         rows = rows + [blank] * (batches * size - len(rows))
         sums = torch.zeros(max(1, self.num_domains), 2, dtype=torch.float64, device=self.device)
+        if self.pipeline_loss is not None:
+            return self._pipeline_validate(rows, batches, sums)
         self.engine.eval()
         try:
             for b in range(batches):
@@ -805,6 +906,24 @@ class Trainer:
             self.engine.train()
         if self.world_size > 1:  # over the data-parallel ranks (a tensor group holds one copy of its rows)
             dist.all_reduce(sums, group=None if self.mpu is None else self.mpu.get_data_parallel_group())
+        return sums.cpu()
+
+    def _pipeline_validate(self, rows: list[dict[str, torch.Tensor]], batches: int, sums: torch.Tensor
+                           ) -> torch.Tensor:
+        """`validate` through the pipeline: the last stage's loss function sums the held-out rows' losses per
+        domain; the other stages add zeros."""
+        from .pipeline_parallel import micro_batches
+
+        size = self.config.micro_batch_size
+        chunks = [{k: torch.stack([r[k] for r in rows[b * size:(b + 1) * size]]).to(self.device)
+                   for k in ("input_ids", "labels", "position_ids", "domain_ids")} for b in range(batches)]
+        self.pipeline_loss.drain(self.device)  # nothing of training is pending; start from zero
+        self.engine.eval_batch(micro_batches(chunks), compute_loss=True, bcast_loss=False,
+                               num_micro_batches=batches)
+        sums += self.pipeline_loss.drain(self.device)
+        self.engine.train()
+        if self.world_size > 1:
+            dist.all_reduce(sums)
         return sums.cpu()
 
     @torch.no_grad()
@@ -844,6 +963,7 @@ class Trainer:
             "fingerprint": self.config.fingerprint(),
             "world_size": self.world_size,
             "tensor_parallel": self.config.tensor_parallel,
+            "pipeline_parallel": self.config.pipeline_parallel,
         }
         _atomic_torch_save(trainer_state, directory / f"trainer_rank{self.rank:05d}.pt")
         if self.ecss is not None and (self.ecss.sharded or self._first_replica()):
@@ -891,6 +1011,12 @@ class Trainer:
                               f"ranks), this run has tensor_parallel {self.config.tensor_parallel}: each tensor "
                               f"rank's checkpoint holds its own slices; resume with the same layout (or start a "
                               f"new run from its export with init_from)")
+        written_pp = int(state.get("pipeline_parallel", 1))
+        if written_pp != self.config.pipeline_parallel:
+            raise LayoutError(f"{directory} was written with pipeline_parallel {written_pp} ({state['world_size']} "
+                              f"ranks), this run has pipeline_parallel {self.config.pipeline_parallel}: each stage's "
+                              f"checkpoint holds its own layers; resume with the same layout (or start a new run "
+                              f"from its export with init_from)")
         if state["world_size"] != self.world_size:
             raise ValueError(f"{directory} was written by {state['world_size']} ranks, this run has {self.world_size}")
         if self.ecss is not None and not (directory / self._ecss_path()).is_file():
@@ -938,6 +1064,10 @@ class Trainer:
             state = gather_expert_state(self.engine.module, state)
         if self.tp is not None:
             state = gather_state_dict(state, split_dims(self.engine.module), self.tp)
+        if self.pipeline_loss is not None:  # every stage's layers, in PanguModel's names
+            stages: list[Any] = [None] * self.world_size
+            dist.all_gather_object(stages, self._stage_state(state))
+            state = {name: tensor for part in stages for name, tensor in part.items()}
         return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu() for k, v in state.items()}
 
     def export(self, directory: str | os.PathLike[str]) -> Path | None:
@@ -965,7 +1095,14 @@ class Trainer:
             pieces = local_expert_rows(self.engine.module, state)
         if not self._first_replica() and not (self.ecss is not None and self.ecss.sharded):
             pieces = []  # replicas of a shard hold the same experts: one of them writes (sharded: each its block)
-        dense = without_moe_keys(self.engine.module, state) if self.rank == 0 else {}
+        if self.pipeline_loss is not None:
+            # Each stage of the first replica writes its layers (the last stage's copy of the tied embedding
+            # is the first stage's).
+            dense = self._stage_state(state) if self.dp_rank == 0 else {}
+            if self.stage > 0:
+                dense.pop("word_embedding.weight", None)
+        else:
+            dense = without_moe_keys(self.engine.module, state) if self.rank == 0 else {}
         if self.tp is not None:
             split = split_dims(self.engine.module)
             if self.dp_rank == 0:  # the first replica's tensor group (a collective among its ranks)
@@ -999,6 +1136,12 @@ class Trainer:
             self._bundle_data_contract(directory)
         self._barrier()
         return directory if self.rank == 0 else None
+
+    def _stage_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A pipeline stage's state (DeepSpeed's names) in PanguModel's names, on the CPU."""
+        from .pipeline_parallel import pangu_name
+
+        return {pangu_name(name, self.pangu.num_layers): tensor.detach().cpu() for name, tensor in state.items()}
 
     def _bundle_data_contract(self, directory: Path) -> None:
         """What evaluation needs beside the weights: the tokenizer (`tokenizer/`) and the domain map with

@@ -156,6 +156,20 @@ def test_200b_parameters(alpha_200b):
     assert alpha_200b.parameters["worst_stage"] == 15
     assert alpha_200b.parameters["dense_per_gpu"] == last_stage // 8 == 1_694_740_480
     assert alpha_200b.parallel == {"tensor": 8, "pipeline": 16, "expert": 1, "data": 16}
+    # The split the trainer makes (deploy.topology.stage_layers) is stated: 64 layers, 4 per stage.
+    assert "pipeline: 64 layers over 16 stages: 4 each (embeddings on stage 0, query layer and tied head on " \
+           "stage 15)" in alpha_200b.notes
+
+
+def test_uneven_pipeline_split_is_planned_stage_by_stage():
+    from deploy.plan import plan_for
+
+    # 13b: 40 layers over 16 stages, 2 or 3 a stage; the busiest stages hold 3 layers' activations.
+    plan = plan_for("13b", nodes=16, overrides={"pipeline_parallel": 16})
+    assert any("40 layers over 16 stages, uneven layers per stage: stages 0-6: 2, stages 7-14: 3" in note
+               for note in plan.notes), plan.notes
+    even = plan_for("13b", nodes=16, overrides={"pipeline_parallel": 8})
+    assert any("40 layers over 8 stages: 5 each" in note for note in even.notes), even.notes
 
 
 def test_200b_gpu_bytes(alpha_200b):

@@ -183,28 +183,17 @@ FIELDS = dict(train_steps=6, checkpoint_every=2, validation_every=3, micro_batch
               model_overrides={"dropout": 0.0}, optimizer={"lr": 3e-3, "warmup_steps": 1, "grad_clip": 0.5})
 
 
-def _kill_9_after_a_checkpoint(config: Path) -> tuple[str, list[dict[str, float]]]:
-    """Run the 2 ranks and SIGKILL all of them once a checkpoint exists and a later step is logged; return
-    the checkpoint tag and the rows logged before the kill."""
-    from tests.test_train_common import logged_rows, torchrun_killed_when
-
-    run = config.parent
-    checkpointed_and_on = lambda: (run / "checkpoints" / "latest").is_file() and len(logged_rows(run)) >= 3  # noqa: E731
-    torchrun_killed_when(config, checkpointed_and_on, timeout=120)
-    return (run / "checkpoints" / "latest").read_text(), logged_rows(run)
-
-
 @pytest.mark.slow
 def test_tensor_parallel_2_gives_the_losses_and_export_of_tensor_parallel_1_and_resumes_after_kill_9() -> None:
     from pangu_model import PanguModel, load_checkpoint
     from pangu_model.metrics import read_validation
-    from tests.test_train_common import logged_rows, run_cli, run_config, run_torchrun
+    from tests.test_train_common import kill_9_after_a_checkpoint, logged_rows, run_cli, run_config, run_torchrun
 
     one = run_config("tp1", "alpha-tiny", tensor_parallel=1, **FIELDS)
     two = run_config("tp2", "alpha-tiny", tensor_parallel=2, throttle_s=0.5, **FIELDS)
     done = run_cli(one, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:]
-    tag, before_kill = _kill_9_after_a_checkpoint(two)
+    tag, before_kill = kill_9_after_a_checkpoint(two)
     assert tag in ("step00000002", "step00000004") and len(before_kill) < 6, (tag, len(before_kill))
     files = {p.name for p in (two.parent / "checkpoints" / tag).iterdir()}
     assert {"mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"} <= files, files  # one per tensor rank
@@ -278,8 +267,8 @@ def test_layouts_the_trainer_cannot_run_are_refused_in_one_line() -> None:
     with pytest.raises(ValueError, match="tensor_parallel 8 does not divide num_heads 4"):
         load_train_config(run_config("tp-heads", "alpha-tiny", tensor_parallel=8))
 
-    # Checked at start, before the model is built: tp 2 on one rank; pipeline stages (pangu-alpha-200b: tp 8,
-    # pp 16), which the program does not run. Before a checkpoint is loaded: one of tensor_parallel 2 resumed
+    # Checked at start, before the model is built: tp 2 on one rank; a topology whose layout is not the
+    # config's (pangu-alpha-200b: tp 8, pp 16). Before a checkpoint is loaded: one of tensor_parallel 2 resumed
     # with tensor_parallel 1.
     world = run_config("tp-world", "alpha-tiny", tensor_parallel=2, train_steps=1)
     pipeline = run_config("tp-pipeline", "alpha-tiny", topology="pangu-alpha-200b", train_steps=1)
@@ -292,7 +281,7 @@ def test_layouts_the_trainer_cannot_run_are_refused_in_one_line() -> None:
     (relayout.parent / "checkpoints" / "latest").write_text(tag.name)
     runs = {config: cli(config) for config in (world, pipeline, relayout)}  # side by side: each starts Python
     expected = {world: "tensor_parallel 2 does not divide the world size 1",
-                pipeline: "topology pangu-alpha-200b has pipeline 16: pangu_model.train does not run pipeline",
+                pipeline: "topology pangu-alpha-200b has pipeline 16, config says pipeline_parallel 1",
                 relayout: "was written with tensor_parallel 2 (2 ranks), this run has tensor_parallel 1"}
     for config, proc in runs.items():
         out, _ = proc.communicate(timeout=120)

@@ -1,0 +1,140 @@
+"""Pipeline parallelism for PanGu-α (issue #15 §2): DeepSpeed's 1F1B pipeline, the trainer on 2 gloo ranks.
+
+* alpha-tiny with 5 layers (an uneven split: 3 on stage 0, 2 on stage 1) and pipeline_parallel 2 on 2 ranks
+  gives the losses of pipeline_parallel 1 on 1 rank (same global batch, 2 micro-batches a step, dropout off),
+  resumes exactly after a kill -9, dropout on too, and exports the same model.safetensors;
+* layouts the trainer cannot run with a pipeline are refused at start, in one line.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+# Dropout off; the same global batch (4 rows a step, in 2 micro-batches: the pipeline interleaves them);
+# 5 layers, so the 2 stages hold 3 and 2.
+FIELDS = dict(train_steps=6, checkpoint_every=2, validation_every=3, micro_batch_size=2, gradient_accumulation_steps=2,
+              model_overrides={"dropout": 0.0, "num_layers": 5},
+              optimizer={"lr": 3e-3, "warmup_steps": 1, "grad_clip": 0.5})
+
+
+def _killed_and_resumed(config: Path) -> tuple[int, list[dict[str, float]], list[dict[str, float]]]:
+    """Kill -9 the 2 ranks after a checkpoint, resume to the end; the checkpointed step, the rows logged
+    before the kill and the rows of the whole run."""
+    from tests.test_train_common import kill_9_after_a_checkpoint, logged_rows, run_torchrun
+
+    tag, before_kill = kill_9_after_a_checkpoint(config)
+    assert tag in ("step00000002", "step00000004") and len(before_kill) < 6, (tag, len(before_kill))
+    done = run_torchrun(config, timeout=120)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    rows = logged_rows(config.parent)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    checkpointed = int(tag.removeprefix("step"))
+    for x in before_kill[checkpointed:]:  # steps run before the kill and again after the resume: exact
+        y = rows[int(x["step"]) - 1]
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6, abs=0), (x["step"], x["loss"], y["loss"])
+    return checkpointed, before_kill, rows
+
+
+@pytest.mark.slow
+def test_pipeline_parallel_2_gives_the_losses_and_export_of_pipeline_parallel_1_and_resumes_after_kill_9() -> None:
+    from pangu_model import load_checkpoint
+    from pangu_model.metrics import read_validation
+    from pangu_model.pipeline_parallel import pangu_name
+    from tests.test_train_common import logged_rows, run_cli, run_config
+
+    one = run_config("pp1", "alpha-tiny", pipeline_parallel=1, **FIELDS)
+    two = run_config("pp2", "alpha-tiny", pipeline_parallel=2, throttle_s=0.5, **FIELDS)
+    done = run_cli(one, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:]
+    _killed_and_resumed(two)
+
+    single, staged = logged_rows(one.parent), logged_rows(two.parent)
+    for x, y in zip(single, staged):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), (x["step"], x["loss"], y["loss"])
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5), (x["step"], "grad_norm")
+        assert y["tokens"] == x["tokens"]  # a pipeline's rows are counted once (by its last stage)
+    for (s1, l1, _), (s2, l2, _) in zip(read_validation(one.parent)["all"], read_validation(two.parent)["all"]):
+        assert s1 == s2 and l2 == pytest.approx(l1, rel=1e-5)
+
+    # Each stage wrote its own layers (DeepSpeed's layer files; the head's copy of the tied embedding is the
+    # first stage's, layer 00) and its own optimizer partition; the layout is recorded.
+    last = two.parent / "checkpoints" / "step00000006"
+    files = {p.name for p in last.iterdir()}
+    layers = [f"layer_{i:02d}-model_00-model_states.pt" for i in range(7)]  # embeddings, 4 blocks, query layer
+    assert set(layers) <= files and "layer_07-model_00-model_states.pt" not in files, sorted(files)
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_0_mp_rank_01_optim_states.pt"} <= files
+    assert torch.load(last / "trainer_rank00001.pt", weights_only=True)["pipeline_parallel"] == 2
+    # The export is exactly the stages' checkpointed layers in PanguModel's names...
+    got = load_checkpoint(two.parent / "export").state_dict()
+    saved = {}
+    for index, name in enumerate(layers):
+        prefix = "tied_modules.word_embedding" if index == 0 else str(index)
+        for key, tensor in torch.load(last / name, weights_only=True).items():
+            saved[pangu_name(f"{prefix}.{key}", num_layers=5)] = tensor
+    assert set(saved) == set(got)
+    for name, tensor in got.items():
+        assert torch.equal(saved[name], tensor), name
+    # ... and holds pipeline_parallel 1's weights, to fp32 noise (tests/test_train_tensor_parallel.py says why).
+    expected = load_checkpoint(one.parent / "export").state_dict()
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=3e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.slow
+def test_pipeline_resume_after_kill_9_draws_the_same_dropout_masks() -> None:
+    """Dropout on: each stage seeds itself per step and micro-batch, so a run killed and resumed gives the
+    losses of an uninterrupted one, exactly (a run that carried its random state across steps would not)."""
+    from tests.test_train_common import logged_rows, run_config, run_torchrun
+
+    fields = {**FIELDS, "model_overrides": {"dropout": 0.1, "num_layers": 5}}
+    whole = run_config("pp2-dropout", "alpha-tiny", pipeline_parallel=2, **fields)
+    done = run_torchrun(whole, timeout=120)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    _, _, resumed = _killed_and_resumed(run_config("pp2-dropout-killed", "alpha-tiny", pipeline_parallel=2,
+                                                   throttle_s=0.5, **fields))
+    for x, y in zip(logged_rows(whole.parent), resumed):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6, abs=0), (x["step"], x["loss"], y["loss"])
+
+
+def test_pipeline_layouts_the_trainer_cannot_run_are_refused_in_one_line() -> None:
+    from pangu_model.train import fit_to_data, load_train_config
+    from tests.test_train_common import cli, run_config
+
+    # Checked with the config: dense models only, ZeRO 0-1, a layer at least per stage, no tensor parallelism.
+    refused = {
+        ("pp-sigma", "sigma-tiny", ()): r"pipeline_parallel 2 with .*: pipeline parallelism is implemented for "
+                                        r"dense PanGu-α models only",
+        ("pp-zero2", "alpha-tiny", (("zero_stage", 2),)): r"pipeline_parallel 2 with ZeRO stage 2: DeepSpeed's "
+                                                          r"pipeline engine runs ZeRO stage 0 or 1 only",
+        ("pp-tp", "alpha-tiny", (("tensor_parallel", 2),)): r"pipeline_parallel 2 with tensor_parallel 2 is not "
+                                                            r"implemented yet",
+    }
+    for (name, preset, extra), message in refused.items():
+        with pytest.raises(ValueError, match=message):
+            load_train_config(run_config(name, preset, pipeline_parallel=2, **dict(extra)))
+    with pytest.raises(ValueError, match=r"pipeline_parallel 5 is more stages than the model's 4 layers"):
+        load_train_config(run_config("pp-stages", "alpha-tiny", pipeline_parallel=5))
+
+    # Checked at start, before the model is built: pipeline 2 on one rank. Before a checkpoint is loaded: one
+    # of pipeline_parallel 2 resumed with pipeline_parallel 1.
+    world = run_config("pp-world", "alpha-tiny", pipeline_parallel=2, train_steps=1)
+    relayout = run_config("pp-relayout", "alpha-tiny", train_steps=4, export=False)
+    tag = relayout.parent / "checkpoints" / "step00000002"
+    tag.mkdir(parents=True)
+    fingerprint = fit_to_data(load_train_config(relayout)).fingerprint()
+    torch.save({"step": 2, "dataset": {}, "fingerprint": fingerprint, "world_size": 2, "tensor_parallel": 1,
+                "pipeline_parallel": 2}, tag / "trainer_rank00000.pt")
+    (relayout.parent / "checkpoints" / "latest").write_text(tag.name)
+    runs = {config: cli(config) for config in (world, relayout)}  # side by side: each starts Python
+    expected = {world: "pipeline_parallel 2 does not divide the world size 1",
+                relayout: "was written with pipeline_parallel 2 (2 ranks), this run has pipeline_parallel 1"}
+    for config, proc in runs.items():
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 2, out[-3000:]
+        lines = [line for line in out.splitlines() if line.startswith("pangu_model.train:")]
+        assert len(lines) == 1 and expected[config] in lines[0], out[-3000:]
+        assert "Traceback" not in out
+    assert not (world.parent / "metrics.csv").exists()
