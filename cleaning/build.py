@@ -40,6 +40,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 
@@ -369,24 +372,29 @@ class CorpusBuild:
                 ParquetShardWriter(files["data.parquet"], KEPT_SCHEMA))
             dups = None if made["dups"] else stack.enter_context(
                 ParquetShardWriter(files["duplicates.parquet"], REJECTED_SCHEMA))
-            row = 0
+            start = 0
             for batch in pq.ParquetFile(self._open(f"{clean}/candidates.parquet")).iter_batches(batch_size=2048):
-                for record in batch.to_pylist():
-                    hit = duplicates.get(row)
-                    if hit is None:
-                        if kept is not None:
-                            kept.write(record)
-                            kept_counts[record["source"]] += 1
-                            stats.add(document_from_row(record))
-                    elif dups is not None:
-                        survivor_shard, survivor_row, kind = hit
-                        reason = f"{kind}_duplicate"
-                        dup_counts[record["source"]][reason] += 1
-                        dups.write(rejected_row(Rejection(
-                            document_from_row(record), reason,
-                            f"copy of {self._input_name(shards[survivor_shard])} row {survivor_row}",
-                            dup_of=survivor_ids[(survivor_shard, survivor_row)])))
-                    row += 1
+                rows = np.arange(start, start + batch.num_rows)
+                start += batch.num_rows
+                is_dup = np.fromiter((row in duplicates for row in rows.tolist()), dtype=bool, count=rows.size)
+                if kept is not None:
+                    # Kept rows go through in Arrow form: no Python object per document.
+                    survivors = batch.filter(pa.array(~is_dup))
+                    kept.write_table(survivors)
+                    kept_counts.update(survivors.column("source").to_pylist())
+                    quality = survivors.column("quality").to_numpy(zero_copy_only=False).astype(np.float64)
+                    stats.add_many(survivors.column("domain").to_pylist(),
+                                   pc.utf8_length(survivors.column("text")).to_numpy(zero_copy_only=False), quality)
+                if dups is None or not is_dup.any():
+                    continue
+                for row, record in zip(rows[is_dup].tolist(), batch.filter(pa.array(is_dup)).to_pylist()):
+                    survivor_shard, survivor_row, kind = duplicates[row]
+                    reason = f"{kind}_duplicate"
+                    dup_counts[record["source"]][reason] += 1
+                    dups.write(rejected_row(Rejection(
+                        document_from_row(record), reason,
+                        f"copy of {self._input_name(shards[survivor_shard])} row {survivor_row}",
+                        dup_of=survivor_ids[(survivor_shard, survivor_row)])))
         if not made["kept"]:
             write_json_atomic(markers["kept"], {"kept": dict(kept_counts), "stats": stats.to_json()})
         if not made["dups"]:

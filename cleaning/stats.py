@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter, defaultdict
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
+
+import numpy as np
 
 from cleaning.document import Document
 
@@ -35,6 +37,21 @@ class ShardStats:
         self.lengths[doc.domain][bisect.bisect_right(LENGTH_BOUNDS, n)] += 1
         if doc.quality is not None:
             self.quality[min(int(doc.quality * QUALITY_BINS), QUALITY_BINS - 1)] += 1
+
+    def add_many(self, domains: Sequence[str], lengths: np.ndarray, quality: np.ndarray) -> None:
+        """`add` for many documents at once: their domains, lengths in characters, and quality
+        scores (NaN where a document has none)."""
+        buckets = np.searchsorted(LENGTH_BOUNDS, lengths, side="right")
+        domain_array = np.asarray(domains, dtype=object)
+        for domain in dict.fromkeys(domains):
+            mine = domain_array == domain
+            self.documents[domain] += int(mine.sum())
+            self.characters[domain] += int(lengths[mine].sum())
+            histogram = np.bincount(buckets[mine], minlength=len(LENGTH_BOUNDS) + 1)
+            self.lengths[domain] = [a + int(b) for a, b in zip(self.lengths[domain], histogram)]
+        scored = quality[~np.isnan(quality)].astype(np.float64)
+        bins = np.minimum((scored * QUALITY_BINS).astype(np.int64), QUALITY_BINS - 1)
+        self.quality = [a + int(b) for a, b in zip(self.quality, np.bincount(bins, minlength=QUALITY_BINS))]
 
     def to_json(self) -> dict[str, Any]:
         return {"documents": dict(self.documents), "characters": dict(self.characters),

@@ -53,6 +53,15 @@ class ParquetShardWriter:
         for row in rows:
             self.write(row)
 
+    def write_table(self, table: pa.Table | pa.RecordBatch) -> None:
+        """Rows already in Arrow form (after the rows buffered so far), as one row group."""
+        self._flush()
+        if table.num_rows:
+            if isinstance(table, pa.RecordBatch):
+                table = pa.Table.from_batches([table])
+            self._writer.write_table(table.cast(self.schema))
+            self.rows_written += table.num_rows
+
     def _flush(self) -> None:
         if self._buffer:
             self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=self.schema))

@@ -344,7 +344,7 @@ def _killed(where: str, after: int, *command: str) -> None:
 @pytest.mark.parametrize("where, after, redone", [
     ("cleaning.writers:ParquetShardWriter.write", 3, 1),  # cleaning the new input
     ("cleaning.dedup_index:reduce_partition", 2, 0),     # between partitions of the index
-    ("cleaning.build:document_from_row", 5, 0),          # writing a final shard
+    ("cleaning.writers:ParquetShardWriter.write_table", 2, 0),  # writing a final shard
     ("cleaning.build:link_or_copy", 7, 0),               # publishing, halfway through the links
 ])
 def test_kill_9_in_the_middle_of_a_refresh_then_rerun(first, tmp_path, where, after, redone):
