@@ -27,6 +27,7 @@ decides where each call runs.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -413,11 +414,20 @@ class CorpusBuild:
             wanted[survivor_shard].add(survivor_row)
         ids: dict[tuple[int, int], str] = {}
         for index, rows in wanted.items():
-            column = pq.read_table(self._open(f"{self.clean_dir(shards[index])}/candidates.parquet"),
-                                   columns=["id"]).column("id")
+            column = self._candidate_ids(f"{self.clean_dir(shards[index])}/candidates.parquet")
             for r in rows:
                 ids[(index, r)] = column[r].as_py()
         return ids
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def _candidate_ids(uri: str) -> pa.ChunkedArray:
+        """The `id` column of a committed candidates file (its clean directory is named by content:
+        it never changes). Cached in the process: every shard's duplicates name survivors in many
+        other shards, and a worker finalizing shard after shard read the same columns again, the
+        stage's main cost at 1 GB of input."""
+        with fsspec.open(uri, "rb") as fh:
+            return pq.ParquetFile(fh).read(columns=["id"]).column("id")
 
     # -- manifest --------------------------------------------------------------------------
     def write_manifest(self, shards: Sequence[InputShard], cleaned: Sequence[dict[str, Any]],

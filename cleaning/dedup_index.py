@@ -386,7 +386,7 @@ def reduce_partition(work: str, version: str, partition: int, config: DedupConfi
         for ranges in key_blocks(files, config.reduce_block_records, _record_keys):
             read = [f.slice(lo, hi) for f, (lo, hi) in zip(files, ranges)]
             fresh_records = _in_version(read[:len(fresh)], fresh)
-            touched = np.unique(np.concatenate([fresh_records["key"], *(r["key"] for r in read[len(fresh):])]))
+            touched = dedup.sorted_unique(np.concatenate([fresh_records["key"], *(r["key"] for r in read[len(fresh):])]))
             # The touched buckets' members in the previous version, from its segments.
             old_members = np.concatenate([_as_records(*segment.lookup(touched), owned[k])
                                           for k, segment in enumerate(segments_before)] + [np.empty(0, RECORD)])
@@ -461,7 +461,7 @@ def cluster(work: str, version: str, config: DedupConfig) -> dict[str, Any]:
     as_pairs = np.zeros(len(counted), dtype=PAIR)
     as_pairs["a"], as_pairs["b"], as_pairs["kind"] = counted["a"], counted["b"], counted["kind"]
     found = _unique_pairs(as_pairs)
-    nodes = np.unique(np.concatenate([found["a"], found["b"]]))
+    nodes = dedup.sorted_unique(np.concatenate([found["a"], found["b"]]))
     component = _components(np.searchsorted(nodes, found["a"]), np.searchsorted(nodes, found["b"]), len(nodes))
 
     carried = np.empty(0, dtype=ASSIGNMENT)
@@ -476,7 +476,7 @@ def cluster(work: str, version: str, config: DedupConfig) -> dict[str, Any]:
         new_edges = _edges(found)
         changed = np.concatenate([old_edges[~np.isin(old_edges, new_edges)],
                                   new_edges[~np.isin(new_edges, old_edges)]]).view([("a", "<u8"), ("b", "<u8")])
-        touched = np.unique(np.concatenate([changed["a"], changed["b"]]))
+        touched = dedup.sorted_unique(np.concatenate([changed["a"], changed["b"]]))
         touched = touched[touched != _DEAD]
         redo = np.isin(component, component[np.isin(nodes, touched)])
         carried = _load_array(fs, f"{version_dir(root, previous)}/assignments.npy").copy()

@@ -291,3 +291,31 @@ def test_signature_rows_are_read_by_byte_ranges_on_an_object_store(monkeypatch):
         assert np.array_equal(sigs.take(gids, what), array[gids.astype(np.int64)]), what
         assert 0 < sum(read) <= 256 + 4 * 4096, (what, sum(read))  # the header, and a range a run of rows
         assert sum(read) < fs.size(f"{root}/{what}/00000.npy") / 20
+
+
+def test_rows_of_a_local_file_are_read_with_one_open_per_call_and_equal_the_array(tmp_path, monkeypatch):
+    import os
+
+    rng = np.random.default_rng(3)
+    array = np.zeros(5000, dtype=dedup.RECORD)
+    array["key"] = rng.integers(0, 2**63, len(array), dtype=np.uint64)
+    path = tmp_path / "records.npy"
+    np.save(path, array)
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    rows = dedup._Rows(fsspec.filesystem("file"), str(path))
+    wanted = np.sort(rng.choice(len(array), 300, replace=True))  # far apart: many byte ranges
+    opened.clear()
+    assert np.array_equal(rows.take(wanted), array[wanted])
+    assert len(opened) == 1  # fsspec's cat_ranges opened the file once per range
+    assert np.array_equal(rows.slice(10, 4000), array[10:4000]) and np.array_equal(rows.slice(3990, 5000), array[3990:])
+    with pytest.raises(OSError, match="ends at"):
+        dedup._pread_ranges(str(path), [0], [path.stat().st_size + 10])
+
+
+def test_sorted_unique_is_np_unique():
+    rng = np.random.default_rng(4)
+    for values in (rng.integers(0, 50, 1000, dtype=np.uint64), np.empty(0, dtype=np.uint64),
+                   rng.integers(0, 2**64 - 1, 10, dtype=np.uint64, endpoint=True)):
+        assert np.array_equal(dedup.sorted_unique(values), np.unique(values))
