@@ -6,9 +6,10 @@ The model becomes a DeepSpeed `PipelineModule` of `LayerSpec`s, in PanguModel's 
     final LayerNorm + query layer → tied head (TiedLayerSpec "word_embedding" again) → loss
 
 The embeddings go with the first stage, the query layer and the head with the last; the L transformer
-layers (the blocks and the query layer) are split over the stages by `stage_layers`, unevenly where L does
-not divide. The word embedding is one tied module on the first and the last stage: DeepSpeed broadcasts it
-from the first stage at start and after a load, and all-reduces its gradient over the two stages before each
+layers (the blocks and the query layer) are split over the stages as the caller says (the training program
+passes `deploy.topology.stage_layers`, the rule the planner uses too; uneven where L does not divide).
+The word embedding is one tied module on the first and the last stage: DeepSpeed broadcasts it from the
+first stage at start and after a load, and all-reduces its gradient over the two stages before each
 optimizer step, so both copies stay equal (and its norm is counted once, on the first stage).
 
 Why DeepSpeed's pipeline and not `torch.distributed.pipelining`: the trainer is a DeepSpeed engine already
@@ -33,8 +34,6 @@ from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule, TiedLayerSp
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from deploy.topology import stage_layers
-
 from .config import PanguConfig
 from .masks import AttentionLayout, attention_backend, attention_layout
 from .model import IGNORE_INDEX, Block
@@ -45,16 +44,15 @@ FIRST_BLOCK_SPEC = 2
 
 
 # ---------------------------------------------------------------------------------------------
-# The split: `stage_layers` (deploy/topology.py, pure Python, so the planner and the layout use the same rule)
+# The split: layers per stage, given by the caller (this library does not import deploy/)
 # ---------------------------------------------------------------------------------------------
-def spec_boundaries(num_layers: int, stages: int) -> list[int]:
+def spec_boundaries(stage_layer_counts: list[int]) -> list[int]:
     """DeepSpeed's `parts` for `pipeline_specs`: stage s builds specs [parts[s], parts[s + 1])."""
-    counts = stage_layers(num_layers, stages)
     parts, layers_before = [0], 0
-    for count in counts[:-1]:
+    for count in stage_layer_counts[:-1]:
         layers_before += count
         parts.append(FIRST_BLOCK_SPEC + layers_before)
-    parts.append(FIRST_BLOCK_SPEC + num_layers + 1)  # the query layer's spec is followed by the head's
+    parts.append(FIRST_BLOCK_SPEC + sum(stage_layer_counts) + 1)  # the query layer's spec is followed by the head's
     return parts
 
 
@@ -219,7 +217,8 @@ def pipeline_specs(config: PanguConfig) -> tuple[list[Any], StageLayouts]:
 
 
 class PanguPipeline(PipelineModule):
-    """This rank's stage of PanGu-α (`stage_layers` decides the split), on DeepSpeed's pipeline engine.
+    """This rank's stage of PanGu-α (`stage_layer_counts`: transformer layers per stage), on DeepSpeed's
+    pipeline engine.
 
     `topology` is a DeepSpeed `ProcessTopology` with axes data, pipe, model (deploy/topology.py's
     `Layout.deepspeed_topology()`, so the data-parallel and pipeline groups are the topology's).
@@ -227,16 +226,19 @@ class PanguPipeline(PipelineModule):
     Dropout: before each training micro-batch the stage seeds torch from `micro_batch_seed(micro)` (the
     trainer sets it per step with `start_step`), so a resumed run draws the masks of an uninterrupted one."""
 
-    def __init__(self, config: PanguConfig, topology: Any, loss_fn: PipelineLoss) -> None:
+    def __init__(self, config: PanguConfig, topology: Any, loss_fn: PipelineLoss, stage_layer_counts: list[int]) -> None:
+        if len(stage_layer_counts) != topology.get_dim("pipe") or sum(stage_layer_counts) != config.num_layers:
+            raise ValueError(f"layers per stage {stage_layer_counts} do not split {config.num_layers} layers over "
+                             f"{topology.get_dim('pipe')} stages")
         specs, self._layouts = pipeline_specs(config)
-        self._parts = spec_boundaries(config.num_layers, topology.get_dim("pipe"))
+        self._parts = spec_boundaries(stage_layer_counts)
         super().__init__(layers=specs, topology=topology, loss_fn=loss_fn, partition_method="pangu")
         self.config = config
         self.micro_batch_seed: Callable[[int], int] | None = None
         self._micro = 0
 
     def _partition_layers(self, method: str = "pangu") -> None:
-        """DeepSpeed's hook for the split: ours (`stage_layers`), not one of its balancing methods, so the
+        """DeepSpeed's hook for the split: the one given, not one of its balancing methods, so the
         planner and the run agree."""
         self.parts = list(self._parts)
         stage = self._topo.get_coord(self.global_rank).pipe
@@ -287,10 +289,10 @@ def pangu_name(pipeline_name: str, num_layers: int) -> str:
     raise KeyError(pipeline_name)
 
 
-def stage_module_names(config: PanguConfig, stage: int, stages: int) -> Callable[[str], bool]:
+def stage_module_names(config: PanguConfig, stage: int, stage_layer_counts: list[int]) -> Callable[[str], bool]:
     """Whether a PanguModel module (qualified name) belongs to `stage`: what `build_model_on` keeps when it
     builds only a stage's part of the initial weights."""
-    counts = stage_layers(config.num_layers, stages)
+    counts, stages = stage_layer_counts, len(stage_layer_counts)
     first = sum(counts[:stage])
     blocks = {f"blocks.{i}" for i in range(first, min(first + counts[stage], config.num_layers - 1))}
     own: set[str] = set()

@@ -639,17 +639,18 @@ class Trainer:
         """This rank's pipeline stage (pipeline_parallel.py) holding its part of the dense model's initial
         weights: the other stages' modules are never made here (they stay on the meta device while the
         initial weights are drawn), so every pipeline size starts from the weights of pipeline 1."""
-        from deploy.topology import describe_split
+        from deploy.topology import describe_split, stage_layers
 
         from .pipeline_parallel import PanguPipeline, PipelineLoss, stage_module_names
 
         pp = self.config.pipeline_parallel
+        counts = stage_layers(self.pangu.num_layers, pp)  # the planner's rule
         if self.rank == 0:
             print(f"pangu_model.train: pipeline {describe_split(self.pangu.num_layers, pp)}", flush=True)
         weights = build_model(self.config, device=self.device,
-                              keep_modules=stage_module_names(self.pangu, self.stage, pp))
+                              keep_modules=stage_module_names(self.pangu, self.stage, counts))
         self.pipeline_loss = PipelineLoss(1, self.pangu.pad_token_id)  # domains: set once the data is read
-        stage = PanguPipeline(self.pangu, self._layout().deepspeed_topology(), self.pipeline_loss)
+        stage = PanguPipeline(self.pangu, self._layout().deepspeed_topology(), self.pipeline_loss, counts)
         stage.load_pangu_state_dict(weights.state_dict())
         return stage.train()
 
