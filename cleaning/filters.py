@@ -24,11 +24,30 @@ class CharProfile:
     kana_hangul: int
 
 
-@functools.lru_cache(maxsize=4096)
+# The length, ratio and language rules all ask about the same texts of a batch: their profiles are
+# kept (bounded, emptied whole when full).
+_PROFILES: dict[str, CharProfile] = {}
+_PROFILES_LIMIT = 4096
+
+
 def char_profile(text: str) -> CharProfile:
-    """Cached: the length, ratio and language rules all ask about the same text of a batch."""
-    other, space, han, kana_hangul, digit = charclass.counts(text).tolist()
-    return CharProfile(chars=other + han + kana_hangul + digit, cjk=han, kana_hangul=kana_hangul)
+    return char_profiles([text])[0]
+
+
+def char_profiles(texts: Sequence[str]) -> list[CharProfile]:
+    """The profile of each text; those not kept yet from one numpy pass over all of them."""
+    missing = [t for t in dict.fromkeys(texts) if t not in _PROFILES]
+    found: dict[str, CharProfile] = {}
+    if missing:
+        classes = charclass.classify(charclass.code_points("".join(missing)))
+        owner = np.repeat(np.arange(len(missing)), [len(t) for t in missing])
+        counts = np.bincount(owner * 5 + classes, minlength=5 * len(missing)).reshape(-1, 5)
+        for text, (other, space, han, kana_hangul, digit) in zip(missing, counts.tolist()):
+            found[text] = CharProfile(chars=other + han + kana_hangul + digit, cjk=han, kana_hangul=kana_hangul)
+        if len(_PROFILES) + len(found) > _PROFILES_LIMIT:
+            _PROFILES.clear()
+        _PROFILES.update(found)
+    return [found.get(t) or _PROFILES[t] for t in texts]
 
 
 class TooLong(Step):
@@ -50,10 +69,11 @@ class MinLength(Step):
         self.min_chars = min_chars
 
     def check(self, doc: Document) -> str | None:
-        n = char_profile(doc.text).chars
-        if n < self.min_chars:
-            return f"{n} non-space characters < {self.min_chars}"
-        return None
+        return self.check_batch([doc])[0]
+
+    def check_batch(self, docs: Sequence[Document]) -> list[str | None]:
+        return [f"{p.chars} non-space characters < {self.min_chars}" if p.chars < self.min_chars else None
+                for p in char_profiles([doc.text for doc in docs])]
 
 
 class ChineseRatio(Step):
@@ -107,6 +127,25 @@ def _slots(keys: np.ndarray) -> np.ndarray:
     return slots
 
 
+# (text, filter bits, code points, pair slots, triple slots) of the last text `_filter_slots` was asked about.
+_LAST_SLOTS: list[tuple[str, int, np.ndarray, np.ndarray, np.ndarray]] = []
+
+
+def _filter_slots(text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The code points of `text` and the filter slots of its character pairs and triples. They do not
+    depend on the word list, and the ad and sensitive-word rules ask about the same batch one after
+    the other: the last answer is kept (the slot arithmetic was half of each rule's time)."""
+    last = _LAST_SLOTS[0] if _LAST_SLOTS else None
+    if last is not None and last[1] == _PAIR_FILTER_BITS and (last[0] is text or last[0] == text):
+        return last[2:]
+    cps = charclass.code_points(text)
+    wide = cps.astype(np.uint64)
+    pairs = _keys(wide[:-1], wide[1:])
+    slots = (cps, _slots(pairs), _slots(_keys(pairs[:-1], wide[2:])) if cps.size >= 3 else pairs[:0])
+    _LAST_SLOTS[:] = [(text, _PAIR_FILTER_BITS, *slots)]
+    return slots
+
+
 class KeywordMatcher:
     """Counts leftmost-longest, non-overlapping occurrences of listed words.
 
@@ -146,15 +185,12 @@ class KeywordMatcher:
         return table
 
     def candidates(self, text: str) -> np.ndarray:
-        cps = charclass.code_points(text)
+        cps, pair_slots, triple_slots = _filter_slots(text)
         hits = np.zeros(cps.size, dtype=bool)
-        if cps.size >= 2 and (self._pairs is not None or self._triples is not None):
-            wide = cps.astype(np.uint64)
-            pairs = _keys(wide[:-1], wide[1:])
-            if self._pairs is not None:
-                hits[:-1] = self._pairs[_slots(pairs)]
-            if self._triples is not None and cps.size >= 3:
-                hits[:-2] |= self._triples[_slots(_keys(pairs[:-1], wide[2:]))]
+        if self._pairs is not None and cps.size >= 2:
+            hits[:-1] = self._pairs[pair_slots]
+        if self._triples is not None and cps.size >= 3:
+            hits[:-2] |= self._triples[triple_slots]
         if self._has_single:
             hits |= self._single[cps]
         return np.flatnonzero(hits)
