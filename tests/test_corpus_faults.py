@@ -94,14 +94,14 @@ def test_malformed_records_are_each_rejected_with_a_reason(tmp_path):
 def test_exception_in_a_step_rejects_that_document_and_the_shard_goes_on(tmp_path, monkeypatch):
     docs = long_documents(6)
     write_jsonl(tmp_path / "raw" / "news.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(docs)])
-    real = filters.MinLength.check
+    real = filters.MinLength.check_batch
 
-    def fragile(self, doc):
-        if doc.id == "d3":
+    def fragile(self, docs):  # the step raises on any batch holding d3
+        if any(doc.id == "d3" for doc in docs):
             raise ValueError("boom on d3")
-        return real(self, doc)
+        return real(self, docs)
 
-    monkeypatch.setattr(filters.MinLength, "check", fragile)
+    monkeypatch.setattr(filters.MinLength, "check_batch", fragile)
     out = tmp_path / "corpus"
     manifest = run_local(CorpusBuild([str(tmp_path / "raw")], str(out), config()))
     kept, rejected = assert_accounted(manifest, out)
