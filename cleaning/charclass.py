@@ -86,7 +86,3 @@ def code_points(text: str) -> np.ndarray:
 def classify(cps: np.ndarray) -> np.ndarray:
     return table()[cps]
 
-
-def counts(text: str) -> np.ndarray:
-    """Characters per class: [other, space, han, kana_hangul, digit]."""
-    return np.bincount(classify(code_points(text)), minlength=5)
