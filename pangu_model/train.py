@@ -177,25 +177,26 @@ class TrainConfig(BaseModel):
         tp = self.tensor_parallel
         if tp == 1:
             return
-        if self.ecss or self.expert_parallel > 1 or model.router != "dense":
-            what = "ECSS" if self.ecss else "expert_parallel" if self.expert_parallel > 1 else f"router {model.router}"
-            raise ValueError(f"tensor_parallel {tp} with {what}: tensor parallelism is implemented for dense "
-                             f"PanGu-α models only (PanGu-Σ's dense part is not split yet); set tensor_parallel: 1")
+        self._dense_only(model, "tensor_parallel", "tensor parallelism", "PanGu-Σ's dense part is not split yet")
         if self.zero_stage == 3:
             raise ValueError(f"tensor_parallel {tp} with ZeRO-3 is not implemented; use zero_stage 0-2")
         for name in ("num_heads", "d_ff", "vocab_size"):
             if getattr(model, name) % tp:
                 raise ValueError(f"tensor_parallel {tp} does not divide {name} {getattr(model, name)}")
 
+    def _dense_only(self, model: PanguConfig, field: str, what: str, why: str = "") -> None:
+        """`field` > 1 runs dense PanGu-α models only: refused with experts, ECSS or a sparse router."""
+        if self.ecss or self.expert_parallel > 1 or model.router != "dense":
+            given = "ECSS" if self.ecss else "expert_parallel" if self.expert_parallel > 1 else f"router {model.router}"
+            raise LayoutError(f"{field} {getattr(self, field)} with {given}: {what} is implemented for dense PanGu-α "
+                              f"models only{f' ({why})' if why else ''}; set {field}: 1")
+
     def _check_pipeline_parallel(self, model: PanguConfig) -> None:
         """What pipeline parallelism needs of the model and the run (the world size is checked at start)."""
         pp = self.pipeline_parallel
         if pp == 1:
             return
-        if self.ecss or self.expert_parallel > 1 or model.router != "dense":
-            what = "ECSS" if self.ecss else "expert_parallel" if self.expert_parallel > 1 else f"router {model.router}"
-            raise LayoutError(f"pipeline_parallel {pp} with {what}: pipeline parallelism is implemented for dense "
-                              f"PanGu-α models only; set pipeline_parallel: 1")
+        self._dense_only(model, "pipeline_parallel", "pipeline parallelism")
         if self.zero_stage > 1:
             raise LayoutError(f"pipeline_parallel {pp} with ZeRO stage {self.zero_stage}: DeepSpeed's pipeline engine "
                               f"runs ZeRO stage 0 or 1 only (gradients are reduced once per step, after the "
