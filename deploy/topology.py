@@ -194,8 +194,8 @@ def parse_hostfile(text: str) -> tuple[list[str], list[int]]:
 # --------------------------------------------------------------------------------------------
 def stage_layers(num_layers: int, stages: int) -> list[int]:
     """Transformer layers (blocks and the query layer, bottom-up) of each pipeline stage, as the training
-    program splits them (it hands these counts to ``pangu_model/pipeline_parallel.py``): ``num_layers // stages`` each, and one more on
-    the ``num_layers % stages`` stages just before the last. The first stage keeps the most micro-batches in
+    program splits them (it hands these counts to ``pangu_model/pipeline_parallel.py``):
+    ``num_layers // stages`` each, and one more on the ``num_layers % stages`` stages just before the last. The first stage keeps the most micro-batches in
     flight under 1F1B (``stages`` of them) and the last computes the head and the loss, so the extra layers
     go to neither where there is a choice."""
     if not 1 <= stages <= num_layers:

@@ -741,7 +741,10 @@ class Trainer:
 
     # ---- data -----------------------------------------------------------------------------------
     def _micro_batch(self) -> dict[str, torch.Tensor]:
-        rows = [next(self._rows) for _ in range(self.config.micro_batch_size)]
+        return self._stacked([next(self._rows) for _ in range(self.config.micro_batch_size)])
+
+    def _stacked(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Rows as one batch on the compute device."""
         keys = ("input_ids", "labels", "position_ids", "domain_ids")
         return {k: torch.stack([r[k] for r in rows]).to(self.device, non_blocking=True) for k in keys}
 
@@ -893,9 +896,7 @@ class Trainer:
         self.engine.eval()
         try:
             for b in range(batches):
-                chunk = rows[b * size:(b + 1) * size]
-                batch = {k: torch.stack([r[k] for r in chunk]).to(self.device)
-                         for k in ("input_ids", "labels", "position_ids", "domain_ids")}
+                batch = self._stacked(rows[b * size:(b + 1) * size])
                 if self.ecss is not None:
                     self.ecss.fetch(self.ecss.plan([batch]), training=False)
                 out = self.engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
@@ -917,8 +918,7 @@ class Trainer:
         from .pipeline_parallel import micro_batches
 
         size = self.config.micro_batch_size
-        chunks = [{k: torch.stack([r[k] for r in rows[b * size:(b + 1) * size]]).to(self.device)
-                   for k in ("input_ids", "labels", "position_ids", "domain_ids")} for b in range(batches)]
+        chunks = [self._stacked(rows[b * size:(b + 1) * size]) for b in range(batches)]
         self.pipeline_loss.drain(self.device)  # nothing of training is pending; start from zero
         self.engine.eval_batch(micro_batches(chunks), compute_loss=True, bcast_loss=False,
                                num_micro_batches=batches)
@@ -1007,18 +1007,13 @@ class Trainer:
         state = torch.load(directory / f"trainer_rank{self.rank:05d}.pt", weights_only=True)
         if state["fingerprint"] != self.config.fingerprint():
             raise ValueError(f"{directory} was written by a run with another model/data/batch config")
-        written_tp = int(state.get("tensor_parallel", 1))
-        if written_tp != self.config.tensor_parallel:
-            raise LayoutError(f"{directory} was written with tensor_parallel {written_tp} ({state['world_size']} "
-                              f"ranks), this run has tensor_parallel {self.config.tensor_parallel}: each tensor "
-                              f"rank's checkpoint holds its own slices; resume with the same layout (or start a "
-                              f"new run from its export with init_from)")
-        written_pp = int(state.get("pipeline_parallel", 1))
-        if written_pp != self.config.pipeline_parallel:
-            raise LayoutError(f"{directory} was written with pipeline_parallel {written_pp} ({state['world_size']} "
-                              f"ranks), this run has pipeline_parallel {self.config.pipeline_parallel}: each stage's "
-                              f"checkpoint holds its own layers; resume with the same layout (or start a new run "
-                              f"from its export with init_from)")
+        for field, held in (("tensor_parallel", "each tensor rank's checkpoint holds its own slices"),
+                            ("pipeline_parallel", "each stage's checkpoint holds its own layers")):
+            written, wanted = int(state.get(field, 1)), getattr(self.config, field)
+            if written != wanted:
+                raise LayoutError(f"{directory} was written with {field} {written} ({state['world_size']} ranks), "
+                                  f"this run has {field} {wanted}: {held}; resume with the same layout (or start a "
+                                  f"new run from its export with init_from)")
         if state["world_size"] != self.world_size:
             raise ValueError(f"{directory} was written by {state['world_size']} ranks, this run has {self.world_size}")
         if self.ecss is not None and not (directory / self._ecss_path()).is_file():

@@ -177,16 +177,21 @@ def torchrun_killed_when(config: Path, ready: Any, module: str = "pangu_model.tr
         assert not _live([pid for pid in groups if pid != proc.pid]), "a rank survived the kill"
 
 
+def _proc_stat(pid: int | str) -> tuple[str, int] | None:
+    """(state, parent pid) of a process from /proc/PID/stat; None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _descendants(pid: int) -> list[int]:
     """Pids of the processes below `pid` (children, theirs, ...), from /proc."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
+        if entry.name.isdigit() and (stat := _proc_stat(entry.name)) is not None:
+            children.setdefault(stat[1], []).append(int(entry.name))
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -201,14 +206,7 @@ def _live(pids: list[int], wait_s: float = 5.0) -> list[int]:
 
     deadline = time.monotonic() + wait_s
     while True:
-        alive = []
-        for pid in pids:
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except (OSError, IndexError):
-                continue
-            if state != "Z":
-                alive.append(pid)
+        alive = [pid for pid in pids if (stat := _proc_stat(pid)) is not None and stat[0] != "Z"]
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.05)
@@ -232,10 +230,10 @@ def training_processes(marker: str) -> list[int]:
             continue
         try:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, ValueError, IndexError):
+        except (OSError, ValueError):
             continue
-        if marker in cmdline and "pangu_model.train" in cmdline and state != "Z":
+        stat = _proc_stat(proc.name)
+        if marker in cmdline and "pangu_model.train" in cmdline and stat is not None and stat[0] != "Z":
             found.append(int(proc.name))
     return found
 
