@@ -86,9 +86,9 @@ def _prepare_batch(texts: list[str]) -> list[str]:
     lengths = np.array([len(t) for t in texts], dtype=np.int64)
     text_of = np.repeat(np.arange(len(texts)), lengths + 1)[: raw.size]
     contextual = set(np.unique(text_of[minhash.composing_table()[raw]]).tolist())
-    cps, source = minhash.fold_expanded(raw)  # lower(NFKC(c)) per character, by table
-    if source is not None:
-        text_of = text_of[source]
+    cps, inserted = minhash.fold_expanded(raw)  # lower(NFKC(c)) per character, by table
+    if inserted is not None:
+        text_of = np.insert(text_of, inserted, text_of[inserted - 1])
     classes = charclass.classify(cps)
     cps = np.where(classes == charclass.DIGIT, np.uint32(0x30), cps)
     keep = classes != charclass.SPACE
@@ -105,22 +105,27 @@ def _prepare_batch(texts: list[str]) -> list[str]:
     first = np.ones(chars.size, dtype=bool)
     first[1:] = owner[1:] != owner[:-1]
     starts &= ~first
-    placed = np.arange(chars.size) + np.cumsum(starts)
-    out = np.full(chars.size + int(starts.sum()), 0x20, dtype=np.uint32)
-    out[placed] = chars
-    joined = out.tobytes().decode("utf-32-le")
-    # Each text's tokens span from its first kept character to its last one.
+    # Every character with a space before it where a token starts: (space, character) pairs with
+    # the unwanted spaces masked out (one pass; a scatter through computed positions was 6x slower).
+    pairs = np.empty((chars.size, 2), dtype=np.uint32)
+    pairs[:, 0] = 0x20
+    pairs[:, 1] = chars
+    wanted = np.ones((chars.size, 2), dtype=bool)
+    wanted[:, 0] = starts
+    joined = pairs[wanted].tobytes().decode("utf-32-le")
+    # Each text's tokens span from its first kept character to its last one; in `joined`, a
+    # character moved right by the spaces placed before it (none before a text's first character).
+    spaces_before = np.concatenate([[0], np.cumsum(starts)])
     begin = np.searchsorted(owner, np.arange(len(texts)), side="left")
     end = np.searchsorted(owner, np.arange(len(texts)), side="right")
+    begin_at, end_at = (begin + spaces_before[begin]).tolist(), (end + spaces_before[end]).tolist()
     prepared = []
     for i, text in enumerate(texts):
         if i in contextual:
             # A mark, jamo or capital sigma: normalise the whole string, as the definition does.
             prepared.append(reference_fasttext_text(text))
-        elif begin[i] == end[i]:
-            prepared.append("")
         else:
-            prepared.append(joined[placed[begin[i]]: placed[end[i] - 1] + 1])
+            prepared.append(joined[begin_at[i]:end_at[i]])
     return prepared
 
 

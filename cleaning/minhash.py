@@ -143,8 +143,11 @@ def composing_table() -> np.ndarray:
 
 def fold_expanded(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """lower(NFKC(c)) of each code point, by table, the characters that normalise to several
-    characters expanded; and the index in `raw` each result came from (None when every
-    character gave one). Exact where no `composing_table` character is near."""
+    characters expanded; and where results were inserted: sorted indices into `raw`, one per extra
+    result, each naming the character the result was inserted before (None when every character
+    gave one). `np.insert(a, inserted, a[inserted - 1])` spreads a per-character array over the
+    results, and `i + np.searchsorted(inserted, i, side="right")` is where the results of
+    character i end. Exact where no `composing_table` character is near."""
     fold, context, _ = _tables()
     folded = fold[raw]
     marked = np.flatnonzero(context[raw])
@@ -156,15 +159,14 @@ def fold_expanded(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     at, which = marked[expands], found[expands]
     if not at.size:
         return folded, None
-    count = np.ones(raw.size, dtype=np.int64)
-    size = offsets[which + 1] - offsets[which]
-    count[at] = size
-    source = np.repeat(np.arange(raw.size), count)
-    out = folded[source]
-    within = np.arange(int(size.sum())) - np.repeat(np.cumsum(size) - size, size)
-    placed = np.cumsum(count) - count  # where each input character's results begin
-    out[np.repeat(placed[at], size) + within] = values[np.repeat(offsets[which], size) + within]
-    return out, source
+    # The first result takes the character's place; the others are inserted after it. Expansions
+    # are rare (an ellipsis in one web page in eight), so this is two passes over the batch, not a
+    # gather through an index of every character.
+    folded[at] = values[offsets[which]]
+    extra = offsets[which + 1] - offsets[which] - 1
+    inserted = np.repeat(at + 1, extra)
+    within = np.arange(int(extra.sum())) - np.repeat(np.cumsum(extra) - extra, extra)
+    return np.insert(folded, inserted, values[np.repeat(offsets[which] + 1, extra) + within]), inserted
 
 
 def code_points(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -180,9 +182,9 @@ def code_points(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     raw = _utf32("".join(texts))
     lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=n)
     ends = np.cumsum(lengths)
-    folded, source = fold_expanded(raw)
+    folded, inserted = fold_expanded(raw)
     keep = ~removed[folded]
-    out_ends = ends if source is None else np.searchsorted(source, ends)  # results before each end
+    out_ends = ends if inserted is None else ends + np.searchsorted(inserted, ends, side="right")
     out_starts = np.concatenate([[0], out_ends[:-1]])
     slow = np.unique(np.searchsorted(ends, np.flatnonzero(composing_table()[raw]), side="right")).tolist()
     for i in slow:
