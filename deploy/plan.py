@@ -937,9 +937,9 @@ def plan_training(
     # ---- notes -------------------------------------------------------------------------------
     if pp > 1:
         notes.append(f"pipeline: {describe_split(model.num_layers, pp)}")
-        if model.router != "dense" or tp > 1:
-            notes.append(f"pangu_model.train runs pipeline {pp} for dense PanGu-α models without tensor parallelism "
-                         f"only (it refuses this layout); the stages are planned as its split would place them")
+        if model.router != "dense":
+            notes.append(f"pangu_model.train runs pipeline {pp} for dense PanGu-α models only (it refuses this "
+                         f"layout); the stages are planned as its split would place them")
     if tp > 1 and model.router != "dense":
         notes.append(f"pangu_model.train splits dense PanGu-α models only (it refuses tensor {tp} for this "
                      f"model); tensor {tp} is planned as a Megatron-style split would place it")

@@ -55,8 +55,9 @@ expert-data-parallel groups.  See :meth:`Layout.matches_deepspeed` for when the 
 identical to what DeepSpeed builds.  With tensor parallelism the training program builds the tensor and
 data-parallel groups from this layout itself and hands DeepSpeed the data-parallel ones (an ``mpu``,
 ``pangu_model/tensor_parallel.py``); it checks at start that DeepSpeed uses them. With pipeline stages it
-hands DeepSpeed :meth:`Layout.deepspeed_topology` and checks that the pipeline engine's data-parallel and
-pipeline groups are these (``pangu_model/pipeline_parallel.py``).
+hands DeepSpeed :meth:`Layout.deepspeed_topology` and checks that the pipeline engine's data-parallel,
+pipeline and (with tensor parallelism) tensor groups are these, and that the tied word embedding is tied
+between the same tensor rank of the first and last stage (``pangu_model/pipeline_parallel.py``).
 
 No Prefect and no torch here: pure Python, so the pretrain flow, the CLI and tests can use it.
 """

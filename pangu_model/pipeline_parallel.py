@@ -12,6 +12,16 @@ The word embedding is one tied module on the first and the last stage: DeepSpeed
 first stage at start and after a load, and all-reduces its gradient over the two stages before each
 optimizer step, so both copies stay equal (and its norm is counted once, on the first stage).
 
+With a `model` axis of more than one rank in the topology (tensor × pipeline parallelism) every stage is
+built of tensor_parallel.py's layers: Megatron-style blocks and query layer, the vocabulary-parallel tied
+embedding on the first and last stage, and the vocabulary-parallel cross-entropy on the last. Their tensor
+group is the one DeepSpeed's grid makes for that axis (`StageTensorGroup`), so the layers' all-reduces and
+DeepSpeed's own slice-group traffic (activations cut over the tensor ranks between stages) run in the same
+group. DeepSpeed ties the embedding per tensor rank (the topology gives one tied group per data-parallel and
+model coordinate), so rank r of the first stage and rank r of the last sum the gradient of the same
+vocabulary rows; its clipping counts split parameters on every tensor rank, replicated ones on tensor rank
+0 and the last stage's copy of the tied embedding not at all.
+
 Why DeepSpeed's pipeline and not `torch.distributed.pipelining`: the trainer is a DeepSpeed engine already
 (ZeRO over the data-parallel group, our parameter groups and lr schedule, its checkpoints), and
 `PipelineEngine.train_batch` runs the 1F1B schedule (`TrainSchedule`) over plain `send`/`recv`, which gloo
@@ -21,7 +31,8 @@ derives its attention mask), and the micro-batches of a step are the gradient-ac
 
 State dicts: a stage's parameters are named by DeepSpeed (`tied_modules.word_embedding.weight`,
 `<layer index>.<name>`); `pangu_name` maps them to PanguModel's names, so a stage loads its part of the
-dense model's initial weights and the export writes the file a single-stage run writes.
+dense model's initial weights (with tensor parallelism: its slices, as `PanguModel(tp=...)` names them) and
+the export writes the file a single-stage run writes.
 """
 
 from __future__ import annotations
@@ -37,6 +48,12 @@ from torch.utils.checkpoint import checkpoint
 from .config import PanguConfig
 from .masks import AttentionLayout, attention_backend, attention_layout
 from .model import IGNORE_INDEX, Block
+from .tensor_parallel import (
+    TensorParallel,
+    VocabParallelEmbedding,
+    copy_to_tensor_parallel_region,
+    vocab_parallel_cross_entropy,
+)
 
 TIED_EMBEDDING = "word_embedding"
 # Layer specs before the first block: the tied word embedding, then the position embedding.
@@ -79,14 +96,39 @@ class StageLayouts:
         return self._layout
 
 
-class WordEmbedding(nn.Embedding):
-    """The tied word table. As the first spec it is called itself, (input ids, position ids) → (word vectors,
+class StageTensorGroup:
+    """The tensor-parallel context of a stage's layers (`tp`), given to their specs empty and filled in by
+    `PanguPipeline` before DeepSpeed builds them: DeepSpeed makes its grid, and with it the group of the
+    topology's `model` axis, inside `PipelineModule.__init__`, after the specs are handed over. The layers
+    thus split over the grid's own group rather than a second group of the same ranks."""
+
+    def __init__(self) -> None:
+        self.tp: TensorParallel | None = None
+
+
+def _tp(tensor: StageTensorGroup | None) -> TensorParallel | None:
+    return None if tensor is None else tensor.tp
+
+
+class _LookupWithPositions:
+    """As the first spec the tied word table is called itself, (input ids, position ids) → (word vectors,
     position ids): DeepSpeed saves a tied module in the stage checkpoint only where it is called directly (the
     last stage calls it through `forward_fn` as the head and gets the first stage's weights after a load)."""
 
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids, position_ids = inputs
-        return super().forward(input_ids), position_ids
+        return super().forward(input_ids), position_ids  # type: ignore[misc]
+
+
+class WordEmbedding(_LookupWithPositions, nn.Embedding):
+    """The tied word table."""
+
+
+class VocabParallelWordEmbedding(_LookupWithPositions, VocabParallelEmbedding):
+    """The tied word table split over the vocabulary (tensor × pipeline parallelism)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, tensor: StageTensorGroup) -> None:
+        super().__init__(num_embeddings, embedding_dim, tensor.tp)
 
 
 class PositionEmbedding(nn.Module):
@@ -105,8 +147,9 @@ class PositionEmbedding(nn.Module):
 class PipelineBlock(Block):
     """A PanGu-α block taking and returning (hidden, position ids)."""
 
-    def __init__(self, config: PanguConfig, layer_index: int, layouts: StageLayouts) -> None:
-        super().__init__(config, layer_index)
+    def __init__(self, config: PanguConfig, layer_index: int, layouts: StageLayouts,
+                 tensor: StageTensorGroup | None = None) -> None:
+        super().__init__(config, layer_index, tp=_tp(tensor))
         self.layouts = [layouts]  # in a list: a plain attribute, not part of the module tree
         self.gradient_checkpointing = config.gradient_checkpointing
 
@@ -125,11 +168,11 @@ class QueryLayer(nn.Module):
     """Final LayerNorm, then the query layer (queries from the top query embedding): (hidden, position ids)
     → hidden. Attribute names are PanguModel's."""
 
-    def __init__(self, config: PanguConfig, layouts: StageLayouts) -> None:
+    def __init__(self, config: PanguConfig, layouts: StageLayouts, tensor: StageTensorGroup | None = None) -> None:
         super().__init__()
         self.final_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.top_query_embedding = nn.Embedding(config.max_seq_len, config.d_model)
-        self.query_layer = Block(config, config.num_layers - 1)
+        self.query_layer = Block(config, config.num_layers - 1, tp=_tp(tensor))
         self.layouts = [layouts]
         self.gradient_checkpointing = config.gradient_checkpointing
 
@@ -146,10 +189,15 @@ class QueryLayer(nn.Module):
 
 
 def tied_head(tokenizer_pieces: int | None, embedding: nn.Embedding, hidden: torch.Tensor) -> torch.Tensor:
-    """Last spec: logits from the word table (PanguModel's tied head), padded rows masked out."""
+    """Last spec: logits from the word table (PanguModel's tied head), padded rows masked out. From a
+    vocabulary-parallel table they are this rank's vocabulary columns, as PanguModel's with `tp`."""
+    first = 0
+    if isinstance(embedding, VocabParallelEmbedding):
+        hidden = copy_to_tensor_parallel_region(hidden, embedding.tp)  # its gradient sums every rank's columns'
+        first = embedding.vocab_start
     logits = F.linear(hidden, embedding.weight)
-    if tokenizer_pieces is not None and tokenizer_pieces < logits.shape[-1]:
-        padding = torch.arange(logits.shape[-1], device=logits.device) >= tokenizer_pieces
+    if tokenizer_pieces is not None and tokenizer_pieces < first + logits.shape[-1]:
+        padding = torch.arange(first, first + logits.shape[-1], device=logits.device) >= tokenizer_pieces
         logits = logits.masked_fill(padding, float("-inf"))
     return logits
 
@@ -170,22 +218,27 @@ class _TiedHead:
 class PipelineLoss:
     """`loss_fn(logits, (labels, domain ids))`: PanguModel's cross-entropy (`<pad>` and -100 ignored), and
     on the side the summed token loss and token count per domain (`domain_loss_sums`) of every micro-batch
-    since the last `drain()`: the last stage is the only one that sees the logits."""
+    since the last `drain()`: the last stage is the only one that sees the logits. With `tp` (set by
+    `PanguPipeline` under tensor parallelism) the logits are this rank's vocabulary columns and both come from
+    `vocab_parallel_cross_entropy`, a collective over the tensor group."""
 
     def __init__(self, num_domains: int, pad_token_id: int) -> None:
         self.num_domains = max(1, num_domains)
         self.pad_token_id = pad_token_id
         self.domain_sums: torch.Tensor | None = None
+        self.tp: TensorParallel | None = None
 
     def __call__(self, logits: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         from .metrics import domain_loss_sums
 
         labels, domain_ids = targets
-        sums = domain_loss_sums(logits, labels, domain_ids, self.num_domains, self.pad_token_id)
+        sums = domain_loss_sums(logits, labels, domain_ids, self.num_domains, self.pad_token_id, tp=self.tp)
         self.domain_sums = sums if self.domain_sums is None else self.domain_sums + sums
         labels = labels.masked_fill(labels == self.pad_token_id, IGNORE_INDEX)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX)
+        flat = logits.float().reshape(-1, logits.shape[-1])
+        if self.tp is not None:
+            return vocab_parallel_cross_entropy(flat, labels.reshape(-1), self.tp, IGNORE_INDEX)
+        return F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
     def drain(self, device: torch.device) -> torch.Tensor:
         """[domains, 2] sums since the last drain (zeros on a stage that computes no loss), then reset."""
@@ -197,21 +250,23 @@ class PipelineLoss:
 # ---------------------------------------------------------------------------------------------
 # The pipeline module
 # ---------------------------------------------------------------------------------------------
-def pipeline_specs(config: PanguConfig) -> tuple[list[Any], StageLayouts]:
+def pipeline_specs(config: PanguConfig, tensor: StageTensorGroup | None = None) -> tuple[list[Any], StageLayouts]:
     """PanguModel as a list of layer specs (built only on the stage that owns each), and the layout memo
-    its attention layers share."""
+    its attention layers share. With `tensor` the layers are tensor-parallel ones over its group (filled in
+    before they are built)."""
     if config.router != "dense":
         raise ValueError(f"pipeline parallelism is implemented for dense PanGu-α models, not router {config.router}")
     layouts = StageLayouts(config)
+    table = (WordEmbedding, config.vocab_size, config.d_model) if tensor is None else \
+        (VocabParallelWordEmbedding, config.vocab_size, config.d_model, tensor)
     specs: list[Any] = [
-        TiedLayerSpec(TIED_EMBEDDING, WordEmbedding, config.vocab_size, config.d_model),
+        TiedLayerSpec(TIED_EMBEDDING, *table),
         LayerSpec(PositionEmbedding, config),
     ]
-    specs += [LayerSpec(PipelineBlock, config, i, layouts) for i in range(config.num_layers - 1)]
+    specs += [LayerSpec(PipelineBlock, config, i, layouts, tensor) for i in range(config.num_layers - 1)]
     specs += [
-        LayerSpec(QueryLayer, config, layouts),
-        TiedLayerSpec(TIED_EMBEDDING, WordEmbedding, config.vocab_size, config.d_model,
-                      forward_fn=_TiedHead(config.tokenizer_pieces)),
+        LayerSpec(QueryLayer, config, layouts, tensor),
+        TiedLayerSpec(TIED_EMBEDDING, *table, forward_fn=_TiedHead(config.tokenizer_pieces)),
     ]
     return specs, layouts
 
@@ -221,7 +276,9 @@ class PanguPipeline(PipelineModule):
     pipeline engine.
 
     `topology` is a DeepSpeed `ProcessTopology` with axes data, pipe, model (deploy/topology.py's
-    `Layout.deepspeed_topology()`, so the data-parallel and pipeline groups are the topology's).
+    `Layout.deepspeed_topology()`, so the data-parallel, pipeline and tensor groups are the topology's). A
+    `model` axis of more than one rank makes the stage tensor-parallel over the grid's group of that axis:
+    `tp` (also set on `loss_fn`), None without.
 
     Dropout: before each training micro-batch the stage seeds torch from `micro_batch_seed(micro)` (the
     trainer sets it per step with `start_step`), so a resumed run draws the masks of an uninterrupted one."""
@@ -230,9 +287,12 @@ class PanguPipeline(PipelineModule):
         if len(stage_layer_counts) != topology.get_dim("pipe") or sum(stage_layer_counts) != config.num_layers:
             raise ValueError(f"layers per stage {stage_layer_counts} do not split {config.num_layers} layers over "
                              f"{topology.get_dim('pipe')} stages")
-        specs, self._layouts = pipeline_specs(config)
+        self._tensor = StageTensorGroup() if topology.get_dim("model") > 1 else None
+        specs, self._layouts = pipeline_specs(config, self._tensor)
         self._parts = spec_boundaries(stage_layer_counts)
         super().__init__(layers=specs, topology=topology, loss_fn=loss_fn, partition_method="pangu")
+        self.tp = _tp(self._tensor)
+        loss_fn.tp = self.tp
         self.config = config
         self.micro_batch_seed: Callable[[int], int] | None = None
         self._micro = 0
@@ -243,6 +303,13 @@ class PanguPipeline(PipelineModule):
         self.parts = list(self._parts)
         stage = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    def _build(self) -> None:
+        """DeepSpeed's hook that makes this stage's layers, called once its grid exists: their tensor group is
+        the grid's slice group (the topology's `model` axis)."""
+        if self._tensor is not None:
+            self._tensor.tp = TensorParallel.of(self._grid.get_slice_parallel_group())
+        super()._build()
 
     def start_step(self, micro_batch_seed: Callable[[int], int]) -> None:
         self.micro_batch_seed = micro_batch_seed
@@ -268,7 +335,8 @@ class PanguPipeline(PipelineModule):
         return [m for m in self.modules() if isinstance(m, Block)]
 
     def load_pangu_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load this stage's part of a PanguModel state dict (which may hold more)."""
+        """Load this stage's part of a PanguModel state dict (which may hold more; with `tp`, a PanguModel's
+        of the same tensor rank: its slices)."""
         own = self.state_dict()
         self.load_state_dict({name: state[pangu_name(name, self.config.num_layers)] for name in own}, strict=True)
 
@@ -318,6 +386,7 @@ def micro_batches(batches: list[dict[str, torch.Tensor]]) -> Iterator[tuple[tupl
 __all__ = [
     "PanguPipeline",
     "PipelineLoss",
+    "StageTensorGroup",
     "micro_batches",
     "pangu_name",
     "pipeline_specs",

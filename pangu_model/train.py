@@ -15,10 +15,12 @@ What one run does:
   a node splits every layer Megatron-style and reads the same rows; DeepSpeed gets the data-parallel group
   through an `mpu` (ZeRO partitions over it, clipping sums the norm over the tensor group, each tensor
   rank checkpoints its own slices); layouts this program cannot run (tensor or pipeline parallel with
-  experts, tensor × pipeline) are refused at start (`LayoutError`), before anything is allocated;
+  experts) are refused at start (`LayoutError`), before anything is allocated;
 * PanGu-α pipeline parallelism (`pipeline_parallel` > 1, pipeline_parallel.py): each rank builds its stage
   of a DeepSpeed `PipelineModule` (embeddings first, query layer and tied head last) and trains with
-  DeepSpeed's 1F1B schedule over the step's micro-batches; each stage checkpoints its own layers;
+  DeepSpeed's 1F1B schedule over the step's micro-batches; each stage checkpoints its own layers. With
+  `tensor_parallel` > 1 too, every stage is made of the tensor-parallel layers over the topology's tensor
+  group (DeepSpeed's grid is then the `mpu`), and each (stage, tensor rank) checkpoints its own slices;
 * PanGu-Σ experts: in the model's own `ExpertBank` (one rank's experts, ep = 1), through DeepSpeed's
   MoE layer with a fixed RRE gate (ep > 1, expert groups inside a node: deploy/topology.py), or
   host-resident with ECSS (ecss.py), sharded over the expert-parallel group when ep > 1;
@@ -136,8 +138,10 @@ class TrainConfig(BaseModel):
                                                       "(Megatron-style, inside a node); ZeRO runs over the "
                                                       "data-parallel rest (world / tensor_parallel)")
     pipeline_parallel: int = Field(1, ge=1, description="pipeline stages of a dense PanGu-α model (DeepSpeed's 1F1B "
-                                                        "pipeline, across nodes); the micro-batches of a step are "
-                                                        "its gradient_accumulation_steps; ZeRO 0-1")
+                                                        "pipeline, across nodes; with tensor_parallel, stages of "
+                                                        "tensor-parallel layers); the micro-batches of a step are "
+                                                        "its gradient_accumulation_steps; ZeRO 1 (0 with bf16/fp16 "
+                                                        "or without clipping)")
     topology: str | None = Field(None, description="deploy/presets/topology name or YAML: checks ep against the cluster")
     # checkpoints and logs
     checkpoint_every: int = Field(100, ge=0, description="steps between checkpoints; 0: only at the end / SIGTERM")
@@ -201,12 +205,19 @@ class TrainConfig(BaseModel):
             raise LayoutError(f"pipeline_parallel {pp} with ZeRO stage {self.zero_stage}: DeepSpeed's pipeline engine "
                               f"runs ZeRO stage 0 or 1 only (gradients are reduced once per step, after the "
                               f"last micro-batch); set zero_stage: 1")
+        if self.zero_stage == 0 and self.precision == "fp32" and self.optimizer.grad_clip > 0:
+            # DeepSpeed clips fp32 without ZeRO in `runtime.utils.clip_grad_norm_`, which takes the pipeline grid's
+            # rank in its stages × tensor group for the tensor rank: parameters that are not tensor-parallel count
+            # on the first stage only, and with tensor parallelism the last stage's copy of the tied embedding
+            # counts too (measured: the third step's loss of pipeline 2 differs from pipeline 1's by 6e-4). Its
+            # ZeRO-1 and bf16/fp16 optimizers count each element once.
+            raise LayoutError(f"pipeline_parallel {pp} with ZeRO stage 0 in fp32 and grad_clip "
+                              f"{self.optimizer.grad_clip}: DeepSpeed's fp32 gradient clipping without ZeRO counts "
+                              f"the gradient norm of a pipeline wrongly (the first stage's replicated parameters "
+                              f"only); set zero_stage: 1")
         if pp > model.num_layers:
             raise LayoutError(f"pipeline_parallel {pp} is more stages than the model's {model.num_layers} layers "
                               f"(blocks and the query layer): every stage needs one at least")
-        if self.tensor_parallel > 1:
-            raise LayoutError(f"pipeline_parallel {pp} with tensor_parallel {self.tensor_parallel} is not "
-                              f"implemented yet (each runs alone); set one of them to 1")
 
     def pangu_config(self) -> PanguConfig:
         return get_config(self.model, **self.model_overrides)
@@ -481,7 +492,7 @@ class Trainer:
         self.dp_rank = info.dp_rank
         self.dp_size = self.world_size // (config.tensor_parallel * config.pipeline_parallel)
         self.stage = info.stage
-        self.tp, self.mpu = self._tensor_parallel_groups()
+        self.tp, self.mpu = self._tensor_parallel_groups()  # with pipeline stages: the stage's, below
 
         ep = config.expert_parallel
         ecss_groups = self._ecss_groups() if config.ecss else (None, None)
@@ -489,6 +500,7 @@ class Trainer:
         self.pipeline_loss = None
         if config.pipeline_parallel > 1:
             model = self._pipeline_stage()
+            self.tp = model.tp
         else:
             model = build_model(config, (self._ep_rank(), ep) if ep > 1 else None, self.device,
                                 self._owned_block(ecss_groups[1]), tp=self.tp)
@@ -524,10 +536,10 @@ class Trainer:
         self.model: PanguModel = self.engine.module
         if config.expert_parallel > 1 and not config.ecss:
             self._check_expert_groups()
-        if self.tp is not None:
-            self._check_tensor_groups()
         if self.pipeline_loss is not None:
             self._check_pipeline_groups()
+        elif self.tp is not None:
+            self._check_tensor_groups()
 
         # Domain-affine steps: one domain per node and step (a node holds whole expert-parallel groups, so
         # their steps touch one domain's experts; the rows do not depend on ep). The dataset's state
@@ -623,8 +635,9 @@ class Trainer:
 
     def _tensor_parallel_groups(self) -> tuple[TensorParallel | None, ModelParallelUnit | None]:
         """This rank's tensor group and the `mpu` DeepSpeed gets (its data-parallel group), both from the
-        topology's layout; (None, None) without tensor parallelism."""
-        if self.config.tensor_parallel == 1:
+        topology's layout; (None, None) without tensor parallelism, and with pipeline stages, where DeepSpeed
+        takes no `mpu` (its grid is one) and the stage's layers split over the grid's tensor group."""
+        if self.config.tensor_parallel == 1 or self.config.pipeline_parallel > 1:
             return None, None
         groups = self._layout().groups()
         found: dict[str, tuple[Any, list[int]]] = {}
@@ -639,7 +652,9 @@ class Trainer:
     def _pipeline_stage(self) -> Any:
         """This rank's pipeline stage (pipeline_parallel.py) holding its part of the dense model's initial
         weights: the other stages' modules are never made here (they stay on the meta device while the
-        initial weights are drawn), so every pipeline size starts from the weights of pipeline 1."""
+        initial weights are drawn), so every pipeline size starts from the weights of pipeline 1. With tensor
+        parallelism the stage's layers are tensor-parallel over the group DeepSpeed's grid makes for the
+        topology's tensor ranks, and hold this rank's slices of those weights."""
         from deploy.topology import describe_split, stage_layers
 
         from .pipeline_parallel import PanguPipeline, PipelineLoss, stage_module_names
@@ -648,21 +663,35 @@ class Trainer:
         counts = stage_layers(self.pangu.num_layers, pp)  # the planner's rule
         if self.rank == 0:
             print(f"pangu_model.train: pipeline {describe_split(self.pangu.num_layers, pp)}", flush=True)
-        weights = build_model(self.config, device=self.device,
-                              keep_modules=stage_module_names(self.pangu, self.stage, counts))
         self.pipeline_loss = PipelineLoss(1, self.pangu.pad_token_id)  # domains: set once the data is read
         stage = PanguPipeline(self.pangu, self._layout().deepspeed_topology(), self.pipeline_loss, counts)
+        weights = build_model(self.config, device=self.device, tp=stage.tp,
+                              keep_modules=stage_module_names(self.pangu, self.stage, counts))
         stage.load_pangu_state_dict(weights.state_dict())
         return stage.train()
 
     def _check_pipeline_groups(self) -> None:
-        """DeepSpeed's pipeline grid (built from the topology's ProcessTopology) has the topology's groups."""
+        """DeepSpeed's pipeline grid (built from the topology's ProcessTopology) has the topology's groups: data,
+        pipeline, tensor (the one the stage's layers split over) and, on the first and last stage, the tied
+        embedding's group (this tensor rank's slice on both stages of this rank's pipeline)."""
         grid = self.engine.grid
         layout = self._layout()
         data, pipe = grid.get_data_parallel_group_ranks(), grid.pp_group
         if data not in layout.data_parallel_groups or pipe not in layout.pipeline_groups or grid.stage_id != self.stage:
             raise RuntimeError(f"DeepSpeed's data group {data} / pipeline group {pipe} (stage {grid.stage_id}) are "
                                f"not the topology's ({layout.data_parallel_groups}, {layout.pipeline_groups})")
+        if self.tp is not None:
+            tensor = dist.get_process_group_ranks(self.tp.group)
+            if tensor != grid.slice_group or tensor not in layout.tensor_groups:
+                raise RuntimeError(f"the stage's tensor group {tensor} is not DeepSpeed's ({grid.slice_group}) or "
+                                   f"not the topology's ({layout.tensor_groups})")
+        tied = self.engine.module.tied_comms
+        if tied:
+            info, last = layout.info(self.rank), self.config.pipeline_parallel - 1
+            ranks = [layout.rank_of(stage, info.dp_rank, info.tp_rank) for stage in (0, last)]
+            if [comm["ranks"] for comm in tied.values()] != [ranks]:
+                raise RuntimeError(f"DeepSpeed ties the word embedding over {[c['ranks'] for c in tied.values()]}, "
+                                   f"not over this tensor rank's first and last stage {ranks}")
 
     def _check_tensor_groups(self) -> None:
         """The groups DeepSpeed partitions and reduces over are the topology's data-parallel groups."""
@@ -872,9 +901,8 @@ class Trainer:
     def _counts_rows(self) -> bool:
         """Whether this rank's rows count in the logs: the ranks of a tensor group share theirs (rank 0 of
         the group counts them), and the stages of a pipeline too (the last one, which sees the losses)."""
-        if self.pipeline_loss is not None:
-            return self.stage == self.config.pipeline_parallel - 1
-        return self.tp is None or self.tp.rank == 0
+        last_stage = self.pipeline_loss is None or self.stage == self.config.pipeline_parallel - 1
+        return last_stage and (self.tp is None or self.tp.rank == 0)
 
     @torch.no_grad()
     def validate(self) -> torch.Tensor:
@@ -922,7 +950,9 @@ class Trainer:
         self.pipeline_loss.drain(self.device)  # nothing of training is pending; start from zero
         self.engine.eval_batch(micro_batches(chunks), compute_loss=True, bcast_loss=False,
                                num_micro_batches=batches)
-        sums += self.pipeline_loss.drain(self.device)
+        drained = self.pipeline_loss.drain(self.device)
+        if self._counts_rows():  # the ranks of the last stage's tensor group hold the same sums
+            sums += drained
         self.engine.train()
         if self.world_size > 1:
             dist.all_reduce(sums)
@@ -1007,15 +1037,21 @@ class Trainer:
         state = torch.load(directory / f"trainer_rank{self.rank:05d}.pt", weights_only=True)
         if state["fingerprint"] != self.config.fingerprint():
             raise ValueError(f"{directory} was written by a run with another model/data/batch config")
-        for field, held in (("tensor_parallel", "each tensor rank's checkpoint holds its own slices"),
-                            ("pipeline_parallel", "each stage's checkpoint holds its own layers")):
-            written, wanted = int(state.get(field, 1)), getattr(self.config, field)
-            if written != wanted:
-                raise LayoutError(f"{directory} was written with {field} {written} ({state['world_size']} ranks), "
-                                  f"this run has {field} {wanted}: {held}; resume with the same layout (or start a "
-                                  f"new run from its export with init_from)")
+        held = {"tensor_parallel": "each tensor rank's checkpoint holds its own slices",
+                "pipeline_parallel": "each stage's checkpoint holds its own layers"}
+        written = {field: int(state.get(field, 1)) for field in held}
+        changed = [field for field in held if written[field] != getattr(self.config, field)]
+        if changed:  # every degree that differs, in one line (tp 2 × pp 2 onto tp 1 × pp 4 names both)
+            raise LayoutError(f"{directory} was written with {' × '.join(f'{f} {written[f]}' for f in changed)} "
+                              f"({state['world_size']} ranks), this run has "
+                              f"{' × '.join(f'{f} {getattr(self.config, f)}' for f in changed)}: "
+                              f"{'; '.join(held[f] for f in changed)}; resume with the same layout (or start a "
+                              f"new run from its export with init_from)")
         if state["world_size"] != self.world_size:
-            raise ValueError(f"{directory} was written by {state['world_size']} ranks, this run has {self.world_size}")
+            raise LayoutError(f"{directory} was written by {state['world_size']} ranks, this run has "
+                              f"{self.world_size}: a checkpoint holds a file per rank and ZeRO's optimizer partitions "
+                              f"follow the data-parallel ranks; "
+                              f"resume with the same layout (or start a new run from its export with init_from)")
         if self.ecss is not None and not (directory / self._ecss_path()).is_file():
             other = "sharded (ecss_shard_states: true)" if not self.ecss.sharded else "unsharded (ecss_shard_states: false)"
             found = sorted(p.name for p in directory.glob("ecss_experts_ep*.pt"))
@@ -1092,17 +1128,20 @@ class Trainer:
             pieces = local_expert_rows(self.engine.module, state)
         if not self._first_replica() and not (self.ecss is not None and self.ecss.sharded):
             pieces = []  # replicas of a shard hold the same experts: one of them writes (sharded: each its block)
+        split = split_dims(self.engine.module) if self.tp is not None else {}
         if self.pipeline_loss is not None:
-            # Each stage of the first replica writes its layers (the last stage's copy of the tied embedding
-            # is the first stage's).
-            dense = self._stage_state(state) if self.dp_rank == 0 else {}
+            # Each stage of the first replica writes its layers, in PanguModel's names (the last stage's copy
+            # of the tied embedding is the first stage's: neither its rows nor the whole of it come from here).
+            state, split = self._pangu_names(state), self._pangu_names(split)
             if self.stage > 0:
-                dense.pop("word_embedding.weight", None)
+                state.pop("word_embedding.weight", None)
+                split.pop("word_embedding.weight", None)
+            first_of_group = self.tp is None or self.tp.rank == 0  # replicated tensors: one rank of the group
+            dense = state if self.dp_rank == 0 and first_of_group else {}
         else:
             dense = without_moe_keys(self.engine.module, state) if self.rank == 0 else {}
         if self.tp is not None:
-            split = split_dims(self.engine.module)
-            if self.dp_rank == 0:  # the first replica's tensor group (a collective among its ranks)
+            if self.dp_rank == 0:  # the first replica's tensor groups (a collective among the ranks of each)
                 pieces += row_blocks(state, split, self.tp)
             dense = {name: tensor for name, tensor in dense.items() if name not in split}
         writer = SafetensorsWriter(directory / f".{WEIGHTS_NAME}.tmp", specs)
@@ -1136,9 +1175,13 @@ class Trainer:
 
     def _stage_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A pipeline stage's state (DeepSpeed's names) in PanguModel's names, on the CPU."""
+        return {name: tensor.detach().cpu() for name, tensor in self._pangu_names(state).items()}
+
+    def _pangu_names(self, by_name: dict[str, Any]) -> dict[str, Any]:
+        """A pipeline stage's {DeepSpeed's name: value} in PanguModel's names."""
         from .pipeline_parallel import pangu_name
 
-        return {pangu_name(name, self.pangu.num_layers): tensor.detach().cpu() for name, tensor in state.items()}
+        return {pangu_name(name, self.pangu.num_layers): value for name, value in by_name.items()}
 
     def _bundle_data_contract(self, directory: Path) -> None:
         """What evaluation needs beside the weights: the tokenizer (`tokenizer/`) and the domain map with

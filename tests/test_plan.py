@@ -159,6 +159,8 @@ def test_200b_parameters(alpha_200b):
     # The split the trainer makes (deploy.topology.stage_layers) is stated: 64 layers, 4 per stage.
     assert "pipeline: 64 layers over 16 stages: 4 each (embeddings on stage 0, query layer and tied head on " \
            "stage 15)" in alpha_200b.notes
+    # The trainer runs tensor 8 × pipeline 16 for a dense model: the plan does not say it is refused.
+    assert not any("refuses" in note for note in alpha_200b.notes), alpha_200b.notes
 
 
 def test_uneven_pipeline_split_is_planned_stage_by_stage():

@@ -1,8 +1,9 @@
-"""Pipeline parallelism for PanGu-α (issue #15 §2): DeepSpeed's 1F1B pipeline, the trainer on 2 gloo ranks.
+"""Pipeline parallelism for PanGu-α (issue #15 §2-3): DeepSpeed's 1F1B pipeline, the trainer on 2 and 4 gloo ranks.
 
 * alpha-tiny with 5 layers (an uneven split: 3 on stage 0, 2 on stage 1) and pipeline_parallel 2 on 2 ranks
   gives the losses of pipeline_parallel 1 on 1 rank (same global batch, 2 micro-batches a step, dropout off),
   resumes exactly after a kill -9, dropout on too, and exports the same model.safetensors;
+* tensor_parallel 2 × pipeline_parallel 2 on 4 ranks does the same (stages of tensor-parallel layers);
 * layouts the trainer cannot run with a pipeline are refused at start, in one line.
 """
 from __future__ import annotations
@@ -19,14 +20,14 @@ FIELDS = dict(train_steps=6, checkpoint_every=2, validation_every=3, micro_batch
               optimizer={"lr": 3e-3, "warmup_steps": 1, "grad_clip": 0.5})
 
 
-def _killed_and_resumed(config: Path) -> tuple[int, list[dict[str, float]], list[dict[str, float]]]:
-    """Kill -9 the 2 ranks after a checkpoint, resume to the end; the checkpointed step, the rows logged
+def _killed_and_resumed(config: Path, ranks: int = 2) -> tuple[int, list[dict[str, float]], list[dict[str, float]]]:
+    """Kill -9 the ranks after a checkpoint, resume to the end; the checkpointed step, the rows logged
     before the kill and the rows of the whole run."""
     from tests.test_train_common import kill_9_after_a_checkpoint, logged_rows, run_torchrun
 
-    tag, before_kill = kill_9_after_a_checkpoint(config)
+    tag, before_kill = kill_9_after_a_checkpoint(config, ranks=ranks)
     assert tag in ("step00000002", "step00000004") and len(before_kill) < 6, (tag, len(before_kill))
-    done = run_torchrun(config, timeout=120)
+    done = run_torchrun(config, ranks=ranks, timeout=120)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     rows = logged_rows(config.parent)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -37,26 +38,45 @@ def _killed_and_resumed(config: Path) -> tuple[int, list[dict[str, float]], list
     return checkpointed, before_kill, rows
 
 
-@pytest.mark.slow
-def test_pipeline_parallel_2_gives_the_losses_and_export_of_pipeline_parallel_1_and_resumes_after_kill_9() -> None:
-    from pangu_model import load_checkpoint
-    from pangu_model.metrics import read_validation
-    from pangu_model.pipeline_parallel import pangu_name
-    from tests.test_train_common import logged_rows, run_cli, run_config
+@pytest.fixture(scope="module")
+def pipeline_1() -> Path:
+    """The reference run: pipeline_parallel 1 on 1 rank (shared by the pipeline runs, which compare with it)."""
+    from tests.test_train_common import run_cli, run_config
 
     one = run_config("pp1", "alpha-tiny", pipeline_parallel=1, **FIELDS)
-    two = run_config("pp2", "alpha-tiny", pipeline_parallel=2, throttle_s=0.5, **FIELDS)
     done = run_cli(one, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:]
-    _killed_and_resumed(two)
+    return one
 
-    single, staged = logged_rows(one.parent), logged_rows(two.parent)
-    for x, y in zip(single, staged):
+
+def _same_run(one: Path, other: Path) -> None:
+    """`other` logged the losses, gradient norms, tokens and validation losses of `one` (to fp32 noise)."""
+    from pangu_model.metrics import read_validation
+    from tests.test_train_common import logged_rows
+
+    single, parallel = logged_rows(one.parent), logged_rows(other.parent)
+    assert len(single) == len(parallel) == 6
+    for x, y in zip(single, parallel):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), (x["step"], x["loss"], y["loss"])
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5), (x["step"], "grad_norm")
         assert y["tokens"] == x["tokens"]  # a pipeline's rows are counted once (by its last stage)
-    for (s1, l1, _), (s2, l2, _) in zip(read_validation(one.parent)["all"], read_validation(two.parent)["all"]):
+    validations = read_validation(one.parent)["all"], read_validation(other.parent)["all"]
+    assert len(validations[0]) == len(validations[1]) == 2
+    for (s1, l1, _), (s2, l2, _) in zip(*validations):
         assert s1 == s2 and l2 == pytest.approx(l1, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_pipeline_parallel_2_gives_the_losses_and_export_of_pipeline_parallel_1_and_resumes_after_kill_9(
+        pipeline_1: Path) -> None:
+    from pangu_model import load_checkpoint
+    from pangu_model.pipeline_parallel import pangu_name
+    from tests.test_train_common import run_config
+
+    one = pipeline_1
+    two = run_config("pp2", "alpha-tiny", pipeline_parallel=2, throttle_s=0.5, **FIELDS)
+    _killed_and_resumed(two)
+    _same_run(one, two)
 
     # Each stage wrote its own layers (DeepSpeed's layer files; the head's copy of the tied embedding is the
     # first stage's, layer 00) and its own optimizer partition; the layout is recorded.
@@ -84,6 +104,56 @@ def test_pipeline_parallel_2_gives_the_losses_and_export_of_pipeline_parallel_1_
 
 
 @pytest.mark.slow
+def test_tensor_2_by_pipeline_2_gives_the_losses_and_export_of_one_rank_and_resumes_after_kill_9(
+        pipeline_1: Path) -> None:
+    """4 ranks: 2 stages (3 + 2 layers) of tensor-parallel layers over 2 ranks each, one data-parallel replica, so
+    the global batch is pipeline 1's. Rank r of a stage splits every layer as tensor parallelism does; the tied
+    embedding's vocabulary rows are summed between the same tensor rank of the first and last stage; the
+    gradient norm (clipped at 0.5, so every step clips) counts each element once."""
+    from pangu_model import PanguModel, load_checkpoint
+    from pangu_model.checkpoint import load_config
+    from pangu_model.pipeline_parallel import pangu_name
+    from pangu_model.tensor_parallel import TensorParallel, split_dims
+    from tests.test_train_common import run_config
+
+    one = pipeline_1
+    four = run_config("tp2-pp2", "alpha-tiny", tensor_parallel=2, pipeline_parallel=2, throttle_s=0.5, **FIELDS)
+    _killed_and_resumed(four, ranks=4)
+    _same_run(one, four)
+
+    # Each (stage, tensor rank) wrote its layers' slices (model_00 / model_01) and its optimizer partition.
+    last = four.parent / "checkpoints" / "step00000006"
+    files = {p.name for p in last.iterdir()}
+    layers = range(7)  # the tied embedding, the position embedding, 4 blocks, the query layer
+    assert {f"layer_{i:02d}-model_{r:02d}-model_states.pt" for i in layers for r in (0, 1)} <= files, sorted(files)
+    assert {f"zero_pp_rank_0_mp_rank_{r:02d}_optim_states.pt" for r in range(4)} <= files, sorted(files)
+    state = torch.load(last / "trainer_rank00003.pt", weights_only=True)
+    assert (state["tensor_parallel"], state["pipeline_parallel"], state["world_size"]) == (2, 2, 4)
+    # The export is exactly the checkpointed slices joined (replicated tensors equal on both tensor ranks)...
+    got = load_checkpoint(four.parent / "export").state_dict()
+    with torch.device("meta"):
+        dims = split_dims(PanguModel(load_config(four.parent / "export"), tp=TensorParallel(None, 0, 2)))
+    parts: list[dict[str, torch.Tensor]] = [{}, {}]
+    for index in layers:
+        prefix = "tied_modules.word_embedding" if index == 0 else str(index)
+        for r in (0, 1):
+            for key, tensor in torch.load(last / f"layer_{index:02d}-model_{r:02d}-model_states.pt",
+                                          weights_only=True).items():
+                parts[r][pangu_name(f"{prefix}.{key}", num_layers=5)] = tensor
+    assert set(parts[0]) == set(parts[1]) == set(got)
+    for name, tensor in got.items():
+        if name in dims:
+            assert torch.equal(torch.cat([p[name] for p in parts], dims[name]), tensor), name
+        else:
+            assert torch.equal(parts[0][name], tensor) and torch.equal(parts[1][name], tensor), name
+    # ... and holds the single rank's weights, to fp32 noise (tests/test_train_tensor_parallel.py says why).
+    expected = load_checkpoint(one.parent / "export").state_dict()
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=3e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.slow
 def test_pipeline_resume_after_kill_9_draws_the_same_dropout_masks() -> None:
     """Dropout on: each stage seeds itself per step and micro-batch, so a run killed and resumed gives the
     losses of an uninterrupted one, exactly (a run that carried its random state across steps would not)."""
@@ -103,34 +173,48 @@ def test_pipeline_layouts_the_trainer_cannot_run_are_refused_in_one_line() -> No
     from pangu_model.train import fit_to_data, load_train_config
     from tests.test_train_common import cli, run_config
 
-    # Checked with the config: dense models only, ZeRO 0-1, a layer at least per stage, no tensor parallelism.
+    # Checked with the config: dense models only (with tensor parallelism too), ZeRO 0-1 and not 0 where
+    # DeepSpeed's fp32 clipping miscounts the norm, a layer at least per stage.
     refused = {
         ("pp-sigma", "sigma-tiny", ()): r"pipeline_parallel 2 with .*: pipeline parallelism is implemented for "
                                         r"dense PanGu-α models only",
         ("pp-zero2", "alpha-tiny", (("zero_stage", 2),)): r"pipeline_parallel 2 with ZeRO stage 2: DeepSpeed's "
                                                           r"pipeline engine runs ZeRO stage 0 or 1 only",
-        ("pp-tp", "alpha-tiny", (("tensor_parallel", 2),)): r"pipeline_parallel 2 with tensor_parallel 2 is not "
-                                                            r"implemented yet",
+        ("pp-zero0", "alpha-tiny", (("zero_stage", 0),)): r"pipeline_parallel 2 with ZeRO stage 0 in fp32 and "
+                                                          r"grad_clip 1.0: DeepSpeed's fp32 gradient clipping",
+        ("pp-tp-sigma", "sigma-tiny", (("tensor_parallel", 2),)): r"tensor_parallel 2 with .*: tensor parallelism "
+                                                                  r"is implemented for dense PanGu-α models only",
     }
     for (name, preset, extra), message in refused.items():
         with pytest.raises(ValueError, match=message):
             load_train_config(run_config(name, preset, pipeline_parallel=2, **dict(extra)))
     with pytest.raises(ValueError, match=r"pipeline_parallel 5 is more stages than the model's 4 layers"):
         load_train_config(run_config("pp-stages", "alpha-tiny", pipeline_parallel=5))
+    # Not refused: tensor × pipeline, and ZeRO 0 where DeepSpeed's clipping counts right (bf16) or does not run.
+    for name, extra in {"pp-tp": {"tensor_parallel": 2}, "pp-zero0-bf16": {"zero_stage": 0, "precision": "bf16"},
+                        "pp-zero0-noclip": {"zero_stage": 0, "optimizer": {"grad_clip": 0.0}}}.items():
+        load_train_config(run_config(name, "alpha-tiny", pipeline_parallel=2, **extra))
 
     # Checked at start, before the model is built: pipeline 2 on one rank. Before a checkpoint is loaded: one
-    # of pipeline_parallel 2 resumed with pipeline_parallel 1.
+    # of pipeline_parallel 2 resumed with pipeline_parallel 1, and one of tensor 2 × pipeline 2 (both named).
     world = run_config("pp-world", "alpha-tiny", pipeline_parallel=2, train_steps=1)
-    relayout = run_config("pp-relayout", "alpha-tiny", train_steps=4, export=False)
-    tag = relayout.parent / "checkpoints" / "step00000002"
-    tag.mkdir(parents=True)
-    fingerprint = fit_to_data(load_train_config(relayout)).fingerprint()
-    torch.save({"step": 2, "dataset": {}, "fingerprint": fingerprint, "world_size": 2, "tensor_parallel": 1,
-                "pipeline_parallel": 2}, tag / "trainer_rank00000.pt")
-    (relayout.parent / "checkpoints" / "latest").write_text(tag.name)
-    runs = {config: cli(config) for config in (world, relayout)}  # side by side: each starts Python
+    relayouts = {}
+    for name, (tp, pp, ranks) in {"pp-relayout": (1, 2, 2), "tp-pp-relayout": (2, 2, 4)}.items():
+        relayouts[name] = relayout = run_config(name, "alpha-tiny", train_steps=4, export=False)
+        tag = relayout.parent / "checkpoints" / "step00000002"
+        tag.mkdir(parents=True)
+        fingerprint = fit_to_data(load_train_config(relayout)).fingerprint()
+        torch.save({"step": 2, "dataset": {}, "fingerprint": fingerprint, "world_size": ranks, "tensor_parallel": tp,
+                    "pipeline_parallel": pp}, tag / "trainer_rank00000.pt")
+        (relayout.parent / "checkpoints" / "latest").write_text(tag.name)
+    runs = {config: cli(config) for config in (world, *relayouts.values())}  # side by side: each starts Python
     expected = {world: "pipeline_parallel 2 does not divide the world size 1",
-                relayout: "was written with pipeline_parallel 2 (2 ranks), this run has pipeline_parallel 1"}
+                relayouts["pp-relayout"]: "was written with pipeline_parallel 2 (2 ranks), this run has "
+                                          "pipeline_parallel 1: each stage's checkpoint holds its own layers;",
+                relayouts["tp-pp-relayout"]: "was written with tensor_parallel 2 × pipeline_parallel 2 (4 ranks), this "
+                                             "run has tensor_parallel 1 × pipeline_parallel 1: each tensor rank's "
+                                             "checkpoint holds its own slices; each stage's checkpoint holds its "
+                                             "own layers;"}
     for config, proc in runs.items():
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 2, out[-3000:]
