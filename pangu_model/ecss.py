@@ -51,6 +51,10 @@ s's rows are copied into the shadows, before update s + 1 starts. So the weights
 carry every update up to two steps back: step t uses the masters after update t − 2 (tested). A
 checkpoint waits for the update in flight and saves, beside the masters, the lagging shadows of its
 rows, so a resume continues exactly; the export waits too and holds every update.
+A warm-up (`delay_after`, TrainConfig `ecss_delayed_update_after`) runs the host updates of the first
+steps in line, as ZeRO-Offload does: early gradients change fast, and a stale update costs most there.
+The update of step `delay_after` + 1 is the first that runs beside the next step: steps up to
+`delay_after` + 1 compute with every update before them, later steps t with the masters after update t − 2.
 
 Deviations (documented, not hidden): expert gradients are clipped by their own global norm (DeepSpeed
 clips the dense part by its norm before we could add ours). Without sharded host state every replica
@@ -373,13 +377,16 @@ class ExpertOffload:
         shard_states: bool = False,
         host_threads: int | None = None,
         delayed_update: bool = False,
+        delay_after: int = 0,
     ) -> None:
         """`group`: all data-parallel ranks (routed sets are united over it; gradients are averaged
         over its size). `ep_group`: the ranks that share one copy of the experts, a shard each.
         `replica_group`: the ranks holding the same shard; by default `group` when there is no
         expert parallelism. `shard_states`: each replica keeps only its block of the shard's masters
         and Adam states (module docstring); a no-op with one replica. `host_threads`: CPU threads of
-        the host optimizer (default: this rank's share of the node's cores, `default_host_threads`)."""
+        the host optimizer (default: this rank's share of the node's cores, `default_host_threads`).
+        `delayed_update`: the host update runs beside the next step, from the step after the first
+        `delay_after` steps (module docstring)."""
         self.device = torch.device(device)
         self.dtype = dtype
         self.group = group
@@ -405,6 +412,10 @@ class ExpertOffload:
         # One step behind, the host update writes the masters while the next step fetches: the shadows
         # must then be copies even under fp32.
         self.delayed_update = delayed_update
+        if delay_after < 0:
+            raise ValueError(f"delay_after must be >= 0, not {delay_after}")
+        self.delay_after = delay_after
+        self._delay_this_update = delayed_update
         self._worker: threading.Thread | None = None
         self._updated = threading.Event()  # the update in flight has reached the masters
         self._failure: BaseException | None = None
@@ -599,12 +610,15 @@ class ExpertOffload:
             self.steps_log[-1]["traffic"] = dict(self.traffic)
 
     @torch.no_grad()
-    def step(self, lr: float, grad_scale: float = 1.0, skip: bool = False) -> dict[str, float]:
+    def step(self, lr: float, grad_scale: float = 1.0, skip: bool = False, step: int | None = None
+             ) -> dict[str, float]:
         """Reduce, unscale and clip the fetched experts' gradients, update them on the host, release.
 
         `grad_scale` is the fp16 loss scale the gradients carry; `skip` (an fp16 overflow step that the
-        engine skipped) releases without updating, as the dense part does.
+        engine skipped) releases without updating, as the dense part does. `step`: the training step
+        this update ends (1 for the first), for the warm-up of a delayed update (None: after it).
         """
+        self._delay_this_update = self.delayed_update and (step is None or step > self.delay_after)
         if skip:
             self.release()
             return {"expert_grad_norm": 0.0, "experts_updated": 0}
@@ -719,7 +733,10 @@ class ExpertOffload:
         layer, owned rows) follow their masters. In line, or with `delayed_update` on a worker thread while
         the next step runs: the next step then still fetches the shadows from before this update, and this
         update's shadows are refreshed at the end of the next step, once it has landed (module docstring)."""
-        if not self.delayed_update:
+        if not self._delay_this_update:  # in line (or still in the warm-up of a delayed update)
+            self._join()  # nothing in flight, unless a resume changed the warm-up: then let it land
+            self._refresh(self._pending_rows)
+            self._pending_rows = {}
             self._apply(lr, pairs)
             self._refresh(rows)
             return

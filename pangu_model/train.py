@@ -133,6 +133,9 @@ class TrainConfig(BaseModel):
     ecss_delayed_update: bool = Field(False, description="ECSS: the host optimizer runs one step behind, beside the "
                                                          "next step (a step fetches weights without the previous "
                                                          "step's update: ZeRO-Offload's delayed parameter update)")
+    ecss_delayed_update_after: int = Field(0, ge=0, description="ECSS with ecss_delayed_update: the host updates of "
+                                                                "the first N steps run in line (a warm-up, as "
+                                                                "ZeRO-Offload's: early gradients change fast)")
     expert_parallel: int = Field(1, ge=1, description="ranks that share one copy of the experts (inside a node)")
     tensor_parallel: int = Field(1, ge=1, description="ranks that split every layer of a dense PanGu-α model "
                                                       "(Megatron-style, inside a node); ZeRO runs over the "
@@ -518,6 +521,7 @@ class Trainer:
                 group=dist.group.WORLD if self.world_size > 1 else None,
                 ep_group=ep_group, replica_group=replica_group, shard_states=config.ecss_shard_states,
                 host_threads=config.ecss_host_threads, delayed_update=config.ecss_delayed_update,
+                delay_after=config.ecss_delayed_update_after,
             )
         from .speed import maybe_compile
 
@@ -873,7 +877,8 @@ class Trainer:
         row: dict[str, float] = {"loss": loss, "lm_loss": lm_loss, "aux_loss": aux_loss, "lr": lr,
                                  "_tokens": int(tokens) if self._counts_rows() else 0}
         if self.ecss is not None:
-            stats = self.ecss.step(lr, grad_scale=grad_scale, skip=not self.engine.was_step_applied())
+            stats = self.ecss.step(lr, grad_scale=grad_scale, skip=not self.engine.was_step_applied(),
+                                   step=self.step + 1)
             row["experts_updated"] = float(stats["experts_updated"])
         norm = self.engine.get_global_grad_norm()
         row["grad_norm"] = float(norm) if norm is not None else float("nan")
