@@ -171,25 +171,39 @@ def load_checkpoint(
     if expert_shard is None:
         state = load_file(str(directory / WEIGHTS_NAME), device=str(device))
     else:
-        state = _read_expert_shard(directory / WEIGHTS_NAME, model, device)
+        state = read_parts(directory, model, device)
     model.load_state_dict(state, strict=True, assign=True)
     if dtype is not None:
         model = model.to(dtype=dtype)
     return model.eval()
 
 
-def _read_expert_shard(path: Path, model: PanguModel, device: str | torch.device) -> dict[str, torch.Tensor]:
-    """The tensors `model` holds, expert banks as row slices (safetensors reads only those bytes)."""
+def read_parts(directory: str | os.PathLike[str], model: PanguModel, device: str | torch.device = "cpu",
+               keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of `directory`'s model.safetensors that `model` (built on the meta device, of the same
+    architecture) holds, each read as the part it holds: an RRE layer's expert shard as rows, a
+    tensor-parallel slice along its split dimension at its tensor rank, and with `keep` (a module's
+    qualified name → whether this rank builds it: a pipeline stage's) the kept modules' tensors only.
+    safetensors reads just those bytes, so no rank of a large model holds the whole file."""
     from safetensors import safe_open
+
+    from .tensor_parallel import split_dims
 
     first_rows = {f"{name}.experts.{weight}": ffn.experts.first_expert
                   for name, ffn in model.sparse_layers().items() for weight in EXPERT_WEIGHTS}
+    split = split_dims(model) if model.tp is not None else {}
     state = {}
-    with safe_open(str(path), framework="pt", device=str(device)) as handle:
+    with safe_open(str(Path(directory) / WEIGHTS_NAME), framework="pt", device=str(device)) as handle:
         for name, target in model.state_dict().items():
+            if keep is not None and not keep(name.rpartition(".")[0]):
+                continue
             if name in first_rows:
                 first = first_rows[name]
                 state[name] = handle.get_slice(name)[first: first + target.shape[0]]
+            elif name in split:
+                dim, width = split[name], target.shape[split[name]]
+                start = model.tp.rank * width
+                state[name] = handle.get_slice(name)[(slice(None),) * dim + (slice(start, start + width),)]
             else:
                 state[name] = handle.get_tensor(name)
     return state

@@ -157,6 +157,13 @@ def _mark(param: nn.Parameter | None, dim: int) -> None:
         param.partition_stride = 1
 
 
+def mark_split(model: nn.Module, dims: dict[str, int]) -> None:
+    """Mark the parameters named in `dims` (`split_dims` of the model) as split again: `load_state_dict(...,
+    assign=True)` puts new Parameters in place, without the marks DeepSpeed reads."""
+    for name, dim in dims.items():
+        _mark(model.get_parameter(name), dim)
+
+
 def split_dim(param: torch.Tensor) -> int | None:
     """The dimension a parameter is split along over the tensor group, None when it is replicated."""
     return getattr(param, "partition_dim", None) if getattr(param, "tensor_model_parallel", False) else None
@@ -377,6 +384,7 @@ __all__ = [
     "gather_state_dict",
     "reduce_from_tensor_parallel_region",
     "row_blocks",
+    "mark_split",
     "shard_state_dict",
     "split_dim",
     "split_dims",

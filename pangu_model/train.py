@@ -66,8 +66,8 @@ from .tensor_parallel import (
     ModelParallelUnit,
     TensorParallel,
     gather_state_dict,
+    mark_split,
     row_blocks,
-    shard_state_dict,
     split_dims,
 )
 
@@ -442,19 +442,19 @@ def build_model(
         return build_model_on(pangu, device, config.seed, expert_shard, host, trim, tp=tp,
                               keep_modules=keep_modules).train()
     torch.manual_seed(config.seed)
-    from .checkpoint import load_checkpoint, load_config
+    from .checkpoint import load_checkpoint, load_config, read_parts
     from .inherit import sigma_from_dense
 
-    dense_source = load_config(config.init_from).router == "dense"
-    if dense_source and pangu.router != "dense":
-        model = sigma_from_dense(load_checkpoint(config.init_from), pangu, expert_shard)
-    else:
-        source = load_checkpoint(config.init_from, expert_shard=None if dense_source else expert_shard)
+    if load_config(config.init_from).router == "dense" and pangu.router != "dense":
+        return sigma_from_dense(load_checkpoint(config.init_from), pangu, expert_shard).train()
+    # Only this rank's part is read: its expert shard, its tensor slices, its pipeline stage's modules (the
+    # others stay on the meta device, as for a new model).
+    with torch.device("meta"):
         model = PanguModel(pangu, expert_shard, tp=tp)
-        state = source.state_dict()
-        if model.tp is not None:
-            state = shard_state_dict(state, split_dims(model), model.tp)
-        model.load_state_dict(state, strict=True)
+    state = read_parts(config.init_from, model, keep=keep_modules)
+    split = split_dims(model)
+    model.load_state_dict(state, strict=keep_modules is None, assign=True)
+    mark_split(model, split)  # the assigned Parameters are new ones
     return model.train()
 
 

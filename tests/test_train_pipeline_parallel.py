@@ -222,3 +222,73 @@ def test_pipeline_layouts_the_trainer_cannot_run_are_refused_in_one_line() -> No
         assert len(lines) == 1 and expected[config] in lines[0], out[-3000:]
         assert "Traceback" not in out
     assert not (world.parent / "metrics.csv").exists()
+
+
+def test_init_from_reads_only_the_rank_s_stage_and_tensor_slices(tmp_path: Path, monkeypatch) -> None:
+    """init_from on a rank of a tensor × pipeline layout: it reads the tensors of its stage's modules only,
+    and of the split ones its slices only (safetensors slices: no rank holds the whole export), and they equal
+    its part of the whole model; the other stages' modules stay on the meta device."""
+    import safetensors
+
+    from pangu_model import save_checkpoint
+    from pangu_model.pipeline_parallel import stage_module_names
+    from pangu_model.tensor_parallel import TensorParallel, shard_state_dict, split_dims
+    from pangu_model.train import build_model, load_train_config
+    from tests.test_train_common import run_config
+
+    config = run_config("init-from-stage", "alpha-tiny", model_overrides={"num_layers": 5})
+    whole = build_model(load_train_config(config)).state_dict()
+    save_checkpoint(build_model(load_train_config(config)), tmp_path / "source")
+
+    read: dict[str, tuple[int, ...]] = {}  # name → shape of what was read
+    real_open = safetensors.safe_open
+
+    class Spy:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def get_tensor(self, name):
+            tensor = self.handle.get_tensor(name)
+            read[name] = tuple(tensor.shape)
+            return tensor
+
+        def get_slice(self, name):
+            handle = self.handle
+
+            class Slice:
+                def __getitem__(self, index):
+                    tensor = handle.get_slice(name)[index]
+                    read[name] = tuple(tensor.shape)
+                    return tensor
+            return Slice()
+
+    class SpyOpen:
+        def __init__(self, *args, **kwargs):
+            self.context = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            return Spy(self.context.__enter__())
+
+        def __exit__(self, *exc):
+            return self.context.__exit__(*exc)
+
+    monkeypatch.setattr(safetensors, "safe_open", SpyOpen)
+    train = load_train_config(config, {"init_from": str(tmp_path / "source")})
+    keep = stage_module_names(train.pangu_config(), 1, [3, 2])  # the last of 2 stages: blocks 3, query layer, head
+    model = build_model(train, tp=TensorParallel(None, 1, 2), keep_modules=keep)
+
+    state = model.state_dict()
+    kept = {name for name in state if keep(name.rpartition(".")[0])}
+    assert set(read) == kept and any(name.startswith("blocks.3.") for name in kept)
+    assert not any(name.startswith(("blocks.0.", "position_embedding")) for name in kept)
+    # The split parameters keep the marks DeepSpeed reads (those of a model built with the same layout).
+    split = split_dims(model)
+    fresh = build_model(load_train_config(config), tp=TensorParallel(None, 1, 2), keep_modules=keep)
+    assert split == split_dims(fresh) and any(name in split for name in kept)
+    expected = shard_state_dict(whole, split, TensorParallel(None, 1, 2))
+    for name in kept:
+        assert read[name] == tuple(state[name].shape)  # the slice, not the whole tensor
+        assert torch.equal(state[name], expected[name]), name
+        if name in split:
+            assert state[name].shape[split[name]] * 2 == whole[name].shape[split[name]]
+    assert all(state[name].is_meta for name in set(state) - kept)
