@@ -177,3 +177,24 @@ def test_contact_patterns_match_the_same_with_the_email_alternative_left_out_on_
         assert fast == [m.group(0) for m in filters._CONTACTS.finditer(low)], text
         found += len(fast)
     assert found > 300
+
+
+def test_dictionary_bigrams_are_built_once_per_machine_and_equal_a_fresh_build(tmp_path, monkeypatch):
+    """The dictionary's pair bit set is kept under $PANGU_HOME/cache (every corpus worker needs it; building
+    it walks jieba's dictionary): a cold home builds and stores it, a warm one loads the same bits."""
+    import numpy as np
+
+    from cleaning import filters
+
+    monkeypatch.setenv("PANGU_HOME", str(tmp_path))
+    filters.dictionary_bigrams.cache_clear()
+    try:
+        built = filters.dictionary_bigrams()
+        (stored,) = (tmp_path / "cache").glob("dictionary-bigrams-jieba*.npz")
+        filters.dictionary_bigrams.cache_clear()
+        monkeypatch.setattr(filters, "_build_dictionary_bigrams", lambda: pytest.fail("rebuilt with a warm cache"))
+        loaded = filters.dictionary_bigrams()
+    finally:
+        filters.dictionary_bigrams.cache_clear()
+    assert stored.stat().st_size > built.nbytes // 2 and np.array_equal(loaded, built)
+    assert int(np.unpackbits(built).sum()) > 250_000  # ~300k dictionary pairs, a few sharing a bit
