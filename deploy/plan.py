@@ -62,10 +62,12 @@ Host, per GPU, for the ``E_h`` expert parameters it keeps (the shard, or its blo
 * resident: fp32 masters (4 B) + their shadows in the compute dtype, the source of every fetch (``p`` B,
   pinned on CUDA; none under fp32, where the masters are the shadows) + DeepSpeedCPUAdam's m and v (8 B,
   allocated as each expert is first stepped; counted for every expert) = **12 + p bytes per kept expert
-  parameter** (14 under bf16);
-* each step: the gradients brought back in fp32 (4 B per uploaded parameter: ``flat.to("cpu")``, with
-  sharded state the owner's per-expert sums); the fetch copies straight from the pinned shadows (runs of
-  rows, ``copy_rows``), with no staging copy;
+  parameter** (14 under bf16), and the pinned buffer the gradients land in, kept from step to step
+  (``ExpertOffload._landing``, per uploaded parameter: p B where no replica adds to them, else 4 B for
+  their fp32 sums: the replicas' all-reduce, or with sharded state the owner's per-expert sums);
+* each step: ``ExpertOffload.step`` makes the landed gradients' own fp32 copy for the host optimizer (4 B
+  per uploaded parameter); the fetch copies straight from the pinned shadows (runs of rows,
+  ``copy_rows``), with no staging copy;
 * checkpoint save (every rank that writes a shard or a block): ``ExpertOffload.state_dict`` builds fresh m
   and v tensors for what it keeps, +8 B per parameter;
 * resume: ``torch.load`` of the file (12 B) next to the masters (4 B) while ``load_state_dict`` clones m and
@@ -107,22 +109,28 @@ Which experts a step moves, per rank and sparse layer:
   sends its owner ``k`` copies of each gradient.
 
 Device, per GPU: the ``A`` fetched parameters' weights in the compute dtype and their gradients
-(``2p·A``); in ``ExpertOffload.step`` the fp32 copies of every gradient and their concatenation
-(``4A + 4A``; the copies cost nothing under fp32). With sharded host state also, in
-``_fetch_from_owners``, the uploaded union (``p·U``), the outgoing rows picked per replica and their
-concatenation (``2p·Q``) and the inbound rows (``p·A``) next to the device copies being assembled (``p·A``;
-one weight of one layer cloned at a time is left out); in ``_step_owned``, beside the gradients, their
-concatenation in the compute dtype (``p·A``, instead of the fp32 copies), the gradients inbound from the
-replicas (``p·Q``), the fp32 per-expert sums (``4U``) and their concatenation (``4U``).
+(``2p·A``). Gradients back (``ExpertOffload._send``, per sparse layer from its hooks in the last backward):
+with replicas and unsharded state the fp32 copies of the gradients and their concatenation, all-reduced
+(``4A + 4A``; the copies cost nothing under fp32); with sharded state the rows to send, concatenated in the
+compute dtype (``p·A``), the rows inbound from the replicas (``p·Q``) and the fp32 per-expert sums (``4U``);
+without replicas nothing (the copy reads the gradients). A layer's are freed once its copy to the host is
+done; the plan counts every sparse layer's (the link may trail the backward: sigma-1t's does) beside the
+activations of the blocks below the lowest expert layer (phase ``ecss_gradient_return``). With sharded host
+state also, in ``_fetch_from_owners``, the uploaded union (``p·U``), the outgoing rows picked per replica and
+their concatenation (``2p·Q``) and the inbound rows (``p·A``) next to the device copies being assembled
+(``p·A``; one weight of one layer cloned at a time is left out).
 
 Transfers: host→device **p bytes per uploaded parameter** (``U``; ``A`` = ``U`` without sharding): the code
 copies the compute-dtype shadow rows from pinned memory into a device pool on a copy stream (one event per
-layer); the gradients come back in fp32 (4 B). With sharded host state, over the replica
+layer); the gradients come back in the compute dtype where no replica adds to them (p B), otherwise as
+fp32 sums (4 B: the replicas' fp32 all-reduce, or the owner's sums of the rows it received; an owner's 4
+B per stepped parameter are no more than the p·Q B of those rows once Q ≥ 2U under bf16). With sharded
+host state, over the replica
 group (one rank per expert-parallel group: across nodes, the network): the active masks all-gathered
 (int32, one per expert of the shard: tiny, as the routed masks all-reduced over the expert-parallel
 group), then **one all-to-all** of the fetched rows in the compute dtype (the largest block's owner sends
-``p·Q``, every rank receives ``p·A``) and **one all-to-all** of the gradients in the compute dtype (sends
-``p·A``, the owner receives ``p·Q`` and sums them in fp32). The plan also states what PCIe moves each way during the step's dense compute
+``p·Q``, every rank receives ``p·A``) and **one all-to-all per sparse layer** of the gradients in the
+compute dtype (sends ``p·A`` in all, the owner receives ``p·Q`` and sums them in fp32 on its device). The plan also states what PCIe moves each way during the step's dense compute
 (``times["compute_dense"]``): what the transfers would have to fit in to hide under it.
 
 Time per step
@@ -141,14 +149,18 @@ Time per step
 * ECSS and ZeRO-Offload: the trainer runs them around the compute (fetch before the first forward,
   ``ExpertOffload.step`` after the last backward), so they add up, except: with sharded host state the
   owners' host→device copies and the all-to-all of the fetched rows overlap the forward of the layers
-  below the first expert layer (a third of those layers' compute time), and with ``ecss_delayed_update``
-  CPU Adam and the shadow refresh run beside the next step (only what outlasts it shows). Otherwise:
-  host→device copy of ``U``, device→host gradients of ``U``, and the CPU Adam update of ``U``; without
-  sharded state the expert-gradient all-reduce over the replica group (fp32), with it the mask
-  collectives and the two all-to-alls, each as long as its busiest rank's larger direction
-  (``p·max(A, Q)`` each, over the network). A copy takes the longer of its PCIe time (per
-  GPU) and of the node's host-DRAM traffic (all GPUs of a node share it: the fetch's DMA reads the shadow,
-  p B per parameter; the gradients are written once, 4 B). CPU Adam is bound by host DRAM: it reads the
+  below the first expert layer (a third of those layers' compute time); the gradients' exchange (the
+  replicas' fp32 all-reduce, or the owners' all-to-all, as long as its busiest rank's larger direction,
+  ``p·max(A, Q)``) and their copy to the host run from each sparse layer's hooks in the last micro-batch's
+  backward (2/3 of its compute): a layer's start once the backward, every block an equal part of it from
+  the top, has passed the layer and once the layer above's are done, and only what ends after that backward
+  shows (``_shown_after_backward``, charged to the exchange first; the dense gradient reduction shares the
+  network in the same window, which the plan does not add up: optimistic where both are long); and with
+  ``ecss_delayed_update`` CPU Adam and the shadow refresh run beside the next step (only what outlasts it
+  shows). Otherwise: host→device copy of ``U`` and the CPU Adam update of ``U``; with sharded state the mask
+  collectives and the fetch's all-to-all (``p·max(A, Q)``, over the network). A copy takes the longer of its
+  PCIe time (per GPU) and of the node's host-DRAM traffic (all GPUs of a node share it: the fetch's DMA
+  reads the shadow, p B per parameter; the gradients are written once, p or 4 B). CPU Adam is bound by host DRAM: it reads the
   parameter, gradient, m and v and writes three of them back, 28 bytes per updated parameter, and the
   shadow refresh reads the master and writes the shadow (4 + p B; none under fp32), for the 8 GPUs of a
   node. The copies are issued on a copy stream that each layer waits for, so a layer's compute may
@@ -162,7 +174,8 @@ Time per step
 
 Fits
 ----
-A plan fits when the largest device phase (forward/backward, dense optimizer step, ECSS step) is at
+A plan fits when the largest device phase (forward/backward, dense optimizer step, ECSS fetch and
+gradient return) is at
 most ``GPU memory × (1 − GPU_RESERVE_FRACTION)`` and the largest host phase per node (start-up, step,
 checkpoint save, resume) at most ``host RAM × (1 − HOST_RESERVE_FRACTION)``; every reason it does not
 is listed with its numbers. A node's figures are its GPUs' times the GPUs per node (the worst stage's GPU
@@ -384,7 +397,7 @@ class Plan:
     checkpoint_s: float = 0.0  # at CHECKPOINT_WRITE_BYTES_PER_S_PER_NODE
     d2h_bytes_per_gpu_per_step: int = 0
     # what PCIe moves, each way, in the step's dense compute (times["compute_dense"]): what the
-    # transfers would have to fit in to hide under compute (the trainer does not overlap them yet)
+    # transfers would have to fit in to hide under compute (times says how much of them does)
     h2d_link_bytes_in_dense_compute: int = 0
     d2h_link_bytes_in_dense_compute: int = 0
     ecss: dict[str, Any] = field(default_factory=dict)  # experts per sparse layer an ECSS step moves (EcssRouting)
@@ -413,6 +426,19 @@ def _ring(kind: str, size: int) -> float:
     if size <= 1:
         return 0.0
     return (2.0 if kind == "all_reduce" else 1.0) * (size - 1) / size
+
+
+def _shown_after_backward(total: float, block_experts: tuple[int, ...], backward: float) -> float:
+    """ECSS gradients back (`pangu_model.ecss`): each sparse layer's share of `total` (its exchange and its
+    copy to the host) starts once the backward, every block an equal part of it from the top down, has
+    passed that layer, and once the layer above's share is done; what ends after the backward shows."""
+    sparse = [i for i, experts in enumerate(block_experts) if experts]
+    if not sparse or total <= 0:
+        return 0.0
+    per_block, share, end = backward / len(block_experts), total / len(sparse), 0.0
+    for i in sorted(sparse, reverse=True):
+        end = max(end, (len(block_experts) - i) * per_block) + share
+    return max(0.0, end - backward)
 
 
 def _group_bandwidth(groups: list[list[int]], gpus_per_node: int, hw: Hardware) -> float:
@@ -665,14 +691,17 @@ def plan_training(
             out["activations"] = full_layer * stage_layer_count * in_flight
         out["logits"] = math.ceil(b * s * vocab / tp) * (p + 12) if stage == pp - 1 else 0
         out["ecss_fetched_weights_and_grads"] = 2 * p * fetched
-        # ExpertOffload.step: fp32 copies of the gradients and their concatenation; _step_owned sends them
-        # as they are (compute dtype), concatenated
-        out["ecss_step_fp32_gradients"] = p * fetched if shard_states else ((4 if mixed else 0) + 4) * fetched
         # _fetch_from_owners: the uploaded union, the outgoing rows (picked, then concatenated), the inbound
         out["ecss_fetch_exchange_buffers"] = p * (union + 2 * asked + fetched) if shard_states else 0
-        # _step_owned: the replicas' gradients inbound (compute dtype), the fp32 per-expert sums and their
-        # concatenation
-        out["ecss_step_owner_buffers"] = p * asked + 8 * union if shard_states else 0
+        # Gradients back, per sparse layer from its hook (ExpertOffload._send): with sharded state its rows
+        # concatenated to send (compute dtype), the replicas' rows inbound and the fp32 per-expert sums; with
+        # replicas and unsharded state the fp32 copies and their concatenation, all-reduced; without
+        # replicas nothing (the copy reads the gradients). Each layer's are freed once the copy stream has
+        # passed its copy; counted for every sparse layer (a bound: the link behind the whole backward).
+        if shard_states:
+            out["ecss_gradient_return_buffers"] = p * fetched + p * asked + 4 * union
+        else:
+            out["ecss_gradient_return_buffers"] = ((4 if mixed else 0) + 4) * fetched if dp // ep > 1 else 0
         out["dense_step_fp32_gradients"] = 0 if offload or not mixed else 4 * opt_elems
         static = out["parameters"] + out.get("zero3_live_parameters", 0) + out["gradients"] + out["optimizer_states"]
         phases = {
@@ -682,8 +711,11 @@ def plan_training(
         if shard_states:
             phases["ecss_fetch"] = static + p * fetched + out["ecss_fetch_exchange_buffers"]
         if ecss:
-            phases["ecss_step"] = (static + 2 * p * fetched + out["ecss_step_fp32_gradients"]
-                                   + out["ecss_step_owner_buffers"])
+            # The lowest expert layer's return starts with every return above it still in flight (the bound
+            # above) and the activations of the blocks below it still held.
+            below = next((i for i, e in enumerate(layout.block_experts[first:last]) if e), stage_layer_count)
+            phases["ecss_gradient_return"] = (static + bucket + 2 * p * fetched + out["ecss_gradient_return_buffers"]
+                                              + out["activations"] * below // max(1, stage_layer_count))
         if tp == 1 and pp == 1:
             # Export: rank 0 assembles every dense fp32 master on the device (safe_get_full_fp32_param).
             phases["export_rank0"] = static + 4 * dense
@@ -707,6 +739,9 @@ def plan_training(
     else:
         host_experts = experts_rank if ecss else 0
     owned_fetched = union  # parameters that cross PCIe each way and that CPU Adam updates, per GPU
+    # Bytes per parameter the gradients come back in (ExpertOffload._return_dtype): the compute dtype
+    # where no replica adds to them, fp32 sums otherwise
+    grad_back = p if ecss and not shard_states and dp // ep == 1 else 4
     sparse_layers = max(1, worst["sparse_layers"])
     largest_module = max(layout.word_embedding, h * model.d_ff + model.d_ff,
                          0 if ecss else experts_rank // sparse_layers)
@@ -720,7 +755,8 @@ def plan_training(
             if p < 4:  # under fp32 the masters are the shadows
                 items["ecss_compute_dtype_shadows"] = p * kept
             items["ecss_adam_moments"] = 8 * kept
-            items["ecss_step_fp32_gradients"] = 4 * stepped
+            items["ecss_gradient_landing"] = grad_back * stepped  # pinned, kept from step to step
+            items["ecss_step_fp32_gradients"] = 4 * stepped  # step(): their own fp32 copy, scaled
             items["ecss_checkpoint_moment_copies"] = 8 * kept
             items["ecss_resume_loaded_state"] = 12 * kept
         if offload:
@@ -740,7 +776,7 @@ def plan_training(
         items["startup_model_build"] = build
         shadows = items.get("ecss_compute_dtype_shadows", 0)
         held = items.get("ecss_fp32_masters", 0) + shadows + items.get("ecss_adam_moments", 0) + items.get(
-            "offload_optimizer_states", 0)
+            "ecss_gradient_landing", 0) + items.get("offload_optimizer_states", 0)
         phases = {"startup": build, "step": held + items.get("ecss_step_fp32_gradients", 0)}
         if ecss:
             phases["checkpoint_save"] = held + items["ecss_checkpoint_moment_copies"]
@@ -814,17 +850,18 @@ def plan_training(
     transfers: dict[str, int] = {"h2d": 0, "d2h": 0}
     if ecss:
         # Each rank (with sharded state: each owner, for the union of what its replicas asked of its block)
-        # copies fp32 masters host→device and casts on the GPU. With sharded state the rows then reach the
-        # replicas that asked for them by one all-to-all in the compute dtype, and the gradients return to
-        # their owners by one all-to-all in fp32; an all-to-all lasts as long as its busiest rank's larger
-        # direction: the owner of the largest block sends Q rows, every rank receives its A rows.
+        # copies the compute-dtype shadows host→device. With sharded state the rows then reach the replicas
+        # that asked for them by one all-to-all in the compute dtype, and the gradients return to their
+        # owners by an all-to-all per sparse layer, in the compute dtype too; an all-to-all lasts as long as
+        # its busiest rank's larger direction: the owner of the largest block sends Q rows, every rank
+        # receives its A rows.
         replica_bw = _group_bandwidth(groups["expert_data"], gpn, hw) if ep > 1 else dp_bw
         transfers["ecss_fetch_h2d"] = p * owned_fetched
-        transfers["ecss_gradients_d2h"] = 4 * owned_fetched
+        transfers["ecss_gradients_d2h"] = grad_back * owned_fetched
         fetch_dram = p * node_union / hw.host_dram_bytes_per_s
         times["ecss_fetch_h2d"] = max(p * owned_fetched / hw.pcie_h2d_bytes_per_s, fetch_dram)
-        times["ecss_gradients_d2h"] = max(4 * owned_fetched / hw.pcie_d2h_bytes_per_s,
-                                          4 * node_union / hw.host_dram_bytes_per_s)
+        times["ecss_gradients_d2h"] = max(grad_back * owned_fetched / hw.pcie_d2h_bytes_per_s,
+                                          grad_back * node_union / hw.host_dram_bytes_per_s)
         if shard_states and routing is not None:
             sparse_here = worst["sparse_layers"]
             replicas = routing.replicas
@@ -854,6 +891,17 @@ def plan_training(
         else:
             transfers["ecss_gradient_all_reduce"] = int(_ring("all_reduce", exp_dp) * 4 * fetched)
             times["ecss_gradient_all_reduce"] = transfers["ecss_gradient_all_reduce"] / replica_bw
+        # Gradients back: each sparse layer's exchange and copy start from its hooks in the last
+        # micro-batch's backward; only what ends after that backward shows, charged to the exchange first.
+        exchange = "ecss_gradient_all_to_all" if "ecss_gradient_all_to_all" in times else "ecss_gradient_all_reduce"
+        back = times[exchange] + times["ecss_gradients_d2h"]
+        last_backward = (2.0 / 3.0) * (t_dense + t_expert) / gas
+        shown = _shown_after_backward(back, layout.block_experts, last_backward)
+        times[exchange] = min(times[exchange], shown)
+        times["ecss_gradients_d2h"] = shown - times[exchange]
+        notes.append(f"ECSS gradients back: each expert layer's exchange and copy to the host ({_fmt_time(back)} in "
+                     f"all) start from its hooks in the last backward ({_fmt_time(last_backward)}), beside the "
+                     f"backward of the layers below it; {_fmt_time(shown)} shows")
         delayed = bool(getattr(train_config, "ecss_delayed_update", False))
         # The stepped rows' shadows follow their masters (read the master, write the shadow); separate
         # shadows exist under bf16/fp16, and under fp32 too when the update is delayed.

@@ -9,9 +9,10 @@ placement is ours:
 * RRE routing depends only on the domain id and the token id, so the experts a step needs are known
   from the batch *before* the forward pass (`ExpertOffload.plan`); only those are copied to the
   device (`fetch`), in the compute dtype, as one compact tensor per weight;
-* after backward, only their gradients go back to the host and DeepSpeedCPUAdam (ZeRO-Offload's CPU
-  Adam) updates only those experts (`step`); an expert that no batch routes to is untouched, its Adam
-  state included (per-expert step counts keep the bias correction right: "lazy" Adam);
+* only their gradients go back to the host, layer by layer during the step's last backward ("Gradients
+  back" below), and DeepSpeedCPUAdam (ZeRO-Offload's CPU Adam) updates only those experts (`step`); an
+  expert that no batch routes to is untouched, its Adam state included (per-expert step counts keep the
+  bias correction right: "lazy" Adam);
 * the dense part never sees any of this: it is an ordinary module under the DeepSpeed engine (ZeRO).
 
 The expert tensors are not `nn.Parameter`s of the model, so DeepSpeed neither flattens, partitions,
@@ -37,11 +38,39 @@ Each rank then fetches only the experts that its own expert-parallel group's row
    all-to-all over the replica group gives every rank exactly its rows (compute dtype, compute device),
    asynchronously: the layers below the first expert layer compute meanwhile, and that layer's forward
    waits for the rows;
-3. after backward, one all-to-all takes each rank's gradients (in the compute dtype, as autograd made
-   them) to their owners, which sum them per expert in fp32; each owner clips with the global norm (squares summed over owners and shards, every element
+3. in the step's last backward, layer by layer, an all-to-all takes each rank's gradients (in the compute
+   dtype, as autograd made them) to their owners, which sum them per expert in fp32 and copy the sums to
+   the host; each owner clips with the global norm (squares summed over owners and shards, every element
    once) and steps on the CPU the experts any of its replicas used.
 Checkpoints and the export hold each owner's block once. `traffic` counts the bytes each rank moves
 host→device, receives into its device copies and sends back to the host.
+
+Gradients back (`last_micro_batch`, `step`): the trainer announces the step's last backward. A post-
+accumulate-grad hook on every fetched weight then tells when a layer's weights all hold the step's
+gradient (the sum over its micro-batches: earlier backward passes only accumulate), and that layer's
+return starts at once, while the backward of the layers below it still runs:
+1. its collective, asynchronous, over the replica group: none without replicas; with replicas and
+   unsharded host state an all-reduce of the gradients in fp32 (every replica steps the whole shard with
+   the sum, which stays as exact as it was, at 4 B a parameter on the network); with sharded host state the
+   all-to-all of step 3 above, in the compute dtype (p B), the owner summing in fp32 on its device;
+2. behind it on the copy stream (the host does not wait), the layer's sum of squares (a device scalar, for
+   the norm) and the copy device→host into a pinned landing buffer, preallocated and reused: the gradients
+   themselves in the compute dtype where no replica adds to them (p B a parameter, widened to fp32 on the
+   host: exact), the fp32 sums otherwise (an owner's 4 B per expert row it steps are no more than the p B
+   rows it received as soon as its experts are asked twice on average, and it needs no host pass to add).
+On CPU the copies are synchronous, and one behind a gloo collective waits for `step` (waiting in the hook
+could block on a rank that issues it only there). `step` sends what has not gone, waits for all of it,
+takes the global norm from the layers' squares (all-reduced over owners and shards) and unscales, averages
+and clips the gradients in one multiply on their fp32 host copy, which the host optimizer reads. (Before,
+all of it ran after backward, from one fp32 concatenation: the norm and the clip now differ from those in
+rounding only.)
+Every rank issues the layers' collectives in one fixed order, the top layer first as backward reaches it.
+A layer that a rank cannot send yet (no gradient of the last backward reached its weights: no token came
+to its shard) holds the later ones back there until `step`, so no rank's collectives meet another's out of
+order; a layer in which a rank holds no rows goes without waiting. The returns use a group on which nothing
+else runs meanwhile: the replica group is ECSS's own with expert parallelism; without it, it is the world,
+over which DeepSpeed reduces the dense gradients, and a twin of it is made. (Under NCCL this assumes the
+replica-group kernels may run beside the backward's, as they do unless CUDA_DEVICE_MAX_CONNECTIONS=1.)
 
 Delayed host update (`delayed_update`, TrainConfig `ecss_delayed_update`; ZeRO-Offload's "delayed
 parameter update"): the host optimizer of step s runs on a worker thread while step s + 1 computes, so
@@ -68,7 +97,7 @@ import contextlib
 import os
 import queue
 import threading
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -361,6 +390,22 @@ class HostExpertBank(nn.Module):
         return None
 
 
+class _Return:
+    """One layer's expert gradients on their way back to the host in the current step."""
+
+    def __init__(self, offset: int, size: int, experts: list[int], ready: bool) -> None:
+        self.offset, self.size = offset, size  # its slice of the landing buffer (elements)
+        self.experts = experts  # the owned rows (expert_params indices) it brings, in landing order
+        self.ready = ready  # may be sent: every weight has its gradient, or this rank holds no rows of it
+        self.landed = 0  # weights whose gradient of the last backward has accumulated
+        self.before_step = False  # sent from the last backward (a hook, or announced with nothing to wait for)
+        self.work: Any = None  # its collective in flight
+        self.finish: Callable[[], None] | None = None  # gloo: its copy, after the collective, in step()
+        self.square: torch.Tensor | None = None  # sum of squares of what it returns, on the device
+        self.done: Any = None  # CUDA event: its device→host copy has landed
+        self.keep: list[torch.Tensor] = []  # CPU: device tensors its collective and copy read, until step()
+
+
 class ExpertOffload:
     """Host placement and host update of every RRE layer's experts of one model (see module docstring)."""
 
@@ -443,10 +488,27 @@ class ExpertOffload:
         )
         self.last_fetched: dict[str, list[int]] = {}
         # Bytes moved, cumulative: host→device by this rank, received into its device expert copies,
-        # and gradients device→host (its own, with sharded host state: the owner's summed ones).
+        # and gradients device→host as they cross (its own in the compute dtype; fp32 sums with replicas:
+        # with sharded host state the owner's).
         self.traffic = {"host_to_device": 0, "device_received": 0, "device_to_host": 0}
         self._exchange: tuple | None = None  # the fetch's all-to-all in flight (sharded host state)
         self.steps_log: list[dict[str, Any]] = []  # per step, when RECORD_STEPS (tests)
+        # Gradients back (module docstring). Their collectives are issued from the hooks of the backward
+        # pass on one rank and from step() on another, so they need a group on which nothing else runs
+        # meanwhile: the replica group is ECSS's own with expert parallelism, but without it is the world,
+        # over which DeepSpeed reduces the dense gradients; it then gets a twin (every rank builds
+        # ExpertOffload, so every rank makes the group, as new_group requires).
+        self._grad_group = self.replica_group
+        if dist.is_initialized() and 1 < _group_size(self.replica_group) == dist.get_world_size():
+            self._grad_group = dist.new_group(list(range(dist.get_world_size())))
+        # What lands on the host: the gradients themselves, in the compute dtype, where no replica adds to
+        # them; fp32 sums otherwise (replicas all-reduce in fp32; owners sum what they receive in fp32).
+        plain = not self.sharded and _group_size(self.replica_group) == 1
+        self._return_dtype = dtype if plain else torch.float32
+        self._landing: torch.Tensor | None = None  # pinned on CUDA; reused step after step
+        self._returns: dict[str, _Return] | None = None  # this step's, once its last backward is announced
+        self._order: list[str] = list(reversed(self.banks))  # the order backward reaches the layers
+        self._next = 0  # self._order[:_next] are on their way
 
     # ---- per step -----------------------------------------------------------------------------
     def plan(self, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -480,6 +542,7 @@ class ExpertOffload:
                 self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             for name, bank in self.banks.items():
                 bank.fetch(plan[name], self.device, self.copy_stream)
+                self._watch(name, bank)
                 moved = len(bank.active) * self._row_bytes(bank, self.dtype)
                 self.traffic["host_to_device"] += moved
                 self.traffic["device_received"] += moved
@@ -598,134 +661,259 @@ class ExpertOffload:
                     offset += n
         order = self._in_block_order()
         pieces = [[[segment[j][b, w] for j in order] for w in range(len(WEIGHT_NAMES))] for b in range(len(banks))]
-        for b, bank in enumerate(banks):
+        for b, (layer, bank) in enumerate(self.banks.items()):
             bank.device_weights = {
                 name: torch.cat(pieces[b][w]).view(len(bank.active), *bank.host[name].shape[1:])
                 .clone().requires_grad_(True)
                 for w, name in enumerate(WEIGHT_NAMES)
             }
+            self._watch(layer, bank)
             self.traffic["device_received"] += len(bank.active) * self._row_bytes(bank, self.dtype)
             bank.arrive = None
         if RECORD_STEPS and self.steps_log:
             self.steps_log[-1]["traffic"] = dict(self.traffic)
 
+    # ---- gradients back to the host, from the hooks of the step's last backward --------------------
+    def last_micro_batch(self) -> None:
+        """The next backward is the step's last: from it on, each layer's expert gradients start back to
+        the host (and to their owners or through the replicas' reduction) as soon as they have accumulated,
+        while the backward of the layers below still runs (module docstring, "Gradients back"). Earlier
+        micro-batches only accumulate. Without this call `step` sends everything itself, after backward."""
+        self._prepare_returns()
+        self._send_ready(before_step=True)  # layers with nothing to wait for, at the head of the order
+
+    def _prepare_returns(self) -> None:
+        """This step's return of each layer: what it sends, where it lands in the pinned host buffer, and
+        whether it can go without waiting for gradients (this rank holds no rows of it)."""
+        if self.sharded:
+            self._owner_layout = self._owner_rows()
+            kept = [self._owner_layout["used"][b].nonzero().flatten().tolist() for b in range(len(self.banks))]
+        else:
+            kept = [(bank.active - bank.owned_first).tolist() for bank in self.banks.values()]
+        returns: dict[str, _Return] = {}
+        offset = 0
+        for (layer, bank), experts in zip(self.banks.items(), kept):
+            size = len(experts) * sum(self._row_sizes(bank))
+            returns[layer] = _Return(offset, size, experts, ready=len(bank.active) == 0)
+            offset += size
+        if self._landing is None or self._landing.numel() < offset:  # grown, never shrunk: pinning is slow
+            self._landing = torch.empty(max(offset, 1), dtype=self._return_dtype, pin_memory=self.pin)
+        self._returns, self._next = returns, 0
+
+    def _watch(self, layer: str, bank: HostExpertBank) -> None:
+        """Hooks on this fetch's device weights (fresh leaves every fetch: the hooks go with them)."""
+        for weight in bank.device_weights.values():
+            weight.register_post_accumulate_grad_hook(self._gradient_hook(layer))
+
+    def _gradient_hook(self, layer: str) -> Callable[[torch.Tensor], None]:
+        def landed(_: torch.Tensor) -> None:
+            returns = self._returns
+            if returns is None:  # not the step's last backward: the gradient only accumulates
+                return
+            ret = returns[layer]
+            ret.landed += 1
+            if ret.landed == len(WEIGHT_NAMES):  # every weight of the layer holds its step's gradient
+                ret.ready = True
+                self._send_ready(before_step=True)
+
+        return landed
+
+    def _send_ready(self, before_step: bool) -> None:
+        """Send the ready layers at the head of the fixed order. Every rank issues the layers' collectives in
+        this order, so a layer that one rank cannot send yet (no gradient reached its weights in the last
+        backward) holds back the layers after it there until `step`, rather than letting the ranks issue
+        their collectives in different orders."""
+        with torch.no_grad():
+            while self._next < len(self._order) and self._returns[self._order[self._next]].ready:
+                self._send(self._order[self._next], before_step)
+                self._next += 1
+
+    def _send(self, layer: str, before_step: bool) -> None:
+        """Start layer's return: its collective (asynchronous) and, queued behind it, its device→host copy."""
+        ret, bank = self._returns[layer], self.banks[layer]
+        ret.before_step = before_step
+        if self.sharded:
+            land = self._send_to_owners(list(self.banks).index(layer), bank, ret)
+        else:
+            land = self._send_replicated(bank, ret)
+        if ret.work is None or self.copy_stream is not None:
+            self._land(ret, land)  # CUDA: queued on the copy stream behind the collective; CPU: done here
+        else:
+            # gloo: waiting for the collective here would block this backward on a rank that issues it only
+            # in its step(); the copy follows there
+            ret.finish = lambda: self._land(ret, land)
+
+    def _send_replicated(self, bank: HostExpertBank, ret: _Return) -> Callable[[], list[torch.Tensor]]:
+        """Without sharded host state: the gradients as they are, or with replicas their fp32 sum (every
+        replica steps the whole shard with it: fp32 keeps today's sum exact)."""
+        grads = list(bank.gradients().values())
+        if _group_size(self.replica_group) == 1:
+            return lambda: grads
+        flat = torch.cat([g.reshape(-1).float() for g in grads]) if grads else torch.zeros(0, device=self.device)
+        if ret.size:  # the replicas fetched the same experts: all skip together
+            ret.work = dist.all_reduce(flat, group=self._grad_group, async_op=True)
+        ret.keep.append(flat)
+        return lambda: [flat]
+
+    def _send_to_owners(self, b: int, bank: HostExpertBank, ret: _Return) -> Callable[[], list[torch.Tensor]]:
+        """Sharded host state: my rows of each owner's block to that owner, in the compute dtype; as an
+        owner, what my replicas send me, summed per expert in fp32."""
+        layout, me = self._owner_layout, bank.replica_rank
+        counts, sizes = self._counts, self._row_sizes(bank)
+        mine = [int(counts[me, j, b]) for j in range(self.replicas)]  # my rows of owner j's block
+        outgoing = []
+        if sum(mine):
+            grads = bank.gradients()
+            for j in range(self.replicas):  # to owner j: my rows of its block, weight by weight
+                start = layout["first"][j][b]
+                outgoing += [grads[name][start: start + mine[j]].reshape(-1).to(self.dtype) for name in WEIGHT_NAMES]
+        outgoing = torch.cat(outgoing) if outgoing else torch.zeros(0, dtype=self.dtype, device=self.device)
+        receive = [int(counts[r, me, b]) * sum(sizes) for r in range(self.replicas)]
+        inbound = torch.empty(sum(receive), dtype=self.dtype, device=self.device)
+        if int(counts[:, :, b].sum()):  # every rank knows the totals: all skip together
+            ret.work = dist.all_to_all_single(inbound, outgoing, receive, [n * sum(sizes) for n in mine],
+                                              group=self._grad_group, async_op=True)
+        ret.keep += [outgoing, inbound]
+        used = layout["used"][b]
+
+        def summed() -> list[torch.Tensor]:
+            sums = [torch.zeros(int(used.sum()), *bank.host[name].shape[1:], device=self.device)
+                    for name in WEIGHT_NAMES]
+            offset = 0
+            for r in range(self.replicas):  # replica r's rows: weight by weight, in expert order
+                slots = layout["slots"][r][b]
+                for w, size in enumerate(sizes):
+                    rows = inbound[offset: offset + len(slots) * size].view(len(slots), *sums[w].shape[1:])
+                    sums[w].index_add_(0, slots, rows.float())
+                    offset += len(slots) * size
+            return sums
+
+        return summed
+
+    def _land(self, ret: _Return, land: Callable[[], list[torch.Tensor]]) -> None:
+        """After the layer's collective: the sum of squares of what it returns (on the device, for the
+        global norm) and the copy of it into its slice of the pinned landing buffer."""
+        if self.copy_stream is not None:  # the gradients were made on the compute stream
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with _on(self.copy_stream):
+            if ret.work is not None and self.copy_stream is not None:
+                ret.work.wait()  # NCCL: the copy stream waits for the collective, the host does not
+            parts = land()
+            ret.square = (torch.stack([t.float().pow(2).sum() for t in parts]).sum() if parts
+                          else torch.zeros((), device=self.device))
+            host = self._landing[ret.offset: ret.offset + ret.size]
+            offset = 0
+            for t in parts:
+                host[offset: offset + t.numel()].copy_(t.reshape(-1), non_blocking=self.pin)
+                offset += t.numel()
+            ret.done = self.copy_stream.record_event() if self.copy_stream is not None else None
+        ret.keep += parts
+        if self.copy_stream is not None:
+            # Freed once the copy stream has passed this copy (which waited for the collective), not at
+            # step(): the layers' buffers would pile up over the backward otherwise.
+            for t in ret.keep:
+                t.record_stream(self.copy_stream)
+            ret.keep = []
+        self.traffic["device_to_host"] += ret.size * host.element_size()
+
+    def _drain(self) -> dict[str, _Return]:
+        """Send what has not gone yet (the same order on every rank), then wait until it has all landed."""
+        if self.sharded:
+            self._finish_exchange()  # a step whose forward never reached an expert layer
+        if self._returns is None:  # no last_micro_batch() call: everything goes now
+            self._prepare_returns()
+        with torch.no_grad():
+            for layer in self._order[self._next:]:
+                self._send(layer, before_step=False)
+        self._next = len(self._order)
+        returns = self._returns
+        for ret in returns.values():
+            if ret.work is not None and self.copy_stream is None:
+                ret.work.wait()
+            if ret.finish is not None:
+                ret.finish()
+            if ret.done is not None:
+                ret.done.synchronize()
+        if RECORD_STEPS and self.steps_log:
+            self.steps_log[-1]["returned_before_step"] = [n for n in self._order if returns[n].before_step]
+        return returns
+
+    def _owner_rows(self) -> dict[str, Any]:
+        """Sharded host state, from the fetch's exchange plan: where my rows of owner j's block start among
+        my active rows (`first[j][b]`), which experts of my block any replica used (`used[b]`), and where
+        replica r's rows go among them (`slots[r][b]`, on the device)."""
+        banks = list(self.banks.values())
+        counts, me = self._counts, banks[0].replica_rank
+        # My active rows are in expert order: owner j's come after those of the blocks before its own.
+        order = self._in_block_order()
+        in_order = counts[me][order]  # [k-th block in expert order][bank]
+        first = torch.empty_like(in_order)
+        first[order] = in_order.cumsum(0) - in_order
+        mine = self._my_block()
+        used = mine.any(0)
+        slots = [mine[r, b][used[b]].nonzero().flatten() for r in range(self.replicas) for b in range(len(banks))]
+        slots = torch.cat(slots).to(self.device).split([len(x) for x in slots]) if slots else []
+        return {"first": first.tolist(), "used": used,
+                "slots": [slots[r * len(banks): (r + 1) * len(banks)] for r in range(self.replicas)]}
+
+    # ---- the step ----------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, lr: float, grad_scale: float = 1.0, skip: bool = False, step: int | None = None
              ) -> dict[str, float]:
-        """Reduce, unscale and clip the fetched experts' gradients, update them on the host, release.
+        """Wait for the expert gradients on their way back (send what has not gone), unscale, average and
+        clip them by their global norm on the host, update them on the host, release.
 
         `grad_scale` is the fp16 loss scale the gradients carry; `skip` (an fp16 overflow step that the
         engine skipped) releases without updating, as the dense part does. `step`: the training step
         this update ends (1 for the first), for the warm-up of a delayed update (None: after it).
         """
         self._delay_this_update = self.delayed_update and (step is None or step > self.delay_after)
+        returns = self._drain()  # even when skipped: the other ranks' collectives need this rank's
         if skip:
             self.release()
             return {"expert_grad_norm": 0.0, "experts_updated": 0}
-        if self.sharded:
-            return self._step_owned(lr, grad_scale)
-        grads: list[torch.Tensor] = []
-        owners: list[tuple[HostExpertBank, str]] = []
-        for bank in self.banks.values():
-            for name, grad in bank.gradients().items():
-                grads.append(grad)
-                owners.append((bank, name))
-        flat = torch.cat([g.reshape(-1).float() for g in grads]) if grads else torch.zeros(0, device=self.device)
-        if _group_size(self.replica_group) > 1:
-            dist.all_reduce(flat, group=self.replica_group)
-        host_flat, norm = self._clipped_on_host(flat, grad_scale, [self.ep_group])  # the norm over every shard
-        if not grads:
-            self.release()
-            return {"expert_grad_norm": norm, "experts_updated": 0}
-        offset = 0
+        # Squares are summed over every shard, and with sharded host state over every owner's block:
+        # each element once.
+        groups = [self.replica_group, self.ep_group] if self.sharded else [self.ep_group]
+        factor, norm = self._clip_factor([ret.square for ret in returns.values()], grad_scale, groups)
+        total = sum(ret.size for ret in returns.values())
+        # Its own fp32 tensor: the next step's hooks refill the landing buffer while a delayed update may
+        # still be reading these gradients.
+        flat = self._landing[:total].to(torch.float32, copy=True)
+        if factor != 1.0:
+            flat.mul_(factor)
         pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for grad, (bank, name) in zip(grads, owners):
-            host_grad = host_flat[offset: offset + grad.numel()].view(grad.shape)
-            offset += grad.numel()
-            for slot, expert in enumerate(bank.active.tolist()):
-                pairs.append((bank.expert_params[name][expert - bank.owned_first], host_grad[slot]))
-        rows = {layer: (bank.active - bank.owned_first).tolist() for layer, bank in self.banks.items()}
-        stats = {"expert_grad_norm": norm, "experts_updated": sum(len(b.active) for b in self.banks.values())}
+        for layer, bank in self.banks.items():
+            ret = returns[layer]
+            offset = ret.offset
+            for name in WEIGHT_NAMES:
+                n = len(ret.experts) * bank.host[name][0].numel()
+                rows = flat[offset: offset + n].view(len(ret.experts), *bank.host[name].shape[1:])
+                offset += n
+                pairs += [(bank.expert_params[name][e], rows[i]) for i, e in enumerate(ret.experts)]
+        rows_of = {layer: ret.experts for layer, ret in returns.items()}  # owned rows stepped, per layer
+        stats = {"expert_grad_norm": norm, "experts_updated": sum(len(ret.experts) for ret in returns.values())}
         self.release()
-        self._update(lr, pairs, rows)
+        self._update(lr, pairs, rows_of)
         return stats
 
-    def _clipped_on_host(self, flat: torch.Tensor, grad_scale: float, norm_groups: list[Any]) -> tuple[torch.Tensor, float]:
-        """`flat` (fp32 expert gradients, on the device) unscaled and averaged, clipped by their global norm
-        (squares summed over the groups of `norm_groups` that exist), then on the host; and that norm."""
+    def _clip_factor(self, squares: list[torch.Tensor], grad_scale: float, norm_groups: list[Any]
+                     ) -> tuple[float, float]:
+        """From the returned gradients' sums of squares (device scalars): the global norm of the unscaled,
+        averaged gradients (squares summed over the groups of `norm_groups` that exist), and the one factor
+        that unscales, averages and clips them (torch.nn.utils.clip_grad_norm_'s rule)."""
         # The loss is a mean over all data-parallel ranks, as DeepSpeed averages the dense gradients.
-        flat.div_(grad_scale * _group_size(self.group))
-        square = flat.pow(2).sum().reshape(1)
+        mean = grad_scale * _group_size(self.group)
+        square = torch.stack(squares).sum() if squares else torch.zeros((), device=self.device)
+        square = (square / mean ** 2).reshape(1)
         for group in norm_groups:
             if group is not None:
                 dist.all_reduce(square, group=group)
         norm = float(square.sqrt())
+        factor = 1.0 / mean
         if self.optim.grad_clip > 0 and norm > self.optim.grad_clip:
-            flat.mul_(self.optim.grad_clip / (norm + 1e-6))  # torch.nn.utils.clip_grad_norm_'s rule
-        host = flat.to("cpu")
-        self.traffic["device_to_host"] += host.numel() * host.element_size()
-        return host, norm
-
-    def _step_owned(self, lr: float, grad_scale: float) -> dict[str, float]:
-        """Sharded host state: one all-to-all takes each rank's gradients to their owners, which sum them
-        per expert, clip by the global norm and update on the host the experts any replica used."""
-        self._finish_exchange()  # a step whose forward never reached an expert layer
-        banks = list(self.banks.values())
-        counts, me = self._counts, banks[0].replica_rank
-        grads = [bank.gradients() for bank in banks]
-        # My active rows are in expert order: owner j's come after those of the blocks before its own.
-        order = self._in_block_order()
-        in_order = counts[me][order]  # [k-th block in expert order][bank]
-        first = torch.empty_like(in_order)
-        first[order] = in_order.cumsum(0) - in_order  # [owner j][bank]: where my rows of its block start
-        first, mine_per_owner = first.tolist(), counts[me].tolist()
-        outgoing = []
-        for j in range(self.replicas):  # to owner j: my rows of its block, banks then weights
-            for b in range(len(banks)):
-                start, n = first[j][b], mine_per_owner[j][b]
-                # In the compute dtype the gradients already have: an fp32 copy would double the bytes
-                # on the network and add nothing; the owner sums them in fp32.
-                outgoing += [grads[b][name][start: start + n].reshape(-1).to(self.dtype) for name in WEIGHT_NAMES]
-        send = self._numbers(counts[me]).tolist()
-        receive = self._numbers(counts[:, me]).tolist()
-        inbound = torch.empty(sum(receive), device=self.device, dtype=self.dtype)
-        if int(self._numbers(counts).sum()):
-            dist.all_to_all_single(inbound, torch.cat(outgoing) if outgoing else inbound.new_empty(0),
-                                   receive, send, group=self.replica_group)
-        # Sum every replica's rows into one gradient per used expert of my block.
-        mine = self._my_block()
-        used = mine.any(0)
-        summed = [[torch.zeros(int(used[b].sum()), *bank.host[name].shape[1:], device=self.device)
-                   for name in WEIGHT_NAMES] for b, bank in enumerate(banks)]
-        slots_of = [mine[r, b][used[b]].nonzero().flatten() for r in range(self.replicas) for b in range(len(banks))]
-        slots_of = torch.cat(slots_of).to(self.device).split([len(x) for x in slots_of]) if slots_of else []
-        offset = 0
-        for r in range(self.replicas):
-            for b, bank in enumerate(banks):
-                slots = slots_of[r * len(banks) + b]
-                for w, name in enumerate(WEIGHT_NAMES):
-                    n = len(slots) * bank.host[name][0].numel()
-                    rows = inbound[offset: offset + n].view(len(slots), *bank.host[name].shape[1:])
-                    summed[b][w].index_add_(0, slots, rows.float())
-                    offset += n
-        flat = torch.cat([t.reshape(-1) for row in summed for t in row]) if summed else torch.zeros(0, device=self.device)
-        # every owner's block of this shard, and every shard: each element once
-        host, norm = self._clipped_on_host(flat, grad_scale, [self.replica_group, self.ep_group])
-        offset = 0
-        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for b, bank in enumerate(banks):
-            experts = used[b].nonzero().flatten().tolist()  # indices within my block
-            for name in WEIGHT_NAMES:
-                shape = bank.host[name].shape[1:]
-                n = len(experts) * bank.host[name][0].numel()
-                block = host[offset: offset + n].view(len(experts), *shape)
-                offset += n
-                pairs += [(bank.expert_params[name][e], block[slot]) for slot, e in enumerate(experts)]
-        rows = {layer: used[b].nonzero().flatten().tolist() for b, layer in enumerate(self.banks)}
-        stats = {"expert_grad_norm": norm, "experts_updated": int(used.sum())}
-        self.release()
-        self._update(lr, pairs, rows)
-        return stats
+            factor *= self.optim.grad_clip / (norm + 1e-6)
+        return factor, norm
 
     # ---- the host update, in line or one step behind ------------------------------------------------
     def _update(self, lr: float, pairs: list[tuple[torch.Tensor, torch.Tensor]], rows: dict[str, list[int]]) -> None:
@@ -811,6 +999,7 @@ class ExpertOffload:
     def release(self) -> None:
         for bank in self.banks.values():
             bank.release()
+        self._returns, self._next = None, 0
 
     # ---- checkpoint and export --------------------------------------------------------------------
     @property

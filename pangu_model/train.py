@@ -859,6 +859,10 @@ class Trainer:
                 input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                 domain_ids=batch["domain_ids"], labels=batch["labels"],
             )
+            if self.ecss is not None and micro == gas - 1:
+                # The expert gradients of this backward are final: each layer's return to the host starts
+                # from its gradient hooks, beside the backward of the layers below it.
+                self.ecss.last_micro_batch()
             self.engine.backward(out.loss)
             grad_scale = float(getattr(self.engine.optimizer, "cur_scale", 1.0) or 1.0) \
                 if config.precision == "fp16" else 1.0

@@ -91,11 +91,14 @@ def test_sigma_1t_gpu_bytes(sigma_h100):
     dp = 512
     static = 2 * SIGMA_DENSE + 2 * (SIGMA_DENSE // dp) + 12 * (SIGMA_DENSE // dp)  # bf16 params, ZeRO-2 grads, states
     assert SIGMA_DENSE % dp == 0
-    # ECSS step: bf16 weights + bf16 grads of the fetched experts, their fp32 copies and the fp32 concatenation
-    ecss_step = static + (2 + 2 + 4 + 4) * EXPERTS_PER_RANK
-    assert sigma_h100.gpu_phases["ecss_step"] == ecss_step
-    assert sigma_h100.gpu_bytes_per_gpu == ecss_step == 1_633_359_375_000  # ≈ 1.63 TB per GPU
     sbh = SEQ * 1 * D
+    # ECSS gradients back: bf16 weights + bf16 grads of the fetched experts and, from each expert layer's hooks
+    # in the backward, the fp32 copies and their concatenation that the replicas all-reduce, every sparse
+    # layer's (a bound: the link trails the backward), beside the ZeRO buckets and the activations of the 32
+    # blocks below the expert layers
+    returning = static + 2 * 500_000_000 * 2 + (2 + 2 + 4 + 4) * EXPERTS_PER_RANK + 34 * sbh * 32
+    assert sigma_h100.gpu_phases["ecss_gradient_return"] == returning
+    assert sigma_h100.gpu_bytes_per_gpu == returning == 1_641_063_628_440  # ≈ 1.64 TB per GPU
     assert sigma_h100.gpu_breakdown["activations"] == 34 * sbh * LAYERS  # Korthikanti, bf16, no recompute
     assert sigma_h100.gpu_breakdown["zero_buckets"] == 2 * 500_000_000 * 2
     assert not sigma_h100.fits
@@ -105,12 +108,14 @@ def test_sigma_1t_gpu_bytes(sigma_h100):
 def test_sigma_1t_host_bytes(sigma_h100):
     per_gpu = EXPERTS_PER_RANK
     phases = sigma_h100.host_phases_per_node
-    # fp32 masters + their bf16 shadows (the fetch's pinned source) + Adam m, v: 15.0 TB
-    assert phases["resident"] == 8 * 14 * per_gpu == 15_034_220_544_000
+    # fp32 masters + their bf16 shadows (the fetch's pinned source) + Adam m, v + the pinned buffer the
+    # gradients land in (the replicas' fp32 sums): 19.3 TB
+    assert phases["resident"] == 8 * 18 * per_gpu == 19_329_712_128_000
     assert sigma_h100.host_breakdown["ecss_compute_dtype_shadows"] == 2 * per_gpu
+    assert sigma_h100.host_breakdown["ecss_gradient_landing"] == 4 * per_gpu
     assert "ecss_fetch_staging" not in sigma_h100.host_breakdown  # copies straight from the pinned shadows
-    assert phases["step"] == 8 * 18 * per_gpu  # + the fp32 gradients brought back
-    assert phases["checkpoint_save"] == 8 * 22 * per_gpu  # + m and v copies in ExpertOffload.state_dict
+    assert phases["step"] == 8 * 22 * per_gpu  # + the landed gradients' fp32 copy for the host optimizer
+    assert phases["checkpoint_save"] == 8 * 26 * per_gpu  # + m and v copies in ExpertOffload.state_dict
     assert phases["resume"] == 8 * 26 * per_gpu  # masters, shadows + the loaded file + the cloned moments
     assert sigma_h100.host_bytes_per_node == 8 * 26 * per_gpu
     assert any(r.startswith("host memory") for r in sigma_h100.reasons)
@@ -316,8 +321,8 @@ def _static(rows: int, dense: int = SIGMA_DENSE, dp: int = 512) -> int:
 
 def test_sigma_1t_preset_fetches_rank_locally(sigma_preset):
     """The fetch is rank-local: a rank gets its domain's 2 experts per layer from their owners by one
-    all-to-all (bf16) over the replicas and returns the gradients by one all-to-all (fp32); the owner of
-    the largest block uploads and steps that block."""
+    all-to-all (bf16) over the replicas and returns the gradients by an all-to-all (bf16) per sparse layer
+    from the last backward's hooks; the owner of the largest block uploads and steps that block."""
     hw = HARDWARE["h200"]
     plan = sigma_preset
     assert BLOCK == 2
@@ -333,15 +338,13 @@ def test_sigma_1t_preset_fetches_rank_locally(sigma_preset):
     assert params["experts_on_host_per_gpu"] == UPLOADED == 3_355_852_800
     assert params["fetched_per_gpu_per_step"] == FETCHED
     assert plan.h2d_bytes_per_gpu_per_step == 2 * UPLOADED  # bf16 shadows of the owner's block cross PCIe
-    assert plan.d2h_bytes_per_gpu_per_step == 4 * UPLOADED  # its summed fp32 gradients come back
+    assert plan.d2h_bytes_per_gpu_per_step == 4 * UPLOADED  # its fp32 per-expert sums come back
     t = plan.transfers
     assert t["ecss_owner_all_to_all_sent"] == 2 * ASKED and t["ecss_owner_all_to_all_received"] == 2 * FETCHED
     # gradients travel in bf16, as autograd made them; the owner sums them in fp32
     assert t["ecss_gradient_all_to_all_sent"] == 2 * FETCHED and t["ecss_gradient_all_to_all_received"] == 2 * ASKED
     assert not {"ecss_owner_all_gather", "ecss_gradient_reduce_scatter", "ecss_gradient_all_reduce"} & set(t)
     times = plan.times
-    # the replica group spans the 64 nodes: the network; the busiest rank sends the largest block's Q rows
-    assert times["ecss_gradient_all_to_all"] == pytest.approx(2 * ASKED / hw.network_bytes_per_s)
     # the fetch (owners' copies, then the all-to-all) overlaps the forward of the 32 dense layers below the
     # first expert layer, a third of their compute time: only the rest shows, charged to the all-to-all
     h2d = max(2 * UPLOADED / hw.pcie_h2d_bytes_per_s, 2 * NODE_OWNED * SPARSE * PER_EXPERT / hw.host_dram_bytes_per_s)
@@ -354,21 +357,37 @@ def test_sigma_1t_preset_fetches_rank_locally(sigma_preset):
     # node's ranks own 8 consecutive blocks, 10 experts a layer together (not 8 × 2)
     assert sorted(plan.ecss["node_blocks"]) == [1] * 6 + [2] * 2
     node = NODE_OWNED * SPARSE * PER_EXPERT
-    assert times["ecss_gradients_d2h"] == pytest.approx(
-        max(4 * UPLOADED / hw.pcie_d2h_bytes_per_s, 4 * node / hw.host_dram_bytes_per_s))
+    # Gradients back: the replica group spans the 64 nodes (the network; the busiest rank sends the largest
+    # block's Q rows), then the fp32 sums cross PCIe. Each of the top 8 blocks' share starts once the last
+    # backward (2/3 of the compute, 1/40 a block) has passed it and the one above is done; only what ends after
+    # the backward shows, charged to the all-to-all first.
+    a2a_back = 2 * ASKED / hw.network_bytes_per_s
+    d2h = max(4 * UPLOADED / hw.pcie_d2h_bytes_per_s, 4 * node / hw.host_dram_bytes_per_s)
+    backward = 2 / 3 * (times["compute_dense"] + times["compute_experts"])
+    end = 0.0
+    for block in range(LAYERS - 1, LAYERS - SPARSE - 1, -1):
+        end = max(end, (LAYERS - block) * backward / LAYERS) + (a2a_back + d2h) / SPARSE
+    assert 0 < end - backward < a2a_back + d2h  # the link trails the backward, which hides most of it
+    assert times["ecss_gradient_all_to_all"] == pytest.approx(min(a2a_back, end - backward))
+    assert times["ecss_gradients_d2h"] == pytest.approx(end - backward - times["ecss_gradient_all_to_all"])
+    assert any("ECSS gradients back" in n for n in plan.notes)
     # the preset updates the host one step behind: CPU Adam and the shadow refresh run beside the next step
     rest = sum(v for k, v in times.items() if k not in ("ecss_cpu_adam", "compute"))
     assert times["ecss_cpu_adam"] == pytest.approx(max(0.0, 34 * node / hw.host_dram_bytes_per_s - rest))
 
 
 def test_sigma_1t_preset_device_bytes(sigma_preset):
-    """ECSS step: bf16 weights + grads of A, their bf16 concatenation to send, the replicas' bf16
-    gradients inbound (Q), the fp32 per-expert sums and their concatenation (U); the fetch: the uploaded union,
+    """Gradients back: bf16 weights + grads of A and, from the expert layers' hooks in the backward, every
+    sparse layer's bf16 rows to send (A), the replicas' bf16 rows inbound (Q) and the fp32 per-expert sums
+    (U), beside the ZeRO buckets and the activations of the 32 blocks below; the fetch: the uploaded union,
     the outgoing rows and their concatenation, the inbound and the assembled copies."""
     static = _static(ROWS)
-    assert sigma_preset.gpu_phases["ecss_step"] == static + 6 * FETCHED + 2 * ASKED + 8 * UPLOADED
+    below = 34 * SEQ * ROWS * D * 32  # Korthikanti, bf16, no recompute: the blocks below the expert layers
+    buckets = 2 * 500_000_000 * 2
+    assert sigma_preset.gpu_phases["ecss_gradient_return"] == (static + buckets + 4 * FETCHED + 2 * FETCHED
+                                                                + 2 * ASKED + 4 * UPLOADED + below)
     assert sigma_preset.gpu_phases["ecss_fetch"] == static + 2 * FETCHED + 2 * (UPLOADED + 2 * ASKED + FETCHED)
-    assert sigma_preset.gpu_bytes_per_gpu == sigma_preset.gpu_phases["ecss_step"]  # ≈ 108.5 GiB
+    assert sigma_preset.gpu_bytes_per_gpu == sigma_preset.gpu_phases["ecss_gradient_return"]  # ≈ 87.9 GiB
     assert sigma_preset.gpu_bytes_per_gpu <= int(141 * GiB * (1 - GPU_RESERVE_FRACTION))
     assert not any(r.startswith("GPU memory") for r in sigma_preset.reasons)
 
@@ -380,9 +399,10 @@ def test_sigma_1t_preset_host_per_node_under_1_tb(sigma_preset):
     blocks."""
     phases = sigma_preset.host_phases_per_node
     node = NODE_OWNED * SPARSE * PER_EXPERT  # the node's 8 blocks: 10 experts a layer
-    assert phases["resident"] == 14 * node == 234_909_696_000  # masters, bf16 shadows, Adam m, v
-    assert phases["step"] == 18 * node  # + the owners' summed fp32 gradients brought back
-    assert phases["checkpoint_save"] == 22 * node
+    # masters, bf16 shadows, Adam m, v and the pinned buffer the owners' fp32 sums land in
+    assert phases["resident"] == 18 * node == 302_026_752_000
+    assert phases["step"] == 22 * node  # + their fp32 copy for the host optimizer
+    assert phases["checkpoint_save"] == 26 * node
     assert phases["resume"] == 26 * node
     layer_shard = EXPERTS_PER_RANK // 8
     kept = [b * SPARSE * PER_EXPERT for b in sigma_preset.ecss["node_blocks"]]
@@ -424,11 +444,11 @@ def test_sigma_1t_preset_against_its_dense_counterpart(sigma_preset):
     assert counterpart["step_time_s"] == pytest.approx(dense.step_time_s)
     assert counterpart["step_time_ratio"] == pytest.approx(sigma_preset.step_time_s / dense.step_time_s)
     assert json.loads(sigma_preset.to_json())["dense_counterpart"]["step_time_ratio"] == counterpart["step_time_ratio"]
-    # the issue's target: within 1.5× of the dense step (the fetch half hidden, the host update beside the
-    # next step; the gradient exchange and the gradients back to the host still show)
+    # the issue's target: within 1.5× of the dense step (the fetch half hidden, the gradients back mostly
+    # hidden by the last backward, the host update beside the next step; the rest still shows)
     assert counterpart["step_time_ratio"] <= 1.5
     ecss = sum(v for k, v in sigma_preset.times.items() if k.startswith("ecss_"))
-    assert ecss > 0.5 and sigma_preset.times["ecss_cpu_adam"] == 0.0
+    assert ecss > 0.25 and sigma_preset.times["ecss_cpu_adam"] == 0.0
     text = format_plan(sigma_preset)
     assert "dense counterpart (13b) step" in text and f"{counterpart['step_time_ratio']:.2f}×" in text
     assert plan_for("200b", topology="pangu-alpha-200b").dense_counterpart is None
@@ -463,3 +483,14 @@ def test_delayed_host_update_takes_cpu_adam_off_the_step(sigma_preset):
     ratio = delayed.dense_counterpart["step_time_ratio"]
     assert ratio < inline.dense_counterpart["step_time_ratio"]
     assert any("delayed host update" in n and "two steps back" in n for n in delayed.notes)
+
+
+def test_gradients_back_show_only_what_ends_after_the_backward():
+    """ECSS gradients back (`_shown_after_backward`): 4 blocks of 1 s of backward each, the top 2 sparse.
+    A layer's share starts when the backward has passed it and the layer above's share is done."""
+    from deploy.plan import _shown_after_backward
+
+    experts = (0, 0, 8, 8)
+    assert _shown_after_backward(2.0, experts, 4.0) == 0.0  # 1 s each: ends at 2 s and 3 s
+    assert _shown_after_backward(8.0, experts, 4.0) == 5.0  # 4 s each: ends at 5 s and 9 s
+    assert _shown_after_backward(8.0, (0, 0, 0, 0), 4.0) == 0.0

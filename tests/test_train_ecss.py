@@ -204,3 +204,120 @@ def test_delayed_host_update_fetches_the_masters_of_two_steps_back_and_resumes_e
     losses = [r["loss"] for r in read_metrics(config.parent)]
     assert losses == pytest.approx(whole, rel=1e-6), (losses, whole)
     assert result["losses"]
+
+
+def test_expert_gradients_start_back_from_hooks_in_the_last_backward(monkeypatch) -> None:
+    """Gradients back (ecss.py): with 2 micro-batches a step, each expert layer's return starts from its
+    gradient hooks in the second backward, the top layer first, before that backward reaches the first
+    dense block (a hook on its parameter marks it), and has landed in the host buffer before step() is
+    called; the first backward sends nothing. The losses equal those of the same run with every return
+    sent from step() (the flow before the hooks): what returns holds both micro-batches' gradients."""
+    from pangu_model.ecss import ExpertOffload
+
+    events: list[tuple] = []
+    send, step = ExpertOffload._send, ExpertOffload.step
+
+    def logged_send(self, layer, before_step):
+        events.append(("expert", layer, before_step))
+        send(self, layer, before_step)
+
+    def checked_step(self, *args, **kwargs):
+        for layer, bank in self.banks.items():  # what went from the hooks is on the host already
+            ret = self._returns[layer] if self._returns is not None else None
+            if ret is not None and ret.before_step:
+                grads = torch.cat([g.reshape(-1) for g in bank.gradients().values()])
+                assert torch.equal(self._landing[ret.offset: ret.offset + ret.size], grads), layer
+        events.append(("step",))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(ExpertOffload, "_send", logged_send)
+    monkeypatch.setattr(ExpertOffload, "step", checked_step)
+    losses, logs = {}, {}
+    for hooks in (True, False):
+        if not hooks:  # nothing announces the last backward: step() sends every layer after it
+            monkeypatch.setattr(ExpertOffload, "last_micro_batch", lambda self: None)
+        trainer = _trainer(f"ecss-hooks-{hooks}", ecss=True, train_steps=3, gradient_accumulation_steps=2,
+                           validation_every=0, optimizer={"lr": 1e-2, "warmup_steps": 0, "grad_clip": 0.5})
+        try:
+            dense = dict(trainer.engine.module.named_parameters())["blocks.0.attention.q_proj.weight"]
+            dense.register_post_accumulate_grad_hook(lambda _: events.append(("dense",)))
+            events.clear()
+            losses[hooks] = trainer.run()["losses"]
+            logs[hooks] = list(events)
+            top_first = list(reversed(trainer.ecss.banks))
+        finally:
+            trainer.close()
+    expected = [("dense",), *(("expert", layer, True) for layer in top_first), ("dense",), ("step",)]
+    assert logs[True] == expected * 3, logs[True]
+    assert logs[False] == [("dense",), ("dense",), ("step",), *(("expert", layer, False) for layer in top_first)] * 3
+    assert losses[True] == losses[False], losses
+
+
+def _two_replicas(rank: int, port: int, out: str) -> None:
+    """One of 2 gloo ranks holding the same experts (no expert parallelism, unsharded). Rank r gives
+    every weight of layer l (0 bottom) the gradient (r + 1)·(l + 1), except that rank 1's last backward
+    reaches only the bottom layer."""
+    import os
+
+    import torch.distributed as dist
+
+    from pangu_model import PanguModel
+    from pangu_model.config import PRESETS
+    from pangu_model.ecss import ExpertOffload
+    from pangu_model.optim import OptimConfig
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = PanguModel(PRESETS["sigma-tiny"].replace(vocab_size=512, max_seq_len=32))
+        ecss = ExpertOffload(model, OptimConfig(lr=1e-2, warmup_steps=0, grad_clip=0.0), "cpu",
+                             group=dist.group.WORLD, host_threads=1)
+        batch = {"input_ids": torch.arange(10, 42).view(1, 32), "domain_ids": torch.ones(1, 32, dtype=torch.long)}
+        ecss.fetch(ecss.plan([batch]))
+        layers = list(ecss.banks)  # bottom first
+        ecss.last_micro_batch()
+        used = layers if rank == 0 else layers[:1]
+        loss = sum((w * (rank + 1) * (layers.index(layer) + 1)).sum()
+                   for layer in used for w in ecss.banks[layer].device_weights.values())
+        loss.backward()
+        sent = [layer for layer in ecss._order if ecss._returns[layer].before_step]
+        returned = {}
+        apply = ecss._apply
+
+        def recorded(lr, pairs):  # the host gradients, layer by layer (bottom first)
+            returned["grads"] = torch.cat([grad.reshape(-1) for _, grad in pairs])
+            apply(lr, pairs)
+
+        ecss._apply = recorded
+        norm = ecss.step(lr=1e-2)["expert_grad_norm"]
+        sizes = [sum(t[0].numel() for t in ecss.banks[layer].host.values()) * len(ecss.last_fetched[layer])
+                 for layer in layers]
+        torch.save({"sent": sent, "norm": norm, "sizes": sizes, "layers": layers, "grads": returned["grads"],
+                    "masters": {n: b.host["w_in"].clone() for n, b in ecss.banks.items()}}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_without_a_layers_gradient_sends_it_and_the_later_layers_at_step(tmp_path) -> None:
+    """2 replicas: rank 0 sends both layers' all-reduces from its hooks; on rank 1 no gradient reaches the
+    top layer, which holds it and the layer below back until step(). The collectives still pair up (the
+    same fixed order on both ranks, on ECSS's twin of the world group): no deadlock, and both replicas
+    step with the mean gradients, (1·1 + 2·1)/2 in the bottom layer and (1·2 + 0)/2 in the top one."""
+    import math
+
+    import torch.multiprocessing as mp
+
+    from pangu_model.train import _free_port
+
+    mp.spawn(_two_replicas, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    bottom, top = ranks[0]["layers"]
+    assert ranks[0]["sent"] == [top, bottom] and ranks[1]["sent"] == []
+    low, high = ranks[0]["sizes"]
+    expected = torch.cat([torch.full((low,), 1.5), torch.full((high,), 1.0)])
+    for state in ranks:
+        assert torch.equal(state["grads"], expected)
+        assert state["norm"] == pytest.approx(math.sqrt(1.5 ** 2 * low + high), rel=1e-6)
+    for layer in (bottom, top):
+        assert torch.equal(ranks[0]["masters"][layer], ranks[1]["masters"][layer]), layer

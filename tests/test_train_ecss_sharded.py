@@ -189,6 +189,10 @@ def _check_rank_local_fetch(run: Path, ranks: int = RANKS) -> None:
             assert traffic["host_to_device"] - previous[r]["host_to_device"] == uploaded * info["row_bytes"]
             previous[r] = traffic
     assert narrower > 0  # some rank fetched less than the world's union: the fetch is rank-local
+    # Gradients back: every training step's returns went out before step(), from the last backward's hooks
+    # (or at once where a rank held no rows of a layer), in the same order on every rank.
+    trained = [e for r in range(ranks) for e in steps[r] if "returned_before_step" in e]
+    assert trained and all(e["returned_before_step"] == list(reversed(layers)) for e in trained)
 
 
 def _write_host_bytes(trainer) -> None:
