@@ -8,6 +8,13 @@ from pathlib import Path
 # sharing the default ~/.cache/torch_extensions rebuild each other's ops on every run (the build
 # files name their own source paths), so each environment keeps its own; child processes inherit it.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+# They are built by the `ninja` on PATH. The environment brings its own (the `ninja` package, beside the
+# interpreter) and a system may have another: ninja 1.11 and 1.13 record build commands differently, so
+# processes that find different ones rebuild each other's ops every time (~40 s each on 2 cores). The
+# environment's own goes first, as in an activated environment.
+_BIN = str(Path(sys.executable).parent)
+if (Path(_BIN) / "ninja").is_file() and os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = os.pathsep.join([_BIN, os.environ.get("PATH", "")])
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PRESETS, PanguConfig, get_config

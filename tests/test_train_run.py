@@ -231,3 +231,19 @@ def test_the_speed_switches_reach_the_model() -> None:
         trainer.close()
     with pytest.raises(ValueError, match="attention_backend"):
         load_train_config(path, ["attention_backend=flash"])
+
+
+def test_deepspeed_ops_are_built_by_the_environment_s_own_ninja_whatever_path_holds() -> None:
+    """Processes that find different ninjas (the environment's 1.13, a system's 1.11) rebuild each other's
+    DeepSpeed ops in the shared build directory every time; importing pangu_model puts the environment's
+    own first, so a process started with a PATH of system directories only builds with it too."""
+    import shutil
+    import sys
+
+    own = Path(sys.executable).parent / "ninja"
+    if not own.is_file():
+        pytest.skip("this environment has no ninja of its own")  # nothing to choose between
+    found = subprocess.run([sys.executable, "-c", "import pangu_model, shutil; print(shutil.which('ninja'))"],
+                           env={**os.environ, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, check=True,
+                           cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    assert found == str(own), (found, shutil.which("ninja", path="/usr/bin:/bin"))
