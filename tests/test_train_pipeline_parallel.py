@@ -114,7 +114,7 @@ def test_tensor_2_by_pipeline_2_gives_the_losses_and_export_of_one_rank_and_resu
     from pangu_model.checkpoint import load_config
     from pangu_model.pipeline_parallel import pangu_name
     from pangu_model.tensor_parallel import TensorParallel, split_dims
-    from tests.test_train_common import run_config
+    from tests.test_train_common import assert_export_joins_the_slices, run_config
 
     one = pipeline_1
     four = run_config("tp2-pp2", "alpha-tiny", tensor_parallel=2, pipeline_parallel=2, throttle_s=0.5, **FIELDS)
@@ -140,17 +140,8 @@ def test_tensor_2_by_pipeline_2_gives_the_losses_and_export_of_one_rank_and_resu
             for key, tensor in torch.load(last / f"layer_{index:02d}-model_{r:02d}-model_states.pt",
                                           weights_only=True).items():
                 parts[r][pangu_name(f"{prefix}.{key}", num_layers=5)] = tensor
-    assert set(parts[0]) == set(parts[1]) == set(got)
-    for name, tensor in got.items():
-        if name in dims:
-            assert torch.equal(torch.cat([p[name] for p in parts], dims[name]), tensor), name
-        else:
-            assert torch.equal(parts[0][name], tensor) and torch.equal(parts[1][name], tensor), name
-    # ... and holds the single rank's weights, to fp32 noise (tests/test_train_tensor_parallel.py says why).
-    expected = load_checkpoint(one.parent / "export").state_dict()
-    assert set(got) == set(expected)
-    for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=3e-5, msg=lambda m, name=name: f"{name}: {m}")
+    # ... and holds the single rank's weights, to fp32 noise.
+    assert_export_joins_the_slices(got, parts, dims, load_checkpoint(one.parent / "export").state_dict())
 
 
 @pytest.mark.slow
