@@ -1005,6 +1005,7 @@ class Trainer:
             "world_size": self.world_size,
             "tensor_parallel": self.config.tensor_parallel,
             "pipeline_parallel": self.config.pipeline_parallel,
+            "expert_parallel": self.config.expert_parallel,
         }
         _atomic_torch_save(trainer_state, directory / f"trainer_rank{self.rank:05d}.pt")
         if self.ecss is not None and (self.ecss.sharded or self._first_replica()):
@@ -1047,9 +1048,13 @@ class Trainer:
         if state["fingerprint"] != self.config.fingerprint():
             raise ValueError(f"{directory} was written by a run with another model/data/batch config")
         held = {"tensor_parallel": "each tensor rank's checkpoint holds its own slices",
-                "pipeline_parallel": "each stage's checkpoint holds its own layers"}
-        written = {field: int(state.get(field, 1)) for field in held}
-        changed = [field for field in held if written[field] != getattr(self.config, field)]
+                "pipeline_parallel": "each stage's checkpoint holds its own layers",
+                "expert_parallel": "each expert-parallel rank's checkpoint holds its own shard of the experts"}
+        # Checkpoints from before tensor and pipeline parallelism were 1 × 1; one from before the expert
+        # degree was recorded is not checked for it here (its shard files are, when they are loaded).
+        written = {"tensor_parallel": 1, "pipeline_parallel": 1,
+                   **{field: int(state[field]) for field in held if field in state}}
+        changed = [field for field in held if field in written and written[field] != getattr(self.config, field)]
         if changed:  # every degree that differs, in one line (tp 2 × pp 2 onto tp 1 × pp 4 names both)
             raise LayoutError(f"{directory} was written with {' × '.join(f'{f} {written[f]}' for f in changed)} "
                               f"({state['world_size']} ranks), this run has "

@@ -68,3 +68,12 @@ def test_ecss_sharded_over_expert_parallel_2_matches_ecss_on_one_shard_and_resum
     assert set(whole) == set(sharded)
     for name, tensor in whole.items():
         torch.testing.assert_close(sharded[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+    # A resume onto another expert-parallel size (the same 2 ranks) is refused before anything is loaded,
+    # in one line that names both degrees.
+    two.write_text(yaml.safe_dump({**data, "train_steps": 6, "expert_parallel": 1, "topology": None}))
+    refused = run_torchrun(two, timeout=180)
+    out = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "written with expert_parallel 2" in out and "this run has expert_parallel 1" in out, \
+        out[-3000:]
+    assert 'pangu_model/train.py", line' not in out, out[-3000:]  # no traceback of ours (torchrun prints its own)
