@@ -247,3 +247,18 @@ def test_deepspeed_ops_are_built_by_the_environment_s_own_ninja_whatever_path_ho
                            env={**os.environ, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, check=True,
                            cwd=Path(__file__).resolve().parents[1]).stdout.strip()
     assert found == str(own), (found, shutil.which("ninja", path="/usr/bin:/bin"))
+
+
+def test_make_ops_builds_the_ops_a_cpu_training_run_loads() -> None:
+    """`python -m pangu_model.ops` (`make ops`, before `make run` and `make test`) builds DeepSpeed's host Adam
+    and the shared-memory collectives ahead, into the directory the training program loads them from."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "pangu_model.ops"], capture_output=True, text=True, timeout=900,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    ready = {line.split()[1] for line in done.stdout.splitlines() if line.startswith("pangu_model.ops:")}
+    assert ready == {"cpu_adam", "deepspeed_shm_comm"}, done.stdout
+    built = Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    assert all((built / name / f"{name}.so").is_file() for name in ready), sorted(p.name for p in built.iterdir())
