@@ -664,8 +664,7 @@ def ecss_vs_device(ctx: Context) -> dict[str, Any]:
     if ctx.smoke:
         out["substitute"] = "cpu-smoke: sigma-tiny as preset (d_model 64), 2 experts per domain, fp32 on CPU"
     # DeepSpeedCPUAdam is JIT-built on first use (host compiler): build it once, outside the timed runs.
-    prebuild = [sys.executable, "-c", "import pangu_model; from deepspeed.ops.op_builder import CPUAdamBuilder; "
-                "CPUAdamBuilder().load()"]
+    prebuild = [sys.executable, "-m", "pangu_model.ops", "CPUAdamBuilder"]
     code, seconds, tail = run_process(prebuild, min(ctx.left(), args.cpu_adam_build_s), ctx.runs_log,
                                       child_env(not ctx.cuda), "cpu_adam build")
     out["cpu_adam_build"] = {"status": "ok" if code == 0 else ("timed_out" if code is None else f"failed: {one_line(_last_error(tail))}"),

@@ -256,11 +256,6 @@ class HostExpertBank(nn.Module):
         """The block that `replica` of this shard owns."""
         return owned_block(replica, self.ep_rank, self.replicas)
 
-    def owned_active(self) -> torch.Tensor:
-        """The active experts of this rank's own block (global ids)."""
-        a = self.active
-        return a[(a >= self.owned_first) & (a < self.owned_first + self.owned_size)]
-
     def make_shadows(self, dtype: torch.dtype, copy: bool = False) -> None:
         """Host copies of the owned masters in the compute dtype (pinned on CUDA), the source of every
         host→device copy: `p` bytes per parameter cross the link instead of fp32's 4, and a pinned source

@@ -8,7 +8,9 @@ starts without a few minutes of compiling on a 2-core machine; afterwards this t
 """
 from __future__ import annotations
 
+import sys
 import time
+from typing import Sequence
 
 import pangu_model  # noqa: F401 - the build directory and ninja every process of this environment uses
 
@@ -16,15 +18,17 @@ import pangu_model  # noqa: F401 - the build directory and ninja every process o
 OPS = ("CPUAdamBuilder", "ShareMemCommBuilder")
 
 
-def build_ops() -> dict[str, float]:
-    """Build (or load, when built already) every op of `OPS` this machine's accelerator has; op name →
-    seconds taken."""
+def build_ops(names: Sequence[str] = OPS, required: bool = False) -> dict[str, float]:
+    """Build (or load, when built already) every op of `names` this machine's accelerator has; op name →
+    seconds taken. `required`: one the accelerator lacks is an error rather than passed over."""
     from deepspeed.accelerator import get_accelerator
 
     taken = {}
-    for name in OPS:
+    for name in names:
         builder = get_accelerator().create_op_builder(name)
         if builder is None or not builder.is_compatible():
+            if required:
+                raise RuntimeError(f"{name}: this machine's DeepSpeed accelerator cannot build it")
             continue  # e.g. the shared-memory collectives on a GPU node: NCCL carries them there
         started = time.perf_counter()
         builder.load()
@@ -32,8 +36,14 @@ def build_ops() -> dict[str, float]:
     return taken
 
 
-def main() -> None:
-    for name, seconds in build_ops().items():
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m pangu_model.ops [BUILDER ...]`: the builders named (DeepSpeed's class names), else `OPS`."""
+    named = list(sys.argv[1:] if argv is None else argv)
+    try:
+        taken = build_ops(named or OPS, required=bool(named))
+    except (RuntimeError, ValueError) as err:  # ValueError: a builder name DeepSpeed does not know
+        sys.exit(f"pangu_model.ops: {err}")
+    for name, seconds in taken.items():
         print(f"pangu_model.ops: {name} ready ({seconds:.1f} s)", flush=True)
 
 

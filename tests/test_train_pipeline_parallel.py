@@ -137,8 +137,8 @@ def test_tensor_2_by_pipeline_2_gives_the_losses_and_export_of_one_rank_and_resu
     for index in layers:
         prefix = "tied_modules.word_embedding" if index == 0 else str(index)
         for r in (0, 1):
-            for key, tensor in torch.load(last / f"layer_{index:02d}-model_{r:02d}-model_states.pt",
-                                          weights_only=True).items():
+            layer_file = last / f"layer_{index:02d}-model_{r:02d}-model_states.pt"
+            for key, tensor in torch.load(layer_file, weights_only=True).items():
                 parts[r][pangu_name(f"{prefix}.{key}", num_layers=5)] = tensor
     # ... and holds the single rank's weights, to fp32 noise.
     assert_export_joins_the_slices(got, parts, dims, load_checkpoint(one.parent / "export").state_dict())
