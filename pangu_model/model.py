@@ -12,7 +12,8 @@ Layout (SPEC §5.1, our reading of "L−1 normal blocks → final LayerNorm → 
 This follows the released MindSpore code, where the backbone applies its final LayerNorm before
 `top_query_layer` and the head multiplies the query layer's output by the word table directly.
 The top `moe_layers` layers (the query layer among them) swap their FFN for a sparse one (moe.py).
-With a tensor-parallel group (`tp`, tensor_parallel.py) a dense model splits its layers Megatron-style.
+With a tensor-parallel group (`tp`, tensor_parallel.py) the dense layers split Megatron-style (the experts
+of the sparse layers are replicated over the group).
 
 Kernels (GPU speed; the CPU path is unchanged): `PanguModel.attention_backend` ("auto" | "sdpa" |
 "flex", see masks.py: training on CUDA uses FlexAttention with a block-sparse document mask and no
@@ -206,9 +207,10 @@ class PanguModel(nn.Module):
     per forward; set it on the instance to force one (e.g. "sdpa" to keep PanGu-α's attention dropout on
     the GPU, at the cost of a dense mask and one sync per forward).
 
-    `tp` (a `tensor_parallel.TensorParallel` group of more than one rank; dense models only) splits the
-    model Megatron-style: attention by heads, the FFN by its inner width, the word embedding and the tied
-    head by the vocabulary. `logits` are then this rank's vocabulary columns and the loss is computed
+    `tp` (a `tensor_parallel.TensorParallel` group of more than one rank) splits the model Megatron-style:
+    attention by heads, the dense FFNs by their inner width, the word embedding and the tied head by the
+    vocabulary; sparse FFNs (PanGu-Σ's experts) are not split: each rank of the group holds them whole and
+    computes them on the same, replicated input. `logits` are then this rank's vocabulary columns and the loss is computed
     from them (`vocab_parallel_cross_entropy`); parameter names are the dense model's
     (`tensor_parallel.shard_state_dict` / `gather_state_dict` convert). Without it the model is the dense
     one, unchanged."""

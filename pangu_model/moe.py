@@ -516,9 +516,9 @@ SPARSE_FFNS: dict[str, type[nn.Module]] = {
 def build_ffn(config: PanguConfig, layer_index: int, expert_shard: tuple[int, int] | None = None,
               tp: "TensorParallel | None" = None) -> nn.Module:
     if config.is_sparse_layer(layer_index):
-        if tp is not None and tp.size > 1:
-            raise ValueError("tensor parallelism is implemented for dense layers only (PanGu-Σ's sparse layers "
-                             "are expert-parallel)")
+        # A sparse layer is never split by `tp`: its input is replicated over the tensor group (after the
+        # attention's row-parallel all-reduce), so every rank of the group holds the same experts and computes
+        # them on the same tokens; their gradients are then equal on every rank, as a LayerNorm's are.
         if expert_shard is not None:
             if config.router != "rre":
                 raise ValueError("expert shards are implemented for RRE routing only")

@@ -1,4 +1,5 @@
-"""Megatron-style tensor parallelism for the dense PanGu-α model (SPEC §5.1: op-level slicing inside a server).
+"""Megatron-style tensor parallelism for PanGu-α and PanGu-Σ's dense part (SPEC §5.1: op-level slicing inside a
+server).
 
 A tensor-parallel group of `size` ranks (consecutive global ranks inside one node: deploy/topology.py)
 splits every dense layer; all ranks of the group see the same rows:
@@ -12,7 +13,10 @@ splits every dense layer; all ranks of the group see the same rows:
   `vocab_parallel_cross_entropy` computes the loss without gathering them;
 * LayerNorms, position and query-layer tables and the row-parallel biases are replicated: their
   gradients are equal on every rank of the group, since everything after them enters the parallel
-  region through `copy_to_tensor_parallel_region` (identity forward, all-reduce backward).
+  region through `copy_to_tensor_parallel_region` (identity forward, all-reduce backward);
+* PanGu-Σ's routed experts (moe.py) are replicated too, for the same reason: their input (LN of the hidden
+  state after the attention's all-reduce) is the same on every rank, RRE routes it by a fixed table, so each
+  rank computes the same experts on the same tokens and gets their whole gradient.
 
 Parameters of the split layers are plain local tensors with the dense model's names, marked
 `tensor_model_parallel = True` (and `partition_dim`): DeepSpeed ZeRO 1/2 partitions them over the

@@ -11,11 +11,13 @@ What one run does:
   checkpoint, dense → sparse inheritance included) and wraps it with `deepspeed.initialize`, using the
   DeepSpeed config generated from the preset (deploy/deepspeed_config.py), our parameter groups
   (optim.py: no decay on LayerNorm/biases, hybrid Adam ε) and our warmup + cosine schedule;
-* PanGu-α tensor parallelism (`tensor_parallel` > 1, tensor_parallel.py): each tensor group of ranks inside
-  a node splits every layer Megatron-style and reads the same rows; DeepSpeed gets the data-parallel group
-  through an `mpu` (ZeRO partitions over it, clipping sums the norm over the tensor group, each tensor
-  rank checkpoints its own slices); layouts this program cannot run (tensor or pipeline parallel with
-  experts) are refused at start (`LayoutError`), before anything is allocated;
+* tensor parallelism (`tensor_parallel` > 1, tensor_parallel.py): each tensor group of ranks inside a node
+  splits every dense layer Megatron-style (PanGu-α's, and PanGu-Σ's dense part; the RRE layers' experts are
+  replicated over the group, computed on the same tokens by each of its ranks) and reads the same rows;
+  DeepSpeed gets the data-parallel group through an `mpu` (ZeRO partitions over it, clipping sums the norm
+  over the tensor group, counting replicated parameters once, each tensor rank checkpoints its own slices);
+  layouts this program cannot run are refused at start (`LayoutError`, one line naming what is not
+  implemented), before anything is allocated;
 * PanGu-α pipeline parallelism (`pipeline_parallel` > 1, pipeline_parallel.py): each rank builds its stage
   of a DeepSpeed `PipelineModule` (embeddings first, query layer and tied head last) and trains with
   DeepSpeed's 1F1B schedule over the step's micro-batches; each stage checkpoints its own layers. With
@@ -65,9 +67,11 @@ from .optim import OptimConfig, build_scheduler, lr_at, parameter_groups
 from .tensor_parallel import (
     ModelParallelUnit,
     TensorParallel,
+    as_tensor_parallel,
     gather_state_dict,
     mark_split,
     row_blocks,
+    shard_state_dict,
     split_dims,
 )
 
@@ -137,9 +141,9 @@ class TrainConfig(BaseModel):
                                                                 "the first N steps run in line (a warm-up, as "
                                                                 "ZeRO-Offload's: early gradients change fast)")
     expert_parallel: int = Field(1, ge=1, description="ranks that share one copy of the experts (inside a node)")
-    tensor_parallel: int = Field(1, ge=1, description="ranks that split every layer of a dense PanGu-α model "
-                                                      "(Megatron-style, inside a node); ZeRO runs over the "
-                                                      "data-parallel rest (world / tensor_parallel)")
+    tensor_parallel: int = Field(1, ge=1, description="ranks that split every dense layer (Megatron-style, inside "
+                                                      "a node; PanGu-Σ's experts are replicated over them); ZeRO "
+                                                      "runs over the data-parallel rest (world / tensor_parallel)")
     pipeline_parallel: int = Field(1, ge=1, description="pipeline stages of a dense PanGu-α model (DeepSpeed's 1F1B "
                                                         "pipeline, across nodes; with tensor_parallel, stages of "
                                                         "tensor-parallel layers); the micro-batches of a step are "
@@ -165,8 +169,8 @@ class TrainConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         model = self.pangu_config()
+        self._check_pipeline_parallel(model)  # first: with experts, a pipeline is refused whatever the tensor degree
         self._check_tensor_parallel(model)
-        self._check_pipeline_parallel(model)
         if model.router != "dense" and self.zero_stage == 3:
             raise ValueError("ZeRO-3 with experts: DeepSpeed's MoE refuses stage 3 (SPEC §5.2); use 0-2")
         if self.ecss and model.router != "rre":
@@ -184,7 +188,15 @@ class TrainConfig(BaseModel):
         tp = self.tensor_parallel
         if tp == 1:
             return
-        self._dense_only(model, "tensor_parallel", "tensor parallelism", "PanGu-Σ's dense part is not split yet")
+        if model.router not in ("dense", "rre"):
+            raise LayoutError(f"tensor_parallel {tp} with router {model.router}: tensor parallelism is implemented for "
+                              f"dense PanGu-α and RRE PanGu-Σ models only; set tensor_parallel: 1")
+        if self.ecss:
+            raise LayoutError(f"tensor_parallel {tp} with ECSS: the host experts of a tensor group's ranks are not "
+                              f"shared yet; set tensor_parallel: 1 or ecss: false")
+        if self.expert_parallel > 1:
+            raise LayoutError(f"tensor_parallel {tp} with expert_parallel {self.expert_parallel}: expert groups across "
+                              f"tensor groups are not implemented yet; set one of them to 1")
         if self.zero_stage == 3:
             raise ValueError(f"tensor_parallel {tp} with ZeRO-3 is not implemented; use zero_stage 0-2")
         for name in ("num_heads", "d_ff", "vocab_size"):
@@ -445,14 +457,21 @@ def build_model(
     from .checkpoint import load_checkpoint, load_config, read_parts
     from .inherit import sigma_from_dense
 
+    inherited = None
     if load_config(config.init_from).router == "dense" and pangu.router != "dense":
-        return sigma_from_dense(load_checkpoint(config.init_from), pangu, expert_shard).train()
+        inherited = sigma_from_dense(load_checkpoint(config.init_from), pangu, expert_shard)
+        if as_tensor_parallel(tp) is None:
+            return inherited.train()
     # Only this rank's part is read: its expert shard, its tensor slices, its pipeline stage's modules (the
-    # others stay on the meta device, as for a new model).
+    # others stay on the meta device, as for a new model). A sparse model inherited from a dense one is made
+    # whole on the host first (its experts are copies of the dense FFNs), then cut to this rank's slices.
     with torch.device("meta"):
         model = PanguModel(pangu, expert_shard, tp=tp)
-    state = read_parts(config.init_from, model, keep=keep_modules)
     split = split_dims(model)
+    if inherited is None:
+        state = read_parts(config.init_from, model, keep=keep_modules)
+    else:
+        state = shard_state_dict(inherited.state_dict(), split, tp)
     model.load_state_dict(state, strict=keep_modules is None, assign=True)
     mark_split(model, split)  # the assigned Parameters are new ones
     return model.train()
@@ -874,7 +893,7 @@ class Trainer:
                                            max(1, self.num_domains), self.pangu.pad_token_id, tp=self.tp)
             if self._counts_rows():
                 metrics.add_domain_losses(domain_sums)
-            if self.expert_layers:
+            if self.expert_layers and self._counts_rows():  # a tensor group routes its rows once
                 metrics.add_expert_load(self._expert_load(batch))
         lr = lr_at(self.step, config.optimizer, self.total_steps)
         loss, lm_loss, aux_loss, tokens = sums.tolist()  # the step's one sync

@@ -173,8 +173,9 @@ def test_pipeline_layouts_the_trainer_cannot_run_are_refused_in_one_line() -> No
                                                           r"pipeline engine runs ZeRO stage 0 or 1 only",
         ("pp-zero0", "alpha-tiny", (("zero_stage", 0),)): r"pipeline_parallel 2 with ZeRO stage 0 in fp32 and "
                                                           r"grad_clip 1.0: DeepSpeed's fp32 gradient clipping",
-        ("pp-tp-sigma", "sigma-tiny", (("tensor_parallel", 2),)): r"tensor_parallel 2 with .*: tensor parallelism "
-                                                                  r"is implemented for dense PanGu-α models only",
+        ("pp-tp-sigma", "sigma-tiny", (("tensor_parallel", 2),)): r"pipeline_parallel 2 with .*: pipeline "
+                                                                  r"parallelism is implemented for dense PanGu-α "
+                                                                  r"models only",
     }
     for (name, preset, extra), message in refused.items():
         with pytest.raises(ValueError, match=message):

@@ -250,9 +250,19 @@ def test_layouts_the_trainer_cannot_run_are_refused_in_one_line() -> None:
     from pangu_model.train import fit_to_data, load_train_config
     from tests.test_train_common import cli, run_config
 
-    # Checked with the config: tensor parallelism splits dense models only, and evenly.
-    with pytest.raises(ValueError, match="tensor_parallel 2 with ECSS: .*dense PanGu-α models only"):
+    # Checked with the config: tensor parallelism splits dense PanGu-α and RRE PanGu-Σ models (experts replicated
+    # over the tensor group: tests/test_train_tensor_parallel_sigma.py), evenly; not ECSS or learned routers.
+    with pytest.raises(ValueError, match="tensor_parallel 2 with ECSS: the host experts of a tensor group's ranks "
+                                         "are not shared yet"):
         load_train_config(run_config("tp-ecss", "sigma-tiny", ecss=True, tensor_parallel=2))
+    with pytest.raises(ValueError, match="tensor_parallel 2 with expert_parallel 2: expert groups across tensor "
+                                         "groups are not implemented yet"):
+        load_train_config(run_config("tp-ep", "sigma-tiny", ecss=False, expert_parallel=2, tensor_parallel=2))
+    with pytest.raises(ValueError, match="tensor_parallel 2 with router moge: tensor parallelism is implemented for "
+                                         "dense PanGu-α and RRE PanGu-Σ models only"):
+        load_train_config(run_config("tp-moge", "alpha-tiny", tensor_parallel=2,
+                                     model_overrides={"router": "moge", "moe_layers": 1, "num_experts": 4}))
+    load_train_config(run_config("tp-sigma", "sigma-tiny", ecss=False, tensor_parallel=2))  # not refused
     with pytest.raises(ValueError, match="tensor_parallel 8 does not divide num_heads 4"):
         load_train_config(run_config("tp-heads", "alpha-tiny", tensor_parallel=8))
 
