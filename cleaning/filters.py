@@ -413,7 +413,9 @@ def dictionary_bigrams() -> np.ndarray:
 def _build_dictionary_bigrams() -> np.ndarray:
     import jieba
 
-    jieba.dt.check_initialized()
+    from tokenizer.segment import load_dictionary
+
+    load_dictionary()
     pairs = {word[i:i + 2] for word, freq in jieba.dt.FREQ.items() if freq and len(word) >= 2
              for i in range(len(word) - 1)}
     first = np.array([ord(p[0]) for p in pairs], dtype=np.uint64)

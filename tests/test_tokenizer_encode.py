@@ -164,3 +164,48 @@ def test_pickles_without_its_pool(tok: PanguTokenizer) -> None:
     clone = pickle.loads(pickle.dumps(tok))
     assert clone.encode("北京欢迎你") == tok.encode("北京欢迎你")
     assert unicodedata.is_normalized("NFKC", "北京")  # sanity: the test text is NFKC-stable
+
+
+
+_DICTIONARY_DIGEST = """
+import hashlib, json, sys
+import jieba
+from tokenizer import segment
+if sys.argv[1] == "jieba":
+    jieba.dt.initialize()
+else:
+    if sys.argv[1] == "cached":
+        def refuse(*args, **kwargs):
+            raise AssertionError("jieba's own dictionary loading ran")
+        jieba.Tokenizer.initialize = refuse
+    segment.load_dictionary()
+items = sorted(jieba.dt.FREQ.items())
+print(json.dumps({"digest": hashlib.sha256(repr(items).encode()).hexdigest(), "total": jieba.dt.total,
+                  "entries": len(items), "segmented": segment.fast_segment("微博客服务在北京天安门广场")}))
+"""
+
+
+def test_dictionary_from_the_array_cache_is_jiebas_own(tmp_path) -> None:
+    # The first process builds the cache (through jieba's loader); the next one loads jieba's default
+    # dictionary from it without jieba's loader, and gets the very same words, frequencies and total.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PANGU_HOME": str(tmp_path)}
+
+    def digest(mode: str) -> dict:
+        done = subprocess.run([sys.executable, "-c", _DICTIONARY_DIGEST, mode], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout)
+
+    jiebas = digest("jieba")
+    assert not list((tmp_path / "cache").glob("jieba-prefix-dictionary-*.npz"))
+    first = digest("first")
+    cache = list((tmp_path / "cache").glob("jieba-prefix-dictionary-*.npz"))
+    assert len(cache) == 1
+    cached = digest("cached")
+    assert cached == first == jiebas and cached["entries"] > 400_000
+    assert cached["segmented"] == "微 博客 服务 在 北京天安门广场"
