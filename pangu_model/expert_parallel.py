@@ -4,10 +4,23 @@ PanGu-Σ routes by domain and token id, never by a learned gate: `FixedRouteGate
 one-hot logits on the precomputed expert, dropless, so DeepSpeed's all-to-all moves each token to
 the rank holding its expert. `gather_expert_state` collects every rank's experts back into the
 `ExpertBank` layout for export (DeepSpeed's zero_to_fp32.py cannot read MoE checkpoints).
+
+With tensor parallelism (DeepSpeed's `mpu` holds the tensor group) the experts are not split but
+replicated over the tensor group, and every rank of the group computes its experts on the whole of the
+layer's input, which is the same on all of them: so their gradients are whole and equal on every rank.
+The layer is built with DeepSpeed's `enable_expert_tensor_parallelism` for its groups only: DeepSpeed then
+makes the expert groups among the ranks of one tensor rank (`groups._get_expert_parallel_ranks`, the groups
+of deploy/topology.py), so the ranks of a tensor group hold the same expert shard, and each tensor rank's
+all-to-all runs in its own expert group. Its forward runs
+with DeepSpeed's tensor group hidden (`_tensor_group_hidden`): with one, DeepSpeed's MoE layer would split
+the capacity slots over the tensor group before the all-to-all and gather them back after it (an exchange
+tp times smaller, but its gather writes into a flat buffer, which gloo refuses, and our replicated experts
+need every slot anyway).
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -52,10 +65,25 @@ def _fixed_route_gate_class() -> type:
     return FixedRouteGate
 
 
-class DeepSpeedRRE(nn.Module):
-    """RRE routing in front of `deepspeed.moe.layer.MoE`: experts spread over `ep` ranks, all-to-all."""
+@contextlib.contextmanager
+def _tensor_group_hidden() -> Iterator[None]:
+    """DeepSpeed's MoE layer (its forward, and the capacity its gate computes) without DeepSpeed's `mpu`: no split
+    of the tokens over the tensor group (module docstring). Its backward reads no `mpu` (the all-to-alls keep
+    their group), so hiding it for the forward, recomputed forwards included, is enough."""
+    from deepspeed.utils import groups
 
-    def __init__(self, rre: RandomRoutedExperts, ep: int, ep_rank: int) -> None:
+    mpu, groups.mpu = groups.mpu, None
+    try:
+        yield
+    finally:
+        groups.mpu = mpu
+
+
+class DeepSpeedRRE(nn.Module):
+    """RRE routing in front of `deepspeed.moe.layer.MoE`: experts spread over `ep` ranks, all-to-all; with
+    `tensor_parallel` the experts are replicated over the tensor group (module docstring)."""
+
+    def __init__(self, rre: RandomRoutedExperts, ep: int, ep_rank: int, tensor_parallel: bool = False) -> None:
         from deepspeed.moe.layer import MoE
 
         super().__init__()
@@ -68,7 +96,8 @@ class DeepSpeedRRE(nn.Module):
         total = rre.total_experts
         _, d_ff, d_model = bank.w_in.shape
         self.moe = MoE(hidden_size=d_model, expert=_Expert(d_model, d_ff), num_experts=total, ep_size=ep, k=1,
-                       min_capacity=0, drop_tokens=False, use_rts=False)
+                       min_capacity=0, drop_tokens=False, use_rts=False,
+                       enable_expert_tensor_parallelism=tensor_parallel)
         old = self.moe.deepspeed_moe.gate
         gate = _fixed_route_gate_class()(d_model, total, k=1, min_capacity=0, drop_tokens=False, use_rts=False)
         gate.wg.weight.requires_grad_(False)  # unused: the route is fixed
@@ -94,15 +123,17 @@ class DeepSpeedRRE(nn.Module):
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor, domain_ids: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         self.moe.deepspeed_moe.gate.expert_ids = self.route(token_ids, domain_ids).reshape(-1)
-        out, _, _ = self.moe(x)
+        with _tensor_group_hidden() if self.moe.enable_expert_tensor_parallelism else contextlib.nullcontext():
+            out, _, _ = self.moe(x)
         return out.view_as(x), x.new_zeros(())
 
 
 def to_deepspeed_moe(model: PanguModel, ep: int, ep_rank: int) -> None:
-    """Swap every RRE layer of `model` for a DeepSpeedRRE holding this ep rank's experts."""
+    """Swap every RRE layer of `model` for a DeepSpeedRRE holding this ep rank's experts (replicated over the
+    model's tensor group, if it has one)."""
     for block in model.layers:
         if isinstance(block.ffn, RandomRoutedExperts):
-            block.ffn = DeepSpeedRRE(block.ffn, ep, ep_rank)
+            block.ffn = DeepSpeedRRE(block.ffn, ep, ep_rank, tensor_parallel=model.tp is not None)
 
 
 def local_expert_rows(model: nn.Module, state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, int]]:

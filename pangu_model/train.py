@@ -194,9 +194,12 @@ class TrainConfig(BaseModel):
         if self.ecss:
             raise LayoutError(f"tensor_parallel {tp} with ECSS: the host experts of a tensor group's ranks are not "
                               f"shared yet; set tensor_parallel: 1 or ecss: false")
-        if self.expert_parallel > 1:
-            raise LayoutError(f"tensor_parallel {tp} with expert_parallel {self.expert_parallel}: expert groups across "
-                              f"tensor groups are not implemented yet; set one of them to 1")
+        if self.expert_parallel > 1 and self.zero_stage == 0:
+            # Without ZeRO, DeepSpeed's bf16/fp16 optimizers add the norm of the MoE experts over the tensor group
+            # (they take them for tensor-parallel), which counts experts replicated over it once per rank.
+            raise LayoutError(f"tensor_parallel {tp} with expert_parallel {self.expert_parallel} and ZeRO stage 0: "
+                              f"DeepSpeed's gradient clipping without ZeRO is not implemented for experts replicated "
+                              f"over a tensor group; set zero_stage: 1 or 2")
         if self.zero_stage == 3:
             raise ValueError(f"tensor_parallel {tp} with ZeRO-3 is not implemented; use zero_stage 0-2")
         for name in ("num_heads", "d_ff", "vocab_size"):
@@ -628,8 +631,9 @@ class Trainer:
                               f"stays inside one node)")
         if self.world_size % ep:
             raise LayoutError(f"expert_parallel {ep} does not divide the world size {self.world_size}")
-        if ep > 1 and local % ep:
-            raise LayoutError(f"expert group of {ep} ranks would leave a node of {local} ranks")
+        if ep > 1 and local % (ep * tp):  # ep ranks at stride tp (deploy/topology.py): ep·tp inside a node
+            raise LayoutError(f"expert group of {ep} ranks" + (f" at stride tensor_parallel {tp}" if tp > 1 else "")
+                              + f" would leave a node of {local} ranks")
 
     def _check_plan(self) -> Any:
         """The planner's verdict on this run with this machine's GPU and host memory (deploy/plan.py):
@@ -758,15 +762,19 @@ class Trainer:
         return found["expert"], found["expert_data"]
 
     def _check_expert_groups(self) -> None:
-        """DeepSpeed built its expert groups itself: they must be the topology's (inside a node)."""
+        """DeepSpeed built its expert and expert-data-parallel groups itself: they must be the topology's (an
+        expert group inside a node; with tensor parallelism, among the ranks of one tensor rank, so that the
+        ranks of a tensor group hold the same expert shard)."""
         from deepspeed.utils import groups
 
-        ours = self._layout().expert_parallel_groups
+        layout = self._layout()
         name = f"ep_size_{self.config.expert_parallel}"
-        group = groups._get_expert_parallel_group(name)
-        theirs = dist.get_process_group_ranks(group)
-        if theirs not in ours:
-            raise RuntimeError(f"DeepSpeed expert group {theirs} is not one of the topology's {ours}")
+        for what, group, ours in (("expert", groups._get_expert_parallel_group(name), layout.expert_parallel_groups),
+                                  ("expert-data", groups._get_expert_data_parallel_group(name),
+                                   layout.expert_data_parallel_groups)):
+            theirs = dist.get_process_group_ranks(group)
+            if theirs not in ours:
+                raise RuntimeError(f"DeepSpeed {what} group {theirs} is not one of the topology's {ours}")
 
     def _check_domains(self) -> None:
         if self.pangu.router != "rre":
@@ -1048,10 +1056,12 @@ class Trainer:
 
     def _first_replica(self) -> bool:
         """True on one rank per expert shard: rank 0 without expert parallelism, else the first rank of
-        each expert-data-parallel group."""
+        each expert-data-parallel group; with tensor parallelism, its tensor rank 0 (the ranks of a tensor
+        group hold the same shard)."""
         if self.config.expert_parallel == 1:
             return self.rank == 0
-        return any(ranks[0] == self.rank for ranks in self._layout().groups()["expert_data"])
+        first_of_tensor_group = self.tp is None or self.tp.rank == 0
+        return first_of_tensor_group and any(ranks[0] == self.rank for ranks in self._layout().groups()["expert_data"])
 
     def _prune(self) -> None:
         tags = sorted(p for p in self.checkpoint_dir.glob("step*") if p.is_dir())

@@ -248,28 +248,32 @@ def test_tensor_parallel_collectives_run_on_the_compute_device() -> None:
 # ---------------------------------------------------------------------------------------------
 def test_layouts_the_trainer_cannot_run_are_refused_in_one_line() -> None:
     from pangu_model.train import fit_to_data, load_train_config
-    from tests.test_train_common import cli, run_config
+    from tests.test_train_common import cli, run_config, torchrun
 
     # Checked with the config: tensor parallelism splits dense PanGu-α and RRE PanGu-Σ models (experts replicated
     # over the tensor group: tests/test_train_tensor_parallel_sigma.py), evenly; not ECSS or learned routers.
     with pytest.raises(ValueError, match="tensor_parallel 2 with ECSS: the host experts of a tensor group's ranks "
                                          "are not shared yet"):
         load_train_config(run_config("tp-ecss", "sigma-tiny", ecss=True, tensor_parallel=2))
-    with pytest.raises(ValueError, match="tensor_parallel 2 with expert_parallel 2: expert groups across tensor "
-                                         "groups are not implemented yet"):
-        load_train_config(run_config("tp-ep", "sigma-tiny", ecss=False, expert_parallel=2, tensor_parallel=2))
+    with pytest.raises(ValueError, match="tensor_parallel 2 with expert_parallel 2 and ZeRO stage 0: DeepSpeed's "
+                                         "gradient clipping without ZeRO is not implemented for experts replicated"):
+        load_train_config(run_config("tp-ep-zero0", "sigma-tiny", ecss=False, expert_parallel=2, tensor_parallel=2,
+                                     zero_stage=0))
     with pytest.raises(ValueError, match="tensor_parallel 2 with router moge: tensor parallelism is implemented for "
                                          "dense PanGu-α and RRE PanGu-Σ models only"):
         load_train_config(run_config("tp-moge", "alpha-tiny", tensor_parallel=2,
                                      model_overrides={"router": "moge", "moe_layers": 1, "num_experts": 4}))
-    load_train_config(run_config("tp-sigma", "sigma-tiny", ecss=False, tensor_parallel=2))  # not refused
+    for name, extra in {"tp-sigma": {}, "tp-ep": {"expert_parallel": 2}}.items():  # not refused
+        load_train_config(run_config(name, "sigma-tiny", ecss=False, tensor_parallel=2, **extra))
     with pytest.raises(ValueError, match="tensor_parallel 8 does not divide num_heads 4"):
         load_train_config(run_config("tp-heads", "alpha-tiny", tensor_parallel=8))
 
-    # Checked at start, before the model is built: tp 2 on one rank; a topology whose layout is not the
-    # config's (pangu-alpha-200b: tp 8, pp 16). Before a checkpoint is loaded: one of tensor_parallel 2 resumed
-    # with tensor_parallel 1.
+    # Checked at start, before the model is built: tp 2 on one rank; an expert group that would leave the node
+    # (ep 2 at stride tp 2 needs 4 ranks a node; torchrun gives 2); a topology whose layout is not the config's
+    # (pangu-alpha-200b: tp 8, pp 16). Before a checkpoint is loaded: one of tensor_parallel 2 resumed with
+    # tensor_parallel 1.
     world = run_config("tp-world", "alpha-tiny", tensor_parallel=2, train_steps=1)
+    stride = run_config("tp-ep-node", "sigma-tiny", ecss=False, tensor_parallel=2, expert_parallel=2, train_steps=1)
     pipeline = run_config("tp-pipeline", "alpha-tiny", topology="pangu-alpha-200b", train_steps=1)
     relayout = run_config("tp-relayout", "alpha-tiny", train_steps=4, export=False)
     tag = relayout.parent / "checkpoints" / "step00000002"
@@ -279,15 +283,17 @@ def test_layouts_the_trainer_cannot_run_are_refused_in_one_line() -> None:
                tag / "trainer_rank00000.pt")
     (relayout.parent / "checkpoints" / "latest").write_text(tag.name)
     runs = {config: cli(config) for config in (world, pipeline, relayout)}  # side by side: each starts Python
+    runs[stride] = torchrun(stride, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     expected = {world: "tensor_parallel 2 does not divide the world size 1",
+                stride: "expert group of 2 ranks at stride tensor_parallel 2 would leave a node of 2 ranks",
                 pipeline: "topology pangu-alpha-200b has pipeline 16, config says pipeline_parallel 1",
                 relayout: "was written with tensor_parallel 2 (2 ranks), this run has tensor_parallel 1"}
     for config, proc in runs.items():
         out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 2, out[-3000:]
+        assert proc.returncode != 0 if config == stride else proc.returncode == 2, out[-3000:]  # torchrun exits 1
         lines = [line for line in out.splitlines() if line.startswith("pangu_model.train:")]
-        assert len(lines) == 1 and expected[config] in lines[0], out[-3000:]
-        assert "Traceback" not in out
+        assert lines and set(lines) == {lines[0]} and expected[config] in lines[0], out[-3000:]  # a line a rank
+        assert 'pangu_model/train.py", line' not in out and (config == stride or "Traceback" not in out)  # torchrun's
     assert not (world.parent / "metrics.csv").exists()
 
 
