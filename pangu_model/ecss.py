@@ -69,7 +69,8 @@ A layer that a rank cannot send yet (no gradient of the last backward reached it
 to its shard) holds the later ones back there until `step`, so no rank's collectives meet another's out of
 order; a layer in which a rank holds no rows goes without waiting. The returns use a group on which nothing
 else runs meanwhile: the replica group is ECSS's own with expert parallelism; without it, it is the world,
-over which DeepSpeed reduces the dense gradients, and a twin of it is made. (Under NCCL this assumes the
+over which DeepSpeed reduces the dense gradients, and a twin of it is made (with tensor parallelism the trainer
+passes new groups inside one tensor rank: pangu_model/train.py `_ecss_groups`). (Under NCCL this assumes the
 replica-group kernels may run beside the backward's, as they do unless CUDA_DEVICE_MAX_CONNECTIONS=1.)
 
 Delayed host update (`delayed_update`, TrainConfig `ecss_delayed_update`; ZeRO-Offload's "delayed

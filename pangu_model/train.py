@@ -25,7 +25,8 @@ What one run does:
   group (DeepSpeed's grid is then the `mpu`), and each (stage, tensor rank) checkpoints its own slices;
 * PanGu-Σ experts: in the model's own `ExpertBank` (one rank's experts, ep = 1), through DeepSpeed's
   MoE layer with a fixed RRE gate (ep > 1, expert groups inside a node: deploy/topology.py), or
-  host-resident with ECSS (ecss.py), sharded over the expert-parallel group when ep > 1;
+  host-resident with ECSS (ecss.py), sharded over the expert-parallel group when ep > 1 (with tensor
+  parallelism, each tensor rank runs its own ECSS, the same on every rank of a tensor group);
 * reads rows from a packed token directory (`tokenizer.dataset.PackedRowDataset`, resumable);
 * checkpoints every N steps and on SIGTERM: DeepSpeed's `save_checkpoint` plus our own per-rank
   trainer state (step, data position) and ECSS host experts with their Adam states (one file per expert
@@ -191,10 +192,7 @@ class TrainConfig(BaseModel):
         if model.router not in ("dense", "rre"):
             raise LayoutError(f"tensor_parallel {tp} with router {model.router}: tensor parallelism is implemented for "
                               f"dense PanGu-α and RRE PanGu-Σ models only; set tensor_parallel: 1")
-        if self.ecss:
-            raise LayoutError(f"tensor_parallel {tp} with ECSS: the host experts of a tensor group's ranks are not "
-                              f"shared yet; set tensor_parallel: 1 or ecss: false")
-        if self.expert_parallel > 1 and self.zero_stage == 0:
+        if self.expert_parallel > 1 and not self.ecss and self.zero_stage == 0:
             # Without ZeRO, DeepSpeed's bf16/fp16 optimizers add the norm of the MoE experts over the tensor group
             # (they take them for tensor-parallel), which counts experts replicated over it once per rank.
             raise LayoutError(f"tensor_parallel {tp} with expert_parallel {self.expert_parallel} and ZeRO stage 0: "
@@ -520,7 +518,7 @@ class Trainer:
         self.tp, self.mpu = self._tensor_parallel_groups()  # with pipeline stages: the stage's, below
 
         ep = config.expert_parallel
-        ecss_groups = self._ecss_groups() if config.ecss else (None, None)
+        ecss_groups = self._ecss_groups() if config.ecss else (None, None, None)
         # With pipeline stages: the loss of the last stage, which also sums the per-domain losses it sees.
         self.pipeline_loss = None
         if config.pipeline_parallel > 1:
@@ -528,7 +526,7 @@ class Trainer:
             self.tp = model.tp
         else:
             model = build_model(config, (self._ep_rank(), ep) if ep > 1 else None, self.device,
-                                self._owned_block(ecss_groups[1]), tp=self.tp)
+                                self._owned_block(ecss_groups[2]), tp=self.tp)
         self.expert_layers: list[str] = [n for n, m in model.named_modules() if isinstance(m, RandomRoutedExperts)]
         self.sparse_layers = list(model.sparse_layers()) if self.pipeline_loss is None else []
         if config.expert_parallel > 1 and not config.ecss:
@@ -537,10 +535,9 @@ class Trainer:
         if config.ecss:
             from .ecss import ExpertOffload
 
-            ep_group, replica_group = ecss_groups
+            data_group, ep_group, replica_group = ecss_groups
             self.ecss = ExpertOffload(
-                model, config.optimizer, self.device, _compute_dtype(config.precision),
-                group=dist.group.WORLD if self.world_size > 1 else None,
+                model, config.optimizer, self.device, _compute_dtype(config.precision), group=data_group,
                 ep_group=ep_group, replica_group=replica_group, shard_states=config.ecss_shard_states,
                 host_threads=config.ecss_host_threads, delayed_update=config.ecss_delayed_update,
                 delay_after=config.ecss_delayed_update_after,
@@ -737,29 +734,39 @@ class Trainer:
     def _owned_block(self, replica_group: Any) -> tuple[int, int] | None:
         """(block, replicas) of this rank's ECSS block with sharded host state, else None: the replica group
         is the expert-data-parallel one, or every rank without expert parallelism."""
-        if not (self.config.ecss and self.config.ecss_shard_states) or self.world_size == 1:
+        if not (self.config.ecss and self.config.ecss_shard_states) or self.dp_size == 1:
             return None
         from .ecss import owned_block
 
         if self.config.expert_parallel == 1:
-            return owned_block(self.rank, 0, self.world_size), self.world_size
+            return owned_block(self.dp_rank, 0, self.dp_size), self.dp_size
         replicas = dist.get_world_size(replica_group)
         return owned_block(dist.get_rank(replica_group), self._ep_rank(), replicas), replicas
 
-    def _ecss_groups(self) -> tuple[Any, Any]:
-        """ECSS's expert-parallel group and expert-data-parallel (replica) group for this rank, built from
-        the topology's rank layout; (None, None) without expert parallelism."""
-        if self.config.expert_parallel == 1:
-            return None, None
+    def _ecss_groups(self) -> tuple[Any, Any, Any]:
+        """ECSS's groups for this rank, from the topology's rank layout: the data-parallel group (routed sets are
+        united and gradients averaged over it; None in a world of one), the expert-parallel group and the
+        expert-data-parallel (replica) group (None, None without expert parallelism).
+
+        With tensor parallelism every group lies inside one tensor rank, so each tensor rank runs an ECSS of
+        its own, and the ranks of a tensor group run the same one: they compute the same experts on the same
+        tokens, so their expert gradients, norms and host updates are equal, step for step. That is the
+        simplest correct layout (no exchange between them; `_writes_experts` has tensor rank 0 write the host
+        state), at the cost of a copy of the host state per tensor rank. The data-parallel groups are new ones
+        (ECSS issues its gradient collectives during the backward, beside DeepSpeed's reductions over the mpu's
+        data-parallel groups)."""
         layout = self._layout()
+        kinds = ("data",) if self.tp is not None else ()
+        kinds += ("expert", "expert_data") if self.config.expert_parallel > 1 else ()
         found: dict[str, Any] = {}
         # Every rank must create every group, in the same order (torch.distributed.new_group).
-        for kind in ("expert", "expert_data"):
+        for kind in kinds:
             for ranks in layout.groups()[kind]:
                 group = dist.new_group(ranks)
                 if self.rank in ranks:
                     found[kind] = group
-        return found["expert"], found["expert_data"]
+        data = found.get("data", dist.group.WORLD) if self.dp_size > 1 else None
+        return data, found.get("expert"), found.get("expert_data")
 
     def _check_expert_groups(self) -> None:
         """DeepSpeed built its expert and expert-data-parallel groups itself: they must be the topology's (an
@@ -1035,7 +1042,7 @@ class Trainer:
             "expert_parallel": self.config.expert_parallel,
         }
         _atomic_torch_save(trainer_state, directory / f"trainer_rank{self.rank:05d}.pt")
-        if self.ecss is not None and (self.ecss.sharded or self._first_replica()):
+        if self.ecss is not None and self._writes_experts():
             # One file per expert shard: its masters and Adam states (replicas of a shard are equal);
             # with sharded host state, one per owner of a block of a shard.
             _atomic_torch_save(self.ecss.state_dict(), directory / self._ecss_path())
@@ -1054,14 +1061,18 @@ class Trainer:
         ep_rank, _ = self.ecss.shard
         return _ecss_file(ep_rank, self.ecss.owner[0] if self.ecss.sharded else None)
 
-    def _first_replica(self) -> bool:
-        """True on one rank per expert shard: rank 0 without expert parallelism, else the first rank of
-        each expert-data-parallel group; with tensor parallelism, its tensor rank 0 (the ranks of a tensor
-        group hold the same shard)."""
+    def _writes_experts(self) -> bool:
+        """True on the ranks that write the experts (their checkpoint file, their rows of the export): one rank
+        per expert shard (rank 0 without expert parallelism, else the first rank of each expert-data-parallel
+        group), each owner of a block of a shard with sharded ECSS host state; with tensor parallelism only
+        tensor rank 0 of them (the ranks of a tensor group hold the same experts)."""
+        if self.tp is not None and self.tp.rank != 0:
+            return False
+        if self.ecss is not None and self.ecss.sharded:
+            return True
         if self.config.expert_parallel == 1:
             return self.rank == 0
-        first_of_tensor_group = self.tp is None or self.tp.rank == 0
-        return first_of_tensor_group and any(ranks[0] == self.rank for ranks in self._layout().groups()["expert_data"])
+        return any(ranks[0] == self.rank for ranks in self._layout().groups()["expert_data"])
 
     def _prune(self) -> None:
         tags = sorted(p for p in self.checkpoint_dir.glob("step*") if p.is_dir())
@@ -1169,7 +1180,7 @@ class Trainer:
             pieces = self.ecss.expert_rows()
         elif self.config.expert_parallel > 1:
             pieces = local_expert_rows(self.engine.module, state)
-        if not self._first_replica() and not (self.ecss is not None and self.ecss.sharded):
+        if not self._writes_experts():
             pieces = []  # replicas of a shard hold the same experts: one of them writes (sharded: each its block)
         split = split_dims(self.engine.module) if self.tp is not None else {}
         if self.pipeline_loss is not None:

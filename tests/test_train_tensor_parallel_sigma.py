@@ -7,6 +7,7 @@ are not split: every rank of a tensor group holds the same experts and computes 
 * tensor_parallel 2 on 2 ranks gives the losses, gradient norms and export of tensor_parallel 1 on 1 rank
   (dropout off, same global batch) and resumes exactly after a kill -9;
 * tensor_parallel 2 × expert_parallel 2 on 4 ranks gives those of 2 data-parallel ranks, likewise;
+* ECSS with tensor_parallel 2 on 2 ranks gives those of ECSS on 1 rank, likewise;
 * a sparse model inherited from a dense export starts, on each tensor rank, from its slices of the
   one-rank inheritance.
 """
@@ -151,3 +152,34 @@ def _assert_close_but_for_noise_steps(got: dict[str, torch.Tensor], expected: di
             (name, int(off.sum()), float((got[name] - tensor).abs().max()))
         assert float((got[name] - tensor).abs().max()) <= steps * lr, name
 
+
+@pytest.mark.slow
+def test_sigma_tensor_parallel_2_with_ecss_gives_the_losses_and_export_of_ecss_on_one_rank_and_resumes() -> None:
+    """ECSS with tp 2 on 2 ranks: each tensor rank keeps the experts and their Adam states in its host memory
+    and steps them with the same gradients (the ranks of a tensor group compute the same experts on the same
+    tokens); tensor rank 0 writes them (one ECSS file). Same losses, gradient norms and export as ECSS on one
+    rank; a kill -9 and resume is exact."""
+    from pangu_model import load_checkpoint
+    from tests.test_train_common import cli, kill_9_after_a_checkpoint, logged_rows, run_config, run_torchrun
+
+    fields = {**FIELDS, "ecss": True, "train_steps": 4, "validation_every": 0}
+    one = run_config("sigma-ecss-tp1", "sigma-tiny", **fields)
+    two = run_config("sigma-ecss-tp2", "sigma-tiny", tensor_parallel=2, throttle_s=0.5, **fields)
+    reference = cli(one)  # beside the killed run, which mostly waits (start-up, throttle)
+    tag, before_kill = kill_9_after_a_checkpoint(two)
+    out, _ = reference.communicate(timeout=120)
+    assert reference.returncode == 0, out[-3000:]
+    assert tag == "step00000002" and len(before_kill) == 3, (tag, len(before_kill))
+    assert sorted(p.name for p in (two.parent / "checkpoints" / tag).glob("ecss_*")) == ["ecss_experts_ep000.pt"]
+    done = run_torchrun(two, timeout=120)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+
+    a, b = logged_rows(one.parent), logged_rows(two.parent)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), (x["step"], x["loss"], y["loss"])
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5), (x["step"], x["grad_norm"], y["grad_norm"])
+        assert y["tokens"] == x["tokens"]
+    assert b[2]["loss"] == pytest.approx(before_kill[2]["loss"], rel=1e-6, abs=0)  # step 3, before and after the kill
+    got, expected = (load_checkpoint(p.parent / "export").state_dict() for p in (two, one))
+    _assert_close_but_for_noise_steps(got, expected, steps=4, lr=FIELDS["optimizer"]["lr"])
