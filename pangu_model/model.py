@@ -210,8 +210,8 @@ class PanguModel(nn.Module):
     `tp` (a `tensor_parallel.TensorParallel` group of more than one rank) splits the model Megatron-style:
     attention by heads, the dense FFNs by their inner width, the word embedding and the tied head by the
     vocabulary; sparse FFNs (PanGu-Σ's experts) are not split: each rank of the group holds them whole and
-    computes them on the same, replicated input. `logits` are then this rank's vocabulary columns and the loss is computed
-    from them (`vocab_parallel_cross_entropy`); parameter names are the dense model's
+    computes them on the same, replicated input. `logits` are then this rank's vocabulary columns and the loss
+    is computed from them (`vocab_parallel_cross_entropy`); parameter names are the dense model's
     (`tensor_parallel.shard_state_dict` / `gather_state_dict` convert). Without it the model is the dense
     one, unchanged."""
 

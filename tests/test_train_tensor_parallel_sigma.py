@@ -111,7 +111,7 @@ def test_sigma_tensor_2_by_expert_2_gives_the_losses_and_export_of_data_parallel
     tag, before_kill = kill_9_after_a_checkpoint(split, ranks=4, timeout=180)
     out, err = background.communicate(timeout=120)
     assert background.returncode == 0, (out + err)[-4000:]
-    assert tag == "step00000002" and len(before_kill) == 3, (tag, len(before_kill))
+    assert tag == "step00000002" and len(before_kill) in (3, 4), (tag, len(before_kill))
     # Each tensor rank checkpoints its copy of its expert shard (DeepSpeed's expert files carry the tensor rank);
     # the copies are equal, bit for bit.
     checkpoint = split.parent / "checkpoints" / tag
@@ -129,7 +129,8 @@ def test_sigma_tensor_2_by_expert_2_gives_the_losses_and_export_of_data_parallel
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), (x["step"], x["loss"], y["loss"])
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5), (x["step"], x["grad_norm"], y["grad_norm"])
         assert y["tokens"] == x["tokens"]
-    assert b[2]["loss"] == pytest.approx(before_kill[2]["loss"], rel=1e-6, abs=0)  # step 3, before and after the kill
+    for x, y in zip(before_kill[2:], b[2:]):  # steps run before the kill and again after the resume: exact
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6, abs=0), (x["step"], x["loss"], y["loss"])
     assert (split.parent / "expert_load.csv").read_text() == (reference.parent / "expert_load.csv").read_text()
     # One rank per expert shard writes its rows (tensor rank 0 of each expert-data group), rank 0 the replicated
     # tensors, each tensor rank its rows of the split ones: the whole model, once.
@@ -169,7 +170,7 @@ def test_sigma_tensor_parallel_2_with_ecss_gives_the_losses_and_export_of_ecss_o
     tag, before_kill = kill_9_after_a_checkpoint(two)
     out, _ = reference.communicate(timeout=120)
     assert reference.returncode == 0, out[-3000:]
-    assert tag == "step00000002" and len(before_kill) == 3, (tag, len(before_kill))
+    assert tag == "step00000002" and len(before_kill) in (3, 4), (tag, len(before_kill))
     assert sorted(p.name for p in (two.parent / "checkpoints" / tag).glob("ecss_*")) == ["ecss_experts_ep000.pt"]
     done = run_torchrun(two, timeout=120)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
@@ -180,6 +181,7 @@ def test_sigma_tensor_parallel_2_with_ecss_gives_the_losses_and_export_of_ecss_o
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), (x["step"], x["loss"], y["loss"])
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5), (x["step"], x["grad_norm"], y["grad_norm"])
         assert y["tokens"] == x["tokens"]
-    assert b[2]["loss"] == pytest.approx(before_kill[2]["loss"], rel=1e-6, abs=0)  # step 3, before and after the kill
+    for x, y in zip(before_kill[2:], b[2:]):  # steps run before the kill and again after the resume: exact
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6, abs=0), (x["step"], x["loss"], y["loss"])
     got, expected = (load_checkpoint(p.parent / "export").state_dict() for p in (two, one))
     _assert_close_but_for_noise_steps(got, expected, steps=4, lr=FIELDS["optimizer"]["lr"])
