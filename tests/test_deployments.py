@@ -1,5 +1,7 @@
-"""deploy/prefect.yaml against a REAL Prefect server: deploy, then `prefect deployment run pretrain/sigma
---watch` while a `prefect worker start --pool pangu --run-once` runs it to completion.
+"""deploy/prefect.yaml against a REAL Prefect server: how a run is stopped (SIGTERM to the flow process, a
+cancellation through the API while a process worker runs it), and the helpers with which
+tests/test_end_to_end.py runs `prefect deployment run pretrain/sigma --watch` under a `prefect worker start
+--pool pangu --run-once` (the deployment test itself runs there, on a fresh copy of the repository).
 
 Everything listens on and talks to 127.0.0.1 only; the server's SQLite lives in a tmp PREFECT_HOME.
 Every wait is bounded, and the server and the worker are killed (process groups) in teardown.
@@ -125,35 +127,6 @@ def run_deployment(name: str, params: dict, env: dict, api: str, cwd: Path, work
         _kill_group(run)
         _kill_group(worker)
     return run, out, worker, worker_out
-
-
-@pytest.mark.slow
-def test_deploy_and_run_sigma_with_a_run_once_worker(prefect_server, tmp_path):
-    env, api = prefect_server["env"], prefect_server["api"]
-    tokens = packed_tokens()
-    started = time.monotonic()
-
-    created = _prefect(["work-pool", "create", POOL, "--type", "process"], env, timeout=60)
-    assert created.returncode == 0, created.stdout + created.stderr
-    deployed = _prefect(["--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml"], env, timeout=120)
-    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
-    listed = _prefect(["deployment", "ls"], env, timeout=60)
-    assert "pretrain/alpha" in listed.stdout and "pretrain/sigma" in listed.stdout, listed.stdout
-    inspected = _prefect(["deployment", "inspect", "pretrain/sigma"], env, timeout=60).stdout
-    assert f"'directory': '{ROOT}'" in inspected, inspected  # {{ $PWD }} resolved at deploy time
-
-    output = tmp_path / "sigma"
-    overrides = {"seq_len": 64, "model_overrides": {"vocab_size": VOCAB, "max_seq_len": 64}, "progress_bar": False}
-    run, out, worker, worker_out = run_deployment(
-        "pretrain/sigma", {"data": tokens, "output": output, "steps": 3, "overrides": json.dumps(overrides)},
-        env, api, cwd=ROOT, worker_cwd=tmp_path, timeout=150)
-    assert run.returncode == 0, f"{out[-4000:]}\n--- worker ---\n{worker_out[-4000:]}"
-    assert "Completed" in out
-    assert (output / "export" / "model.safetensors").is_file(), worker_out[-4000:]
-    assert (output / "export" / "config.json").is_file()
-    assert len((output / "metrics.csv").read_text().splitlines()) == 1 + 3
-    assert worker.returncode == 0, worker_out[-3000:]
-    assert time.monotonic() - started < 240
 
 
 def test_no_flow_module_hides_a_library_package():

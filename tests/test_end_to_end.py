@@ -63,16 +63,23 @@ def test_a_new_user_runs_the_pipeline_then_pretrain_sigma_then_eval(fresh_repo):
     assert piped.returncode == 0, piped.stdout[-3000:] + piped.stderr[-5000:]
     assert "chance" in piped.stderr  # the scores printed beside chance
 
-    # 2. the deployments on a process pool, and `prefect deployment run pretrain/sigma --watch`
+    # 2. the deployments on a process pool, and `prefect deployment run pretrain/sigma --watch`, served by a
+    # worker started in another directory: the deployment's pull step runs the flow in the repository.
     for args in (["work-pool", "create", POOL, "--type", "process"],
                  ["--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml"]):
         done = _run([PREFECT, *args], repo, env, timeout=120)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    run, out, _, worker_out = run_deployment("pretrain/sigma", {"steps": 3}, env, api, cwd=repo, worker_cwd=repo,
-                                             timeout=400)
+    listed = _run([PREFECT, "deployment", "ls"], repo, env, timeout=60).stdout
+    assert "pretrain/alpha" in listed and "pretrain/sigma" in listed, listed
+    inspected = _run([PREFECT, "deployment", "inspect", "pretrain/sigma"], repo, env, timeout=60).stdout
+    assert f"'directory': '{repo}'" in inspected, inspected  # {{ $PWD }} resolved at deploy time
+    run, out, worker, worker_out = run_deployment("pretrain/sigma", {"steps": 3}, env, api, cwd=repo,
+                                                  worker_cwd=repo.parent, timeout=400)
     assert run.returncode == 0 and "Completed" in out, f"{out[-3000:]}\n--- worker ---\n{worker_out[-5000:]}"
+    assert worker.returncode == 0, worker_out[-3000:]
     export = repo / "runs" / "pretrain" / "sigma-tiny" / "export"
     assert {"model.safetensors", "config.json", "domains.json", "tokenizer"} <= {p.name for p in export.iterdir()}
+    assert len((export.parent / "metrics.csv").read_text().splitlines()) == 1 + 3
 
     # 3. `pangu eval --checkpoint EXPORT` and nothing else
     evaluated = _run([*pangu, "eval", "--checkpoint", str(export)], repo, env, timeout=600)

@@ -18,13 +18,13 @@ import pytest
 import torch
 import yaml
 
+from tests.test_train_common import run_torchrun, torchrun
+
 RANKS = 4
 STEPS = 4
 
 
 def _torchrun(config: Path, expect_ok: bool = True, ranks: int = RANKS) -> subprocess.CompletedProcess:
-    from tests.test_train_common import run_torchrun
-
     done = run_torchrun(config, module="tests.test_train_ecss_sharded", ranks=ranks)
     if expect_ok:
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
@@ -63,8 +63,10 @@ def test_sharded_host_state_matches_unsharded_ecss_resumes_and_exports_the_same(
     whole = run_config("ecss-unsharded-4", "sigma-tiny", checkpoint_every=0, ecss_shard_states=False, **fields)
     owned = run_config("ecss-sharded-4", "sigma-tiny", checkpoint_every=2, ecss_shard_states=True,
                        throttle_s=0.5, **fields)
-    _torchrun(whole)
+    reference = torchrun(whole, module="tests.test_train_ecss_sharded", ranks=RANKS)  # beside the throttled run
     _kill_9_after_the_step_2_checkpoint(owned)
+    out, err = reference.communicate(timeout=240)
+    assert reference.returncode == 0, (out + err)[-4000:]
     _torchrun(owned)  # resumes from step 2, each owner from its own file, an update in flight included
 
     a, b = read_metrics(whole.parent), read_metrics(owned.parent)
@@ -138,8 +140,10 @@ def test_uneven_owner_blocks_when_replicas_do_not_divide_the_shard() -> None:
                   train_steps=3, checkpoint_every=0, ecss_delayed_update=True)
     whole = run_config("ecss-unsharded-3", "sigma-tiny", ecss_shard_states=False, **fields)
     owned = run_config("ecss-sharded-3", "sigma-tiny", ecss_shard_states=True, **fields)
-    _torchrun(whole, ranks=3)
+    first = torchrun(whole, module="tests.test_train_ecss_sharded", ranks=3)  # both at once: start-ups overlap
     _torchrun(owned, ranks=3)
+    out, err = first.communicate(timeout=240)
+    assert first.returncode == 0, (out + err)[-4000:]
     a, b = read_metrics(whole.parent), read_metrics(owned.parent)
     assert [r["step"] for r in b] == [1, 2, 3] == [r["step"] for r in a]
     for x, y in zip(a, b):

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -38,15 +39,30 @@ def _killed_and_resumed(config: Path, ranks: int = 2) -> tuple[int, list[dict[st
     return checkpointed, before_kill, rows
 
 
+class _Reference:
+    """A run started in the background; `finished()` waits for it once and gives its config."""
+
+    def __init__(self, config: Path, proc: subprocess.Popen) -> None:
+        self.config, self.proc, self.out = config, proc, None
+
+    def finished(self) -> Path:
+        if self.out is None:
+            self.out, _ = self.proc.communicate(timeout=180)
+        assert self.proc.returncode == 0, self.out[-3000:]
+        return self.config
+
+
 @pytest.fixture(scope="module")
-def pipeline_1() -> Path:
-    """The reference run: pipeline_parallel 1 on 1 rank (shared by the pipeline runs, which compare with it)."""
-    from tests.test_train_common import run_cli, run_config
+def pipeline_1() -> _Reference:
+    """The reference run: pipeline_parallel 1 on 1 rank (shared by the pipeline runs, which compare with it),
+    started beside the first of them (whose ranks mostly wait: start-up, throttle)."""
+    from tests.test_train_common import cli, run_config
 
     one = run_config("pp1", "alpha-tiny", pipeline_parallel=1, **FIELDS)
-    done = run_cli(one, timeout=120)
-    assert done.returncode == 0, done.stdout[-3000:]
-    return one
+    reference = _Reference(one, cli(one))
+    yield reference
+    if reference.proc.poll() is None:
+        reference.proc.kill()
 
 
 def _same_run(one: Path, other: Path) -> None:
@@ -68,14 +84,14 @@ def _same_run(one: Path, other: Path) -> None:
 
 @pytest.mark.slow
 def test_pipeline_parallel_2_gives_the_losses_and_export_of_pipeline_parallel_1_and_resumes_after_kill_9(
-        pipeline_1: Path) -> None:
+        pipeline_1: _Reference) -> None:
     from pangu_model import load_checkpoint
     from pangu_model.pipeline_parallel import pangu_name
     from tests.test_train_common import run_config
 
-    one = pipeline_1
     two = run_config("pp2", "alpha-tiny", pipeline_parallel=2, throttle_s=0.5, **FIELDS)
     _killed_and_resumed(two)
+    one = pipeline_1.finished()
     _same_run(one, two)
 
     # Each stage wrote its own layers (DeepSpeed's layer files; the head's copy of the tied embedding is the
@@ -105,7 +121,7 @@ def test_pipeline_parallel_2_gives_the_losses_and_export_of_pipeline_parallel_1_
 
 @pytest.mark.slow
 def test_tensor_2_by_pipeline_2_gives_the_losses_and_export_of_one_rank_and_resumes_after_kill_9(
-        pipeline_1: Path) -> None:
+        pipeline_1: _Reference) -> None:
     """4 ranks: 2 stages (3 + 2 layers) of tensor-parallel layers over 2 ranks each, one data-parallel replica, so
     the global batch is pipeline 1's. Rank r of a stage splits every layer as tensor parallelism does; the tied
     embedding's vocabulary rows are summed between the same tensor rank of the first and last stage; the
@@ -116,9 +132,9 @@ def test_tensor_2_by_pipeline_2_gives_the_losses_and_export_of_one_rank_and_resu
     from pangu_model.tensor_parallel import TensorParallel, split_dims
     from tests.test_train_common import assert_export_joins_the_slices, run_config
 
-    one = pipeline_1
     four = run_config("tp2-pp2", "alpha-tiny", tensor_parallel=2, pipeline_parallel=2, throttle_s=0.5, **FIELDS)
     _killed_and_resumed(four, ranks=4)
+    one = pipeline_1.finished()
     _same_run(one, four)
 
     # Each (stage, tensor rank) wrote its layers' slices (model_00 / model_01) and its optimizer partition.
@@ -148,14 +164,15 @@ def test_tensor_2_by_pipeline_2_gives_the_losses_and_export_of_one_rank_and_resu
 def test_pipeline_resume_after_kill_9_draws_the_same_dropout_masks() -> None:
     """Dropout on: each stage seeds itself per step and micro-batch, so a run killed and resumed gives the
     losses of an uninterrupted one, exactly (a run that carried its random state across steps would not)."""
-    from tests.test_train_common import logged_rows, run_config, run_torchrun
+    from tests.test_train_common import logged_rows, run_config, torchrun
 
     fields = {**FIELDS, "model_overrides": {"dropout": 0.1, "num_layers": 5}}
     whole = run_config("pp2-dropout", "alpha-tiny", pipeline_parallel=2, **fields)
-    done = run_torchrun(whole, timeout=120)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    uninterrupted = torchrun(whole)  # beside the killed run
     _, _, resumed = _killed_and_resumed(run_config("pp2-dropout-killed", "alpha-tiny", pipeline_parallel=2,
                                                    throttle_s=0.5, **fields))
+    out, err = uninterrupted.communicate(timeout=180)
+    assert uninterrupted.returncode == 0, (out + err)[-4000:]
     for x, y in zip(logged_rows(whole.parent), resumed):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-6, abs=0), (x["step"], x["loss"], y["loss"])
 

@@ -53,8 +53,7 @@ def test_kill_9_then_resume_gives_the_same_losses() -> None:
     """sigma-tiny with ECSS: DeepSpeed state, host expert states and the data position all resume."""
     fields = dict(train_steps=10, checkpoint_every=4, ecss=True, throttle_s=0.3, export=False)
     reference = run_config("kill-reference", "sigma-tiny", **fields)
-    done = run_cli(reference)
-    assert done.returncode == 0, done.stdout[-3000:]
+    first = cli(reference)  # beside the killed run: both mostly wait (start-up, throttle)
 
     killed = run_config("kill-victim", "sigma-tiny", **fields)
     run = killed.parent
@@ -64,6 +63,8 @@ def test_kill_9_then_resume_gives_the_same_losses() -> None:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    out, _ = first.communicate(timeout=240)
+    assert first.returncode == 0, out[-3000:]
     assert proc.returncode == -signal.SIGKILL
     assert (run / "checkpoints" / "latest").read_text() == "step00000004"
     assert 6 <= _rows(run) < 10  # killed mid-run, after the step-4 checkpoint

@@ -21,52 +21,13 @@ FIELDS = dict(train_steps=6, checkpoint_every=2, validation_every=3, micro_batch
               model_overrides={"dropout": 0.0}, optimizer={"lr": 3e-3, "warmup_steps": 1, "grad_clip": 0.5})
 
 
-def _module_states(checkpoint, ranks: list[int]) -> list[dict[str, torch.Tensor]]:
-    return [torch.load(checkpoint / f"mp_rank_{r:02d}_model_states.pt", weights_only=True)["module"] for r in ranks]
-
-
 @pytest.mark.slow
 def test_sigma_tensor_parallel_2_gives_the_losses_and_export_of_one_rank_and_resumes_after_kill_9() -> None:
-    from pangu_model import PanguModel, load_checkpoint
-    from pangu_model.checkpoint import load_config
-    from pangu_model.metrics import read_validation
-    from pangu_model.tensor_parallel import TensorParallel, split_dims
-    from tests.test_train_common import (assert_export_joins_the_slices, kill_9_after_a_checkpoint, logged_rows,
-                                         run_cli, run_config, run_torchrun)
+    from tests.test_train_tensor_parallel import tensor_parallel_2_against_one_rank
 
-    one = run_config("sigma-tp1", "sigma-tiny", tensor_parallel=1, **FIELDS)
-    two = run_config("sigma-tp2", "sigma-tiny", tensor_parallel=2, throttle_s=0.5, **FIELDS)
-    reference = run_cli(one, timeout=120)
-    tag, before_kill = kill_9_after_a_checkpoint(two)
-    assert reference.returncode == 0, reference.stdout[-3000:]
-    assert tag in ("step00000002", "step00000004") and len(before_kill) < 6, (tag, len(before_kill))
-    done = run_torchrun(two, timeout=120)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-
-    dense, split = logged_rows(one.parent), logged_rows(two.parent)
-    assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6]
-    for x, y in zip(dense, split):
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), (x["step"], x["loss"], y["loss"])
-        # The experts' and other replicated gradients count once in the norm clipped.
-        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5), (x["step"], x["grad_norm"], y["grad_norm"])
-        assert y["tokens"] == x["tokens"]  # a tensor group's rows are counted once
-    checkpointed = int(tag.removeprefix("step"))
-    for x in before_kill[checkpointed:]:  # steps run before the kill and again after the resume: exact
-        y = split[int(x["step"]) - 1]
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6, abs=0), (x["step"], x["loss"], y["loss"])
-    for (s1, l1, _), (s2, l2, _) in zip(read_validation(one.parent)["all"], read_validation(two.parent)["all"]):
-        assert s1 == s2 and l2 == pytest.approx(l1, rel=1e-5)
+    one, two = tensor_parallel_2_against_one_rank("sigma-tiny", FIELDS)
     # The expert load is counted once per tensor group, as the rows are.
     assert (two.parent / "expert_load.csv").read_text() == (one.parent / "expert_load.csv").read_text()
-
-    # The export is the tensor ranks' checkpointed slices joined; the experts (replicated over the tensor group)
-    # are equal on both ranks, bit for bit; and it holds the one-rank run's weights.
-    got = load_checkpoint(two.parent / "export").state_dict()
-    with torch.device("meta"):
-        dims = split_dims(PanguModel(load_config(two.parent / "export"), tp=TensorParallel(None, 0, 2)))
-    assert not any(".experts." in name for name in dims) and "word_embedding.weight" in dims
-    parts = _module_states(two.parent / "checkpoints" / "step00000006", [0, 1])
-    assert_export_joins_the_slices(got, parts, dims, load_checkpoint(one.parent / "export").state_dict())
 
 
 def test_a_sigma_model_inherited_from_a_dense_export_starts_from_its_tensor_slices(tmp_path) -> None:
@@ -123,19 +84,24 @@ def test_sigma_tensor_2_by_expert_2_gives_the_losses_and_export_of_data_parallel
     done = run_torchrun(split, ranks=4, timeout=180)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
 
-    a, b = logged_rows(reference.parent), logged_rows(split.parent)
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
-    for x, y in zip(a, b):
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), (x["step"], x["loss"], y["loss"])
-        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5), (x["step"], x["grad_norm"], y["grad_norm"])
-        assert y["tokens"] == x["tokens"]
-    for x, y in zip(before_kill[2:], b[2:]):  # steps run before the kill and again after the resume: exact
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6, abs=0), (x["step"], x["loss"], y["loss"])
+    _assert_same_steps_and_exact_resume(logged_rows(reference.parent), logged_rows(split.parent), before_kill)
     assert (split.parent / "expert_load.csv").read_text() == (reference.parent / "expert_load.csv").read_text()
     # One rank per expert shard writes its rows (tensor rank 0 of each expert-data group), rank 0 the replicated
     # tensors, each tensor rank its rows of the split ones: the whole model, once.
     got, expected = (load_checkpoint(p.parent / "export").state_dict() for p in (split, reference))
     _assert_close_but_for_noise_steps(got, expected, steps=4, lr=FIELDS["optimizer"]["lr"])
+
+
+def _assert_same_steps_and_exact_resume(reference: list[dict], rows: list[dict], before_kill: list[dict]) -> None:
+    """4 steps logged with the reference's losses, gradient norms and tokens; the steps logged before the kill -9
+    after its checkpoint (step 2) are logged again, exactly, after the resume."""
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for x, y in zip(reference, rows):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), (x["step"], x["loss"], y["loss"])
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5), (x["step"], x["grad_norm"], y["grad_norm"])
+        assert y["tokens"] == x["tokens"]
+    for x, y in zip(before_kill[2:], rows[2:]):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6, abs=0), (x["step"], x["loss"], y["loss"])
 
 
 def _assert_close_but_for_noise_steps(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], steps: int,
@@ -175,13 +141,6 @@ def test_sigma_tensor_parallel_2_with_ecss_gives_the_losses_and_export_of_ecss_o
     done = run_torchrun(two, timeout=120)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
 
-    a, b = logged_rows(one.parent), logged_rows(two.parent)
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
-    for x, y in zip(a, b):
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), (x["step"], x["loss"], y["loss"])
-        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5), (x["step"], x["grad_norm"], y["grad_norm"])
-        assert y["tokens"] == x["tokens"]
-    for x, y in zip(before_kill[2:], b[2:]):  # steps run before the kill and again after the resume: exact
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6, abs=0), (x["step"], x["loss"], y["loss"])
+    _assert_same_steps_and_exact_resume(logged_rows(one.parent), logged_rows(two.parent), before_kill)
     got, expected = (load_checkpoint(p.parent / "export").state_dict() for p in (two, one))
     _assert_close_but_for_noise_steps(got, expected, steps=4, lr=FIELDS["optimizer"]["lr"])
