@@ -77,8 +77,8 @@ def test_sigma_tensor_2_by_expert_2_gives_the_losses_and_export_of_data_parallel
     # the copies are equal, bit for bit.
     checkpoint = split.parent / "checkpoints" / tag
     for expert in range(8):
-        copies = [torch.load(checkpoint / f"layer_0_expert_{expert}_mp_rank_{r:02d}_model_states.pt",
-                             weights_only=True) for r in (0, 1)]
+        files = [checkpoint / f"layer_0_expert_{expert}_mp_rank_{r:02d}_model_states.pt" for r in (0, 1)]
+        copies = [torch.load(path, weights_only=True) for path in files]
         assert copies[0].keys() == copies[1].keys()
         assert all(torch.equal(copies[0][k], copies[1][k]) for k in copies[0]), expert
     done = run_torchrun(split, ranks=4, timeout=180)
