@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import re
-import zlib
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -401,12 +400,9 @@ def dictionary_bigrams() -> np.ndarray:
     Building it loads jieba's dictionary and walks every word (about a second and a half); every worker
     of a corpus build needs it, so it is kept under `$PANGU_HOME/cache`, keyed by jieba's version and
     the dictionary file's checksum."""
-    from tokenizer import segment  # noqa: F401 - quiets jieba's logging
-    import jieba
+    from tokenizer.segment import JIEBA_VERSION, dictionary_checksum  # (importing it quiets jieba's logging)
 
-    with jieba.dt.get_dict_file() as dictionary:
-        checksum = zlib.crc32(dictionary.read())
-    name = f"dictionary-bigrams-jieba{jieba.__version__}-{checksum:08x}-{_BIGRAM_BITS}"
+    name = f"dictionary-bigrams-jieba{JIEBA_VERSION}-{dictionary_checksum()}-{_BIGRAM_BITS}"
     return charclass.cached_tables(name, lambda: {"bits": _build_dictionary_bigrams()})["bits"]
 
 

@@ -22,6 +22,7 @@ changes (`add_word`, `load_userdict`), so it keeps matching `jieba.cut` on the s
 """
 from __future__ import annotations
 
+import functools
 import zlib
 from bisect import bisect_right
 from itertools import islice
@@ -60,14 +61,26 @@ def load_dictionary() -> None:
         return
     from cleaning.charclass import cached_tables
 
-    with dt.get_dict_file() as dictionary:
-        checksum = zlib.crc32(dictionary.read())
-    tables = cached_tables(f"jieba-prefix-dictionary-{JIEBA_VERSION}-{checksum:08x}", _dictionary_tables)
+    tables = cached_tables(f"jieba-prefix-dictionary-{JIEBA_VERSION}-{dictionary_checksum()}", _dictionary_tables)
     words = tables["words"].tobytes().decode("utf-8").split("\n")
     with dt.lock:
         if not dt.initialized:
             dt.FREQ, dt.total = dict(zip(words, tables["freq"].tolist())), int(tables["total"])
             dt.initialized = True
+
+
+def dictionary_checksum() -> str:
+    """CRC-32 (hex) of the file of `jieba.dt`'s dictionary: with jieba's version, the key of the tables derived
+    from it and kept under `$PANGU_HOME/cache` (this prefix dictionary, the bigram rule's bit set)."""
+    return _file_checksum(jieba.dt.dictionary)
+
+
+@functools.lru_cache(maxsize=4)
+def _file_checksum(dictionary: str | None) -> str:
+    # `dictionary` (jieba.dt.dictionary) keys the cache: read once per process and dictionary file, though
+    # every worker asks for it for more than one table
+    with jieba.dt.get_dict_file() as fh:
+        return f"{zlib.crc32(fh.read()):08x}"
 
 
 def _dictionary_tables() -> dict[str, np.ndarray]:
