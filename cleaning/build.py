@@ -221,6 +221,7 @@ class CorpusBuild:
             records = self._guarded(self._reader().read(shard.uri, name=shard.name or None, part=shard.part),
                                     on_error=errors.append, on_fault=faults.append)
         keys = array("Q")  # the id key of every record, for the check that ids are unique
+        candidates = _Candidates() if self.dedup_enabled else None
         with ParquetShardWriter(f"{directory}/candidates.parquet", KEPT_SCHEMA) as kept, \
                 ParquetShardWriter(f"{directory}/rejected.parquet", REJECTED_SCHEMA) as rejected:
             for item in chain.run(records):
@@ -230,6 +231,8 @@ class CorpusBuild:
                 else:
                     row = kept_row(item)
                     kept.write(row)
+                    if candidates is not None:
+                        candidates.add(row)
                 keys.append(ids.id_key(row["id"]))
         ids.save_keys(f"{directory}/ids.npy", keys)
         if errors:
@@ -237,6 +240,7 @@ class CorpusBuild:
         elif faults:
             error = f"{len(faults)} unreadable part(s): " + "; ".join(str(f) for f in faults[:3])
         read = sum(chain.counts.input.values())
+        cleaned_hash = content_hash(f"{directory}/candidates.parquet")[0]
         summary = {
             "shard": shard.to_json(),
             "status": ("unreadable" if shard.error is not None or (errors and not read and not faults)
@@ -247,11 +251,24 @@ class CorpusBuild:
                            "faults": [str(f) for f in faults[:MAX_FAULTS]]},
             "counts": chain.counts.to_json(),
             # what the signatures and final shards are keyed by: the cleaned documents themselves
-            "cleaned_hash": content_hash(f"{directory}/candidates.parquet")[0],
+            "cleaned_hash": cleaned_hash,
+            # documents signed here (None: not signed here, the dedup-map stage signs or finds them)
+            "signed_documents": self._sign(cleaned_hash, candidates) if candidates is not None else None,
             "seconds": round(time.perf_counter() - started, 3),
         }
         write_json_atomic(marker, summary)
         return {**summary, "skipped": False}
+
+    def _sign(self, cleaned_hash: str, candidates: "_Candidates") -> int | None:
+        """Signs the shard's candidates while they are still in memory, so that the dedup-map stage
+        finds them signed and does not read the shard back: the documents signed, or None when a
+        version had signed this content already (the signatures are cached by it)."""
+        entry = dedup_index.minhash_entry(cleaned_hash, self.config.dedup)
+        if dedup_index.signed_documents(self.work, entry) is not None:
+            return None
+        dedup_index.sign_shard(self.work, entry, candidates.texts, self.config.dedup, candidates.sources,
+                               candidates.qualities)
+        return len(candidates.texts)
 
     def cleaned_hash(self, shard: InputShard) -> str:
         """Content hash of the shard's cleaned candidates (added to a marker written before it existed)."""
@@ -535,10 +552,13 @@ class CorpusBuild:
         and finalizes one shard (plus any old shard whose duplicates changed)."""
         before = set((previous or {}).get("cache", {}).get("files", {}).values())
         data = [cache for path, cache in manifest["cache"]["files"].items() if path.startswith("data/")]
+        # signed in the clean stage (this build's cleaning only) or in the dedup-map stage
+        signed = [s["signed_documents"] for s in cleaned if not s.get("skipped") and s.get("signed_documents") is not None]
+        signed += [m["documents"] for m in mapped if m["signed"]]
         return {"shards": len(cleaned),
                 "cleaned": sum(not s.get("skipped") for s in cleaned),
-                "signed_shards": sum(m["signed"] for m in mapped),
-                "signed_documents": sum(m["documents"] for m in mapped if m["signed"]),
+                "signed_shards": len(signed),
+                "signed_documents": sum(signed),
                 "finalized": sum(not f.get("skipped") for f in finals),
                 "data_files_from_previous": sum(cache in before for cache in data),
                 "published": {"linked": published["link"], "copied": published["copy"]},
@@ -642,3 +662,17 @@ def describe_work(work: dict[str, Any]) -> str:
     if work.get("dedup") and not work["dedup"]["previous"]:
         line += f"; dedup index built afresh ({work['dedup']['not_extended_because']})"
     return line
+
+
+class _Candidates:
+    """The columns of a shard's kept rows that its signatures and rank facts are made from."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.sources: list[str | None] = []
+        self.qualities: list[float | None] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.texts.append(row["text"])
+        self.sources.append(row["source"])
+        self.qualities.append(row["quality"])

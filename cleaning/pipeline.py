@@ -115,12 +115,15 @@ class CleaningChain:
             yield from self._run_batch(batch)
 
     def _run_batch(self, docs: list[Document]) -> Iterator[Document | Rejection]:
-        by_source: dict[str, list[Document]] = defaultdict(list)
+        # Sources with the same rules share one list of steps: their documents go through it
+        # together, so the vectorised steps (perplexity, fastText) see whole batches.
+        by_steps: dict[int, tuple[list[Step], list[Document]]] = {}
         for doc in docs:
-            by_source[doc.source].append(doc)
-        for source, group in by_source.items():
+            steps = self.steps_for(doc.source)
+            by_steps.setdefault(id(steps), (steps, []))[1].append(doc)
+        for steps, group in by_steps.values():
             alive = group
-            for step in self.steps_for(source):
+            for step in steps:
                 if not alive:
                     break
                 before = [doc.text for doc in alive]
@@ -133,14 +136,14 @@ class CleaningChain:
                         survivors.append(doc)
                     elif isinstance(verdict, _Failed):
                         reason = f"error:{step.name}"
-                        self.counts.rejected[source][reason] += 1
+                        self.counts.rejected[doc.source][reason] += 1
                         yield Rejection(doc, reason, verdict.message)
                     else:
-                        self.counts.rejected[source][step.name] += 1
+                        self.counts.rejected[doc.source][step.name] += 1
                         yield Rejection(doc, step.name, verdict)
                 alive = survivors
             for doc in alive:
-                self.counts.kept[source] += 1
+                self.counts.kept[doc.source] += 1
                 yield doc
 
 

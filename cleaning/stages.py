@@ -55,7 +55,7 @@ def run_build(build: CorpusBuild, map_stage: Mapper, log: Callable[[str], None] 
     if build.dedup_enabled:
         mapped = map_stage(Stage("dedup-map", build.dedup_map, [(s, run_key) for s in shards], labels,
                                  lambda m: f"signatures of {m['input']}: {m['documents']} documents "
-                                           f"({'signed now' if m['signed'] else 'cached'})"))
+                                           f"({'signed now' if m['signed'] else 'signed already'})"))
         plan = build.dedup_plan(mapped, run_key)
         log("dedup index: " + (f"extends {plan['previous']}" if plan["previous"] else f"built afresh ({plan['reason']})"))
         partitions = range(build.config.dedup.partitions)

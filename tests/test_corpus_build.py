@@ -102,6 +102,35 @@ def test_rerun_skips_finished_shards_and_gives_identical_output(raw, tmp_path):
     assert {p.name: p.read_bytes() for p in (out / "data").glob("*.parquet")} == before
 
 
+def test_clean_stage_signs_its_candidates_as_the_dedup_map_stage_would(raw, tmp_path):
+    """The clean stage signs the documents it keeps while they are in memory; the files equal those
+    made from the shard read back from Parquet, and the dedup-map stage then only finds them."""
+    from cleaning import dedup_index
+
+    build = CorpusBuild([str(raw)], str(tmp_path / "corpus"), config())
+    shards = build.plan()
+    for shard in shards:
+        summary = build.clean(shard)
+        candidates = pq.read_table(f"{build.clean_dir(shard)}/candidates.parquet")
+        entry = dedup_index.minhash_entry(summary["cleaned_hash"], build.config.dedup)
+        assert summary["signed_documents"] == candidates.num_rows > 0
+        assert dedup_index.signed_documents(build.work, entry) == candidates.num_rows
+        reference = tmp_path / "reference" / dedup_index.MINHASH / entry
+        dedup_index.sign_shard(str(tmp_path / "reference"), entry, candidates.column("text").to_pylist(),
+                               build.config.dedup, candidates.column("source").to_pylist(),
+                               candidates.column("quality").to_pylist())
+        signed = tmp_path / "corpus" / "_work" / dedup_index.MINHASH / entry
+        files = sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
+        assert files and files == sorted(p.relative_to(signed) for p in signed.rglob("*") if p.is_file())
+        assert all((signed / f).read_bytes() == (reference / f).read_bytes() for f in files)
+        mapped = build.dedup_map(shard, build.run_key(shards))
+        assert not mapped["signed"] and mapped["documents"] == candidates.num_rows
+    # a rerun of the stage signs nothing again
+    assert all(build.clean(shard)["skipped"] for shard in shards)
+    manifest = run_local(build)
+    assert manifest["work"]["signed_shards"] == 0 and manifest["work"]["cleaned"] == 0
+
+
 def test_interrupted_shard_leaves_no_partial_output_and_is_redone(raw, tmp_path, monkeypatch):
     out = tmp_path / "corpus"
     build = CorpusBuild([str(raw)], str(out), config())

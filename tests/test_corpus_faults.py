@@ -149,6 +149,35 @@ def test_a_batch_step_that_raises_is_retried_one_document_at_a_time(monkeypatch)
     assert chain.counts.kept["s"] == 3
 
 
+def test_sources_with_the_same_rules_go_through_their_steps_in_one_batch(monkeypatch):
+    """Documents of sources that share rules meet each step together (the vectorised model filters
+    see whole batches); a source with rules of its own gets its own steps; counts stay per source."""
+    from cleaning import pipeline
+    from cleaning.config import CorpusConfig
+    from cleaning.steps import Step
+
+    seen: list[list[str]] = []
+
+    class Recorder(Step):
+        name = "recorder"
+
+        def check_batch(self, docs):
+            seen.append([d.id for d in docs])
+            return [None if "keep" in d.id else "dropped" for d in docs]
+
+    monkeypatch.setattr(pipeline, "build_steps", lambda rules: [Recorder()])
+    cfg = CorpusConfig.model_validate({"rules": {"min_chars": 100}, "sources": {"own": {"min_chars": 5}}})
+    chain = pipeline.CleaningChain(cfg, batch_size=8)
+    sources = ["news", "web", "own", "news", "book", "own", "web", "news"]
+    docs = [Document(id=f"{i}-{'keep' if i % 3 else 'drop'}", text="文", domain="d", source=s)
+            for i, s in enumerate(sources)]
+    out = list(chain.run(docs))
+    assert seen == [["0-drop", "1-keep", "3-drop", "4-keep", "6-drop", "7-keep"], ["2-keep", "5-keep"]]
+    assert len(out) == 8
+    assert dict(chain.counts.kept) == {"web": 1, "book": 1, "news": 1, "own": 2}
+    assert chain.counts.to_json()["rejected"] == {"news": {"recorder": 2}, "web": {"recorder": 1}}
+
+
 # -- ids ------------------------------------------------------------------------------------------
 def test_same_base_name_in_two_directories_gives_distinct_ids_and_no_self_dup_of(tmp_path):
     docs = long_documents(5)
