@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import unicodedata
 from functools import lru_cache
+from pathlib import Path
 
 import jieba
 import pytest
@@ -53,6 +54,7 @@ def test_segmenter_follows_dictionary_changes() -> None:
     seg = FastSegmenter()
     text = "量子纠缠态制备器性能优良"
     before = seg.segment(text)
+    dt.check_initialized()  # the segmenter alone may leave it unloaded (the cached table)
     saved_total, saved_freq = dt.total, dict(dt.FREQ)
     try:
         jieba.add_word("纠缠态制备器", freq=100000)
@@ -209,3 +211,49 @@ def test_dictionary_from_the_array_cache_is_jiebas_own(tmp_path) -> None:
     cached = digest("cached")
     assert cached == first == jiebas and cached["entries"] > 400_000
     assert cached["segmented"] == "微 博客 服务 在 北京天安门广场"
+
+
+_SEGMENTER_TABLE = """
+import json, sys
+import jieba
+from tokenizer import segment
+from tests.test_tokenizer_encode import _texts
+if sys.argv[1] == "jieba":
+    jieba.dt.initialize()  # the table is then derived from jieba.dt, as for any dictionary
+if sys.argv[1] == "cached":
+    def refuse(*args, **kwargs):
+        raise AssertionError("jieba's dictionary was loaded")
+    jieba.Tokenizer.initialize = refuse
+    segment.load_dictionary = refuse
+seg = segment.FastSegmenter()
+out = [seg.segment(t) for t in _texts()[:200]]
+print(json.dumps({"table": sorted(seg._logp.items(), key=lambda kv: kv[0]), "no_word": seg._no_word,
+                  "segmented": out, "loaded": jieba.dt.initialized}))
+"""
+
+
+def test_segmenter_takes_its_word_table_from_the_cache_without_loading_jiebas_dictionary(tmp_path) -> None:
+    # A process that only segments (a corpus worker, a tokenizer worker) gets the same word table as
+    # the one derived from jieba's own dictionary, and the same segments, without filling jieba.dt.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PANGU_HOME": str(tmp_path), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def run(mode: str) -> dict:
+        done = subprocess.run([sys.executable, "-c", _SEGMENTER_TABLE, mode], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout)
+
+    jiebas = run("jieba")
+    assert not list((tmp_path / "cache").glob("jieba-word-logp-*.npz"))
+    first = run("first")  # builds the cache (through jieba's loader)
+    assert list((tmp_path / "cache").glob("jieba-word-logp-*.npz"))
+    cached = run("cached")
+    assert not cached["loaded"] and first["loaded"] and jiebas["loaded"]
+    assert cached["table"] == first["table"] == jiebas["table"] and len(cached["table"]) > 400_000
+    assert cached["no_word"] == first["no_word"] == jiebas["no_word"]
+    assert cached["segmented"] == jiebas["segmented"] == [reference_segment(t) for t in _texts()[:200]]
