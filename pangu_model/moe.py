@@ -358,6 +358,14 @@ def rre_expert_ids(groups: torch.Tensor, slots: torch.Tensor, num_domains: int, 
     return groups * experts_per_domain + slots
 
 
+def rre_route(config: PanguConfig, table: torch.Tensor, token_ids: torch.Tensor, domain_ids: torch.Tensor
+              ) -> torch.Tensor:
+    """`RandomRoutedExperts.route` from a layer's routing table alone (a pipeline stage counting the load of
+    layers other stages hold)."""
+    return rre_expert_ids(domain_ids - config.domain_id_offset, table[token_ids], config.num_domains,
+                          config.experts_per_domain, config.expert_layout)
+
+
 class RandomRoutedExperts(nn.Module):
     """PanGu-Σ's two-level routing: domain → expert group, token id → expert (fixed table).
 

@@ -1,4 +1,5 @@
-"""Pipeline parallelism for the dense PanGu-α model (SPEC §5.1: pipeline stages across the servers of a rack).
+"""Pipeline parallelism for PanGu-α and PanGu-Σ with RRE experts (SPEC §5.1: pipeline stages across the
+servers of a rack).
 
 The model becomes a DeepSpeed `PipelineModule` of `LayerSpec`s, in PanguModel's order:
 
@@ -29,6 +30,10 @@ has: it runs on CPU (tests/test_train_pipeline_parallel.py). Its limits are ours
 activations between stages are tensors (here the hidden state and the position ids, from which each stage
 derives its attention mask), and the micro-batches of a step are the gradient-accumulation steps.
 
+PanGu-Σ: a stage holds the experts of its sparse blocks whole (no expert parallelism, no ECSS), and the token
+and domain ids its RRE layers route by travel with the hidden state from the first stage (they are integer
+tensors: DeepSpeed sends them forward and no gradient back).
+
 State dicts: a stage's parameters are named by DeepSpeed (`tied_modules.word_embedding.weight`,
 `<layer index>.<name>`); `pangu_name` maps them to PanguModel's names, so a stage loads its part of the
 dense model's initial weights (with tensor parallelism: its slices, as `PanguModel(tp=...)` names them) and
@@ -56,6 +61,9 @@ from .tensor_parallel import (
 )
 
 TIED_EMBEDDING = "word_embedding"
+# PanGu-α (dense) and PanGu-Σ with RRE experts: routers without an auxiliary loss, which would have to be
+# carried from every stage to the last one's loss.
+PIPELINE_ROUTERS = ("dense", "rre")
 # Layer specs before the first block: the tied word embedding, then the position embedding.
 FIRST_BLOCK_SPEC = 2
 
@@ -113,11 +121,14 @@ def _tp(tensor: StageTensorGroup | None) -> TensorParallel | None:
 class _LookupWithPositions:
     """As the first spec the tied word table is called itself, (input ids, position ids) → (word vectors,
     position ids): DeepSpeed saves a tied module in the stage checkpoint only where it is called directly (the
-    last stage calls it through `forward_fn` as the head and gets the first stage's weights after a load)."""
+    last stage calls it through `forward_fn` as the head and gets the first stage's weights after a load).
+    PanGu-Σ's inputs hold the domain ids too: (input ids, position ids, domain ids) → (word vectors, position
+    ids, input ids, domain ids), the routing ids that travel with the hidden state to every stage."""
 
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        input_ids, position_ids = inputs
-        return super().forward(input_ids), position_ids  # type: ignore[misc]
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        input_ids, position_ids, *domain_ids = inputs
+        words = super().forward(input_ids)  # type: ignore[misc]
+        return (words, position_ids, input_ids, *domain_ids) if domain_ids else (words, position_ids)
 
 
 class WordEmbedding(_LookupWithPositions, nn.Embedding):
@@ -132,20 +143,27 @@ class VocabParallelWordEmbedding(_LookupWithPositions, VocabParallelEmbedding):
 
 
 class PositionEmbedding(nn.Module):
-    """(word vectors, position ids) → (dropout(word vectors + position vectors), position ids)."""
+    """(word vectors, position ids, routing ids...) → (dropout(word vectors + position vectors), position ids,
+    routing ids...)."""
 
     def __init__(self, config: PanguConfig) -> None:
         super().__init__()
         self.position_embedding = nn.Embedding(config.max_seq_len, config.d_model)
         self.embedding_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        words, position_ids = inputs
-        return self.embedding_dropout(words + self.position_embedding(position_ids)), position_ids
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        words, position_ids, *routing = inputs
+        return self.embedding_dropout(words + self.position_embedding(position_ids)), position_ids, *routing
+
+
+def _routing_ids(routing: list[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(token ids, domain ids) that travel between PanGu-Σ's stages; (None, None) for PanGu-α's."""
+    return (routing[0], routing[1]) if routing else (None, None)
 
 
 class PipelineBlock(Block):
-    """A PanGu-α block taking and returning (hidden, position ids)."""
+    """A block taking and returning (hidden, position ids) and, for PanGu-Σ, the token and domain ids its
+    experts route by."""
 
     def __init__(self, config: PanguConfig, layer_index: int, layouts: StageLayouts,
                  tensor: StageTensorGroup | None = None) -> None:
@@ -153,15 +171,17 @@ class PipelineBlock(Block):
         self.layouts = [layouts]  # in a list: a plain attribute, not part of the module tree
         self.gradient_checkpointing = config.gradient_checkpointing
 
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        hidden, position_ids = inputs
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        hidden, position_ids, *routing = inputs
+        token_ids, domain_ids = _routing_ids(routing)
         layout = self.layouts[0](position_ids, self.training)
         run = super().forward
+        # The aux loss is zero for the routers a pipeline runs (dense, RRE).
         if self.gradient_checkpointing and self.training:
-            hidden, _ = checkpoint(run, hidden, layout, None, None, None, None, use_reentrant=False)
+            hidden, _ = checkpoint(run, hidden, layout, token_ids, domain_ids, None, None, use_reentrant=False)
         else:
-            hidden, _ = run(hidden, layout, None, None)
-        return hidden, position_ids
+            hidden, _ = run(hidden, layout, token_ids, domain_ids)
+        return hidden, position_ids, *routing
 
 
 class QueryLayer(nn.Module):
@@ -176,15 +196,17 @@ class QueryLayer(nn.Module):
         self.layouts = [layouts]
         self.gradient_checkpointing = config.gradient_checkpointing
 
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        hidden, position_ids = inputs
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        hidden, position_ids, *routing = inputs
+        token_ids, domain_ids = _routing_ids(routing)
         layout = self.layouts[0](position_ids, self.training)
         hidden = self.final_norm(hidden)
         query = self.top_query_embedding(position_ids)
         if self.gradient_checkpointing and self.training:
-            hidden, _ = checkpoint(self.query_layer, hidden, layout, None, None, query, None, use_reentrant=False)
+            hidden, _ = checkpoint(self.query_layer, hidden, layout, token_ids, domain_ids, query, None,
+                                   use_reentrant=False)
         else:
-            hidden, _ = self.query_layer(hidden, layout, None, None, query)
+            hidden, _ = self.query_layer(hidden, layout, token_ids, domain_ids, query)
         return hidden
 
 
@@ -254,8 +276,9 @@ def pipeline_specs(config: PanguConfig, tensor: StageTensorGroup | None = None) 
     """PanguModel as a list of layer specs (built only on the stage that owns each), and the layout memo
     its attention layers share. With `tensor` the layers are tensor-parallel ones over its group (filled in
     before they are built)."""
-    if config.router != "dense":
-        raise ValueError(f"pipeline parallelism is implemented for dense PanGu-α models, not router {config.router}")
+    if config.router not in PIPELINE_ROUTERS:
+        raise ValueError(f"pipeline parallelism is implemented for routers {', '.join(PIPELINE_ROUTERS)}, not "
+                         f"{config.router}")
     layouts = StageLayouts(config)
     table = (WordEmbedding, config.vocab_size, config.d_model) if tensor is None else \
         (VocabParallelWordEmbedding, config.vocab_size, config.d_model, tensor)
@@ -272,8 +295,8 @@ def pipeline_specs(config: PanguConfig, tensor: StageTensorGroup | None = None) 
 
 
 class PanguPipeline(PipelineModule):
-    """This rank's stage of PanGu-α (`stage_layer_counts`: transformer layers per stage), on DeepSpeed's
-    pipeline engine.
+    """This rank's stage of PanGu-α or PanGu-Σ (`stage_layer_counts`: transformer layers per stage), on
+    DeepSpeed's pipeline engine.
 
     `topology` is a DeepSpeed `ProcessTopology` with axes data, pipe, model (deploy/topology.py's
     `Layout.deepspeed_topology()`, so the data-parallel, pipeline and tensor groups are the topology's). A
@@ -376,14 +399,20 @@ def stage_module_names(config: PanguConfig, stage: int, stage_layer_counts: list
     return keep
 
 
-def micro_batches(batches: list[dict[str, torch.Tensor]]) -> Iterator[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
+def micro_batches(batches: list[dict[str, torch.Tensor]], routing: bool = False
+                  ) -> Iterator[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
     """The (inputs, targets) pairs `PipelineEngine.train_batch` / `eval_batch` read: the first stage takes
-    the inputs, the last the targets."""
+    the inputs, the last the targets. `routing` (PanGu-Σ): the inputs hold the per-token domain ids too, which
+    the experts of every stage route by."""
     for batch in batches:
-        yield (batch["input_ids"], batch["position_ids"]), (batch["labels"], batch["domain_ids"])
+        inputs = (batch["input_ids"], batch["position_ids"])
+        if routing:
+            inputs += (batch["domain_ids"].expand_as(batch["input_ids"]),)
+        yield inputs, (batch["labels"], batch["domain_ids"])
 
 
 __all__ = [
+    "PIPELINE_ROUTERS",
     "PanguPipeline",
     "PipelineLoss",
     "StageTensorGroup",

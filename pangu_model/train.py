@@ -18,11 +18,13 @@ What one run does:
   over the tensor group, counting replicated parameters once, each tensor rank checkpoints its own slices);
   layouts this program cannot run are refused at start (`LayoutError`, one line naming what is not
   implemented), before anything is allocated;
-* PanGu-α pipeline parallelism (`pipeline_parallel` > 1, pipeline_parallel.py): each rank builds its stage
-  of a DeepSpeed `PipelineModule` (embeddings first, query layer and tied head last) and trains with
-  DeepSpeed's 1F1B schedule over the step's micro-batches; each stage checkpoints its own layers. With
-  `tensor_parallel` > 1 too, every stage is made of the tensor-parallel layers over the topology's tensor
-  group (DeepSpeed's grid is then the `mpu`), and each (stage, tensor rank) checkpoints its own slices;
+* pipeline parallelism (`pipeline_parallel` > 1, pipeline_parallel.py): each rank builds its stage of a
+  DeepSpeed `PipelineModule` (embeddings first, query layer and tied head last) and trains with DeepSpeed's
+  1F1B schedule over the step's micro-batches; each stage checkpoints its own layers. With
+  `tensor_parallel` > 1 too (PanGu-α), every stage is made of the tensor-parallel layers over the topology's
+  tensor group (DeepSpeed's grid is then the `mpu`), and each (stage, tensor rank) checkpoints its own
+  slices. PanGu-Σ's stages hold their RRE layers' experts whole, and the token and domain ids they route by
+  travel with the hidden state;
 * PanGu-Σ experts: in the model's own `ExpertBank` (one rank's experts, ep = 1), through DeepSpeed's
   MoE layer with a fixed RRE gate (ep > 1, expert groups inside a node: deploy/topology.py), or
   host-resident with ECSS (ecss.py), sharded over the expert-parallel group when ep > 1 (with tensor
@@ -145,9 +147,11 @@ class TrainConfig(BaseModel):
     tensor_parallel: int = Field(1, ge=1, description="ranks that split every dense layer (Megatron-style, inside "
                                                       "a node; PanGu-Σ's experts are replicated over them); ZeRO "
                                                       "runs over the data-parallel rest (world / tensor_parallel)")
-    pipeline_parallel: int = Field(1, ge=1, description="pipeline stages of a dense PanGu-α model (DeepSpeed's 1F1B "
-                                                        "pipeline, across nodes; with tensor_parallel, stages of "
-                                                        "tensor-parallel layers); the micro-batches of a step are "
+    pipeline_parallel: int = Field(1, ge=1, description="pipeline stages (DeepSpeed's 1F1B pipeline, across nodes) "
+                                                        "of a dense PanGu-α model (with tensor_parallel, stages of "
+                                                        "tensor-parallel layers) or of PanGu-Σ with RRE experts "
+                                                        "(each stage holds its blocks' experts whole: ep 1, no ECSS, "
+                                                        "tp 1); the micro-batches of a step are "
                                                         "its gradient_accumulation_steps; ZeRO 1 (0 with bf16/fp16 "
                                                         "or without clipping)")
     topology: str | None = Field(None, description="deploy/presets/topology name or YAML: checks ep against the cluster")
@@ -216,7 +220,16 @@ class TrainConfig(BaseModel):
         pp = self.pipeline_parallel
         if pp == 1:
             return
-        self._dense_only(model, "pipeline_parallel", "pipeline parallelism")
+        from .pipeline_parallel import PIPELINE_ROUTERS
+
+        if self.ecss or self.expert_parallel > 1 or model.router not in PIPELINE_ROUTERS:
+            given = "ECSS" if self.ecss else "expert_parallel" if self.expert_parallel > 1 else f"router {model.router}"
+            raise LayoutError(f"pipeline_parallel {pp} with {given}: pipeline parallelism is implemented for dense "
+                              f"PanGu-α and for PanGu-Σ with RRE experts held whole by each stage (no expert "
+                              f"parallelism, no ECSS); set pipeline_parallel: 1")
+        if model.router != "dense" and self.tensor_parallel > 1:
+            raise LayoutError(f"pipeline_parallel {pp} with tensor_parallel {self.tensor_parallel} and RRE experts: "
+                              f"PanGu-Σ's stages of tensor-parallel layers are not implemented; set one of them to 1")
         if self.zero_stage > 1:
             raise LayoutError(f"pipeline_parallel {pp} with ZeRO stage {self.zero_stage}: DeepSpeed's pipeline engine "
                               f"runs ZeRO stage 0 or 1 only (gradients are reduced once per step, after the "
@@ -528,6 +541,9 @@ class Trainer:
             model = build_model(config, (self._ep_rank(), ep) if ep > 1 else None, self.device,
                                 self._owned_block(ecss_groups[2]), tp=self.tp)
         self.expert_layers: list[str] = [n for n, m in model.named_modules() if isinstance(m, RandomRoutedExperts)]
+        self._routing_tables: dict[str, torch.Tensor] = {}
+        if self.pipeline_loss is not None and self.pangu.router == "rre":
+            self.expert_layers, self._routing_tables = self._pipeline_routing_tables(model)
         self.sparse_layers = list(model.sparse_layers()) if self.pipeline_loss is None else []
         if config.expert_parallel > 1 and not config.ecss:
             to_deepspeed_moe(model, config.expert_parallel, self._ep_rank())
@@ -674,7 +690,7 @@ class Trainer:
         return tp, ModelParallelUnit(tp, *found["data"])
 
     def _pipeline_stage(self) -> Any:
-        """This rank's pipeline stage (pipeline_parallel.py) holding its part of the dense model's initial
+        """This rank's pipeline stage (pipeline_parallel.py) holding its part of the model's initial
         weights: the other stages' modules are never made here (they stay on the meta device while the
         initial weights are drawn), so every pipeline size starts from the weights of pipeline 1. With tensor
         parallelism the stage's layers are tensor-parallel over the group DeepSpeed's grid makes for the
@@ -931,11 +947,13 @@ class Trainer:
 
         step = self.step
         self.model.start_step(lambda micro: self._dropout_seed(step, micro))
-        loss = float(self.engine.train_batch(micro_batches(batches)))
+        loss = float(self.engine.train_batch(micro_batches(batches, routing=bool(self.expert_layers))))
         domain_sums = self.pipeline_loss.drain(self.device)
         tokens = int(sum((batch["labels"] != -100).sum() for batch in batches))
         if self._counts_rows():
             metrics.add_domain_losses(domain_sums)
+            for batch in batches if self.expert_layers else ():
+                metrics.add_expert_load(self._expert_load(batch))
         norm = self.engine.get_global_grad_norm()
         return {"loss": loss, "lm_loss": loss, "aux_loss": 0.0, "lr": lr_at(step, self.config.optimizer, self.total_steps),
                 "_tokens": tokens if self._counts_rows() else 0,
@@ -991,7 +1009,7 @@ class Trainer:
         size = self.config.micro_batch_size
         chunks = [self._stacked(rows[b * size:(b + 1) * size]) for b in range(batches)]
         self.pipeline_loss.drain(self.device)  # nothing of training is pending; start from zero
-        self.engine.eval_batch(micro_batches(chunks), compute_loss=True, bcast_loss=False,
+        self.engine.eval_batch(micro_batches(chunks, routing=bool(self.expert_layers)), compute_loss=True, bcast_loss=False,
                                num_micro_batches=batches)
         drained = self.pipeline_loss.drain(self.device)
         if self._counts_rows():  # the ranks of the last stage's tensor group hold the same sums
@@ -1004,14 +1022,29 @@ class Trainer:
     @torch.no_grad()
     def _expert_load(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """[RRE layers, experts] tokens per expert, from the routing table (same on every backend)."""
-        from .moe import expert_counts
+        from .moe import expert_counts, rre_route
 
         loads = []
         for name in self.expert_layers:
-            layer = self.model.get_submodule(name)
-            ids = layer.route(batch["input_ids"], batch["domain_ids"]).reshape(-1)
-            loads.append(expert_counts(ids, self.pangu.total_experts))  # on the device, no sync
+            if self._routing_tables:  # a pipeline stage: the tables of every stage's layers
+                ids = rre_route(self.pangu, self._routing_tables[name], batch["input_ids"], batch["domain_ids"])
+            else:
+                ids = self.model.get_submodule(name).route(batch["input_ids"], batch["domain_ids"])
+            loads.append(expert_counts(ids.reshape(-1), self.pangu.total_experts))  # on the device, no sync
         return torch.stack(loads)
+
+    def _pipeline_routing_tables(self, stage: Any) -> tuple[list[str], dict[str, torch.Tensor]]:
+        """The RRE layers of the whole model in PanguModel's names, and their routing tables, gathered from the
+        stages that hold them (the tables a stage loaded, an `init_from` model's included): the last stage logs
+        the expert load of every layer, as a run without a pipeline does."""
+        own = self._pangu_names({name: module.token_to_expert.detach().cpu() for name, module in stage.named_modules()
+                                 if isinstance(module, RandomRoutedExperts)})
+        stages: list[Any] = [None] * self.world_size
+        dist.all_gather_object(stages, own)
+        tables = {name: table.to(self.device) for part in stages for name, table in part.items()}
+        with torch.device("meta"):
+            order = [n for n, m in PanguModel(self.pangu).named_modules() if isinstance(m, RandomRoutedExperts)]
+        return order, {name: tables[name] for name in order}
 
     # ---- checkpoints ----------------------------------------------------------------------------
     @staticmethod

@@ -4,6 +4,7 @@
   gives the losses of pipeline_parallel 1 on 1 rank (same global batch, 2 micro-batches a step, dropout off),
   resumes exactly after a kill -9, dropout on too, and exports the same model.safetensors;
 * tensor_parallel 2 × pipeline_parallel 2 on 4 ranks does the same (stages of tensor-parallel layers);
+* PanGu-Σ (sigma-tiny, RRE experts on both stages) with pipeline_parallel 2 does the same, expert load included;
 * layouts the trainer cannot run with a pipeline are refused at start, in one line.
 """
 from __future__ import annotations
@@ -161,6 +162,37 @@ def test_tensor_2_by_pipeline_2_gives_the_losses_and_export_of_one_rank_and_resu
 
 
 @pytest.mark.slow
+def test_sigma_pipeline_2_gives_the_losses_expert_load_and_export_of_one_rank_and_resumes_after_kill_9() -> None:
+    """PanGu-Σ (RRE in the top 3 of 5 layers: one on stage 0, two on stage 1) on 2 stages: the token and domain
+    ids travel with the hidden state to the experts of both stages; losses, gradient norms, validation, the
+    expert load of every RRE layer (logged by the last stage) and the export equal one rank's."""
+    from pangu_model import load_checkpoint
+    from tests.test_train_common import cli, logged_rows, run_config
+
+    fields = {**FIELDS, "ecss": False, "model_overrides": {**FIELDS["model_overrides"], "moe_layers": 3}}
+    one = run_config("sigma-pp1", "sigma-tiny", **fields)
+    reference = _Reference(one, cli(one))
+    two = run_config("sigma-pp2", "sigma-tiny", pipeline_parallel=2, throttle_s=0.5, **fields)
+    _killed_and_resumed(two)
+    reference.finished()
+    _same_run(one, two)
+    loads = [(one.parent / "expert_load.csv").read_text(), (two.parent / "expert_load.csv").read_text()]
+    assert loads[0] == loads[1]
+    routed: dict[str, int] = {}
+    for line in loads[0].splitlines()[1:]:
+        _, layer, _, tokens = line.split(",")
+        routed[layer] = routed.get(layer, 0) + int(tokens)
+    # every token of every step went to one expert of each RRE layer (labels count the rows' tokens)
+    tokens = sum(int(r["tokens"]) for r in logged_rows(two.parent))
+    assert routed == {"blocks.2.ffn": tokens, "blocks.3.ffn": tokens, "query_layer.ffn": tokens} and tokens > 0
+    got = load_checkpoint(two.parent / "export").state_dict()
+    expected = load_checkpoint(one.parent / "export").state_dict()
+    assert set(got) == set(expected) and any(".experts." in name for name in got)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=3e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.slow
 def test_pipeline_resume_after_kill_9_draws_the_same_dropout_masks() -> None:
     """Dropout on: each stage seeds itself per step and micro-batch, so a run killed and resumed gives the
     losses of an uninterrupted one, exactly (a run that carried its random state across steps would not)."""
@@ -181,28 +213,34 @@ def test_pipeline_layouts_the_trainer_cannot_run_are_refused_in_one_line() -> No
     from pangu_model.train import fit_to_data, load_train_config
     from tests.test_train_common import cli, run_config
 
-    # Checked with the config: dense models only (with tensor parallelism too), ZeRO 0-1 and not 0 where
-    # DeepSpeed's fp32 clipping miscounts the norm, a layer at least per stage.
-    refused = {
-        ("pp-sigma", "sigma-tiny", ()): r"pipeline_parallel 2 with .*: pipeline parallelism is implemented for "
-                                        r"dense PanGu-α models only",
-        ("pp-zero2", "alpha-tiny", (("zero_stage", 2),)): r"pipeline_parallel 2 with ZeRO stage 2: DeepSpeed's "
-                                                          r"pipeline engine runs ZeRO stage 0 or 1 only",
-        ("pp-zero0", "alpha-tiny", (("zero_stage", 0),)): r"pipeline_parallel 2 with ZeRO stage 0 in fp32 and "
-                                                          r"grad_clip 1.0: DeepSpeed's fp32 gradient clipping",
-        ("pp-tp-sigma", "sigma-tiny", (("tensor_parallel", 2),)): r"pipeline_parallel 2 with .*: pipeline "
-                                                                  r"parallelism is implemented for dense PanGu-α "
-                                                                  r"models only",
-    }
-    for (name, preset, extra), message in refused.items():
+    # Checked with the config: dense models and RRE experts held whole by each stage (no ECSS, no expert
+    # parallelism, no other router, no tensor parallelism with experts), ZeRO 0-1 and not 0 where DeepSpeed's fp32
+    # clipping miscounts the norm, a layer at least per stage.
+    whole = r": pipeline parallelism is implemented for dense PanGu-α and for PanGu-Σ with RRE experts held whole"
+    refused = [
+        ("pp-sigma-ecss", "sigma-tiny", {}, r"pipeline_parallel 2 with ECSS" + whole),
+        ("pp-sigma-ep", "sigma-tiny", {"ecss": False, "expert_parallel": 2},
+         r"pipeline_parallel 2 with expert_parallel" + whole),
+        ("pp-topk", "sigma-tiny", {"ecss": False, "model_overrides": {"router": "topk"}},
+         r"pipeline_parallel 2 with router topk" + whole),
+        ("pp-tp-sigma", "sigma-tiny", {"ecss": False, "tensor_parallel": 2},
+         r"pipeline_parallel 2 with tensor_parallel 2 and RRE experts: PanGu-Σ's stages of tensor-parallel layers "
+         r"are not implemented"),
+        ("pp-zero2", "alpha-tiny", {"zero_stage": 2},
+         r"pipeline_parallel 2 with ZeRO stage 2: DeepSpeed's pipeline engine runs ZeRO stage 0 or 1 only"),
+        ("pp-zero0", "alpha-tiny", {"zero_stage": 0},
+         r"pipeline_parallel 2 with ZeRO stage 0 in fp32 and grad_clip 1.0: DeepSpeed's fp32 gradient clipping"),
+    ]
+    for name, preset, extra, message in refused:
         with pytest.raises(ValueError, match=message):
-            load_train_config(run_config(name, preset, pipeline_parallel=2, **dict(extra)))
+            load_train_config(run_config(name, preset, pipeline_parallel=2, **extra))
     with pytest.raises(ValueError, match=r"pipeline_parallel 5 is more stages than the model's 4 layers"):
         load_train_config(run_config("pp-stages", "alpha-tiny", pipeline_parallel=5))
     # Not refused: tensor × pipeline, and ZeRO 0 where DeepSpeed's clipping counts right (bf16) or does not run.
     for name, extra in {"pp-tp": {"tensor_parallel": 2}, "pp-zero0-bf16": {"zero_stage": 0, "precision": "bf16"},
                         "pp-zero0-noclip": {"zero_stage": 0, "optimizer": {"grad_clip": 0.0}}}.items():
         load_train_config(run_config(name, "alpha-tiny", pipeline_parallel=2, **extra))
+    load_train_config(run_config("pp-sigma", "sigma-tiny", pipeline_parallel=2, ecss=False))
 
     # Checked at start, before the model is built: pipeline 2 on one rank. Before a checkpoint is loaded: one
     # of pipeline_parallel 2 resumed with pipeline_parallel 1, and one of tensor 2 × pipeline 2 (both named).
