@@ -985,10 +985,10 @@ def plan_training(
     # ---- notes -------------------------------------------------------------------------------
     if pp > 1:
         notes.append(f"pipeline: {describe_split(model.num_layers, pp)}")
-        if model.router != "dense" and (model.router != "rre" or ecss or ep > 1 or tp > 1):
-            notes.append(f"pangu_model.train runs pipeline {pp} for dense PanGu-α and for RRE PanGu-Σ with ep 1, "
-                         f"no ECSS and tensor 1 (it refuses this layout); the stages are planned as its split "
-                         f"would place them")
+        if model.router != "dense" and (model.router != "rre" or ecss or ep > 1):
+            notes.append(f"pangu_model.train runs pipeline {pp} for dense PanGu-α and for RRE PanGu-Σ with ep 1 "
+                         f"and no ECSS (it refuses this layout); the stages are planned as its split would place "
+                         f"them")
     if tp > 1 and model.router not in ("dense", "rre"):
         notes.append(f"pangu_model.train splits dense PanGu-α and RRE PanGu-Σ models only (it refuses tensor {tp} "
                      f"for this model); tensor {tp} is planned as a Megatron-style split would place it")

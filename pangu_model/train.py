@@ -21,10 +21,10 @@ What one run does:
 * pipeline parallelism (`pipeline_parallel` > 1, pipeline_parallel.py): each rank builds its stage of a
   DeepSpeed `PipelineModule` (embeddings first, query layer and tied head last) and trains with DeepSpeed's
   1F1B schedule over the step's micro-batches; each stage checkpoints its own layers. With
-  `tensor_parallel` > 1 too (PanGu-α), every stage is made of the tensor-parallel layers over the topology's
-  tensor group (DeepSpeed's grid is then the `mpu`), and each (stage, tensor rank) checkpoints its own
-  slices. PanGu-Σ's stages hold their RRE layers' experts whole, and the token and domain ids they route by
-  travel with the hidden state;
+  `tensor_parallel` > 1 too, every stage is made of the tensor-parallel layers over the topology's tensor
+  group (DeepSpeed's grid is then the `mpu`), and each (stage, tensor rank) checkpoints its own slices.
+  PanGu-Σ's stages hold their RRE layers' experts whole (replicated over a tensor group), and the token and
+  domain ids they route by travel with the hidden state;
 * PanGu-Σ experts: in the model's own `ExpertBank` (one rank's experts, ep = 1), through DeepSpeed's
   MoE layer with a fixed RRE gate (ep > 1, expert groups inside a node: deploy/topology.py), or
   host-resident with ECSS (ecss.py), sharded over the expert-parallel group when ep > 1 (with tensor
@@ -150,8 +150,8 @@ class TrainConfig(BaseModel):
     pipeline_parallel: int = Field(1, ge=1, description="pipeline stages (DeepSpeed's 1F1B pipeline, across nodes) "
                                                         "of a dense PanGu-α model (with tensor_parallel, stages of "
                                                         "tensor-parallel layers) or of PanGu-Σ with RRE experts "
-                                                        "(each stage holds its blocks' experts whole: ep 1, no ECSS, "
-                                                        "tp 1); the micro-batches of a step are "
+                                                        "(each stage holds its blocks' experts whole: ep 1, no "
+                                                        "ECSS); the micro-batches of a step are "
                                                         "its gradient_accumulation_steps; ZeRO 1 (0 with bf16/fp16 "
                                                         "or without clipping)")
     topology: str | None = Field(None, description="deploy/presets/topology name or YAML: checks ep against the cluster")
@@ -227,9 +227,6 @@ class TrainConfig(BaseModel):
             raise LayoutError(f"pipeline_parallel {pp} with {given}: pipeline parallelism is implemented for dense "
                               f"PanGu-α and for PanGu-Σ with RRE experts held whole by each stage (no expert "
                               f"parallelism, no ECSS); set pipeline_parallel: 1")
-        if model.router != "dense" and self.tensor_parallel > 1:
-            raise LayoutError(f"pipeline_parallel {pp} with tensor_parallel {self.tensor_parallel} and RRE experts: "
-                              f"PanGu-Σ's stages of tensor-parallel layers are not implemented; set one of them to 1")
         if self.zero_stage > 1:
             raise LayoutError(f"pipeline_parallel {pp} with ZeRO stage {self.zero_stage}: DeepSpeed's pipeline engine "
                               f"runs ZeRO stage 0 or 1 only (gradients are reduced once per step, after the "

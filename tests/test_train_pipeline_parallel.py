@@ -4,7 +4,8 @@
   gives the losses of pipeline_parallel 1 on 1 rank (same global batch, 2 micro-batches a step, dropout off),
   resumes exactly after a kill -9, dropout on too, and exports the same model.safetensors;
 * tensor_parallel 2 × pipeline_parallel 2 on 4 ranks does the same (stages of tensor-parallel layers);
-* PanGu-Σ (sigma-tiny, RRE experts on both stages) with pipeline_parallel 2 does the same, expert load included;
+* PanGu-Σ (sigma-tiny, RRE experts on both stages) with tensor_parallel 2 × pipeline_parallel 2 does the same,
+  expert load included;
 * layouts the trainer cannot run with a pipeline are refused at start, in one line.
 """
 from __future__ import annotations
@@ -162,34 +163,40 @@ def test_tensor_2_by_pipeline_2_gives_the_losses_and_export_of_one_rank_and_resu
 
 
 @pytest.mark.slow
-def test_sigma_pipeline_2_gives_the_losses_expert_load_and_export_of_one_rank_and_resumes_after_kill_9() -> None:
-    """PanGu-Σ (RRE in the top 3 of 5 layers: one on stage 0, two on stage 1) on 2 stages: the token and domain
-    ids travel with the hidden state to the experts of both stages; losses, gradient norms, validation, the
-    expert load of every RRE layer (logged by the last stage) and the export equal one rank's."""
+def test_sigma_tensor_2_by_pipeline_2_gives_the_losses_expert_load_and_export_of_one_rank_and_resumes_after_kill_9(
+        ) -> None:
+    """PanGu-Σ (RRE in the top 3 of 5 layers: one on stage 0, two on stage 1) on 2 stages of 2 tensor ranks: the
+    token and domain ids travel with the hidden state to the experts of both stages, which every rank of a tensor
+    group holds whole; losses, gradient norms, validation, the expert load of every RRE layer (logged by the last
+    stage) and the export equal one rank's. Rows of every domain in every step (`domain_affine` off): an expert
+    first routed to late takes an Adam step whose size does not depend on its gradient's, so elements with
+    near-zero gradients would turn fp32 noise into differences of the learning rate's size."""
     from pangu_model import load_checkpoint
     from tests.test_train_common import cli, logged_rows, run_config
 
-    fields = {**FIELDS, "ecss": False, "model_overrides": {**FIELDS["model_overrides"], "moe_layers": 3}}
+    fields = {**FIELDS, "ecss": False, "domain_affine": False,
+              "model_overrides": {**FIELDS["model_overrides"], "moe_layers": 3}}
     one = run_config("sigma-pp1", "sigma-tiny", **fields)
     reference = _Reference(one, cli(one))
-    two = run_config("sigma-pp2", "sigma-tiny", pipeline_parallel=2, throttle_s=0.5, **fields)
-    _killed_and_resumed(two)
+    four = run_config("sigma-tp2-pp2", "sigma-tiny", tensor_parallel=2, pipeline_parallel=2, throttle_s=0.5, **fields)
+    _killed_and_resumed(four, ranks=4)
     reference.finished()
-    _same_run(one, two)
-    loads = [(one.parent / "expert_load.csv").read_text(), (two.parent / "expert_load.csv").read_text()]
+    _same_run(one, four)
+    loads = [(one.parent / "expert_load.csv").read_text(), (four.parent / "expert_load.csv").read_text()]
     assert loads[0] == loads[1]
     routed: dict[str, int] = {}
     for line in loads[0].splitlines()[1:]:
         _, layer, _, tokens = line.split(",")
         routed[layer] = routed.get(layer, 0) + int(tokens)
     # every token of every step went to one expert of each RRE layer (labels count the rows' tokens)
-    tokens = sum(int(r["tokens"]) for r in logged_rows(two.parent))
+    tokens = sum(int(r["tokens"]) for r in logged_rows(four.parent))
     assert routed == {"blocks.2.ffn": tokens, "blocks.3.ffn": tokens, "query_layer.ffn": tokens} and tokens > 0
-    got = load_checkpoint(two.parent / "export").state_dict()
+    got = load_checkpoint(four.parent / "export").state_dict()
     expected = load_checkpoint(one.parent / "export").state_dict()
     assert set(got) == set(expected) and any(".experts." in name for name in got)
+    # fp32 noise through six Adam steps: measured up to 4.1e-5 on single elements (1 in 16k), 2e-6 typical
     for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=3e-5, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.slow
@@ -214,7 +221,7 @@ def test_pipeline_layouts_the_trainer_cannot_run_are_refused_in_one_line() -> No
     from tests.test_train_common import cli, run_config
 
     # Checked with the config: dense models and RRE experts held whole by each stage (no ECSS, no expert
-    # parallelism, no other router, no tensor parallelism with experts), ZeRO 0-1 and not 0 where DeepSpeed's fp32
+    # parallelism, no other router), ZeRO 0-1 and not 0 where DeepSpeed's fp32
     # clipping miscounts the norm, a layer at least per stage.
     whole = r": pipeline parallelism is implemented for dense PanGu-α and for PanGu-Σ with RRE experts held whole"
     refused = [
@@ -223,9 +230,6 @@ def test_pipeline_layouts_the_trainer_cannot_run_are_refused_in_one_line() -> No
          r"pipeline_parallel 2 with expert_parallel" + whole),
         ("pp-topk", "sigma-tiny", {"ecss": False, "model_overrides": {"router": "topk"}},
          r"pipeline_parallel 2 with router topk" + whole),
-        ("pp-tp-sigma", "sigma-tiny", {"ecss": False, "tensor_parallel": 2},
-         r"pipeline_parallel 2 with tensor_parallel 2 and RRE experts: PanGu-Σ's stages of tensor-parallel layers "
-         r"are not implemented"),
         ("pp-zero2", "alpha-tiny", {"zero_stage": 2},
          r"pipeline_parallel 2 with ZeRO stage 2: DeepSpeed's pipeline engine runs ZeRO stage 0 or 1 only"),
         ("pp-zero0", "alpha-tiny", {"zero_stage": 0},
@@ -241,6 +245,7 @@ def test_pipeline_layouts_the_trainer_cannot_run_are_refused_in_one_line() -> No
                         "pp-zero0-noclip": {"zero_stage": 0, "optimizer": {"grad_clip": 0.0}}}.items():
         load_train_config(run_config(name, "alpha-tiny", pipeline_parallel=2, **extra))
     load_train_config(run_config("pp-sigma", "sigma-tiny", pipeline_parallel=2, ecss=False))
+    load_train_config(run_config("pp-tp-sigma", "sigma-tiny", pipeline_parallel=2, tensor_parallel=2, ecss=False))
 
     # Checked at start, before the model is built: pipeline 2 on one rank. Before a checkpoint is loaded: one
     # of pipeline_parallel 2 resumed with pipeline_parallel 1, and one of tensor 2 × pipeline 2 (both named).
