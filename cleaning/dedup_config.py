@@ -20,8 +20,9 @@ RUNTIME_FIELDS = frozenset({"reduce_block_records"})
 #: quality of a document the quality classifier did not score: P(high quality) = 0.5, no opinion
 NEUTRAL_QUALITY = 0.5
 # Bumped when the map stage's files change, so that cache entries of another layout are not reused.
-# 3: bucket files sorted by key (the reduce merges them block by block).
-_MAP_LAYOUT = 3
+# 3: bucket files sorted by key (the reduce merges them block by block). 4: one permutation hashing
+# (minhash.py), other signature values.
+_MAP_LAYOUT = 4
 
 
 class DedupConfig(BaseModel):
@@ -33,7 +34,8 @@ class DedupConfig(BaseModel):
     boilerplate sentence) reach at most ~0.5 with 3-grams. 3-grams leave the widest gap between
     "edited copy" and "related but different", which is what recall and zero false positives need.
 
-    bands=25 x rows_per_band=5 (125 permutations): a pair becomes a candidate with probability
+    bands=25 x rows_per_band=5 (125 signature values, the bins of one permutation: minhash.py): a
+    pair becomes a candidate with probability
     1 - (1 - J^5)^25:
         J    0.1      0.2    0.3    0.4    0.5    0.6    0.65   0.7    0.75   0.8
         P    0.0002   0.008  0.059  0.23   0.55   0.87   0.954  0.990  0.999  1.000

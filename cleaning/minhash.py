@@ -1,4 +1,4 @@
-"""MinHash signatures of character n-gram sets, vectorised over a batch of documents.
+"""MinHash signatures of character n-gram sets (one permutation hashing), vectorised over a batch of documents.
 
 Why characters and not words: on Chinese, character n-grams give both higher near-duplicate recall
 and more speed than jieba word n-grams (SPEC §3), and they need no segmenter whose version could
@@ -11,11 +11,21 @@ How a batch is hashed without a per-n-gram Python loop:
 2. the batch becomes one array of code points with n-1 zeros after every document, so that an
    n-gram window never spans two documents and a text shorter than n characters is one shingle
    (its window is the whole text followed by zeros, a value no real n-gram has: NUL is removed);
-3. a polynomial hash over each window (n vectorised multiply-adds) gives a 32-bit shingle hash x;
-4. every permutation is a multiply-add-shift hash h(x) = ((a*x + b) mod 2^64) >> 32 with random
-   64-bit a, b (Dietzfelbinger's strongly universal family for 32-bit keys); the minimum per
-   document is taken with np.minimum.reduceat over the document offsets. Because the shift is
-   monotonic, the minimum is taken on the 64-bit value and shifted afterwards (one pass fewer).
+3. a polynomial hash over each window (n vectorised multiply-adds) gives a 64-bit shingle hash;
+4. one permutation, not one per signature value (one permutation hashing, Li, Owen & Zhang 2012): a
+   seeded splitmix64 of the shingle hash; its high 32 bits pick one of K = num_perm bins, its low 32
+   bits are the value, and each document keeps the minimum value per bin (`np.minimum.at` over
+   document × bin). A document's K minima are the minima of the K parts of one random permutation,
+   so two documents agree on a bin with probability J (their Jaccard), as with K permutations, for
+   a K-th of the hashing: 13 us a document instead of 54 with 125 multiply-add-min passes;
+5. a bin that no shingle of the document fell in (short documents: e^(-shingles/K) of the bins) is
+   filled by improved densification (Shrivastava & Li 2014): it takes the value of the nearest
+   occupied bin in a direction fixed per bin (a seeded random bit), plus the distance times an odd
+   constant, which keeps the agreement probability J (both documents' empty bin take the same
+   neighbour exactly when it is the first occupied one of their union, and then agree with
+   probability J). Measured on 400 CSL abstracts with 1-20 % character edits: no bias (|mean| <=
+   0.002), and a spread of the estimate 8 % below 125 permutations' (one permutation samples
+   without replacement).
 """
 from __future__ import annotations
 
@@ -32,8 +42,8 @@ if TYPE_CHECKING:  # only the config's fields are read here
 #: signature value of a document without any character left after normalisation
 EMPTY = np.uint32(0xFFFFFFFF)
 
-# Signatures are computed in slices of about this many shingles: the working arrays (8 bytes per
-# shingle) then stay in the CPU cache while the permutations loop over them.
+# Signatures are computed in slices of about this many shingles: the working arrays (8 bytes a shingle,
+# 8 a bin) then stay in the CPU cache between the passes (11.7 us a document; 1 << 14: 14.8, 1 << 20: 13.3).
 _SHINGLES_PER_SLICE = 1 << 16
 
 
@@ -205,17 +215,32 @@ def code_points(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(pieces), doc_lengths
 
 
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, in place: every output bit depends on every input bit."""
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+_UNFILLED = np.uint64(1 << 32)  # above every 32-bit value: a bin no shingle fell in
+_STEP = np.uint64(0x9E3779B1)  # densification: added per bin walked, odd, so distances stay apart
+
+
 class MinHasher:
-    """MinHash over character n-grams; deterministic from `config.seed` and `config.num_perm`."""
+    """One-permutation MinHash over character n-grams, `config.num_perm` bins; deterministic from
+    `config.seed` and `config.num_perm`."""
 
     def __init__(self, config: "DedupConfig"):
         self.ngram = int(config.ngram)
         self.num_perm = int(config.num_perm)
         rng = np.random.Generator(np.random.PCG64(config.seed))
-        # odd multipliers keep every permutation a bijection of the 64-bit ring
-        self._a = rng.integers(0, 2**64, size=self.num_perm, dtype=np.uint64) | np.uint64(1)
-        self._b = rng.integers(0, 2**64, size=self.num_perm, dtype=np.uint64)
         self._base = np.uint64(rng.integers(0, 2**64, dtype=np.uint64) | np.uint64(1))
+        self._seed = np.uint64(rng.integers(0, 2**64, dtype=np.uint64))
+        # densification: per bin, whether an empty one borrows from the right (else the left)
+        self._rightward = rng.integers(0, 2, size=self.num_perm).astype(bool)
 
     def signatures(self, texts: Sequence[str]) -> np.ndarray:
         """uint32 array (len(texts), num_perm); a document with no characters gets all EMPTY."""
@@ -261,20 +286,42 @@ class MinHasher:
             return
         first = np.cumsum(shingles) - shingles
         starts = np.repeat(doc_start - first, shingles) + np.arange(total)
-        # mix before keeping the high half: the low bits of the polynomial barely depend on the
-        # first characters of the window
         x = h[starts]
-        x ^= x >> np.uint64(29)
-        x *= np.uint64(0xBF58476D1CE4E5B9)
-        x >>= np.uint64(32)
+        x ^= self._seed
+        x = _splitmix64(x)
+        k = np.uint64(self.num_perm)
         nonempty = shingles > 0
-        offsets = first[nonempty]
         rows = np.flatnonzero(nonempty)
-        buf = np.empty_like(x)
-        for p in range(self.num_perm):
-            np.multiply(x, self._a[p], out=buf)
-            buf += self._b[p]
-            out[rows, p] = np.minimum.reduceat(buf, offsets) >> np.uint64(32)
+        # the bin of each shingle, within its document's K bins: document × K + (high half × K) >> 32
+        cell = np.repeat(np.arange(rows.size, dtype=np.uint64) * k, shingles[nonempty])
+        cell += ((x >> np.uint64(32)) * k) >> np.uint64(32)
+        x &= np.uint64(0xFFFFFFFF)
+        bins = np.full(rows.size * self.num_perm, _UNFILLED, dtype=np.uint64)
+        np.minimum.at(bins, cell, x)
+        bins = bins.reshape(rows.size, self.num_perm)
+        self._densify(bins)
+        out[rows] = bins
+
+    def _densify(self, bins: np.ndarray) -> None:
+        """Fills the unfilled bins of documents that have at least one filled bin, in place: from the
+        nearest filled bin to the right or the left (circular; the direction is the bin's own), plus
+        the distance times `_STEP` (mod 2^32)."""
+        empty = bins == _UNFILLED
+        rows = np.flatnonzero(empty.any(axis=1))
+        if not rows.size:
+            return
+        k = self.num_perm
+        sub, hole = bins[rows], empty[rows]
+        twice = np.concatenate([hole, hole], axis=1)  # two turns, for the circular walk
+        position = np.arange(2 * k)
+        # first filled bin at or after j, and last filled at or before j (looked up from j + k)
+        right = np.minimum.accumulate(np.where(twice, 2 * k, position)[:, ::-1], axis=1)[:, ::-1][:, :k]
+        left = np.maximum.accumulate(np.where(twice, -1, position), axis=1)[:, k:]
+        j = np.arange(k)
+        source = np.where(self._rightward, right, left) % k
+        distance = np.where(self._rightward, right - j, j + k - left).astype(np.uint64)
+        borrowed = (np.take_along_axis(sub, source, axis=1) + distance * _STEP) & np.uint64(0xFFFFFFFF)
+        bins[rows] = np.where(hole, borrowed, sub)
 
 
 def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:

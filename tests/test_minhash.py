@@ -106,6 +106,26 @@ def test_estimated_jaccard_tracks_true_jaccard(abstracts):
     assert unrelated.max() < 0.15
 
 
+def test_short_documents_fill_their_empty_bins_and_keep_the_estimate_unbiased(abstracts):
+    # 40-90 characters: fewer shingles than the 125 bins of the one permutation, so a third to two
+    # thirds of each document's bins get no shingle and are filled from a neighbour (densification)
+    rng = random.Random(5)
+    alphabet = "".join(ch for ch in "".join(abstracts[:50]) if "\u4e00" <= ch <= "\u9fff")
+    hasher = MinHasher(DedupConfig())
+    short = [t[:rng.randrange(40, 90)] for t in abstracts[:400]]
+    assert max(len(_shingles(t)) for t in short) < DedupConfig().num_perm
+    edited = [_edit(t, 0.1, rng, alphabet) for t in short]
+    a, b = hasher.signatures(short), hasher.signatures(edited)
+    assert not (a == EMPTY).any() and not (b == EMPTY).any()
+    # a document's own values: densified bins are not copies of one value
+    assert min(len(set(row.tolist())) for row in a) > DedupConfig().num_perm // 2
+    est = estimated_jaccard(a, b)
+    true = np.array([len(_shingles(x) & _shingles(y)) / len(_shingles(x) | _shingles(y)) for x, y in zip(short, edited)])
+    assert abs((est - true).mean()) < 0.015 and np.abs(est - true).max() < 0.2
+    unrelated = estimated_jaccard(a[:200], a[200:])
+    assert unrelated.max() < 0.15
+
+
 def test_signature_speed_is_vectorised(abstracts):
     # a per-n-gram Python loop runs at tens of documents per second; the bar is far below the
     # thousands the vectorised path reaches, so a shared, busy machine still passes
