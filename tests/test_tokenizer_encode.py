@@ -214,7 +214,7 @@ def test_dictionary_from_the_array_cache_is_jiebas_own(tmp_path) -> None:
 
 
 _SEGMENTER_TABLE = """
-import json, sys
+import hashlib, json, sys
 import jieba
 from tokenizer import segment
 from tests.test_tokenizer_encode import _texts
@@ -227,8 +227,9 @@ if sys.argv[1] == "cached":
     segment.load_dictionary = refuse
 seg = segment.FastSegmenter()
 out = [seg.segment(t) for t in _texts()[:200]]
-print(json.dumps({"table": sorted(seg._logp.items(), key=lambda kv: kv[0]), "no_word": seg._no_word,
-                  "segmented": out, "loaded": jieba.dt.initialized}))
+table = sorted(seg._logp.items(), key=lambda kv: kv[0])
+print(json.dumps({"table": hashlib.sha256(repr(table).encode()).hexdigest(), "entries": len(table),
+                  "no_word": seg._no_word, "segmented": out, "loaded": jieba.dt.initialized}))
 """
 
 
@@ -242,18 +243,20 @@ def test_segmenter_takes_its_word_table_from_the_cache_without_loading_jiebas_di
 
     env = {**os.environ, "PANGU_HOME": str(tmp_path), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
-    def run(mode: str) -> dict:
-        done = subprocess.run([sys.executable, "-c", _SEGMENTER_TABLE, mode], env=env, capture_output=True,
-                              text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        return json.loads(done.stdout)
+    def start(mode: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", _SEGMENTER_TABLE, mode], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
 
-    jiebas = run("jieba")
-    assert not list((tmp_path / "cache").glob("jieba-word-logp-*.npz"))
-    first = run("first")  # builds the cache (through jieba's loader)
+    def result(proc: subprocess.Popen) -> dict:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        return json.loads(out)
+
+    jieba_run = start("jieba")  # never writes the word table's cache: beside the run that builds it
+    first = result(start("first"))  # builds the cache (through jieba's loader)
     assert list((tmp_path / "cache").glob("jieba-word-logp-*.npz"))
-    cached = run("cached")
+    cached, jiebas = result(start("cached")), result(jieba_run)
     assert not cached["loaded"] and first["loaded"] and jiebas["loaded"]
-    assert cached["table"] == first["table"] == jiebas["table"] and len(cached["table"]) > 400_000
+    assert cached["table"] == first["table"] == jiebas["table"] and cached["entries"] > 400_000
     assert cached["no_word"] == first["no_word"] == jiebas["no_word"]
     assert cached["segmented"] == jiebas["segmented"] == [reference_segment(t) for t in _texts()[:200]]
