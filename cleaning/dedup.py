@@ -43,7 +43,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from cleaning.dedup_config import NEUTRAL_QUALITY, DedupConfig
 from cleaning.writers import atomic_file, write_bytes_atomic
-from cleaning.minhash import MinHasher, code_points, estimated_jaccard, normalize
+from cleaning.minhash import MinHasher, code_points, estimated_jaccard, mix64, normalize
 
 
 # -- record layouts -----------------------------------------------------------------------------
@@ -333,18 +333,6 @@ def _paths(root: str, shard: int, partitions: int) -> dict[str, Any]:
 
 
 # -- map ----------------------------------------------------------------------------------------
-def _mix64(x: np.ndarray) -> np.ndarray:
-    # splitmix64 finaliser: a bijection that spreads every input bit over the whole key, so the
-    # partition (key % partitions) and the exact-flag bit are uniform
-    x = x.copy()
-    x ^= x >> np.uint64(30)
-    x *= np.uint64(0xBF58476D1CE4E5B9)
-    x ^= x >> np.uint64(27)
-    x *= np.uint64(0x94D049BB133111EB)
-    x ^= x >> np.uint64(31)
-    return x
-
-
 def band_keys(signatures: np.ndarray, config: DedupConfig) -> np.ndarray:
     """uint64 (docs, bands): one hash of the rows_per_band values of each band, band index mixed in.
 
@@ -358,7 +346,8 @@ def band_keys(signatures: np.ndarray, config: DedupConfig) -> np.ndarray:
     salt = rng.integers(0, 2**64, size=n, dtype=np.uint64)
     values = signatures.astype(np.uint64).reshape(len(signatures), n, r)
     keys = (values * coef).sum(axis=2, dtype=np.uint64) + salt
-    return _mix64(keys) & ~EXACT_FLAG
+    # mixed, so that the partition (key % partitions) and the exact-flag bit are uniform
+    return mix64(keys) & ~EXACT_FLAG
 
 
 def map_shard(dir: str, shard: int, texts: Sequence[str], config: DedupConfig,

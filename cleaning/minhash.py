@@ -215,8 +215,9 @@ def code_points(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(pieces), doc_lengths
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser, in place: every output bit depends on every input bit."""
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser of a uint64 array, in place (and returned): a bijection that spreads
+    every input bit over every output bit."""
     x ^= x >> np.uint64(30)
     x *= np.uint64(0xBF58476D1CE4E5B9)
     x ^= x >> np.uint64(27)
@@ -288,7 +289,7 @@ class MinHasher:
         starts = np.repeat(doc_start - first, shingles) + np.arange(total)
         x = h[starts]
         x ^= self._seed
-        x = _splitmix64(x)
+        x = mix64(x)
         k = np.uint64(self.num_perm)
         nonempty = shingles > 0
         rows = np.flatnonzero(nonempty)
