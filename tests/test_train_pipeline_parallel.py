@@ -1,8 +1,10 @@
-"""Pipeline parallelism for PanGu-α (issue #15 §2-3): DeepSpeed's 1F1B pipeline, the trainer on 2 and 4 gloo ranks.
+"""Pipeline parallelism for PanGu-α and PanGu-Σ (issue #15 §2-3): DeepSpeed's 1F1B pipeline, the trainer on 2, 3
+and 4 gloo ranks.
 
-* alpha-tiny with 5 layers (an uneven split: 3 on stage 0, 2 on stage 1) and pipeline_parallel 2 on 2 ranks
-  gives the losses of pipeline_parallel 1 on 1 rank (same global batch, 2 micro-batches a step, dropout off),
-  resumes exactly after a kill -9, dropout on too, and exports the same model.safetensors;
+* alpha-tiny with 5 layers and pipeline_parallel 3 on 3 ranks (an uneven split: 2, 2 and 1 layers) gives the
+  losses of pipeline_parallel 1 on 1 rank (same global batch, 2 micro-batches a step, dropout off), resumes
+  exactly after a kill -9, and exports the same model.safetensors; pipeline_parallel 2 (3 + 2 layers) resumes
+  exactly with dropout on;
 * tensor_parallel 2 × pipeline_parallel 2 on 4 ranks does the same (stages of tensor-parallel layers);
 * PanGu-Σ (sigma-tiny, RRE experts on both stages) with tensor_parallel 2 × pipeline_parallel 2 does the same,
   expert load included;
@@ -85,14 +87,16 @@ def _same_run(one: Path, other: Path) -> None:
 
 
 @pytest.mark.slow
-def test_pipeline_parallel_2_gives_the_losses_and_export_of_pipeline_parallel_1_and_resumes_after_kill_9(
+def test_pipeline_parallel_3_gives_the_losses_and_export_of_pipeline_parallel_1_and_resumes_after_kill_9(
         pipeline_1: _Reference) -> None:
+    """Three stages (2 + 2 + 1 layers; pipeline 2 runs in the tensor × pipeline tests): the middle stage holds
+    only blocks, and the tied embedding joins the first stage and the third."""
     from pangu_model import load_checkpoint
     from pangu_model.pipeline_parallel import pangu_name
     from tests.test_train_common import run_config
 
-    two = run_config("pp2", "alpha-tiny", pipeline_parallel=2, throttle_s=0.5, **FIELDS)
-    _killed_and_resumed(two)
+    two = run_config("pp3", "alpha-tiny", pipeline_parallel=3, throttle_s=0.5, **FIELDS)
+    _killed_and_resumed(two, ranks=3)
     one = pipeline_1.finished()
     _same_run(one, two)
 
@@ -102,8 +106,8 @@ def test_pipeline_parallel_2_gives_the_losses_and_export_of_pipeline_parallel_1_
     files = {p.name for p in last.iterdir()}
     layers = [f"layer_{i:02d}-model_00-model_states.pt" for i in range(7)]  # embeddings, 4 blocks, query layer
     assert set(layers) <= files and "layer_07-model_00-model_states.pt" not in files, sorted(files)
-    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_0_mp_rank_01_optim_states.pt"} <= files
-    assert torch.load(last / "trainer_rank00001.pt", weights_only=True)["pipeline_parallel"] == 2
+    assert {f"zero_pp_rank_0_mp_rank_{s:02d}_optim_states.pt" for s in range(3)} <= files
+    assert torch.load(last / "trainer_rank00002.pt", weights_only=True)["pipeline_parallel"] == 3
     # The export is exactly the stages' checkpointed layers in PanguModel's names...
     got = load_checkpoint(two.parent / "export").state_dict()
     saved = {}
