@@ -985,7 +985,9 @@ def plan_training(
     # ---- notes -------------------------------------------------------------------------------
     if pp > 1:
         notes.append(f"pipeline: {describe_split(model.num_layers, pp)}")
-        if model.router != "dense" and (model.router != "rre" or ecss or ep > 1):
+        from pangu_model.pipeline_parallel import PIPELINE_ROUTERS
+
+        if model.router not in PIPELINE_ROUTERS or ecss or ep > 1:  # TrainConfig._check_pipeline_parallel
             notes.append(f"pangu_model.train runs pipeline {pp} for dense PanGu-α and for RRE PanGu-Σ with ep 1 "
                          f"and no ECSS (it refuses this layout); the stages are planned as its split would place "
                          f"them")

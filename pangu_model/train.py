@@ -208,13 +208,6 @@ class TrainConfig(BaseModel):
             if getattr(model, name) % tp:
                 raise ValueError(f"tensor_parallel {tp} does not divide {name} {getattr(model, name)}")
 
-    def _dense_only(self, model: PanguConfig, field: str, what: str) -> None:
-        """`field` > 1 runs dense PanGu-α models only: refused with experts, ECSS or a sparse router."""
-        if self.ecss or self.expert_parallel > 1 or model.router != "dense":
-            given = "ECSS" if self.ecss else "expert_parallel" if self.expert_parallel > 1 else f"router {model.router}"
-            raise LayoutError(f"{field} {getattr(self, field)} with {given}: {what} is implemented for dense PanGu-α "
-                              f"models only; set {field}: 1")
-
     def _check_pipeline_parallel(self, model: PanguConfig) -> None:
         """What pipeline parallelism needs of the model and the run (the world size is checked at start)."""
         pp = self.pipeline_parallel
