@@ -187,12 +187,13 @@ class KeywordMatcher:
     def candidates(self, text: str) -> np.ndarray:
         cps, pair_slots, triple_slots = _filter_slots(text)
         hits = np.zeros(cps.size, dtype=bool)
+        # `take` with int64 indices (the slots are < 2^63): half the time of indexing with uint64
         if self._pairs is not None and cps.size >= 2:
-            hits[:-1] = self._pairs[pair_slots]
+            hits[:-1] = self._pairs.take(pair_slots.view(np.int64))
         if self._triples is not None and cps.size >= 3:
-            hits[:-2] |= self._triples[triple_slots]
+            hits[:-2] |= self._triples.take(triple_slots.view(np.int64))
         if self._has_single:
-            hits |= self._single[cps]
+            hits |= self._single.take(cps)
         return np.flatnonzero(hits)
 
     def find(self, text: str, limit: int | None = None) -> list[str]:

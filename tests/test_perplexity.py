@@ -190,8 +190,8 @@ def _backoff_log10(model: perplexity.CharNgramLM, text: str) -> list[float]:
 
 
 def test_scores_follow_the_backoff_definition(model, held_out):
-    # The scorer looks an order up only where the order below was found (stored n-gram sets are
-    # suffix-closed); this reference looks every n-gram up.
+    # The scorer looks an order up only where both n-grams of the order below inside it were found
+    # (stored n-gram sets are suffix- and prefix-closed); this reference looks every n-gram up.
     texts = [held_out[0][:300], shuffled(held_out[1][:200], 7), "经济发展\n\n中华人民共和国xyz\U00020000"]
     symbols, bos = perplexity.encode(texts, model._symbols)  # one batch: no n-gram crosses a text
     fast = np.split(model._symbol_log10(symbols, bos), bos[1:])

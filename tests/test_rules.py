@@ -54,6 +54,59 @@ def test_t2s_converts_traditional_text():
     assert TraditionalToSimplified().transform("這是一個關於電腦與網絡發展的報導。") == "这是一个关于电脑与网络发展的报导。"
 
 
+def test_t2s_batch_converts_exactly_the_texts_opencc_changes():
+    # Only texts holding a character that t2s may change go through OpenCC; the others must be
+    # texts OpenCC leaves alone: phrases whose characters are all simplified on their own (反覆,
+    # 瞭解), traditional text, simplified text, and text with no Chinese at all.
+    import opencc
+
+    texts = [abstracts()[0], "他反覆思量，终于瞭解了其中的道理。", "這是一個關於電腦與網絡發展的報導。",
+             "意志消沈的人找藉口。", "plain ASCII text, 12345", "", app_descriptions()[0],
+             "混合：简体与繁體、坏人与一坏土。"]
+    step = TraditionalToSimplified()
+    docs = [doc(t) for t in texts]
+    assert step.check_batch(docs) == [None] * len(texts)
+    converter = opencc.OpenCC("t2s")
+    assert [d.text for d in docs] == [converter.convert(t) for t in texts]
+    assert docs[1].text == "他反复思量，终于了解了其中的道理。"
+
+
+def test_t2s_table_covers_every_dictionary_key_that_converts(tmp_path):
+    # The batch step skips OpenCC for a text without a character of `t2s_may_change`. That is exact
+    # only if every key of the t2s dictionaries that OpenCC converts holds such a character: checked
+    # here against the dictionaries (plain text) of the installed OpenCC's source package.
+    import importlib.metadata
+    import subprocess
+    import sys
+    import tarfile
+
+    import opencc
+
+    from cleaning.normalize import _T2S_CHECKED_VERSION, t2s_may_change
+
+    version = importlib.metadata.version("opencc")
+    assert version == _T2S_CHECKED_VERSION, "a new OpenCC: check _T2S_PHRASE_ONLY against its dictionaries"
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                    "--disable-pip-version-check", "-q", "-d", str(tmp_path), f"opencc=={version}"],
+                   check=True, timeout=600)
+    (archive,) = tmp_path.glob("*.tar.gz")
+    may_change = t2s_may_change(version)
+    converter = opencc.OpenCC("t2s")
+    checked = 0
+    with tarfile.open(archive) as tf:
+        for member in tf.getmembers():
+            name = member.name.rsplit("/", 1)[-1]
+            if "/data/dictionary/" not in member.name or name not in (
+                    "TSPhrases.txt", "TSCharacters.txt", "CJK_Compatibility_Ideographs.txt"):
+                continue
+            for line in tf.extractfile(member).read().decode("utf-8").splitlines():
+                key = line.split("\t")[0]
+                if key and converter.convert(key) != key:
+                    checked += 1
+                    assert may_change[[ord(c) for c in key]].any(), key
+    assert checked > 5_000  # the three dictionaries were read (7,590 keys in 1.4.2)
+
+
 def test_char_profile_counts():
     p = char_profile("中文 text\nカナ한글 𠀀")
     assert p.chars == 11 and p.cjk == 3 and p.kana_hangul == 4
