@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from cleaning.document import Document
-from cleaning.filters import ChineseRatio, KeywordHits, MinLength, TitleOnly, TooLong, char_profile
+from cleaning.filters import ChineseRatio, KeywordHits, MinLength, Repetition, TitleOnly, TooLong, char_profile
 from cleaning.normalize import (DedupParagraphs, RemoveBoilerplateLines, StripMarkup, TraditionalToSimplified,
                                 is_boilerplate_line)
 from tests.realtext import abstracts, app_descriptions
@@ -251,3 +251,26 @@ def test_dictionary_bigrams_are_built_once_per_machine_and_equal_a_fresh_build(t
         filters.dictionary_bigrams.cache_clear()
     assert stored.stat().st_size > built.nbytes // 2 and np.array_equal(loaded, built)
     assert int(np.unpackbits(built).sum()) > 250_000  # ~300k dictionary pairs, a few sharing a bit
+
+
+def test_repetition_share_is_that_of_distinct_character_ngrams_per_text_of_a_batch():
+    # One hash pass over the joined batch, a sort of a prefix when it decides: each verdict must be
+    # the definition's, on the text's own n-grams (none spanning two texts of the batch).
+    def share(text: str, n: int = 10) -> float:
+        return len({text[i:i + n] for i in range(len(text) - n + 1)}) / (len(text) - n + 1)
+
+    body = abstracts()[0]
+    line = body[:40]
+    texts = [line * 6, body, "短文本", body + body, line * 3 + body[40:80] * 2, app_descriptions()[1] * 5,
+             line[:15] * 2, line * 6]
+    step = Repetition(0.3)
+    verdicts = step.check_batch([doc(t) for t in texts])
+    assert verdicts == [step.check(doc(t)) for t in texts]
+    for text, verdict in zip(texts, verdicts):
+        if len(text) < 20:
+            assert verdict is None
+        elif share(text) < 0.3:
+            assert verdict == f"{share(text):.3f} of character 10-grams distinct < 0.3", text[:20]
+        else:
+            assert verdict is None, (text[:20], share(text))
+    assert verdicts[0] is not None and verdicts[1] is None and verdicts[3] is None
