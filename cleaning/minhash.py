@@ -159,8 +159,9 @@ def fold_expanded(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     results, and `i + np.searchsorted(inserted, i, side="right")` is where the results of
     character i end. Exact where no `composing_table` character is near."""
     fold, context, _ = _tables()
-    folded = fold[raw]
-    marked = np.flatnonzero(context[raw])
+    index = raw.astype(np.intp)  # `take` with native indices: half the time of indexing with uint32
+    folded = fold.take(index)
+    marked = np.flatnonzero(context.take(index))
     table_cps, offsets, values, _ = _expansions()
     if not marked.size or not table_cps.size:
         return folded, None

@@ -128,6 +128,8 @@ class CleaningChain:
                     break
                 before = [doc.text for doc in alive]
                 verdicts = _checked(step, alive, before)
+                if verdicts.count(None) == len(verdicts) and not isinstance(step, Transform):
+                    continue  # a rule that dropped none of them: nothing to count
                 survivors: list[Document] = []
                 for i, (doc, verdict) in enumerate(zip(alive, verdicts)):
                     if verdict is None:

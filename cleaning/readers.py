@@ -25,6 +25,7 @@ content, or one the parser fails on, is a rejection (`html_no_content`), never a
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -120,6 +121,12 @@ def shard_name(path: str) -> str:
     return base
 
 
+@functools.lru_cache(maxsize=64)
+def _path_names(path: str) -> tuple[str, str]:
+    """The path and its `shard_name`, storable (`writable`): asked for every record of a file."""
+    return writable(path), writable(shard_name(path))
+
+
 def _preview(raw: bytes | str, limit: int = 2000) -> str:
     text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else writable(raw)
     return text[:limit]
@@ -210,14 +217,14 @@ class RecordReader:
         its text is a web page to extract the main content of (None: as `self.html` says);
         `line` None: the file is one document."""
         f = self.fields
-        base = writable(shard_name(path))
+        writable_path, base = _path_names(path)
         rid = record.get(f.id)
         doc_id = str(rid) if rid not in (None, "") else generated_id(name, line, piece)
         source = str(record.get(f.source) or record.get(f.domain) or self.default_domain or base)
         domain = str(record.get(f.domain) or record.get(f.source) or self.default_domain or base)
         url = record.get(f.url)
         url = str(url) if url else None
-        meta = {"input": writable(path), **({"line": line} if line is not None else {}), **(meta or {})}
+        meta = {"input": writable_path, **({"line": line} if line is not None else {}), **(meta or {})}
         text = record.get(f.text)
         where = f"{path}, line {line}" if line is not None else path
         if text is not None and not isinstance(text, str):
