@@ -132,7 +132,7 @@ class DedupParagraphs(Transform):
 # OpenCC's t2s changes a text only where it holds a character that t2s changes on its own, or one of
 # these, which change only inside a phrase (覆 in 反覆 → 反复, 瞭 in 瞭解 → 了解): every key of the t2s
 # dictionaries whose characters all convert to themselves holds one of them. Checked against the
-# dictionaries of OpenCC 1.4.2's source package (tests/test_normalize.py); with another version every
+# dictionaries of OpenCC 1.4.2's source package (tests/test_rules.py); with another version every
 # text goes through OpenCC.
 _T2S_PHRASE_ONLY = "坏瞭藉覆沈哩甦衹"
 _T2S_CHECKED_VERSION = "1.4.2"
