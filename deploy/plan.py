@@ -991,9 +991,6 @@ def plan_training(
             notes.append(f"pangu_model.train runs pipeline {pp} for dense PanGu-α and for RRE PanGu-Σ with ep 1 "
                          f"and no ECSS (it refuses this layout); the stages are planned as its split would place "
                          f"them")
-    if tp > 1 and model.router not in ("dense", "rre"):
-        notes.append(f"pangu_model.train splits dense PanGu-α and RRE PanGu-Σ models only (it refuses tensor {tp} "
-                     f"for this model); tensor {tp} is planned as a Megatron-style split would place it")
     if pp > 1 and gas < 4 * pp:
         notes.append(f"pipeline bubble: {gas} micro-batch(es) per step over {pp} stages leave "
                      f"{(pp - 1) / (gas + pp - 1):.0%} of the step idle; raise gradient_accumulation_steps "

@@ -193,9 +193,6 @@ class TrainConfig(BaseModel):
         tp = self.tensor_parallel
         if tp == 1:
             return
-        if model.router not in ("dense", "rre"):
-            raise LayoutError(f"tensor_parallel {tp} with router {model.router}: tensor parallelism is implemented for "
-                              f"dense PanGu-α and RRE PanGu-Σ models only; set tensor_parallel: 1")
         if self.expert_parallel > 1 and not self.ecss and self.zero_stage == 0:
             # Without ZeRO, DeepSpeed's bf16/fp16 optimizers add the norm of the MoE experts over the tensor group
             # (they take them for tensor-parallel), which counts experts replicated over it once per rank.

@@ -261,19 +261,16 @@ def test_layouts_the_trainer_cannot_run_are_refused_in_one_line() -> None:
     from pangu_model.train import fit_to_data, load_train_config
     from tests.test_train_common import cli, run_config, torchrun
 
-    # Checked with the config: tensor parallelism splits dense PanGu-α and RRE PanGu-Σ models (experts replicated
-    # over the tensor group: tests/test_train_tensor_parallel_sigma.py), evenly; not learned routers.
+    # Checked with the config: tensor parallelism splits the dense part of every model evenly (experts, whatever
+    # routes to them, replicated over the tensor group: tests/test_train_tensor_parallel_sigma.py).
     with pytest.raises(ValueError, match="tensor_parallel 2 with expert_parallel 2 and ZeRO stage 0: DeepSpeed's "
                                          "gradient clipping without ZeRO is not implemented for experts replicated"):
         load_train_config(run_config("tp-ep-zero0", "sigma-tiny", ecss=False, expert_parallel=2, tensor_parallel=2,
                                      zero_stage=0))
-    with pytest.raises(ValueError, match="tensor_parallel 2 with router moge: tensor parallelism is implemented for "
-                                         "dense PanGu-α and RRE PanGu-Σ models only"):
-        load_train_config(run_config("tp-moge", "alpha-tiny", tensor_parallel=2,
-                                     model_overrides={"router": "moge", "moe_layers": 1, "num_experts": 4}))
     for name, extra in {"tp-sigma": {"ecss": False}, "tp-ep": {"ecss": False, "expert_parallel": 2},
                         "tp-ecss": {"ecss": True}, "tp-ep-ecss-zero0": {"ecss": True, "expert_parallel": 2,
-                                                                        "zero_stage": 0}}.items():  # not refused
+                                                                        "zero_stage": 0},
+                        "tp-moge": {"ecss": False, "model_overrides": {"router": "moge"}}}.items():  # not refused
         load_train_config(run_config(name, "sigma-tiny", tensor_parallel=2, **extra))
     with pytest.raises(ValueError, match="tensor_parallel 8 does not divide num_heads 4"):
         load_train_config(run_config("tp-heads", "alpha-tiny", tensor_parallel=8))

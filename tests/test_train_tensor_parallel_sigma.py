@@ -30,6 +30,41 @@ def test_sigma_tensor_parallel_2_gives_the_losses_and_export_of_one_rank_and_res
     assert (two.parent / "expert_load.csv").read_text() == (one.parent / "expert_load.csv").read_text()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("router", ["topk", "moge"])
+def test_learned_routers_under_tensor_parallel_2_give_the_losses_and_export_of_one_rank(router: str) -> None:
+    """A learned router (top-k, MoGE) is a replicated parameter like a LayerNorm: its input is the hidden state
+    after the attention's all-reduce, the same on every rank of a tensor group, so both ranks route every token
+    alike and compute the same experts, held whole on each. Losses, gradient norms (router and experts counted
+    once) and the export equal tensor_parallel 1 on one rank."""
+    from pangu_model import load_checkpoint
+    from tests.test_train_common import cli, logged_rows, run_config, run_torchrun
+
+    fields = dict(train_steps=4, checkpoint_every=0, validation_every=0, micro_batch_size=2, ecss=False,
+                  model_overrides={"dropout": 0.0, "router": router},
+                  optimizer={"lr": 3e-3, "warmup_steps": 1, "grad_clip": 0.5})
+    one = run_config(f"{router}-tp1", "sigma-tiny", tensor_parallel=1, **fields)
+    two = run_config(f"{router}-tp2", "sigma-tiny", tensor_parallel=2, **fields)
+    reference = cli(one)  # beside the two ranks, which mostly start up
+    done = run_torchrun(two, timeout=180)
+    out, _ = reference.communicate(timeout=180)
+    assert reference.returncode == 0, out[-3000:]
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    dense, split = logged_rows(one.parent), logged_rows(two.parent)
+    assert [r["step"] for r in split] == [r["step"] for r in dense] == [1, 2, 3, 4]
+    for x, y in zip(dense, split):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), (x["step"], x["loss"], y["loss"])
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5), (x["step"], x["grad_norm"], y["grad_norm"])
+    x, y = (load_checkpoint(p.parent / "export").state_dict() for p in (one, two))
+    assert set(x) == set(y) and any(".router." in name or "gate" in name for name in x), sorted(x)[:20]
+    # To fp32 noise, but for a weight or two whose gradient is itself noise (a unit no token of a step uses),
+    # which Adam turns into steps of up to lr, in either direction (measured: 1.2e-4 on 1 of 16,384).
+    for name, tensor in x.items():
+        off = (y[name] - tensor).abs()
+        assert float(off.max()) < 1e-3, (name, float(off.max()))
+        assert int((off > 1e-5).sum()) <= 2, (name, int((off > 1e-5).sum()))
+
+
 def test_a_sigma_model_inherited_from_a_dense_export_starts_from_its_tensor_slices(tmp_path) -> None:
     """init_from a dense export with tensor_parallel 2: each tensor rank holds its slices of the model that
     the one-rank inheritance makes (experts whole on both), with the split marks DeepSpeed reads."""
