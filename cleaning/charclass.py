@@ -83,6 +83,12 @@ def code_points(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 
 
+def code_points_lenient(text: str) -> np.ndarray:
+    """`code_points`, a lone surrogate kept as its own code point instead of raising: a batch step must
+    not fail on it (normalisation drops it, a lookup table gives it its own entry)."""
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
 def classify(cps: np.ndarray) -> np.ndarray:
     return table()[cps]
 

@@ -165,7 +165,7 @@ class TraditionalToSimplified(Transform):
         texts = [doc.text for doc in docs]
         # surrogatepass: a lone surrogate is marked (the table holds every surrogate), so OpenCC
         # still sees that text and fails on it as before
-        cps = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        cps = charclass.code_points_lenient("".join(texts))
         ends = np.cumsum([len(t) for t in texts])
         owners = np.searchsorted(ends, np.flatnonzero(self._may_change[cps]), side="right")
         for i in np.unique(owners).tolist():

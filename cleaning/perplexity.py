@@ -48,11 +48,6 @@ _LOG_FLOOR = -99.0  # log10 p of a symbol that cannot occur (BOS)
 
 # -- text to symbols ----------------------------------------------------------------------------
 
-def _utf32(text: str) -> np.ndarray:
-    # surrogatepass: a lone surrogate is one more unknown character, never an exception
-    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
-
-
 def _symbol_table(vocab: np.ndarray) -> np.ndarray:
     """Code point → symbol id over all code points (fold, vocabulary, whitespace in one gather)."""
     fold, _ = minhash.fold_tables()
@@ -67,7 +62,7 @@ def _symbol_table(vocab: np.ndarray) -> np.ndarray:
 def _folded(texts: Sequence[str]) -> np.ndarray:
     """Folded code points of the texts, whitespace other than line breaks dropped (training)."""
     fold, _ = minhash.fold_tables()
-    raw = _utf32("".join(texts))
+    raw = charclass.code_points_lenient("".join(texts))
     return fold[raw[charclass.table()[raw] != charclass.SPACE]]
 
 
@@ -76,7 +71,7 @@ def encode(texts: Sequence[str], table: np.ndarray) -> tuple[np.ndarray, np.ndar
 
     A run of line breaks is one NL, and a text's leading line breaks are dropped."""
     lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
-    raw = table[_utf32("".join(texts))]
+    raw = table[charclass.code_points_lenient("".join(texts))]
     # Place a BOS before each text: positions of the raw symbols shift by the texts before them.
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) + np.arange(len(texts))
     symbols = np.empty(raw.size + len(texts), dtype=np.uint16)
