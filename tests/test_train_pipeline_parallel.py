@@ -1,11 +1,12 @@
-"""Pipeline parallelism for PanGu-α and PanGu-Σ (issue #15 §2-3): DeepSpeed's 1F1B pipeline, the trainer on 2, 3
-and 4 gloo ranks.
+"""Pipeline parallelism for PanGu-α and PanGu-Σ (issue #15 §2-3): DeepSpeed's 1F1B pipeline, the trainer on 2, 3,
+4 and 8 gloo ranks.
 
 * alpha-tiny with 5 layers and pipeline_parallel 3 on 3 ranks (an uneven split: 2, 2 and 1 layers) gives the
   losses of pipeline_parallel 1 on 1 rank (same global batch, 2 micro-batches a step, dropout off), resumes
   exactly after a kill -9, and exports the same model.safetensors; pipeline_parallel 2 (3 + 2 layers) resumes
   exactly with dropout on;
-* tensor_parallel 2 × pipeline_parallel 2 on 4 ranks does the same (stages of tensor-parallel layers);
+* tensor_parallel 2 × pipeline_parallel 2 × data parallel 2 on 8 ranks does the same (two replicas of stages of
+  tensor-parallel layers), and in bf16 on 4 ranks follows the fp32 run to bf16 noise;
 * PanGu-Σ (sigma-tiny, RRE experts on both stages) with tensor_parallel 2 × pipeline_parallel 2 does the same,
   expert load included;
 * layouts the trainer cannot run with a pipeline are refused at start, in one line.
@@ -126,36 +127,42 @@ def test_pipeline_parallel_3_gives_the_losses_and_export_of_pipeline_parallel_1_
 
 
 @pytest.mark.slow
-def test_tensor_2_by_pipeline_2_gives_the_losses_and_export_of_one_rank(pipeline_1: _Reference) -> None:
-    """4 ranks: 2 stages (3 + 2 layers) of tensor-parallel layers over 2 ranks each, one data-parallel replica, so
-    the global batch is pipeline 1's. Rank r of a stage splits every layer as tensor parallelism does; the tied
-    embedding's vocabulary rows are summed between the same tensor rank of the first and last stage; the
-    gradient norm (clipped at 0.5, so every step clips) counts each element once. A kill -9 and resume under
-    tensor × pipeline parallelism is the PanGu-Σ test's below (the same checkpoint code for every layer)."""
+def test_tensor_2_by_pipeline_2_by_data_2_gives_the_losses_and_export_of_one_rank(pipeline_1: _Reference) -> None:
+    """8 ranks in pangu-alpha-200b's shape (tensor inside, pipeline, data outside): 2 replicas of 2 stages (3 + 2
+    layers) of tensor-parallel layers over 2 ranks each. A replica takes 1 row a micro-batch, 2 micro-batches a
+    step, so the global batch is pipeline 1's 4 rows. Rank r of a stage splits every layer as tensor parallelism
+    does; the tied embedding's vocabulary rows are summed between the same tensor rank of the first and last
+    stage; gradients are averaged over the replicas and ZeRO-1 splits the optimizer between them; the gradient
+    norm (clipped at 0.5, so every step clips) counts each element once. A kill -9 and resume under tensor ×
+    pipeline parallelism is the PanGu-Σ test's below (the same checkpoint code for every layer)."""
     from pangu_model import PanguModel, load_checkpoint
     from pangu_model.checkpoint import load_config
     from pangu_model.pipeline_parallel import pangu_name
     from pangu_model.tensor_parallel import TensorParallel, split_dims
     from tests.test_train_common import assert_export_joins_the_slices, run_config, run_torchrun
 
-    four = run_config("tp2-pp2", "alpha-tiny", tensor_parallel=2, pipeline_parallel=2, **FIELDS)
-    done = run_torchrun(four, ranks=4, timeout=180)
+    eight = run_config("tp2-pp2-dp2", "alpha-tiny", tensor_parallel=2, pipeline_parallel=2,
+                       **{**FIELDS, "micro_batch_size": 1})
+    done = run_torchrun(eight, ranks=8, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     one = pipeline_1.finished()
-    _same_run(one, four)
+    _same_run(one, eight)
 
-    # Each (stage, tensor rank) wrote its layers' slices (model_00 / model_01) and its optimizer partition.
-    last = four.parent / "checkpoints" / "step00000006"
+    # Each (stage, tensor rank) wrote its layers' slices (model_00 / model_01) once (data rank 0), and each
+    # rank its ZeRO-1 partition of the optimizer (zero_pp_rank_<data rank>_mp_rank_<stage × tensor rank>).
+    last = eight.parent / "checkpoints" / "step00000006"
     files = {p.name for p in last.iterdir()}
     layers = range(7)  # the tied embedding, the position embedding, 4 blocks, the query layer
-    assert {f"layer_{i:02d}-model_{r:02d}-model_states.pt" for i in layers for r in (0, 1)} <= files, sorted(files)
-    assert {f"zero_pp_rank_0_mp_rank_{r:02d}_optim_states.pt" for r in range(4)} <= files, sorted(files)
-    state = torch.load(last / "trainer_rank00003.pt", weights_only=True)
-    assert (state["tensor_parallel"], state["pipeline_parallel"], state["world_size"]) == (2, 2, 4)
+    layer_files = {f"layer_{i:02d}-model_{r:02d}-model_states.pt" for i in layers for r in (0, 1)}
+    assert {f for f in files if f.startswith("layer_")} == layer_files, sorted(files)
+    optim_files = {f"zero_pp_rank_{d}_mp_rank_{r:02d}_optim_states.pt" for d in (0, 1) for r in range(4)}
+    assert {f for f in files if f.endswith("_optim_states.pt")} == optim_files, sorted(files)
+    state = torch.load(last / "trainer_rank00007.pt", weights_only=True)
+    assert (state["tensor_parallel"], state["pipeline_parallel"], state["world_size"]) == (2, 2, 8)
     # The export is exactly the checkpointed slices joined (replicated tensors equal on both tensor ranks)...
-    got = load_checkpoint(four.parent / "export").state_dict()
+    got = load_checkpoint(eight.parent / "export").state_dict()
     with torch.device("meta"):
-        dims = split_dims(PanguModel(load_config(four.parent / "export"), tp=TensorParallel(None, 0, 2)))
+        dims = split_dims(PanguModel(load_config(eight.parent / "export"), tp=TensorParallel(None, 0, 2)))
     parts: list[dict[str, torch.Tensor]] = [{}, {}]
     for index in layers:
         prefix = "tied_modules.word_embedding" if index == 0 else str(index)
