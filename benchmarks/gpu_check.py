@@ -1,4 +1,4 @@
-"""One-GPU check: CUDA tests, 350m dense MFU, ECSS vs all-on-device, host↔device bandwidth → one JSON.
+"""GPU check: CUDA tests, 350m dense MFU, ECSS vs all-on-device, host↔device copies, tensor parallel → one JSON.
 
     bash benchmarks/gpu_check.sh                          # the wrapper: environment, then this module
     python -m benchmarks.gpu_check                        # every part (CUDA parts skip without a GPU)
@@ -20,7 +20,10 @@ every training run, so a part cut off by its time budget leaves the figures of t
 * `cuda_tests`: `pytest -m cuda` on the test files that carry the marker;
 * `ecss_vs_device`: a `sigma-tiny`-shaped model widened to d_model 1024 / d_ff 4096, experts on the
   device vs ECSS (pinned host masters, DeepSpeedCPUAdam) at growing experts per domain (4 domains),
-  until the device runs out of memory or the time budget ends.
+  until the device runs out of memory or the time budget ends;
+* `tensor_parallel_2` (a machine with 2 GPUs or more; skipped on one): `alpha-350m` in bf16 at
+  tensor_parallel 2 on 2 GPUs (torchrun, NCCL) against tensor_parallel 1 on one, the same rows a step
+  and dropout off: the losses step by step, tokens/s and memory per GPU of both, beside the planner's.
 
 Every training run is a fresh process (`--run-one SPEC`): DeepSpeed and process-group state do not
 reset in-process, and a run past its time is killed with its process group. Checkpoints are not written
@@ -51,17 +54,20 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT_DIR = ROOT / "runs" / "gpu_check"  # /runs/ is git-ignored
 JSON_NAME = "gpu_check.json"
 SCHEMA = 1
-PARTS = ["environment", "cuda_tests", "dense_350m", "ecss_vs_device", "h2d_bandwidth"]
+PARTS = ["environment", "cuda_tests", "dense_350m", "ecss_vs_device", "h2d_bandwidth", "tensor_parallel_2"]
 MFU_TARGET = 0.45
 GIB = 2**30
 
 # Seconds per part (a part also never runs into the reserve of the parts after it, below). The order
 # of `schedule()` is the order of importance: the 350m MFU figure before the CUDA tests, the ECSS
-# ladder, and last the extra dense variants ("if time allows").
+# ladder, tensor parallel 2 (machines with 2 GPUs), and last the extra dense variants ("if time allows").
 PART_CAPS = {"environment": 60, "h2d_bandwidth": 45, "dense_350m": 150, "cuda_tests": 120,
-             "ecss_vs_device": 220, "dense_350m_variants": 200}
+             "ecss_vs_device": 220, "tensor_parallel_2": 150, "dense_350m_variants": 200}
 PART_RESERVES = {"environment": 5, "h2d_bandwidth": 10, "dense_350m": 60, "cuda_tests": 45,
-                 "ecss_vs_device": 90, "dense_350m_variants": 0}
+                 "ecss_vs_device": 90, "tensor_parallel_2": 70, "dense_350m_variants": 0}
+# bf16 losses of tensor_parallel 2 against 1 part by rounding (other reduction orders) that grows over the steps;
+# fp32 (the CPU smoke run) agrees to fp32 noise.
+TP_LOSS_RTOL = {"bf16": 2e-2, "fp32": 1e-5}
 MIN_RUN_S = 20.0  # a training run is not started with less time than this left
 
 
@@ -204,6 +210,17 @@ class Context:
     def left(self) -> float:
         return self.part_deadline - time.monotonic()
 
+    def gpus(self) -> int:
+        if not self.cuda:
+            return 0
+        import torch
+
+        return torch.cuda.device_count()
+
+    def runs(self, part: str) -> bool:
+        """Whether `part` will do work here (a skipped part reserves no time of the parts before it)."""
+        return part != "tensor_parallel_2" or not self.cuda or self.gpus() >= 2
+
     def tokens_dir(self, vocab: int, tokens_needed: int) -> Path:
         """A synthetic packed token dir (benchmarks/train_throughput.py) with 4 domains, enough tokens
         for `tokens_needed` without cycling."""
@@ -219,11 +236,11 @@ class Context:
 # ---------------------------------------------------------------------------------------------
 # One training run in a fresh process
 # ---------------------------------------------------------------------------------------------
-def plan_summary(config: Any, gpu: str) -> dict[str, Any]:
-    """The planner's prediction for `config` on one GPU of kind `gpu` (deploy/plan.py)."""
+def plan_summary(config: Any, gpu: str, gpus: int = 1) -> dict[str, Any]:
+    """The planner's prediction for `config` on `gpus` GPUs of kind `gpu` in one node (deploy/plan.py)."""
     from deploy.plan import plan_for
 
-    plan = plan_for(config, nodes=1, gpus_per_node=1, gpu=gpu)
+    plan = plan_for(config, nodes=1, gpus_per_node=gpus, gpu=gpu)
     return {
         "gpu": gpu, "fits": plan.fits, "step_time_s": rounded(plan.step_time_s, 4), "mfu": rounded(plan.mfu, 4),
         "tokens_per_s": rounded(plan.tokens_per_s), "gpu_bytes_per_gpu": int(plan.gpu_bytes_per_gpu),
@@ -236,9 +253,12 @@ def plan_summary(config: Any, gpu: str) -> dict[str, Any]:
 
 def run_one(spec: dict[str, Any]) -> int:
     """`--run-one`: one training run of `spec` in this process; the result goes to spec["result"]
-    (written before the run too, so a run killed at its time limit still leaves the plan)."""
-    result_path = Path(spec["result"])
-    result: dict[str, Any] = {"name": spec["name"], "status": "starting"}
+    (written before the run too, so a run killed at its time limit still leaves the plan). Under torchrun
+    rank 0 writes it and reads the run's metrics; rank r > 0 writes its status and memory to
+    `<result>.rank<r>`."""
+    rank = int(os.environ.get("RANK", "0"))
+    result_path = Path(spec["result"] + (f".rank{rank}" if rank else ""))
+    result: dict[str, Any] = {"name": spec["name"], "rank": rank, "status": "starting"}
 
     def save() -> None:
         write_json_atomic(result_path, result)
@@ -256,7 +276,8 @@ def run_one(spec: dict[str, Any]) -> int:
                             if k in ("model", "model_overrides", "micro_batch_size", "seq_len", "precision",
                                      "zero_stage", "ecss", "attention_backend", "compile", "train_steps")}
         try:
-            result["planned"] = plan_summary(fit_to_data(config), spec.get("plan_gpu", "h200"))
+            result["planned"] = plan_summary(fit_to_data(config), spec.get("plan_gpu", "h200"),
+                                             int(spec.get("ranks", 1)))
         except Exception as exc:  # the plan is context, not the measurement
             result["planned"] = {"error": one_line(exc)}
         result["status"] = "running"
@@ -272,30 +293,35 @@ def run_one(spec: dict[str, Any]) -> int:
             run_start = time.monotonic()
             trainer.run()
             result["run_s"] = round(time.monotonic() - run_start, 2)
-            history = read_metrics(config.output)
-            warmup = int(spec.get("warmup", 0))
-            timed = history[warmup:] or history
-            tokens = sum(r["tokens"] for r in timed)
-            seconds = sum(r["seconds"] for r in timed)
-            mfu = finite(statistics.median(r["mfu"] for r in timed))
-            result.update({
-                "status": "ok",
-                "steps": len(history), "timed_steps": len(timed),
-                "tokens_per_step": int(timed[-1]["tokens"]),
-                "tokens_per_s": rounded(statistics.median(r["tokens_per_s"] for r in timed)),
-                "tokens_per_s_mean": rounded(tokens / seconds if seconds else float("nan")),
-                "step_s": rounded(statistics.median(r["seconds"] for r in timed), 4),
-                "first_step_s": rounded(history[0]["seconds"], 2),
-                "mfu": None if mfu is None else round(mfu, 4),
-                "loss_first": rounded(history[0]["loss"], 4), "loss_last": rounded(history[-1]["loss"], 4),
-            })
-            if trainer.ecss is not None:
-                banks = trainer.ecss.banks.values()
-                pinned = sum(t.numel() * t.element_size() for b in banks for t in b.host.values() if t.is_pinned())
-                result["host_bytes"] = int(trainer.ecss.host_bytes())
-                result["host_gib"] = round(result["host_bytes"] / GIB, 2)
-                result["pinned_host_bytes"] = int(pinned)
-                result["pinned_host_gib"] = round(pinned / GIB, 2)
+            if rank:
+                result["status"] = "ok"  # the run's metrics are rank 0's to read
+            else:
+                history = read_metrics(config.output)
+                warmup = int(spec.get("warmup", 0))
+                timed = history[warmup:] or history
+                tokens = sum(r["tokens"] for r in timed)
+                seconds = sum(r["seconds"] for r in timed)
+                mfu = finite(statistics.median(r["mfu"] for r in timed))
+                result.update({
+                    "status": "ok",
+                    "steps": len(history), "timed_steps": len(timed),
+                    "tokens_per_step": int(timed[-1]["tokens"]),
+                    "tokens_per_s": rounded(statistics.median(r["tokens_per_s"] for r in timed)),
+                    "tokens_per_s_mean": rounded(tokens / seconds if seconds else float("nan")),
+                    "step_s": rounded(statistics.median(r["seconds"] for r in timed), 4),
+                    "first_step_s": rounded(history[0]["seconds"], 2),
+                    "mfu": None if mfu is None else round(mfu, 4),
+                    "loss_first": rounded(history[0]["loss"], 4), "loss_last": rounded(history[-1]["loss"], 4),
+                    "losses": [float(r["loss"]) for r in history],
+                })
+                if trainer.ecss is not None:
+                    banks = trainer.ecss.banks.values()
+                    pinned = sum(t.numel() * t.element_size() for b in banks for t in b.host.values()
+                                 if t.is_pinned())
+                    result["host_bytes"] = int(trainer.ecss.host_bytes())
+                    result["host_gib"] = round(result["host_bytes"] / GIB, 2)
+                    result["pinned_host_bytes"] = int(pinned)
+                    result["pinned_host_gib"] = round(pinned / GIB, 2)
         except PlanDoesNotFit as exc:
             result.update(status="does_not_fit", error=one_line(exc, 500))
         except Exception as exc:
@@ -326,13 +352,14 @@ def run_one(spec: dict[str, Any]) -> int:
 
 
 def train_run(ctx: Context, name: str, preset: str, overrides: dict[str, Any], warmup: int,
-              timeout: float | None = None) -> dict[str, Any]:
-    """One `--run-one` process; its result dict (with `status`, `wall_s`)."""
+              timeout: float | None = None, ranks: int = 1) -> dict[str, Any]:
+    """One `--run-one` process (`ranks` > 1: under torchrun, one per GPU); its result dict (with `status`,
+    `wall_s`; with ranks, `ranks`: each rank's status and memory)."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
     run_dir = ctx.workdir / "runs" / slug
     shutil.rmtree(run_dir, ignore_errors=True)
     spec = {"name": name, "preset": preset, "warmup": warmup, "result": str(run_dir / "result.json"),
-            "plan_gpu": ctx.args.plan_gpu,
+            "plan_gpu": ctx.args.plan_gpu, "ranks": ranks,
             "overrides": {**overrides, "output": str(run_dir / "output"), "checkpoint_every": 0, "export": False,
                           "resume": False, "progress_bar": False, "validation_every": 0,
                           "validation_fraction": 0.0}}
@@ -340,12 +367,27 @@ def train_run(ctx: Context, name: str, preset: str, overrides: dict[str, Any], w
     if limit < MIN_RUN_S:
         return {"name": name, "status": f"skipped: time budget ({max(0, int(limit))} s left)"}
     cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--run-one", json.dumps(spec)]
+    if ranks > 1:
+        from pangu_model.train import _free_port
+
+        cmd[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(_free_port())]
     code, seconds, tail = run_process(cmd, limit, ctx.runs_log, child_env(not ctx.cuda), name)
     result_file = Path(spec["result"])
     try:
         result = json.loads(result_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         result = {"name": name}
+    if ranks > 1:
+        result["ranks"] = []
+        for rank in range(1, ranks):
+            try:
+                other = json.loads(Path(f"{spec['result']}.rank{rank}").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                other = {"rank": rank, "status": "no result"}
+            result["ranks"].append({k: other.get(k) for k in ("rank", "status", "max_memory_allocated_gib",
+                                                              "max_memory_reserved_gib", "host_max_rss_gib")})
+        if result.get("status") == "ok" and any(r["status"] != "ok" for r in result["ranks"]):
+            result["status"] = f"failed: rank(s) {[r['rank'] for r in result['ranks'] if r['status'] != 'ok']} did not finish"
     if code is None:
         result["status"] = f"timed_out: killed after {seconds:.0f} s (was {result.get('status', 'starting')})"
     elif code != 0 or result.get("status") in (None, "starting", "running"):
@@ -718,15 +760,68 @@ def ecss_vs_device(ctx: Context) -> dict[str, Any]:
     return out
 
 
+def tensor_parallel_2(ctx: Context) -> dict[str, Any]:
+    """tensor_parallel 2 on 2 GPUs (NCCL) against 1 on one GPU: the same rows a step, dropout off."""
+    args = ctx.args
+    if ctx.cuda and ctx.gpus() < 2:
+        return {"status": f"skipped: needs 2 GPUs ({ctx.gpus()} visible)"}
+    if ctx.smoke:
+        preset, steps, warmup, mbs, seq, vocab, precision = "alpha-tiny", 3, 1, 2, 128, 2000, "fp32"
+    else:
+        preset, steps, warmup, mbs, seq, vocab, precision = ("alpha-350m", args.tp_steps, args.warmup, args.micro_batch,
+                                                             args.seq_len, 40000, "bf16")
+    data = ctx.tokens_dir(vocab, steps * mbs * (seq + 1))
+    out: dict[str, Any] = {"preset": preset, "micro_batch_size": mbs, "seq_len": seq, "steps": steps,
+                           "warmup_steps_excluded": warmup, "precision": precision, "attention_backend": "sdpa",
+                           "loss_rtol": TP_LOSS_RTOL[precision]}
+    if ctx.smoke:
+        out["substitute"] = "no CUDA: alpha-tiny, 3 steps, fp32 on 2 gloo ranks instead of alpha-350m on 2 GPUs"
+    runs = {}
+    for tp in (1, 2):
+        # sdpa on both sides: the comparison is of the collectives, not of FlexAttention's compile per process
+        overrides = {"data": str(data), "train_steps": steps, "micro_batch_size": mbs, "seq_len": seq,
+                     "gradient_accumulation_steps": 1, "precision": precision, "attention_backend": "sdpa",
+                     "tensor_parallel": tp, "model_overrides": {"dropout": 0.0}}
+        run = train_run(ctx, f"{preset} tp{tp}", preset, overrides, warmup, timeout=args.tp_run_s, ranks=tp)
+        runs[f"tp{tp}"] = {k: run[k] for k in ("status", "tokens_per_s", "step_s", "first_step_s", "mfu",
+                                                "max_memory_allocated_gib", "max_memory_reserved_gib", "planned",
+                                                "ranks", "losses", "wall_s", "setup_s", "error", "log_tail")
+                           if k in run}
+        out["runs"] = runs
+        ctx.report.set_part("tensor_parallel_2", {**out, "status": "running"})
+        if run.get("status") != "ok":
+            break
+    one, two = runs.get("tp1", {}), runs.get("tp2", {})
+    if one.get("status") != "ok" or two.get("status") != "ok":
+        failed = one if one.get("status") != "ok" else two
+        out["status"] = (failed["status"] if str(failed.get("status")).startswith("skipped")
+                         else f"failed: tp{1 if failed is one else 2}: {one_line(str(failed.get('status')), 200)}")
+        return out
+    losses = list(zip(one["losses"], two["losses"]))
+    worst = max(abs(b - a) / abs(a) for a, b in losses)
+    out["loss_max_rel_diff"] = float(f"{worst:.3g}")
+    if one.get("tokens_per_s") and two.get("tokens_per_s"):
+        out["speed_tp2_vs_tp1"] = round(two["tokens_per_s"] / one["tokens_per_s"], 3)
+    if len(losses) != steps:
+        out["status"] = f"failed: {len(losses)} of {steps} steps logged by both runs"
+    elif worst > TP_LOSS_RTOL[precision]:
+        out["status"] = f"failed: losses part by {worst:.3g} (relative) > {TP_LOSS_RTOL[precision]}"
+    else:
+        out["status"] = "ok"
+    return out
+
+
 PART_FUNCTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "environment": environment, "h2d_bandwidth": h2d_bandwidth, "dense_350m": dense_350m,
-    "cuda_tests": cuda_tests, "ecss_vs_device": ecss_vs_device, "dense_350m_variants": dense_350m_variants,
+    "cuda_tests": cuda_tests, "ecss_vs_device": ecss_vs_device, "tensor_parallel_2": tensor_parallel_2,
+    "dense_350m_variants": dense_350m_variants,
 }
 
 
 def schedule(parts: list[str]) -> list[tuple[str, str]]:
     """(step, part it reports under), in the order they run."""
-    order = ["environment", "h2d_bandwidth", "dense_350m", "cuda_tests", "ecss_vs_device", "dense_350m_variants"]
+    order = ["environment", "h2d_bandwidth", "dense_350m", "cuda_tests", "ecss_vs_device", "tensor_parallel_2",
+             "dense_350m_variants"]
     steps = [s for s in order if (s if s != "dense_350m_variants" else "dense_350m") in parts]
     return [(s, "dense_350m" if s == "dense_350m_variants" else s) for s in steps]
 
@@ -735,7 +830,7 @@ def run_parts(ctx: Context, parts: list[str]) -> None:
     plan = schedule(parts)
     for index, (step, part) in enumerate(plan):
         ctx.current = step
-        reserve = sum(ctx.args.reserve.get(s, PART_RESERVES[s]) for s, _ in plan[index + 1:])
+        reserve = sum(ctx.args.reserve.get(s, PART_RESERVES[s]) for s, _ in plan[index + 1:] if ctx.runs(s))
         cap = ctx.args.caps.get(step, PART_CAPS[step])
         start = time.monotonic()
         ctx.part_deadline = min(ctx.deadline - reserve, start + cap)
@@ -791,6 +886,12 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
     tests = parts.get("cuda_tests", {})
     if "passed" in tests:
         out["cuda_tests"] = {k: tests.get(k) for k in ("passed", "failed", "skipped", "errors")}
+    tp = parts.get("tensor_parallel_2", {})
+    if tp.get("runs"):
+        out["tensor_parallel_2"] = {
+            "loss_max_rel_diff": tp.get("loss_max_rel_diff"), "speed_tp2_vs_tp1": tp.get("speed_tp2_vs_tp1"),
+            **{name: {k: run.get(k) for k in ("status", "tokens_per_s", "max_memory_allocated_gib")}
+               for name, run in tp["runs"].items()}}
     return out
 
 
@@ -800,7 +901,7 @@ def summary_text(data: dict[str, Any], path: Path | None = None) -> str:
              f"finished {data.get('finished', 'no')})"]
     setup = data.get("setup") or {}
     if setup:
-        lines.append(f"  {'setup':<15} {setup.get('status', '?')}: {setup.get('python', '')} "
+        lines.append(f"  {'setup':<17} {setup.get('status', '?')}: {setup.get('python', '')} "
                      f"{setup.get('detail', '')}".rstrip())
 
     def line(name: str, text: str) -> None:
@@ -808,7 +909,7 @@ def summary_text(data: dict[str, Any], path: Path | None = None) -> str:
         status = part.get("status", "not run")
         seconds = part.get("seconds")
         sec = f"{seconds:6.1f} s" if isinstance(seconds, (int, float)) else "       -"
-        lines.append(f"  {name:<15} {sec}  {status}" + (f" | {text}" if text else ""))
+        lines.append(f"  {name:<17} {sec}  {status}" + (f" | {text}" if text else ""))
 
     env = parts.get("environment", {})
     line("environment", ", ".join(str(x) for x in [
@@ -848,6 +949,18 @@ def summary_text(data: dict[str, Any], path: Path | None = None) -> str:
     bw = parts.get("h2d_bandwidth", {}).get("best_median_gbs")
     line("h2d_bandwidth", (f"pinned H2D {bw['h2d_pinned']} GB/s, D2H {bw['d2h_pinned']}; pageable H2D "
                            f"{bw['h2d_pageable']}, D2H {bw['d2h_pageable']}") if bw else "")
+    tp = parts.get("tensor_parallel_2", {})
+    texts = []
+    for name, run in (tp.get("runs") or {}).items():
+        if run.get("status") == "ok":
+            planned = (run.get("planned") or {}).get("gpu_gib_per_gpu")
+            texts.append(f"{name}: {_fmt_tps(run.get('tokens_per_s'))}, {run.get('max_memory_allocated_gib', '-')} "
+                         f"GiB/GPU (planned {planned})")
+        else:
+            texts.append(f"{name}: {run.get('status')}")
+    if tp.get("loss_max_rel_diff") is not None:
+        texts.append(f"losses within {tp['loss_max_rel_diff']:.2g} (relative; limit {tp.get('loss_rtol')})")
+    line("tensor_parallel_2", "; ".join(texts))
     return "\n".join(lines)
 
 
@@ -902,6 +1015,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the same for both sides; sdpa spares each process the FlexAttention compile")
     p.add_argument("--ecss-run-s", type=float, default=120.0, help="time limit of one ECSS / device run")
     p.add_argument("--cpu-adam-build-s", type=float, default=180.0)
+    p.add_argument("--tp-steps", type=int, default=20, help="steps of each tensor_parallel_2 run")
+    p.add_argument("--tp-run-s", type=float, default=100.0, help="time limit of each tensor_parallel_2 run")
     p.add_argument("--quick-bandwidth", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help="scratch (synthetic tokens, run dirs); default: a temp dir")
     p.add_argument("--keep-workdir", action="store_true")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-GPU check of the training stack → one JSON (benchmarks/gpu_check.py has the parts).
+# GPU check of the training stack → one JSON (benchmarks/gpu_check.py has the parts): one GPU, and
+# tensor parallel 2 against 1 where there are two.
 #
 #   bash benchmarks/gpu_check.sh [gpu_check options]   # e.g. --parts dense_350m --steps 50
 #   bash benchmarks/gpu_check.sh --fetch-wheels        # where PyPI is reachable: the wheels that a GPU

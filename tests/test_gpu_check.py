@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py stays runnable: its CPU smoke mode writes a report with every part, the CUDA parts
 skipped with a reason, and the CPU-safe parts (environment, alpha-tiny training, sigma-tiny ECSS vs experts on
-the device) ran with plausible figures. One run of the real command (three training processes), ~30-60 s."""
+the device, alpha-tiny at tensor_parallel 2 on 2 gloo ranks against 1) ran with plausible figures. One run of the
+real command (five training processes), ~50-80 s."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ["environment", "cuda_tests", "dense_350m", "ecss_vs_device", "h2d_bandwidth"]
+PARTS = ["environment", "cuda_tests", "dense_350m", "ecss_vs_device", "h2d_bandwidth", "tensor_parallel_2"]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,36 @@ def test_cpu_parts_ran_with_plausible_figures(smoke) -> None:
     # ECSS holds its experts' fp32 masters and Adam moments on the host (not pinned without CUDA)
     assert row["ecss"]["host_bytes"] > 0 and row["ecss"]["pinned_host_bytes"] == 0
     assert "host_bytes" not in row["device"]
+
+    # tensor_parallel 2 on 2 ranks (torchrun; on a GPU machine, 2 GPUs under NCCL) against 1: the same losses
+    tp = parts["tensor_parallel_2"]
+    assert tp["status"] == "ok" and tp["preset"] == "alpha-tiny" and "gloo" in tp["substitute"]
+    one, two = tp["runs"]["tp1"], tp["runs"]["tp2"]
+    assert len(one["losses"]) == len(two["losses"]) == 3
+    assert one["losses"] != [one["losses"][0]] * 3  # training moved the loss
+    for a, b in zip(one["losses"], two["losses"]):
+        assert b == pytest.approx(a, rel=1e-5)
+    assert tp["loss_max_rel_diff"] <= 1e-5
+    assert two["ranks"] == [{"rank": 1, "status": "ok", "max_memory_allocated_gib": None,
+                             "max_memory_reserved_gib": None, "host_max_rss_gib": two["ranks"][0]["host_max_rss_gib"]}]
+    assert one["planned"]["gpu_bytes_per_gpu"] > 0 and two["planned"]["gpu_bytes_per_gpu"] > 0
+    assert 0 < tp["speed_tp2_vs_tp1"]
+
+
+def test_tensor_parallel_2_is_skipped_on_one_gpu_and_reserves_no_time(tmp_path: Path, monkeypatch) -> None:
+    """The lent machines have one GPU: the part says why it did not run, and the parts before it keep the time
+    it would have reserved."""
+    import torch
+
+    from benchmarks.gpu_check import Context, Report, build_parser, tensor_parallel_2
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    args = build_parser().parse_args([])
+    ctx = Context(args, True, tmp_path, tmp_path, Report(tmp_path / "r.json", {}), deadline=1e12)
+    assert tensor_parallel_2(ctx) == {"status": "skipped: needs 2 GPUs (1 visible)"}
+    assert not ctx.runs("tensor_parallel_2") and ctx.runs("ecss_vs_device")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert ctx.runs("tensor_parallel_2")
 
 
 def test_summary_prints_every_part(smoke) -> None:
