@@ -191,6 +191,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cleaning.errors import one_line
 from deploy.topology import ClusterSpec, Layout, ParallelPlan, TopologyError, describe_split, load_topology, stage_layers
 
 if TYPE_CHECKING:
@@ -1125,17 +1126,7 @@ def _checked_parallel(parallel: ParallelPlan, model: "PanguConfig", cluster: Clu
         checked = ParallelPlan(**fields, num_layers=model.num_layers, num_experts=model.total_experts or None)
         return checked.resolve(cluster)
     except (TopologyError, ValueError) as exc:
-        raise ValueError(_one_line(exc)) from None
-
-
-def _one_line(exc: BaseException) -> str:
-    errors = getattr(exc, "errors", None)
-    if callable(errors):  # pydantic: the messages without the URLs
-        try:
-            return "; ".join(str(e.get("msg", "")).removeprefix("Value error, ") for e in errors())
-        except Exception:  # noqa: BLE001
-            pass
-    return " ".join(str(exc).replace(":\n  - ", ": ").replace("\n  - ", "; ").split())
+        raise ValueError(one_line(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -1185,9 +1176,9 @@ def plan_for(
     host_ram_gb: float | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
 ) -> Plan:
-    """Plan a preset on a topology preset (a dense model's config takes its tensor degree unless it sets
-    another), on `nodes × gpus_per_node` (tensor and expert from the config, pipeline 1: the trainer's own
-    layout), or on the config's own topology (else one node of 8)."""
+    """Plan a preset on a topology preset (a config that leaves tensor or pipeline parallelism at 1 takes the
+    topology's degree; another degree is refused), on `nodes × gpus_per_node` (tensor, pipeline and expert
+    from the config: the trainer's own layout), or on the config's own topology (else one node of 8)."""
     config = resolve_train_config(preset_or_config, overrides)
     if topology is not None and nodes is not None:
         raise ValueError("give --topology or --nodes, not both")
@@ -1197,16 +1188,25 @@ def plan_for(
         try:
             preset = load_topology(topology)
         except (TopologyError, ValueError) as exc:
-            raise ValueError(f"topology {topology!r}: {_one_line(exc)}") from None
+            raise ValueError(f"topology {topology!r}: {one_line(exc)}") from None
         cluster, parallel = preset.cluster, preset.plan
         if parallel.expert > 1 and model.router == "dense":
             raise ValueError(f"topology {preset.name} has expert parallel {parallel.expert}, "
                              f"but model {model.name} has no experts")
-        if parallel.tensor != config.tensor_parallel and model.router == "dense":
-            if config.tensor_parallel != 1:
-                raise ValueError(f"topology {preset.name} has tensor parallel {parallel.tensor}, "
-                                 f"the preset says tensor_parallel {config.tensor_parallel}")
-            config = config.model_copy(update={"tensor_parallel": parallel.tensor})  # the topology's layout
+        # The trainer runs a topology's layout only where the config says the same degrees. A config that
+        # leaves tensor or pipeline at 1 is planned with the topology's (what this preset would be on it);
+        # one that sets another degree is refused, as the trainer would refuse it.
+        adopted = {}
+        for field, degree in (("tensor_parallel", parallel.tensor), ("pipeline_parallel", parallel.pipeline)):
+            given = getattr(config, field)
+            if given != degree:
+                if given != 1:
+                    what = field.replace("_parallel", "")
+                    raise ValueError(f"topology {preset.name} has {what} parallel {degree}, "
+                                     f"the preset says {field} {given}")
+                adopted[field] = degree
+        if adopted:
+            config = config.model_copy(update=adopted)  # the topology's layout
         if parallel.expert != config.expert_parallel:
             if config.expert_parallel == 1 and model.router == "rre" and _is_bare_model(preset_or_config):
                 config = config.model_copy(update={"expert_parallel": parallel.expert})  # bare model preset

@@ -370,8 +370,9 @@ def _is_expected(exc: BaseException) -> bool:
 
 
 def _message(exc: BaseException) -> str:
-    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    return str(text).strip() or type(exc).__name__
+    from cleaning.errors import one_line  # a config's validation errors too, in one line
+
+    return one_line(exc)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,6 +35,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import TerminationSignal
 from prefect.states import Cancelled
 
+from cleaning.errors import one_line
 from flows.lineage import record_asset
 from flows.reports import loss_figure, png_markdown, validation_figure
 
@@ -590,7 +591,7 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
     except DataMismatch:
         raise
     except ValueError as exc:  # pydantic's ValidationError is one
-        raise ValueError(f"pretrain preset {preset!r} with {fields}: invalid config:\n{exc}") from exc
+        raise ValueError(f"pretrain preset {preset!r} with {fields}: {one_line(exc)}") from exc
     logger.info("model: %s", describe_model(config))
     out.mkdir(parents=True, exist_ok=True)
     resumed_from = latest_checkpoint(out)

@@ -1334,7 +1334,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_train_config(args.config, args.overrides)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"pangu_model.train: {exc}", file=sys.stderr)
+        from cleaning.errors import one_line
+
+        print(f"pangu_model.train: {one_line(exc)}", file=sys.stderr)
         return 2
     try:
         result = train(config, export_only=args.export_only)  # the Trainer fits the model to the data first

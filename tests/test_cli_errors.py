@@ -105,3 +105,16 @@ def test_help_describes_every_option():
                 undescribed.append(f"{parser.prog} {action.option_strings or action.dest}")
     assert not undescribed, undescribed
     assert pangu("eval", "--help").returncode == 0
+
+
+def test_the_training_program_says_a_config_error_in_one_line(tmp_path, capsys):
+    """`python -m pangu_model.train` (what torchrun and the flows start) with a field out of range."""
+    from pangu_model.train import main
+
+    config = tmp_path / "train.yaml"
+    config.write_text(f"model: tiny\ndata: {tmp_path}\noutput: {tmp_path / 'run'}\nzero_stage: 7\n")
+    assert main(["--config", str(config), "--set", "optimizer.lr=fast"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("pangu_model.train: invalid TrainConfig: optimizer.lr: Input should be a valid number, unable to "
+                   "parse string as a number (got 'fast'); zero_stage: Input should be less than or equal to 3 "
+                   "(got 7)"), err

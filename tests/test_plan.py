@@ -289,6 +289,14 @@ def test_cli_table_says_does_not_fit(capsys):
     (["plan", "--preset", "200b", "--topology", "no-such-topology"], "no-such-topology"),
     (["plan", "--preset", "sigma-1t", "--nodes", "1", "--gpus-per-node", "4"], "expert parallel 8"),
     (["plan", "--preset", "200b", "--topology", "pangu-sigma"], "no experts"),
+    # a degree the topology does not have is refused, as the trainer refuses it (not planned with the topology's)
+    (["plan", "--preset", "sigma-1t", "--set", "tensor_parallel=2"],
+     "topology pangu-sigma has tensor parallel 1, the preset says tensor_parallel 2"),
+    (["plan", "--preset", "alpha-350m", "--topology", "pangu-alpha-200b", "--set", "pipeline_parallel=2"],
+     "topology pangu-alpha-200b has pipeline parallel 16, the preset says pipeline_parallel 2"),
+    # a config's validation error names the field, the rule and the value, in one line
+    (["plan", "--preset", "sigma-1t", "--set", "zero_stage=9"],
+     "invalid TrainConfig: zero_stage: Input should be less than or equal to 3 (got 9)"),
 ])
 def test_cli_user_errors(capsys, argv, fragment):
     from flows.cli import main
