@@ -94,7 +94,7 @@ def test_pipeline_parallel_3_gives_the_losses_and_export_of_pipeline_parallel_1_
     only blocks, and the tied embedding joins the first stage and the third."""
     from pangu_model import load_checkpoint
     from pangu_model.pipeline_parallel import pangu_name
-    from tests.test_train_common import run_config
+    from tests.test_train_common import assert_close_but_for_noise_steps, run_config
 
     two = run_config("pp3", "alpha-tiny", pipeline_parallel=3, throttle_s=0.5, **FIELDS)
     _killed_and_resumed(two, ranks=3)
@@ -119,11 +119,8 @@ def test_pipeline_parallel_3_gives_the_losses_and_export_of_pipeline_parallel_1_
     assert set(saved) == set(got)
     for name, tensor in got.items():
         assert torch.equal(saved[name], tensor), name
-    # ... and holds pipeline_parallel 1's weights, to fp32 noise (tests/test_train_tensor_parallel.py says why).
-    expected = load_checkpoint(one.parent / "export").state_dict()
-    assert set(got) == set(expected)
-    for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=3e-5, msg=lambda m, name=name: f"{name}: {m}")
+    # ... and holds pipeline_parallel 1's weights, to fp32 noise.
+    assert_close_but_for_noise_steps(got, load_checkpoint(one.parent / "export").state_dict(), steps=6, lr=3e-3)
 
 
 @pytest.mark.slow
