@@ -64,9 +64,10 @@ Host, per GPU, for the ``E_h`` expert parameters it keeps (the shard, or its blo
   allocated as each expert is first stepped; counted for every expert) = **12 + p bytes per kept expert
   parameter** (14 under bf16), and the pinned buffer the gradients land in, kept from step to step
   (``ExpertOffload._landing``, per uploaded parameter: p B where no replica adds to them, else 4 B for
-  their fp32 sums: the replicas' all-reduce, or with sharded state the owner's per-expert sums);
-* each step: ``ExpertOffload.step`` makes the landed gradients' own fp32 copy for the host optimizer (4 B
-  per uploaded parameter); the fetch copies straight from the pinned shadows (runs of rows,
+  their fp32 sums: the replicas' all-reduce, or with sharded state the owner's per-expert sums; two of
+  them with ``ecss_delayed_update``: the worker reads one while the next step lands in the other);
+* each step: the host update widens compute-dtype gradients into their own fp32 copy for the host
+  optimizer (4 B per uploaded parameter; fp32 sums are scaled where they landed, no copy); the fetch copies straight from the pinned shadows (runs of rows,
   ``copy_rows``), with no staging copy;
 * checkpoint save (every rank that writes a shard or a block): ``ExpertOffload.state_dict`` builds fresh m
   and v tensors for what it keeps, +8 B per parameter;
@@ -157,7 +158,10 @@ Time per step
   shows (``_shown_after_backward``, charged to the exchange first; the dense gradient reduction shares the
   network in the same window, which the plan does not add up: optimistic where both are long); and with
   ``ecss_delayed_update`` CPU Adam and the shadow refresh run beside the next step (only what outlasts it
-  shows). Otherwise: host→device copy of ``U`` and the CPU Adam update of ``U``; with sharded state the mask
+  shows). Otherwise: host→device copy of ``U``, the gradients' multiply (unscale, average, clip: it reads
+  what landed and writes fp32, ``p_g + 4`` B per parameter of ``U`` for the node's GPUs) and the CPU Adam
+  update of ``U`` (with ``ecss_delayed_update`` the multiply runs with Adam on the worker, beside the next
+  step); with sharded state the mask
   collectives and the fetch's all-to-all (``p·max(A, Q)``, over the network). A copy takes the longer of its
   PCIe time (per GPU) and of the node's host-DRAM traffic (all GPUs of a node share it: the fetch's DMA
   reads the shadow, p B per parameter; the gradients are written once, p or 4 B). CPU Adam is bound by host DRAM: it reads the
@@ -743,6 +747,7 @@ def plan_training(
     # Bytes per parameter the gradients come back in (ExpertOffload._return_dtype): the compute dtype
     # where no replica adds to them, fp32 sums otherwise
     grad_back = p if ecss and not shard_states and dp // ep == 1 else 4
+    delayed = ecss and bool(getattr(train_config, "ecss_delayed_update", False))
     sparse_layers = max(1, worst["sparse_layers"])
     largest_module = max(layout.word_embedding, h * model.d_ff + model.d_ff,
                          0 if ecss else experts_rank // sparse_layers)
@@ -756,8 +761,10 @@ def plan_training(
             if p < 4:  # under fp32 the masters are the shadows
                 items["ecss_compute_dtype_shadows"] = p * kept
             items["ecss_adam_moments"] = 8 * kept
-            items["ecss_gradient_landing"] = grad_back * stepped  # pinned, kept from step to step
-            items["ecss_step_fp32_gradients"] = 4 * stepped  # step(): their own fp32 copy, scaled
+            # pinned, kept from step to step; a delayed update reads one while the next step lands in another
+            items["ecss_gradient_landing"] = grad_back * stepped * (2 if delayed else 1)
+            if grad_back < 4:  # compute-dtype gradients widened into their own fp32 copy (fp32 sums: in place)
+                items["ecss_step_fp32_gradients"] = 4 * stepped
             items["ecss_checkpoint_moment_copies"] = 8 * kept
             items["ecss_resume_loaded_state"] = 12 * kept
         if offload:
@@ -903,22 +910,25 @@ def plan_training(
         notes.append(f"ECSS gradients back: each expert layer's exchange and copy to the host ({_fmt_time(back)} in "
                      f"all) start from its hooks in the last backward ({_fmt_time(last_backward)}), beside the "
                      f"backward of the layers below it; {_fmt_time(shown)} shows")
-        delayed = bool(getattr(train_config, "ecss_delayed_update", False))
         # The stepped rows' shadows follow their masters (read the master, write the shadow); separate
         # shadows exist under bf16/fp16, and under fp32 too when the update is delayed.
         refresh = (4 + p) if p < 4 or delayed else 0
         adam = ADAM_BYTES_TOUCHED * node_union / hw.host_dram_bytes_per_s
         shadow = refresh * node_union / hw.host_dram_bytes_per_s
+        # The gradients' multiply (unscale, average, clip) reads what landed and writes fp32: one pass.
+        scale = (grad_back + 4) * node_union / hw.host_dram_bytes_per_s
         if delayed:
-            # Adam and then the shadow refresh run on a worker thread beside the next step: only what
-            # outlasts the rest of that step shows.
+            # The multiply, Adam and then the shadow refresh run on a worker thread beside the next step:
+            # only what outlasts the rest of that step shows.
             rest = sum(times.values())
-            times["ecss_cpu_adam"] = max(0.0, adam + shadow - rest)
-            notes.append(f"ECSS delayed host update: CPU Adam and the shadow refresh ({_fmt_time(adam + shadow)}) "
-                         f"run beside the next step ({_fmt_time(rest)} without them); "
+            host_work = scale + adam + shadow
+            times["ecss_cpu_adam"] = max(0.0, host_work - rest)
+            notes.append(f"ECSS delayed host update: the gradients' multiply, CPU Adam and the shadow refresh "
+                         f"({_fmt_time(host_work)}) run beside the next step ({_fmt_time(rest)} without them); "
                          f"{_fmt_time(times['ecss_cpu_adam'])} of it shows. A step computes with the masters "
                          f"after the update two steps back")
         else:
+            times["ecss_gradient_scale"] = scale
             times["ecss_cpu_adam"] = adam
             times["ecss_shadow_refresh"] = shadow
         transfers["h2d"] += transfers["ecss_fetch_h2d"]

@@ -60,10 +60,11 @@ return starts at once, while the backward of the layers below it still runs:
    rows it received as soon as its experts are asked twice on average, and it needs no host pass to add).
 On CPU the copies are synchronous, and one behind a gloo collective waits for `step` (waiting in the hook
 could block on a rank that issues it only there). `step` sends what has not gone, waits for all of it,
-takes the global norm from the layers' squares (all-reduced over owners and shards) and unscales, averages
-and clips the gradients in one multiply on their fp32 host copy, which the host optimizer reads. (Before,
-all of it ran after backward, from one fp32 concatenation: the norm and the clip now differ from those in
-rounding only.)
+takes the global norm from the layers' squares (all-reduced over owners and shards), and the host update
+unscales, averages and clips the gradients in one multiply, one pass over host memory: fp32 sums where they
+landed, compute-dtype gradients widened into an fp32 copy by the same multiply; the host optimizer reads the
+result. (Before, all of it ran after backward, from one fp32 concatenation: the norm and the clip now differ
+from those in rounding only.)
 Every rank issues the layers' collectives in one fixed order, the top layer first as backward reaches it.
 A layer that a rank cannot send yet (no gradient of the last backward reached its weights: no token came
 to its shard) holds the later ones back there until `step`, so no rank's collectives meet another's out of
@@ -77,10 +78,13 @@ Delayed host update (`delayed_update`, TrainConfig `ecss_delayed_update`; ZeRO-O
 parameter update"): the host optimizer of step s runs on a worker thread while step s + 1 computes, so
 CPU Adam leaves the critical path. Step s + 1 fetches the shadows as they were before update s (the
 worker writes only masters and Adam states); at the end of step s + 1 the worker is joined and update
-s's rows are copied into the shadows, before update s + 1 starts. So the weights a step computes with
-carry every update up to two steps back: step t uses the masters after update t − 2 (tested). A
-checkpoint waits for the update in flight and saves, beside the masters, the lagging shadows of its
-rows, so a resume continues exactly; the export waits too and holds every update.
+s's rows are copied into the shadows, before update s + 1 starts. The worker also makes the gradients'
+multiply (step s's `step` only takes their norm), reading step s's landing buffer while step s + 1 lands
+its gradients in a second one: the two alternate, so the training thread makes no pass over host memory.
+So the weights a step computes with carry every update up to two steps back: step t uses the masters
+after update t − 2 (tested). A checkpoint waits for the update in flight and saves, beside the masters,
+the lagging shadows of its rows, so a resume continues exactly; the export waits too and holds every
+update.
 A warm-up (`delay_after`, TrainConfig `ecss_delayed_update_after`) runs the host updates of the first
 steps in line, as ZeRO-Offload does: early gradients change fast, and a stale update costs most there.
 The update of step `delay_after` + 1 is the first that runs beside the next step: steps up to
@@ -98,7 +102,7 @@ import contextlib
 import os
 import queue
 import threading
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -386,6 +390,16 @@ class HostExpertBank(nn.Module):
         return None
 
 
+class _Landed(NamedTuple):
+    """One step's gradients on the host, for its update: the landing buffer's first `total` elements, the
+    factor that unscales, averages and clips them, and (layer, offset, owned rows) of each layer's part."""
+
+    buffer: torch.Tensor
+    total: int
+    factor: float
+    layers: list[tuple[str, int, list[int]]]
+
+
 class _Return:
     """One layer's expert gradients on their way back to the host in the current step."""
 
@@ -502,6 +516,9 @@ class ExpertOffload:
         plain = not self.sharded and _group_size(self.replica_group) == 1
         self._return_dtype = dtype if plain else torch.float32
         self._landing: torch.Tensor | None = None  # pinned on CUDA; reused step after step
+        # A delayed update reads its step's landing buffer on the worker while the next step lands its own
+        # gradients: the two alternate.
+        self._spare_landing: torch.Tensor | None = None
         self._returns: dict[str, _Return] | None = None  # this step's, once its last backward is announced
         self._order: list[str] = list(reversed(self.banks))  # the order backward reaches the layers
         self._next = 0  # self._order[:_next] are on their way
@@ -856,8 +873,9 @@ class ExpertOffload:
     @torch.no_grad()
     def step(self, lr: float, grad_scale: float = 1.0, skip: bool = False, step: int | None = None
              ) -> dict[str, float]:
-        """Wait for the expert gradients on their way back (send what has not gone), unscale, average and
-        clip them by their global norm on the host, update them on the host, release.
+        """Wait for the expert gradients on their way back (send what has not gone), take their global norm
+        and the factor that unscales, averages and clips them, release; update them on the host (in line,
+        or on the worker with a delayed update: the multiply by the factor too).
 
         `grad_scale` is the fp16 loss scale the gradients carry; `skip` (an fp16 overflow step that the
         engine skipped) releases without updating, as the dense part does. `step`: the training step
@@ -872,26 +890,37 @@ class ExpertOffload:
         # each element once.
         groups = [self.replica_group, self.ep_group] if self.sharded else [self.ep_group]
         factor, norm = self._clip_factor([ret.square for ret in returns.values()], grad_scale, groups)
-        total = sum(ret.size for ret in returns.values())
-        # Its own fp32 tensor: the next step's hooks refill the landing buffer while a delayed update may
-        # still be reading these gradients.
-        flat = self._landing[:total].to(torch.float32, copy=True)
-        if factor != 1.0:
-            flat.mul_(factor)
-        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for layer, bank in self.banks.items():
-            ret = returns[layer]
-            offset = ret.offset
-            for name in WEIGHT_NAMES:
-                n = len(ret.experts) * bank.host[name][0].numel()
-                rows = flat[offset: offset + n].view(len(ret.experts), *bank.host[name].shape[1:])
-                offset += n
-                pairs += [(bank.expert_params[name][e], rows[i]) for i, e in enumerate(ret.experts)]
+        landed = _Landed(self._landing, sum(ret.size for ret in returns.values()), factor,
+                         [(layer, ret.offset, ret.experts) for layer, ret in returns.items()])
+        if self._delay_this_update:  # the worker reads this buffer; the next step lands in the other one
+            self._landing, self._spare_landing = self._spare_landing, self._landing
         rows_of = {layer: ret.experts for layer, ret in returns.items()}  # owned rows stepped, per layer
         stats = {"expert_grad_norm": norm, "experts_updated": sum(len(ret.experts) for ret in returns.values())}
         self.release()
-        self._update(lr, pairs, rows_of)
+        self._update(lr, landed, rows_of)
         return stats
+
+    def _gradient_pairs(self, landed: _Landed) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(expert parameter, its fp32 gradient) for every row stepped: the landed gradients unscaled,
+        averaged and clipped by one multiply, in one pass over host memory. fp32 sums are scaled where they
+        landed (the buffer is this update's alone); compute-dtype gradients are widened into their own fp32
+        tensor by the same multiply."""
+        torch.set_num_threads(self.host_threads)  # OpenMP's thread count is per calling thread
+        source = landed.buffer[:landed.total]
+        if source.dtype == torch.float32:
+            flat = source.mul_(landed.factor) if landed.factor != 1.0 else source
+        else:  # a 1-element fp32 factor: the multiply runs in fp32 on the widened values
+            flat = torch.empty(landed.total, dtype=torch.float32)
+            torch.mul(source, torch.tensor([landed.factor], dtype=torch.float32), out=flat)
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for layer, offset, experts in landed.layers:
+            bank = self.banks[layer]
+            for name in WEIGHT_NAMES:
+                n = len(experts) * bank.host[name][0].numel()
+                rows = flat[offset: offset + n].view(len(experts), *bank.host[name].shape[1:])
+                offset += n
+                pairs += [(bank.expert_params[name][e], rows[i]) for i, e in enumerate(experts)]
+        return pairs
 
     def _clip_factor(self, squares: list[torch.Tensor], grad_scale: float, norm_groups: list[Any]
                      ) -> tuple[float, float]:
@@ -912,16 +941,17 @@ class ExpertOffload:
         return factor, norm
 
     # ---- the host update, in line or one step behind ------------------------------------------------
-    def _update(self, lr: float, pairs: list[tuple[torch.Tensor, torch.Tensor]], rows: dict[str, list[int]]) -> None:
-        """Adam on the host for `pairs` (expert parameter, its gradient); then the shadows of `rows` (per
-        layer, owned rows) follow their masters. In line, or with `delayed_update` on a worker thread while
-        the next step runs: the next step then still fetches the shadows from before this update, and this
-        update's shadows are refreshed at the end of the next step, once it has landed (module docstring)."""
+    def _update(self, lr: float, landed: _Landed, rows: dict[str, list[int]]) -> None:
+        """The landed gradients scaled (`_gradient_pairs`), Adam on the host with them; then the shadows of
+        `rows` (per layer, owned rows) follow their masters. In line, or with `delayed_update` all of it on a
+        worker thread while the next step runs: the next step then still fetches the shadows from before
+        this update, and this update's shadows are refreshed at the end of the next step, once it has landed
+        (module docstring)."""
         if not self._delay_this_update:  # in line (or still in the warm-up of a delayed update)
             self._join()  # nothing in flight, unless a resume changed the warm-up: then let it land
             self._refresh(self._pending_rows)
             self._pending_rows = {}
-            self._apply(lr, pairs)
+            self._apply(lr, self._gradient_pairs(landed))
             self._refresh(rows)
             return
         self._join()  # the previous update has reached the masters and its rows' shadows
@@ -929,16 +959,16 @@ class ExpertOffload:
         self._pending_rows = rows
         self._fetched = queue.SimpleQueue()
         self._updated = threading.Event()
-        self._worker = threading.Thread(target=self._apply_then_refresh, args=(lr, pairs, rows),
+        self._worker = threading.Thread(target=self._apply_then_refresh, args=(lr, landed, rows),
                                         name="ecss-host-adam", daemon=True)
         self._worker.start()
 
-    def _apply_then_refresh(self, lr: float, pairs: list[tuple[torch.Tensor, torch.Tensor]],
-                            rows: dict[str, list[int]]) -> None:
-        """The worker: Adam on the masters; then, once the next step's fetch has read the shadows, this
-        update's rows' shadows (so the refresh, too, stays off the critical path)."""
+    def _apply_then_refresh(self, lr: float, landed: _Landed, rows: dict[str, list[int]]) -> None:
+        """The worker: the gradients' scaling pass and Adam on the masters; then, once the next step's fetch
+        has read the shadows, this update's rows' shadows (so the refresh, too, stays off the critical
+        path)."""
         try:
-            self._apply(lr, pairs)
+            self._apply(lr, self._gradient_pairs(landed))
         except BaseException as exc:  # handed to the training thread at its next wait
             self._failure = exc
             return

@@ -114,7 +114,8 @@ def test_sigma_1t_host_bytes(sigma_h100):
     assert sigma_h100.host_breakdown["ecss_compute_dtype_shadows"] == 2 * per_gpu
     assert sigma_h100.host_breakdown["ecss_gradient_landing"] == 4 * per_gpu
     assert "ecss_fetch_staging" not in sigma_h100.host_breakdown  # copies straight from the pinned shadows
-    assert phases["step"] == 8 * 22 * per_gpu  # + the landed gradients' fp32 copy for the host optimizer
+    assert phases["step"] == 8 * 18 * per_gpu  # the fp32 sums are scaled where they landed: no copy
+    assert "ecss_step_fp32_gradients" not in sigma_h100.host_breakdown
     assert phases["checkpoint_save"] == 8 * 26 * per_gpu  # + m and v copies in ExpertOffload.state_dict
     assert phases["resume"] == 8 * 26 * per_gpu  # masters, shadows + the loaded file + the cloned moments
     assert sigma_h100.host_bytes_per_node == 8 * 26 * per_gpu
@@ -130,7 +131,9 @@ def test_sigma_1t_transfers_and_time(sigma_h100):
     # parameter at 450 GB/s) take about as long
     assert sigma_h100.times["ecss_fetch_h2d"] == pytest.approx(
         max(2 * fetched / hw.pcie_h2d_bytes_per_s, 8 * 2 * fetched / hw.host_dram_bytes_per_s))
-    # CPU Adam (28 B) and the shadow refresh (read the master, write the shadow: 6 B), the node's 8 GPUs
+    # the gradients' multiply (read the fp32 sums, write them: 8 B), CPU Adam (28 B) and the shadow refresh
+    # (read the master, write the shadow: 6 B), the node's 8 GPUs
+    assert sigma_h100.times["ecss_gradient_scale"] == pytest.approx(8 * 8 * fetched / hw.host_dram_bytes_per_s)
     assert sigma_h100.times["ecss_cpu_adam"] == pytest.approx(8 * 28 * fetched / hw.host_dram_bytes_per_s)
     assert sigma_h100.times["ecss_shadow_refresh"] == pytest.approx(8 * 6 * fetched / hw.host_dram_bytes_per_s)
     # expert gradients (fp32) all-reduced over the 64 holders of a shard, one per node: the network
@@ -379,9 +382,11 @@ def test_sigma_1t_preset_fetches_rank_locally(sigma_preset):
     assert times["ecss_gradient_all_to_all"] == pytest.approx(min(a2a_back, end - backward))
     assert times["ecss_gradients_d2h"] == pytest.approx(end - backward - times["ecss_gradient_all_to_all"])
     assert any("ECSS gradients back" in n for n in plan.notes)
-    # the preset updates the host one step behind: CPU Adam and the shadow refresh run beside the next step
+    # the preset updates the host one step behind: the gradients' multiply (8 B), CPU Adam (28 B) and the shadow
+    # refresh (6 B) run beside the next step; what outlasts it shows
     rest = sum(v for k, v in times.items() if k not in ("ecss_cpu_adam", "compute"))
-    assert times["ecss_cpu_adam"] == pytest.approx(max(0.0, 34 * node / hw.host_dram_bytes_per_s - rest))
+    assert 42 * node / hw.host_dram_bytes_per_s > rest
+    assert times["ecss_cpu_adam"] == pytest.approx(42 * node / hw.host_dram_bytes_per_s - rest)
 
 
 def test_sigma_1t_preset_device_bytes(sigma_preset):
@@ -407,10 +412,11 @@ def test_sigma_1t_preset_host_per_node_under_1_tb(sigma_preset):
     blocks."""
     phases = sigma_preset.host_phases_per_node
     node = NODE_OWNED * SPARSE * PER_EXPERT  # the node's 8 blocks: 10 experts a layer
-    # masters, bf16 shadows, Adam m, v and the pinned buffer the owners' fp32 sums land in
-    assert phases["resident"] == 18 * node == 302_026_752_000
-    assert phases["step"] == 22 * node  # + their fp32 copy for the host optimizer
-    assert phases["checkpoint_save"] == 26 * node
+    # masters, bf16 shadows, Adam m, v and the two pinned buffers the owners' fp32 sums land in (the delayed
+    # update's worker scales one while the next step lands in the other)
+    assert phases["resident"] == 22 * node == 369_143_808_000
+    assert phases["step"] == 22 * node  # the sums are scaled where they landed: no copy
+    assert phases["checkpoint_save"] == 30 * node
     assert phases["resume"] == 26 * node
     layer_shard = EXPERTS_PER_RANK // 8
     kept = [b * SPARSE * PER_EXPERT for b in sigma_preset.ecss["node_blocks"]]
@@ -453,10 +459,11 @@ def test_sigma_1t_preset_against_its_dense_counterpart(sigma_preset):
     assert counterpart["step_time_ratio"] == pytest.approx(sigma_preset.step_time_s / dense.step_time_s)
     assert json.loads(sigma_preset.to_json())["dense_counterpart"]["step_time_ratio"] == counterpart["step_time_ratio"]
     # the issue's target: within 1.5× of the dense step (the fetch half hidden, the gradients back mostly
-    # hidden by the last backward, the host update beside the next step; the rest still shows)
+    # hidden by the last backward, the host update beside the next step, which outlasts it a little; the rest
+    # still shows)
     assert counterpart["step_time_ratio"] <= 1.5
     ecss = sum(v for k, v in sigma_preset.times.items() if k.startswith("ecss_"))
-    assert ecss > 0.25 and sigma_preset.times["ecss_cpu_adam"] == 0.0
+    assert ecss > 0.25 and 0.0 < sigma_preset.times["ecss_cpu_adam"] < 0.2
     text = format_plan(sigma_preset)
     assert "dense counterpart (13b) step" in text and f"{counterpart['step_time_ratio']:.2f}×" in text
     assert plan_for("200b", topology="pangu-alpha-200b").dense_counterpart is None
@@ -475,19 +482,24 @@ def test_sigma_1t_without_domain_affine_steps_fetches_more_and_does_not_fit():
 
 
 def test_delayed_host_update_takes_cpu_adam_off_the_step(sigma_preset):
-    """ecss_delayed_update: CPU Adam and the shadow refresh run on a worker beside the next step, so only
-    what outlasts the rest of the step counts; in line they add up."""
+    """ecss_delayed_update: the gradients' multiply, CPU Adam and the shadow refresh run on a worker beside the
+    next step, so only what outlasts the rest of the step counts; in line they add up. The worker reads one
+    landing buffer while the next step lands in the other: twice the pinned landing bytes."""
     hw = HARDWARE["h200"]
     delayed = plan_for("sigma-1t", topology="pangu-sigma", gpu="h200", overrides=["ecss_delayed_update=true"])
     inline = plan_for("sigma-1t", topology="pangu-sigma", gpu="h200", overrides=["ecss_delayed_update=false"])
     node = NODE_OWNED * SPARSE * PER_EXPERT
-    adam, refresh = 28 * node / hw.host_dram_bytes_per_s, 6 * node / hw.host_dram_bytes_per_s
+    scale, adam, refresh = (n * node / hw.host_dram_bytes_per_s for n in (8, 28, 6))
+    assert inline.times["ecss_gradient_scale"] == pytest.approx(scale)
     assert inline.times["ecss_cpu_adam"] == pytest.approx(adam)
     assert inline.times["ecss_shadow_refresh"] == pytest.approx(refresh)
     rest = sum(v for k, v in delayed.times.items() if k not in ("ecss_cpu_adam", "compute"))
-    assert delayed.times["ecss_cpu_adam"] == pytest.approx(max(0.0, adam + refresh - rest))
-    assert "ecss_shadow_refresh" not in delayed.times
-    assert delayed.step_time_s == pytest.approx(inline.step_time_s - adam - refresh + delayed.times["ecss_cpu_adam"])
+    assert delayed.times["ecss_cpu_adam"] == pytest.approx(max(0.0, scale + adam + refresh - rest))
+    assert "ecss_shadow_refresh" not in delayed.times and "ecss_gradient_scale" not in delayed.times
+    assert delayed.step_time_s == pytest.approx(inline.step_time_s - scale - adam - refresh
+                                                + delayed.times["ecss_cpu_adam"])
+    landing = delayed.host_breakdown_per_node["ecss_gradient_landing"]
+    assert landing == 2 * inline.host_breakdown_per_node["ecss_gradient_landing"] == 2 * 4 * node
     ratio = delayed.dense_counterpart["step_time_ratio"]
     assert ratio < inline.dense_counterpart["step_time_ratio"]
     assert any("delayed host update" in n and "two steps back" in n for n in delayed.notes)

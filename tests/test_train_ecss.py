@@ -206,6 +206,45 @@ def test_delayed_host_update_fetches_the_masters_of_two_steps_back_and_resumes_e
     assert result["losses"]
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_delayed_update_scales_its_own_landed_gradients_on_the_worker(monkeypatch, precision) -> None:
+    """With ecss_delayed_update the training thread makes no pass over the landed gradients: the worker
+    multiplies them (fp32 sums in place; bf16 gradients widened into fp32) while the next step lands its own
+    in the other landing buffer. A worker held back well past the next step's backward therefore updates
+    exactly as a prompt one: the same losses."""
+    import threading
+    import time
+
+    from pangu_model.ecss import ExpertOffload
+
+    threads: list[str] = []
+    original = ExpertOffload._gradient_pairs
+    hold = {"seconds": 0.0}
+
+    def held_back(self, landed):
+        threads.append(threading.current_thread().name)
+        time.sleep(hold["seconds"])
+        return original(self, landed)
+
+    monkeypatch.setattr(ExpertOffload, "_gradient_pairs", held_back)
+    steps = 5
+    fields = dict(ecss=True, ecss_delayed_update=True, ecss_delayed_update_after=1, validation_every=0,
+                  precision=precision, train_steps=steps, optimizer={"lr": 1e-2, "warmup_steps": 0})
+    losses = []
+    for seconds in (0.0, 0.4):
+        hold["seconds"] = seconds
+        threads.clear()
+        trainer = _trainer(f"ecss-delayed-held-{precision}-{seconds}", **fields)
+        try:
+            assert trainer.ecss._return_dtype == (torch.float32 if precision == "fp32" else torch.bfloat16)
+            losses.append(trainer.run()["losses"])
+        finally:
+            trainer.close()
+        # the warm-up step's update in line, then every update on the worker
+        assert threads == ["MainThread"] + ["ecss-host-adam"] * (steps - 1), threads
+    assert len(losses[0]) == steps and losses[1] == pytest.approx(losses[0], rel=1e-6, abs=0), losses
+
+
 def test_expert_gradients_start_back_from_hooks_in_the_last_backward(monkeypatch) -> None:
     """Gradients back (ecss.py): with 2 micro-batches a step, each expert layer's return starts from its
     gradient hooks in the second backward, the top layer first, before that backward reaches the first
