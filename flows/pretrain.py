@@ -144,11 +144,14 @@ def build_launch(
     tensor_parallel: int = 1,
     devices: int | None = None,
     grace_s: float = STOP_GRACE_S,
+    fewest_ranks: int = 1,
 ) -> Launch:
     """The command line for a run. `devices`: visible GPUs on this node (default: asked of torch).
+    `fewest_ranks`: the smallest world the run's parallel layout needs (pangu_model.train.fewest_ranks).
 
-    * one node, no hostfile: one process on a CPU machine (world size 1) or with one GPU;
-      `torchrun --standalone --nproc_per_node K` for K = min(gpus_per_node, visible GPUs) > 1;
+    * one node, no hostfile: with GPUs, `torchrun --standalone --nproc_per_node K` for K = min(gpus_per_node,
+      visible GPUs) > 1, else one process; on a CPU machine one process, or `fewest_ranks` CPU ranks (gloo)
+      under torchrun where the layout needs more (a tensor- or pipeline-parallel run tried on a laptop);
     * several nodes (a hostfile, required: the hosts' real names): `deepspeed` with
       `deploy.topology.launcher_args` and the hostfile copied into the run's output dir.
     """
@@ -179,9 +182,12 @@ def build_launch(
         return Launch(argv, "deepspeed", cluster.world_size, cluster.nodes, env, str(written), grace_s=grace_s)
 
     devices = local_devices() if devices is None else devices
-    ranks = min(gpus_per_node, devices) if devices > 0 else 1
+    ranks = min(gpus_per_node, devices) if devices > 0 else fewest_ranks
     note = None
-    if devices == 0 and gpus_per_node > 1:
+    if devices == 0 and fewest_ranks > 1:
+        note = (f"no GPU visible: {fewest_ranks} CPU ranks (gloo), the fewest the parallel layout needs "
+                f"(gpus_per_node {gpus_per_node} applies to GPU nodes)")
+    elif devices == 0 and gpus_per_node > 1:
         note = f"no GPU visible: one CPU process (gpus_per_node {gpus_per_node} applies to GPU nodes)"
     elif 0 < devices < gpus_per_node:
         note = f"gpus_per_node {gpus_per_node} but {devices} GPU(s) visible: {ranks} local rank(s)"
@@ -573,7 +579,7 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
             checkpoint before it is killed; default: the planner's step and checkpoint times for the preset
             on this cluster, doubled, and at least 120 s.
     """
-    from pangu_model.train import DataMismatch, fit_to_data, load_train_config
+    from pangu_model.train import DataMismatch, LayoutError, check_layout, fewest_ranks, fit_to_data, load_train_config
 
     logger = get_run_logger()
     data_dir, data_note = resolve_data(data)
@@ -593,6 +599,19 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
     except ValueError as exc:  # pydantic's ValidationError is one
         raise ValueError(f"pretrain preset {preset!r} with {fields}: {one_line(exc)}") from exc
     logger.info("model: %s", describe_model(config))
+    grace = stop_grace_s if stop_grace_s is not None else default_stop_grace(config, nodes, gpus_per_node)
+    logger.info("a stop (cancellation, SIGTERM) gives the job %.0fs to checkpoint before SIGKILL", grace)
+    launch = build_launch(preset, data_dir, out, steps, overrides, nodes=nodes, gpus_per_node=gpus_per_node,
+                          hostfile=hostfile, expert_parallel=config.expert_parallel,
+                          tensor_parallel=config.tensor_parallel, grace_s=grace,
+                          fewest_ranks=fewest_ranks(config))
+    if launch.note:
+        logger.info("%s", launch.note)
+    try:  # the trainer's own check, before anything starts: a layout it cannot run on this many ranks
+        check_layout(config, launch.world_size, launch.world_size // launch.nodes)
+    except LayoutError as exc:
+        where = launch.note or f"{launch.world_size} rank(s) on {launch.nodes} node(s) ({launch.launcher})"
+        raise ValueError(f"pretrain {preset}: {exc}; this launch: {where}") from None
     out.mkdir(parents=True, exist_ok=True)
     resumed_from = latest_checkpoint(out)
     if resumed_from:
@@ -600,13 +619,6 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
                     resumed_from)
     else:
         logger.info("output %s has no checkpoint: fresh run of %d steps", out, config.train_steps)
-    grace = stop_grace_s if stop_grace_s is not None else default_stop_grace(config, nodes, gpus_per_node)
-    logger.info("a stop (cancellation, SIGTERM) gives the job %.0fs to checkpoint before SIGKILL", grace)
-    launch = build_launch(preset, data_dir, out, steps, overrides, nodes=nodes, gpus_per_node=gpus_per_node,
-                          hostfile=hostfile, expert_parallel=config.expert_parallel,
-                          tensor_parallel=config.tensor_parallel, grace_s=grace)
-    if launch.note:
-        logger.info("%s", launch.note)
     if launch.hostfile:
         logger.info("hostfile for %d nodes written to %s", launch.nodes, launch.hostfile)
     try:

@@ -296,6 +296,51 @@ class LayoutError(ValueError):
     written with another layout, found before it is loaded."""
 
 
+def check_layout(config: "TrainConfig", world_size: int, local: int) -> None:
+    """The layout a run of `world_size` ranks, `local` a node, can take, checked before anything is allocated
+    (by the trainer at start, and by the pretrain flow before it launches): `LayoutError` with the reason. A
+    topology preset must be the run's own layout (its groups are the ones the trainer builds)."""
+    ep, tp, pp = config.expert_parallel, config.tensor_parallel, config.pipeline_parallel
+    if config.topology:
+        from deploy.topology import load_topology
+
+        topology = load_topology(config.topology)
+        plan = topology.plan
+        if plan.pipeline != pp:
+            raise LayoutError(f"topology {topology.name} has pipeline {plan.pipeline}, config says "
+                              f"pipeline_parallel {pp}")
+        if plan.tensor != tp:
+            raise LayoutError(f"topology {topology.name} has tensor {plan.tensor}, config says "
+                              f"tensor_parallel {tp}")
+        if plan.expert != ep:
+            raise LayoutError(f"topology {topology.name} has expert {plan.expert}, config says {ep}")
+        if topology.cluster.world_size != world_size:
+            raise LayoutError(f"topology {topology.name} has {topology.cluster.world_size} ranks, "
+                              f"this run {world_size}")
+        if topology.cluster.gpus_per_node != local:
+            raise LayoutError(f"topology {topology.name} has {topology.cluster.gpus_per_node} ranks per node, "
+                              f"this run {local}")
+    if world_size % tp:
+        raise LayoutError(f"tensor_parallel {tp} does not divide the world size {world_size}")
+    if world_size % (tp * pp):
+        raise LayoutError(f"pipeline_parallel {pp} does not divide the world size {world_size}"
+                          + (f" (with tensor_parallel {tp})" if tp > 1 else ""))
+    if local % tp:
+        raise LayoutError(f"tensor_parallel {tp} does not divide the {local} ranks of a node (a tensor group "
+                          f"stays inside one node)")
+    if world_size % ep:
+        raise LayoutError(f"expert_parallel {ep} does not divide the world size {world_size}")
+    if ep > 1 and local % (ep * tp):  # ep ranks at stride tp (deploy/topology.py): ep·tp inside a node
+        raise LayoutError(f"expert group of {ep} ranks" + (f" at stride tensor_parallel {tp}" if tp > 1 else "")
+                          + f" would leave a node of {local} ranks")
+
+
+def fewest_ranks(config: "TrainConfig") -> int:
+    """The smallest world `config`'s layout runs on: a tensor group per pipeline stage, times the expert
+    group (expert parallelism and pipelines do not mix)."""
+    return config.tensor_parallel * config.pipeline_parallel * config.expert_parallel
+
+
 def read_data_contract(data: str | os.PathLike[str]) -> dict[str, Any]:
     """The packed token directory's `domains.json`: tokenizer (path, sha256, pieces) and domains."""
     from tokenizer.pack import DOMAINS_FILE
@@ -598,42 +643,7 @@ class Trainer:
 
     # ---- checks ---------------------------------------------------------------------------------
     def _check_topology(self) -> None:
-        """The layout this run can take, checked before anything is allocated: `LayoutError` with the reason.
-        A topology preset must be the run's own layout (its groups are the ones the trainer builds)."""
-        ep, tp, pp = self.config.expert_parallel, self.config.tensor_parallel, self.config.pipeline_parallel
-        local = local_world_size(self.world_size)
-        if self.config.topology:
-            from deploy.topology import load_topology
-
-            topology = load_topology(self.config.topology)
-            plan = topology.plan
-            if plan.pipeline != pp:
-                raise LayoutError(f"topology {topology.name} has pipeline {plan.pipeline}, config says "
-                                  f"pipeline_parallel {pp}")
-            if plan.tensor != tp:
-                raise LayoutError(f"topology {topology.name} has tensor {plan.tensor}, config says "
-                                  f"tensor_parallel {tp}")
-            if plan.expert != ep:
-                raise LayoutError(f"topology {topology.name} has expert {plan.expert}, config says {ep}")
-            if topology.cluster.world_size != self.world_size:
-                raise LayoutError(f"topology {topology.name} has {topology.cluster.world_size} ranks, "
-                                  f"this run {self.world_size}")
-            if topology.cluster.gpus_per_node != local:
-                raise LayoutError(f"topology {topology.name} has {topology.cluster.gpus_per_node} ranks per node, "
-                                  f"this run {local}")
-        if self.world_size % tp:
-            raise LayoutError(f"tensor_parallel {tp} does not divide the world size {self.world_size}")
-        if self.world_size % (tp * pp):
-            raise LayoutError(f"pipeline_parallel {pp} does not divide the world size {self.world_size}"
-                              + (f" (with tensor_parallel {tp})" if tp > 1 else ""))
-        if local % tp:
-            raise LayoutError(f"tensor_parallel {tp} does not divide the {local} ranks of a node (a tensor group "
-                              f"stays inside one node)")
-        if self.world_size % ep:
-            raise LayoutError(f"expert_parallel {ep} does not divide the world size {self.world_size}")
-        if ep > 1 and local % (ep * tp):  # ep ranks at stride tp (deploy/topology.py): ep·tp inside a node
-            raise LayoutError(f"expert group of {ep} ranks" + (f" at stride tensor_parallel {tp}" if tp > 1 else "")
-                              + f" would leave a node of {local} ranks")
+        check_layout(self.config, self.world_size, local_world_size(self.world_size))
 
     def _check_plan(self) -> Any:
         """The planner's verdict on this run with this machine's GPU and host memory (deploy/plan.py):

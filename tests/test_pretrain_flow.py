@@ -209,6 +209,29 @@ def test_launch_commands(tmp_path):
     with pytest.raises(ValueError, match="lists 3 hosts"):
         build_launch(**common, nodes=2, hostfile=str(given), devices=0)
 
+    # Without GPUs a layout that needs several ranks (tensor 2 × pipeline 2) gets that many CPU ranks (gloo)
+    cpu = build_launch(**common, devices=0, fewest_ranks=4)
+    assert cpu.launcher == "torchrun" and cpu.world_size == 4 and cpu.argv[4:6] == ["--nproc_per_node", "4"]
+    assert "4 CPU ranks (gloo), the fewest the parallel layout needs" in cpu.note
+    assert build_launch(**common, devices=2, fewest_ranks=4).world_size == 2  # GPUs: the ranks they give
+
+
+def test_a_layout_the_launch_cannot_run_is_refused_before_anything_starts(prefect_api, tokens, tmp_path,
+                                                                           monkeypatch):
+    """One GPU visible and tensor_parallel 2: the flow says so in one line before launching (the trainer would
+    refuse it only once started), and leaves no output directory."""
+    import flows.pretrain
+    from flows.pretrain import pretrain
+
+    monkeypatch.setattr(flows.pretrain, "local_devices", lambda: 1)
+    out = tmp_path / "tp2-on-one-gpu"
+    state = pretrain(preset="alpha-tiny", data=str(tokens), output=str(out), steps=2,
+                     overrides={**TINY, "tensor_parallel": 2}, return_state=True)
+    assert state.is_failed()
+    assert "pretrain alpha-tiny: tensor_parallel 2 does not divide the world size 1; this launch: gpus_per_node 8 " \
+           "but 1 GPU(s) visible: 1 local rank(s)" in state.message, state.message
+    assert not out.exists()
+
 
 def test_result_line_and_loss_sampling(tmp_path):
     lines = ["[INFO] starting", '{"status": "completed", "step": 3, "export": "/x"}', "bye", "{not json}"]
