@@ -234,6 +234,22 @@ class TrainConfig(BaseModel):
         if pp > model.num_layers:
             raise LayoutError(f"pipeline_parallel {pp} is more stages than the model's {model.num_layers} layers "
                               f"(blocks and the query layer): every stage needs one at least")
+        if model.moe_layers:
+            # The experts are a parameter group of their own (their Adam ε), and DeepSpeed's ZeRO optimizer
+            # all-reduces a gradient norm per group over the stages: a stage without an expert layer issues one
+            # collective fewer, and the others wait for it forever (measured: sigma-tiny, 4 layers, RRE in the
+            # top 2, on 2 stages of 2 + 2 layers).
+            from deploy.topology import stage_layers
+
+            first = 0
+            for stage, count in enumerate(stage_layers(model.num_layers, pp)):
+                if not any(model.is_sparse_layer(i) for i in range(first, first + count)):
+                    raise LayoutError(
+                        f"pipeline_parallel {pp} with experts in the top {model.moe_layers} of {model.num_layers} "
+                        f"layers: stage {stage} (layers {first}-{first + count - 1}) would hold no expert layer, "
+                        f"which DeepSpeed's ZeRO optimizer cannot step beside stages that do; use fewer stages or "
+                        f"more moe_layers")
+                first += count
 
     def pangu_config(self) -> PanguConfig:
         return get_config(self.model, **self.model_overrides)

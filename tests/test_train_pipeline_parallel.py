@@ -270,6 +270,10 @@ def test_pipeline_layouts_the_trainer_cannot_run_are_refused_in_one_line() -> No
          r"pipeline_parallel 2 with ZeRO stage 2: DeepSpeed's pipeline engine runs ZeRO stage 0 or 1 only"),
         ("pp-zero0", "alpha-tiny", {"zero_stage": 0},
          r"pipeline_parallel 2 with ZeRO stage 0 in fp32 and grad_clip 1.0: DeepSpeed's fp32 gradient clipping"),
+        # sigma-tiny's 4 layers on 2 stages of 2: the experts (the top 2) all on stage 1; it hung in the first step
+        ("pp-sigma-dense-stage", "sigma-tiny", {"ecss": False},
+         r"pipeline_parallel 2 with experts in the top 2 of 4 layers: stage 0 \(layers 0-1\) would hold no expert "
+         r"layer"),
     ]
     for name, preset, extra, message in refused:
         with pytest.raises(ValueError, match=message):
@@ -280,8 +284,9 @@ def test_pipeline_layouts_the_trainer_cannot_run_are_refused_in_one_line() -> No
     for name, extra in {"pp-tp": {"tensor_parallel": 2}, "pp-zero0-bf16": {"zero_stage": 0, "precision": "bf16"},
                         "pp-zero0-noclip": {"zero_stage": 0, "optimizer": {"grad_clip": 0.0}}}.items():
         load_train_config(run_config(name, "alpha-tiny", pipeline_parallel=2, **extra))
-    load_train_config(run_config("pp-sigma", "sigma-tiny", pipeline_parallel=2, ecss=False))
-    load_train_config(run_config("pp-tp-sigma", "sigma-tiny", pipeline_parallel=2, tensor_parallel=2, ecss=False))
+    sigma = {"ecss": False, "model_overrides": {"vocab_size": 2000, "max_seq_len": 64, "moe_layers": 3}}
+    load_train_config(run_config("pp-sigma", "sigma-tiny", pipeline_parallel=2, **sigma))
+    load_train_config(run_config("pp-tp-sigma", "sigma-tiny", pipeline_parallel=2, tensor_parallel=2, **sigma))
 
     # Checked at start, before the model is built: pipeline 2 on one rank. Before a checkpoint is loaded: one
     # of pipeline_parallel 2 resumed with pipeline_parallel 1, and one of tensor 2 × pipeline 2 (both named).
