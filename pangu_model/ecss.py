@@ -981,7 +981,6 @@ class ExpertOffload:
         self._pending_rows = {}
 
     def _apply(self, lr: float, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        torch.set_num_threads(self.host_threads)  # OpenMP's thread count is per calling thread
         for param, grad in pairs:
             param.grad = grad
         if pairs:
