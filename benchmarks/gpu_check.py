@@ -15,7 +15,7 @@ every training run, so a part cut off by its time budget leaves the figures of t
 * `h2d_bandwidth`: pinned and pageable host→device / device→host copies, CUDA events;
 * `dense_350m`: the `alpha-350m` preset in bf16 on synthetic packed tokens, through
   `pangu_model.train.Trainer` (world of one), tokens/s and MFU from metrics.csv beside the planner's
-  prediction (deploy/plan.py); attention "auto" (FlexAttention on CUDA) first, then "sdpa" and
+  prediction (pangu_model/plan.py); attention "auto" (FlexAttention on CUDA) first, then "sdpa" and
   `compile=True` if time is left;
 * `cuda_tests`: `pytest -m cuda` on the test files that carry the marker;
 * `ecss_vs_device`: a `sigma-tiny`-shaped model widened to d_model 1024 / d_ff 4096, experts on the
@@ -237,8 +237,8 @@ class Context:
 # One training run in a fresh process
 # ---------------------------------------------------------------------------------------------
 def plan_summary(config: Any, gpu: str, gpus: int = 1) -> dict[str, Any]:
-    """The planner's prediction for `config` on `gpus` GPUs of kind `gpu` in one node (deploy/plan.py)."""
-    from deploy.plan import plan_for
+    """The planner's prediction for `config` on `gpus` GPUs of kind `gpu` in one node (pangu_model/plan.py)."""
+    from pangu_model.plan import plan_for
 
     plan = plan_for(config, nodes=1, gpus_per_node=gpus, gpu=gpu)
     return {
@@ -267,7 +267,7 @@ def run_one(spec: dict[str, Any]) -> int:
     try:
         import torch
 
-        from deploy.plan import PlanDoesNotFit
+        from pangu_model.plan import PlanDoesNotFit
         from pangu_model.metrics import read_metrics
         from pangu_model.train import Trainer, fit_to_data, load_train_config
 
@@ -1001,7 +1001,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (FlexAttention on CUDA), sdpa, compile (auto + per-block torch.compile)")
     p.add_argument("--dense-run-s", type=float, default=150.0, help="time limit of the main dense run")
     p.add_argument("--dense-variant-s", type=float, default=120.0, help="time limit of each extra dense variant")
-    p.add_argument("--plan-gpu", default="h200", help="deploy/plan.py GPU kind for the predictions")
+    p.add_argument("--plan-gpu", default="h200", help="pangu_model/plan.py GPU kind for the predictions")
     p.add_argument("--experts-per-domain", type=_int_list, default=[2, 8, 32, 64])
     p.add_argument("--ecss-steps", type=int, default=6)
     p.add_argument("--ecss-warmup", type=int, default=2)

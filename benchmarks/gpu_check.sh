@@ -99,7 +99,7 @@ print(" ".join(m for m in sys.argv[1:] if u.find_spec(m) is None))' "${MODULES[@
 # The real test: the project's training path imports (DeepSpeed included).
 imports_ok() {
   timeout 180 "$PY" -c 'import torch, deepspeed, pydantic, yaml, jieba, pytest
-import pangu_model.train, pangu_model.ecss, tokenizer.dataset, deploy.plan, benchmarks.train_throughput' \
+import pangu_model.train, pangu_model.ecss, tokenizer.dataset, pangu_model.plan, benchmarks.train_throughput' \
     >>"$SETUP_LOG" 2>&1
 }
 

@@ -92,7 +92,7 @@ def _tokenizer_released(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from deploy.plan import format_plan, plan_for
+    from pangu_model.plan import format_plan, plan_for
 
     if args.topology is not None and args.nodes is not None:
         raise ValueError("give --topology or --nodes/--gpus-per-node, not both")

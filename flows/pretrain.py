@@ -1,6 +1,6 @@
 """The `pretrain` flow: runs the training program (`python -m pangu_model.train`) under a launcher.
 
-Thin: `pangu_model.train` trains, checkpoints, resumes and exports; `deploy.topology` writes the
+Thin: `pangu_model.train` trains, checkpoints, resumes and exports; `pangu_model.topology` writes the
 hostfile and the launcher flags. This module picks the packed token version, builds the command
 (one process; `torchrun` for several local ranks; the `deepspeed` launcher and a generated hostfile
 for several nodes), streams the job's output into the Prefect run, turns a failed rank or a
@@ -153,9 +153,9 @@ def build_launch(
       visible GPUs) > 1, else one process; on a CPU machine one process, or `fewest_ranks` CPU ranks (gloo)
       under torchrun where the layout needs more (a tensor- or pipeline-parallel run tried on a laptop);
     * several nodes (a hostfile, required: the hosts' real names): `deepspeed` with
-      `deploy.topology.launcher_args` and the hostfile copied into the run's output dir.
+      `pangu_model.topology.launcher_args` and the hostfile copied into the run's output dir.
     """
-    from deploy.topology import ClusterSpec, ParallelPlan, launcher_args, write_hostfile
+    from pangu_model.topology import ClusterSpec, ParallelPlan, launcher_args, write_hostfile
 
     output = Path(output)
     preset_arg = str(Path(preset).resolve()) if Path(preset).suffix and Path(preset).exists() else preset
@@ -289,7 +289,7 @@ def _pump(stream: Any, lines: queue.Queue) -> None:
 def default_stop_grace(config: Any, nodes: int, gpus_per_node: int) -> float:
     """Time for a stopped job to finish its step and checkpoint: twice the planner's step time plus
     checkpoint write time for this preset on this cluster, at least STOP_GRACE_S."""
-    from deploy.plan import plan_for
+    from pangu_model.plan import plan_for
 
     try:
         plan = plan_for(config, nodes=nodes, gpus_per_node=gpus_per_node)

@@ -10,7 +10,7 @@ replicated over the tensor group, and every rank of the group computes its exper
 layer's input, which is the same on all of them: so their gradients are whole and equal on every rank.
 The layer is built with DeepSpeed's `enable_expert_tensor_parallelism` for its groups only: DeepSpeed then
 makes the expert groups among the ranks of one tensor rank (`groups._get_expert_parallel_ranks`, the groups
-of deploy/topology.py), so the ranks of a tensor group hold the same expert shard, and each tensor rank's
+of pangu_model/topology.py), so the ranks of a tensor group hold the same expert shard, and each tensor rank's
 all-to-all runs in its own expert group. Its forward runs
 with DeepSpeed's tensor group hidden (`_tensor_group_hidden`): with one, DeepSpeed's MoE layer would split
 the capacity slots over the tensor group before the all-to-all and gather them back after it (an exchange

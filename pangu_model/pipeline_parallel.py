@@ -8,7 +8,7 @@ The model becomes a DeepSpeed `PipelineModule` of `LayerSpec`s, in PanguModel's 
 
 The embeddings go with the first stage, the query layer and the head with the last; the L transformer
 layers (the blocks and the query layer) are split over the stages as the caller says (the training program
-passes `deploy.topology.stage_layers`, the rule the planner uses too; uneven where L does not divide).
+passes `pangu_model.topology.stage_layers`, the rule the planner uses too; uneven where L does not divide).
 The word embedding is one tied module on the first and the last stage: DeepSpeed broadcasts it from the
 first stage at start and after a load, and all-reduces its gradient over the two stages before each
 optimizer step, so both copies stay equal (and its norm is counted once, on the first stage).
@@ -298,7 +298,7 @@ class PanguPipeline(PipelineModule):
     """This rank's stage of PanGu-α or PanGu-Σ (`stage_layer_counts`: transformer layers per stage), on
     DeepSpeed's pipeline engine.
 
-    `topology` is a DeepSpeed `ProcessTopology` with axes data, pipe, model (deploy/topology.py's
+    `topology` is a DeepSpeed `ProcessTopology` with axes data, pipe, model (pangu_model/topology.py's
     `Layout.deepspeed_topology()`, so the data-parallel, pipeline and tensor groups are the topology's). A
     `model` axis of more than one rank makes the stage tensor-parallel over the grid's group of that axis:
     `tp` (also set on `loss_fn`), None without.

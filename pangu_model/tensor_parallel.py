@@ -1,7 +1,7 @@
 """Megatron-style tensor parallelism for PanGu-α and PanGu-Σ's dense part (SPEC §5.1: op-level slicing inside a
 server).
 
-A tensor-parallel group of `size` ranks (consecutive global ranks inside one node: deploy/topology.py)
+A tensor-parallel group of `size` ranks (consecutive global ranks inside one node: pangu_model/topology.py)
 splits every dense layer; all ranks of the group see the same rows:
 
 * attention: query/key/value are column-parallel (each rank holds `num_heads / size` whole heads),

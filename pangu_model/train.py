@@ -9,7 +9,7 @@ What one run does:
 
 * builds the model from a `pangu_model.config` preset (optionally initialised from an exported
   checkpoint, dense → sparse inheritance included) and wraps it with `deepspeed.initialize`, using the
-  DeepSpeed config generated from the preset (deploy/deepspeed_config.py), our parameter groups
+  DeepSpeed config generated from the preset (pangu_model/deepspeed_config.py), our parameter groups
   (optim.py: no decay on LayerNorm/biases, hybrid Adam ε) and our warmup + cosine schedule;
 * tensor parallelism (`tensor_parallel` > 1, tensor_parallel.py): each tensor group of ranks inside a node
   splits every dense layer Megatron-style (PanGu-α's, and PanGu-Σ's dense part; the RRE layers' experts are
@@ -26,7 +26,7 @@ What one run does:
   PanGu-Σ's stages hold their RRE layers' experts whole (replicated over a tensor group), and the token and
   domain ids they route by travel with the hidden state;
 * PanGu-Σ experts: in the model's own `ExpertBank` (one rank's experts, ep = 1), through DeepSpeed's
-  MoE layer with a fixed RRE gate (ep > 1, expert groups inside a node: deploy/topology.py), or
+  MoE layer with a fixed RRE gate (ep > 1, expert groups inside a node: pangu_model/topology.py), or
   host-resident with ECSS (ecss.py), sharded over the expert-parallel group when ep > 1 (with tensor
   parallelism, each tensor rank runs its own ECSS, the same on every rank of a tensor group);
 * reads rows from a packed token directory (`tokenizer.dataset.PackedRowDataset`, resumable);
@@ -63,10 +63,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cleaning.writers import atomic_file, write_bytes_atomic
 
 from .config import PanguConfig, get_config
+from .deepspeed_config import deepspeed_config
 from .expert_parallel import gather_expert_state, local_expert_rows, to_deepspeed_moe, without_moe_keys
 from .model import PanguModel
 from .moe import RandomRoutedExperts
 from .optim import OptimConfig, build_scheduler, lr_at, parameter_groups
+from .plan import PlanDoesNotFit, check_plan
 from .tensor_parallel import (
     ModelParallelUnit,
     TensorParallel,
@@ -77,6 +79,7 @@ from .tensor_parallel import (
     shard_state_dict,
     split_dims,
 )
+from .topology import ClusterSpec, Layout, ParallelPlan, describe_split, load_topology, stage_layers
 
 if TYPE_CHECKING:
     from tokenizer.pangu import PanguTokenizer
@@ -239,7 +242,6 @@ class TrainConfig(BaseModel):
             # all-reduces a gradient norm per group over the stages: a stage without an expert layer issues one
             # collective fewer, and the others wait for it forever (measured: sigma-tiny, 4 layers, RRE in the
             # top 2, on 2 stages of 2 + 2 layers).
-            from deploy.topology import stage_layers
 
             first = 0
             for stage, count in enumerate(stage_layers(model.num_layers, pp)):
@@ -318,7 +320,6 @@ def check_layout(config: "TrainConfig", world_size: int, local: int) -> None:
     topology preset must be the run's own layout (its groups are the ones the trainer builds)."""
     ep, tp, pp = config.expert_parallel, config.tensor_parallel, config.pipeline_parallel
     if config.topology:
-        from deploy.topology import load_topology
 
         topology = load_topology(config.topology)
         plan = topology.plan
@@ -346,7 +347,7 @@ def check_layout(config: "TrainConfig", world_size: int, local: int) -> None:
                           f"stays inside one node)")
     if world_size % ep:
         raise LayoutError(f"expert_parallel {ep} does not divide the world size {world_size}")
-    if ep > 1 and local % (ep * tp):  # ep ranks at stride tp (deploy/topology.py): ep·tp inside a node
+    if ep > 1 and local % (ep * tp):  # ep ranks at stride tp (pangu_model/topology.py): ep·tp inside a node
         raise LayoutError(f"expert group of {ep} ranks" + (f" at stride tensor_parallel {tp}" if tp > 1 else "")
                           + f" would leave a node of {local} ranks")
 
@@ -550,7 +551,6 @@ class Trainer:
         device, else the CPU). Tests set it to tell compute tensors from host ones on a CPU machine."""
         import deepspeed
 
-        from deploy.deepspeed_config import deepspeed_config
         from tokenizer.dataset import PackedRowDataset
 
         config = fit_to_data(config)
@@ -662,10 +662,8 @@ class Trainer:
         check_layout(self.config, self.world_size, local_world_size(self.world_size))
 
     def _check_plan(self) -> Any:
-        """The planner's verdict on this run with this machine's GPU and host memory (deploy/plan.py):
+        """The planner's verdict on this run with this machine's GPU and host memory (pangu_model/plan.py):
         a run that cannot fit is refused, with the numbers, before anything is allocated."""
-        from deploy.plan import check_plan
-
         cuda = self.device.type == "cuda"
         gpu_name = torch.cuda.get_device_name(self.device) if cuda else None
         gpu_memory = torch.cuda.get_device_properties(self.device).total_memory if cuda else None
@@ -677,9 +675,7 @@ class Trainer:
                           host_ram)
 
     def _layout(self) -> Any:
-        """The run's rank layout and process groups (deploy/topology.py)."""
-        from deploy.topology import ClusterSpec, Layout, ParallelPlan
-
+        """The run's rank layout and process groups (pangu_model/topology.py)."""
         local = local_world_size(self.world_size)
         cluster = ClusterSpec(nodes=self.world_size // local, gpus_per_node=local)
         return Layout.build(cluster, ParallelPlan(tensor=self.config.tensor_parallel,
@@ -708,8 +704,6 @@ class Trainer:
         initial weights are drawn), so every pipeline size starts from the weights of pipeline 1. With tensor
         parallelism the stage's layers are tensor-parallel over the group DeepSpeed's grid makes for the
         topology's tensor ranks, and hold this rank's slices of those weights."""
-        from deploy.topology import describe_split, stage_layers
-
         from .pipeline_parallel import PanguPipeline, PipelineLoss, stage_module_names
 
         pp = self.config.pipeline_parallel
@@ -1354,7 +1348,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export-only", action="store_true", help="export the latest checkpoint and exit")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
-    from deploy.plan import PlanDoesNotFit
 
     # A user error (the preset, an override, data the model cannot fit): one message, no traceback.
     try:

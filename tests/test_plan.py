@@ -1,4 +1,4 @@
-"""deploy.plan / `pangu plan`: the memory and time plans of sigma-1t on pangu-sigma and 200b on
+"""pangu_model.plan / `pangu plan`: the memory and time plans of sigma-1t on pangu-sigma and 200b on
 pangu-alpha-200b, pinned against figures derived here from the models' shapes (not copied from the
 planner), plus the trainer's check and the command line. Nothing is allocated: counts come from the meta
 device.
@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from deploy.plan import (
+from pangu_model.plan import (
     GPU_RESERVE_FRACTION,
     HARDWARE,
     PlanDoesNotFit,
@@ -164,7 +164,7 @@ def test_200b_parameters(alpha_200b):
     assert alpha_200b.parameters["worst_stage"] == 15
     assert alpha_200b.parameters["dense_per_gpu"] == last_stage // 8 == 1_694_740_480
     assert alpha_200b.parallel == {"tensor": 8, "pipeline": 16, "expert": 1, "data": 16}
-    # The split the trainer makes (deploy.topology.stage_layers) is stated: 64 layers, 4 per stage.
+    # The split the trainer makes (pangu_model.topology.stage_layers) is stated: 64 layers, 4 per stage.
     assert "pipeline: 64 layers over 16 stages: 4 each (embeddings on stage 0, query layer and tied head on " \
            "stage 15)" in alpha_200b.notes
     # The trainer runs tensor 8 × pipeline 16 for a dense model: the plan does not say it is refused.
@@ -172,7 +172,7 @@ def test_200b_parameters(alpha_200b):
 
 
 def test_uneven_pipeline_split_is_planned_stage_by_stage():
-    from deploy.plan import plan_for
+    from pangu_model.plan import plan_for
 
     # 13b: 40 layers over 16 stages, 2 or 3 a stage; the busiest stages hold 3 layers' activations.
     plan = plan_for("13b", nodes=16, overrides={"pipeline_parallel": 16})
@@ -508,7 +508,7 @@ def test_delayed_host_update_takes_cpu_adam_off_the_step(sigma_preset):
 def test_gradients_back_show_only_what_ends_after_the_backward():
     """ECSS gradients back (`_shown_after_backward`): 4 blocks of 1 s of backward each, the top 2 sparse.
     A layer's share starts when the backward has passed it and the layer above's share is done."""
-    from deploy.plan import _shown_after_backward
+    from pangu_model.plan import _shown_after_backward
 
     experts = (0, 0, 8, 8)
     assert _shown_after_backward(2.0, experts, 4.0) == 0.0  # 1 s each: ends at 2 s and 3 s

@@ -395,7 +395,7 @@ def test_the_default_stop_grace_covers_a_checkpoint_of_the_preset():
     """torchrun used to SIGKILL ranks 30 s after a SIGTERM, whatever the model; the grace now comes from
     the planner: a tiny preset keeps the floor, sigma-1t on 64 nodes gets twice its step and checkpoint
     time (each of a node's 8 ranks writes its owned block of expert states)."""
-    from deploy.plan import plan_for
+    from pangu_model.plan import plan_for
     from flows.pretrain import STOP_GRACE_S, default_stop_grace
     from pangu_model.train import load_train_config
 

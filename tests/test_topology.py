@@ -1,4 +1,4 @@
-"""deploy.topology: cluster → hostfile, rank layout, process groups; checked against DeepSpeed's rules."""
+"""pangu_model.topology: cluster → hostfile, rank layout, process groups; checked against DeepSpeed's rules."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from deploy.topology import (
+from pangu_model.topology import (
     ClusterSpec,
     Layout,
     ParallelPlan,
@@ -143,7 +143,7 @@ def test_model_divisibility_errors() -> None:
 
 
 def test_layers_that_pipeline_stages_do_not_divide_are_split_unevenly() -> None:
-    from deploy.topology import describe_split, stage_layers
+    from pangu_model.topology import describe_split, stage_layers
 
     # The extra layers go to the stages just before the last (the first holds the most micro-batches in
     # flight under 1F1B, the last computes the head and the loss); every layer is placed once, in order.

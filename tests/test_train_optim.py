@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from deploy.deepspeed_config import deepspeed_config
+from pangu_model.deepspeed_config import deepspeed_config
 from pangu_model import PanguModel, get_config
 from pangu_model.optim import OptimConfig, build_scheduler, group_of, lr_at, parameter_groups
 from pangu_model.train import PRESET_DIR, TrainConfig, load_train_config

@@ -94,7 +94,7 @@ def test_a_sigma_model_inherited_from_a_dense_export_starts_from_its_tensor_slic
 @pytest.mark.slow
 def test_sigma_tensor_2_by_expert_2_gives_the_losses_and_export_of_data_parallel_2_and_resumes_after_kill_9() -> None:
     """tp 2 × ep 2 on 4 ranks (dp 2): the expert groups are formed among the ranks of one tensor rank ([0, 2],
-    [1, 3]; the trainer checks DeepSpeed's expert and expert-data groups against deploy/topology.py at start),
+    [1, 3]; the trainer checks DeepSpeed's expert and expert-data groups against pangu_model/topology.py at start),
     so both ranks of a tensor group hold the same 4 of the 8 experts. Same losses, gradient norms and export
     as tp 1 × ep 1 on 2 ranks (the same 2 data-parallel replicas and rows)."""
     from pangu_model import load_checkpoint

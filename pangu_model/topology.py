@@ -76,7 +76,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 ASCEND_910_PER_SERVER = 8
 DEFAULT_NODES_PER_RACK = 16  # assumption, see the module docstring
 DEFAULT_MASTER_PORT = 29500
-PRESET_DIR = Path(__file__).resolve().parent / "presets" / "topology"
+PRESET_DIR = Path(__file__).resolve().parents[1] / "deploy" / "presets" / "topology"
 
 _HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)")  # the regex of deepspeed.launcher.runner
 

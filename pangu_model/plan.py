@@ -1,7 +1,7 @@
 """Memory and time planner: `pangu plan`, and the check the training program makes before it allocates.
 
 A plan takes one training configuration (``pangu_model.train.TrainConfig``), a cluster and a parallel
-plan (``deploy.topology``) and a GPU kind from :data:`HARDWARE`, and says, per GPU and per node, how many
+plan (``pangu_model.topology``) and a GPU kind from :data:`HARDWARE`, and says, per GPU and per node, how many
 bytes the run holds on the device and in host memory, how many bytes cross PCIe per step, how long a
 step takes and what MFU that is, and whether it fits. Nothing is allocated: parameter counts come from
 the model's own module tree built on the meta device (as ``pangu_model.info`` does).
@@ -12,7 +12,7 @@ that a wrong one can be found and fixed. The GPU kind is an argument (``pangu pl
 
 Parameters per GPU
 ------------------
-Layers are split over pipeline stages in order as the trainer splits them (``deploy.topology.stage_layers``:
+Layers are split over pipeline stages in order as the trainer splits them (``pangu_model.topology.stage_layers``:
 ``num_layers // pipeline`` each, one more on the ``num_layers % pipeline`` stages before the last; the query
 layer is the last). Stage 0 also holds the word and position embeddings, the last stage the final LayerNorm, the query
 embedding and, with ``pipeline > 1``, its own copy of the tied word embedding for the head (Megatron's
@@ -27,7 +27,7 @@ expert-data-parallel group ``dp / ep``)
 
 * parameters ``p·Ψ`` (ZeRO-3: ``p·Ψ/dp`` plus ``stage3_max_live_parameters`` = 1e9 gathered at a time);
 * gradients ``p·Ψ`` (ZeRO ≥ 2: ``p·Ψ/dp``, in DeepSpeed's partition buffer). bf16 without
-  ``grad_accum_dtype`` accumulates in bf16, which is what ``deploy/deepspeed_config.py`` asks for;
+  ``grad_accum_dtype`` accumulates in bf16, which is what ``pangu_model/deepspeed_config.py`` asks for;
 * optimizer states: fp32 master + Adam m and v = 12 bytes per parameter under bf16/fp16 (8 under fp32:
   the parameters are the masters), divided by ``dp`` for ZeRO ≥ 1; on the host with ``offload_optimizer``;
 * during the dense optimizer step, the fp32 copy of the gradient partition (4·Ψ/dp; DeepSpeed
@@ -190,17 +190,24 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cleaning.errors import one_line
-from deploy.topology import ClusterSpec, Layout, ParallelPlan, TopologyError, describe_split, load_topology, stage_layers
+import torch
 
-if TYPE_CHECKING:
-    from pangu_model.config import PanguConfig
-    from pangu_model.train import TrainConfig
+from cleaning.errors import one_line
+
+from .config import PRESETS, PanguConfig
+from .metrics import PEAK_FLOPS, flops_per_token
+from .model import PanguModel
+from .moe import rre_expert_ids
+from .topology import ClusterSpec, Layout, ParallelPlan, TopologyError, describe_split, load_topology, stage_layers
+
+if TYPE_CHECKING:  # the training config imports the planner (its start-up check): imported where used
+    from .train import TrainConfig
 
 GiB = 2**30
 TiB = 2**40
@@ -228,8 +235,6 @@ class Hardware:
     sources: tuple[str, ...] = ()
 
     def peak_flops(self, precision: str) -> float:
-        from pangu_model.metrics import PEAK_FLOPS
-
         table = PEAK_FLOPS[self.peak_key]
         return table.get(precision, table["bf16"])
 
@@ -307,11 +312,6 @@ class ParameterLayout:
 
 @lru_cache(maxsize=16)
 def _layout_of(config_json: str) -> ParameterLayout:
-    import torch
-
-    from pangu_model.config import PanguConfig
-    from pangu_model.model import PanguModel
-
     config = PanguConfig.model_validate_json(config_json)
     with torch.device("meta"):
         model = PanguModel(config)
@@ -531,12 +531,6 @@ def _worst_slots(counts: list[int], caps: list[int], nodes: int) -> int:
 def _ecss_routing(train_config: "TrainConfig", model: "PanguConfig", ep: int, dp: int, nodes: int,
                   sharded: bool) -> EcssRouting:
     """A, U and Q per sparse layer (module docstring); 0 experts for a model without RRE layers."""
-    from collections import Counter
-
-    from pangu_model.moe import rre_expert_ids
-
-    import torch
-
     b, s, gas = train_config.micro_batch_size, train_config.row_length, train_config.gradient_accumulation_steps
     active = max(1, model.experts_active_per_token)
     affine = train_config.domain_affine if train_config.domain_affine is not None else model.router == "rre"
@@ -622,7 +616,6 @@ def plan_training(
     dense counterpart's step time (`dense_counterpart`: see :func:`dense_counterpart_config`). Raises
     ValueError when the parallel plan is not valid for the model or the cluster.
     """
-    from pangu_model.metrics import flops_per_token
 
     hw = hardware(gpu)
     model = train_config.pangu_config()
@@ -996,7 +989,7 @@ def plan_training(
     # ---- notes -------------------------------------------------------------------------------
     if pp > 1:
         notes.append(f"pipeline: {describe_split(model.num_layers, pp)}")
-        from pangu_model.pipeline_parallel import PIPELINE_ROUTERS
+        from .pipeline_parallel import PIPELINE_ROUTERS
 
         if model.router not in PIPELINE_ROUTERS or ecss or ep > 1:  # TrainConfig._check_pipeline_parallel
             notes.append(f"pangu_model.train runs pipeline {pp} for dense PanGu-α and for RRE PanGu-Σ with ep 1 "
@@ -1111,8 +1104,7 @@ def dense_counterpart_config(train_config: "TrainConfig") -> "TrainConfig | None
     batch, sequence) with the router dense and no sparse layers (each FFN back to the shared d_ff one:
     sigma-1t → the 13b shape, 12.8B), ECSS off and no expert parallelism. None for a dense model. The
     model is named after the dense preset of that shape when there is one."""
-    from pangu_model.config import PRESETS
-    from pangu_model.train import TrainConfig
+    from .train import TrainConfig
 
     model = train_config.pangu_config()
     if model.router == "dense":
@@ -1146,8 +1138,7 @@ def resolve_train_config(preset_or_config: "str | os.PathLike[str] | TrainConfig
                          overrides: list[str] | dict[str, Any] | None = None) -> "TrainConfig":
     """A pretrain preset name or YAML path, a TrainConfig, or a bare model preset (`200b`) with
     :data:`BARE_MODEL_DEFAULTS` (seq_len capped at the model's max_seq_len). Pretrain presets win."""
-    from pangu_model.config import PRESETS
-    from pangu_model.train import PRESET_DIR, TrainConfig, load_train_config
+    from .train import PRESET_DIR, TrainConfig, load_train_config
 
     if isinstance(preset_or_config, TrainConfig):
         return preset_or_config
@@ -1159,7 +1150,7 @@ def resolve_train_config(preset_or_config: "str | os.PathLike[str] | TrainConfig
         model = PRESETS[name.lower()]
         data: dict[str, Any] = {**BARE_MODEL_DEFAULTS, "name": name, "model": name.lower(),
                                 "seq_len": min(BARE_MODEL_DEFAULTS["seq_len"], model.max_seq_len)}
-        from pangu_model.train import apply_overrides  # the `--set key=value` rule of load_train_config
+        from .train import apply_overrides  # the `--set key=value` rule of load_train_config
 
         return TrainConfig.model_validate(apply_overrides(data, overrides))
     known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
@@ -1169,8 +1160,7 @@ def resolve_train_config(preset_or_config: "str | os.PathLike[str] | TrainConfig
 
 def _is_bare_model(preset_or_config: object) -> bool:
     """A model preset name that is not also a pretrain preset or a YAML path."""
-    from pangu_model.config import PRESETS
-    from pangu_model.train import PRESET_DIR
+    from .train import PRESET_DIR
 
     if not isinstance(preset_or_config, str) or Path(preset_or_config).suffix:
         return False

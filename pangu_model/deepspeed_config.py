@@ -10,7 +10,7 @@ What lives here and what does not:
 * not ECSS: DeepSpeed has no expert-only offload switch (SPEC §5.2), so host placement of experts is
   done by pangu_model/ecss.py, outside this config, while ZeRO handles the dense part.
 
-`python -m deploy.deepspeed_config --config deploy/presets/pretrain/sigma-tiny.yaml --world-size 2`
+`python -m pangu_model.deepspeed_config --config deploy/presets/pretrain/sigma-tiny.yaml --world-size 2`
 prints the JSON.
 """
 from __future__ import annotations
