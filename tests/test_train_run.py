@@ -250,6 +250,40 @@ def test_deepspeed_ops_are_built_by_the_environment_s_own_ninja_whatever_path_ho
     assert found == str(own), (found, shutil.which("ninja", path="/usr/bin:/bin"))
 
 
+_CPU_QUESTIONS = """
+import json
+import cpuinfo, cpuinfo.cpuinfo as probing
+probes = []
+real = probing.get_cpu_info_json
+probing.get_cpu_info_json = lambda: probes.append(1) or real()  # one call: one probe in a new process
+import pangu_model
+from deepspeed.accelerator import get_accelerator
+builder = get_accelerator().create_op_builder("CPUAdamBuilder")
+asked = [builder.cpu_arch(), builder.simd_width(), cpuinfo.get_cpu_info()["vendor_id_raw"]]  # CPU Adam's three
+print(json.dumps({"probes": len(probes), "answers": asked}))
+"""
+
+
+def test_deepspeed_s_questions_about_the_cpu_are_answered_by_one_probe_per_cpu(tmp_path: Path) -> None:
+    """DeepSpeed's op builders and CPU Adam ask py-cpuinfo about the CPU three times a rank, each a probe in a new
+    process (about 1.2 s); after `import pangu_model` the first process probes once and later ones not at all,
+    with the same answers."""
+    import json
+    import sys
+
+    def ask() -> dict:
+        done = subprocess.run([sys.executable, "-c", _CPU_QUESTIONS], capture_output=True, text=True,
+                              env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}, timeout=120,
+                              cwd=Path(__file__).resolve().parents[1])
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first, second = ask(), ask()
+    assert (first["probes"], second["probes"]) == (1, 0)  # DeepSpeed alone: 3 and 3
+    assert first["answers"] == second["answers"]
+    assert len(list(tmp_path.glob("cpuinfo-*.json"))) == 1
+
+
 def test_make_ops_builds_the_ops_a_cpu_training_run_loads() -> None:
     """`python -m pangu_model.ops` (`make ops`, before `make run` and `make test`) builds DeepSpeed's host Adam
     and the shared-memory collectives ahead, into the directory the training program loads them from."""
