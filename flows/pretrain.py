@@ -123,12 +123,21 @@ class Launch:
     world_size: int
     nodes: int
     env: dict[str, str] = field(default_factory=dict)
-    hostfile: str | None = None
+    hostfile: str | None = None  # where the deepspeed launcher reads the cluster's hosts
     note: str | None = None  # a choice the caller should hear about
     grace_s: float = STOP_GRACE_S  # from a stop (SIGTERM, the stop file) to SIGKILL
+    cluster: Any = None  # the nodes of a multi-node job (pangu_model.topology.ClusterSpec): its hostfile
 
     def describe(self) -> str:
         return " ".join(self.argv)
+
+    def write_files(self) -> None:
+        """Write what the job reads (the hostfile, into the run's output dir): only once it starts, so a run
+        refused before that leaves nothing behind."""
+        if self.hostfile is not None and self.cluster is not None:
+            from pangu_model.topology import write_hostfile
+
+            write_hostfile(self.cluster, self.hostfile)
 
 
 def build_launch(
@@ -153,9 +162,10 @@ def build_launch(
       visible GPUs) > 1, else one process; on a CPU machine one process, or `fewest_ranks` CPU ranks (gloo)
       under torchrun where the layout needs more (a tensor- or pipeline-parallel run tried on a laptop);
     * several nodes (a hostfile, required: the hosts' real names): `deepspeed` with
-      `pangu_model.topology.launcher_args` and the hostfile copied into the run's output dir.
+      `pangu_model.topology.launcher_args` and the hostfile copied into the run's output dir when the job
+      starts (`Launch.write_files`).
     """
-    from pangu_model.topology import ClusterSpec, ParallelPlan, launcher_args, write_hostfile
+    from pangu_model.topology import ClusterSpec, ParallelPlan, launcher_args
 
     output = Path(output)
     preset_arg = str(Path(preset).resolve()) if Path(preset).suffix and Path(preset).exists() else preset
@@ -175,11 +185,12 @@ def build_launch(
         else:
             raise ValueError(f"--nodes {nodes} needs the hosts to run on: give --hostfile (one `host slots=N` line "
                              "per node, as DeepSpeed's launcher reads it; a scheduler's node list written that way)")
-        written = write_hostfile(cluster, output / "hostfile")
+        written = output / "hostfile"
         deepspeed = str(bin_dir / "deepspeed") if (bin_dir / "deepspeed").exists() else "deepspeed"
         parallel = ParallelPlan(tensor=tensor_parallel, expert=expert_parallel)
         argv = [deepspeed, *launcher_args(cluster, parallel, written), "--module", TRAIN_MODULE, *program]
-        return Launch(argv, "deepspeed", cluster.world_size, cluster.nodes, env, str(written), grace_s=grace_s)
+        return Launch(argv, "deepspeed", cluster.world_size, cluster.nodes, env, str(written), grace_s=grace_s,
+                      cluster=cluster)
 
     devices = local_devices() if devices is None else devices
     ranks = min(gpus_per_node, devices) if devices > 0 else fewest_ranks
@@ -377,6 +388,7 @@ def run_training(launch: Launch, output: str, total_steps: int) -> dict[str, Any
     from pangu_model.train import STOP_FILE
 
     Path(output, STOP_FILE).unlink(missing_ok=True)  # left by a job that died before it could read it
+    launch.write_files()
     proc = start_job(launch.argv, env)
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
@@ -601,10 +613,13 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
     logger.info("model: %s", describe_model(config))
     grace = stop_grace_s if stop_grace_s is not None else default_stop_grace(config, nodes, gpus_per_node)
     logger.info("a stop (cancellation, SIGTERM) gives the job %.0fs to checkpoint before SIGKILL", grace)
-    launch = build_launch(preset, data_dir, out, steps, overrides, nodes=nodes, gpus_per_node=gpus_per_node,
-                          hostfile=hostfile, expert_parallel=config.expert_parallel,
-                          tensor_parallel=config.tensor_parallel, grace_s=grace,
-                          fewest_ranks=fewest_ranks(config))
+    try:  # a hostfile that does not give the nodes, a plan that does not fit them: one line
+        launch = build_launch(preset, data_dir, out, steps, overrides, nodes=nodes, gpus_per_node=gpus_per_node,
+                              hostfile=hostfile, expert_parallel=config.expert_parallel,
+                              tensor_parallel=config.tensor_parallel, grace_s=grace,
+                              fewest_ranks=fewest_ranks(config))
+    except ValueError as exc:
+        raise ValueError(f"pretrain {preset}: {one_line(exc)}") from None
     if launch.note:
         logger.info("%s", launch.note)
     try:  # the trainer's own check, before anything starts: a layout it cannot run on this many ranks

@@ -73,6 +73,8 @@ from typing import Any, NamedTuple
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cleaning.writers import write_bytes_atomic
+
 ASCEND_910_PER_SERVER = 8
 DEFAULT_NODES_PER_RACK = 16  # assumption, see the module docstring
 DEFAULT_MASTER_PORT = 29500
@@ -574,13 +576,9 @@ def hostfile(cluster: ClusterSpec) -> str:
 
 
 def write_hostfile(cluster: ClusterSpec, path: str | os.PathLike[str]) -> Path:
-    """Write :func:`hostfile` atomically (temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(hostfile(cluster), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    """Write :func:`hostfile` atomically."""
+    write_bytes_atomic(path, hostfile(cluster).encode("utf-8"))
+    return Path(path)
 
 
 def launcher_args(

@@ -203,6 +203,8 @@ def test_launch_commands(tmp_path):
     assert from_file.launcher == "deepspeed" and from_file.world_size == 12 and from_file.nodes == 3
     args = from_file.argv
     assert args[args.index("--hostfile") + 1] == str(tmp_path / "hostfile")
+    assert not (tmp_path / "hostfile").exists()  # written when the job starts, after the checks
+    from_file.write_files()
     assert (tmp_path / "hostfile").read_text() == given.read_text()
     assert args[args.index("--num_nodes") + 1] == "3" and args[args.index("--master_addr") + 1] == "gpu-a"
     assert args[args.index("--module") + 1] == "pangu_model.train"
@@ -230,6 +232,23 @@ def test_a_layout_the_launch_cannot_run_is_refused_before_anything_starts(prefec
     assert state.is_failed()
     assert "pretrain alpha-tiny: tensor_parallel 2 does not divide the world size 1; this launch: gpus_per_node 8 " \
            "but 1 GPU(s) visible: 1 local rank(s)" in state.message, state.message
+    assert not out.exists()
+
+
+def test_a_multi_node_layout_the_trainer_cannot_run_is_refused_and_leaves_no_hostfile(prefect_api, tokens, tmp_path):
+    """2 nodes of 2 ranks (a hostfile) and tensor_parallel 4: a tensor group stays inside a node, so the flow refuses
+    it in one line before launching (it was the topology's error over two lines), with no output directory (the
+    hostfile was written there before)."""
+    from flows.pretrain import pretrain
+
+    given = tmp_path / "hosts"
+    given.write_text("gpu-a slots=2\ngpu-b slots=2\n")
+    out = tmp_path / "tp4-on-nodes-of-2"
+    state = pretrain(preset="alpha-tiny", data=str(tokens), output=str(out), steps=2, hostfile=str(given),
+                     overrides={**TINY, "tensor_parallel": 4}, return_state=True)
+    assert state.is_failed()
+    assert "pretrain alpha-tiny: parallel plan tp=4 pp=1 ep=1 dp=auto does not fit 2 nodes × 2: tensor parallel 4 " \
+           "must divide the 2 accelerators of a node" in state.message and "\n" not in state.message, state.message
     assert not out.exists()
 
 
