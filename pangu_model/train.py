@@ -242,7 +242,6 @@ class TrainConfig(BaseModel):
             # all-reduces a gradient norm per group over the stages: a stage without an expert layer issues one
             # collective fewer, and the others wait for it forever (measured: sigma-tiny, 4 layers, RRE in the
             # top 2, on 2 stages of 2 + 2 layers).
-
             first = 0
             for stage, count in enumerate(stage_layers(model.num_layers, pp)):
                 if not any(model.is_sparse_layer(i) for i in range(first, first + count)):
@@ -320,7 +319,6 @@ def check_layout(config: "TrainConfig", world_size: int, local: int) -> None:
     topology preset must be the run's own layout (its groups are the ones the trainer builds)."""
     ep, tp, pp = config.expert_parallel, config.tensor_parallel, config.pipeline_parallel
     if config.topology:
-
         topology = load_topology(config.topology)
         plan = topology.plan
         if plan.pipeline != pp:
@@ -1348,7 +1346,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export-only", action="store_true", help="export the latest checkpoint and exit")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
-
     # A user error (the preset, an override, data the model cannot fit): one message, no traceback.
     try:
         config = load_train_config(args.config, args.overrides)

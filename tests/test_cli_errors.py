@@ -39,6 +39,7 @@ def test_pretrain_data_that_is_not_packed_tokens(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_pretrain_a_model_that_cannot_fit_the_data(tmp_path):
     data = packed_tokens(spread_over=7)
     _one_line_error(pangu("pretrain", "--preset", "sigma-tiny", "--data", str(data), "--output", str(tmp_path / "run"),

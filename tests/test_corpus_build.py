@@ -216,6 +216,7 @@ with ProcessPoolExecutor(2) as pool:
 """
 
 
+@pytest.mark.slow
 def test_kill_9_mid_build_then_rerun_finishes_without_redoing_done_shards(tmp_path):
     import os
     import signal

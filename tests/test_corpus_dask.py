@@ -46,6 +46,7 @@ def _put_jsonl(fs, path: str, records: list[dict]) -> None:
         fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
 
 
+@pytest.mark.slow
 def test_refresh_runs_every_stage_on_a_multiprocess_dask_cluster_over_s3(prefect_api, s3):
     from distributed import Client, LocalCluster
 
