@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the training config imports this module; avoid the cycle at run time
@@ -87,18 +85,6 @@ def deepspeed_config(config: "TrainConfig", world_size: int = 1, cuda: bool | No
         "zero_allow_untested_optimizer": False,
     }
     return ds
-
-
-def write_deepspeed_config(
-    config: "TrainConfig", path: str | os.PathLike[str], world_size: int = 1, cuda: bool | None = None
-) -> Path:
-    """Write the JSON atomically (temporary name, then rename) and return its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(deepspeed_config(config, world_size, cuda), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def main(argv: list[str] | None = None) -> None:

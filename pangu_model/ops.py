@@ -48,11 +48,11 @@ def remember_cpu_info() -> None:
     probe: Callable[[], dict[str, Any]] = cpuinfo.get_cpu_info
     if getattr(probe, "remembered", False):
         return
-    key = _cpu_key()
-    kept = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / f"cpuinfo-{key}.json" if key else None
 
     @functools.cache
-    def answer() -> dict[str, Any]:
+    def answer() -> dict[str, Any]:  # read or probed when DeepSpeed first asks, not at import
+        key = _cpu_key()
+        kept = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / f"cpuinfo-{key}.json" if key else None
         if kept is not None:
             try:
                 return json.loads(kept.read_text())
