@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from cleaning.writers import write_bytes_atomic
 
 from .config import PanguConfig
+from .materialize import on_meta
 from .model import PanguModel
 from .moe import EXPERT_WEIGHTS
 
@@ -166,7 +167,7 @@ def load_checkpoint(
     """
     directory = Path(directory)
     config = load_config(directory)
-    with torch.device("meta"):
+    with on_meta():
         model = PanguModel(config, expert_shard)
     if expert_shard is None:
         state = load_file(str(directory / WEIGHTS_NAME), device=str(device))

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .config import PanguConfig, get_config
+from .materialize import on_meta
 from .model import PanguModel
 
 _EMBEDDING_PREFIXES = ("word_embedding.", "position_embedding.", "top_query_embedding.")
@@ -55,7 +56,7 @@ def _layout(config: PanguConfig) -> list[dict[str, Any]]:
 def describe(preset_or_config: str | PanguConfig) -> dict[str, Any]:
     """Layout and parameter counts (total, active per token, per expert, embedding) of a preset or config."""
     config = get_config(preset_or_config)
-    with torch.device("meta"):
+    with on_meta():
         model = PanguModel(config)
 
     total = embedding = routed_experts = 0

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 import torch
 from .config import PanguConfig
+from .materialize import on_meta
 from .model import PanguModel
 from .moe import EXPERT_WEIGHTS, ExpertBank, rre_expert_ids
 
@@ -81,7 +82,7 @@ def extract_domain(model: PanguModel, domain: int) -> PanguModel:
         name=f"{config.name}-domain{domain}", num_domains=1, domain_id_offset=domain
     )
     reference = next(model.parameters())
-    with torch.device("meta"):
+    with on_meta():
         sub_model = PanguModel(sub_config)
     # The domain's experts in slot order (the sub-model has one domain: slot k is its expert k).
     rows = rre_expert_ids(torch.full((config.experts_per_domain,), local), torch.arange(config.experts_per_domain),

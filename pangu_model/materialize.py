@@ -30,12 +30,38 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .config import PanguConfig
 from .model import PanguModel
 
 if TYPE_CHECKING:
     from .tensor_parallel import TensorParallel
+
+
+class _NoDrawsOnMeta(TorchFunctionMode):
+    """Drawing random values into a meta tensor does nothing. Without this, every model built on the meta
+    device runs torch's Python decomposition of `normal_` (there is no meta kernel for it, and
+    `nn.Embedding` draws when it is made), which imports Dynamo: 2-4 s of start-up in each process that
+    plans a run or builds a model, every training rank included. A meta draw takes nothing from the random
+    stream, so skipping it changes no weights."""
+
+    _DRAWS = (torch.Tensor.normal_, torch.nn.init.normal_)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func in self._DRAWS:
+            tensor = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def on_meta() -> Iterator[None]:
+    """`torch.device("meta")` for building a model's module tree without storage (and without Dynamo)."""
+    with torch.device("meta"), _NoDrawsOnMeta():
+        yield
 
 
 @contextlib.contextmanager
@@ -50,7 +76,8 @@ def parameters_on_meta() -> Iterator[None]:
 
     nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
     try:
-        yield
+        with _NoDrawsOnMeta():
+            yield
     finally:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
 
@@ -147,4 +174,4 @@ def build_model_on(
     return model
 
 
-__all__ = ["build_model_on", "parameters_on_meta"]
+__all__ = ["build_model_on", "on_meta", "parameters_on_meta"]

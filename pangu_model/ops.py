@@ -73,6 +73,36 @@ def remember_cpu_info() -> None:
     cpuinfo.get_cpu_info = get_cpu_info
 
 
+def compile_muon_on_first_use() -> None:
+    """DeepSpeed imports its Muon optimizer in every ZeRO and bf16 run, whatever the optimizer, and Muon wraps
+    its update functions in `torch.compile` when it is imported, which imports Dynamo and Inductor: 2-4 s of
+    each rank's start-up, for functions a PanGu run never calls. After this DeepSpeed's compile decorator
+    compiles a function when it is first called (a run that does use Muon compiles then, as before)."""
+    from deepspeed.runtime import compiler
+
+    if getattr(compiler.compile, "on_first_use", False):
+        return
+
+    def compile_on_first_use(fn: Callable[..., Any]) -> Callable[..., Any]:
+        compiled: list[Callable[..., Any]] = []
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if not compiled:
+                import torch
+
+                compiled.append(torch.compile(fn))
+            return compiled[0](*args, **kwargs)
+
+        return call
+
+    def compile() -> Callable[[Callable[..., Any]], Callable[..., Any]]:  # DeepSpeed's `compiler.compile()`
+        return compile_on_first_use
+
+    compile.on_first_use = True  # type: ignore[attr-defined]
+    compiler.compile = compile
+
+
 def build_ops(names: Sequence[str] = OPS, required: bool = False) -> dict[str, float]:
     """Build (or load, when built already) every op of `names` this machine's accelerator has; op name →
     seconds taken. `required`: one the accelerator lacks is an error rather than passed over."""

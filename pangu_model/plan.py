@@ -202,6 +202,7 @@ from cleaning.errors import one_line
 
 from .config import PRESETS, PanguConfig
 from .metrics import PEAK_FLOPS, flops_per_token
+from .materialize import on_meta
 from .model import PanguModel
 from .moe import rre_expert_ids
 from .topology import ClusterSpec, Layout, ParallelPlan, TopologyError, describe_split, load_topology, stage_layers
@@ -313,7 +314,7 @@ class ParameterLayout:
 @lru_cache(maxsize=16)
 def _layout_of(config_json: str) -> ParameterLayout:
     config = PanguConfig.model_validate_json(config_json)
-    with torch.device("meta"):
+    with on_meta():
         model = PanguModel(config)
     layers = config.num_layers
     dense = [0] * layers

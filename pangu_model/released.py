@@ -574,10 +574,11 @@ def import_released(source: str | Path, output: str | Path, dtype: str = "fp32",
     from tokenizer.pangu import PanguTokenizer
 
     from .checkpoint import TensorSpec, write_config, write_weights
+    from .materialize import on_meta
     from .model import PanguModel
 
     state, summary = _read_lazy(source, trust, RELEASED_VOCAB, dtype)
-    with torch.device("meta"):
+    with on_meta():
         model = PanguModel(summary.config)
     expected = {k: TensorSpec(DTYPES[dtype], tuple(v.shape)) for k, v in model.state_dict().items()}
     for name in sorted(expected.keys() | state.keys()):  # what a strict load_state_dict checks

@@ -65,8 +65,10 @@ from cleaning.writers import atomic_file, write_bytes_atomic
 from .config import PanguConfig, get_config
 from .deepspeed_config import deepspeed_config
 from .expert_parallel import gather_expert_state, local_expert_rows, to_deepspeed_moe, without_moe_keys
+from .materialize import on_meta
 from .model import PanguModel
 from .moe import RandomRoutedExperts
+from .ops import compile_muon_on_first_use
 from .optim import OptimConfig, build_scheduler, lr_at, parameter_groups
 from .plan import PlanDoesNotFit, check_plan
 from .tensor_parallel import (
@@ -526,7 +528,7 @@ def build_model(
     # Only this rank's part is read: its expert shard, its tensor slices, its pipeline stage's modules (the
     # others stay on the meta device, as for a new model). A sparse model inherited from a dense one is made
     # whole on the host first (its experts are copies of the dense FFNs), then cut to this rank's slices.
-    with torch.device("meta"):
+    with on_meta():
         model = PanguModel(pangu, expert_shard, tp=tp)
     split = split_dims(model)
     if inherited is None:
@@ -551,6 +553,7 @@ class Trainer:
 
         from tokenizer.dataset import PackedRowDataset
 
+        compile_muon_on_first_use()
         config = fit_to_data(config)
         self.config = config
         self.output = Path(config.output)
@@ -1047,7 +1050,7 @@ class Trainer:
         stages: list[Any] = [None] * self.world_size
         dist.all_gather_object(stages, own)
         tables = {name: table.to(self.device) for part in stages for name, table in part.items()}
-        with torch.device("meta"):
+        with on_meta():
             order = [n for n, m in PanguModel(self.pangu).named_modules() if isinstance(m, RandomRoutedExperts)]
         return order, {name: tables[name] for name in order}
 
@@ -1208,7 +1211,7 @@ class Trainer:
         from .checkpoint import WEIGHTS_NAME, SafetensorsWriter, TensorSpec, write_config
 
         directory = Path(directory)
-        with torch.device("meta"):
+        with on_meta():
             layout = PanguModel(self.pangu).state_dict()
         specs = {k: TensorSpec(torch.float32 if v.is_floating_point() else v.dtype, tuple(v.shape))
                  for k, v in layout.items()}

@@ -74,3 +74,37 @@ def test_ecss_owned_block_is_cut_layer_by_layer_with_the_eager_weights() -> None
             assert (bank.first_expert, bank.num_experts) == (2, 3)  # bounds 0, 2, 5, 8: replica 1 owns 2..4
             for weight in ("w_in", "b_in", "w_out", "b_out"):
                 assert torch.equal(getattr(bank, weight), getattr(ref.experts, weight)[2:5]), (name, weight)
+
+
+_BUILD_ON_META = """
+import sys
+import torch
+from pangu_model.config import get_config
+from pangu_model.materialize import build_model_on, on_meta
+from pangu_model.model import PanguModel
+from pangu_model.plan import parameter_layout
+
+config = get_config("sigma-tiny")
+eager = PanguModel(get_config("tiny"))  # on the CPU: its draws have kernels
+assert "torch._dynamo" not in sys.modules
+layout = parameter_layout(config)  # the planner, at every rank's start
+with on_meta():
+    model = PanguModel(config)
+build_model_on(config, "meta", seed=1)
+assert all(p.is_meta for p in model.parameters())
+assert sum(p.numel() for p in model.parameters()) == layout.total
+print("dynamo imported:", "torch._dynamo" in sys.modules)
+"""
+
+
+def test_building_on_the_meta_device_does_not_import_dynamo() -> None:
+    """torch has no meta kernel for normal_: drawing into a meta tensor runs a Python decomposition that
+    imports Dynamo (2-4 s). Planning a run and building a model on the meta device draw nothing."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", _BUILD_ON_META], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "dynamo imported: False"

@@ -284,6 +284,40 @@ def test_deepspeed_s_questions_about_the_cpu_are_answered_by_one_probe_per_cpu(t
     assert len(list(tmp_path.glob("cpuinfo-*.json"))) == 1
 
 
+_MUON_AFTER_A_RUN = """
+import json, sys
+import torch
+import pangu_model.train as train
+
+compiled, real_compile = [], torch.compile
+torch.compile = lambda fn, **kw: compiled.append(fn.__name__) or real_compile(fn, **kw)
+train.main(["--config", sys.argv[1]])  # one step of a ZeRO run
+from deepspeed.runtime.zero.muon import original_muon as muon
+
+during_the_run = list(compiled)
+grad = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+with torch.compiler.set_stance("force_eager"):  # compiled here, then run eagerly: no C++ build in a test
+    got = muon.zeropower_via_newtonschulz5(grad, steps=2)
+want = muon.zeropower_via_newtonschulz5.__wrapped__(grad, steps=2)
+print(json.dumps({"during_the_run": during_the_run, "after_a_call": compiled, "equal": torch.equal(got, want)}))
+"""
+
+
+def test_deepspeed_s_muon_is_compiled_when_first_called_not_when_a_rank_starts() -> None:
+    """DeepSpeed imports its Muon optimizer in every ZeRO run, and Muon wraps three functions in torch.compile
+    when it is imported (2-4 s of each rank's start-up, Dynamo and Inductor). A PanGu rank trains without
+    compiling them; a call compiles that function then, and gives the eager function's result."""
+    import json
+    import sys
+
+    config = run_config("muon-not-compiled", "alpha-tiny", train_steps=1, checkpoint_every=0)
+    done = subprocess.run([sys.executable, "-c", _MUON_AFTER_A_RUN, str(config)], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen == {"during_the_run": [], "after_a_call": ["zeropower_via_newtonschulz5"], "equal": True}
+
+
 def test_make_ops_builds_the_ops_a_cpu_training_run_loads() -> None:
     """`python -m pangu_model.ops` (`make ops`, before `make run` and `make test`) builds DeepSpeed's host Adam
     and the shared-memory collectives ahead, into the directory the training program loads them from."""
