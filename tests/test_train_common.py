@@ -94,11 +94,19 @@ def run_config(name: str, preset: str = "alpha-tiny", **fields: Any) -> Path:
     return path
 
 
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def rank_env() -> dict[str, str]:
+    """The environment of a training process a test starts: this one's, without the launcher variables an
+    in-process Trainer leaves in it (its port may still be bound), one OpenMP thread, unbuffered output."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
 def cli(config: Path, *args: str, **popen: Any) -> subprocess.Popen:
     """`python -m pangu_model.train --config CONFIG` in its own process group."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
+    env = rank_env()
     return subprocess.Popen(
         [sys.executable, "-m", "pangu_model.train", "--config", str(config), *args],
         cwd=ROOT, env=env, start_new_session=True,
@@ -117,9 +125,7 @@ def torchrun(config: Path, module: str = "pangu_model.train", ranks: int = 2, **
     in its own process group, with the launcher variables of the calling process removed."""
     from pangu_model.train import _free_port
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        env.pop(var, None)
+    env = rank_env()
     popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",

@@ -13,7 +13,7 @@ import torch
 from pangu_model import load_checkpoint
 from pangu_model.metrics import read_metrics
 from pangu_model.train import Trainer, load_train_config
-from tests.test_train_common import cli, run_cli, run_config, torchrun
+from tests.test_train_common import cli, rank_env, run_cli, run_config, torchrun
 
 
 def _wait_for(predicate, proc, timeout: float = 120.0) -> None:
@@ -312,7 +312,7 @@ def test_deepspeed_s_muon_is_compiled_when_first_called_not_when_a_rank_starts()
 
     config = run_config("muon-not-compiled", "alpha-tiny", train_steps=1, checkpoint_every=0)
     done = subprocess.run([sys.executable, "-c", _MUON_AFTER_A_RUN, str(config)], capture_output=True, text=True,
-                          timeout=300, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          timeout=300, cwd=Path(__file__).resolve().parents[1], env=rank_env())
     assert done.returncode == 0, done.stderr[-3000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen == {"during_the_run": [], "after_a_call": ["zeropower_via_newtonschulz5"], "equal": True}

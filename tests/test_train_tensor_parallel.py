@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -159,10 +158,9 @@ def _check_layers() -> None:
 
 def _torchrun_module(ranks: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
     from pangu_model.train import _free_port
+    from tests.test_train_common import rank_env
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        env.pop(var, None)
+    env = rank_env()
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
          str(_free_port()), "-m", "tests.test_train_tensor_parallel"],
