@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from .config import PanguConfig, get_config
 from .materialize import on_meta
 from .model import PanguModel

@@ -201,8 +201,8 @@ import torch
 from cleaning.errors import one_line
 
 from .config import PRESETS, PanguConfig
-from .metrics import PEAK_FLOPS, flops_per_token
 from .materialize import on_meta
+from .metrics import PEAK_FLOPS, flops_per_token
 from .model import PanguModel
 from .moe import rre_expert_ids
 from .topology import ClusterSpec, Layout, ParallelPlan, TopologyError, describe_split, load_topology, stage_layers
