@@ -5,6 +5,7 @@ Heavy imports (torch, Prefect) happen inside the handlers so that `pangu --help`
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
 from typing import Callable, Sequence
@@ -378,6 +379,9 @@ def _message(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     # No network here or on most clusters: Prefect's telemetry would only log failures.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # A crash in native code (a C++ library in a task's thread) prints every thread's Python stack, not only
+    # the C library's one-line message: which stage, which call.
+    faulthandler.enable()
     parser = build_parser()
     args = parser.parse_args(argv)
     command = " ".join(filter(None, ["pangu", args.group, getattr(args, "command", None)]))

@@ -119,3 +119,28 @@ def test_the_training_program_says_a_config_error_in_one_line(tmp_path, capsys):
     assert err == ("pangu_model.train: invalid TrainConfig: optimizer.lr: Input should be a valid number, unable to "
                    "parse string as a number (got 'fast'); zero_stage: Input should be less than or equal to 3 "
                    "(got 7)"), err
+
+
+_NATIVE_CRASH = """
+import os, sys, threading
+import pangu_model.info
+from flows.cli import main
+
+def describe(preset):  # a C library aborting in a worker thread, as a corrupted heap makes glibc do
+    worker = threading.Thread(target=os.abort, name="shard-worker")
+    worker.start()
+    worker.join()
+
+pangu_model.info.describe = describe
+sys.exit(main(["model", "info", "--preset", "tiny"]))
+"""
+
+
+def test_a_crash_in_native_code_names_the_python_stack_of_every_thread() -> None:
+    """A corrupted heap aborts the process with one line of glibc's (`munmap_chunk(): invalid pointer`);
+    the command line also prints where each thread was in Python, so the failing stage can be named."""
+    done = subprocess.run([sys.executable, "-c", _NATIVE_CRASH], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == -6, done.stderr[-2000:]
+    assert "Fatal Python error: Aborted" in done.stderr, done.stderr[-2000:]
+    assert "in describe" in done.stderr and "in _model_info" in done.stderr, done.stderr[-3000:]
