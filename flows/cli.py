@@ -380,8 +380,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # No network here or on most clusters: Prefect's telemetry would only log failures.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # A crash in native code (a C++ library in a task's thread) prints every thread's Python stack, not only
-    # the C library's one-line message: which stage, which call.
-    faulthandler.enable()
+    # the C library's one-line message: which stage, which call. To the process's own standard error: the
+    # sys.stderr of a caller (a test capturing output) may have no file descriptor.
+    if sys.__stderr__ is not None:
+        try:
+            faulthandler.enable(file=sys.__stderr__)
+        except (OSError, ValueError):  # standard error closed or not a file: nothing to write a stack to
+            pass
     parser = build_parser()
     args = parser.parse_args(argv)
     command = " ".join(filter(None, ["pangu", args.group, getattr(args, "command", None)]))
