@@ -28,6 +28,7 @@ import codecs
 import functools
 import logging
 import re
+import threading
 from typing import Literal
 
 Favor = Literal["precision", "balanced", "recall"]
@@ -44,6 +45,14 @@ _SUPERSETS = {"gb2312": "gb18030", "gbk": "gb18030", "x-gbk": "gb18030", "cp936"
 # What an undeclared page that is not UTF-8 is guessed among. The corpus is Chinese: unrestricted,
 # charset-normalizer took a short GBK page for EUC-KR, and a wrong guess ruins every character.
 _GUESSES = ["gb18030", "big5hkscs", "cp1252"]
+
+# One extraction at a time in a process. trafilatura's lxml (libxml2) is not safe to enter from two
+# threads at once: concurrent extractions now and then abort the whole process with glibc's
+# "munmap_chunk(): invalid pointer" (trafilatura 2.3, lxml 6.1; an open upstream report). The corpus
+# build ran two clean calls in threads of one process under `--workers 1`, and under Dask's threaded
+# workers, and aborted so once when two HTML shards met. Parallel extraction is what worker
+# processes (`--workers N`) are for; in threads the GIL left little to gain.
+_EXTRACTION_LOCK = threading.Lock()
 
 # An HTML document starts with a doctype or an html/head/body tag, after whitespace, a BOM, an
 # XML declaration or comments. Anchored at the start, so text that only mentions a tag is not one.
@@ -125,7 +134,8 @@ def extract_main_content(markup: str, favor: Favor = "balanced", fallback: bool 
     _quiet_trafilatura()
     if not looks_like_html_document(markup):
         markup = f"<html><body><div>{markup}</div></body></html>"
-    text = trafilatura.extract(markup, options=_extractor(favor, fallback))
+    with _EXTRACTION_LOCK:
+        text = trafilatura.extract(markup, options=_extractor(favor, fallback))
     return (text or "").strip()
 
 

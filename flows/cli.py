@@ -6,11 +6,28 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import functools
 import os
 import sys
 from typing import Callable, Sequence
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+def _runs_flows(handler: Handler) -> Handler:
+    """A command that runs flows: the terminal shows an expected error of one of its task or flow runs
+    as one line, like the command's own errors (the run's log on the server keeps the traceback), and
+    Ctrl-C stops the command, not first the temporary Prefect server it reports to."""
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        from flows.console import expected_errors_in_one_line
+        from flows.local_server import start_temporary_server
+
+        expected_errors_in_one_line(_is_expected)
+        start_temporary_server()
+        return handler(args)
+
+    return run
 
 
 def _data_fetch_assets(args: argparse.Namespace) -> int:
@@ -130,6 +147,7 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+@_runs_flows
 def _corpus_build(args: argparse.Namespace) -> int:
     from flows.corpus import build_from_cli
 
@@ -145,6 +163,7 @@ def _corpus_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+@_runs_flows
 def _pretrain(args: argparse.Namespace) -> int:
     from flows.pretrain import check_before_launch, pretrain_from_cli
 
@@ -153,6 +172,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     return pretrain_from_cli(args)
 
 
+@_runs_flows
 def _pipeline(args: argparse.Namespace) -> int:
     from flows.pipeline import pipeline_from_cli
 
@@ -160,6 +180,7 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 
 def _tokenizer(handler_name: str) -> Handler:
+    @_runs_flows
     def run(args: argparse.Namespace) -> int:
         import flows.tokenization
 

@@ -92,6 +92,19 @@ def _parsers(parser):
                 yield from _parsers(sub)
 
 
+def test_a_vocabulary_larger_than_the_text_holds_is_one_line_from_inside_the_flow(tmp_path):
+    """sentencepiece finds the bound only once it has read the text, inside the tokenizer flow's task:
+    the terminal shows the task's error as one line too (the run's log on the server keeps the traceback)."""
+    from tests.test_tokenizer_common import clue_documents, write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", list(clue_documents())[:40], shards=1)
+    done = pangu("tokenizer", "run", "--corpus", str(corpus), "--output", str(tmp_path / "out"),
+                 "--vocab-size", "40000")
+    _one_line_error(done, "pangu tokenizer run: error:", "vocabulary of 40,000 pieces is more than the training "
+                    "text holds", "give a vocab_size of")
+    assert "TrainError" in done.stderr  # the task run's failure is still logged, in one line
+
+
 def test_help_describes_every_option():
     from flows.cli import build_parser
 
@@ -144,3 +157,78 @@ def test_a_crash_in_native_code_names_the_python_stack_of_every_thread() -> None
     assert done.returncode == -6, done.stderr[-2000:]
     assert "Fatal Python error: Aborted" in done.stderr, done.stderr[-2000:]
     assert "in describe" in done.stderr and "in _model_info" in done.stderr, done.stderr[-3000:]
+
+
+def test_the_terminal_drops_the_traceback_of_an_expected_error_and_the_server_s_log_keeps_it(monkeypatch):
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from flows.cli import _is_expected
+    from flows.console import expected_errors_in_one_line
+
+    monkeypatch.delenv("PANGU_DEBUG", raising=False)
+    expected_errors_in_one_line(_is_expected)
+    console = next(h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler))
+    server = logging.Formatter()  # what the API log handler formats with, before the console's turn
+
+    def failed(error: Exception) -> logging.LogRecord:
+        try:
+            raise error
+        except Exception:  # noqa: BLE001
+            return logging.LogRecord("prefect.flows", logging.ERROR, __file__, 1, "Task run failed", None,
+                                     sys.exc_info())
+
+    record = failed(ValueError("a vocabulary larger than the text"))
+    assert "Traceback" in server.format(record)
+    shown = console.format(record)
+    assert "Task run failed" in shown and "Traceback" not in shown
+    assert "Traceback" in server.format(record) and record.exc_info is not None
+    assert "Traceback" in console.format(failed(RuntimeError("a bug")))  # a bug keeps its traceback
+    monkeypatch.setenv("PANGU_DEBUG", "1")
+    assert "Traceback" in console.format(record)
+
+
+# A terminal's Ctrl-C: SIGINT to the command's whole process group. The command starts with SIGINT's default
+# action whatever this process inherited (a job started in the background inherits SIGINT ignored).
+_WITH_DEFAULT_SIGINT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_command_and_records_its_run_as_crashed_on_the_temporary_server(tmp_path):
+    """Without PREFECT_API_URL the command's runs go to a temporary Prefect server, its child. Ctrl-C used
+    to stop that server too, and the command then spent minutes retrying to report to it."""
+    import os
+    import signal
+    import time
+
+    from tests.test_tokenizer_common import clue_documents, write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", list(clue_documents()), shards=2)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    command = subprocess.Popen([sys.executable, "-c", _WITH_DEFAULT_SIGINT, "-m", "flows.cli", "tokenizer", "run",
+                                "--corpus", str(corpus), "--output", str(tmp_path / "out"), "--vocab-size", "6000"],
+                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        seen = []
+        for line in command.stderr:  # the flow has begun: its first task is running
+            seen.append(line)
+            if "Beginning flow run" in line:
+                break
+        os.killpg(command.pid, signal.SIGINT)
+        started = time.monotonic()
+        rest = command.communicate(timeout=90)[1]
+        stopped_after = time.monotonic() - started
+    finally:
+        if command.poll() is None:
+            os.killpg(command.pid, signal.SIGKILL)
+            command.wait()
+    shown = "".join(seen) + rest
+    assert command.returncode == 130, shown[-3000:]
+    assert stopped_after < 60, stopped_after
+    assert "Finished in state Crashed" in shown and "interrupted" in shown.splitlines(), shown[-3000:]
+    assert "Error logging to API" not in shown and "ConnectError" not in shown, shown[-3000:]
+    with pytest.raises(ProcessLookupError):  # the group is empty: the temporary server stopped too
+        os.killpg(command.pid, 0)

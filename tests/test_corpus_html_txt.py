@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,7 +20,7 @@ from cleaning.config import CorpusConfig
 from cleaning.document import Document, Rejection
 from cleaning.normalize import StripMarkup
 from cleaning.readers import RecordReader, ShardReadError
-from cleaning.webpage import decode_html, looks_like_html_document
+from cleaning.webpage import decode_html, extract_main_content, looks_like_html_document
 
 # Rules only: the model-based filters need fetched assets and have tests of their own.
 RULES_ONLY = {"ad_word_lists": [], "sensitive_word_lists": [], "langid": False,
@@ -139,6 +142,35 @@ def test_html_page_keeps_the_article_and_drops_menus_and_footer(tmp_path):
     # (boilerplate-line removal applies) and the pages of one directory share a source.
     assert (doc.id, doc.domain, doc.source) == ("site/library.html", "web", "site")
     assert doc.meta["encoding"] == "utf-8" and doc.meta["html_chars"] > len(doc.text)
+
+
+def test_pages_are_extracted_one_at_a_time_when_threads_share_a_process(monkeypatch):
+    """trafilatura's libxml2 aborts the process now and then when two threads extract at once, and
+    the corpus build runs clean calls in threads of one process (`--workers 1`, Dask's threads)."""
+    import trafilatura
+
+    extract, guard = trafilatura.extract, threading.Lock()
+    inside = most = 0
+
+    def counted(*args, **kwargs):
+        nonlocal inside, most
+        with guard:
+            inside += 1
+            most = max(most, inside)
+        time.sleep(0.02)  # long enough for the other threads to arrive
+        try:
+            return extract(*args, **kwargs)
+        finally:
+            with guard:
+                inside -= 1
+
+    monkeypatch.setattr(trafilatura, "extract", counted)
+    markup = page(LIBRARY_TITLE, LIBRARY)
+    with ThreadPoolExecutor(4) as threads:
+        texts = list(threads.map(lambda _: extract_main_content(markup), range(12)))
+    assert most == 1
+    assert len(set(texts)) == 1
+    assert_article(texts[0], LIBRARY_TITLE, LIBRARY)
 
 
 def test_gbk_and_other_encodings_are_decoded(tmp_path):

@@ -97,8 +97,14 @@ def test_bad_inputs(tmp_path) -> None:
         train_tokenizer(TokenizerTrainConfig(input=str(tmp_path), output=str(tmp_path / "t")))
     with pytest.raises(TrainError, match="no text"):
         train_tokenizer(TokenizerTrainConfig(output=str(tmp_path / "t")), iter(["", "  \n "]))
-    with pytest.raises(TrainError, match="sentencepiece training failed"):
+    # A vocabulary larger than the text holds: what to change, with sentencepiece's own bound
+    with pytest.raises(TrainError, match=r"vocabulary of 40,000 pieces is more than the training text holds: "
+                                         r"sentencepiece finds at most \d+ in the 20 lines sampled from 20 documents"):
         train_tokenizer(TokenizerTrainConfig(output=str(tmp_path / "t"), vocab_size=40_000), iter(["一二三 四五六"] * 20))
+    lines = ["一二三四五六七八九十甲乙丙丁戊己庚辛壬癸子丑寅卯辰巳午未申酉戌亥"[i:i + 5] for i in range(30)]
+    with pytest.raises(TrainError, match=r"vocabulary of 12 pieces is smaller than the \d+ pieces \(characters and "
+                                         r"special tokens\) that character_coverage 0.9995 keeps"):
+        train_tokenizer(TokenizerTrainConfig(output=str(tmp_path / "t"), vocab_size=12), iter(lines))
     assert not (tmp_path / "t").exists() and not list(tmp_path.glob(".t.*"))
     with pytest.raises(ValueError, match="layout"):
         train_tokenizer(TokenizerTrainConfig(output=str(tmp_path / "t"), trainer_options={"pad_id": 3}), iter(["一"]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import random
+import re
 import shutil
 import time
 import uuid
@@ -31,8 +32,30 @@ from tokenizer.segment import fast_segment
 from tokenizer.specials import TRAINER_LAYOUT
 
 
-class TrainError(RuntimeError):
-    """sentencepiece refused the sample (vocabulary too large for it, no usable text, …)."""
+class TrainError(ValueError):
+    """sentencepiece refused the sample (vocabulary too large for it, no usable text, …): the text or the
+    options have to change, so it is the user's to fix (a ValueError)."""
+
+
+# sentencepiece's words for a vocabulary larger than the sample holds, and smaller than its characters
+_VOCAB_TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
+_VOCAB_BELOW_CHARS = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
+
+
+def _train_error(exc: RuntimeError, config: TokenizerTrainConfig, lines: int, documents: int) -> TrainError:
+    """What the user has to change, where sentencepiece's message says it in its own terms."""
+    sample = f"the {lines:,} lines sampled from {documents:,} documents"
+    if too_high := _VOCAB_TOO_HIGH.search(str(exc)):
+        asked, most = (int(n) for n in too_high.groups())
+        return TrainError(f"a vocabulary of {asked:,} pieces is more than the training text holds: sentencepiece "
+                          f"finds at most {most:,} in {sample}; give a vocab_size of {most:,} or less, or more text")
+    if below := _VOCAB_BELOW_CHARS.search(str(exc)):
+        asked, needed = (int(n) for n in below.groups())
+        return TrainError(f"a vocabulary of {asked:,} pieces is smaller than the {needed:,} pieces (characters and "
+                          f"special tokens) that character_coverage {config.character_coverage} keeps of {sample}; "
+                          f"give a vocab_size of at least {needed:,} (well above it, for pieces longer than a "
+                          "character), or a lower character_coverage")
+    return TrainError(f"sentencepiece training failed: {exc}")
 
 
 def sample_lines(texts: Iterable[str], size: int, shuffle: bool, seed: int) -> tuple[list[str], dict[str, int]]:
@@ -174,7 +197,7 @@ def train_tokenizer(config: TokenizerTrainConfig, texts: Iterable[str] | None = 
                 sentence_iterator=iter(segmented), model_prefix=str(work / "spm"), **trainer_arguments(config)
             )
         except RuntimeError as exc:
-            raise TrainError(f"sentencepiece training failed: {exc}") from exc
+            raise _train_error(exc, config, len(lines), counts["documents_read"]) from exc
         timings["train"] = time.perf_counter() - start
 
         model_proto = (work / "spm.model").read_bytes()

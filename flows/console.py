@@ -1,0 +1,44 @@
+"""What the terminal shows of a failed task or flow run.
+
+Prefect logs a failed run's exception with its traceback, to the run's log on the server and to the
+terminal. For an error the user can fix (a vocabulary larger than the text allows, a missing path)
+the terminal shows the one-line message only, as the `pangu` command line does for its own errors;
+the run's log on the server keeps the traceback, for whoever reads it in the UI.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+
+
+class _ExpectedErrorsInOneLine(logging.Formatter):
+    """Formats like `inner`, without the traceback of an expected error."""
+
+    def __init__(self, inner: logging.Formatter, is_expected: Callable[[BaseException], bool]) -> None:
+        super().__init__()
+        self.inner, self.is_expected = inner, is_expected
+
+    def format(self, record: logging.LogRecord) -> str:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is None or not self.is_expected(error) or os.environ.get("PANGU_DEBUG"):
+            return self.inner.format(record)
+        # The record is shared with the server's log handler, which formatted it already: put back
+        # what was taken.
+        kept = record.exc_info, record.exc_text
+        record.exc_info, record.exc_text = None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text = kept
+
+
+def expected_errors_in_one_line(is_expected: Callable[[BaseException], bool]) -> None:
+    """Prefect's console handlers show an error for which `is_expected` holds without its traceback."""
+    from prefect.logging.configuration import ensure_logging_setup
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    ensure_logging_setup()  # Prefect configures logging once a process; later calls keep these handlers
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _ExpectedErrorsInOneLine):
+            handler.setFormatter(_ExpectedErrorsInOneLine(handler.formatter or logging.Formatter(), is_expected))
