@@ -48,11 +48,10 @@ run: sample ops
 	else echo "make run: Prefect state in $${PREFECT_API_URL:-$$PREFECT_HOME}"; fi; \
 	$(BIN)/pangu pipeline $(SAMPLE) --root $(OUTPUT) --preset sigma-tiny $(if $(EVAL_DATA),--eval-data $(EVAL_DATA))
 
-# TEST_WORKERS=2: two pytest-xdist workers, each taking whole files, the longest first (tests/conftest.py).
-# Most tests wait on processes of their own (servers, flows, throttled ranks), so on 2 cores two workers
-# finish in about 13 minutes where one process takes about 21. One process is the default for now: the one
-# crash of the end-to-end pipeline seen so far (glibc's `munmap_chunk(): invalid pointer`) came under two.
-TEST_WORKERS ?= 1
+# Two pytest-xdist workers, each taking whole files, the longest first (tests/conftest.py). Most tests wait
+# on processes of their own (servers, flows, throttled ranks), so on 2 cores two workers finish in about
+# 13 minutes where one process takes about 21. TEST_WORKERS=1 runs the suite in one process.
+TEST_WORKERS ?= 2
 test: assets ops
 	$(BIN)/python -m pytest $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
