@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
-import functools
 import os
 import sys
 from typing import Callable, Sequence
@@ -14,20 +13,16 @@ from typing import Callable, Sequence
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _runs_flows(handler: Handler) -> Handler:
-    """A command that runs flows: the terminal shows an expected error of one of its task or flow runs
-    as one line, like the command's own errors (the run's log on the server keeps the traceback), and
+def _run_flows(run: Handler, args: argparse.Namespace) -> int:
+    """`run(args)`, a command's flow runs: the terminal shows an expected error of one of its task or flow
+    runs as one line, like the command's own errors (the run's log on the server keeps the traceback), and
     Ctrl-C stops the command, not first the temporary Prefect server it reports to."""
-    @functools.wraps(handler)
-    def run(args: argparse.Namespace) -> int:
-        from flows.console import expected_errors_in_one_line
-        from flows.local_server import start_temporary_server
+    from flows.console import expected_errors_in_one_line
+    from flows.local_server import start_temporary_server
 
-        expected_errors_in_one_line(_is_expected)
-        start_temporary_server()
-        return handler(args)
-
-    return run
+    expected_errors_in_one_line(_is_expected)
+    start_temporary_server()
+    return run(args)
 
 
 def _data_fetch_assets(args: argparse.Namespace) -> int:
@@ -147,11 +142,10 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-@_runs_flows
 def _corpus_build(args: argparse.Namespace) -> int:
     from flows.corpus import build_from_cli
 
-    return build_from_cli(args)
+    return _run_flows(build_from_cli, args)
 
 
 def _corpus_gc(args: argparse.Namespace) -> int:
@@ -163,28 +157,25 @@ def _corpus_gc(args: argparse.Namespace) -> int:
     return 0
 
 
-@_runs_flows
 def _pretrain(args: argparse.Namespace) -> int:
     from flows.pretrain import check_before_launch, pretrain_from_cli
 
     check_before_launch(args)  # a wrong path or a model that cannot fit the data: one message, no flow run
+    return _run_flows(pretrain_from_cli, args)
 
-    return pretrain_from_cli(args)
 
-
-@_runs_flows
 def _pipeline(args: argparse.Namespace) -> int:
     from flows.pipeline import pipeline_from_cli
 
-    return pipeline_from_cli(args)
+    return _run_flows(pipeline_from_cli, args)
 
 
-def _tokenizer(handler_name: str) -> Handler:
-    @_runs_flows
+def _tokenizer(handler_name: str, runs_a_flow: bool = False) -> Handler:
     def run(args: argparse.Namespace) -> int:
         import flows.tokenization
 
-        return getattr(flows.tokenization, handler_name)(args)
+        handler = getattr(flows.tokenization, handler_name)
+        return _run_flows(handler, args) if runs_a_flow else handler(args)
 
     return run
 
@@ -244,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", required=True, help="corpus version dir (DIR/data/part-*.parquet)")
     p.add_argument("--output", required=True, help="root: OUTPUT/tokenizer/<version>, OUTPUT/tokens/<version>")
     training_options(p)
-    p.set_defaults(handler=_tokenizer("flow_from_cli"))
+    p.set_defaults(handler=_tokenizer("flow_from_cli", runs_a_flow=True))
     p = tok_cmds.add_parser("released", help="the released PanGu-α tokenizer, from the pcl_pangu wheel on PyPI "
                                              "(cached in $PANGU_HOME/downloads), into our tokenizer layout")
     p.add_argument("--output", required=True, help="tokenizer directory to create (spm.model, spm.vocab, "
