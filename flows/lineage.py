@@ -28,15 +28,39 @@ def _note(path: str, metadata: dict[str, Any]) -> dict[str, Any]:
     return metadata
 
 
+# Upstream assets one record names at most. Prefect puts every upstream asset of a materialisation into its
+# event's related resources, beside the run's own (flow, task run, deployment, …), and drops an event with
+# more than 100 of them (`events.maximum_related_resources`): the corpus of a few hundred files lost its
+# lineage. Each upstream asset is also an event of its own (`prefect.asset.referenced`).
+UPSTREAM_LIMIT = 50
+
+
+def upstream_paths(paths: Sequence[str | Path], limit: int = UPSTREAM_LIMIT) -> list[Path]:
+    """`paths` resolved; where there are more than `limit`, the directories that hold them: every path
+    replaced by its parent, a level at a time, until at most `limit` remain (or only the root does)."""
+    def outermost(found: set[Path]) -> set[Path]:  # a path under another one adds nothing
+        return {p for p in found if not any(above in found for above in p.parents)}
+
+    current = {Path(p).resolve() for p in paths}
+    while len(current) > limit:
+        parents = outermost({p.parent for p in current})
+        if parents == current:
+            break
+        current = parents
+    return sorted(current)
+
+
 def record_asset(path: str | Path, upstream: Sequence[str | Path], name: str, by: str,
                  metadata: dict[str, Any]) -> str | None:
-    """Materialise `file://PATH` with its upstream files as a Prefect asset; returns the key."""
+    """Materialise `file://PATH` with its upstream files (past `UPSTREAM_LIMIT`, the directories that hold
+    them) as a Prefect asset; returns the key."""
     from prefect.assets import Asset, AssetProperties, materialize
 
     key = Path(path).resolve().as_uri()
     try:
         asset = Asset(key=key, properties=AssetProperties(name=name))
-        deps = [Asset(key=Path(p).resolve().as_uri()) for p in upstream]
+        made_from = upstream_paths(upstream)
+        deps = [Asset(key=p.as_uri()) for p in made_from]
     except ValueError as exc:  # a path with characters an asset key may not hold
         from prefect.events import emit_event
 
@@ -44,6 +68,10 @@ def record_asset(path: str | Path, upstream: Sequence[str | Path], name: str, by
         emit_event(f"pangu.{by}.written", resource={"prefect.resource.id": f"pangu.{by}.{Path(path).name}"},
                    payload={"path": str(path), **metadata})
         return None
+    if len(made_from) < len(upstream):
+        get_run_logger().info("%s: made from %d files, recorded as made from the %s that hold them: %s", name,
+                              len(upstream), "directory" if len(made_from) == 1 else f"{len(made_from)} directories",
+                              ", ".join(str(p) for p in made_from[:3]) + (", …" if len(made_from) > 3 else ""))
     record = materialize(asset, by=by, asset_deps=deps, name=f"record-{by}", cache_policy=NO_CACHE)(_note)
     record(str(path), metadata)
     return key

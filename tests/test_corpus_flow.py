@@ -113,6 +113,44 @@ def test_corpus_flow_runs_shards_as_tasks_and_publishes_counts(prefect_api, raw,
     assert made_from[manifest_path.resolve().as_uri()] == sorted(p.resolve().as_uri() for p in raw.glob("*.jsonl"))
 
 
+def test_an_asset_made_from_more_files_than_an_event_holds_names_their_directories(prefect_api, tmp_path):
+    """Prefect drops a materialisation event with more than 100 related resources: a corpus of 160 files
+    recorded each file and lost its lineage. Past 50 files the record names the directories instead."""
+    from prefect import flow
+
+    from flows.lineage import record_asset
+
+    raw = tmp_path / "raw"
+    files = [raw / f"site{d}" / f"page-{i:03d}.html" for d in range(4) for i in range(40)]
+    for path in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("<html></html>", encoding="utf-8")
+    manifest = tmp_path / "out" / "manifest.json"
+    manifest.parent.mkdir()
+    manifest.write_text("{}", encoding="utf-8")
+
+    @flow
+    def corpus_of_many_files() -> str | None:
+        return record_asset(manifest, files, "corpus version", "corpus", {"input": len(files)})
+
+    assert corpus_of_many_files() == manifest.resolve().as_uri()
+    made_from = asset_materializations([manifest])
+    assert made_from[manifest.resolve().as_uri()] == sorted((raw / f"site{d}").resolve().as_uri() for d in range(4))
+
+
+def test_upstream_paths_are_the_files_up_to_the_limit_then_the_directories_that_hold_them(tmp_path):
+    from flows.lineage import upstream_paths
+
+    shallow = [tmp_path / "a" / f"{i}.jsonl" for i in range(3)]
+    deep = [tmp_path / "b" / "c" / f"{i}.jsonl" for i in range(3)]
+    assert upstream_paths(shallow + deep, limit=6) == sorted(shallow + deep)
+    # a level up: a/ and b/c/ hold them
+    assert upstream_paths(shallow + deep, limit=5) == [tmp_path / "a", tmp_path / "b" / "c"]
+    # two levels up: tmp_path (a/'s parent) holds b/ as well, so it alone remains
+    assert upstream_paths(shallow + deep, limit=1) == [tmp_path]
+    assert upstream_paths([], limit=1) == []
+
+
 def test_cli_runs_the_flow(prefect_api, raw, tmp_path, capsys):
     from flows.cli import main
 
