@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -33,6 +35,8 @@ from flows.reports import corpus_figure, corpus_markdown, plot_stats, png_markdo
 # hand work to them, so each shard is still one task run with its own state and logs, and no
 # process has to start its own Prefect API server.
 _POOL: Executor | None = None
+_POOL_WORKERS = 0
+_POOL_LOCK = threading.Lock()
 
 
 def _pool() -> Executor | None:
@@ -42,19 +46,36 @@ def _pool() -> Executor | None:
 @contextmanager
 def _worker_pool(workers: int) -> Iterator[None]:
     """`workers` processes that the task runs of this flow hand their calls to (none for 1)."""
-    global _POOL
-    _POOL = ProcessPoolExecutor(workers) if workers > 1 else None
+    global _POOL, _POOL_WORKERS
+    _POOL, _POOL_WORKERS = (ProcessPoolExecutor(workers) if workers > 1 else None), workers
     try:
         yield
     finally:
-        if _POOL is not None:
-            _POOL.shutdown()
-        _POOL = None
+        with _POOL_LOCK:
+            pool, _POOL = _POOL, None
+        if pool is not None:
+            pool.shutdown()
+
+
+def _replace_broken(pool: Executor) -> None:
+    """A pool one of whose processes died (the out-of-memory killer, a crash in native code) takes no more
+    calls: a new one takes the retries, of the call that died and of every call the death failed with it."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is pool:
+            _POOL = ProcessPoolExecutor(_POOL_WORKERS)
+    pool.shutdown(wait=False)
 
 
 def _run(fn: Callable[..., Any], *args: Any) -> Any:
     pool = _pool()
-    return pool.submit(fn, *args).result() if pool is not None else fn(*args)
+    if pool is None:
+        return fn(*args)
+    try:
+        return pool.submit(fn, *args).result()
+    except BrokenProcessPool:
+        _replace_broken(pool)
+        raise  # the task run's retry (SHARD_RETRIES) runs the call again, in the new pool
 
 
 # Stage calls read and write through fsspec (object stores time out now and then). Rerunning one is

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -176,3 +178,32 @@ def test_the_refresh_without_a_config_makes_the_version_a_pipeline_run_makes(pre
     assert first["version"] == expected and first["built"]
     again = corpus_refresh(inputs=[str(raw)], root=root, config=load_preset("default"), workers=1)
     assert again["version"] == expected and not again["built"]
+
+
+def _dies_the_first_time(marker: str, value: int) -> int:
+    """Call 2's worker process dies the first time, as one the out-of-memory killer stops does."""
+    if value == 2 and not Path(marker).exists():
+        Path(marker).write_text("died", encoding="utf-8")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return value * 10
+
+
+def test_a_worker_process_that_dies_is_replaced_and_the_calls_it_took_down_run_again(prefect_api, tmp_path):
+    """A dead process breaks a process pool for good: the retries of every call it failed used to fail too,
+    and one killed worker stopped the whole build."""
+    from prefect import flow
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from cleaning.stages import Stage
+    from flows.corpus import _worker_pool, map_stage
+
+    marker = tmp_path / "died"
+
+    @flow(task_runner=ThreadPoolTaskRunner(max_workers=4))
+    def stage_on_two_worker_processes() -> list[int]:
+        with _worker_pool(2):
+            return map_stage(Stage("clean", _dies_the_first_time, [(str(marker), v) for v in range(6)],
+                                   [f"{v:05d}" for v in range(6)]))
+
+    assert stage_on_two_worker_processes() == [0, 10, 20, 30, 40, 50]
+    assert marker.exists()  # a worker did die
