@@ -52,8 +52,8 @@ def prefect_api():
         yield
 
 
-# The longest test files (seconds on 2 cores, summed over their tests), first. `make test TEST_WORKERS=2` runs
-# the suite on two pytest-xdist workers that take whole files in collection order (`--dist loadfile
+# The longest test files (seconds on 2 cores, summed over their tests), first. `make test` runs the suite on
+# two pytest-xdist workers that take whole files in collection order (`--dist loadfile
 # --no-loadscope-reorder`): started first, a long file does not run alone at the end while the other worker
 # waits. Files not named keep their order, after these.
 LONGEST_FIRST = (
