@@ -55,7 +55,8 @@ from cleaning.inputs import InputShard, content_hash, expand_inputs, file_signat
 from cleaning.pipeline import CleaningChain
 from cleaning.readers import FieldMap, ReadFault, RecordReader, ShardReadError
 from cleaning.stats import ShardStats
-from cleaning.writers import ParquetShardWriter, link_or_copy, read_json, remove_temporaries, write_json_atomic
+from cleaning.temporaries import remove_orphaned_temporaries, remove_temporaries
+from cleaning.writers import ParquetShardWriter, link_or_copy, read_json, write_json_atomic
 
 
 class AccountingError(RuntimeError):
@@ -105,6 +106,13 @@ class CorpusBuild:
         self.previous = (self.previous or self.output).rstrip("/")
 
     # -- plan ------------------------------------------------------------------------------
+    def remove_leftovers(self) -> list[str]:
+        """The temporary files a killed build left in OUTPUT and the work directory. A rerun does
+        not redo every piece of work that was killed (a cache entry may since have been finished by
+        another shard or version), so the driver removes them before the stages start."""
+        roots = [self.output] + ([] if self.work.startswith(self.output + "/") else [self.work])
+        return [p for root in roots for p in remove_orphaned_temporaries(root)]
+
     def clean_fingerprint(self) -> str:
         """What changes the clean stage's output: rules, per-source overrides, reader options."""
         cfg = self.config.model_dump(mode="json")

@@ -28,6 +28,7 @@ from cleaning.build import CorpusBuild
 from cleaning.stages import run_local
 from cleaning.config import CorpusConfig
 from cleaning.inputs import InputShard
+from cleaning.temporaries import process_alive
 from cleaning.writers import read_json, write_json_atomic
 
 LATEST = "LATEST"
@@ -160,7 +161,7 @@ def _live_builds(fs: fsspec.AbstractFileSystem, root: str, dry_run: bool, notes:
         if not name.endswith(".json"):
             continue
         mark = read_json(fs.unstrip_protocol(path))
-        if mark.get("host") == socket.gethostname() and not _process_alive(int(mark.get("pid", 0))):
+        if mark.get("host") == socket.gethostname() and not process_alive(int(mark.get("pid", 0))):
             notes.append(f"the refresh of {name[:-5]} was interrupted (process {mark.get('pid')} is gone); "
                          "its leftovers are garbage")
             if not dry_run:
@@ -168,16 +169,6 @@ def _live_builds(fs: fsspec.AbstractFileSystem, root: str, dry_run: bool, notes:
             continue
         live.add(name[:-5])
     return live
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
 
 
 def _files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:

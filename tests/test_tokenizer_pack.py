@@ -117,6 +117,21 @@ def test_resume_skips_finished_shards_and_redoes_changed_ones(tmp_path) -> None:
     assert not list((tmp_path / "out").glob(".*.tmp"))
 
 
+def test_a_rerun_removes_what_a_killed_packer_left(tmp_path) -> None:
+    """The temporaries of a shard whose packer was killed are gone after the rerun, even where the
+    rerun does not pack that shard again (another run finished it meanwhile)."""
+    from tests.test_temporaries import left_by_a_killed_writer
+
+    corpus = write_corpus(tmp_path / "corpus", [(d, t) for d, t in clue_documents()[::90]], shards=2)
+    config = PackConfig(input=str(corpus), output=str(tmp_path / "out"), tokenizer=str(trained_model_dir()))
+    pack_corpus(config)
+    left = [left_by_a_killed_writer(tmp_path / "out" / name) for name in ("part-00000.bin", "part-00000.idx")]
+    for path in left:
+        path.write_bytes(b"partial")
+    assert [r["skipped"] for r in pack_corpus(config)["shard_results"]] == [True, True]
+    assert not list((tmp_path / "out").glob(".*.tmp"))
+
+
 def test_domain_ids_stay_fixed_when_new_domains_arrive(tmp_path) -> None:
     corpus = write_corpus(tmp_path / "c", [("news", "新闻。"), ("web", "网页。")], shards=1)
     config = PackConfig(input=str(corpus), output=str(tmp_path / "o"), tokenizer=str(trained_model_dir()),

@@ -6,6 +6,7 @@ import json
 import pytest
 import sentencepiece as spm
 
+from tests.test_temporaries import left_by_a_killed_writer
 from tests.test_tokenizer_common import TINY, clue_documents, trained_model_dir, write_corpus
 from tokenizer.corpus import CorpusError
 from tokenizer.pangu import PanguTokenizer
@@ -86,8 +87,12 @@ def test_bpe_from_iterator_reuse_and_conflicts(tmp_path) -> None:
     # Same seed and sample, fresh directory: the same pieces and scores (the model bytes also
     # embed the trainer's temporary path).
     again = config.model_copy(update={"output": str(tmp_path / "bpe2")})
+    killed = left_by_a_killed_writer(tmp_path / "bpe2")  # the work directory of a killed training
+    (killed / "spm.model").parent.mkdir()
+    (killed / "spm.model").write_bytes(b"partial")
     train_tokenizer(again, iter(texts))
     assert (tmp_path / "bpe2" / "spm.vocab").read_text(encoding="utf-8") == vocab
+    assert not killed.exists() and not list(tmp_path.glob(".*.tmp"))
     with pytest.raises(FileExistsError):
         train_tokenizer(config.model_copy(update={"vocab_size": 2500}), iter(texts))
 

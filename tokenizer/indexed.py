@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import os
 import struct
-import uuid
 from pathlib import Path
 
 import numpy as np
+
+from cleaning.temporaries import temporary_path
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -33,10 +34,6 @@ CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65_536 else np.dtype(np.int32)
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 class IndexedWriter:
@@ -53,8 +50,8 @@ class IndexedWriter:
             raise ValueError(f"dtype {self.dtype} has no MMIDIDX code")
         self.bin_path = self.prefix.with_name(self.prefix.name + ".bin")
         self.idx_path = self.prefix.with_name(self.prefix.name + ".idx")
-        self._bin_tmp = _tmp(self.bin_path)
-        self._idx_tmp = _tmp(self.idx_path)
+        self._bin_tmp = Path(temporary_path(str(self.bin_path)))
+        self._idx_tmp = Path(temporary_path(str(self.idx_path)))
         self._bin = open(self._bin_tmp, "wb")
         self._lengths: list[np.ndarray] = []
         self.tokens = 0

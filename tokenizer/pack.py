@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 
+from cleaning.temporaries import remove_orphaned_temporaries
 from cleaning.writers import write_bytes_atomic, write_json_atomic
 from tokenizer.config import PackConfig
 from tokenizer.corpus import iter_batches, list_shards
@@ -65,6 +66,16 @@ def content_hash(uri: str) -> str:
 # -- domain ids -------------------------------------------------------------------------------
 def _domain_name(value: Any, default: str) -> str:
     return value if isinstance(value, str) and value.strip() else default
+
+
+def start_packing(config: PackConfig) -> tuple[list[str], dict[str, int]]:
+    """What every driver does before any shard is packed: the corpus shards, the output directory
+    without the temporary files a killed run left there, and the domain map."""
+    shards = list_shards(config.input)
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_orphaned_temporaries(str(out))
+    return shards, plan_domain_ids(shards, config, out)
 
 
 def plan_domain_ids(shards: list[str], config: PackConfig, out: Path) -> dict[str, int]:
@@ -285,11 +296,8 @@ def pack_corpus(config: PackConfig, tokenizer: PanguTokenizer | None = None) -> 
     if tokenizer.vocab_size > 65_536:
         raise ValueError("uint16 shards need a vocabulary of at most 65,536 pieces")
     try:
-        shards = list_shards(config.input)
-        out = Path(config.output)
-        out.mkdir(parents=True, exist_ok=True)
-        domain_ids = plan_domain_ids(shards, config, out)
-        results = [pack_shard(shard, out, tokenizer, domain_ids, config) for shard in shards]
+        shards, domain_ids = start_packing(config)
+        results = [pack_shard(shard, Path(config.output), tokenizer, domain_ids, config) for shard in shards]
         return finish_packing(config, tokenizer, domain_ids, results)
     finally:
         if own:

@@ -15,7 +15,6 @@ import random
 import re
 import shutil
 import time
-import uuid
 from concurrent.futures import ProcessPoolExecutor
 from itertools import islice
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Iterable, Iterator
 
 import sentencepiece as spm
 
+from cleaning.temporaries import temporary_directory
 from tokenizer.artifacts import META_FILE, write_tokenizer_dir
 from tokenizer.config import TokenizerTrainConfig
 from tokenizer.corpus import iter_texts
@@ -186,10 +186,7 @@ def train_tokenizer(config: TokenizerTrainConfig, texts: Iterable[str] | None = 
     segmented = [p for s in segment_lines(lines, config.workers) for p in split_long(s, config.max_sentence_length)]
     timings["segment"] = time.perf_counter() - start
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    work = output.parent / f".{output.name}.{uuid.uuid4().hex[:8]}.tmp"
-    work.mkdir()
-    try:
+    with temporary_directory(output) as work:
         start = time.perf_counter()
         spm.set_random_generator_seed(config.seed)
         try:
@@ -233,8 +230,6 @@ def train_tokenizer(config: TokenizerTrainConfig, texts: Iterable[str] | None = 
         if output.exists():
             shutil.rmtree(output)
         staged.rename(output)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return PanguTokenizer.load(output).meta
 
 
