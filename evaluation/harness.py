@@ -14,6 +14,7 @@ harness, templates and metrics must then reach 100 %).
 
 from __future__ import annotations
 
+import json
 import random
 import time
 import zlib
@@ -26,6 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import metrics
 from .loaders import DataNotFound, clear_cache
+from .report import RESULTS_FILE, write_outputs
+from .resume import finished_tasks, keep_task
 from .scoring import EOT_ID, NEWLINE_ID, VARIANTS, CandidateScore, generate_ids, rank, score_candidates, truncate_left
 from .tasks import Item, Task, chance_level, resolve_tasks
 
@@ -292,21 +295,137 @@ def write_results(config: EvalConfig, results: dict[str, Any], predictions: dict
                   model_meta: dict[str, Any], seconds: float) -> dict[str, Any]:
     """Complete the results' meta and write `results.json`, `report.md` and `predictions/<task>.jsonl`
     under `config.output`; return the results. A task without predictions leaves its file as it is."""
-    from .report import write_outputs
-
     results["meta"].update(model_meta, seconds=round(seconds, 3))
     write_outputs(results, predictions, Path(config.output))
     return results
 
 
-def run_evaluation(config: EvalConfig, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Load, evaluate, write `results.json`, `report.md` and `predictions/<task>.jsonl`; return the results."""
-    scorer, model_meta = load_scorer(config)
+def run_key(config: EvalConfig) -> dict[str, Any]:
+    """What a finished task's result depends on (`evaluation.resume`): the settings less the task list
+    and the output, and the checkpoint's content (none for the oracle)."""
+    checkpoint_sha256 = None
+    if not config.oracle and config.checkpoint:
+        from cleaning.inputs import content_hash
+        from pangu_model.checkpoint import WEIGHTS_NAME
+
+        from .model_io import model_config
+
+        model_config(config.checkpoint)  # not a checkpoint: one clear error, before anything is read
+        checkpoint_sha256 = content_hash(str(Path(config.checkpoint) / WEIGHTS_NAME))[0]
+    return {"settings": config.model_dump(mode="json", exclude={"tasks", "output"}),
+            "checkpoint_sha256": checkpoint_sha256}
+
+
+@dataclass
+class EvaluationPlan:
+    """The tasks of one evaluation, those a previous run under the same output finished, and what to run."""
+
+    config: EvalConfig
+    key: dict[str, Any]
+    tasks: list[Task]
+    finished: dict[str, dict[str, Any]]  # task name → its `evaluation.resume` marker
+
+    @property
+    def todo(self) -> list[Task]:
+        return [task for task in self.tasks if task.name not in self.finished]
+
+    def results_as_written(self) -> dict[str, Any] | None:
+        """results.json when it already holds every task of this plan, finished with this key."""
+        path = Path(self.config.output) / RESULTS_FILE
+        if self.todo or not path.is_file():
+            return None
+        results = json.loads(path.read_text(encoding="utf-8"))
+        same = results.get("meta", {}).get("run_key") == self.key and list(results.get("tasks", {})) == \
+            [task.name for task in self.tasks] and \
+            all(results["tasks"][name] == marker["summary"] for name, marker in self.finished.items())
+        return results if same else None
+
+
+def plan_evaluation(config: EvalConfig) -> EvaluationPlan:
+    key = run_key(config)
+    tasks = resolve_tasks(config.tasks)
+    finished = finished_tasks(Path(config.output), key)
+    return EvaluationPlan(config, key, tasks, {t.name: finished[t.name] for t in tasks if t.name in finished})
+
+
+def keep_task_run(plan: EvaluationPlan, scorer: Scorer, model_meta: dict[str, Any], run: TaskRun) -> None:
+    """Writes a task's predictions and marker as soon as it ends, so a kill later does not lose it."""
+    keep_task(Path(plan.config.output), plan.key, scorer.name, model_meta, run.summary, run.predictions)
+
+
+def finish_evaluation(plan: EvaluationPlan, runs: dict[str, TaskRun], scorer_name: str | None,
+                      model_meta: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
+    """results.json and report.md of every task of the plan: those run now (`runs`) and those reused;
+    `scorer_name` and `model_meta` are None when no task ran now (the reused tasks' are used)."""
+    config = plan.config
+    if scorer_name is None or model_meta is None:
+        first = next(iter(plan.finished.values()))
+        scorer_name, model_meta = first["scorer"], first["model"]
+    runs = {task.name: runs[task.name] if task.name in runs else TaskRun(plan.finished[task.name]["summary"])
+            for task in plan.tasks}
+    results, _ = assemble_results(scorer_name, runs, config.data_dir, shots=config.shots, seed=config.seed,
+                                  limit=config.limit, split=config.split)
+    # Each task's predictions were written when it ended (`keep_task_run`).
+    return write_results(config, results, {}, {**model_meta, "run_key": plan.key}, seconds)
+
+
+class EvaluationFailed(RuntimeError):
+    """Some tasks crashed; the others' results are written."""
+
+
+def failure_message(failed: dict[str, Exception], total: int, output: str) -> str:
+    return (f"{len(failed)} of {total} evaluation tasks failed: "
+            + "; ".join(f"{name} ({type(error).__name__}: {error})" for name, error in failed.items())
+            + f". The others' results are in {Path(output) / 'results.json'}; a rerun runs only the failed ones.")
+
+
+def execute(plan: EvaluationPlan, run_one: Callable[[Task, Scorer], TaskRun],
+            after_each: Callable[[int], None] | None = None) -> tuple[dict[str, Any], dict[str, Exception]]:
+    """Runs the plan's unfinished tasks with `run_one` (which raises when a task crashes: the others
+    still run), keeping each as it ends; writes results.json and report.md of the whole plan. Returns
+    the results and the crashed tasks' errors. `after_each(tasks done)` follows every task."""
+    scorer_name = model_meta = None
+    runs: dict[str, TaskRun] = {}
+    failed: dict[str, Exception] = {}
     started = time.perf_counter()
-    results, predictions = evaluate(scorer, config.tasks, config.data_dir, shots=config.shots, seed=config.seed,
-                                    limit=config.limit, split=config.split, progress=progress)
-    return write_results(config, results, predictions, model_meta, time.perf_counter() - started)
+    if plan.todo:
+        scorer, model_meta = load_scorer(plan.config)
+        scorer_name = scorer.name
+        clear_cache()  # list the data directory afresh
+        for task in plan.todo:
+            try:
+                run = run_one(task, scorer)
+            except Exception as exc:  # one task's crash leaves the others' results
+                run = failed_task_run(task, exc, shots=plan.config.shots, seed=plan.config.seed)
+                failed[task.name] = exc
+            keep_task_run(plan, scorer, model_meta, run)
+            runs[task.name] = run
+            if after_each is not None:
+                after_each(len(plan.finished) + len(runs))
+    return finish_evaluation(plan, runs, scorer_name, model_meta, time.perf_counter() - started), failed
 
 
-__all__ = ["EvalConfig", "ModelScorer", "OracleScorer", "PRIMARY_VARIANT", "TaskRun", "assemble_results", "evaluate",
-           "failed_task_run", "load_scorer", "run_evaluation", "run_task", "write_results"]
+def run_evaluation(config: EvalConfig, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Load, evaluate, write `results.json`, `report.md` and `predictions/<task>.jsonl`; return the results.
+
+    Tasks a previous run with the same settings and checkpoint finished under `config.output` are
+    reused (`evaluation.resume`), and each task is kept as it ends, so a rerun after a kill runs only
+    the rest. A task that crashes does not stop the others; `EvaluationFailed` names it afterwards."""
+    plan = plan_evaluation(config)
+    written = plan.results_as_written()
+    if written is not None:
+        return written
+
+    def run_one(task: Task, scorer: Scorer) -> TaskRun:
+        return run_task(task, scorer, config.data_dir, shots=config.shots, seed=config.seed, limit=config.limit,
+                        split=config.split, progress=progress)
+
+    results, failed = execute(plan, run_one)
+    if failed:  # a crash is a bug: the first one's traceback goes with the message
+        raise EvaluationFailed(failure_message(failed, len(plan.tasks), config.output)) from next(iter(failed.values()))
+    return results
+
+
+__all__ = ["EvalConfig", "EvaluationFailed", "EvaluationPlan", "ModelScorer", "OracleScorer", "PRIMARY_VARIANT", "TaskRun",
+           "assemble_results", "evaluate", "execute", "failed_task_run", "failure_message", "finish_evaluation", "keep_task_run",
+           "load_scorer", "plan_evaluation", "run_evaluation", "run_key", "run_task", "write_results"]

@@ -5,8 +5,6 @@ shows each task's progress and failure, and one task that crashes leaves the oth
 """
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +13,9 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
                                update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 
-from evaluation.harness import (EvalConfig, Scorer, TaskRun, assemble_results, failed_task_run, load_scorer, run_task,
-                                write_results)
-from evaluation.loaders import clear_cache
-from evaluation.tasks import Task, resolve_tasks
+from evaluation.harness import (EvalConfig, EvaluationFailed, Scorer, TaskRun, execute, failure_message, plan_evaluation,
+                                run_task)
+from evaluation.tasks import Task
 from flows.reports import eval_scores_figure, png_markdown
 
 
@@ -61,18 +58,6 @@ def eval_task(spec: Task, scorer: Scorer, config: EvalConfig) -> TaskRun:
     return run
 
 
-def _reusable_tasks(done: Path, config: EvalConfig, checkpoint_sha256: str) -> dict[str, dict[str, Any]]:
-    """Task name → summary of the finished results of the same config and checkpoint (failed ones excluded:
-    they run again)."""
-    if not done.is_file():
-        return {}
-    previous = json.loads(done.read_text(encoding="utf-8"))
-    meta = previous.get("meta", {})
-    if meta.get("config") != config.model_dump(mode="json") or meta.get("checkpoint_sha256") != checkpoint_sha256:
-        return {}
-    return {name: summary for name, summary in previous["tasks"].items() if summary.get("status") != "failed"}
-
-
 @flow(name="evaluate", log_prints=True)
 def evaluate(checkpoint: str, data_dir: str, output: str, tokenizer: str | None = None, tasks: str = "all",
              shots: int = 0, limit: int | None = None, seed: int = 1234,
@@ -83,41 +68,27 @@ def evaluate(checkpoint: str, data_dir: str, output: str, tokenizer: str | None 
     config = EvalConfig(checkpoint=checkpoint, tokenizer=tokenizer, tasks=tasks, data_dir=data_dir,
                         output=output, shots=shots, limit=limit, seed=seed, domain=domain)
     done = Path(output) / "results.json"
-    checkpoint_sha256 = _checkpoint_hash(checkpoint)
-    reusable = _reusable_tasks(done, config, checkpoint_sha256)
-    specs = resolve_tasks(config.tasks)
-    todo = [spec for spec in specs if spec.name not in reusable]
-    failed: dict[str, str] = {}
-    if not todo:
+    plan = plan_evaluation(config)
+    failed: dict[str, Exception] = {}
+    results = plan.results_as_written()
+    if results is not None:
         logger.info("%s already holds these results: reused", done)
-        results = json.loads(done.read_text(encoding="utf-8"))
     else:
-        if reusable:
-            logger.info("%s: %d tasks reused, %d to run (%s)", done, len(reusable), len(todo),
-                        ", ".join(spec.name for spec in todo))
-        scorer, model_meta = load_scorer(config)
-        clear_cache()  # list the data directory afresh, as `evaluation.harness.evaluate` does
-        progress = create_progress_artifact(progress=0.0, description="evaluate: tasks done")
-        started = time.perf_counter()
-        runs: dict[str, TaskRun] = {}
-        for spec in specs:
-            if spec.name in reusable:
-                runs[spec.name] = TaskRun(reusable[spec.name])  # its predictions file stays as written
-                continue
+        if plan.finished:
+            logger.info("%s: %d tasks finished before, %d to run (%s)", output, len(plan.finished), len(plan.todo),
+                        ", ".join(spec.name for spec in plan.todo) or "none")
+        progress = create_progress_artifact(progress=100.0 * len(plan.finished) / len(plan.tasks),
+                                            description="evaluate: tasks done")
+
+        def run_one(spec: Task, scorer: Scorer) -> TaskRun:
             state = eval_task(spec, scorer, config, return_state=True)
             if state.is_completed():
-                runs[spec.name] = state.result()
-            else:
-                error = state.result(raise_on_failure=False)
-                if not isinstance(error, BaseException):
-                    error = RuntimeError(state.message or state.type.value)
-                runs[spec.name] = failed_task_run(spec, error, shots=config.shots, seed=config.seed)
-                failed[spec.name] = runs[spec.name].summary["message"]
-            update_progress_artifact(progress, progress=100.0 * len(runs) / len(specs))
-        results, predictions = assemble_results(scorer.name, runs, config.data_dir, shots=config.shots,
-                                                seed=config.seed, limit=config.limit, split=config.split)
-        model_meta = {**model_meta, "config": config.model_dump(mode="json"), "checkpoint_sha256": checkpoint_sha256}
-        write_results(config, results, predictions, model_meta, time.perf_counter() - started)
+                return state.result()
+            error = state.result(raise_on_failure=False)
+            raise error if isinstance(error, Exception) else RuntimeError(state.message or state.type.value)
+
+        results, failed = execute(plan, run_one,
+                                  lambda n: update_progress_artifact(progress, progress=100.0 * n / len(plan.tasks)))
     create_table_artifact(key="eval-scores", table=score_rows(results),
                           description="zero-shot scores beside PanGu-α (SPEC §6) and chance")
     report = Path(output) / "report.md"
@@ -128,13 +99,5 @@ def evaluate(checkpoint: str, data_dir: str, output: str, tokenizer: str | None 
     ok = [t for t in results["tasks"].values() if t.get("status") == "ok"]
     logger.info("evaluated %d tasks (%d not evaluated) → %s", len(ok), len(results["tasks"]) - len(ok), output)
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(specs)} evaluation tasks failed: "
-                           + "; ".join(f"{name} ({message})" for name, message in failed.items())
-                           + f". The others' results are in {done}; a rerun runs only the failed ones.")
+        raise EvaluationFailed(failure_message(failed, len(plan.tasks), output))
     return {"output": output, "tasks": len(ok), "results": str(done)}
-
-
-def _checkpoint_hash(checkpoint: str) -> str:
-    from cleaning.inputs import content_hash
-
-    return content_hash(str(Path(checkpoint) / "model.safetensors"))[0]

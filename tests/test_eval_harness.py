@@ -105,3 +105,58 @@ def test_run_evaluation_writes_results_and_report(tmp_path) -> None:
     again = run_evaluation(config.model_copy(update={"output": str(tmp_path / "again")}))
     assert again["tasks"]["cmrc2018"]["scores"] == cmrc["scores"]
     assert again["tasks"]["tnews"]["ppl_variants"] == tnews["ppl_variants"]
+
+
+def test_a_rerun_after_a_kill_or_a_crash_runs_only_the_unfinished_tasks(tmp_path, monkeypatch) -> None:
+    import evaluation.harness as harness
+
+    real_run_task = harness.run_task
+    ran: list[str] = []
+    failing: dict[str, BaseException] = {}
+
+    def run_task(task, *args, **kwargs):
+        ran.append(task.name)
+        if task.name in failing:
+            raise failing[task.name]
+        return real_run_task(task, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "run_task", run_task)
+    config = EvalConfig(checkpoint=str(checkpoint_dir()), tasks="tnews,ocnli,cmrc2018", data_dir=str(require_clue()),
+                        output=str(tmp_path / "eval"), limit=6)
+    whole = run_evaluation(config.model_copy(update={"output": str(tmp_path / "whole")}))
+
+    # Killed during the second task (Ctrl-C here): the first one is kept, there are no results yet.
+    ran.clear()
+    failing["ocnli"] = KeyboardInterrupt()
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(config)
+    assert ran == ["tnews", "ocnli"] and not (tmp_path / "eval" / "results.json").exists()
+    assert sorted(p.name for p in (tmp_path / "eval" / "tasks").iterdir()) == ["tnews.json"]
+
+    # The rerun crashes in the same task: the others run, the crash is reported and named.
+    ran.clear()
+    failing["ocnli"] = RuntimeError("simulated crash")
+    with pytest.raises(harness.EvaluationFailed, match=r"1 of 3 evaluation tasks failed: ocnli \(RuntimeError: simulated crash\)"):
+        run_evaluation(config)
+    assert ran == ["ocnli", "cmrc2018"]
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text(encoding="utf-8"))
+    assert [t["status"] for t in saved["tasks"].values()] == ["ok", "failed", "ok"]
+
+    # Fixed: only the crashed task runs; the results are those of an uninterrupted run.
+    ran.clear()
+    failing.clear()
+    results = run_evaluation(config)
+    assert ran == ["ocnli"]
+    drop = {"seconds"}
+    assert {n: {k: v for k, v in t.items() if k not in drop} for n, t in results["tasks"].items()} == \
+           {n: {k: v for k, v in t.items() if k not in drop} for n, t in whole["tasks"].items()}
+    for name in ("tnews", "ocnli", "cmrc2018"):
+        assert (tmp_path / "eval" / "predictions" / f"{name}.jsonl").read_bytes() == \
+               (tmp_path / "whole" / "predictions" / f"{name}.jsonl").read_bytes()
+    # Nothing left to run: results.json is returned as written. Other settings run every task again.
+    ran.clear()
+    written = (tmp_path / "eval" / "results.json").stat().st_mtime_ns
+    assert run_evaluation(config) == results and ran == []
+    assert (tmp_path / "eval" / "results.json").stat().st_mtime_ns == written
+    run_evaluation(config.model_copy(update={"limit": 5}))
+    assert ran == ["tnews", "ocnli", "cmrc2018"]
