@@ -303,7 +303,7 @@ def write_results(config: EvalConfig, results: dict[str, Any], predictions: dict
 def run_key(config: EvalConfig) -> dict[str, Any]:
     """What a finished task's result depends on (`evaluation.resume`): the settings less the task list
     and the output, and the checkpoint's content (none for the oracle)."""
-    checkpoint_sha256 = None
+    checkpoint_xxh3 = None
     if not config.oracle and config.checkpoint:
         from cleaning.inputs import content_hash
         from pangu_model.checkpoint import WEIGHTS_NAME
@@ -311,9 +311,9 @@ def run_key(config: EvalConfig) -> dict[str, Any]:
         from .model_io import model_config
 
         model_config(config.checkpoint)  # not a checkpoint: one clear error, before anything is read
-        checkpoint_sha256 = content_hash(str(Path(config.checkpoint) / WEIGHTS_NAME))[0]
+        checkpoint_xxh3 = content_hash(str(Path(config.checkpoint) / WEIGHTS_NAME))[0]
     return {"settings": config.model_dump(mode="json", exclude={"tasks", "output"}),
-            "checkpoint_sha256": checkpoint_sha256}
+            "checkpoint_xxh3": checkpoint_xxh3}
 
 
 @dataclass

@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from cleaning.config import CorpusConfig, load_preset
 from flows.corpus import corpus_refresh
 from flows.evaluate import evaluate
-from flows.lineage import content_hash, record_asset
+from flows.lineage import UPSTREAM_LIMIT, content_hash, record_asset
 from flows.pretrain import pretrain
 from flows.tokenization import tokenizer_flow
 
@@ -25,9 +25,15 @@ from flows.tokenization import tokenizer_flow
 def lineage_rows(corpus: dict[str, Any], tok: dict[str, Any], train: dict[str, Any],
                  evaluation: dict[str, Any] | None) -> list[dict[str, Any]]:
     manifest = json.loads(Path(corpus["output"], "manifest.json").read_text(encoding="utf-8"))
+    inputs = manifest["inputs"]
+    # A corpus of many files would make a table no one reads (and an artifact too large to store):
+    # past the limit, one row says how many more inputs the manifest lists.
     rows = [{"stage": "raw input", "artefact": i["uri"], "content_hash": i["content_hash"], "made_from": ""}
-            for i in manifest["inputs"]]
-    rows.append({"stage": "corpus", "artefact": corpus["output"], "made_from": f"{len(rows)} raw inputs",
+            for i in inputs[:UPSTREAM_LIMIT]]
+    if len(inputs) > UPSTREAM_LIMIT:
+        rows.append({"stage": "raw input", "artefact": f"… {len(inputs) - UPSTREAM_LIMIT:,} more, listed in "
+                     f"{Path(corpus['output'], 'manifest.json')}", "content_hash": "", "made_from": ""})
+    rows.append({"stage": "corpus", "artefact": corpus["output"], "made_from": f"{len(inputs):,} raw inputs",
                  "content_hash": content_hash(Path(corpus["output"], "manifest.json"))})
     rows.append({"stage": "tokenizer", "artefact": tok["tokenizer"], "made_from": corpus["output"],
                  "content_hash": content_hash(Path(tok["tokenizer"], "spm.model"))})

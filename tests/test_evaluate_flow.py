@@ -45,7 +45,7 @@ def test_each_eval_task_is_a_task_run_and_the_scores_are_plotted(prefect_api, tm
     results = json.loads((tmp_path / "eval" / "results.json").read_text(encoding="utf-8"))
     assert list(results["tasks"]) == TASKS
     assert all(results["tasks"][name]["status"] == "ok" and results["tasks"][name]["n"] == 6 for name in TASKS)
-    assert results["meta"]["model"] == "tiny" and results["meta"]["run_key"]["checkpoint_sha256"]
+    assert results["meta"]["model"] == "tiny" and results["meta"]["run_key"]["checkpoint_xxh3"]
     assert {p.stem for p in (tmp_path / "eval" / "predictions").glob("*.jsonl")} == set(TASKS)
 
     artifacts = _artifacts(state.state_details.flow_run_id)

@@ -75,3 +75,23 @@ def test_pipeline_runs_every_stage_as_a_subflow_and_reruns_from_cache(prefect_ap
     assert again == summary
     changed = [str(p) for p, t in marks.items() if p.stat().st_mtime_ns != t and p.name != "LATEST"]
     assert not changed
+
+
+def test_the_lineage_table_of_a_corpus_of_many_files_lists_the_first_and_counts_the_rest(tmp_path):
+    from flows.lineage import UPSTREAM_LIMIT
+    from flows.pipeline import lineage_rows
+
+    inputs = [{"uri": f"/data/raw/part-{i:05d}.jsonl", "content_hash": f"{i:032x}"} for i in range(UPSTREAM_LIMIT + 70)]
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "manifest.json").write_text(json.dumps({"inputs": inputs}))
+    for path in ("tok/spm.model", "tokens/domains.json", "export/model.safetensors", "eval/results.json"):
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        (tmp_path / path).write_bytes(path.encode())
+    rows = lineage_rows({"output": str(tmp_path / "corpus")}, {"tokenizer": str(tmp_path / "tok"),
+                        "tokens": str(tmp_path / "tokens")}, {"export": str(tmp_path / "export")},
+                        {"results": str(tmp_path / "eval" / "results.json")})
+    raw = [row for row in rows if row["stage"] == "raw input"]
+    assert [row["artefact"] for row in raw[:UPSTREAM_LIMIT]] == [i["uri"] for i in inputs[:UPSTREAM_LIMIT]]
+    assert len(raw) == UPSTREAM_LIMIT + 1 and raw[-1]["artefact"].startswith("… 70 more, listed in ")
+    corpus = next(row for row in rows if row["stage"] == "corpus")
+    assert corpus["made_from"] == f"{UPSTREAM_LIMIT + 70} raw inputs"
