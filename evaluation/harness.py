@@ -341,11 +341,26 @@ class EvaluationPlan:
         return results if same else None
 
 
+def _data_still_missing(task: Task, config: EvalConfig) -> bool:
+    """Whether a task kept as `not_found` or `empty` would find the same now (its data may have come)."""
+    try:
+        if not task.load(config.data_dir, config.split, config.seed).items:
+            return True
+        if config.shots > 0:
+            task.load(config.data_dir, "train", config.seed)
+    except DataNotFound:
+        return True
+    return False
+
+
 def plan_evaluation(config: EvalConfig) -> EvaluationPlan:
     key = run_key(config)
     tasks = resolve_tasks(config.tasks)
+    clear_cache()  # list the data directory afresh
     finished = finished_tasks(Path(config.output), key)
-    return EvaluationPlan(config, key, tasks, {t.name: finished[t.name] for t in tasks if t.name in finished})
+    kept = {t.name: finished[t.name] for t in tasks if t.name in finished and
+            (finished[t.name]["summary"]["status"] == "ok" or _data_still_missing(t, config))}
+    return EvaluationPlan(config, key, tasks, kept)
 
 
 def keep_task_run(plan: EvaluationPlan, scorer: Scorer, model_meta: dict[str, Any], run: TaskRun) -> None:

@@ -26,10 +26,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+import os
 from functools import lru_cache
 from typing import Any, Iterable
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 SPLITS = ("eval", "train", "dev", "test")
 
@@ -53,6 +55,15 @@ def _listing(data_dir: str, maxdepth: int = 5) -> tuple[str, tuple[str, ...]]:
         raise DataNotFound(f"data directory {data_dir} does not exist")
     if fs.isfile(root):
         return root, (root,)
+    if isinstance(fs, LocalFileSystem):  # fsspec's find lists a symlinked directory as a file, unentered
+        root = root.rstrip("/") or "/"
+        found = []
+        for folder, folders, names in os.walk(root, followlinks=True):
+            depth = 0 if folder == root else os.path.relpath(folder, root).count(os.sep) + 1
+            if depth >= maxdepth - 1:
+                folders[:] = []  # as deep as find's maxdepth (which also bounds a symlink loop)
+            found += [os.path.join(folder, name) for name in names]
+        return root, tuple(sorted(found))
     return root, tuple(sorted(fs.find(root, maxdepth=maxdepth)))
 
 

@@ -4,7 +4,8 @@
     OUTPUT/tasks/<task>.json          its summary, the run it belongs to, the scorer and the model (written last)
 
 A finished task is reused by a run with the same key: the evaluation settings (all but the task list
-and the output) and the checkpoint's content hash. A task that crashed, or found no data, is not kept: it runs again.
+and the output) and the checkpoint's content hash. A task that crashed is not kept; one that found no
+data runs again once its data is there.
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ PREDICTIONS_DIR = "predictions"
 
 def keep_task(output: Path, key: dict[str, Any], scorer: str, model: dict[str, Any], summary: dict[str, Any],
               predictions: list[dict[str, Any]]) -> None:
-    """Writes a finished task's predictions, then its marker. Only a task that was evaluated is kept:
-    one that crashed runs again, and one whose data was missing or empty looks for it again."""
-    if summary.get("status") != "ok":
+    """Writes a finished task's predictions, then its marker. A task that crashed is not kept: it runs
+    again. One whose data was missing or empty is kept, and runs again once its data is there
+    (`evaluation.harness.plan_evaluation` looks)."""
+    if summary.get("status") == "failed":
         return
     if predictions:
         write_bytes_atomic(output / PREDICTIONS_DIR / f"{summary['task']}.jsonl",

@@ -16,9 +16,9 @@ _BIN = str(Path(sys.executable).parent)
 if (Path(_BIN) / "ninja").is_file() and os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
     os.environ["PATH"] = os.pathsep.join([_BIN, os.environ.get("PATH", "")])
 
-from .ops import remember_cpu_info
+from .cpuinfo_cache import remember_cpu_info
 
-remember_cpu_info()  # DeepSpeed's questions about the CPU, answered once (pangu_model/ops.py)
+remember_cpu_info()  # DeepSpeed's questions about the CPU, answered once (pangu_model/cpuinfo_cache.py)
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PRESETS, PanguConfig, get_config

@@ -196,6 +196,30 @@ _WITH_DEFAULT_SIGINT = ("import os, signal, sys; signal.signal(signal.SIGINT, si
 
 
 @pytest.mark.slow
+def test_a_temporary_server_that_does_not_answer_in_time_is_one_line_and_is_stopped(tmp_path):
+    """Prefect gives its temporary server 20 s, less than a first start took on a busy machine (`make run`
+    failed with a traceback). It gets at least STARTUP_TIMEOUT_S now; here both are cut to 1 s so that the
+    server, migrating a new database, cannot answer in time."""
+    import os
+
+    from tests.test_tokenizer_common import clue_documents, write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", list(clue_documents())[:50], shards=1)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1")
+    script = ("import sys, flows.local_server as server; server.STARTUP_TIMEOUT_S = 1; "
+              "from flows.cli import main; sys.exit(main(sys.argv[1:]))")
+    command = subprocess.Popen([sys.executable, "-c", script, "tokenizer", "run", "--corpus", str(corpus),
+                                "--output", str(tmp_path / "out")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    stdout, stderr = command.communicate(timeout=120)
+    left = subprocess.run(["pgrep", "-g", str(command.pid)], capture_output=True, text=True).stdout.split()
+    _one_line_error(subprocess.CompletedProcess(command.args, command.returncode, stdout, stderr),
+                    "pangu tokenizer run: error: the temporary Prefect server did not answer within 1 s",
+                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "make serve")
+    assert left == [], "the server that did not answer is stopped"
+
+
 def test_ctrl_c_stops_a_command_and_records_its_run_as_crashed_on_the_temporary_server(tmp_path):
     """Without PREFECT_API_URL the command's runs go to a temporary Prefect server, its child. Ctrl-C used
     to stop that server too, and the command then spent minutes retrying to report to it."""

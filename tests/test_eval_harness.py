@@ -160,3 +160,23 @@ def test_a_rerun_after_a_kill_or_a_crash_runs_only_the_unfinished_tasks(tmp_path
     assert (tmp_path / "eval" / "results.json").stat().st_mtime_ns == written
     run_evaluation(config.model_copy(update={"limit": 5}))
     assert ran == ["tnews", "ocnli", "cmrc2018"]
+
+
+def test_a_task_without_data_is_reused_until_its_data_arrives(tmp_path, monkeypatch) -> None:
+    import evaluation.harness as harness
+
+    real_run_task = harness.run_task
+    ran: list[str] = []
+    monkeypatch.setattr(harness, "run_task", lambda task, *a, **k: ran.append(task.name) or real_run_task(task, *a, **k))
+    data = tmp_path / "data" / "fewclue"
+    data.mkdir(parents=True)
+    # Linked, not copied: the loader follows symlinked directories (fsspec's find listed them as files).
+    (data / "tnews").symlink_to(require_clue() / "fewclue" / "tnews")
+    config = EvalConfig(oracle=True, tasks="tnews,ocnli", data_dir=str(tmp_path / "data"), output=str(tmp_path / "eval"),
+                        limit=5)
+    first = run_evaluation(config)
+    assert [t["status"] for t in first["tasks"].values()] == ["ok", "not_found"] and ran == ["tnews", "ocnli"]
+    ran.clear()
+    assert run_evaluation(config) == first and ran == []  # still missing: nothing runs
+    (data / "ocnli").symlink_to(require_clue() / "fewclue" / "ocnli")
+    assert run_evaluation(config)["tasks"]["ocnli"]["status"] == "ok" and ran == ["ocnli"]

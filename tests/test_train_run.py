@@ -327,6 +327,8 @@ def test_make_ops_builds_the_ops_a_cpu_training_run_loads() -> None:
     done = subprocess.run([sys.executable, "-m", "pangu_model.ops"], capture_output=True, text=True, timeout=900,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
+    # `import pangu_model` must not import the module `-m` runs (runpy then warns on every `make run`).
+    assert "RuntimeWarning" not in done.stderr, done.stderr[-3000:]
     ready = {line.split()[1] for line in done.stdout.splitlines() if line.startswith("pangu_model.ops:")}
     assert ready == {"cpu_adam", "deepspeed_shm_comm"}, done.stdout
     built = Path(os.environ["TORCH_EXTENSIONS_DIR"])
