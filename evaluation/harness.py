@@ -363,13 +363,8 @@ def plan_evaluation(config: EvalConfig) -> EvaluationPlan:
     return EvaluationPlan(config, key, tasks, kept)
 
 
-def keep_task_run(plan: EvaluationPlan, scorer: Scorer, model_meta: dict[str, Any], run: TaskRun) -> None:
-    """Writes a task's predictions and marker as soon as it ends, so a kill later does not lose it."""
-    keep_task(Path(plan.config.output), plan.key, scorer.name, model_meta, run.summary, run.predictions)
-
-
-def finish_evaluation(plan: EvaluationPlan, runs: dict[str, TaskRun], scorer_name: str | None,
-                      model_meta: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
+def _finish(plan: EvaluationPlan, runs: dict[str, TaskRun], scorer_name: str | None,
+            model_meta: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
     """results.json and report.md of every task of the plan: those run now (`runs`) and those reused;
     `scorer_name` and `model_meta` are None when no task ran now (the reused tasks' are used)."""
     config = plan.config
@@ -380,24 +375,23 @@ def finish_evaluation(plan: EvaluationPlan, runs: dict[str, TaskRun], scorer_nam
             for task in plan.tasks}
     results, _ = assemble_results(scorer_name, runs, config.data_dir, shots=config.shots, seed=config.seed,
                                   limit=config.limit, split=config.split)
-    # Each task's predictions were written when it ended (`keep_task_run`).
+    # Each task's predictions were written when it ended (`execute`).
     return write_results(config, results, {}, {**model_meta, "run_key": plan.key}, seconds)
 
 
 class EvaluationFailed(RuntimeError):
-    """Some tasks crashed; the others' results are written."""
+    """Some tasks crashed (task name → error, of `total`); the others' results are written under `output`."""
 
-
-def failure_message(failed: dict[str, Exception], total: int, output: str) -> str:
-    return (f"{len(failed)} of {total} evaluation tasks failed: "
-            + "; ".join(f"{name} ({type(error).__name__}: {error})" for name, error in failed.items())
-            + f". The others' results are in {Path(output) / 'results.json'}; a rerun runs only the failed ones.")
+    def __init__(self, failed: dict[str, Exception], total: int, output: str) -> None:
+        super().__init__(f"{len(failed)} of {total} evaluation tasks failed: "
+                         + "; ".join(f"{name} ({type(error).__name__}: {error})" for name, error in failed.items())
+                         + f". The others' results are in {Path(output) / RESULTS_FILE}; a rerun runs only the failed ones.")
 
 
 def execute(plan: EvaluationPlan, run_one: Callable[[Task, Scorer], TaskRun],
             after_each: Callable[[int], None] | None = None) -> tuple[dict[str, Any], dict[str, Exception]]:
     """Runs the plan's unfinished tasks with `run_one` (which raises when a task crashes: the others
-    still run), keeping each as it ends; writes results.json and report.md of the whole plan. Returns
+    still run; the data listing is the plan's), keeping each as it ends; writes results.json and report.md of the whole plan. Returns
     the results and the crashed tasks' errors. `after_each(tasks done)` follows every task."""
     scorer_name = model_meta = None
     runs: dict[str, TaskRun] = {}
@@ -406,18 +400,18 @@ def execute(plan: EvaluationPlan, run_one: Callable[[Task, Scorer], TaskRun],
     if plan.todo:
         scorer, model_meta = load_scorer(plan.config)
         scorer_name = scorer.name
-        clear_cache()  # list the data directory afresh
         for task in plan.todo:
             try:
                 run = run_one(task, scorer)
             except Exception as exc:  # one task's crash leaves the others' results
                 run = failed_task_run(task, exc, shots=plan.config.shots, seed=plan.config.seed)
                 failed[task.name] = exc
-            keep_task_run(plan, scorer, model_meta, run)
+            # kept as soon as it ends, so that a kill later does not lose it
+            keep_task(Path(plan.config.output), plan.key, scorer.name, model_meta, run.summary, run.predictions)
             runs[task.name] = run
             if after_each is not None:
                 after_each(len(plan.finished) + len(runs))
-    return finish_evaluation(plan, runs, scorer_name, model_meta, time.perf_counter() - started), failed
+    return _finish(plan, runs, scorer_name, model_meta, time.perf_counter() - started), failed
 
 
 def run_evaluation(config: EvalConfig, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
@@ -437,10 +431,10 @@ def run_evaluation(config: EvalConfig, progress: Callable[[str, int, int], None]
 
     results, failed = execute(plan, run_one)
     if failed:  # a crash is a bug: the first one's traceback goes with the message
-        raise EvaluationFailed(failure_message(failed, len(plan.tasks), config.output)) from next(iter(failed.values()))
+        raise EvaluationFailed(failed, len(plan.tasks), config.output) from next(iter(failed.values()))
     return results
 
 
 __all__ = ["EvalConfig", "EvaluationFailed", "EvaluationPlan", "ModelScorer", "OracleScorer", "PRIMARY_VARIANT", "TaskRun",
-           "assemble_results", "evaluate", "execute", "failed_task_run", "failure_message", "finish_evaluation", "keep_task_run",
-           "load_scorer", "plan_evaluation", "run_evaluation", "run_key", "run_task", "write_results"]
+           "assemble_results", "evaluate", "execute", "failed_task_run", "load_scorer", "plan_evaluation", "run_evaluation",
+           "run_key", "run_task", "write_results"]

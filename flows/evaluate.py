@@ -13,8 +13,7 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
                                update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 
-from evaluation.harness import (EvalConfig, EvaluationFailed, Scorer, TaskRun, execute, failure_message, plan_evaluation,
-                                run_task)
+from evaluation.harness import EvalConfig, EvaluationFailed, Scorer, TaskRun, execute, plan_evaluation, run_task
 from evaluation.tasks import Task
 from flows.reports import eval_scores_figure, png_markdown
 
@@ -99,5 +98,5 @@ def evaluate(checkpoint: str, data_dir: str, output: str, tokenizer: str | None 
     ok = [t for t in results["tasks"].values() if t.get("status") == "ok"]
     logger.info("evaluated %d tasks (%d not evaluated) → %s", len(ok), len(results["tasks"]) - len(ok), output)
     if failed:
-        raise EvaluationFailed(failure_message(failed, len(plan.tasks), output))
+        raise EvaluationFailed(failed, len(plan.tasks), output)
     return {"output": output, "tasks": len(ok), "results": str(done)}
