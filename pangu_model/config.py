@@ -11,6 +11,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 RouterName = Literal["dense", "rre", "moge", "topk"]
+# Routers that pipeline parallelism runs: dense PanGu-α and PanGu-Σ's RRE, which have no auxiliary loss
+# that would have to be carried from every stage to the last one's loss. Here, not in pipeline_parallel.py,
+# so that validating a config or planning a layout does not import DeepSpeed.
+PIPELINE_ROUTERS: tuple[RouterName, ...] = ("dense", "rre")
 
 # Token conventions of the released PanGu-α tokenizer (SPEC §4).
 EOT_TOKEN_ID = 9

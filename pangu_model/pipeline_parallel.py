@@ -50,7 +50,7 @@ from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule, TiedLayerSp
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import PanguConfig
+from .config import PIPELINE_ROUTERS, PanguConfig
 from .masks import AttentionLayout, attention_backend, attention_layout
 from .model import IGNORE_INDEX, Block
 from .tensor_parallel import (
@@ -61,9 +61,6 @@ from .tensor_parallel import (
 )
 
 TIED_EMBEDDING = "word_embedding"
-# PanGu-α (dense) and PanGu-Σ with RRE experts: routers without an auxiliary loss, which would have to be
-# carried from every stage to the last one's loss.
-PIPELINE_ROUTERS = ("dense", "rre")
 # Layer specs before the first block: the tied word embedding, then the position embedding.
 FIRST_BLOCK_SPEC = 2
 

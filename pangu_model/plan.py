@@ -200,7 +200,7 @@ import torch
 
 from cleaning.errors import one_line
 
-from .config import PRESETS, PanguConfig
+from .config import PIPELINE_ROUTERS, PRESETS, PanguConfig
 from .materialize import on_meta
 from .metrics import PEAK_FLOPS, flops_per_token
 from .model import PanguModel
@@ -224,7 +224,7 @@ class Hardware:
     key: str
     name: str
     peak_key: str  # key of pangu_model.metrics.PEAK_FLOPS
-    memory_bytes: int  # HBM per GPU, nominal
+    memory_bytes: int  # HBM per GPU as torch reports it (total_memory): less than the datasheet's figure
     hbm_bytes_per_s: float
     nvlink_bytes_per_s: float  # per GPU, one direction
     pcie_h2d_bytes_per_s: float  # pinned host → device, per GPU
@@ -255,17 +255,19 @@ _COMMON_SOURCES = (
 HARDWARE: dict[str, Hardware] = {
     "h100": Hardware(
         key="h100", name="NVIDIA H100 SXM5 80 GB", peak_key="H100",
-        memory_bytes=80 * GiB, hbm_bytes_per_s=3.35e12, nvlink_bytes_per_s=450e9,
+        memory_bytes=int(79.2 * GiB), hbm_bytes_per_s=3.35e12, nvlink_bytes_per_s=450e9,
         pcie_h2d_bytes_per_s=55e9, pcie_d2h_bytes_per_s=55e9, network_bytes_per_s=50e9,
         host_ram_bytes=2 * TiB, host_dram_bytes_per_s=450e9, compute_efficiency=0.5,
-        sources=("HBM3 80 GB (torch reports ~79.2 GiB), 3.35 TB/s: NVIDIA H100 SXM datasheet",) + _COMMON_SOURCES,
+        sources=("HBM3 80 GB, 3.35 TB/s: NVIDIA H100 SXM datasheet; planned as the 79.2 GiB torch reports "
+                 "(nvidia-smi: 81,559 MiB)",) + _COMMON_SOURCES,
     ),
     "h200": Hardware(
         key="h200", name="NVIDIA H200 SXM 141 GB", peak_key="H200",
-        memory_bytes=141 * GiB, hbm_bytes_per_s=4.8e12, nvlink_bytes_per_s=450e9,
+        memory_bytes=int(139.8 * GiB), hbm_bytes_per_s=4.8e12, nvlink_bytes_per_s=450e9,
         pcie_h2d_bytes_per_s=55e9, pcie_d2h_bytes_per_s=55e9, network_bytes_per_s=50e9,
         host_ram_bytes=2 * TiB, host_dram_bytes_per_s=450e9, compute_efficiency=0.5,
-        sources=("HBM3e 141 GB (torch reports ~139.8 GiB), 4.8 TB/s: NVIDIA H200 datasheet",) + _COMMON_SOURCES,
+        sources=("HBM3e 141 GB, 4.8 TB/s: NVIDIA H200 datasheet; planned as the 139.8 GiB torch reports "
+                 "(nvidia-smi: 143,771 MiB)",) + _COMMON_SOURCES,
     ),
 }
 
@@ -990,8 +992,6 @@ def plan_training(
     # ---- notes -------------------------------------------------------------------------------
     if pp > 1:
         notes.append(f"pipeline: {describe_split(model.num_layers, pp)}")
-        from .pipeline_parallel import PIPELINE_ROUTERS
-
         if model.router not in PIPELINE_ROUTERS or ecss or ep > 1:  # TrainConfig._check_pipeline_parallel
             notes.append(f"pangu_model.train runs pipeline {pp} for dense PanGu-α and for RRE PanGu-Σ with ep 1 "
                          f"and no ECSS (it refuses this layout); the stages are planned as its split would place "

@@ -62,7 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cleaning.writers import atomic_file, write_bytes_atomic
 
-from .config import PanguConfig, get_config
+from .config import PIPELINE_ROUTERS, PanguConfig, get_config
 from .deepspeed_config import deepspeed_config
 from .expert_parallel import gather_expert_state, local_expert_rows, to_deepspeed_moe, without_moe_keys
 from .materialize import on_meta
@@ -215,8 +215,6 @@ class TrainConfig(BaseModel):
         pp = self.pipeline_parallel
         if pp == 1:
             return
-        from .pipeline_parallel import PIPELINE_ROUTERS
-
         if self.ecss or self.expert_parallel > 1 or model.router not in PIPELINE_ROUTERS:
             given = "ECSS" if self.ecss else "expert_parallel" if self.expert_parallel > 1 else f"router {model.router}"
             raise LayoutError(f"pipeline_parallel {pp} with {given}: pipeline parallelism is implemented for dense "

@@ -24,6 +24,8 @@ from pangu_model.plan import (
 )
 
 GiB = 2**30
+# What torch reports as an H200's total_memory (139.8 GiB; the datasheet's 141 GB is more than a process gets).
+H200_MEMORY = int(139.8 * GiB)
 REQUIRED_KEYS = {"fits", "gpu_bytes_per_gpu", "host_bytes_per_node", "h2d_bytes_per_gpu_per_step", "step_time_s",
                  "mfu"}
 
@@ -145,8 +147,8 @@ def test_sigma_1t_transfers_and_time(sigma_h100):
 
 def test_sigma_1t_on_h200_same_bytes_more_room(sigma_h100, sigma_h200):
     assert sigma_h200.gpu_bytes_per_gpu == sigma_h100.gpu_bytes_per_gpu
-    assert sigma_h200.gpu_capacity_bytes == 141 * GiB
-    assert sigma_h200.gpu_usable_bytes == int(141 * GiB * (1 - GPU_RESERVE_FRACTION))
+    assert sigma_h200.gpu_capacity_bytes == H200_MEMORY
+    assert sigma_h200.gpu_usable_bytes == int(H200_MEMORY * (1 - GPU_RESERVE_FRACTION))
     assert not sigma_h200.fits
 
 
@@ -277,6 +279,19 @@ def test_cli_json(capsys):
     assert json.loads(capsys.readouterr().out)["fits"] is True
 
 
+def test_cli_json_of_a_pipeline_layout_is_json_alone():
+    """A pipeline layout's plan once imported DeepSpeed, whose logger writes its accelerator warning to stdout,
+    before the JSON. A fresh process, as a user's: in this one DeepSpeed's handler may be set up already."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "plan", "--preset", "200b", "--topology",
+                           "pangu-alpha-200b", "--json"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["fits"] is True and "pipeline" in " ".join(data["notes"])
+
+
 def test_cli_table_says_does_not_fit(capsys):
     from flows.cli import main
 
@@ -401,7 +416,7 @@ def test_sigma_1t_preset_device_bytes(sigma_preset):
                                                                 + 2 * ASKED + 4 * UPLOADED + below)
     assert sigma_preset.gpu_phases["ecss_fetch"] == static + 2 * FETCHED + 2 * (UPLOADED + 2 * ASKED + FETCHED)
     assert sigma_preset.gpu_bytes_per_gpu == sigma_preset.gpu_phases["ecss_gradient_return"]  # ≈ 87.9 GiB
-    assert sigma_preset.gpu_bytes_per_gpu <= int(141 * GiB * (1 - GPU_RESERVE_FRACTION))
+    assert sigma_preset.gpu_bytes_per_gpu <= int(H200_MEMORY * (1 - GPU_RESERVE_FRACTION))
     assert not any(r.startswith("GPU memory") for r in sigma_preset.reasons)
 
 
