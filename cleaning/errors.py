@@ -5,7 +5,18 @@ or YAML field should read as one line that names the field, the rule and the val
 """
 from __future__ import annotations
 
-from typing import Any
+import os
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+USAGE_ERROR = 2  # argparse's own exit code for a bad command line; ours for every expected error
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """A mistake the user can fix (a missing path or asset, a mismatch, an invalid value): a message is
+    enough. Anything else is a bug and keeps its traceback."""
+    return isinstance(exc, (OSError, ValueError, KeyError))
 
 
 def _shown(value: Any) -> str:
@@ -31,3 +42,16 @@ def one_line(exc: BaseException) -> str:
             pass
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     return " ".join(str(text).replace(":\n  - ", ": ").replace("\n  - ", "; ").split()) or type(exc).__name__
+
+
+@contextmanager
+def user_errors_in_one_line(command: str) -> Iterator[None]:
+    """A command's body: a user's mistake inside it ends the command with `COMMAND: error: ...` on standard
+    error and exit 2, as argparse ends a bad command line. PANGU_DEBUG=1 keeps the traceback."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - sorted into user errors and bugs right here
+        if not is_user_error(exc) or os.environ.get("PANGU_DEBUG"):
+            raise
+        print(f"{command}: error: {one_line(exc)}", file=sys.stderr)
+        raise SystemExit(USAGE_ERROR) from None

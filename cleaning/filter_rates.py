@@ -23,6 +23,7 @@ from typing import Iterable
 from cleaning import charclass, perplexity
 from cleaning.config import CorpusConfig, RuleConfig, load_preset
 from cleaning.document import Document, Rejection
+from cleaning.errors import user_errors_in_one_line
 from cleaning.pipeline import CleaningChain
 
 # SPEC §3 rule 1: these may reject clean text (a 20-character review is not a document).
@@ -223,12 +224,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-set", type=int, default=None)
     parser.add_argument("--junk", type=int, default=300, help="documents per junk set")
     args = parser.parse_args(argv)
-    config = load_preset(args.preset)
-    if config.rules.perplexity_model == perplexity.DEFAULT_MODEL:
-        perplexity.fetch_model(clue=args.clue)  # the reference model, built once per machine
-    clean = clean_sets(args.clue, args.per_set)
-    junk = junk_sets(clean, config.rules, args.junk)
-    print(table(measure(config, clean, junk)))
+    with user_errors_in_one_line("cleaning.filter_rates"):  # a missing asset or CLUE set: one line
+        if not (Path(args.clue) / "fewclue").is_dir():
+            raise FileNotFoundError(f"{args.clue}: no CLUE data (fewclue/, c3/, cmrc2018/)")
+        config = load_preset(args.preset)
+        if config.rules.perplexity_model == perplexity.DEFAULT_MODEL:
+            perplexity.fetch_model(clue=args.clue)  # the reference model, built once per machine
+        clean = clean_sets(args.clue, args.per_set)
+        junk = junk_sets(clean, config.rules, args.junk)
+        print(table(measure(config, clean, junk)))
 
 
 if __name__ == "__main__":

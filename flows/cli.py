@@ -10,6 +10,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from cleaning.errors import USAGE_ERROR, is_user_error, one_line
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -20,7 +22,7 @@ def _run_flows(run: Handler, args: argparse.Namespace) -> int:
     from flows.console import expected_errors_in_one_line
     from flows.local_server import start_temporary_server
 
-    expected_errors_in_one_line(_is_expected)
+    expected_errors_in_one_line(is_user_error)
     start_temporary_server()
     return run(args)
 
@@ -286,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", default=None,
                    help="deploy/presets/topology name or YAML (pangu-sigma, pangu-alpha-200b, ...); default: the "
                         "preset's own topology, else --nodes")
-    p.add_argument("--nodes", type=int, default=None, help="servers, with data and expert parallelism only")
+    p.add_argument("--nodes", type=int, default=None,
+                   help="servers, with the tensor, pipeline, data and expert parallelism of the config "
+                        "(--set tensor_parallel=T, --set pipeline_parallel=P)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per server with --nodes (default 8)")
     p.add_argument("--gpu", choices=["h100", "h200"], default="h100", help="GPU kind of the hardware table")
     p.add_argument("--host-ram-gb", type=float, default=None,
@@ -373,21 +377,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-USAGE_ERROR = 2  # argparse's own exit code for a bad command line; ours for every expected error
-
-
-def _is_expected(exc: BaseException) -> bool:
-    """A mistake the user can fix (a missing path, a mismatch, an invalid value): a message is enough.
-    Anything else is a bug and keeps its traceback."""
-    return isinstance(exc, (OSError, ValueError, KeyError))
-
-
-def _message(exc: BaseException) -> str:
-    from cleaning.errors import one_line  # a config's validation errors too, in one line
-
-    return one_line(exc)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     # No network here or on most clusters: Prefect's telemetry would only log failures.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -408,9 +397,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - sorted into user errors and bugs right here
-        if not _is_expected(exc) or os.environ.get("PANGU_DEBUG"):
+        if not is_user_error(exc) or os.environ.get("PANGU_DEBUG"):
             raise
-        print(f"{command}: error: {_message(exc)}", file=sys.stderr)
+        print(f"{command}: error: {one_line(exc)}", file=sys.stderr)  # a config's validation errors too
         return USAGE_ERROR
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -127,6 +128,7 @@ class Launch:
     note: str | None = None  # a choice the caller should hear about
     grace_s: float = STOP_GRACE_S  # from a stop (SIGTERM, the stop file) to SIGKILL
     cluster: Any = None  # the nodes of a multi-node job (pangu_model.topology.ClusterSpec): its hostfile
+    signal_stop: bool = True  # False: the flow's own stops reach the ranks through the stop file alone
 
     def describe(self) -> str:
         return " ".join(self.argv)
@@ -205,9 +207,31 @@ def build_launch(
     if ranks <= 1:
         return Launch([sys.executable, "-m", TRAIN_MODULE, *program], "python", 1, 1, env, note=note, grace_s=grace_s)
     # torchrun passes a SIGTERM on to its ranks and SIGKILLs them 30 s later unless told otherwise.
+    grace = ["--shutdown-timeout", str(math.ceil(grace_s))]
+    if not torchrun_takes_shutdown_timeout():
+        # An older torchrun cannot be told: a SIGTERM that reaches it gives the ranks 30 s. The flow's own stops
+        # (a cancellation, a SIGTERM to the flow run) then leave torchrun alone and reach the ranks through
+        # the stop file, which they read after every step; torchrun sees them end.
+        import torch
+
+        grace = []
+        note = "; ".join(filter(None, [note, (
+            f"torchrun of torch {torch.__version__} has no --shutdown-timeout: a SIGTERM sent to it gives the "
+            f"ranks 30 s to checkpoint (not the {grace_s:.0f} s grace); the flow stops the job through the "
+            f"stop file instead")]))
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-            "--shutdown-timeout", str(math.ceil(grace_s)), "-m", TRAIN_MODULE, *program]
-    return Launch(argv, "torchrun", ranks, 1, env, note=note, grace_s=grace_s)
+            *grace, "-m", TRAIN_MODULE, *program]
+    return Launch(argv, "torchrun", ranks, 1, env, note=note, grace_s=grace_s, signal_stop=bool(grace))
+
+
+@functools.lru_cache(maxsize=1)
+def torchrun_takes_shutdown_timeout() -> bool:
+    """Whether this torch's torchrun has `--shutdown-timeout` (torch 2.13's has; 2.11's has not, and a job
+    launched with it would end at once with a usage error)."""
+    from torch.distributed.run import get_args_parser
+
+    known, _ = get_args_parser().parse_known_args(["--shutdown-timeout", "1", "train.py"])
+    return getattr(known, "shutdown_timeout", None) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,28 +333,32 @@ def default_stop_grace(config: Any, nodes: int, gpus_per_node: int) -> float:
     return max(STOP_GRACE_S, 2.0 * (plan.step_time_s + plan.checkpoint_s))
 
 
-def request_stop(proc: subprocess.Popen, output: str | os.PathLike[str]) -> None:
+def request_stop(proc: subprocess.Popen, output: str | os.PathLike[str], signal_job: bool = True) -> None:
     """Ask every rank to finish its step and checkpoint: the stop file (it reaches ranks on other nodes,
-    which the deepspeed launcher does not signal) and SIGTERM to the job's process group."""
+    which the deepspeed launcher does not signal) and, with `signal_job`, SIGTERM to the job's process
+    group."""
     from pangu_model.train import STOP_FILE
 
     try:
         Path(output, STOP_FILE).touch()
     except OSError:
         pass
+    if not signal_job:
+        return
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
 
 
-def _stop(proc: subprocess.Popen, logger: Any, grace_s: float, output: str | os.PathLike[str]) -> None:
+def _stop(proc: subprocess.Popen, logger: Any, grace_s: float, output: str | os.PathLike[str],
+          signal_job: bool = True) -> None:
     """Stop a job that is still running (the trainer checkpoints), SIGKILL after `grace_s` seconds."""
     if proc.poll() is not None:
         return
     logger.warning("stopping the training job (process group %d): it checkpoints first, SIGKILL in %.0fs",
                    proc.pid, grace_s)
-    request_stop(proc, output)
+    request_stop(proc, output, signal_job)
     try:
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
@@ -427,10 +455,10 @@ def run_training(launch: Launch, output: str, total_steps: int) -> dict[str, Any
             # SIGTERM to this flow process: a scheduler preempting the run. The job stops as a preempted job
             # does (every rank checkpoints) and the run ends Preempted below.
             logger.warning("SIGTERM: the training job checkpoints and stops (SIGKILL in %.0fs)", launch.grace_s)
-            request_stop(proc, output)
+            request_stop(proc, output, launch.signal_stop)
             code = follow(deadline=time.monotonic() + launch.grace_s)
     finally:
-        _stop(proc, logger, launch.grace_s, output)
+        _stop(proc, logger, launch.grace_s, output, launch.signal_stop)
         reader.join(timeout=5)
     seconds = time.monotonic() - started
     result = parse_result(tail)

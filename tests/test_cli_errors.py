@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -105,6 +106,28 @@ def test_a_vocabulary_larger_than_the_text_holds_is_one_line_from_inside_the_flo
     assert "TrainError" in done.stderr  # the task run's failure is still logged, in one line
 
 
+@pytest.mark.parametrize("module, clue, assets, expected", [
+    ("cleaning.perplexity", None, False, "pangu data fetch-assets"),
+    ("cleaning.filter_rates", "CLUE", False, "pangu data fetch-assets"),
+    ("cleaning.filter_rates", "nowhere", True, "nowhere: no CLUE data"),
+])
+def test_the_calibration_commands_say_a_missing_asset_or_clue_set_in_one_line(tmp_path, request, module, clue,
+                                                                               assets, expected):
+    """`python -m cleaning.perplexity` and `python -m cleaning.filter_rates`, which README gives, on a machine
+    whose assets were never fetched (a new PANGU_HOME), or given a CLUE directory that is not there."""
+    from tests.realtext import CLUE
+
+    env = {k: v for k, v in os.environ.items() if k != "PANGU_DEBUG"}
+    if assets:
+        request.getfixturevalue("fetched_assets")  # the default PANGU_HOME has them
+    else:
+        env["PANGU_HOME"] = str(tmp_path / "new-home")
+    args = [] if clue is None else [str(CLUE) if clue == "CLUE" else str(tmp_path / clue)]
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    _one_line_error(done, f"{module}: error:", expected)
+
+
 def test_help_describes_every_option():
     from flows.cli import build_parser
 
@@ -164,11 +187,11 @@ def test_the_terminal_drops_the_traceback_of_an_expected_error_and_the_server_s_
 
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    from flows.cli import _is_expected
+    from cleaning.errors import is_user_error
     from flows.console import expected_errors_in_one_line
 
     monkeypatch.delenv("PANGU_DEBUG", raising=False)
-    expected_errors_in_one_line(_is_expected)
+    expected_errors_in_one_line(is_user_error)
     console = next(h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler))
     server = logging.Formatter()  # what the API log handler formats with, before the console's turn
 

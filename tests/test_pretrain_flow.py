@@ -177,7 +177,10 @@ def test_resolve_data_picks_the_newest_version(tmp_path, tokens):
         resolve_data(tmp_path / "missing")
 
 
-def test_launch_commands(tmp_path):
+def test_launch_commands(tmp_path, monkeypatch):
+    import flows.pretrain
+
+    monkeypatch.setattr(flows.pretrain, "torchrun_takes_shutdown_timeout", lambda: True)  # torch 2.13's torchrun
     common = dict(preset="sigma-tiny", data="/d", output=tmp_path, steps=5, overrides={"optimizer.lr": 3e-4})
     one = build_launch(**common, devices=0)
     assert one.launcher == "python" and one.world_size == 1
@@ -190,7 +193,7 @@ def test_launch_commands(tmp_path):
     # torchrun SIGKILLs its ranks 30 s after passing on a SIGTERM unless told the grace period.
     assert local.argv[1:9] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                                "--shutdown-timeout", "901", "-m"]
-    assert local.grace_s == 900.5
+    assert local.grace_s == 900.5 and local.signal_stop
 
     # Several nodes need their real host names: invented ones (node-000, …) cannot be reached.
     with pytest.raises(ValueError, match="--nodes 2 needs the hosts.*--hostfile"):
@@ -343,6 +346,50 @@ def test_sigterm_to_a_torchrun_job_is_a_preemption_with_a_checkpoint(prefect_api
     assert state.is_failed()
     with pytest.raises(TrainingPreempted, match="rerun with the same output"):
         state.result()
+    steps = len(read_metrics_csv(out))
+    assert 3 <= steps < 200
+    assert (out / "checkpoints" / "latest").read_text() == f"step{steps:08d}"
+
+
+@pytest.mark.slow
+def test_a_torchrun_without_a_shutdown_timeout_is_launched_without_it_and_stopped_through_the_stop_file(
+        tokens, tmp_path, monkeypatch):
+    """An older torch's torchrun (2.11's) has no --shutdown-timeout: a job launched with it ended at once with
+    a usage error, and a SIGTERM to it gives the ranks 30 s. The flow launches without the option and stops
+    the job through the stop file alone: both ranks checkpoint at one step and torchrun is never signalled."""
+    import logging
+    import threading
+
+    import flows.pretrain
+    from flows.pretrain import _stop, start_job
+
+    monkeypatch.setattr(flows.pretrain, "local_devices", lambda: 2)
+    monkeypatch.setattr(flows.pretrain, "torchrun_takes_shutdown_timeout", lambda: False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "older-torchrun"
+    launch = build_launch("alpha-tiny", tokens, out, 200, {**TINY, "throttle_s": 0.2, "checkpoint_every": 0},
+                          gpus_per_node=2)
+    assert launch.launcher == "torchrun" and "--shutdown-timeout" not in launch.argv
+    assert not launch.signal_stop and "30 s" in launch.note
+    proc = start_job(launch.argv, {**os.environ, **launch.env})
+    printed: list[str] = []
+    reader = threading.Thread(target=lambda: printed.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 180
+        while len(read_metrics_csv(out)) < 3:
+            assert proc.poll() is None, "the job ended before its third step"
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.2)
+        _stop(proc, logging.getLogger(__name__), 120, out, launch.signal_stop)
+        reader.join(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    output = "".join(printed)
+    assert (parse_result(output.splitlines()) or {}).get("status") == "preempted", output[-3000:]
+    assert "death signal" not in output  # what torchrun logs when a signal reaches it
     steps = len(read_metrics_csv(out))
     assert 3 <= steps < 200
     assert (out / "checkpoints" / "latest").read_text() == f"step{steps:08d}"
