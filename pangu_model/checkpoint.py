@@ -13,14 +13,16 @@ header (tensors in name order, padded with spaces to 8 bytes), then the tensors 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from cleaning.writers import write_bytes_atomic
@@ -149,7 +151,16 @@ def save_checkpoint(model: PanguModel, directory: str | os.PathLike[str]) -> Pat
 
 
 def load_config(directory: str | os.PathLike[str]) -> PanguConfig:
-    payload = json.loads((Path(directory) / CONFIG_NAME).read_text(encoding="utf-8"))
+    path = Path(directory) / CONFIG_NAME
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc.msg[:1].lower()}{exc.msg[1:]} at line {exc.lineno}, "
+                         f"column {exc.colno})") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}): not a config.json") from exc
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: not a model config (a JSON {type(payload).__name__}, not an object)")
     payload.pop("format_version", None)
     payload.pop("model_type", None)
     return PanguConfig.model_validate(payload)
@@ -170,7 +181,10 @@ def load_checkpoint(
     with on_meta():
         model = PanguModel(config, expert_shard)
     if expert_shard is None:
-        state = load_file(str(directory / WEIGHTS_NAME), device=str(device))
+        with _readable(directory / WEIGHTS_NAME):
+            state = load_file(str(directory / WEIGHTS_NAME), device=str(device))
+        _check_shapes(directory, {name: tuple(t.shape) for name, t in model.state_dict().items()},
+                      {name: tuple(t.shape) for name, t in state.items()}, extra_allowed=False)
     else:
         state = read_parts(directory, model, device)
     model.load_state_dict(state, strict=True, assign=True)
@@ -192,11 +206,25 @@ def read_parts(directory: str | os.PathLike[str], model: PanguModel, device: str
 
     first_rows = {f"{name}.experts.{weight}": ffn.experts.first_expert
                   for name, ffn in model.sparse_layers().items() for weight in EXPERT_WEIGHTS}
+    all_rows = {f"{name}.experts.{weight}": getattr(ffn, "total_experts", ffn.experts.num_experts)
+                for name, ffn in model.sparse_layers().items() for weight in EXPERT_WEIGHTS}
     split = split_dims(model) if model.tp is not None else {}
+    wanted = {}  # name → the whole tensor's shape, as the config makes it (not just this rank's part)
+    for name, target in model.state_dict().items():
+        if keep is not None and not keep(name.rpartition(".")[0]):
+            continue
+        shape = list(target.shape)
+        if name in first_rows:
+            shape[0] = all_rows[name]
+        elif name in split:
+            shape[split[name]] *= model.tp.size
+        wanted[name] = tuple(shape)
     state = {}
-    with safe_open(str(Path(directory) / WEIGHTS_NAME), framework="pt", device=str(device)) as handle:
+    path = Path(directory) / WEIGHTS_NAME
+    with _readable(path), safe_open(str(path), framework="pt", device=str(device)) as handle:
+        _check_shapes(directory, wanted, _stored_shapes(path), extra_allowed=True)  # the header safe_open accepted
         for name, target in model.state_dict().items():
-            if keep is not None and not keep(name.rpartition(".")[0]):
+            if name not in wanted:
                 continue
             if name in first_rows:
                 first = first_rows[name]
@@ -208,3 +236,44 @@ def read_parts(directory: str | os.PathLike[str], model: PanguModel, device: str
             else:
                 state[name] = handle.get_tensor(name)
     return state
+
+
+@contextlib.contextmanager
+def _readable(path: Path) -> Iterator[None]:
+    """safetensors' own error for a file it cannot parse, as one line that names the file."""
+    try:
+        yield
+    except SafetensorError as exc:
+        reason = str(exc).removeprefix("Error while deserializing header: ")
+        raise ValueError(f"{path}: not a readable safetensors file ({reason}): the export is damaged or "
+                         "was cut off while written") from exc
+
+
+def _stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every tensor in a safetensors file, from its header (8-byte length, JSON)."""
+    with open(path, "rb") as fh:
+        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    return {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
+
+
+def _shape_text(shape: tuple[int, ...] | None) -> str:
+    if shape is None:
+        return "absent"
+    return "x".join(str(size) for size in shape) if shape else "a scalar"
+
+
+def _check_shapes(directory: str | os.PathLike[str], wanted: dict[str, tuple[int, ...]],
+                  found: dict[str, tuple[int, ...]], extra_allowed: bool) -> None:
+    """ValueError, in one line, when the tensors of model.safetensors (`found`: name → shape) are not those
+    the export's config.json makes (`wanted`): a config edited, or taken from another export. Checked before
+    `load_state_dict`, whose error is a many-line RuntimeError."""
+    names = sorted(set(wanted) | (set() if extra_allowed else set(found)))
+    wrong = [name for name in names if wanted.get(name) != found.get(name)]
+    if not wrong:
+        return
+    first = wrong[0]
+    more = f"; and {len(wrong) - 1} more tensor(s) differ" if len(wrong) > 1 else ""
+    raise ValueError(
+        f"{directory}: the weights do not match {CONFIG_NAME} ({first}: {_shape_text(found.get(first))} in the "
+        f"file, {_shape_text(wanted.get(first))} in the config){more}; {CONFIG_NAME} and {WEIGHTS_NAME} must "
+        "come from the same export")

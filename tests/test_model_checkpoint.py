@@ -1,6 +1,8 @@
 """safetensors + config.json round trips."""
 
 import json
+import random
+import re
 
 import pytest
 import torch
@@ -108,3 +110,77 @@ def test_a_file_written_in_pieces_equals_the_file_written_whole(tmp_path) -> Non
         assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
     with pytest.raises(ValueError, match="do not fit"):
         pieces.write("experts.w_in", torch.zeros(2, 3, 5), first_row=7)
+
+
+# A damaged export is a user's problem, not a bug: one ValueError (the CLI prints it as one `error:` line)
+# that names the file and says what is wrong, not safetensors' or load_state_dict's own error.
+def _export(tmp_path, **overrides):
+    torch.manual_seed(0)
+    return save_checkpoint(PanguModel(small(**overrides)), tmp_path / "export")
+
+
+def _sharded(directory):
+    return load_checkpoint(directory, expert_shard=(0, 2))  # reads through read_parts
+
+
+@pytest.mark.parametrize("load", [load_checkpoint, _sharded], ids=["whole", "expert_shard"])
+def test_a_truncated_weights_file_is_one_clear_error(tmp_path, load) -> None:
+    directory = _export(tmp_path, router="rre", moe_layers=1, num_domains=2, experts_per_domain=2)
+    weights = directory / WEIGHTS_NAME
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=re.escape(f"{weights}: not a readable safetensors file (incomplete "
+                                                   "metadata")) as caught:
+        load(directory)
+    assert "cut off" in str(caught.value) and "\n" not in str(caught.value)
+    assert type(caught.value.__cause__).__name__ == "SafetensorError"
+
+
+def test_random_bytes_as_weights_file_are_one_clear_error(tmp_path) -> None:
+    directory = _export(tmp_path)
+    weights = directory / WEIGHTS_NAME
+    weights.write_bytes(random.Random(0).randbytes(4096))
+    with pytest.raises(ValueError, match=re.escape(f"{weights}: not a readable safetensors file (header too large)")):
+        load_checkpoint(directory)
+
+
+@pytest.mark.parametrize("load", [load_checkpoint, _sharded], ids=["whole", "expert_shard"])
+def test_a_config_that_does_not_match_the_weights_is_one_clear_error(tmp_path, load) -> None:
+    directory = _export(tmp_path, router="rre", moe_layers=1, num_domains=2, experts_per_domain=2)
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    (directory / CONFIG_NAME).write_text(json.dumps({**config, "d_ff": 128}))
+    with pytest.raises(ValueError, match=re.escape(f"{directory}: the weights do not match config.json (")) as caught:
+        load(directory)
+    message = str(caught.value)
+    assert "64 in the file, 128 in the config" in message and "more tensor(s) differ" in message
+    assert "\n" not in message
+
+
+def test_an_empty_config_is_one_clear_error(tmp_path) -> None:
+    directory = _export(tmp_path)
+    (directory / CONFIG_NAME).write_text("{}")  # every field at its default: a far larger model
+    with pytest.raises(ValueError, match=re.escape(f"{directory}: the weights do not match config.json (")):
+        load_checkpoint(directory)
+
+
+def test_a_config_that_is_not_json_names_the_file(tmp_path) -> None:
+    directory = _export(tmp_path)
+    (directory / CONFIG_NAME).write_text("not json")
+    with pytest.raises(ValueError, match=re.escape(f"{directory / CONFIG_NAME}: not JSON (expecting value at "
+                                                   "line 1, column 1)")) as caught:
+        load_checkpoint(directory)
+    assert isinstance(caught.value.__cause__, json.JSONDecodeError)
+    (directory / CONFIG_NAME).write_text("[1, 2]")  # JSON, but not a config
+    with pytest.raises(ValueError, match=re.escape(f"{directory / CONFIG_NAME}: not a model config")):
+        load_checkpoint(directory)
+
+
+def test_other_runtime_errors_of_loading_are_not_disguised(tmp_path, monkeypatch) -> None:
+    directory = _export(tmp_path)
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("a bug, not a damaged export")
+
+    monkeypatch.setattr(PanguModel, "load_state_dict", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        load_checkpoint(directory)
