@@ -51,7 +51,8 @@ from cleaning import dedup, dedup_index, ids
 from cleaning.config import CorpusConfig
 from cleaning.document import (KEPT_SCHEMA, REJECTED_SCHEMA, Document, Rejection, document_from_row,
                                kept_row, rejected_row)
-from cleaning.inputs import InputShard, content_hash, expand_inputs, file_signature, hash_and_split, input_names
+from cleaning.inputs import (InputShard, content_hash, expand_inputs, file_signature, hash_and_split, input_names,
+                             require_some_input)
 from cleaning.pipeline import CleaningChain
 from cleaning.readers import FieldMap, ReadFault, RecordReader, ShardReadError
 from cleaning.stats import ShardStats
@@ -119,8 +120,10 @@ class CorpusBuild:
         return _hash_json({k: cfg[k] for k in ("rules", "sources", "reader")})
 
     def list_inputs(self) -> list[tuple[str, str | None, str]]:
-        """(uri, error, name) of every input file, in order: a listing only, which the driver does."""
+        """(uri, error, name) of every input file, in order: a listing only, which the driver does.
+        Raises FileNotFoundError when no input is found at all (`inputs.require_some_input`)."""
         entries = expand_inputs(self.inputs)
+        require_some_input(self.inputs, entries)
         names = input_names(self.inputs, entries)
         return [(uri, error, names[uri]) for uri, error in entries]
 

@@ -11,7 +11,7 @@ import xxhash
 
 import pyarrow.parquet as pq
 
-from cleaning.readers import GZIP_MAGIC, PARQUET_MAGIC, detect_format, is_supported
+from cleaning.readers import GZIP_MAGIC, PARQUET_MAGIC, detect_format, is_supported, supported_suffixes
 
 #: a part of a large input: (start, stop, records before start, bytes): byte offsets of a JSON-lines
 #: file, cut just after a newline, or row-group numbers of a Parquet file
@@ -62,6 +62,21 @@ def expand_inputs(inputs: Iterable[str], storage_options: dict | None = None) ->
         else:
             found[raw] = f"input not found: {raw}"
     return sorted(found.items())
+
+
+def require_some_input(inputs: Sequence[str], entries: Sequence[tuple[str, str | None]], shown: int = 3) -> None:
+    """Raises FileNotFoundError, naming the INPUT arguments, when none of them holds a file to read
+    (`entries` of `expand_inputs` all have an error): a build would make an empty corpus version.
+    When at least one input is found, the missing ones are only reported: the run goes on."""
+    if any(error is None for _, error in entries):
+        return
+    kinds = f"a file, a directory of {supported_suffixes()} files, or a glob"
+    given = list(inputs)
+    if not given:
+        raise FileNotFoundError(f"no input given ({kinds})")
+    named = ", ".join(given[:shown]) + (f", ... ({len(given) - shown} more)" if len(given) > shown else "")
+    count = f" in {len(given)} inputs" if len(given) > 1 else ""
+    raise FileNotFoundError(f"no input found{count}: {named} ({kinds})")
 
 
 def input_root(raw: str, storage_options: dict | None = None) -> str:

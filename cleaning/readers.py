@@ -107,6 +107,12 @@ def detect_format(path: str) -> Format:
                                ".html[.gz], .htm[.gz])")
 
 
+def supported_suffixes() -> str:
+    """The input file suffixes, as messages name them: `.jsonl[.gz]/.json[.gz]/.ndjson/.parquet/...`."""
+    suffixes = {suffix for suffix, _ in _SUFFIXES}
+    return "/".join(s + ("[.gz]" if f"{s}.gz" in suffixes else "") for s, _ in _SUFFIXES if not s.endswith(".gz"))
+
+
 def is_supported(path: str) -> bool:
     lowered = path.lower()
     return any(lowered.endswith(suffix) for suffix, _ in _SUFFIXES)

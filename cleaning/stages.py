@@ -39,10 +39,10 @@ def run_build(build: CorpusBuild, map_stage: Mapper, log: Callable[[str], None] 
     """Every stage of one corpus version; returns its manifest."""
     warn = warn or log
     started = time.perf_counter()
+    listed = build.list_inputs()  # no input found at all: refused here, before OUTPUT is touched
     leftovers = build.remove_leftovers()
     if leftovers:
         log(f"removed {len(leftovers)} temporary files that a killed build left (first: {leftovers[0]})")
-    listed = build.list_inputs()
     files = [uri for uri, error, _ in listed if not error]
     shards = build.shards(listed, hash_inputs(build, files, map_stage))
     run_key = build.run_key(shards)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Protocol, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import metrics
-from .loaders import DataNotFound, clear_cache
+from .loaders import DataNotFound, clear_cache, require_data_dir
 from .report import RESULTS_FILE, write_outputs
 from .resume import finished_tasks, keep_task
 from .scoring import EOT_ID, NEWLINE_ID, VARIANTS, CandidateScore, generate_ids, rank, score_candidates, truncate_left
@@ -212,7 +212,9 @@ def evaluate(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """(results dict, task → per-example predictions). Tasks whose data is missing are reported with
-    status `not_found` and their message; they do not stop the others."""
+    status `not_found` and their message; they do not stop the others. A `data_dir` that is not a
+    directory raises FileNotFoundError (NotADirectoryError for a file) before any task runs."""
+    require_data_dir(data_dir)
     clear_cache()  # list the data directory afresh
     runs = {task.name: run_task(task, scorer, data_dir, shots=shots, seed=seed, limit=limit, split=split,
                                 progress=progress)
@@ -354,6 +356,9 @@ def _data_still_missing(task: Task, config: EvalConfig) -> bool:
 
 
 def plan_evaluation(config: EvalConfig) -> EvaluationPlan:
+    """The plan of `config`'s evaluation. A data directory that does not exist (or is a file) is
+    refused here, before the checkpoint is read or anything is written under `config.output`."""
+    require_data_dir(config.data_dir)
     key = run_key(config)
     tasks = resolve_tasks(config.tasks)
     clear_cache()  # list the data directory afresh

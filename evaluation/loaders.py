@@ -67,6 +67,19 @@ def _listing(data_dir: str, maxdepth: int = 5) -> tuple[str, tuple[str, ...]]:
     return root, tuple(sorted(fs.find(root, maxdepth=maxdepth)))
 
 
+def require_data_dir(data_dir: str) -> None:
+    """Raises FileNotFoundError (NotADirectoryError for a file) unless `data_dir` is a directory: the
+    check an evaluation makes before it runs or writes anything. A directory that lacks some
+    datasets is fine (each missing task is `not_found`); a data directory that is not there at all
+    is the user's mistake, not an evaluation with every task missing."""
+    fs, root = fsspec.core.url_to_fs(str(data_dir))
+    if fs.isdir(root):
+        return
+    if fs.exists(root):
+        raise NotADirectoryError(f"data directory {data_dir} is a file, not a directory of evaluation datasets")
+    raise FileNotFoundError(f"data directory {data_dir} does not exist")
+
+
 def clear_cache() -> None:
     _listing.cache_clear()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import re
 
 import datasets
 import pyarrow.parquet as pq
@@ -320,3 +321,33 @@ def test_refresh_builds_a_new_version_only_for_new_or_changed_inputs(raw, tmp_pa
     assert len(list((tmp_path / "corpora" / "_work" / "clean").rglob("summary.json"))) == len(cleaned) + 1
     assert (tmp_path / "corpora" / first["version"] / "manifest.json").exists()
     assert latest_version(root) == third["version"]
+
+
+@pytest.mark.parametrize("given", [["nowhere.jsonl"], ["empty"], ["empty/*.jsonl"], ["nowhere", "empty", "x/*.txt", "y"]])
+def test_a_build_with_no_input_found_refuses_before_writing_anything(tmp_path, given):
+    (tmp_path / "empty").mkdir()
+    inputs = [str(tmp_path / g) for g in given]
+    out = tmp_path / "out" / "corpus"
+    named = f" in 4 inputs: {', '.join(inputs[:3])}, ... (1 more)" if len(inputs) > 1 else f": {inputs[0]}"
+    with pytest.raises(FileNotFoundError, match="^" + re.escape(f"no input found{named} (a file, a directory of ") +
+                       r"\.jsonl\[\.gz\]/.*\.parquet/.*\.html\[\.gz\]/.* files, or a glob\)$"):
+        run_local(CorpusBuild(inputs, str(out), config()))
+    assert not (tmp_path / "out").exists()
+    # The refresh (`pangu pipeline`, the scheduled flow) plans with the same listing: refused before ROOT is made.
+    from cleaning.versions import refresh
+
+    with pytest.raises(FileNotFoundError, match="^no input found"):
+        refresh(inputs, str(tmp_path / "out" / "corpora"), config())
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_unreadable_input_is_still_a_rejected_input_not_a_refusal(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "noise.parquet").write_bytes(random.Random(3).randbytes(4096))
+    out = tmp_path / "corpus"
+    manifest = run_local(CorpusBuild([str(tmp_path / "raw" / "noise.parquet"), str(tmp_path / "nowhere.jsonl")],
+                                     str(out), config()))
+    inputs = {i["uri"].rsplit("/", 1)[-1]: i for i in manifest["inputs"]}
+    assert inputs["noise.parquet"]["status"] != "ok" and inputs["noise.parquet"]["error"]
+    assert inputs["nowhere.jsonl"]["status"] == "unreadable" and "not found" in inputs["nowhere.jsonl"]["error"]
+    assert manifest["totals"]["kept"] == 0 and (out / "manifest.json").exists()

@@ -180,3 +180,23 @@ def test_a_task_without_data_is_reused_until_its_data_arrives(tmp_path, monkeypa
     assert run_evaluation(config) == first and ran == []  # still missing: nothing runs
     (data / "ocnli").symlink_to(require_clue() / "fewclue" / "ocnli")
     assert run_evaluation(config)["tasks"]["ocnli"]["status"] == "ok" and ran == ["ocnli"]
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_a_data_dir_that_is_not_a_directory_is_refused_before_anything_is_written(tmp_path, kind) -> None:
+    data = tmp_path / "data"
+    if kind == "file":
+        data.write_text("{}", encoding="utf-8")
+    error = NotADirectoryError if kind == "file" else FileNotFoundError
+    out = tmp_path / "eval"
+    config = EvalConfig(oracle=True, tasks="tnews,ocnli", data_dir=str(data), output=str(out))
+    with pytest.raises(error, match=f"data directory {data} "):
+        run_evaluation(config)
+    assert not out.exists()
+    with pytest.raises(error, match=f"data directory {data} "):
+        evaluate(OracleScorer(), "tnews", str(data))
+    # An existing directory without the tasks' data is no refusal: each task is recorded as not found.
+    (tmp_path / "empty").mkdir()
+    results = run_evaluation(config.model_copy(update={"data_dir": str(tmp_path / "empty")}))
+    assert [t["status"] for t in results["tasks"].values()] == ["not_found", "not_found"]
+    assert (out / "results.json").exists()
