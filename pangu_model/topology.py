@@ -70,10 +70,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cleaning.writers import write_bytes_atomic
+from cleaning.yamlfile import read_mapping
 
 ASCEND_910_PER_SERVER = 8
 DEFAULT_NODES_PER_RACK = 16  # assumption, see the module docstring
@@ -164,6 +164,8 @@ class ClusterSpec(BaseModel):
         """
         text = str(source)
         if "slots=" not in text:
+            if not Path(source).is_file():
+                raise FileNotFoundError(f"hostfile {source}: no such file (one `host slots=N` line per node)")
             text = Path(source).read_text(encoding="utf-8")
         hosts, slots = parse_hostfile(text)
         distinct = sorted(set(slots))
@@ -636,6 +638,6 @@ def load_topology(name_or_path: str | os.PathLike[str]) -> Topology:
         path = PRESET_DIR / f"{name_or_path}.yaml"
     if not path.exists():
         raise FileNotFoundError(f"topology preset {str(name_or_path)!r} not found (known: {', '.join(preset_names())})")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    data = read_mapping(path)
     data.setdefault("name", path.stem)
     return Topology.model_validate(data)

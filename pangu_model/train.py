@@ -57,10 +57,10 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 import torch.distributed as dist
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cleaning.writers import atomic_file, write_bytes_atomic
+from cleaning.yamlfile import parse_value, read_mapping
 
 from .config import PIPELINE_ROUTERS, PanguConfig, get_config
 from .deepspeed_config import deepspeed_config
@@ -273,7 +273,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     if not sep:
         raise ValueError(f"override {text!r} is not key=value")
-    return key.strip().split("."), yaml.safe_load(value)
+    return key.strip().split("."), parse_value(value, f"override {text!r}")
 
 
 def load_train_config(name_or_path: str | os.PathLike[str], overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
@@ -284,7 +284,7 @@ def load_train_config(name_or_path: str | os.PathLike[str], overrides: list[str]
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
         raise FileNotFoundError(f"pretrain preset {str(name_or_path)!r} not found (known: {known})")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    data = read_mapping(path)
     data.setdefault("name", path.stem)
     return TrainConfig.model_validate(apply_overrides(data, overrides))
 
@@ -306,6 +306,16 @@ VOCAB_MULTIPLE = 64  # embedding rows are padded to this multiple (40,000 and 8,
 
 class DataMismatch(ValueError):
     """The packed data and the model cannot go together; the message says how to fix it."""
+
+
+class NothingToExport(ValueError):
+    """`--export-only` on an output that holds no checkpoint (an export would be the untrained model)."""
+
+
+def latest_checkpoint_tag(output: str | os.PathLike[str]) -> str | None:
+    """The tag the run's `latest` pointer names (a checkpoint written whole), None before the first one."""
+    pointer = Path(output) / CHECKPOINT_DIR / LATEST
+    return pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
 
 
 class LayoutError(ValueError):
@@ -1062,8 +1072,7 @@ class Trainer:
         return self.output / CHECKPOINT_DIR
 
     def _latest_tag(self) -> str | None:
-        pointer = self.checkpoint_dir / LATEST
-        return pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+        return latest_checkpoint_tag(self.output)
 
     def save_checkpoint(self) -> Path:
         """DeepSpeed state, then ours, then the `latest` pointer (so a partial save is never picked)."""
@@ -1328,6 +1337,9 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def train(config: TrainConfig, export_only: bool = False) -> dict[str, Any]:
     """Run (or resume) training; with `export_only`, load the latest checkpoint and export it."""
+    if export_only and (not config.resume or latest_checkpoint_tag(config.output) is None):
+        raise NothingToExport(f"{Path(config.output) / CHECKPOINT_DIR}: no checkpoint to export (train into this "
+                              f"output first, or give the output of a run that has checkpointed)")
     trainer = Trainer(config)
     try:
         if export_only:
@@ -1353,12 +1365,12 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         from cleaning.errors import one_line
 
-        print(f"pangu_model.train: {one_line(exc)}", file=sys.stderr)
+        print(f"pangu_model.train: error: {one_line(exc)}", file=sys.stderr)
         return 2
     try:
         result = train(config, export_only=args.export_only)  # the Trainer fits the model to the data first
-    except (DataMismatch, LayoutError, PlanDoesNotFit) as exc:
-        print(f"pangu_model.train: {exc}", file=sys.stderr)
+    except (DataMismatch, LayoutError, NothingToExport, PlanDoesNotFit) as exc:
+        print(f"pangu_model.train: error: {exc}", file=sys.stderr)
         return 2
     if dist.is_initialized() and dist.get_rank() == 0 or not dist.is_initialized():
         print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)

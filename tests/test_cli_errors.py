@@ -128,6 +128,59 @@ def test_the_calibration_commands_say_a_missing_asset_or_clue_set_in_one_line(tm
     _one_line_error(done, f"{module}: error:", expected)
 
 
+def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
+    made = {"bad_yaml": "model: [unclosed\nzero_stage: 1\n", "list_yaml": "- model\n- data\n"}
+    paths = {name: tmp_path / f"{name}.yaml" for name in made}
+    for name, text in made.items():
+        paths[name].write_text(text)
+    paths["random_pt"] = tmp_path / "random.pt"
+    paths["random_pt"].write_bytes(bytes(range(256)) * 16)
+    (tmp_path / "empty-run").mkdir()
+    return paths
+
+
+@pytest.mark.parametrize("case", ["yaml syntax", "yaml list", "override syntax", "zero nodes", "data is a file",
+                                  "missing hostfile", "corrupt checkpoint with --trust", "export without checkpoint",
+                                  "pipeline preset"])
+def test_a_typo_in_a_config_a_flag_or_a_path_is_one_line(tmp_path, case):
+    """Cases of trying the commands as a user: a YAML typo or a list where fields go, a bad --set value, a count
+    of 0, a file where a directory goes, a hostfile that is not there, random bytes given to `model import
+    --trust` (it used to advise --trust again), `--export-only` of a run with no checkpoint (it used to write
+    the untrained model as an export), a pipeline preset that does not exist (found after the corpus stage).
+    Each is one `error:` line, exit 2, and nothing written."""
+    bad = _bad_inputs(tmp_path)
+    tokens = str(packed_tokens())
+    run = tmp_path / "empty-run"
+    cases = {
+        "yaml syntax": (["plan", "--preset", str(bad["bad_yaml"])], ["not valid YAML", "line 2, column"]),
+        "yaml list": (["plan", "--preset", str(bad["list_yaml"])], ["a config is a mapping", "not a list"]),
+        "override syntax": (["plan", "--preset", "alpha-tiny", "--set", "optimizer.lr=[1"],
+                            ["optimizer.lr=[1", "not valid YAML"]),
+        "zero nodes": (["plan", "--preset", "alpha-tiny", "--nodes", "0"], ["--nodes: at least 1 (got 0)"]),
+        "data is a file": (["pretrain", "--data", str(bad["random_pt"]), "--output", str(run / "x")],
+                           ["a file, not a directory"]),
+        "missing hostfile": (["pretrain", "--data", tokens, "--output", str(run / "x"), "--nodes", "2", "--hostfile",
+                              str(tmp_path / "hosts")], ["hostfile", "no such file"]),
+        "corrupt checkpoint with --trust": (["model", "import", str(bad["random_pt"]), "--output", str(run / "x"),
+                                             "--trust"], ["not a readable PyTorch checkpoint", "Unsupported operand"]),
+        "export without checkpoint": (None, ["no checkpoint to export"]),
+        "pipeline preset": (["pipeline", str(bad["random_pt"]), "--root", str(run / "x"), "--preset", "nope"],
+                            ["pretrain preset 'nope' not found"]),
+    }
+    args, expected = cases[case]
+    if args is None:  # the training program itself, as `pangu_model.train --export-only`
+        done = subprocess.run([sys.executable, "-m", "pangu_model.train", "--config", "alpha-tiny", "--set",
+                               f"data={tokens}", "--set", f"output={run}", "--export-only"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        expected = ["pangu_model.train: error:", *expected]
+    else:
+        done = pangu(*args)
+    _one_line_error(done, *expected)
+    if case == "corrupt checkpoint with --trust":
+        assert "--trust" not in done.stderr
+    assert not any(run.iterdir()), list(run.iterdir())
+
+
 def test_help_describes_every_option():
     from flows.cli import build_parser
 
@@ -152,7 +205,7 @@ def test_the_training_program_says_a_config_error_in_one_line(tmp_path, capsys):
     config.write_text(f"model: tiny\ndata: {tmp_path}\noutput: {tmp_path / 'run'}\nzero_stage: 7\n")
     assert main(["--config", str(config), "--set", "optimizer.lr=fast"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("pangu_model.train: invalid TrainConfig: optimizer.lr: Input should be a valid number, unable to "
+    assert err == ("pangu_model.train: error: invalid TrainConfig: optimizer.lr: Input should be a valid number, unable to "
                    "parse string as a number (got 'fast'); zero_stage: Input should be less than or equal to 3 "
                    "(got 7)"), err
 
