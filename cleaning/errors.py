@@ -5,10 +5,11 @@ or YAML field should read as one line that names the field, the rule and the val
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 USAGE_ERROR = 2  # argparse's own exit code for a bad command line; ours for every expected error
 
@@ -55,3 +56,16 @@ def user_errors_in_one_line(command: str) -> Iterator[None]:
             raise
         print(f"{command}: error: {one_line(exc)}", file=sys.stderr)
         raise SystemExit(USAGE_ERROR) from None
+
+
+def at_least(minimum: float, kind: type = int) -> Callable[[str], Any]:
+    """An argparse type: a number of `kind` no smaller than `minimum` (a count of 0 workers, nodes or steps, or a
+    negative size, is a typo, refused with the flag's name like any other bad value)."""
+    def parse(text: str) -> Any:
+        value = kind(text)  # not a number: argparse's own "invalid int value"
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"at least {minimum} (got {text})")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse

@@ -23,7 +23,7 @@ from typing import Iterable
 from cleaning import charclass, perplexity
 from cleaning.config import CorpusConfig, RuleConfig, load_preset
 from cleaning.document import Document, Rejection
-from cleaning.errors import user_errors_in_one_line
+from cleaning.errors import at_least, user_errors_in_one_line
 from cleaning.pipeline import CleaningChain
 
 # SPEC §3 rule 1: these may reject clean text (a 20-character review is not a document).
@@ -221,8 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("clue", help="directory with fewclue/, c3/, cmrc2018/")
     parser.add_argument("--preset", default="default")
-    parser.add_argument("--per-set", type=int, default=None)
-    parser.add_argument("--junk", type=int, default=300, help="documents per junk set")
+    parser.add_argument("--per-set", type=at_least(1), default=None)
+    parser.add_argument("--junk", type=at_least(1), default=300, help="documents per junk set")
     args = parser.parse_args(argv)
     with user_errors_in_one_line("cleaning.filter_rates"):  # a missing asset or CLUE set: one line
         if not (Path(args.clue) / "fewclue").is_dir():

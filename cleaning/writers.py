@@ -149,5 +149,12 @@ def link_or_copy(source_uri: str, target_uri: str) -> str:
 
 
 def read_json(uri: str) -> Any:
-    with fsspec.open(uri, "r", encoding="utf-8") as fh:
-        return json.load(fh)
+    """A JSON file (a path or an fsspec URI). One that is not JSON (damaged, or edited by hand) is a
+    ValueError that names it: the command lines print that as one line."""
+    try:
+        with fsspec.open(uri, "r", encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{uri}: not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{uri}: not JSON (not UTF-8 text at byte {exc.start})") from exc

@@ -283,7 +283,7 @@ def _write_task(folder: Path, splits: dict[str, list[dict[str, Any]]]) -> None:
 def _up_to_date(out: Path) -> dict[str, int] | None:
     try:
         meta = json.loads((out / EVAL_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # missing, or damaged (not UTF-8, not JSON): made again
         return None
     if meta.get("version") != EVAL_SET_VERSION or (meta.get("held_out") or {}).get("version") != HELD_OUT_VERSION:
         return None

@@ -8,24 +8,11 @@ import argparse
 import faulthandler
 import os
 import sys
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
-from cleaning.errors import USAGE_ERROR, is_user_error, one_line
+from cleaning.errors import USAGE_ERROR, at_least, is_user_error, one_line
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-def at_least(minimum: float, kind: type = int) -> Callable[[str], Any]:
-    """An argparse type: a number of `kind` no smaller than `minimum` (a count of 0 workers, nodes or steps, or a
-    negative size, is a typo, refused with the flag's name like any other bad value)."""
-    def parse(text: str) -> Any:
-        value = kind(text)  # not a number: argparse's own "invalid int value"
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"at least {minimum} (got {text})")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
 
 
 def _run_flows(run: Handler, args: argparse.Namespace) -> int:

