@@ -390,8 +390,10 @@ class CorpusBuild:
                      duplicates: dict[int, tuple[int, int, str]], files: dict[str, str],
                      markers: dict[str, str], made: dict[str, bool]) -> None:
         """One pass over the candidates writes whichever of the two files is missing."""
+        # Entries are shared by every shard with the same cleaned content (all-rejected shards have one):
+        # another task may be writing this one now, so only the temporaries of dead writers go.
         for entry in markers.values():
-            remove_temporaries(entry.rsplit("/", 1)[0])  # left by a worker killed mid-write
+            remove_orphaned_temporaries(entry.rsplit("/", 1)[0])
         survivor_ids = self._survivor_ids(duplicates, shards) if not made["dups"] else {}
         stats = ShardStats()
         dup_counts: dict[str, Counter] = defaultdict(Counter)

@@ -279,6 +279,29 @@ def test_a_rerun_removes_the_temporaries_of_killed_writers_whose_work_is_not_red
     assert any(line.startswith("removed 2 temporary files that a killed build left") for line in logged)
 
 
+def test_finalize_spares_a_temporary_that_another_task_is_writing_into_a_shared_entry(raw, tmp_path):
+    """Shards with the same cleaned content share their final entries (every all-rejected shard has one), and
+    the Prefect flow finalizes shards in parallel threads: a finalize that swept the entry of every temporary
+    deleted another task's file mid-write (FileNotFoundError at its rename, hidden by a task retry)."""
+    from pathlib import Path
+
+    from cleaning.temporaries import temporary_path
+    from tests.test_temporaries import left_by_a_killed_writer
+
+    out = tmp_path / "out"
+    cfg = config()
+    first = run_local(CorpusBuild([str(raw)], str(out), cfg))
+    entry = next((out / "_work" / "dups").glob("*/duplicates.parquet"))
+    entry.unlink()  # finalize writes this entry again
+    writing = Path(temporary_path(str(entry)))  # a task of this process is writing it now
+    killed = left_by_a_killed_writer(entry)
+    for path in (writing, killed):
+        path.write_bytes(b"partial")
+    again = run_local(CorpusBuild([str(raw)], str(out), cfg))
+    assert again["totals"] == first["totals"] and entry.is_file()
+    assert writing.exists() and not killed.exists()
+
+
 def test_build_reads_and_writes_fsspec_uris():
     import fsspec
 
