@@ -45,16 +45,24 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(text).replace(":\n  - ", ": ").replace("\n  - ", "; ").split()) or type(exc).__name__
 
 
+def reported_as_user_error(command: str, exc: BaseException) -> bool:
+    """Prints `COMMAND: error: ...` on standard error when `exc` is a user's mistake, and says whether it did;
+    a bug (or any error with PANGU_DEBUG=1) is left to its traceback."""
+    if not is_user_error(exc) or os.environ.get("PANGU_DEBUG"):
+        return False
+    print(f"{command}: error: {one_line(exc)}", file=sys.stderr)
+    return True
+
+
 @contextmanager
 def user_errors_in_one_line(command: str) -> Iterator[None]:
-    """A command's body: a user's mistake inside it ends the command with `COMMAND: error: ...` on standard
-    error and exit 2, as argparse ends a bad command line. PANGU_DEBUG=1 keeps the traceback."""
+    """A command's body: a user's mistake inside it ends the command with one line and exit 2, as argparse
+    ends a bad command line."""
     try:
         yield
     except Exception as exc:  # noqa: BLE001 - sorted into user errors and bugs right here
-        if not is_user_error(exc) or os.environ.get("PANGU_DEBUG"):
+        if not reported_as_user_error(command, exc):
             raise
-        print(f"{command}: error: {one_line(exc)}", file=sys.stderr)
         raise SystemExit(USAGE_ERROR) from None
 
 

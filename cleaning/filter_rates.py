@@ -54,6 +54,8 @@ def clean_sets(clue: str | Path, per_set: int | None = None) -> dict[str, list[s
     """Real documents per kind of text; `per_set` keeps the first N of each."""
     clue = Path(clue)
     few = clue / "fewclue"
+    if not few.is_dir():
+        raise FileNotFoundError(f"{clue}: no CLUE data (fewclue/, c3/, cmrc2018/)")
     files = ("test_public.json", "train_few_all.json", "dev_few_all.json")
     sets: dict[str, list[str]] = {}
     titles = _unique(r["sentence"] for f in files for r in _jsonl(few / "tnews" / f))
@@ -225,8 +227,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--junk", type=at_least(1), default=300, help="documents per junk set")
     args = parser.parse_args(argv)
     with user_errors_in_one_line("cleaning.filter_rates"):  # a missing asset or CLUE set: one line
-        if not (Path(args.clue) / "fewclue").is_dir():
-            raise FileNotFoundError(f"{args.clue}: no CLUE data (fewclue/, c3/, cmrc2018/)")
         config = load_preset(args.preset)
         if config.rules.perplexity_model == perplexity.DEFAULT_MODEL:
             perplexity.fetch_model(clue=args.clue)  # the reference model, built once per machine

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from cleaning.errors import USAGE_ERROR, at_least, is_user_error, one_line
+from cleaning.errors import USAGE_ERROR, at_least, is_user_error, reported_as_user_error
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -399,9 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - sorted into user errors and bugs right here
-        if not is_user_error(exc) or os.environ.get("PANGU_DEBUG"):
+        if not reported_as_user_error(command, exc):  # a config's validation errors too, in one line
             raise
-        print(f"{command}: error: {one_line(exc)}", file=sys.stderr)  # a config's validation errors too
         return USAGE_ERROR
 
 

@@ -206,36 +206,29 @@ def read_parts(directory: str | os.PathLike[str], model: PanguModel, device: str
 
     first_rows = {f"{name}.experts.{weight}": ffn.experts.first_expert
                   for name, ffn in model.sparse_layers().items() for weight in EXPERT_WEIGHTS}
-    all_rows = {f"{name}.experts.{weight}": getattr(ffn, "total_experts", ffn.experts.num_experts)
-                for name, ffn in model.sparse_layers().items() for weight in EXPERT_WEIGHTS}
     split = split_dims(model) if model.tp is not None else {}
-    wanted = {}  # name → the whole tensor's shape, as the config makes it (not just this rank's part)
+    # name → (its shape in the file, as config.json makes it; the part this rank reads, None: all of it)
+    parts: dict[str, tuple[tuple[int, ...], tuple[slice, ...] | None]] = {}
     for name, target in model.state_dict().items():
         if keep is not None and not keep(name.rpartition(".")[0]):
             continue
-        shape = list(target.shape)
+        shape, part = list(target.shape), None
         if name in first_rows:
-            shape[0] = all_rows[name]
+            first = first_rows[name]
+            shape[0] = model.config.total_experts
+            part = (slice(first, first + target.shape[0]),)
         elif name in split:
-            shape[split[name]] *= model.tp.size
-        wanted[name] = tuple(shape)
-    state = {}
+            dim, width = split[name], target.shape[split[name]]
+            shape[dim] *= model.tp.size
+            start = model.tp.rank * width
+            part = (slice(None),) * dim + (slice(start, start + width),)
+        parts[name] = (tuple(shape), part)
     path = Path(directory) / WEIGHTS_NAME
     with _readable(path), safe_open(str(path), framework="pt", device=str(device)) as handle:
-        _check_shapes(directory, wanted, _stored_shapes(path), extra_allowed=True)  # the header safe_open accepted
-        for name, target in model.state_dict().items():
-            if name not in wanted:
-                continue
-            if name in first_rows:
-                first = first_rows[name]
-                state[name] = handle.get_slice(name)[first: first + target.shape[0]]
-            elif name in split:
-                dim, width = split[name], target.shape[split[name]]
-                start = model.tp.rank * width
-                state[name] = handle.get_slice(name)[(slice(None),) * dim + (slice(start, start + width),)]
-            else:
-                state[name] = handle.get_tensor(name)
-    return state
+        _check_shapes(directory, {name: shape for name, (shape, _) in parts.items()}, _stored_shapes(path),
+                      extra_allowed=True)  # the header safe_open accepted
+        return {name: handle.get_tensor(name) if part is None else handle.get_slice(name)[part]
+                for name, (_, part) in parts.items()}
 
 
 @contextlib.contextmanager
