@@ -29,10 +29,16 @@ def resolve(ref: str) -> str:
 
 class MissingAssetError(FileNotFoundError):
     def __init__(self, ref: str):
+        self.ref = ref
         super().__init__(
             f"{ref} not found at {resolve(ref)}; run `pangu data fetch-assets` (or `make assets`) "
             "or point the config at your own file"
         )
+
+    def __reduce__(self):
+        # Rebuilt from the reference, not the message: the default would pass the whole message back in as
+        # `ref` each time the error crosses a process (a worker, a task result), nesting it.
+        return type(self), (self.ref,)
 
 
 def require(ref: str) -> str:

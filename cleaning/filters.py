@@ -604,6 +604,7 @@ class LanguageID(Step):
     name = "language_id"
 
     def __init__(self, model: str, min_score: float, min_chinese_ratio: float, max_chars: int = 300):
+        assets.require(model)  # missing: refused where the steps are built, not at the first document asked
         self.model_ref = model
         self.min_score = min_score
         self.min_chinese_ratio = min_chinese_ratio

@@ -61,6 +61,18 @@ def build_steps(rules: RuleConfig) -> list[Step]:
     return steps
 
 
+def check_steps(config: CorpusConfig) -> None:
+    """Builds the steps of the default rules and of each source override: a missing word list or model
+    refuses the build in its driver, before any output is written, not in the first shard's worker."""
+    built: set[str] = set()
+    for override in [{}, *config.sources.values()]:
+        rules = RuleConfig.model_validate({**config.rules.model_dump(), **override})
+        key = rules.model_dump_json()
+        if key not in built:
+            built.add(key)
+            build_steps(rules)
+
+
 @dataclass
 class ChainCounts:
     """Outcomes of one shard: input = kept + rejected, per source and per rule."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from cleaning.build import CorpusBuild, describe_work
+from cleaning.pipeline import check_steps
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ def run_build(build: CorpusBuild, map_stage: Mapper, log: Callable[[str], None] 
     warn = warn or log
     started = time.perf_counter()
     listed = build.list_inputs()  # no input found at all: refused here, before OUTPUT is touched
+    check_steps(build.config)  # so is a missing word list or model
     leftovers = build.remove_leftovers()
     if leftovers:
         log(f"removed {len(leftovers)} temporary files that a killed build left (first: {leftovers[0]})")

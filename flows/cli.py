@@ -145,8 +145,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _corpus_build(args: argparse.Namespace) -> int:
+    from cleaning.config import load_preset
+    from cleaning.pipeline import check_steps
     from flows.corpus import build_from_cli
 
+    # An unknown or invalid preset, a missing asset: one message, before the temporary server starts
+    check_steps(load_preset(args.preset))
     return _run_flows(build_from_cli, args)
 
 
@@ -167,9 +171,12 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
+    from cleaning.config import load_preset
+    from cleaning.pipeline import check_steps
     from flows.pipeline import check_arguments, pipeline_from_cli
 
-    # A later stage's refusal (an unknown preset, a vocabulary sentencepiece cannot make), before any stage
+    # What a stage would refuse (an unknown preset, a missing asset, an impossible vocabulary), before any stage
+    check_steps(load_preset(args.corpus_preset))
     check_arguments(args.preset, args.steps, args.vocab_size, args.input_sentence_size, args.eval_data)
     return _run_flows(pipeline_from_cli, args)
 
@@ -184,8 +191,24 @@ def _tokenizer(handler_name: str, runs_a_flow: bool = False) -> Handler:
     return run
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that refuses an empty value: `--output "$UNSET"` would otherwise mean the current directory,
+    and an empty input, preset or task list something just as unintended."""
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 - argparse's signature
+        namespace, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            value = getattr(namespace, action.dest, None)
+            if value == action.default:
+                continue
+            if any(isinstance(v, str) and not v.strip() for v in (value if isinstance(value, list) else [value])):
+                name = "/".join(action.option_strings) or action.metavar or action.dest
+                self.error(f"argument {name}: an empty value")
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pangu", description=__doc__.splitlines()[0],
         epilog="Expected errors (a missing path, data and model that do not fit) print one line and exit 2; "
                "PANGU_DEBUG=1 shows the traceback.")

@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from cleaning.errors import one_line
 from cleaning.writers import write_bytes_atomic
 
 from .config import PanguConfig
@@ -163,7 +164,10 @@ def load_config(directory: str | os.PathLike[str]) -> PanguConfig:
         raise ValueError(f"{path}: not a model config (a JSON {type(payload).__name__}, not an object)")
     payload.pop("format_version", None)
     payload.pop("model_type", None)
-    return PanguConfig.model_validate(payload)
+    try:
+        return PanguConfig.model_validate(payload)
+    except ValueError as exc:  # pydantic's ValidationError: which file, then the fields in one line
+        raise ValueError(f"{path}: {one_line(exc)}") from exc
 
 
 def load_checkpoint(

@@ -129,7 +129,8 @@ def test_the_calibration_commands_say_a_missing_asset_or_clue_set_in_one_line(tm
 
 
 def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
-    made = {"bad_yaml": "model: [unclosed\nzero_stage: 1\n", "list_yaml": "- model\n- data\n"}
+    made = {"bad_yaml": "model: [unclosed\nzero_stage: 1\n", "list_yaml": "- model\n- data\n",
+            "no_word_list": f"rules:\n  ad_word_lists: [{tmp_path / 'gone.txt'}]\n"}
     paths = {name: tmp_path / f"{name}.yaml" for name in made}
     for name, text in made.items():
         paths[name].write_text(text)
@@ -141,12 +142,14 @@ def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
 
 @pytest.mark.parametrize("case", ["yaml syntax", "yaml list", "override syntax", "zero nodes", "data is a file",
                                   "missing hostfile", "corrupt checkpoint with --trust", "export without checkpoint",
-                                  "pipeline preset"])
+                                  "pipeline preset", "corpus preset", "corpus asset", "pipeline corpus asset"])
 def test_a_typo_in_a_config_a_flag_or_a_path_is_one_line(tmp_path, case):
     """Cases of trying the commands as a user: a YAML typo or a list where fields go, a bad --set value, a count
     of 0, a file where a directory goes, a hostfile that is not there, random bytes given to `model import
     --trust` (it used to advise --trust again), `--export-only` of a run with no checkpoint (it used to write
-    the untrained model as an export), a pipeline preset that does not exist (found after the corpus stage).
+    the untrained model as an export), a pipeline preset that does not exist (found after the corpus stage), a
+    corpus preset that does not exist or names a missing word list (found after the server started, or after
+    the clean stage).
     Each is one `error:` line, exit 2, and nothing written."""
     bad = _bad_inputs(tmp_path)
     tokens = str(packed_tokens())
@@ -166,6 +169,12 @@ def test_a_typo_in_a_config_a_flag_or_a_path_is_one_line(tmp_path, case):
         "export without checkpoint": (None, ["no checkpoint to export"]),
         "pipeline preset": (["pipeline", str(bad["random_pt"]), "--root", str(run / "x"), "--preset", "nope"],
                             ["pretrain preset 'nope' not found"]),
+        "corpus preset": (["corpus", "build", str(bad["random_pt"]), "--output", str(run / "x"), "--preset", "nope"],
+                          ["corpus preset 'nope' not found"]),
+        "corpus asset": (["corpus", "build", str(bad["random_pt"]), "--output", str(run / "x"), "--preset",
+                          str(bad["no_word_list"])], [f"{tmp_path / 'gone.txt'} not found", "fetch-assets"]),
+        "pipeline corpus asset": (["pipeline", str(bad["random_pt"]), "--root", str(run / "x"), "--corpus-preset",
+                                   str(bad["no_word_list"])], [f"{tmp_path / 'gone.txt'} not found"]),
     }
     args, expected = cases[case]
     if args is None:  # the training program itself, as `pangu_model.train --export-only`
@@ -176,6 +185,7 @@ def test_a_typo_in_a_config_a_flag_or_a_path_is_one_line(tmp_path, case):
     else:
         done = pangu(*args)
     _one_line_error(done, *expected)
+    assert "temporary server" not in done.stderr  # refused before the flow's server starts, not after
     if case == "corrupt checkpoint with --trust":
         assert "--trust" not in done.stderr
     assert not any(run.iterdir()), list(run.iterdir())
@@ -208,6 +218,24 @@ def test_a_damaged_download_or_state_file_is_one_line_naming_it(tmp_path):
     done = subprocess.run([sys.executable, "-m", "cleaning.filter_rates", str(CLUE), "--per-set", "0"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     _one_line_error(done, "--per-set: at least 1 (got 0)")
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["eval", "--checkpoint", "run/export", "--output", ""], "--output"),
+    (["corpus", "build", "raw.jsonl", "--output", " "], "--output"),
+    (["corpus", "build", "raw.jsonl", "", "--output", "out"], "inputs"),
+    (["pretrain", "--output", "run", "--set", ""], "--set"),
+    (["tokenizer", "pack", "--corpus", "c", "--tokenizer", "", "--output", "t"], "--tokenizer"),
+])
+def test_an_empty_value_is_refused_not_taken_for_the_current_directory(argv, named, capsys):
+    """`--output "$UNSET"` used to write into the current directory."""
+    from flows.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    command = " ".join(word for word in argv[:2] if not word.startswith("-"))
+    assert capsys.readouterr().err.splitlines()[-1] == f"pangu {command}: error: argument {named}: an empty value"
 
 
 def test_help_describes_every_option():

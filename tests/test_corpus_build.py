@@ -364,6 +364,33 @@ def test_a_build_with_no_input_found_refuses_before_writing_anything(tmp_path, g
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("missing", ["word list", "language-ID model", "a source's word list"])
+def test_a_missing_asset_refuses_the_build_before_writing_anything(tmp_path, missing):
+    """The language-ID model was looked for only when a document first needed it, in a shard's worker; any
+    missing asset surfaced after the clean stage and left OUTPUT/_work behind."""
+    gone = str(tmp_path / "assets" / "gone.bin")
+    overrides = {"word list": {"rules": {**RULES_ONLY, "ad_word_lists": [gone]}},
+                 "language-ID model": {"rules": {**RULES_ONLY, "langid": True, "langid_model": gone}},
+                 "a source's word list": {"rules": RULES_ONLY, "sources": {"forum*": {"sensitive_word_lists": [gone]}}}}
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text(json.dumps({"id": "a", "text": abstracts()[0]}, ensure_ascii=False) + "\n", encoding="utf-8")
+    out = tmp_path / "out" / "corpus"
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(gone)} not found at {re.escape(gone)}; run `pangu data"):
+        run_local(CorpusBuild([str(raw)], str(out), CorpusConfig.model_validate(overrides[missing])))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_asset_error_keeps_its_message_across_processes(tmp_path):
+    """Shards are cleaned in worker processes: the error is pickled back, and used to nest its message."""
+    import pickle
+
+    from cleaning.assets import MissingAssetError
+
+    error = MissingAssetError("asset:wordlists/ads.txt")
+    again = pickle.loads(pickle.dumps(pickle.loads(pickle.dumps(error))))
+    assert str(again) == str(error) and again.ref == error.ref and isinstance(again, FileNotFoundError)
+
+
 def test_one_unreadable_input_is_still_a_rejected_input_not_a_refusal(tmp_path):
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "noise.parquet").write_bytes(random.Random(3).randbytes(4096))

@@ -175,6 +175,17 @@ def test_a_config_that_is_not_json_names_the_file(tmp_path) -> None:
         load_checkpoint(directory)
 
 
+def test_a_config_whose_fields_fail_validation_names_the_file_in_one_line(tmp_path) -> None:
+    directory = _export(tmp_path)
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    (directory / CONFIG_NAME).write_text(json.dumps({**config, "num_layers": "many"}))
+    with pytest.raises(ValueError) as caught:
+        load_checkpoint(directory)
+    message = str(caught.value)
+    assert message.startswith(f"{directory / CONFIG_NAME}: invalid PanguConfig: num_layers: ")
+    assert "(got 'many')" in message and "\n" not in message
+
+
 def test_other_runtime_errors_of_loading_are_not_disguised(tmp_path, monkeypatch) -> None:
     directory = _export(tmp_path)
 
