@@ -421,6 +421,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `pangu plan --json | head`: the reader has gone, and so has any use of a message
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        return 1
     except Exception as exc:  # noqa: BLE001 - sorted into user errors and bugs right here
         if not reported_as_user_error(command, exc):  # a config's validation errors too, in one line
             raise

@@ -689,27 +689,15 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
     return summary
 
 
-def _parse_set(items: list[str]) -> dict[str, Any]:
-    from cleaning.yamlfile import parse_value
-
-    overrides: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key.strip()] = parse_value(value, f"--set {item!r}")
-    return overrides
-
-
 def check_before_launch(args: argparse.Namespace) -> None:
     """What `pangu pretrain` can refuse before a flow run starts: the data, the preset, the steps and the
     nodes (raises)."""
-    from pangu_model.train import fit_to_data, load_train_config
+    from pangu_model.train import fit_to_data, load_train_config, parse_overrides
 
     data_dir, _ = resolve_data(args.data)
     if args.hostfile is not None or args.nodes > 1:
         cluster_of(args.nodes, args.hostfile)
-    fields = {"data": str(data_dir), **_parse_set(args.set)}
+    fields = {"data": str(data_dir), **parse_overrides(args.set)}
     if args.steps is not None:
         fields["train_steps"] = args.steps
     if getattr(args, "init_from", None):
@@ -718,8 +706,10 @@ def check_before_launch(args: argparse.Namespace) -> None:
 
 
 def pretrain_from_cli(args: argparse.Namespace) -> int:
+    from pangu_model.train import parse_overrides
+
     state = pretrain(preset=args.preset, data=args.data, output=args.output, steps=args.steps, nodes=args.nodes,
-                     gpus_per_node=args.gpus_per_node, hostfile=args.hostfile, overrides=_parse_set(args.set),
+                     gpus_per_node=args.gpus_per_node, hostfile=args.hostfile, overrides=parse_overrides(args.set),
                      stop_grace_s=args.stop_grace, init_from=args.init_from, return_state=True)
     if not state.is_completed():
         print(f"pretrain {args.preset}: {state.name}: {state.message}", file=sys.stderr)

@@ -53,7 +53,7 @@ import sys
 import time
 from contextlib import closing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 import torch
 import torch.distributed as dist
@@ -269,11 +269,15 @@ class TrainConfig(BaseModel):
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _parse_override(text: str) -> tuple[list[str], Any]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise ValueError(f"override {text!r} is not key=value")
-    return key.strip().split("."), parse_value(value, f"override {text!r}")
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """`a.b=value` strings (`--set`, `pangu_model.train --set`) → {dotted key: YAML value}."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key.strip()] = parse_value(value, f"--set {item!r}")
+    return overrides
 
 
 def load_train_config(name_or_path: str | os.PathLike[str], overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
@@ -291,9 +295,9 @@ def load_train_config(name_or_path: str | os.PathLike[str], overrides: list[str]
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
     """`data` (a config's fields) with `a.b=value` strings or {dotted key: value} set in place."""
-    items = overrides.items() if isinstance(overrides, dict) else (_parse_override(o) for o in overrides or [])
-    for keys, value in items:
-        keys = keys.split(".") if isinstance(keys, str) else keys
+    items = overrides if isinstance(overrides, dict) else parse_overrides(overrides or [])
+    for dotted, value in items.items():
+        keys = dotted.split(".")
         target = data
         for key in keys[:-1]:
             target = target.setdefault(key, {})

@@ -238,6 +238,16 @@ def test_an_empty_value_is_refused_not_taken_for_the_current_directory(argv, nam
     assert capsys.readouterr().err.splitlines()[-1] == f"pangu {command}: error: argument {named}: an empty value"
 
 
+def test_a_reader_that_leaves_early_is_not_an_error():
+    """`pangu plan --json | head -1`: the write fails with EPIPE; it was reported as `error: [Errno 32] Broken
+    pipe`."""
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "plan", "--preset", "alpha-tiny", "--json"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before the command writes: it starts in about a second
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 1 and stderr == "", stderr
+
+
 def test_help_describes_every_option():
     from flows.cli import build_parser
 
