@@ -425,9 +425,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
         return 1
     except Exception as exc:  # noqa: BLE001 - sorted into user errors and bugs right here
+        if _an_interrupt_in_disguise(exc):
+            print("interrupted", file=sys.stderr)
+            return 130
         if not reported_as_user_error(command, exc):  # a config's validation errors too, in one line
             raise
         return USAGE_ERROR
+
+
+def _an_interrupt_in_disguise(exc: BaseException) -> bool:
+    """A Ctrl-C that landed inside pydantic's serializer (Prefect serializing a flow's parameters) comes out as
+    a PydanticSerializationError, a ValueError, that only names the KeyboardInterrupt in its text."""
+    return type(exc).__name__ == "PydanticSerializationError" and "KeyboardInterrupt" in str(exc)
 
 
 if __name__ == "__main__":

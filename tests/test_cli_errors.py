@@ -248,6 +248,25 @@ def test_a_reader_that_leaves_early_is_not_an_error():
     assert process.returncode == 1 and stderr == "", stderr
 
 
+def test_a_ctrl_c_inside_pydantic_serialization_is_an_interrupt_not_a_user_error(monkeypatch, capsys):
+    """Seen on a Ctrl-C while Prefect serialized a flow's parameters: `error: Error calling function
+    `_ser_model`: KeyboardInterrupt:` and exit 2."""
+    from pydantic import BaseModel, model_serializer
+
+    import flows.cli
+
+    class Parameters(BaseModel):
+        preset: str = "alpha-tiny"
+
+        @model_serializer(mode="wrap")
+        def _ser_model(self, handler):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(flows.cli, "_plan", lambda args: Parameters().model_dump_json() and 0)
+    assert flows.cli.main(["plan", "--preset", "alpha-tiny"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
 def test_help_describes_every_option():
     from flows.cli import build_parser
 
