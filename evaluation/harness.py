@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import metrics
 from .loaders import DataNotFound, clear_cache, require_data_dir
-from .report import RESULTS_FILE, write_outputs
+from .report import RESULTS_FILE, require_output_dir, write_outputs
 from .resume import finished_tasks, keep_task
 from .scoring import EOT_ID, NEWLINE_ID, VARIANTS, CandidateScore, generate_ids, rank, score_candidates, truncate_left
 from .tasks import Item, Task, chance_level, resolve_tasks
@@ -355,16 +355,47 @@ def _data_still_missing(task: Task, config: EvalConfig) -> bool:
     return False
 
 
+def _require_enough_demonstrations(tasks: Sequence[Task], config: EvalConfig) -> None:
+    """Refuses `shots` larger than a task's train split can give: its prompts would hold fewer than the
+    results say. (The example itself is never its own demonstration, when the train split is evaluated.)
+    A task whose data is missing is left to its run, which records it as not found."""
+    if config.shots == 0:
+        return
+    for task in tasks:
+        try:
+            data = task.load(config.data_dir, config.split, config.seed)
+            train = task.load(config.data_dir, "train", config.seed)
+        except DataNotFound:
+            continue
+        pool = len(train.items) - (1 if train.path == data.path else 0)
+        if config.shots > pool:
+            raise ValueError(f"--shots {config.shots}: {task.name}'s train split ({train.path}) gives at most "
+                             f"{pool} demonstrations")
+
+
 def plan_evaluation(config: EvalConfig) -> EvaluationPlan:
-    """The plan of `config`'s evaluation. A data directory that does not exist (or is a file) is
-    refused here, before the checkpoint is read or anything is written under `config.output`."""
+    """The plan of `config`'s evaluation. What cannot run is refused here, before the model is loaded or
+    anything is written under `config.output`: a data directory that does not exist (or is a file), an
+    output that is a file, a task list naming no task, and (before the checkpoint is hashed) a checkpoint,
+    tokenizer, device or domain the model cannot be loaded with (`model_io.check_model_options`); then
+    more shots than an unfinished task's train split holds."""
     require_data_dir(config.data_dir)
-    key = run_key(config)
+    require_output_dir(config.output)
     tasks = resolve_tasks(config.tasks)
+    if not tasks:
+        raise ValueError(f"--tasks {config.tasks!r} names no task")
+    if not config.oracle:
+        from .model_io import check_model_options
+
+        if not config.checkpoint:
+            raise ValueError("give a checkpoint (or oracle=True)")
+        check_model_options(config.checkpoint, config.tokenizer, config.device, config.domain)
+    key = run_key(config)
     clear_cache()  # list the data directory afresh
     finished = finished_tasks(Path(config.output), key)
     kept = {t.name: finished[t.name] for t in tasks if t.name in finished and
             (finished[t.name]["summary"]["status"] == "ok" or _data_still_missing(t, config))}
+    _require_enough_demonstrations([t for t in tasks if t.name not in kept], config)
     return EvaluationPlan(config, key, tasks, kept)
 
 

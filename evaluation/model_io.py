@@ -68,9 +68,31 @@ def model_config(checkpoint: str | os.PathLike[str]) -> PanguConfig:
     return load_config(checkpoint)
 
 
+def check_device(device: str) -> str:
+    """`device` when the model can be loaded on it here: cpu, cuda or cuda:N of a GPU PyTorch sees.
+    Anything else is refused in one line before any weights are read (safetensors and the pinned-memory
+    copy would fail later, with a traceback or a message that blames the export)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device: give cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return device
+    if parsed.type != "cuda":
+        raise ValueError(f"--device {device!r}: the model runs on cpu, cuda or cuda:N, not {parsed.type}")
+    if not torch.cuda.is_available():
+        why = "this PyTorch is built without CUDA" if torch.version.cuda is None else "PyTorch sees no GPU here"
+        raise ValueError(f"--device {device!r}: CUDA is not available ({why}); use --device cpu")
+    count = torch.cuda.device_count()
+    if parsed.index is not None and parsed.index >= count:
+        seen = "1 CUDA device (cuda:0)" if count == 1 else f"{count} CUDA devices (cuda:0 to cuda:{count - 1})"
+        raise ValueError(f"--device {device!r}: this machine has {seen}")
+    return device
+
+
 def load_model(checkpoint: str | os.PathLike[str], device: str = "cpu", dtype: torch.dtype | None = None) -> PanguModel:
     model_config(checkpoint)
-    return load_checkpoint(checkpoint, device=device, dtype=dtype).eval()
+    return load_checkpoint(checkpoint, device=check_device(device), dtype=dtype).eval()
 
 
 def read_domains(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -82,11 +104,19 @@ def read_domains(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
 def choose_domain(checkpoint: str | os.PathLike[str], config: PanguConfig,
                   domain: int | str | None = None) -> dict[str, Any] | None:
     """Which domain's sub-model of a PanGu-Σ export to evaluate: {"id", "name", "chosen_by"}; None for a
-    model that needs no domain (dense, or one domain).
+    model that needs no domain (one domain).
 
     `domain` is an id or a name of the export's `domains.json`; without one, the domain with the most
-    training tokens (the sub-model that saw the most data)."""
-    if config.router != "rre" or config.num_domains <= 1:
+    training tokens (the sub-model that saw the most data). A domain given for a model without domain
+    experts (dense PanGu-α, or experts routed by token) is refused: it would otherwise be ignored."""
+    if config.router != "rre":
+        if domain is not None:
+            kind = ("a dense PanGu-α model (no experts)" if config.router == "dense" else
+                    f"a {config.router} mixture of experts, routed by token, not by domain")
+            raise ValueError(f"--domain {str(domain)!r}: {checkpoint} is {kind}; --domain chooses the experts of a "
+                             f"PanGu-Σ domain: leave it out")
+        return None
+    if config.num_domains <= 1 and domain is None:
         return None
     first, last = config.domain_id_offset, config.domain_id_offset + config.num_domains - 1
     contract = read_domains(checkpoint) or {}
@@ -101,16 +131,46 @@ def choose_domain(checkpoint: str | os.PathLike[str], config: PanguConfig,
         chosen = max(sorted(tokens), key=lambda i: tokens[i])
         return {"id": chosen, "name": names.get(chosen), "chosen_by": "most training tokens"}
     text = str(domain).strip()
-    if text.isdigit():
+    if text.removeprefix("-").isdigit():
         chosen = int(text)
     else:
         by_name = {n: i for i, n in names.items()}
         if text not in by_name:
-            raise CheckpointError(f"domain {text!r} is not one of this model's domains ({known})")
+            raise CheckpointError(f"--domain {text!r} is not one of this model's domains ({known})")
         chosen = by_name[text]
     if not first <= chosen <= last:
-        raise CheckpointError(f"domain {chosen} is outside this model's domains ({known})")
+        raise CheckpointError(f"--domain {chosen} is outside this model's domains ({known})")
+    if config.num_domains <= 1:
+        return None  # its only domain: the whole model is that domain's sub-model
     return {"id": chosen, "name": names.get(chosen), "chosen_by": "given"}
+
+
+def load_tokenizer(checkpoint: str | os.PathLike[str], config: PanguConfig,
+                   tokenizer: str | os.PathLike[str] | None = None) -> PanguTokenizer:
+    """The tokenizer of `checkpoint` (`find_tokenizer`), refused unless the model (`config`) has an embedding
+    for each of its pieces."""
+    try:
+        tok = PanguTokenizer.load(find_tokenizer(checkpoint, tokenizer))
+    except TokenizerLoadError as exc:
+        raise CheckpointError(str(exc)) from exc
+    usable = config.tokenizer_pieces or config.vocab_size
+    if tok.vocab_size > usable:
+        raise CheckpointError(
+            f"tokenizer has {tok.vocab_size} pieces but the model only {usable} token embeddings"
+        )
+    return tok
+
+
+def check_model_options(checkpoint: str | os.PathLike[str], tokenizer: str | os.PathLike[str] | None = None,
+                        device: str = "cpu", domain: int | str | None = None) -> None:
+    """Refuses what `load_for_eval` would, without reading the weights: a directory that is not a checkpoint,
+    a device this machine cannot load on, a domain the model does not have (or any domain for a model
+    without domains), a tokenizer that is missing or does not fit. An evaluation checks this before it
+    hashes the checkpoint, fetches data or writes anything."""
+    config = model_config(checkpoint)
+    check_device(device)
+    choose_domain(checkpoint, config, domain)
+    load_tokenizer(checkpoint, config, tokenizer)
 
 
 def load_for_eval(
@@ -124,24 +184,19 @@ def load_for_eval(
 
     A PanGu-Σ model with several domains is evaluated as one domain's sub-model (`extract_domain`:
     the same outputs on that domain's inputs), since its routing needs a domain for every token; which
-    one is `choose_domain`'s answer.
+    one is `choose_domain`'s answer. Every refusal comes before the weights are read.
     """
+    config = model_config(checkpoint)
+    check_device(device)
+    chosen = choose_domain(checkpoint, config, domain)
+    tok = load_tokenizer(checkpoint, config, tokenizer)
     model = load_model(checkpoint, device, dtype)
-    chosen = choose_domain(checkpoint, model.config, domain)
     if chosen is not None:
         from pangu_model.inherit import extract_domain
 
         model = extract_domain(model, chosen["id"]).eval()
-    try:
-        tok = PanguTokenizer.load(find_tokenizer(checkpoint, tokenizer))
-    except TokenizerLoadError as exc:
-        raise CheckpointError(str(exc)) from exc
-    usable = model.config.tokenizer_pieces or model.config.vocab_size
-    if tok.vocab_size > usable:
-        raise CheckpointError(
-            f"tokenizer has {tok.vocab_size} pieces but the model only {usable} token embeddings"
-        )
     return model, tok
 
 
-__all__ = ["CheckpointError", "choose_domain", "model_config", "find_tokenizer", "load_for_eval", "load_model", "read_domains"]
+__all__ = ["CheckpointError", "check_device", "check_model_options", "choose_domain", "find_tokenizer", "load_for_eval",
+           "load_model", "load_tokenizer", "model_config", "read_domains"]

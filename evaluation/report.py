@@ -110,6 +110,18 @@ def markdown_report(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def require_output_dir(output: str | Path) -> None:
+    """Refuses an output directory that is a file, or lies under one, before the work that would write
+    there (it would fail only after the model was loaded, with the errno's own words)."""
+    path = Path(output)
+    for place in (path, *path.parents):
+        if place.exists():
+            if not place.is_dir():
+                where = "is a file" if place == path else f"is under {place}, a file"
+                raise NotADirectoryError(f"--output {output} {where}, not a directory")
+            return
+
+
 def write_outputs(results: dict[str, Any], predictions: dict[str, list[dict[str, Any]]], output: Path) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     pred_dir = output / "predictions"
@@ -123,4 +135,4 @@ def write_outputs(results: dict[str, Any], predictions: dict[str, list[dict[str,
     return output
 
 
-__all__ = ["REPORT_FILE", "RESULTS_FILE", "markdown_report", "write_outputs"]
+__all__ = ["REPORT_FILE", "RESULTS_FILE", "markdown_report", "require_output_dir", "write_outputs"]

