@@ -162,6 +162,9 @@ def load_config(directory: str | os.PathLike[str]) -> PanguConfig:
         raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}): not a config.json") from exc
     if not isinstance(payload, dict):
         raise ValueError(f"{path}: not a model config (a JSON {type(payload).__name__}, not an object)")
+    if "transformers_version" in payload:  # `pangu model export-hf`'s output, given where an export goes
+        raise ValueError(f"{path}: a transformers config (pangu model export-hf writes one), not an export's; load "
+                         "that directory with transformers, or give the export it was written from")
     payload.pop("format_version", None)
     payload.pop("model_type", None)
     try:

@@ -186,6 +186,18 @@ def test_a_config_whose_fields_fail_validation_names_the_file_in_one_line(tmp_pa
     assert "(got 'many')" in message and "\n" not in message
 
 
+def test_a_transformers_directory_given_as_an_export_says_so(tmp_path) -> None:
+    """The directory `pangu model export-hf` writes has a config.json too: its fields used to come out as a
+    long list of 'Extra inputs are not permitted'."""
+    directory = _export(tmp_path)
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    (directory / CONFIG_NAME).write_text(json.dumps({**config, "architectures": ["PanguForCausalLM"],
+                                                     "transformers_version": "4.57.1"}))
+    with pytest.raises(ValueError, match=re.escape(f"{directory / CONFIG_NAME}: a transformers config (pangu model "
+                                                   "export-hf writes one), not an export's")):
+        load_checkpoint(directory)
+
+
 def test_other_runtime_errors_of_loading_are_not_disguised(tmp_path, monkeypatch) -> None:
     directory = _export(tmp_path)
 
