@@ -146,6 +146,24 @@ def content_hash(uri: str, storage_options: dict | None = None, chunk: int = 1 <
     return digest, size
 
 
+def remembered_content_hash(uri: str, memo: str) -> str:
+    """`content_hash(uri)`'s digest, remembered in the JSON file `memo` with the file's `file_signature`: an
+    unchanged file (a checkpoint of many GB, evaluated again) is not read again."""
+    from cleaning.writers import read_json, write_json_atomic
+
+    signature = file_signature(uri)
+    try:
+        remembered = read_json(memo)
+    except (OSError, ValueError):  # none yet, or damaged: hashed again below
+        remembered = {}
+    if isinstance(remembered, dict) and (remembered.get("uri"), remembered.get("signature")) == (uri, signature) \
+            and signature.split(":", 1)[1]:  # no modification time: nothing to trust
+        return remembered["hash"]
+    digest, _ = content_hash(uri)
+    write_json_atomic(memo, {"uri": uri, "signature": signature, "hash": digest})
+    return digest
+
+
 def hash_and_split(uri: str, shard_bytes: int, storage_options: dict | None = None,
                    chunk: int = 1 << 20) -> tuple[str, int, list[Part]]:
     """A file's content hash and size and, when it is larger than `shard_bytes` (> 0) and can be

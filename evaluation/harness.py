@@ -307,13 +307,18 @@ def run_key(config: EvalConfig) -> dict[str, Any]:
     and the output, and the checkpoint's content (none for the oracle)."""
     checkpoint_xxh3 = None
     if not config.oracle and config.checkpoint:
-        from cleaning.inputs import content_hash
+        import xxhash
+
+        from cleaning.assets import pangu_home
+        from cleaning.inputs import remembered_content_hash
         from pangu_model.checkpoint import WEIGHTS_NAME
 
         from .model_io import model_config
 
         model_config(config.checkpoint)  # not a checkpoint: one clear error, before anything is read
-        checkpoint_xxh3 = content_hash(str(Path(config.checkpoint) / WEIGHTS_NAME))[0]
+        weights = str((Path(config.checkpoint) / WEIGHTS_NAME).resolve())
+        memo = pangu_home() / "cache" / "checkpoint-hashes" / f"{xxhash.xxh3_64_hexdigest(weights.encode())}.json"
+        checkpoint_xxh3 = remembered_content_hash(weights, str(memo))
     return {"settings": config.model_dump(mode="json", exclude={"tasks", "output"}),
             "checkpoint_xxh3": checkpoint_xxh3}
 

@@ -229,3 +229,30 @@ def test_a_device_is_checked_before_the_model_is_loaded(device, cuda, refused, m
     else:
         with pytest.raises(ValueError, match=refused):
             check_device(device)
+
+
+def test_the_checkpoint_hash_is_remembered_until_the_weights_change(tmp_path, monkeypatch) -> None:
+    """The resume key hashed every byte of model.safetensors on each `pangu eval`, a rerun whose tasks are
+    all finished included (minutes at 13B and above); an unchanged file is now hashed once."""
+    import os
+    import shutil
+
+    import cleaning.inputs
+    from evaluation.harness import run_key
+
+    monkeypatch.setenv("PANGU_HOME", str(tmp_path / "home"))
+    export = shutil.copytree(checkpoint_dir(), tmp_path / "export")
+    hashed = []
+    real = cleaning.inputs.content_hash
+    monkeypatch.setattr(cleaning.inputs, "content_hash", lambda uri: hashed.append(uri) or real(uri))
+    config = EvalConfig(checkpoint=str(export), tasks="tnews", data_dir=str(tmp_path), output=str(tmp_path / "eval"))
+    first = run_key(config)
+    assert run_key(config) == first and len(hashed) == 1
+    weights = export / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # the same size: a different last weight
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000_000))
+    changed = run_key(config)
+    assert len(hashed) == 2 and changed["checkpoint_xxh3"] != first["checkpoint_xxh3"]
+    assert changed["settings"] == first["settings"]
