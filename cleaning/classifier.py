@@ -17,14 +17,16 @@ import sys
 import tempfile
 import time
 import unicodedata
+import zlib
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import fasttext
 import fsspec
 import numpy as np
 
 from cleaning import charclass, minhash
+from cleaning.outputs import nothing_left_on_failure, write_failure
 from cleaning.writers import write_json_atomic
 
 POSITIVE = "__label__pos"
@@ -175,6 +177,42 @@ def manifest_path(model_path: str | os.PathLike[str]) -> Path:
     return Path(model_path).with_suffix(".json")
 
 
+# The first four bytes of every fastText binary (FASTTEXT_FILEFORMAT_MAGIC_INT32, little-endian).
+_FASTTEXT_MAGIC = (793712314).to_bytes(4, "little")
+
+
+def _is_fasttext_model(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) == _FASTTEXT_MAGIC
+
+
+def check_model_path(output: str | os.PathLike[str]) -> Path:
+    """`output` as the path of a model to write, refused before any training when it cannot take one: a
+    directory, a `.json` name (the manifest's), an existing file that is not a fastText model (a mistyped
+    path would replace the training data), a path below a file, or a folder that cannot be written."""
+    text = os.fspath(output)
+    path = Path(text)
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; a classifier is one file: give its path, "
+                                f"e.g. {path / 'classifier.bin'}")
+    if path.suffix == ".json":
+        raise ValueError(f"{path}: a model path may not end in .json (the manifest is written beside the model "
+                         "under its name with .json); name the model .bin")
+    if path.is_file() and not _is_fasttext_model(path):
+        raise FileExistsError(f"{path} exists and is not a fastText model; choose another path or remove it")
+    if manifest_path(path).is_dir():
+        raise IsADirectoryError(f"cannot write the classifier's manifest {manifest_path(path)}: it is a directory")
+    for folder in path.parents:
+        if not folder.exists():
+            continue
+        if not folder.is_dir():
+            raise NotADirectoryError(f"cannot write the classifier to {path}: {folder} is a file")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"cannot write the classifier to {path}: {folder} is not writable")
+        break
+    return path
+
+
 # fastText 0.9.2 initialises only `thread`/10 of the input matrix (DenseMatrix::uniformThread
 # fills block i of 10 per thread) and leaves the rest as allocated. A fresh process gets that
 # memory zeroed from the OS; a second training in the same process can reuse freed heap holding
@@ -193,6 +231,30 @@ def _train_in_subprocess(train_file: str, model_file: str, params: dict[str, Any
     if proc.returncode != 0 or not os.path.isfile(model_file):
         tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
         raise RuntimeError(f"fastText training failed: {tail[0]}")
+
+
+def _train_into(output: Path, lines: list[str], params: dict[str, Any]) -> Any:
+    """fastText on the labelled `lines`, in a temporary folder beside `output`; the model is renamed to
+    `output` (whole, or not at all) and returned loaded. `params["lr"]` is lowered where it diverges."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
+        train_file = os.path.join(tmp, "train.txt")
+        with open(train_file, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+        tmp_model = os.path.join(tmp, "model.bin")
+        while True:
+            try:
+                _train_in_subprocess(train_file, tmp_model, params)
+                break
+            except RuntimeError as err:
+                # fastText diverges on small sets when lr is too high; halve it rather than fail
+                # (the manifest records the lr that was used).
+                if "NaN" not in str(err) or params["lr"] < 0.01:
+                    raise
+                params["lr"] = round(params["lr"] / 2, 4)
+        model = fasttext.load_model(tmp_model)
+        os.replace(tmp_model, output)
+    return model
 
 
 def train_classifier(
@@ -219,7 +281,9 @@ def train_classifier(
     picked). `thread=1` with a fixed seed makes a run reproducible; documents are cut to
     `max_chars` so that training time depends on the number of documents, not their length
     (the default bucket and dim keep a model around 25 MB instead of fastText's 2M-bucket ~800 MB).
+    A failure leaves nothing behind: no model, and no folder made for it.
     """
+    output = check_model_path(output)
     rng = random.Random(seed)
     pos = [t for t in (to_fasttext_text(x, max_chars) for x in positives) if t]
     neg = [t for t in (to_fasttext_text(x, max_chars) for x in negatives) if t]
@@ -230,29 +294,15 @@ def train_classifier(
     lines = [f"{POSITIVE} {t}" for t in pos_train] + [f"{NEGATIVE} {t}" for t in neg_train]
     rng.shuffle(lines)
 
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     params = {"epoch": epoch, "lr": lr, "wordNgrams": word_ngrams, "dim": dim, "bucket": bucket,
               "minCount": min_count, "loss": "softmax", "seed": seed, "thread": thread}
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
-        train_file = os.path.join(tmp, "train.txt")
-        with open(train_file, "w", encoding="utf-8") as fh:
-            fh.write("\n".join(lines) + "\n")
-        tmp_model = os.path.join(tmp, "model.bin")
-        while True:
-            try:
-                _train_in_subprocess(train_file, tmp_model, params)
-                break
-            except RuntimeError as err:
-                # fastText diverges on small sets when lr is too high; halve it rather than fail
-                # (the manifest records the lr that was used).
-                if "NaN" not in str(err) or params["lr"] < 0.01:
-                    raise
-                params["lr"] = round(params["lr"] / 2, 4)
-        train_seconds = time.perf_counter() - started
-        model = fasttext.load_model(tmp_model)
-        os.replace(tmp_model, output)
+    try:
+        with nothing_left_on_failure(output.parent):  # no folder made for the model is left by a failure
+            model = _train_into(output, lines, params)
+    except OSError as exc:  # a temporary beside `output` that could not be written: name `output`
+        raise write_failure("the classifier", output, exc) from exc
+    train_seconds = time.perf_counter() - started
 
     classifier = TextClassifier(model, POSITIVE, str(output))
     prob = classifier._score_prepared(pos_test + neg_test)
@@ -276,38 +326,92 @@ def train_classifier(
     return manifest
 
 
-def _iter_jsonl_texts(uri: str, text_field: str) -> Iterator[str]:
-    """Texts of every JSONL(.gz) file a URI names: one file, a glob, or a directory (recursive)."""
+def _jsonl_files(uri: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """Every JSONL(.gz) file a URI names: one file, a glob, or a directory (recursive)."""
     fs, path = fsspec.core.url_to_fs(uri)
     if fs.isdir(path):
         paths = sorted(p for p in fs.find(path) if re.search(r"\.(jsonl|json|ndjson)(\.gz)?$", p))
+    elif any(c in path for c in "*?["):
+        paths = sorted(fs.glob(path))
+    elif fs.exists(path):
+        paths = [path]
     else:
-        paths = sorted(fs.glob(path)) if any(c in path for c in "*?[") else [path]
+        raise FileNotFoundError(f"{uri} does not exist")
     if not paths:
         raise FileNotFoundError(f"no JSONL files at {uri}")
+    return fs, paths
+
+
+def _read_jsonl_texts(uri: str, text_field: str, fs: fsspec.AbstractFileSystem,
+                      paths: list[str]) -> tuple[list[str], dict[str, int]]:
+    """The non-empty `text_field` strings of the JSONL files `uri` names (`paths`), and counts of what was
+    read. One bad line (not UTF-8, not a JSON object, no text) is skipped and counted: it should not stop a
+    training. An input with fewer than 2 texts is unusable, and refused with what its lines hold."""
+    texts: list[str] = []
+    counts = {"files": len(paths), "lines": 0, "texts": 0, "not_json_objects": 0, "without_text": 0}
+    fields_found: set[str] = set()
     for p in paths:
-        compression = "gzip" if p.endswith(".gz") else None
-        with fs.open(p, "rt", encoding="utf-8", compression=compression) as fh:
-            for number, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line).get(text_field)
-                except (json.JSONDecodeError, AttributeError) as err:
-                    raise ValueError(f"{p}, line {number}: not a JSON object ({err})") from err
-                if isinstance(text, str) and text.strip():
-                    yield text
+        try:
+            with fs.open(p, "rb", compression="gzip" if p.endswith(".gz") else None) as fh:
+                for line in fh:
+                    if not line.strip():
+                        continue
+                    counts["lines"] += 1
+                    try:
+                        record = json.loads(line)  # bytes: not UTF-8 (a UnicodeDecodeError) is a ValueError too
+                    except ValueError:
+                        record = None
+                    if not isinstance(record, dict):
+                        counts["not_json_objects"] += 1
+                        continue
+                    text = record.get(text_field)
+                    if isinstance(text, str) and text.strip():
+                        texts.append(text)
+                    else:
+                        counts["without_text"] += 1
+                        fields_found.update(list(record)[:20])
+        except (OSError, EOFError, zlib.error) as exc:  # a damaged or truncated .gz, a folder named .jsonl
+            raise OSError(f"{p} cannot be read ({exc})") from exc
+    counts["texts"] = len(texts)
+    if len(texts) < 2:
+        raise ValueError(_too_few_texts(uri, text_field, counts, fields_found))
+    return texts, counts
+
+
+def _too_few_texts(uri: str, text_field: str, counts: dict[str, int], fields_found: set[str]) -> str:
+    if not counts["lines"]:
+        return f"{uri} is empty: no JSONL lines" if counts["files"] == 1 else f"{uri}: its JSONL files have no lines"
+    if counts["texts"] == 1:
+        return f"{uri} holds 1 text (a non-empty {text_field!r} field); a class needs at least 2"
+    skipped = []
+    if counts["not_json_objects"]:
+        skipped.append(f"{counts['not_json_objects']:,} not JSON objects")
+    if counts["without_text"]:
+        found = f"; fields found: {', '.join(sorted(fields_found))}" if fields_found else ""
+        skipped.append(f"{counts['without_text']:,} without it{found}")
+    return (f"no texts in {uri}: none of its {counts['lines']:,} lines is a JSON object with a non-empty "
+            f"{text_field!r} field ({'; '.join(skipped)})")
 
 
 def train_from_files(positives_uri: str, negatives_uri: str, output: str | os.PathLike[str],
                      text_field: str = "text", **kwargs: Any) -> dict[str, Any]:
-    """Train from JSONL inputs (file, glob or directory; any fsspec URI); see `train_classifier`."""
+    """Train from JSONL inputs (file, glob or directory; any fsspec URI); see `train_classifier`. The manifest
+    records what was read of each (`read`: files, lines, texts, and the lines skipped)."""
+    check_model_path(output)  # before reading the inputs
+    positive_fs, positive_paths = _jsonl_files(positives_uri)
+    negative_fs, negative_paths = _jsonl_files(negatives_uri)
+    shared = sorted({positive_fs.unstrip_protocol(p) for p in positive_paths}
+                    & {negative_fs.unstrip_protocol(p) for p in negative_paths})
+    if shared:  # one file cannot hold texts of both classes
+        more = f" (and {len(shared) - 1} more)" if len(shared) > 1 else ""
+        raise ValueError(f"{shared[0].removeprefix('file://')}{more} is among both the positives and the "
+                         "negatives; a text belongs to one class")
+    positives, positive_counts = _read_jsonl_texts(positives_uri, text_field, positive_fs, positive_paths)
+    negatives, negative_counts = _read_jsonl_texts(negatives_uri, text_field, negative_fs, negative_paths)
     description = {"sources": {"positive": positives_uri, "negative": negatives_uri},
-                   "text_field": text_field}
+                   "text_field": text_field, "read": {"positive": positive_counts, "negative": negative_counts}}
     description.update(kwargs.pop("description", None) or {})
-    return train_classifier(_iter_jsonl_texts(positives_uri, text_field),
-                            _iter_jsonl_texts(negatives_uri, text_field),
-                            output, description=description, **kwargs)
+    return train_classifier(positives, negatives, output, description=description, **kwargs)
 
 
 class TextClassifier:

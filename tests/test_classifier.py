@@ -135,3 +135,107 @@ def test_preparation_expands_multi_character_folds_by_table(monkeypatch) -> None
     monkeypatch.setattr(classifier, "reference_fasttext_text",
                         lambda text, max_chars=None: pytest.fail(f"string path taken for {text!r}"))
     assert classifier._prepare_batch(texts) == expected
+
+
+def _jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
+    path.write_text("".join(json.dumps({field: t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def _refused(capsys: pytest.CaptureFixture, argv: list[str], *expected: str) -> str:
+    """Runs `pangu ARGV`; asserts exit status 2 and one `error:` line holding every `expected` text."""
+    from flows.cli import main
+
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert len(errors) == 1, errors
+    for text in expected:
+        assert text in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.mark.parametrize("case", ["an existing empty folder", "a name ending in /", "a file that is not a model",
+                                  "the positives file", "a path below a file", "a .json name",
+                                  "a folder nobody may write"])
+def test_an_output_that_cannot_take_the_model_is_refused_in_its_own_terms(texts, tmp_path, capsys, case,
+                                                                        monkeypatch) -> None:
+    """`classifier train --output` used to name the temporary directory beside it (`.out.x1y2/model.bin -> out`),
+    or to replace whatever file was there (the positives themselves), or to let the manifest overwrite a
+    model named .json. Now refused before training, naming the path; nothing is written."""
+    monkeypatch.delenv("PANGU_DEBUG", raising=False)
+    if case == "a folder nobody may write" and not Path("/sys").is_dir():
+        pytest.skip("no /sys here")
+    positives = _jsonl(tmp_path / "pos.jsonl", texts["news"][:30])
+    negatives = _jsonl(tmp_path / "neg.jsonl", texts["dict"][:30])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    (tmp_path / "models").mkdir()
+    output, expected = {
+        "an existing empty folder": (str(tmp_path / "models"), f"{tmp_path / 'models'} is a directory"),
+        "a name ending in /": (f"{tmp_path / 'new'}/", f"{tmp_path / 'new'} is a directory"),
+        "a file that is not a model": (str(notes), f"{notes} exists and is not a fastText model"),
+        "the positives file": (str(positives), f"{positives} exists and is not a fastText model"),
+        "a path below a file": (str(notes / "m.bin"), f"cannot write the classifier to {notes / 'm.bin'}: "
+                                                      f"{notes} is a file"),
+        "a .json name": (str(tmp_path / "m.json"), "may not end in .json"),
+        "a folder nobody may write": ("/sys/pangu-classifier.bin", "cannot write the classifier to "
+                                                                   "/sys/pangu-classifier.bin: "),
+    }[case]
+    before = sorted((p.name, p.read_bytes() if p.is_file() else b"") for p in tmp_path.rglob("*"))
+    line = _refused(capsys, ["classifier", "train", "--positives", str(positives), "--negatives", str(negatives),
+                             "--output", output], "pangu classifier train: error: ", expected)
+    assert ".tmp" not in line and "/." not in line  # no temporary's name
+    assert sorted((p.name, p.read_bytes() if p.is_file() else b"") for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("case", ["an empty file", "no text field", "lines that are not JSON", "a single text",
+                                  "the same file twice", "a truncated gzip", "a missing file"])
+def test_an_unusable_input_is_named_with_what_to_fix(texts, tmp_path, capsys, case, monkeypatch) -> None:
+    """A wholly unusable --positives used to read `need at least 2 non-empty positive and negative texts (got 0,
+    30)` (which file? why?), a truncated .jsonl.gz ended in an EOFError traceback, and the same file given
+    for both classes trained a model of nothing."""
+    monkeypatch.delenv("PANGU_DEBUG", raising=False)
+    negatives = _jsonl(tmp_path / "neg.jsonl", texts["dict"][:30])
+    bad = tmp_path / "bad.jsonl"
+    if case == "an empty file":
+        bad.write_text("")
+        expected = [f"{bad} is empty"]
+    elif case == "no text field":
+        _jsonl(bad, texts["news"][:30], field="body")
+        expected = [f"no texts in {bad}: none of its 30 lines is a JSON object with a non-empty 'text' field",
+                    "fields found: body"]
+    elif case == "lines that are not JSON":
+        bad.write_text("id,text\n" + "".join(f"{i},第{i}篇文档\n" for i in range(30)), encoding="utf-8")
+        expected = [f"no texts in {bad}", "31 not JSON objects"]
+    elif case == "a single text":
+        _jsonl(bad, texts["news"][:1])
+        expected = [f"{bad} holds 1 text", "a class needs at least 2"]
+    elif case == "the same file twice":
+        bad = negatives
+        expected = [f"{negatives} is among both the positives and the negatives"]
+    elif case == "a truncated gzip":
+        whole = gzip.compress((_jsonl(tmp_path / "pos.jsonl", texts["news"][:30])).read_bytes())
+        bad = tmp_path / "bad.jsonl.gz"
+        bad.write_bytes(whole[: len(whole) // 2])
+        expected = [f"{bad} cannot be read (Compressed file ended before the end-of-stream marker"]
+    else:
+        expected = [f"{bad} does not exist"]
+    _refused(capsys, ["classifier", "train", "--positives", str(bad), "--negatives", str(negatives),
+                      "--output", str(tmp_path / "out" / "m.bin")], *expected)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_line_is_skipped_and_counted(texts: dict[str, list[str]], tmp_path: Path) -> None:
+    """One line that is not JSON (or not UTF-8, or not an object, or without text) among good ones used to stop
+    the training; it is one bad record, skipped and counted in the manifest."""
+    positives = _jsonl(tmp_path / "pos.jsonl", texts["news"][:40])
+    good = [json.dumps({"text": t}, ensure_ascii=False).encode() for t in texts["dict"][:40]]
+    bad = [b'{"text": "truncated', b'{"text": "caf\xe9"}', b'["a", "list"]', b'{"body": "another field"}']
+    negatives = tmp_path / "neg.jsonl"
+    negatives.write_bytes(b"\n".join(good[:10] + bad + good[10:]) + b"\n")
+    manifest = train_from_files(str(positives), str(negatives), tmp_path / "m.bin", epoch=5)
+    assert manifest["read"]["negative"] == {"files": 1, "lines": 44, "texts": 40, "not_json_objects": 3,
+                                            "without_text": 1}
+    assert manifest["read"]["positive"] == {"files": 1, "lines": 40, "texts": 40, "not_json_objects": 0,
+                                            "without_text": 0}
+    assert manifest["counts"]["negative"]["train"] + manifest["counts"]["negative"]["test"] == 40

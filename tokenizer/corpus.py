@@ -5,7 +5,7 @@ Shards are read one record batch at a time through fsspec, so memory is bounded 
 from __future__ import annotations
 
 import posixpath
-from typing import Iterator, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 import fsspec
 import pyarrow as pa
@@ -13,7 +13,43 @@ import pyarrow.parquet as pq
 
 
 class CorpusError(ValueError):
-    """The corpus directory has no shards, or a shard lacks a needed column."""
+    """The corpus directory has no shards, or a shard is not readable Parquet or lacks its text column: the
+    user's to fix (a ValueError), and the message names the shard."""
+
+
+def _shown(shard: str) -> str:
+    """A shard's URI as a message shows it: a local file as its path."""
+    return shard.removeprefix("file://")
+
+
+def unreadable_shard(shard: str, exc: BaseException) -> CorpusError:
+    return CorpusError(f"{_shown(shard)} is not a readable Parquet file ({exc})")
+
+
+# What a damaged shard raises: pyarrow's own errors (bad magic bytes, a footer that does not parse) and
+# OSError (corrupt compressed pages, a file cut short while being read).
+READ_ERRORS = (pa.ArrowException, OSError)
+
+
+def open_shard(shard: str, fh: BinaryIO) -> pq.ParquetFile:
+    """The Parquet file `shard` (open as `fh`), or a CorpusError naming it when it is not one."""
+    try:
+        return pq.ParquetFile(fh)
+    except READ_ERRORS as exc:
+        raise unreadable_shard(shard, exc) from exc
+
+
+def check_text_column(shard: str, schema: pa.Schema, column: str) -> None:
+    """Raise unless `schema` has `column` holding strings (or only nulls): a shard without its text is unusable."""
+    if column not in schema.names:
+        columns = ", ".join(schema.names) or "none"
+        raise CorpusError(f"{_shown(shard)} has no {column!r} column (its columns: {columns})")
+    kind = schema.field(column).type
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+            or pa.types.is_null(kind)):
+        raise CorpusError(f"{_shown(shard)}: column {column!r} holds {kind}, not text")
 
 
 def list_shards(corpus: str, storage_options: dict | None = None) -> list[str]:
@@ -32,14 +68,23 @@ def list_shards(corpus: str, storage_options: dict | None = None) -> list[str]:
 def iter_batches(
     shard: str, columns: Sequence[str], batch_size: int = 1024, storage_options: dict | None = None
 ) -> Iterator[pa.RecordBatch]:
-    """Record batches of `columns`; a missing column other than the first yields nulls."""
+    """Record batches of `columns`; the first is the text (it must be there, holding strings), a missing
+    other one yields nulls. A shard that is not Parquet, or whose pages are damaged, is a CorpusError naming it."""
     with fsspec.open(shard, "rb", **(storage_options or {})) as fh:
-        pf = pq.ParquetFile(fh)
+        pf = open_shard(shard, fh)
+        check_text_column(shard, pf.schema_arrow, columns[0])
         names = set(pf.schema_arrow.names)
-        if columns[0] not in names:
-            raise CorpusError(f"{shard} has no {columns[0]!r} column (columns: {sorted(names)})")
         present = [c for c in columns if c in names]
-        for batch in pf.iter_batches(batch_size=batch_size, columns=present):
+        batches = pf.iter_batches(batch_size=batch_size, columns=present)
+        while True:
+            try:
+                batch = next(batches)
+                # pyarrow does not check UTF-8 when it reads: a damaged page would fail later, in to_pylist
+                batch.validate(full=True)
+            except StopIteration:
+                return
+            except READ_ERRORS as exc:
+                raise unreadable_shard(shard, exc) from exc
             for c in columns:
                 if c not in names:
                     batch = batch.append_column(c, pa.nulls(batch.num_rows, pa.string()))
@@ -48,7 +93,7 @@ def iter_batches(
 
 def count_documents(shard: str, storage_options: dict | None = None) -> int:
     with fsspec.open(shard, "rb", **(storage_options or {})) as fh:
-        return pq.ParquetFile(fh).metadata.num_rows
+        return open_shard(shard, fh).metadata.num_rows
 
 
 def iter_texts(

@@ -29,14 +29,15 @@ from typing import Any, Iterator
 import fsspec
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import xxhash
 
 from cleaning.temporaries import remove_orphaned_temporaries
-from cleaning.writers import write_bytes_atomic, write_json_atomic
+from cleaning.writers import read_json, write_bytes_atomic, write_json_atomic
 from tokenizer.config import PackConfig
-from tokenizer.corpus import iter_batches, list_shards
+from tokenizer.corpus import (READ_ERRORS, CorpusError, check_text_column, iter_batches, list_shards, open_shard,
+                              unreadable_shard)
 from tokenizer.indexed import IndexedWriter, dtype_for_vocab
+from cleaning.outputs import check_output_directory, make_output_directory, nothing_left_on_failure
 from tokenizer.pangu import PanguTokenizer
 from tokenizer.specials import EOT, UNK
 
@@ -69,37 +70,63 @@ def _domain_name(value: Any, default: str) -> str:
 
 
 def start_packing(config: PackConfig) -> tuple[list[str], dict[str, int]]:
-    """What every driver does before any shard is packed: the corpus shards, the output directory
+    """What every driver does before any shard is packed: the corpus shards (each one opened, so that a
+    damaged one or one without text is refused before anything is written), the output directory
     without the temporary files a killed run left there, and the domain map."""
     shards = list_shards(config.input)
     out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_directory(out, "token shards")
+    names = corpus_domains(shards, config)
+    _check_holds_only_token_shards(out)
+    make_output_directory(out, "token shards")
     remove_orphaned_temporaries(str(out))
-    return shards, plan_domain_ids(shards, config, out)
+    return shards, plan_domain_ids(names, config, out)
 
 
-def plan_domain_ids(shards: list[str], config: PackConfig, out: Path) -> dict[str, int]:
-    """Name → id for every domain in the corpus, stable across runs (see module docstring)."""
+def _check_holds_only_token_shards(out: Path) -> None:
+    """Packing into a folder of other files would mix them with the shards (and replace any of the same name)."""
+    if not out.is_dir() or (out / DOMAIN_MAP_FILE).is_file():
+        return
+    # A temporary file is a killed or running packer's (start_packing removes the killed ones), not a user's.
+    others = sorted(p.name for p in out.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp")))
+    if others:
+        raise FileExistsError(f"{out} is not empty and holds no token shards (no {DOMAIN_MAP_FILE}; it has "
+                              f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); choose another "
+                              "output or empty it")
+
+
+def corpus_domains(shards: list[str], config: PackConfig) -> set[str]:
+    """The domain names of every document (from each shard's domain column, or `default_domain` where it has
+    none); raises, naming the shard, for one that is not Parquet or has no text column."""
+    names: set[str] = set()
+    for shard in shards:
+        with fsspec.open(shard, "rb") as fh:
+            pf = open_shard(shard, fh)
+            check_text_column(shard, pf.schema_arrow, config.text_field)
+            if config.domain_field not in pf.schema_arrow.names:
+                names.add(config.default_domain)
+                continue
+            try:
+                column = pf.read(columns=[config.domain_field]).column(0)
+            except READ_ERRORS as exc:
+                raise unreadable_shard(shard, exc) from exc
+            for value in pc.unique(column).to_pylist():
+                names.add(_domain_name(value, config.default_domain))
+    return names
+
+
+def plan_domain_ids(names: set[str], config: PackConfig, out: Path) -> dict[str, int]:
+    """Name → id for every domain in the corpus (`names`), stable across runs (see module docstring)."""
     ids: dict[str, int] = {}
     saved = out / DOMAIN_MAP_FILE
     if saved.is_file():
-        ids.update(json.loads(saved.read_text(encoding="utf-8")))
+        ids.update(read_json(str(saved)))
     for name, i in (config.domain_ids or {}).items():
         if ids.get(name, i) != i:
             raise ValueError(f"domain {name!r} is already packed as id {ids[name]}, not {i}")
         ids[name] = i
     if len(set(ids.values())) != len(ids):
         raise ValueError(f"two domains share an id in {ids}")
-    names: set[str] = set()
-    for shard in shards:
-        with fsspec.open(shard, "rb") as fh:
-            pf = pq.ParquetFile(fh)
-            if config.domain_field not in pf.schema_arrow.names:
-                names.add(config.default_domain)
-                continue
-            column = pf.read(columns=[config.domain_field]).column(0)
-            for value in pc.unique(column).to_pylist():
-                names.add(_domain_name(value, config.default_domain))
     next_id = max(ids.values(), default=-1) + 1
     for name in sorted(names - set(ids)):
         ids[name] = next_id
@@ -280,7 +307,11 @@ def summarize(out: str | Path, domain_ids: dict[str, int], shard_results: list[d
 
 def finish_packing(config: PackConfig, tokenizer: PanguTokenizer, domain_ids: dict[str, int],
                    results: list[dict[str, Any]]) -> dict[str, Any]:
-    """After the last shard: `domains.json` (returned) with a short record of each shard's packing."""
+    """After the last shard: `domains.json` (returned) with a short record of each shard's packing. A corpus
+    with no text at all is refused: token shards of nothing would only fail later, in training."""
+    if not any(r["documents"] for r in results):
+        raise CorpusError(f"no text to pack in {config.input}: every document of its {len(results)} shard"
+                          f"{'s' if len(results) != 1 else ''} is empty or blank")
     summary = summarize(config.output, domain_ids, results, tokenizer_record(tokenizer, config.tokenizer))
     summary["shard_results"] = [
         {k: r[k] for k in ("input", "documents", "tokens", "characters", "seconds", "skipped")} for r in results
@@ -289,16 +320,22 @@ def finish_packing(config: PackConfig, tokenizer: PanguTokenizer, domain_ids: di
 
 
 def pack_corpus(config: PackConfig, tokenizer: PanguTokenizer | None = None) -> dict[str, Any]:
-    """Pack every shard of `config.input` into `config.output`; returns `domains.json` plus per-shard results."""
+    """Pack every shard of `config.input` into `config.output`; returns `domains.json` plus per-shard results.
+    A failure before any shard with text is packed leaves nothing it created; after, the packed shards stay
+    for the rerun, which skips them (so does an interrupt)."""
     own = tokenizer is None
     # Loading here, in this process, turns a bad model file into one clear error before any worker starts.
     tokenizer = tokenizer or PanguTokenizer.load(config.tokenizer)
     if tokenizer.vocab_size > 65_536:
         raise ValueError("uint16 shards need a vocabulary of at most 65,536 pieces")
+    results: list[dict[str, Any]] = []
     try:
-        shards, domain_ids = start_packing(config)
-        results = [pack_shard(shard, Path(config.output), tokenizer, domain_ids, config) for shard in shards]
-        return finish_packing(config, tokenizer, domain_ids, results)
+        # Shards that hold text are kept for the rerun when a later one fails (a read error, a damaged page)
+        with nothing_left_on_failure(Path(config.output), keep=lambda: any(r["documents"] for r in results)):
+            shards, domain_ids = start_packing(config)
+            for shard in shards:
+                results.append(pack_shard(shard, Path(config.output), tokenizer, domain_ids, config))
+            return finish_packing(config, tokenizer, domain_ids, results)
     finally:
         if own:
             tokenizer.close()

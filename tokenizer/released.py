@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from sample_data.sources.packages import FetchError, Package, download, read_member
-from tokenizer.artifacts import write_tokenizer_dir
+from cleaning.writers import read_json
+from tokenizer.artifacts import META_FILE, write_tokenizer_dir
+from cleaning.outputs import check_output_directory, make_output_directory, nothing_left_on_failure
 from tokenizer.pangu import PanguTokenizer, TokenizerLoadError, check_layout, load_sentencepiece
 
 RELEASED_PACKAGE = Package("pcl_pangu", "1.2.5.8", "pypi", "Apache-2.0")
@@ -52,13 +54,32 @@ def released_model_bytes(cache: str | Path | None = None) -> tuple[bytes, str]:
     return proto, vocab
 
 
+def _check_output(output: Path) -> None:
+    """Refuse, before the download, an output that cannot be written or holds something else: writing the
+    release there would replace another tokenizer's files, or mix ours with the folder's own."""
+    check_output_directory(output, "the released tokenizer")
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    meta = output / META_FILE
+    written = read_json(str(meta)) if meta.is_file() else None
+    if not isinstance(written, dict) or written.get("name") != RELEASED_NAME:
+        held = "another tokenizer" if meta.is_file() else "other files"
+        raise FileExistsError(f"{output} holds {held}, not the released tokenizer; choose another output or "
+                              "remove it")
+
+
 def write_released_tokenizer(output: str | Path, cache: str | Path | None = None) -> Path:
-    """Write the released tokenizer into `output` (our layout); return the directory.
+    """Write the released tokenizer into `output` (our layout); return the directory. `output` is new, empty or
+    the released tokenizer already (written again); a failure leaves nothing it created.
 
     `spm.vocab` is the release's own `vocab.vocab`; `tokenizer.json` names the package it came from.
     """
+    output = Path(output)
+    _check_output(output)
     proto, vocab = released_model_bytes(cache)
-    return write_tokenizer_dir(Path(output), proto, released_source(), vocab=vocab)
+    with nothing_left_on_failure(output):
+        make_output_directory(output, "the released tokenizer")
+        return write_tokenizer_dir(output, proto, released_source(), vocab=vocab)
 
 
 def load_released_tokenizer(cache: str | Path | None = None) -> PanguTokenizer:

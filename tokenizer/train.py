@@ -9,7 +9,6 @@ newline anyway, so segmenting a line alone gives the same words as segmenting it
 """
 from __future__ import annotations
 
-import json
 import multiprocessing
 import random
 import re
@@ -23,9 +22,11 @@ from typing import Any, Iterable, Iterator
 import sentencepiece as spm
 
 from cleaning.temporaries import temporary_directory
+from cleaning.writers import read_json
 from tokenizer.artifacts import META_FILE, write_tokenizer_dir
 from tokenizer.config import TokenizerTrainConfig
 from tokenizer.corpus import iter_texts
+from cleaning.outputs import check_output_directory, nothing_left_on_failure, write_failure
 from tokenizer.pangu import PanguTokenizer, check_layout, load_sentencepiece
 from tokenizer.parallel import chunk_texts
 from tokenizer.segment import fast_segment
@@ -144,17 +145,22 @@ def trainer_arguments(config: TokenizerTrainConfig) -> dict[str, Any]:
     return {**args, **config.trainer_options}
 
 
+# Said to whoever gives an output that holds something else: the command line has no overwrite flag.
+_ELSEWHERE = "choose another output or remove it (overwrite=True in a config replaces it)"
+
+
 def _existing(output: Path, config: TokenizerTrainConfig) -> dict[str, Any] | None:
+    check_output_directory(output, "the tokenizer")
     meta_path = output / META_FILE
     if not meta_path.is_file():
         if output.exists() and any(output.iterdir()) and not config.overwrite:
-            raise FileExistsError(f"{output} exists and is not a tokenizer directory (set overwrite)")
+            raise FileExistsError(f"{output} is not empty and is not a tokenizer directory; {_ELSEWHERE}")
         return None
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta = read_json(str(meta_path))
     if meta.get("training", {}).get("config_fingerprint") == config.fingerprint() and not config.overwrite:
         return meta
     if not config.overwrite:
-        raise FileExistsError(f"{output} holds a tokenizer trained with another config (set overwrite)")
+        raise FileExistsError(f"{output} holds a tokenizer trained with another config; {_ELSEWHERE}")
     return None
 
 
@@ -162,12 +168,18 @@ def train_tokenizer(config: TokenizerTrainConfig, texts: Iterable[str] | None = 
     """Train into `config.output`; return the contents of its tokenizer.json.
 
     `texts` (any iterable of documents) replaces `config.input`. A finished directory made with the
-    same config is kept as it is (the training is not repeated).
+    same config is kept as it is (the training is not repeated). A failure leaves nothing it created.
     """
     output = Path(config.output)
     done = _existing(output, config)
     if done is not None:
         return done
+    with nothing_left_on_failure(output):
+        return _sample_and_train(config, output, texts)
+
+
+def _sample_and_train(config: TokenizerTrainConfig, output: Path, texts: Iterable[str] | None) -> dict[str, Any]:
+    source = "" if texts is not None else f" in {config.input}"
     if texts is None:
         if config.input is None:
             raise ValueError("give config.input (a corpus directory) or texts")
@@ -180,12 +192,21 @@ def train_tokenizer(config: TokenizerTrainConfig, texts: Iterable[str] | None = 
     lines, counts = sample_lines(texts, config.input_sentence_size, config.shuffle_input_sentence, config.seed)
     timings["sample"] = time.perf_counter() - start
     if not lines:
-        raise TrainError("no text to train on: every document was empty or blank")
+        raise TrainError(f"no text to train on{source}: every document is empty or blank (or there are none)")
 
     start = time.perf_counter()
     segmented = [p for s in segment_lines(lines, config.workers) for p in split_long(s, config.max_sentence_length)]
     timings["segment"] = time.perf_counter() - start
 
+    try:
+        return _train_sentencepiece(config, output, segmented, lines, counts, timings)
+    except OSError as exc:  # a temporary beside `output` that could not be written: name `output`
+        raise write_failure("the tokenizer", output, exc) from exc
+
+
+def _train_sentencepiece(config: TokenizerTrainConfig, output: Path, segmented: list[str], lines: list[str],
+                         counts: dict[str, int], timings: dict[str, float]) -> dict[str, Any]:
+    """sentencepiece on the segmented sample, in a temporary directory beside `output`, moved into place."""
     with temporary_directory(output) as work:
         start = time.perf_counter()
         spm.set_random_generator_seed(config.seed)
