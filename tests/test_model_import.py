@@ -399,3 +399,20 @@ def test_eval_of_an_imported_release_uses_its_tokenizer_and_says_so(megatron, tm
     assert "| ours | PanGu-α 2.6B (same weights) | PanGu-α 13B |" in marked and "Like with like" in marked
     other_tokenizer = markdown_report({**results, "meta": {**published, "tokenizer_name": "corpus-trained"}})
     assert "same weights" not in other_tokenizer
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"hi\n", "KeyError 105"), (b"t", "IndexError pop from empty list"), (b"\x80\x40", "EOFError"),
+    (b"\x80\x02}q\x00X\x05", "error unpack requires a buffer of 4 bytes"),
+])
+def test_bytes_that_are_not_a_checkpoint_are_refused_naming_the_file(tmp_path, recwarn, data, reason):
+    """The unpickler stops on such bytes with a KeyError, an IndexError or a struct.error: `model import` printed
+    `error: 105`, or a traceback; a "pickle protocol 64" warning came first."""
+    from pangu_model.released import ReleasedCheckpointError, read_partition
+
+    path = tmp_path / "model_optim_rng.pt"
+    path.write_bytes(data)
+    with pytest.raises(ReleasedCheckpointError) as caught:
+        read_partition(path)
+    assert str(caught.value) == f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {reason}"
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
