@@ -167,10 +167,14 @@ class ClusterSpec(BaseModel):
             if not Path(source).is_file():
                 raise FileNotFoundError(f"hostfile {source}: no such file (one `host slots=N` line per node)")
             text = Path(source).read_text(encoding="utf-8")
-        hosts, slots = parse_hostfile(text)
+        where = "the hostfile" if "slots=" in str(source) else f"hostfile {source}"
+        try:
+            hosts, slots = parse_hostfile(text)
+        except TopologyError as exc:  # which file, when it is one
+            raise TopologyError(f"{where}: {exc}") from None
         distinct = sorted(set(slots))
         if len(distinct) != 1:
-            raise TopologyError(f"hostfile mixes slot counts {distinct}; this layout needs the same slots on every host")
+            raise TopologyError(f"{where} mixes slot counts {distinct}; this layout needs the same slots on every host")
         return cls(nodes=len(hosts), gpus_per_node=distinct[0], hostnames=hosts, **overrides)
 
 
@@ -184,13 +188,13 @@ def parse_hostfile(text: str) -> tuple[list[str], list[int]]:
             continue
         match = _HOSTFILE_LINE.search(line)
         if not match:
-            raise TopologyError(f"bad hostfile line {line!r} (expected 'host slots=N')")
+            raise TopologyError(f"bad line {line!r} (expected 'host slots=N')")
         if match.group(1) in hosts:
-            raise TopologyError(f"host {match.group(1)!r} appears twice in the hostfile")
+            raise TopologyError(f"host {match.group(1)!r} appears twice")
         hosts.append(match.group(1))
         slots.append(int(match.group(2)))
     if not hosts:
-        raise TopologyError("hostfile is empty")
+        raise TopologyError("no host in it (one `host slots=N` line per node)")
     return hosts, slots
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from types import SimpleNamespace
 
@@ -190,8 +191,21 @@ def test_hostfile_format_and_round_trip(tmp_path) -> None:
 def test_hostfile_errors() -> None:
     with pytest.raises(TopologyError, match="mixes slot counts"):
         ClusterSpec.from_hostfile("a slots=8\nb slots=4\n")
-    with pytest.raises(TopologyError, match="bad hostfile line"):
+    with pytest.raises(TopologyError, match="bad line 'b'"):
         parse_hostfile("a slots=8\nb\n")
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("", "no host in it (one `host slots=N` line per node)"), ("# a comment\n", "no host in it"),
+    ("a slots=8\na slots=8\n", "host 'a' appears twice"), ("a slots=8\nb\n", "bad line 'b'"),
+    ("a slots=8\nb slots=4\n", "mixes slot counts [4, 8]"),
+])
+def test_a_bad_hostfile_is_named_in_its_error(tmp_path, text, problem) -> None:
+    """`pretrain --hostfile FILE` said "hostfile is empty" without saying which file."""
+    path = tmp_path / "hosts"
+    path.write_text(text)
+    with pytest.raises(TopologyError, match=re.escape(f"hostfile {path}") + "[: ].*" + re.escape(problem)):
+        ClusterSpec.from_hostfile(path)
     with pytest.raises(ValueError, match="3 hostnames given for 2 nodes"):
         ClusterSpec(nodes=2, hostnames=["a", "b", "c"])
     with pytest.raises(ValueError, match="duplicate hostnames"):
