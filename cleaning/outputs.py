@@ -29,6 +29,17 @@ def check_output_directory(directory: Path, what: str) -> None:
         return
 
 
+def check_output_uri(uri: str, what: str) -> None:
+    """`check_output_directory` for a local path or file:// URI; another store's output (s3://, memory://) is
+    left to its first write."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    if isinstance(fs, LocalFileSystem):
+        check_output_directory(Path(path), what)
+
+
 def write_failure(what: str, directory: Path, exc: OSError) -> OSError:
     """An OSError of writing inside or beside `directory` (a temporary file's name in it), told in terms of
     `directory` itself."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from cleaning.build import CorpusBuild, describe_work
+from cleaning.outputs import check_output_uri
 from cleaning.pipeline import check_steps
 
 
@@ -41,7 +42,8 @@ def run_build(build: CorpusBuild, map_stage: Mapper, log: Callable[[str], None] 
     warn = warn or log
     started = time.perf_counter()
     listed = build.list_inputs()  # no input found at all: refused here, before OUTPUT is touched
-    check_steps(build.config)  # so is a missing word list or model
+    check_output_uri(build.output, "the corpus")  # so is an output that is a file, or below one
+    check_steps(build.config)  # and a missing word list or model
     leftovers = build.remove_leftovers()
     if leftovers:
         log(f"removed {len(leftovers)} temporary files that a killed build left (first: {leftovers[0]})")

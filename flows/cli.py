@@ -152,10 +152,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _corpus_build(args: argparse.Namespace) -> int:
     from cleaning.config import load_preset
+    from cleaning.outputs import check_output_uri
     from cleaning.pipeline import check_steps
     from flows.corpus import build_from_cli
 
-    # An unknown or invalid preset, a missing asset: one message, before the temporary server starts
+    # An unknown or invalid preset, a missing asset, an output that is a file: one message, before the server
+    check_output_uri(args.output, "the corpus")
     check_steps(load_preset(args.preset))
     return _run_flows(build_from_cli, args)
 
@@ -178,10 +180,12 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 def _pipeline(args: argparse.Namespace) -> int:
     from cleaning.config import load_preset
+    from cleaning.outputs import check_output_uri
     from cleaning.pipeline import check_steps
     from flows.pipeline import check_arguments, pipeline_from_cli
 
     # What a stage would refuse (an unknown preset, a missing asset, an impossible vocabulary), before any stage
+    check_output_uri(args.root, "the pipeline's outputs")
     check_steps(load_preset(args.corpus_preset))
     check_arguments(args.preset, args.steps, args.vocab_size, args.input_sentence_size, args.eval_data)
     return _run_flows(pipeline_from_cli, args)

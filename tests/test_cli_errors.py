@@ -143,7 +143,8 @@ def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
 @pytest.mark.parametrize("case", ["yaml syntax", "yaml list", "override syntax", "zero nodes", "data is a file",
                                   "missing hostfile", "corrupt checkpoint with --trust", "export without checkpoint",
                                   "pipeline preset", "corpus preset", "corpus asset", "pipeline corpus asset",
-                                  "sample into a file", "eval set below a file"])
+                                  "sample into a file", "eval set below a file", "corpus below a file",
+                                  "pipeline root is a file"])
 def test_a_typo_in_a_config_a_flag_or_a_path_is_one_line(tmp_path, case):
     """Cases of trying the commands as a user: a YAML typo or a list where fields go, a bad --set value, a count
     of 0, a file where a directory goes, a hostfile that is not there, random bytes given to `model import
@@ -178,6 +179,10 @@ def test_a_typo_in_a_config_a_flag_or_a_path_is_one_line(tmp_path, case):
                                    str(bad["no_word_list"])], [f"{tmp_path / 'gone.txt'} not found"]),
         "sample into a file": (["data", "fetch-sample", str(bad["random_pt"])],
                                [f"cannot write the sample corpus to {bad['random_pt']}: it is a file"]),
+        "corpus below a file": (["corpus", "build", str(bad["random_pt"]), "--output", str(bad["random_pt"] / "c")],
+                                [f"cannot write the corpus to {bad['random_pt'] / 'c'}: {bad['random_pt']} is a file"]),
+        "pipeline root is a file": (["pipeline", str(bad["random_pt"]), "--root", str(bad["random_pt"])],
+                                    [f"cannot write the pipeline's outputs to {bad['random_pt']}: it is a file"]),
         "eval set below a file": (["data", "fetch-eval", str(bad["random_pt"] / "eval")],
                                   [f"cannot write the evaluation set to {bad['random_pt'] / 'eval'}: "
                                    f"{bad['random_pt']} is a file"]),

@@ -380,6 +380,16 @@ def test_a_missing_asset_refuses_the_build_before_writing_anything(tmp_path, mis
     assert not (tmp_path / "out").exists()
 
 
+def test_an_output_below_a_file_refuses_the_build_before_anything_is_written(tmp_path):
+    """It failed with `[Errno 20] Not a directory: '.../_work'` once the flow was running."""
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text(json.dumps({"id": "a", "text": abstracts()[0]}, ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(NotADirectoryError, match=f"^cannot write the corpus to {re.escape(str(raw))}/corpus: "
+                                                 f"{re.escape(str(raw))} is a file$"):
+        run_local(CorpusBuild([str(raw)], str(raw / "corpus"), config()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw.jsonl"]
+
+
 def test_a_missing_asset_error_keeps_its_message_across_processes(tmp_path):
     """Shards are cleaned in worker processes: the error is pickled back, and used to nest its message."""
     import pickle
