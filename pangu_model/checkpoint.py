@@ -153,6 +153,8 @@ def save_checkpoint(model: PanguModel, directory: str | os.PathLike[str]) -> Pat
 
 def load_config(directory: str | os.PathLike[str]) -> PanguConfig:
     path = Path(directory) / CONFIG_NAME
+    if Path(directory).is_file():
+        raise NotADirectoryError(f"{directory}: a file, not an export directory ({CONFIG_NAME} + {WEIGHTS_NAME})")
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:

@@ -15,7 +15,7 @@ from .model import PanguModel
 from .moe import EXPERT_WEIGHTS, ExpertBank, rre_expert_ids
 
 
-_SHAPE_FIELDS = ("vocab_size", "max_seq_len", "d_model", "num_layers", "num_heads", "d_ff")
+SHAPE_FIELDS = ("vocab_size", "max_seq_len", "d_model", "num_layers", "num_heads", "d_ff")
 
 
 def _expert_banks(model: PanguModel) -> dict[str, ExpertBank]:
@@ -35,7 +35,7 @@ def sigma_from_dense(
     For RRE (top-1, weight 1, no gate) the result computes exactly the dense function at step 0.
     """
     if isinstance(dense, PanguModel):
-        mismatched = [f for f in _SHAPE_FIELDS if getattr(dense.config, f) != getattr(sigma_config, f)]
+        mismatched = [f for f in SHAPE_FIELDS if getattr(dense.config, f) != getattr(sigma_config, f)]
         if mismatched:
             raise ValueError(f"dense and sparse configs differ in {mismatched}")
         dense_state = dense.state_dict()

@@ -1110,7 +1110,7 @@ def dense_counterpart_config(train_config: "TrainConfig") -> "TrainConfig | None
     model = train_config.pangu_config()
     if model.router == "dense":
         return None
-    shape = ("vocab_size", "max_seq_len", "d_model", "num_layers", "num_heads", "d_ff")  # inherit._SHAPE_FIELDS
+    shape = ("vocab_size", "max_seq_len", "d_model", "num_layers", "num_heads", "d_ff")  # inherit.SHAPE_FIELDS
     name = next((n for n, c in PRESETS.items()
                  if c.router == "dense" and all(getattr(c, f) == getattr(model, f) for f in shape)), None)
     overrides = {**train_config.model_overrides, "router": "dense", "moe_layers": 0,

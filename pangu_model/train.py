@@ -449,9 +449,43 @@ def fit_to_data(config: TrainConfig) -> TrainConfig:
                                f"{len(names)} domains ({listing}): a PanGu-Σ model needs one expert group per "
                                f"domain; drop the override (derived from the data) or give at least {needed - offset}")
     overrides = {**derived, **chosen}
-    if overrides == config.model_overrides:
-        return config
-    return TrainConfig.model_validate({**config.model_dump(), "model_overrides": overrides})
+    fitted = config if overrides == config.model_overrides else \
+        TrainConfig.model_validate({**config.model_dump(), "model_overrides": overrides})
+    if config.init_from is not None:
+        check_init_from(config.init_from, fitted.pangu_config())
+    return fitted
+
+
+def check_init_from(export: str, target: PanguConfig) -> None:
+    """Raises `DataMismatch` unless the model in `export` can start this run's model (`target`): the same
+    tensors, or a dense model whose shape a PanGu-Σ model inherits (`inherit.sigma_from_dense`). Found at
+    launch, not when every rank loads it and the shapes differ."""
+    from .checkpoint import load_config
+    from .inherit import SHAPE_FIELDS
+
+    source = load_config(export)
+    kind = {"dense": "dense (PanGu-α)", "rre": "PanGu-Σ (RRE)"}
+    if source.router == "dense" and target.router != "dense":  # dense → sparse inheritance
+        differ = [f"{field} {getattr(source, field)} vs {getattr(target, field)}" for field in SHAPE_FIELDS
+                  if getattr(source, field) != getattr(target, field)]
+        if target.expert_width != target.d_ff:
+            differ.append(f"expert_d_ff {target.expert_width} vs d_ff {target.d_ff}")
+        if differ:
+            raise DataMismatch(f"init_from {export}: a dense model can start a sparse one of its own shape only "
+                               f"({'; '.join(differ)}): use a preset of that shape, or override those fields")
+        return
+    with on_meta():
+        source_shapes = {name: tuple(t.shape) for name, t in PanguModel(source).state_dict().items()}
+        target_shapes = {name: tuple(t.shape) for name, t in PanguModel(target).state_dict().items()}
+    differ = sorted(name for name in set(source_shapes) | set(target_shapes)
+                    if source_shapes.get(name) != target_shapes.get(name))
+    if differ:
+        what = (f"a {kind.get(source.router, source.router)} model" if source.router != target.router else
+                f"another shape ({differ[0]}: {source_shapes.get(differ[0], 'absent')} there, "
+                f"{target_shapes.get(differ[0], 'absent')} here{f', and {len(differ) - 1} more' if len(differ) > 1 else ''})")
+        raise DataMismatch(f"init_from {export} is {what}, not this run's {kind.get(target.router, target.router)} "
+                           f"model {target.name!r}: start from an export of the same preset (its config.json says "
+                           f"{source.name!r})")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -144,7 +144,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
                                   "missing hostfile", "corrupt checkpoint with --trust", "export without checkpoint",
                                   "pipeline preset", "corpus preset", "corpus asset", "pipeline corpus asset",
                                   "sample into a file", "eval set below a file", "corpus below a file",
-                                  "pipeline root is a file"])
+                                  "pipeline root is a file", "training run into a file", "start from a file"])
 def test_a_typo_in_a_config_a_flag_or_a_path_is_one_line(tmp_path, case):
     """Cases of trying the commands as a user: a YAML typo or a list where fields go, a bad --set value, a count
     of 0, a file where a directory goes, a hostfile that is not there, random bytes given to `model import
@@ -183,6 +183,10 @@ def test_a_typo_in_a_config_a_flag_or_a_path_is_one_line(tmp_path, case):
                                 [f"cannot write the corpus to {bad['random_pt'] / 'c'}: {bad['random_pt']} is a file"]),
         "pipeline root is a file": (["pipeline", str(bad["random_pt"]), "--root", str(bad["random_pt"])],
                                     [f"cannot write the pipeline's outputs to {bad['random_pt']}: it is a file"]),
+        "training run into a file": (["pretrain", "--data", tokens, "--output", str(bad["random_pt"])],
+                                     [f"cannot write the training run to {bad['random_pt']}: it is a file"]),
+        "start from a file": (["pretrain", "--data", tokens, "--output", str(run / "x"), "--init-from",
+                               str(bad["random_pt"])], [f"{bad['random_pt']}: a file, not an export directory"]),
         "eval set below a file": (["data", "fetch-eval", str(bad["random_pt"] / "eval")],
                                   [f"cannot write the evaluation set to {bad['random_pt'] / 'eval'}: "
                                    f"{bad['random_pt']} is a file"]),

@@ -1,5 +1,7 @@
 """Dense → PanGu-Σ inheritance and single-domain sub-model extraction."""
 
+import re
+
 import pytest
 import torch
 
@@ -75,3 +77,26 @@ def test_extracted_model_refuses_other_domains() -> None:
         assert "domain ids" in str(error)
     else:
         raise AssertionError("a foreign domain id was accepted")
+
+
+@pytest.mark.parametrize("source, target, refused", [
+    ("dense", "sigma", None),  # inheritance: every expert starts as its layer's dense FFN
+    ("sigma", "sigma", None),
+    ("dense", "dense", None),
+    ("sigma", "dense", "is a PanGu-Σ (RRE) model, not this run's dense (PanGu-α) model"),
+    ("dense", "wider sigma", "a dense model can start a sparse one of its own shape only (d_model 32 vs 64"),
+    ("sigma", "wider sigma", "is another shape (blocks.0.attention.k_proj.bias: (32,) there, (64,) here, and"),
+])
+def test_a_start_that_cannot_seed_the_run_is_refused_at_launch(tmp_path, source, target, refused) -> None:
+    """`pretrain --init-from` of a PanGu-Σ export with a dense preset used to fail on every rank, after launch,
+    with "the weights do not match config.json" about an export whose config.json was fine."""
+    from pangu_model.train import DataMismatch, check_init_from
+
+    configs = {"dense": dense_config(), "sigma": sigma_config(),
+               "wider sigma": sigma_config().replace(d_model=64, d_ff=128)}
+    export = save_checkpoint(PanguModel(configs[source]), tmp_path / "export")
+    if refused is None:
+        check_init_from(str(export), configs[target])
+    else:
+        with pytest.raises(DataMismatch, match=re.escape(refused)):
+            check_init_from(str(export), configs[target])
