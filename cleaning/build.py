@@ -52,7 +52,7 @@ from cleaning.config import CorpusConfig
 from cleaning.document import (KEPT_SCHEMA, REJECTED_SCHEMA, Document, Rejection, document_from_row,
                                kept_row, rejected_row)
 from cleaning.inputs import (InputShard, content_hash, expand_inputs, file_signature, hash_and_split, input_names,
-                             require_some_input)
+                             require_some_input, unsupported_summary)
 from cleaning.pipeline import CleaningChain
 from cleaning.readers import FieldMap, ReadFault, RecordReader, ShardReadError
 from cleaning.stats import ShardStats
@@ -105,6 +105,7 @@ class CorpusBuild:
         self.fs, self.root = fsspec.core.url_to_fs(self.output)
         self.work = (self.work or f"{self.output}/_work").rstrip("/")
         self.previous = (self.previous or self.output).rstrip("/")
+        self.unsupported: list[str] = []  # files the inputs hold that no reader takes (`list_inputs`)
 
     # -- plan ------------------------------------------------------------------------------
     def remove_leftovers(self) -> list[str]:
@@ -122,7 +123,9 @@ class CorpusBuild:
     def list_inputs(self) -> list[tuple[str, str | None, str]]:
         """(uri, error, name) of every input file, in order: a listing only, which the driver does.
         Raises FileNotFoundError when no input is found at all (`inputs.require_some_input`)."""
-        entries = expand_inputs(self.inputs)
+        unsupported: list[str] = []
+        entries = expand_inputs(self.inputs, unsupported=unsupported)
+        self.unsupported = sorted(unsupported)
         require_some_input(self.inputs, entries)
         names = input_names(self.inputs, entries)
         return [(uri, error, names[uri]) for uri, error in entries]
@@ -514,6 +517,7 @@ class CorpusBuild:
             "totals": totals,
             "unreadable": {key: sum(s.get("unreadable", {}).get(key, 0) for s in cleaned)
                            for key in ("parts", "rows", "bytes")},
+            "unsupported_files": unsupported_summary(self.unsupported),
             "ids": self._id_report(shards, totals["input"]),
             "rejected_by_rule": dict(by_rule.most_common()),
             "sources": {s: {"input": e["input"], "kept": e["kept"], "rejected": dict(e["rejected"])}

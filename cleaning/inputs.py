@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob as globlib
 import posixpath
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Sequence
 
@@ -39,20 +40,28 @@ def _has_magic(path: str) -> bool:
     return globlib.has_magic(path)
 
 
-def expand_inputs(inputs: Iterable[str], storage_options: dict | None = None) -> list[tuple[str, str | None]]:
+def expand_inputs(inputs: Iterable[str], storage_options: dict | None = None,
+                  unsupported: list[str] | None = None) -> list[tuple[str, str | None]]:
     """(uri, error) pairs in a stable order. A path that does not exist is kept with its error,
-    so that the run reports it instead of silently building a corpus without it."""
+    so that the run reports it instead of silently building a corpus without it. The files a directory
+    or glob holds that no reader takes (a PDF, an image) are appended to `unsupported`, to be reported."""
     found: dict[str, str | None] = {}
     for raw in inputs:
         fs, path = fsspec.core.url_to_fs(raw, **(storage_options or {}))
         if _has_magic(path):
-            matches = [p for p in fs.glob(path) if fs.isfile(p) and is_supported(p)]
+            listed = [p for p in fs.glob(path) if fs.isfile(p)]
+            matches = [p for p in listed if is_supported(p)]
+            if unsupported is not None:
+                unsupported += [fs.unstrip_protocol(p) for p in listed if not is_supported(p)]
             if not matches:
                 found[raw] = f"glob matched no supported input files: {raw}"
             for match in matches:
                 found.setdefault(fs.unstrip_protocol(match), None)
         elif fs.isdir(path):
-            files = [p for p in fs.find(path) if is_supported(p) and not _hidden(p)]
+            listed = [p for p in fs.find(path) if not _hidden(p)]
+            files = [p for p in listed if is_supported(p)]
+            if unsupported is not None:
+                unsupported += [fs.unstrip_protocol(p) for p in listed if not is_supported(p)]
             if not files:
                 found[raw] = f"directory holds no supported input files: {raw}"
             for file in files:
@@ -62,6 +71,12 @@ def expand_inputs(inputs: Iterable[str], storage_options: dict | None = None) ->
         else:
             found[raw] = f"input not found: {raw}"
     return sorted(found.items())
+
+
+def unsupported_summary(uris: Sequence[str], shown: int = 5) -> dict[str, Any]:
+    """The manifest's record of the files found but not read: how many, per suffix, the first few."""
+    by_suffix = Counter(posixpath.splitext(uri.rsplit("/", 1)[-1])[1].lower() or "(none)" for uri in uris)
+    return {"files": len(uris), "by_suffix": dict(sorted(by_suffix.items())), "first": sorted(uris)[:shown]}
 
 
 def require_some_input(inputs: Sequence[str], entries: Sequence[tuple[str, str | None]], shown: int = 3) -> None:

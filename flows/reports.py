@@ -53,6 +53,11 @@ def corpus_markdown(manifest: dict[str, Any], stats: dict[str, Any], output: str
     if problems:
         lines += ["", "## Input problems", "", "| input | status | error |", "|---|---|---|"]
         lines += [f"| {i['uri']} | {i['status']} | {i['error']} |" for i in problems]
+    unsupported = manifest.get("unsupported_files") or {}
+    if unsupported.get("files"):  # found in the input directories, of a kind no reader takes
+        kinds = ", ".join(f"{n:,} {suffix}" for suffix, n in unsupported["by_suffix"].items())
+        lines += ["", f"Not read: {unsupported['files']:,} file(s) of a kind no reader takes ({kinds}; first: "
+                  f"{unsupported['first'][0]})."]
     if manifest.get("dedup"):
         lines += ["", "## Deduplication", "", "| measure | value |", "|---|---:|"]
         lines += [f"| {k} | {v} |" for k, v in manifest["dedup"].items()]

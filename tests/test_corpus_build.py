@@ -411,3 +411,28 @@ def test_one_unreadable_input_is_still_a_rejected_input_not_a_refusal(tmp_path):
     assert inputs["noise.parquet"]["status"] != "ok" and inputs["noise.parquet"]["error"]
     assert inputs["nowhere.jsonl"]["status"] == "unreadable" and "not found" in inputs["nowhere.jsonl"]["error"]
     assert manifest["totals"]["kept"] == 0 and (out / "manifest.json").exists()
+
+
+def test_files_no_reader_takes_are_reported_not_silently_skipped(tmp_path):
+    """A directory of inputs with a PDF and an image beside the text: they were left out without a word."""
+    from flows.reports import corpus_markdown
+
+    raw = tmp_path / "raw"
+    (raw / "more").mkdir(parents=True)
+    (raw / "a.jsonl").write_text(json.dumps({"id": "a", "text": abstracts()[0]}, ensure_ascii=False) + "\n",
+                                 encoding="utf-8")
+    for name in ("manual.pdf", "more/figure.PNG", "more/README", ".hidden.pdf"):
+        (raw / name).write_bytes(b"%PDF-1.4 not text")
+    warnings = []
+    build = CorpusBuild([str(raw)], str(tmp_path / "out"), config())
+    from cleaning.stages import run_build
+
+    manifest = run_build(build, lambda stage: [stage.fn(*args) for args in stage.calls], warn=warnings.append)
+    found = manifest["unsupported_files"]
+    assert found["files"] == 3 and found["by_suffix"] == {"(none)": 1, ".pdf": 1, ".png": 1}
+    assert [uri.rsplit("/", 1)[-1] for uri in found["first"]] == ["manual.pdf", "README", "figure.PNG"]
+    assert [w for w in warnings if "3 file(s) in the inputs are of a kind no reader takes" in w
+            and "1 (none), 1 .pdf, 1 .png" in w]
+    assert manifest["totals"]["input"] == 1
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text(encoding="utf-8"))
+    assert "Not read: 3 file(s) of a kind no reader takes" in corpus_markdown(manifest, stats, "out")
