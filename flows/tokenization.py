@@ -24,6 +24,7 @@ from flows.lineage import record_asset
 from flows.reports import png_markdown, tokens_per_domain_figure
 from tokenizer.artifacts import MODEL_FILE
 from tokenizer.config import PackConfig, TokenizerTrainConfig
+from tokenizer.corpus import CorpusError
 from tokenizer.pack import DOMAINS_FILE, finish_packing, pack_shard, shard_stem, start_packing
 from tokenizer.pangu import PanguTokenizer
 from tokenizer.specials import SPECIAL_PIECES
@@ -84,9 +85,16 @@ def plan_packing_task(config: PackConfig) -> tuple[list[str], dict[str, int]]:
     return shards, domain_ids
 
 
+def _may_pass_on_retry(task: Any, task_run: Any, state: Any) -> bool:
+    """A damaged shard (`CorpusError`: not Parquet, no text column, a damaged page) fails the same way again:
+    only other errors (a read that timed out) are retried."""
+    return not isinstance(state.result(raise_on_failure=False), CorpusError)
+
+
 # Reading a shard (any fsspec URI) can fail transiently; a rerun is safe: outputs are renamed into
 # place and the completion marker is written last, so a retry redoes the shard or skips it.
-@task(name="pack-shard", task_run_name=_pack_run_name, retries=2, retry_delay_seconds=10)
+@task(name="pack-shard", task_run_name=_pack_run_name, retries=2, retry_delay_seconds=10,
+      retry_condition_fn=_may_pass_on_retry)
 def pack_shard_task(shard: str, config: PackConfig, domain_ids: dict[str, int]) -> dict[str, Any]:
     try:
         result = pack_shard(shard, config.output, _shared_tokenizer(config.tokenizer), domain_ids, config)

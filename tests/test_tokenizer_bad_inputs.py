@@ -191,3 +191,38 @@ def test_an_output_whose_tokenizer_json_is_damaged_is_named(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "corpus", list(clue_documents())[:40], shards=1)
     _refused(capsys, _command("train", corpus, output), f"error: {output / 'tokenizer.json'}: not JSON")
     assert [p.name for p in output.iterdir()] == ["tokenizer.json"]
+
+
+def test_the_flow_retries_a_read_that_failed_but_not_a_damaged_part(prefect_api, tmp_path, monkeypatch):
+    """The tokenizer flow's pack task retried a damaged part twice, 10 s apart, though it fails the same way each
+    time; a read that fails once (a timeout on an object store) is still retried."""
+    from prefect import flow
+
+    import flows.tokenization as tokenization
+    from tokenizer.config import PackConfig
+    from tokenizer.corpus import CorpusError
+    from tokenizer.pack import start_packing
+
+    part = _corpus_with_a_damaged_part(tmp_path, "damaged page")
+    config = PackConfig(input=str(part.parents[1]), output=str(tmp_path / "tokens"), tokenizer=str(trained_model_dir()))
+    shards, domain_ids = start_packing(config)
+    calls: list[str] = []
+    real = tokenization.pack_shard
+
+    def pack_shard(shard, *args, **kwargs):
+        calls.append(shard.rsplit("/", 1)[-1])
+        if shard.endswith("part-00000.parquet") and calls.count("part-00000.parquet") == 1:
+            raise OSError("read timed out")
+        return real(shard, *args, **kwargs)
+
+    monkeypatch.setattr(tokenization, "pack_shard", pack_shard)
+    task = tokenization.pack_shard_task.with_options(retry_delay_seconds=0)
+
+    @flow
+    def pack_each(shard: str) -> dict:
+        return task(shard, config, domain_ids)
+
+    assert pack_each(shards[0])["documents"] > 0
+    state = pack_each(shards[1], return_state=True)
+    assert state.is_failed() and isinstance(state.result(raise_on_failure=False), CorpusError)
+    assert calls == ["part-00000.parquet", "part-00000.parquet", "part-00001.parquet"]
