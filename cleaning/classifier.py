@@ -26,7 +26,7 @@ import fsspec
 import numpy as np
 
 from cleaning import charclass, minhash
-from cleaning.outputs import nothing_left_on_failure, write_failure
+from cleaning.outputs import nearest_existing, nothing_left_on_failure, write_failure
 from cleaning.writers import write_json_atomic
 
 POSITIVE = "__label__pos"
@@ -202,14 +202,11 @@ def check_model_path(output: str | os.PathLike[str]) -> Path:
         raise FileExistsError(f"{path} exists and is not a fastText model; choose another path or remove it")
     if manifest_path(path).is_dir():
         raise IsADirectoryError(f"cannot write the classifier's manifest {manifest_path(path)}: it is a directory")
-    for folder in path.parents:
-        if not folder.exists():
-            continue
-        if not folder.is_dir():
-            raise NotADirectoryError(f"cannot write the classifier to {path}: {folder} is a file")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise PermissionError(f"cannot write the classifier to {path}: {folder} is not writable")
-        break
+    folder = nearest_existing(path.parent)
+    if folder is not None and not folder.is_dir():
+        raise NotADirectoryError(f"cannot write the classifier to {path}: {folder} is a file")
+    if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write the classifier to {path}: {folder} is not writable")
     return path
 
 

@@ -14,19 +14,23 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 
+def nearest_existing(path: Path) -> Path | None:
+    """`path` or its nearest parent that exists: where writing `path` would begin (a file there is in the way)."""
+    return next((place for place in (path, *path.parents) if place.exists()), None)
+
+
 def check_output_directory(directory: Path, what: str) -> None:
     """Raise unless `directory` can be made (or exists) and written: nothing above it is a file, and the
     nearest folder that exists is writable. A file system that refuses anyway (read-only, /proc) is caught
     where the directory is made (`make_output_directory`)."""
-    for folder in (directory, *directory.parents):
-        if not folder.exists():
-            continue
-        if not folder.is_dir():
-            where = "it is a file" if folder == directory else f"{folder} is a file"
-            raise NotADirectoryError(f"cannot write {what} to {directory}: {where}")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise PermissionError(f"cannot write {what} to {directory}: {folder} is not writable")
+    folder = nearest_existing(directory)
+    if folder is None:
         return
+    if not folder.is_dir():
+        where = "it is a file" if folder == directory else f"{folder} is a file"
+        raise NotADirectoryError(f"cannot write {what} to {directory}: {where}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {what} to {directory}: {folder} is not writable")
 
 
 def check_output_uri(uri: str, what: str) -> None:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cleaning.outputs import nearest_existing
 from cleaning.writers import write_bytes_atomic
 from tokenizer.released import RELEASED_NAME as RELEASED_TOKENIZER
 
@@ -114,12 +115,10 @@ def require_output_dir(output: str | Path) -> None:
     """Refuses an output directory that is a file, or lies under one, before the work that would write
     there (it would fail only after the model was loaded, with the errno's own words)."""
     path = Path(output)
-    for place in (path, *path.parents):
-        if place.exists():
-            if not place.is_dir():
-                where = "is a file" if place == path else f"is under {place}, a file"
-                raise NotADirectoryError(f"--output {output} {where}, not a directory")
-            return
+    place = nearest_existing(path)
+    if place is not None and not place.is_dir():
+        where = "is a file" if place == path else f"is under {place}, a file"
+        raise NotADirectoryError(f"--output {output} {where}, not a directory")
 
 
 def write_outputs(results: dict[str, Any], predictions: dict[str, list[dict[str, Any]]], output: Path) -> Path:

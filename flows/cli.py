@@ -165,8 +165,6 @@ def _corpus_build(args: argparse.Namespace) -> int:
 def _corpus_gc(args: argparse.Namespace) -> int:
     from cleaning.versions import collect_garbage
 
-    if args.keep < 1:
-        raise ValueError("--keep must be at least 1 (LATEST is always kept)")
     collect_garbage(args.root, keep=args.keep, dry_run=args.dry_run, log=print)
     return 0
 
