@@ -159,7 +159,15 @@ def _corpus_build(args: argparse.Namespace) -> int:
     # An unknown or invalid preset, a missing asset, an output that is a file: one message, before the server
     check_output_uri(args.output, "the corpus")
     check_steps(load_preset(args.preset))
+    _check_dask_address(args.dask_address)
     return _run_flows(build_from_cli, args)
+
+
+def _check_dask_address(address: str | None) -> None:
+    from cleaning.dask_cluster import check_scheduler
+
+    if address and not check_scheduler(address):
+        print(f"the Dask cluster at {address} has no workers yet: the build waits for them", file=sys.stderr)
 
 
 def _corpus_gc(args: argparse.Namespace) -> int:
@@ -186,6 +194,7 @@ def _pipeline(args: argparse.Namespace) -> int:
     check_output_uri(args.root, "the pipeline's outputs")
     check_steps(load_preset(args.corpus_preset))
     check_arguments(args.preset, args.steps, args.vocab_size, args.input_sentence_size, args.eval_data)
+    _check_dask_address(args.dask_address)
     return _run_flows(pipeline_from_cli, args)
 
 

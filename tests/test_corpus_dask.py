@@ -46,6 +46,29 @@ def _put_jsonl(fs, path: str, records: list[dict]) -> None:
         fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
 
 
+def test_a_scheduler_address_is_checked_before_a_build():
+    """`--dask-address` used to be tried by Prefect's task runner for 30 s once the flow run had begun; a typo,
+    a closed port or a worker's address is now refused up front, by `check_scheduler`."""
+    import socket
+
+    from distributed import LocalCluster
+
+    from cleaning.dask_cluster import check_scheduler
+
+    with pytest.raises(ValueError, match="'tcp://no-port' is not a scheduler address .*missing port"):
+        check_scheduler("tcp://no-port")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    with pytest.raises(ConnectionError, match=f"no Dask scheduler answers at tcp://127.0.0.1:{port} "):
+        check_scheduler(f"tcp://127.0.0.1:{port}", timeout_s=1)
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
+        assert check_scheduler(cluster.scheduler_address) == 1
+        worker = next(iter(cluster.workers.values()))
+        with pytest.raises(ValueError, match="is a Dask Worker, not the scheduler"):
+            check_scheduler(worker.address)
+
+
 @pytest.mark.slow
 def test_refresh_runs_every_stage_on_a_multiprocess_dask_cluster_over_s3(prefect_api, s3):
     from distributed import Client, LocalCluster
