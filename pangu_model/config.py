@@ -16,6 +16,10 @@ RouterName = Literal["dense", "rre", "moge", "topk"]
 # so that validating a config or planning a layout does not import DeepSpeed.
 PIPELINE_ROUTERS: tuple[RouterName, ...] = ("dense", "rre")
 
+# The fields that fix a model's dense weight shapes: two configs equal in these hold tensors of one shape
+# (a dense export can seed a PanGu-Σ run; a sparse preset has a dense counterpart of the same shape).
+SHAPE_FIELDS = ("vocab_size", "max_seq_len", "d_model", "num_layers", "num_heads", "d_ff")
+
 # Token conventions of the released PanGu-α tokenizer (SPEC §4).
 EOT_TOKEN_ID = 9
 PAD_TOKEN_ID = 6

@@ -9,13 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from .config import PanguConfig
+from .config import SHAPE_FIELDS, PanguConfig
 from .materialize import on_meta
 from .model import PanguModel
 from .moe import EXPERT_WEIGHTS, ExpertBank, rre_expert_ids
-
-
-SHAPE_FIELDS = ("vocab_size", "max_seq_len", "d_model", "num_layers", "num_heads", "d_ff")
 
 
 def _expert_banks(model: PanguModel) -> dict[str, ExpertBank]:

@@ -200,7 +200,7 @@ import torch
 
 from cleaning.errors import one_line
 
-from .config import PIPELINE_ROUTERS, PRESETS, PanguConfig
+from .config import PIPELINE_ROUTERS, PRESETS, SHAPE_FIELDS, PanguConfig
 from .materialize import on_meta
 from .metrics import PEAK_FLOPS, flops_per_token
 from .model import PanguModel
@@ -1110,9 +1110,8 @@ def dense_counterpart_config(train_config: "TrainConfig") -> "TrainConfig | None
     model = train_config.pangu_config()
     if model.router == "dense":
         return None
-    shape = ("vocab_size", "max_seq_len", "d_model", "num_layers", "num_heads", "d_ff")  # inherit.SHAPE_FIELDS
     name = next((n for n, c in PRESETS.items()
-                 if c.router == "dense" and all(getattr(c, f) == getattr(model, f) for f in shape)), None)
+                 if c.router == "dense" and all(getattr(c, f) == getattr(model, f) for f in SHAPE_FIELDS)), None)
     overrides = {**train_config.model_overrides, "router": "dense", "moe_layers": 0,
                  "name": name or f"{model.name}-dense"}
     data = train_config.model_dump() | {

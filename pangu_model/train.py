@@ -62,7 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cleaning.writers import atomic_file, write_bytes_atomic
 from cleaning.yamlfile import parse_value, read_mapping
 
-from .config import PIPELINE_ROUTERS, PanguConfig, get_config
+from .config import PIPELINE_ROUTERS, SHAPE_FIELDS, PanguConfig, get_config
 from .deepspeed_config import deepspeed_config
 from .expert_parallel import gather_expert_state, local_expert_rows, to_deepspeed_moe, without_moe_keys
 from .materialize import on_meta
@@ -461,7 +461,6 @@ def check_init_from(export: str, target: PanguConfig) -> None:
     tensors, or a dense model whose shape a PanGu-Σ model inherits (`inherit.sigma_from_dense`). Found at
     launch, not when every rank loads it and the shapes differ."""
     from .checkpoint import load_config
-    from .inherit import SHAPE_FIELDS
 
     source = load_config(export)
     kind = {"dense": "dense (PanGu-α)", "rre": "PanGu-Σ (RRE)"}
