@@ -546,7 +546,8 @@ def h2d_bandwidth(ctx: Context) -> dict[str, Any]:
         rows.append(row)
         del pinned, pageable, dev
         torch.cuda.empty_cache()
-    # What ECSS does: fp32 pinned masters → bf16 on the device (the fp32 bytes cross PCIe, SPEC §10).
+    # fp32 pinned masters cast to bf16 on the device: what ECSS copied before its pinned bf16 shadows (the
+    # fp32 bytes cross PCIe, SPEC §10); the shadows' copies are the h2d_pinned rows above.
     n = 2**28  # 1 GiB of fp32
     master = torch.empty(n, dtype=torch.float32, pin_memory=True).fill_(1.0)
     times = timed(lambda: master.to(device, torch.bfloat16, non_blocking=True))

@@ -348,7 +348,9 @@ class HostExpertBank(nn.Module):
         gate_weight: torch.Tensor | None,
     ) -> torch.Tensor:
         slots = self._slot_of[expert_index]
-        if bool((slots < 0).any()):
+        if slots.is_cuda:  # checked on the device: a host check would wait for the GPU in every layer
+            torch._assert_async((slots >= 0).all(), "ECSS: an expert was routed to but not fetched")
+        elif bool((slots < 0).any()):
             missing = sorted(set(expert_index[slots < 0].tolist()))
             raise RuntimeError(f"ECSS: experts {missing[:8]} were routed to but not fetched")
         w = self.device_weights
@@ -812,8 +814,10 @@ class ExpertOffload:
             if ret.work is not None and self.copy_stream is not None:
                 ret.work.wait()  # NCCL: the copy stream waits for the collective, the host does not
             parts = land()
-            ret.square = (torch.stack([t.float().pow(2).sum() for t in parts]).sum() if parts
-                          else torch.zeros((), device=self.device))
+            # vector_norm reads bf16 and sums in fp32 in one pass; `t.float().pow(2)` made two fp32 copies of
+            # the layer's returned gradients (GiBs at sigma-1t widths) on the copy stream.
+            norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in parts]
+            ret.square = torch.stack(norms).square().sum() if norms else torch.zeros((), device=self.device)
             host = self._landing[ret.offset: ret.offset + ret.size]
             offset = 0
             for t in parts:

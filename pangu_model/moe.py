@@ -103,8 +103,15 @@ def expert_backend(x: torch.Tensor, requested: str = "auto") -> str:
     """`select_expert_backend` for the input `x` of a routed layer."""
     if requested != "auto":
         return select_expert_backend(x.device.type, x.dtype, None, requested)
-    sm_major = torch.cuda.get_device_properties(x.device).major if x.device.type == "cuda" else None
+    sm_major = _sm_major(x.device.index or 0) if x.device.type == "cuda" else None
     return select_expert_backend(x.device.type, _compute_dtype(x), sm_major)
+
+
+@torch.compiler.assume_constant_result
+def _sm_major(device_index: int) -> int:
+    # A constant to a compiled block: Dynamo cannot trace get_device_properties, and a graph break in every
+    # routed layer would split each compiled block in two.
+    return torch.cuda.get_device_properties(device_index).major
 
 
 def device_imbalance(expert_load: torch.Tensor, num_devices: int, tokens: int) -> float:
@@ -232,6 +239,8 @@ def _grouped_experts_mm(
     offs[-1] uninitialised, so they are masked with `torch.where` (a select: garbage cannot leak into
     values or gradients, not even as 0·NaN) before anything reads them.
     """
+    if num_experts == 0:  # an expert-parallel shard that nothing was routed to (ECSS fetched no expert)
+        return torch.zeros_like(x)
     dtype = _compute_dtype(x)
     device = x.device
     assignments = expert_index.numel()

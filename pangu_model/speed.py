@@ -24,13 +24,11 @@ from torch import nn
 
 def configure_cuda_matmul(tf32: bool = True) -> None:
     """Let CUDA fp32 matmuls and convolutions use TF32 (or forbid it with `tf32=False`)."""
-    precision = "tf32" if tf32 else "ieee"
-    try:  # torch ≥ 2.9 spelling
-        torch.backends.cuda.matmul.fp32_precision = precision
-        torch.backends.cudnn.conv.fp32_precision = precision
-    except AttributeError:  # pragma: no cover - older torch
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
+    # The older flags, not torch ≥ 2.9's `fp32_precision`: setting them sets both spellings alike, while
+    # setting only `fp32_precision` leaves every reader of the older ones (inductor's autotuning,
+    # `torch.get_float32_matmul_precision()`) failing on "a mix of the legacy and new APIs".
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def autocast(device: torch.device | str, precision: str = "bf16") -> contextlib.AbstractContextManager:

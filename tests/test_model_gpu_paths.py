@@ -223,6 +223,18 @@ def test_grouped_experts_drop_the_sentinel_expert_exactly() -> None:
     assert torch.isfinite(grad_grouped).all() and grad_grouped[~keep].abs().max() == 0
 
 
+def test_a_shard_with_no_experts_to_run_returns_zeros_on_both_backends() -> None:
+    """An expert-parallel ECSS rank that nothing was routed to computes with 0 fetched experts (the grouped
+    path indexed the last of 0 group offsets: IndexError)."""
+    layer = bank(num_experts=3)
+    x = torch.randn(5, 8)
+    empty = torch.zeros(0, dtype=torch.long)
+    weights = [p[:0] for p in (layer.w_in, layer.b_in, layer.w_out, layer.b_out)]
+    for backend in ("loop", "grouped"):
+        out = grouped_experts(x, empty, empty, None, 0, *weights, backend=backend)
+        assert out.shape == x.shape and out.abs().max() == 0, backend
+
+
 def test_grouped_experts_need_no_host_sync() -> None:
     layer = bank()
     layer.expert_backend = "grouped"
@@ -343,13 +355,18 @@ def test_domain_check_on_the_device_raises() -> None:
 
 # --- speed switches -------------------------------------------------------------------------------
 def test_configure_cuda_matmul_and_autocast() -> None:
-    before = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
         configure_cuda_matmul()
         assert torch.backends.cuda.matmul.fp32_precision == "tf32"
         assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+        # Both spellings agree: readers of the older one (inductor's autotuning) raised on a mix of the two
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == "high"
+        configure_cuda_matmul(False)
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert torch.get_float32_matmul_precision() == "highest"
     finally:
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
     with autocast("cpu", "bf16"):
         assert not torch.is_autocast_enabled("cpu")  # the CPU is never autocast
     with warnings.catch_warnings():
