@@ -81,6 +81,8 @@ worker writes only masters and Adam states); at the end of step s + 1 the worker
 s's rows are copied into the shadows, before update s + 1 starts. The worker also makes the gradients'
 multiply (step s's `step` only takes their norm), reading step s's landing buffer while step s + 1 lands
 its gradients in a second one: the two alternate, so the training thread makes no pass over host memory.
+DeepSpeed's CPU Adam keeps the GIL for each tensor it updates, so it runs in slices of 1M values
+(`host_adam.SlicedCPUAdam`, bit for bit the same): the training thread runs between them.
 So the weights a step computes with carry every update up to two steps back: step t uses the masters
 after update t − 2 (tested). A checkpoint waits for the update in flight and saves, beside the masters,
 the lagging shadows of its rows, so a resume continues exactly; the export waits too and holds every
@@ -489,9 +491,9 @@ class ExpertOffload:
         decay = [p for bank in self.banks.values() for n in _DECAYED for p in bank.expert_params[n]]
         no_decay = [p for bank in self.banks.values() for n in WEIGHT_NAMES if n not in _DECAYED
                     for p in bank.expert_params[n]]
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from .host_adam import SlicedCPUAdam  # DeepSpeedCPUAdam, in slices that let the training thread run
 
-        self.optimizer = DeepSpeedCPUAdam(
+        self.optimizer = SlicedCPUAdam(
             [
                 {"params": decay, "weight_decay": optim.weight_decay, "eps": optim.expert_eps},
                 {"params": no_decay, "weight_decay": 0.0, "eps": optim.expert_eps},
