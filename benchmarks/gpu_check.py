@@ -322,6 +322,9 @@ def run_one(spec: dict[str, Any]) -> int:
                     result["host_gib"] = round(result["host_bytes"] / GIB, 2)
                     result["pinned_host_bytes"] = int(pinned)
                     result["pinned_host_gib"] = round(pinned / GIB, 2)
+                    if cuda and hasattr(torch.cuda, "host_memory_stats"):  # what the allocator pinned for them
+                        held = torch.cuda.host_memory_stats().get("allocated_bytes.current")
+                        result["pinned_allocator_gib"] = None if held is None else round(held / GIB, 2)
         except PlanDoesNotFit as exc:
             result.update(status="does_not_fit", error=one_line(exc, 500))
         except Exception as exc:
@@ -730,7 +733,7 @@ def ecss_vs_device(ctx: Context) -> dict[str, Any]:
                                timeout=args.ecss_run_s)
             keep = ("status", "tokens_per_s", "tokens_per_s_mean", "step_s", "first_step_s", "mfu",
                     "max_memory_allocated_gib", "max_memory_reserved_gib", "host_bytes", "host_gib",
-                    "pinned_host_bytes", "pinned_host_gib", "host_max_rss_gib", "planned", "wall_s", "setup_s",
+                    "pinned_host_bytes", "pinned_host_gib", "pinned_allocator_gib", "host_max_rss_gib", "planned", "wall_s", "setup_s",
                     "loss_first", "loss_last", "error", "log_tail")
             row[mode] = {k: result[k] for k in keep if k in result}
             status = str(result["status"])
@@ -879,7 +882,8 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
     if ecss.get("rows"):
         out["ecss"] = [{"experts_per_domain": r["experts_per_domain"],
                         **{m: {k: r.get(m, {}).get(k) for k in ("status", "tokens_per_s", "max_memory_allocated_gib",
-                                                                  "pinned_host_gib")} for m in ("device", "ecss")}}
+                                                                  "pinned_host_gib", "pinned_allocator_gib")}
+                           for m in ("device", "ecss")}}
                        for r in ecss["rows"]]
     bw = parts.get("h2d_bandwidth", {})
     if bw.get("best_median_gbs"):

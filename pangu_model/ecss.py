@@ -112,6 +112,7 @@ from torch import nn
 
 from .moe import EXPERT_WEIGHTS, ExpertBank, RandomRoutedExperts, grouped_experts
 from .optim import OptimConfig
+from .pinned import exact_pinned_blocks
 
 WEIGHT_NAMES = tuple(EXPERT_WEIGHTS)
 RECORD_STEPS = False  # tests: ExpertOffload.steps_log keeps each step's routed and fetched experts
@@ -455,6 +456,8 @@ class ExpertOffload:
         self.replicas = _group_size(self.replica_group) if self.sharded else 1
         self.optim = optim
         self.pin = torch.cuda.is_available() if pin is None else pin
+        if self.pin:
+            exact_pinned_blocks()  # no power-of-two rounding of the host state (pinned.py)
         self.layers: dict[str, RandomRoutedExperts] = {}
         self.banks: dict[str, HostExpertBank] = {}
         for name, module in model.named_modules():

@@ -472,3 +472,35 @@ def test_cuda_compiled_blocks_train() -> None:
             out = model(ids, domain_ids=domains, labels=labels)
         out.loss.backward()
     assert torch.isfinite(out.loss)
+
+
+# --- pinned host memory at its size ---------------------------------------------------------------
+def test_exact_pinned_blocks_leave_a_users_allocator_settings_alone(monkeypatch) -> None:
+    from pangu_model import pinned
+
+    applied = []
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", applied.append)
+    monkeypatch.setattr(torch._C, "_accelerator_getAllocatorSettings", lambda: "")
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    assert pinned.exact_pinned_blocks() and applied == [pinned.SETTINGS]
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # applying would reset theirs
+    assert not pinned.exact_pinned_blocks() and applied == [pinned.SETTINGS]
+
+
+@cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_large_pinned_blocks_are_pinned_at_their_size() -> None:
+    """The caching host allocator pinned 128 MiB for a 65 MiB tensor (ECSS's host state at sigma-1t widths:
+    up to twice the planner's figure)."""
+    from pangu_model.pinned import EXACT_ABOVE_MB, exact_pinned_blocks
+
+    if not exact_pinned_blocks():
+        pytest.skip("this torch has no pinned size settings, or the allocators are configured by the user")
+    size = (EXACT_ABOVE_MB + 1) * 2**20 + 1
+    before = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+    block = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    assert block.is_pinned()
+    assert torch.cuda.host_memory_stats()["allocated_bytes.current"] - before == size
+    device = block.fill_(7).to("cuda", non_blocking=True)
+    assert int(device.sum()) == 7 * size
