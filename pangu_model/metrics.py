@@ -24,16 +24,12 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from cleaning.writers import write_bytes_atomic
-
-if TYPE_CHECKING:
-    from .tensor_parallel import TensorParallel
 
 VALIDATION_FILE = "validation.csv"
 VALIDATION_FIELDS = ["step", "domain_id", "domain", "tokens", "loss", "ppl"]
@@ -78,25 +74,16 @@ def flops_per_token(config: Any, seq_len: int) -> float:
 
 
 @torch.no_grad()
-def domain_loss_sums(
-    logits: torch.Tensor, labels: torch.Tensor, domain_ids: torch.Tensor, num_domains: int, pad_id: int,
-    tp: "TensorParallel | None" = None,
-) -> torch.Tensor:
-    """[num_domains, 2]: summed token loss and token count per domain (pad and -100 excluded). With `tp`
-    the logits are this rank's vocabulary columns (a tensor-parallel model's): collective over its group."""
-    labels = labels.masked_fill(labels == pad_id, IGNORE_INDEX)
-    flat = logits.detach().float().reshape(-1, logits.shape[-1])
-    if tp is not None:
-        from .tensor_parallel import vocab_parallel_cross_entropy
-
-        loss = vocab_parallel_cross_entropy(flat, labels.reshape(-1), tp, IGNORE_INDEX, reduction="none")
-    else:
-        loss = F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
-    keep = labels.reshape(-1) != IGNORE_INDEX
-    domains = domain_ids.reshape(-1)[keep]
-    out = torch.zeros(num_domains, 2, dtype=torch.float64, device=logits.device)
-    out[:, 0].index_add_(0, domains, loss[keep].double())
-    out[:, 1].index_add_(0, domains, torch.ones_like(domains, dtype=torch.float64))
+def domain_loss_sums(token_loss: torch.Tensor, labels: torch.Tensor, domain_ids: torch.Tensor, num_domains: int,
+                     pad_id: int) -> torch.Tensor:
+    """[num_domains, 2]: summed token loss and token count per domain (pad and -100 excluded), from the
+    model's loss of each label (`ModelOutput.token_loss`, `model.label_losses`): no second pass over the
+    logits, and no device→host sync (every label is added, one that does not count with count 0)."""
+    counted = (labels != pad_id) & (labels != IGNORE_INDEX)
+    out = torch.zeros(num_domains, 2, dtype=torch.float64, device=labels.device)
+    domains = domain_ids.reshape(-1)
+    out[:, 0].index_add_(0, domains, token_loss.reshape(-1).double() * counted.reshape(-1))
+    out[:, 1].index_add_(0, domains, counted.reshape(-1).double())
     return out
 
 

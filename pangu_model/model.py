@@ -96,6 +96,24 @@ class ModelOutput:
     loss: torch.Tensor | None = None  # lm_loss + aux_loss, what the optimiser sees
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    # Each label's loss, detached ([B·T], 0 where ignored): the per-domain losses are summed from it, without
+    # a second pass over the logits
+    token_loss: torch.Tensor | None = None
+
+
+def label_losses(logits: torch.Tensor, labels: torch.Tensor, pad_token_id: int, tp: TensorParallel | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each label's cross-entropy in fp32, [B·T]; whether it counts, [B·T]): `<pad>` and -100 labels do not
+    count and have loss 0. The language-model loss is their mean over the labels that count, and the per-domain
+    losses their sums (`metrics.domain_loss_sums`). With `tp` the logits are this rank's vocabulary columns
+    (a collective over its group)."""
+    labels = labels.masked_fill(labels == pad_token_id, IGNORE_INDEX).reshape(-1)
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    if tp is not None:
+        losses = vocab_parallel_cross_entropy(flat, labels, tp, IGNORE_INDEX, reduction="none")
+    else:
+        losses = F.cross_entropy(flat, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return losses, labels != IGNORE_INDEX
 
 
 class Attention(nn.Module):
@@ -368,15 +386,9 @@ class PanguModel(nn.Module):
 
         output = ModelOutput(logits=logits, aux_loss=aux_loss)
         if labels is not None:
-            labels = labels.masked_fill(labels == config.pad_token_id, IGNORE_INDEX)
-            if self.tp is not None:
-                output.lm_loss = vocab_parallel_cross_entropy(
-                    logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), self.tp, IGNORE_INDEX
-                )
-            else:
-                output.lm_loss = F.cross_entropy(
-                    logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
-                )
+            losses, counted = label_losses(logits, labels, config.pad_token_id, self.tp)
+            output.lm_loss = losses.sum() / counted.sum()  # the mean over the labels that count
+            output.token_loss = losses.detach()
             output.loss = output.lm_loss + aux_loss
         return output
 

@@ -52,12 +52,11 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import PIPELINE_ROUTERS, PanguConfig
 from .masks import AttentionLayout, attention_backend, attention_layout
-from .model import IGNORE_INDEX, Block
+from .model import Block, label_losses
 from .tensor_parallel import (
     TensorParallel,
     VocabParallelEmbedding,
     copy_to_tensor_parallel_region,
-    vocab_parallel_cross_entropy,
 )
 
 TIED_EMBEDDING = "word_embedding"
@@ -239,7 +238,7 @@ class PipelineLoss:
     on the side the summed token loss and token count per domain (`domain_loss_sums`) of every micro-batch
     since the last `drain()`: the last stage is the only one that sees the logits. With `tp` (set by
     `PanguPipeline` under tensor parallelism) the logits are this rank's vocabulary columns and both come from
-    `vocab_parallel_cross_entropy`, a collective over the tensor group."""
+    one `vocab_parallel_cross_entropy` (`model.label_losses`), a collective over the tensor group."""
 
     def __init__(self, num_domains: int, pad_token_id: int) -> None:
         self.num_domains = max(1, num_domains)
@@ -251,13 +250,10 @@ class PipelineLoss:
         from .metrics import domain_loss_sums
 
         labels, domain_ids = targets
-        sums = domain_loss_sums(logits, labels, domain_ids, self.num_domains, self.pad_token_id, tp=self.tp)
+        losses, counted = label_losses(logits, labels, self.pad_token_id, self.tp)
+        sums = domain_loss_sums(losses.detach(), labels, domain_ids, self.num_domains, self.pad_token_id)
         self.domain_sums = sums if self.domain_sums is None else self.domain_sums + sums
-        labels = labels.masked_fill(labels == self.pad_token_id, IGNORE_INDEX)
-        flat = logits.float().reshape(-1, logits.shape[-1])
-        if self.tp is not None:
-            return vocab_parallel_cross_entropy(flat, labels.reshape(-1), self.tp, IGNORE_INDEX)
-        return F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX)
+        return losses.sum() / counted.sum()
 
     def drain(self, device: torch.device) -> torch.Tensor:
         """[domains, 2] sums since the last drain (zeros on a stage that computes no loss), then reset."""

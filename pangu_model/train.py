@@ -973,8 +973,8 @@ class Trainer:
             sums += torch.stack([out.loss.detach().double() / gas, out.lm_loss.detach().double() / gas,
                                  out.aux_loss.detach().to(self.device, torch.float64) / gas,
                                  (batch["labels"] != -100).sum().double()])
-            domain_sums = domain_loss_sums(out.logits, batch["labels"], batch["domain_ids"],
-                                           max(1, self.num_domains), self.pangu.pad_token_id, tp=self.tp)
+            domain_sums = domain_loss_sums(out.token_loss, batch["labels"], batch["domain_ids"],
+                                           max(1, self.num_domains), self.pangu.pad_token_id)
             if self._counts_rows():
                 metrics.add_domain_losses(domain_sums)
             if self.expert_layers and self._counts_rows():  # a tensor group routes its rows once
@@ -1042,9 +1042,9 @@ class Trainer:
                 if self.ecss is not None:
                     self.ecss.fetch(self.ecss.plan([batch]), training=False)
                 out = self.engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                  domain_ids=batch["domain_ids"])
-                sums += domain_loss_sums(out.logits, batch["labels"], batch["domain_ids"], sums.shape[0],
-                                         self.pangu.pad_token_id, tp=self.tp)
+                                  domain_ids=batch["domain_ids"], labels=batch["labels"])
+                sums += domain_loss_sums(out.token_loss, batch["labels"], batch["domain_ids"], sums.shape[0],
+                                         self.pangu.pad_token_id)
                 if self.ecss is not None:
                     self.ecss.release()
         finally:

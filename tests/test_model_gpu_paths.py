@@ -474,6 +474,50 @@ def test_cuda_compiled_blocks_train() -> None:
     assert torch.isfinite(out.loss)
 
 
+# --- per-domain losses from the model's own pass ---------------------------------------------------
+def test_per_domain_losses_come_from_the_models_label_losses() -> None:
+    """`domain_loss_sums` adds up `ModelOutput.token_loss` (no second cross-entropy over the logits, no
+    boolean indexing that waits for the device): equal to the cross-entropy of each domain's labels,
+    <pad> and -100 labels left out, and the mean of the same losses is `lm_loss`."""
+    from pangu_model.metrics import domain_loss_sums
+
+    config = small()
+    torch.manual_seed(0)
+    model = PanguModel(config).eval()
+    ids = packed_ids(length=24)
+    labels = ids.roll(-1, dims=1)
+    labels[0, :5] = -100
+    labels[2, 7] = config.pad_token_id
+    domain_ids = torch.tensor([2, 0, 2])[:, None].expand_as(ids)
+    out = model(ids, labels=labels)
+    sums = domain_loss_sums(out.token_loss, labels, domain_ids, 4, config.pad_token_id)
+    counted = (labels != -100) & (labels != config.pad_token_id)
+    every = torch.nn.functional.cross_entropy(out.logits.float().reshape(-1, VOCAB), labels.reshape(-1).clamp(min=0),
+                                              reduction="none").reshape(labels.shape)
+    for domain in range(4):
+        rows = (domain_ids == domain) & counted
+        assert sums[domain, 1] == rows.sum()
+        torch.testing.assert_close(sums[domain, 0].float(), every[rows].sum(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.lm_loss, every[counted].mean())
+
+
+@cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_per_domain_losses_do_not_synchronise() -> None:
+    from pangu_model.metrics import domain_loss_sums
+
+    model = gpu_model(num_domains=4, experts_per_domain=2).train()
+    ids, labels, domains = gpu_batch()
+    with autocast("cuda", "bf16"):
+        out = model(ids, domain_ids=domains, labels=labels)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sums = domain_loss_sums(out.token_loss, labels, domains[:, None].expand_as(labels), 4, model.config.pad_token_id)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(sums[:, 1].sum()) == int((labels != model.config.pad_token_id).sum())
+
+
 # --- pinned host memory at its size ---------------------------------------------------------------
 def test_exact_pinned_blocks_leave_a_users_allocator_settings_alone(monkeypatch) -> None:
     from pangu_model import pinned
