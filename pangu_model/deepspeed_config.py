@@ -84,6 +84,11 @@ def deepspeed_config(config: "TrainConfig", world_size: int = 1, cuda: bool | No
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": False,
     }
+    if config.precision == "bf16" and config.zero_stage > 0:
+        # Micro-batch gradients summed in fp32, as Megatron does: DeepSpeed's default sums them in the model's
+        # dtype, and bf16's 8-bit mantissa drops most of a micro-batch's contribution once the sum is 2^8 times
+        # larger. (ZeRO-1 then runs DeepSpeed's BF16_Optimizer; without ZeRO DeepSpeed has no such mode.)
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
     return ds
 
 

@@ -80,6 +80,10 @@ def test_deepspeed_config_from_the_preset() -> None:
     # torch's fused AdamW on CUDA: DeepSpeed's FusedAdam would JIT-compile a CUDA op (nvcc on every node)
     assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["fused"] is True
     assert "scheduler" not in ds  # ours is handed to deepspeed.initialize
+    # bf16 micro-batch gradients are summed in fp32 (DeepSpeed's default: in bf16), where DeepSpeed can
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert "data_types" not in deepspeed_config(_config(zero_stage=0, precision="bf16"), cuda=True)  # no such mode
+    assert "data_types" not in deepspeed_config(_config(zero_stage=1, precision="fp32"), cuda=True)
     cpu = deepspeed_config(_config(precision="fp16", offload_optimizer=True, zero_stage=1), cuda=False)
     assert cpu["fp16"]["enabled"] and cpu["fp16"]["loss_scale"] == 0
     assert cpu["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
