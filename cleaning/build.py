@@ -56,7 +56,7 @@ from cleaning.inputs import (InputShard, content_hash, expand_inputs, file_signa
 from cleaning.pipeline import CleaningChain
 from cleaning.readers import FieldMap, ReadFault, RecordReader, ShardReadError
 from cleaning.stats import ShardStats
-from cleaning.temporaries import remove_orphaned_temporaries, remove_temporaries
+from cleaning.temporaries import remove_orphaned_temporaries
 from cleaning.writers import ParquetShardWriter, link_or_copy, read_json, write_json_atomic
 
 
@@ -224,7 +224,8 @@ class CorpusBuild:
         marker = f"{directory}/summary.json"
         if self._exists(marker):
             return {**read_json(marker), "skipped": True}
-        remove_temporaries(directory)  # left by a worker killed mid-write
+        # Left by a worker killed mid-write; not another build's, which may be cleaning the same content now
+        remove_orphaned_temporaries(directory)
         started = time.perf_counter()
         chain = CleaningChain(self.config)
         error: str | None = shard.error

@@ -73,19 +73,6 @@ def remove_orphaned_temporaries(root_uri: str) -> list[str]:
     return removed
 
 
-def remove_temporaries(directory_uri: str) -> int:
-    """Deletes every temporary file in a directory that only the calling stage writes (a shard's own
-    directory: any temporary there is a killed writer's, on whichever host it ran); returns how many."""
-    fs, path = fsspec.core.url_to_fs(directory_uri)
-    if not fs.exists(path):
-        return 0
-    stale = [p for p in fs.ls(path, detail=False)
-             if os.path.basename(p).startswith(".") and p.endswith(".tmp")]
-    for p in stale:
-        fs.rm(p)
-    return len(stale)
-
-
 @contextmanager
 def temporary_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     """A fresh local directory beside `target` to build it in (the caller moves it, or a part of it,

@@ -302,6 +302,30 @@ def test_finalize_spares_a_temporary_that_another_task_is_writing_into_a_shared_
     assert writing.exists() and not killed.exists()
 
 
+def test_clean_spares_a_temporary_that_another_build_is_writing(raw, tmp_path):
+    """Two builds of the same input at once (a double start, two versions under one root) clean the same shard
+    into the same content-keyed directory: a clean that swept the directory of every temporary deleted the other
+    build's file mid-write (FileNotFoundError at its rename, hidden by a task retry, or a failed build)."""
+    from pathlib import Path
+
+    from cleaning.temporaries import temporary_path
+    from tests.test_temporaries import left_by_a_killed_writer
+
+    out = tmp_path / "out"
+    cfg = config()
+    first = run_local(CorpusBuild([str(raw)], str(out), cfg))
+    marker = next((out / "_work" / "clean").glob("*/summary.json"))
+    marker.unlink()  # this shard is cleaned again
+    candidates = marker.parent / "candidates.parquet"
+    writing = Path(temporary_path(str(candidates)))  # the other build (this process here) is writing it now
+    killed = left_by_a_killed_writer(candidates)
+    for path in (writing, killed):
+        path.write_bytes(b"partial")
+    again = run_local(CorpusBuild([str(raw)], str(out), cfg))
+    assert again["totals"] == first["totals"] and marker.is_file()
+    assert writing.exists() and not killed.exists()
+
+
 def test_build_reads_and_writes_fsspec_uris():
     import fsspec
 
