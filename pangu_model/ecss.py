@@ -82,7 +82,7 @@ s's rows are copied into the shadows, before update s + 1 starts. The worker als
 multiply (step s's `step` only takes their norm), reading step s's landing buffer while step s + 1 lands
 its gradients in a second one: the two alternate, so the training thread makes no pass over host memory.
 DeepSpeed's CPU Adam keeps the GIL for each tensor it updates, so it runs in slices of 1M values
-(`host_adam.SlicedCPUAdam`, bit for bit the same): the training thread runs between them.
+(`host_adam.SlicedCPUAdam`): the training thread runs between them.
 So the weights a step computes with carry every update up to two steps back: step t uses the masters
 after update t − 2 (tested). A checkpoint waits for the update in flight and saves, beside the masters,
 the lagging shadows of its rows, so a resume continues exactly; the export waits too and holds every

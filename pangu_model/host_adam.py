@@ -7,10 +7,13 @@ launch a kernel: the overlap the delayed update exists for was mostly lost (meas
 `benchmarks/host_adam_gil.py`). Here each row is updated in slices of `SLICE_ELEMENTS`, and between two
 calls another thread may take the GIL.
 
-The result is bit for bit DeepSpeedCPUAdam's: the slices start on multiples of the kernel's SIMD block (at
-most 16 lanes × 8, DeepSpeed's own rule for ZenFlow's slices), so each element takes the same vector or
-scalar path as in one call, and a call that repeats the step of the call before it keeps that call's β^t
-(`IncrementStep`).
+Each update is DeepSpeed's kernel. The slices start on multiples of its SIMD block (at most 16 lanes × 8,
+DeepSpeed's own rule for ZenFlow's slices), so each element takes the same vector or scalar path as in one
+call, and a call that repeats the step of the call before it keeps that call's β^t (`IncrementStep`). One
+thing is changed on purpose: the kernel derived β^t from its previous call, by one multiply when the step
+follows it and by `pow` otherwise, so a run resumed from a checkpoint (a new kernel object, no previous call)
+rounded β^t differently from the uninterrupted run and its losses parted by ~5e-7 after a `kill -9`. Here β^t
+is always `pow(β, t)`, whatever came before.
 """
 from __future__ import annotations
 
@@ -20,12 +23,13 @@ import torch
 from deepspeed.ops.adam import DeepSpeedCPUAdam
 
 SIMD_BLOCK = 16 * 8  # AVX-512 lanes × the kernel's span (Step_8): the widest block it rounds a tensor to
+_EMPTY = torch.empty(0)
 SLICE_ELEMENTS = 1 << 20  # 4 MiB of fp32 values: about a millisecond of Adam on a host's cores
 
 
 class SlicedCPUAdam(DeepSpeedCPUAdam):
     """`DeepSpeedCPUAdam` (AdamW mode, lazy per-parameter steps, fp32 states) whose step updates each
-    parameter in slices of `slice_elements` values (a multiple of `SIMD_BLOCK`)."""
+    parameter in slices of `slice_elements` values (a multiple of `SIMD_BLOCK`), with β^t = pow(β, t)."""
 
     def __init__(self, params: Any, slice_elements: int = SLICE_ELEMENTS, **options: Any) -> None:
         if slice_elements <= 0 or slice_elements % SIMD_BLOCK:
@@ -53,10 +57,13 @@ class SlicedCPUAdam(DeepSpeedCPUAdam):
                     state["exp_avg"] = torch.zeros_like(p.data, dtype=dtype)
                     state["exp_avg_sq"] = torch.zeros_like(p.data, dtype=dtype)
                 state["step"] += 1
+                hyper = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"], group["bias_correction"])
+                # An empty update at step 0 first: the kernel then takes β^t as pow(β, t) (β itself at t = 1),
+                # not from its previous call (`IncrementStep`), so a resumed run rounds as the uninterrupted one.
+                self.ds_opt_adam.adam_update(self.opt_id, 0, *hyper, *[_EMPTY] * 4)
                 # view(-1), not reshape: the update writes in place, so a copy would lose it
                 tensors = [t.view(-1) for t in (p.data, p.grad.data, state["exp_avg"], state["exp_avg_sq"])]
                 for start in range(0, tensors[0].numel(), self.slice_elements):
                     parts = [t[start: start + self.slice_elements] for t in tensors]
-                    self.ds_opt_adam.adam_update(self.opt_id, state["step"], group["lr"], beta1, beta2, group["eps"],
-                                                 group["weight_decay"], group["bias_correction"], *parts)
+                    self.ds_opt_adam.adam_update(self.opt_id, state["step"], *hyper, *parts)
         return loss
