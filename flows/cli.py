@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import os
+import signal
 import sys
 from typing import Callable, Sequence
 
@@ -433,11 +434,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     command = " ".join(filter(None, ["pangu", args.group, getattr(args, "command", None)]))
+    previous = _terminate_by_unwinding()
     try:
         return args.handler(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        _ignore(signal.SIGTERM)  # one is enough: the way out (stopping the temporary server) runs undisturbed
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:  # `pangu plan --json | head`: the reader has gone, and so has any use of a message
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
         return 1
@@ -448,6 +454,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not reported_as_user_error(command, exc):  # a config's validation errors too, in one line
             raise
         return USAGE_ERROR
+    finally:
+        if previous is not None and signal.getsignal(signal.SIGTERM) is _raise_terminated:
+            signal.signal(signal.SIGTERM, previous)  # main() called in a process that goes on (a test)
+
+
+class Terminated(BaseException):
+    """SIGTERM (`timeout`, a scheduler, `kill`), raised in the main thread as Ctrl-C raises KeyboardInterrupt."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _terminate_by_unwinding() -> object | None:
+    """SIGTERM raises `Terminated` instead of ending the process where it stands: worker pools shut down and the
+    temporary Prefect server is stopped on the way out (its atexit), where they were left running. During a
+    flow run Prefect's own handler marks the run crashed first, then signals again, which lands here. Returns
+    the handler it replaced (None off the main thread, where handlers cannot be set)."""
+    try:
+        return signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:
+        return None
+
+
+def _ignore(signum: int) -> None:
+    try:
+        signal.signal(signum, signal.SIG_IGN)
+    except ValueError:
+        pass
 
 
 def _an_interrupt_in_disguise(exc: BaseException) -> bool:

@@ -435,3 +435,48 @@ def test_ctrl_c_stops_a_command_and_records_its_run_as_crashed_on_the_temporary_
     assert "Error logging to API" not in shown and "ConnectError" not in shown, shown[-3000:]
     with pytest.raises(ProcessLookupError):  # the group is empty: the temporary server stopped too
         os.killpg(command.pid, 0)
+
+
+def test_sigterm_stops_a_command_its_workers_and_its_temporary_server(tmp_path):
+    """`timeout`, a batch scheduler or `kill` send SIGTERM to the command alone. It used to end the process where
+    it stood: the run was marked crashed, but the temporary Prefect server (and a stage's worker processes)
+    went on running, adopted by init."""
+    import os
+    import signal
+    import time
+
+    from tests.test_tokenizer_common import clue_documents, write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", list(clue_documents()), shards=2)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    command = subprocess.Popen([sys.executable, "-m", "flows.cli", "tokenizer", "run", "--corpus", str(corpus),
+                                "--output", str(tmp_path / "out"), "--vocab-size", "6000", "--workers", "2"],
+                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        seen = []
+        for line in command.stderr:  # the flow has begun: its first task is running
+            seen.append(line)
+            if "Beginning flow run" in line:
+                break
+        os.kill(command.pid, signal.SIGTERM)
+        command.wait(timeout=90)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the group empties: the temporary server and the workers stop too
+            try:
+                os.killpg(command.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        left = subprocess.run(["pgrep", "-a", "-g", str(command.pid)], capture_output=True, text=True).stdout
+        assert left == "", left
+        shown = "".join(seen) + command.stderr.read()
+    finally:
+        try:
+            os.killpg(command.pid, signal.SIGKILL)  # whatever is left, on a failure
+        except ProcessLookupError:
+            pass
+        command.wait()
+    assert command.returncode == 128 + signal.SIGTERM, shown[-3000:]
+    assert "Finished in state Crashed" in shown and "terminated" in shown.splitlines(), shown[-3000:]
+    assert "Traceback" not in shown, shown[-3000:]

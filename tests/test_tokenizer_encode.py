@@ -85,6 +85,13 @@ def test_encode_batch_in_workers_keeps_order_and_ids(tok: PanguTokenizer) -> Non
     assert tok.encode_batch(texts, workers=2, chunk_chars=5_000, chunk_docs=16) == expected
     assert tok.encode_batch(texts) == expected
     assert tok.encode_batch([], workers=2) == []
+    # A terminal's Ctrl-C reaches the workers too: they leave it to the parent, which stops them (each printed a
+    # KeyboardInterrupt traceback before `interrupted`)
+    import signal
+
+    pool = tok._pool_for(2)
+    handlers = {pool._executor.submit(signal.getsignal, signal.SIGINT).result() for _ in range(4)}
+    assert handlers == {signal.SIG_IGN}
 
 
 def _normaliser_keeps(sp: spm.SentencePieceProcessor, text: str) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -46,6 +47,9 @@ _WORKER: ChunkEncoder | None = None
 
 def _init_worker(model_proto: bytes) -> None:
     global _WORKER
+    # A terminal's Ctrl-C reaches the whole process group: the parent stops the pool, and the workers,
+    # interrupted mid-chunk, would each print a traceback first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER = ChunkEncoder(spm.SentencePieceProcessor(model_proto=model_proto))
     _WORKER.segmenter.segment("")  # load jieba's dictionary now, not inside the first chunk
 
