@@ -693,10 +693,12 @@ def check_before_launch(args: argparse.Namespace) -> None:
     """What `pangu pretrain` can refuse before a flow run starts: the data, the output, the preset, the steps,
     the nodes and the model to start from (raises)."""
     from cleaning.outputs import check_output_directory
+    from pangu_model.run_lock import check_output_free
     from pangu_model.train import fit_to_data, load_train_config, parse_overrides
 
     data_dir, _ = resolve_data(args.data)
     check_output_directory(Path(args.output), "the training run")
+    check_output_free(Path(args.output))
     if args.hostfile is not None or args.nodes > 1:
         cluster_of(args.nodes, args.hostfile)
     fields = {"data": str(data_dir), **parse_overrides(args.set)}

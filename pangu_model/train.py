@@ -71,6 +71,7 @@ from .moe import RandomRoutedExperts
 from .ops import compile_muon_on_first_use
 from .optim import OptimConfig, build_scheduler, lr_at, parameter_groups
 from .plan import PlanDoesNotFit, check_plan
+from .run_lock import OutputInUse, claim_output
 from .tensor_parallel import (
     ModelParallelUnit,
     TensorParallel,
@@ -605,6 +606,8 @@ class Trainer:
         self.stop_requested = False
         self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         self.rank, self.world_size, self.device = init_distributed()
+        # Rank 0 claims the output for the run (run_lock.py): a second run into it is refused, not interleaved
+        self._claim = claim_output(self.output) if self.rank == 0 else None
         if device is not None:
             self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -1342,6 +1345,9 @@ class Trainer:
         if getattr(self, "ecss", None) is not None:
             self.ecss.close()  # a delayed host update still in flight
         signal.signal(signal.SIGTERM, self._previous_handler or signal.SIG_DFL)
+        if getattr(self, "_claim", None) is not None:
+            self._claim.close()  # the output is free for the next run
+            self._claim = None
 
 
 def _uncovered_rows(specs: dict[str, Any], written: list[tuple[str, int, int]]) -> list[str]:
@@ -1406,7 +1412,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = train(config, export_only=args.export_only)  # the Trainer fits the model to the data first
-    except (DataMismatch, LayoutError, NothingToExport, PlanDoesNotFit) as exc:
+    except (DataMismatch, LayoutError, NothingToExport, PlanDoesNotFit, OutputInUse) as exc:
         print(f"pangu_model.train: error: {exc}", file=sys.stderr)
         return 2
     if dist.is_initialized() and dist.get_rank() == 0 or not dist.is_initialized():
