@@ -115,6 +115,12 @@ def test_resume_skips_finished_shards_and_redoes_changed_ones(tmp_path) -> None:
     assert (tmp_path / "out" / "part-00001.bin").read_bytes() == before
     assert again["domains"] != first["domains"] and again["shard_results"][2]["documents"] == 1
     assert not list((tmp_path / "out").glob(".*.tmp"))
+    # A shard file cut short or replaced after its marker (a disk that filled, a copy that stopped) is packed
+    # again: the marker records each file's size (a truncated .bin with its marker used to pass as packed).
+    bin_file = tmp_path / "out" / "part-00001.bin"
+    bin_file.write_bytes(before[: len(before) // 2])
+    assert [r["skipped"] for r in pack_corpus(config)["shard_results"]] == [True, False, True]
+    assert bin_file.read_bytes() == before
 
 
 def test_a_rerun_removes_what_a_killed_packer_left(tmp_path) -> None:

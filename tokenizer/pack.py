@@ -4,7 +4,7 @@ Per input shard `data/part-NNNNN.parquet`, in the output directory:
 
     part-NNNNN.bin / .idx      Megatron MMIDIDX, uint16 ids, one sequence per document ending in <eot>
     part-NNNNN.domains.npy     uint16 domain id per document (same order as the index)
-    part-NNNNN.done.json       completion marker: input hash, tokenizer hash, domain map, counts
+    part-NNNNN.done.json       completion marker: input hash, tokenizer hash, domain map, counts, file sizes
 
 and for the whole corpus `domain_map.json` (fixed before any shard is packed, extended — never
 renumbered — when later runs bring new domains) and `domains.json`: name ↔ id, documents, tokens,
@@ -159,6 +159,9 @@ def _marker_matches(marker: Path, outputs: list[Path], expected: dict[str, Any],
         return None
     if any(domain_ids.get(name) != stats["id"] for name, stats in done.get("domains", {}).items()):
         return None
+    sizes = done.get("bytes", {})  # markers written before sizes were recorded have none: trusted as before
+    if any(p.name in sizes and p.stat().st_size != sizes[p.name] for p in outputs):
+        return None  # cut short or replaced after the marker was written
     return done
 
 
@@ -255,6 +258,7 @@ def pack_shard(
         "characters": characters,
         "seconds": round(time.perf_counter() - start, 3),
         "domains": {name: {"id": domain_ids[name], **c} for name, c in sorted(counts.by_domain.items())},
+        "bytes": {p.name: p.stat().st_size for p in outputs},
     }
     write_json_atomic(marker, result)
     return {**result, "skipped": False}
