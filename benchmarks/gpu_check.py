@@ -19,7 +19,7 @@ every training run, so a part cut off by its time budget leaves the figures of t
   `compile=True` if time is left;
 * `cuda_tests`: `pytest -m cuda` on the test files that carry the marker;
 * `ecss_vs_device`: a `sigma-tiny`-shaped model widened to d_model 1024 / d_ff 4096, experts on the
-  device vs ECSS (pinned host masters, DeepSpeedCPUAdam) at growing experts per domain (4 domains),
+  device vs ECSS (pinned host masters, host Adam) at growing experts per domain (4 domains),
   until the device runs out of memory or the time budget ends;
 * `tensor_parallel_2` (a machine with 2 GPUs or more; skipped on one): `alpha-350m` in bf16 at
   tensor_parallel 2 on 2 GPUs (torchrun, NCCL) against tensor_parallel 1 on one, the same rows a step
@@ -471,7 +471,7 @@ def environment(ctx: Context) -> dict[str, Any]:
     out["cxx"] = next((shutil.which(c) for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
     out["ninja"] = shutil.which("ninja") or (_has_module("ninja") and "python package") or None
     out["note"] = ("no CUDA JIT build is needed: the dense optimizer is torch's fused AdamW and ECSS's "
-                   "DeepSpeedCPUAdam builds with the host C++ compiler (cxx, ninja)")
+                   "host Adam (DeepSpeed's CPU kernel) builds with the host C++ compiler (cxx, ninja)")
     return out
 
 
@@ -709,14 +709,15 @@ def ecss_vs_device(ctx: Context) -> dict[str, Any]:
                            "precision": precision, "attention_backend": args.ecss_attention, "rows": []}
     if ctx.smoke:
         out["substitute"] = "cpu-smoke: sigma-tiny as preset (d_model 64), 2 experts per domain, fp32 on CPU"
-    # DeepSpeedCPUAdam is JIT-built on first use (host compiler): build it once, outside the timed runs.
-    prebuild = [sys.executable, "-m", "pangu_model.ops", "CPUAdamBuilder"]
+    # ECSS's host Adam (DeepSpeed's CPU kernel, pangu_model/host_adam.py) is JIT-built on first use (host
+    # compiler): build it once, outside the timed runs.
+    prebuild = [sys.executable, "-m", "pangu_model.ops", "HostAdamBuilder"]
     code, seconds, tail = run_process(prebuild, min(ctx.left(), args.cpu_adam_build_s), ctx.runs_log,
                                       child_env(not ctx.cuda), "cpu_adam build")
     out["cpu_adam_build"] = {"status": "ok" if code == 0 else ("timed_out" if code is None else f"failed: {one_line(_last_error(tail))}"),
                              "seconds": round(seconds, 1)}
     if code != 0:
-        out["status"] = f"failed: DeepSpeedCPUAdam did not build: {out['cpu_adam_build']['status']}"
+        out["status"] = f"failed: the host Adam kernel did not build: {out['cpu_adam_build']['status']}"
         return out
     stop = None
     for per_domain in counts:

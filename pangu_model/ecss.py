@@ -10,7 +10,7 @@ placement is ours:
   from the batch *before* the forward pass (`ExpertOffload.plan`); only those are copied to the
   device (`fetch`), in the compute dtype, as one compact tensor per weight;
 * only their gradients go back to the host, layer by layer during the step's last backward ("Gradients
-  back" below), and DeepSpeedCPUAdam (ZeRO-Offload's CPU Adam) updates only those experts (`step`); an
+  back" below), and ZeRO-Offload's CPU Adam kernel (`host_adam.HostAdam`) updates only those experts (`step`); an
   expert that no batch routes to is untouched, its Adam state included (per-expert step counts keep the
   bias correction right: "lazy" Adam);
 * the dense part never sees any of this: it is an ordinary module under the DeepSpeed engine (ZeRO).
@@ -81,8 +81,8 @@ worker writes only masters and Adam states); at the end of step s + 1 the worker
 s's rows are copied into the shadows, before update s + 1 starts. The worker also makes the gradients'
 multiply (step s's `step` only takes their norm), reading step s's landing buffer while step s + 1 lands
 its gradients in a second one: the two alternate, so the training thread makes no pass over host memory.
-DeepSpeed's CPU Adam keeps the GIL for each tensor it updates, so it runs in slices of 1M values
-(`host_adam.SlicedCPUAdam`): the training thread runs between them.
+DeepSpeed's binding of its CPU Adam kernel keeps the GIL for each tensor it updates, so the kernel is called
+through a binding that releases it (`host_adam.HostAdam`): the training thread runs beside it.
 So the weights a step computes with carry every update up to two steps back: step t uses the masters
 after update t − 2 (tested). A checkpoint waits for the update in flight and saves, beside the masters,
 the lagging shadows of its rows, so a resume continues exactly; the export waits too and holds every
@@ -487,16 +487,16 @@ class ExpertOffload:
             bank.make_shadows(dtype, copy=delayed_update)
         # Host→device copies run on their own stream (CUDA), so they overlap compute.
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        # DeepSpeedCPUAdam runs on torch's OpenMP threads: torchrun starts every rank with
+        # The host Adam kernel runs on torch's OpenMP threads: torchrun starts every rank with
         # OMP_NUM_THREADS=1, which would leave the host update on one core per rank.
         self.host_threads = host_threads or default_host_threads()
         torch.set_num_threads(self.host_threads)
         decay = [p for bank in self.banks.values() for n in _DECAYED for p in bank.expert_params[n]]
         no_decay = [p for bank in self.banks.values() for n in WEIGHT_NAMES if n not in _DECAYED
                     for p in bank.expert_params[n]]
-        from .host_adam import SlicedCPUAdam  # DeepSpeedCPUAdam, in slices that let the training thread run
+        from .host_adam import HostAdam  # DeepSpeed's CPU Adam kernel, the GIL released while it runs
 
-        self.optimizer = SlicedCPUAdam(
+        self.optimizer = HostAdam(
             [
                 {"params": decay, "weight_decay": optim.weight_decay, "eps": optim.expert_eps},
                 {"params": no_decay, "weight_decay": 0.0, "eps": optim.expert_eps},

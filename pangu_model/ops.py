@@ -1,8 +1,10 @@
 """DeepSpeed's JIT-built ops, built ahead of the first training run: `python -m pangu_model.ops`
 (`make ops`, which `make run` and `make test` run first).
 
-DeepSpeed compiles its host ops with the host's C++ compiler on first use: `cpu_adam` (ECSS's expert
-states, ZeRO-Offload) and the shared-memory collectives of CPU runs. Built here, once per environment,
+DeepSpeed compiles its host ops with the host's C++ compiler on first use: the CPU Adam kernel (ECSS's
+expert states, built as `pangu_host_adam` with a binding that releases the GIL: host_adam.py) and the
+shared-memory collectives of CPU runs. DeepSpeed's own `cpu_adam` build of the kernel serves only
+engine-wide ZeRO-Offload (`offload_optimizer: true`) and is left to its first use. Built here, once per environment,
 into `TORCH_EXTENSIONS_DIR` (pangu_model/__init__.py pins it and the ninja that builds), a training run
 starts without a few minutes of compiling on a 2-core machine; afterwards this takes seconds.
 """
@@ -15,8 +17,10 @@ from typing import Any, Callable, Sequence
 
 import pangu_model  # noqa: F401 - the build directory and ninja every process of this environment uses
 
-# The op builders the training program loads, by DeepSpeed's names (the accelerator picks each one's class).
-OPS = ("CPUAdamBuilder", "ShareMemCommBuilder")
+# The op builders the training program loads, by DeepSpeed's names (the accelerator picks each one's class),
+# and ours.
+OPS = ("HostAdamBuilder", "ShareMemCommBuilder")
+OUR_BUILDERS = ("HostAdamBuilder",)
 
 
 def compile_muon_on_first_use() -> None:
@@ -56,7 +60,12 @@ def build_ops(names: Sequence[str] = OPS, required: bool = False) -> dict[str, f
 
     taken = {}
     for name in names:
-        builder = get_accelerator().create_op_builder(name)
+        if name in OUR_BUILDERS:
+            from pangu_model import host_adam
+
+            builder = getattr(host_adam, name)()
+        else:
+            builder = get_accelerator().create_op_builder(name)
         if builder is None or not builder.is_compatible():
             if required:
                 raise RuntimeError(f"{name}: this machine's DeepSpeed accelerator cannot build it")
