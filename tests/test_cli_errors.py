@@ -399,6 +399,28 @@ def test_a_temporary_server_that_does_not_answer_in_time_is_one_line_and_is_stop
     assert left == [], "the server that did not answer is stopped"
 
 
+def _tokenizer_run_until_its_flow_begins(tmp_path, python_args: list[str], extra: list[str] = ()
+                                        ) -> tuple[subprocess.Popen, list[str]]:
+    """`pangu tokenizer run` on CLUE text in a session of its own, without a Prefect API (a temporary server),
+    read up to the line that says its flow has begun (its first task is running); the lines read."""
+    import os
+
+    from tests.test_tokenizer_common import clue_documents, write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", list(clue_documents()), shards=2)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    command = subprocess.Popen([sys.executable, *python_args, "-m", "flows.cli", "tokenizer", "run", "--corpus",
+                                str(corpus), "--output", str(tmp_path / "out"), "--vocab-size", "6000", *extra],
+                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    seen = []
+    for line in command.stderr:
+        seen.append(line)
+        if "Beginning flow run" in line:
+            break
+    return command, seen
+
+
 def test_ctrl_c_stops_a_command_and_records_its_run_as_crashed_on_the_temporary_server(tmp_path):
     """Without PREFECT_API_URL the command's runs go to a temporary Prefect server, its child. Ctrl-C used
     to stop that server too, and the command then spent minutes retrying to report to it."""
@@ -406,20 +428,8 @@ def test_ctrl_c_stops_a_command_and_records_its_run_as_crashed_on_the_temporary_
     import signal
     import time
 
-    from tests.test_tokenizer_common import clue_documents, write_corpus
-
-    corpus = write_corpus(tmp_path / "corpus", list(clue_documents()), shards=2)
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    command = subprocess.Popen([sys.executable, "-c", _WITH_DEFAULT_SIGINT, "-m", "flows.cli", "tokenizer", "run",
-                                "--corpus", str(corpus), "--output", str(tmp_path / "out"), "--vocab-size", "6000"],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    command, seen = _tokenizer_run_until_its_flow_begins(tmp_path, ["-c", _WITH_DEFAULT_SIGINT])
     try:
-        seen = []
-        for line in command.stderr:  # the flow has begun: its first task is running
-            seen.append(line)
-            if "Beginning flow run" in line:
-                break
         os.killpg(command.pid, signal.SIGINT)
         started = time.monotonic()
         rest = command.communicate(timeout=90)[1]
@@ -445,20 +455,8 @@ def test_sigterm_stops_a_command_its_workers_and_its_temporary_server(tmp_path):
     import signal
     import time
 
-    from tests.test_tokenizer_common import clue_documents, write_corpus
-
-    corpus = write_corpus(tmp_path / "corpus", list(clue_documents()), shards=2)
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    command = subprocess.Popen([sys.executable, "-m", "flows.cli", "tokenizer", "run", "--corpus", str(corpus),
-                                "--output", str(tmp_path / "out"), "--vocab-size", "6000", "--workers", "2"],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    command, seen = _tokenizer_run_until_its_flow_begins(tmp_path, [], ["--workers", "2"])
     try:
-        seen = []
-        for line in command.stderr:  # the flow has begun: its first task is running
-            seen.append(line)
-            if "Beginning flow run" in line:
-                break
         os.kill(command.pid, signal.SIGTERM)
         command.wait(timeout=90)
         deadline = time.monotonic() + 10
