@@ -2,52 +2,58 @@
 
 Two runs started into the same output (a double start, a rerun while the first still trains) both trained
 from the latest checkpoint, wrote the same checkpoint files at once and interleaved their metrics rows. The
-first rank 0 holds an exclusive `flock` on `OUTPUT/.run.lock` for as long as its process lives (the kernel
-releases it when the process ends, a `kill -9` included); a second one is refused, naming the holder.
+first rank 0 holds an exclusive `flock` on the output directory itself for as long as its process lives (the
+kernel releases it when the process ends, a `kill -9` included; no lock file is left behind); a second one is
+refused, naming the holder's pid where /proc/locks shows it.
 """
 from __future__ import annotations
 
 import fcntl
 import os
-import socket
-import time
 from pathlib import Path
-from typing import IO
-
-LOCK_NAME = ".run.lock"
 
 
 class OutputInUse(OSError):
     """Another process trains into this output now."""
 
 
-def claim_output(output: Path) -> IO[str] | None:
-    """Hold OUTPUT/.run.lock for this process (keep the returned handle; closing it releases the claim).
-    Raises OutputInUse when another process holds it; None where the file system has no `flock` (some network
-    file systems), which leaves the output unguarded."""
+def claim_output(output: Path) -> int | None:
+    """Hold `output` (made if missing) for this process; returns the descriptor that holds it (closing it releases
+    the claim). Raises OutputInUse when another process holds it; None where the file system has no `flock`
+    (some network file systems), which leaves the output unguarded."""
     output.mkdir(parents=True, exist_ok=True)
-    handle = open(output / LOCK_NAME, "a+", encoding="utf-8")
+    fd = os.open(output, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise OutputInUse(f"{output}: another training run is writing there ({holder}); wait for it to end "
-                          f"or give another output") from None
+        os.close(fd)
+        raise OutputInUse(f"{output}: another training run is writing there ({_holder(output)}); wait for it to "
+                          f"end or give another output") from None
     except OSError:
-        handle.close()
+        os.close(fd)
         return None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    handle.flush()
-    return handle
+    return fd
 
 
 def check_output_free(output: Path) -> None:
-    """Raise OutputInUse when a training run holds `output` now (claimed and released at once)."""
-    if (output / LOCK_NAME).exists():
-        handle = claim_output(output)
-        if handle is not None:
-            handle.close()
+    """Raise OutputInUse when a training run holds `output` now (an existing directory is claimed and released at
+    once; a missing one is free)."""
+    if output.is_dir():
+        fd = claim_output(output)
+        if fd is not None:
+            os.close(fd)
+
+
+def _holder(output: Path) -> str:
+    """`pid N` of the process holding a flock on `output`, from /proc/locks (Linux, same host)."""
+    inode = os.stat(output).st_ino
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return "another process"
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[3] == "WRITE":
+            if fields[5].rsplit(":", 1)[-1] == str(inode) and fields[4].isdigit() and int(fields[4]) != os.getpid():
+                return f"pid {fields[4]}"
+    return "another process"

@@ -1346,7 +1346,7 @@ class Trainer:
             self.ecss.close()  # a delayed host update still in flight
         signal.signal(signal.SIGTERM, self._previous_handler or signal.SIG_DFL)
         if getattr(self, "_claim", None) is not None:
-            self._claim.close()  # the output is free for the next run
+            os.close(self._claim)  # the output is free for the next run
             self._claim = None
 
 

@@ -319,8 +319,8 @@ def test_deepspeed_s_muon_is_compiled_when_first_called_not_when_a_rank_starts()
 
 
 def test_make_ops_builds_the_ops_a_cpu_training_run_loads() -> None:
-    """`python -m pangu_model.ops` (`make ops`, before `make run` and `make test`) builds DeepSpeed's host Adam
-    and the shared-memory collectives ahead, into the directory the training program loads them from."""
+    """`python -m pangu_model.ops` (`make ops`, before `make run` and `make test`) builds the host Adam kernel
+    (host_adam.py) and DeepSpeed's shared-memory collectives ahead, into the directory the training program loads them from."""
     import subprocess
     import sys
 
@@ -330,6 +330,6 @@ def test_make_ops_builds_the_ops_a_cpu_training_run_loads() -> None:
     # `import pangu_model` must not import the module `-m` runs (runpy then warns on every `make run`).
     assert "RuntimeWarning" not in done.stderr, done.stderr[-3000:]
     ready = {line.split()[1] for line in done.stdout.splitlines() if line.startswith("pangu_model.ops:")}
-    assert ready == {"cpu_adam", "deepspeed_shm_comm"}, done.stdout
+    assert ready == {"pangu_host_adam", "deepspeed_shm_comm"}, done.stdout
     built = Path(os.environ["TORCH_EXTENSIONS_DIR"])
     assert all((built / name / f"{name}.so").is_file() for name in ready), sorted(p.name for p in built.iterdir())
