@@ -30,14 +30,21 @@ def temporary_path(path: str) -> str:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether process `pid` runs on this host."""
+    """Whether process `pid` runs on this host. A zombie does not: a writer killed with its job has ended, but
+    stays in the process table until init reaps it, which took longer than a rerun on a busy machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return pid > 0
+    if pid <= 0:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (not Linux), or it ended just now: as os.kill said
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")  # the state field, after the command's name
 
 
 _TEMPORARY = re.compile(r"^\..+\.(?:(\d+)-([0-9a-f]{8})-)?[0-9a-f]{8}\.tmp$")

@@ -19,6 +19,23 @@ def dead_pid() -> int:
     return proc.pid
 
 
+def test_a_writer_that_has_ended_but_is_not_yet_reaped_is_gone():
+    """A worker killed with its job stays a zombie until init reaps it; its temporaries are leftovers (a rerun
+    on a busy machine kept one and found it after the build)."""
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child did not end"
+            time.sleep(0.05)
+        assert not process_alive(proc.pid)
+    finally:
+        proc.wait()
+    assert process_alive(os.getpid())
+
+
 def left_by_a_killed_writer(target) -> Path:
     """The temporary name a writer of `target` that has since died used."""
     return Path(temporary_path(str(target)).replace(f".{os.getpid()}-", f".{dead_pid()}-", 1))
