@@ -103,15 +103,21 @@ def expert_backend(x: torch.Tensor, requested: str = "auto") -> str:
     """`select_expert_backend` for the input `x` of a routed layer."""
     if requested != "auto":
         return select_expert_backend(x.device.type, x.dtype, None, requested)
-    sm_major = _sm_major(x.device.index or 0) if x.device.type == "cuda" else None
+    sm_major = cuda_capability_major(x.device.index or 0) if x.device.type == "cuda" else None
     return select_expert_backend(x.device.type, _compute_dtype(x), sm_major)
 
 
-@torch.compiler.assume_constant_result
-def _sm_major(device_index: int) -> int:
-    # A constant to a compiled block: Dynamo cannot trace get_device_properties, and a graph break in every
-    # routed layer would split each compiled block in two.
-    return torch.cuda.get_device_properties(device_index).major
+# Per CUDA device: a dictionary lookup is what a compiled block traces (a constant it guards on), where Dynamo
+# cannot trace get_device_properties, and a graph break in every routed layer would split each block in two.
+# (Not torch.compiler.assume_constant_result: using it at import imports Dynamo, 2-4 s of every start.)
+_SM_MAJOR: dict[int, int] = {}
+
+
+def cuda_capability_major(device_index: int) -> int:
+    major = _SM_MAJOR.get(device_index)
+    if major is None:
+        major = _SM_MAJOR[device_index] = torch.cuda.get_device_properties(device_index).major
+    return major
 
 
 def device_imbalance(expert_load: torch.Tensor, num_devices: int, tokens: int) -> float:

@@ -48,6 +48,10 @@ def maybe_compile(model: nn.Module, enabled: bool, **compile_options: Any) -> nn
     """
     if not enabled:
         return model
+    if torch.cuda.is_available():  # read before tracing: the blocks then see a constant (moe.py)
+        from .moe import cuda_capability_major
+
+        cuda_capability_major(torch.cuda.current_device())
     for block in model.layers:
         block.compile(**compile_options)
     return model
