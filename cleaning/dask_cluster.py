@@ -30,7 +30,8 @@ def check_scheduler(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> int:
         raise ValueError(f"--dask-address {address!r} is not a scheduler address ({exc}); "
                          f"give tcp://HOST:PORT, e.g. tcp://10.0.0.1:8786") from None
     except (OSError, TimeoutError) as exc:
-        raise ConnectionError(f"no Dask scheduler answers at {address} ({str(exc) or f'nothing within {timeout_s:.0f} s'}); "
+        why = str(exc) or f"nothing within {timeout_s:.0f} s"
+        raise ConnectionError(f"no Dask scheduler answers at {address} ({why}); "
                               f"start one (`dask scheduler`) or leave out --dask-address") from None
     if identity.get("type") != "Scheduler":
         raise ValueError(f"--dask-address {address} is a Dask {identity.get('type', 'server')}, not the scheduler; "

@@ -440,8 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Terminated:
-        _ignore(signal.SIGTERM)  # one is enough: the way out (stopping the temporary server) runs undisturbed
+    except Terminated:  # raised only where its handler could be set: the main thread
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: the way out (stopping the server) runs undisturbed
         print("terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
     except BrokenPipeError:  # `pangu plan --json | head`: the reader has gone, and so has any use of a message
@@ -477,12 +477,6 @@ def _terminate_by_unwinding() -> object | None:
     except ValueError:
         return None
 
-
-def _ignore(signum: int) -> None:
-    try:
-        signal.signal(signum, signal.SIG_IGN)
-    except ValueError:
-        pass
 
 
 def _an_interrupt_in_disguise(exc: BaseException) -> bool:

@@ -4,8 +4,8 @@
 DeepSpeed compiles its host ops with the host's C++ compiler on first use: the CPU Adam kernel (ECSS's
 expert states, built as `pangu_host_adam` with a binding that releases the GIL: host_adam.py) and the
 shared-memory collectives of CPU runs. DeepSpeed's own `cpu_adam` build of the kernel serves only
-engine-wide ZeRO-Offload (`offload_optimizer: true`) and is left to its first use. Built here, once per environment,
-into `TORCH_EXTENSIONS_DIR` (pangu_model/__init__.py pins it and the ninja that builds), a training run
+engine-wide ZeRO-Offload (`offload_optimizer: true`) and is left to its first use. Built here, once per
+environment, into `TORCH_EXTENSIONS_DIR` (pangu_model/__init__.py pins it and the ninja that builds), a training run
 starts without a few minutes of compiling on a 2-core machine; afterwards this takes seconds.
 """
 from __future__ import annotations

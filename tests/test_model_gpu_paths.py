@@ -512,7 +512,8 @@ def test_cuda_per_domain_losses_do_not_synchronise() -> None:
         out = model(ids, domain_ids=domains, labels=labels)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        sums = domain_loss_sums(out.token_loss, labels, domains[:, None].expand_as(labels), 4, model.config.pad_token_id)
+        sums = domain_loss_sums(out.token_loss, labels, domains[:, None].expand_as(labels), 4,
+                                model.config.pad_token_id)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert int(sums[:, 1].sum()) == int((labels != model.config.pad_token_id).sum())

@@ -320,7 +320,8 @@ def test_deepspeed_s_muon_is_compiled_when_first_called_not_when_a_rank_starts()
 
 def test_make_ops_builds_the_ops_a_cpu_training_run_loads() -> None:
     """`python -m pangu_model.ops` (`make ops`, before `make run` and `make test`) builds the host Adam kernel
-    (host_adam.py) and DeepSpeed's shared-memory collectives ahead, into the directory the training program loads them from."""
+    (host_adam.py) and DeepSpeed's shared-memory collectives ahead, into the directory the training program
+    loads them from."""
     import subprocess
     import sys
 
