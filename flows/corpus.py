@@ -24,6 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from cleaning.build import CorpusBuild, describe_work
 from cleaning.config import CorpusConfig, load_preset
+from cleaning.orphans import exit_with_parent
 from cleaning.stages import Stage, run_build
 from cleaning.stages import hash_inputs as hash_stage_inputs
 from cleaning.versions import building, describe_diff, mark_latest, plan_refresh, previous_output
@@ -43,11 +44,15 @@ def _pool() -> Executor | None:
     return _POOL
 
 
+def _new_pool(workers: int) -> Executor:
+    return ProcessPoolExecutor(workers, initializer=exit_with_parent)  # no idle orphans after a kill -9
+
+
 @contextmanager
 def _worker_pool(workers: int) -> Iterator[None]:
     """`workers` processes that the task runs of this flow hand their calls to (none for 1)."""
     global _POOL, _POOL_WORKERS
-    _POOL, _POOL_WORKERS = (ProcessPoolExecutor(workers) if workers > 1 else None), workers
+    _POOL, _POOL_WORKERS = (_new_pool(workers) if workers > 1 else None), workers
     try:
         yield
     finally:
@@ -63,7 +68,7 @@ def _replace_broken(pool: Executor) -> None:
     global _POOL
     with _POOL_LOCK:
         if _POOL is pool:
-            _POOL = ProcessPoolExecutor(_POOL_WORKERS)
+            _POOL = _new_pool(_POOL_WORKERS)
     pool.shutdown(wait=False)
 
 

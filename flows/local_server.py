@@ -5,11 +5,14 @@ child process in the terminal's process group. Ctrl-C then stops the server at t
 the command, and the command spends minutes retrying to tell the stopped server that its runs
 crashed. Started here, with SIGINT blocked (a blocked signal stays blocked across fork and exec,
 and uvicorn's handlers do not unblock it), the server outlives the Ctrl-C: the command records its
-runs as crashed, then stops the server on its way out (SIGTERM, as Prefect does).
+runs as crashed, then stops the server on its way out (SIGTERM, as Prefect does). A command killed
+outright never gets there: a watcher process stops the server then (`cleaning.orphans`).
 """
 from __future__ import annotations
 
 import signal
+
+from cleaning.orphans import stop_with_this_process
 
 #: seconds the temporary server may take to answer, at least (as long as `make serve` waits for its
 #: server). Prefect waits 20 s by default (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); a first
@@ -47,3 +50,4 @@ def start_temporary_server() -> None:
             "`make serve` and set PREFECT_API_URL=http://127.0.0.1:4200/api") from None
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)  # a Ctrl-C meanwhile arrives now
+    stop_with_this_process(server.server_process.pid)

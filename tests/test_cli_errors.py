@@ -478,3 +478,37 @@ def test_sigterm_stops_a_command_its_workers_and_its_temporary_server(tmp_path):
     assert command.returncode == 128 + signal.SIGTERM, shown[-3000:]
     assert "Finished in state Crashed" in shown and "terminated" in shown.splitlines(), shown[-3000:]
     assert "Traceback" not in shown, shown[-3000:]
+
+
+def test_kill_9_of_a_command_stops_its_workers_and_its_temporary_server(tmp_path):
+    """`kill -9` or the out-of-memory killer runs none of the command's own stops: its encoder workers used to
+    wait forever for work, and its temporary Prefect server to run on, adopted by init."""
+    import os
+    import signal
+    import time
+
+    command, _ = _tokenizer_run_until_its_flow_begins(tmp_path, [], ["--workers", "2"])
+    try:
+        deadline = time.monotonic() + 120
+        members: list[str] = []
+        while len(members) < 4 and time.monotonic() < deadline:  # the command, its server and 2 workers
+            members = subprocess.run(["pgrep", "-g", str(command.pid)], capture_output=True, text=True).stdout.split()
+            time.sleep(0.1)
+        assert len(members) >= 4, members
+        command.kill()
+        command.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(command.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        left = subprocess.run(["pgrep", "-a", "-g", str(command.pid)], capture_output=True, text=True).stdout
+        assert left == "", left
+    finally:
+        try:
+            os.killpg(command.pid, signal.SIGKILL)  # whatever is left, on a failure
+        except ProcessLookupError:
+            pass
+        command.wait()

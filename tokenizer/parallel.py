@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numpy as np
 import sentencepiece as spm
 
+from cleaning.orphans import exit_with_parent
 from tokenizer.segment import FastSegmenter
 
 T = TypeVar("T")
@@ -50,6 +51,7 @@ def _init_worker(model_proto: bytes) -> None:
     # A terminal's Ctrl-C reaches the whole process group: the parent stops the pool, and the workers,
     # interrupted mid-chunk, would each print a traceback first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exit_with_parent()  # a parent killed outright (kill -9) stops nothing itself
     _WORKER = ChunkEncoder(spm.SentencePieceProcessor(model_proto=model_proto))
     _WORKER.segmenter.segment("")  # load jieba's dictionary now, not inside the first chunk
 

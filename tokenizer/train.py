@@ -21,6 +21,7 @@ from typing import Any, Iterable, Iterator
 
 import sentencepiece as spm
 
+from cleaning.orphans import exit_with_parent
 from cleaning.temporaries import temporary_directory
 from cleaning.writers import read_json
 from tokenizer.artifacts import META_FILE, write_tokenizer_dir
@@ -91,7 +92,8 @@ def segment_lines(lines: list[str], workers: int) -> list[str]:
     if workers <= 1:
         return _segment_chunk(lines)
     chunks = list(chunk_texts(lines, chunk_chars=200_000, chunk_docs=4096))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=exit_with_parent) as pool:
         return [s for part in pool.map(_segment_chunk, chunks) for s in part]
 
 
