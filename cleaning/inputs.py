@@ -79,6 +79,12 @@ def unsupported_summary(uris: Sequence[str], shown: int = 5) -> dict[str, Any]:
     return {"files": len(uris), "by_suffix": dict(sorted(by_suffix.items())), "first": sorted(uris)[:shown]}
 
 
+def describe_unsupported(summary: dict[str, Any]) -> str:
+    """One sentence on an `unsupported_summary`, for the log and the corpus report alike."""
+    kinds = ", ".join(f"{n:,} {suffix}" for suffix, n in summary["by_suffix"].items())
+    return f"{summary['files']:,} file(s) of a kind no reader takes ({kinds}; first: {summary['first'][0]})"
+
+
 def require_some_input(inputs: Sequence[str], entries: Sequence[tuple[str, str | None]], shown: int = 3) -> None:
     """Raises FileNotFoundError, naming the INPUT arguments, when none of them holds a file to read
     (`entries` of `expand_inputs` all have an error): a build would make an empty corpus version.

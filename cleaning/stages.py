@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from cleaning.build import CorpusBuild, describe_work
-from cleaning.inputs import unsupported_summary
+from cleaning.inputs import describe_unsupported, unsupported_summary
 from cleaning.outputs import check_output_uri
 from cleaning.pipeline import check_steps
 
@@ -46,10 +46,7 @@ def run_build(build: CorpusBuild, map_stage: Mapper, log: Callable[[str], None] 
     check_output_uri(build.output, "the corpus")  # so is an output that is a file, or below one
     check_steps(build.config)  # and a missing word list or model
     if build.unsupported:  # found but not read: said, and counted in the manifest
-        summary = unsupported_summary(build.unsupported)
-        kinds = ", ".join(f"{n} {suffix}" for suffix, n in summary["by_suffix"].items())
-        warn(f"{summary['files']} file(s) in the inputs are of a kind no reader takes, and are not read ({kinds}; "
-             f"first: {summary['first'][0]})")
+        warn(f"not read: {describe_unsupported(unsupported_summary(build.unsupported))}")
     leftovers = build.remove_leftovers()
     if leftovers:
         log(f"removed {len(leftovers)} temporary files that a killed build left (first: {leftovers[0]})")

@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 from matplotlib.figure import Figure
 
+from cleaning.inputs import describe_unsupported
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -55,9 +57,7 @@ def corpus_markdown(manifest: dict[str, Any], stats: dict[str, Any], output: str
         lines += [f"| {i['uri']} | {i['status']} | {i['error']} |" for i in problems]
     unsupported = manifest.get("unsupported_files") or {}
     if unsupported.get("files"):  # found in the input directories, of a kind no reader takes
-        kinds = ", ".join(f"{n:,} {suffix}" for suffix, n in unsupported["by_suffix"].items())
-        lines += ["", f"Not read: {unsupported['files']:,} file(s) of a kind no reader takes ({kinds}; first: "
-                  f"{unsupported['first'][0]})."]
+        lines += ["", f"Not read: {describe_unsupported(unsupported)}."]
     if manifest.get("dedup"):
         lines += ["", "## Deduplication", "", "| measure | value |", "|---|---:|"]
         lines += [f"| {k} | {v} |" for k, v in manifest["dedup"].items()]

@@ -455,7 +455,7 @@ def test_files_no_reader_takes_are_reported_not_silently_skipped(tmp_path):
     found = manifest["unsupported_files"]
     assert found["files"] == 3 and found["by_suffix"] == {"(none)": 1, ".pdf": 1, ".png": 1}
     assert [uri.rsplit("/", 1)[-1] for uri in found["first"]] == ["manual.pdf", "README", "figure.PNG"]
-    assert [w for w in warnings if "3 file(s) in the inputs are of a kind no reader takes" in w
+    assert [w for w in warnings if "not read: 3 file(s) of a kind no reader takes" in w
             and "1 (none), 1 .pdf, 1 .png" in w]
     assert manifest["totals"]["input"] == 1
     stats = json.loads((tmp_path / "out" / "stats.json").read_text(encoding="utf-8"))
