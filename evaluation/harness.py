@@ -15,6 +15,7 @@ harness, templates and metrics must then reach 100 %).
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 import zlib
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from pangu_model.run_lock import claim_output
 
 from . import metrics
 from .loaders import DataNotFound, clear_cache, require_data_dir
@@ -434,6 +437,18 @@ def execute(plan: EvaluationPlan, run_one: Callable[[Task, Scorer], TaskRun],
     """Runs the plan's unfinished tasks with `run_one` (which raises when a task crashes: the others
     still run; the data listing is the plan's), keeping each as it ends; writes results.json and report.md of the whole plan. Returns
     the results and the crashed tasks' errors. `after_each(tasks done)` follows every task."""
+    # Two evaluations started into one output (a double start, a rerun while the first still runs) both
+    # computed every task; the second is refused now, naming the first (pangu_model/run_lock.py).
+    claim = claim_output(Path(plan.config.output))
+    try:
+        return _execute(plan, run_one, after_each)
+    finally:
+        if claim is not None:
+            os.close(claim)
+
+
+def _execute(plan: EvaluationPlan, run_one: Callable[[Task, Scorer], TaskRun],
+             after_each: Callable[[int], None] | None) -> tuple[dict[str, Any], dict[str, Exception]]:
     scorer_name = model_meta = None
     runs: dict[str, TaskRun] = {}
     failed: dict[str, Exception] = {}

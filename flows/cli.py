@@ -143,12 +143,26 @@ def _eval(args: argparse.Namespace) -> int:
                         data_dir=data_dir, output=output, shots=args.shots, limit=args.limit,
                         seed=args.seed, oracle=args.oracle, device=args.device, domain=args.domain)
 
-    def progress(task: str, done: int, total: int) -> None:
-        print(f"\r{task}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
-
-    run_evaluation(config, progress=progress if sys.stderr.isatty() else None)
+    run_evaluation(config, progress=_eval_progress(sys.stderr.isatty()))
     print(f"results: {output}/results.json\nreport:  {output}/report.md", file=sys.stderr)
     return 0
+
+
+def _eval_progress(terminal: bool) -> Callable[[str, int, int], None]:
+    """Each task's progress on stderr: a terminal gets one line rewritten in place; a log (output redirected,
+    a batch job) a line per tenth of each task with the seconds since the evaluation began, where it used to
+    get nothing for as long as the evaluation ran."""
+    import time
+
+    began = time.monotonic()
+
+    def progress(task: str, done: int, total: int) -> None:
+        if terminal:
+            print(f"\r{task}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+        elif done == total or done % max(1, total // 10) == 0:
+            print(f"[pangu] {task}: {done}/{total} ({time.monotonic() - began:.0f} s)", file=sys.stderr, flush=True)
+
+    return progress
 
 
 def _corpus_build(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""One training run per output directory at a time.
+"""One run per output directory at a time (training runs, evaluations).
 
 Two runs started into the same output (a double start, a rerun while the first still trains) both trained
 from the latest checkpoint, wrote the same checkpoint files at once and interleaved their metrics rows. The
@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 class OutputInUse(OSError):
-    """Another process trains into this output now."""
+    """Another process writes into this output now."""
 
 
 def claim_output(output: Path) -> int | None:
@@ -27,7 +27,7 @@ def claim_output(output: Path) -> int | None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise OutputInUse(f"{output}: another training run is writing there ({_holder(output)}); wait for it to "
+        raise OutputInUse(f"{output}: another run is writing there ({_holder(output)}); wait for it to "
                           f"end or give another output") from None
     except OSError:
         os.close(fd)
@@ -45,7 +45,7 @@ def check_output_free(output: Path) -> None:
 
 
 def _holder(output: Path) -> str:
-    """`pid N` of the process holding a flock on `output`, from /proc/locks (Linux, same host)."""
+    """`pid N, COMMAND` of the process holding a flock on `output`, from /proc/locks (Linux, same host)."""
     inode = os.stat(output).st_ino
     try:
         lines = Path("/proc/locks").read_text().splitlines()
@@ -55,5 +55,17 @@ def _holder(output: Path) -> str:
         fields = line.split()
         if len(fields) >= 6 and fields[1] == "FLOCK" and fields[3] == "WRITE":
             if fields[5].rsplit(":", 1)[-1] == str(inode) and fields[4].isdigit() and int(fields[4]) != os.getpid():
-                return f"pid {fields[4]}"
+                return f"pid {fields[4]}{_command(int(fields[4]))}"
     return "another process"
+
+
+def _command(pid: int, shown: int = 120) -> str:
+    """`, COMMAND LINE` of process `pid` (its program's name without its directory), or nothing."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").rstrip("\0").split("\0")
+    except OSError:
+        return ""
+    if not argv or not argv[0]:
+        return ""
+    line = " ".join([os.path.basename(argv[0]), *argv[1:]])
+    return ", " + (line if len(line) <= shown else line[:shown - 3] + "...")

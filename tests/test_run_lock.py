@@ -31,7 +31,7 @@ def test_a_second_run_into_a_held_output_is_refused_and_a_killed_holder_frees_it
     """Two runs into one output both trained, wrote the same checkpoints at once and interleaved their metrics;
     the second is refused now, naming the first, and a run killed with -9 leaves nothing that blocks a rerun."""
     output, holder = held
-    with pytest.raises(OutputInUse, match=f"another training run is writing there \\(pid {holder.pid}\\)"):
+    with pytest.raises(OutputInUse, match=f"another run is writing there \\(pid {holder.pid}, .*-c import sys"):
         claim_output(output)
     with pytest.raises(OutputInUse):
         check_output_free(output)
@@ -47,6 +47,25 @@ def test_pangu_pretrain_into_a_held_output_is_one_line_before_any_flow_run(held)
     output, holder = held
     done = pangu("pretrain", "--preset", "alpha-tiny", "--data", str(packed_tokens()), "--output", str(output),
                  "--steps", "2")
-    _one_line_error(done, f"{output}: another training run is writing there (pid {holder.pid})")
+    _one_line_error(done, f"{output}: another run is writing there (pid {holder.pid}, ", "-c import sys, time;")
     assert "temporary server" not in done.stderr
     assert not any(output.iterdir())  # nothing written
+
+
+def test_a_second_evaluation_into_a_held_output_is_one_line_and_writes_nothing(held) -> None:
+    """Two evaluations into one output (a double start, a rerun while the first still ran) both computed every
+    task and wrote the same files at once."""
+    from tests.test_eval_common import require_clue
+
+    output, holder = held
+    done = pangu("eval", "--oracle", "--tasks", "tnews", "--data-dir", str(require_clue()), "--output", str(output),
+                 "--limit", "5")
+    _one_line_error(done, f"pangu eval: error: {output}: another run is writing there (pid {holder.pid}, ")
+    assert not any(output.iterdir())
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    done = pangu("eval", "--oracle", "--tasks", "tnews", "--data-dir", str(require_clue()), "--output", str(output),
+                 "--limit", "5")
+    assert done.returncode == 0 and (output / "results.json").is_file(), done.stderr[-2000:]
+    # progress in a log too, not only in a terminal
+    assert any(line.startswith("[pangu] tnews: 5/5 (") for line in done.stderr.splitlines()), done.stderr[-2000:]
