@@ -5,9 +5,28 @@ nothing is downloaded again; on a bare machine the first test that asks fetches 
 """
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# `make test` runs two pytest-xdist workers on two cores. With torch's default of one OpenMP thread per core,
+# each worker's team of two spun against the other's, and CPU work ran up to 30 times slower (the CHID
+# chance test's 40 examples: 30 s with two threads in each of two processes, 0.9 s with one). Each worker,
+# and whatever it starts (servers, flows, training ranks), computes on one thread.
+_XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if _XDIST_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"  # before anything imports torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_per_worker():
+    """Back to one thread after a test that set more (ECSS sets its host optimizer's threads)."""
+    yield
+    torch = sys.modules.get("torch")
+    if _XDIST_WORKER and torch is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

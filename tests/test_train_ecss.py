@@ -99,12 +99,13 @@ def test_fetches_come_from_compute_dtype_shadows_refreshed_after_each_host_step(
 
     torch.manual_seed(0)
     model = PanguModel(PRESETS["sigma-tiny"].replace(vocab_size=512, max_seq_len=32))
+    before = torch.get_num_threads()
     torch.set_num_threads(1)  # as torchrun starts a rank
     try:
         ecss = ExpertOffload(model, OptimConfig(lr=1e-2, warmup_steps=0), "cpu", torch.bfloat16, host_threads=2)
         assert torch.get_num_threads() == 2
     finally:
-        torch.set_num_threads(max(1, len(__import__("os").sched_getaffinity(0))))
+        torch.set_num_threads(before)
     bank = next(iter(ecss.banks.values()))
     assert all(bank.shadow[n].dtype == torch.bfloat16 and torch.equal(bank.shadow[n], bank.host[n].bfloat16())
                for n in bank.host)
