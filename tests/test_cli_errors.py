@@ -447,26 +447,33 @@ def test_ctrl_c_stops_a_command_and_records_its_run_as_crashed_on_the_temporary_
         os.killpg(command.pid, 0)
 
 
+def _left_in_group(group: int, within_s: float) -> str:
+    """`pgrep -a` of the processes still in process group `group` once it empties or `within_s` has passed."""
+    import os
+    import time
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    return subprocess.run(["pgrep", "-a", "-g", str(group)], capture_output=True, text=True).stdout
+
+
 def test_sigterm_stops_a_command_its_workers_and_its_temporary_server(tmp_path):
     """`timeout`, a batch scheduler or `kill` send SIGTERM to the command alone. It used to end the process where
     it stood: the run was marked crashed, but the temporary Prefect server (and a stage's worker processes)
     went on running, adopted by init."""
     import os
     import signal
-    import time
 
     command, seen = _tokenizer_run_until_its_flow_begins(tmp_path, [], ["--workers", "2"])
     try:
         os.kill(command.pid, signal.SIGTERM)
         command.wait(timeout=90)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # the group empties: the temporary server and the workers stop too
-            try:
-                os.killpg(command.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
-        left = subprocess.run(["pgrep", "-a", "-g", str(command.pid)], capture_output=True, text=True).stdout
+        left = _left_in_group(command.pid, within_s=10)  # the temporary server and the workers stop too
         assert left == "", left
         shown = "".join(seen) + command.stderr.read()
     finally:
@@ -497,14 +504,7 @@ def test_kill_9_of_a_command_stops_its_workers_and_its_temporary_server(tmp_path
         assert len(members) >= 4, members
         command.kill()
         command.wait()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(command.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
-        left = subprocess.run(["pgrep", "-a", "-g", str(command.pid)], capture_output=True, text=True).stdout
+        left = _left_in_group(command.pid, within_s=20)
         assert left == "", left
     finally:
         try:
