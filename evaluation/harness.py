@@ -31,7 +31,7 @@ from pangu_model.run_lock import claim_output
 from . import metrics
 from .loaders import DataNotFound, clear_cache, require_data_dir
 from .report import RESULTS_FILE, require_output_dir, write_outputs
-from .resume import finished_tasks, keep_task
+from .resume import KEEP_EVERY_S, finished_tasks, keep_partial, keep_task, partial_predictions
 from .scoring import EOT_ID, NEWLINE_ID, VARIANTS, CandidateScore, generate_ids, rank, score_candidates, truncate_left
 from .tasks import Item, Task, chance_level, resolve_tasks
 
@@ -133,7 +133,14 @@ def run_task(
     split: str = "eval",
     separator: str = "\n",
     progress: Callable[[str, int, int], None] | None = None,
+    resumed: Sequence[dict[str, Any]] = (),
+    keep: Callable[[list[dict[str, Any]]], None] | None = None,
+    keep_every_s: float = KEEP_EVERY_S,
 ) -> TaskRun:
+    """One task: its summary and per-example predictions. `resumed`: the predictions an unfinished run of the
+    same task and settings kept (`evaluation.resume`); the examples they cover are not scored again.
+    `keep(predictions so far)` is called every `keep_every_s` seconds and when the run stops (an exception, a
+    Ctrl-C, a SIGTERM raised as an exception)."""
     started = time.perf_counter()
     base = _summary_base(task, shots, seed)
     try:
@@ -159,30 +166,54 @@ def run_task(
     predictions: list[dict[str, Any]] = []
     correct = {v: 0 for v in VARIANTS}
     totals: dict[str, float] = {}
-    for index, item in enumerate(items):
-        context = ""
-        if shots > 0:
-            pool = [d for d in train if not (same_split and d.id == item.id)]
-            demos = _rng(seed, task.name, "shots", item.id).sample(pool, min(shots, len(pool)))
-            context = separator.join(d.demo for d in demos) + separator
+
+    def count(prediction: dict[str, Any]) -> None:
+        predictions.append(prediction)
         if task.method == "ppl":
-            scores = scorer.score(context, item)
-            picked = rank(scores)
             for v in VARIANTS:
-                correct[v] += int(picked[v] == item.gold)
-            predictions.append({
-                "id": item.id, "gold": item.gold, "pred": picked[PRIMARY_VARIANT], "pred_by": picked,
-                "loss": [round(s.loss, 5) for s in scores], "tokens": [s.tokens for s in scores],
-                "chars": [s.chars for s in scores], **({"labels": item.meta["labels"]} if "labels" in item.meta else {}),
-            })
+                correct[v] += int(prediction["pred_by"][v] == prediction["gold"])
         else:
-            text = scorer.generate(context, item, task, zlib.crc32(f"{seed}\x1f{task.name}\x1f{item.id}".encode()))
-            per = metrics.generation_scores(task.metric, item.answers, text)
-            for key, value in per.items():
+            for key, value in metrics.generation_scores(task.metric, prediction["answers"],
+                                                        prediction["prediction"]).items():
                 totals[key] = totals.get(key, 0.0) + value
-            predictions.append({"id": item.id, "prediction": text, "answers": item.answers, **per})
-        if progress is not None:
-            progress(task.name, index + 1, len(items))
+
+    for prediction, item in zip(resumed, items):
+        if prediction.get("id") != item.id:  # kept from other data: scored again from here
+            break
+        count(prediction)
+    kept, last_keep = len(predictions), time.monotonic()
+    if kept and progress is not None:
+        progress(task.name, kept, len(items))  # where this run starts
+    try:
+        for index in range(len(predictions), len(items)):
+            item = items[index]
+            context = ""
+            if shots > 0:
+                pool = [d for d in train if not (same_split and d.id == item.id)]
+                demos = _rng(seed, task.name, "shots", item.id).sample(pool, min(shots, len(pool)))
+                context = separator.join(d.demo for d in demos) + separator
+            if task.method == "ppl":
+                scores = scorer.score(context, item)
+                picked = rank(scores)
+                count({
+                    "id": item.id, "gold": item.gold, "pred": picked[PRIMARY_VARIANT], "pred_by": picked,
+                    "loss": [round(s.loss, 5) for s in scores], "tokens": [s.tokens for s in scores],
+                    "chars": [s.chars for s in scores],
+                    **({"labels": item.meta["labels"]} if "labels" in item.meta else {}),
+                })
+            else:
+                text = scorer.generate(context, item, task, zlib.crc32(f"{seed}\x1f{task.name}\x1f{item.id}".encode()))
+                count({"id": item.id, "prediction": text, "answers": item.answers,
+                       **metrics.generation_scores(task.metric, item.answers, text)})
+            if progress is not None:
+                progress(task.name, index + 1, len(items))
+            if keep is not None and time.monotonic() - last_keep >= keep_every_s:
+                keep(predictions)
+                kept, last_keep = len(predictions), time.monotonic()
+    except BaseException:
+        if keep is not None and len(predictions) > kept:
+            keep(predictions)
+        raise
 
     n = len(items)
     summary: dict[str, Any] = {**base, "status": "ok", "n": n, "n_available": len(data.items), "split": data.split,
@@ -423,6 +454,16 @@ def _finish(plan: EvaluationPlan, runs: dict[str, TaskRun], scorer_name: str | N
     return write_results(config, results, {}, {**model_meta, "run_key": plan.key}, seconds)
 
 
+def run_kept_task(task: Task, scorer: Scorer, config: EvalConfig, key: dict[str, Any],
+                  progress: Callable[[str, int, int], None] | None = None) -> TaskRun:
+    """`run_task` for an evaluation into `config.output` whose run key is `key`: it goes on from the predictions an
+    unfinished run with the same key kept there, and keeps its own as it goes (`evaluation.resume`)."""
+    output = Path(config.output)
+    return run_task(task, scorer, config.data_dir, shots=config.shots, seed=config.seed, limit=config.limit,
+                    split=config.split, progress=progress, resumed=partial_predictions(output, key, task.name),
+                    keep=lambda predictions: keep_partial(output, key, task.name, predictions))
+
+
 class EvaluationFailed(RuntimeError):
     """Some tasks crashed (task name → error, of `total`); the others' results are written under `output`."""
 
@@ -482,8 +523,7 @@ def run_evaluation(config: EvalConfig, progress: Callable[[str, int, int], None]
         return written
 
     def run_one(task: Task, scorer: Scorer) -> TaskRun:
-        return run_task(task, scorer, config.data_dir, shots=config.shots, seed=config.seed, limit=config.limit,
-                        split=config.split, progress=progress)
+        return run_kept_task(task, scorer, config, plan.key, progress=progress)
 
     results, failed = execute(plan, run_one)
     if failed:  # a crash is a bug: the first one's traceback goes with the message
@@ -493,4 +533,4 @@ def run_evaluation(config: EvalConfig, progress: Callable[[str, int, int], None]
 
 __all__ = ["EvalConfig", "EvaluationFailed", "EvaluationPlan", "ModelScorer", "OracleScorer", "PRIMARY_VARIANT", "TaskRun",
            "assemble_results", "evaluate", "execute", "failed_task_run", "load_scorer", "plan_evaluation", "run_evaluation",
-           "run_key", "run_task", "write_results"]
+           "run_kept_task", "run_key", "run_task", "write_results"]

@@ -2,6 +2,8 @@
 
     OUTPUT/predictions/<task>.jsonl   the task's per-example predictions
     OUTPUT/tasks/<task>.json          its summary, the run it belongs to, the scorer and the model (written last)
+    OUTPUT/partial/<task>.json        an unfinished task's predictions so far, with the run they belong to
+                                      (kept every KEEP_EVERY_S and when the run stops; gone once the task ends)
 
 A finished task is reused by a run with the same key: the evaluation settings (all but the task list
 and the output) and the checkpoint's content hash. A task that crashed is not kept; one that found no
@@ -17,6 +19,11 @@ from cleaning.writers import write_bytes_atomic, write_json_atomic
 
 TASKS_DIR = "tasks"
 PREDICTIONS_DIR = "predictions"
+PARTIAL_DIR = "partial"
+
+#: seconds between keeps of an unfinished task's predictions: what a `kill -9` can lose (a Ctrl-C, a SIGTERM or a
+#: crash keeps everything done); a keep rewrites the task's predictions so far
+KEEP_EVERY_S = 30.0
 
 
 def keep_task(output: Path, key: dict[str, Any], scorer: str, model: dict[str, Any], summary: dict[str, Any],
@@ -31,6 +38,26 @@ def keep_task(output: Path, key: dict[str, Any], scorer: str, model: dict[str, A
                            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predictions).encode("utf-8"))
     write_json_atomic(output / TASKS_DIR / f"{summary['task']}.json",
                       {"key": key, "scorer": scorer, "model": model, "summary": summary})
+    (output / PARTIAL_DIR / f"{summary['task']}.json").unlink(missing_ok=True)
+
+
+def keep_partial(output: Path, key: dict[str, Any], task: str, predictions: list[dict[str, Any]]) -> None:
+    """An unfinished task's predictions so far, for a rerun with the same key to go on from."""
+    # one line, in the predictions' own key order (a resumed task writes the same predictions file)
+    write_bytes_atomic(output / PARTIAL_DIR / f"{task}.json",
+                       json.dumps({"key": key, "predictions": predictions}, ensure_ascii=False).encode("utf-8"))
+
+
+def partial_predictions(output: Path, key: dict[str, Any], task: str) -> list[dict[str, Any]]:
+    """The predictions an unfinished run of `task` with `key` kept (`keep_partial`); none for another key or
+    an unreadable file."""
+    try:
+        kept = json.loads((output / PARTIAL_DIR / f"{task}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(kept, dict) or kept.get("key") != key or not isinstance(kept.get("predictions"), list):
+        return []
+    return kept["predictions"]
 
 
 def finished_tasks(output: Path, key: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -47,4 +74,5 @@ def finished_tasks(output: Path, key: dict[str, Any]) -> dict[str, dict[str, Any
     return found
 
 
-__all__ = ["PREDICTIONS_DIR", "TASKS_DIR", "finished_tasks", "keep_task"]
+__all__ = ["KEEP_EVERY_S", "PARTIAL_DIR", "PREDICTIONS_DIR", "TASKS_DIR", "finished_tasks", "keep_partial", "keep_task",
+           "partial_predictions"]

@@ -150,17 +150,20 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _eval_progress(terminal: bool) -> Callable[[str, int, int], None]:
     """Each task's progress on stderr: a terminal gets one line rewritten in place; a log (output redirected,
-    a batch job) a line per tenth of each task with the seconds since the evaluation began, where it used to
-    get nothing for as long as the evaluation ran."""
+    a batch job) a line where each task starts (or goes on from what an unfinished run kept), per tenth of it
+    and at its end, with the seconds since the evaluation began, where it used to get nothing for as long as
+    the evaluation ran."""
     import time
 
     began = time.monotonic()
+    started: set[str] = set()
 
     def progress(task: str, done: int, total: int) -> None:
         if terminal:
             print(f"\r{task}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
-        elif done == total or done % max(1, total // 10) == 0:
+        elif task not in started or done == total or done % max(1, total // 10) == 0:
             print(f"[pangu] {task}: {done}/{total} ({time.monotonic() - began:.0f} s)", file=sys.stderr, flush=True)
+        started.add(task)
 
     return progress
 

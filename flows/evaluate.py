@@ -13,7 +13,9 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
                                update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 
-from evaluation.harness import EvalConfig, EvaluationFailed, Scorer, TaskRun, execute, plan_evaluation, run_task
+from evaluation.harness import (EvalConfig, EvaluationFailed, Scorer, TaskRun, execute, plan_evaluation,
+                                run_kept_task)
+from evaluation.resume import partial_predictions
 from evaluation.tasks import Task
 from flows.reports import eval_scores_figure, png_markdown
 
@@ -44,10 +46,12 @@ def score_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 # The scorer holds the model: it is no cache key (NO_CACHE) and is passed in memory, never serialised.
 # No retries: a task's run is deterministic, so a crash would only crash again.
 @task(name="eval-task", task_run_name="{spec.name}", cache_policy=NO_CACHE)
-def eval_task(spec: Task, scorer: Scorer, config: EvalConfig) -> TaskRun:
-    """One evaluation task, as `run_evaluation` runs it."""
-    run = run_task(spec, scorer, config.data_dir, shots=config.shots, seed=config.seed, limit=config.limit,
-                   split=config.split)
+def eval_task(spec: Task, scorer: Scorer, config: EvalConfig, key: dict[str, Any]) -> TaskRun:
+    """One evaluation task, as `run_evaluation` runs it (going on from what an unfinished run kept)."""
+    kept = len(partial_predictions(Path(config.output), key, spec.name))
+    if kept:
+        get_run_logger().info("%s: going on from the %d examples an unfinished run kept", spec.name, kept)
+    run = run_kept_task(spec, scorer, config, key)
     summary = run.summary
     if summary["status"] == "ok":
         scores = ", ".join(f"{k} {v:.2f}" for k, v in summary["scores"].items())
@@ -80,7 +84,7 @@ def evaluate(checkpoint: str, data_dir: str, output: str, tokenizer: str | None 
                                             description="evaluate: tasks done")
 
         def run_one(spec: Task, scorer: Scorer) -> TaskRun:
-            state = eval_task(spec, scorer, config, return_state=True)
+            state = eval_task(spec, scorer, config, plan.key, return_state=True)
             if state.is_completed():
                 return state.result()
             error = state.result(raise_on_failure=False)

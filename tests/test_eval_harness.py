@@ -256,3 +256,68 @@ def test_the_checkpoint_hash_is_remembered_until_the_weights_change(tmp_path, mo
     changed = run_key(config)
     assert len(hashed) == 2 and changed["checkpoint_xxh3"] != first["checkpoint_xxh3"]
     assert changed["settings"] == first["settings"]
+
+
+def test_a_task_stopped_midway_goes_on_from_the_predictions_it_kept(tmp_path, monkeypatch) -> None:
+    """A task used to be kept only when it ended: a stop in the middle of a long task lost all of its examples."""
+    from evaluation.resume import PARTIAL_DIR, PREDICTIONS_DIR
+
+    config = EvalConfig(checkpoint=str(checkpoint_dir()), tasks="tnews,cmrc2018", data_dir=str(require_clue()),
+                        output=str(tmp_path / "eval"), limit=12)
+    whole = run_evaluation(config.model_copy(update={"output": str(tmp_path / "whole")}))
+    seen: list[str] = []
+    stop_at: list[int] = [5]
+    real_score, real_generate = ModelScorer.score, ModelScorer.generate
+
+    def stopping(real):
+        def call(self, context, item, *args):
+            seen.append(item.id)
+            if len(seen) == stop_at[0]:
+                raise KeyboardInterrupt  # a Ctrl-C, or a SIGTERM raised as an exception, in the 5th example
+            return real(self, context, item, *args)
+        return call
+
+    monkeypatch.setattr(ModelScorer, "score", stopping(real_score))
+    monkeypatch.setattr(ModelScorer, "generate", stopping(real_generate))
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(config)
+    partial = json.loads((tmp_path / "eval" / PARTIAL_DIR / "tnews.json").read_text(encoding="utf-8"))
+    assert [p["id"] for p in partial["predictions"]] == seen[:4]
+
+    seen.clear()
+    stop_at[0] = 8 + 3  # the rest of TNEWS, then stopped in CMRC2018's 3rd example
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(config)
+    assert len(seen) == 11 and seen[:8] == [json.loads(line)["id"] for line in
+                                            (tmp_path / "whole" / PREDICTIONS_DIR / "tnews.jsonl").open()][4:]
+    assert not (tmp_path / "eval" / PARTIAL_DIR / "tnews.json").exists()  # finished: kept as a task
+
+    seen.clear()
+    stop_at[0] = 0
+    again = run_evaluation(config)
+    assert len(seen) == 10  # CMRC2018's examples 3 to 12
+    for task in ("tnews", "cmrc2018"):
+        assert again["tasks"][task]["scores"] == whole["tasks"][task]["scores"]
+        assert again["tasks"][task].get("ppl_variants") == whole["tasks"][task].get("ppl_variants")
+        assert ((tmp_path / "eval" / PREDICTIONS_DIR / f"{task}.jsonl").read_bytes()
+                == (tmp_path / "whole" / PREDICTIONS_DIR / f"{task}.jsonl").read_bytes())
+    assert not list((tmp_path / "eval" / PARTIAL_DIR).iterdir())
+
+
+def test_an_unfinished_task_is_kept_every_interval_and_other_settings_do_not_resume_it(tmp_path) -> None:
+    from evaluation.harness import run_task
+    from evaluation.resume import keep_partial, partial_predictions
+    from evaluation.tasks import TASKS
+
+    kept: list[int] = []
+    run = run_task(TASKS["tnews"], OracleScorer(), str(require_clue()), limit=6,
+                   keep=lambda predictions: kept.append(len(predictions)), keep_every_s=0)
+    assert kept == [1, 2, 3, 4, 5, 6]  # a kill -9 loses at most one interval
+    keep_partial(tmp_path, {"seed": 1}, "tnews", run.predictions[:3])
+    assert partial_predictions(tmp_path, {"seed": 1}, "tnews") == run.predictions[:3]
+    assert partial_predictions(tmp_path, {"seed": 2}, "tnews") == []
+    # predictions kept from other data (another subset) are scored again from the first that differs
+    other = [dict(run.predictions[0]), dict(run.predictions[1], id="elsewhere")]
+    again = run_task(TASKS["tnews"], OracleScorer(), str(require_clue()), limit=6, resumed=other)
+    assert again.predictions[0] is other[0] and again.predictions[1] is not other[1]
+    assert again.predictions == run.predictions and again.summary["scores"] == run.summary["scores"]

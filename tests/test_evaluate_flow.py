@@ -68,14 +68,14 @@ def test_each_eval_task_is_a_task_run_and_the_scores_are_plotted(prefect_api, tm
 def test_a_crashing_task_fails_alone_and_a_rerun_runs_only_it(prefect_api, tmp_path, monkeypatch):
     import flows.evaluate
 
-    real_run_task = flows.evaluate.run_task
+    real_run_task = flows.evaluate.run_kept_task
 
     def run_task(task, *args, **kwargs):
         if task.name == "ocnli":
             raise RuntimeError("simulated crash in ocnli")
         return real_run_task(task, *args, **kwargs)
 
-    monkeypatch.setattr(flows.evaluate, "run_task", run_task)
+    monkeypatch.setattr(flows.evaluate, "run_kept_task", run_task)
     state = _evaluate(tmp_path / "eval")
     assert state.is_failed()
     assert "1 of 3 evaluation tasks failed: ocnli (RuntimeError: simulated crash in ocnli)" in state.message
@@ -93,7 +93,7 @@ def test_a_crashing_task_fails_alone_and_a_rerun_runs_only_it(prefect_api, tmp_p
     predictions = {name: (out / "predictions" / f"{name}.jsonl").read_text(encoding="utf-8") for name in finished}
 
     # Fixed, a rerun evaluates only the task that crashed and keeps the others' results and predictions.
-    monkeypatch.setattr(flows.evaluate, "run_task", real_run_task)
+    monkeypatch.setattr(flows.evaluate, "run_kept_task", real_run_task)
     again = _evaluate(out)
     assert again.is_completed(), again.message
     assert _eval_task_runs(again.state_details.flow_run_id, 1) == {"ocnli": "COMPLETED"}
