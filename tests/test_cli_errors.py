@@ -447,6 +447,18 @@ def test_ctrl_c_stops_a_command_and_records_its_run_as_crashed_on_the_temporary_
         os.killpg(command.pid, 0)
 
 
+def _kill_what_is_left(command: subprocess.Popen) -> None:
+    """SIGKILL to whatever is left of the command's process group (on a failure), and the command reaped."""
+    import os
+    import signal
+
+    try:
+        os.killpg(command.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    command.wait()
+
+
 def _left_in_group(group: int, within_s: float) -> str:
     """`pgrep -a` of the processes still in process group `group` once it empties or `within_s` has passed."""
     import os
@@ -477,11 +489,7 @@ def test_sigterm_stops_a_command_its_workers_and_its_temporary_server(tmp_path):
         assert left == "", left
         shown = "".join(seen) + command.stderr.read()
     finally:
-        try:
-            os.killpg(command.pid, signal.SIGKILL)  # whatever is left, on a failure
-        except ProcessLookupError:
-            pass
-        command.wait()
+        _kill_what_is_left(command)
     assert command.returncode == 128 + signal.SIGTERM, shown[-3000:]
     assert "Finished in state Crashed" in shown and "terminated" in shown.splitlines(), shown[-3000:]
     assert "Traceback" not in shown, shown[-3000:]
@@ -490,8 +498,6 @@ def test_sigterm_stops_a_command_its_workers_and_its_temporary_server(tmp_path):
 def test_kill_9_of_a_command_stops_its_workers_and_its_temporary_server(tmp_path):
     """`kill -9` or the out-of-memory killer runs none of the command's own stops: its encoder workers used to
     wait forever for work, and its temporary Prefect server to run on, adopted by init."""
-    import os
-    import signal
     import time
 
     command, _ = _tokenizer_run_until_its_flow_begins(tmp_path, [], ["--workers", "2"])
@@ -507,8 +513,4 @@ def test_kill_9_of_a_command_stops_its_workers_and_its_temporary_server(tmp_path
         left = _left_in_group(command.pid, within_s=20)
         assert left == "", left
     finally:
-        try:
-            os.killpg(command.pid, signal.SIGKILL)  # whatever is left, on a failure
-        except ProcessLookupError:
-            pass
-        command.wait()
+        _kill_what_is_left(command)
