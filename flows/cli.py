@@ -157,13 +157,22 @@ def _eval_progress(terminal: bool) -> Callable[[str, int, int], None]:
 
     began = time.monotonic()
     started: set[str] = set()
+    shown = True  # until stderr is gone (`2>&1 | head`): progress is no reason to fail a task
 
     def progress(task: str, done: int, total: int) -> None:
-        if terminal:
-            print(f"\r{task}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
-        elif task not in started or done == total or done % max(1, total // 10) == 0:
-            print(f"[pangu] {task}: {done}/{total} ({time.monotonic() - began:.0f} s)", file=sys.stderr, flush=True)
+        nonlocal shown
+        first = task not in started
         started.add(task)
+        if not shown:
+            return
+        try:
+            if terminal:
+                print(f"\r{task}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+            elif first or done == total or done % max(1, total // 10) == 0:
+                print(f"[pangu] {task}: {done}/{total} ({time.monotonic() - began:.0f} s)", file=sys.stderr,
+                      flush=True)
+        except OSError:  # BrokenPipeError; a full disk under a redirected log
+            shown = False
 
     return progress
 

@@ -115,3 +115,31 @@ def test_what_cannot_run_is_one_line_before_the_weights_are_read(case, exports, 
         assert fragment.format(**places) in lines[0], lines[0]
     assert not (tmp_path / "out").exists() and afile.read_text(encoding="utf-8") == "kept\n"
     assert not (exports["dense"].parent / "eval").exists()
+
+
+class _GoneStderr:
+    """stderr after the reader of its pipe has gone (`pangu eval ... 2>&1 | head`)."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_progress_in_a_log_marks_starts_tenths_and_ends_and_a_gone_stderr_fails_no_task(monkeypatch, capsys):
+    from flows.cli import _eval_progress
+
+    progress = _eval_progress(terminal=False)
+    for done in range(1, 21):
+        progress("tnews", done, 20)
+    progress("ocnli", 7, 30)  # goes on from 7 examples an unfinished run kept
+    lines = [line.split(" (")[0] for line in capsys.readouterr().err.splitlines()]
+    assert lines == (["[pangu] tnews: 1/20"] + [f"[pangu] tnews: {n}/20" for n in range(2, 21, 2)]
+                     + ["[pangu] ocnli: 7/30"])
+
+    monkeypatch.setattr("sys.stderr", _GoneStderr())
+    for terminal in (False, True):
+        progress = _eval_progress(terminal)
+        for done in range(1, 4):
+            progress("tnews", done, 3)  # raised BrokenPipeError inside the task, which was then recorded as failed
