@@ -40,14 +40,21 @@ def exit_with_parent(poll_s: float = POLL_S) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def process_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command's name (which may hold spaces and parentheses): [0] is the
+    state (field 3), [19] the start time (field 22). None without such a process, or without /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _start_time(pid: int) -> str | None:
     """The start time of process `pid` (clock ticks since boot): with the pid, a process's identity,
     as a pid alone is reused."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[19]  # field 22; the fields after the name start at 3
-    except (OSError, IndexError):
-        return None
+    fields = process_stat(pid)
+    return fields[19] if fields is not None and len(fields) > 19 else None
 
 
 # The watcher: it reads its stdin, a pipe whose only writer is the process that started it, until the end

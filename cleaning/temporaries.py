@@ -17,6 +17,8 @@ from typing import Iterator
 
 import fsspec
 
+from cleaning.orphans import process_stat
+
 
 def _host_tag(host: str | None = None) -> str:
     return f"{zlib.crc32((host or socket.gethostname()).encode()):08x}"
@@ -40,11 +42,10 @@ def process_alive(pid: int) -> bool:
         return True
     if pid <= 0:
         return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:  # no /proc (not Linux), or it ended just now: as os.kill said
+    fields = process_stat(pid)
+    if not fields:  # no /proc (not Linux), or it ended just now: as os.kill said
         return True
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")  # the state field, after the command's name
+    return fields[0] not in ("Z", "X")  # the state
 
 
 _TEMPORARY = re.compile(r"^\..+\.(?:(\d+)-([0-9a-f]{8})-)?[0-9a-f]{8}\.tmp$")

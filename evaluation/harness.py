@@ -97,10 +97,12 @@ def _rng(seed: int, *parts: object) -> random.Random:
 
 @dataclass
 class TaskRun:
-    """Everything one task produced: the summary and the per-example predictions."""
+    """Everything one task produced: the summary and the per-example predictions (of which the first `resumed`
+    came from what an unfinished run kept)."""
 
     summary: dict[str, Any]
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    resumed: int = 0
 
 
 def _summary_base(task: Task, shots: int, seed: int) -> dict[str, Any]:
@@ -181,7 +183,8 @@ def run_task(
         if prediction.get("id") != item.id:  # kept from other data: scored again from here
             break
         count(prediction)
-    kept, last_keep = len(predictions), time.monotonic()
+    kept = resumed_count = len(predictions)
+    last_keep = time.monotonic()
     if kept and progress is not None:
         progress(task.name, kept, len(items))  # where this run starts
     try:
@@ -231,7 +234,7 @@ def run_task(
         summary.update(scores={k: round(100.0 * v / n, 4) for k, v in totals.items()},
                        chance={"published": 0.0, "expected": 0.0})
     summary["seconds"] = round(time.perf_counter() - started, 3)
-    return TaskRun(summary, predictions)
+    return TaskRun(summary, predictions, resumed=resumed_count)
 
 
 def evaluate(

@@ -15,7 +15,6 @@ from prefect.cache_policies import NO_CACHE
 
 from evaluation.harness import (EvalConfig, EvaluationFailed, Scorer, TaskRun, execute, plan_evaluation,
                                 run_kept_task)
-from evaluation.resume import partial_predictions
 from evaluation.tasks import Task
 from flows.reports import eval_scores_figure, png_markdown
 
@@ -48,10 +47,9 @@ def score_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 @task(name="eval-task", task_run_name="{spec.name}", cache_policy=NO_CACHE)
 def eval_task(spec: Task, scorer: Scorer, config: EvalConfig, key: dict[str, Any]) -> TaskRun:
     """One evaluation task, as `run_evaluation` runs it (going on from what an unfinished run kept)."""
-    kept = len(partial_predictions(Path(config.output), key, spec.name))
-    if kept:
-        get_run_logger().info("%s: going on from the %d examples an unfinished run kept", spec.name, kept)
     run = run_kept_task(spec, scorer, config, key)
+    if run.resumed:
+        get_run_logger().info("%s: went on from the %d examples an unfinished run kept", spec.name, run.resumed)
     summary = run.summary
     if summary["status"] == "ok":
         scores = ", ".join(f"{k} {v:.2f}" for k, v in summary["scores"].items())

@@ -36,7 +36,7 @@ def claim_output(output: Path) -> int | None:
 
 
 def check_output_free(output: Path) -> None:
-    """Raise OutputInUse when a training run holds `output` now (an existing directory is claimed and released at
+    """Raise OutputInUse when a run holds `output` now (an existing directory is claimed and released at
     once; a missing one is free)."""
     if output.is_dir():
         fd = claim_output(output)
