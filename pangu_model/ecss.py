@@ -45,10 +45,11 @@ Each rank then fetches only the experts that its own expert-parallel group's row
 Checkpoints and the export hold each owner's block once. `traffic` counts the bytes each rank moves
 host→device, receives into its device copies and sends back to the host.
 
-Gradients back (`last_micro_batch`, `step`): the trainer announces the step's last backward. A post-
-accumulate-grad hook on every fetched weight then tells when a layer's weights all hold the step's
-gradient (the sum over its micro-batches: earlier backward passes only accumulate), and that layer's
-return starts at once, while the backward of the layers below it still runs:
+Gradients back (`last_micro_batch`, `step`): the trainer announces the step's last backward. A hook on
+each layer's input then tells when that backward has gone through the layer; by then a post-accumulate-grad
+hook on every fetched weight has told that the weights hold the step's gradient (the sum over its
+micro-batches: earlier backward passes only accumulate). The layer's return starts at once, while the
+backward of the layers below it still runs:
 1. its collective, asynchronous, over the replica group: none without replicas; with replicas and
    unsharded host state an all-reduce of the gradients in fp32 (every replica steps the whole shard with
    the sum, which stays as exact as it was, at 4 B a parameter on the network); with sharded host state the
@@ -65,14 +66,17 @@ unscales, averages and clips the gradients in one multiply, one pass over host m
 landed, compute-dtype gradients widened into an fp32 copy by the same multiply; the host optimizer reads the
 result. (Before, all of it ran after backward, from one fp32 concatenation: the norm and the clip now differ
 from those in rounding only.)
-Every rank issues the layers' collectives in one fixed order, the top layer first as backward reaches it.
-A layer that a rank cannot send yet (no gradient of the last backward reached its weights: no token came
-to its shard) holds the later ones back there until `step`, so no rank's collectives meet another's out of
-order; a layer in which a rank holds no rows goes without waiting. The returns use a group on which nothing
-else runs meanwhile: the replica group is ECSS's own with expert parallelism; without it, it is the world,
-over which DeepSpeed reduces the dense gradients, and a twin of it is made (with tensor parallelism the trainer
-passes new groups inside one tensor rank: pangu_model/train.py `_ecss_groups`). (Under NCCL this assumes the
-replica-group kernels may run beside the backward's, as they do unless CUDA_DEVICE_MAX_CONNECTIONS=1.)
+Every rank issues the layers' collectives in one fixed order, the top layer first, each as the backward
+leaves its layer: the same place in the backward on every rank, whether the rank computed many rows of the
+layer or none. So the returns meet the backward's other collectives (the expert-parallel all-to-alls,
+DeepSpeed's bucketed reductions of the dense gradients) in one order on all ranks, which NCCL needs: its
+collective is a kernel that waits on the GPU for its peers, and two ranks that issue two groups' collectives
+in opposite orders can wait on each other for good (a cudaMalloc, which synchronizes the device, is enough).
+(A rank that computed no rows of a layer used to send it before its backward began, ahead of DeepSpeed's
+reductions that its replicas issued first; tests/collective_guard.py checks the order on CPU.) The returns
+use a group on which nothing else runs meanwhile: the replica group is ECSS's own with expert parallelism;
+without it, it is the world, over which DeepSpeed reduces the dense gradients, and a twin of it is made (with
+tensor parallelism the trainer passes new groups inside one tensor rank: pangu_model/train.py `_ecss_groups`).
 
 Delayed host update (`delayed_update`, TrainConfig `ecss_delayed_update`; ZeRO-Offload's "delayed
 parameter update"): the host optimizer of step s runs on a worker thread while step s + 1 computes, so
@@ -249,6 +253,8 @@ class HostExpertBank(nn.Module):
         self.shadow: dict[str, torch.Tensor] = self.host  # until make_shadows(compute dtype)
         self.ready: Any = None  # CUDA event: this bank's fetched weights have arrived
         self.arrive: Any = None  # sharded host state: completes the owners' exchange (ExpertOffload)
+        self.on_backward: Callable[[], None] | None = None  # backward has passed this layer (ExpertOffload)
+        self.rows_computed = 0  # expert rows the last forward computed on this rank (a shape: no sync)
 
     # ---- placement ---------------------------------------------------------------------------
     def select(self, experts: torch.Tensor, device: torch.device) -> None:
@@ -342,6 +348,10 @@ class HostExpertBank(nn.Module):
             self.arrive()
         if self.ready is not None:  # this layer's copies, not the later layers' still in flight
             torch.cuda.current_stream(x.device).wait_event(self.ready)
+        if self.on_backward is not None and x.requires_grad and torch.is_grad_enabled():
+            # x's gradient is complete once backward has gone through the whole layer, the expert-parallel
+            # all-to-all included: the same place in the graph on every rank, however many rows it computed.
+            x.register_hook(self._passed)
         if self.ep_size > 1:
             return self._forward_expert_parallel(x, expert_index, token_index, gate_weight)
         return self._compute(x, expert_index, token_index, gate_weight)
@@ -351,6 +361,7 @@ class HostExpertBank(nn.Module):
         gate_weight: torch.Tensor | None,
     ) -> torch.Tensor:
         slots = self._slot_of[expert_index]
+        self.rows_computed = token_index.numel()
         if slots.is_cuda:  # checked on the device: a host check would wait for the GPU in every layer
             torch._assert_async((slots >= 0).all(), "ECSS: an expert was routed to but not fetched")
         elif bool((slots < 0).any()):
@@ -361,6 +372,10 @@ class HostExpertBank(nn.Module):
         # and the numbers are the same as without ECSS.
         return grouped_experts(x, slots, token_index, gate_weight, len(self.active),
                                w["w_in"], w["b_in"], w["w_out"], w["b_out"])
+
+    def _passed(self, _: torch.Tensor) -> None:
+        if self.on_backward is not None:
+            self.on_backward()
 
     def _forward_expert_parallel(
         self, x: torch.Tensor, expert_index: torch.Tensor, token_index: torch.Tensor,
@@ -408,11 +423,12 @@ class _Landed(NamedTuple):
 class _Return:
     """One layer's expert gradients on their way back to the host in the current step."""
 
-    def __init__(self, offset: int, size: int, experts: list[int], ready: bool) -> None:
+    def __init__(self, offset: int, size: int, experts: list[int]) -> None:
         self.offset, self.size = offset, size  # its slice of the landing buffer (elements)
         self.experts = experts  # the owned rows (expert_params indices) it brings, in landing order
-        self.ready = ready  # may be sent: every weight has its gradient, or this rank holds no rows of it
+        self.passed = False  # the last backward has gone through the layer (its input's gradient is complete)
         self.landed = 0  # weights whose gradient of the last backward has accumulated
+        self.ready = False  # may be sent: passed, and every weight that computed rows holds its gradient
         self.before_step = False  # sent from the last backward (a hook, or announced with nothing to wait for)
         self.work: Any = None  # its collective in flight
         self.finish: Callable[[], None] | None = None  # gloo: its copy, after the collective, in step()
@@ -529,6 +545,8 @@ class ExpertOffload:
         self._returns: dict[str, _Return] | None = None  # this step's, once its last backward is announced
         self._order: list[str] = list(reversed(self.banks))  # the order backward reaches the layers
         self._next = 0  # self._order[:_next] are on their way
+        for layer, bank in self.banks.items():
+            bank.on_backward = self._passed_hook(layer)
 
     # ---- per step -----------------------------------------------------------------------------
     def plan(self, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -700,11 +718,9 @@ class ExpertOffload:
         while the backward of the layers below still runs (module docstring, "Gradients back"). Earlier
         micro-batches only accumulate. Without this call `step` sends everything itself, after backward."""
         self._prepare_returns()
-        self._send_ready(before_step=True)  # layers with nothing to wait for, at the head of the order
 
     def _prepare_returns(self) -> None:
-        """This step's return of each layer: what it sends, where it lands in the pinned host buffer, and
-        whether it can go without waiting for gradients (this rank holds no rows of it)."""
+        """This step's return of each layer: what it sends, and where it lands in the pinned host buffer."""
         if self.sharded:
             self._owner_layout = self._owner_rows()
             kept = [self._owner_layout["used"][b].nonzero().flatten().tolist() for b in range(len(self.banks))]
@@ -714,7 +730,7 @@ class ExpertOffload:
         offset = 0
         for (layer, bank), experts in zip(self.banks.items(), kept):
             size = len(experts) * sum(self._row_sizes(bank))
-            returns[layer] = _Return(offset, size, experts, ready=len(bank.active) == 0)
+            returns[layer] = _Return(offset, size, experts)
             offset += size
         if self._landing is None or self._landing.numel() < offset:  # grown, never shrunk: pinning is slow
             self._landing = torch.empty(max(offset, 1), dtype=self._return_dtype, pin_memory=self.pin)
@@ -727,16 +743,32 @@ class ExpertOffload:
 
     def _gradient_hook(self, layer: str) -> Callable[[torch.Tensor], None]:
         def landed(_: torch.Tensor) -> None:
-            returns = self._returns
-            if returns is None:  # not the step's last backward: the gradient only accumulates
+            if self._returns is None:  # not the step's last backward: the gradient only accumulates
                 return
-            ret = returns[layer]
-            ret.landed += 1
-            if ret.landed == len(WEIGHT_NAMES):  # every weight of the layer holds its step's gradient
-                ret.ready = True
-                self._send_ready(before_step=True)
+            self._returns[layer].landed += 1
+            self._check_ready(layer)
 
         return landed
+
+    def _passed_hook(self, layer: str) -> Callable[[], None]:
+        def passed() -> None:
+            if self._returns is None:
+                return
+            self._returns[layer].passed = True
+            self._check_ready(layer)
+
+        return passed
+
+    def _check_ready(self, layer: str) -> None:
+        """A layer may go once the last backward has gone through it, on every rank alike, whether this rank
+        computed rows of it or not. Its weights' gradients have accumulated by then (their nodes come first
+        in the backward of the layer); where a rank computed no rows of it, none will come."""
+        ret, bank = self._returns[layer], self.banks[layer]
+        if ret.ready or not ret.passed:
+            return
+        if ret.landed == len(WEIGHT_NAMES) or bank.rows_computed == 0:
+            ret.ready = True
+            self._send_ready(before_step=True)
 
     def _send_ready(self, before_step: bool) -> None:
         """Send the ready layers at the head of the fixed order. Every rank issues the layers' collectives in

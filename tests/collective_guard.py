@@ -13,13 +13,21 @@ weights) and by other libraries (DeepSpeed's buffers, which follow its accelerat
 device. A factory given `device=some_tensor.device` counts as on the device too: on a GPU that device is
 CUDA.
 
-`python -m tests.collective_guard --config C` (under torchrun) trains and exports a run under the guard.
+The guard also records the order of every rank's collectives (`calls`: the op and its group's ranks).
+NCCL runs a collective as a kernel that waits on the GPU for its peers, so two ranks that issue the
+collectives of two groups they share in different orders can block each other for good, where gloo
+finishes both. `order_conflicts` finds such pairs of ranks in the records.
+
+`python -m tests.collective_guard --config C` (under torchrun) trains and exports a run under the guard; it
+fails, naming the first place where two ranks part, when their collectives came in different orders.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
+import json
 import os
 import sys
 import weakref
@@ -86,6 +94,7 @@ class HostTensorGuard(TorchFunctionMode):
         super().__init__()
         self.host = _TensorSet()
         self.rejected: list[str] = []
+        self.calls: list[tuple[str, tuple[int, ...]]] = []  # (op, its group's global ranks), in issue order
 
     # ---- following tensors ----------------------------------------------------------------------
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -142,6 +151,8 @@ class HostTensorGuard(TorchFunctionMode):
                 setattr(dist, name, original)
 
     def _checked(self, name: str, original: Any) -> Any:
+        signature = inspect.signature(original)
+
         @functools.wraps(original)
         def collective(*args: Any, **kwargs: Any) -> Any:
             for tensor in _tensors((args, kwargs)):
@@ -151,9 +162,30 @@ class HostTensorGuard(TorchFunctionMode):
                                f"from {where}: NCCL accepts CUDA tensors only")
                     self.rejected.append(message)
                     raise HostTensorError(message)
+            group = signature.bind(*args, **kwargs).arguments.get("group")
+            self.calls.append((name, tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))))
             return original(*args, **kwargs)
 
         return collective
+
+
+def order_conflicts(calls: dict[int, list[tuple[str, tuple[int, ...]]]]) -> list[str]:
+    """Pairs of ranks whose collectives on groups holding both come in different orders: on NCCL, each
+    rank's first collective of the pair can wait for a peer stuck in the other's. `calls`: rank → its
+    record. The order within one group is not checked here: a mismatch there fails on gloo too."""
+    conflicts = []
+    for a in sorted(calls):
+        for b in sorted(calls):
+            if b <= a:
+                continue
+            seen_by = {r: [c for c in calls[r] if a in c[1] and b in c[1]] for r in (a, b)}
+            if seen_by[a] != seen_by[b]:
+                at = next((i for i, (x, y) in enumerate(zip(seen_by[a], seen_by[b])) if x != y),
+                          min(len(seen_by[a]), len(seen_by[b])))
+                show = lambda r: seen_by[r][at] if at < len(seen_by[r]) else "nothing more"  # noqa: E731
+                conflicts.append(f"ranks {a} and {b} part at their shared collective {at}: "
+                                 f"rank {a} issues {show(a)}, rank {b} issues {show(b)}")
+    return conflicts
 
 
 def _called_from_project() -> bool:
@@ -175,7 +207,6 @@ def main(argv: list[str] | None = None, report: Callable[[Any], None] | None = N
     compute device `cpu:0` under the guard; print the result line as `pangu_model.train` does. `report`
     gets the trainer after its run (a test module's own entry point may write what it measured)."""
     import argparse
-    import json
 
     from pangu_model.train import EXPORT_DIR, Trainer, load_train_config
 
@@ -194,11 +225,16 @@ def main(argv: list[str] | None = None, report: Callable[[Any], None] | None = N
             report(trainer)
     finally:
         trainer.close()
+    calls: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(calls, guard.calls)  # unguarded: not part of the record
+    conflicts = order_conflicts(dict(enumerate(calls)))
     if dist.get_rank() == 0:
+        for conflict in conflicts:
+            print(f"collective order: {conflict}", file=sys.stderr, flush=True)
         print(json.dumps({"status": result["status"], "step": result["step"]}), flush=True)
     dist.barrier()  # no rank tears its group down while another still uses it
     dist.destroy_process_group()
-    return 0
+    return 1 if conflicts else 0
 
 
 if __name__ == "__main__":

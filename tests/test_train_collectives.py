@@ -37,3 +37,24 @@ def test_two_ranks_run_every_collective_on_the_compute_device(ecss: bool) -> Non
     assert (run / "export" / "model.safetensors").is_file()
     loads = (run / "expert_load.csv").read_text().splitlines()
     assert len(loads) > 1 and sum(int(line.rsplit(",", 1)[1]) for line in loads[1:]) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharded", [True, False], ids=["sharded-host-state", "replicated-host-state"])
+def test_ecss_returns_keep_one_collective_order_on_every_rank(sharded: bool) -> None:
+    """NCCL runs each collective as a kernel that waits on the GPU for its peers: two ranks that issue the
+    collectives of two groups in opposite orders can wait on each other for good, where gloo finishes both.
+    Here 4 ranks (ep 2 × dp 2) take rows of any domain, so in some steps one replica of a shard computes
+    rows of a layer and the other none, and ZeRO-2 reduces dense gradients in small buckets during the
+    backward; the guard fails the run when two ranks' shared collectives (ECSS's returns to the replicas,
+    DeepSpeed's reductions, the expert-parallel all-to-alls) come in different orders."""
+    optimizer = {"lr": 3e-3, "warmup_steps": 1, "decay_steps": 6, "grad_clip": 0.5}
+    config = run_config(f"collective-order-{'sharded' if sharded else 'replicated'}", "sigma-tiny", ecss=True,
+                        expert_parallel=2, topology=None, domain_affine=False, ecss_shard_states=sharded,
+                        micro_batch_size=1, gradient_accumulation_steps=2 if sharded else 3, zero_stage=2,
+                        reduce_bucket_size=100, optimizer=optimizer, train_steps=6, checkpoint_every=0)
+    done = run_torchrun(config, module="tests.collective_guard", ranks=4)
+    output = done.stdout + done.stderr
+    assert "collective order:" not in output, output[-3000:]
+    assert done.returncode == 0, output[-4000:]
+    assert [int(r["step"]) for r in read_metrics(config.parent)] == list(range(1, 7))

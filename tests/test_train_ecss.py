@@ -296,7 +296,8 @@ def test_expert_gradients_start_back_from_hooks_in_the_last_backward(monkeypatch
 def _two_replicas(rank: int, port: int, out: str) -> None:
     """One of 2 gloo ranks holding the same experts (no expert parallelism, unsharded). Rank r gives
     every weight of layer l (0 bottom) the gradient (r + 1)·(l + 1), except that rank 1's last backward
-    reaches only the bottom layer."""
+    goes through the bottom layer only. Each used layer computes rows, so its input hook tells when the
+    backward has left it; those rows add exactly zero to the gradients."""
     import os
 
     import torch.distributed as dist
@@ -320,6 +321,10 @@ def _two_replicas(rank: int, port: int, out: str) -> None:
         used = layers if rank == 0 else layers[:1]
         loss = sum((w * (rank + 1) * (layers.index(layer) + 1)).sum()
                    for layer in used for w in ecss.banks[layer].device_weights.values())
+        for layer in used:
+            bank = ecss.banks[layer]
+            x = torch.randn(4, model.config.d_model, requires_grad=True)
+            loss = loss + 0 * bank(x, bank.active[torch.arange(4) % len(bank.active)], torch.arange(4)).sum()
         loss.backward()
         sent = [layer for layer in ecss._order if ecss._returns[layer].before_step]
         returned = {}
@@ -340,8 +345,8 @@ def _two_replicas(rank: int, port: int, out: str) -> None:
 
 
 def test_a_rank_without_a_layers_gradient_sends_it_and_the_later_layers_at_step(tmp_path) -> None:
-    """2 replicas: rank 0 sends both layers' all-reduces from its hooks; on rank 1 no gradient reaches the
-    top layer, which holds it and the layer below back until step(). The collectives still pair up (the
+    """2 replicas: rank 0 sends both layers' all-reduces from its hooks; rank 1's backward does not go
+    through the top layer, which holds it and the layer below back until step(). The collectives still pair up (the
     same fixed order on both ranks, on ECSS's twin of the world group): no deadlock, and both replicas
     step with the mean gradients, (1·1 + 2·1)/2 in the bottom layer and (1·2 + 0)/2 in the top one."""
     import math
