@@ -1,6 +1,9 @@
 """Streaming readers over fsspec URIs: JSONL, Parquet, plain text and web pages (gzipped or not).
 
-A reader never loads a whole file (a web page, one document, is held up to `max_record_bytes`).
+A reader never loads a whole file (a web page, one document, is held up to `max_record_bytes`), except
+a .json file that is one JSON document (`is_json_document`: an array of records, or one pretty-printed
+object), read whole up to `JSON_DOCUMENT_MAX_BYTES`: its records cannot be told apart line by line. Its
+elements are numbered from 1 (`NAME:K`, meta `element`).
 Every physical record comes out as either a `Document` or a `Rejection` naming the file and line,
 so that input = kept + rejected holds from the first step.
 Damage that can be read past (a corrupt gzip member followed by intact ones, an unreadable Parquet
@@ -25,7 +28,9 @@ content, or one the parser fails on, is a rejection (`html_no_content`), never a
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import gzip
 import io
 import json
 import os
@@ -96,6 +101,33 @@ _SUFFIXES: list[tuple[str, Format]] = [
 GZIP_MAGIC = b"\x1f\x8b"
 PARQUET_MAGIC = b"PAR1"
 _UNSUPPORTED_MAGIC = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": "zip"}
+
+
+#: how much of a .json file's content tells JSON lines from one JSON document (`is_json_document`)
+JSON_SNIFF_BYTES = 64 * 1024
+#: the largest JSON document read whole (its content, decompressed); larger ones must be JSON lines
+JSON_DOCUMENT_MAX_BYTES = 256 * 1024 * 1024
+
+
+def is_json_document(opening: bytes) -> bool:
+    """Whether content starting with `opening` is one JSON document (an array of records, or one
+    pretty-printed object) rather than JSON lines: it opens an array, or its first line opens an object
+    that the line does not close."""
+    start = opening.lstrip(b"\xef\xbb\xbf").lstrip()
+    if start.startswith(b"["):
+        return True
+    if not start.startswith(b"{"):
+        return False
+    first = start.split(b"\n", 1)[0].rstrip()
+    if len(first) == len(start.rstrip()) and len(opening) >= JSON_SNIFF_BYTES:
+        return False  # a first line longer than the opening: a JSON-lines record
+    try:
+        json.loads(first.decode("utf-8", "replace"))
+    except json.JSONDecodeError as err:
+        return err.pos >= len(first.decode("utf-8", "replace"))  # the line ended before the object did
+    except RecursionError:
+        return False
+    return False
 
 
 def detect_format(path: str) -> Format:
@@ -218,10 +250,11 @@ class RecordReader:
 
     # -- record assembly -------------------------------------------------------------------
     def _document(self, record: dict[str, Any], path: str, name: str, line: int | None, piece: int | None = None,
-                  html: bool | None = None, meta: dict[str, Any] | None = None) -> Document | Rejection:
+                  html: bool | None = None, meta: dict[str, Any] | None = None,
+                  unit: str = "line") -> Document | Rejection:
         """A record as a document, or the rejection that says why it cannot be one. `html`: whether
         its text is a web page to extract the main content of (None: as `self.html` says);
-        `line` None: the file is one document."""
+        `line` None: the file is one document; `unit`: what `line` counts (an array's "element")."""
         f = self.fields
         writable_path, base = _path_names(path)
         rid = record.get(f.id)
@@ -230,9 +263,9 @@ class RecordReader:
         domain = str(record.get(f.domain) or record.get(f.source) or self.default_domain or base)
         url = record.get(f.url)
         url = str(url) if url else None
-        meta = {"input": writable_path, **({"line": line} if line is not None else {}), **(meta or {})}
+        meta = {"input": writable_path, **({unit: line} if line is not None else {}), **(meta or {})}
         text = record.get(f.text)
-        where = f"{path}, line {line}" if line is not None else path
+        where = f"{path}, {unit} {line}" if line is not None else path
         if text is not None and not isinstance(text, str):
             text = json.dumps(text, ensure_ascii=False, default=str)[:2000]
             return self._rejection(doc_id, text, domain, source, url, meta, "invalid_text",
@@ -245,8 +278,9 @@ class RecordReader:
                                        f"{where}: '{field_name}' holds U+{ord(value[bad]):04X} at character "
                                        f"{bad}, a lone surrogate that UTF-8 cannot encode")
         if text is None:
+            keys = ", ".join(map(str, list(record)[:8])) + (", ..." if len(record) > 8 else "")
             return self._rejection(doc_id, "", domain, source, url, meta, "missing_text",
-                                   f"{where}: no '{f.text}' field")
+                                   f"{where}: no '{f.text}' field" + (f" (it has {keys})" if keys else ""))
         if "\x00" in text:
             return self._rejection(doc_id, text, domain, source, url, meta, "control_characters",
                                    f"{where}: '{f.text}' holds {text.count(chr(0))} NUL characters "
@@ -280,14 +314,14 @@ class RecordReader:
         return Rejection(doc, reason, detail)
 
     def _raw_rejection(self, path: str, name: str, line: int | None, raw: bytes | str, reason: str, detail: str,
-                       source: str | None = None, domain: str | None = None) -> Rejection:
+                       source: str | None = None, domain: str | None = None, unit: str = "line") -> Rejection:
         """A record that never became a document (undecodable, too large, incomplete), with its
         first bytes. `line` None: the file is one document."""
         base = self.default_domain or shard_name(path)
-        meta: dict[str, Any] = {"input": writable(path), **({"line": line} if line is not None else {})}
+        meta: dict[str, Any] = {"input": writable(path), **({unit: line} if line is not None else {})}
         doc = Document(id=writable(generated_id(name, line)), text=_preview(raw, 1 << 20),
                        domain=writable(domain or base), source=writable(source or base), meta=meta)
-        where = f"{path}, line {line}" if line is not None else path
+        where = f"{path}, {unit} {line}" if line is not None else path
         return Rejection(doc, reason, f"{where}: {detail}")
 
     # -- formats ---------------------------------------------------------------------------
@@ -342,6 +376,11 @@ class RecordReader:
 
     def _read_jsonl(self, path: str, name: str, head: bytes,
                     part: tuple[int, ...] | None = None) -> Iterator[Document | Rejection | ReadFault]:
+        if part is None and is_json_document(self._opening(path, head)):
+            records = self._json_document(path)
+            if records is not None:
+                yield from self._json_records(records, path, name)
+                return
         for item in self._lines(path, head, part):
             if isinstance(item, ReadFault):
                 yield item
@@ -373,6 +412,63 @@ class RecordReader:
                                           f"expected a JSON object, got {type(record).__name__}")
                 continue
             yield self._document(record, path, name, number)
+
+    def _opening(self, path: str, head: bytes) -> bytes:
+        """The first `JSON_SNIFF_BYTES` of the file's content (decompressed when the bytes say gzip)."""
+        with fsspec.open(path, "rb", **(self.storage_options or {})) as fh:
+            if head.startswith(GZIP_MAGIC):
+                with gzip.GzipFile(fileobj=fh) as gz:
+                    try:
+                        return gz.read(JSON_SNIFF_BYTES)
+                    except (OSError, EOFError, zlib.error):
+                        return b""  # damaged: the line reader recovers what it can and reports the rest
+            return fh.read(JSON_SNIFF_BYTES)
+
+    def _json_document(self, path: str) -> Any:
+        """The value of a file that is one JSON document, read whole; None when it turns out to be JSON
+        lines after all (a first line that is a whole array). Anything else that stops it stops the file,
+        with one message: its records cannot be told apart."""
+        with fsspec.open(path, "rb", **(self.storage_options or {})) as fh:
+            gzipped = fh.read(2) == GZIP_MAGIC
+            fh.seek(0)
+            with gzip.GzipFile(fileobj=fh) if gzipped else contextlib.nullcontext(fh) as content:
+                try:
+                    data = content.read(JSON_DOCUMENT_MAX_BYTES + 1)
+                except (OSError, EOFError, zlib.error) as err:
+                    raise ShardReadError(path, f"one JSON document in a damaged gzip stream ({err})") from None
+        if len(data) > JSON_DOCUMENT_MAX_BYTES:
+            raise ShardReadError(path, f"one JSON document larger than {JSON_DOCUMENT_MAX_BYTES >> 20} MiB, which is "
+                                       "not read whole; write it as JSON lines (one record per line, e.g. "
+                                       "`jq -c '.[]' FILE > FILE.jsonl`)")
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise ShardReadError(path, f"one JSON document with invalid UTF-8 at byte {err.start}") from None
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            if err.msg == "Extra data":  # values one after another: JSON lines whose first value spans a line
+                return None
+            raise ShardReadError(path, f"one JSON document, corrupt at column {err.colno}: {err.msg}",
+                                 line=err.lineno) from None
+        except RecursionError:
+            raise ShardReadError(path, "one JSON document nested too deeply") from None
+
+    def _json_records(self, value: Any, path: str, name: str) -> Iterator[Document | Rejection]:
+        """An array's objects, element by element (numbered from 1, as lines are); an object is one record."""
+        if isinstance(value, dict):
+            yield self._document(value, path, name, None)
+            return
+        if not isinstance(value, list):
+            raise ShardReadError(path, f"one JSON document holding a {type(value).__name__}, not an object or an "
+                                       "array of objects")
+        for number, record in enumerate(value, 1):
+            if isinstance(record, dict):
+                yield self._document(record, path, name, number, unit="element")
+            else:
+                raw = json.dumps(record, ensure_ascii=False, default=str)[:4096]
+                yield self._raw_rejection(path, name, number, raw, "corrupt_json",
+                                          f"expected a JSON object, got {type(record).__name__}", unit="element")
 
     def _read_txt(self, path: str, name: str, head: bytes) -> Iterator[Document | Rejection | ReadFault]:
         block: list[str] = []  # lines of the block being read (the part not yet handed out)

@@ -107,10 +107,13 @@ def test_parts_are_cut_after_a_newline_and_count_the_lines_before(tmp_path):
             if isinstance(r, Rejection)] == [("corrupt_json", 51)]
 
 
-def test_gzip_and_plain_text_stay_whole(tmp_path):
+def test_gzip_plain_text_and_a_json_document_stay_whole(tmp_path):
     lines = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in long_documents(40))
     (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
     (tmp_path / "b.txt").write_text("\n\n".join(long_documents(40)), encoding="utf-8")
-    for name in ("a.jsonl.gz", "b.txt"):
+    # one JSON array, pretty-printed: a cut between two of its lines would leave two halves of one value
+    (tmp_path / "c.json").write_text(json.dumps([{"text": t} for t in long_documents(40)], ensure_ascii=False,
+                                                indent=2), encoding="utf-8")
+    for name in ("a.jsonl.gz", "b.txt", "c.json"):
         digest, size, parts = hash_and_split(str(tmp_path / name), 1024)
         assert size > 4 * 1024 and parts == []

@@ -122,3 +122,46 @@ def test_memory_filesystem_uri():
         fh.write(json.dumps({"text": abstracts()[0]}, ensure_ascii=False) + "\n")
     out = list(RecordReader().read("memory://raw/x.jsonl"))
     assert len(out) == 1 and out[0].text == abstracts()[0]
+
+
+def test_a_json_file_holding_one_document_is_read_element_by_element(tmp_path):
+    """A .json file that is one JSON document (an array of records, pretty-printed as `json.dump(indent=…)`
+    and `jq` write it; C3 and CMRC2018 ship so) is read whole: each element is a document or one rejection,
+    not one `corrupt_json` per line of the printout. JSON lines under a .json name stay lines."""
+    texts = abstracts()[:3]
+    records = [{"text": texts[0], "id": "a1"}, {"text": texts[1]}, ["a dialogue", ["not a record"]],
+               {"sentence": texts[2]}]
+    printed = json.dumps(records, ensure_ascii=False, indent=2)
+    (tmp_path / "array.json").write_text(printed, encoding="utf-8")
+    with gzip.open(tmp_path / "array.json.gz", "wt", encoding="utf-8") as fh:
+        fh.write(printed)
+    for name in ("array.json", "array.json.gz"):
+        out = list(RecordReader().read(str(tmp_path / name)))
+        assert [type(o) for o in out] == [Document, Document, Rejection, Rejection], name
+        assert (out[0].id, out[0].text) == ("a1", texts[0]) and (out[1].id, out[1].text) == (f"{name}:2", texts[1])
+        assert out[2].reason == "corrupt_json" and f"{name}, element 3: expected a JSON object, got list" in out[2].detail
+        assert out[3].reason == "missing_text" and "element 4: no 'text' field (it has sentence)" in out[3].detail
+        assert out[1].meta["element"] == 2
+    mapped = list(RecordReader(fields=FieldMap(text="sentence")).read(str(tmp_path / "array.json")))
+    assert isinstance(mapped[3], Document) and mapped[3].text == texts[2]
+
+    # One pretty-printed object is one record; a SQuAD-style file without a text field is one rejection.
+    (tmp_path / "squad.json").write_text(json.dumps({"version": "v1", "data": [{"context": texts[0]}]}, indent=2))
+    [whole] = RecordReader().read(str(tmp_path / "squad.json"))
+    assert whole.reason == "missing_text" and "no 'text' field (it has version, data)" in whole.detail
+    (tmp_path / "one.json").write_text(json.dumps({"text": texts[0]}, ensure_ascii=False, indent=2), encoding="utf-8")
+    [one] = RecordReader().read(str(tmp_path / "one.json"))
+    assert isinstance(one, Document) and one.text == texts[0] and one.id == "one.json"
+
+    # A document that does not parse stops the file with one message naming where.
+    (tmp_path / "broken.json").write_text('[\n {"text": "a"},\n {"text": "b"\n]\n')
+    with pytest.raises(ShardReadError, match=r"broken.json, line 4: one JSON document, corrupt at column 1"):
+        list(RecordReader().read(str(tmp_path / "broken.json")))
+
+    # JSON lines: under a .json name, and when the first line is an array (values one after another).
+    _jsonl(tmp_path / "lines.json", [{"text": t} for t in texts])
+    assert [o.id for o in RecordReader().read(str(tmp_path / "lines.json"))] == [f"lines.json:{i}" for i in (1, 2, 3)]
+    (tmp_path / "mixed.json").write_text('["a", 1]\n' + json.dumps({"text": texts[0]}, ensure_ascii=False) + "\n",
+                                         encoding="utf-8")
+    first, second = RecordReader().read(str(tmp_path / "mixed.json"))
+    assert first.reason == "corrupt_json" and "line 1" in first.detail and second.id == "mixed.json:2"
