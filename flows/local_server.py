@@ -7,10 +7,20 @@ crashed. Started here, with SIGINT blocked (a blocked signal stays blocked acros
 and uvicorn's handlers do not unblock it), the server outlives the Ctrl-C: the command records its
 runs as crashed, then stops the server on its way out (SIGTERM, as Prefect does). A command killed
 outright never gets there: a watcher process stops the server then (`cleaning.orphans`).
+
+The server writes to `$PREFECT_HOME/temporary-server.log`, not to the command's terminal: its own errors
+would come between the command's lines, and a server stopped while its services were still starting (a
+Ctrl-C in the first seconds) printed a 20-line traceback of Prefect's ("Reactive triggers not started")
+after the command's "interrupted". A server that does not start is reported with its log's last line.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import sys
+from pathlib import Path
+from typing import Iterator
 
 from cleaning.orphans import stop_with_this_process
 
@@ -26,8 +36,8 @@ class ServerStartError(ConnectionError):
 
 
 def start_temporary_server() -> None:
-    """Prefect's temporary server, started now from this thread with SIGINT blocked; nothing when the
-    user gave a Prefect API or turned the temporary server off."""
+    """Prefect's temporary server, started now from this thread with SIGINT blocked and its output going to
+    `server_log()`; nothing when the user gave a Prefect API or turned the temporary server off."""
     import httpx
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED,
@@ -39,15 +49,64 @@ def start_temporary_server() -> None:
     if server.running:
         return
     timeout = max(STARTUP_TIMEOUT_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    log = server_log()
+    print(f"[pangu] starting a temporary Prefect server (its log: {log})", file=sys.stderr, flush=True)
+    written = log.stat().st_size if log.exists() else 0
     unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        server.start(timeout=timeout)
+        with _output_to(log):  # the server inherits it; Prefect's own "Starting..." lines go there too
+            server.start(timeout=timeout)
     except (RuntimeError, httpx.HTTPError) as exc:  # no answer; or, at the end, not a healthy one
         server.stop()
+        said = _last_line(log, written)
         raise ServerStartError(
             f"the temporary Prefect server did not answer within {timeout} s ({str(exc).splitlines()[0].rstrip('.')}); "
-            "allow it longer with PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start one with "
+            + (f"its log ({log}) ends: {said}; " if said else f"its log: {log}; ")
+            + "allow it longer with PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start one with "
             "`make serve` and set PREFECT_API_URL=http://127.0.0.1:4200/api") from None
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)  # a Ctrl-C meanwhile arrives now
     stop_with_this_process(server.server_process.pid)
+
+
+def server_log() -> Path:
+    """Where temporary servers write: `$PREFECT_HOME/temporary-server.log`, appended to by each."""
+    from prefect.settings import PREFECT_HOME
+
+    home = Path(PREFECT_HOME.value()).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    return home / "temporary-server.log"
+
+
+@contextlib.contextmanager
+def _output_to(path: Path) -> Iterator[None]:
+    """Standard output and error (file descriptors 1 and 2) go to `path` meanwhile: what a child process
+    started meanwhile inherits for good."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        os.dup2(target, 1)
+        os.dup2(target, 2)
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, target):
+            os.close(fd)
+
+
+def _last_line(path: Path, offset: int) -> str:
+    """The last non-empty line written to `path` after `offset` bytes, shortened; "" when none."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            lines = [line.strip() for line in fh.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""

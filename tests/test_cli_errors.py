@@ -399,6 +399,31 @@ def test_a_temporary_server_that_does_not_answer_in_time_is_one_line_and_is_stop
     assert left == [], "the server that did not answer is stopped"
 
 
+@pytest.mark.slow
+def test_the_temporary_server_writes_to_its_log_not_to_the_commands_terminal(tmp_path):
+    """A temporary server stopped while its services were starting (a Ctrl-C in a command's first seconds)
+    printed Prefect's 20-line traceback ("Reactive triggers not started") into the user's terminal, after
+    the command's "interrupted": the server inherited the command's standard error. Its output now goes to
+    $PREFECT_HOME/temporary-server.log, for the server's whole life; the command says where."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    script = ("import os; from prefect.logging.configuration import setup_logging; setup_logging(); "
+              "from flows.local_server import start_temporary_server; start_temporary_server(); "
+              "from prefect.server.api.server import SubprocessASGIServer; "
+              "pid = SubprocessASGIServer().server_process.pid; "
+              "print(*(os.readlink(f'/proc/{pid}/fd/{fd}') for fd in (1, 2)), flush=True)")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = tmp_path / "prefect" / "temporary-server.log"
+    assert done.stdout.split() == [str(log), str(log)]  # the server's standard output and error
+    assert f"[pangu] starting a temporary Prefect server (its log: {log})" in done.stderr
+    assert "Starting temporary server on http://127.0.0.1:" in log.read_text()  # Prefect's own lines: there
+    assert "Starting temporary server on" not in done.stderr
+
+
 def _tokenizer_run_until_its_flow_begins(tmp_path, python_args: list[str], extra: list[str] = ()
                                         ) -> tuple[subprocess.Popen, list[str]]:
     """`pangu tokenizer run` on CLUE text in a session of its own, without a Prefect API (a temporary server),
