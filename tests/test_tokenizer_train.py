@@ -84,13 +84,14 @@ def test_bpe_from_iterator_reuse_and_conflicts(tmp_path) -> None:
     vocab = (tmp_path / "bpe" / "spm.vocab").read_text(encoding="utf-8")
     # Same config: the finished directory is kept (the iterator is never read).
     assert train_tokenizer(config, iter(())) == meta
-    # Same seed and sample, fresh directory: the same pieces and scores (the model bytes also
-    # embed the trainer's temporary path).
+    # Same seed and sample, fresh directory: the same model, byte for byte (it embedded the trainer's
+    # temporary path, and packed shards record its sha256), and the same vocabulary file.
     again = config.model_copy(update={"output": str(tmp_path / "bpe2")})
     killed = left_by_a_killed_writer(tmp_path / "bpe2")  # the work directory of a killed training
     (killed / "spm.model").parent.mkdir()
     (killed / "spm.model").write_bytes(b"partial")
-    train_tokenizer(again, iter(texts))
+    assert train_tokenizer(again, iter(texts))["model_sha256"] == meta["model_sha256"]
+    assert (tmp_path / "bpe2" / "spm.model").read_bytes() == (tmp_path / "bpe" / "spm.model").read_bytes()
     assert (tmp_path / "bpe2" / "spm.vocab").read_text(encoding="utf-8") == vocab
     assert not killed.exists() and not list(tmp_path.glob(".*.tmp"))
     with pytest.raises(FileExistsError):

@@ -9,6 +9,7 @@ newline anyway, so segmenting a line alone gives the same words as segmenting it
 """
 from __future__ import annotations
 
+import io
 import multiprocessing
 import random
 import re
@@ -212,16 +213,19 @@ def _train_sentencepiece(config: TokenizerTrainConfig, output: Path, segmented: 
     with temporary_directory(output) as work:
         start = time.perf_counter()
         spm.set_random_generator_seed(config.seed)
+        trained = io.BytesIO()
         try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(segmented), model_prefix=str(work / "spm"), **trainer_arguments(config)
-            )
+            # The model comes back as bytes, not as files under a `model_prefix`, which the model would record:
+            # the temporary directory's random name made every training's spm.model (and its sha256, which
+            # packed shards record) differ from the last one's, the pieces and scores all equal.
+            spm.SentencePieceTrainer.train(sentence_iterator=iter(segmented), model_writer=trained,
+                                           **trainer_arguments(config))
         except RuntimeError as exc:
             raise _train_error(exc, config, len(lines), counts["documents_read"]) from exc
         timings["train"] = time.perf_counter() - start
 
-        model_proto = (work / "spm.model").read_bytes()
-        sp = load_sentencepiece(model_proto, str(work / "spm.model"))
+        model_proto = trained.getvalue()
+        sp = load_sentencepiece(model_proto, "the trained model")
         check_layout(sp, "the trained model")
         meta = {
             "options": {
@@ -249,7 +253,7 @@ def _train_sentencepiece(config: TokenizerTrainConfig, output: Path, segmented: 
             "config": config.model_dump(),
         }
         staged = work / "out"
-        write_tokenizer_dir(staged, model_proto, meta, vocab=(work / "spm.vocab").read_text(encoding="utf-8"))
+        write_tokenizer_dir(staged, model_proto, meta)  # spm.vocab as sentencepiece writes it (vocab_text)
         if output.exists():
             shutil.rmtree(output)
         staged.rename(output)
