@@ -5,12 +5,12 @@ import fnmatch
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cleaning.dedup_config import RUNTIME_FIELDS, DedupConfig
-from cleaning.yamlfile import read_mapping
+from cleaning.yamlfile import apply_overrides, read_mapping
 
 
 class RuleConfig(BaseModel):
@@ -158,12 +158,13 @@ class CorpusConfig(BaseModel):
 PRESET_DIR = Path(__file__).resolve().parent.parent / "deploy" / "presets" / "corpus"
 
 
-def load_preset(name_or_path: str) -> CorpusConfig:
-    """A preset name from deploy/presets/corpus/ or a path to a YAML file."""
+def load_preset(name_or_path: str, overrides: Sequence[str] | None = None) -> CorpusConfig:
+    """A preset name from deploy/presets/corpus/ or a path to a YAML file, with `a.b=value` overrides
+    (`--set reader.text_field=sentence`; YAML values)."""
     path = Path(name_or_path)
     if not path.suffix:
         path = PRESET_DIR / f"{name_or_path}.yaml"
     if not path.exists():
         known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
         raise FileNotFoundError(f"corpus preset {name_or_path!r} not found (known: {', '.join(known)})")
-    return CorpusConfig.from_yaml(path)
+    return CorpusConfig.model_validate(apply_overrides(read_mapping(path), overrides))

@@ -3,7 +3,7 @@ names the file (or the override) and where it went wrong, not the parser's trace
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -35,3 +35,28 @@ def parse_value(text: str, where: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ValueError(f"{where}: the value is not valid YAML ({_problem(exc)})") from exc
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """`a.b=value` strings (`--set`) → {dotted key: YAML value}."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key.strip()] = parse_value(value, f"--set {item!r}")
+    return overrides
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """`data` (a config's fields) with `a.b=value` strings or {dotted key: value} set in place."""
+    items = overrides if isinstance(overrides, dict) else parse_overrides(overrides or [])
+    for dotted, value in items.items():
+        keys = dotted.split(".")
+        target = data
+        for key in keys[:-1]:
+            target = target.setdefault(key, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"--set {dotted}: {key} is a {type(target).__name__}, not a group of fields")
+        target[keys[-1]] = value
+    return data

@@ -185,7 +185,7 @@ def _corpus_build(args: argparse.Namespace) -> int:
 
     # An unknown or invalid preset, a missing asset, an output that is a file: one message, before the server
     check_output_uri(args.output, "the corpus")
-    check_steps(load_preset(args.preset))
+    check_steps(load_preset(args.preset, args.set))
     _check_dask_address(args.dask_address)
     return _run_flows(build_from_cli, args)
 
@@ -413,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="files, directories or globs; any fsspec URI")
     p.add_argument("--output", required=True, help="output directory (fsspec URI)")
     p.add_argument("--preset", default="default", help="preset name or YAML path")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a preset field (dotted keys, YAML values), e.g. reader.text_field=sentence")
     p.add_argument("--workers", type=at_least(1), default=2, help="parallel shard workers")
     p.add_argument("--dask-address", default=None,
                    help="run every stage on an existing Dask cluster (its workers must reach the inputs and --output)")

@@ -230,7 +230,7 @@ def corpus_with_runner(workers: int, dask_address: str | None):
 
 
 def build_from_cli(args: argparse.Namespace) -> int:
-    config = load_preset(args.preset)
+    config = load_preset(args.preset, args.set)
     # On Dask the cluster's workers do the compute; no local process pool beside them.
     workers = 1 if args.dask_address else args.workers
     result = corpus_with_runner(args.workers, args.dask_address)(

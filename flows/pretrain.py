@@ -693,8 +693,9 @@ def check_before_launch(args: argparse.Namespace) -> None:
     """What `pangu pretrain` can refuse before a flow run starts: the data, the output, the preset, the steps,
     the nodes and the model to start from (raises)."""
     from cleaning.outputs import check_output_directory
+    from cleaning.yamlfile import parse_overrides
     from pangu_model.run_lock import check_output_free
-    from pangu_model.train import fit_to_data, load_train_config, parse_overrides
+    from pangu_model.train import fit_to_data, load_train_config
 
     data_dir, _ = resolve_data(args.data)
     check_output_directory(Path(args.output), "the training run")
@@ -710,7 +711,7 @@ def check_before_launch(args: argparse.Namespace) -> None:
 
 
 def pretrain_from_cli(args: argparse.Namespace) -> int:
-    from pangu_model.train import parse_overrides
+    from cleaning.yamlfile import parse_overrides
 
     state = pretrain(preset=args.preset, data=args.data, output=args.output, steps=args.steps, nodes=args.nodes,
                      gpus_per_node=args.gpus_per_node, hostfile=args.hostfile, overrides=parse_overrides(args.set),

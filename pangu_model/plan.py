@@ -1150,7 +1150,7 @@ def resolve_train_config(preset_or_config: "str | os.PathLike[str] | TrainConfig
         model = PRESETS[name.lower()]
         data: dict[str, Any] = {**BARE_MODEL_DEFAULTS, "name": name, "model": name.lower(),
                                 "seq_len": min(BARE_MODEL_DEFAULTS["seq_len"], model.max_seq_len)}
-        from .train import apply_overrides  # the `--set key=value` rule of load_train_config
+        from cleaning.yamlfile import apply_overrides  # the `--set key=value` rule of load_train_config
 
         return TrainConfig.model_validate(apply_overrides(data, overrides))
     known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))

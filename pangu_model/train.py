@@ -53,14 +53,14 @@ import sys
 import time
 from contextlib import closing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cleaning.writers import atomic_file, write_bytes_atomic
-from cleaning.yamlfile import parse_value, read_mapping
+from cleaning.yamlfile import apply_overrides, read_mapping
 
 from .config import PIPELINE_ROUTERS, SHAPE_FIELDS, PanguConfig, get_config
 from .deepspeed_config import deepspeed_config
@@ -270,17 +270,6 @@ class TrainConfig(BaseModel):
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """`a.b=value` strings (`--set`, `pangu_model.train --set`) → {dotted key: YAML value}."""
-    overrides: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key.strip()] = parse_value(value, f"--set {item!r}")
-    return overrides
-
-
 def load_train_config(name_or_path: str | os.PathLike[str], overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
     """A preset from deploy/presets/pretrain/ or a YAML path, with `a.b=value` overrides (YAML values)."""
     path = Path(name_or_path)
@@ -292,18 +281,6 @@ def load_train_config(name_or_path: str | os.PathLike[str], overrides: list[str]
     data = read_mapping(path)
     data.setdefault("name", path.stem)
     return TrainConfig.model_validate(apply_overrides(data, overrides))
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
-    """`data` (a config's fields) with `a.b=value` strings or {dotted key: value} set in place."""
-    items = overrides if isinstance(overrides, dict) else parse_overrides(overrides or [])
-    for dotted, value in items.items():
-        keys = dotted.split(".")
-        target = data
-        for key in keys[:-1]:
-            target = target.setdefault(key, {})
-        target[keys[-1]] = value
-    return data
 
 
 VOCAB_MULTIPLE = 64  # embedding rows are padded to this multiple (40,000 and 8,000 need no padding)

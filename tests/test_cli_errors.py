@@ -142,7 +142,8 @@ def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
 
 @pytest.mark.parametrize("case", ["yaml syntax", "yaml list", "override syntax", "zero nodes", "data is a file",
                                   "dask address", "missing hostfile", "corrupt checkpoint with --trust", "export without checkpoint",
-                                  "pipeline preset", "corpus preset", "corpus asset", "pipeline corpus asset",
+                                  "pipeline preset", "corpus preset", "corpus override", "corpus asset",
+                                  "pipeline corpus asset",
                                   "sample into a file", "eval set below a file", "corpus below a file",
                                   "pipeline root is a file", "training run into a file", "start from a file"])
 def test_a_typo_in_a_config_a_flag_or_a_path_is_one_line(tmp_path, case):
@@ -173,6 +174,8 @@ def test_a_typo_in_a_config_a_flag_or_a_path_is_one_line(tmp_path, case):
                             ["pretrain preset 'nope' not found"]),
         "corpus preset": (["corpus", "build", str(bad["random_pt"]), "--output", str(run / "x"), "--preset", "nope"],
                           ["corpus preset 'nope' not found"]),
+        "corpus override": (["corpus", "build", str(bad["random_pt"]), "--output", str(run / "x"), "--set",
+                             "reader.text_feld=sentence"], ["reader.text_feld: Extra inputs are not permitted"]),
         "dask address": (["corpus", "build", str(bad["random_pt"]), "--output", str(run / "x"), "--dask-address",
                           "tcp://no-port"], ["--dask-address 'tcp://no-port' is not a scheduler address"]),
         "corpus asset": (["corpus", "build", str(bad["random_pt"]), "--output", str(run / "x"), "--preset",

@@ -164,6 +164,24 @@ def test_cli_runs_the_flow(prefect_api, raw, tmp_path, capsys):
     assert (tmp_path / "out" / "data" / "part-00002.parquet").exists()
 
 
+def test_cli_set_overrides_a_preset_field(prefect_api, tmp_path, capsys):
+    """Records whose text is under another name (CLUE's `sentence`, a crawl's `content`): `--set
+    reader.text_field=content` instead of a YAML file of one line."""
+    from flows.cli import main
+
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps({"content": text}, ensure_ascii=False) + "\n" for text in long_documents(6)),
+                   encoding="utf-8")
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(json.dumps({"rules": RULES_ONLY}), encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["corpus", "build", str(raw), "--output", str(out), "--preset", str(preset), "--workers", "1",
+                 "--set", "reader.text_field=content", "--set", "rules.min_chars=10"]) == 0
+    assert "6 documents in, 6 kept" in capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["reader"]["text_field"] == "content" and manifest["config"]["rules"]["min_chars"] == 10
+
+
 def test_the_refresh_without_a_config_makes_the_version_a_pipeline_run_makes(prefect_api, fetched_assets, raw,
                                                                              tmp_path):
     """The scheduled `refresh` deployment passes no config: it must build with the `default` preset,
