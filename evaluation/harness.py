@@ -296,6 +296,8 @@ class EvalConfig(BaseModel):
     share_prefix: bool = Field(True, description="run the candidates' shared prefix once (KV cache)")
     min_shared: int = Field(16, ge=0, description="share only prefixes of at least this many tokens")
     device: str = "cpu"
+    threads: int | None = Field(None, ge=1, description="CPU threads of torch's operators (default: torch's, one "
+                                "per core; on a machine busy with other work fewer run far faster)")
     dtype: str | None = Field(None, description="float32, bfloat16 or float16 (default: as stored)")
     domain: int | str | None = Field(
         None, description="PanGu-Σ: evaluate this domain's sub-model (an id or a name of the export's domains.json); "
@@ -315,6 +317,8 @@ def load_scorer(config: EvalConfig) -> tuple[Scorer, dict[str, Any]]:
 
         from .model_io import choose_domain, find_tokenizer, imported_from, load_for_eval, model_config
 
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
         dtype = getattr(torch, config.dtype) if config.dtype else None
         # Which sub-model of a PanGu-Σ export is scored: named in results.json and the report.
         domain = choose_domain(config.checkpoint, model_config(config.checkpoint), config.domain)
@@ -356,7 +360,8 @@ def run_key(config: EvalConfig) -> dict[str, Any]:
         weights = str((Path(config.checkpoint) / WEIGHTS_NAME).resolve())
         memo = pangu_home() / "cache" / "checkpoint-hashes" / f"{xxhash.xxh3_64_hexdigest(weights.encode())}.json"
         checkpoint_xxh3 = remembered_content_hash(weights, str(memo))
-    return {"settings": config.model_dump(mode="json", exclude={"tasks", "output"}),
+    # The thread count changes how long a task takes, not what it computes: a rerun with another one goes on.
+    return {"settings": config.model_dump(mode="json", exclude={"tasks", "output", "threads"}),
             "checkpoint_xxh3": checkpoint_xxh3}
 
 

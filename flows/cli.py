@@ -141,7 +141,8 @@ def _eval(args: argparse.Namespace) -> int:
     output = args.output or str(Path(args.checkpoint).resolve().parent / "eval")
     config = EvalConfig(checkpoint=args.checkpoint, tokenizer=args.tokenizer, tasks="all" if tasks is None else tasks,
                         data_dir=data_dir, output=output, shots=args.shots, limit=args.limit,
-                        seed=args.seed, oracle=args.oracle, device=args.device, domain=args.domain)
+                        seed=args.seed, oracle=args.oracle, device=args.device, threads=args.threads,
+                        domain=args.domain)
 
     run_evaluation(config, progress=_eval_progress(sys.stderr.isatty()))
     print(f"results: {output}/results.json\nreport:  {output}/report.md", file=sys.stderr)
@@ -402,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234, help="seeds subsets, demonstrations and sampling")
     p.add_argument("--oracle", action="store_true", help="score with the gold labels (sanity check)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=at_least(1), default=None, metavar="N",
+                   help="CPU threads of the model's operators (default: torch's, one per core); on a machine busy "
+                        "with other work, fewer are far faster")
     p.add_argument("--domain", default=None,
                    help="PanGu-Σ: evaluate this domain's sub-model, by id or name (default: the domain with the most "
                         "training tokens, from the export's domains.json)")

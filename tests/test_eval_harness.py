@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from evaluation.harness import EvalConfig, ModelScorer, OracleScorer, evaluate, run_evaluation
+from evaluation.harness import EvalConfig, ModelScorer, OracleScorer, evaluate, plan_evaluation, run_evaluation
 from evaluation.report import markdown_report
 from evaluation.scoring import VARIANTS
 from tests.test_eval_common import checkpoint_dir, loaded, require_clue
@@ -101,10 +101,15 @@ def test_run_evaluation_writes_results_and_report(tmp_path) -> None:
     assert report == markdown_report(saved)
     assert "| TNEWS | ppl | acc | test_public | 12 |" in report and "| 60.95 | 60.26 | 25.00 |" in report
     assert "1.21 / 16.65" in report and "**drcd**" in report
-    # same seed, same numbers (generation samples with a per-example seed)
-    again = run_evaluation(config.model_copy(update={"output": str(tmp_path / "again")}))
+    # same seed, same numbers (generation samples with a per-example seed), on another number of threads
+    import torch
+
+    again = run_evaluation(config.model_copy(update={"output": str(tmp_path / "again"), "threads": 2}))
+    assert torch.get_num_threads() == 2  # `pangu eval --threads 2` (the suite's fixture sets 1 back)
     assert again["tasks"]["cmrc2018"]["scores"] == cmrc["scores"]
     assert again["tasks"]["tnews"]["ppl_variants"] == tnews["ppl_variants"]
+    # the thread count is not part of what a result depends on: a rerun with another one keeps the results
+    assert plan_evaluation(config.model_copy(update={"threads": 3})).results_as_written() is not None
 
 
 def test_a_rerun_after_a_kill_or_a_crash_runs_only_the_unfinished_tasks(tmp_path, monkeypatch) -> None:
