@@ -429,7 +429,7 @@ class _Return:
         self.passed = False  # the last backward has gone through the layer (its input's gradient is complete)
         self.landed = 0  # weights whose gradient of the last backward has accumulated
         self.ready = False  # may be sent: passed, and every weight that computed rows holds its gradient
-        self.before_step = False  # sent from the last backward (a hook, or announced with nothing to wait for)
+        self.before_step = False  # sent from the last backward's hooks (not left for step())
         self.work: Any = None  # its collective in flight
         self.finish: Callable[[], None] | None = None  # gloo: its copy, after the collective, in step()
         self.square: torch.Tensor | None = None  # sum of squares of what it returns, on the device
@@ -714,8 +714,8 @@ class ExpertOffload:
     # ---- gradients back to the host, from the hooks of the step's last backward --------------------
     def last_micro_batch(self) -> None:
         """The next backward is the step's last: from it on, each layer's expert gradients start back to
-        the host (and to their owners or through the replicas' reduction) as soon as they have accumulated,
-        while the backward of the layers below still runs (module docstring, "Gradients back"). Earlier
+        the host (and to their owners or through the replicas' reduction) as soon as the backward has left
+        the layer, while the backward of the layers below still runs (module docstring, "Gradients back"). Earlier
         micro-batches only accumulate. Without this call `step` sends everything itself, after backward."""
         self._prepare_returns()
 
