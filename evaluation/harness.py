@@ -297,7 +297,7 @@ class EvalConfig(BaseModel):
     min_shared: int = Field(16, ge=0, description="share only prefixes of at least this many tokens")
     device: str = "cpu"
     threads: int | None = Field(None, ge=1, description="CPU threads of torch's operators (default: torch's, one "
-                                "per core; on a machine busy with other work fewer run far faster)")
+                                "per core)")
     dtype: str | None = Field(None, description="float32, bfloat16 or float16 (default: as stored)")
     domain: int | str | None = Field(
         None, description="PanGu-Σ: evaluate this domain's sub-model (an id or a name of the export's domains.json); "

@@ -404,8 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oracle", action="store_true", help="score with the gold labels (sanity check)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--threads", type=at_least(1), default=None, metavar="N",
-                   help="CPU threads of the model's operators (default: torch's, one per core); on a machine busy "
-                        "with other work, fewer are far faster")
+                   help="CPU threads of the model's operators (default: torch's, one per core); fewer leave cores "
+                        "to other work on a shared machine")
     p.add_argument("--domain", default=None,
                    help="PanGu-Σ: evaluate this domain's sub-model, by id or name (default: the domain with the most "
                         "training tokens, from the export's domains.json)")
