@@ -220,7 +220,7 @@ def _pipeline(args: argparse.Namespace) -> int:
 
     # What a stage would refuse (an unknown preset, a missing asset, an impossible vocabulary), before any stage
     check_output_uri(args.root, "the pipeline's outputs")
-    check_steps(load_preset(args.corpus_preset))
+    check_steps(load_preset(args.corpus_preset, args.corpus_set))
     check_arguments(args.preset, args.steps, args.vocab_size, args.input_sentence_size, args.eval_data)
     _check_dask_address(args.dask_address)
     return _run_flows(pipeline_from_cli, args)
@@ -374,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="raw input files, directories or globs")
     p.add_argument("--root", default="runs", help="where every stage writes its versioned outputs")
     p.add_argument("--corpus-preset", default="default", help="corpus preset name or YAML path (deploy/presets/corpus)")
+    p.add_argument("--corpus-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a corpus preset field, as `pangu corpus build --set` does")
     p.add_argument("--vocab-size", type=at_least(1), default=40_000, help="tokenizer pieces (the model's vocabulary follows)")
     p.add_argument("--input-sentence-size", type=at_least(1), default=1_000_000, help="lines sampled to train the tokenizer")
     p.add_argument("--preset", default="sigma-tiny", help="pretrain preset (alpha-tiny, sigma-tiny, alpha-350m, sigma-1t)")

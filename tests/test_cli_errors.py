@@ -143,7 +143,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
 @pytest.mark.parametrize("case", ["yaml syntax", "yaml list", "override syntax", "zero nodes", "data is a file",
                                   "dask address", "missing hostfile", "corrupt checkpoint with --trust", "export without checkpoint",
                                   "pipeline preset", "corpus preset", "corpus override", "corpus asset",
-                                  "pipeline corpus asset",
+                                  "pipeline corpus asset", "pipeline corpus override",
                                   "sample into a file", "eval set below a file", "corpus below a file",
                                   "pipeline root is a file", "training run into a file", "start from a file"])
 def test_a_typo_in_a_config_a_flag_or_a_path_is_one_line(tmp_path, case):
@@ -182,6 +182,8 @@ def test_a_typo_in_a_config_a_flag_or_a_path_is_one_line(tmp_path, case):
                           str(bad["no_word_list"])], [f"{tmp_path / 'gone.txt'} not found", "fetch-assets"]),
         "pipeline corpus asset": (["pipeline", str(bad["random_pt"]), "--root", str(run / "x"), "--corpus-preset",
                                    str(bad["no_word_list"])], [f"{tmp_path / 'gone.txt'} not found"]),
+        "pipeline corpus override": (["pipeline", str(bad["random_pt"]), "--root", str(run / "x"), "--corpus-set",
+                                      "rules.min_chars=-1"], ["rules.min_chars: Input should be greater than or equal to 0"]),
         "sample into a file": (["data", "fetch-sample", str(bad["random_pt"])],
                                [f"cannot write the sample corpus to {bad['random_pt']}: it is a file"]),
         "corpus below a file": (["corpus", "build", str(bad["random_pt"]), "--output", str(bad["random_pt"] / "c")],
