@@ -16,7 +16,8 @@ Generated ids are `NAME:LINE` (`NAME:ROW` for Parquet), NAME being the file's pa
 input root (the build passes it; the file's base name when reading a file on its own); see
 `cleaning.ids.generated_id`.
 
-Plain text is one document per blank-line-separated block, or per line (`txt_split`). A block or
+Plain text is one document per blank-line-separated block, or per line (`txt_split`), decoded as its
+opening reads (`_text_codec`: UTF-8, or GB18030 / Big5 for legacy Chinese files). A block or
 line longer than `txt_max_chars` is cut at sentence ends into documents of at most that size,
 `NAME:LINE#K` for its K-th piece, so that no document, and no reader's memory, grows with the file.
 
@@ -28,6 +29,7 @@ content, or one the parser fails on, is a rejection (`html_no_content`), never a
 """
 from __future__ import annotations
 
+import codecs
 import contextlib
 import functools
 import gzip
@@ -45,7 +47,7 @@ from fsspec.spec import AbstractBufferedFile
 
 from cleaning.document import Document, Rejection, writable
 from cleaning.ids import generated_id
-from cleaning.webpage import Favor, decode_html, extract_main_content, looks_like_html_document
+from cleaning.webpage import Favor, decode_html, extract_main_content, legacy_codec, looks_like_html_document
 
 Format = Literal["jsonl", "parquet", "txt", "html"]
 
@@ -424,6 +426,24 @@ class RecordReader:
                         return b""  # damaged: the line reader recovers what it can and reports the rest
             return fh.read(JSON_SNIFF_BYTES)
 
+    def _text_codec(self, path: str, head: bytes) -> str:
+        """How a plain-text file's lines decode, from its opening: UTF-8 (its byte-order mark dropped),
+        or, when the opening is mostly not UTF-8, the legacy Chinese encoding it reads as (GB18030,
+        which GBK and GB2312 files are, or Big5-HKSCS; `cleaning.webpage.legacy_codec`). A few bad
+        bytes in UTF-8 text stay UTF-8: those lines are rejected, not read as another encoding."""
+        opening = self._opening(path, head)
+        if opening.startswith(codecs.BOM_UTF8):
+            return "utf-8-sig"
+        if opening.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            raise ShardReadError(path, "UTF-16 text (it starts with a UTF-16 byte-order mark), which is not read by "
+                                       "lines; convert it to UTF-8, e.g. `iconv -f UTF-16 -t UTF-8`")
+        sample = opening[:-3] if len(opening) == JSON_SNIFF_BYTES else opening  # not a character cut in two
+        decoded = sample.decode("utf-8", errors="replace")
+        bad = decoded.count("\ufffd")
+        if bad == 0 or bad * 4 < sum(1 for char in decoded if ord(char) > 127):
+            return "utf-8"
+        return legacy_codec(sample, ("gb18030", "big5hkscs"))
+
     def _json_document(self, path: str) -> Any:
         """The value of a file that is one JSON document, read whole; None when it turns out to be JSON
         lines after all (a first line that is a whole array). Anything else that stops it stops the file,
@@ -509,6 +529,7 @@ class RecordReader:
                 block.clear()
                 block_chars = pieces = 0
 
+        codec = self._text_codec(path, head)
         try:
             for item in self._lines(path, head):
                 if isinstance(item, ReadFault):
@@ -522,11 +543,16 @@ class RecordReader:
                                               f"line exceeds {self.max_record_bytes} bytes")
                     continue
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.decode(codec)
                 except UnicodeDecodeError as err:
                     yield from flush()
-                    yield self._raw_rejection(path, name, number, raw, "invalid_utf8",
-                                              f"invalid UTF-8 at byte {err.start}")
+                    if codec.startswith("utf-8"):
+                        yield self._raw_rejection(path, name, number, raw, "invalid_utf8",
+                                                  f"invalid UTF-8 at byte {err.start}")
+                    else:
+                        yield self._raw_rejection(path, name, number, raw, "invalid_encoding",
+                                                  f"not {codec} at byte {err.start} (the file reads as {codec}: its "
+                                                  "opening is not UTF-8)")
                     continue
                 if self.txt_split == "line":
                     if line.strip():

@@ -105,15 +105,23 @@ def decode_html(raw: bytes) -> tuple[str, str]:
             return raw.decode(codec), codec
         except UnicodeDecodeError:
             continue
+    codec = legacy_codec(raw, candidates)
+    return raw.decode(codec, errors="replace"), codec
+
+
+def legacy_codec(raw: bytes, tried: list[str] | tuple[str, ...] = ()) -> str:
+    """The codec of bytes that are not UTF-8 (nor what `tried` names): the statistical guess among
+    GB18030, Big5-HKSCS and Windows-1252 when it decodes them cleanly, else whichever of `tried`, the
+    guess and GB18030 leaves the fewest undecodable bytes."""
     guess = _guess_encoding(raw)
     if guess:
         try:
-            return raw.decode(guess), guess
+            raw.decode(guess)
+            return guess
         except UnicodeDecodeError:
-            candidates.append(guess)
-    candidates.append("gb18030")
-    scored = [(raw.decode(codec, errors="replace"), codec) for codec in dict.fromkeys(candidates)]
-    return min(scored, key=lambda decoded: decoded[0].count("\ufffd"))
+            pass
+    pool = dict.fromkeys([*tried, *([guess] if guess else []), "gb18030"])
+    return min(pool, key=lambda codec: raw.decode(codec, errors="replace").count("\ufffd"))
 
 
 def _guess_encoding(raw: bytes) -> str | None:

@@ -165,3 +165,32 @@ def test_a_json_file_holding_one_document_is_read_element_by_element(tmp_path):
                                          encoding="utf-8")
     first, second = RecordReader().read(str(tmp_path / "mixed.json"))
     assert first.reason == "corrupt_json" and "line 1" in first.detail and second.id == "mixed.json:2"
+
+
+def test_plain_text_in_gbk_big5_or_with_a_byte_order_mark_is_read_as_such(tmp_path):
+    """Chinese .txt files are often GB18030/GBK (or Big5): every block of one was an `invalid_utf8`
+    rejection. A file's opening decides its encoding, as a web page's bytes do (`cleaning.webpage`); a
+    UTF-8 file with a few bad bytes stays UTF-8 and loses only those lines; a UTF-8 byte-order mark is
+    not text; UTF-16 is refused with one message."""
+    blocks = [t[:300] for t in abstracts()[:3]]
+    text = "\n\n".join(blocks) + "\n"
+    (tmp_path / "gbk.txt").write_bytes(text.encode("gbk"))
+    (tmp_path / "gbk.txt.gz").write_bytes(gzip.compress(text.encode("gb18030")))
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    for name in ("gbk.txt", "gbk.txt.gz", "bom.txt"):
+        out = list(RecordReader().read(str(tmp_path / name)))
+        assert [o.text for o in out] == blocks, name
+    traditional = "今天天氣很好，我們一起去公園散步。這是一段用來測試讀取器的繁體中文文字，它包含了足夠多的漢字。"
+    (tmp_path / "big5.txt").write_bytes((traditional + "\n\n" + traditional * 2 + "\n").encode("big5"))
+    assert [o.text for o in RecordReader().read(str(tmp_path / "big5.txt"))] == [traditional, traditional * 2]
+
+    # UTF-8 with one damaged line: that line is rejected, nothing is read as GB18030
+    damaged = (blocks[0] + "\n\n").encode() + "坏".encode()[:2] + b"\n\n" + (blocks[1] + "\n").encode()
+    (tmp_path / "damaged.txt").write_bytes(damaged)
+    out = list(RecordReader().read(str(tmp_path / "damaged.txt")))
+    assert [type(o) for o in out] == [Document, Rejection, Document]
+    assert out[1].reason == "invalid_utf8" and out[2].text == blocks[1]
+
+    (tmp_path / "utf16.txt").write_bytes(text.encode("utf-16"))
+    with pytest.raises(ShardReadError, match="UTF-16 text .* convert it to UTF-8"):
+        list(RecordReader().read(str(tmp_path / "utf16.txt")))
