@@ -71,7 +71,8 @@ leaves its layer: the same place in the backward on every rank, whether the rank
 layer or none. So the returns meet the backward's other collectives (the expert-parallel all-to-alls,
 DeepSpeed's bucketed reductions of the dense gradients) in one order on all ranks, which NCCL needs: its
 collective is a kernel that waits on the GPU for its peers, and two ranks that issue two groups' collectives
-in opposite orders can wait on each other for good (a cudaMalloc, which synchronizes the device, is enough).
+in opposite orders can wait on each other for good (a device-wide synchronization, such as the caching
+allocator's cudaFree, is enough).
 (A rank that computed no rows of a layer used to send it before its backward began, ahead of DeepSpeed's
 reductions that its replicas issued first; tests/collective_guard.py checks the order on CPU.) The returns
 use a group on which nothing else runs meanwhile: the replica group is ECSS's own with expert parallelism;
