@@ -150,11 +150,6 @@ class CorpusConfig(BaseModel):
         blob = json.dumps(fields, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> "CorpusConfig":
-        return cls.model_validate(read_mapping(path))
-
-
 PRESET_DIR = Path(__file__).resolve().parent.parent / "deploy" / "presets" / "corpus"
 
 

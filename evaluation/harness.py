@@ -169,20 +169,20 @@ def run_task(
     correct = {v: 0 for v in VARIANTS}
     totals: dict[str, float] = {}
 
-    def count(prediction: dict[str, Any]) -> None:
+    def count(prediction: dict[str, Any], scores: dict[str, float]) -> None:
+        """Add one example's prediction; `scores`: a generation task's per-example scores (held in it too)."""
         predictions.append(prediction)
         if task.method == "ppl":
             for v in VARIANTS:
                 correct[v] += int(prediction["pred_by"][v] == prediction["gold"])
-        else:
-            for key, value in metrics.generation_scores(task.metric, prediction["answers"],
-                                                        prediction["prediction"]).items():
-                totals[key] = totals.get(key, 0.0) + value
+        for key, value in scores.items():
+            totals[key] = totals.get(key, 0.0) + value
 
     for prediction, item in zip(resumed, items):
         if prediction.get("id") != item.id:  # kept from other data: scored again from here
             break
-        count(prediction)
+        count(prediction, {} if task.method == "ppl" else
+              metrics.generation_scores(task.metric, prediction["answers"], prediction["prediction"]))
     kept = resumed_count = len(predictions)
     last_keep = time.monotonic()
     if kept and progress is not None:
@@ -203,11 +203,11 @@ def run_task(
                     "loss": [round(s.loss, 5) for s in scores], "tokens": [s.tokens for s in scores],
                     "chars": [s.chars for s in scores],
                     **({"labels": item.meta["labels"]} if "labels" in item.meta else {}),
-                })
+                }, {})
             else:
                 text = scorer.generate(context, item, task, zlib.crc32(f"{seed}\x1f{task.name}\x1f{item.id}".encode()))
-                count({"id": item.id, "prediction": text, "answers": item.answers,
-                       **metrics.generation_scores(task.metric, item.answers, text)})
+                per = metrics.generation_scores(task.metric, item.answers, text)
+                count({"id": item.id, "prediction": text, "answers": item.answers, **per}, per)
             if progress is not None:
                 progress(task.name, index + 1, len(items))
             if keep is not None and time.monotonic() - last_keep >= keep_every_s:

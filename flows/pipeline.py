@@ -112,7 +112,8 @@ def pipeline(inputs: list[str], root: str = "runs", corpus_config: CorpusConfig 
 
 
 def pipeline_from_cli(args: argparse.Namespace) -> int:
-    result = pipeline(inputs=list(args.inputs), root=args.root, corpus_config=load_preset(args.corpus_preset, args.corpus_set),
+    result = pipeline(inputs=list(args.inputs), root=args.root,
+                      corpus_config=load_preset(args.corpus_preset, args.corpus_set),
                       vocab_size=args.vocab_size, input_sentence_size=args.input_sentence_size,
                       preset=args.preset, steps=args.steps, eval_data=args.eval_data, eval_tasks=args.eval_tasks,
                       eval_limit=args.eval_limit, workers=args.workers, dask_address=args.dask_address)

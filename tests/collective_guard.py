@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import json
 import os
 import sys
@@ -163,7 +164,8 @@ class HostTensorGuard(TorchFunctionMode):
                     self.rejected.append(message)
                     raise HostTensorError(message)
             group = signature.bind(*args, **kwargs).arguments.get("group")
-            self.calls.append((name, tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))))
+            ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+            self.calls.append((name, tuple(ranks)))
             return original(*args, **kwargs)
 
         return collective
@@ -174,17 +176,14 @@ def order_conflicts(calls: dict[int, list[tuple[str, tuple[int, ...]]]]) -> list
     rank's first collective of the pair can wait for a peer stuck in the other's. `calls`: rank → its
     record. The order within one group is not checked here: a mismatch there fails on gloo too."""
     conflicts = []
-    for a in sorted(calls):
-        for b in sorted(calls):
-            if b <= a:
-                continue
-            seen_by = {r: [c for c in calls[r] if a in c[1] and b in c[1]] for r in (a, b)}
-            if seen_by[a] != seen_by[b]:
-                at = next((i for i, (x, y) in enumerate(zip(seen_by[a], seen_by[b])) if x != y),
-                          min(len(seen_by[a]), len(seen_by[b])))
-                show = lambda r: seen_by[r][at] if at < len(seen_by[r]) else "nothing more"  # noqa: E731
-                conflicts.append(f"ranks {a} and {b} part at their shared collective {at}: "
-                                 f"rank {a} issues {show(a)}, rank {b} issues {show(b)}")
+    for a, b in itertools.combinations(sorted(calls), 2):
+        seen_by = {r: [c for c in calls[r] if a in c[1] and b in c[1]] for r in (a, b)}
+        if seen_by[a] != seen_by[b]:
+            at = next((i for i, (x, y) in enumerate(zip(seen_by[a], seen_by[b])) if x != y),
+                      min(len(seen_by[a]), len(seen_by[b])))
+            show = lambda r: seen_by[r][at] if at < len(seen_by[r]) else "nothing more"  # noqa: E731
+            conflicts.append(f"ranks {a} and {b} part at their shared collective {at}: "
+                             f"rank {a} issues {show(a)}, rank {b} issues {show(b)}")
     return conflicts
 
 
