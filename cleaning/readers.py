@@ -3,7 +3,11 @@
 A reader never loads a whole file (a web page, one document, is held up to `max_record_bytes`), except
 a .json file that is one JSON document (`is_json_document`: an array of records, or one pretty-printed
 object), read whole up to `JSON_DOCUMENT_MAX_BYTES`: its records cannot be told apart line by line. Its
-elements are numbered from 1 (`NAME:K`, meta `element`).
+elements are numbered from 1 (`NAME:K`, meta `element`). Pretty-printed objects one after another
+(`jq . FILE` writes them so) are records numbered by the line each starts on; one that does not parse
+is one rejection, and reading resumes at the next line that opens an object at its first column.
+JSON lines and plain text decode as their opening reads (`_text_codec`: UTF-8 with or without a
+byte-order mark, or GB18030 / Big5 for legacy Chinese files).
 Every physical record comes out as either a `Document` or a `Rejection` naming the file and line,
 so that input = kept + rejected holds from the first step.
 Damage that can be read past (a corrupt gzip member followed by intact ones, an unreadable Parquet
@@ -16,8 +20,7 @@ Generated ids are `NAME:LINE` (`NAME:ROW` for Parquet), NAME being the file's pa
 input root (the build passes it; the file's base name when reading a file on its own); see
 `cleaning.ids.generated_id`.
 
-Plain text is one document per blank-line-separated block, or per line (`txt_split`), decoded as its
-opening reads (`_text_codec`: UTF-8, or GB18030 / Big5 for legacy Chinese files). A block or
+Plain text is one document per blank-line-separated block, or per line (`txt_split`). A block or
 line longer than `txt_max_chars` is cut at sentence ends into documents of at most that size,
 `NAME:LINE#K` for its K-th piece, so that no document, and no reader's memory, grows with the file.
 
@@ -36,6 +39,7 @@ import gzip
 import io
 import json
 import os
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
@@ -105,6 +109,8 @@ PARQUET_MAGIC = b"PAR1"
 _UNSUPPORTED_MAGIC = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": "zip"}
 
 
+# A line that opens an object and holds nothing else: no JSON line is one.
+_LONE_BRACE = re.compile(rb"(?m)^\{[ \t\r]*$")
 #: how much of a .json file's content tells JSON lines from one JSON document (`is_json_document`)
 JSON_SNIFF_BYTES = 64 * 1024
 #: the largest JSON document read whole (its content, decompressed); larger ones must be JSON lines
@@ -112,17 +118,24 @@ JSON_DOCUMENT_MAX_BYTES = 256 * 1024 * 1024
 
 
 def is_json_document(opening: bytes) -> bool:
-    """Whether content starting with `opening` is one JSON document (an array of records, or one
-    pretty-printed object) rather than JSON lines: it opens an array, or its first line opens an object
-    that the line does not close."""
+    """Whether content starting with `opening` is one JSON document (an array of records, or
+    pretty-printed objects) rather than JSON lines: it opens an array; or it has a line that is a lone
+    `{` (what pretty-printers open an object with, also after a damaged first line); or its first line
+    opens an object that the line does not close and the next line does not open another (a JSON line
+    cut short)."""
     start = opening.lstrip(b"\xef\xbb\xbf").lstrip()
     if start.startswith(b"["):
         return True
+    if _LONE_BRACE.search(start):
+        return True
     if not start.startswith(b"{"):
         return False
-    first = start.split(b"\n", 1)[0].rstrip()
-    if len(first) == len(start.rstrip()) and len(opening) >= JSON_SNIFF_BYTES:
+    first, _, rest = start.partition(b"\n")
+    first = first.rstrip()
+    if not rest.strip() and len(opening) >= JSON_SNIFF_BYTES:
         return False  # a first line longer than the opening: a JSON-lines record
+    if rest.lstrip(b"\r\n").startswith(b"{"):
+        return False  # the next line opens an object: JSON lines whose first record is broken
     try:
         json.loads(first.decode("utf-8", "replace"))
     except json.JSONDecodeError as err:
@@ -197,6 +210,60 @@ def sentence_cut(text: str, limit: int) -> int:
     while cut < limit and text[cut] in _CLOSERS:
         cut += 1
     return cut
+
+
+# Bytes that a text's codec did not decode, kept as lone surrogates by the "surrogateescape" handler.
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+# What may stand between JSON values one after another: JSON's whitespace, and commas (an array's
+# elements written without their brackets).
+_BETWEEN_VALUES = re.compile(r"[ \t\n\r,]*")
+# Where the next value of objects one after another may start: a line opening an object at its first
+# column (a JSON line, or a pretty-printed object, whose inner lines are indented).
+_NEXT_OBJECT = re.compile(r"\n(?=\{)")
+_DECODER = json.JSONDecoder()
+
+
+@dataclass(frozen=True)
+class _JsonValue:
+    start: int  # offsets in the text
+    end: int
+    line: int  # the line it starts on (from 1)
+    last_line: int  # the line it ends on
+    value: Any = None
+    error: str | None = None  # why the text from `start` to `end` does not parse
+    next_line: int = 0  # the line the next value is looked for from
+
+
+def _json_values(text: str) -> list[_JsonValue]:
+    """The objects of JSON text holding several one after another, with the lines each spans. Text
+    that is not one (it does not parse, or it is another kind of value) is one error value up to the
+    next line that opens an object at its first column, where reading resumes."""
+    values: list[_JsonValue] = []
+    pos, line = 0, 1
+    while True:
+        start = _BETWEEN_VALUES.match(text, pos).end()
+        line += text.count("\n", pos, start)
+        if start == len(text):
+            return values
+        value, error = None, None
+        if text[start] != "{":
+            error = f"a line that does not open an object ({text[start:start + 20]!r})"
+        else:
+            try:
+                value, end = _DECODER.raw_decode(text, start)
+            except json.JSONDecodeError as err:
+                error = f"{err.msg} at line {line + text.count(chr(10), start, err.pos)}"
+            except RecursionError:
+                error = "nested too deeply"
+        if error is None:
+            last = next_line = line + text.count("\n", start, end)
+        else:
+            resume = _NEXT_OBJECT.search(text, start)
+            end = resume.end() if resume else len(text)
+            next_line = line + text.count("\n", start, end)
+            last = next_line - 1 if resume else next_line  # the span ends with the newline before the next object
+        values.append(_JsonValue(start, end, line, last, value, error, next_line))
+        pos, line = end, next_line
 
 
 @dataclass
@@ -378,10 +445,12 @@ class RecordReader:
 
     def _read_jsonl(self, path: str, name: str, head: bytes,
                     part: tuple[int, ...] | None = None) -> Iterator[Document | Rejection | ReadFault]:
-        if part is None and is_json_document(self._opening(path, head)):
-            records = self._json_document(path)
+        opening = self._opening(path, head)
+        codec = self._text_codec(path, opening)
+        if part is None and is_json_document(opening):
+            records = self._json_document(path, name, codec)
             if records is not None:
-                yield from self._json_records(records, path, name)
+                yield from records
                 return
         for item in self._lines(path, head, part):
             if isinstance(item, ReadFault):
@@ -395,10 +464,9 @@ class RecordReader:
             if not raw.strip():
                 continue  # blank line between records: nothing to account for
             try:
-                decoded = raw.decode("utf-8")
+                decoded = raw.decode(codec)
             except UnicodeDecodeError as err:
-                yield self._raw_rejection(path, name, number, raw, "invalid_utf8",
-                                          f"invalid UTF-8 at byte {err.start}")
+                yield self._undecodable(path, name, number, raw, codec, err)
                 continue
             try:
                 record = json.loads(decoded)
@@ -426,12 +494,12 @@ class RecordReader:
                         return b""  # damaged: the line reader recovers what it can and reports the rest
             return fh.read(JSON_SNIFF_BYTES)
 
-    def _text_codec(self, path: str, head: bytes) -> str:
-        """How a plain-text file's lines decode, from its opening: UTF-8 (its byte-order mark dropped),
-        or, when the opening is mostly not UTF-8, the legacy Chinese encoding it reads as (GB18030,
-        which GBK and GB2312 files are, or Big5-HKSCS; `cleaning.webpage.legacy_codec`). A few bad
-        bytes in UTF-8 text stay UTF-8: those lines are rejected, not read as another encoding."""
-        opening = self._opening(path, head)
+    @staticmethod
+    def _text_codec(path: str, opening: bytes) -> str:
+        """How a text file's lines (plain text or JSON) decode, from its opening: UTF-8 (its byte-order
+        mark dropped), or, when the opening is mostly not UTF-8, the legacy Chinese encoding it reads as
+        (GB18030, which GBK and GB2312 files are, or Big5-HKSCS; `cleaning.webpage.legacy_codec`). A few
+        bad bytes in UTF-8 text stay UTF-8: those lines are rejected, not read as another encoding."""
         if opening.startswith(codecs.BOM_UTF8):
             return "utf-8-sig"
         if opening.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
@@ -444,10 +512,20 @@ class RecordReader:
             return "utf-8"
         return legacy_codec(sample, ("gb18030", "big5hkscs"))
 
-    def _json_document(self, path: str) -> Any:
-        """The value of a file that is one JSON document, read whole; None when it turns out to be JSON
-        lines after all (a first line that is a whole array). Anything else that stops it stops the file,
-        with one message: its records cannot be told apart."""
+    def _undecodable(self, path: str, name: str, line: int, raw: bytes, codec: str,
+                     err: UnicodeDecodeError) -> Rejection:
+        """The rejection of a line that its file's codec (`_text_codec`) does not decode."""
+        if codec.startswith("utf-8"):
+            return self._raw_rejection(path, name, line, raw, "invalid_utf8", f"invalid UTF-8 at byte {err.start}")
+        return self._raw_rejection(path, name, line, raw, "invalid_encoding",
+                                   f"not {codec} at byte {err.start} (the file reads as {codec}: its opening is "
+                                   "not UTF-8)")
+
+    def _json_document(self, path: str, name: str, codec: str) -> Iterator[Document | Rejection] | None:
+        """The records of a .json file read whole: one JSON document (an array's elements, or one object),
+        or objects one after another (`_json_values`); None when its values are JSON lines after all
+        (each on a line of its own: the line reader reads them). A single document that does not parse
+        stops the file, with one message: its records cannot be told apart."""
         with fsspec.open(path, "rb", **(self.storage_options or {})) as fh:
             gzipped = fh.read(2) == GZIP_MAGIC
             fh.seek(0)
@@ -458,21 +536,50 @@ class RecordReader:
                     raise ShardReadError(path, f"one JSON document in a damaged gzip stream ({err})") from None
         if len(data) > JSON_DOCUMENT_MAX_BYTES:
             raise ShardReadError(path, f"one JSON document larger than {JSON_DOCUMENT_MAX_BYTES >> 20} MiB, which is "
-                                       "not read whole; write it as JSON lines (one record per line, e.g. "
-                                       "`jq -c '.[]' FILE > FILE.jsonl`)")
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError as err:
-            raise ShardReadError(path, f"one JSON document with invalid UTF-8 at byte {err.start}") from None
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as err:
-            if err.msg == "Extra data":  # values one after another: JSON lines whose first value spans a line
-                return None
-            raise ShardReadError(path, f"one JSON document, corrupt at column {err.colno}: {err.msg}",
-                                 line=err.lineno) from None
-        except RecursionError:
-            raise ShardReadError(path, "one JSON document nested too deeply") from None
+                                       "not read whole; write it as JSON lines (one record per line: "
+                                       "`jq -c '.[]' FILE > FILE.jsonl` for an array, `jq -c . FILE > "
+                                       "FILE.jsonl` for objects one after another)")
+        # Bytes the codec does not decode become lone surrogates, found again per value below.
+        text = data.decode(codec, "surrogateescape")
+        undecodable = _ESCAPED_BYTE.search(text)
+        failure = None
+        if undecodable is None:
+            try:
+                return self._json_records(json.loads(text), path, name)
+            except json.JSONDecodeError as err:
+                failure = err
+            except RecursionError:
+                pass
+        values = _json_values(text)
+        if all(value.last_line == value.line for value in values):
+            return None
+        if len(values) == 1:
+            if undecodable is not None:
+                at = len(text[:undecodable.start()].encode(codec, "surrogateescape"))
+                raise ShardReadError(path, f"one JSON document with bytes that are not {codec} at byte {at}")
+            if failure is None:
+                raise ShardReadError(path, "one JSON document nested too deeply")
+            raise ShardReadError(path, f"one JSON document, corrupt at column {failure.colno}: {failure.msg}",
+                                 line=failure.lineno)
+        return self._json_stream(values, text, codec, path, name)
+
+    def _json_stream(self, values: list[_JsonValue], text: str, codec: str, path: str,
+                     name: str) -> Iterator[Document | Rejection]:
+        """Objects one after another as records, each numbered by the line it starts on."""
+        for item in values:
+            raw = text[item.start:item.end]
+            if item.error is not None:
+                yield self._raw_rejection(path, name, item.line, raw, "corrupt_json",
+                                          f"corrupt JSON: {item.error} (read on from line {item.next_line})")
+                continue
+            bad = _ESCAPED_BYTE.search(raw)
+            if bad is not None:
+                encoded = raw.encode(codec, "surrogateescape")
+                at = len(raw[:bad.start()].encode(codec, "surrogateescape"))
+                yield self._undecodable(path, name, item.line, encoded, codec,
+                                        UnicodeDecodeError(codec, encoded, at, at + 1, "undecodable"))
+            else:
+                yield self._document(item.value, path, name, item.line)
 
     def _json_records(self, value: Any, path: str, name: str) -> Iterator[Document | Rejection]:
         """An array's objects, element by element (numbered from 1, as lines are); an object is one record."""
@@ -529,7 +636,7 @@ class RecordReader:
                 block.clear()
                 block_chars = pieces = 0
 
-        codec = self._text_codec(path, head)
+        codec = self._text_codec(path, self._opening(path, head))
         try:
             for item in self._lines(path, head):
                 if isinstance(item, ReadFault):
@@ -546,13 +653,7 @@ class RecordReader:
                     line = raw.decode(codec)
                 except UnicodeDecodeError as err:
                     yield from flush()
-                    if codec.startswith("utf-8"):
-                        yield self._raw_rejection(path, name, number, raw, "invalid_utf8",
-                                                  f"invalid UTF-8 at byte {err.start}")
-                    else:
-                        yield self._raw_rejection(path, name, number, raw, "invalid_encoding",
-                                                  f"not {codec} at byte {err.start} (the file reads as {codec}: its "
-                                                  "opening is not UTF-8)")
+                    yield self._undecodable(path, name, number, raw, codec, err)
                     continue
                 if self.txt_split == "line":
                     if line.strip():

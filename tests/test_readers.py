@@ -194,3 +194,53 @@ def test_plain_text_in_gbk_big5_or_with_a_byte_order_mark_is_read_as_such(tmp_pa
     (tmp_path / "utf16.txt").write_bytes(text.encode("utf-16"))
     with pytest.raises(ShardReadError, match="UTF-16 text .* convert it to UTF-8"):
         list(RecordReader().read(str(tmp_path / "utf16.txt")))
+
+
+def test_pretty_printed_objects_one_after_another_are_records_and_a_broken_first_line_stops_nothing(tmp_path):
+    """`jq . FILE` prints objects one after another, each over several lines: every line of them was a
+    `corrupt_json` rejection. Now each object is a record numbered by the line it starts on; one that does
+    not parse is one rejection, and reading resumes at the next object. A JSON-lines file whose first
+    record was cut short after a comma stopped the whole file (it was taken for one broken document)."""
+    texts = [t[:200] for t in abstracts()[:4]]
+    printed = [json.dumps({"text": t}, ensure_ascii=False, indent=2) for t in texts]
+    printed[1] = printed[1].replace('"text":', '"text"')  # a missing colon
+    data = ("\n".join(printed) + "\n").encode()
+    third = texts[2].encode()
+    data = data.replace(third, third[:30] + b"\xff" + third[30:])  # one byte that is not UTF-8
+    (tmp_path / "objects.json").write_bytes(data)
+    out = list(RecordReader().read(str(tmp_path / "objects.json")))
+    lines = [1 + sum(p.count("\n") + 1 for p in printed[:k]) for k in range(4)]
+    assert [type(o) for o in out] == [Document, Rejection, Rejection, Document]
+    assert [(o.doc if isinstance(o, Rejection) else o).meta["line"] for o in out] == lines
+    assert (out[0].text, out[3].text) == (texts[0], texts[3]) and out[3].id == f"objects.json:{lines[3]}"
+    assert out[1].reason == "corrupt_json" and f"objects.json, line {lines[1]}: corrupt JSON: Expecting ':'" \
+        in out[1].detail and f"read on from line {lines[2]}" in out[1].detail
+    assert out[2].reason == "invalid_utf8" and f"line {lines[2]}: invalid UTF-8 at byte" in out[2].detail
+
+    # The first object's opening brace lost: its lines are one rejection, the objects after it records.
+    (tmp_path / "headless.json").write_bytes(data.split(b"\n", 1)[1])
+    out = list(RecordReader().read(str(tmp_path / "headless.json")))
+    assert [type(o) for o in out] == [Rejection, Rejection, Rejection, Document] and out[3].text == texts[3]
+    assert out[0].reason == "corrupt_json" and out[0].doc.meta["line"] == 1
+
+    records = [json.dumps({"text": t}, ensure_ascii=False) for t in texts[:3]]
+    (tmp_path / "cut.jsonl").write_text(records[0][:25] + ",\n" + "\n".join(records[1:]) + "\n", encoding="utf-8")
+    out = list(RecordReader().read(str(tmp_path / "cut.jsonl")))
+    assert [type(o) for o in out] == [Rejection, Document, Document] and out[0].reason == "corrupt_json"
+    assert [o.text for o in out[1:]] == texts[1:3] and out[2].id == "cut.jsonl:3"
+
+
+def test_json_lines_in_gbk_or_with_a_byte_order_mark_are_read_as_such(tmp_path):
+    """JSON lines decode as their opening reads, as plain text does: a byte-order mark made the first record
+    `corrupt_json`, and every record of a GBK file was `invalid_utf8`."""
+    texts = [t[:200] for t in abstracts()[:3]]
+    lines = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + lines.encode())
+    (tmp_path / "gbk.jsonl").write_bytes(lines.encode("gbk"))
+    (tmp_path / "gbk.json").write_bytes(json.dumps([{"text": t} for t in texts], ensure_ascii=False,
+                                                   indent=1).encode("gb18030"))
+    for name in ("bom.jsonl", "gbk.jsonl", "gbk.json"):
+        assert [o.text for o in RecordReader().read(str(tmp_path / name))] == texts, name
+    (tmp_path / "utf16.jsonl").write_bytes(lines.encode("utf-16"))
+    with pytest.raises(ShardReadError, match="UTF-16 text .* convert it to UTF-8"):
+        list(RecordReader().read(str(tmp_path / "utf16.jsonl")))
