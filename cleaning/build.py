@@ -52,7 +52,7 @@ from cleaning.config import CorpusConfig
 from cleaning.document import (KEPT_SCHEMA, REJECTED_SCHEMA, Document, Rejection, document_from_row,
                                kept_row, rejected_row)
 from cleaning.inputs import (InputShard, content_hash, expand_inputs, file_signature, hash_and_split, input_names,
-                             require_some_input, unsupported_summary)
+                             describe_unsupported, require_some_input, unsupported_summary)
 from cleaning.pipeline import CleaningChain
 from cleaning.readers import FieldMap, ReadFault, RecordReader, ShardReadError
 from cleaning.stats import ShardStats
@@ -680,6 +680,19 @@ def describe_work(work: dict[str, Any]) -> str:
     if work.get("dedup") and not work["dedup"]["previous"]:
         line += f"; dedup index built afresh ({work['dedup']['not_extended_because']})"
     return line
+
+
+def input_problems(manifest: dict[str, Any], shown: int = 5) -> list[str]:
+    """Lines for the closing summary of a build, naming the inputs that were not read in full (status:
+    error, as the log said shard by shard) and the files no reader takes; [] when every input was read."""
+    problems = [entry for entry in manifest["inputs"] if entry.get("error")]
+    lines = [f"{entry['status']}: {entry['error']}" for entry in problems[:shown]]
+    if len(problems) > shown:
+        lines.append(f"... and {len(problems) - shown} more (manifest.json, inputs[].error)")
+    unsupported = manifest.get("unsupported_files") or {}
+    if unsupported.get("files"):
+        lines.append(f"not read: {describe_unsupported(unsupported)}")
+    return lines
 
 
 class _Candidates:

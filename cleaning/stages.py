@@ -15,7 +15,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from cleaning.build import CorpusBuild, describe_work
+from cleaning.build import CorpusBuild, describe_work, input_problems
 from cleaning.inputs import describe_unsupported, unsupported_summary
 from cleaning.outputs import check_output_uri
 from cleaning.pipeline import check_steps
@@ -77,6 +77,10 @@ def run_build(build: CorpusBuild, map_stage: Mapper, log: Callable[[str], None] 
     manifest = build.write_manifest(shards, cleaned, finals, dedup_done, run_key, time.perf_counter() - started,
                                     mapped)
     log(f"work: {describe_work(manifest['work'])}")
+    unread = sum(1 for entry in manifest["inputs"] if entry.get("error"))
+    if unread:  # said shard by shard above; gathered here, where a reader of the log looks last
+        warn(f"{unread} of {len(manifest['inputs'])} inputs not read in full:\n  "
+             + "\n  ".join(line for line in input_problems(manifest) if not line.startswith("not read:")))
     return manifest
 
 

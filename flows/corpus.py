@@ -22,7 +22,7 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from cleaning.build import CorpusBuild, describe_work
+from cleaning.build import CorpusBuild, describe_work, input_problems
 from cleaning.config import CorpusConfig, load_preset
 from cleaning.orphans import exit_with_parent
 from cleaning.stages import Stage, run_build
@@ -146,7 +146,8 @@ def corpus(inputs: list[str], output: str, config: CorpusConfig | None = None,
     totals = manifest["totals"]
     logger.info("corpus %s: %d documents in, %d kept, %d rejected → %s", run_key, totals["input"],
                 totals["kept"], totals["rejected"], output)
-    return {"version": run_key, "output": output, "totals": totals, "work": manifest["work"]}
+    return {"version": run_key, "output": output, "totals": totals, "work": manifest["work"],
+            "problems": input_problems(manifest)}
 
 
 def local_path(uri: str) -> Path | None:
@@ -185,13 +186,14 @@ def corpus_refresh(inputs: list[str], root: str = "runs/corpus", config: CorpusC
     with building(root, plan.version):
         if plan.current:
             logger.info("%s is already built: nothing to do", plan.output)
-            totals = read_json(f"{plan.output}/manifest.json")["totals"]
+            manifest = read_json(f"{plan.output}/manifest.json")
+            totals, problems = manifest["totals"], input_problems(manifest)
         else:
             # On Dask the cluster's workers do the compute; no local process pool beside them.
             result = corpus_with_runner(workers, dask_address)(inputs=inputs, output=plan.output, config=config,
                                                                workers=1 if dask_address else workers,
                                                                work=plan.work, previous=previous_output(root, plan))
-            totals, work = result["totals"], result["work"]
+            totals, work, problems = result["totals"], result["work"], result["problems"]
         mark_latest(root, plan)
     lines = [f"# Corpus refresh → {plan.version}", "", f"Previous version: {plan.previous or '–'}; "
              f"{'built' if not plan.current else 'already current'} at `{plan.output}`.", "",
@@ -202,7 +204,7 @@ def corpus_refresh(inputs: list[str], root: str = "runs/corpus", config: CorpusC
     create_markdown_artifact(key="corpus-refresh", markdown="\n".join(lines), description="manifest diff")
     return {"version": plan.version, "previous": plan.previous, "output": plan.output,
             "built": not plan.current, "diff": {k: len(v) for k, v in plan.diff.items()}, "totals": totals,
-            "work": work}
+            "work": work, "problems": problems}
 
 
 @flow(name="corpus-hash-inputs")
@@ -242,4 +244,6 @@ def build_from_cli(args: argparse.Namespace) -> int:
     print(f"  data:     {args.output}/data/", file=sys.stderr)
     print(f"  rejected: {args.output}/rejected/", file=sys.stderr)
     print(f"  manifest: {args.output}/manifest.json", file=sys.stderr)
+    if result["problems"]:
+        print("  problems:\n    " + "\n    ".join(result["problems"]), file=sys.stderr)
     return 0

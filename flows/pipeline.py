@@ -106,9 +106,11 @@ def pipeline(inputs: list[str], root: str = "runs", corpus_config: CorpusConfig 
                "model": train["export"], "final_loss": train.get("final_loss"),
                "results": evaluation["results"] if evaluation else None,
                "report": str(Path(evaluation["output"], "report.md")) if evaluation else None}
+    problems = [f"- {line}" for line in corpus["problems"]]
     create_markdown_artifact(key="pipeline-summary", markdown="\n".join(
-        ["# Pipeline run", ""] + [f"- **{k}**: `{v}`" for k, v in summary.items()]))
-    return summary
+        ["# Pipeline run", ""] + [f"- **{k}**: `{v}`" for k, v in summary.items()]
+        + (["", "## Inputs not read in full", ""] + problems if problems else [])))
+    return {**summary, "corpus_problems": corpus["problems"]}
 
 
 def pipeline_from_cli(args: argparse.Namespace) -> int:
@@ -119,7 +121,11 @@ def pipeline_from_cli(args: argparse.Namespace) -> int:
                       eval_limit=args.eval_limit, workers=args.workers, dask_address=args.dask_address)
     print("\npipeline finished:", file=sys.stderr)
     for key, value in result.items():
-        print(f"  {key:>10}: {value}", file=sys.stderr)
+        if key != "corpus_problems":
+            print(f"  {key:>10}: {value}", file=sys.stderr)
+    if result["corpus_problems"]:
+        print("\ninputs the corpus could not read in full:\n  " + "\n  ".join(result["corpus_problems"]),
+              file=sys.stderr)
     if result["results"]:
         results = json.loads(Path(result["results"]).read_text(encoding="utf-8"))
         scored = [task for task in results["tasks"].values() if task.get("status") == "ok"]

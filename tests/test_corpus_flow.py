@@ -154,13 +154,23 @@ def test_upstream_paths_are_the_files_up_to_the_limit_then_the_directories_that_
 
 
 def test_cli_runs_the_flow(prefect_api, raw, tmp_path, capsys):
+    """The closing summary names the inputs that were not read (they were only in the log, among the
+    shards' lines, and in manifest.json)."""
     from flows.cli import main
 
     preset = tmp_path / "preset.yaml"
     preset.write_text(json.dumps({"rules": RULES_ONLY}), encoding="utf-8")
-    assert main(["corpus", "build", str(raw / "part-*.jsonl"), "--output", str(tmp_path / "out"),
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_bytes("今天天气很好。\n".encode("utf-16"))
+    (other / "scan.pdf").write_bytes(b"%PDF-1.4")
+    assert main(["corpus", "build", str(raw / "part-*.jsonl"), str(other), "--output", str(tmp_path / "out"),
                  "--preset", str(preset), "--workers", "1"]) == 0
-    assert "33 documents in" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "33 documents in" in err
+    summary = err[err.index("33 documents in"):]
+    assert "problems:\n    unreadable: " in summary and "notes.txt: UTF-16 text" in summary
+    assert "not read: 1 file(s) of a kind no reader takes (1 .pdf" in summary
     assert (tmp_path / "out" / "data" / "part-00002.parquet").exists()
 
 
