@@ -31,6 +31,10 @@ from cleaning.orphans import stop_with_this_process
 STARTUP_TIMEOUT_S = 120
 
 
+#: the size past which the temporary servers' log is set aside for a new one (`server_log`)
+SERVER_LOG_MAX_BYTES = 8 << 20
+
+
 class ServerStartError(ConnectionError):
     """The temporary server did not answer in time (a user's problem to fix: a message is enough)."""
 
@@ -70,12 +74,19 @@ def start_temporary_server() -> None:
 
 
 def server_log() -> Path:
-    """Where temporary servers write: `$PREFECT_HOME/temporary-server.log`, appended to by each."""
+    """Where temporary servers write: `$PREFECT_HOME/temporary-server.log`, appended to by each. One that
+    has grown past `SERVER_LOG_MAX_BYTES` becomes `temporary-server.log.1` (replacing the one before), so
+    that commands run for months keep at most two logs' worth (a server still writing to the moved file
+    goes on writing there)."""
     from prefect.settings import PREFECT_HOME
 
     home = Path(PREFECT_HOME.value()).expanduser()
     home.mkdir(parents=True, exist_ok=True)
-    return home / "temporary-server.log"
+    log = home / "temporary-server.log"
+    with contextlib.suppress(FileNotFoundError):  # another command may have moved it meanwhile
+        if log.stat().st_size > SERVER_LOG_MAX_BYTES:
+            log.replace(log.with_name(log.name + ".1"))
+    return log
 
 
 @contextlib.contextmanager

@@ -429,6 +429,25 @@ def test_the_temporary_server_writes_to_its_log_not_to_the_commands_terminal(tmp
     assert "Starting temporary server on" not in done.stderr
 
 
+def test_the_temporary_servers_log_is_set_aside_when_it_grows_large(tmp_path):
+    """Every command without a Prefect API appends its server's output to one log, which grew for as long
+    as the project was used: past `SERVER_LOG_MAX_BYTES` it becomes temporary-server.log.1."""
+    from prefect.settings import PREFECT_HOME, temporary_settings
+
+    from flows.local_server import SERVER_LOG_MAX_BYTES, server_log
+
+    with temporary_settings({PREFECT_HOME: str(tmp_path / "prefect")}):
+        log = server_log()
+        assert log == tmp_path / "prefect" / "temporary-server.log" and not log.exists()
+        log.write_bytes(b"x" * SERVER_LOG_MAX_BYTES)
+        assert server_log() == log and log.stat().st_size == SERVER_LOG_MAX_BYTES  # not past the limit yet
+        (tmp_path / "prefect" / "temporary-server.log.1").write_bytes(b"older")
+        with log.open("ab") as fh:
+            fh.write(b"the last server's lines\n")
+        assert server_log() == log and not log.exists()
+        assert (tmp_path / "prefect" / "temporary-server.log.1").read_bytes().endswith(b"the last server's lines\n")
+
+
 def _tokenizer_run_until_its_flow_begins(tmp_path, python_args: list[str], extra: list[str] = ()
                                         ) -> tuple[subprocess.Popen, list[str]]:
     """`pangu tokenizer run` on CLUE text in a session of its own, without a Prefect API (a temporary server),
