@@ -754,7 +754,7 @@ class RecordReader:
             records = None
         for i in range(batch.num_rows):
             if records is not None:
-                yield self._document(records[i], path, name, before + i + 1)
+                yield self._row_document(records[i], path, name, before + i + 1)
                 continue
             row = batch.slice(i, 1)
             try:
@@ -764,7 +764,24 @@ class RecordReader:
                 yield self._raw_rejection(path, name, before + i + 1, _raw_text(row, self.fields.text), reason,
                                           f"row {before + i + 1} does not decode: {type(err).__name__}: {err}")
                 continue
-            yield self._document(record, path, name, before + i + 1)
+            yield self._row_document(record, path, name, before + i + 1)
+
+    def _row_document(self, record: dict[str, Any], path: str, name: str, row: int) -> Document | Rejection:
+        """A Parquet row as a document. Columns of bytes (BINARY without Parquet's string annotation, as
+        some writers store text) are read as UTF-8: text that is not is a rejection of the row, another
+        field's bad bytes are replaced."""
+        for key, value in record.items():
+            if not isinstance(value, bytes):
+                continue
+            try:
+                record[key] = value.decode("utf-8")
+            except UnicodeDecodeError as err:
+                if key == self.fields.text:
+                    return self._raw_rejection(path, name, row, value, "invalid_utf8",
+                                               f"row {row}: '{key}' (a binary column) is not UTF-8 at byte "
+                                               f"{err.start}")
+                record[key] = value.decode("utf-8", "replace")
+        return self._document(record, path, name, row)
 
 
 def _raw_text(row: pa.RecordBatch, column: str) -> bytes:

@@ -110,6 +110,14 @@ def test_parquet_streams_in_batches_and_checks_the_text_column(tmp_path):
     pq.write_table(pa.table({"body": texts[:3]}), tmp_path / "b.parquet")
     with pytest.raises(ShardReadError, match="no 'text' column"):
         list(RecordReader().read(str(tmp_path / "b.parquet")))
+    # Text in a BINARY column (no string annotation, as some writers store it) is read as UTF-8.
+    raw = [texts[0].encode(), texts[1].encode("gbk"), None]
+    pq.write_table(pa.table({"text": pa.array(raw, pa.binary()), "domain": pa.array([b"news", b"\xff", b"x"])}),
+                   tmp_path / "binary.parquet")
+    first, second, third = RecordReader().read(str(tmp_path / "binary.parquet"))
+    assert isinstance(first, Document) and (first.text, first.domain) == (texts[0], "news")
+    assert second.reason == "invalid_utf8" and "row 2: 'text' (a binary column) is not UTF-8" in second.detail
+    assert third.reason == "missing_text"
     (tmp_path / "c.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(ShardReadError, match="c.parquet"):
         list(RecordReader().read(str(tmp_path / "c.parquet")))
