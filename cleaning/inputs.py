@@ -12,7 +12,8 @@ import xxhash
 
 import pyarrow.parquet as pq
 
-from cleaning.readers import (GZIP_MAGIC, JSON_SNIFF_BYTES, PARQUET_MAGIC, detect_format, is_json_document, is_supported,
+from cleaning.compression import compression
+from cleaning.readers import (JSON_SNIFF_BYTES, PARQUET_MAGIC, detect_format, is_json_document, is_supported,
                               supported_suffixes)
 
 #: a part of a large input: (start, stop, records before start, bytes): byte offsets of a JSON-lines
@@ -192,7 +193,7 @@ def hash_and_split(uri: str, shard_bytes: int, storage_options: dict | None = No
     cut, its parts, found in the same single read. A JSON-lines file is cut just after the first
     newline at or past every `shard_bytes`, and each part records the lines before it (so ids,
     `NAME:LINE`, are the same as when the file is read whole); a Parquet file is cut between row
-    groups of about `shard_bytes` compressed bytes. Gzip, plain text, web pages and a .json file that is one
+    groups of about `shard_bytes` compressed bytes. Compressed streams, plain text, web pages and a .json file that is one
     JSON document (`cleaning.readers.is_json_document`) stay whole."""
     h = xxhash.xxh3_128()
     size = lines = 0
@@ -204,7 +205,7 @@ def hash_and_split(uri: str, shard_bytes: int, storage_options: dict | None = No
             block = fh.read(chunk)
             if not block:
                 break
-            if size == 0 and (block.startswith((GZIP_MAGIC, PARQUET_MAGIC))
+            if size == 0 and (compression(block) or block.startswith(PARQUET_MAGIC)
                               or is_json_document(block[:JSON_SNIFF_BYTES])):
                 splittable = False  # read whole: a stream, row groups (below), or one JSON value
             h.update(block)

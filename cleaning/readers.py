@@ -35,7 +35,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import functools
-import gzip
 import io
 import json
 import os
@@ -49,6 +48,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.spec import AbstractBufferedFile
 
+from cleaning.compression import STREAM_ERRORS, compression, decompressed
+from cleaning.compression import SUFFIXES as COMPRESSED_SUFFIXES
 from cleaning.document import Document, Rejection, writable
 from cleaning.ids import generated_id
 from cleaning.webpage import Favor, decode_html, extract_main_content, legacy_codec, looks_like_html_document
@@ -96,17 +97,16 @@ class ReadFault:
         return f"{self.path}, {self.where}: {self.message}" + (f" ({lost})" if lost else "")
 
 
-_SUFFIXES: list[tuple[str, Format]] = [
-    (".jsonl.gz", "jsonl"), (".json.gz", "jsonl"), (".jsonl", "jsonl"), (".json", "jsonl"),
-    (".ndjson", "jsonl"), (".parquet", "parquet"), (".txt.gz", "txt"), (".txt", "txt"),
-    (".html.gz", "html"), (".htm.gz", "html"), (".xhtml.gz", "html"), (".html", "html"), (".htm", "html"),
-    (".xhtml", "html"),
+# Input suffixes and their formats; the text formats may also end in a compression's suffix
+# (`cleaning.compression.SUFFIXES`: `.jsonl.zst`, `.txt.gz`), Parquet compresses inside.
+_FORMATS: list[tuple[str, Format]] = [
+    (".jsonl", "jsonl"), (".json", "jsonl"), (".ndjson", "jsonl"), (".parquet", "parquet"), (".txt", "txt"),
+    (".html", "html"), (".htm", "html"), (".xhtml", "html"),
 ]
 
 # First bytes of the containers a mislabelled input may hold.
-GZIP_MAGIC = b"\x1f\x8b"
 PARQUET_MAGIC = b"PAR1"
-_UNSUPPORTED_MAGIC = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": "zip"}
+_ARCHIVE_MAGIC = {b"PK\x03\x04": "a zip archive", b"7z\xbc\xaf\x27\x1c": "a 7z archive"}
 
 
 # A line that opens an object and holds nothing else: no JSON line is one.
@@ -145,33 +145,41 @@ def is_json_document(opening: bytes) -> bool:
     return False
 
 
-def detect_format(path: str) -> Format:
+def _suffix(path: str) -> tuple[str, Format] | None:
+    """The input suffix `path` ends with (a compression's suffix after it included) and its format."""
     lowered = path.lower()
-    for suffix, fmt in _SUFFIXES:
-        if lowered.endswith(suffix):
-            return fmt
-    raise ShardReadError(path, "unknown input format (expected .jsonl[.gz], .json[.gz], .parquet, .txt[.gz], "
-                               ".html[.gz], .htm[.gz])")
+    for compressed in ("", *COMPRESSED_SUFFIXES):
+        if compressed and not lowered.endswith(compressed):
+            continue
+        base = lowered[:len(lowered) - len(compressed)]
+        for suffix, fmt in _FORMATS:
+            if base.endswith(suffix) and (fmt != "parquet" or not compressed):
+                return suffix + compressed, fmt
+    return None
+
+
+def detect_format(path: str) -> Format:
+    found = _suffix(path)
+    if found is None:
+        raise ShardReadError(path, f"unknown input format (expected {supported_suffixes()})")
+    return found[1]
 
 
 def supported_suffixes() -> str:
-    """The input file suffixes, as messages name them: `.jsonl[.gz]/.json[.gz]/.ndjson/.parquet/...`."""
-    suffixes = {suffix for suffix, _ in _SUFFIXES}
-    return "/".join(s + ("[.gz]" if f"{s}.gz" in suffixes else "") for s, _ in _SUFFIXES if not s.endswith(".gz"))
+    """The input file suffixes, as messages name them: `.jsonl/.json/..., plain or .gz/.zst/..., or .parquet`."""
+    texts = "/".join(suffix for suffix, fmt in _FORMATS if fmt != "parquet")
+    return f"{texts}, plain or {'/'.join(COMPRESSED_SUFFIXES)}, or .parquet"
 
 
 def is_supported(path: str) -> bool:
-    lowered = path.lower()
-    return any(lowered.endswith(suffix) for suffix, _ in _SUFFIXES)
+    return _suffix(path) is not None
 
 
 def shard_name(path: str) -> str:
     """Short name of an input file, the default source and domain: the basename without extensions."""
     base = os.path.basename(path.rstrip("/"))
-    for suffix, _ in _SUFFIXES:
-        if base.lower().endswith(suffix):
-            return base[: -len(suffix)]
-    return base
+    found = _suffix(base)
+    return base[: -len(found[0])] if found else base
 
 
 @functools.lru_cache(maxsize=64)
@@ -293,9 +301,9 @@ class RecordReader:
             head = self._head(path)
             if fmt == "jsonl" and head.startswith(PARQUET_MAGIC):  # no JSON line starts so
                 fmt = "parquet"
-            if part is not None and (fmt not in ("jsonl", "parquet") or head.startswith(GZIP_MAGIC)):
-                raise ShardReadError(path, f"a {fmt} file{' (gzip)' if fmt == 'jsonl' else ''} is read whole, "
-                                           f"not in parts")
+            if part is not None and (fmt not in ("jsonl", "parquet") or compression(head)):
+                raise ShardReadError(path, f"a {fmt} file{f' ({compression(head)})' if fmt == 'jsonl' else ''} is "
+                                           f"read whole, not in parts")
             if fmt == "parquet":
                 yield from self._read_parquet(path, name, part)
             elif fmt == "jsonl":
@@ -398,19 +406,23 @@ class RecordReader:
                part: tuple[int, ...] | None = None) -> Iterator[tuple[int, bytes, bool] | ReadFault]:
         """(line number, raw bytes, complete) for every line; oversized lines are cut short.
 
-        Gzip is read when the bytes say so, whatever the name. A corrupt gzip member is skipped
-        up to the next intact member (a `ReadFault` counts the bytes skipped); a stream that ends
-        early yields every complete line before the damage, then the partial last line as
-        incomplete, then raises `ShardReadError`.
+        Compressed content is read when the bytes say so, whatever the name (`cleaning.compression`).
+        A corrupt gzip member is skipped up to the next intact member (a `ReadFault` counts the bytes
+        skipped); a gzip stream that ends early yields every complete line before the damage, then the
+        partial last line as incomplete, then raises `ShardReadError`. Damage to a bzip2, xz or zstd
+        stream raises `ShardReadError` after the whole lines before it.
         """
-        for magic, kind in _UNSUPPORTED_MAGIC.items():
+        for magic, kind in _ARCHIVE_MAGIC.items():
             if head.startswith(magic):
-                raise ShardReadError(path, f"{kind}-compressed data, which is not read (use gzip or none)")
+                raise ShardReadError(path, f"{kind}, which is not read: unpack it and give its files (JSON lines "
+                                           "and text may stay compressed, as gzip, bzip2, xz or zstd)")
+        kind = compression(head)
         with fsspec.open(path, "rb", **(self.storage_options or {})) as raw:
             if isinstance(raw, AbstractBufferedFile):  # object stores: their readline() takes no limit
                 raw = io.BufferedReader(raw, 1 << 20)
-            gz = _GzipLines(raw) if head.startswith(GZIP_MAGIC) else None
-            stream = gz or raw
+            gz = _GzipLines(raw) if kind == "gzip" else None
+            stream = gz or (decompressed(raw, kind) if kind else raw)
+            damage = STREAM_ERRORS if kind and gz is None else ()  # what a plain file raises is not damage
             number = 0
             stop = None
             if part is not None:  # parts of plain files only (`read`): offsets are the file's bytes
@@ -442,6 +454,9 @@ class RecordReader:
             except _TruncatedStream as err:
                 raise ShardReadError(path, f"truncated or corrupt gzip stream after line {number}: {err}",
                                      line=number + 1) from err
+            except damage as err:
+                raise ShardReadError(path, f"truncated or corrupt {kind} stream after line {number}: "
+                                           f"{type(err).__name__}: {err}", line=number + 1) from err
 
     def _read_jsonl(self, path: str, name: str, head: bytes,
                     part: tuple[int, ...] | None = None) -> Iterator[Document | Rejection | ReadFault]:
@@ -484,13 +499,14 @@ class RecordReader:
             yield self._document(record, path, name, number)
 
     def _opening(self, path: str, head: bytes) -> bytes:
-        """The first `JSON_SNIFF_BYTES` of the file's content (decompressed when the bytes say gzip)."""
+        """The first `JSON_SNIFF_BYTES` of the file's content (decompressed when the bytes say so)."""
+        kind = compression(head)
         with fsspec.open(path, "rb", **(self.storage_options or {})) as fh:
-            if head.startswith(GZIP_MAGIC):
-                with gzip.GzipFile(fileobj=fh) as gz:
+            if kind:
+                with decompressed(fh, kind) as content:
                     try:
-                        return gz.read(JSON_SNIFF_BYTES)
-                    except (OSError, EOFError, zlib.error):
+                        return content.read(JSON_SNIFF_BYTES)
+                    except STREAM_ERRORS:
                         return b""  # damaged: the line reader recovers what it can and reports the rest
             return fh.read(JSON_SNIFF_BYTES)
 
@@ -527,13 +543,13 @@ class RecordReader:
         (each on a line of its own: the line reader reads them). A single document that does not parse
         stops the file, with one message: its records cannot be told apart."""
         with fsspec.open(path, "rb", **(self.storage_options or {})) as fh:
-            gzipped = fh.read(2) == GZIP_MAGIC
+            kind = compression(fh.read(8))
             fh.seek(0)
-            with gzip.GzipFile(fileobj=fh) if gzipped else contextlib.nullcontext(fh) as content:
+            with decompressed(fh, kind) if kind else contextlib.nullcontext(fh) as content:
                 try:
                     data = content.read(JSON_DOCUMENT_MAX_BYTES + 1)
-                except (OSError, EOFError, zlib.error) as err:
-                    raise ShardReadError(path, f"one JSON document in a damaged gzip stream ({err})") from None
+                except STREAM_ERRORS as err:
+                    raise ShardReadError(path, f"one JSON document in a damaged {kind} stream ({err})") from None
         if len(data) > JSON_DOCUMENT_MAX_BYTES:
             raise ShardReadError(path, f"one JSON document larger than {JSON_DOCUMENT_MAX_BYTES >> 20} MiB, which is "
                                        "not read whole; write it as JSON lines (one record per line: "

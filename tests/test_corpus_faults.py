@@ -2,14 +2,18 @@
 colliding ids and a failed accounting check, each against the whole build (no orchestrator)."""
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
 import json
+import lzma
 import random
+import zipfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import zstandard
 
 from cleaning import filters
 from cleaning.build import AccountingError, CorpusBuild
@@ -275,21 +279,42 @@ def test_parquet_row_whose_text_does_not_decode_is_rejected_alone(tmp_path):
 
 
 def test_compression_is_detected_from_the_bytes_not_the_name(tmp_path):
-    docs = long_documents(4)
+    """gzip, zstd (`.jsonl.zst`, as large corpora ship), bzip2 and xz are read whatever the name says; a
+    zstd file cut short keeps the lines before the cut (the library's own reader ends there quietly); a
+    zip archive is refused with one message."""
+    docs = long_documents(12)
     raw = tmp_path / "raw"
     raw.mkdir()
-    payload = "".join(line({"id": f"g{i}", "text": t}) for i, t in enumerate(docs[:2])).encode()
-    (raw / "gzipped.jsonl").write_bytes(gzip.compress(payload))  # gzip under a plain name
-    plain = "".join(line({"id": f"p{i}", "text": t}) for i, t in enumerate(docs[2:])).encode()
-    (raw / "plain.jsonl.gz").write_bytes(plain)  # plain text under a .gz name
-    (raw / "zstd.jsonl").write_bytes(b"\x28\xb5\x2f\xfd" + b"\x00" * 32)  # a compression not read
+
+    def payload(prefix: str, texts: list[str]) -> bytes:
+        return "".join(line({"id": f"{prefix}{i}", "text": t}) for i, t in enumerate(texts)).encode()
+
+    (raw / "gzipped.jsonl").write_bytes(gzip.compress(payload("g", docs[:2])))  # gzip under a plain name
+    (raw / "plain.jsonl.gz").write_bytes(payload("p", docs[2:4]))  # plain text under a .gz name
+    frames = [zstandard.ZstdCompressor().compress(payload(f"z{k}-", docs[4 + k:5 + k])) for k in range(2)]
+    (raw / "shard.jsonl.zst").write_bytes(b"".join(frames))  # two frames, as appending writers leave them
+    (raw / "zstd.jsonl").write_bytes(zstandard.ZstdCompressor().compress(payload("u", docs[6:7])))
+    (raw / "dump.jsonl.bz2").write_bytes(bz2.compress(payload("b", docs[7:8])))
+    (raw / "notes.txt.xz").write_bytes(lzma.compress((docs[8] + "\n").encode()))
+    many = payload("c", long_documents(400)[12:])  # blocks of 128 KiB: zstd hands out a block once it has all of it
+    whole = zstandard.ZstdCompressor().compress(many)
+    (raw / "cut.jsonl.zst").write_bytes(whole[:-200])
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("inner.jsonl", payload("x", docs[:1]))
+    (raw / "archive.jsonl").write_bytes(archive.getvalue())
     out = tmp_path / "corpus"
     manifest = run_local(CorpusBuild([str(raw)], str(out), config()))
     kept, rejected = assert_accounted(manifest, out)
-    assert sorted(r["id"] for r in kept) == ["g0", "g1", "p0", "p1"] and not rejected
+    assert sorted(r["id"] for r in kept if not r["id"].startswith("c")) == [
+        "b0", "g0", "g1", "notes.txt.xz:1", "p0", "p1", "u0", "z0-0", "z1-0"]
     inputs = {i["name"]: i for i in manifest["inputs"]}
-    assert inputs["gzipped.jsonl"]["status"] == inputs["plain.jsonl.gz"]["status"] == "ok"
-    assert inputs["zstd.jsonl"]["status"] == "unreadable" and "zstd" in inputs["zstd.jsonl"]["error"]
+    assert 0 < inputs["cut.jsonl.zst"]["documents"] < many.count(b"\n")  # the lines before the cut
+    for name in ("gzipped.jsonl", "plain.jsonl.gz", "shard.jsonl.zst", "zstd.jsonl", "dump.jsonl.bz2", "notes.txt.xz"):
+        assert inputs[name]["status"] == "ok", inputs[name]
+    assert inputs["cut.jsonl.zst"]["status"] == "truncated"
+    assert "truncated or corrupt zstd stream after line" in inputs["cut.jsonl.zst"]["error"]
+    assert inputs["archive.jsonl"]["status"] == "unreadable" and "a zip archive" in inputs["archive.jsonl"]["error"]
 
 
 def _members(records_per_member, members):

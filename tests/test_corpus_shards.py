@@ -5,12 +5,14 @@ same ids (line and row numbers are the file's), the same kept documents, the sam
 """
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import zstandard
 
 from cleaning.build import CorpusBuild
 from cleaning.config import CorpusConfig
@@ -107,13 +109,15 @@ def test_parts_are_cut_after_a_newline_and_count_the_lines_before(tmp_path):
             if isinstance(r, Rejection)] == [("corrupt_json", 51)]
 
 
-def test_gzip_plain_text_and_a_json_document_stay_whole(tmp_path):
+def test_compressed_files_plain_text_and_a_json_document_stay_whole(tmp_path):
     lines = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in long_documents(40))
     (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    (tmp_path / "a.jsonl.bz2").write_bytes(bz2.compress(lines.encode()))
     (tmp_path / "b.txt").write_text("\n\n".join(long_documents(40)), encoding="utf-8")
     # one JSON array, pretty-printed: a cut between two of its lines would leave two halves of one value
     (tmp_path / "c.json").write_text(json.dumps([{"text": t} for t in long_documents(40)], ensure_ascii=False,
                                                 indent=2), encoding="utf-8")
-    for name in ("a.jsonl.gz", "b.txt", "c.json"):
+    for name in ("a.jsonl.gz", "a.jsonl.zst", "a.jsonl.bz2", "b.txt", "c.json"):
         digest, size, parts = hash_and_split(str(tmp_path / name), 1024)
         assert size > 4 * 1024 and parts == []
