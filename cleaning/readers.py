@@ -54,7 +54,7 @@ from cleaning.document import Document, Rejection, writable
 from cleaning.ids import generated_id
 from cleaning.webpage import Favor, decode_html, extract_main_content, legacy_codec, looks_like_html_document
 
-Format = Literal["jsonl", "parquet", "txt", "html"]
+Format = Literal["jsonl", "parquet", "txt", "html", "wiki"]
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,11 @@ def is_json_document(opening: bytes) -> bool:
     return False
 
 
+# WikiExtractor's output files (`text/AA/wiki_00`, `wiki_00.bz2` with --compress), which have no suffix:
+# the tool every Chinese Wikipedia corpus is made with.
+_WIKIEXTRACTOR_FILE = re.compile(r"wiki_\d{2,}")
+
+
 def _suffix(path: str) -> tuple[str, Format] | None:
     """The input suffix `path` ends with (a compression's suffix after it included) and its format."""
     lowered = path.lower()
@@ -155,6 +160,8 @@ def _suffix(path: str) -> tuple[str, Format] | None:
         for suffix, fmt in _FORMATS:
             if base.endswith(suffix) and (fmt != "parquet" or not compressed):
                 return suffix + compressed, fmt
+        if _WIKIEXTRACTOR_FILE.fullmatch(os.path.basename(base)):
+            return compressed, "wiki"
     return None
 
 
@@ -179,7 +186,9 @@ def shard_name(path: str) -> str:
     """Short name of an input file, the default source and domain: the basename without extensions."""
     base = os.path.basename(path.rstrip("/"))
     found = _suffix(base)
-    return base[: -len(found[0])] if found else base
+    if found and found[1] == "wiki":
+        return "wiki"  # one source for the whole dump, not one per file of it
+    return base[: len(base) - len(found[0])] if found else base
 
 
 @functools.lru_cache(maxsize=64)
@@ -274,6 +283,11 @@ def _json_values(text: str) -> list[_JsonValue]:
         pos, line = end, next_line
 
 
+# WikiExtractor's article tags: `<doc id="13" url="https://zh.wikipedia.org/wiki?curid=13" title="数学">`.
+_WIKI_OPEN = re.compile(r"<doc\s+([^>]*)>\s*$")
+_WIKI_ATTR = re.compile(r'(\w+)="([^"]*)"')
+
+
 @dataclass
 class RecordReader:
     """Reads one input file into documents. `max_record_bytes` bounds memory per record (and per web
@@ -310,6 +324,8 @@ class RecordReader:
                 yield from self._read_jsonl(path, name, head, part)
             elif fmt == "html":
                 yield from self._read_html(path, name, head)
+            elif fmt == "wiki":
+                yield from self._read_wiki(path, name, head)
             else:
                 yield from self._read_txt(path, name, head)
         except ShardReadError:
@@ -732,6 +748,64 @@ class RecordReader:
         markup, encoding = decode_html(raw)
         yield self._document({self.fields.text: markup, self.fields.source: source, self.fields.domain: domain},
                              path, name, None, html=True, meta={"encoding": encoding})
+
+    def _read_wiki(self, path: str, name: str, head: bytes) -> Iterator[Document | Rejection | ReadFault]:
+        """A file of WikiExtractor's: JSON lines (its --json) or its default form, articles between
+        `<doc id=".." url=".." title="..">` and `</doc>` lines, each a document with the id and url of
+        its tag (meta `title`, `line`: where the tag is). Text outside any article is one rejection per
+        run of lines; an article that the next tag or the file's end cuts short is still read."""
+        opening = self._opening(path, head)
+        codec = self._text_codec(path, opening)
+        if opening.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
+            yield from self._read_jsonl(path, name, head)
+            return
+        fields = self.fields
+        attrs: dict[str, str] | None = None  # the tag of the article being read
+        start = 0  # the line of that tag, or of the stray text being gathered
+        lines: list[str] = []
+        size = 0
+        skipping = False  # the rest of an article already rejected as too large
+
+        def article() -> Iterator[Document | Rejection]:
+            text = "".join(lines).strip("\n")
+            if attrs is not None:
+                record = {fields.text: text, fields.id: attrs.get("id"), fields.url: attrs.get("url")}
+                yield self._document(record, path, name, start, html=False,
+                                     meta={"title": attrs.get("title", ""), "line": start})
+            elif text.strip():
+                yield self._raw_rejection(path, name, start, text, "corrupt_wiki",
+                                          "text outside WikiExtractor's <doc ...> and </doc> lines")
+            lines.clear()
+
+        for item in self._lines(path, head):
+            if isinstance(item, ReadFault):
+                yield item
+                continue
+            number, raw, complete = item
+            try:
+                line = raw.decode(codec)
+            except UnicodeDecodeError as err:
+                yield self._undecodable(path, name, number, raw, codec, err)
+                continue
+            tag = _WIKI_OPEN.match(line) if complete else None
+            if tag is not None or (line.rstrip() == "</doc>" and (attrs is not None or skipping)):
+                yield from article()
+                attrs, start, size = (dict(_WIKI_ATTR.findall(tag.group(1))) if tag else None), number, 0
+                skipping = False
+                continue
+            if skipping:
+                continue
+            if not lines and attrs is None:
+                start = number
+            size += len(raw)
+            if not complete or size > self.max_record_bytes:
+                yield self._raw_rejection(path, name, start, "".join(lines), "record_too_large",
+                                          f"article exceeds {self.max_record_bytes} bytes")
+                lines.clear()
+                attrs, skipping = None, True
+                continue
+            lines.append(line)
+        yield from article()
 
     def _read_parquet(self, path: str, name: str,
                       part: tuple[int, ...] | None = None) -> Iterator[Document | Rejection | ReadFault]:

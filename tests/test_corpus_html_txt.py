@@ -4,6 +4,7 @@ Every page and text here was written for these tests.
 """
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
 import threading
@@ -382,3 +383,46 @@ def test_corpus_build_accounts_for_every_page_record_and_piece(tmp_path):
     assert reasons["crawl.jsonl:3"] in ("min_length", "title_only")
     assert manifest["rejected_by_rule"]["html_no_content"] == 3
     assert manifest["sources"]["site"] == {"input": 4, "kept": 2, "rejected": {"html_no_content": 2}}
+
+
+def _wiki_article(doc_id: str, title: str, body: str) -> str:
+    return f'<doc id="{doc_id}" url="https://zh.wikipedia.org/wiki?curid={doc_id}" title="{title}">\n{title}\n\n{body}\n</doc>\n'
+
+
+def test_wikiextractor_output_is_read_article_by_article(tmp_path):
+    """Chinese Wikipedia reaches a corpus through WikiExtractor: `text/AA/wiki_00`, files without a suffix
+    (or `wiki_00.bz2` with --compress), holding `<doc id url title>` … `</doc>` articles or, with --json, JSON
+    lines. They were left out as "a kind no reader takes"; each of their files was also a domain of its own."""
+    from tests.realtext import long_documents
+
+    bodies = [text.replace("\n", "\n\n") for text in long_documents(5)]
+    raw = tmp_path / "zhwiki" / "text"
+    (raw / "AA").mkdir(parents=True)
+    (raw / "AB").mkdir()
+    (raw / "AA" / "wiki_00").write_text(_wiki_article("13", "数学", bodies[0]) + _wiki_article("18", "哲学", bodies[1]),
+                                        encoding="utf-8")
+    (raw / "AA" / "wiki_01").write_text("stray line\n" + _wiki_article("25", "物理学", bodies[2])
+                                        + '<doc id="30" url="u" title="化学">\n化学\n\n' + bodies[3] + "\n",
+                                        encoding="utf-8")  # text outside an article; an article cut short
+    (raw / "AB" / "wiki_00.bz2").write_bytes(bz2.compress(
+        json.dumps({"id": "41", "revid": "7", "url": "u41", "title": "生物学", "text": f"生物学\n\n{bodies[4]}"},
+                   ensure_ascii=False).encode() + b"\n"))
+
+    out = list(RecordReader().read(str(raw / "AA" / "wiki_00")))
+    second = 5 + bodies[0].count("\n")  # the tag, the title, a blank line, the body, </doc>
+    assert [(d.id, d.url, d.meta["title"], d.meta["line"]) for d in out] == [
+        ("13", "https://zh.wikipedia.org/wiki?curid=13", "数学", 1),
+        ("18", "https://zh.wikipedia.org/wiki?curid=18", "哲学", second + 1)]
+    assert out[0].text == f"数学\n\n{bodies[0]}" and (out[0].domain, out[0].source) == ("wiki", "wiki")
+    stray, physics, chemistry = RecordReader().read(str(raw / "AA" / "wiki_01"))
+    assert stray.reason == "corrupt_wiki" and stray.doc.id == "wiki_01:1" and "outside" in stray.detail
+    assert (physics.id, chemistry.id, chemistry.text) == ("25", "30", f"化学\n\n{bodies[3]}")
+
+    result = tmp_path / "corpus"
+    config = CorpusConfig.model_validate({"rules": RULES_ONLY, "dedup": {"partitions": 2}})
+    manifest = run_local(CorpusBuild([str(raw)], str(result), config))
+    assert {i["name"]: i["documents"] for i in manifest["inputs"]} == {"AA/wiki_00": 2, "AA/wiki_01": 3,
+                                                                       "AB/wiki_00.bz2": 1}
+    assert not manifest["unsupported_files"]["files"] and list(manifest["sources"]) == ["wiki"]
+    kept = [row for f in sorted((result / "data").glob("*.parquet")) for row in pq.read_table(f).to_pylist()]
+    assert sorted(row["id"] for row in kept) == ["13", "18", "25", "30", "41"]
