@@ -42,16 +42,35 @@ def _has_magic(path: str) -> bool:
     return globlib.has_magic(path)
 
 
+# What `datasets.save_to_disk` writes beside a Hugging Face dataset's .arrow files: descriptions of the
+# dataset, not its text.
+_DATASET_METADATA = {"state.json", "dataset_info.json", "dataset_dict.json"}
+
+
+def _without_dataset_metadata(paths: list[str]) -> list[str]:
+    """`paths` without the metadata files of Hugging Face datasets saved to disk (`_DATASET_METADATA` in a
+    directory that holds .arrow files, or above one)."""
+    arrow_dirs = {posixpath.dirname(p) for p in paths if p.lower().endswith(".arrow")}
+
+    def metadata(path: str) -> bool:
+        folder = posixpath.dirname(path)
+        return posixpath.basename(path) in _DATASET_METADATA and any(
+            d == folder or d.startswith(folder + "/") for d in arrow_dirs)
+
+    return [p for p in paths if not metadata(p)] if arrow_dirs else paths
+
+
 def expand_inputs(inputs: Iterable[str], storage_options: dict | None = None,
                   unsupported: list[str] | None = None) -> list[tuple[str, str | None]]:
     """(uri, error) pairs in a stable order. A path that does not exist is kept with its error,
     so that the run reports it instead of silently building a corpus without it. The files a directory
-    or glob holds that no reader takes (a PDF, an image) are appended to `unsupported`, to be reported."""
+    or glob holds that no reader takes (a PDF, an image) are appended to `unsupported`, to be reported;
+    a saved Hugging Face dataset's metadata files are neither."""
     found: dict[str, str | None] = {}
     for raw in inputs:
         fs, path = fsspec.core.url_to_fs(raw, **(storage_options or {}))
         if _has_magic(path):
-            listed = [p for p in fs.glob(path) if fs.isfile(p)]
+            listed = _without_dataset_metadata([p for p in fs.glob(path) if fs.isfile(p)])
             matches = [p for p in listed if is_supported(p)]
             if unsupported is not None:
                 unsupported += [fs.unstrip_protocol(p) for p in listed if not is_supported(p)]
@@ -60,7 +79,7 @@ def expand_inputs(inputs: Iterable[str], storage_options: dict | None = None,
             for match in matches:
                 found.setdefault(fs.unstrip_protocol(match), None)
         elif fs.isdir(path):
-            listed = [p for p in fs.find(path) if not _hidden(p)]
+            listed = _without_dataset_metadata([p for p in fs.find(path) if not _hidden(p)])
             files = [p for p in listed if is_supported(p)]
             if unsupported is not None:
                 unsupported += [fs.unstrip_protocol(p) for p in listed if not is_supported(p)]

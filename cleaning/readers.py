@@ -54,7 +54,7 @@ from cleaning.document import Document, Rejection, writable
 from cleaning.ids import generated_id
 from cleaning.webpage import Favor, decode_html, extract_main_content, legacy_codec, looks_like_html_document
 
-Format = Literal["jsonl", "parquet", "txt", "html", "wiki"]
+Format = Literal["jsonl", "parquet", "arrow", "txt", "html", "wiki"]
 
 
 @dataclass(frozen=True)
@@ -100,9 +100,10 @@ class ReadFault:
 # Input suffixes and their formats; the text formats may also end in a compression's suffix
 # (`cleaning.compression.SUFFIXES`: `.jsonl.zst`, `.txt.gz`), Parquet compresses inside.
 _FORMATS: list[tuple[str, Format]] = [
-    (".jsonl", "jsonl"), (".json", "jsonl"), (".ndjson", "jsonl"), (".parquet", "parquet"), (".txt", "txt"),
-    (".html", "html"), (".htm", "html"), (".xhtml", "html"),
+    (".jsonl", "jsonl"), (".json", "jsonl"), (".ndjson", "jsonl"), (".parquet", "parquet"), (".arrow", "arrow"),
+    (".txt", "txt"), (".html", "html"), (".htm", "html"), (".xhtml", "html"),
 ]
+_COLUMNAR: tuple[Format, ...] = ("parquet", "arrow")  # compressed inside, never as a whole file
 
 # First bytes of the containers a mislabelled input may hold.
 PARQUET_MAGIC = b"PAR1"
@@ -145,6 +146,9 @@ def is_json_document(opening: bytes) -> bool:
     return False
 
 
+# The data files of a Hugging Face dataset written by `save_to_disk`, and the names of its splits.
+_HF_DATASET_FILE = re.compile(r"data-\d+-of-\d+\.arrow")
+_SPLIT_NAMES = {"train", "validation", "valid", "dev", "test"}
 # WikiExtractor's output files (`text/AA/wiki_00`, `wiki_00.bz2` with --compress), which have no suffix:
 # the tool every Chinese Wikipedia corpus is made with.
 _WIKIEXTRACTOR_FILE = re.compile(r"wiki_\d{2,}")
@@ -158,7 +162,7 @@ def _suffix(path: str) -> tuple[str, Format] | None:
             continue
         base = lowered[:len(lowered) - len(compressed)]
         for suffix, fmt in _FORMATS:
-            if base.endswith(suffix) and (fmt != "parquet" or not compressed):
+            if base.endswith(suffix) and (fmt not in _COLUMNAR or not compressed):
                 return suffix + compressed, fmt
         if _WIKIEXTRACTOR_FILE.fullmatch(os.path.basename(base)):
             return compressed, "wiki"
@@ -173,9 +177,10 @@ def detect_format(path: str) -> Format:
 
 
 def supported_suffixes() -> str:
-    """The input file suffixes, as messages name them: `.jsonl/.json/..., plain or .gz/.zst/..., or .parquet`."""
-    texts = "/".join(suffix for suffix, fmt in _FORMATS if fmt != "parquet")
-    return f"{texts}, plain or {'/'.join(COMPRESSED_SUFFIXES)}, or .parquet"
+    """The input file suffixes, as messages name them: `.jsonl/.json/..., plain or .gz/.zst/..., or .parquet/.arrow`."""
+    texts = "/".join(suffix for suffix, fmt in _FORMATS if fmt not in _COLUMNAR)
+    columnar = "/".join(suffix for suffix, fmt in _FORMATS if fmt in _COLUMNAR)
+    return f"{texts}, plain or {'/'.join(COMPRESSED_SUFFIXES)}, or {columnar}"
 
 
 def is_supported(path: str) -> bool:
@@ -188,6 +193,11 @@ def shard_name(path: str) -> str:
     found = _suffix(base)
     if found and found[1] == "wiki":
         return "wiki"  # one source for the whole dump, not one per file of it
+    if _HF_DATASET_FILE.fullmatch(base):  # a dataset's name is its directory's, not its files'
+        parents = [part for part in path.rstrip("/").split("/")[:-1] if part]
+        while len(parents) > 1 and parents[-1].lower() in _SPLIT_NAMES:
+            parents.pop()  # `DatasetDict.save_to_disk`: DIR/train/data-00000-of-00001.arrow
+        return parents[-1] if parents else base[: len(base) - len(found[0])]
     return base[: len(base) - len(found[0])] if found else base
 
 
@@ -320,6 +330,8 @@ class RecordReader:
                                            f"read whole, not in parts")
             if fmt == "parquet":
                 yield from self._read_parquet(path, name, part)
+            elif fmt == "arrow":
+                yield from self._read_arrow(path, name)
             elif fmt == "jsonl":
                 yield from self._read_jsonl(path, name, head, part)
             elif fmt == "html":
@@ -835,6 +847,31 @@ class RecordReader:
                     yield ReadFault(path, f"row group {group} (rows {first + done + 1}-{first + rows})",
                                     f"unreadable: {type(err).__name__}: {str(err)[:500]}", rows=rows - done)
                 first += rows
+
+    def _read_arrow(self, path: str, name: str) -> Iterator[Document | Rejection]:
+        """An Arrow IPC file, batch by batch: the stream format that Hugging Face `datasets` writes
+        (`save_to_disk`, its cache files) or the random-access file format (Feather v2)."""
+        with fsspec.open(path, "rb", **(self.storage_options or {})) as fh:
+            try:
+                is_file = fh.read(6) == b"ARROW1"
+                fh.seek(0)
+                reader = pa.ipc.open_file(fh) if is_file else pa.ipc.open_stream(fh)
+            except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid for anything else
+                raise ShardReadError(path, f"not a readable Arrow IPC file: {err}") from err
+            names = set(reader.schema.names)
+            if self.fields.text not in names:
+                raise ShardReadError(path, f"no '{self.fields.text}' column (columns: {sorted(names)})")
+            wanted = [c for c in dict.fromkeys([self.fields.text, self.fields.id, self.fields.domain,
+                                                self.fields.source, self.fields.url]) if c in names]
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) if is_file else reader
+            done = 0
+            try:
+                for batch in batches:
+                    yield from self._parquet_batch(batch.select(wanted), path, name, done)
+                    done += batch.num_rows
+            except Exception as err:  # noqa: BLE001 - a damaged batch: the rows before it are kept
+                raise ShardReadError(path, f"unreadable after row {done}: {type(err).__name__}: {str(err)[:500]}",
+                                     line=done + 1) from err
 
     def _parquet_batch(self, batch: pa.RecordBatch, path: str, name: str,
                        before: int) -> Iterator[Document | Rejection]:

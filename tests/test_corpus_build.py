@@ -377,7 +377,7 @@ def test_a_build_with_no_input_found_refuses_before_writing_anything(tmp_path, g
     out = tmp_path / "out" / "corpus"
     named = f" in 4 inputs: {', '.join(inputs[:3])}, ... (1 more)" if len(inputs) > 1 else f": {inputs[0]}"
     with pytest.raises(FileNotFoundError, match="^" + re.escape(f"no input found{named} (a file, a directory of ") +
-                       r"\.jsonl/.*\.html/.*, plain or \.gz/\.zst/.*\.bz2/\.xz, or \.parquet files, or a glob\)$"):
+                       r"\.jsonl/.*\.html/.*, plain or \.gz/\.zst/.*\.bz2/\.xz, or \.parquet/\.arrow files, or a glob\)$"):
         run_local(CorpusBuild(inputs, str(out), config()))
     assert not (tmp_path / "out").exists()
     # The refresh (`pangu pipeline`, the scheduled flow) plans with the same listing: refused before ROOT is made.

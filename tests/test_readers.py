@@ -252,3 +252,35 @@ def test_json_lines_in_gbk_or_with_a_byte_order_mark_are_read_as_such(tmp_path):
     (tmp_path / "utf16.jsonl").write_bytes(lines.encode("utf-16"))
     with pytest.raises(ShardReadError, match="UTF-16 text .* convert it to UTF-8"):
         list(RecordReader().read(str(tmp_path / "utf16.jsonl")))
+
+
+def test_a_hugging_face_dataset_saved_to_disk_is_read(tmp_path):
+    """`datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk` write Arrow stream files beside JSON
+    metadata: the .arrow files were "a kind no reader takes" and the metadata files were read as two
+    `missing_text` rejections per split. Now the rows are documents, named after the dataset's directory,
+    and the metadata is not an input."""
+    import datasets
+
+    from cleaning.build import CorpusBuild
+    from cleaning.config import CorpusConfig
+    from cleaning.stages import run_local
+
+    texts = list(abstracts()[:6])
+    saved = tmp_path / "raw" / "news_zh"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": texts[:4], "label": [0, 1, 0, 1]}),
+        "test": datasets.Dataset.from_dict({"text": texts[4:], "label": [1, 0]}),
+    }).save_to_disk(str(saved))
+    arrow = saved / "train" / "data-00000-of-00001.arrow"
+    out = list(RecordReader().read(str(arrow)))
+    assert [d.text for d in out] == texts[:4] and out[0].domain == "news_zh" and out[3].id == f"{arrow.name}:4"
+    with pytest.raises(ShardReadError, match="no 'content' column"):
+        list(RecordReader(fields=FieldMap(text="content")).read(str(arrow)))
+
+    config = CorpusConfig.model_validate({"rules": {"ad_word_lists": [], "sensitive_word_lists": [], "langid": False,
+                                                    "spam_model": None, "quality_model": None},
+                                          "dedup": {"partitions": 2}})
+    manifest = run_local(CorpusBuild([str(tmp_path / "raw")], str(tmp_path / "corpus"), config))
+    assert {i["name"]: i["documents"] for i in manifest["inputs"]} == {
+        "news_zh/test/data-00000-of-00001.arrow": 2, "news_zh/train/data-00000-of-00001.arrow": 4}
+    assert not manifest["unsupported_files"]["files"] and manifest["totals"]["input"] == 6
