@@ -65,3 +65,22 @@ def test_a_resumed_optimizer_continues_bit_for_bit() -> None:
     train(resumed, after, range(5, 16))
     for p, q in zip(resumed, whole):
         assert torch.equal(p, q), (p - q).abs().max()
+
+
+def test_every_checkout_of_the_same_source_builds_the_op_from_one_path(tmp_path, monkeypatch) -> None:
+    """torch's JIT build writes the source's absolute path into its ninja file: the op built from one checkout
+    was built again (40-60 s on 2 cores) by the first run from another (a CI clone, the end-to-end test's copy
+    of the repository), and again on the way back. The build now reads a copy that its content names."""
+    from pangu_model import host_adam
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    built_from = host_adam.HostAdamBuilder().sources()[0]
+    other = tmp_path / "checkout" / "pangu_model" / "csrc" / "host_adam.cpp"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(host_adam.SOURCE.read_bytes())
+    monkeypatch.setattr(host_adam, "SOURCE", other)
+    assert host_adam.HostAdamBuilder().sources()[0] == built_from
+    assert open(built_from, "rb").read() == other.read_bytes()
+    other.write_bytes(other.read_bytes() + b"\n// changed\n")
+    changed = host_adam.HostAdamBuilder().sources()[0]
+    assert changed != built_from and open(changed, "rb").read().endswith(b"// changed\n")
