@@ -1,4 +1,5 @@
-"""Streaming readers over fsspec URIs: JSONL, Parquet, plain text and web pages (gzipped or not).
+"""Streaming readers over fsspec URIs: JSONL and JSON, Parquet, Arrow (Hugging Face datasets saved to disk),
+plain text, web pages and WikiExtractor's output; the text formats also compressed (`cleaning.compression`).
 
 A reader never loads a whole file (a web page, one document, is held up to `max_record_bytes`), except
 a .json file that is one JSON document (`is_json_document`: an array of records, or one pretty-printed
@@ -16,6 +17,7 @@ stops the rest of a file from being read (truncated gzip, unreadable path) raise
 after everything readable before it has been yielded.
 
 Compression (and Parquet under a JSONL name) is recognised from a file's first bytes, not its name.
+WikiExtractor's files (`wiki_00`, no suffix) hold `<doc ...>` articles or JSON lines (`_read_wiki`).
 Generated ids are `NAME:LINE` (`NAME:ROW` for Parquet), NAME being the file's path relative to the
 input root (the build passes it; the file's base name when reading a file on its own); see
 `cleaning.ids.generated_id`.
@@ -828,11 +830,7 @@ class RecordReader:
                 pf = pq.ParquetFile(fh)
             except Exception as err:  # pyarrow raises ArrowInvalid for corrupt footers
                 raise ShardReadError(path, f"not a readable Parquet file: {err}") from err
-            names = set(pf.schema_arrow.names)
-            if self.fields.text not in names:
-                raise ShardReadError(path, f"no '{self.fields.text}' column (columns: {sorted(names)})")
-            wanted = [c for c in dict.fromkeys([self.fields.text, self.fields.id, self.fields.domain,
-                                                self.fields.source, self.fields.url]) if c in names]
+            wanted = self._columns(path, pf.schema_arrow.names)
             groups, first = range(pf.metadata.num_row_groups), 0  # first: rows before this row group
             if part is not None:
                 groups, first = range(part[0], min(part[1], pf.metadata.num_row_groups)), part[2]
@@ -841,12 +839,20 @@ class RecordReader:
                 done = 0
                 try:
                     for batch in pf.iter_batches(batch_size=1024, row_groups=[group], columns=wanted):
-                        yield from self._parquet_batch(batch, path, name, first + done)
+                        yield from self._table_batch(batch, path, name, first + done)
                         done += batch.num_rows
                 except Exception as err:  # noqa: BLE001 - a damaged row group: count it, go on
                     yield ReadFault(path, f"row group {group} (rows {first + done + 1}-{first + rows})",
                                     f"unreadable: {type(err).__name__}: {str(err)[:500]}", rows=rows - done)
                 first += rows
+
+    def _columns(self, path: str, names: list[str]) -> list[str]:
+        """The columns of a table (Parquet, Arrow) that records are made of; a table without the text
+        column stops its file."""
+        if self.fields.text not in names:
+            raise ShardReadError(path, f"no '{self.fields.text}' column (columns: {sorted(names)})")
+        f = self.fields
+        return [c for c in dict.fromkeys([f.text, f.id, f.domain, f.source, f.url]) if c in names]
 
     def _read_arrow(self, path: str, name: str) -> Iterator[Document | Rejection]:
         """An Arrow IPC file, batch by batch: the stream format that Hugging Face `datasets` writes
@@ -858,22 +864,18 @@ class RecordReader:
                 reader = pa.ipc.open_file(fh) if is_file else pa.ipc.open_stream(fh)
             except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid for anything else
                 raise ShardReadError(path, f"not a readable Arrow IPC file: {err}") from err
-            names = set(reader.schema.names)
-            if self.fields.text not in names:
-                raise ShardReadError(path, f"no '{self.fields.text}' column (columns: {sorted(names)})")
-            wanted = [c for c in dict.fromkeys([self.fields.text, self.fields.id, self.fields.domain,
-                                                self.fields.source, self.fields.url]) if c in names]
+            wanted = self._columns(path, reader.schema.names)
             batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) if is_file else reader
             done = 0
             try:
                 for batch in batches:
-                    yield from self._parquet_batch(batch.select(wanted), path, name, done)
+                    yield from self._table_batch(batch.select(wanted), path, name, done)
                     done += batch.num_rows
             except Exception as err:  # noqa: BLE001 - a damaged batch: the rows before it are kept
                 raise ShardReadError(path, f"unreadable after row {done}: {type(err).__name__}: {str(err)[:500]}",
                                      line=done + 1) from err
 
-    def _parquet_batch(self, batch: pa.RecordBatch, path: str, name: str,
+    def _table_batch(self, batch: pa.RecordBatch, path: str, name: str,
                        before: int) -> Iterator[Document | Rejection]:
         try:
             records = batch.to_pylist()
