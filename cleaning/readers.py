@@ -6,7 +6,8 @@ a .json file that is one JSON document (`is_json_document`: an array of records,
 object), read whole up to `JSON_DOCUMENT_MAX_BYTES`: its records cannot be told apart line by line. Its
 elements are numbered from 1 (`NAME:K`, meta `element`). Pretty-printed objects one after another
 (`jq . FILE` writes them so) are records numbered by the line each starts on; one that does not parse
-is one rejection, and reading resumes at the next line that opens an object at its first column.
+is one rejection, and reading resumes at the next line that opens an object at its first column; an
+array that does not parse is read so too, element by element (`_array_elements`).
 JSON lines and plain text decode as their opening reads (`_text_codec`: UTF-8 with or without a
 byte-order mark, or GB18030 / Big5 for legacy Chinese files).
 Every physical record comes out as either a `Document` or a `Rejection` naming the file and line,
@@ -246,10 +247,9 @@ _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 # What may stand between JSON values one after another: JSON's whitespace, and commas (an array's
 # elements written without their brackets).
 _BETWEEN_VALUES = re.compile(r"[ \t\n\r,]*")
-# Where the next value of objects one after another may start: a line opening an object at its first
-# column (a JSON line, or a pretty-printed object, whose inner lines are indented).
-_NEXT_OBJECT = re.compile(r"\n(?=\{)")
 _DECODER = json.JSONDecoder()
+# The indentation of a pretty-printed array's elements: that of its first line opening an object.
+_ELEMENT_INDENT = re.compile(r"\n([ \t]*)\{")
 
 
 @dataclass(frozen=True)
@@ -263,16 +263,19 @@ class _JsonValue:
     next_line: int = 0  # the line the next value is looked for from
 
 
-def _json_values(text: str) -> list[_JsonValue]:
-    """The objects of JSON text holding several one after another, with the lines each spans. Text
-    that is not one (it does not parse, or it is another kind of value) is one error value up to the
-    next line that opens an object at its first column, where reading resumes."""
+def _json_values(text: str, pos: int = 0, stop: int | None = None, line: int = 1,
+                 indent: str = "") -> list[_JsonValue]:
+    """The objects of JSON text holding several one after another (from `pos`, which is on `line`, to
+    `stop`), with the lines each spans. Text that is not one (it does not parse, or it is another kind of
+    value) is one error value up to the next line that opens an object after `indent` (at its first
+    column: where the next pretty-printed object or JSON line starts), where reading resumes."""
+    stop = len(text) if stop is None else stop
+    next_object = re.compile("\n" + re.escape(indent) + r"(?=\{)")
     values: list[_JsonValue] = []
-    pos, line = 0, 1
     while True:
-        start = _BETWEEN_VALUES.match(text, pos).end()
+        start = _BETWEEN_VALUES.match(text, pos, stop).end()
         line += text.count("\n", pos, start)
-        if start == len(text):
+        if start >= stop:
             return values
         value, error = None, None
         if text[start] != "{":
@@ -287,12 +290,24 @@ def _json_values(text: str) -> list[_JsonValue]:
         if error is None:
             last = next_line = line + text.count("\n", start, end)
         else:
-            resume = _NEXT_OBJECT.search(text, start)
-            end = resume.end() if resume else len(text)
+            resume = next_object.search(text, start, stop)
+            end = resume.end() if resume else stop
             next_line = line + text.count("\n", start, end)
             last = next_line - 1 if resume else next_line  # the span ends with the newline before the next object
         values.append(_JsonValue(start, end, line, last, value, error, next_line))
         pos, line = end, next_line
+
+
+def _array_elements(text: str) -> list[_JsonValue]:
+    """The elements of a JSON array that does not parse as a whole (a download cut short, one broken
+    element): each element that parses, and the text between them that does not, found from the lines
+    that open an object at the indentation of the elements."""
+    opening = text.index("[")
+    content = text.rstrip()
+    stop = len(content) - 1 if content.endswith("]") and len(content) - 1 > opening else len(text)  # a cut: no "]"
+    first = _ELEMENT_INDENT.search(text, opening)
+    return _json_values(text, opening + 1, stop, 1 + text.count("\n", 0, opening),
+                        first.group(1) if first else "")
 
 
 # WikiExtractor's article tags: `<doc id="13" url="https://zh.wikipedia.org/wiki?curid=13" title="数学">`.
@@ -570,8 +585,9 @@ class RecordReader:
     def _json_document(self, path: str, name: str, codec: str) -> Iterator[Document | Rejection] | None:
         """The records of a .json file read whole: one JSON document (an array's elements, or one object),
         or objects one after another (`_json_values`); None when its values are JSON lines after all
-        (each on a line of its own: the line reader reads them). A single document that does not parse
-        stops the file, with one message: its records cannot be told apart."""
+        (each on a line of its own: the line reader reads them). An array that does not parse gives the
+        elements that do, numbered by line (`_array_elements`); a document in which no record can be told
+        apart stops the file, with one message."""
         with fsspec.open(path, "rb", **(self.storage_options or {})) as fh:
             kind = compression(fh.read(8))
             fh.seek(0)
@@ -599,7 +615,9 @@ class RecordReader:
         values = _json_values(text)
         if all(value.last_line == value.line for value in values):
             return None
-        if len(values) == 1:
+        if text.lstrip("\ufeff \t\r\n").startswith("["):
+            values = _array_elements(text)
+        if len(values) <= 1 and not any(value.error is None for value in values):
             if undecodable is not None:
                 at = len(text[:undecodable.start()].encode(codec, "surrogateescape"))
                 raise ShardReadError(path, f"one JSON document with bytes that are not {codec} at byte {at}")

@@ -161,10 +161,20 @@ def test_a_json_file_holding_one_document_is_read_element_by_element(tmp_path):
     [one] = RecordReader().read(str(tmp_path / "one.json"))
     assert isinstance(one, Document) and one.text == texts[0] and one.id == "one.json"
 
-    # A document that does not parse stops the file with one message naming where.
+    # An array that does not parse gives the elements that do (numbered by line), and one rejection per
+    # broken stretch: a broken element, or the end of a file cut short.
     (tmp_path / "broken.json").write_text('[\n {"text": "a"},\n {"text": "b"\n]\n')
-    with pytest.raises(ShardReadError, match=r"broken.json, line 4: one JSON document, corrupt at column 1"):
-        list(RecordReader().read(str(tmp_path / "broken.json")))
+    good, bad = RecordReader().read(str(tmp_path / "broken.json"))
+    assert (good.text, good.id, bad.reason, bad.doc.meta["line"]) == ("a", "broken.json:2", "corrupt_json", 3)
+    cut = printed[:printed.index(texts[2][:20])]  # a download that stopped inside the fourth element
+    (tmp_path / "cut.json").write_text(cut, encoding="utf-8")
+    out = list(RecordReader().read(str(tmp_path / "cut.json")))
+    assert [o.text if isinstance(o, Document) else o.reason for o in out] == [
+        texts[0], texts[1], "corrupt_json", "corrupt_json"]  # the dialogue (an array), the fourth cut short
+    # A document in which no record can be told apart stops the file with one message naming where.
+    (tmp_path / "whole.json").write_text('{\n "text": "a",\n "id": \n}\n')
+    with pytest.raises(ShardReadError, match=r"whole.json, line 4: one JSON document, corrupt at column 1"):
+        list(RecordReader().read(str(tmp_path / "whole.json")))
 
     # JSON lines: under a .json name, and when the first line is an array (values one after another).
     _jsonl(tmp_path / "lines.json", [{"text": t} for t in texts])
