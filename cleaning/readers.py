@@ -1,5 +1,5 @@
 """Streaming readers over fsspec URIs: JSONL and JSON, Parquet, Arrow (Hugging Face datasets saved to disk),
-plain text, web pages and WikiExtractor's output; the text formats also compressed (`cleaning.compression`).
+CSV and TSV, plain text, web pages and WikiExtractor's output; the text formats also compressed (`cleaning.compression`).
 
 A reader never loads a whole file (a web page, one document, is held up to `max_record_bytes`), except
 a .json file that is one JSON document (`is_json_document`: an array of records, or one pretty-printed
@@ -57,7 +57,7 @@ from cleaning.document import Document, Rejection, writable
 from cleaning.ids import generated_id
 from cleaning.webpage import Favor, decode_html, extract_main_content, legacy_codec, looks_like_html_document
 
-Format = Literal["jsonl", "parquet", "arrow", "txt", "html", "wiki"]
+Format = Literal["jsonl", "parquet", "arrow", "csv", "txt", "html", "wiki"]
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class ReadFault:
 # (`cleaning.compression.SUFFIXES`: `.jsonl.zst`, `.txt.gz`), Parquet compresses inside.
 _FORMATS: list[tuple[str, Format]] = [
     (".jsonl", "jsonl"), (".json", "jsonl"), (".ndjson", "jsonl"), (".parquet", "parquet"), (".arrow", "arrow"),
-    (".txt", "txt"), (".html", "html"), (".htm", "html"), (".xhtml", "html"),
+    (".csv", "csv"), (".tsv", "csv"), (".txt", "txt"), (".html", "html"), (".htm", "html"), (".xhtml", "html"),
 ]
 _COLUMNAR: tuple[Format, ...] = ("parquet", "arrow")  # compressed inside, never as a whole file
 
@@ -355,6 +355,8 @@ class RecordReader:
                 yield from self._read_html(path, name, head)
             elif fmt == "wiki":
                 yield from self._read_wiki(path, name, head)
+            elif fmt == "csv":
+                yield from self._read_csv(path, name, head)
             else:
                 yield from self._read_txt(path, name, head)
         except ShardReadError:
@@ -839,6 +841,56 @@ class RecordReader:
             lines.append(line)
         yield from article()
 
+    def _read_csv(self, path: str, name: str, head: bytes) -> Iterator[Document | Rejection]:
+        """A table of comma- (`.csv`) or tab-separated (`.tsv`) values with a header row that names the
+        fields, one document per row (quoted fields may span lines; a row's number is the line it starts
+        on). A row whose field count is not the header's, or that the parser refuses, is one `corrupt_csv`
+        rejection; a file without the text column stops."""
+        import csv
+
+        csv.field_size_limit(max(csv.field_size_limit(), self.max_record_bytes))
+        opening = self._opening(path, head)
+        codec = self._text_codec(path, opening)
+        delimiter = "\t" if _suffix(path)[0].startswith(".tsv") else ","
+        kind = compression(head)
+        with fsspec.open(path, "rb", **(self.storage_options or {})) as raw:
+            stream = decompressed(raw, kind) if kind else raw
+            text = io.TextIOWrapper(stream, encoding=codec, errors="surrogateescape", newline="")
+            rows = csv.reader(text, delimiter=delimiter)
+            try:
+                header = next(rows, [])
+            except csv.Error as err:
+                raise ShardReadError(path, f"unreadable header row: {err}") from None
+            self._columns(path, header)
+            ended = rows.line_num  # the line the previous row ended on
+            while True:
+                try:
+                    row = next(rows)
+                except StopIteration:
+                    return
+                except csv.Error as err:
+                    yield self._raw_rejection(path, name, ended + 1, "", "corrupt_csv", f"unreadable row: {err}")
+                    ended = rows.line_num
+                    continue
+                except STREAM_ERRORS as err:
+                    raise ShardReadError(path, f"truncated or corrupt {kind} stream after line {ended}: "
+                                               f"{type(err).__name__}: {err}", line=ended + 1) from err
+                start, ended = ended + 1, rows.line_num
+                if not any(cell.strip() for cell in row):
+                    continue  # a blank line between rows
+                joined = delimiter.join(row)
+                bad = _ESCAPED_BYTE.search(joined)
+                if bad is not None:
+                    encoded = joined.encode(codec, "surrogateescape")
+                    at = len(joined[:bad.start()].encode(codec, "surrogateescape"))
+                    yield self._undecodable(path, name, start, encoded, codec,
+                                            UnicodeDecodeError(codec, encoded, at, at + 1, "undecodable"))
+                elif len(row) != len(header):
+                    yield self._raw_rejection(path, name, start, joined, "corrupt_csv",
+                                              f"{len(row)} field(s) where the header has {len(header)}")
+                else:
+                    yield self._document(dict(zip(header, row)), path, name, start)
+
     def _read_parquet(self, path: str, name: str,
                       part: tuple[int, ...] | None = None) -> Iterator[Document | Rejection | ReadFault]:
         """Row group by row group (those of `part` only, when given): a group that cannot be read
@@ -868,7 +920,8 @@ class RecordReader:
         """The columns of a table (Parquet, Arrow) that records are made of; a table without the text
         column stops its file."""
         if self.fields.text not in names:
-            raise ShardReadError(path, f"no '{self.fields.text}' column (columns: {sorted(names)})")
+            raise ShardReadError(path, f"no '{self.fields.text}' column (columns: {sorted(names)}); name the one "
+                                       "that holds the text with `--set reader.text_field=COLUMN`")
         f = self.fields
         return [c for c in dict.fromkeys([f.text, f.id, f.domain, f.source, f.url]) if c in names]
 

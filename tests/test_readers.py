@@ -294,3 +294,28 @@ def test_a_hugging_face_dataset_saved_to_disk_is_read(tmp_path):
     assert {i["name"]: i["documents"] for i in manifest["inputs"]} == {
         "news_zh/test/data-00000-of-00001.arrow": 2, "news_zh/train/data-00000-of-00001.arrow": 4}
     assert not manifest["unsupported_files"]["files"] and manifest["totals"]["input"] == 6
+
+
+def test_csv_and_tsv_tables_are_read_row_by_row(tmp_path):
+    """Chinese review and news sets often ship as CSV or TSV: they were "a kind no reader takes"."""
+    import csv
+
+    texts = [t[:120] for t in abstracts()[:3]]
+    with open(tmp_path / "reviews.csv", "w", encoding="utf-8-sig", newline="") as fh:  # Excel writes a BOM
+        writer = csv.writer(fh)
+        writer.writerow(["label", "review"])
+        writer.writerows([[1, texts[0]], [0, texts[1] + "\n" + texts[2]]])  # a quoted field over two lines
+        fh.write("1,a review,with a comma that was not quoted\n")
+    out = list(RecordReader(fields=FieldMap(text="review")).read(str(tmp_path / "reviews.csv")))
+    assert [type(o) for o in out] == [Document, Document, Rejection]
+    assert (out[0].text, out[0].id, out[1].text, out[1].id) == (texts[0], "reviews.csv:2", texts[1] + "\n" + texts[2],
+                                                               "reviews.csv:3")
+    assert out[2].reason == "corrupt_csv" and "line 5: 3 field(s) where the header has 2" in out[2].detail
+    with pytest.raises(ShardReadError, match=r"no 'text' column \(columns: \['label', 'review'\]\); .*"
+                                             r"--set reader.text_field=COLUMN"):
+        list(RecordReader().read(str(tmp_path / "reviews.csv")))
+
+    lines = "id\ttext\tdomain\n" + "".join(f"n{i}\t{t}\tnews\n" for i, t in enumerate(texts))
+    (tmp_path / "news.tsv.gz").write_bytes(gzip.compress(lines.encode("gbk")))
+    out = list(RecordReader().read(str(tmp_path / "news.tsv.gz")))
+    assert [(o.id, o.text, o.domain) for o in out] == [(f"n{i}", t, "news") for i, t in enumerate(texts)]
