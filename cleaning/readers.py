@@ -854,6 +854,8 @@ class RecordReader:
         delimiter = "\t" if _suffix(path)[0].startswith(".tsv") else ","
         kind = compression(head)
         with fsspec.open(path, "rb", **(self.storage_options or {})) as raw:
+            if isinstance(raw, AbstractBufferedFile):  # object stores: a text wrapper wants a buffered reader
+                raw = io.BufferedReader(raw, 1 << 20)
             stream = decompressed(raw, kind) if kind else raw
             text = io.TextIOWrapper(stream, encoding=codec, errors="surrogateescape", newline="")
             rows = csv.reader(text, delimiter=delimiter)
