@@ -811,34 +811,38 @@ class RecordReader:
                                           "text outside WikiExtractor's <doc ...> and </doc> lines")
             lines.clear()
 
-        for item in self._lines(path, head):
-            if isinstance(item, ReadFault):
-                yield item
-                continue
-            number, raw, complete = item
-            try:
-                line = raw.decode(codec)
-            except UnicodeDecodeError as err:
-                yield self._undecodable(path, name, number, raw, codec, err)
-                continue
-            tag = _WIKI_OPEN.match(line) if complete else None
-            if tag is not None or (line.rstrip() == "</doc>" and (attrs is not None or skipping)):
-                yield from article()
-                attrs, start, size = (dict(_WIKI_ATTR.findall(tag.group(1))) if tag else None), number, 0
-                skipping = False
-                continue
-            if skipping:
-                continue
-            if not lines and attrs is None:
-                start = number
-            size += len(raw)
-            if not complete or size > self.max_record_bytes:
-                yield self._raw_rejection(path, name, start, "".join(lines), "record_too_large",
-                                          f"article exceeds {self.max_record_bytes} bytes")
-                lines.clear()
-                attrs, skipping = None, True
-                continue
-            lines.append(line)
+        try:
+            for item in self._lines(path, head):
+                if isinstance(item, ReadFault):
+                    yield item
+                    continue
+                number, raw, complete = item
+                try:
+                    line = raw.decode(codec)
+                except UnicodeDecodeError as err:
+                    yield self._undecodable(path, name, number, raw, codec, err)
+                    continue
+                tag = _WIKI_OPEN.match(line) if complete else None
+                if tag is not None or (line.rstrip() == "</doc>" and (attrs is not None or skipping)):
+                    yield from article()
+                    attrs, start, size = (dict(_WIKI_ATTR.findall(tag.group(1))) if tag else None), number, 0
+                    skipping = False
+                    continue
+                if skipping:
+                    continue
+                if not lines and attrs is None:
+                    start = number
+                size += len(raw)
+                if not complete or size > self.max_record_bytes:
+                    yield self._raw_rejection(path, name, start, "".join(lines), "record_too_large",
+                                              f"article exceeds {self.max_record_bytes} bytes")
+                    lines.clear()
+                    attrs, skipping = None, True
+                    continue
+                lines.append(line)
+        except ShardReadError:
+            yield from article()  # the article read before the damage is not lost
+            raise
         yield from article()
 
     def _read_csv(self, path: str, name: str, head: bytes) -> Iterator[Document | Rejection]:

@@ -9,6 +9,7 @@ import gzip
 import json
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -417,6 +418,18 @@ def test_wikiextractor_output_is_read_article_by_article(tmp_path):
     stray, physics, chemistry = RecordReader().read(str(raw / "AA" / "wiki_01"))
     assert stray.reason == "corrupt_wiki" and stray.doc.id == "wiki_01:1" and "outside" in stray.detail
     assert (physics.id, chemistry.id, chemistry.text) == ("25", "30", f"化学\n\n{bodies[3]}")
+
+    # A compressed file cut short keeps the article it was reading when the stream ended.
+    whole = gzip.compress((_wiki_article("50", "天文学", bodies[0]) * 3).encode())
+    (tmp_path / "wiki_09.gz").write_bytes(whole[:-100])
+    read = []
+    with pytest.raises(ShardReadError, match="truncated or corrupt gzip stream"):
+        for item in RecordReader().read(str(tmp_path / "wiki_09.gz")):
+            read.append(item)
+    readable = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(whole[:-100]).decode("utf-8", "ignore")
+    finished = readable.count("</doc>\n")  # the articles whose end line came before the damage
+    assert readable.rsplit("</doc>\n", 1)[-1].count("\n") >= 2  # and one begun after them
+    assert len(read) == finished + 1 and all(isinstance(d, Document) and d.id == "50" for d in read)
 
     result = tmp_path / "corpus"
     config = CorpusConfig.model_validate({"rules": RULES_ONLY, "dedup": {"partitions": 2}})
