@@ -682,16 +682,17 @@ def describe_work(work: dict[str, Any]) -> str:
     return line
 
 
-def input_problems(manifest: dict[str, Any], shown: int = 5) -> list[str]:
+def input_problems(manifest: dict[str, Any], shown: int = 5, unsupported: bool = True) -> list[str]:
     """Lines for the closing summary of a build, naming the inputs that were not read in full (status:
-    error, as the log said shard by shard) and the files no reader takes; [] when every input was read."""
+    error, as the log said shard by shard) and, with `unsupported`, the files no reader takes; [] when
+    every input was read."""
     problems = [entry for entry in manifest["inputs"] if entry.get("error")]
     lines = [f"{entry['status']}: {entry['error']}" for entry in problems[:shown]]
     if len(problems) > shown:
         lines.append(f"... and {len(problems) - shown} more (manifest.json, inputs[].error)")
-    unsupported = manifest.get("unsupported_files") or {}
-    if unsupported.get("files"):
-        lines.append(f"not read: {describe_unsupported(unsupported)}")
+    found = manifest.get("unsupported_files") or {}
+    if unsupported and found.get("files"):
+        lines.append(f"not read: {describe_unsupported(found)}")
     return lines
 
 

@@ -44,7 +44,7 @@ import os
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, BinaryIO, Iterator, Literal
 
 import fsspec
 import pyarrow as pa
@@ -194,14 +194,16 @@ def shard_name(path: str) -> str:
     """Short name of an input file, the default source and domain: the basename without extensions."""
     base = os.path.basename(path.rstrip("/"))
     found = _suffix(base)
-    if found and found[1] == "wiki":
+    if found is None:
+        return base
+    if found[1] == "wiki":
         return "wiki"  # one source for the whole dump, not one per file of it
-    if _HF_DATASET_FILE.fullmatch(base):  # a dataset's name is its directory's, not its files'
-        parents = [part for part in path.rstrip("/").split("/")[:-1] if part]
+    parents = [part for part in path.rstrip("/").split("/")[:-1] if part]
+    if _HF_DATASET_FILE.fullmatch(base) and parents:  # a dataset's name is its directory's, not its files'
         while len(parents) > 1 and parents[-1].lower() in _SPLIT_NAMES:
             parents.pop()  # `DatasetDict.save_to_disk`: DIR/train/data-00000-of-00001.arrow
-        return parents[-1] if parents else base[: len(base) - len(found[0])]
-    return base[: len(base) - len(found[0])] if found else base
+        return parents[-1]
+    return base[: len(base) - len(found[0])]
 
 
 @functools.lru_cache(maxsize=64)
@@ -244,6 +246,12 @@ def sentence_cut(text: str, limit: int) -> int:
 
 # Bytes that a text's codec did not decode, kept as lone surrogates by the "surrogateescape" handler.
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def _first_escaped_byte(text: str, codec: str) -> int | None:
+    """The offset, in `text`'s bytes, of the first byte that `codec` did not decode (`_ESCAPED_BYTE`), or None."""
+    bad = _ESCAPED_BYTE.search(text)
+    return None if bad is None else len(text[:bad.start()].encode(codec, "surrogateescape"))
 # What may stand between JSON values one after another: JSON's whitespace, and commas (an array's
 # elements written without their brackets).
 _BETWEEN_VALUES = re.compile(r"[ \t\n\r,]*")
@@ -342,9 +350,14 @@ class RecordReader:
             head = self._head(path)
             if fmt == "jsonl" and head.startswith(PARQUET_MAGIC):  # no JSON line starts so
                 fmt = "parquet"
-            if part is not None and (fmt not in ("jsonl", "parquet") or compression(head)):
-                raise ShardReadError(path, f"a {fmt} file{f' ({compression(head)})' if fmt == 'jsonl' else ''} is "
+            kind = compression(head)
+            if part is not None and (fmt not in ("jsonl", "parquet") or kind):
+                raise ShardReadError(path, f"a {fmt} file{f' ({kind})' if fmt == 'jsonl' else ''} is "
                                            f"read whole, not in parts")
+            archive = next((what for magic, what in _ARCHIVE_MAGIC.items() if head.startswith(magic)), None)
+            if archive and fmt not in _COLUMNAR:
+                raise ShardReadError(path, f"{archive}, which is not read: unpack it and give its files (JSON lines "
+                                           "and text may stay compressed, as gzip, bzip2, xz or zstd)")
             if fmt == "parquet":
                 yield from self._read_parquet(path, name, part)
             elif fmt == "arrow":
@@ -459,16 +472,10 @@ class RecordReader:
         partial last line as incomplete, then raises `ShardReadError`. Damage to a bzip2, xz or zstd
         stream raises `ShardReadError` after the whole lines before it.
         """
-        for magic, kind in _ARCHIVE_MAGIC.items():
-            if head.startswith(magic):
-                raise ShardReadError(path, f"{kind}, which is not read: unpack it and give its files (JSON lines "
-                                           "and text may stay compressed, as gzip, bzip2, xz or zstd)")
         kind = compression(head)
-        with fsspec.open(path, "rb", **(self.storage_options or {})) as raw:
-            if isinstance(raw, AbstractBufferedFile):  # object stores: their readline() takes no limit
-                raw = io.BufferedReader(raw, 1 << 20)
-            gz = _GzipLines(raw) if kind == "gzip" else None
-            stream = gz or (decompressed(raw, kind) if kind else raw)
+        with self._content(path, None if kind == "gzip" else kind) as (raw, content):
+            gz = _GzipLines(raw) if kind == "gzip" else None  # skips a corrupt member to the next one
+            stream = gz or content
             damage = STREAM_ERRORS if kind and gz is None else ()  # what a plain file raises is not damage
             number = 0
             stop = None
@@ -505,12 +512,12 @@ class RecordReader:
                 raise ShardReadError(path, f"truncated or corrupt {kind} stream after line {number}: "
                                            f"{type(err).__name__}: {err}", line=number + 1) from err
 
-    def _read_jsonl(self, path: str, name: str, head: bytes,
-                    part: tuple[int, ...] | None = None) -> Iterator[Document | Rejection | ReadFault]:
-        opening = self._opening(path, head)
+    def _read_jsonl(self, path: str, name: str, head: bytes, part: tuple[int, ...] | None = None,
+                    opening: bytes | None = None) -> Iterator[Document | Rejection | ReadFault]:
+        opening = self._opening(path, head) if opening is None else opening
         codec = self._text_codec(path, opening)
         if part is None and is_json_document(opening):
-            records = self._json_document(path, name, codec)
+            records = self._json_document(path, name, compression(head), codec)
             if records is not None:
                 yield from records
                 return
@@ -528,7 +535,7 @@ class RecordReader:
             try:
                 decoded = raw.decode(codec)
             except UnicodeDecodeError as err:
-                yield self._undecodable(path, name, number, raw, codec, err)
+                yield self._undecodable(path, name, number, raw, codec, err.start)
                 continue
             try:
                 record = json.loads(decoded)
@@ -545,17 +552,25 @@ class RecordReader:
                 continue
             yield self._document(record, path, name, number)
 
+    @contextlib.contextmanager
+    def _content(self, path: str, kind: str | None) -> Iterator[tuple[BinaryIO, BinaryIO]]:
+        """(raw, content): the file's bytes, buffered, and its content, decompressed as `kind`
+        (`cleaning.compression`) says; `raw` itself when None."""
+        with fsspec.open(path, "rb", **(self.storage_options or {})) as raw:
+            if isinstance(raw, AbstractBufferedFile):  # object stores: their readline() takes no limit
+                raw = io.BufferedReader(raw, 1 << 20)
+            yield raw, (decompressed(raw, kind) if kind else raw)
+
     def _opening(self, path: str, head: bytes) -> bytes:
         """The first `JSON_SNIFF_BYTES` of the file's content (decompressed when the bytes say so)."""
         kind = compression(head)
-        with fsspec.open(path, "rb", **(self.storage_options or {})) as fh:
-            if kind:
-                with decompressed(fh, kind) as content:
-                    try:
-                        return content.read(JSON_SNIFF_BYTES)
-                    except STREAM_ERRORS:
-                        return b""  # damaged: the line reader recovers what it can and reports the rest
-            return fh.read(JSON_SNIFF_BYTES)
+        with self._content(path, kind) as (_, content):
+            try:
+                return content.read(JSON_SNIFF_BYTES)
+            except STREAM_ERRORS:
+                if not kind:
+                    raise
+                return b""  # damaged: the line reader recovers what it can and reports the rest
 
     @staticmethod
     def _text_codec(path: str, opening: bytes) -> str:
@@ -575,29 +590,30 @@ class RecordReader:
             return "utf-8"
         return legacy_codec(sample, ("gb18030", "big5hkscs"))
 
-    def _undecodable(self, path: str, name: str, line: int, raw: bytes, codec: str,
-                     err: UnicodeDecodeError) -> Rejection:
-        """The rejection of a line that its file's codec (`_text_codec`) does not decode."""
+    def _undecodable(self, path: str, name: str, line: int, raw: bytes | str, codec: str, at: int) -> Rejection:
+        """The rejection of a record that its file's codec (`_text_codec`) does not decode at byte `at` (`raw`:
+        its bytes, or its text with the bytes kept as `_ESCAPED_BYTE`)."""
+        if isinstance(raw, str):
+            raw = raw.encode(codec, "surrogateescape")
         if codec.startswith("utf-8"):
-            return self._raw_rejection(path, name, line, raw, "invalid_utf8", f"invalid UTF-8 at byte {err.start}")
+            return self._raw_rejection(path, name, line, raw, "invalid_utf8", f"invalid UTF-8 at byte {at}")
         return self._raw_rejection(path, name, line, raw, "invalid_encoding",
-                                   f"not {codec} at byte {err.start} (the file reads as {codec}: its opening is "
-                                   "not UTF-8)")
+                                   f"not {codec} at byte {at} (the file reads as {codec}: its opening is not UTF-8)")
 
-    def _json_document(self, path: str, name: str, codec: str) -> Iterator[Document | Rejection] | None:
+    def _json_document(self, path: str, name: str, kind: str | None,
+                       codec: str) -> Iterator[Document | Rejection] | None:
         """The records of a .json file read whole: one JSON document (an array's elements, or one object),
         or objects one after another (`_json_values`); None when its values are JSON lines after all
         (each on a line of its own: the line reader reads them). An array that does not parse gives the
         elements that do, numbered by line (`_array_elements`); a document in which no record can be told
         apart stops the file, with one message."""
-        with fsspec.open(path, "rb", **(self.storage_options or {})) as fh:
-            kind = compression(fh.read(8))
-            fh.seek(0)
-            with decompressed(fh, kind) if kind else contextlib.nullcontext(fh) as content:
-                try:
-                    data = content.read(JSON_DOCUMENT_MAX_BYTES + 1)
-                except STREAM_ERRORS as err:
-                    raise ShardReadError(path, f"one JSON document in a damaged {kind} stream ({err})") from None
+        with self._content(path, kind) as (_, content):
+            try:
+                data = content.read(JSON_DOCUMENT_MAX_BYTES + 1)
+            except STREAM_ERRORS as err:
+                if not kind:
+                    raise
+                raise ShardReadError(path, f"one JSON document in a damaged {kind} stream ({err})") from None
         if len(data) > JSON_DOCUMENT_MAX_BYTES:
             raise ShardReadError(path, f"one JSON document larger than {JSON_DOCUMENT_MAX_BYTES >> 20} MiB, which is "
                                        "not read whole; write it as JSON lines (one record per line: "
@@ -605,7 +621,7 @@ class RecordReader:
                                        "FILE.jsonl` for objects one after another)")
         # Bytes the codec does not decode become lone surrogates, found again per value below.
         text = data.decode(codec, "surrogateescape")
-        undecodable = _ESCAPED_BYTE.search(text)
+        undecodable = _first_escaped_byte(text, codec)
         failure = None
         if undecodable is None:
             try:
@@ -621,8 +637,7 @@ class RecordReader:
             values = _array_elements(text)
         if len(values) <= 1 and not any(value.error is None for value in values):
             if undecodable is not None:
-                at = len(text[:undecodable.start()].encode(codec, "surrogateescape"))
-                raise ShardReadError(path, f"one JSON document with bytes that are not {codec} at byte {at}")
+                raise ShardReadError(path, f"one JSON document with bytes that are not {codec} at byte {undecodable}")
             if failure is None:
                 raise ShardReadError(path, "one JSON document nested too deeply")
             raise ShardReadError(path, f"one JSON document, corrupt at column {failure.colno}: {failure.msg}",
@@ -638,12 +653,9 @@ class RecordReader:
                 yield self._raw_rejection(path, name, item.line, raw, "corrupt_json",
                                           f"corrupt JSON: {item.error} (read on from line {item.next_line})")
                 continue
-            bad = _ESCAPED_BYTE.search(raw)
+            bad = _first_escaped_byte(raw, codec)
             if bad is not None:
-                encoded = raw.encode(codec, "surrogateescape")
-                at = len(raw[:bad.start()].encode(codec, "surrogateescape"))
-                yield self._undecodable(path, name, item.line, encoded, codec,
-                                        UnicodeDecodeError(codec, encoded, at, at + 1, "undecodable"))
+                yield self._undecodable(path, name, item.line, raw, codec, bad)
             else:
                 yield self._document(item.value, path, name, item.line)
 
@@ -719,7 +731,7 @@ class RecordReader:
                     line = raw.decode(codec)
                 except UnicodeDecodeError as err:
                     yield from flush()
-                    yield self._undecodable(path, name, number, raw, codec, err)
+                    yield self._undecodable(path, name, number, raw, codec, err.start)
                     continue
                 if self.txt_split == "line":
                     if line.strip():
@@ -791,7 +803,7 @@ class RecordReader:
         opening = self._opening(path, head)
         codec = self._text_codec(path, opening)
         if opening.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
-            yield from self._read_jsonl(path, name, head)
+            yield from self._read_jsonl(path, name, head, opening=opening)
             return
         fields = self.fields
         attrs: dict[str, str] | None = None  # the tag of the article being read
@@ -820,7 +832,7 @@ class RecordReader:
                 try:
                     line = raw.decode(codec)
                 except UnicodeDecodeError as err:
-                    yield self._undecodable(path, name, number, raw, codec, err)
+                    yield self._undecodable(path, name, number, raw, codec, err.start)
                     continue
                 tag = _WIKI_OPEN.match(line) if complete else None
                 if tag is not None or (line.rstrip() == "</doc>" and (attrs is not None or skipping)):
@@ -857,10 +869,7 @@ class RecordReader:
         codec = self._text_codec(path, opening)
         delimiter = "\t" if _suffix(path)[0].startswith(".tsv") else ","
         kind = compression(head)
-        with fsspec.open(path, "rb", **(self.storage_options or {})) as raw:
-            if isinstance(raw, AbstractBufferedFile):  # object stores: a text wrapper wants a buffered reader
-                raw = io.BufferedReader(raw, 1 << 20)
-            stream = decompressed(raw, kind) if kind else raw
+        with self._content(path, kind) as (_, stream):
             text = io.TextIOWrapper(stream, encoding=codec, errors="surrogateescape", newline="")
             rows = csv.reader(text, delimiter=delimiter)
             try:
@@ -885,12 +894,9 @@ class RecordReader:
                 if not any(cell.strip() for cell in row):
                     continue  # a blank line between rows
                 joined = delimiter.join(row)
-                bad = _ESCAPED_BYTE.search(joined)
+                bad = _first_escaped_byte(joined, codec)
                 if bad is not None:
-                    encoded = joined.encode(codec, "surrogateescape")
-                    at = len(joined[:bad.start()].encode(codec, "surrogateescape"))
-                    yield self._undecodable(path, name, start, encoded, codec,
-                                            UnicodeDecodeError(codec, encoded, at, at + 1, "undecodable"))
+                    yield self._undecodable(path, name, start, joined, codec, bad)
                 elif len(row) != len(header):
                     yield self._raw_rejection(path, name, start, joined, "corrupt_csv",
                                               f"{len(row)} field(s) where the header has {len(header)}")

@@ -78,9 +78,9 @@ def run_build(build: CorpusBuild, map_stage: Mapper, log: Callable[[str], None] 
                                     mapped)
     log(f"work: {describe_work(manifest['work'])}")
     unread = sum(1 for entry in manifest["inputs"] if entry.get("error"))
-    if unread:  # said shard by shard above; gathered here, where a reader of the log looks last
+    if unread:  # said shard by shard above (the files no reader takes, at the start); gathered here
         warn(f"{unread} of {len(manifest['inputs'])} inputs not read in full:\n  "
-             + "\n  ".join(line for line in input_problems(manifest) if not line.startswith("not read:")))
+             + "\n  ".join(input_problems(manifest, unsupported=False)))
     return manifest
 
 
