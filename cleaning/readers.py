@@ -7,7 +7,9 @@ object), read whole up to `JSON_DOCUMENT_MAX_BYTES`: its records cannot be told 
 elements are numbered from 1 (`NAME:K`, meta `element`). Pretty-printed objects one after another
 (`jq . FILE` writes them so) are records numbered by the line each starts on; one that does not parse
 is one rejection, and reading resumes at the next line that opens an object at its first column; an
-array that does not parse is read so too, element by element (`_array_elements`).
+array that does not parse is read so too, element by element (`_array_elements`; on one line, from the
+commas before objects). A CSV quote that is never closed where its field ends loses its own line only
+(`_stray_quote`).
 JSON lines and plain text decode as their opening reads (`_text_codec`: UTF-8 with or without a
 byte-order mark, or GB18030 / Big5 for legacy Chinese files).
 Every physical record comes out as either a `Document` or a `Rejection` naming the file and line,
@@ -43,6 +45,7 @@ import json
 import os
 import re
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Iterator, Literal
 
@@ -269,6 +272,7 @@ class _JsonValue:
     value: Any = None
     error: str | None = None  # why the text from `start` to `end` does not parse
     next_line: int = 0  # the line the next value is looked for from
+    unit: str = "line"  # what `line`, `last_line` and `next_line` count (a one-line array's "element")
 
 
 def _json_values(text: str, pos: int = 0, stop: int | None = None, line: int = 1,
@@ -309,13 +313,57 @@ def _json_values(text: str, pos: int = 0, stop: int | None = None, line: int = 1
 def _array_elements(text: str) -> list[_JsonValue]:
     """The elements of a JSON array that does not parse as a whole (a download cut short, one broken
     element): each element that parses, and the text between them that does not, found from the lines
-    that open an object at the indentation of the elements."""
+    that open an object at the indentation of the elements; in an array written on one line, from the
+    commas before an object (`_one_line_elements`)."""
     opening = text.index("[")
     content = text.rstrip()
     stop = len(content) - 1 if content.endswith("]") and len(content) - 1 > opening else len(text)  # a cut: no "]"
-    first = _ELEMENT_INDENT.search(text, opening)
-    return _json_values(text, opening + 1, stop, 1 + text.count("\n", 0, opening),
-                        first.group(1) if first else "")
+    first = _ELEMENT_INDENT.search(text, opening, stop)
+    if first is None:  # no element opens a line (a newline, if any, is damage inside one)
+        return _one_line_elements(text, opening + 1, stop)
+    return _json_values(text, opening + 1, stop, 1 + text.count("\n", 0, opening), first.group(1))
+
+
+# Where the next element of an array written on one line may start: a comma, then an object.
+_NEXT_ELEMENT = re.compile(r",[ \t\r]*(?=\{)")
+_SPACE = re.compile(r"[ \t\r]*")
+
+
+def _one_line_elements(text: str, pos: int, stop: int) -> list[_JsonValue]:
+    """The elements of an array written on one line (`json.dump`'s default), from `pos` to `stop`, numbered
+    from 1 as a whole array's are: each that parses, and text that does not as one error value up to the
+    next comma before an object that parses and ends where an element ends (at a comma or at `stop`: an
+    object nested in the broken element is not taken for one)."""
+    values: list[_JsonValue] = []
+    number = 1
+    while True:
+        start = _BETWEEN_VALUES.match(text, pos, stop).end()
+        if start >= stop:
+            return values
+        value, end, error = _element(text, start)
+        if error is not None:
+            end = stop
+            for comma in _NEXT_ELEMENT.finditer(text, start + 1, stop):
+                _, after, wrong = _element(text, comma.end())
+                follow = _SPACE.match(text, after, stop).end() if wrong is None else stop
+                if wrong is None and (follow >= stop or text[follow] == ","):
+                    end = comma.start()
+                    break
+        values.append(_JsonValue(start, end, number, number, value, error, number + 1, unit="element"))
+        pos, number = end, number + 1
+
+
+def _element(text: str, start: int) -> tuple[Any, int, str | None]:
+    """The object that starts at `start`, where it ends, and why it is not one (None when it is)."""
+    if text[start] != "{":
+        return None, start, f"not an object ({text[start:start + 20]!r})"
+    try:
+        value, end = _DECODER.raw_decode(text, start)
+    except json.JSONDecodeError as err:
+        return None, start, f"{err.msg} at column {err.colno}"
+    except RecursionError:
+        return None, start, "nested too deeply"
+    return value, end, None
 
 
 # WikiExtractor's article tags: `<doc id="13" url="https://zh.wikipedia.org/wiki?curid=13" title="数学">`.
@@ -590,15 +638,17 @@ class RecordReader:
             return "utf-8"
         return legacy_codec(sample, ("gb18030", "big5hkscs"))
 
-    def _undecodable(self, path: str, name: str, line: int, raw: bytes | str, codec: str, at: int) -> Rejection:
+    def _undecodable(self, path: str, name: str, line: int, raw: bytes | str, codec: str, at: int,
+                     unit: str = "line") -> Rejection:
         """The rejection of a record that its file's codec (`_text_codec`) does not decode at byte `at` (`raw`:
         its bytes, or its text with the bytes kept as `_ESCAPED_BYTE`)."""
         if isinstance(raw, str):
             raw = raw.encode(codec, "surrogateescape")
         if codec.startswith("utf-8"):
-            return self._raw_rejection(path, name, line, raw, "invalid_utf8", f"invalid UTF-8 at byte {at}")
+            return self._raw_rejection(path, name, line, raw, "invalid_utf8", f"invalid UTF-8 at byte {at}", unit=unit)
         return self._raw_rejection(path, name, line, raw, "invalid_encoding",
-                                   f"not {codec} at byte {at} (the file reads as {codec}: its opening is not UTF-8)")
+                                   f"not {codec} at byte {at} (the file reads as {codec}: its opening is not UTF-8)",
+                                   unit=unit)
 
     def _json_document(self, path: str, name: str, kind: str | None,
                        codec: str) -> Iterator[Document | Rejection] | None:
@@ -631,9 +681,10 @@ class RecordReader:
             except RecursionError:
                 pass
         values = _json_values(text)
-        if all(value.last_line == value.line for value in values):
-            return None
-        if text.lstrip("\ufeff \t\r\n").startswith("["):
+        array = text.lstrip("\ufeff \t\r\n").startswith("[")
+        if all(value.last_line == value.line for value in values) and not (array and len(values) == 1):
+            return None  # JSON lines (an array on one line is one value: its elements are read below)
+        if array:
             values = _array_elements(text)
         if len(values) <= 1 and not any(value.error is None for value in values):
             if undecodable is not None:
@@ -646,18 +697,24 @@ class RecordReader:
 
     def _json_stream(self, values: list[_JsonValue], text: str, codec: str, path: str,
                      name: str) -> Iterator[Document | Rejection]:
-        """Objects one after another as records, each numbered by the line it starts on."""
+        """Objects one after another as records, each numbered by the line it starts on (and by its place
+        on that line, `NAME:LINE#K`, where a line starts several: ids stay unique)."""
+        sharing = Counter(item.line for item in values)
+        place: Counter[int] = Counter()
         for item in values:
+            place[item.line] += 1
+            piece = place[item.line] if sharing[item.line] > 1 else None
             raw = text[item.start:item.end]
             if item.error is not None:
                 yield self._raw_rejection(path, name, item.line, raw, "corrupt_json",
-                                          f"corrupt JSON: {item.error} (read on from line {item.next_line})")
+                                          f"corrupt JSON: {item.error} (read on from {item.unit} {item.next_line})",
+                                          unit=item.unit)
                 continue
             bad = _first_escaped_byte(raw, codec)
             if bad is not None:
-                yield self._undecodable(path, name, item.line, raw, codec, bad)
+                yield self._undecodable(path, name, item.line, raw, codec, bad, unit=item.unit)
             else:
-                yield self._document(item.value, path, name, item.line)
+                yield self._document(item.value, path, name, item.line, piece=piece, unit=item.unit)
 
     def _json_records(self, value: Any, path: str, name: str) -> Iterator[Document | Rejection]:
         """An array's objects, element by element (numbered from 1, as lines are); an object is one record."""
@@ -861,7 +918,9 @@ class RecordReader:
         """A table of comma- (`.csv`) or tab-separated (`.tsv`) values with a header row that names the
         fields, one document per row (quoted fields may span lines; a row's number is the line it starts
         on). A row whose field count is not the header's, or that the parser refuses, is one `corrupt_csv`
-        rejection; a file without the text column stops."""
+        rejection; so is the line of a quote that is never closed, or that takes the following lines into
+        a row that then has the wrong number of fields (CSV's rule would read the rest of the file as one
+        field): reading goes on from the next line (`_CsvLines`). A file without the text column stops."""
         import csv
 
         csv.field_size_limit(max(csv.field_size_limit(), self.max_record_bytes))
@@ -870,27 +929,40 @@ class RecordReader:
         delimiter = "\t" if _suffix(path)[0].startswith(".tsv") else ","
         kind = compression(head)
         with self._content(path, kind) as (_, stream):
-            text = io.TextIOWrapper(stream, encoding=codec, errors="surrogateescape", newline="")
-            rows = csv.reader(text, delimiter=delimiter)
+            lines = _CsvLines(io.TextIOWrapper(stream, encoding=codec, errors="surrogateescape", newline=""))
+            rows = csv.reader(lines, delimiter=delimiter)
             try:
                 header = next(rows, [])
             except csv.Error as err:
                 raise ShardReadError(path, f"unreadable header row: {err}") from None
             self._columns(path, header)
-            ended = rows.line_num  # the line the previous row ended on
+            lines.take_row()
             while True:
+                problem = None
                 try:
                     row = next(rows)
                 except StopIteration:
                     return
                 except csv.Error as err:
-                    yield self._raw_rejection(path, name, ended + 1, "", "corrupt_csv", f"unreadable row: {err}")
-                    ended = rows.line_num
-                    continue
+                    row, problem = [], f"unreadable row: {err}"
                 except STREAM_ERRORS as err:
-                    raise ShardReadError(path, f"truncated or corrupt {kind} stream after line {ended}: "
-                                               f"{type(err).__name__}: {err}", line=ended + 1) from err
-                start, ended = ended + 1, rows.line_num
+                    raise ShardReadError(path, f"truncated or corrupt {kind} stream after line {lines.number}: "
+                                               f"{type(err).__name__}: {err}", line=lines.number + 1) from err
+                taken = lines.take_row()
+                start = taken[0][0] if taken else lines.number + 1
+                what = _stray_quote(taken, row, problem, len(header), delimiter) if len(taken) > 1 else None
+                if what:
+                    # A quote opened on the row's first line took the lines after it: only that line is lost.
+                    lines.replay(taken[1:])
+                    yield self._raw_rejection(path, name, start, taken[0][1], "corrupt_csv",
+                                              f"a quote opened on this line is not closed where its field ends: "
+                                              f"{what} (read on from line {taken[1][0]})")
+                    rows = csv.reader(lines, delimiter=delimiter)  # a parser that starts on a fresh row
+                    continue
+                if problem:
+                    yield self._raw_rejection(path, name, start, "".join(line for _, line in taken),
+                                              "corrupt_csv", problem)
+                    continue
                 if not any(cell.strip() for cell in row):
                     continue  # a blank line between rows
                 joined = delimiter.join(row)
@@ -1006,6 +1078,64 @@ def _raw_text(row: pa.RecordBatch, column: str) -> bytes:
         return data or b""
     except Exception:  # noqa: BLE001
         return b""
+
+
+def _stray_quote(lines: list[tuple[int, str]], row: list[str], problem: str | None, fields: int,
+                 delimiter: str) -> str | None:
+    """Why the quote opening a row of several `lines` is a stray one (None when the row is well formed:
+    its quoted fields close where a field ends, and it has the header's `fields`). The reader is lenient
+    (text after a closing quote joins the field); a strict parse of the row's own lines tells a quote
+    that was closed by another field's opening quote."""
+    import csv
+
+    span = f"lines {lines[0][0]}-{lines[-1][0]}"
+    if problem:
+        return f"{span} make an unreadable row ({problem})"
+    if len(row) != fields:
+        return f"{span} make a row of {len(row)} field(s) where the header has {fields}"
+    if sum(line.count('"') for _, line in lines) % 2:
+        return "it runs to the end of the file"
+    try:
+        strict = list(csv.reader(io.StringIO("".join(line for _, line in lines), newline=""),
+                                 delimiter=delimiter, strict=True))
+    except csv.Error as err:
+        return f"it closes in {span} with text after it ({err})"
+    return None if len(strict) == 1 else f"{span} make {len(strict)} rows"
+
+
+class _CsvLines:
+    """A text stream's lines for `csv.reader`, numbered from 1, keeping those of the row being parsed
+    (`take_row`) so that all but the first can be read again (`replay`): a row that a stray quote ran
+    over the lines after it gives those lines back."""
+
+    def __init__(self, stream: io.TextIOBase):
+        self._stream = stream
+        self._again: list[tuple[int, str]] = []  # lines to read again, the next one last
+        self._row: list[tuple[int, str]] = []
+        self.number = 0  # the last line read from the stream
+
+    def __iter__(self) -> "_CsvLines":
+        return self
+
+    def __next__(self) -> str:
+        if self._again:
+            item = self._again.pop()
+        else:
+            line = self._stream.readline()
+            if not line:
+                raise StopIteration
+            self.number += 1
+            item = (self.number, line)
+        self._row.append(item)
+        return item[1]
+
+    def take_row(self) -> list[tuple[int, str]]:
+        """The (number, line) pairs read since the last call."""
+        row, self._row = self._row, []
+        return row
+
+    def replay(self, lines: list[tuple[int, str]]) -> None:
+        self._again.extend(reversed(lines))
 
 
 class _TruncatedStream(Exception):

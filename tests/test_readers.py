@@ -185,6 +185,32 @@ def test_a_json_file_holding_one_document_is_read_element_by_element(tmp_path):
     assert first.reason == "corrupt_json" and "line 1" in first.detail and second.id == "mixed.json:2"
 
 
+def test_an_array_on_one_line_that_does_not_parse_loses_only_its_broken_element(tmp_path):
+    """`json.dump(records, f)` writes an array on one line. Cut short (a download that stopped) or with one
+    broken element, it was one `corrupt_json` rejection holding every element; a newline inside one
+    element gave every element before it the same id. Now the elements that parse are records numbered
+    as a whole array's are, and each broken stretch is one rejection, read on from the next element."""
+    texts = [t[:120] for t in abstracts()[:5]]
+    records = [{"text": t, "tags": [{"k": 1}, {"k": 2}]} for t in texts]  # objects nested in each element
+    line = json.dumps(records, ensure_ascii=False)
+    (tmp_path / "cut.json").write_text(line[:line.index(texts[4][:20])], encoding="utf-8")
+    out = list(RecordReader().read(str(tmp_path / "cut.json")))
+    assert [o.text if isinstance(o, Document) else o.reason for o in out] == [*texts[:4], "corrupt_json"]
+    assert [o.id for o in out[:4]] == [f"cut.json:{k}" for k in (1, 2, 3, 4)] and out[3].meta["element"] == 4
+    assert "cut.json, element 5: corrupt JSON: Unterminated string" in out[4].detail
+
+    # A missing colon in the second element (its nested objects are not taken for elements), and a
+    # newline inside the fourth: two rejections, the other three elements kept with their own ids.
+    broken = line.replace(f'"text": "{texts[1]}"', f'"text" "{texts[1]}"').replace(texts[3][5:7], "\n")
+    (tmp_path / "broken.json").write_text(broken, encoding="utf-8")
+    out = list(RecordReader().read(str(tmp_path / "broken.json")))
+    assert [o.text if isinstance(o, Document) else o.reason for o in out] == [
+        texts[0], "corrupt_json", texts[2], "corrupt_json", texts[4]]
+    assert [o.id for o in out if isinstance(o, Document)] == ["broken.json:1", "broken.json:3", "broken.json:5"]
+    assert "element 2: corrupt JSON: Expecting ':' delimiter" in out[1].detail and "read on from element 3" \
+        in out[1].detail
+
+
 def test_plain_text_in_gbk_big5_or_with_a_byte_order_mark_is_read_as_such(tmp_path):
     """Chinese .txt files are often GB18030/GBK (or Big5): every block of one was an `invalid_utf8`
     rejection. A file's opening decides its encoding, as a web page's bytes do (`cleaning.webpage`); a
@@ -319,3 +345,33 @@ def test_csv_and_tsv_tables_are_read_row_by_row(tmp_path):
     (tmp_path / "news.tsv.gz").write_bytes(gzip.compress(lines.encode("gbk")))
     out = list(RecordReader().read(str(tmp_path / "news.tsv.gz")))
     assert [(o.id, o.text, o.domain) for o in out] == [(f"n{i}", t, "news") for i, t in enumerate(texts)]
+
+
+def test_a_csv_quote_left_open_loses_only_its_line(tmp_path):
+    """CSV's rule reads a quote that is never closed, and every line after it, as one field: the rest of
+    the table was one rejection, or one document of many rows when the field count happened to match.
+    Now the line that opens such a quote is one `corrupt_csv` rejection and the rows after it are read;
+    a quoted field over lines that ends as a well-formed row is still one document."""
+    texts = [t[:60].replace(",", "，").replace('"', "“") for t in abstracts()[:6]]
+    table = ("label,review\n"
+             f'1,"{texts[0]}\n'  # a quote never closed, at the end of the file
+             f'0,{texts[1]}\n'
+             f'1,"{texts[2]}\n{texts[3]}"\n'  # a quoted field over two lines
+             f'0,"{texts[4]}\n'  # a quote that runs into the next quoted field: three fields
+             f'1,"{texts[5]}",extra\n')
+    (tmp_path / "open.csv").write_text(table, encoding="utf-8")
+    out = list(RecordReader(fields=FieldMap(text="review")).read(str(tmp_path / "open.csv")))
+    assert [o.text if isinstance(o, Document) else o.reason for o in out] == [
+        "corrupt_csv", texts[1], texts[2] + "\n" + texts[3], "corrupt_csv", "corrupt_csv"]
+    assert [o.id for o in out if isinstance(o, Document)] == ["open.csv:3", "open.csv:4"]
+    assert "open.csv, line 2: a quote opened on this line is not closed where its field ends: it closes in " \
+           "lines 2-4 with text after it (',' expected after '\"') (read on from line 3)" in out[0].detail
+    assert "line 6: a quote opened on this line is not closed where its field ends: lines 6-7 make a row of 3 " \
+           "field(s) where the header has 2 (read on from line 7)" in out[3].detail
+    assert "line 7: 3 field(s) where the header has 2" in out[4].detail
+
+    (tmp_path / "end.csv").write_text(f'label,review\n0,{texts[1]}\n1,"{texts[0]}\n0,{texts[2]}\n', encoding="utf-8")
+    out = list(RecordReader(fields=FieldMap(text="review")).read(str(tmp_path / "end.csv")))
+    assert [o.text if isinstance(o, Document) else o.reason for o in out] == [texts[1], "corrupt_csv", texts[2]]
+    assert "line 3: a quote opened on this line is not closed where its field ends: it runs to the end of the " \
+           "file (read on from line 4)" in out[1].detail
