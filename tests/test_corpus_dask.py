@@ -82,7 +82,7 @@ def test_refresh_runs_every_stage_on_a_multiprocess_dask_cluster_over_s3(prefect
         records.append({"text": substitute_chinese(docs[0], 0.03, random.Random(0)), "source": "web"})
         _put_jsonl(s3, f"corpus-test/raw/part-{shard}.jsonl", records)
     # fuzzy and exact dedup on; the big input is cut into parts
-    config = CorpusConfig.model_validate({"rules": RULES_ONLY, "shard_bytes": 8 * 1024,
+    config = CorpusConfig.model_validate({"rules": RULES_ONLY, "shard_bytes": 16 * 1024,
                                           "dedup": {"partitions": 2, "fuzzy": True, "exact": True}})
     root = "s3://corpus-test/corpus"
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
