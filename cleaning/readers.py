@@ -273,6 +273,7 @@ class _JsonValue:
     error: str | None = None  # why the text from `start` to `end` does not parse
     next_line: int = 0  # the line the next value is looked for from
     unit: str = "line"  # what `line`, `last_line` and `next_line` count (a one-line array's "element")
+    to_the_end: bool = False  # an error that nothing readable follows (a file cut short inside it)
 
 
 def _json_values(text: str, pos: int = 0, stop: int | None = None, line: int = 1,
@@ -296,7 +297,7 @@ def _json_values(text: str, pos: int = 0, stop: int | None = None, line: int = 1
             try:
                 value, end = _DECODER.raw_decode(text, start)
             except json.JSONDecodeError as err:
-                error = f"{err.msg} at line {line + text.count(chr(10), start, err.pos)}"
+                error = _json_error(err, f"line {line + text.count(chr(10), start, err.pos)}")
             except RecursionError:
                 error = "nested too deeply"
         if error is None:
@@ -306,7 +307,8 @@ def _json_values(text: str, pos: int = 0, stop: int | None = None, line: int = 1
             end = resume.end() if resume else stop
             next_line = line + text.count("\n", start, end)
             last = next_line - 1 if resume else next_line  # the span ends with the newline before the next object
-        values.append(_JsonValue(start, end, line, last, value, error, next_line))
+        values.append(_JsonValue(start, end, line, last, value, error, next_line,
+                                 to_the_end=error is not None and not resume))
         pos, line = end, next_line
 
 
@@ -341,15 +343,17 @@ def _one_line_elements(text: str, pos: int, stop: int) -> list[_JsonValue]:
         if start >= stop:
             return values
         value, end, error = _element(text, start)
+        resumed = error is None
         if error is not None:
             end = stop
             for comma in _NEXT_ELEMENT.finditer(text, start + 1, stop):
                 _, after, wrong = _element(text, comma.end())
                 follow = _SPACE.match(text, after, stop).end() if wrong is None else stop
                 if wrong is None and (follow >= stop or text[follow] == ","):
-                    end = comma.start()
+                    end, resumed = comma.start(), True
                     break
-        values.append(_JsonValue(start, end, number, number, value, error, number + 1, unit="element"))
+        values.append(_JsonValue(start, end, number, number, value, error, number + 1, unit="element",
+                                 to_the_end=not resumed))
         pos, number = end, number + 1
 
 
@@ -360,10 +364,16 @@ def _element(text: str, start: int) -> tuple[Any, int, str | None]:
     try:
         value, end = _DECODER.raw_decode(text, start)
     except json.JSONDecodeError as err:
-        return None, start, f"{err.msg} at column {err.colno}"
+        return None, start, _json_error(err, f"column {err.colno}")
     except RecursionError:
         return None, start, "nested too deeply"
     return value, end, None
+
+
+def _json_error(err: json.JSONDecodeError, place: str) -> str:
+    """The parser's message with where it failed: "Unterminated string starting at column 9" (its message
+    for a string already ends with "at"), "Expecting ':' delimiter at line 5"."""
+    return f"{err.msg} {place}" if err.msg.endswith(" at") else f"{err.msg} at {place}"
 
 
 # WikiExtractor's article tags: `<doc id="13" url="https://zh.wikipedia.org/wiki?curid=13" title="数学">`.
@@ -589,7 +599,7 @@ class RecordReader:
                 record = json.loads(decoded)
             except json.JSONDecodeError as err:
                 yield self._raw_rejection(path, name, number, raw, "corrupt_json",
-                                          f"corrupt JSON: {err.msg} at column {err.colno}")
+                                          f"corrupt JSON: {_json_error(err, f'column {err.colno}')}")
                 continue
             except RecursionError:
                 yield self._raw_rejection(path, name, number, raw, "corrupt_json", "corrupt JSON: nested too deeply")
@@ -706,9 +716,10 @@ class RecordReader:
             piece = place[item.line] if sharing[item.line] > 1 else None
             raw = text[item.start:item.end]
             if item.error is not None:
+                after = "it runs to the end of the text" if item.to_the_end else \
+                    f"read on from {item.unit} {item.next_line}"
                 yield self._raw_rejection(path, name, item.line, raw, "corrupt_json",
-                                          f"corrupt JSON: {item.error} (read on from {item.unit} {item.next_line})",
-                                          unit=item.unit)
+                                          f"corrupt JSON: {item.error} ({after})", unit=item.unit)
                 continue
             bad = _first_escaped_byte(raw, codec)
             if bad is not None:

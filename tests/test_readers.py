@@ -197,7 +197,8 @@ def test_an_array_on_one_line_that_does_not_parse_loses_only_its_broken_element(
     out = list(RecordReader().read(str(tmp_path / "cut.json")))
     assert [o.text if isinstance(o, Document) else o.reason for o in out] == [*texts[:4], "corrupt_json"]
     assert [o.id for o in out[:4]] == [f"cut.json:{k}" for k in (1, 2, 3, 4)] and out[3].meta["element"] == 4
-    assert "cut.json, element 5: corrupt JSON: Unterminated string" in out[4].detail
+    assert "cut.json, element 5: corrupt JSON: Unterminated string starting at column" in out[4].detail
+    assert out[4].detail.endswith("(it runs to the end of the text)")  # not "read on from element 6"
 
     # A missing colon in the second element (its nested objects are not taken for elements), and a
     # newline inside the fourth: two rejections, the other three elements kept with their own ids.
