@@ -11,6 +11,7 @@ starts without a few minutes of compiling on a 2-core machine; afterwards this t
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -21,6 +22,17 @@ import pangu_model  # noqa: F401 - the build directory and ninja every process o
 # and ours.
 OPS = ("HostAdamBuilder", "ShareMemCommBuilder")
 OUR_BUILDERS = ("HostAdamBuilder",)
+
+
+def deepspeed_accelerator_follows_torch() -> None:
+    """Without CUDA the training program computes on the CPU, and DeepSpeed's accelerator (chosen when
+    DeepSpeed is first imported) must agree: its own probe picks whatever else it finds (MPS on a Mac, an NPU
+    where torch_npu is installed) or, finding nothing, warns in every run's log "If you have GPU or other
+    accelerator, we were unable to detect it". A DS_ACCELERATOR of the user's own wins."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def compile_muon_on_first_use() -> None:
@@ -56,6 +68,7 @@ def compile_muon_on_first_use() -> None:
 def build_ops(names: Sequence[str] = OPS, required: bool = False) -> dict[str, float]:
     """Build (or load, when built already) every op of `names` this machine's accelerator has; op name →
     seconds taken. `required`: one the accelerator lacks is an error rather than passed over."""
+    deepspeed_accelerator_follows_torch()
     from deepspeed.accelerator import get_accelerator
 
     taken = {}

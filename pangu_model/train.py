@@ -68,7 +68,7 @@ from .expert_parallel import gather_expert_state, local_expert_rows, to_deepspee
 from .materialize import on_meta
 from .model import PanguModel
 from .moe import RandomRoutedExperts
-from .ops import compile_muon_on_first_use
+from .ops import compile_muon_on_first_use, deepspeed_accelerator_follows_torch
 from .optim import OptimConfig, build_scheduler, lr_at, parameter_groups
 from .plan import PlanDoesNotFit, check_plan
 from .run_lock import OutputInUse, claim_output
@@ -572,6 +572,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, device: torch.device | str | None = None) -> None:
         """`device`: where this rank computes and where its collectives' tensors live (default: its CUDA
         device, else the CPU). Tests set it to tell compute tensors from host ones on a CPU machine."""
+        deepspeed_accelerator_follows_torch()
         import deepspeed
 
         from tokenizer.dataset import PackedRowDataset

@@ -95,12 +95,15 @@ def run_config(name: str, preset: str = "alpha-tiny", **fields: Any) -> Path:
 
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# Set by an in-process Trainer on a CPU machine: a process a test starts chooses DeepSpeed's accelerator itself.
+ACCELERATOR_VARIABLES = ("DS_ACCELERATOR",)
 
 
 def rank_env() -> dict[str, str]:
     """The environment of a training process a test starts: this one's, without the launcher variables an
-    in-process Trainer leaves in it (its port may still be bound), one OpenMP thread, unbuffered output."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    in-process Trainer leaves in it (its port may still be bound) or its choice of DeepSpeed accelerator, one
+    OpenMP thread, unbuffered output."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES + ACCELERATOR_VARIABLES}
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
