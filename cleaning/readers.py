@@ -273,7 +273,6 @@ class _JsonValue:
     error: str | None = None  # why the text from `start` to `end` does not parse
     next_line: int = 0  # the line the next value is looked for from
     unit: str = "line"  # what `line`, `last_line` and `next_line` count (a one-line array's "element")
-    to_the_end: bool = False  # an error that nothing readable follows (a file cut short inside it)
 
 
 def _json_values(text: str, pos: int = 0, stop: int | None = None, line: int = 1,
@@ -307,8 +306,7 @@ def _json_values(text: str, pos: int = 0, stop: int | None = None, line: int = 1
             end = resume.end() if resume else stop
             next_line = line + text.count("\n", start, end)
             last = next_line - 1 if resume else next_line  # the span ends with the newline before the next object
-        values.append(_JsonValue(start, end, line, last, value, error, next_line,
-                                 to_the_end=error is not None and not resume))
+        values.append(_JsonValue(start, end, line, last, value, error, next_line))
         pos, line = end, next_line
 
 
@@ -343,17 +341,15 @@ def _one_line_elements(text: str, pos: int, stop: int) -> list[_JsonValue]:
         if start >= stop:
             return values
         value, end, error = _element(text, start)
-        resumed = error is None
         if error is not None:
             end = stop
             for comma in _NEXT_ELEMENT.finditer(text, start + 1, stop):
                 _, after, wrong = _element(text, comma.end())
                 follow = _SPACE.match(text, after, stop).end() if wrong is None else stop
                 if wrong is None and (follow >= stop or text[follow] == ","):
-                    end, resumed = comma.start(), True
+                    end = comma.start()
                     break
-        values.append(_JsonValue(start, end, number, number, value, error, number + 1, unit="element",
-                                 to_the_end=not resumed))
+        values.append(_JsonValue(start, end, number, number, value, error, number + 1, unit="element"))
         pos, number = end, number + 1
 
 
@@ -711,12 +707,13 @@ class RecordReader:
         on that line, `NAME:LINE#K`, where a line starts several: ids stay unique)."""
         sharing = Counter(item.line for item in values)
         place: Counter[int] = Counter()
-        for item in values:
+        for index, item in enumerate(values):
             place[item.line] += 1
             piece = place[item.line] if sharing[item.line] > 1 else None
             raw = text[item.start:item.end]
             if item.error is not None:
-                after = "it runs to the end of the text" if item.to_the_end else \
+                # A broken stretch ends where the next value starts, so only the last one runs to the end.
+                after = "it runs to the end of the text" if index == len(values) - 1 else \
                     f"read on from {item.unit} {item.next_line}"
                 yield self._raw_rejection(path, name, item.line, raw, "corrupt_json",
                                           f"corrupt JSON: {item.error} ({after})", unit=item.unit)
