@@ -439,6 +439,9 @@ def environment(ctx: Context) -> dict[str, Any]:
     except Exception as exc:
         out["pangu_model_import"] = one_line(exc)
     try:
+        from pangu_model.ops import deepspeed_accelerator_follows_torch
+
+        deepspeed_accelerator_follows_torch()  # as the training program chooses it (no probe warning on CPU)
         import deepspeed
 
         out["deepspeed"] = deepspeed.__version__

@@ -8,7 +8,8 @@ the model's own module tree built on the meta device (as ``pangu_model.info`` do
 
 Everything below is a *model* of what this project's code does; each figure is stated with its rule so
 that a wrong one can be found and fixed. The GPU kind is an argument (``pangu plan --gpu``, default
-``h100``; the trainer's check takes the device's name): topology presets name no GPU.
+``h100``; the trainer's check takes the device's name): topology presets name no GPU, so a plan that does
+not fit in one kind's GPU memory notes the kinds it fits on.
 
 Parameters per GPU
 ------------------
@@ -1218,6 +1219,16 @@ def plan_for(
         parallel = ParallelPlan(tensor=config.tensor_parallel, pipeline=config.pipeline_parallel,
                                 expert=config.expert_parallel)
     plan = plan_training(config, cluster, parallel, gpu=gpu, host_ram_gb=host_ram_gb)
+    if any(reason.startswith("GPU memory") for reason in plan.reasons):
+        # Topology presets name no GPU, so the default kind may be the wrong one for a preset (sigma-1t is
+        # planned for H200): say which other kind the same run fits on, rather than only that it does not.
+        for other in HARDWARE.values():
+            if other.key != hardware(gpu).key:
+                alternative = plan_training(config, cluster, parallel, gpu=other.key, host_ram_gb=host_ram_gb,
+                                            dense_counterpart=False)
+                if alternative.fits:
+                    plan.notes.insert(0, f"fits on {other.name} (--gpu {other.key}): step "
+                                         f"{_fmt_time(alternative.step_time_s)}, MFU {alternative.mfu:.1%}")
     if _is_bare_model(preset_or_config):
         plan.notes.insert(0, f"bare model preset {preset_or_config}: planned with "
                              + ", ".join(f"{k} {getattr(config, k)}" for k in BARE_MODEL_DEFAULTS))

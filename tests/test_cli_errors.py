@@ -102,7 +102,7 @@ def test_a_vocabulary_larger_than_the_text_holds_is_one_line_from_inside_the_flo
     done = pangu("tokenizer", "run", "--corpus", str(corpus), "--output", str(tmp_path / "out"),
                  "--vocab-size", "40000")
     _one_line_error(done, "pangu tokenizer run: error:", "vocabulary of 40,000 pieces is more than the training "
-                    "text holds", "give a vocab_size of")
+                    "text holds", "give a vocab_size (--vocab-size) of")
     assert "TrainError" in done.stderr  # the task run's failure is still logged, in one line
 
 

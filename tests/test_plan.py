@@ -298,6 +298,10 @@ def test_cli_table_says_does_not_fit(capsys):
     assert main(["plan", "--preset", "sigma-1t", "--gpu", "h100"]) == 0  # a report, even when it cannot fit
     out = capsys.readouterr().out
     assert "DOES NOT FIT" in out and "per node" in out and "GPU memory" in out and "MFU" in out
+    # the GPU kind it does fit on is named, with the flag that plans it (the default kind is H100)
+    assert "fits on NVIDIA H200 SXM 141 GB (--gpu h200): step " in out
+    assert main(["plan", "--preset", "sigma-1t"]) == 0
+    assert "--gpu h200" in capsys.readouterr().out
     assert main(["plan", "--preset", "sigma-1t", "--gpu", "h200"]) == 0
     assert "FITS" in capsys.readouterr().out
 

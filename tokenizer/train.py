@@ -51,13 +51,14 @@ def _train_error(exc: RuntimeError, config: TokenizerTrainConfig, lines: int, do
     if too_high := _VOCAB_TOO_HIGH.search(str(exc)):
         asked, most = (int(n) for n in too_high.groups())
         return TrainError(f"a vocabulary of {asked:,} pieces is more than the training text holds: sentencepiece "
-                          f"finds at most {most:,} in {sample}; give a vocab_size of {most:,} or less, or more text")
+                          f"finds at most {most:,} in {sample}; give a vocab_size (--vocab-size) of {most:,} or less, "
+                          "or more text")
     if below := _VOCAB_BELOW_CHARS.search(str(exc)):
         asked, needed = (int(n) for n in below.groups())
         return TrainError(f"a vocabulary of {asked:,} pieces is smaller than the {needed:,} pieces (characters and "
                           f"special tokens) that character_coverage {config.character_coverage} keeps of {sample}; "
-                          f"give a vocab_size of at least {needed:,} (well above it, for pieces longer than a "
-                          "character), or a lower character_coverage")
+                          f"give a vocab_size (--vocab-size) of at least {needed:,} (well above it, for pieces "
+                          "longer than a character), or a lower character_coverage")
     return TrainError(f"sentencepiece training failed: {exc}")
 
 
