@@ -93,8 +93,11 @@ def describe_model(config: Any) -> str:
     if pangu.tokenizer_pieces is not None and pangu.tokenizer_pieces != pangu.vocab_size:
         text += f" ({pangu.tokenizer_pieces:,} tokenizer pieces + padding)"
     if pangu.router == "rre":
-        text += (f", {pangu.num_domains} domains × {pangu.experts_per_domain} experts = {pangu.total_experts} "
-                 f"per RRE layer in the top {pangu.moe_layers} layers")
+        def count(n: int, noun: str) -> str:
+            return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+        text += (f", {count(pangu.num_domains, 'domain')} × {count(pangu.experts_per_domain, 'expert')} = "
+                 f"{pangu.total_experts} per RRE layer in the top {count(pangu.moe_layers, 'layer')}")
     return text
 
 

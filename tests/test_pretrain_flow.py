@@ -289,6 +289,18 @@ def test_sigma_fits_a_corpus_with_more_domains_than_its_preset(prefect_api, tmp_
     assert not (tmp_path / "refused").exists()
 
 
+def test_the_model_line_counts_a_corpus_of_one_domain_in_the_singular():
+    """The flow's first log line about the model, on a corpus of one domain (one input file)."""
+    from flows.pretrain import describe_model
+    from pangu_model.plan import resolve_train_config
+
+    one = describe_model(resolve_train_config("sigma-tiny", ["model_overrides.num_domains=1",
+                                                             "model_overrides.experts_per_domain=1"]))
+    assert "1 domain × 1 expert = 1 per RRE layer in the top 2 layers" in one, one
+    four = describe_model(resolve_train_config("sigma-tiny"))
+    assert "4 domains × 2 experts = 8 per RRE layer in the top 2 layers" in four, four
+
+
 def test_node_local_ranks_come_from_the_launchers_variables():
     """torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE and CROSS_SIZE: 2 nodes × 8 ranks
     must not read as one node of 16 (expert groups would then cross nodes)."""
