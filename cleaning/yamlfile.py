@@ -14,6 +14,17 @@ def _problem(exc: yaml.YAMLError) -> str:
     return f"{problem}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
+YAML_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def names_a_file(name_or_path: str | Path) -> bool:
+    """Whether a `--preset`/`--config`/`--topology` argument is a file's path rather than a preset's name.
+    A name may hold a dot (the model preset `2.6b`), so a path is one with a directory part, a YAML suffix,
+    or a suffix and a file of that name."""
+    path = Path(name_or_path)
+    return len(path.parts) > 1 or path.suffix.lower() in YAML_SUFFIXES or (bool(path.suffix) and path.is_file())
+
+
 def read_mapping(path: str | Path) -> dict[str, Any]:
     """The fields of a YAML config file ({} when it is empty)."""
     try:

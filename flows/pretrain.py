@@ -37,6 +37,7 @@ from prefect.exceptions import TerminationSignal
 from prefect.states import Cancelled
 
 from cleaning.errors import one_line
+from cleaning.yamlfile import names_a_file
 from flows.lineage import record_asset
 from flows.reports import loss_figure, png_markdown, validation_figure
 
@@ -174,7 +175,7 @@ def build_launch(
     from pangu_model.topology import ParallelPlan, launcher_args
 
     output = Path(output)
-    preset_arg = str(Path(preset).resolve()) if Path(preset).suffix and Path(preset).exists() else preset
+    preset_arg = str(Path(preset).resolve()) if names_a_file(preset) and Path(preset).exists() else preset
     values: dict[str, Any] = {"data": str(data), "output": str(output)}
     if steps is not None:
         values["train_steps"] = int(steps)

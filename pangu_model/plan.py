@@ -200,6 +200,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cleaning.errors import one_line
+from cleaning.yamlfile import names_a_file
 
 from .config import PIPELINE_ROUTERS, PRESETS, SHAPE_FIELDS, PanguConfig
 from .materialize import on_meta
@@ -1145,7 +1146,7 @@ def resolve_train_config(preset_or_config: "str | os.PathLike[str] | TrainConfig
         return preset_or_config
     name = str(preset_or_config)
     if not _is_bare_model(name):
-        if Path(name).suffix or (PRESET_DIR / f"{name}.yaml").exists():
+        if names_a_file(name) or (PRESET_DIR / f"{name}.yaml").exists():
             return load_train_config(name, overrides)
     else:
         model = PRESETS[name.lower()]
@@ -1163,7 +1164,7 @@ def _is_bare_model(preset_or_config: object) -> bool:
     """A model preset name that is not also a pretrain preset or a YAML path."""
     from .train import PRESET_DIR
 
-    if not isinstance(preset_or_config, str) or Path(preset_or_config).suffix:
+    if not isinstance(preset_or_config, str) or names_a_file(preset_or_config):
         return False
     return preset_or_config.lower() in PRESETS and not (PRESET_DIR / f"{preset_or_config}.yaml").exists()
 

@@ -73,7 +73,7 @@ from typing import Any, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cleaning.writers import write_bytes_atomic
-from cleaning.yamlfile import read_mapping
+from cleaning.yamlfile import names_a_file, read_mapping
 
 ASCEND_910_PER_SERVER = 8
 DEFAULT_NODES_PER_RACK = 16  # assumption, see the module docstring
@@ -638,7 +638,7 @@ def preset_names() -> list[str]:
 def load_topology(name_or_path: str | os.PathLike[str]) -> Topology:
     """A preset name from ``deploy/presets/topology/`` or a path to a YAML file."""
     path = Path(name_or_path)
-    if not path.suffix:
+    if not names_a_file(path):
         path = PRESET_DIR / f"{name_or_path}.yaml"
     if not path.exists():
         raise FileNotFoundError(f"topology preset {str(name_or_path)!r} not found (known: {', '.join(preset_names())})")

@@ -60,7 +60,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cleaning.writers import atomic_file, write_bytes_atomic
-from cleaning.yamlfile import apply_overrides, read_mapping
+from cleaning.yamlfile import apply_overrides, names_a_file, read_mapping
 
 from .config import PIPELINE_ROUTERS, SHAPE_FIELDS, PanguConfig, get_config
 from .deepspeed_config import deepspeed_config
@@ -273,7 +273,7 @@ class TrainConfig(BaseModel):
 def load_train_config(name_or_path: str | os.PathLike[str], overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
     """A preset from deploy/presets/pretrain/ or a YAML path, with `a.b=value` overrides (YAML values)."""
     path = Path(name_or_path)
-    if not path.suffix:
+    if not names_a_file(path):
         path = PRESET_DIR / f"{name_or_path}.yaml"
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))

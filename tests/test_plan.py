@@ -242,6 +242,24 @@ def test_bare_model_defaults():
     assert plan_for("13b", nodes=1).notes[0].startswith("bare model preset 13b: planned with precision bf16")
 
 
+def test_a_preset_name_with_a_dot_is_a_name_not_a_path(tmp_path, monkeypatch, capsys):
+    """`2.6b` (README's list of model presets) was taken for a file with the suffix `.6b`: `pangu plan --preset
+    2.6b` said "pretrain preset '2.6b' not found" while 13b and 200b planned."""
+    from flows.cli import main
+
+    from cleaning.yamlfile import names_a_file
+
+    assert resolve_train_config("2.6b").model == "2.6b"
+    assert main(["plan", "--preset", "2.6b", "--nodes", "1"]) == 0
+    assert "bare model preset 2.6b: planned with" in capsys.readouterr().out
+    # what still names a file: a directory part, a YAML suffix, or a suffix and a file of that name
+    assert not names_a_file("2.6b") and not names_a_file("sigma-tiny")
+    assert names_a_file("my.yaml") and names_a_file("configs/run") and names_a_file("run.YML")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.cfg").write_text("model: tiny\n")
+    assert names_a_file("run.cfg") and resolve_train_config("run.cfg").model == "tiny"
+
+
 def test_tiny_fits_on_one_gpu():
     plan = plan_for("tiny", nodes=1, gpus_per_node=1)
     assert plan.fits and plan.gpu_bytes_per_gpu < GiB * 3
