@@ -64,9 +64,13 @@ def _classifier_train(args: argparse.Namespace) -> int:
 def _model_info(args: argparse.Namespace) -> int:
     import json
 
+    from pangu_model.config import PRESETS
     from pangu_model.info import describe, format_description
+    from pangu_model.plan import resolve_train_config
 
-    description = describe(args.preset)
+    # A pretrain preset or YAML (what `pangu plan` and `pangu pretrain` take) describes the model it trains.
+    model = args.preset if args.preset.lower() in PRESETS else resolve_train_config(args.preset).pangu_config()
+    description = describe(model)
     print(json.dumps(description, indent=2) if args.json else format_description(description))
     return 0
 
@@ -317,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = groups.add_parser("model", help="inspect PanGu model presets, import released checkpoints")
     model_cmds = model.add_subparsers(dest="command", required=True)
     p = model_cmds.add_parser("info", help="layout and parameter counts (meta device, nothing allocated)")
-    p.add_argument("--preset", required=True, help="tiny, 350m, 2.6b, 13b, 200b, sigma-tiny, sigma-1t")
+    p.add_argument("--preset", required=True, help="a model preset (tiny, 350m, 2.6b, 13b, 200b, sigma-tiny, "
+                                                   "sigma-1t), or a pretrain preset or YAML path: the model it trains")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=_model_info)
     p = model_cmds.add_parser("import", help="convert a released PanGu-α checkpoint (PyTorch Megatron 1.1 layout, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -551,3 +552,19 @@ def test_gradients_back_show_only_what_ends_after_the_backward():
     assert _shown_after_backward(2.0, experts, 4.0) == 0.0  # 1 s each: ends at 2 s and 3 s
     assert _shown_after_backward(8.0, experts, 4.0) == 5.0  # 4 s each: ends at 5 s and 9 s
     assert _shown_after_backward(8.0, (0, 0, 0, 0), 4.0) == 0.0
+
+
+def test_model_info_takes_a_pretrain_preset_as_plan_does(capsys):
+    """`pangu plan --preset alpha-350m` planned while `pangu model info --preset alpha-350m` said "unknown model
+    preset": both take a model preset, a pretrain preset or a YAML path (the model it trains)."""
+    import json
+
+    from flows.cli import main
+
+    assert main(["model", "info", "--preset", "alpha-350m", "--json"]) == 0
+    from_pretrain = json.loads(capsys.readouterr().out)
+    assert main(["model", "info", "--preset", "350m", "--json"]) == 0
+    assert from_pretrain["parameters"] == json.loads(capsys.readouterr().out)["parameters"]
+    preset_file = Path(__file__).resolve().parents[1] / "deploy" / "presets" / "pretrain" / "sigma-tiny.yaml"
+    assert main(["model", "info", "--preset", str(preset_file)]) == 0
+    assert capsys.readouterr().out.startswith("model sigma-tiny  (router: rre)")
