@@ -323,6 +323,21 @@ def failure_cause(lines: list[str] | deque[str]) -> str | None:
     return None
 
 
+def signal_cause(code: int | None) -> str | None:
+    """What the exit code of a job killed by a signal says (the process's -N, or a shell's 128 + N)."""
+    number = -code if code is not None and code < 0 else code - 128 if code is not None and 128 < code < 160 else 0
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        return None
+    if number == signal.SIGKILL:
+        # Nothing is printed when the kernel's out-of-memory killer ends a process: say that it is the usual cause.
+        return (f"killed by {name}, most often the kernel's out-of-memory killer when the machine has run out of "
+                "memory (`dmesg` says 'Out of memory: Killed process'; a smaller micro_batch_size or seq_len with "
+                "--set), or a kill -9")
+    return f"killed by {name}"
+
+
 def _pump(stream: Any, lines: queue.Queue) -> None:
     for line in iter(stream.readline, ""):
         lines.put(line.rstrip("\n"))
@@ -483,7 +498,7 @@ def run_training(launch: Launch, output: str, total_steps: int) -> dict[str, Any
             f"output ({output}) to resume from it.\nLast lines:\n{last_lines}")
     if code != 0:
         who = "the training process" if launch.launcher == "python" else f"{launch.launcher} (a rank failed)"
-        cause = failure_cause(tail)
+        cause = failure_cause(tail) or signal_cause(code)
         raise TrainingFailed(f"training failed: {who} exited with code {code} after {seconds:.0f}s"
                              f"{': ' + cause if cause else ''}\nLast lines:\n{last_lines}")
     if result is None:

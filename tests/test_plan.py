@@ -287,6 +287,31 @@ def test_check_plan_refuses_with_numbers():
         check_plan(sigma, 512, 8, "NVIDIA H200", 150 * 10**9, 5 * 10**11)
 
 
+def test_a_cpu_run_counts_its_processes_memory_and_the_attention_matrix_as_host_memory():
+    """alpha-350m (micro-batch 8 × seq 1024) on a 24 GB CPU machine passed the check (only the 156 MiB the plan
+    puts on the host was counted) and was killed by the out-of-memory killer 60 s in. A CPU process's "device"
+    bytes are host bytes, and the CPU's math attention kernel keeps the attention probabilities (measured:
+    peak RSS 11.0 / 16.5 GiB at micro-batch 1 / 2)."""
+    ram = 24 * GiB
+
+    def check(micro_batch: int, processes: int = 1):
+        config = resolve_train_config("alpha-350m", [f"micro_batch_size={micro_batch}",
+                                                     "gradient_accumulation_steps=1"])
+        return check_plan(config, processes, processes, None, None, ram)
+
+    with pytest.raises(PlanDoesNotFit, match=r"host memory: .* = 1 CPU process × .*activations .* usable of 24.00 GiB"):
+        check(8)
+    one, two = check(1), check(2)
+    assert 11.0 * GiB <= one.host_bytes_per_node <= 11.0 * 1.2 * GiB  # within 20 % above the measured peaks
+    assert 16.5 * GiB <= two.host_bytes_per_node <= 16.5 * 1.2 * GiB
+    with pytest.raises(PlanDoesNotFit, match=r"= 2 CPU processes × "):
+        check(2, processes=2)  # each fits alone (16.5 GiB), two do not
+    # on a GPU the flash kernels keep no attention matrix: the same run's device bytes are far smaller
+    gpu = check_plan(resolve_train_config("alpha-350m", ["micro_batch_size=1", "gradient_accumulation_steps=1"]),
+                     1, 1, "NVIDIA H100 80GB HBM3", 80 * GiB, ram)
+    assert gpu.gpu_bytes_per_gpu < one.host_bytes_per_node - 3 * GiB
+
+
 def test_cli_json(capsys):
     from flows.cli import main
 

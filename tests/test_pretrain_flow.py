@@ -161,6 +161,24 @@ def test_preemption_says_a_checkpoint_was_written_and_a_rerun_resumes(prefect_ap
         assert text in state.message, text
 
 
+def test_a_job_killed_by_sigkill_names_the_out_of_memory_killer(prefect_api, tmp_path):
+    """The kernel's out-of-memory killer prints nothing in the job's output: the run said only "exited with
+    code -9" (alpha-350m on a 24 GB CPU machine, killed 60 s in)."""
+    from prefect import flow
+
+    launch = Launch([sys.executable, "-c", "import os, signal; print('step 1'); os.kill(os.getpid(), signal.SIGKILL)"],
+                    "python", 1, 1)
+
+    @flow
+    def killed():
+        return run_training(launch, str(tmp_path), 10)
+
+    state = killed(return_state=True)
+    assert state.is_failed()
+    for text in ("exited with code -9", "killed by SIGKILL", "out-of-memory killer", "micro_batch_size"):
+        assert text in state.message, text
+
+
 # ---- no Prefect run needed ------------------------------------------------------------------------
 def test_resolve_data_picks_the_newest_version(tmp_path, tokens):
     assert resolve_data(tokens)[0] == tokens.resolve()
