@@ -143,39 +143,29 @@ def test_data_without_domains_json_fails_the_flow(prefect_api, tmp_path):
     assert state.is_failed() and "domains.json" in state.message and "not a packed token dir" in state.message
 
 
-def test_preemption_says_a_checkpoint_was_written_and_a_rerun_resumes(prefect_api, tmp_path):
-    """Exit 143 (the trainer after SIGTERM): a failed run whose message tells how to resume."""
+@pytest.mark.parametrize("script, expected", [
+    # exit 143 (the trainer after SIGTERM): a failed run whose message tells how to resume
+    ("import sys; print('saving checkpoint'); sys.exit(143)",
+     ("preempted", "exit code 143", "step00000007", "rerun with the same output")),
+    # the kernel's out-of-memory killer prints nothing in the job's output: the run said only "exited with code
+    # -9" (alpha-350m on a 24 GB CPU machine, killed 60 s in)
+    ("import os, signal; print('step 1'); os.kill(os.getpid(), signal.SIGKILL)",
+     ("exited with code -9", "killed by SIGKILL", "out-of-memory killer", "micro_batch_size")),
+], ids=["preempted", "sigkill"])
+def test_the_failed_run_says_what_the_jobs_exit_means(prefect_api, tmp_path, script, expected):
     from prefect import flow
 
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest").write_text("step00000007")
-    launch = Launch([sys.executable, "-c", "import sys; print('saving checkpoint'); sys.exit(143)"], "python", 1, 1)
+    launch = Launch([sys.executable, "-c", script], "python", 1, 1)
 
     @flow
-    def preempted():
+    def job():
         return run_training(launch, str(tmp_path), 10)
 
-    state = preempted(return_state=True)
+    state = job(return_state=True)
     assert state.is_failed()
-    for text in ("preempted", "exit code 143", "step00000007", "rerun with the same output"):
-        assert text in state.message, text
-
-
-def test_a_job_killed_by_sigkill_names_the_out_of_memory_killer(prefect_api, tmp_path):
-    """The kernel's out-of-memory killer prints nothing in the job's output: the run said only "exited with
-    code -9" (alpha-350m on a 24 GB CPU machine, killed 60 s in)."""
-    from prefect import flow
-
-    launch = Launch([sys.executable, "-c", "import os, signal; print('step 1'); os.kill(os.getpid(), signal.SIGKILL)"],
-                    "python", 1, 1)
-
-    @flow
-    def killed():
-        return run_training(launch, str(tmp_path), 10)
-
-    state = killed(return_state=True)
-    assert state.is_failed()
-    for text in ("exited with code -9", "killed by SIGKILL", "out-of-memory killer", "micro_batch_size"):
+    for text in expected:
         assert text in state.message, text
 
 
