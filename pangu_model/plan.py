@@ -43,8 +43,9 @@ expert-data-parallel group ``dp / ep``)
   ``gradient_checkpointing`` (a model field; every preset leaves it off) a layer keeps only its input
   (``p·s·b·h``) and one layer at a time is recomputed. A pipeline stage ``i`` under 1F1B holds
   ``min(pipeline − i, micro-batches per step)`` micro-batches in flight. The trainer's check on a machine
-  without a GPU adds what the CPU's math kernel keeps (``_math_attention_bytes``) and counts each process's
-  device bytes as host bytes;
+  without a GPU adds what the CPU's math kernel keeps (``_math_attention_bytes``), counts a ZeRO bucket
+  only up to the rank's gradients (host pages cost memory once written) and each process's device bytes as
+  host bytes;
 * logits on the last stage: ``b·s·V/t·(p + 12)``: the logits in the compute dtype, the fp32
   log-softmax that ``cross_entropy`` saves, and two fp32 gradient buffers in backward.
 
@@ -611,7 +612,7 @@ def _math_attention_bytes(model: PanguConfig, b: int, s: int, tp: int, mixed: bo
     with dropout its 1-byte mask and the fp32 dropped probabilities (Korthikanti's ``5·a·s²·b`` term, in fp32);
     under bf16/fp16 also the fp32 copies of q, k, v and the output that ``model.py`` makes for an fp32 softmax.
     Measured on 350m (bf16, seq 1024, dropout 0.1, one CPU process): peak RSS 11.0 / 16.5 GiB at micro-batch
-    1 / 2, planned 12.2 / 17.3 GiB with this term (8.3 / 9.7 GiB without)."""
+    1 / 2, planned 11.7 / 16.8 GiB with this term (7.8 / 9.1 GiB without)."""
     per_head = 9 if model.dropout > 0 else 4
     upcast = 16 * b * s * model.d_model // tp if mixed else 0
     return math.ceil(model.num_heads / tp) * b * s * s * per_head + upcast
@@ -627,14 +628,15 @@ def plan_training(
     host_ram_bytes: int | None = None,
     check_host: bool = True,
     dense_counterpart: bool = True,
-    attention_matrix: bool = False,
+    cpu_processes: bool = False,
 ) -> Plan:
     """The memory and time plan of `train_config` on `cluster` with `parallel` (see the module docstring).
 
     `host_ram_gb` (decimal GB) or `host_ram_bytes` replace the table's host RAM per node,
     `gpu_memory_bytes` the GPU's memory (the real device's, at start). A sparse model's plan carries its
     dense counterpart's step time (`dense_counterpart`: see :func:`dense_counterpart_config`).
-    `attention_matrix`: the attention kernel keeps the attention probabilities (the CPU's math kernel). Raises
+    `cpu_processes`: the ranks compute on the CPU, where the attention kernel (the math one) keeps the
+    attention probabilities and an allocation costs memory only where it is written. Raises
     ValueError when the parallel plan is not valid for the model or the cluster.
     """
 
@@ -700,11 +702,16 @@ def plan_training(
             out["gradients"] = p * (dense + device_experts)
         opt_elems = math.ceil(dense / dense_shard) + math.ceil(device_experts / expert_shard)
         out["optimizer_states"] = 0 if offload else state_bytes * opt_elems
-        out["zero_buckets"] = bucket
+        if cpu_processes:
+            # DeepSpeed allocates whole buckets, but host pages cost memory only once written, and a bucket is
+            # written with this rank's gradients: never more than all of them (a small model's are small).
+            out["zero_buckets"] = min(bucket, 2 * p * (dense + device_experts))
+        else:
+            out["zero_buckets"] = bucket
         in_flight = min(pp - stage, gas) if pp > 1 else 1
         sbh = s * b * h
         full_layer = sbh * (4 * p + 2) + math.ceil(12 * p * sbh / tp)
-        if attention_matrix:
+        if cpu_processes:
             full_layer += _math_attention_bytes(model, b, s, tp, mixed)
         if recompute:
             out["activations"] = p * sbh * stage_layer_count * in_flight + full_layer
@@ -726,8 +733,8 @@ def plan_training(
         out["dense_step_fp32_gradients"] = 0 if offload or not mixed else 4 * opt_elems
         static = out["parameters"] + out.get("zero3_live_parameters", 0) + out["gradients"] + out["optimizer_states"]
         phases = {
-            "forward_backward": static + bucket + out["activations"] + out["logits"] + 2 * p * fetched,
-            "dense_optimizer_step": static + bucket + out["dense_step_fp32_gradients"] + 2 * p * fetched,
+            "forward_backward": static + out["zero_buckets"] + out["activations"] + out["logits"] + 2 * p * fetched,
+            "dense_optimizer_step": static + out["zero_buckets"] + out["dense_step_fp32_gradients"] + 2 * p * fetched,
         }
         if shard_states:
             phases["ecss_fetch"] = static + p * fetched + out["ecss_fetch_exchange_buffers"]
@@ -735,7 +742,8 @@ def plan_training(
             # The lowest expert layer's return starts with every return above it still in flight (the bound
             # above) and the activations of the blocks below it still held.
             below = next((i for i, e in enumerate(layout.block_experts[first:last]) if e), stage_layer_count)
-            phases["ecss_gradient_return"] = (static + bucket + 2 * p * fetched + out["ecss_gradient_return_buffers"]
+            phases["ecss_gradient_return"] = (static + out["zero_buckets"] + 2 * p * fetched
+                                              + out["ecss_gradient_return_buffers"]
                                               + out["activations"] * below // max(1, stage_layer_count))
         if tp == 1 and pp == 1:
             # Export: rank 0 assembles every dense fp32 master on the device (safe_get_full_fp32_param).
@@ -1281,7 +1289,7 @@ def check_plan(
     plan = plan_training(train_config, cluster, parallel, gpu=gpu, host_ram_bytes=host_ram_bytes,
                          gpu_memory_bytes=gpu_memory_bytes, check_host=host_ram_bytes is not None,
                          dense_counterpart=False,  # the check needs no comparison
-                         attention_matrix=cpu)
+                         cpu_processes=cpu)
     if cpu:
         # No GPU: each process's "device" bytes are host bytes, beside what the plan puts on the host.
         plan.reasons = [r for r in plan.reasons if not r.startswith(("GPU memory", "host memory"))]
