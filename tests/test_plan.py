@@ -310,6 +310,13 @@ def test_a_cpu_run_counts_its_processes_memory_and_the_attention_matrix_as_host_
     gpu = check_plan(resolve_train_config("alpha-350m", ["micro_batch_size=1", "gradient_accumulation_steps=1"]),
                      1, 1, "NVIDIA H100 80GB HBM3", 80 * GiB, ram)
     assert gpu.gpu_bytes_per_gpu < one.host_bytes_per_node - 3 * GiB
+    # DeepSpeed allocates whole ZeRO buckets (a GPU holds them), but a CPU's pages cost memory once written, and a
+    # bucket is written with the rank's gradients only: 8 CPU ranks of alpha-tiny fit (the plan had 3.7 GiB each)
+    tiny = resolve_train_config("alpha-tiny", ["zero_stage=1"])
+    on_cpu = check_plan(tiny, 8, 8, None, None, ram)
+    assert on_cpu.gpu_breakdown["zero_buckets"] == 2 * on_cpu.gpu_breakdown["gradients"]
+    on_gpu = check_plan(tiny, 8, 8, "NVIDIA H100 80GB HBM3", 80 * GiB, ram)
+    assert on_gpu.gpu_breakdown["zero_buckets"] == 2 * tiny.reduce_bucket_size * 4  # fp32, double-buffered
 
 
 def test_cli_json(capsys):
