@@ -1292,18 +1292,19 @@ def check_plan(
                          cpu_processes=cpu)
     if cpu:
         # No GPU: each process's "device" bytes are host bytes, beside what the plan puts on the host.
-        plan.reasons = [r for r in plan.reasons if not r.startswith(("GPU memory", "host memory"))]
+        plan.reasons = [r for r in plan.reasons if not r.startswith("GPU memory")]
         needed = plan.gpu_bytes_per_gpu * local_world_size + plan.host_bytes_per_node
-        if plan.host_usable_bytes is not None and needed > plan.host_usable_bytes:
+        over = plan.host_usable_bytes is not None and needed > plan.host_usable_bytes
+        if over and not any(r.startswith("host memory") for r in plan.reasons):  # the processes make it too much
             top = sorted(((v, k) for k, v in plan.gpu_breakdown.items() if v), reverse=True)[:3]
+            hint = ("; a smaller micro_batch_size or seq_len (--set), or a GPU"
+                    if top[0][1] in ("activations", "logits") else "")
             plan.reasons.append(
-                f"host memory: {fmt_bytes(needed)} at its peak = {local_world_size} CPU "
-                f"process{'es' if local_world_size > 1 else ''} × "
-                f"{fmt_bytes(plan.gpu_bytes_per_gpu)} (largest items "
+                f"host memory: {fmt_bytes(needed)} per node at its peak = {local_world_size} CPU "
+                f"process{'es' if local_world_size > 1 else ''} × {fmt_bytes(plan.gpu_bytes_per_gpu)} (largest items "
                 + ", ".join(f"{k.replace('_', ' ')} {fmt_bytes(v)}" for v, k in top)
                 + f") + {fmt_bytes(plan.host_bytes_per_node)} host-side > {fmt_bytes(plan.host_usable_bytes)} usable "
-                f"of {fmt_bytes(plan.host_capacity_bytes)} ({HOST_RESERVE_FRACTION:.0%} reserve); a smaller "
-                "micro_batch_size or seq_len (--set), or a GPU")
+                f"of {fmt_bytes(plan.host_capacity_bytes)} ({HOST_RESERVE_FRACTION:.0%} reserve){hint}")
         plan.host_bytes_per_node = needed
         plan.fits = not plan.reasons
         plan.gpu_name = "CPU processes"
