@@ -325,7 +325,9 @@ def failure_cause(lines: list[str] | deque[str]) -> str | None:
 
 def signal_cause(code: int | None) -> str | None:
     """What the exit code of a job killed by a signal says (the process's -N, or a shell's 128 + N)."""
-    number = -code if code is not None and code < 0 else code - 128 if code is not None and 128 < code < 160 else 0
+    if code is None:
+        return None
+    number = -code if code < 0 else code - 128 if 128 < code < 160 else 0  # 0: not a signal
     try:
         name = signal.Signals(number).name
     except ValueError:

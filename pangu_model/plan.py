@@ -975,12 +975,11 @@ def plan_training(
     gpu_bytes = worst["gpu_bytes"]
     if gpu_bytes > usable:
         phase = max(worst["phases"], key=worst["phases"].get)
-        top = sorted(((v, k) for k, v in worst["breakdown"].items() if v), reverse=True)[:3]
         where = f", pipeline stage {worst['stage']}" if pp > 1 else ""
         reasons.append(
             f"GPU memory: {fmt_bytes(gpu_bytes)} per GPU at its peak ({phase.replace('_', ' ')}{where}) > "
             f"{fmt_bytes(usable)} usable of {fmt_bytes(capacity)} ({hw.name}, {GPU_RESERVE_FRACTION:.0%} reserve); "
-            "largest items " + ", ".join(f"{k.replace('_', ' ')} {fmt_bytes(v)}" for v, k in top)
+            "largest items " + _largest_items(worst["breakdown"])[1]
         )
     host_capacity: int | None
     if host_ram_bytes:
@@ -1296,15 +1295,14 @@ def check_plan(
         needed = plan.gpu_bytes_per_gpu * local_world_size + plan.host_bytes_per_node
         over = plan.host_usable_bytes is not None and needed > plan.host_usable_bytes
         if over and not any(r.startswith("host memory") for r in plan.reasons):  # the processes make it too much
-            top = sorted(((v, k) for k, v in plan.gpu_breakdown.items() if v), reverse=True)[:3]
-            hint = ("; a smaller micro_batch_size or seq_len (--set), or a GPU"
-                    if top[0][1] in ("activations", "logits") else "")
+            largest, items = _largest_items(plan.gpu_breakdown)
+            smaller = largest in ("activations", "logits")
+            hint = "; a smaller micro_batch_size or seq_len (--set), or a GPU" if smaller else ""
             plan.reasons.append(
                 f"host memory: {fmt_bytes(needed)} per node at its peak = {local_world_size} CPU "
                 f"process{'es' if local_world_size > 1 else ''} × {fmt_bytes(plan.gpu_bytes_per_gpu)} (largest items "
-                + ", ".join(f"{k.replace('_', ' ')} {fmt_bytes(v)}" for v, k in top)
-                + f") + {fmt_bytes(plan.host_bytes_per_node)} host-side > {fmt_bytes(plan.host_usable_bytes)} usable "
-                f"of {fmt_bytes(plan.host_capacity_bytes)} ({HOST_RESERVE_FRACTION:.0%} reserve){hint}")
+                f"{items}) + {fmt_bytes(plan.host_bytes_per_node)} host-side > {fmt_bytes(plan.host_usable_bytes)} "
+                f"usable of {fmt_bytes(plan.host_capacity_bytes)} ({HOST_RESERVE_FRACTION:.0%} reserve){hint}")
         plan.host_bytes_per_node = needed
         plan.fits = not plan.reasons
         plan.gpu_name = "CPU processes"
@@ -1325,6 +1323,12 @@ def fmt_bytes(count: float) -> str:
         if abs(count) >= scale:
             return f"{count / scale:.2f} {unit}"
     return f"{int(count)} B"
+
+
+def _largest_items(breakdown: dict[str, int], count: int = 3) -> tuple[str, str]:
+    """The largest item of a byte breakdown, and the `count` largest as text: `activations 36.38 GiB, ...`."""
+    top = sorted(((v, k) for k, v in breakdown.items() if v), reverse=True)[:count]
+    return (top[0][1] if top else ""), ", ".join(f"{k.replace('_', ' ')} {fmt_bytes(v)}" for v, k in top)
 
 
 def _fmt_time(seconds: float) -> str:
