@@ -13,6 +13,7 @@ same as the training program's `--set key=value`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import functools
 import json
@@ -684,6 +685,7 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
     except LayoutError as exc:
         where = launch.note or f"{launch.world_size} rank(s) on {launch.nodes} node(s) ({launch.launcher})"
         raise ValueError(f"pretrain {preset}: {exc}; this launch: {where}") from None
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     resumed_from = latest_checkpoint_tag(out)
     if resumed_from:
@@ -700,6 +702,11 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
         # its own (of type Cancelled, so nothing downstream treats it as done), named so in the UI.
         logger.warning("%s", exc)
         return Cancelled(name="Preempted", message=str(exc).splitlines()[0])
+    except TrainingFailed:
+        if created:  # a job refused at start (a plan that cannot fit, bad data) wrote nothing: leave nothing
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only an empty directory goes
+        raise
     samples = sample_task(result["export"]) if result.get("export") else None
     published = publish(preset, config, data_dir, data_note, out, result, launch, resumed_from, samples)
     summary = {"preset": preset, "status": result["status"], "step": result.get("step"), "data": str(data_dir),

@@ -584,18 +584,19 @@ class Trainer:
         self.stop_requested = False
         self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         self.rank, self.world_size, self.device = init_distributed()
-        # Rank 0 claims the output for the run (run_lock.py): a second run into it is refused, not interleaved
-        self._claim = claim_output(self.output) if self.rank == 0 else None
         if device is not None:
             self.device = torch.device(device)
+        self.pangu = config.pangu_config()
+        self.total_steps = config.train_steps
+        # Refused before the output is made: a run that cannot start leaves nothing behind
+        self._check_topology()
+        self.plan = self._check_plan()
+        # Rank 0 claims the output for the run (run_lock.py): a second run into it is refused, not interleaved
+        self._claim = claim_output(self.output) if self.rank == 0 else None
         if self.device.type == "cuda":
             from .speed import configure_cuda_matmul
 
             configure_cuda_matmul()  # fp32 matmuls on TF32 tensor cores (the fp32 MFU peak assumes it)
-        self.pangu = config.pangu_config()
-        self.total_steps = config.train_steps
-        self._check_topology()
-        self.plan = self._check_plan()
         # Data-parallel coordinates (the rows a rank reads, its dropout seed): the global ones without tensor
         # or pipeline parallelism; with them, every rank of a tensor group and every stage of a pipeline reads
         # the same rows (the first stage feeds the inputs, the last the labels).

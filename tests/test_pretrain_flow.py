@@ -101,6 +101,7 @@ def test_a_failing_rank_fails_the_flow_with_the_exit_code(prefect_api, tokens, t
     assert state.is_failed()
     assert "training failed: the training process exited with code 1" in state.message
     assert "FileNotFoundError" in state.message and "no-such-checkpoint" in state.message
+    assert not (tmp_path / "bad").exists()  # a fresh run that failed at start used to leave an empty output
 
 
 def test_two_local_ranks_run_under_torchrun_and_a_failed_rank_fails_the_flow(prefect_api, tokens, tmp_path,
@@ -116,11 +117,13 @@ def test_two_local_ranks_run_under_torchrun_and_a_failed_rank_fails_the_flow(pre
     assert ok["launcher"] == "torchrun" and ok["world_size"] == 2 and ok["step"] == 2
     assert Path(ok["model"]).is_file()
 
+    (tmp_path / "ddp-bad").mkdir()  # the user's own directory: a failed run keeps it
     state = pretrain(preset="alpha-tiny", data=str(tokens), output=str(tmp_path / "ddp-bad"), steps=2,
                      gpus_per_node=2, overrides={**TINY, "init_from": _weights_missing(tmp_path / "missing", "tiny")},
                      return_state=True)
     assert state.is_failed()
     assert "torchrun (a rank failed) exited with code 1" in state.message, state.message
+    assert (tmp_path / "ddp-bad").is_dir()
 
 
 def test_an_invalid_override_fails_before_launching(prefect_api, tokens, tmp_path):

@@ -13,7 +13,7 @@ import torch
 from pangu_model import load_checkpoint
 from pangu_model.metrics import read_metrics
 from pangu_model.train import Trainer, load_train_config
-from tests.test_train_common import cli, rank_env, run_cli, run_config, torchrun
+from tests.test_train_common import cli, rank_env, run_cli, run_config, session_dir, torchrun
 
 
 def _wait_for(predicate, proc, timeout: float = 120.0) -> None:
@@ -214,10 +214,13 @@ def test_a_resume_with_more_steps_gives_dense_and_experts_one_schedule() -> None
 def test_a_run_that_cannot_fit_is_refused_with_the_numbers_before_allocating() -> None:
     """ECSS keeps 12 bytes per expert parameter in host memory: 256 experts of 4096 × 16384 in two layers
     need about 0.8 TB, far beyond this machine. The trainer used to start building the model (and run out
-    of memory); the planner now refuses the run first, in one line, with the numbers."""
-    path = run_config("too-big", "sigma-tiny", ecss=True, train_steps=1,
+    of memory); the planner now refuses the run first, in one line, with the numbers, and before it makes its
+    output directory (a refused run used to leave an empty one behind)."""
+    output = session_dir() / "runs" / "too-big" / "output"
+    path = run_config("too-big", "sigma-tiny", ecss=True, train_steps=1, output=str(output),
                       model_overrides={"d_model": 4096, "d_ff": 16384, "num_heads": 32, "experts_per_domain": 64})
     done = run_cli(path, timeout=120)
+    assert not output.exists()
     assert done.returncode == 2, done.stdout[-3000:]
     message = [line for line in done.stdout.splitlines() if line.startswith("pangu_model.train:")]
     assert len(message) == 1 and "does not fit" in message[0] and "host memory" in message[0], done.stdout[-3000:]
