@@ -13,7 +13,7 @@ import torch
 
 from pangu_model.generate import generate
 
-from .model_io import choose_domain, load_for_eval, model_config
+from .model_io import check_device, choose_domain, load_for_eval, load_tokenizer, model_config
 from .scoring import EOT_ID
 
 PROMPTS = ("中国的首都是", "今天天气很好，我们", "床前明月光，", "人工智能的发展", "这本书讲述了")
@@ -21,18 +21,39 @@ PROMPTS = ("中国的首都是", "今天天气很好，我们", "床前明月光
 
 def generate_samples(checkpoint: str | os.PathLike[str], prompts: Sequence[str] = PROMPTS,
                      max_new_tokens: int = 32, seed: int = 1234, temperature: float = 0.8,
-                     top_p: float = 0.9) -> dict[str, Any]:
-    """{"domain": the sub-model sampled (None for a dense model), "samples": [{"prompt", "text"}]}."""
-    domain = choose_domain(checkpoint, model_config(checkpoint))
-    model, tokenizer = load_for_eval(checkpoint, domain=domain["id"] if domain else None)
+                     top_p: float | None = 0.9, top_k: int | None = None, greedy: bool = False,
+                     device: str = "cpu", domain: int | str | None = None,
+                     tokenizer: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """{"domain": the sub-model sampled (None for a dense model), "samples": [{"prompt", "text"}]}.
+
+    Each prompt follows an `<eot>` (as every training document does) and is continued on its own, sampled
+    with seed `seed` + its index (or `greedy`). `domain` (an id or a name) chooses a PanGu-Σ sub-model
+    instead of the one with the most training tokens; `tokenizer` replaces the export's own. A prompt that
+    leaves the model no room to continue is refused before the weights are read."""
+    if not greedy:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 (got {temperature}); greedy decoding takes none")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (got {top_p})")
+    config = model_config(checkpoint)
+    check_device(device)
+    chosen = choose_domain(checkpoint, config, domain)
+    tok = load_tokenizer(checkpoint, config, tokenizer)
+    encoded = [[EOT_ID, *tok.encode(prompt)] for prompt in prompts]
+    for index, ids in enumerate(encoded):
+        if len(ids) >= config.max_seq_len:
+            raise ValueError(f"prompt {index + 1} is {len(ids) - 1} tokens: the model reads at most "
+                             f"{config.max_seq_len} (max_seq_len) with the <eot> before it, which leaves none to "
+                             f"generate; shorten it")
+    model, tok = load_for_eval(checkpoint, tokenizer, device=device, domain=chosen["id"] if chosen else None)
     samples = []
-    for index, prompt in enumerate(prompts):
-        ids = torch.tensor([[EOT_ID, *tokenizer.encode(prompt)]])
-        out = generate(model, ids, max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p,
-                       seed=seed + index)
-        text = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+    for index, (prompt, ids) in enumerate(zip(prompts, encoded)):
+        inputs = torch.tensor([ids], device=device)
+        out = generate(model, inputs, max_new_tokens, do_sample=not greedy, temperature=temperature, top_p=top_p,
+                       top_k=top_k, seed=seed + index)
+        text = tok.decode(out[0, inputs.shape[1]:].tolist(), skip_special_tokens=True)
         samples.append({"prompt": prompt, "text": text})
-    return {"domain": domain, "samples": samples}
+    return {"domain": chosen, "samples": samples}
 
 
 __all__ = ["PROMPTS", "generate_samples"]

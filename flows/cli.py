@@ -88,6 +88,26 @@ def _model_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from evaluation.samples import PROMPTS, generate_samples
+
+    result = generate_samples(args.export, args.prompts or PROMPTS, max_new_tokens=args.max_new_tokens,
+                              seed=args.seed, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              greedy=args.greedy, device=args.device, domain=args.domain, tokenizer=args.tokenizer)
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False, indent=2))
+        return 0
+    domain = result["domain"]
+    if domain:
+        print(f"domain {domain['id']} {domain['name'] or ''} ({domain['chosen_by']})".replace("  ", " "),
+              file=sys.stderr)
+    for sample in result["samples"]:  # the prompt, then what the model wrote after it, on one line
+        print(f"{sample['prompt']}\u2502{sample['text']}".replace("\n", "\\n"))
+    return 0
+
+
 def _model_export_hf(args: argparse.Namespace) -> int:
     import torch
 
@@ -318,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "tokenizer.json)")
     p.set_defaults(handler=_tokenizer_released)
 
-    model = groups.add_parser("model", help="inspect PanGu model presets, import released checkpoints")
+    model = groups.add_parser("model", help="inspect PanGu model presets, import released checkpoints, generate text")
     model_cmds = model.add_subparsers(dest="command", required=True)
     p = model_cmds.add_parser("info", help="layout and parameter counts (meta device, nothing allocated)")
     p.add_argument("--preset", required=True, help="a model preset (tiny, 350m, 2.6b, 13b, 200b, sigma-tiny, "
@@ -343,6 +363,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundle this tokenizer directory instead of the released one (default: the released "
                         "tokenizer from the pcl_pangu wheel)")
     p.set_defaults(handler=_model_import)
+    p = model_cmds.add_parser("generate", help="continue prompts with an export (sampled with a seed, or greedy): "
+                                               "one line per prompt: the prompt, │, then the continuation (a "
+                                               "newline in it as \\n; --json: raw)")
+    p.add_argument("export", help="export directory (model.safetensors + config.json + tokenizer/)")
+    p.add_argument("prompts", nargs="*", help="texts to continue (default: five fixed prompts, the ones a "
+                                              "pretrain run's summary shows)")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=64, help="tokens to generate per prompt (at most "
+                                                                          "to the model's max_seq_len)")
+    p.add_argument("--greedy", action="store_true", help="the most likely token each step, instead of sampling")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9; 1 keeps all)")
+    p.add_argument("--top-k", type=at_least(1), default=None, help="sample among the k most likely tokens only")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the first prompt's sampling (+1 per prompt)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--domain", default=None, help="PanGu-Σ: this domain's sub-model, by id or name (default: the "
+                                                  "domain with the most training tokens)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the one bundled in the export)")
+    p.add_argument("--json", action="store_true", help="print {domain, samples: [{prompt, text}]} as JSON")
+    p.set_defaults(handler=_model_generate)
     p = model_cmds.add_parser("export-hf", help="write an export as a transformers directory (AutoModelForCausalLM, "
                                                 "AutoTokenizer, lm-eval --model hf; after `import pangu_model.hf`)")
     p.add_argument("export", help="export directory (model.safetensors + config.json + tokenizer/)")

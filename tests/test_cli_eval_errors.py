@@ -1,5 +1,6 @@
-"""`pangu eval` and `pangu model export-hf` given what cannot run: one `error:` line that names the option and
-the value, exit 2, refused before the weights are read (or the built-in set fetched), nothing written."""
+"""`pangu eval`, `pangu model export-hf` and `pangu model generate` given what cannot run: one `error:` line
+that names the option and the value, exit 2, refused before the weights are read (or the built-in set
+fetched), nothing written."""
 from __future__ import annotations
 
 import json
@@ -80,6 +81,16 @@ CASES = {
     "eval shots beyond the train split": (["eval", "--checkpoint", "{dense}", "--data-dir", "{clue}", "--output",
                                            "{out}", "--tasks", "tnews", "--shots", "100000"],
                                           ["--shots 100000: tnews's train split", "gives at most"], None),
+    "generate prompt the model cannot continue": (["model", "generate", "{dense}", "中国的首都是北京。" * 40],
+                                                  ["prompt 1 is", "tokens: the model reads at most 128 (max_seq_len)",
+                                                   "shorten it"], None),
+    "generate temperature 0": (["model", "generate", "{dense}", "--temperature", "0"],
+                               ["temperature must be > 0 (got 0.0)"], None),
+    "generate top-p above 1": (["model", "generate", "{dense}", "--top-p", "1.5"], ["top_p must be in (0, 1]"], None),
+    "generate domain of a dense export": (["model", "generate", "{dense}", "--domain", "news"],
+                                          ["--domain 'news'", "dense PanGu-α"], None),
+    "generate device tpu": (["model", "generate", "{sigma}", "--device", "tpu"], ["--device 'tpu' is not a device"],
+                            None),
 }
 
 
@@ -110,7 +121,7 @@ def test_what_cannot_run_is_one_line_before_the_weights_are_read(case, exports, 
     code, err = _run(*(arg.format(**places) for arg in args), capsys=capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
-    assert lines[0].startswith(f"pangu {'model export-hf' if args[0] == 'model' else 'eval'}: error: "), lines
+    assert lines[0].startswith(f"pangu {' '.join(args[:2]) if args[0] == 'model' else 'eval'}: error: "), lines
     for fragment in expected:
         assert fragment.format(**places) in lines[0], lines[0]
     assert not (tmp_path / "out").exists() and afile.read_text(encoding="utf-8") == "kept\n"

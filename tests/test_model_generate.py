@@ -85,3 +85,51 @@ def test_filter_logits() -> None:
     assert torch.isinf(filter_logits(logits, top_p=0.85)).tolist() == [[False, False, False, True]]
     assert torch.isinf(filter_logits(logits, top_p=0.9)).tolist() == [[False, False, False, True]]
     assert torch.isinf(filter_logits(logits, top_p=0.1)).tolist() == [[False, True, True, True]]
+
+
+def test_pangu_model_generate_continues_each_prompt_as_the_domain_s_sub_model_does(tmp_path, capsys) -> None:
+    """`pangu model generate EXPORT PROMPT...`: each prompt after an <eot>, continued by the sub-model of the
+    domain asked for (by name); greedy text equal to generating with that sub-model here; sampling seeded."""
+    import json
+    import shutil
+
+    from evaluation.scoring import EOT_ID
+    from flows.cli import main
+    from pangu_model import load_checkpoint, save_checkpoint
+    from pangu_model.inherit import extract_domain
+    from tests.test_eval_common import VOCAB, tokenizer_dir
+    from tokenizer.pangu import PanguTokenizer
+
+    torch.manual_seed(0)
+    export = save_checkpoint(PanguModel(get_config("sigma-tiny", vocab_size=VOCAB, dropout=0.0)), tmp_path / "sigma")
+    shutil.copytree(tokenizer_dir(), export / "tokenizer")
+    names = ["ebooks", "news", "public_datasets", "web"]
+    (export / "domains.json").write_text(json.dumps({
+        "id_to_name": {str(i): name for i, name in enumerate(names)},
+        "domains": {name: {"id": i, "tokens": 100 * (i + 1)} for i, name in enumerate(names)},
+    }), encoding="utf-8")
+    prompts = ["中国的首都是", "今天天气很好，我们"]
+
+    assert main(["model", "generate", str(export), *prompts, "--greedy", "--max-new-tokens", "8", "--domain", "news",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["domain"] == {"id": 1, "name": "news", "chosen_by": "given"}
+    model = extract_domain(load_checkpoint(export), 1).eval()
+    tok = PanguTokenizer.load(export / "tokenizer")
+    for sample, prompt in zip(result["samples"], prompts, strict=True):
+        ids = [EOT_ID, *tok.encode(prompt)]
+        out = generate(model, torch.tensor([ids]), 8)
+        assert out.shape[1] > len(ids)
+        assert sample == {"prompt": prompt, "text": tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)}
+
+    def sampled(*extra: str) -> list[str]:
+        assert main(["model", "generate", str(export), *prompts, "--max-new-tokens", "12", *extra]) == 0
+        captured = capsys.readouterr()
+        assert "domain 3 web (most training tokens)" in captured.err  # the default: the most trained domain
+        return captured.out.splitlines()
+
+    first = sampled()
+    assert main(["model", "generate", str(export), *prompts, "--max-new-tokens", "12", "--json"]) == 0
+    raw = json.loads(capsys.readouterr().out)["samples"]
+    assert first == [f"{s['prompt']}│{s['text']}".replace("\n", "\\n") for s in raw]  # one line per prompt
+    assert sampled() == first and sampled("--seed", "7") != first
