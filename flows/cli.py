@@ -405,8 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=at_least(1), default=None,
                    help="servers, with the tensor, pipeline, data and expert parallelism of the config "
                         "(--set tensor_parallel=T, --set pipeline_parallel=P)")
-    p.add_argument("--gpus-per-node", type=at_least(1), default=8, help="GPUs per server with --nodes (default 8)")
-    p.add_argument("--gpu", choices=["h100", "h200"], default="h100", help="GPU kind of the hardware table")
+    p.add_argument("--gpus-per-node", type=at_least(1), default=None,
+                   help="GPUs per server with --nodes (default 8); with --gpu cpu, CPU processes (default 1)")
+    p.add_argument("--gpu", choices=["h100", "h200", "cpu"], default="h100",
+                   help="GPU kind of the hardware table; cpu: the ranks as CPU processes, as a run on a machine "
+                        "without a GPU has them (memory only, against this machine's RAM unless --host-ram-gb)")
     p.add_argument("--host-ram-gb", type=at_least(1.0, float), default=None,
                    help="host RAM per node in GB (default: the table's 2 TiB, an assumption)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

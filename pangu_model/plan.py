@@ -9,7 +9,8 @@ the model's own module tree built on the meta device (as ``pangu_model.info`` do
 Everything below is a *model* of what this project's code does; each figure is stated with its rule so
 that a wrong one can be found and fixed. The GPU kind is an argument (``pangu plan --gpu``, default
 ``h100``; the trainer's check takes the device's name): topology presets name no GPU, so a plan that does
-not fit in one kind's GPU memory notes the kinds it fits on.
+not fit in one kind's GPU memory notes the kinds it fits on. ``--gpu cpu`` plans the ranks as CPU processes,
+as the trainer's check on a machine without a GPU does (memory only: the table has no CPU speeds).
 
 Parameters per GPU
 ------------------
@@ -283,6 +284,7 @@ ZERO3_LIVE_PARAMETERS = 1e9  # DeepSpeed's default stage3_max_live_parameters
 # Assumed: what one node writes to the shared filesystem that holds the checkpoints (a parallel
 # filesystem's share per client node; local NVMe is faster, NFS slower). Sets the checkpoint time.
 CHECKPOINT_WRITE_BYTES_PER_S_PER_NODE = 2e9
+CPU = "cpu"  # `pangu plan --gpu cpu`: the ranks are CPU processes (memory only; the table has GPU speeds)
 BARE_MODEL_DEFAULTS: dict[str, Any] = {  # a bare model preset (`--preset 200b`) plans with these
     "precision": "bf16", "zero_stage": 1, "micro_batch_size": 1, "gradient_accumulation_steps": 1,
     "seq_len": 1024,
@@ -402,10 +404,10 @@ class Plan:
     host_capacity_bytes: int | None
     host_usable_bytes: int | None
     h2d_bytes_per_gpu_per_step: int
-    step_time_s: float
-    mfu: float
+    step_time_s: float | None  # None for CPU processes (the table's speeds are GPUs')
+    mfu: float | None
     tokens_per_step: int
-    tokens_per_s: float
+    tokens_per_s: float | None
     checkpoint_bytes_per_node: int = 0  # node 0, the busiest writer
     checkpoint_s: float = 0.0  # at CHECKPOINT_WRITE_BYTES_PER_S_PER_NODE
     d2h_bytes_per_gpu_per_step: int = 0
@@ -917,9 +919,10 @@ def plan_training(
             h2d, a2a = times["ecss_fetch_h2d"], times["ecss_owner_all_to_all"]
             times["ecss_fetch_h2d"] = max(0.0, h2d - window)
             times["ecss_owner_all_to_all"] = max(0.0, h2d + a2a - window) - times["ecss_fetch_h2d"]
-            notes.append(f"ECSS fetch: the owners' copies and the all-to-all ({_fmt_time(h2d + a2a)}) overlap the "
-                         f"forward of the {first_sparse} layers below the first expert layer "
-                         f"({_fmt_time(window)}); {_fmt_time(max(0.0, h2d + a2a - window))} shows")
+            if not cpu_processes:  # a time from the table's GPU speeds
+                notes.append(f"ECSS fetch: the owners' copies and the all-to-all ({_fmt_time(h2d + a2a)}) overlap the "
+                             f"forward of the {first_sparse} layers below the first expert layer "
+                             f"({_fmt_time(window)}); {_fmt_time(max(0.0, h2d + a2a - window))} shows")
         else:
             transfers["ecss_gradient_all_reduce"] = int(_ring("all_reduce", exp_dp) * 4 * fetched)
             times["ecss_gradient_all_reduce"] = transfers["ecss_gradient_all_reduce"] / replica_bw
@@ -931,9 +934,10 @@ def plan_training(
         shown = _shown_after_backward(back, layout.block_experts, last_backward)
         times[exchange] = min(times[exchange], shown)
         times["ecss_gradients_d2h"] = shown - times[exchange]
-        notes.append(f"ECSS gradients back: each expert layer's exchange and copy to the host ({_fmt_time(back)} in "
-                     f"all) start from its hooks in the last backward ({_fmt_time(last_backward)}), beside the "
-                     f"backward of the layers below it; {_fmt_time(shown)} shows")
+        if not cpu_processes:  # a time from the table's GPU speeds
+            notes.append(f"ECSS gradients back: each expert layer's exchange and copy to the host ({_fmt_time(back)} in "
+                         f"all) start from its hooks in the last backward ({_fmt_time(last_backward)}), beside the "
+                         f"backward of the layers below it; {_fmt_time(shown)} shows")
         # The stepped rows' shadows follow their masters (read the master, write the shadow); separate
         # shadows exist under bf16/fp16, and under fp32 too when the update is delayed.
         refresh = (4 + p) if p < 4 or delayed else 0
@@ -947,10 +951,11 @@ def plan_training(
             rest = sum(times.values())
             host_work = scale + adam + shadow
             times["ecss_cpu_adam"] = max(0.0, host_work - rest)
-            notes.append(f"ECSS delayed host update: the gradients' multiply, CPU Adam and the shadow refresh "
-                         f"({_fmt_time(host_work)}) run beside the next step ({_fmt_time(rest)} without them); "
-                         f"{_fmt_time(times['ecss_cpu_adam'])} of it shows. A step computes with the masters "
-                         f"after the update two steps back")
+            if not cpu_processes:  # a time from the table's GPU speeds
+                notes.append(f"ECSS delayed host update: the gradients' multiply, CPU Adam and the shadow refresh "
+                             f"({_fmt_time(host_work)}) run beside the next step ({_fmt_time(rest)} without them); "
+                             f"{_fmt_time(times['ecss_cpu_adam'])} of it shows. A step computes with the masters "
+                             f"after the update two steps back")
         else:
             times["ecss_gradient_scale"] = scale
             times["ecss_cpu_adam"] = adam
@@ -1044,8 +1049,9 @@ def plan_training(
                 f"{routing.mixture}")
     if ecss:
         ecss_terms = sum(v for k, v in times.items() if k.startswith("ecss_"))
-        notes.append(f"ECSS adds {_fmt_time(ecss_terms)} to the step beside {_fmt_time(times['compute'])} of compute: "
-                     f"what its transfers and host update do not overlap")
+        if not cpu_processes:  # a time from the table's GPU speeds
+            notes.append(f"ECSS adds {_fmt_time(ecss_terms)} to the step beside {_fmt_time(times['compute'])} of "
+                         f"compute: what its transfers and host update do not overlap")
     if recompute:
         notes.append("gradient checkpointing: activations are recomputed (hardware FLOPs × 4/3)")
 
@@ -1198,17 +1204,36 @@ def plan_for(
     preset_or_config: "str | os.PathLike[str] | TrainConfig",
     topology: str | None = None,
     nodes: int | None = None,
-    gpus_per_node: int = 8,
+    gpus_per_node: int | None = None,
     gpu: str = "h100",
     host_ram_gb: float | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
 ) -> Plan:
     """Plan a preset on a topology preset (a config that leaves tensor or pipeline parallelism at 1 takes the
-    topology's degree; another degree is refused), on `nodes × gpus_per_node` (tensor, pipeline and expert
-    from the config: the trainer's own layout), or on the config's own topology (else one node of 8)."""
+    topology's degree; another degree is refused), on `nodes × gpus_per_node` (default 8; tensor, pipeline
+    and expert from the config: the trainer's own layout), or on the config's own topology (else one node of
+    8). `gpu` "cpu" plans `nodes × gpus_per_node` CPU processes (default 1) as the trainer's check on a
+    machine without a GPU does: memory only, against this machine's RAM unless `host_ram_gb`."""
     config = resolve_train_config(preset_or_config, overrides)
     if topology is not None and nodes is not None:
         raise ValueError("give --topology or --nodes, not both")
+    cpu = gpu == CPU
+    if cpu and topology is not None:
+        raise ValueError(f"--gpu cpu plans CPU processes (--nodes, --gpus-per-node); topology {topology} is GPU "
+                         f"servers: plan it with --gpu h100 or h200")
+    gpus_per_node = gpus_per_node or (1 if cpu else 8)
+    if cpu:  # the trainer's own check on a machine without a GPU
+        host_ram = int(host_ram_gb * 1e9) if host_ram_gb is not None else this_machine_ram()
+        plan = plan_training(config, ClusterSpec(nodes=nodes or 1, gpus_per_node=gpus_per_node),
+                             ParallelPlan(tensor=config.tensor_parallel, pipeline=config.pipeline_parallel,
+                                          expert=config.expert_parallel),
+                             host_ram_bytes=host_ram, check_host=host_ram is not None, dense_counterpart=False,
+                             cpu_processes=True)
+        _as_cpu_processes(plan)
+        if host_ram_gb is None:
+            plan.notes.insert(0, f"host RAM: this machine's {fmt_bytes(host_ram)}" if host_ram else
+                              "host RAM: this machine does not say how much it has; not checked (--host-ram-gb)")
+        return plan
     topology = topology if nodes is not None or topology is not None else config.topology
     model = config.pangu_config()
     if topology is not None:
@@ -1261,6 +1286,37 @@ def plan_for(
     return plan
 
 
+def _as_cpu_processes(plan: Plan) -> None:
+    """A plan whose ranks compute on the CPU (made with `cpu_processes`): each process's "device" bytes are host
+    bytes, beside what the plan puts on the host, and the hardware table's speeds (a GPU's) say nothing of it."""
+    processes = plan.cluster["gpus_per_node"]
+    plan.reasons = [r for r in plan.reasons if not r.startswith("GPU memory")]
+    needed = plan.gpu_bytes_per_gpu * processes + plan.host_bytes_per_node
+    over = plan.host_usable_bytes is not None and needed > plan.host_usable_bytes
+    if over and not any(r.startswith("host memory") for r in plan.reasons):  # the processes make it too much
+        largest, items = _largest_items(plan.gpu_breakdown)
+        smaller = largest in ("activations", "logits")
+        hint = "; a smaller micro_batch_size or seq_len (--set), or a GPU" if smaller else ""
+        plan.reasons.append(
+            f"host memory: {fmt_bytes(needed)} per node at its peak = {processes} CPU "
+            f"process{'es' if processes > 1 else ''} × {fmt_bytes(plan.gpu_bytes_per_gpu)} (largest items "
+            f"{items}) + {fmt_bytes(plan.host_bytes_per_node)} host-side > {fmt_bytes(plan.host_usable_bytes)} "
+            f"usable of {fmt_bytes(plan.host_capacity_bytes)} ({HOST_RESERVE_FRACTION:.0%} reserve){hint}")
+    plan.host_bytes_per_node = needed
+    plan.fits = not plan.reasons
+    plan.gpu, plan.gpu_name = CPU, "CPU processes"
+    plan.times, plan.step_time_s, plan.mfu, plan.tokens_per_s = {}, None, None, None
+    plan.hardware = {}
+
+
+def this_machine_ram() -> int | None:
+    """Physical memory of this machine in bytes (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def check_plan(
     train_config: "TrainConfig",
     world_size: int,
@@ -1290,22 +1346,7 @@ def check_plan(
                          dense_counterpart=False,  # the check needs no comparison
                          cpu_processes=cpu)
     if cpu:
-        # No GPU: each process's "device" bytes are host bytes, beside what the plan puts on the host.
-        plan.reasons = [r for r in plan.reasons if not r.startswith("GPU memory")]
-        needed = plan.gpu_bytes_per_gpu * local_world_size + plan.host_bytes_per_node
-        over = plan.host_usable_bytes is not None and needed > plan.host_usable_bytes
-        if over and not any(r.startswith("host memory") for r in plan.reasons):  # the processes make it too much
-            largest, items = _largest_items(plan.gpu_breakdown)
-            smaller = largest in ("activations", "logits")
-            hint = "; a smaller micro_batch_size or seq_len (--set), or a GPU" if smaller else ""
-            plan.reasons.append(
-                f"host memory: {fmt_bytes(needed)} per node at its peak = {local_world_size} CPU "
-                f"process{'es' if local_world_size > 1 else ''} × {fmt_bytes(plan.gpu_bytes_per_gpu)} (largest items "
-                f"{items}) + {fmt_bytes(plan.host_bytes_per_node)} host-side > {fmt_bytes(plan.host_usable_bytes)} "
-                f"usable of {fmt_bytes(plan.host_capacity_bytes)} ({HOST_RESERVE_FRACTION:.0%} reserve){hint}")
-        plan.host_bytes_per_node = needed
-        plan.fits = not plan.reasons
-        plan.gpu_name = "CPU processes"
+        _as_cpu_processes(plan)
     elif gpu_name and gpu.lower() not in gpu_name.lower().replace(" ", ""):
         plan.notes.append(f"{gpu_name}: speeds planned with {HARDWARE[gpu].name} figures")
     if not plan.fits:
@@ -1348,7 +1389,8 @@ def format_plan(plan: Plan) -> str:
         f"{tr['precision']}, ZeRO-{tr['zero_stage']}{', optimizer offload' if tr['offload_optimizer'] else ''}"
         f"{', ECSS' if tr['ecss'] else ''}; micro-batch {tr['micro_batch_size']} × seq {tr['seq_len']} × "
         f"{tr['gradient_accumulation_steps']} accumulation = {plan.tokens_per_step:,} tokens per step",
-        f"  parameters: {plan.parameters['total']:,} total; per GPU {plan.parameters['dense_per_gpu']:,} dense, "
+        f"  parameters: {plan.parameters['total']:,} total; per {'process' if plan.gpu == CPU else 'GPU'} "
+        f"{plan.parameters['dense_per_gpu']:,} dense, "
         f"{plan.parameters['experts_on_device_per_gpu']:,} experts on the device, "
         f"{plan.parameters['experts_on_host_per_gpu']:,} on the host, "
         f"{plan.parameters['fetched_per_gpu_per_step']:,} fetched per step"
@@ -1364,15 +1406,22 @@ def format_plan(plan: Plan) -> str:
                f"uploaded and stepped by the owner, {e['asked_of_block_per_layer']} rows asked of it"
                if e["sharded"] else ""))
     lines.append("")
-    rows: list[tuple[str, str, str]] = [("GPU memory", "per GPU", "per node")]
+    cpu = plan.gpu == CPU
+    rows: list[tuple[str, str, str]] = [("memory of a CPU process", "per process", "per node") if cpu else
+                                        ("GPU memory", "per GPU", "per node")]
     for key, value in plan.gpu_breakdown.items():
         if value:
             rows.append((f"  {key.replace('_', ' ')}", fmt_bytes(value), fmt_bytes(value * gpn)))
     for key, value in plan.gpu_phases.items():
         rows.append((f"  peak: {key.replace('_', ' ')}", fmt_bytes(value), fmt_bytes(value * gpn)))
-    rows.append(("  needed / usable", f"{fmt_bytes(plan.gpu_bytes_per_gpu)} / {fmt_bytes(plan.gpu_usable_bytes)}",
-                 ""))
+    if cpu:  # host memory, counted below
+        rows.append(("  needed", fmt_bytes(plan.gpu_bytes_per_gpu), fmt_bytes(plan.gpu_bytes_per_gpu * gpn)))
+    else:
+        rows.append(("  needed / usable",
+                     f"{fmt_bytes(plan.gpu_bytes_per_gpu)} / {fmt_bytes(plan.gpu_usable_bytes)}", ""))
     rows.append(("host memory", "", ""))
+    if cpu:
+        rows.append(("  the CPU processes' memory (above)", "", fmt_bytes(plan.gpu_bytes_per_gpu * gpn)))
     for key, value in plan.host_breakdown.items():
         if value:
             node = plan.host_breakdown_per_node.get(key, value * gpn)
@@ -1389,17 +1438,20 @@ def format_plan(plan: Plan) -> str:
             rows.append((f"  {key.replace('_', ' ')}", fmt_bytes(value), fmt_bytes(value * gpn)))
     if not any(plan.transfers.values()):
         rows.append(("  none", "0 B", "0 B"))
-    if plan.h2d_bytes_per_gpu_per_step or plan.d2h_bytes_per_gpu_per_step:
+    if (plan.h2d_bytes_per_gpu_per_step or plan.d2h_bytes_per_gpu_per_step) and plan.gpu != CPU:
         rows.append(("  PCIe h2d | d2h in the dense compute",
                      f"{fmt_bytes(plan.h2d_link_bytes_in_dense_compute)} | "
                      f"{fmt_bytes(plan.d2h_link_bytes_in_dense_compute)}", ""))
     rows.append(("time per step", "", ""))
+    if cpu:
+        rows.append(("  not planned: the hardware table has GPU speeds only", "", ""))
     for key, value in plan.times.items():
         if value and key != "compute":
             rows.append((f"  {key.replace('_', ' ')}", _fmt_time(value), ""))
-    rows.append(("  step time", _fmt_time(plan.step_time_s), ""))
-    rows.append(("  MFU", f"{plan.mfu:.1%}", ""))
-    rows.append(("  tokens/s (whole cluster)", f"{plan.tokens_per_s:,.0f}", ""))
+    if not cpu:
+        rows.append(("  step time", _fmt_time(plan.step_time_s), ""))
+        rows.append(("  MFU", f"{plan.mfu:.1%}", ""))
+        rows.append(("  tokens/s (whole cluster)", f"{plan.tokens_per_s:,.0f}", ""))
     if plan.dense_counterpart:
         dc = plan.dense_counterpart
         rows.append((f"  dense counterpart ({dc['model']}) step", _fmt_time(dc["step_time_s"]),
@@ -1422,7 +1474,7 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BARE_MODEL_DEFAULTS", "GPU_RESERVE_FRACTION", "HARDWARE", "HOST_RESERVE_FRACTION", "EcssRouting",
+__all__ = ["BARE_MODEL_DEFAULTS", "CPU", "GPU_RESERVE_FRACTION", "HARDWARE", "HOST_RESERVE_FRACTION", "EcssRouting",
            "Hardware", "ParameterLayout", "Plan", "PlanDoesNotFit", "check_plan", "dense_counterpart_config",
            "fmt_bytes", "format_plan", "hardware", "parameter_layout", "plan_for", "plan_training",
-           "resolve_train_config"]
+           "resolve_train_config", "this_machine_ram"]

@@ -70,7 +70,7 @@ from .model import PanguModel
 from .moe import RandomRoutedExperts
 from .ops import compile_muon_on_first_use, deepspeed_accelerator_follows_torch
 from .optim import OptimConfig, build_scheduler, lr_at, parameter_groups
-from .plan import PlanDoesNotFit, check_plan
+from .plan import PlanDoesNotFit, check_plan, this_machine_ram
 from .run_lock import OutputInUse, claim_output
 from .tensor_parallel import (
     ModelParallelUnit,
@@ -695,12 +695,8 @@ class Trainer:
         cuda = self.device.type == "cuda"
         gpu_name = torch.cuda.get_device_name(self.device) if cuda else None
         gpu_memory = torch.cuda.get_device_properties(self.device).total_memory if cuda else None
-        try:
-            host_ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            host_ram = None
         return check_plan(self.config, self.world_size, local_world_size(self.world_size), gpu_name, gpu_memory,
-                          host_ram)
+                          this_machine_ram())
 
     def _layout(self) -> Any:
         """The run's rank layout and process groups (pangu_model/topology.py)."""

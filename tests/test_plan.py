@@ -319,6 +319,38 @@ def test_a_cpu_run_counts_its_processes_memory_and_the_attention_matrix_as_host_
     assert on_gpu.gpu_breakdown["zero_buckets"] == 2 * tiny.reduce_bucket_size * 4  # fp32, double-buffered
 
 
+def test_pangu_plan_gpu_cpu_makes_the_trainer_s_cpu_check_beforehand(capsys, monkeypatch):
+    """`pangu plan --gpu cpu`: the plan the trainer checks on a machine without a GPU (its processes' bytes as
+    host bytes, against this machine's RAM), made before a run; there was no way to ask it."""
+    import pangu_model.plan
+    from flows.cli import main
+
+    monkeypatch.setattr(pangu_model.plan, "this_machine_ram", lambda: 24 * GiB)
+    assert main(["plan", "--preset", "alpha-350m", "--gpu", "cpu", "--json"]) == 0
+    refused = json.loads(capsys.readouterr().out)
+    config = resolve_train_config("alpha-350m")
+    with pytest.raises(PlanDoesNotFit) as caught:
+        check_plan(config, 1, 1, None, None, 24 * GiB)
+    assert not refused["fits"] and refused["reasons"] == caught.value.plan.reasons
+    assert refused["host_bytes_per_node"] == caught.value.plan.host_bytes_per_node
+    assert refused["step_time_s"] is None and refused["mfu"] is None and refused["gpu"] == "cpu"
+    assert refused["notes"][0] == "host RAM: this machine's 24.00 GiB"
+
+    assert main(["plan", "--preset", "alpha-350m", "--gpu", "cpu", "--set", "micro_batch_size=1"]) == 0
+    text = capsys.readouterr().out
+    assert "on 1 node × 1 CPU processes" in text and "memory of a CPU process" in text and "\nFITS" in text
+    assert "not planned: the hardware table has GPU speeds only" in text and "MFU" not in text
+    two = plan_for("alpha-350m", gpu="cpu", gpus_per_node=2, host_ram_gb=64, overrides=["micro_batch_size=2"])
+    assert two.cluster["gpus_per_node"] == 2 and two.host_capacity_bytes == 64 * 10**9
+    assert two.host_bytes_per_node == check_plan(resolve_train_config("alpha-350m", ["micro_batch_size=2"]), 2, 2,
+                                                 None, None, 64 * 10**9).host_bytes_per_node
+    timed = ("ECSS adds", "ECSS gradients back")  # times from the table's GPU speeds: none for CPU processes
+    assert any(note.startswith(timed) for note in plan_for("sigma-tiny", nodes=1, gpus_per_node=1).notes)
+    assert not any(note.startswith(timed) for note in plan_for("sigma-tiny", gpu="cpu").notes)
+    with pytest.raises(ValueError, match="--gpu cpu plans CPU processes .* topology pangu-sigma is GPU servers"):
+        plan_for("sigma-tiny", gpu="cpu", topology="pangu-sigma")
+
+
 def test_cli_json(capsys):
     from flows.cli import main
 
