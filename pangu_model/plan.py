@@ -920,8 +920,8 @@ def plan_training(
             times["ecss_fetch_h2d"] = max(0.0, h2d - window)
             times["ecss_owner_all_to_all"] = max(0.0, h2d + a2a - window) - times["ecss_fetch_h2d"]
             if not cpu_processes:  # a time from the table's GPU speeds
-                notes.append(f"ECSS fetch: the owners' copies and the all-to-all ({_fmt_time(h2d + a2a)}) overlap the "
-                             f"forward of the {first_sparse} layers below the first expert layer "
+                notes.append(f"ECSS fetch: the owners' copies and the all-to-all ({_fmt_time(h2d + a2a)}) overlap "
+                             f"the forward of the {first_sparse} layers below the first expert layer "
                              f"({_fmt_time(window)}); {_fmt_time(max(0.0, h2d + a2a - window))} shows")
         else:
             transfers["ecss_gradient_all_reduce"] = int(_ring("all_reduce", exp_dp) * 4 * fetched)
@@ -935,9 +935,10 @@ def plan_training(
         times[exchange] = min(times[exchange], shown)
         times["ecss_gradients_d2h"] = shown - times[exchange]
         if not cpu_processes:  # a time from the table's GPU speeds
-            notes.append(f"ECSS gradients back: each expert layer's exchange and copy to the host ({_fmt_time(back)} in "
-                         f"all) start from its hooks in the last backward ({_fmt_time(last_backward)}), beside the "
-                         f"backward of the layers below it; {_fmt_time(shown)} shows")
+            notes.append(f"ECSS gradients back: each expert layer's exchange and copy to the host "
+                         f"({_fmt_time(back)} in all) start from its hooks in the last backward "
+                         f"({_fmt_time(last_backward)}), beside the backward of the layers below it; "
+                         f"{_fmt_time(shown)} shows")
         # The stepped rows' shadows follow their masters (read the master, write the shadow); separate
         # shadows exist under bf16/fp16, and under fp32 too when the update is delayed.
         refresh = (4 + p) if p < 4 or delayed else 0
@@ -1233,7 +1234,7 @@ def plan_for(
         if host_ram_gb is None:
             plan.notes.insert(0, f"host RAM: this machine's {fmt_bytes(host_ram)}" if host_ram else
                               "host RAM: this machine does not say how much it has; not checked (--host-ram-gb)")
-        return plan
+        return _noted_if_bare(plan, preset_or_config, config)
     topology = topology if nodes is not None or topology is not None else config.topology
     model = config.pangu_config()
     if topology is not None:
@@ -1280,6 +1281,11 @@ def plan_for(
                 if alternative.fits:
                     plan.notes.insert(0, f"fits on {other.name} (--gpu {other.key}): step "
                                          f"{_fmt_time(alternative.step_time_s)}, MFU {alternative.mfu:.1%}")
+    return _noted_if_bare(plan, preset_or_config, config)
+
+
+def _noted_if_bare(plan: Plan, preset_or_config: object, config: "TrainConfig") -> Plan:
+    """`plan`, whose notes say first what a bare model preset was planned with."""
     if _is_bare_model(preset_or_config):
         plan.notes.insert(0, f"bare model preset {preset_or_config}: planned with "
                              + ", ".join(f"{k} {getattr(config, k)}" for k in BARE_MODEL_DEFAULTS))
