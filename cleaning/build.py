@@ -92,13 +92,15 @@ class CorpusBuild:
     share a work directory share every cleaned shard, signature and final shard whose content did
     not change. `previous` is an earlier version's OUTPUT (built in the same work directory) whose
     dedup index this build extends, so that only new documents are looked up; by default OUTPUT
-    itself, when it holds a version."""
+    itself, when it holds a version. Files under OUTPUT, `work`, `previous` and `exclude` (the directory of
+    a corpus's versions, a pipeline's root) are never read as input, where an input directory holds them."""
 
     inputs: Sequence[str]
     output: str
     config: CorpusConfig
     work: str | None = None
     previous: str | None = None
+    exclude: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         self.output = self.output.rstrip("/")
@@ -106,6 +108,7 @@ class CorpusBuild:
         self.work = (self.work or f"{self.output}/_work").rstrip("/")
         self.previous = (self.previous or self.output).rstrip("/")
         self.unsupported: list[str] = []  # files the inputs hold that no reader takes (`list_inputs`)
+        self.own_files: list[str] = []  # files an input directory holds under this build's outputs: not read
 
     # -- plan ------------------------------------------------------------------------------
     def remove_leftovers(self) -> list[str]:
@@ -124,8 +127,11 @@ class CorpusBuild:
         """(uri, error, name) of every input file, in order: a listing only, which the driver does.
         Raises FileNotFoundError when no input is found at all (`inputs.require_some_input`)."""
         unsupported: list[str] = []
-        entries = expand_inputs(self.inputs, unsupported=unsupported)
+        own: list[str] = []
+        outputs = [root for root in (self.output, self.work, self.previous, *self.exclude) if root]
+        entries = expand_inputs(self.inputs, unsupported=unsupported, exclude=outputs, excluded=own)
         self.unsupported = sorted(unsupported)
+        self.own_files = sorted(set(own))
         require_some_input(self.inputs, entries)
         names = input_names(self.inputs, entries)
         return [(uri, error, names[uri]) for uri, error in entries]

@@ -5,7 +5,7 @@ import glob as globlib
 import posixpath
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import fsspec
 import xxhash
@@ -60,17 +60,33 @@ def _without_dataset_metadata(paths: list[str]) -> list[str]:
     return [p for p in paths if not metadata(p)] if arrow_dirs else paths
 
 
+def _outside(fs: Any, roots: Sequence[str]) -> Callable[[str], bool]:
+    """Whether a path of `fs` lies outside every one of `roots` (URIs or paths, normalised by `fs`)."""
+    prefixes = [fs._strip_protocol(root).rstrip("/") + "/" for root in roots]
+    return lambda path: not any(path.startswith(prefix) for prefix in prefixes)
+
+
 def expand_inputs(inputs: Iterable[str], storage_options: dict | None = None,
-                  unsupported: list[str] | None = None) -> list[tuple[str, str | None]]:
+                  unsupported: list[str] | None = None, exclude: Sequence[str] = (),
+                  excluded: list[str] | None = None) -> list[tuple[str, str | None]]:
     """(uri, error) pairs in a stable order. A path that does not exist is kept with its error,
     so that the run reports it instead of silently building a corpus without it. The files a directory
     or glob holds that no reader takes (a PDF, an image) are appended to `unsupported`, to be reported;
-    a saved Hugging Face dataset's metadata files are neither."""
+    a saved Hugging Face dataset's metadata files are neither. Files a directory or glob holds under one
+    of `exclude` (the build's own output, where it lies inside an input directory) are left out and
+    appended to `excluded`: a rebuild read its own output back as input."""
     found: dict[str, str | None] = {}
     for raw in inputs:
         fs, path = fsspec.core.url_to_fs(raw, **(storage_options or {}))
+        outside = _outside(fs, exclude)
+
+        def kept(paths: list[str]) -> list[str]:
+            if excluded is not None:
+                excluded.extend(fs.unstrip_protocol(p) for p in paths if not outside(p))
+            return [p for p in paths if outside(p)]
+
         if _has_magic(path):
-            listed = _without_dataset_metadata([p for p in fs.glob(path) if fs.isfile(p)])
+            listed = kept(_without_dataset_metadata([p for p in fs.glob(path) if fs.isfile(p)]))
             matches = [p for p in listed if is_supported(p)]
             if unsupported is not None:
                 unsupported += [fs.unstrip_protocol(p) for p in listed if not is_supported(p)]
@@ -79,7 +95,7 @@ def expand_inputs(inputs: Iterable[str], storage_options: dict | None = None,
             for match in matches:
                 found.setdefault(fs.unstrip_protocol(match), None)
         elif fs.isdir(path):
-            listed = _without_dataset_metadata([p for p in fs.find(path) if not _hidden(p)])
+            listed = kept(_without_dataset_metadata([p for p in fs.find(path) if not _hidden(p)]))
             files = [p for p in listed if is_supported(p)]
             if unsupported is not None:
                 unsupported += [fs.unstrip_protocol(p) for p in listed if not is_supported(p)]

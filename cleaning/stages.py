@@ -45,6 +45,9 @@ def run_build(build: CorpusBuild, map_stage: Mapper, log: Callable[[str], None] 
     listed = build.list_inputs()  # no input found at all: refused here, before OUTPUT is touched
     check_output_uri(build.output, "the corpus")  # so is an output that is a file, or below one
     check_steps(build.config)  # and a missing word list or model
+    if build.own_files:  # an input directory that holds the output: its files are no input
+        log(f"left out {len(build.own_files):,} file(s) under the corpus output, which an input directory holds "
+            f"(first: {build.own_files[0]})")
     if build.unsupported:  # found but not read: said, and counted in the manifest
         warn(f"not read: {describe_unsupported(unsupported_summary(build.unsupported))}")
     leftovers = build.remove_leftovers()

@@ -67,10 +67,12 @@ class RefreshPlan:
     diff: dict[str, list[str]]
 
 
-def plan_refresh(inputs: Sequence[str], root: str, config: CorpusConfig) -> RefreshPlan:
+def plan_refresh(inputs: Sequence[str], root: str, config: CorpusConfig, exclude: Sequence[str] = ()) -> RefreshPlan:
+    """The version the inputs and config make under ROOT, and what changed since LATEST; `exclude`: directories
+    whose files are no input (besides ROOT), as `CorpusBuild` takes them."""
     root = root.rstrip("/")
     work = f"{root}/_work"
-    probe = CorpusBuild(inputs, root, config, work=work)
+    probe = CorpusBuild(inputs, root, config, work=work, exclude=exclude)
     shards = probe.plan()
     version = probe.run_key(shards)
     previous = latest_version(root)
@@ -90,16 +92,18 @@ def mark_latest(root: str, plan: RefreshPlan) -> None:
 
 
 def refresh(inputs: Sequence[str], root: str, config: CorpusConfig, executor: Executor | None = None,
-            log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
-    """Build `ROOT/<version>` if the inputs or config changed since `LATEST`; returns a summary."""
-    plan = plan_refresh(inputs, root, config)
+            log: Callable[[str], None] = lambda message: None, exclude: Sequence[str] = ()) -> dict[str, Any]:
+    """Build `ROOT/<version>` if the inputs or config changed since `LATEST`; returns a summary. Files under
+    ROOT and `exclude` are no input."""
+    plan = plan_refresh(inputs, root, config, exclude)
     with building(root, plan.version):
         if plan.current:
             log(f"corpus version {plan.version} is current: nothing to build")
             manifest = read_json(f"{plan.output}/manifest.json")
         else:
             log(f"building corpus version {plan.version}: {describe_diff(plan.diff)}")
-            build = CorpusBuild(inputs, plan.output, config, work=plan.work, previous=previous_output(root, plan))
+            build = CorpusBuild(inputs, plan.output, config, work=plan.work, previous=previous_output(root, plan),
+                                exclude=[root, *exclude])
             manifest = run_local(build, executor, log)
         mark_latest(root, plan)
     return {"version": plan.version, "previous": plan.previous, "output": plan.output, "built": not plan.current,

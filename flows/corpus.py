@@ -122,13 +122,15 @@ def map_stage(stage: Stage) -> list[Any]:
 
 @flow(name="corpus", log_prints=True)
 def corpus(inputs: list[str], output: str, config: CorpusConfig | None = None,
-           workers: int = 2, work: str | None = None, previous: str | None = None) -> dict[str, Any]:
+           workers: int = 2, work: str | None = None, previous: str | None = None,
+           exclude: list[str] | None = None) -> dict[str, Any]:
     """Clean, filter, deduplicate and quality-score raw Chinese text into a versioned corpus;
     `config`: default the `default` preset (as `pangu corpus build`); `previous`: the version whose
-    dedup index to extend (default: what OUTPUT holds)."""
+    dedup index to extend (default: what OUTPUT holds); `exclude`: directories whose files are no input
+    (besides OUTPUT and the work directory), where an input directory holds them."""
     config = config or load_preset("default")
     logger = get_run_logger()
-    build = CorpusBuild(inputs, output, config, work=work, previous=previous)
+    build = CorpusBuild(inputs, output, config, work=work, previous=previous, exclude=exclude or ())
     with _worker_pool(workers):
         manifest = run_build(build, map_stage, log=logger.info, warn=logger.warning)
     run_key = manifest["version"]
@@ -168,19 +170,21 @@ def _record_corpus_asset(output: str, manifest: dict[str, Any]) -> None:
 
 @flow(name="corpus-refresh", log_prints=True)
 def corpus_refresh(inputs: list[str], root: str = "runs/corpus", config: CorpusConfig | None = None,
-                   workers: int = 2, dask_address: str | None = None) -> dict[str, Any]:
+                   workers: int = 2, dask_address: str | None = None,
+                   exclude: list[str] | None = None) -> dict[str, Any]:
     """A new corpus version under ROOT when inputs or config changed since ROOT/LATEST (the scheduled
     refresh): only new or changed input shards are cleaned and signed, their documents are looked
     up in the previous version's dedup index, and unchanged shards' files are linked, not copied.
     `config`: default the `default` preset, as `make run` and `pangu pipeline` use it, so that the
     scheduled refresh and a pipeline run over the same inputs make the same version.
-    `dask_address`: run every stage's calls on that Dask cluster (its workers must reach ROOT)."""
+    `dask_address`: run every stage's calls on that Dask cluster (its workers must reach ROOT).
+    `exclude`: directories whose files are no input, besides ROOT (a pipeline's root)."""
     config = config or load_preset("default")
     logger = get_run_logger()
     # The inputs are hashed as tasks (on the Dask cluster when given); planning then reads the cache.
     hash_inputs.with_options(task_runner=_task_runner(workers, dask_address))(
-        inputs, root, config, workers=1 if dask_address else workers)
-    plan = plan_refresh(inputs, root, config)
+        inputs, root, config, workers=1 if dask_address else workers, exclude=exclude)
+    plan = plan_refresh(inputs, root, config, exclude or ())
     logger.info("corpus %s (previous %s): %s", plan.version, plan.previous, describe_diff(plan.diff))
     work = None
     with building(root, plan.version):
@@ -192,7 +196,8 @@ def corpus_refresh(inputs: list[str], root: str = "runs/corpus", config: CorpusC
             # On Dask the cluster's workers do the compute; no local process pool beside them.
             result = corpus_with_runner(workers, dask_address)(inputs=inputs, output=plan.output, config=config,
                                                                workers=1 if dask_address else workers,
-                                                               work=plan.work, previous=previous_output(root, plan))
+                                                               work=plan.work, previous=previous_output(root, plan),
+                                                               exclude=[root, *(exclude or [])])
             totals, work, problems = result["totals"], result["work"], result["problems"]
         mark_latest(root, plan)
     lines = [f"# Corpus refresh → {plan.version}", "", f"Previous version: {plan.previous or '–'}; "
@@ -208,10 +213,11 @@ def corpus_refresh(inputs: list[str], root: str = "runs/corpus", config: CorpusC
 
 
 @flow(name="corpus-hash-inputs")
-def hash_inputs(inputs: list[str], root: str, config: CorpusConfig, workers: int = 2) -> int:
+def hash_inputs(inputs: list[str], root: str, config: CorpusConfig, workers: int = 2,
+                exclude: list[str] | None = None) -> int:
     """Content hash, size and parts of every input file under ROOT/_work/inputs (the cache that
     planning reads), one task run per file; returns the number of files."""
-    build = CorpusBuild(inputs, root, config, work=f"{root.rstrip('/')}/_work")
+    build = CorpusBuild(inputs, root, config, work=f"{root.rstrip('/')}/_work", exclude=exclude or ())
     files = [uri for uri, error, _ in build.list_inputs() if not error]
     with _worker_pool(workers):
         hash_stage_inputs(build, files, map_stage)

@@ -79,8 +79,9 @@ def pipeline(inputs: list[str], root: str = "runs", corpus_config: CorpusConfig 
     `dask_address`: the corpus stages run on that Dask cluster."""
     logger = get_run_logger()
     check_arguments(preset, steps, vocab_size, input_sentence_size, eval_data)
+    # Inputs in a directory that holds ROOT (`pangu pipeline . --root runs`): no stage's output is read as text
     corpus = corpus_refresh(inputs=inputs, root=f"{root}/corpus", config=corpus_config, workers=workers,
-                            dask_address=dask_address)
+                            dask_address=dask_address, exclude=[root])
     tok = tokenizer_flow(corpus=corpus["output"], output=root, vocab_size=vocab_size,
                          input_sentence_size=input_sentence_size, workers=workers)
     # The model's vocabulary and (PanGu-Σ) one expert group per domain are derived from the token shards.

@@ -207,6 +207,26 @@ def test_same_base_name_in_two_directories_gives_distinct_ids_and_no_self_dup_of
     assert again["totals"] == manifest["totals"]
 
 
+def test_an_output_inside_the_input_directory_is_not_read_back_as_input(tmp_path):
+    """`pangu corpus build nest --output nest/out`, run twice: the second run read the first's data/,
+    rejected/ and _work/ files as 62 inputs (4,053 documents in where there were 1,100). A refresh whose
+    versions root lies in the input directory, and a second refresh, likewise."""
+    from cleaning.versions import refresh
+
+    nest = tmp_path / "nest"
+    write_jsonl(nest / "news.jsonl", [{"text": t, "domain": "news"} for t in long_documents(6)])
+    logged: list[str] = []
+    first = run_local(CorpusBuild([str(nest)], str(nest / "out"), config()))
+    again = run_local(CorpusBuild([str(nest)], str(nest / "out"), config()), log=logged.append)
+    assert [i["name"] for i in again["inputs"]] == ["news.jsonl"]
+    assert again["totals"] == first["totals"] and again["totals"]["input"] == 6
+    assert any(m.startswith("left out ") and "under the corpus output" in m for m in logged), logged
+    (nest / "out").rename(tmp_path / "out")  # another corpus in the input directory would be input
+    versions = [refresh([str(nest)], str(nest / "versions"), config()) for _ in range(2)]
+    assert versions[1]["version"] == versions[0]["version"] and not versions[1]["built"]
+    assert versions[0]["totals"]["input"] == 6
+
+
 def test_colliding_explicit_ids_are_reported_and_both_documents_kept(tmp_path):
     docs = long_documents(4)
     write_jsonl(tmp_path / "raw" / "a.jsonl", [{"id": "same", "text": docs[0]}, {"id": "a2", "text": docs[1]}])
