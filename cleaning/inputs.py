@@ -66,6 +66,17 @@ def _outside(fs: Any, roots: Sequence[str]) -> Callable[[str], bool]:
     return lambda path: not any(path.startswith(prefix) for prefix in prefixes)
 
 
+def _undecodable_name(uri: str) -> str | None:
+    """The error of a file whose name is not valid UTF-8 (Python holds its bytes as surrogates, which no
+    manifest, id or cache key can hold), with the name's bad bytes shown as U+FFFD; None for a good name."""
+    try:
+        uri.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        shown = uri.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        return f"file name is not valid UTF-8: {shown}: rename it to read it"
+
+
 def expand_inputs(inputs: Iterable[str], storage_options: dict | None = None,
                   unsupported: list[str] | None = None, exclude: Sequence[str] = (),
                   excluded: list[str] | None = None) -> list[tuple[str, str | None]]:
@@ -93,7 +104,7 @@ def expand_inputs(inputs: Iterable[str], storage_options: dict | None = None,
             if not matches:
                 found[raw] = f"glob matched no supported input files: {raw}"
             for match in matches:
-                found.setdefault(fs.unstrip_protocol(match), None)
+                _add(found, fs.unstrip_protocol(match))
         elif fs.isdir(path):
             listed = kept(_without_dataset_metadata([p for p in fs.find(path) if not _hidden(p)]))
             files = [p for p in listed if is_supported(p)]
@@ -102,12 +113,21 @@ def expand_inputs(inputs: Iterable[str], storage_options: dict | None = None,
             if not files:
                 found[raw] = f"directory holds no supported input files: {raw}"
             for file in files:
-                found.setdefault(fs.unstrip_protocol(file), None)
+                _add(found, fs.unstrip_protocol(file))
         elif fs.exists(path):
-            found.setdefault(fs.unstrip_protocol(path), None)
+            _add(found, fs.unstrip_protocol(path))
         else:
             found[raw] = f"input not found: {raw}"
     return sorted(found.items())
+
+
+def _add(found: dict[str, str | None], uri: str) -> None:
+    """`uri` found: to read, or, where its name is not UTF-8, reported under a printable name."""
+    error = _undecodable_name(uri)
+    if error is None:
+        found.setdefault(uri, None)
+    else:
+        found[uri.encode("utf-8", "surrogateescape").decode("utf-8", "replace")] = error
 
 
 def unsupported_summary(uris: Sequence[str], shown: int = 5) -> dict[str, Any]:

@@ -227,6 +227,19 @@ def test_an_output_inside_the_input_directory_is_not_read_back_as_input(tmp_path
     assert versions[0]["totals"]["input"] == 6
 
 
+def test_a_file_name_that_is_not_utf8_is_reported_and_the_other_inputs_built(tmp_path):
+    """A file named with the byte 0xFF stopped the whole build with "'utf-8' codec can't encode character
+    '\\udcff'", naming no file."""
+    raw = tmp_path / "raw"
+    write_jsonl(raw / "news.jsonl", [{"text": t, "domain": "news"} for t in long_documents(3)])
+    (raw / "bad\udcffname.jsonl").write_bytes((raw / "news.jsonl").read_bytes())  # the name's bytes: b"bad\xffname"
+    manifest = run_local(CorpusBuild([str(raw)], str(tmp_path / "out"), config()))
+    errors = {i["name"]: i.get("error") for i in manifest["inputs"]}
+    assert errors == {"news.jsonl": None, "bad\ufffdname.jsonl":
+                      f"file name is not valid UTF-8: file://{raw}/bad\ufffdname.jsonl: rename it to read it"}
+    assert manifest["totals"]["input"] == 3
+
+
 def test_colliding_explicit_ids_are_reported_and_both_documents_kept(tmp_path):
     docs = long_documents(4)
     write_jsonl(tmp_path / "raw" / "a.jsonl", [{"id": "same", "text": docs[0]}, {"id": "a2", "text": docs[1]}])
