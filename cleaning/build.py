@@ -148,7 +148,8 @@ class CorpusBuild:
             signature = file_signature(uri)
             digest, size, parts = hash_and_split(uri, shard_bytes)
         except (OSError, ValueError, ShardReadError) as err:
-            return {"uri": uri, "error": f"unreadable: {type(err).__name__}: {err}"}
+            why = str(err) if isinstance(err, ShardReadError) else f"{type(err).__name__}: {err}"  # names the file
+            return {"uri": uri, "error": why}
         found = {"uri": uri, "signature": signature, "shard_bytes": shard_bytes, "hash": digest, "size": size,
                  "parts": [list(part) for part in parts]}
         write_json_atomic(f"{self.work}/{self.input_entry(uri)}", found)

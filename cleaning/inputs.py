@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob as globlib
 import posixpath
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -13,8 +14,8 @@ import xxhash
 import pyarrow.parquet as pq
 
 from cleaning.compression import compression
-from cleaning.readers import (JSON_SNIFF_BYTES, PARQUET_MAGIC, detect_format, is_json_document, is_supported,
-                              supported_suffixes)
+from cleaning.readers import (JSON_SNIFF_BYTES, PARQUET_MAGIC, UNPACK_HINT, detect_format, is_json_document,
+                              is_supported, supported_suffixes)
 
 #: a part of a large input: (start, stop, records before start, bytes): byte offsets of a JSON-lines
 #: file, cut just after a newline, or row-group numbers of a Parquet file
@@ -111,11 +112,16 @@ def expand_inputs(inputs: Iterable[str], storage_options: dict | None = None,
             if unsupported is not None:
                 unsupported += [fs.unstrip_protocol(p) for p in listed if not is_supported(p)]
             if not files:
-                found[raw] = f"directory holds no supported input files: {raw}"
+                found[raw] = f"directory holds no supported input files: {raw}" + (
+                    f": {describe_unsupported(unsupported_summary([fs.unstrip_protocol(p) for p in listed]))}"
+                    if listed else "")
             for file in files:
                 _add(found, fs.unstrip_protocol(file))
         elif fs.exists(path):
-            _add(found, fs.unstrip_protocol(path))
+            if is_supported(path):
+                _add(found, fs.unstrip_protocol(path))
+            else:  # named on its own: refused by name, where a directory's such files are only counted
+                found[raw] = not_an_input(raw)
         else:
             found[raw] = f"input not found: {raw}"
     return sorted(found.items())
@@ -130,6 +136,26 @@ def _add(found: dict[str, str | None], uri: str) -> None:
         found[uri.encode("utf-8", "surrogateescape").decode("utf-8", "replace")] = error
 
 
+_ARCHIVES = ((".zip", "a zip archive"), (".7z", "a 7z archive"), (".rar", "a rar archive"), (".tgz", "a tar archive"))
+_TAR = re.compile(r"\.tar(\.[a-z0-9]+)?$")
+
+
+def _archive(path: str) -> str | None:
+    """What kind of archive `path` names by its suffix, or None."""
+    lowered = path.lower()
+    if _TAR.search(lowered):
+        return "a tar archive"
+    return next((what for suffix, what in _ARCHIVES if lowered.endswith(suffix)), None)
+
+
+def not_an_input(path: str) -> str:
+    """Why a file no reader takes, given by name, is not read."""
+    archive = _archive(path)
+    if archive:
+        return f"{path}: {archive}, which is not read: {UNPACK_HINT}"
+    return f"{path}: not an input format (expected {supported_suffixes()})"
+
+
 def unsupported_summary(uris: Sequence[str], shown: int = 5) -> dict[str, Any]:
     """The manifest's record of the files found but not read: how many, per suffix, the first few."""
     by_suffix = Counter(posixpath.splitext(uri.rsplit("/", 1)[-1])[1].lower() or "(none)" for uri in uris)
@@ -139,7 +165,9 @@ def unsupported_summary(uris: Sequence[str], shown: int = 5) -> dict[str, Any]:
 def describe_unsupported(summary: dict[str, Any]) -> str:
     """One sentence on an `unsupported_summary`, for the log and the corpus report alike."""
     kinds = ", ".join(f"{n:,} {suffix}" for suffix, n in summary["by_suffix"].items())
-    return f"{summary['files']:,} file(s) of a kind no reader takes ({kinds}; first: {summary['first'][0]})"
+    archives = any(_archive(f"x{suffix}") for suffix in summary["by_suffix"])
+    return (f"{summary['files']:,} file(s) of a kind no reader takes ({kinds}; first: {summary['first'][0]})"
+            + ("; archives are not read: unpack them and give their files" if archives else ""))
 
 
 def require_some_input(inputs: Sequence[str], entries: Sequence[tuple[str, str | None]], shown: int = 3) -> None:
@@ -154,6 +182,11 @@ def require_some_input(inputs: Sequence[str], entries: Sequence[tuple[str, str |
         raise FileNotFoundError(f"no input given ({kinds})")
     named = ", ".join(given[:shown]) + (f", ... ({len(given) - shown} more)" if len(given) > shown else "")
     count = f" in {len(given)} inputs" if len(given) > 1 else ""
+    refused = [error for _, error in entries if error and any(why in error for why in (
+        " which is not read: ", ": not an input format ", " of a kind no reader takes "))]
+    if refused:  # files that are there, that no reader takes: why, not "not found"
+        more = f"; ... ({len(refused) - shown} more)" if len(refused) > shown else ""
+        raise FileNotFoundError(f"no input to read{count}: " + "; ".join(refused[:shown]) + more)
     raise FileNotFoundError(f"no input found{count}: {named} ({kinds})")
 
 

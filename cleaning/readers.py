@@ -114,6 +114,7 @@ _COLUMNAR: tuple[Format, ...] = ("parquet", "arrow")  # compressed inside, never
 # First bytes of the containers a mislabelled input may hold.
 PARQUET_MAGIC = b"PAR1"
 _ARCHIVE_MAGIC = {b"PK\x03\x04": "a zip archive", b"7z\xbc\xaf\x27\x1c": "a 7z archive"}
+UNPACK_HINT = "unpack it and give its files (JSON lines and text may stay compressed, as gzip, bzip2, xz or zstd)"
 
 
 # A line that opens an object and holds nothing else: no JSON line is one.
@@ -410,8 +411,7 @@ class RecordReader:
                                            f"read whole, not in parts")
             archive = next((what for magic, what in _ARCHIVE_MAGIC.items() if head.startswith(magic)), None)
             if archive and fmt not in _COLUMNAR:
-                raise ShardReadError(path, f"{archive}, which is not read: unpack it and give its files (JSON lines "
-                                           "and text may stay compressed, as gzip, bzip2, xz or zstd)")
+                raise ShardReadError(path, f"{archive}, which is not read: {UNPACK_HINT}")
             if fmt == "parquet":
                 yield from self._read_parquet(path, name, part)
             elif fmt == "arrow":

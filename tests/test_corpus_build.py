@@ -388,6 +388,35 @@ def test_a_build_with_no_input_found_refuses_before_writing_anything(tmp_path, g
     assert not (tmp_path / "out").exists()
 
 
+def test_files_no_reader_takes_are_refused_saying_why_not_as_missing(tmp_path):
+    """A .zip or .pdf named on its own was read as an input, failed with "unreadable: unreadable: ShardReadError:
+    ... unknown input format", and the build published an empty corpus (exit 0); README promises "zip and 7z
+    archives are refused with one message: unpack them"."""
+    import zipfile
+
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "你好"}])
+    (tmp_path / "d").mkdir()
+    with zipfile.ZipFile(tmp_path / "d" / "arch.zip", "w") as archive:
+        archive.write(tmp_path / "a.jsonl", "a.jsonl")
+    (tmp_path / "d" / "doc.pdf").write_bytes(b"%PDF-1.4\n")
+    out = tmp_path / "out"
+    for given, expected in (
+            (["d/arch.zip"], "^no input to read: .*/d/arch.zip: a zip archive, which is not read: unpack it and give "
+                             "its files"),
+            (["d/doc.pdf"], r"^no input to read: .*/d/doc.pdf: not an input format \(expected \.jsonl"),
+            (["d"], r"^no input to read: directory holds no supported input files: .*/d: 2 file\(s\) of a kind no "
+                    r"reader takes \(1 \.pdf, 1 \.zip; .*\); archives are not read: unpack them")):
+        with pytest.raises(FileNotFoundError, match=expected):
+            run_local(CorpusBuild([str(tmp_path / g) for g in given], str(out), config()))
+        assert not out.exists()
+    # beside a file to read, the archive is an input problem of the build, named
+    manifest = run_local(CorpusBuild([str(tmp_path / "a.jsonl"), str(tmp_path / "d" / "arch.zip")], str(out), config()))
+    errors = [i["error"] for i in manifest["inputs"] if i.get("error")]
+    assert len(errors) == 1 and errors[0].endswith("d/arch.zip: a zip archive, which is not read: unpack it and give "
+                                                   "its files (JSON lines and text may stay compressed, as gzip, bzip2, "
+                                                   "xz or zstd)"), errors
+
+
 @pytest.mark.parametrize("missing", ["word list", "language-ID model", "a source's word list"])
 def test_a_missing_asset_refuses_the_build_before_writing_anything(tmp_path, missing):
     """The language-ID model was looked for only when a document first needed it, in a shard's worker; any
