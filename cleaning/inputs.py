@@ -190,6 +190,12 @@ def require_some_input(inputs: Sequence[str], entries: Sequence[tuple[str, str |
     raise FileNotFoundError(f"no input found{count}: {named} ({kinds})")
 
 
+def check_some_input(inputs: Sequence[str], exclude: Sequence[str] = ()) -> None:
+    """`require_some_input` on a listing of `inputs` (as a build lists them, `exclude` left out): what a
+    command checks before it starts anything."""
+    require_some_input(inputs, expand_inputs(inputs, exclude=exclude))
+
+
 def input_root(raw: str, storage_options: dict | None = None) -> str:
     """The directory an INPUT argument names files under, as a URI: the directory itself, the part
     of a glob before its first wildcard, or a file's parent directory."""

@@ -204,14 +204,17 @@ def _eval_progress(terminal: bool) -> Callable[[str, int, int], None]:
 
 def _corpus_build(args: argparse.Namespace) -> int:
     from cleaning.config import load_preset
+    from cleaning.inputs import check_some_input
     from cleaning.outputs import check_output_uri
     from cleaning.pipeline import check_steps
     from flows.corpus import build_from_cli
 
-    # An unknown or invalid preset, a missing asset, an output that is a file: one message, before the server
+    # An unknown or invalid preset, a missing asset, an output that is a file, no input to read: one message,
+    # before the server
     check_output_uri(args.output, "the corpus")
     check_steps(load_preset(args.preset, args.set))
     _check_dask_address(args.dask_address)
+    check_some_input(args.inputs, exclude=[args.output])
     return _run_flows(build_from_cli, args)
 
 
@@ -238,15 +241,18 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 def _pipeline(args: argparse.Namespace) -> int:
     from cleaning.config import load_preset
+    from cleaning.inputs import check_some_input
     from cleaning.outputs import check_output_uri
     from cleaning.pipeline import check_steps
     from flows.pipeline import check_arguments, pipeline_from_cli
 
-    # What a stage would refuse (an unknown preset, a missing asset, an impossible vocabulary), before any stage
+    # What a stage would refuse (an unknown preset, a missing asset, an impossible vocabulary, no input to read),
+    # before any stage
     check_output_uri(args.root, "the pipeline's outputs")
     check_steps(load_preset(args.corpus_preset, args.corpus_set))
     check_arguments(args.preset, args.steps, args.vocab_size, args.input_sentence_size, args.eval_data)
     _check_dask_address(args.dask_address)
+    check_some_input(args.inputs, exclude=[args.root])
     return _run_flows(pipeline_from_cli, args)
 
 

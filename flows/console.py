@@ -33,8 +33,32 @@ class _ExpectedErrorsInOneLine(logging.Formatter):
             record.exc_info, record.exc_text = kept
 
 
+class _EachExpectedErrorOnce(logging.Filter):
+    """Passes the first record of an expected error and drops the ones that repeat it: the task run's failure,
+    then its failed state, the flow run's exception and its failed state, and those of each parent flow run
+    said the same message four to seven times before the command's own `error:` line."""
+
+    def __init__(self, is_expected: Callable[[BaseException], bool]) -> None:
+        super().__init__()
+        self.is_expected = is_expected
+        self.shown: list[str] = []  # the opening of each expected error's message shown so far
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if os.environ.get("PANGU_DEBUG"):
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and self.is_expected(error):
+            opening = str(error).strip().splitlines()[0][:100] if str(error).strip() else ""
+            if opening and opening in self.shown:
+                return False
+            self.shown.append(opening)
+            return True
+        text = record.getMessage()
+        return not any(opening and opening in text for opening in self.shown)  # a failed state that repeats it
+
+
 def expected_errors_in_one_line(is_expected: Callable[[BaseException], bool]) -> None:
-    """Prefect's console handlers show an error for which `is_expected` holds without its traceback."""
+    """Prefect's console handlers show an error for which `is_expected` holds without its traceback, once."""
     from prefect.logging.configuration import ensure_logging_setup
     from prefect.logging.handlers import PrefectConsoleHandler
 
@@ -42,3 +66,4 @@ def expected_errors_in_one_line(is_expected: Callable[[BaseException], bool]) ->
     for handler in logging.getLogger().handlers:
         if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _ExpectedErrorsInOneLine):
             handler.setFormatter(_ExpectedErrorsInOneLine(handler.formatter or logging.Formatter(), is_expected))
+            handler.addFilter(_EachExpectedErrorOnce(is_expected))

@@ -136,6 +136,8 @@ def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
         paths[name].write_text(text)
     paths["random_pt"] = tmp_path / "random.pt"
     paths["random_pt"].write_bytes(bytes(range(256)) * 16)
+    paths["zip"] = tmp_path / "texts.zip"
+    paths["zip"].write_bytes(b"PK\x03\x04" + bytes(range(256)))
     (tmp_path / "empty-run").mkdir()
     return paths
 
@@ -145,7 +147,8 @@ def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
                                   "pipeline preset", "corpus preset", "corpus override", "corpus asset",
                                   "pipeline corpus asset", "pipeline corpus override",
                                   "sample into a file", "eval set below a file", "corpus below a file",
-                                  "pipeline root is a file", "training run into a file", "start from a file"])
+                                  "pipeline root is a file", "training run into a file", "start from a file",
+                                  "corpus without input", "pipeline of a zip"])
 def test_a_typo_in_a_config_a_flag_or_a_path_is_one_line(tmp_path, case):
     """Cases of trying the commands as a user: a YAML typo or a list where fields go, a bad --set value, a count
     of 0, a file where a directory goes, a hostfile that is not there, random bytes given to `model import
@@ -194,6 +197,10 @@ def test_a_typo_in_a_config_a_flag_or_a_path_is_one_line(tmp_path, case):
                                      [f"cannot write the training run to {bad['random_pt']}: it is a file"]),
         "start from a file": (["pretrain", "--data", tokens, "--output", str(run / "x"), "--init-from",
                                str(bad["random_pt"])], [f"{bad['random_pt']}: a file, not an export directory"]),
+        "corpus without input": (["corpus", "build", str(tmp_path / "nope.jsonl"), "--output", str(run / "x")],
+                                 [f"no input found: {tmp_path / 'nope.jsonl'} (a file, a directory of"]),
+        "pipeline of a zip": (["pipeline", str(bad["zip"]), "--root", str(run / "x")],
+                              [f"no input to read: {bad['zip']}: a zip archive, which is not read: unpack it"]),
         "eval set below a file": (["data", "fetch-eval", str(bad["random_pt"] / "eval")],
                                   [f"cannot write the evaluation set to {bad['random_pt'] / 'eval'}: "
                                    f"{bad['random_pt']} is a file"]),
@@ -371,6 +378,43 @@ def test_the_terminal_drops_the_traceback_of_an_expected_error_and_the_server_s_
     assert "Traceback" in console.format(failed(RuntimeError("a bug")))  # a bug keeps its traceback
     monkeypatch.setenv("PANGU_DEBUG", "1")
     assert "Traceback" in console.format(record)
+
+
+def test_the_terminal_shows_an_expected_error_once_not_at_every_run_it_fails(monkeypatch):
+    """`pangu tokenizer run --vocab-size 60000` said its error four times (the task run's failure and failed
+    state, the flow run's exception and failed state; seven under `pangu pipeline`) before its `error:` line."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from cleaning.errors import is_user_error
+    from flows.console import expected_errors_in_one_line
+
+    monkeypatch.delenv("PANGU_DEBUG", raising=False)
+    expected_errors_in_one_line(is_user_error)
+    console = next(h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler))
+
+    def record(message: str, error: Exception | None = None) -> logging.LogRecord:
+        exc_info = None
+        if error is not None:
+            try:
+                raise error
+            except Exception:  # noqa: BLE001
+                exc_info = sys.exc_info()
+        return logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, message, None, exc_info)
+
+    error = ValueError("a vocabulary of 60,000 pieces is more than the training text holds")
+    shown = [console.filter(r) for r in (
+        record("Task run failed with exception: %r", error),
+        record(f"Finished in state Failed('Task run encountered an exception ValueError: {error}')"),
+        record("Encountered exception during execution: %r", error),
+        record(f"Finished in state Failed('Flow run encountered an exception: ValueError: {error}')"),
+        record("Beginning flow run 'next' for flow 'tokenizer'"))]
+    assert shown == [True, False, False, False, True]
+    bug = RuntimeError("a bug")  # not a user's error: every record of it stays
+    assert console.filter(record("Task run failed", bug)) and console.filter(record("Flow run failed", bug))
+    monkeypatch.setenv("PANGU_DEBUG", "1")
+    assert console.filter(record("Encountered exception during execution: %r", error))
 
 
 # A terminal's Ctrl-C: SIGINT to the command's whole process group. The command starts with SIGINT's default
