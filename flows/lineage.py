@@ -12,6 +12,8 @@ from typing import Any, Sequence
 from prefect import get_run_logger
 from prefect.cache_policies import NO_CACHE
 
+from cleaning.errors import one_line
+
 
 def content_hash(path: str | Path) -> str:
     """xxh3-128 of a file's bytes ('' when it does not exist)."""
@@ -21,10 +23,20 @@ def content_hash(path: str | Path) -> str:
     return hash_file(str(path))[0] if path.is_file() else ""
 
 
+def asset_key(path: str | Path) -> str:
+    """`file://` and the absolute path, as an asset key: the path's own characters (a Chinese file name as it
+    is: `Path.as_uri()` percent-encodes it, and Prefect refuses `%` in a key), each one Prefect refuses in a
+    key (a space, `#`, `%`, quotes, brackets, ...) written `_`."""
+    from prefect.types.names import RESTRICTED_ASSET_CHARACTERS
+
+    path = Path(path).resolve().as_posix()
+    return "file://" + "".join("_" if ch in RESTRICTED_ASSET_CHARACTERS else ch for ch in path)
+
+
 def _note(path: str, metadata: dict[str, Any]) -> dict[str, Any]:
     from prefect.assets import add_asset_metadata
 
-    add_asset_metadata(Path(path).resolve().as_uri(), metadata)
+    add_asset_metadata(asset_key(path), metadata)
     return metadata
 
 
@@ -56,15 +68,16 @@ def record_asset(path: str | Path, upstream: Sequence[str | Path], name: str, by
     them) as a Prefect asset; returns the key."""
     from prefect.assets import Asset, AssetProperties, materialize
 
-    key = Path(path).resolve().as_uri()
+    key = asset_key(path)
     try:
         asset = Asset(key=key, properties=AssetProperties(name=name))
         made_from = upstream_paths(upstream)
-        deps = [Asset(key=p.as_uri()) for p in made_from]
-    except ValueError as exc:  # a path with characters an asset key may not hold
+        deps = [Asset(key=asset_key(p)) for p in made_from]
+    except ValueError as exc:  # a key longer than Prefect takes (512 characters)
         from prefect.events import emit_event
 
-        get_run_logger().warning("%s is not a valid asset key (%s): emitting a plain event instead", key, exc)
+        get_run_logger().warning("%s is not a valid asset key (%s): emitting a plain event instead", key,
+                                 one_line(exc))
         emit_event(f"pangu.{by}.written", resource={"prefect.resource.id": f"pangu.{by}.{Path(path).name}"},
                    payload={"path": str(path), **metadata})
         return None

@@ -71,7 +71,9 @@ def asset_materializations(paths: list[Path], timeout: float = 60) -> dict[str, 
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
-    keys = [path.resolve().as_uri() for path in paths]
+    from flows.lineage import asset_key
+
+    keys = [asset_key(path) for path in paths]
 
     async def fetch():
         async with get_client() as client:
@@ -138,6 +140,32 @@ def test_an_asset_made_from_more_files_than_an_event_holds_names_their_directori
     assert corpus_of_many_files() == manifest.resolve().as_uri()
     made_from = asset_materializations([manifest])
     assert made_from[manifest.resolve().as_uri()] == sorted((raw / f"site{d}").resolve().as_uri() for d in range(4))
+
+
+def test_an_asset_of_files_with_chinese_names_and_spaces_is_recorded(prefect_api, tmp_path):
+    """`Path.as_uri()` percent-encodes a Chinese file name, Prefect refuses `%` (and spaces) in an asset key, and
+    the corpus of `新闻 数据.jsonl` got a multi-line validation warning and no asset."""
+    from prefect import flow
+
+    from flows.lineage import asset_key, record_asset
+
+    raw = tmp_path / "原始 语料"
+    files = [raw / "新闻 数据.jsonl", raw / "百科#1.jsonl"]
+    raw.mkdir()
+    for path in files:
+        path.write_text('{"text": "北京是中国的首都。"}\n', encoding="utf-8")
+    manifest = tmp_path / "语料" / "manifest.json"
+    manifest.parent.mkdir()
+    manifest.write_text("{}", encoding="utf-8")
+
+    @flow
+    def corpus_of_named_files() -> str | None:
+        return record_asset(manifest, files, "corpus version", "corpus", {"input": len(files)})
+
+    key = corpus_of_named_files()
+    assert key == f"file://{tmp_path.resolve().as_posix()}/语料/manifest.json"
+    assert asset_key(files[0]) == f"file://{tmp_path.resolve().as_posix()}/原始_语料/新闻_数据.jsonl"
+    assert asset_materializations([manifest])[key] == sorted(asset_key(p) for p in files)
 
 
 def test_upstream_paths_are_the_files_up_to_the_limit_then_the_directories_that_hold_them(tmp_path):
