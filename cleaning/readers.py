@@ -469,6 +469,9 @@ class RecordReader:
                                        f"{where}: '{field_name}' holds U+{ord(value[bad]):04X} at character "
                                        f"{bad}, a lone surrogate that UTF-8 cannot encode")
         if text is None:
+            if f.text in record:  # a JSON null, a Parquet null: the field is there, empty
+                return self._rejection(doc_id, "", domain, source, url, meta, "missing_text",
+                                       f"{where}: '{f.text}' is null")
             keys = ", ".join(map(str, list(record)[:8])) + (", ..." if len(record) > 8 else "")
             return self._rejection(doc_id, "", domain, source, url, meta, "missing_text",
                                    f"{where}: no '{f.text}' field" + (f" (it has {keys})" if keys else ""))

@@ -24,9 +24,12 @@ def test_jsonl_fields_and_generated_ids(tmp_path):
         {"text": texts[0], "id": "a1", "domain": "science", "source": "csl", "url": "http://x"},
         {"text": texts[1]},
         {"content": texts[2], "lang": "zh"},
+        {"text": None, "id": "n4"},
     ])
     out = list(RecordReader().read(path))
-    assert [type(o) for o in out] == [Document, Document, Rejection]
+    assert [type(o) for o in out] == [Document, Document, Rejection, Rejection]
+    # a null text is not "no 'text' field (it has text)", as it was
+    assert out[3].reason == "missing_text" and out[3].detail.endswith("news.jsonl, line 4: 'text' is null")
     assert (out[0].id, out[0].domain, out[0].source, out[0].url) == ("a1", "science", "csl", "http://x")
     # Generated ids: the file's name (the build passes its path under the input root) and line.
     assert out[1].id == "news.jsonl:2" and out[1].domain == "news" and out[1].source == "news"
