@@ -23,7 +23,7 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 from flows.lineage import record_asset
 from flows.reports import png_markdown, tokens_per_domain_figure
 from tokenizer.artifacts import MODEL_FILE
-from tokenizer.config import PackConfig, TokenizerTrainConfig
+from tokenizer.config import PackConfig, TokenizerTrainConfig, local_directory
 from tokenizer.corpus import CorpusError
 from tokenizer.pack import DOMAINS_FILE, finish_packing, pack_shard, shard_stem, start_packing
 from tokenizer.pangu import PanguTokenizer
@@ -151,10 +151,11 @@ def domain_rows(summary: dict[str, Any], seq_len: int) -> list[dict[str, Any]]:
 def tokenizer_flow(corpus: str, output: str, vocab_size: int = 40_000, model_type: str = "unigram",
                    input_sentence_size: int = 1_000_000, seq_len: int = 1024, workers: int = 2) -> dict[str, Any]:
     """Train the tokenizer on `corpus` and pack it into token shards under `output`."""
+    corpus = corpus.removeprefix("file://")  # a local corpus as its path: the same version as given as one
     train = TokenizerTrainConfig(input=corpus, output="-", vocab_size=vocab_size, model_type=model_type,
                                  input_sentence_size=input_sentence_size, workers=workers)
     key = f"{corpus_version(corpus)}-{train.fingerprint()[:8]}"
-    root = Path(output)
+    root = Path(local_directory(output))  # a file:// URI as its path; another scheme refused
     train = train.model_copy(update={"output": str(root / "tokenizer" / key)})
     meta = train_task(train)
     corpus_manifest = Path(corpus) / "manifest.json"

@@ -155,6 +155,20 @@ def test_an_output_that_cannot_be_written_says_why_in_its_own_terms(tmp_path, ca
     assert in_the_way.read_text() == "mine\n"
 
 
+def test_file_uris_are_local_paths_and_other_schemes_are_refused_before_any_work():
+    """`tokenizer train --output file:///x` trained for minutes, then failed naming `file:/x`; `pack` into
+    `file:///x` failed with "No such file or directory: 'file:/x/part-00000.domains.npy'" and left its files."""
+    from tokenizer.config import PackConfig, TokenizerTrainConfig
+
+    assert TokenizerTrainConfig(output="file:///tmp/tok").output == "/tmp/tok"
+    pack = PackConfig(input="c", output="file:///tmp/tokens", tokenizer="file:///tmp/tok")
+    assert (pack.output, pack.tokenizer) == ("/tmp/tokens", "/tmp/tok")
+    with pytest.raises(ValueError, match="s3://bucket/tok is not a local path: the tokenizer stage writes local"):
+        TokenizerTrainConfig(output="s3://bucket/tok")
+    with pytest.raises(ValueError, match="s3://bucket/tokens is not a local path"):
+        PackConfig(input="c", output="s3://bucket/tokens", tokenizer="/tmp/tok")
+
+
 @pytest.mark.parametrize("command, holds", [("pack", "notes"), ("released", "notes"), ("released", "a tokenizer")])
 def test_an_output_holding_something_else_is_left_as_it_was(tmp_path, capsys, command, holds):
     """`pack` used to put its shards among a folder's own files, and `released` to replace another tokenizer's

@@ -8,7 +8,18 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def local_directory(value: str) -> str:
+    """A local path given as a path or a `file://` URI, as the path; another scheme is refused: the tokenizer
+    stage writes local files (a `file://` output used to train for minutes, then fail naming `file:/...`)."""
+    if value.startswith("file://"):
+        return value.removeprefix("file://")
+    if "://" in value:
+        raise ValueError(f"{value} is not a local path: the tokenizer stage writes local files (write them to a "
+                         f"local directory, then copy it)")
+    return value
 
 
 class TokenizerTrainConfig(BaseModel):
@@ -38,6 +49,16 @@ class TokenizerTrainConfig(BaseModel):
     overwrite: bool = Field(False, description="replace an existing tokenizer made with another config")
     verbose: bool = False
 
+    @field_validator("output")
+    @classmethod
+    def _output_is_local(cls, value: str) -> str:
+        return local_directory(value)
+
+    @field_validator("input")
+    @classmethod
+    def _input_as_a_path_where_local(cls, value: str | None) -> str | None:
+        return value.removeprefix("file://") if value else value  # one corpus, one fingerprint
+
     def fingerprint(self) -> str:
         """Hash of what determines the model (not where it goes or how many processes make it)."""
         payload = self.model_dump(exclude={"output", "num_threads", "workers", "overwrite", "verbose"})
@@ -62,3 +83,13 @@ class PackConfig(BaseModel):
     batch_rows: int = Field(1024, ge=1, description="Parquet rows read at a time")
     chunk_chars: int = Field(256_000, ge=1, description="characters per worker chunk")
     force: bool = Field(False, description="re-pack shards even when their outputs are current")
+
+    @field_validator("output", "tokenizer")
+    @classmethod
+    def _local(cls, value: str) -> str:
+        return local_directory(value)
+
+    @field_validator("input")
+    @classmethod
+    def _input_as_a_path_where_local(cls, value: str) -> str:
+        return value.removeprefix("file://")
