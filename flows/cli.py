@@ -250,7 +250,8 @@ def _pipeline(args: argparse.Namespace) -> int:
     # before any stage
     check_output_uri(args.root, "the pipeline's outputs")
     check_steps(load_preset(args.corpus_preset, args.corpus_set))
-    check_arguments(args.preset, args.steps, args.vocab_size, args.input_sentence_size, args.eval_data)
+    check_arguments(args.preset, args.steps, args.vocab_size, args.input_sentence_size, args.eval_data,
+                    args.character_coverage)
     _check_dask_address(args.dask_address)
     check_some_input(args.inputs, exclude=[args.root])
     return _run_flows(pipeline_from_cli, args)
@@ -320,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="unigram (the PanGu-α release) or bpe")
         p.add_argument("--input-sentence-size", type=at_least(1), default=1_000_000, help="lines sampled for training")
         p.add_argument("--workers", type=at_least(1), default=2, help="processes for jieba")
+        p.add_argument("--character-coverage", type=float, default=0.9995,
+                       help="share of the sample's characters the vocabulary covers, 0.98 to 1 (default 0.9995); "
+                            "lower it for a small vocabulary")
 
     p = tok_cmds.add_parser("train", help="train on a corpus version (DIR/data/part-*.parquet)")
     p.add_argument("--corpus", required=True, help="corpus version dir (DIR/data/part-*.parquet)")
@@ -431,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a corpus preset field, as `pangu corpus build --set` does")
     p.add_argument("--vocab-size", type=at_least(1), default=40_000, help="tokenizer pieces (the model's vocabulary follows)")
     p.add_argument("--input-sentence-size", type=at_least(1), default=1_000_000, help="lines sampled to train the tokenizer")
+    p.add_argument("--character-coverage", type=float, default=0.9995,
+                   help="share of the sample's characters the tokenizer covers, 0.98 to 1 (default 0.9995)")
     p.add_argument("--preset", default="sigma-tiny", help="pretrain preset (alpha-tiny, sigma-tiny, alpha-350m, sigma-1t)")
     p.add_argument("--steps", type=at_least(1), default=None, help="optimizer steps (default: the preset's train_steps)")
     p.add_argument("--eval-data", default=None,

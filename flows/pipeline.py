@@ -48,7 +48,7 @@ def lineage_rows(corpus: dict[str, Any], tok: dict[str, Any], train: dict[str, A
 
 
 def check_arguments(preset: str, steps: int | None, vocab_size: int, input_sentence_size: int,
-                    eval_data: str | None) -> None:
+                    eval_data: str | None, character_coverage: float = 0.9995) -> None:
     """What the tokenizer, pretrain and evaluation stages would refuse, refused before the corpus stage
     spends its time (raises)."""
     from pangu_model.train import load_train_config
@@ -56,7 +56,8 @@ def check_arguments(preset: str, steps: int | None, vocab_size: int, input_sente
 
     if eval_data and not Path(eval_data).is_dir():
         raise FileNotFoundError(f"evaluation data {eval_data}: no such directory (leave it out for the built-in set)")
-    TokenizerTrainConfig(output="tokenizer", vocab_size=vocab_size, input_sentence_size=input_sentence_size)
+    TokenizerTrainConfig(output="tokenizer", vocab_size=vocab_size, input_sentence_size=input_sentence_size,
+                         character_coverage=character_coverage)
     load_train_config(preset, {"train_steps": steps} if steps is not None else None)
 
 
@@ -74,16 +75,18 @@ def fetch_eval_task() -> str:
 def pipeline(inputs: list[str], root: str = "runs", corpus_config: CorpusConfig | None = None,
              vocab_size: int = 40_000, input_sentence_size: int = 1_000_000, preset: str = "sigma-tiny",
              steps: int | None = None, eval_data: str | None = None, eval_tasks: str = "fewclue",
-             eval_limit: int | None = 200, workers: int = 2, dask_address: str | None = None) -> dict[str, Any]:
+             eval_limit: int | None = 200, workers: int = 2, dask_address: str | None = None,
+             character_coverage: float = 0.9995) -> dict[str, Any]:
     """Raw Chinese text → corpus version → tokenizer and token shards → a trained model → zero-shot results.
     `dask_address`: the corpus stages run on that Dask cluster."""
     logger = get_run_logger()
-    check_arguments(preset, steps, vocab_size, input_sentence_size, eval_data)
+    check_arguments(preset, steps, vocab_size, input_sentence_size, eval_data, character_coverage)
     # Inputs in a directory that holds ROOT (`pangu pipeline . --root runs`): no stage's output is read as text
     corpus = corpus_refresh(inputs=inputs, root=f"{root}/corpus", config=corpus_config, workers=workers,
                             dask_address=dask_address, exclude=[root])
     tok = tokenizer_flow(corpus=corpus["output"], output=root, vocab_size=vocab_size,
-                         input_sentence_size=input_sentence_size, workers=workers)
+                         input_sentence_size=input_sentence_size, workers=workers,
+                         character_coverage=character_coverage)
     # The model's vocabulary and (PanGu-Σ) one expert group per domain are derived from the token shards.
     train = pretrain(preset=preset, data=tok["tokens"], output=f"{root}/pretrain/{preset}-{tok['version']}",
                      steps=steps)
@@ -119,7 +122,8 @@ def pipeline_from_cli(args: argparse.Namespace) -> int:
                       corpus_config=load_preset(args.corpus_preset, args.corpus_set),
                       vocab_size=args.vocab_size, input_sentence_size=args.input_sentence_size,
                       preset=args.preset, steps=args.steps, eval_data=args.eval_data, eval_tasks=args.eval_tasks,
-                      eval_limit=args.eval_limit, workers=args.workers, dask_address=args.dask_address)
+                      eval_limit=args.eval_limit, workers=args.workers, dask_address=args.dask_address,
+                      character_coverage=args.character_coverage)
     print("\npipeline finished:", file=sys.stderr)
     for key, value in result.items():
         if key != "corpus_problems":

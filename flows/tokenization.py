@@ -149,11 +149,13 @@ def domain_rows(summary: dict[str, Any], seq_len: int) -> list[dict[str, Any]]:
 
 @flow(name="tokenizer", log_prints=True)
 def tokenizer_flow(corpus: str, output: str, vocab_size: int = 40_000, model_type: str = "unigram",
-                   input_sentence_size: int = 1_000_000, seq_len: int = 1024, workers: int = 2) -> dict[str, Any]:
+                   input_sentence_size: int = 1_000_000, seq_len: int = 1024, workers: int = 2,
+                   character_coverage: float = 0.9995) -> dict[str, Any]:
     """Train the tokenizer on `corpus` and pack it into token shards under `output`."""
     corpus = corpus.removeprefix("file://")  # a local corpus as its path: the same version as given as one
     train = TokenizerTrainConfig(input=corpus, output="-", vocab_size=vocab_size, model_type=model_type,
-                                 input_sentence_size=input_sentence_size, workers=workers)
+                                 input_sentence_size=input_sentence_size, workers=workers,
+                                 character_coverage=character_coverage)
     key = f"{corpus_version(corpus)}-{train.fingerprint()[:8]}"
     root = Path(local_directory(output))  # a file:// URI as its path; another scheme refused
     train = train.model_copy(update={"output": str(root / "tokenizer" / key)})
@@ -194,7 +196,7 @@ def train_from_cli(args: argparse.Namespace) -> int:
 
     config = TokenizerTrainConfig(input=args.corpus, output=args.output, vocab_size=args.vocab_size,
                                   model_type=args.model_type, input_sentence_size=args.input_sentence_size,
-                                  workers=args.workers)
+                                  workers=args.workers, character_coverage=args.character_coverage)
     meta = train_tokenizer(config)
     print(f"tokenizer written to {args.output} (vocab {meta['options']['vocab_size']:,}, "
           f"{meta['training']['sample_lines']:,} lines sampled)", file=sys.stderr)
@@ -216,6 +218,6 @@ def pack_from_cli(args: argparse.Namespace) -> int:
 def flow_from_cli(args: argparse.Namespace) -> int:
     result = tokenizer_flow(corpus=args.corpus, output=args.output, vocab_size=args.vocab_size,
                             model_type=args.model_type, input_sentence_size=args.input_sentence_size,
-                            workers=args.workers)
+                            workers=args.workers, character_coverage=args.character_coverage)
     print(json.dumps(result, indent=2), file=sys.stderr)
     return 0

@@ -123,3 +123,15 @@ def test_trains_from_corpus_shards_with_empty_documents(tmp_path) -> None:
                                                 character_coverage=0.98, input_sentence_size=800,
                                                 max_input_documents=250))
     assert meta["training"]["documents_read"] == 250 and meta["training"]["sample_lines"] == 800
+
+
+def test_the_character_coverage_the_error_advises_is_a_flag_of_the_command(tmp_path, capsys) -> None:
+    """The too-small-vocabulary error advised "a lower character_coverage", which no command could set."""
+    from flows.cli import main
+
+    corpus = write_corpus(tmp_path / "corpus", [("news", t) for _, t in clue_documents()[:300]], shards=1)
+    args = ["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "1500", "--input-sentence-size", "800"]
+    assert main([*args, "--output", str(tmp_path / "refused")]) == 2
+    assert "or a lower character_coverage (--character-coverage)" in capsys.readouterr().err
+    assert main([*args, "--output", str(tmp_path / "tok"), "--character-coverage", "0.98"]) == 0
+    assert json.loads((tmp_path / "tok" / "tokenizer.json").read_text())["options"]["character_coverage"] == 0.98

@@ -32,7 +32,7 @@ class TokenizerTrainConfig(BaseModel):
     text_field: str = "text"
     model_type: Literal["unigram", "bpe"] = Field("unigram", description="the PanGu-α release is unigram; the paper says BPE")
     vocab_size: int = Field(40_000, gt=10, le=65_536, description="≤ 65,536 so ids fit the uint16 token shards")
-    character_coverage: float = Field(0.9995, gt=0.0, le=1.0)
+    character_coverage: float = Field(0.9995, ge=0.98, le=1.0, description="sentencepiece takes 0.98 to 1")
     normalization_rule_name: str = "nmt_nfkc"
     byte_fallback: bool = False
     # Sampling happens before jieba (the slow part), over the lines of the input documents.

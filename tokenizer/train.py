@@ -58,7 +58,7 @@ def _train_error(exc: RuntimeError, config: TokenizerTrainConfig, lines: int, do
         return TrainError(f"a vocabulary of {asked:,} pieces is smaller than the {needed:,} pieces (characters and "
                           f"special tokens) that character_coverage {config.character_coverage} keeps of {sample}; "
                           f"give a vocab_size (--vocab-size) of at least {needed:,} (well above it, for pieces "
-                          "longer than a character), or a lower character_coverage")
+                          "longer than a character), or a lower character_coverage (--character-coverage)")
     return TrainError(f"sentencepiece training failed: {exc}")
 
 
