@@ -20,6 +20,17 @@ def is_user_error(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, ValueError, KeyError))
 
 
+class ReportedFailure(RuntimeError):
+    """A failure whose message says what the user needs (a training job that exited non-zero, with its last
+    lines and what its exit means): not the user's mistake (exit 1, not 2), but the traceback of the code that
+    noticed it adds nothing, so the terminal shows the message alone."""
+
+
+def needs_no_traceback(exc: BaseException) -> bool:
+    """A user's mistake, or a failure its message reports whole: the terminal shows one line of it."""
+    return is_user_error(exc) or isinstance(exc, ReportedFailure)
+
+
 def _shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."

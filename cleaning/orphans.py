@@ -19,7 +19,7 @@ import time
 #: how often a worker checks that its parent still runs (a second of an orphan's life at most)
 POLL_S = 1.0
 
-#: seconds a process given SIGTERM by `stop_with_this_process` has before SIGKILL (Prefect's own stop
+#: seconds a process given its stop signal by `stop_with_this_process` has before SIGKILL (Prefect's own stop
 #: of its temporary server waits 5 s)
 STOP_GRACE_S = 10.0
 
@@ -62,10 +62,10 @@ def _start_time(pid: int) -> str | None:
 _WATCHER = """
 import os, signal, sys, time
 from cleaning.orphans import _start_time
-pid, started, grace = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+pid, started, grace, stop = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 sys.stdin.buffer.read()
 if _start_time(pid) == started:
-    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, stop)
     deadline = time.monotonic() + grace
     while _start_time(pid) == started and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -76,13 +76,14 @@ if _start_time(pid) == started:
 _WATCHERS: list[subprocess.Popen] = []  # their stdin pipes stay open as long as this process runs
 
 
-def stop_with_this_process(pid: int, grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM (then, after `grace_s`, SIGKILL) to process `pid` when this process ends, however it ends:
+def stop_with_this_process(pid: int, grace_s: float = STOP_GRACE_S, stop_signal: int = signal.SIGTERM) -> None:
+    """`stop_signal` (then, after `grace_s`, SIGKILL) to process `pid` when this process ends, however it ends:
     a watcher process in a session of its own (out of reach of the terminal's Ctrl-C) waits for it. A
     process that has already ended, or stopped `pid` itself, leaves nothing to do. Linux only."""
     started = _start_time(pid)
     if started is None:
         return
-    _WATCHERS.append(subprocess.Popen([sys.executable, "-c", _WATCHER, str(pid), started, str(grace_s)],
+    _WATCHERS.append(subprocess.Popen([sys.executable, "-c", _WATCHER, str(pid), started, str(grace_s),
+                                       str(int(stop_signal))],
                                       stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                       start_new_session=True))

@@ -11,7 +11,8 @@ import signal
 import sys
 from typing import Callable, Sequence
 
-from cleaning.errors import USAGE_ERROR, at_least, is_user_error, reported_as_user_error
+from cleaning.errors import (USAGE_ERROR, ReportedFailure, at_least, needs_no_traceback, one_line,
+                            reported_as_user_error)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -23,7 +24,7 @@ def _run_flows(run: Handler, args: argparse.Namespace) -> int:
     from flows.console import expected_errors_in_one_line
     from flows.local_server import start_temporary_server
 
-    expected_errors_in_one_line(is_user_error)
+    expected_errors_in_one_line(needs_no_traceback)
     start_temporary_server()
     return run(args)
 
@@ -544,6 +545,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _an_interrupt_in_disguise(exc):
             print("interrupted", file=sys.stderr)
             return 130
+        if isinstance(exc, ReportedFailure) and not os.environ.get("PANGU_DEBUG"):  # a failed job: its message
+            print(f"{command}: {one_line(exc)}", file=sys.stderr)
+            return 1
         if not reported_as_user_error(command, exc):  # a config's validation errors too, in one line
             raise
         return USAGE_ERROR

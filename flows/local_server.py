@@ -1,12 +1,17 @@
-"""The temporary Prefect server of a command run without a Prefect API, out of reach of Ctrl-C.
+"""The temporary Prefect server of a command run without a Prefect API, out of reach of the signals that stop
+the command.
 
 Without PREFECT_API_URL, Prefect starts a temporary server for the process (its ephemeral mode): a
-child process in the terminal's process group. Ctrl-C then stops the server at the same moment as
-the command, and the command spends minutes retrying to tell the stopped server that its runs
-crashed. Started here, with SIGINT blocked (a blocked signal stays blocked across fork and exec,
-and uvicorn's handlers do not unblock it), the server outlives the Ctrl-C: the command records its
-runs as crashed, then stops the server on its way out (SIGTERM, as Prefect does). A command killed
-outright never gets there: a watcher process stops the server then (`cleaning.orphans`).
+child process in the terminal's process group. Ctrl-C, `timeout` or a batch scheduler (SIGINT or SIGTERM to
+the whole group, or to every process of the job) then stopped the server at the same moment as the command,
+and the command spent minutes retrying to tell the stopped server that its runs crashed or were preempted
+(`timeout -s TERM` of a training: 4 minutes of tracebacks, exit 1 instead of 143). Started here, the server
+runs in a session of its own (no signal to the command's process group reaches it) with SIGTERM blocked (a
+blocked signal stays blocked across fork and exec, and uvicorn's handlers do not unblock it; a scheduler that
+signals every process of a job reaches it, without effect). It outlives the command's stop: the command
+records its runs, then stops the server on its way out with SIGINT, which uvicorn takes as a graceful
+shutdown. A command killed outright never gets there: a watcher process stops the server then
+(`cleaning.orphans`).
 
 The server writes to `$PREFECT_HOME/temporary-server.log`, not to the command's terminal: its own errors
 would come between the command's lines, and a server stopped while its services were still starting (a
@@ -16,13 +21,15 @@ after the command's "interrupted". A server that does not start is reported with
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
-from cleaning.orphans import stop_with_this_process
+from cleaning.orphans import STOP_GRACE_S, stop_with_this_process
 
 #: seconds the temporary server may take to answer, at least (as long as `make serve` waits for its
 #: server). Prefect waits 20 s by default (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); a first
@@ -56,7 +63,11 @@ def start_temporary_server() -> None:
     log = server_log()
     print(f"[pangu] starting a temporary Prefect server (its log: {log})", file=sys.stderr, flush=True)
     written = log.stat().st_size if log.exists() else 0
-    unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    _in_a_session_of_its_own(server)
+    server.stop = functools.partial(_stop_gracefully, server, server.stop)  # Prefect's atexit calls this one
+    # SIGTERM blocked for the server (SIGINT, its stop, is not); meanwhile for this thread too, whose SIGTERM
+    # arrives once the server is up (a Ctrl-C meanwhile stops the start, and the server with atexit's stop)
+    unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         with _output_to(log):  # the server inherits it; Prefect's own "Starting..." lines go there too
             server.start(timeout=timeout)
@@ -69,8 +80,51 @@ def start_temporary_server() -> None:
             + "allow it longer with PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start one with "
             "`make serve` and set PREFECT_API_URL=http://127.0.0.1:4200/api") from None
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)  # a Ctrl-C meanwhile arrives now
-    stop_with_this_process(server.server_process.pid)
+        signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)  # a SIGTERM meanwhile arrives now
+    stop_with_this_process(server.server_process.pid, stop_signal=SERVER_STOP_SIGNAL)
+
+
+#: what stops the temporary server: uvicorn shuts down gracefully on SIGINT (or SIGTERM, which it has blocked)
+SERVER_STOP_SIGNAL = signal.SIGINT
+
+
+def _in_a_session_of_its_own(server: Any) -> None:
+    """Prefect starts its server with `subprocess.Popen(args, env=...)` (`SubprocessASGIServer._run_uvicorn_command`,
+    also to retry on a taken port): the same call, made to start a new session, for this server."""
+    import prefect.server.api.server as prefect_server
+
+    class _NewSession:  # `subprocess` as that module sees it meanwhile: Popen with start_new_session
+        def __getattr__(self, name: str) -> Any:
+            return getattr(subprocess, name)
+
+        @staticmethod
+        def Popen(*args: Any, **kwargs: Any) -> subprocess.Popen:  # noqa: N802 - subprocess's name
+            return subprocess.Popen(*args, start_new_session=True, **kwargs)
+
+    start = server._run_uvicorn_command
+
+    def run_uvicorn_command() -> subprocess.Popen:
+        prefect_server.subprocess = _NewSession()
+        try:
+            return start()
+        finally:
+            prefect_server.subprocess = subprocess
+
+    server._run_uvicorn_command = run_uvicorn_command
+
+
+def _stop_gracefully(server: Any, prefect_stop: Callable[[], None], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGINT to the server and a wait for it to finish (SIGKILL after `grace_s`), then Prefect's own stop,
+    which finds it ended (its SIGTERM, blocked, would only have waited 5 s for nothing)."""
+    process = server.server_process
+    if process is not None and process.poll() is None:
+        process.send_signal(SERVER_STOP_SIGNAL)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    prefect_stop()
 
 
 def server_log() -> Path:

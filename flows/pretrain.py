@@ -37,7 +37,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import TerminationSignal
 from prefect.states import Cancelled
 
-from cleaning.errors import one_line
+from cleaning.errors import ReportedFailure, one_line
 from cleaning.yamlfile import names_a_file
 from flows.lineage import record_asset
 from flows.reports import loss_figure, png_markdown, validation_figure
@@ -55,7 +55,7 @@ STOP_GRACE_S = 120.0  # at least this long from SIGTERM to SIGKILL: the trainer 
 _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(ReportedFailure):
     """The launcher or a rank exited non-zero; the message names the exit code and the last lines."""
 
 

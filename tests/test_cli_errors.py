@@ -355,11 +355,11 @@ def test_the_terminal_drops_the_traceback_of_an_expected_error_and_the_server_s_
 
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    from cleaning.errors import is_user_error
+    from cleaning.errors import needs_no_traceback
     from flows.console import expected_errors_in_one_line
 
     monkeypatch.delenv("PANGU_DEBUG", raising=False)
-    expected_errors_in_one_line(is_user_error)
+    expected_errors_in_one_line(needs_no_traceback)
     console = next(h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler))
     server = logging.Formatter()  # what the API log handler formats with, before the console's turn
 
@@ -376,6 +376,10 @@ def test_the_terminal_drops_the_traceback_of_an_expected_error_and_the_server_s_
     assert "Task run failed" in shown and "Traceback" not in shown
     assert "Traceback" in server.format(record) and record.exc_info is not None
     assert "Traceback" in console.format(failed(RuntimeError("a bug")))  # a bug keeps its traceback
+    # a failed training job: its message (exit code, what it means, last lines) says it all
+    from flows.pretrain import TrainingFailed
+
+    assert "Traceback" not in console.format(failed(TrainingFailed("training failed: exited with code -9")))
     monkeypatch.setenv("PANGU_DEBUG", "1")
     assert "Traceback" in console.format(record)
 
@@ -387,11 +391,11 @@ def test_the_terminal_shows_an_expected_error_once_not_at_every_run_it_fails(mon
 
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    from cleaning.errors import is_user_error
+    from cleaning.errors import needs_no_traceback
     from flows.console import expected_errors_in_one_line
 
     monkeypatch.delenv("PANGU_DEBUG", raising=False)
-    expected_errors_in_one_line(is_user_error)
+    expected_errors_in_one_line(needs_no_traceback)
     console = next(h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler))
 
     def record(message: str, error: Exception | None = None) -> logging.LogRecord:
@@ -442,6 +446,7 @@ def test_a_temporary_server_that_does_not_answer_in_time_is_one_line_and_is_stop
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     stdout, stderr = command.communicate(timeout=120)
     left = subprocess.run(["pgrep", "-g", str(command.pid)], capture_output=True, text=True).stdout.split()
+    left += [str(pid) for pid in _no_temporary_server_within(tmp_path / "prefect", 10)]
     _one_line_error(subprocess.CompletedProcess(command.args, command.returncode, stdout, stderr),
                     "pangu tokenizer run: error: the temporary Prefect server did not answer within 1 s",
                     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "make serve")
@@ -492,16 +497,47 @@ def test_the_temporary_servers_log_is_set_aside_when_it_grows_large(tmp_path):
         assert (tmp_path / "prefect" / "temporary-server.log.1").read_bytes().endswith(b"the last server's lines\n")
 
 
+def _temporary_servers(home: Path) -> list[int]:
+    """The pids of the temporary Prefect servers (uvicorn) running with PREFECT_HOME=`home`: the server runs in a
+    session of its own, out of the command's process group."""
+    import os
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"uvicorn" in command and f"PREFECT_HOME={home}".encode() in environ and int(entry.name) != os.getpid():
+            found.append(int(entry.name))
+    return found
+
+
+def _no_temporary_server_within(home: Path, within_s: float) -> list[int]:
+    """The temporary servers of `home` still running once none is left or `within_s` has passed."""
+    import time
+
+    deadline = time.monotonic() + within_s
+    while (left := _temporary_servers(home)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
 def _tokenizer_run_until_its_flow_begins(tmp_path, python_args: list[str], extra: list[str] = ()
                                         ) -> tuple[subprocess.Popen, list[str]]:
-    """`pangu tokenizer run` on CLUE text in a session of its own, without a Prefect API (a temporary server),
-    read up to the line that says its flow has begun (its first task is running); the lines read."""
+    """`pangu tokenizer run` on CLUE text in a session of its own, without a Prefect API (a temporary server,
+    PREFECT_HOME tmp_path/prefect), read up to the line that says its flow has begun (its first task is
+    running); the lines read."""
     import os
 
     from tests.test_tokenizer_common import clue_documents, write_corpus
 
     corpus = write_corpus(tmp_path / "corpus", list(clue_documents()), shards=2)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     command = subprocess.Popen([sys.executable, *python_args, "-m", "flows.cli", "tokenizer", "run", "--corpus",
                                 str(corpus), "--output", str(tmp_path / "out"), "--vocab-size", "6000", *extra],
                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -511,6 +547,7 @@ def _tokenizer_run_until_its_flow_begins(tmp_path, python_args: list[str], extra
         seen.append(line)
         if "Beginning flow run" in line:
             break
+    assert len(_temporary_servers(tmp_path / "prefect")) == 1, "".join(seen)
     return command, seen
 
 
@@ -536,8 +573,9 @@ def test_ctrl_c_stops_a_command_and_records_its_run_as_crashed_on_the_temporary_
     assert stopped_after < 60, stopped_after
     assert "Finished in state Crashed" in shown and "interrupted" in shown.splitlines(), shown[-3000:]
     assert "Error logging to API" not in shown and "ConnectError" not in shown, shown[-3000:]
-    with pytest.raises(ProcessLookupError):  # the group is empty: the temporary server stopped too
+    with pytest.raises(ProcessLookupError):  # the group is empty
         os.killpg(command.pid, 0)
+    assert _no_temporary_server_within(tmp_path / "prefect", 10) == []  # the temporary server stopped too
 
 
 def _kill_what_is_left(command: subprocess.Popen) -> None:
@@ -578,14 +616,39 @@ def test_sigterm_stops_a_command_its_workers_and_its_temporary_server(tmp_path):
     try:
         os.kill(command.pid, signal.SIGTERM)
         command.wait(timeout=90)
-        left = _left_in_group(command.pid, within_s=10)  # the temporary server and the workers stop too
+        left = _left_in_group(command.pid, within_s=10)  # the workers stop too
         assert left == "", left
+        assert _no_temporary_server_within(tmp_path / "prefect", 10) == []  # and the temporary server
         shown = "".join(seen) + command.stderr.read()
     finally:
         _kill_what_is_left(command)
     assert command.returncode == 128 + signal.SIGTERM, shown[-3000:]
     assert "Finished in state Crashed" in shown and "terminated" in shown.splitlines(), shown[-3000:]
     assert "Traceback" not in shown, shown[-3000:]
+
+
+def test_sigterm_to_the_command_s_whole_process_group_stops_it_as_sigterm_to_it_alone(tmp_path):
+    """`timeout` (and a batch scheduler, to every process of a job) sends SIGTERM to the whole process group. It
+    stopped the temporary Prefect server at the same moment as the command, which then retried for minutes to
+    report to it ("Error logging to API", ConnectError tracebacks, a training's run left Running) and exited 1."""
+    import os
+    import signal
+    import time
+
+    command, seen = _tokenizer_run_until_its_flow_begins(tmp_path, [], ["--workers", "2"])
+    try:
+        os.killpg(command.pid, signal.SIGTERM)
+        started = time.monotonic()
+        rest = command.communicate(timeout=120)[1]
+        stopped_after = time.monotonic() - started
+        assert _no_temporary_server_within(tmp_path / "prefect", 10) == []
+    finally:
+        _kill_what_is_left(command)
+    shown = "".join(seen) + rest
+    assert command.returncode == 128 + signal.SIGTERM, shown[-3000:]
+    assert stopped_after < 45, stopped_after
+    assert "Finished in state Crashed" in shown and "terminated" in shown.splitlines(), shown[-3000:]
+    assert "Error logging to API" not in shown and "ConnectError" not in shown, shown[-3000:]
 
 
 def test_kill_9_of_a_command_stops_its_workers_and_its_temporary_server(tmp_path):
@@ -597,13 +660,14 @@ def test_kill_9_of_a_command_stops_its_workers_and_its_temporary_server(tmp_path
     try:
         deadline = time.monotonic() + 120
         members: list[str] = []
-        while len(members) < 4 and time.monotonic() < deadline:  # the command, its server and 2 workers
+        while len(members) < 3 and time.monotonic() < deadline:  # the command and 2 workers
             members = subprocess.run(["pgrep", "-g", str(command.pid)], capture_output=True, text=True).stdout.split()
             time.sleep(0.1)
-        assert len(members) >= 4, members
+        assert len(members) >= 3, members
         command.kill()
         command.wait()
         left = _left_in_group(command.pid, within_s=20)
         assert left == "", left
+        assert _no_temporary_server_within(tmp_path / "prefect", 20) == []  # its server, in a session of its own
     finally:
         _kill_what_is_left(command)
