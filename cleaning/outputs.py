@@ -44,6 +44,19 @@ def check_output_uri(uri: str, what: str) -> None:
         check_output_directory(Path(path), what)
 
 
+def check_replaceable(directory: Path, what: str, written_before: Callable[[Path], bool]) -> None:
+    """Raise unless `directory` is missing, empty, or holds what the same command wrote there before
+    (`written_before`), which it replaces: a command that writes a whole directory must not write over another
+    one's (a trained export replaced by an import, a token directory filled with a transformers model)."""
+    if not directory.is_dir():
+        return
+    held = sorted(entry.name for entry in directory.iterdir())
+    if held and not written_before(directory):
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise FileExistsError(f"--output {directory} holds something else ({shown}): {what} goes to a new or empty "
+                              f"directory, or one it was written to before; choose another output or remove it")
+
+
 def write_failure(what: str, directory: Path, exc: OSError) -> OSError:
     """An OSError of writing inside or beside `directory` (a temporary file's name in it), told in terms of
     `directory` itself."""

@@ -27,6 +27,7 @@ model.safetensors, the tokenizer (`PanguHFTokenizer.save_pretrained`) and domain
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -264,6 +265,17 @@ def register() -> None:
 register()
 
 
+def _is_transformers_directory(directory: Path) -> bool:
+    """What `export_hf` writes: a transformers config.json of model_type "pangu" (it names `architectures` and
+    `transformers_version`; an export's config.json names its `format_version` instead)."""
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(config, dict) and config.get("model_type") == MODEL_TYPE and "transformers_version" in config
+            and "format_version" not in config)
+
+
 def export_hf(
     export: str | os.PathLike[str],
     output: str | os.PathLike[str],
@@ -273,6 +285,7 @@ def export_hf(
 ) -> Path:
     """Write `export` (model.safetensors + config.json + tokenizer, our format) as a transformers directory.
     A bad export, output, domain or tokenizer is refused before the weights are read or anything is written."""
+    from cleaning.outputs import check_replaceable
     from evaluation.model_io import choose_domain, find_tokenizer, load_model, model_config
     from evaluation.report import require_output_dir
     from tokenizer.hf import load_hf
@@ -283,6 +296,7 @@ def export_hf(
     if output.resolve() == export.resolve():
         raise ValueError(f"--output {output} is the export itself: pick another directory")
     require_output_dir(output)
+    check_replaceable(output, "a transformers directory", _is_transformers_directory)
     chosen = choose_domain(export, pangu_config, domain)
     hf_tokenizer = load_hf(find_tokenizer(export, tokenizer))
     usable = pangu_config.tokenizer_pieces or pangu_config.vocab_size

@@ -581,6 +581,7 @@ def import_released(source: str | Path, output: str | Path, dtype: str = "fp32",
     `tokenizer/`: the released tokenizer from the `pcl_pangu` wheel, or a copy of `tokenizer` (any
     directory `PanguTokenizer.load` reads) when given.
     """
+    from cleaning.outputs import check_output_directory, check_replaceable
     from tokenizer.artifacts import write_json_atomic
     from tokenizer.pangu import PanguTokenizer
 
@@ -588,6 +589,11 @@ def import_released(source: str | Path, output: str | Path, dtype: str = "fp32",
     from .materialize import on_meta
     from .model import PanguModel
 
+    output = Path(output)
+    # Before the checkpoint is read: an output that is a file, or that holds something else (a trained export,
+    # which an import used to replace in place); an earlier import into it is replaced
+    check_output_directory(output, "the export")
+    check_replaceable(output, "an imported export", lambda place: (place / PROVENANCE_FILE).is_file())
     state, summary = _read_lazy(source, trust, RELEASED_VOCAB, dtype)
     with on_meta():
         model = PanguModel(summary.config)
@@ -599,8 +605,6 @@ def import_released(source: str | Path, output: str | Path, dtype: str = "fp32",
             what = f"missing {name} {want}" if got is None else f"unexpected {name}" if want is None \
                 else f"{name} is {got}, the preset's is {want}"
             raise ReleasedCheckpointError(f"{summary.files[0]}: tensors do not fit preset {summary.preset}: {what}")
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
         tok = PanguTokenizer.load(tokenizer)
     else:
@@ -609,6 +613,7 @@ def import_released(source: str | Path, output: str | Path, dtype: str = "fp32",
     if tok.vocab_size != summary.config.vocab_size:
         raise ReleasedCheckpointError(f"{tok.origin}: tokenizer has {tok.vocab_size} pieces, the model "
                                       f"{summary.config.vocab_size} rows")
+    output.mkdir(parents=True, exist_ok=True)  # once the tokenizer is found: a missing one leaves no folder
     # One tensor in memory at a time: read (or joined from its partitions), cast, written.
     write_weights(output, expected, lambda name: materialize(state[name]))
     write_config(summary.config, output)

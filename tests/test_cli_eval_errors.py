@@ -81,6 +81,9 @@ CASES = {
     "eval shots beyond the train split": (["eval", "--checkpoint", "{dense}", "--data-dir", "{clue}", "--output",
                                            "{out}", "--tasks", "tnews", "--shots", "100000"],
                                           ["--shots 100000: tnews's train split", "gives at most"], None),
+    "export-hf into an export": (["model", "export-hf", "{sigma}", "--output", "{dense}"],
+                                 ["--output {dense} holds something else (config.json", "a transformers directory "
+                                  "goes to a new or empty directory"], None),
     "generate prompt the model cannot continue": (["model", "generate", "{dense}", "中国的首都是北京。" * 40],
                                                   ["prompt 1 is", "tokens: the model reads at most 128 (max_seq_len)",
                                                    "shorten it"], None),

@@ -221,6 +221,32 @@ def test_cli_import(megatron, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert load_checkpoint(tmp_path / "export").word_embedding.weight.dtype == torch.float16
 
 
+def test_an_import_replaces_an_import_and_nothing_else(megatron, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """`pangu model import ... --output A_TRAINED_EXPORT` replaced the trained weights in place (exit 0); a
+    missing --tokenizer left an empty output behind; an output that is a file gave "[Errno 17] File exists"."""
+    from flows.cli import main
+
+    source = _write_release(megatron, _reference(megatron, 1), tmp_path / "ckpt", 1)
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    for name, data in (("model.safetensors", b"trained weights"), ("config.json", b"{}")):
+        (trained / name).write_bytes(data)
+    line = _cli_error(["model", "import", str(source), "--output", str(trained)], capsys)
+    assert f"--output {trained} holds something else (config.json, model.safetensors)" in line
+    assert (trained / "model.safetensors").read_bytes() == b"trained weights"
+    (tmp_path / "afile").write_text("mine")
+    line = _cli_error(["model", "import", str(source), "--output", str(tmp_path / "afile")], capsys)
+    assert f"cannot write the export to {tmp_path / 'afile'}: it is a file" in line
+    line = _cli_error(["model", "import", str(source), "--output", str(tmp_path / "out"), "--tokenizer",
+                       str(tmp_path / "nope")], capsys)
+    assert not (tmp_path / "out").exists()
+    # an import into an earlier import replaces it
+    for dtype in ("fp32", "fp16"):
+        assert main(["model", "import", str(source), "--output", str(tmp_path / "imported"), "--dtype", dtype]) == 0
+    assert load_checkpoint(tmp_path / "imported").word_embedding.weight.dtype == torch.float16
+
+
 # -- bad input: one clear message naming the file ----------------------------------------------------
 def _cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     from flows.cli import main
