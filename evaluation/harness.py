@@ -402,6 +402,21 @@ def _data_still_missing(task: Task, config: EvalConfig) -> bool:
     return False
 
 
+def _require_some_data(tasks: Sequence[Task], config: EvalConfig) -> None:
+    """Refuses a data directory that holds none of the tasks' data: the evaluation wrote an empty report and
+    exited 0. (Some tasks missing is not an error: they are reported as not found.)"""
+    for task in tasks:
+        try:
+            task.load(config.data_dir, config.split, config.seed)
+            return
+        except DataNotFound:
+            continue
+    names = ", ".join(t.name for t in tasks[:4]) + (", ..." if len(tasks) > 4 else "")
+    raise DataNotFound(f"--data-dir {config.data_dir} holds data for none of the {len(tasks)} task(s) asked for "
+                       f"({names}): give the directory that holds the datasets' folders (README: Evaluation), or "
+                       f"leave --data-dir out for the built-in set")
+
+
 def _require_enough_demonstrations(tasks: Sequence[Task], config: EvalConfig) -> None:
     """Refuses `shots` larger than a task's train split can give: its prompts would hold fewer than the
     results say. (The example itself is never its own demonstration, when the train split is evaluated.)
@@ -439,6 +454,7 @@ def plan_evaluation(config: EvalConfig) -> EvaluationPlan:
         check_model_options(config.checkpoint, config.tokenizer, config.device, config.domain)
     key = run_key(config)
     clear_cache()  # list the data directory afresh
+    _require_some_data(tasks, config)
     finished = finished_tasks(Path(config.output), key)
     kept = {t.name: finished[t.name] for t in tasks if t.name in finished and
             (finished[t.name]["summary"]["status"] == "ok" or _data_still_missing(t, config))}

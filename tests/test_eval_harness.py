@@ -201,11 +201,13 @@ def test_a_data_dir_that_is_not_a_directory_is_refused_before_anything_is_writte
     assert not out.exists()
     with pytest.raises(error, match=f"data directory {data} "):
         evaluate(OracleScorer(), "tnews", str(data))
-    # An existing directory without the tasks' data is no refusal: each task is recorded as not found.
+    # An existing directory without any task's data (a wrong --data-dir) is refused too: it used to give an
+    # empty report and exit 0. One with some of them runs those, and records the others as not found (above).
     (tmp_path / "empty").mkdir()
-    results = run_evaluation(config.model_copy(update={"data_dir": str(tmp_path / "empty")}))
-    assert [t["status"] for t in results["tasks"].values()] == ["not_found", "not_found"]
-    assert (out / "results.json").exists()
+    with pytest.raises(FileNotFoundError, match=f"--data-dir {tmp_path / 'empty'} holds data for none of the 2 "
+                                                r"task\(s\) asked for \(tnews, ocnli\)"):
+        run_evaluation(config.model_copy(update={"data_dir": str(tmp_path / "empty")}))
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("device, cuda, refused", [
