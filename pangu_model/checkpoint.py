@@ -155,6 +155,11 @@ def load_config(directory: str | os.PathLike[str]) -> PanguConfig:
     path = Path(directory) / CONFIG_NAME
     if Path(directory).is_file():
         raise NotADirectoryError(f"{directory}: a file, not an export directory ({CONFIG_NAME} + {WEIGHTS_NAME})")
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"{directory}: no such export directory ({CONFIG_NAME} + {WEIGHTS_NAME})")
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: not an export directory: no {CONFIG_NAME} (an export holds "
+                                f"{CONFIG_NAME} + {WEIGHTS_NAME})")
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:

@@ -148,7 +148,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
                                   "pipeline corpus asset", "pipeline corpus override",
                                   "sample into a file", "eval set below a file", "corpus below a file",
                                   "pipeline root is a file", "training run into a file", "start from a file",
-                                  "corpus without input", "pipeline of a zip"])
+                                  "corpus without input", "pipeline of a zip", "start from nothing"])
 def test_a_typo_in_a_config_a_flag_or_a_path_is_one_line(tmp_path, case):
     """Cases of trying the commands as a user: a YAML typo or a list where fields go, a bad --set value, a count
     of 0, a file where a directory goes, a hostfile that is not there, random bytes given to `model import
@@ -197,6 +197,8 @@ def test_a_typo_in_a_config_a_flag_or_a_path_is_one_line(tmp_path, case):
                                      [f"cannot write the training run to {bad['random_pt']}: it is a file"]),
         "start from a file": (["pretrain", "--data", tokens, "--output", str(run / "x"), "--init-from",
                                str(bad["random_pt"])], [f"{bad['random_pt']}: a file, not an export directory"]),
+        "start from nothing": (["pretrain", "--data", tokens, "--output", str(run / "x"), "--init-from",
+                                str(tmp_path / "nope")], [f"{tmp_path / 'nope'}: no such export directory"]),
         "corpus without input": (["corpus", "build", str(tmp_path / "nope.jsonl"), "--output", str(run / "x")],
                                  [f"no input found: {tmp_path / 'nope.jsonl'} (a file, a directory of"]),
         "pipeline of a zip": (["pipeline", str(bad["zip"]), "--root", str(run / "x")],
