@@ -315,6 +315,11 @@ def export_hf(
     output.mkdir(parents=True, exist_ok=True)
     hf_model.save_pretrained(str(output))
     hf_tokenizer.save_pretrained(str(output))
+    # transformers writes the weights through a temporary file, mode 0600: give them config.json's mode (the
+    # umask's), so that whoever may read the directory may read them
+    mode = (output / "config.json").stat().st_mode & 0o777
+    for weights in output.glob("*.safetensors"):
+        weights.chmod(mode)
     if (export / DOMAINS_FILE).is_file():
         shutil.copyfile(export / DOMAINS_FILE, output / DOMAINS_FILE)
     return output

@@ -44,6 +44,8 @@ def test_export_loads_with_auto_classes_and_gives_our_logits(hf_dir) -> None:
     config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
     assert config["model_type"] == "pangu" and config["architectures"] == ["PanguForCausalLM"]
     assert type(AutoConfig.from_pretrained(hf_dir)).__name__ == "PanguHFConfig"
+    # the weights are as readable as the other files (transformers wrote them 0600)
+    assert (hf_dir / "model.safetensors").stat().st_mode & 0o777 == (hf_dir / "config.json").stat().st_mode & 0o777
 
     ours = load_checkpoint(checkpoint_dir())
     hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
