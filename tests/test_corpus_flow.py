@@ -117,27 +117,31 @@ def test_corpus_flow_runs_shards_as_tasks_and_publishes_counts(prefect_api, raw,
     assert made_from[manifest_path.resolve().as_uri()] == sorted(p.resolve().as_uri() for p in raw.glob("*.jsonl"))
 
 
-def test_an_asset_made_from_more_files_than_an_event_holds_names_their_directories(prefect_api, tmp_path):
-    """Prefect drops a materialisation event with more than 100 related resources: a corpus of 160 files
-    recorded each file and lost its lineage. Past 50 files the record names the directories instead."""
+def _corpus_asset_recorded(manifest: Path, files: list[Path], text: str) -> str | None:
+    """`files` written with `text`, an empty `manifest`, and the corpus asset of the two recorded in a flow run;
+    its key."""
     from prefect import flow
 
     from flows.lineage import record_asset
 
-    raw = tmp_path / "raw"
-    files = [raw / f"site{d}" / f"page-{i:03d}.html" for d in range(4) for i in range(40)]
-    for path in files:
+    for path in (*files, manifest):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("<html></html>", encoding="utf-8")
-    manifest = tmp_path / "out" / "manifest.json"
-    manifest.parent.mkdir()
-    manifest.write_text("{}", encoding="utf-8")
+        path.write_text("{}" if path == manifest else text, encoding="utf-8")
 
     @flow
-    def corpus_of_many_files() -> str | None:
+    def corpus_of_files() -> str | None:
         return record_asset(manifest, files, "corpus version", "corpus", {"input": len(files)})
 
-    assert corpus_of_many_files() == manifest.resolve().as_uri()
+    return corpus_of_files()
+
+
+def test_an_asset_made_from_more_files_than_an_event_holds_names_their_directories(prefect_api, tmp_path):
+    """Prefect drops a materialisation event with more than 100 related resources: a corpus of 160 files
+    recorded each file and lost its lineage. Past 50 files the record names the directories instead."""
+    raw = tmp_path / "raw"
+    files = [raw / f"site{d}" / f"page-{i:03d}.html" for d in range(4) for i in range(40)]
+    manifest = tmp_path / "out" / "manifest.json"
+    assert _corpus_asset_recorded(manifest, files, "<html></html>") == manifest.resolve().as_uri()
     made_from = asset_materializations([manifest])
     assert made_from[manifest.resolve().as_uri()] == sorted((raw / f"site{d}").resolve().as_uri() for d in range(4))
 
@@ -145,24 +149,12 @@ def test_an_asset_made_from_more_files_than_an_event_holds_names_their_directori
 def test_an_asset_of_files_with_chinese_names_and_spaces_is_recorded(prefect_api, tmp_path):
     """`Path.as_uri()` percent-encodes a Chinese file name, Prefect refuses `%` (and spaces) in an asset key, and
     the corpus of `新闻 数据.jsonl` got a multi-line validation warning and no asset."""
-    from prefect import flow
-
-    from flows.lineage import asset_key, record_asset
+    from flows.lineage import asset_key
 
     raw = tmp_path / "原始 语料"
     files = [raw / "新闻 数据.jsonl", raw / "百科#1.jsonl"]
-    raw.mkdir()
-    for path in files:
-        path.write_text('{"text": "北京是中国的首都。"}\n', encoding="utf-8")
     manifest = tmp_path / "语料" / "manifest.json"
-    manifest.parent.mkdir()
-    manifest.write_text("{}", encoding="utf-8")
-
-    @flow
-    def corpus_of_named_files() -> str | None:
-        return record_asset(manifest, files, "corpus version", "corpus", {"input": len(files)})
-
-    key = corpus_of_named_files()
+    key = _corpus_asset_recorded(manifest, files, '{"text": "北京是中国的首都。"}\n')
     assert key == f"file://{tmp_path.resolve().as_posix()}/语料/manifest.json"
     assert asset_key(files[0]) == f"file://{tmp_path.resolve().as_posix()}/原始_语料/新闻_数据.jsonl"
     assert asset_materializations([manifest])[key] == sorted(asset_key(p) for p in files)
