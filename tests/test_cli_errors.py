@@ -51,7 +51,7 @@ def test_pretrain_a_model_that_cannot_fit_the_data(tmp_path):
     # --init-from reaches the check: a start that does not exist, or whose vocabulary is not the data's.
     _one_line_error(pangu("pretrain", "--preset", "sigma-tiny", "--data", str(data), "--output", str(tmp_path / "run"),
                           "--init-from", str(tmp_path / "no-such-export")), "pangu pretrain: error:",
-                    "no-such-export/config.json")
+                    "no-such-export: no such export directory")
     assert not (tmp_path / "run").exists()
 
 
