@@ -133,7 +133,7 @@ class CorpusBuild:
         self.unsupported = sorted(unsupported)
         self.own_files = sorted(set(own))
         require_some_input(self.inputs, entries)
-        names = input_names(self.inputs, entries)
+        names = input_names(self.inputs, entries, earlier=self.earlier_names())
         return [(uri, error, names[uri]) for uri, error in entries]
 
     def hash_input(self, uri: str) -> dict[str, Any]:
@@ -223,6 +223,11 @@ class CorpusBuild:
     def previous_manifest(self) -> dict[str, Any] | None:
         uri = f"{self.previous}/manifest.json"
         return read_json(uri) if self._exists(uri) else None
+
+    def earlier_names(self) -> dict[str, str]:
+        """The name each input of the previous version had (uri → name), which it keeps in this one."""
+        return {entry["uri"]: entry["name"] for entry in (self.previous_manifest() or {}).get("inputs", [])
+                if entry.get("name")}
 
     # -- clean -----------------------------------------------------------------------------
     def clean(self, shard: InputShard) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Document ids across the whole input: how generated ids are made, and the check that finds ids
 held by more than one document.
 
-Generated ids (`generated_id`: `NAME:LINE`, NAME the path relative to the input root; `NAME:LINE#K`
+Generated ids (`generated_id`: `NAME:LINE`, NAME the path relative to the input root, or the name the
+file had in the version a refresh extends (`inputs.input_names`), so that ids stay put; `NAME:LINE#K`
 for the K-th piece of a plain-text block cut to a bounded size; `NAME` alone for a file that is one
 document, a web page) are unique by construction: NAMEs are distinct, and an id with a line ends
 in `:LINE` or `:LINE#K`, which no supported file name does. Explicit ids (the records' own `id`

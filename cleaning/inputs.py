@@ -6,7 +6,7 @@ import posixpath
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import fsspec
 import xxhash
@@ -216,12 +216,18 @@ def _split(uri: str) -> tuple[str, list[str]]:
 
 
 def input_names(inputs: Iterable[str], entries: Sequence[tuple[str, str | None]],
-                storage_options: dict | None = None) -> dict[str, str]:
+                storage_options: dict | None = None, earlier: Mapping[str, str] | None = None) -> dict[str, str]:
     """Each entry of `expand_inputs` named by its path relative to the input root, the deepest
     directory that holds the root of every INPUT argument that was found. Distinct URIs give
     distinct names, so ids made from them are unique across the whole input
-    (`crawl2019/part-00000.jsonl` and `crawl2020/part-00000.jsonl` stay apart), and a name does not
-    change when files are added under the same arguments."""
+    (`crawl2019/part-00000.jsonl` and `crawl2020/part-00000.jsonl` stay apart).
+
+    `earlier` maps the URIs of a previous version's inputs to the names they had there: such a file
+    keeps its name, so that its documents keep their ids (and its cleaned shards are reused) when an
+    input from another directory is added or one is dropped and the input root moves. A new file
+    whose relative name an earlier file already holds is named by its full URI, which no relative
+    name equals (relative names hold no "://")."""
+    earlier = dict(earlier or {})
     missing = {uri for uri, error in entries if error}
     roots = []
     for raw in inputs:
@@ -240,8 +246,12 @@ def input_names(inputs: Iterable[str], entries: Sequence[tuple[str, str | None]]
             while n < min(len(common), len(parts)) and common[n] == parts[n]:
                 n += 1
             common = common[:n]
+    kept = {earlier[uri] for uri, _ in entries if earlier.get(uri)}
     names = {}
     for uri, _ in entries:
+        if earlier.get(uri):
+            names[uri] = earlier[uri]
+            continue
         try:
             fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
             protocol, parts = _split(fs.unstrip_protocol(path))
@@ -249,7 +259,8 @@ def input_names(inputs: Iterable[str], entries: Sequence[tuple[str, str | None]]
             protocol, parts = "", []
         inside = len(protocols) == 1 and protocol in protocols and parts[:len(common)] == common \
             and len(parts) > len(common)
-        names[uri] = "/".join(parts[len(common):]) if inside else uri
+        name = "/".join(parts[len(common):]) if inside else uri
+        names[uri] = uri if name in kept else name
     return names
 
 

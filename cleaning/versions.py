@@ -72,10 +72,12 @@ def plan_refresh(inputs: Sequence[str], root: str, config: CorpusConfig, exclude
     whose files are no input (besides ROOT), as `CorpusBuild` takes them."""
     root = root.rstrip("/")
     work = f"{root}/_work"
-    probe = CorpusBuild(inputs, root, config, work=work, exclude=exclude)
+    previous = latest_version(root)
+    # The names of files LATEST already held are kept (`input_names`), so the probe reads them as the build will
+    probe = CorpusBuild(inputs, root, config, work=work, previous=f"{root}/{previous}" if previous else None,
+                        exclude=exclude)
     shards = probe.plan()
     version = probe.run_key(shards)
-    previous = latest_version(root)
     manifest = read_json(f"{root}/{previous}/manifest.json") if previous else None
     output = f"{root}/{version}"
     fs, path = fsspec.core.url_to_fs(f"{output}/manifest.json")

@@ -207,6 +207,24 @@ def test_same_base_name_in_two_directories_gives_distinct_ids_and_no_self_dup_of
     assert again["totals"] == manifest["totals"]
 
 
+def test_a_new_file_whose_relative_name_an_earlier_file_keeps_is_named_by_its_uri(tmp_path):
+    """Built from `raw/a` and `raw/b`, `raw/b/part-0.jsonl` was named `b/part-0.jsonl`. Built again from `raw/b`
+    alone, which now holds `raw/b/b/part-0.jsonl`: the old file keeps its name, and the new file, whose relative
+    name is that same `b/part-0.jsonl`, is named by its full URI, so that no two files give the same ids."""
+    from cleaning.inputs import expand_inputs, input_names
+
+    for folder in ("a", "b", "b/b"):
+        write_jsonl(tmp_path / "raw" / folder / "part-0.jsonl", [{"text": "x", "domain": "web"}])
+    first = [str(tmp_path / "raw" / "a"), str(tmp_path / "raw" / "b")]
+    earlier = input_names(first, expand_inputs([first[1]]))
+    old, = [uri for uri, name in earlier.items() if name == "b/part-0.jsonl"]
+    now = [str(tmp_path / "raw" / "b")]
+    names = input_names(now, expand_inputs(now), earlier={old: earlier[old]})
+    new, = [uri for uri in names if uri != old]
+    assert names == {old: "b/part-0.jsonl", new: new} and new.endswith("raw/b/b/part-0.jsonl")
+    assert input_names(now, expand_inputs(now)) == {old: "part-0.jsonl", new: "b/part-0.jsonl"}  # with no history
+
+
 def test_an_output_inside_the_input_directory_is_not_read_back_as_input(tmp_path):
     """`pangu corpus build nest --output nest/out`, run twice: the second run read the first's data/,
     rejected/ and _work/ files as 62 inputs (4,053 documents in where there were 1,100). A refresh whose

@@ -192,6 +192,44 @@ def test_a_refresh_equals_a_build_from_scratch(first, tmp_path, name):
             assert same == (index not in (1, 2)), index
 
 
+# -- names that stay ------------------------------------------------------------------------------
+def _kept_ids(out: Path) -> list[str]:
+    return sorted(r["id"] for r in read_rows(out / "data"))
+
+
+def test_generated_ids_and_cleaned_shards_stay_when_an_input_directory_comes_and_goes(tmp_path):
+    """The input root is the common folder of the INPUT arguments, so adding `2020/` beside `2019/` moves it
+    from `raw/2019` to `raw`. Files a version already held keep their names, hence their generated ids
+    (`NAME:LINE`) and their cleaned shards; only the new file is cleaned, and dropping `2019/` again
+    cleans nothing."""
+    docs = _documents()
+    y2019, y2020 = tmp_path / "raw" / "2019", tmp_path / "raw" / "2020"
+    for f in range(3):  # records without an id of their own: theirs is made from the file's name
+        write_jsonl(y2019 / f"part-{f}.jsonl", [{"text": docs[f * 10 + i], "domain": "news"} for i in range(10)])
+    write_jsonl(y2020 / "part-0.jsonl", [{"text": docs[30 + i], "domain": "news"} for i in range(10)])
+    root = tmp_path / "corpora"
+
+    v1 = refresh([str(y2019)], str(root), config())["version"]
+    ids1 = _kept_ids(root / v1)
+    assert len(ids1) == 30 and "part-0.jsonl:1" in ids1
+
+    v2 = refresh([str(y2019), str(y2020)], str(root), config())["version"]
+    manifest = _manifest(root, v2)
+    assert manifest["work"]["cleaned"] == 1
+    names = {Path(entry["uri"].removeprefix("file://")): entry["name"] for entry in manifest["inputs"]}
+    assert names[y2019 / "part-1.jsonl"] == "part-1.jsonl" and names[y2020 / "part-0.jsonl"] == "2020/part-0.jsonl"
+    ids2 = _kept_ids(root / v2)
+    assert set(ids1) < set(ids2) and len(ids2) == 40
+    assert sorted(set(ids2) - set(ids1)) == sorted(f"2020/part-0.jsonl:{line}" for line in range(1, 11))
+
+    v3 = refresh([str(y2020)], str(root), config())["version"]
+    assert _manifest(root, v3)["work"]["cleaned"] == 0
+    assert _kept_ids(root / v3) == sorted(set(ids2) - set(ids1))
+    # the plan names the files as the build does: a version's directory is the key of what was built in it
+    assert [_manifest(root, v)["version"] for v in (v1, v2, v3)] == [v1, v2, v3]
+    assert refresh([str(y2020)], str(root), config())["built"] is False
+
+
 # -- the index on its own -----------------------------------------------------------------------
 @pytest.mark.parametrize("ranked", [False, True], ids=["no-sources", "priorities"])
 def test_the_index_extended_version_by_version_equals_dedup_from_scratch(abstracts, tmp_path, ranked):
