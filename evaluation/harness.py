@@ -31,7 +31,7 @@ from pangu_model.run_lock import claim_output
 from . import metrics
 from .loaders import DataNotFound, clear_cache, require_data_dir
 from .report import RESULTS_FILE, require_output_dir, write_outputs
-from .resume import KEEP_EVERY_S, finished_tasks, keep_partial, keep_task, partial_predictions
+from .resume import KEEP_EVERY_S, drop_other_runs, finished_tasks, keep_partial, keep_task, partial_predictions
 from .scoring import EOT_ID, NEWLINE_ID, VARIANTS, CandidateScore, generate_ids, rank, score_candidates, truncate_left
 from .tasks import Item, Task, chance_level, resolve_tasks
 
@@ -474,7 +474,8 @@ def _finish(plan: EvaluationPlan, runs: dict[str, TaskRun], scorer_name: str | N
             for task in plan.tasks}
     results, _ = assemble_results(scorer_name, runs, config.data_dir, shots=config.shots, seed=config.seed,
                                   limit=config.limit, split=config.split)
-    # Each task's predictions were written when it ended (`execute`).
+    # Each task's predictions were written when it ended (`execute`); another run's are not left beside them.
+    drop_other_runs(Path(config.output), plan.key)
     return write_results(config, results, {}, {**model_meta, "run_key": plan.key}, seconds)
 
 

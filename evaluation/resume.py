@@ -7,7 +7,8 @@
 
 A finished task is reused by a run with the same key: the evaluation settings (all but the task list
 and the output) and the checkpoint's content hash. A task that crashed is not kept; one that found no
-data runs again once its data is there.
+data runs again once its data is there. When a run ends, what runs with another key left is removed
+(`drop_other_runs`): the directory holds one evaluation.
 """
 from __future__ import annotations
 
@@ -74,5 +75,26 @@ def finished_tasks(output: Path, key: dict[str, Any]) -> dict[str, dict[str, Any
     return found
 
 
-__all__ = ["KEEP_EVERY_S", "PARTIAL_DIR", "PREDICTIONS_DIR", "TASKS_DIR", "finished_tasks", "keep_partial", "keep_task",
-           "partial_predictions"]
+def drop_other_runs(output: Path, key: dict[str, Any]) -> list[Path]:
+    """Removes what runs with another key left under `output` (another checkpoint, other settings): their task
+    markers, predictions and unfinished predictions, and predictions no finished task of `key` stands behind
+    (a task that found no data this time). What is left beside results.json is this run's; tasks of this key
+    that this run did not list stay, for a run that lists them again. Returns the files removed."""
+    finished = finished_tasks(output, key)
+    stale = [path for path in (output / TASKS_DIR).glob("*.json") if path.stem not in finished]
+    stale += [path for path in (output / PREDICTIONS_DIR).glob("*.jsonl")
+              if finished.get(path.stem, {}).get("summary", {}).get("status") != "ok"]
+    for path in (output / PARTIAL_DIR).glob("*.json"):
+        try:
+            other = json.loads(path.read_text(encoding="utf-8")).get("key") != key
+        except (OSError, ValueError, AttributeError):  # unreadable: of no use to any run
+            other = True
+        if other:
+            stale.append(path)
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+__all__ = ["KEEP_EVERY_S", "PARTIAL_DIR", "PREDICTIONS_DIR", "TASKS_DIR", "drop_other_runs", "finished_tasks",
+           "keep_partial", "keep_task", "partial_predictions"]

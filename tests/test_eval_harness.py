@@ -168,6 +168,27 @@ def test_a_rerun_after_a_kill_or_a_crash_runs_only_the_unfinished_tasks(tmp_path
     assert ran == ["tnews", "ocnli", "cmrc2018"]
 
 
+def test_a_run_with_other_settings_leaves_no_predictions_of_the_earlier_run_beside_its_results(tmp_path) -> None:
+    """Evaluated into one output with two tasks, then with one task and other settings (another checkpoint
+    alike): predictions/ held the first run's file of the other task, beside results.json of the second."""
+    out = tmp_path / "eval"
+    first = EvalConfig(oracle=True, tasks="tnews,ocnli", data_dir=str(require_clue()), output=str(out), limit=4)
+    run_evaluation(first)
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == ["ocnli.jsonl", "tnews.jsonl"]
+
+    second = first.model_copy(update={"tasks": "tnews", "limit": 3})
+    results = run_evaluation(second)
+    assert list(results["tasks"]) == ["tnews"] and results["tasks"]["tnews"]["n"] == 3
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == ["tnews.jsonl"]
+    assert sorted(p.name for p in (out / "tasks").iterdir()) == ["tnews.json"]
+    assert len((out / "predictions" / "tnews.jsonl").read_text(encoding="utf-8").splitlines()) == 3
+
+    # a task of the same settings that this run does not list stays, for a run that lists it again
+    run_evaluation(second.model_copy(update={"tasks": "ocnli"}))
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == ["ocnli.jsonl", "tnews.jsonl"]
+    assert plan_evaluation(second.model_copy(update={"tasks": "tnews,ocnli"})).todo == []
+
+
 def test_a_task_without_data_is_reused_until_its_data_arrives(tmp_path, monkeypatch) -> None:
     import evaluation.harness as harness
 
