@@ -24,6 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
+import fsspec
 from pydantic import BaseModel, ConfigDict, Field
 
 from pangu_model.run_lock import claim_output
@@ -33,7 +34,7 @@ from .loaders import DataNotFound, clear_cache, require_data_dir
 from .report import RESULTS_FILE, require_output_dir, write_outputs
 from .resume import KEEP_EVERY_S, drop_other_runs, finished_tasks, keep_partial, keep_task, partial_predictions
 from .scoring import EOT_ID, NEWLINE_ID, VARIANTS, CandidateScore, generate_ids, rank, score_candidates, truncate_left
-from .tasks import Item, Task, chance_level, resolve_tasks
+from .tasks import BUILTIN_TASKS, Item, Task, chance_level, resolve_tasks
 
 PRIMARY_VARIANT = "mean_token"
 
@@ -412,9 +413,25 @@ def _require_some_data(tasks: Sequence[Task], config: EvalConfig) -> None:
         except DataNotFound:
             continue
     names = ", ".join(t.name for t in tasks[:4]) + (", ..." if len(tasks) > 4 else "")
+    if _is_builtin_set(config.data_dir):  # given or not, the advice to leave --data-dir out would not help
+        raise DataNotFound(f"the built-in evaluation set ({config.data_dir}) holds none of the {len(tasks)} task(s) "
+                           f"asked for ({names}): its tasks are {', '.join(BUILTIN_TASKS)} (--tasks builtin); for "
+                           f"the others give --data-dir, the directory that holds the public datasets' folders "
+                           f"(README: Evaluation)")
     raise DataNotFound(f"--data-dir {config.data_dir} holds data for none of the {len(tasks)} task(s) asked for "
                        f"({names}): give the directory that holds the datasets' folders (README: Evaluation), or "
                        f"leave --data-dir out for the built-in set")
+
+
+def _is_builtin_set(data_dir: str) -> bool:
+    """Whether `data_dir` is a built-in evaluation set (`pangu data fetch-eval`, the default without --data-dir)."""
+    from .builtin import EVAL_FILE
+
+    try:
+        fs, path = fsspec.core.url_to_fs(data_dir)
+        return fs.isfile(f"{path.rstrip('/')}/{EVAL_FILE}")
+    except (OSError, ValueError):
+        return False
 
 
 def _require_enough_demonstrations(tasks: Sequence[Task], config: EvalConfig) -> None:

@@ -229,6 +229,12 @@ def test_a_data_dir_that_is_not_a_directory_is_refused_before_anything_is_writte
                                                 r"task\(s\) asked for \(tnews, ocnli\)"):
         run_evaluation(config.model_copy(update={"data_dir": str(tmp_path / "empty")}))
     assert not out.exists()
+    # The built-in set (what `pangu eval` reads without --data-dir) is named as such, with the tasks it has: the
+    # advice to leave --data-dir out was what the user had done.
+    (tmp_path / "empty" / "_EVAL.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match=r"the built-in evaluation set .* holds none of the 2 task\(s\) asked "
+                                                r"for \(tnews, ocnli\): its tasks are thucnews_title, .* give --data-dir"):
+        run_evaluation(config.model_copy(update={"data_dir": str(tmp_path / "empty")}))
 
 
 @pytest.mark.parametrize("device, cuda, refused", [
