@@ -216,6 +216,18 @@ def _path_names(path: str) -> tuple[str, str]:
     return writable(path), writable(shard_name(path))
 
 
+def _field_text(value: Any) -> str:
+    """A record's id, domain, source or url as text: a list or an object as JSON (Python's repr, with its
+    single quotes, is no format a consumer reads), bytes decoded, a number as written."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", errors="replace")
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return str(value)
+
+
 def _preview(raw: bytes | str, limit: int = 2000) -> str:
     text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else writable(raw)
     return text[:limit]
@@ -449,11 +461,11 @@ class RecordReader:
         f = self.fields
         writable_path, base = _path_names(path)
         rid = record.get(f.id)
-        doc_id = str(rid) if rid not in (None, "") else generated_id(name, line, piece)
-        source = str(record.get(f.source) or record.get(f.domain) or self.default_domain or base)
-        domain = str(record.get(f.domain) or record.get(f.source) or self.default_domain or base)
+        doc_id = _field_text(rid) if rid not in (None, "") else generated_id(name, line, piece)
+        source = _field_text(record.get(f.source) or record.get(f.domain) or self.default_domain or base)
+        domain = _field_text(record.get(f.domain) or record.get(f.source) or self.default_domain or base)
         url = record.get(f.url)
-        url = str(url) if url else None
+        url = _field_text(url) if url else None
         meta = {"input": writable_path, **({unit: line} if line is not None else {}), **(meta or {})}
         text = record.get(f.text)
         where = f"{path}, {unit} {line}" if line is not None else path

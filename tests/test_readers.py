@@ -40,6 +40,19 @@ def test_jsonl_fields_and_generated_ids(tmp_path):
     assert isinstance(mapped[2], Document) and mapped[2].text == texts[2]
 
 
+def test_an_id_domain_or_source_that_is_no_string_is_stored_as_json_text(tmp_path):
+    """A list or an object became Python's repr ("['news', '体育']"), which no consumer reads back."""
+    text = abstracts()[0]
+    path = _jsonl(tmp_path / "odd.jsonl", [
+        {"text": text, "id": {"site": "新闻", "n": 7}, "domain": ["news", "体育"], "source": 12, "url": ["http://x"]},
+        {"text": text, "id": 3.5, "domain": True},
+    ])
+    first, second = RecordReader().read(path)
+    assert first.id == '{"site": "新闻", "n": 7}' and json.loads(first.id) == {"site": "新闻", "n": 7}
+    assert first.domain == '["news", "体育"]' and first.source == "12" and first.url == '["http://x"]'
+    assert (second.id, second.domain, second.source) == ("3.5", "True", "True")
+
+
 def test_corrupt_json_and_invalid_utf8_are_rejected_with_file_and_line(tmp_path):
     good = json.dumps({"text": abstracts()[0]}, ensure_ascii=False).encode()
     path = tmp_path / "bad.jsonl"
