@@ -9,7 +9,7 @@ import faulthandler
 import os
 import signal
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from cleaning.errors import (USAGE_ERROR, ReportedFailure, at_least, needs_no_traceback, one_line,
                             reported_as_user_error)
@@ -268,9 +268,27 @@ def _tokenizer(handler_name: str, runs_a_flow: bool = False) -> Handler:
     return run
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Help that names an option's default where it has one to name (not None, off or empty) and its help
+    text does not already say it: `--workers` said "parallel shard workers", not how many."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        unnamed = default is None or default is False or default == [] or default is argparse.SUPPRESS
+        if action.option_strings and not unnamed and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that refuses an empty value: `--output "$UNSET"` would otherwise mean the current directory,
-    and an empty input, preset or task list something just as unintended."""
+    and an empty input, preset or task list something just as unintended. Every command's help names the
+    options' defaults (`_HelpWithDefaults`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpWithDefaults)
+        super().__init__(*args, **kwargs)
 
     def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 - argparse's signature
         namespace, extras = super().parse_known_args(args, namespace)

@@ -314,6 +314,28 @@ def test_help_describes_every_option():
     assert pangu("eval", "--help").returncode == 0
 
 
+def test_help_names_each_options_default():
+    """`pangu corpus build --help` said "--workers WORKERS  parallel shard workers", not how many."""
+    from flows.cli import build_parser
+
+    import argparse
+
+    unnamed = []
+    for parser in _parsers(build_parser()):
+        help_text = parser.format_help()
+        for action in parser._actions:
+            default = action.default
+            if not action.option_strings or default is None or default is False or default == [] \
+                    or default is argparse.SUPPRESS:
+                continue
+            if "default" not in parser._get_formatter()._format_action(action):
+                unnamed.append(f"{parser.prog} {action.option_strings[0]}")
+        assert "%(default)" not in help_text
+    assert not unnamed, unnamed
+    assert "--workers WORKERS     parallel shard workers (default: 2)" in \
+        " ".join(pangu("corpus", "build", "--help").stdout.split("\n"))
+
+
 def test_the_training_program_says_a_config_error_in_one_line(tmp_path, capsys):
     """`python -m pangu_model.train` (what torchrun and the flows start) with a field out of range."""
     from pangu_model.train import main
