@@ -227,7 +227,7 @@ def input_names(inputs: Iterable[str], entries: Sequence[tuple[str, str | None]]
     input from another directory is added or one is dropped and the input root moves. A new file
     whose relative name an earlier file already holds is named by its full URI, which no relative
     name equals (relative names hold no "://")."""
-    earlier = dict(earlier or {})
+    earlier = earlier or {}
     missing = {uri for uri, error in entries if error}
     roots = []
     for raw in inputs:
@@ -246,10 +246,10 @@ def input_names(inputs: Iterable[str], entries: Sequence[tuple[str, str | None]]
             while n < min(len(common), len(parts)) and common[n] == parts[n]:
                 n += 1
             common = common[:n]
-    kept = {earlier[uri] for uri, _ in entries if earlier.get(uri)}
+    kept = {earlier[uri] for uri, _ in entries if uri in earlier}
     names = {}
     for uri, _ in entries:
-        if earlier.get(uri):
+        if uri in earlier:
             names[uri] = earlier[uri]
             continue
         try:
