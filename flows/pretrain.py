@@ -219,8 +219,10 @@ def build_launch(
             f"torchrun of torch {torch.__version__} has no --shutdown-timeout: a SIGTERM sent to it gives the "
             f"ranks 30 s to checkpoint (not the {grace_s:.0f} s grace); the flow stops the job through the "
             f"stop file instead")]))
+    # Without --log-dir torchrun makes a /tmp/torchelastic_* tree per launch and never removes it (empty: the
+    # ranks' output is streamed, not redirected, and they write no error files); os.devnull makes none.
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-            *grace, "-m", TRAIN_MODULE, *program]
+            "--log-dir", os.devnull, *grace, "-m", TRAIN_MODULE, *program]
     return Launch(argv, "torchrun", ranks, 1, env, note=note, grace_s=grace_s, signal_stop=bool(grace))
 
 

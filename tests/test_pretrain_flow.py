@@ -112,6 +112,9 @@ def test_two_local_ranks_run_under_torchrun_and_a_failed_rank_fails_the_flow(pre
 
     monkeypatch.setattr(flows.pretrain, "local_devices", lambda: 2)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
     ok = pretrain(preset="alpha-tiny", data=str(tokens), output=str(tmp_path / "ddp"), steps=2, gpus_per_node=2,
                   overrides=TINY)
     assert ok["launcher"] == "torchrun" and ok["world_size"] == 2 and ok["step"] == 2
@@ -124,6 +127,8 @@ def test_two_local_ranks_run_under_torchrun_and_a_failed_rank_fails_the_flow(pre
     assert state.is_failed()
     assert "torchrun (a rank failed) exited with code 1" in state.message, state.message
     assert (tmp_path / "ddp-bad").is_dir()
+    # torchrun's log tree per launch (/tmp/torchelastic_*), left behind by every run before --log-dir was given
+    assert not list(scratch.glob("torchelastic_*")), sorted(p.name for p in scratch.iterdir())
 
 
 def test_an_invalid_override_fails_before_launching(prefect_api, tokens, tmp_path):
@@ -202,8 +207,8 @@ def test_launch_commands(tmp_path, monkeypatch):
     local = build_launch(**common, gpus_per_node=2, devices=8, grace_s=900.5)
     assert local.launcher == "torchrun" and local.world_size == 2
     # torchrun SIGKILLs its ranks 30 s after passing on a SIGTERM unless told the grace period.
-    assert local.argv[1:9] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               "--shutdown-timeout", "901", "-m"]
+    assert local.argv[1:11] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                "--log-dir", os.devnull, "--shutdown-timeout", "901", "-m"]
     assert local.grace_s == 900.5 and local.signal_stop
 
     # Several nodes need their real host names: invented ones (node-000, …) cannot be reached.
