@@ -120,7 +120,7 @@ class SafetensorsWriter:
 
 
 def write_config(config: PanguConfig, directory: str | os.PathLike[str]) -> None:
-    payload = {"format_version": FORMAT_VERSION, "model_type": "pangu", **config.model_dump()}
+    payload = {"format_version": FORMAT_VERSION, "model_type": "pangu", **config.saved_fields()}
     write_bytes_atomic(Path(directory) / CONFIG_NAME,
                        (json.dumps(payload, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 

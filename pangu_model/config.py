@@ -20,6 +20,17 @@ PIPELINE_ROUTERS: tuple[RouterName, ...] = ("dense", "rre")
 # (a dense export can seed a PanGu-Σ run; a sparse preset has a dense counterpart of the same shape).
 SHAPE_FIELDS = ("vocab_size", "max_seq_len", "d_model", "num_layers", "num_heads", "d_ff")
 
+# The fields only some routers read. config.json leaves out those of the routers a model does not use:
+# an RRE model's file said `num_experts: 8` beside its 40 × 16 experts, which a reader (or a tool that sizes
+# a mixture of experts from `num_experts`) takes for the model's count. Loading fills them with defaults.
+_ROUTER_FIELDS: dict[str, tuple[str, ...]] = {
+    "rre": ("num_domains", "experts_per_domain", "routing_seed", "expert_layout", "routing_table",
+            "routing_counts", "domain_id_offset"),
+    "moge": ("num_experts", "moge_groups", "moge_top_k_per_group", "moge_shared_experts", "aux_loss_coef"),
+    "topk": ("num_experts", "topk_k", "capacity_factor", "min_capacity", "aux_loss_coef"),
+}
+_SPARSE_FIELDS = ("moe_layers", "expert_d_ff")
+
 # Token conventions of the released PanGu-α tokenizer (SPEC §4).
 EOT_TOKEN_ID = 9
 PAD_TOKEN_ID = 6
@@ -136,6 +147,13 @@ class PanguConfig(BaseModel):
 
     def is_sparse_layer(self, layer_index: int) -> bool:
         return self.router != "dense" and layer_index >= self.num_layers - self.moe_layers
+
+    def saved_fields(self) -> dict[str, object]:
+        """The fields as config.json holds them: all but those only the other routers read (their defaults
+        come back on loading, and this model does not read them)."""
+        used = set(_ROUTER_FIELDS.get(self.router, ())) | (set(_SPARSE_FIELDS) if self.router != "dense" else set())
+        unused = {name for names in _ROUTER_FIELDS.values() for name in names} | set(_SPARSE_FIELDS)
+        return self.model_dump(exclude=unused - used)
 
     def replace(self, **changes: object) -> "PanguConfig":
         """A validated copy with some fields changed."""

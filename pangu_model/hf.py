@@ -70,7 +70,7 @@ class PanguHFConfig(PretrainedConfig):
     def __init__(self, default_domain_id: int | None = None, use_cache: bool = True, **kwargs: Any) -> None:
         fields = {name: kwargs.pop(name) for name in list(kwargs) if name in _PANGU_FIELDS}
         pangu = PanguConfig.model_validate(fields)  # validates, and fills the defaults
-        for name, value in pangu.model_dump().items():
+        for name, value in pangu.saved_fields().items():  # not the fields only other routers read
             if name != "pad_token_id":
                 setattr(self, name, value)
         self.default_domain_id = default_domain_id
@@ -86,7 +86,7 @@ class PanguHFConfig(PretrainedConfig):
         return cls(**config.model_dump(), **kwargs)
 
     def to_pangu_config(self) -> PanguConfig:
-        return PanguConfig.model_validate({name: getattr(self, name) for name in _PANGU_FIELDS})
+        return PanguConfig.model_validate({name: getattr(self, name) for name in _PANGU_FIELDS if hasattr(self, name)})
 
 
 class PanguCache(KVCache):

@@ -101,7 +101,7 @@ def describe(preset_or_config: str | PanguConfig) -> dict[str, Any]:
         },
         "layout": _layout(config),
         "parameters": parameters,
-        "config": config.model_dump(),
+        "config": config.saved_fields(),  # as config.json holds it
     }
 
 

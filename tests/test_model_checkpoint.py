@@ -38,6 +38,16 @@ def test_round_trip_is_bit_identical(tmp_path) -> None:
         with torch.no_grad():
             assert torch.equal(model(ids, domain_ids=1).logits, restored(ids, domain_ids=1).logits)
         assert not list(tmp_path.glob(f"{config.router}/.*.tmp"))
+        # config.json names only the fields its router reads: an RRE file said `num_experts: 8` beside its
+        # num_domains × experts_per_domain, which a reader takes for the model's expert count
+        saved = json.loads((directory / CONFIG_NAME).read_text())
+        absent = {"dense": {"num_experts", "num_domains", "moe_layers", "topk_k", "aux_loss_coef"},
+                  "rre": {"num_experts", "moge_groups", "topk_k", "capacity_factor", "aux_loss_coef"},
+                  "moge": {"num_domains", "experts_per_domain", "routing_seed", "topk_k", "capacity_factor"}}
+        present = {"dense": {"d_model", "router"}, "rre": {"num_domains", "experts_per_domain", "moe_layers"},
+                   "moge": {"num_experts", "moge_groups", "moge_shared_experts", "aux_loss_coef"}}
+        assert not absent[config.router] & set(saved), sorted(absent[config.router] & set(saved))
+        assert present[config.router] <= set(saved)
 
 
 def test_tied_head_is_stored_once_and_stays_tied(tmp_path) -> None:

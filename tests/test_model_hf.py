@@ -127,6 +127,9 @@ def test_sigma_export_uses_its_default_domain(tmp_path) -> None:
     export_hf(tmp_path / "export", tmp_path / "hf", tokenizer=tokenizer_dir(), domain=2)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert hf.config.default_domain_id == 2
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert saved["num_domains"] == 4 and "num_experts" not in saved  # the flat-pool routers' field, unused here
+    assert hf.config.to_pangu_config() == sigma.config
     ids = torch.randint(10, 2000, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, sigma(ids, domain_ids=2).logits, rtol=0, atol=0)
