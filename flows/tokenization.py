@@ -10,11 +10,12 @@ packed shards, and a new corpus version gets new directories beside the old ones
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
@@ -42,7 +43,7 @@ def corpus_version(corpus: str) -> str:
 def train_task(config: TokenizerTrainConfig) -> dict[str, Any]:
     from tokenizer.train import train_tokenizer
 
-    meta = train_tokenizer(config)
+    meta = train_tokenizer(config, progress=get_run_logger().info)
     training = meta.get("training", {})
     get_run_logger().info("tokenizer %s: vocab %d, %s lines sampled", config.output,
                           meta.get("options", {}).get("vocab_size", 0), training.get("sample_lines"))
@@ -191,13 +192,21 @@ def tokenizer_flow(corpus: str, output: str, vocab_size: int = 40_000, model_typ
             "documents": summary["documents"], "tokens_total": summary["tokens"]}
 
 
+def _progress_on_stderr(stage: str) -> Callable[[str], None]:
+    def progress(message: str) -> None:
+        with contextlib.suppress(OSError):  # stderr gone (`2>&1 | head`): progress is no reason to fail the work
+            print(f"[pangu] {stage}: {message}", file=sys.stderr, flush=True)
+
+    return progress
+
+
 def train_from_cli(args: argparse.Namespace) -> int:
     from tokenizer.train import train_tokenizer
 
     config = TokenizerTrainConfig(input=args.corpus, output=args.output, vocab_size=args.vocab_size,
                                   model_type=args.model_type, input_sentence_size=args.input_sentence_size,
                                   workers=args.workers, character_coverage=args.character_coverage)
-    meta = train_tokenizer(config)
+    meta = train_tokenizer(config, progress=_progress_on_stderr("tokenizer"))
     print(f"tokenizer written to {args.output} (vocab {meta['options']['vocab_size']:,}, "
           f"{meta['training']['sample_lines']:,} lines sampled)", file=sys.stderr)
     return 0
@@ -207,7 +216,7 @@ def pack_from_cli(args: argparse.Namespace) -> int:
     from tokenizer.pack import pack_corpus
 
     summary = pack_corpus(PackConfig(input=args.corpus, output=args.output, tokenizer=args.tokenizer,
-                                     workers=args.workers))
+                                     workers=args.workers), progress=_progress_on_stderr("pack"))
     print(f"{summary['documents']:,} documents, {summary['tokens']:,} tokens → {args.output}", file=sys.stderr)
     for row in domain_rows(summary, args.seq_len):
         print(f"  {row['domain']:>16}: {row['tokens']:>12,} tokens, {row[f'rows_of_{args.seq_len + 1}']:>9,} rows "

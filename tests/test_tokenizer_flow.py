@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import pytest
 
@@ -101,6 +102,16 @@ def test_cli_train_and_pack(corpus, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "rows of 129" in err and "science" in err
     assert list((tmp_path / "tokens").glob("part-*.bin"))
+    # each phase and each shard as it ends (a terabyte's pack said nothing for hours)
+    shards = sorted(p.stem for p in (tmp_path / "tokens").glob("part-*.bin"))
+    assert "[pangu] tokenizer: sentencepiece trained in" in err
+    for number, stem in enumerate(shards, 1):
+        assert re.search(rf"\[pangu\] pack: shard {number}/{len(shards)} {stem}: [\d,]+ documents, [\d,]+ tokens, "
+                         r"packed in \d+ s", err), err
+    assert main(["tokenizer", "pack", "--corpus", str(corpus), "--tokenizer", str(tmp_path / "tok"),
+                 "--output", str(tmp_path / "tokens"), "--workers", "1"]) == 0
+    assert re.search(rf"shard 1/{len(shards)} {shards[0]}: [\d,]+ documents, [\d,]+ tokens, already packed",
+                     capsys.readouterr().err)
     # A missing corpus is a user error: one line and exit status 2, no traceback.
     assert main(["tokenizer", "pack", "--corpus", str(tmp_path / "empty"), "--tokenizer", str(tmp_path / "tok"),
                  "--output", str(tmp_path / "t2"), "--workers", "1"]) == 2

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import sentencepiece as spm
@@ -125,6 +126,32 @@ def test_trains_from_corpus_shards_with_empty_documents(tmp_path) -> None:
     assert meta["training"]["documents_read"] == 250 and meta["training"]["sample_lines"] == 800
 
 
+def test_training_says_where_it_is(tmp_path, monkeypatch) -> None:
+    """The sampling pass reads every document of the corpus (hours at a terabyte), then jieba and sentencepiece
+    run for minutes more, and the training said nothing until it ended: progress lines, the sampling's with
+    the documents read of how many (from the shards' footers)."""
+    import tokenizer.train
+
+    monkeypatch.setattr(tokenizer.train, "PROGRESS_EVERY_S", 0.0)  # a line every 1,024 documents
+    docs = [("news", t) for _, t in clue_documents()[:300]] * 8
+    corpus = write_corpus(tmp_path / "corpus", docs, shards=2)
+    heard: list[str] = []
+    train_tokenizer(TokenizerTrainConfig(input=str(corpus), output=str(tmp_path / "tok"), vocab_size=2000,
+                                         character_coverage=0.98, input_sentence_size=800), progress=heard.append)
+    assert re.fullmatch(r"sampling lines: 1,024 of 2,400 documents read \(42\.7 %\), [\d,]+ characters, \d+ s", heard[0])
+    assert re.fullmatch(r"sampling lines: 2,048 of 2,400 documents read \(85\.3 %\), .*", heard[1])
+    assert re.fullmatch(r"sampled 800 of [\d,]+ lines from 2,400 documents in \d+ s; segmenting them with jieba "
+                        r"\(\d+ worker\(s\)\)", heard[2]), heard[2]
+    assert re.fullmatch(r"segmented in \d+ s; training sentencepiece \(unigram, vocabulary 2,000\) on [\d,]+ lines",
+                        heard[3]), heard[3]
+    assert re.fullmatch(r"sentencepiece trained in \d+ s", heard[4]) and len(heard) == 5
+    # documents given as an iterable: no total to measure against
+    heard.clear()
+    train_tokenizer(TokenizerTrainConfig(output=str(tmp_path / "tok2"), vocab_size=2000, character_coverage=0.98,
+                                         input_sentence_size=800), (t for _, t in docs), progress=heard.append)
+    assert re.fullmatch(r"sampling lines: 1,024 documents read, [\d,]+ characters, \d+ s", heard[0]), heard[0]
+
+
 def test_the_character_coverage_the_error_advises_is_a_flag_of_the_command(tmp_path, capsys) -> None:
     """The too-small-vocabulary error advised "a lower character_coverage", which no command could set."""
     from flows.cli import main
@@ -134,4 +161,5 @@ def test_the_character_coverage_the_error_advises_is_a_flag_of_the_command(tmp_p
     assert main([*args, "--output", str(tmp_path / "refused")]) == 2
     assert "or a lower character_coverage (--character-coverage)" in capsys.readouterr().err
     assert main([*args, "--output", str(tmp_path / "tok"), "--character-coverage", "0.98"]) == 0
+    assert "[pangu] tokenizer: sentencepiece trained in" in capsys.readouterr().err  # progress, phase by phase
     assert json.loads((tmp_path / "tok" / "tokenizer.json").read_text())["options"]["character_coverage"] == 0.98

@@ -24,7 +24,7 @@ import re
 import time
 from collections import defaultdict, deque
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import fsspec
 import numpy as np
@@ -264,6 +264,13 @@ def pack_shard(
     return {**result, "skipped": False}
 
 
+def shard_line(number: int, shards: int, shard: str, result: dict[str, Any]) -> str:
+    """One line of progress for a packed shard (`result`: pack_shard's)."""
+    done = "already packed" if result["skipped"] else f"packed in {result['seconds']:.0f} s"
+    return (f"shard {number}/{shards} {shard_stem(shard)}: {result['documents']:,} documents, "
+            f"{result['tokens']:,} tokens, {done}")
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
@@ -323,10 +330,11 @@ def finish_packing(config: PackConfig, tokenizer: PanguTokenizer, domain_ids: di
     return summary
 
 
-def pack_corpus(config: PackConfig, tokenizer: PanguTokenizer | None = None) -> dict[str, Any]:
+def pack_corpus(config: PackConfig, tokenizer: PanguTokenizer | None = None,
+                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Pack every shard of `config.input` into `config.output`; returns `domains.json` plus per-shard results.
     A failure before any shard with text is packed leaves nothing it created; after, the packed shards stay
-    for the rerun, which skips them (so does an interrupt)."""
+    for the rerun, which skips them (so does an interrupt). `progress(message)` hears each shard's end."""
     own = tokenizer is None
     # Loading here, in this process, turns a bad model file into one clear error before any worker starts.
     tokenizer = tokenizer or PanguTokenizer.load(config.tokenizer)
@@ -337,8 +345,10 @@ def pack_corpus(config: PackConfig, tokenizer: PanguTokenizer | None = None) -> 
         # Shards that hold text are kept for the rerun when a later one fails (a read error, a damaged page)
         with nothing_left_on_failure(Path(config.output), keep=lambda: any(r["documents"] for r in results)):
             shards, domain_ids = start_packing(config)
-            for shard in shards:
+            for number, shard in enumerate(shards, 1):
                 results.append(pack_shard(shard, Path(config.output), tokenizer, domain_ids, config))
+                if progress is not None:
+                    progress(shard_line(number, len(shards), shard, results[-1]))
             return finish_packing(config, tokenizer, domain_ids, results)
     finally:
         if own:

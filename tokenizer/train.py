@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import sentencepiece as spm
 
@@ -27,12 +27,19 @@ from cleaning.temporaries import temporary_directory
 from cleaning.writers import read_json
 from tokenizer.artifacts import META_FILE, write_tokenizer_dir
 from tokenizer.config import TokenizerTrainConfig
-from tokenizer.corpus import iter_texts
+from tokenizer.corpus import count_documents, iter_texts, list_shards
 from cleaning.outputs import check_output_directory, nothing_left_on_failure, write_failure
 from tokenizer.pangu import PanguTokenizer, check_layout, load_sentencepiece
 from tokenizer.parallel import chunk_texts
 from tokenizer.segment import fast_segment
 from tokenizer.specials import TRAINER_LAYOUT
+
+
+# Seconds between the sampling pass's progress lines: it reads every document of the corpus (a reservoir
+# over all its lines), hours at a terabyte, and said nothing while it did.
+PROGRESS_EVERY_S = 60.0
+
+Progress = Callable[[str], None]
 
 
 class TrainError(ValueError):
@@ -168,44 +175,84 @@ def _existing(output: Path, config: TokenizerTrainConfig) -> dict[str, Any] | No
     return None
 
 
-def train_tokenizer(config: TokenizerTrainConfig, texts: Iterable[str] | None = None) -> dict[str, Any]:
+def train_tokenizer(config: TokenizerTrainConfig, texts: Iterable[str] | None = None,
+                    progress: Progress | None = None) -> dict[str, Any]:
     """Train into `config.output`; return the contents of its tokenizer.json.
 
     `texts` (any iterable of documents) replaces `config.input`. A finished directory made with the
     same config is kept as it is (the training is not repeated). A failure leaves nothing it created.
+    `progress(message)` hears where the training is: the sampling pass every PROGRESS_EVERY_S (documents
+    read, of how many), then the start and end of each phase.
     """
     output = Path(config.output)
     done = _existing(output, config)
     if done is not None:
         return done
     with nothing_left_on_failure(output):
-        return _sample_and_train(config, output, texts)
+        return _sample_and_train(config, output, texts, progress or (lambda message: None))
 
 
-def _sample_and_train(config: TokenizerTrainConfig, output: Path, texts: Iterable[str] | None) -> dict[str, Any]:
+def _sample_and_train(config: TokenizerTrainConfig, output: Path, texts: Iterable[str] | None,
+                      progress: Progress) -> dict[str, Any]:
     source = "" if texts is not None else f" in {config.input}"
+    total: Callable[[], int | None] = lambda: None  # noqa: E731
     if texts is None:
         if config.input is None:
             raise ValueError("give config.input (a corpus directory) or texts")
         texts = iter_texts(config.input, config.text_field, config.max_input_documents)
+        total = lambda: _documents_to_read(config)  # noqa: E731
     elif config.max_input_documents is not None:
         texts = islice(texts, config.max_input_documents)
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    lines, counts = sample_lines(texts, config.input_sentence_size, config.shuffle_input_sentence, config.seed)
+    lines, counts = sample_lines(_reported(texts, progress, total), config.input_sentence_size,
+                                 config.shuffle_input_sentence, config.seed)
     timings["sample"] = time.perf_counter() - start
     if not lines:
         raise TrainError(f"no text to train on{source}: every document is empty or blank (or there are none)")
+    progress(f"sampled {len(lines):,} of {counts['lines_seen']:,} lines from {counts['documents_read']:,} documents "
+             f"in {timings['sample']:.0f} s; segmenting them with jieba ({config.workers} worker(s))")
 
     start = time.perf_counter()
     segmented = [p for s in segment_lines(lines, config.workers) for p in split_long(s, config.max_sentence_length)]
     timings["segment"] = time.perf_counter() - start
+    progress(f"segmented in {timings['segment']:.0f} s; training sentencepiece ({config.model_type}, vocabulary "
+             f"{config.vocab_size:,}) on {len(segmented):,} lines")
 
     try:
-        return _train_sentencepiece(config, output, segmented, lines, counts, timings)
+        meta = _train_sentencepiece(config, output, segmented, lines, counts, timings)
     except OSError as exc:  # a temporary beside `output` that could not be written: name `output`
         raise write_failure("the tokenizer", output, exc) from exc
+    progress(f"sentencepiece trained in {timings['train']:.0f} s")
+    return meta
+
+
+def _documents_to_read(config: TokenizerTrainConfig) -> int | None:
+    """How many documents the sampling pass reads (the shards' Parquet footers), None where they say nothing."""
+    try:
+        documents = sum(count_documents(shard) for shard in list_shards(str(config.input)))
+    except (OSError, ValueError):
+        return None  # a damaged shard: the pass itself stops at it and names it
+    return min(documents, config.max_input_documents or documents)
+
+
+def _reported(texts: Iterable[str], progress: Progress, total: Callable[[], int | None]) -> Iterator[str]:
+    """`texts`, with a progress line every PROGRESS_EVERY_S: documents and characters read, and of how many
+    documents (asked of `total` when the first line is due, so that a short pass costs nothing)."""
+    began = last = time.monotonic()
+    documents = characters = 0
+    of: list[int | None] = []  # the total, once asked
+    for text in texts:
+        documents += 1
+        characters += len(text)
+        if documents % 1024 == 0 and time.monotonic() - last >= PROGRESS_EVERY_S:
+            of = of or [total()]
+            share, percent = (f" of {of[0]:,}", f" ({100 * documents / of[0]:.1f} %)") if of[0] else ("", "")
+            last = time.monotonic()
+            progress(f"sampling lines: {documents:,}{share} documents read{percent}, {characters:,} characters, "
+                     f"{last - began:.0f} s")
+        yield text
 
 
 def _train_sentencepiece(config: TokenizerTrainConfig, output: Path, segmented: list[str], lines: list[str],
