@@ -288,6 +288,39 @@ def read_metrics_csv(output: str | os.PathLike[str]) -> list[dict[str, float]]:
     return rows
 
 
+class ProgressLine:
+    """The run's progress line from metrics.csv's last row: step of total, loss, tokens/s and the time left, at
+    the pace of the steps logged since the previous line (before there is one, the last step's own seconds)."""
+
+    def __init__(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+        self.mark: tuple[int, float] | None = None  # (step, when) of the last line whose step had moved on
+        self.pace: float | None = None  # seconds a step between the last two such lines
+
+    def line(self, row: dict[str, float], now: float) -> str:
+        step = int(row.get("step", 0))
+        if self.mark is not None and step > self.mark[0]:
+            self.pace = (now - self.mark[1]) / (step - self.mark[0])
+        if self.mark is None or step > self.mark[0]:
+            self.mark = (step, now)
+        per_step = self.pace if self.pace is not None else row.get("seconds", math.nan)
+        text = (f"progress: step {step}/{self.total_steps}, loss {row.get('loss', math.nan):.4f}, "
+                f"{row.get('tokens_per_s', 0.0):.0f} tokens/s")
+        if step < self.total_steps and math.isfinite(per_step) and per_step > 0:
+            text += f", about {_duration((self.total_steps - step) * per_step)} left"
+        return text
+
+
+def _duration(seconds: float) -> str:
+    """`2 h 05 min`, `4 min 10 s`, `35 s`."""
+    seconds = round(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds} s"
+
+
 def last_metrics_row(output: str | os.PathLike[str]) -> dict[str, float] | None:
     """The last complete row of output/metrics.csv, reading only the file's header and tail."""
     path = Path(output) / "metrics.csv"
@@ -450,6 +483,8 @@ def run_training(launch: Launch, output: str, total_steps: int) -> dict[str, Any
     reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
     reader.start()
 
+    progress = ProgressLine(total_steps)
+
     def follow(deadline: float | None = None) -> int:
         """Log the job's lines (and progress every PROGRESS_EVERY_S) until it exits; SIGKILL at `deadline`."""
         next_progress = time.monotonic() + PROGRESS_EVERY_S
@@ -471,8 +506,7 @@ def run_training(launch: Launch, output: str, total_steps: int) -> dict[str, Any
                 next_progress = time.monotonic() + PROGRESS_EVERY_S
                 last = last_metrics_row(output)
                 if last:
-                    logger.info("progress: step %d/%d, loss %.4f, %.0f tokens/s", last.get("step", 0), total_steps,
-                                last.get("loss", float("nan")), last.get("tokens_per_s", 0.0))
+                    logger.info("%s", progress.line(last, time.monotonic()))
 
     try:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import sys
 import time
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.pretrain import (Launch, build_launch, last_metrics_row, parse_result, read_metrics_csv, resolve_data,
-                            run_training, sample_rows)
+from flows.pretrain import (Launch, ProgressLine, build_launch, last_metrics_row, parse_result, read_metrics_csv,
+                            resolve_data, run_training, sample_rows)
 from tests.test_train_common import VOCAB, packed_tokens, training_processes
 
 # The tiny presets on the session's tiny tokenizer: short rows, a small vocabulary.
@@ -284,6 +285,22 @@ def test_result_line_and_loss_sampling(tmp_path):
     (tmp_path / "metrics.csv").write_text("step,loss,tokens_per_s\n" + rows_text + "2001,9.")  # row being written
     assert last_metrics_row(tmp_path) == {"step": 2000, "loss": 8.0, "tokens_per_s": 300}
     assert len(read_metrics_csv(tmp_path)) == 2000 and last_metrics_row(tmp_path / "none") is None
+
+
+def test_the_progress_line_says_how_long_the_run_has_left():
+    """A run of days logged its step every 30 s and never how long it had left."""
+    progress = ProgressLine(total_steps=10_000)
+    row = {"step": 100, "loss": 7.25, "tokens_per_s": 5000.0, "seconds": 0.5}
+    # the first line: the last step's own time (9,900 steps × 0.5 s)
+    assert progress.line(row, now=1000.0) == "progress: step 100/10000, loss 7.2500, 5000 tokens/s, about 1 h 22 min left"
+    # later lines: the pace between lines (400 steps in 100 s: 0.25 s a step, 9,500 left)
+    assert progress.line({**row, "step": 500}, now=1100.0).endswith(", about 39 min 35 s left")
+    # no step since: the pace of the last line that moved on stays
+    assert progress.line({**row, "step": 500, "seconds": 0.4}, now=1130.0).endswith(", about 39 min 35 s left")
+    assert progress.line({**row, "step": 9_990}, now=1200.0).endswith(", about 0 s left")
+    done = progress.line({**row, "step": 10_000}, now=1201.0)
+    assert done == "progress: step 10000/10000, loss 7.2500, 5000 tokens/s"
+    assert "left" not in ProgressLine(5).line({"step": 1, "loss": 9.0, "tokens_per_s": 1.0, "seconds": math.nan}, 0.0)
 
 
 def test_sigma_fits_a_corpus_with_more_domains_than_its_preset(prefect_api, tmp_path):
