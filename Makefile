@@ -11,7 +11,7 @@ OUTPUT ?= runs
 # pipeline evaluates on the built-in set made from registry packages ($PANGU_HOME/eval).
 EVAL_DATA ?= $(wildcard ../shared/data/clue)
 
-.PHONY: install assets ops sample run test bench clean
+.PHONY: install assets ops sample run test clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# DeepSpeed's host ops (cpu_adam, shared-memory collectives), compiled once into .venv/torch_extensions
+# DeepSpeed's host ops (the CPU Adam kernel as pangu_host_adam, shared-memory collectives), compiled once into .venv/torch_extensions
 # (a few minutes on 2 cores) rather than inside the first training run; seconds once built.
 ops: install
 	$(BIN)/python -m pangu_model.ops
