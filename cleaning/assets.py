@@ -11,6 +11,11 @@ from pathlib import Path
 
 ASSET_PREFIX = "asset:"
 
+# A font with Chinese characters for the figures' labels (domain names such as 新闻): matplotlib's own
+# DejaVu Sans has none. Fetched from Debian's fonts-wqy-microhei where apt-get is at hand (sample_data/fetch.py),
+# used by flows/reports.py.
+CJK_FONT = "fonts/wqy-microhei.ttc"
+
 
 def pangu_home() -> Path:
     return Path(os.environ.get("PANGU_HOME") or Path.home() / ".cache" / "pangu")

@@ -6,13 +6,17 @@ which is how a picture shows inside a markdown artifact of the Prefect UI.
 from __future__ import annotations
 
 import base64
+import functools
 import io
+import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 from matplotlib.figure import Figure
 
+from cleaning.assets import CJK_FONT, assets_dir
 from cleaning.inputs import describe_unsupported
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -87,6 +91,49 @@ PNG_MIN_DPI = 20
 PNG_BUDGET_BYTES = 150_000
 
 
+# Fonts with Chinese characters a system may have, for where the fetched one (CJK_FONT) is missing.
+SYSTEM_CJK_FAMILIES = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "Source Han Sans CN",
+                       "WenQuanYi Micro Hei", "WenQuanYi Zen Hei", "Microsoft YaHei", "SimHei", "PingFang SC",
+                       "Hiragino Sans GB", "Heiti SC", "Arial Unicode MS")
+
+
+@functools.cache
+def cjk_font_family() -> str | None:
+    """Make the figures draw Chinese characters (domain names such as 新闻, shown as boxes by matplotlib's own
+    DejaVu Sans) with a font that has them: `pangu data fetch-assets`'s CJK_FONT, else one the system has. The
+    family comes after DejaVu Sans in `font.family`, so matplotlib takes from it only the glyphs DejaVu lacks.
+    Returns the family, or None (said once in the log) where there is none. Set once per process: text takes
+    its font families when it is made, and a figure may be made in any task's thread."""
+    from matplotlib import font_manager, rcParams
+
+    family = None
+    fetched = assets_dir() / CJK_FONT
+    if fetched.is_file():
+        try:
+            font_manager.fontManager.addfont(str(fetched))
+            family = font_manager.FontProperties(fname=str(fetched)).get_name()
+        except (OSError, RuntimeError, ValueError):  # a damaged file: as if there were none
+            family = None
+    if family is None:
+        installed = {font.name for font in font_manager.fontManager.ttflist}
+        family = next((name for name in SYSTEM_CJK_FAMILIES if name in installed), None)
+    if family is None:
+        logging.getLogger(__name__).warning(
+            "no font with Chinese characters for the figures: Chinese labels show as boxes; `pangu data "
+            "fetch-assets` fetches one (%s, where apt-get is at hand), or install fonts-noto-cjk", CJK_FONT)
+        # said once here, not once per character and figure by matplotlib
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
+        return None
+    rcParams["font.family"] = ["DejaVu Sans", family]
+    return family
+
+
+def new_figure(**kwargs: Any) -> Figure:
+    """A figure whose text can hold Chinese (`cjk_font_family`)."""
+    cjk_font_family()
+    return Figure(**kwargs)
+
+
 def png_bytes(figure: Figure, dpi: int = PNG_DPI) -> bytes:
     """The figure as PNG bytes at `dpi`."""
     buffer = io.BytesIO()
@@ -133,7 +180,7 @@ def loss_figure(rows: Sequence[dict[str, Any]]) -> Figure:
     plotted on a second axis when every row has it, and `val_loss` drawn where a row holds a finite
     value (validation runs every few steps: the other rows have it NaN or not at all).
     """
-    figure = Figure(figsize=(8, 4), layout="tight")
+    figure = new_figure(figsize=(8, 4), layout="tight")
     loss_axis = figure.subplots()
     steps = [row["step"] for row in rows]
     loss_axis.plot(steps, [row["loss"] for row in rows], label="training loss", color="tab:blue")
@@ -160,7 +207,7 @@ def validation_figure(rows_by_domain: dict[str, list[tuple[float, float]]]) -> F
 
     `rows_by_domain` maps a domain name to its `(step, loss)` pairs; NaN losses are left out.
     """
-    figure = Figure(figsize=(8, 4), layout="tight")
+    figure = new_figure(figsize=(8, 4), layout="tight")
     axis = figure.subplots()
     for domain, points in rows_by_domain.items():
         finite = [(step, loss) for step, loss in points if _number(loss) is not None]
@@ -176,7 +223,7 @@ def validation_figure(rows_by_domain: dict[str, list[tuple[float, float]]]) -> F
 
 def corpus_figure(stats: dict[str, Any]) -> Figure:
     """Kept documents by length, stacked per domain, and the quality-score distribution (stats.json)."""
-    figure = Figure(figsize=(11, 4), layout="tight")
+    figure = new_figure(figsize=(11, 4), layout="tight")
     lengths, quality = figure.subplots(1, 2)
     buckets = stats["length_buckets"]
     bottom = [0] * len(buckets)
@@ -198,7 +245,7 @@ def tokens_per_domain_figure(domains_summary: dict[str, Any]) -> Figure:
     domains = domains_summary["domains"]
     names = list(domains)
     tokens = [domains[name]["tokens"] for name in names]
-    figure = Figure(figsize=(max(5.0, 0.8 * len(names) + 2), 4), layout="tight")
+    figure = new_figure(figsize=(max(5.0, 0.8 * len(names) + 2), 4), layout="tight")
     axis = figure.subplots()
     bars = axis.bar(range(len(names)), tokens, color="tab:blue")
     axis.bar_label(bars, [f"{100 * domains[name]['token_share']:.1f} %" for name in names], fontsize=8)
@@ -235,7 +282,7 @@ def eval_scores_figure(results: dict[str, Any]) -> Figure:
             label = task["title"] if single else f"{task['title']} {metric.upper()}"
             groups.append((label, [_number(ours), _reference_score(reference.get("PanGu-α 2.6B"), metric, single),
                                    _reference_score(reference.get("PanGu-α 13B"), metric, single), chance]))
-    figure = Figure(figsize=(max(6.0, 0.9 * len(groups) + 2), 4), layout="tight")
+    figure = new_figure(figsize=(max(6.0, 0.9 * len(groups) + 2), 4), layout="tight")
     axis = figure.subplots()
     if not groups:
         axis.text(0.5, 0.5, "no task evaluated", ha="center", va="center", transform=axis.transAxes)

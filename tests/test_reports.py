@@ -136,3 +136,37 @@ def test_eval_scores_figure_groups_ours_reference_and_chance_per_task() -> None:
     assert [t.get_text() for t in axis.get_legend().get_texts()] == ["ours", "PanGu-α 2.6B", "PanGu-α 13B", "chance"]
     empty = eval_scores_figure({"tasks": {"drcd": results["tasks"]["drcd"]}})
     assert not empty.axes[0].patches
+
+
+def test_chinese_domain_names_are_drawn_with_a_font_that_has_them(fetched_assets) -> None:
+    """Domain names of a Chinese corpus (新闻, 百科) were drawn as boxes: matplotlib's DejaVu Sans has no CJK
+    glyphs. With the fetched font every character of the labels has a glyph."""
+    import warnings
+
+    from flows.reports import cjk_font_family, png_bytes
+
+    cjk_font_family.cache_clear()  # as a new process finds it, whatever earlier tests drew
+    assert cjk_font_family() == "WenQuanYi Micro Hei"
+    summary = {"tokens": 600, "domains": {"新闻": {"id": 0, "tokens": 450, "token_share": 0.75},
+                                          "百科 web": {"id": 1, "tokens": 150, "token_share": 0.25}}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        decoded_image(png_bytes(tokens_per_domain_figure(summary)))
+    assert not [str(w.message) for w in caught if "missing from font" in str(w.message)]
+
+
+def test_without_a_chinese_font_the_log_says_so_once(tmp_path, monkeypatch, caplog) -> None:
+    import flows.reports
+
+    monkeypatch.setattr(flows.reports, "assets_dir", lambda: tmp_path)  # nothing fetched
+    monkeypatch.setattr(flows.reports, "SYSTEM_CJK_FAMILIES", ())  # and nothing installed
+    flows.reports.cjk_font_family.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="flows.reports"):
+            for _ in range(2):
+                flows.reports.png_bytes(tokens_per_domain_figure({"tokens": 1, "domains": {
+                    "新闻": {"id": 0, "tokens": 1, "token_share": 1.0}}}))
+        said = [r.getMessage() for r in caplog.records if "Chinese" in r.getMessage()]
+        assert len(said) == 1 and "pangu data fetch-assets" in said[0], said
+    finally:
+        flows.reports.cjk_font_family.cache_clear()
