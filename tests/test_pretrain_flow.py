@@ -462,7 +462,8 @@ def test_a_job_does_not_outlive_a_killed_flow_process(tmp_path):
         parent.kill()  # SIGKILL: no handler, no finally
         parent.wait(timeout=10)
         deadline = time.monotonic() + 20
-        while not done.exists() and time.monotonic() < deadline:
+        # the handler's write_text creates the file, then writes: wait for the words, not for the file
+        while not (done.exists() and done.read_text()) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert done.read_text() == "SIGTERM"
     finally:
