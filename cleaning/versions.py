@@ -90,7 +90,10 @@ def previous_output(root: str, plan: RefreshPlan) -> str | None:
 
 
 def mark_latest(root: str, plan: RefreshPlan) -> None:
-    write_json_atomic(f"{root.rstrip('/')}/{LATEST}", {"version": plan.version, "previous": plan.previous})
+    """LATEST names the plan's version and the one before it. A refresh that finds LATEST current leaves it
+    as it is (it made LATEST its own previous version, losing the one before)."""
+    if plan.version != plan.previous:
+        write_json_atomic(f"{root.rstrip('/')}/{LATEST}", {"version": plan.version, "previous": plan.previous})
 
 
 def refresh(inputs: Sequence[str], root: str, config: CorpusConfig, executor: Executor | None = None,

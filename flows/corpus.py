@@ -185,7 +185,9 @@ def corpus_refresh(inputs: list[str], root: str = "runs/corpus", config: CorpusC
     hash_inputs.with_options(task_runner=_task_runner(workers, dask_address))(
         inputs, root, config, workers=1 if dask_address else workers, exclude=exclude)
     plan = plan_refresh(inputs, root, config, exclude or ())
-    logger.info("corpus %s (previous %s): %s", plan.version, plan.previous, describe_diff(plan.diff))
+    since = ("LATEST already" if plan.version == plan.previous else
+             f"previous {plan.previous}" if plan.previous else "no previous version")
+    logger.info("corpus %s (%s): %s", plan.version, since, describe_diff(plan.diff))
     work = None
     with building(root, plan.version):
         if plan.current:
@@ -200,7 +202,7 @@ def corpus_refresh(inputs: list[str], root: str = "runs/corpus", config: CorpusC
                                                                exclude=[root, *(exclude or [])])
             totals, work, problems = result["totals"], result["work"], result["problems"]
         mark_latest(root, plan)
-    lines = [f"# Corpus refresh → {plan.version}", "", f"Previous version: {plan.previous or '–'}; "
+    lines = [f"# Corpus refresh → {plan.version}", "", f"{since[0].upper()}{since[1:]}; "
              f"{'built' if not plan.current else 'already current'} at `{plan.output}`.", "",
              "| inputs | count |", "|---|---:|"]
     lines += [f"| {kind} | {len(uris)} |" for kind, uris in plan.diff.items()]

@@ -353,9 +353,12 @@ def test_refresh_builds_a_new_version_only_for_new_or_changed_inputs(raw, tmp_pa
     assert first["built"] and latest_version(root) == first["version"]
     assert len(first["diff"]["new"]) == 3 and first["previous"] is None
 
+    latest = (tmp_path / "corpora" / "LATEST").read_bytes()
     again = refresh([str(raw)], root, config())
     assert not again["built"] and again["version"] == first["version"]
     assert len(again["diff"]["unchanged"]) == 3
+    # LATEST stays as it was: it named itself as its own previous version after a refresh that found it current
+    assert (tmp_path / "corpora" / "LATEST").read_bytes() == latest
 
     write_jsonl(raw / "news" / "part-2.jsonl", [{"id": "late", "text": abstracts()[700] * 2, "domain": "news"}])
     cleaned = {p: p.stat().st_mtime_ns for p in (tmp_path / "corpora" / "_work" / "clean").rglob("summary.json")}
@@ -368,6 +371,10 @@ def test_refresh_builds_a_new_version_only_for_new_or_changed_inputs(raw, tmp_pa
     assert len(list((tmp_path / "corpora" / "_work" / "clean").rglob("summary.json"))) == len(cleaned) + 1
     assert (tmp_path / "corpora" / first["version"] / "manifest.json").exists()
     assert latest_version(root) == third["version"]
+    assert json.loads((tmp_path / "corpora" / "LATEST").read_text()) == {"version": third["version"],
+                                                                         "previous": first["version"]}
+    refresh([str(raw)], root, config())
+    assert json.loads((tmp_path / "corpora" / "LATEST").read_text())["previous"] == first["version"]
 
 
 @pytest.mark.parametrize("given", [["nowhere.jsonl"], ["empty"], ["empty/*.jsonl"], ["nowhere", "empty", "x/*.txt", "y"]])
