@@ -3,6 +3,7 @@
 The pipeline runs on a small registry sample against a real Prefect server (so its runs are in that
 server's database), the deployments are registered, `prefect deployment run pretrain/sigma --watch`
 is run to completion by a process worker with the deployment's default parameters (fewer steps only),
+`pipeline/sample` with the pipeline's inputs and settings reuses every stage,
 `pangu eval --checkpoint EXPORT` scores the export with no tokenizer, domain or data flag, and the server's
 API lists the pipeline run and an artifact whose markdown holds a picture.
 """
@@ -84,6 +85,21 @@ def test_a_new_user_runs_the_pipeline_then_pretrain_sigma_then_eval(fresh_repo):
     export = repo / "runs" / "pretrain" / "sigma-tiny" / "export"
     assert {"model.safetensors", "config.json", "domains.json", "tokenizer"} <= {p.name for p in export.iterdir()}
     assert len((export.parent / "metrics.csv").read_text().splitlines()) == 1 + 3
+
+    # `prefect deployment run pipeline/sample` with step 1's inputs and settings: every stage is reused (the
+    # same corpus version, no tokenizer trained or model trained again, the evaluation's results kept)
+    runs = repo / "runs"
+    latest = (runs / "corpus" / "LATEST").read_text()
+    made = {p: p.read_bytes() for p in [*runs.glob("tokenizer/*/spm.model"), *runs.glob("pretrain/*/metrics.csv"),
+                                         *runs.glob("pretrain/*/checkpoints/latest"), *runs.glob("eval/*/results.json")]}
+    assert len(made) == 6, sorted(made)
+    params = {"inputs": json.dumps([str(fresh_repo["sample"])]), "steps": 3, "vocab_size": 8000,
+              "input_sentence_size": 20000, "eval_limit": 8, "workers": 1}
+    run, out, worker, worker_out = run_deployment("pipeline/sample", params, env, api, cwd=repo,
+                                                  worker_cwd=repo.parent, timeout=400)
+    assert run.returncode == 0 and "Completed" in out, f"{out[-3000:]}\n--- worker ---\n{worker_out[-5000:]}"
+    assert (runs / "corpus" / "LATEST").read_text() == latest
+    assert {p: p.read_bytes() for p in made} == made
 
     # 3. `pangu eval --checkpoint EXPORT`: no tokenizer, domain or data flag (a subset of each task, for time)
     evaluated = _run([*pangu, "eval", "--checkpoint", str(export), "--limit", "16"], repo, env, timeout=600)
