@@ -290,20 +290,23 @@ def read_metrics_csv(output: str | os.PathLike[str]) -> list[dict[str, float]]:
 
 class ProgressLine:
     """The run's progress line from metrics.csv's last row: step of total, loss, tokens/s and the time left, at
-    the pace of the steps logged since the previous line (before there is one, the last step's own seconds)."""
+    the pace of the steps logged over the last PACE_LINES lines whose step moved on (before there are two, the
+    last step's own seconds). A window, not the last line alone: on a shared machine the pace between two lines
+    swung by 4× and the time left with it."""
+
+    PACE_LINES = 10
 
     def __init__(self, total_steps: int) -> None:
         self.total_steps = total_steps
-        self.mark: tuple[int, float] | None = None  # (step, when) of the last line whose step had moved on
-        self.pace: float | None = None  # seconds a step between the last two such lines
+        self.marks: deque[tuple[int, float]] = deque(maxlen=self.PACE_LINES)  # (step, when) of those lines
 
     def line(self, row: dict[str, float], now: float) -> str:
         step = int(row.get("step", 0))
-        if self.mark is not None and step > self.mark[0]:
-            self.pace = (now - self.mark[1]) / (step - self.mark[0])
-        if self.mark is None or step > self.mark[0]:
-            self.mark = (step, now)
-        per_step = self.pace if self.pace is not None else row.get("seconds", math.nan)
+        if not self.marks or step > self.marks[-1][0]:
+            self.marks.append((step, now))
+        (first_step, first_time), (last_step, last_time) = self.marks[0], self.marks[-1]
+        per_step = ((last_time - first_time) / (last_step - first_step) if last_step > first_step
+                    else row.get("seconds", math.nan))
         text = (f"progress: step {step}/{self.total_steps}, loss {row.get('loss', math.nan):.4f}, "
                 f"{row.get('tokens_per_s', 0.0):.0f} tokens/s")
         if step < self.total_steps and math.isfinite(per_step) and per_step > 0:

@@ -295,8 +295,11 @@ def test_the_progress_line_says_how_long_the_run_has_left():
     assert progress.line(row, now=1000.0) == "progress: step 100/10000, loss 7.2500, 5000 tokens/s, about 1 h 22 min left"
     # later lines: the pace between lines (400 steps in 100 s: 0.25 s a step, 9,500 left)
     assert progress.line({**row, "step": 500}, now=1100.0).endswith(", about 39 min 35 s left")
-    # no step since: the pace of the last line that moved on stays
+    # no step since: the pace of the lines that moved on stays
     assert progress.line({**row, "step": 500, "seconds": 0.4}, now=1130.0).endswith(", about 39 min 35 s left")
+    # a slow stretch (a shared machine) moves the estimate by its share of the window, not all the way: 500
+    # steps in 160 s over the window, where the last 100 steps alone took 60 s (0.6 s a step)
+    assert progress.line({**row, "step": 600}, now=1160.0).endswith(", about 50 min 08 s left")
     assert progress.line({**row, "step": 9_990}, now=1200.0).endswith(", about 0 s left")
     done = progress.line({**row, "step": 10_000}, now=1201.0)
     assert done == "progress: step 10000/10000, loss 7.2500, 5000 tokens/s"
