@@ -9,6 +9,7 @@ newline anyway, so segmenting a line alone gives the same words as segmenting it
 """
 from __future__ import annotations
 
+import functools
 import io
 import multiprocessing
 import random
@@ -242,13 +243,13 @@ def _reported(texts: Iterable[str], progress: Progress, total: Callable[[], int 
     documents (asked of `total` when the first line is due, so that a short pass costs nothing)."""
     began = last = time.monotonic()
     documents = characters = 0
-    of: list[int | None] = []  # the total, once asked
+    total = functools.cache(total)  # asked once
     for text in texts:
         documents += 1
         characters += len(text)
         if documents % 1024 == 0 and time.monotonic() - last >= PROGRESS_EVERY_S:
-            of = of or [total()]
-            share, percent = (f" of {of[0]:,}", f" ({100 * documents / of[0]:.1f} %)") if of[0] else ("", "")
+            of = total()
+            share, percent = (f" of {of:,}", f" ({100 * documents / of:.1f} %)") if of else ("", "")
             last = time.monotonic()
             progress(f"sampling lines: {documents:,}{share} documents read{percent}, {characters:,} characters, "
                      f"{last - began:.0f} s")
