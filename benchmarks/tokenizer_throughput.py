@@ -1,11 +1,14 @@
-"""Tokenizer throughput: encoding (PanguTokenizer vs the reference loop), packing, training time.
+"""Tokenizer throughput: encoding (PanguTokenizer vs the reference loop), packing, the sampling pass,
+training time.
 
-    python benchmarks/tokenizer_throughput.py --mb 4 --workers 2
+    python benchmarks/tokenizer_throughput.py --mb 4 --workers 2 --sample-mb 200
 
 Text: JSONL files with a `text` field (default: the registry sample in /tmp/sample, as written by
 `pangu data fetch-sample`), else CLUE text from ../shared/data/clue. The ids of every encoder are
 asserted equal to the reference loop's (`reference_encode`: per document jieba.cut → map → join →
-sp.encode) in the same run. Caches start cold: each encoder is new, and the worker pool is warmed
+sp.encode) in the same run; the sampling pass (`sample_corpus`, every line of a corpus of `--sample-mb`
+read by 1 and by `--workers` processes) is timed beside a one-process reservoir over the same shards
+(Algorithm R, as the trainer sampled before), and gives one sample for any worker count. Caches start cold: each encoder is new, and the worker pool is warmed
 on unrelated text only to exclude process start-up (reported separately).
 """
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import random
 import sys
 import tempfile
 import time
@@ -27,7 +31,9 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from tokenizer.config import PackConfig  # noqa: E402
 from tokenizer.pack import pack_corpus  # noqa: E402
+from tokenizer.corpus import iter_texts  # noqa: E402
 from tokenizer.pangu import PanguTokenizer, reference_encode  # noqa: E402
+from tokenizer.sampling import sample_corpus  # noqa: E402
 from tokenizer.train import TokenizerTrainConfig, train_tokenizer  # noqa: E402
 
 CLUE = ROOT.parent / "shared" / "data" / "clue"
@@ -61,12 +67,59 @@ def row(name: str, seconds: float, megabytes: float, note: str = "") -> str:
     return f"| {name:<46} | {seconds:8.2f} | {megabytes / seconds:7.2f} | {note} |"
 
 
+def reservoir(corpus: str, size: int, seed: int) -> list[str]:
+    """The reference: one process, Algorithm R over the lines of every document in shard order."""
+    rng, sample, seen = random.Random(seed), [], 0
+    for text in iter_texts(corpus):
+        for line in text.split("\n"):
+            if not line or line.isspace():
+                continue
+            seen += 1
+            if len(sample) < size:
+                sample.append(line)
+            elif (j := rng.randrange(seen)) < size:
+                sample[j] = line
+    return sample
+
+
+def sampling_rows(texts: list[str], megabytes: float, workers: int, size: int, work: Path) -> list[str]:
+    """The sampling pass over 8 shards of `megabytes` (the text repeated), by 1 and `workers` processes."""
+    corpus = work / "sampling" / "data"
+    corpus.mkdir(parents=True, exist_ok=True)
+    per_shard, shards = megabytes / 8, []
+    for i in range(8):
+        part, part_size, j = [], 0.0, i
+        while part_size < per_shard * 1e6:
+            part.append(texts[j % len(texts)])
+            part_size += len(part[-1].encode("utf-8"))
+            j += 7
+        pq.write_table(pa.table({"text": part}), corpus / f"part-{i:05d}.parquet")
+        shards.append(part_size)
+    total = sum(shards) / 1e6
+    rows = []
+    start = time.perf_counter()
+    reservoir(str(corpus.parent), size, seed=1)
+    reference = time.perf_counter() - start
+    rows.append(row("reservoir over iter_texts (reference)", reference, total, "1 process"))
+    samples = {}
+    for n in sorted({1, workers}):
+        start = time.perf_counter()
+        samples[n], counts = sample_corpus(str(corpus.parent), "text", size, shuffle=True, seed=1, workers=n)
+        seconds = time.perf_counter() - start
+        rows.append(row(f"sample_corpus, workers={n}", seconds, total,
+                        f"{reference / seconds:.2f}x, {counts['lines_seen']:,} lines, {len(samples[n]):,} kept"))
+    assert len(set(map(tuple, samples.values()))) == 1, "the sample depends on the number of workers"
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="*", default=None, help="JSONL globs (default /tmp/sample/*/*.jsonl or CLUE)")
     parser.add_argument("--mb", type=float, default=4.0, help="megabytes of text to encode")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--vocab-size", type=int, default=16000)
+    parser.add_argument("--sample-mb", type=float, default=200.0, help="megabytes of the sampling pass's corpus")
+    parser.add_argument("--sample-lines", type=int, default=1_000_000, help="lines the sampling pass keeps")
     parser.add_argument("--train-lines", default="5000,20000,50000", help="sample sizes for the training table")
     parser.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
     parser.add_argument("--workdir", default=None)
@@ -157,6 +210,10 @@ def main() -> None:
     print(f"| {'encoder':<46} | {'seconds':>8} | {'MB/s':>7} | note |")
     print(f"|{'-' * 48}|{'-' * 10}|{'-' * 9}|------|")
     print("\n".join(enc_rows))
+    print(f"\n## Sampling pass ({args.sample_mb:.0f} MB in 8 shards, {args.sample_lines:,} lines kept)\n")
+    print(f"| {'sampler':<46} | {'seconds':>8} | {'MB/s':>7} | note |")
+    print(f"|{'-' * 48}|{'-' * 10}|{'-' * 9}|------|")
+    print("\n".join(sampling_rows(texts, args.sample_mb, args.workers, args.sample_lines, work)))
     print("\n## Packing\n")
     print(f"| {'packer':<46} | {'seconds':>8} | {'MB/s':>7} | note |")
     print(f"|{'-' * 48}|{'-' * 10}|{'-' * 9}|------|")

@@ -339,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram",
                        help="unigram (the PanGu-α release) or bpe")
         p.add_argument("--input-sentence-size", type=at_least(1), default=1_000_000, help="lines sampled for training")
-        p.add_argument("--workers", type=at_least(1), default=2, help="processes for jieba")
+        p.add_argument("--workers", type=at_least(1), default=2,
+                       help="processes that read the corpus for the line sample and segment it with jieba")
         p.add_argument("--character-coverage", type=float, default=0.9995,
                        help="share of the sample's characters the vocabulary covers, 0.98 to 1 (default 0.9995); "
                             "lower it for a small vocabulary")

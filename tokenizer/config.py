@@ -37,14 +37,14 @@ class TokenizerTrainConfig(BaseModel):
     byte_fallback: bool = False
     # Sampling happens before jieba (the slow part), over the lines of the input documents.
     input_sentence_size: int = Field(1_000_000, ge=1, description="lines sampled for training")
-    shuffle_input_sentence: bool = Field(True, description="reservoir-sample lines; False takes the first ones")
+    shuffle_input_sentence: bool = Field(True, description="a seeded uniform sample of lines (any workers); False: the first")
     max_input_documents: int | None = Field(None, ge=1, description="read at most this many documents")
     seed: int = 1234
     max_sentence_length: int = Field(16_384, ge=256, description="bytes; longer lines are cut at jieba word boundaries")
     max_sentencepiece_length: int = Field(16, ge=1)
     split_digits: bool = False
     num_threads: int = Field(2, ge=1, description="sentencepiece trainer threads")
-    workers: int = Field(1, ge=1, description="processes for jieba segmentation of the sample")
+    workers: int = Field(1, ge=1, description="processes for the sampling pass and jieba")
     trainer_options: dict[str, Any] = Field(default_factory=dict, description="extra sentencepiece trainer flags")
     overwrite: bool = Field(False, description="replace an existing tokenizer made with another config")
     verbose: bool = False

@@ -1,25 +1,24 @@
 """Train the PanGu-α tokenizer: sample lines → jieba → sentencepiece (SPEC §4).
 
-Lines are sampled before segmentation, because jieba is the slow part: a seeded reservoir over the
-lines of the input documents (or the first lines, with `shuffle_input_sentence=False`), bounded by
-`input_sentence_size` whatever the corpus size. Each sampled line is segmented exactly as the
-encoder segments text (jieba words joined by spaces, " " → "▂"), so sentencepiece, which never
-merges across a space, learns no piece that crosses a jieba word boundary. jieba cuts text at every
-newline anyway, so segmenting a line alone gives the same words as segmenting its whole document.
+Lines are sampled before segmentation, because jieba is the slow part: a seeded uniform sample of the
+lines of the input documents (`tokenizer.sampling`, read by `workers` processes; or the first lines, with
+`shuffle_input_sentence=False`), bounded by `input_sentence_size` whatever the corpus size. Each sampled
+line is segmented exactly as the encoder segments text (jieba words joined by spaces, " " → "▂"), so
+sentencepiece, which never merges across a space, learns no piece that crosses a jieba word boundary.
+jieba cuts text at every newline anyway, so segmenting a line alone gives the same words as segmenting
+its whole document.
 """
 from __future__ import annotations
 
-import functools
 import io
 import multiprocessing
-import random
 import re
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import sentencepiece as spm
 
@@ -28,19 +27,17 @@ from cleaning.temporaries import temporary_directory
 from cleaning.writers import read_json
 from tokenizer.artifacts import META_FILE, write_tokenizer_dir
 from tokenizer.config import TokenizerTrainConfig
-from tokenizer.corpus import count_documents, iter_texts, list_shards
 from cleaning.outputs import check_output_directory, nothing_left_on_failure, write_failure
 from tokenizer.pangu import PanguTokenizer, check_layout, load_sentencepiece
 from tokenizer.parallel import chunk_texts
+from tokenizer.sampling import Progress, sample_corpus, sample_lines
 from tokenizer.segment import fast_segment
 from tokenizer.specials import TRAINER_LAYOUT
 
 
-# Seconds between the sampling pass's progress lines: it reads every document of the corpus (a reservoir
-# over all its lines), hours at a terabyte, and said nothing while it did.
+# Seconds between the sampling pass's progress lines: it reads every document of the corpus (to sample its
+# lines uniformly), hours at a terabyte on one process, and said nothing while it did.
 PROGRESS_EVERY_S = 60.0
-
-Progress = Callable[[str], None]
 
 
 class TrainError(ValueError):
@@ -68,29 +65,6 @@ def _train_error(exc: RuntimeError, config: TokenizerTrainConfig, lines: int, do
                           f"give a vocab_size (--vocab-size) of at least {needed:,} (well above it, for pieces "
                           "longer than a character), or a lower character_coverage (--character-coverage)")
     return TrainError(f"sentencepiece training failed: {exc}")
-
-
-def sample_lines(texts: Iterable[str], size: int, shuffle: bool, seed: int) -> tuple[list[str], dict[str, int]]:
-    """Up to `size` non-blank lines of `texts`, and how many documents and lines were read."""
-    rng = random.Random(seed)
-    sample: list[str] = []
-    documents = lines = 0
-    for text in texts:
-        documents += 1
-        for line in text.split("\n"):
-            if not line or line.isspace():
-                continue
-            lines += 1
-            if len(sample) < size:
-                sample.append(line)
-            elif not shuffle:
-                return sample, {"documents_read": documents, "lines_seen": lines}
-            else:
-                # Algorithm R: the line replaces a kept one with probability size / lines.
-                j = rng.randrange(lines)
-                if j < size:
-                    sample[j] = line
-    return sample, {"documents_read": documents, "lines_seen": lines}
 
 
 def _segment_chunk(lines: list[str]) -> list[str]:
@@ -196,19 +170,19 @@ def train_tokenizer(config: TokenizerTrainConfig, texts: Iterable[str] | None = 
 def _sample_and_train(config: TokenizerTrainConfig, output: Path, texts: Iterable[str] | None,
                       progress: Progress) -> dict[str, Any]:
     source = "" if texts is not None else f" in {config.input}"
-    total: Callable[[], int | None] = lambda: None  # noqa: E731
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
     if texts is None:
         if config.input is None:
             raise ValueError("give config.input (a corpus directory) or texts")
-        texts = iter_texts(config.input, config.text_field, config.max_input_documents)
-        total = lambda: _documents_to_read(config)  # noqa: E731
-    elif config.max_input_documents is not None:
-        texts = islice(texts, config.max_input_documents)
-
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    lines, counts = sample_lines(_reported(texts, progress, total), config.input_sentence_size,
-                                 config.shuffle_input_sentence, config.seed)
+        lines, counts = sample_corpus(config.input, config.text_field, config.input_sentence_size,
+                                      config.shuffle_input_sentence, config.seed, config.workers,
+                                      config.max_input_documents, progress, PROGRESS_EVERY_S)
+    else:
+        if config.max_input_documents is not None:
+            texts = islice(texts, config.max_input_documents)
+        lines, counts = sample_lines(texts, config.input_sentence_size, config.shuffle_input_sentence, config.seed,
+                                     progress, every_s=PROGRESS_EVERY_S)
     timings["sample"] = time.perf_counter() - start
     if not lines:
         raise TrainError(f"no text to train on{source}: every document is empty or blank (or there are none)")
@@ -227,33 +201,6 @@ def _sample_and_train(config: TokenizerTrainConfig, output: Path, texts: Iterabl
         raise write_failure("the tokenizer", output, exc) from exc
     progress(f"sentencepiece trained in {timings['train']:.0f} s")
     return meta
-
-
-def _documents_to_read(config: TokenizerTrainConfig) -> int | None:
-    """How many documents the sampling pass reads (the shards' Parquet footers), None where they say nothing."""
-    try:
-        documents = sum(count_documents(shard) for shard in list_shards(str(config.input)))
-    except (OSError, ValueError):
-        return None  # a damaged shard: the pass itself stops at it and names it
-    return min(documents, config.max_input_documents or documents)
-
-
-def _reported(texts: Iterable[str], progress: Progress, total: Callable[[], int | None]) -> Iterator[str]:
-    """`texts`, with a progress line every PROGRESS_EVERY_S: documents and characters read, and of how many
-    documents (asked of `total` when the first line is due, so that a short pass costs nothing)."""
-    began = last = time.monotonic()
-    documents = characters = 0
-    total = functools.cache(total)  # asked once
-    for text in texts:
-        documents += 1
-        characters += len(text)
-        if documents % 1024 == 0 and time.monotonic() - last >= PROGRESS_EVERY_S:
-            of = total()
-            share, percent = (f" of {of:,}", f" ({100 * documents / of:.1f} %)") if of else ("", "")
-            last = time.monotonic()
-            progress(f"sampling lines: {documents:,}{share} documents read{percent}, {characters:,} characters, "
-                     f"{last - began:.0f} s")
-        yield text
 
 
 def _train_sentencepiece(config: TokenizerTrainConfig, output: Path, segmented: list[str], lines: list[str],
