@@ -91,7 +91,7 @@ def test_a_new_user_runs_the_pipeline_then_pretrain_sigma_then_eval(fresh_repo):
     runs = repo / "runs"
     latest = (runs / "corpus" / "LATEST").read_text()
     made = {p: p.read_bytes() for p in [*runs.glob("tokenizer/*/spm.model"), *runs.glob("pretrain/*/metrics.csv"),
-                                         *runs.glob("pretrain/*/checkpoints/latest"), *runs.glob("eval/*/results.json")]}
+                                         *runs.glob("pretrain/*/checkpoints/latest"), *runs.glob("eval/*/*/results.json")]}
     assert len(made) == 6, sorted(made)
     params = {"inputs": json.dumps([str(fresh_repo["sample"])]), "steps": 3, "vocab_size": 8000,
               "input_sentence_size": 20000, "eval_limit": 8, "workers": 1}

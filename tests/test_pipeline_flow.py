@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -75,6 +77,17 @@ def test_pipeline_runs_every_stage_as_a_subflow_and_reruns_from_cache(prefect_ap
     assert again == summary
     changed = [str(p) for p, t in marks.items() if p.stat().st_mtime_ns != t and p.name != "LATEST"]
     assert not changed
+
+    # Another evaluation set for the same model goes beside the first, which is kept (one directory held one
+    # evaluation: the second replaced the first's predictions and results)
+    other = tmp_path / "other-set" / "fewclue" / "tnews"
+    shutil.copytree(CLUE / "fewclue" / "tnews", other)
+    first = Path(summary["results"]).read_bytes()
+    beside = pipeline(**{**kwargs, "eval_data": str(other.parents[1]), "eval_tasks": "tnews"})
+    assert Path(beside["results"]).parent.parent == Path(summary["results"]).parent.parent
+    assert [p.parent.name for p in (Path(summary["results"]), Path(beside["results"]))] == ["clue", "other-set"]
+    assert Path(summary["results"]).read_bytes() == first
+    assert set(json.loads(Path(beside["results"]).read_text())["tasks"]) == {"tnews"}
 
 
 def test_the_lineage_table_of_a_corpus_of_many_files_lists_the_first_and_counts_the_rest(tmp_path):
