@@ -18,7 +18,7 @@ import multiprocessing
 import signal
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -29,6 +29,26 @@ Progress = Callable[[str], None]
 
 # Documents between a reader's reports of how far it is (a shared counter, or the progress callback).
 REPORT_EVERY_DOCUMENTS = 1024
+# Lines keyed in one array: the keys are the same for any batching (the generator's doubles are).
+KEY_BATCH_LINES = 16_384
+
+
+def document_lines(texts: Iterable[str | None],
+                   tick: Callable[[int, int], None] | None = None) -> Iterator[list[str]]:
+    """The non-blank lines of each document of `texts` (None: a null document, skipped); `tick(documents,
+    characters)` hears every REPORT_EVERY_DOCUMENTS documents and at the end."""
+    documents = characters = 0
+    for text in texts:
+        if text is None:
+            continue
+        documents += 1
+        characters += len(text)
+        yield [line for line in text.split("\n") if line and not line.isspace()]
+        if tick is not None and documents == REPORT_EVERY_DOCUMENTS:
+            tick(documents, characters)
+            documents = characters = 0
+    if tick is not None and documents:
+        tick(documents, characters)
 
 
 def part_generator(seed: int, part: int) -> np.random.Generator:
@@ -42,7 +62,7 @@ class BottomK:
 
     Lines whose key is below the threshold (the largest kept key, once `size` are kept) are appended to a
     buffer, which is cut back to the smallest `size` when it holds twice as many: a line costs a key and
-    a comparison, in arrays of 1,024 documents' lines, not a heap operation in Python.
+    a comparison, in arrays of KEY_BATCH_LINES lines, not a heap operation in Python.
     """
 
     def __init__(self, size: int) -> None:
@@ -58,24 +78,13 @@ class BottomK:
         """Read `texts` (None: a null document, skipped), keying their lines with `rng` in order.
         `tick(documents, characters)` hears every REPORT_EVERY_DOCUMENTS documents."""
         batch: list[str] = []
-        documents = characters = 0
-        for text in texts:
-            if text is None:
-                continue
-            documents += 1
-            characters += len(text)
-            batch += [line for line in text.split("\n") if line and not line.isspace()]
-            if documents == REPORT_EVERY_DOCUMENTS:
+        for lines in document_lines(texts, tick):
+            self.documents += 1
+            batch += lines
+            if len(batch) >= KEY_BATCH_LINES:
                 self._add_lines(batch, rng)
                 batch = []
-                self.documents += documents
-                if tick is not None:
-                    tick(documents, characters)
-                documents = characters = 0
         self._add_lines(batch, rng)
-        self.documents += documents
-        if tick is not None and documents:
-            tick(documents, characters)
 
     def _add_lines(self, lines: list[str], rng: np.random.Generator) -> None:
         self.lines += len(lines)
@@ -120,21 +129,13 @@ def first_lines(texts: Iterable[str | None], size: int,
                 tick: Callable[[int, int], None] | None = None) -> tuple[list[str], dict[str, int]]:
     """The first `size` non-blank lines (no shuffling), read only as far as they go."""
     sample: list[str] = []
-    documents = lines = 0
-    for text in texts:
-        if text is None:
-            continue
+    documents = 0
+    for lines in document_lines(texts, tick):
         documents += 1
-        if tick is not None and documents % REPORT_EVERY_DOCUMENTS == 0:
-            tick(REPORT_EVERY_DOCUMENTS, 0)
-        for line in text.split("\n"):
-            if not line or line.isspace():
-                continue
-            lines += 1
-            sample.append(line)
-            if len(sample) == size:
-                return sample, {"documents_read": documents, "lines_seen": lines}
-    return sample, {"documents_read": documents, "lines_seen": lines}
+        sample += lines[:size - len(sample)]
+        if len(sample) == size:
+            break
+    return sample, {"documents_read": documents, "lines_seen": len(sample)}
 
 
 def sample_lines(texts: Iterable[str | None], size: int, shuffle: bool, seed: int,
