@@ -167,3 +167,23 @@ def test_the_character_coverage_the_error_advises_is_a_flag_of_the_command(tmp_p
     assert main([*args, "--output", str(tmp_path / "tok"), "--character-coverage", "0.98"]) == 0
     assert "[pangu] tokenizer: sentencepiece trained in" in capsys.readouterr().err  # progress, phase by phase
     assert json.loads((tmp_path / "tok" / "tokenizer.json").read_text())["options"]["character_coverage"] == 0.98
+
+
+def test_sentencepiece_s_thread_count_is_part_of_the_fingerprint(tmp_path) -> None:
+    """sentencepiece's unigram trainer gives another model for another thread count, and a tokenizer trained
+    with 2 threads was taken as made by a config that asked for 1."""
+    import hashlib
+
+    texts = [t for _, t in clue_documents()[:200]]
+    config = {"output": str(tmp_path / "tok"), "vocab_size": 1800, "character_coverage": 0.98,
+              "input_sentence_size": 600}
+    made = train_tokenizer(TokenizerTrainConfig(**config), iter(texts))
+    with pytest.raises(FileExistsError, match="trained with another config"):
+        train_tokenizer(TokenizerTrainConfig(**config, num_threads=1), iter(texts))
+    alone = train_tokenizer(TokenizerTrainConfig(**{**config, "output": str(tmp_path / "alone")}, num_threads=1),
+                            iter(texts))
+    assert alone["training"]["config_fingerprint"] != made["training"]["config_fingerprint"]
+    # the default's fingerprint is the one tokenizers trained before the thread count counted carry
+    default = TokenizerTrainConfig(**config)
+    payload = default.model_dump(exclude={"output", "num_threads", "workers", "overwrite", "verbose"})
+    assert default.fingerprint() == hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

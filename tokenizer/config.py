@@ -22,6 +22,11 @@ def local_directory(value: str) -> str:
     return value
 
 
+# sentencepiece trainer threads: every command and flow trains with this many, so that one corpus and one set
+# of options make one model on any machine (the thread count changes the model; see `fingerprint`).
+DEFAULT_TRAINER_THREADS = 2
+
+
 class TokenizerTrainConfig(BaseModel):
     """sentencepiece on a jieba-segmented sample of the corpus (SPEC §4)."""
 
@@ -43,7 +48,8 @@ class TokenizerTrainConfig(BaseModel):
     max_sentence_length: int = Field(16_384, ge=256, description="bytes; longer lines are cut at jieba word boundaries")
     max_sentencepiece_length: int = Field(16, ge=1)
     split_digits: bool = False
-    num_threads: int = Field(2, ge=1, description="sentencepiece trainer threads")
+    num_threads: int = Field(DEFAULT_TRAINER_THREADS, ge=1, description="sentencepiece trainer threads (they "
+                             "change the model: part of the fingerprint)")
     workers: int = Field(1, ge=1, description="processes for the sampling pass and jieba")
     trainer_options: dict[str, Any] = Field(default_factory=dict, description="extra sentencepiece trainer flags")
     overwrite: bool = Field(False, description="replace an existing tokenizer made with another config")
@@ -60,8 +66,16 @@ class TokenizerTrainConfig(BaseModel):
         return value.removeprefix("file://") if value else value  # one corpus, one fingerprint
 
     def fingerprint(self) -> str:
-        """Hash of what determines the model (not where it goes or how many processes make it)."""
+        """Hash of what determines the model (not where it goes, or how many processes sample and segment).
+
+        sentencepiece's thread count does determine it (its unigram trainer sums each thread's part of the
+        corpus, and float sums depend on the grouping: 1, 2 and 4 threads give three models, each the same
+        on every run). The default is left out of the payload, so the fingerprints of tokenizers trained
+        before it counted stand.
+        """
         payload = self.model_dump(exclude={"output", "num_threads", "workers", "overwrite", "verbose"})
+        if self.num_threads != DEFAULT_TRAINER_THREADS:
+            payload["num_threads"] = self.num_threads
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
