@@ -59,7 +59,7 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cleaning.writers import atomic_file, write_bytes_atomic
+from cleaning.writers import atomic_file, read_json, write_bytes_atomic, write_json_atomic
 from cleaning.yamlfile import apply_overrides, names_a_file, read_mapping
 
 from .config import PIPELINE_ROUTERS, SHAPE_FIELDS, PanguConfig, get_config
@@ -90,6 +90,8 @@ if TYPE_CHECKING:
 PRESET_DIR = Path(__file__).resolve().parents[1] / "deploy" / "presets" / "pretrain"
 CHECKPOINT_DIR = "checkpoints"
 EXPORT_DIR = "export"
+# In a checkpoint's directory, once the run's export holds its weights: what the export holds
+EXPORTED_FILE = "exported.json"
 EXPORT_TOKENIZER_DIR = "tokenizer"  # inside an export: the tokenizer the model was trained with
 LATEST = "latest"  # same file name as DeepSpeed's own pointer, so its tools find our tags
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
@@ -911,7 +913,7 @@ class Trainer:
             if status == "completed":
                 if not self._latest_tag() == self._tag(self.step):
                     self.save_checkpoint()
-                if config.export:
+                if config.export and not self._export_is_current():
                     self.export(self.output / EXPORT_DIR)
         finally:
             metrics.close()
@@ -1186,6 +1188,27 @@ class Trainer:
         return True
 
     # ---- export ---------------------------------------------------------------------------------
+    def _export_is_current(self) -> bool:
+        """Whether the export already holds the latest checkpoint's weights (a rerun of a finished run: writing
+        them again cost a model's worth of writes, and gave the weights a new modification time, so whatever
+        remembers their content hash by it hashed them again). Rank 0 decides for every rank (export is
+        collective)."""
+        current = 0.0
+        tag = self._latest_tag()
+        if self.rank == 0 and tag is not None:
+            try:
+                done = read_json(str(self.checkpoint_dir / tag / EXPORTED_FILE))
+            except (OSError, ValueError):  # none yet, or damaged: export again
+                done = {}
+            export = self.output / EXPORT_DIR
+            files = done.get("files") if isinstance(done, dict) else None
+            current = float(bool(files) and done.get("step") == self.step
+                            and all((export / str(name)).is_file() for name in files))
+        flag = torch.tensor([current], device=self.device)
+        if self.world_size > 1:
+            dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
     def _module_state(self, keep_all: bool = True) -> dict[str, torch.Tensor]:
         """The engine module's state with the optimizer's fp32 masters where the module holds bf16/fp16
         copies. Collective: every rank calls it. Without `keep_all`, only the DeepSpeed-MoE experts'
@@ -1287,6 +1310,12 @@ class Trainer:
             os.replace(writer.path, directory / WEIGHTS_NAME)
             write_config(self.pangu, directory)
             self._bundle_data_contract(directory)
+            tag = self._latest_tag()
+            if directory == self.output / EXPORT_DIR and tag == self._tag(self.step):
+                # written last: the checkpoint's weights are all in the export (a rerun need not write them)
+                write_json_atomic(self.checkpoint_dir / tag / EXPORTED_FILE,
+                                  {"export": EXPORT_DIR, "step": self.step,
+                                   "files": sorted(p.name for p in directory.iterdir() if p.is_file())})
         self._barrier()
         return directory if self.rank == 0 else None
 
@@ -1303,7 +1332,6 @@ class Trainer:
     def _bundle_data_contract(self, directory: Path) -> None:
         """What evaluation needs beside the weights: the tokenizer (`tokenizer/`) and the domain map with
         tokens per domain (`domains.json`), so that an export directory stands on its own."""
-        from tokenizer.artifacts import write_json_atomic
         from tokenizer.pack import DOMAINS_FILE
 
         contract = read_data_contract(self.config.data)

@@ -342,3 +342,45 @@ def test_make_ops_builds_the_ops_a_cpu_training_run_loads() -> None:
     assert ready == {"pangu_host_adam", "deepspeed_shm_comm"}, done.stdout
     built = Path(os.environ["TORCH_EXTENSIONS_DIR"])
     assert all((built / name / f"{name}.so").is_file() for name in ready), sorted(p.name for p in built.iterdir())
+
+
+def test_a_rerun_of_a_finished_run_keeps_its_export_and_more_steps_export_again() -> None:
+    """Rerunning a finished run (the pipeline does on every rerun) wrote the whole export again: a model's
+    worth of writes, and a new modification time on the weights, by which the evaluation remembers their
+    content hash (so it hashed them again)."""
+    path = run_config("export-kept", "sigma-tiny", ecss=True, train_steps=2, checkpoint_every=0)
+
+    def run(**fields) -> dict:
+        trainer = Trainer(load_train_config(path, fields or None))
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
+
+    weights = Path(load_train_config(path).output) / "export" / "model.safetensors"
+    run()
+    made = weights.stat()
+    assert run()["export"] == str(weights.parent)
+    assert (weights.stat().st_ino, weights.stat().st_mtime_ns) == (made.st_ino, made.st_mtime_ns)
+    (weights.parent / "config.json").unlink()  # an export that lost a file is written again
+    run()
+    assert (weights.parent / "config.json").is_file() and weights.stat().st_ino != made.st_ino
+    kept = weights.stat()
+    run(train_steps=3)  # more steps: the new checkpoint's weights
+    assert weights.stat().st_ino != kept.st_ino
+    assert load_checkpoint(weights.parent).config.num_layers > 0
+
+
+def test_two_ranks_agree_to_keep_the_export_of_a_finished_run() -> None:
+    """Export is collective: rank 0 decides whether the export is current and every rank follows."""
+    from tests.test_train_common import run_torchrun
+
+    path = run_config("export-kept-2", "sigma-tiny", ecss=True, train_steps=2, checkpoint_every=0,
+                      expert_parallel=2)
+    weights = Path(load_train_config(path).output) / "export" / "model.safetensors"
+    first = run_torchrun(path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    made = weights.stat()
+    again = run_torchrun(path, timeout=120)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert (weights.stat().st_ino, weights.stat().st_mtime_ns) == (made.st_ino, made.st_mtime_ns)
