@@ -465,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "made from registry packages ($PANGU_HOME/eval)")
     p.add_argument("--eval-tasks", default="fewclue", help="tasks on --eval-data (the built-in set runs all of its own)")
     p.add_argument("--eval-limit", type=at_least(1), default=200, help="examples per evaluation task (a seeded subset)")
-    p.add_argument("--workers", type=at_least(1), default=2, help="processes for corpus shards and jieba")
+    p.add_argument("--workers", type=at_least(1), default=2,
+                   help="processes for corpus shards, the tokenizer's line sample and jieba")
     p.add_argument("--dask-address", default=None,
                    help="run the corpus stages on an existing Dask cluster (its workers must reach --root)")
     p.set_defaults(handler=_pipeline)
