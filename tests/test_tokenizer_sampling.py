@@ -102,3 +102,23 @@ def test_an_interrupted_pass_stops_every_reader(tmp_path) -> None:
     with pytest.raises(KeyboardInterrupt):
         sample_corpus(corpus, "text", 100, shuffle=True, seed=1, workers=2, progress=interrupt, every_s=0.0)
     assert multiprocessing.active_children() == []
+
+
+def test_a_corpus_of_many_shards_is_shared_out(tmp_path) -> None:
+    """The shards were put on a queue before the readers started: with some hundreds of them the queue's pipe
+    was full and the parent waited forever. (The pass runs in a thread, so that a hang fails the test.)"""
+    import threading
+
+    data = tmp_path / "corpus" / "data"
+    data.mkdir(parents=True)
+    for shard in range(1200):
+        pq.write_table(pa.table({"text": [f"{shard}:甲\n{shard}:乙"]}), data / f"part-{shard:05d}.parquet")
+    got: list = []
+    reading = threading.Thread(target=lambda: got.append(
+        sample_corpus(str(tmp_path / "corpus"), "text", 50, shuffle=True, seed=3, workers=2)), daemon=True)
+    reading.start()
+    reading.join(120)
+    assert got, "the sampling pass did not end"
+    lines, counts = got[0]
+    assert counts == {"documents_read": 1200, "lines_seen": 2400} and len(lines) == 50
+    assert lines == sample_corpus(str(tmp_path / "corpus"), "text", 50, shuffle=True, seed=3, workers=1)[0]

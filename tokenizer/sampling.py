@@ -8,7 +8,7 @@ smallest `size`, so the shards can be read by any number of processes, in any gr
 sample (in key order) is the same: a seed names one sample whatever the worker count.
 
 The pass reads every document (hours at a terabyte on one process); each worker keeps one bottom-k over
-the shards it takes from a shared queue, so what comes back to the parent is `workers × size` lines at
+the shards it claims, one at a time, from a counter they share, so what comes back to the parent is `workers × size` lines at
 most, whatever the corpus size.
 """
 from __future__ import annotations
@@ -186,27 +186,34 @@ def read_parts(parts: Iterable[tuple[int, str, int | None]], text_field: str, si
     return kept
 
 
-# The state of a sampling worker process (set by _init_worker): the queue of shards, and the counters shared
-# with the parent (documents and characters read, and a stop flag the readers look at every report).
-DOCUMENTS, CHARACTERS, STOP = range(3)
-_QUEUE: Any = None
+# The counters a sampling worker process shares with the parent (set by _init_worker): documents and characters
+# read, the next part to claim, and a stop flag the readers look at every report.
+DOCUMENTS, CHARACTERS, NEXT, STOP = range(4)
 _COUNTERS: Any = None
 
 
-def _init_worker(queue: Any, counters: Any) -> None:
-    global _QUEUE, _COUNTERS
+def _init_worker(counters: Any) -> None:
+    global _COUNTERS
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the pool on Ctrl-C
     exit_with_parent()
-    _QUEUE, _COUNTERS = queue, counters
+    _COUNTERS = counters
 
 
 class _Stopped(Exception):
     """The parent asked the readers to stop (another reader failed, or the pass was interrupted)."""
 
 
-def _queued_parts() -> Iterable[tuple[int, str, int | None]]:
-    while (part := _QUEUE.get()) is not None and not _COUNTERS[STOP]:
-        yield part
+def _claimed_parts(parts: list[tuple[int, str, int | None]]) -> Iterator[tuple[int, str, int | None]]:
+    """The parts this reader claims, one at a time, until none is left (or the parent says stop): the readers
+    share them out as they go, whatever their sizes. (A queue filled up front blocked the parent once its
+    pipe held 64 KiB of parts: some hundreds of shards.)"""
+    while True:
+        with _COUNTERS.get_lock():
+            if _COUNTERS[STOP] or _COUNTERS[NEXT] >= len(parts):
+                return
+            claimed = _COUNTERS[NEXT]
+            _COUNTERS[NEXT] += 1
+        yield parts[claimed]
 
 
 def _count(documents: int, characters: int) -> None:
@@ -217,8 +224,8 @@ def _count(documents: int, characters: int) -> None:
             raise _Stopped
 
 
-def _read_queue(text_field: str, size: int, seed: int) -> BottomK:
-    kept = read_parts(_queued_parts(), text_field, size, seed, _count)
+def _read_claimed(parts: list[tuple[int, str, int | None]], text_field: str, size: int, seed: int) -> BottomK:
+    kept = read_parts(_claimed_parts(parts), text_field, size, seed, _count)
     kept.cut()  # what goes back to the parent: `size` lines at most
     return kept
 
@@ -277,16 +284,10 @@ def sample_corpus(corpus: str, text_field: str, size: int, shuffle: bool, seed: 
         return kept.sample(), kept.counts()
 
     context = multiprocessing.get_context("spawn")
-    queue = context.SimpleQueue()
-    for part in parts:
-        queue.put(part)
-    for _ in range(workers):
-        queue.put(None)  # one end mark per worker
-    counters = context.Array("q", 3)
+    counters = context.Array("q", 4)
     kept = BottomK(size)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(queue, counters)) as pool:
-        pending = {pool.submit(_read_queue, text_field, size, seed) for _ in range(workers)}
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(counters,)) as pool:
+        pending = {pool.submit(_read_claimed, parts, text_field, size, seed) for _ in range(workers)}
         try:
             while pending:
                 done, pending = wait(pending, timeout=min(max(every_s, 0.5), 5.0), return_when=FIRST_EXCEPTION)
@@ -294,7 +295,7 @@ def sample_corpus(corpus: str, text_field: str, size: int, shuffle: bool, seed: 
                     kept.merge(future.result())  # a damaged shard's CorpusError is raised here
                 reporter.set(counters[DOCUMENTS], counters[CHARACTERS])
         except BaseException:
-            counters[STOP] = 1  # the other readers would go on through the queue; the pool waits for them
+            counters[STOP] = 1  # the other readers would go on through the parts; the pool waits for them
             raise
     return kept.sample(), kept.counts()
 
