@@ -913,7 +913,11 @@ class Trainer:
             if status == "completed":
                 if not self._latest_tag() == self._tag(self.step):
                     self.save_checkpoint()
-                if config.export and not self._export_is_current():
+                if config.export and self._export_is_current():
+                    if self.rank == 0:
+                        print(f"pangu_model.train: {self.output / EXPORT_DIR} holds step {self.step} already: kept",
+                              flush=True)
+                elif config.export:
                     self.export(self.output / EXPORT_DIR)
         finally:
             metrics.close()
@@ -1203,7 +1207,7 @@ class Trainer:
             export = self.output / EXPORT_DIR
             files = done.get("files") if isinstance(done, dict) else None
             current = float(bool(files) and done.get("step") == self.step
-                            and all((export / str(name)).is_file() for name in files))
+                            and all((export / str(name)).exists() for name in files))
         flag = torch.tensor([current], device=self.device)
         if self.world_size > 1:
             dist.broadcast(flag, src=0)
@@ -1315,7 +1319,7 @@ class Trainer:
                 # written last: the checkpoint's weights are all in the export (a rerun need not write them)
                 write_json_atomic(self.checkpoint_dir / tag / EXPORTED_FILE,
                                   {"export": EXPORT_DIR, "step": self.step,
-                                   "files": sorted(p.name for p in directory.iterdir() if p.is_file())})
+                                   "files": sorted(p.name for p in directory.iterdir())})
         self._barrier()
         return directory if self.rank == 0 else None
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -362,9 +363,9 @@ def test_a_rerun_of_a_finished_run_keeps_its_export_and_more_steps_export_again(
     made = weights.stat()
     assert run()["export"] == str(weights.parent)
     assert (weights.stat().st_ino, weights.stat().st_mtime_ns) == (made.st_ino, made.st_mtime_ns)
-    (weights.parent / "config.json").unlink()  # an export that lost a file is written again
+    shutil.rmtree(weights.parent / "tokenizer")  # an export that lost a part of it is written again
     run()
-    assert (weights.parent / "config.json").is_file() and weights.stat().st_ino != made.st_ino
+    assert (weights.parent / "tokenizer" / "spm.model").is_file() and weights.stat().st_ino != made.st_ino
     kept = weights.stat()
     run(train_steps=3)  # more steps: the new checkpoint's weights
     assert weights.stat().st_ino != kept.st_ino
