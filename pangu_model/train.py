@@ -1198,8 +1198,8 @@ class Trainer:
         remembers their content hash by it hashed them again). Rank 0 decides for every rank (export is
         collective)."""
         current = 0.0
-        tag = self._latest_tag()
-        if self.rank == 0 and tag is not None:
+        tag = self._latest_tag() if self.rank == 0 else None
+        if tag is not None:
             try:
                 done = read_json(str(self.checkpoint_dir / tag / EXPORTED_FILE))
             except (OSError, ValueError):  # none yet, or damaged: export again
@@ -1318,8 +1318,7 @@ class Trainer:
             if directory == self.output / EXPORT_DIR and tag == self._tag(self.step):
                 # written last: the checkpoint's weights are all in the export (a rerun need not write them)
                 write_json_atomic(self.checkpoint_dir / tag / EXPORTED_FILE,
-                                  {"export": EXPORT_DIR, "step": self.step,
-                                   "files": sorted(p.name for p in directory.iterdir())})
+                                  {"step": self.step, "files": sorted(p.name for p in directory.iterdir())})
         self._barrier()
         return directory if self.rank == 0 else None
 

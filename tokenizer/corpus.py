@@ -96,16 +96,31 @@ def count_documents(shard: str, storage_options: dict | None = None) -> int:
         return open_shard(shard, fh).metadata.num_rows
 
 
+def shard_texts(shard: str, text_field: str = "text", limit: int | None = None,
+                storage_options: dict | None = None) -> Iterator[str | None]:
+    """The texts of one shard in order (None for a null), its first `limit` rows only where one is given."""
+    if limit == 0:
+        return
+    seen = 0
+    for batch in iter_batches(shard, [text_field], storage_options=storage_options):
+        for text in batch.column(0).to_pylist():
+            yield text
+            seen += 1
+            if limit is not None and seen >= limit:
+                return
+
+
 def iter_texts(
     corpus: str, text_field: str = "text", max_documents: int | None = None, storage_options: dict | None = None
 ) -> Iterator[str]:
-    """Every document's text across the corpus shards, in shard order (nulls skipped)."""
-    seen = 0
+    """Every document's text across the corpus shards, in shard order (nulls skipped; `max_documents` counts
+    rows, nulls included)."""
+    left = max_documents
     for shard in list_shards(corpus, storage_options):
-        for batch in iter_batches(shard, [text_field], storage_options=storage_options):
-            for text in batch.column(0).to_pylist():
-                if max_documents is not None and seen >= max_documents:
-                    return
-                seen += 1
-                if text is not None:
-                    yield text
+        if left == 0:
+            return
+        for text in shard_texts(shard, text_field, left, storage_options):
+            if left is not None:
+                left -= 1
+            if text is not None:
+                yield text

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from cleaning.orphans import exit_with_parent
-from tokenizer.corpus import count_documents, iter_batches, list_shards
+from tokenizer.corpus import count_documents, list_shards, shard_texts
 
 Progress = Callable[[str], None]
 
@@ -139,11 +139,10 @@ def first_lines(texts: Iterable[str | None], size: int,
 
 
 def sample_lines(texts: Iterable[str | None], size: int, shuffle: bool, seed: int,
-                 progress: Progress | None = None, total: Callable[[], int | None] = lambda: None,
-                 every_s: float = 60.0) -> tuple[list[str], dict[str, int]]:
+                 progress: Progress | None = None, every_s: float = 60.0) -> tuple[list[str], dict[str, int]]:
     """Up to `size` non-blank lines of `texts` (one part; None: a null document, skipped), and how many
-    documents and lines were read. `progress` hears a line every `every_s` seconds (of `total()` documents)."""
-    tick = SamplingProgress(progress, total, every_s).add if progress is not None else None
+    documents and lines were read. `progress` hears a line every `every_s` seconds."""
+    tick = SamplingProgress(progress, lambda: None, every_s).add if progress is not None else None
     if not shuffle:
         return first_lines(texts, size, tick)
     kept = BottomK(size)
@@ -164,25 +163,12 @@ def document_limits(shards: list[str], max_documents: int | None) -> list[int | 
     return limits
 
 
-def _shard_documents(shard: str, text_field: str, limit: int | None) -> Iterable[str | None]:
-    """The texts of one shard (None for a null), the first `limit` rows only where one is given."""
-    if limit == 0:
-        return
-    seen = 0
-    for batch in iter_batches(shard, [text_field]):
-        for text in batch.column(0).to_pylist():
-            yield text
-            seen += 1
-            if limit is not None and seen >= limit:
-                return
-
-
 def read_parts(parts: Iterable[tuple[int, str, int | None]], text_field: str, size: int, seed: int,
                tick: Callable[[int, int], None] | None) -> BottomK:
     """One reader's bottom-k over the shards `(position, shard, limit)` it is given."""
     kept = BottomK(size)
     for position, shard, limit in parts:
-        kept.add_documents(_shard_documents(shard, text_field, limit), part_generator(seed, position), tick)
+        kept.add_documents(shard_texts(shard, text_field, limit), part_generator(seed, position), tick)
     return kept
 
 
@@ -276,7 +262,7 @@ def sample_corpus(corpus: str, text_field: str, size: int, shuffle: bool, seed: 
 
     reporter = SamplingProgress(progress or (lambda message: None), total, every_s)
     if not shuffle:
-        documents = (text for _, shard, limit in parts for text in _shard_documents(shard, text_field, limit))
+        documents = (text for _, shard, limit in parts for text in shard_texts(shard, text_field, limit))
         return first_lines(documents, size, reporter.add)
     workers = max(1, min(workers, len(parts)))
     if workers == 1:
