@@ -617,7 +617,8 @@ def publish(preset: str, config: Any, data_dir: Path, data_note: str, output: Pa
         f"{f'{overall[-1][1]:.4f} / {overall[-1][2]:,.1f} at step {overall[-1][0]}' if overall else 'n/a'} |",
         f"| tokens/s | {_fmt(tokens_per_s, ',.0f')} (mean of the last {len(recent)} steps, all ranks) |",
         f"| wall time | {result.get('seconds', 0):.0f} s |",
-        f"| launcher | {launch.launcher}, {launch.world_size} rank(s) on {launch.nodes} node(s) |",
+        f"| launcher | {launch.launcher}, {launch.world_size} rank(s) on {launch.nodes} node(s)"
+        f"{'' if result.get('launched', True) else ' (not launched: the run was finished and exported)'} |",
         f"| data | `{data_dir}` ({data_note}) |",
         f"| checkpoint dir | `{checkpoint}` |",
         f"| export dir | `{export}` |",
@@ -687,8 +688,8 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
             checkpoint before it is killed; default: the planner's step and checkpoint times for the preset
             on this cluster, doubled, and at least 120 s.
     """
-    from pangu_model.train import (DataMismatch, LayoutError, check_layout, fewest_ranks, fit_to_data,
-                                   latest_checkpoint_tag, load_train_config)
+    from pangu_model.train import (EXPORT_DIR, DataMismatch, LayoutError, check_layout, fewest_ranks, finished_run,
+                                   fit_to_data, latest_checkpoint_tag, load_train_config)
 
     logger = get_run_logger()
     data_dir, data_note = resolve_data(data)
@@ -727,15 +728,23 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     resumed_from = latest_checkpoint_tag(out)
-    if resumed_from:
+    finished = finished_run(out, config)
+    if finished is not None:
+        logger.info("output %s holds this run finished at step %d (checkpoint %s) and exported: nothing to "
+                    "train, the job is not launched", out, finished, resumed_from)
+    elif resumed_from:
         logger.info("output %s has checkpoint %s: the trainer resumes from it (same output = resume)", out,
                     resumed_from)
     else:
         logger.info("output %s has no checkpoint: fresh run of %d steps", out, config.train_steps)
-    if launch.hostfile:
+    if launch.hostfile and finished is None:
         logger.info("hostfile for %d nodes written to %s", launch.nodes, launch.hostfile)
     try:
-        result = run_training(launch, str(out), config.train_steps)
+        if finished is not None:
+            result = {"status": "completed", "step": finished, "output": str(out), "seconds": 0.0,
+                      "export": str(out / EXPORT_DIR), "launched": False}
+        else:
+            result = run_training(launch, str(out), config.train_steps)
     except TrainingPreempted as exc:
         # Not a failure: every rank checkpointed and the same call resumes. The run ends in a state of
         # its own (of type Cancelled, so nothing downstream treats it as done), named so in the UI.
@@ -750,7 +759,8 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
     published = publish(preset, config, data_dir, data_note, out, result, launch, resumed_from, samples)
     summary = {"preset": preset, "status": result["status"], "step": result.get("step"), "data": str(data_dir),
                "output": str(out), "export": result.get("export"), "launcher": launch.launcher,
-               "world_size": launch.world_size, "resumed_from": resumed_from, **published}
+               "world_size": launch.world_size, "resumed_from": resumed_from,
+               "launched": result.get("launched", True), **published}
     logger.info("pretrain %s: step %s, final loss %s, export %s", preset, summary["step"],
                 _fmt(summary["final_loss"], ".4f"), summary["export"])
     return summary

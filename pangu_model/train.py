@@ -271,6 +271,12 @@ class TrainConfig(BaseModel):
             keep["domain_affine"] = self.domain_affine
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+    def digest(self) -> str:
+        """The whole request, every field: a finished run is taken as done (not launched again) only for the
+        very config that finished it."""
+        whole = self.model_dump(mode="json")
+        return hashlib.sha256(json.dumps(whole, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
 
 def load_train_config(name_or_path: str | os.PathLike[str], overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
     """A preset from deploy/presets/pretrain/ or a YAML path, with `a.b=value` overrides (YAML values)."""
@@ -300,6 +306,33 @@ def latest_checkpoint_tag(output: str | os.PathLike[str]) -> str | None:
     """The tag the run's `latest` pointer names (a checkpoint written whole), None before the first one."""
     pointer = Path(output) / CHECKPOINT_DIR / LATEST
     return pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+
+
+def export_record(output: str | os.PathLike[str], tag: str | None) -> dict[str, Any] | None:
+    """What checkpoint `tag`'s `exported.json` says the run's export holds (its step, files and config
+    digest), when the export still holds those files; None when there is no such record (the export must be
+    written again)."""
+    if tag is None:
+        return None
+    try:
+        record = read_json(str(Path(output) / CHECKPOINT_DIR / tag / EXPORTED_FILE))
+    except (OSError, ValueError):  # none yet, or damaged
+        return None
+    files = record.get("files") if isinstance(record, dict) else None
+    export = Path(output) / EXPORT_DIR
+    if not files or not all((export / str(name)).exists() for name in files):
+        return None
+    return record
+
+
+def finished_run(output: str | os.PathLike[str], config: TrainConfig) -> int | None:
+    """The step of a finished run of this very `config` in `output` whose export holds its last checkpoint,
+    else None. Launching the trainer for it would load that checkpoint (a model's worth of reads, on the
+    cluster) to find no step left and the export current."""
+    record = export_record(output, latest_checkpoint_tag(output))
+    if record is None or record.get("step") != config.train_steps or record.get("config") != config.digest():
+        return None
+    return int(record["step"])
 
 
 class LayoutError(ValueError):
@@ -1198,20 +1231,22 @@ class Trainer:
         remembers their content hash by it hashed them again). Rank 0 decides for every rank (export is
         collective)."""
         current = 0.0
-        tag = self._latest_tag() if self.rank == 0 else None
-        if tag is not None:
-            try:
-                done = read_json(str(self.checkpoint_dir / tag / EXPORTED_FILE))
-            except (OSError, ValueError):  # none yet, or damaged: export again
-                done = {}
-            export = self.output / EXPORT_DIR
-            files = done.get("files") if isinstance(done, dict) else None
-            current = float(bool(files) and done.get("step") == self.step
-                            and all((export / str(name)).exists() for name in files))
+        if self.rank == 0:
+            tag = self._latest_tag()
+            record = export_record(self.output, tag)
+            if record is not None and record.get("step") == self.step:
+                current = 1.0
+                if record.get("config") != self.config.digest():  # the next rerun of this config is not launched
+                    self._record_export(tag, record["files"])
         flag = torch.tensor([current], device=self.device)
         if self.world_size > 1:
             dist.broadcast(flag, src=0)
         return bool(flag.item())
+
+    def _record_export(self, tag: str, files: list[str]) -> None:
+        """Written last: the checkpoint's weights are all in the export, which this config made."""
+        write_json_atomic(self.checkpoint_dir / tag / EXPORTED_FILE,
+                          {"step": self.step, "files": sorted(files), "config": self.config.digest()})
 
     def _module_state(self, keep_all: bool = True) -> dict[str, torch.Tensor]:
         """The engine module's state with the optimizer's fp32 masters where the module holds bf16/fp16
@@ -1316,9 +1351,7 @@ class Trainer:
             self._bundle_data_contract(directory)
             tag = self._latest_tag()
             if directory == self.output / EXPORT_DIR and tag == self._tag(self.step):
-                # written last: the checkpoint's weights are all in the export (a rerun need not write them)
-                write_json_atomic(self.checkpoint_dir / tag / EXPORTED_FILE,
-                                  {"step": self.step, "files": sorted(p.name for p in directory.iterdir())})
+                self._record_export(tag, [p.name for p in directory.iterdir()])  # a rerun need not write it
         self._barrier()
         return directory if self.rank == 0 else None
 

@@ -80,6 +80,24 @@ def test_rerun_with_the_same_output_resumes(prefect_api, tokens, tmp_path):
     again = pretrain(preset="alpha-tiny", data=str(tokens), output=str(out), steps=4, overrides=TINY)
     assert again["resumed_from"] == "step00000002" and again["step"] == 4
     assert [int(r["step"]) for r in read_metrics_csv(out)] == [1, 2, 3, 4]
+    assert first["launched"] and again["launched"]
+
+    # The same request again: the run is finished and exported, so the job is not launched (it loaded the
+    # last checkpoint, a model's worth of reads on the cluster, to find no step left).
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    marks = {p: p.stat().st_mtime_ns for p in files}
+    done = pretrain(preset="alpha-tiny", data=str(tokens), output=str(out), steps=4, overrides=TINY)
+    assert done["launched"] is False and done["status"] == "completed" and done["step"] == 4
+    assert done["final_loss"] == again["final_loss"] and done["model"] == again["model"]
+    assert sorted(p for p in out.rglob("*") if p.is_file()) == files
+    assert [str(p) for p in files if p.stat().st_mtime_ns != marks[p]] == []
+    # Another request (a field changed) launches the trainer, which keeps the export and records that this
+    # config made it: that request again is not launched either.
+    quieter = {**TINY, "log_every": 2}
+    changed = pretrain(preset="alpha-tiny", data=str(tokens), output=str(out), steps=4, overrides=quieter)
+    assert changed["launched"] and changed["step"] == 4
+    assert (out / "export" / "model.safetensors").stat().st_mtime_ns == marks[out / "export" / "model.safetensors"]
+    assert pretrain(preset="alpha-tiny", data=str(tokens), output=str(out), steps=4, overrides=quieter)["launched"] is False
 
 
 def _weights_missing(directory: Path, preset: str) -> str:
