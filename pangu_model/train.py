@@ -328,7 +328,10 @@ def export_record(output: str | os.PathLike[str], tag: str | None) -> dict[str, 
 def finished_run(output: str | os.PathLike[str], config: TrainConfig) -> int | None:
     """The step of a finished run of this very `config` in `output` whose export holds its last checkpoint,
     else None. Launching the trainer for it would load that checkpoint (a model's worth of reads, on the
-    cluster) to find no step left and the export current."""
+    cluster) to find no step left and the export current. A config with `resume: false` asks for a new run
+    each time: never finished."""
+    if not config.resume:
+        return None
     record = export_record(output, latest_checkpoint_tag(output))
     if record is None or record.get("step") != config.train_steps or record.get("config") != config.digest():
         return None

@@ -100,6 +100,33 @@ def test_rerun_with_the_same_output_resumes(prefect_api, tokens, tmp_path):
     assert pretrain(preset="alpha-tiny", data=str(tokens), output=str(out), steps=4, overrides=quieter)["launched"] is False
 
 
+def test_a_finished_run_is_the_one_its_export_record_names(tmp_path):
+    """What lets the flow leave a run unlaunched: the last checkpoint's export record names this step count and
+    this very config, and the export still holds its files; a config that asks for a new run never matches."""
+    from pangu_model.train import finished_run, load_train_config
+
+    config = load_train_config("alpha-tiny", {"output": str(tmp_path), "train_steps": 4})
+    (tmp_path / "checkpoints" / "step00000004").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step00000004")
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "model.safetensors").write_bytes(b"weights")
+
+    def record(config) -> None:
+        (tmp_path / "checkpoints" / "step00000004" / "exported.json").write_text(json.dumps(
+            {"step": 4, "files": ["model.safetensors"], "config": config.digest()}))
+
+    record(config)
+    assert finished_run(tmp_path, config) == 4
+    assert finished_run(tmp_path, config.model_copy(update={"train_steps": 5})) is None
+    assert finished_run(tmp_path, config.model_copy(update={"micro_batch_size": 2})) is None
+    fresh = config.model_copy(update={"resume": False})  # asks to train again from step 0, every time
+    record(fresh)
+    assert finished_run(tmp_path, fresh) is None
+    record(config)
+    (tmp_path / "export" / "model.safetensors").unlink()  # an export that lost its weights is written again
+    assert finished_run(tmp_path, config) is None
+
+
 def _weights_missing(directory: Path, preset: str) -> str:
     """A checkpoint dir with a config.json but no weights: it passes the flow's checks, and the training
     process fails when it loads it."""
