@@ -688,8 +688,9 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
             checkpoint before it is killed; default: the planner's step and checkpoint times for the preset
             on this cluster, doubled, and at least 120 s.
     """
-    from pangu_model.train import (EXPORT_DIR, DataMismatch, LayoutError, check_layout, fewest_ranks, finished_run,
-                                   fit_to_data, latest_checkpoint_tag, load_train_config)
+    from pangu_model.train import (EXPORT_DIR, DataMismatch, LayoutError, ResumeMismatch, check_layout,
+                                   check_resumable, fewest_ranks, finished_run, fit_to_data, latest_checkpoint_tag,
+                                   load_train_config)
 
     logger = get_run_logger()
     data_dir, data_note = resolve_data(data)
@@ -725,6 +726,10 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
     except LayoutError as exc:
         where = launch.note or f"{launch.world_size} rank(s) on {launch.nodes} node(s) ({launch.launcher})"
         raise ValueError(f"pretrain {preset}: {exc}; this launch: {where}") from None
+    try:  # a checkpoint of another model or data in the output: refused here, not by every rank after launching
+        check_resumable(out, config)
+    except ResumeMismatch as exc:
+        raise ValueError(f"pretrain {preset}: {exc}") from None
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     resumed_from = latest_checkpoint_tag(out)
@@ -768,11 +773,11 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
 
 def check_before_launch(args: argparse.Namespace) -> None:
     """What `pangu pretrain` can refuse before a flow run starts: the data, the output, the preset, the steps,
-    the nodes and the model to start from (raises)."""
+    the nodes, the model to start from, and a checkpoint in the output that another config wrote (raises)."""
     from cleaning.outputs import check_output_directory
     from cleaning.yamlfile import parse_overrides
     from pangu_model.run_lock import check_output_free
-    from pangu_model.train import fit_to_data, load_train_config
+    from pangu_model.train import check_resumable, fit_to_data, load_train_config
 
     data_dir, _ = resolve_data(args.data)
     check_output_directory(Path(args.output), "the training run")
@@ -784,7 +789,7 @@ def check_before_launch(args: argparse.Namespace) -> None:
         fields["train_steps"] = args.steps
     if getattr(args, "init_from", None):
         fields["init_from"] = str(Path(args.init_from).expanduser().resolve())
-    fit_to_data(load_train_config(args.preset, fields))
+    check_resumable(args.output, fit_to_data(load_train_config(args.preset, fields)))
 
 
 def pretrain_from_cli(args: argparse.Namespace) -> int:

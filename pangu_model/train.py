@@ -262,14 +262,17 @@ class TrainConfig(BaseModel):
     def row_length(self) -> int:
         return self.seq_len or get_config(self.model, **self.model_overrides).max_seq_len
 
-    def fingerprint(self) -> str:
+    def resume_fields(self) -> dict[str, Any]:
         """What must not change across a resume (paths, step counts and logging may)."""
         keep = self.model_dump(include={"model", "model_overrides", "data_seed", "seed", "micro_batch_size",
                                         "gradient_accumulation_steps", "seq_len", "mixture", "ecss",
                                         "validation_fraction"})
         if self.domain_affine is not None:  # only when set: runs that leave it alone keep their fingerprint
             keep["domain_affine"] = self.domain_affine
-        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return keep
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.resume_fields(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def digest(self) -> str:
         """The whole request, every field: a finished run is taken as done (not launched again) only for the
@@ -336,6 +339,50 @@ def finished_run(output: str | os.PathLike[str], config: TrainConfig) -> int | N
     if record is None or record.get("step") != config.train_steps or record.get("config") != config.digest():
         return None
     return int(record["step"])
+
+
+class ResumeMismatch(ValueError):
+    """The output's last checkpoint was written by a run with another model, data or batch config (its
+    fingerprint): found before anything loads it."""
+
+
+TRAIN_CONFIG_FILE = "train_config.json"  # checkpoints/: the config of the run that wrote the last checkpoint
+
+
+def check_resumable(output: str | os.PathLike[str], config: TrainConfig, rank: int = 0) -> None:
+    """Raises ResumeMismatch, naming the fields that differ, when `config` would resume `output`'s last
+    checkpoint but is not the config that wrote it (the flow asks before launching; each rank before loading)."""
+    tag = latest_checkpoint_tag(output)
+    if tag is None or not config.resume:
+        return
+    directory = Path(output) / CHECKPOINT_DIR / tag
+    state = torch.load(directory / f"trainer_rank{rank:05d}.pt", weights_only=True)
+    if state["fingerprint"] == config.fingerprint():
+        return
+    differences = ""
+    try:
+        written = TrainConfig.model_validate_json((Path(output) / CHECKPOINT_DIR / TRAIN_CONFIG_FILE).read_text())
+    except (OSError, ValueError):  # an older run's, or damaged: the fingerprint alone says that they differ
+        written = None
+    if written is not None and written.fingerprint() == state["fingerprint"]:
+        before, now = _flat(written.resume_fields()), _flat(config.resume_fields())
+        changed = [f"{key} {before.get(key, '(unset)')} → {now.get(key, '(unset)')}"
+                   for key in sorted(before.keys() | now.keys()) if before.get(key) != now.get(key)]
+        differences = f" ({', '.join(changed)})" if changed else ""
+    raise ResumeMismatch(f"{directory} was written by a run with another model/data/batch config{differences}: "
+                         f"resume it with that config, or train into another output (init_from its export "
+                         f"starts a new run from its weights)")
+
+
+def _flat(fields: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model_overrides": {"vocab_size": 4032}} → {"model_overrides.vocab_size": 4032}, as `--set` names them."""
+    flat: dict[str, Any] = {}
+    for key, value in fields.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 class LayoutError(ValueError):
@@ -1155,7 +1202,7 @@ class Trainer:
             dist.barrier()
         if self.rank == 0:
             _atomic_write(self.checkpoint_dir / LATEST, tag)
-            (self.checkpoint_dir / "train_config.json").write_text(self.config.model_dump_json(indent=2))
+            write_bytes_atomic(self.checkpoint_dir / TRAIN_CONFIG_FILE, self.config.model_dump_json(indent=2).encode())
             self._prune()
         if self.world_size > 1:
             dist.barrier()
@@ -1189,9 +1236,8 @@ class Trainer:
         if tag is None:
             return False
         directory = self.checkpoint_dir / tag
+        check_resumable(self.output, self.config, self.rank)
         state = torch.load(directory / f"trainer_rank{self.rank:05d}.pt", weights_only=True)
-        if state["fingerprint"] != self.config.fingerprint():
-            raise ValueError(f"{directory} was written by a run with another model/data/batch config")
         held = {"tensor_parallel": "each tensor rank's checkpoint holds its own slices",
                 "pipeline_parallel": "each stage's checkpoint holds its own layers",
                 "expert_parallel": "each expert-parallel rank's checkpoint holds its own shard of the experts"}
@@ -1454,7 +1500,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = train(config, export_only=args.export_only)  # the Trainer fits the model to the data first
-    except (DataMismatch, LayoutError, NothingToExport, PlanDoesNotFit, OutputInUse) as exc:
+    except (DataMismatch, LayoutError, ResumeMismatch, NothingToExport, PlanDoesNotFit, OutputInUse) as exc:
         print(f"pangu_model.train: error: {exc}", file=sys.stderr)
         return 2
     if dist.is_initialized() and dist.get_rank() == 0 or not dist.is_initialized():

@@ -55,6 +55,26 @@ def test_pretrain_a_model_that_cannot_fit_the_data(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_pretrain_into_an_output_that_another_config_trained(tmp_path):
+    """Its last checkpoint names the fields that differ, before a flow run starts."""
+    import torch
+
+    from pangu_model.train import fit_to_data, load_train_config
+
+    data = packed_tokens()
+    written = fit_to_data(load_train_config("sigma-tiny", {"data": str(data), "micro_batch_size": 2}))
+    checkpoint = tmp_path / "run" / "checkpoints"
+    (checkpoint / "step00000002").mkdir(parents=True)
+    torch.save({"fingerprint": written.fingerprint(), "step": 2}, checkpoint / "step00000002" / "trainer_rank00000.pt")
+    (checkpoint / "train_config.json").write_text(written.model_dump_json())
+    (checkpoint / "latest").write_text("step00000002")
+    _one_line_error(pangu("pretrain", "--preset", "sigma-tiny", "--data", str(data), "--output", str(tmp_path / "run")),
+                    "pangu pretrain: error:", "another model/data/batch config (micro_batch_size 2 → 4)")
+    (checkpoint / "train_config.json").unlink()  # an older run's checkpoint: what differs is not known
+    _one_line_error(pangu("pretrain", "--preset", "sigma-tiny", "--data", str(data), "--output", str(tmp_path / "run")),
+                    "was written by a run with another model/data/batch config: resume it with that config")
+
+
 def test_a_sigma_export_without_its_domain_map_needs_a_domain(tmp_path):
     """An export of an older version (no domains.json) cannot pick a sub-model by itself: it says so."""
     from pangu_model.checkpoint import save_checkpoint

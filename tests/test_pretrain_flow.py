@@ -99,6 +99,14 @@ def test_rerun_with_the_same_output_resumes(prefect_api, tokens, tmp_path):
     assert (out / "export" / "model.safetensors").stat().st_mtime_ns == marks[out / "export" / "model.safetensors"]
     assert pretrain(preset="alpha-tiny", data=str(tokens), output=str(out), steps=4, overrides=quieter)["launched"] is False
 
+    # Another batch or model into the same output: refused before anything launches, naming what differs (each
+    # rank refused it after launching, with a traceback and no word of what differed)
+    state = pretrain(preset="alpha-tiny", data=str(tokens), output=str(out), steps=6,
+                     overrides={**TINY, "micro_batch_size": 2}, return_state=True)
+    assert state.is_failed() and "micro_batch_size 4 → 2" in state.message, state.message
+    assert "another model/data/batch config" in state.message and "Last lines" not in state.message
+    assert [int(r["step"]) for r in read_metrics_csv(out)] == [1, 2, 3, 4]
+
 
 def test_a_finished_run_is_the_one_its_export_record_names(tmp_path):
     """What lets the flow leave a run unlaunched: the last checkpoint's export record names this step count and
