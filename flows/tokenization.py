@@ -26,7 +26,7 @@ from flows.reports import png_markdown, tokens_per_domain_figure
 from tokenizer.artifacts import MODEL_FILE
 from tokenizer.config import PackConfig, TokenizerTrainConfig, local_directory
 from tokenizer.corpus import CorpusError
-from tokenizer.pack import DOMAINS_FILE, finish_packing, pack_shard, shard_stem, start_packing
+from tokenizer.pack import DOMAINS_FILE, finish_packing, pack_shard, removed_shards_line, shard_stem, start_packing
 from tokenizer.pangu import PanguTokenizer
 from tokenizer.specials import SPECIAL_PIECES
 
@@ -115,6 +115,8 @@ def summarize_task(config: PackConfig, domain_ids: dict[str, int], results: list
     skipped = sum(1 for r in results if r["skipped"])
     get_run_logger().info("packed %d documents, %d tokens into %s (%d shards already done)",
                           summary["documents"], summary["tokens"], config.output, skipped)
+    if summary["removed_shards"]:
+        get_run_logger().info("removed %s", removed_shards_line(summary["removed_shards"]))
     return summary
 
 
@@ -218,6 +220,8 @@ def pack_from_cli(args: argparse.Namespace) -> int:
     summary = pack_corpus(PackConfig(input=args.corpus, output=args.output, tokenizer=args.tokenizer,
                                      workers=args.workers), progress=_progress_on_stderr("pack"))
     print(f"{summary['documents']:,} documents, {summary['tokens']:,} tokens → {args.output}", file=sys.stderr)
+    if summary["removed_shards"]:
+        print(f"removed {removed_shards_line(summary['removed_shards'])}", file=sys.stderr)
     for row in domain_rows(summary, args.seq_len):
         print(f"  {row['domain']:>16}: {row['tokens']:>12,} tokens, {row[f'rows_of_{args.seq_len + 1}']:>9,} rows "
               f"of {args.seq_len + 1}, unk rate {row['unk_rate']:.2e}", file=sys.stderr)

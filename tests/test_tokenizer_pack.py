@@ -123,6 +123,23 @@ def test_resume_skips_finished_shards_and_redoes_changed_ones(tmp_path) -> None:
     assert bin_file.read_bytes() == before
 
 
+def test_packing_a_smaller_corpus_into_the_same_output_removes_the_shards_it_no_longer_has(tmp_path) -> None:
+    """They stayed beside the new ones (unlisted in domains.json, but read as data by whatever lists the folder)."""
+    documents = [(d, t) for d, t in clue_documents()[::60]]
+    out = tmp_path / "out"
+    tokenizer = str(trained_model_dir())
+    pack_corpus(PackConfig(input=str(write_corpus(tmp_path / "big", documents, shards=3)), output=str(out),
+                           tokenizer=tokenizer))
+    (out / "notes.txt").write_text("the user's")  # not a token shard: left alone
+    smaller = pack_corpus(PackConfig(input=str(write_corpus(tmp_path / "small", documents[:5], shards=1)),
+                                     output=str(out), tokenizer=tokenizer))
+    assert smaller["removed_shards"] == ["part-00001", "part-00002"] and smaller["shards"] == ["part-00000"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "domain_map.json", "domains.json", "notes.txt", "part-00000.bin", "part-00000.domains.npy",
+        "part-00000.done.json", "part-00000.idx"]
+    assert smaller["documents"] == 5 and len(IndexedReader(out / "part-00000")) == 5
+
+
 def test_a_rerun_removes_what_a_killed_packer_left(tmp_path) -> None:
     """The temporaries of a shard whose packer was killed are gone after the rerun, even where the
     rerun does not pack that shard again (another run finished it meanwhile)."""

@@ -173,7 +173,7 @@ def pack_shard(
     out.mkdir(parents=True, exist_ok=True)
     stem = shard_stem(shard)
     prefix = out / stem
-    outputs = [out / f"{stem}.bin", out / f"{stem}.idx", out / f"{stem}.domains.npy"]
+    outputs = shard_files(out, stem)
     marker = out / f"{stem}.done.json"
     expected = {
         "input": shard,
@@ -327,7 +327,32 @@ def finish_packing(config: PackConfig, tokenizer: PanguTokenizer, domain_ids: di
     summary["shard_results"] = [
         {k: r[k] for k in ("input", "documents", "tokens", "characters", "seconds", "skipped")} for r in results
     ]
+    summary["removed_shards"] = remove_stale_shards(Path(config.output), set(summary["shards"]))
     return summary
+
+
+def shard_files(out: Path, stem: str) -> list[Path]:
+    """What packing one corpus shard writes: the Megatron pair, the documents' domain ids."""
+    return [out / f"{stem}.bin", out / f"{stem}.idx", out / f"{stem}.domains.npy"]
+
+
+def removed_shards_line(stems: list[str]) -> str:
+    return (f"{len(stems)} token shard{'s' if len(stems) != 1 else ''} of an earlier pack whose corpus shard "
+            f"this corpus does not have: {', '.join(stems[:3])}{', ...' if len(stems) > 3 else ''}")
+
+
+def remove_stale_shards(out: Path, stems: set[str]) -> list[str]:
+    """Removes the token shards of an earlier pack into `out` whose corpus shards this pack did not have
+    (`domains.json`, written before, no longer lists them; left, they took the space of a corpus that is
+    gone and read as part of the data to anything that lists the folder). Returns their stems. The marker
+    goes last, so a pack killed on the way finds the rest by it."""
+    stale = sorted(marker.name[: -len(".done.json")] for marker in out.glob("*.done.json")
+                   if marker.name[: -len(".done.json")] not in stems)
+    for stem in stale:
+        for path in shard_files(out, stem):
+            path.unlink(missing_ok=True)
+        (out / f"{stem}.done.json").unlink(missing_ok=True)
+    return stale
 
 
 def pack_corpus(config: PackConfig, tokenizer: PanguTokenizer | None = None,
