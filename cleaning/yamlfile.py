@@ -27,6 +27,8 @@ def names_a_file(name_or_path: str | Path) -> bool:
 
 def read_mapping(path: str | Path) -> dict[str, Any]:
     """The fields of a YAML config file ({} when it is empty)."""
+    if Path(path).is_dir():
+        raise ValueError(f"{path} is a directory, not a YAML config file")
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

@@ -209,7 +209,7 @@ def train_from_cli(args: argparse.Namespace) -> int:
                                   model_type=args.model_type, input_sentence_size=args.input_sentence_size,
                                   workers=args.workers, character_coverage=args.character_coverage)
     meta = train_tokenizer(config, progress=_progress_on_stderr("tokenizer"))
-    print(f"tokenizer written to {args.output} (vocab {meta['options']['vocab_size']:,}, "
+    print(f"tokenizer in {args.output} (vocab {meta['options']['vocab_size']:,}, "
           f"{meta['training']['sample_lines']:,} lines sampled)", file=sys.stderr)
     return 0
 

@@ -290,6 +290,9 @@ def load_train_config(name_or_path: str | os.PathLike[str], overrides: list[str]
         known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
         raise FileNotFoundError(f"pretrain preset {str(name_or_path)!r} not found (known: {known})")
     data = read_mapping(path)
+    if not data:  # an empty or cut-off file, not a wish for every default (a 'tiny' model)
+        raise ValueError(f"{path} holds no settings: a pretrain config names at least its `model` (see "
+                         f"{PRESET_DIR / 'alpha-tiny.yaml'})")
     data.setdefault("name", path.stem)
     return TrainConfig.model_validate(apply_overrides(data, overrides))
 

@@ -412,6 +412,21 @@ def test_cli_user_errors(capsys, argv, fragment):
     assert len(err.splitlines()) == 1
 
 
+def test_a_preset_or_topology_that_is_a_directory_or_an_empty_file(capsys, tmp_path):
+    """A directory was `[Errno 21] Is a directory`; an empty file planned every default (a 'tiny' model)."""
+    from flows.cli import main
+
+    (tmp_path / "empty.yaml").write_text("")
+    for argv, fragment in [
+        (["plan", "--preset", str(tmp_path)], f"{tmp_path} is a directory, not a YAML config file"),
+        (["plan", "--preset", "sigma-tiny", "--topology", str(tmp_path)], "is a directory, not a YAML config file"),
+        (["plan", "--preset", str(tmp_path / "empty.yaml")], "empty.yaml holds no settings"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("pangu plan: error: ") and fragment in err and len(err.splitlines()) == 1, err
+
+
 # ---- the preset: ECSS with sharded host state, rank-local fetch, domain-affine steps ---------------------
 # 64 replicas of a shard (one per node) own blocks [j·80//64, (j+1)·80//64) of its 80 experts per layer: 1 or 2;
 # the largest, 2 per layer, is what the busiest nodes keep, upload and step.

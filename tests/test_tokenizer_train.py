@@ -83,8 +83,12 @@ def test_bpe_from_iterator_reuse_and_conflicts(tmp_path) -> None:
     tok = PanguTokenizer.load(tmp_path / "bpe")
     assert [tok.id_to_piece(i) for i in range(10)] == list(SPECIAL_PIECES)
     vocab = (tmp_path / "bpe" / "spm.vocab").read_text(encoding="utf-8")
-    # Same config: the finished directory is kept (the iterator is never read).
-    assert train_tokenizer(config, iter(())) == meta
+    # Same config: the finished directory is kept (the iterator is never read), and the user is told so (a rerun
+    # that reused it said nothing, and the command then said "tokenizer written to").
+    heard: list[str] = []
+    assert train_tokenizer(config, iter(()), progress=heard.append) == meta
+    assert heard == [f"{tmp_path / 'bpe'} already holds a tokenizer of this corpus and these options: kept, not "
+                     "trained again"]
     # Same seed and sample, fresh directory: the same model, byte for byte (it embedded the trainer's
     # temporary path, and packed shards record its sha256), and the same vocabulary file.
     again = config.model_copy(update={"output": str(tmp_path / "bpe2")})

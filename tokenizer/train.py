@@ -131,8 +131,9 @@ def trainer_arguments(config: TokenizerTrainConfig) -> dict[str, Any]:
     return {**args, **config.trainer_options}
 
 
-# Said to whoever gives an output that holds something else: the command line has no overwrite flag.
-_ELSEWHERE = "choose another output or remove it (overwrite=True in a config replaces it)"
+# Said to whoever gives an output that holds something else. The command line has no overwrite flag (a
+# mistyped output would be emptied): it names the config field for library callers only.
+_ELSEWHERE = "choose another output or remove it (from Python, TokenizerTrainConfig(overwrite=True) replaces it)"
 
 
 def _existing(output: Path, config: TokenizerTrainConfig) -> dict[str, Any] | None:
@@ -162,6 +163,8 @@ def train_tokenizer(config: TokenizerTrainConfig, texts: Iterable[str] | None = 
     output = Path(config.output)
     done = _existing(output, config)
     if done is not None:
+        if progress is not None:
+            progress(f"{output} already holds a tokenizer of this corpus and these options: kept, not trained again")
         return done
     with nothing_left_on_failure(output):
         return _sample_and_train(config, output, texts, progress or (lambda message: None))
