@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (
+
+from .ops import deepspeed_accelerator_follows_torch
+
+# transformers imports DeepSpeed where it is installed, whose accelerator probe would warn on a CPU machine
+# ("unable to detect it") in every export and load: the training program's choice is made first.
+deepspeed_accelerator_follows_torch()
+
+from transformers import (  # noqa: E402 - after the accelerator is chosen
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
