@@ -710,8 +710,10 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
     except ValueError as exc:  # pydantic's ValidationError is one
         raise ValueError(f"pretrain preset {preset!r} with {fields}: {one_line(exc)}") from exc
     logger.info("model: %s", describe_model(config))
+    finished = finished_run(out, config)  # the same request, done: what follows is said of a job only if one runs
     grace = stop_grace_s if stop_grace_s is not None else default_stop_grace(config, nodes, gpus_per_node)
-    logger.info("a stop (cancellation, SIGTERM) gives the job %.0fs to checkpoint before SIGKILL", grace)
+    if finished is None:
+        logger.info("a stop (cancellation, SIGTERM) gives the job %.0fs to checkpoint before SIGKILL", grace)
     try:  # a hostfile that does not give the nodes, a plan that does not fit them: one line
         launch = build_launch(preset, data_dir, out, steps, overrides, nodes=nodes, gpus_per_node=gpus_per_node,
                               hostfile=hostfile, expert_parallel=config.expert_parallel,
@@ -719,7 +721,7 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
                               fewest_ranks=fewest_ranks(config))
     except ValueError as exc:
         raise ValueError(f"pretrain {preset}: {one_line(exc)}") from None
-    if launch.note:
+    if launch.note and finished is None:
         logger.info("%s", launch.note)
     try:  # the trainer's own check, before anything starts: a layout it cannot run on this many ranks
         check_layout(config, launch.world_size, launch.world_size // launch.nodes)
@@ -733,7 +735,6 @@ def pretrain(preset: str = "sigma-tiny", data: str = "runs/tokens", output: str 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     resumed_from = latest_checkpoint_tag(out)
-    finished = finished_run(out, config)
     if finished is not None:
         logger.info("output %s holds this run finished at step %d (checkpoint %s) and exported: nothing to "
                     "train, the job is not launched", out, finished, resumed_from)
