@@ -28,10 +28,11 @@ from typing import Any, Callable, Protocol, Sequence
 import fsspec
 from pydantic import BaseModel, ConfigDict, Field
 
+from cleaning.errors import ReportedFailure
 from pangu_model.run_lock import claim_output
 
 from . import metrics
-from .loaders import DataNotFound, clear_cache, require_data_dir
+from .loaders import DataNotFound, DataUnreadable, Skipped, clear_cache, require_data_dir
 from .report import RESULTS_FILE, require_output_dir, write_outputs
 from .resume import KEEP_EVERY_S, drop_other_runs, finished_tasks, keep_partial, keep_task, partial_predictions
 from .scoring import EOT_ID, NEWLINE_ID, VARIANTS, CandidateScore, generate_ids, rank, score_candidates, truncate_left
@@ -107,6 +108,12 @@ class TaskRun:
     resumed: int = 0
 
 
+def skipped_fields(skipped: Skipped) -> dict[str, Any]:
+    """What a task summary says of the records its data file held that it did not use: `skipped` (reason →
+    count) and `skipped_examples` (the first few, `file:line: reason (detail)`)."""
+    return {"skipped": dict(skipped.counts), "skipped_examples": list(skipped.examples)}
+
+
 def _summary_base(task: Task, shots: int, seed: int) -> dict[str, Any]:
     """What every task summary says of the task, however its run ended."""
     base: dict[str, Any] = {
@@ -155,8 +162,10 @@ def run_task(
     if limit is not None and limit < len(items):
         chosen = sorted(_rng(seed, task.name, "limit").sample(range(len(items)), limit))
         items = [items[i] for i in chosen]
+    skipped = skipped_fields(data.skipped)
     if not items:
-        return TaskRun({**base, "status": "empty", "message": f"no labelled examples in {data.path}"})
+        why = f" ({data.skipped.total} records skipped: see skipped)" if data.skipped.total else ""
+        return TaskRun({**base, "status": "empty", "message": f"no labelled examples in {data.path}{why}", **skipped})
 
     train: list[Item] = []
     if shots > 0:
@@ -166,6 +175,8 @@ def run_task(
             return TaskRun({**base, "status": "not_found", "message": f"{shots}-shot needs a train split: {exc}"})
         train = train_data.items
         same_split = train_data.path == data.path
+        if train_data.skipped.total and not same_split:  # the demonstrations' file: its records, accounted apart
+            skipped.update({f"train_{key}": value for key, value in skipped_fields(train_data.skipped).items()})
 
     predictions: list[dict[str, Any]] = []
     correct = {v: 0 for v in VARIANTS}
@@ -221,8 +232,9 @@ def run_task(
         raise
 
     n = len(items)
+    # n_available + the skipped counts = the records of the file (n: those evaluated, the --limit subset)
     summary: dict[str, Any] = {**base, "status": "ok", "n": n, "n_available": len(data.items), "split": data.split,
-                               "file": data.path}
+                               "file": data.path, **skipped}
     if task.method == "ppl":
         variants = {v: {"acc": round(100.0 * correct[v] / n, 4)} for v in VARIANTS}
         summary.update(
@@ -401,6 +413,8 @@ def _data_still_missing(task: Task, config: EvalConfig) -> bool:
             task.load(config.data_dir, "train", config.seed)
     except DataNotFound:
         return True
+    except DataUnreadable:  # there, but not readable: run again, to report it
+        return False
     return False
 
 
@@ -410,6 +424,8 @@ def _require_some_data(tasks: Sequence[Task], config: EvalConfig) -> None:
     for task in tasks:
         try:
             task.load(config.data_dir, config.split, config.seed)
+            return
+        except DataUnreadable:  # the data is there: the task's run reports why it cannot be read, the others run
             return
         except DataNotFound:
             continue
@@ -455,7 +471,7 @@ def _require_enough_demonstrations(tasks: Sequence[Task], config: EvalConfig) ->
         try:
             data = task.load(config.data_dir, config.split, config.seed)
             train = task.load(config.data_dir, "train", config.seed)
-        except DataNotFound:
+        except (DataNotFound, DataUnreadable):  # left to the task's run, which reports it; the others run
             continue
         pool = len(train.items) - (1 if train.path == data.path else 0)
         if config.shots > pool:
@@ -517,8 +533,10 @@ def run_kept_task(task: Task, scorer: Scorer, config: EvalConfig, key: dict[str,
                     keep=lambda predictions: keep_partial(output, key, task.name, predictions))
 
 
-class EvaluationFailed(RuntimeError):
-    """Some tasks crashed (task name → error, of `total`); the others' results are written under `output`."""
+class EvaluationFailed(ReportedFailure):
+    """Some tasks crashed (task name → error, of `total`); the others' results are written under `output`.
+    Its message names each task and its error, and where the rest is: the command line shows it as one line
+    (exit 1), not the traceback of the code that collected it (`PANGU_DEBUG=1` shows the first task's)."""
 
     def __init__(self, failed: dict[str, Exception], total: int, output: str) -> None:
         super().__init__(f"{len(failed)} of {total} evaluation tasks failed: "
@@ -579,7 +597,7 @@ def run_evaluation(config: EvalConfig, progress: Callable[[str, int, int], None]
         return run_kept_task(task, scorer, config, plan.key, progress=progress)
 
     results, failed = execute(plan, run_one)
-    if failed:  # a crash is a bug: the first one's traceback goes with the message
+    if failed:  # the first crash's traceback goes with the message, for PANGU_DEBUG=1 and the flow's log
         raise EvaluationFailed(failed, len(plan.tasks), config.output) from next(iter(failed.values()))
     return results
 

@@ -19,14 +19,20 @@ levels deep), never by our own layout:
 
 Every loader returns plain dicts ("records") in a normalised shape per format; the task module turns
 them into prompts. A missing dataset raises `DataNotFound` with where it looked, never a crash.
+
+Every record of a file is used or counted: a record that cannot be used (a line that is not UTF-8 or
+not JSON, a question without an answer; the task module adds a missing or unknown label, a text that
+is not a string) is left out and counted by reason in `Located.skipped`, with its place (`file:line`).
+One bad record costs that record, not the task. What makes the whole file unusable (a missing file, a
+JSON document that does not parse, a file none of whose lines is a record) is one error naming the file.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
 import os
+import re
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Iterable
 
@@ -40,10 +46,52 @@ class DataNotFound(FileNotFoundError):
     """The dataset (or the split) is not under the data directory."""
 
 
+#: how many places of skipped records a task's summary lists (its counts cover them all)
+SKIP_EXAMPLES = 5
+
+
+@dataclass
+class Skipped:
+    """The records of a task's data left out, counted by reason, with the first `SKIP_EXAMPLES` places
+    (`file:line: reason (detail)`): the records used and those counted here are every record read, where
+    records used to be dropped (or a bad line to fail the whole task) without a word."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, reason: str, place: str, detail: str = "") -> None:
+        """One record left out. `reason` is what is counted (the same words for the same fault, so that
+        counts add up); `detail` (the value found, the parser's message) is shown with the place only."""
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if len(self.examples) < SKIP_EXAMPLES:
+            self.examples.append(f"{place}: {reason}" + (f" ({detail})" if detail else ""))
+
+    def add_fault(self, place: str, exc: BaseException) -> None:
+        """One record of a shape no check foresaw (a field missing, a list where a string belongs): counted
+        as malformed, with the error, instead of ending the task."""
+        self.add("malformed record", place, f"{type(exc).__name__}: {exc}")
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+#: what reading a field of a record of an unforeseen shape raises: that record's fault (`Skipped.add_fault`)
+RECORD_FAULTS = (KeyError, TypeError, ValueError, IndexError, AttributeError)
+
+
 @dataclass(frozen=True)
 class Located:
     path: str  # full path on the filesystem
     split: str  # the public split name of the file (test_public, dev, trial, ...)
+    # Where each record the loader returned comes from (`file:line`, index for index), for the task module to
+    # name a record it leaves out; and the records left out. Neither is part of which file it is.
+    places: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    skipped: Skipped = field(default_factory=Skipped, compare=False, repr=False)
+
+    def place(self, index: int) -> str:
+        """Where the `index`-th record the loader returned comes from."""
+        return self.places[index] if index < len(self.places) else f"{self.path}: record {index + 1}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,21 +168,88 @@ def _show(pattern: str) -> str:
     return pattern.replace("\\.", ".").replace("\\w*", "*")
 
 
+class DataUnreadable(ValueError):
+    """A data file that cannot be read as its format at all (not a record of it: the whole file); names it."""
+
+
+def _read_bytes(path: str) -> bytes:
+    with fsspec.open(path, "rb") as fh:
+        data = fh.read()
+    return data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as Windows editors write it
+
+
+def _not_utf8(exc: UnicodeDecodeError, where: str) -> str:
+    return f"not UTF-8: byte 0x{exc.object[exc.start]:02x} at {where}"
+
+
 def read_text(path: str) -> str:
-    with fsspec.open(path, "rt", encoding="utf-8") as fh:
-        return fh.read()
+    """A whole text file as UTF-8; one that is not is refused naming the file and the offset (the codec's
+    own message named neither)."""
+    data = _read_bytes(path)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataUnreadable(f"{path}: {_not_utf8(exc, f'byte offset {exc.start}')}") from None
 
 
 def read_json(path: str) -> Any:
-    return json.loads(read_text(path))
-
-
-def read_json_lines(path: str) -> list[dict[str, Any]]:
+    """One JSON document (C3, SQuAD, WebQA files); one that does not parse is refused naming the file."""
     text = read_text(path)
-    stripped = text.lstrip()
-    if stripped.startswith("["):  # a JSON array of records is accepted too
-        return json.loads(stripped)
-    return [json.loads(line) for line in text.split("\n") if line.strip()]  # not splitlines(): U+2028 etc. occur inside strings
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        at = "" if exc.msg.endswith(" at") else " at"
+        raise DataUnreadable(f"{path}: not JSON: {exc.msg}{at} line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise DataUnreadable(f"{path}: not JSON: nested too deeply") from None
+
+
+def read_json_lines(path: str, skipped: Skipped | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """The objects of a JSON-lines file (or of a JSON array of them) and where each is (`path:LINE`, 1-based;
+    `path: element K` in an array). Each line is decoded on its own, so a line that is not UTF-8 (a file cut
+    mid-character), not JSON (cut mid-line, an edit gone wrong) or not an object is that line's fault only:
+    it is left out and counted in `skipped`. A file in which no line is an object is not JSON lines at all:
+    `DataUnreadable` naming it, like an array that does not parse."""
+    data = _read_bytes(path)
+    skipped = Skipped() if skipped is None else skipped
+    if data.lstrip()[:1] == b"[":  # a JSON array of records is accepted too
+        values = read_json(path)
+        records, places = [], []
+        for number, value in enumerate(values, start=1):
+            if isinstance(value, dict):
+                records.append(value)
+                places.append(f"{path}: element {number}")
+            else:
+                skipped.add("not a JSON object", f"{path}: element {number}", type(value).__name__)
+        return records, places
+    records, places, bad, first_bad = [], [], 0, ""
+    # Lines end at \n only, never at what str.splitlines() also takes for one: U+2028 etc. occur inside strings.
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue  # a blank line (the file's last newline too): no record to account for
+        place = f"{path}:{number}"
+        try:
+            value = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            reason, detail = "not UTF-8", _not_utf8(exc, f"column {exc.start + 1}").removeprefix("not UTF-8: ")
+        except json.JSONDecodeError as exc:
+            # the parser's "Unterminated string starting at" already ends in "at" (cleaning.readers words it alike)
+            reason, detail = "not JSON", f"{exc.msg}{'' if exc.msg.endswith(' at') else ' at'} column {exc.colno}"
+        except RecursionError:
+            reason, detail = "not JSON", "nested too deeply"
+        else:
+            if isinstance(value, dict):
+                records.append(value)
+                places.append(place)
+                continue
+            reason, detail = "not a JSON object", type(value).__name__
+        skipped.add(reason, place, detail)
+        bad += 1
+        first_bad = first_bad or f"line {number}: {reason} ({detail})"
+    if not records and bad:
+        raise DataUnreadable(f"{path}: not JSON lines: none of its {bad} non-blank lines is a JSON object "
+                             f"({first_bad})")
+    return records, places
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,11 +281,13 @@ def clue_split_files(task: str, split: str) -> list[tuple[str | None, str, str]]
 
 
 def load_clue(task: str, data_dir: str, split: str = "eval") -> tuple[list[dict[str, Any]], Located]:
+    """The records of a CLUE/FewCLUE task's split, as the file has them; `located.place(i)` says where the
+    i-th is, and `located.skipped` counts the lines that are not records."""
     located = find_file(data_dir, clue_split_files(task, split), f"{task} ({split})")
-    records = read_json_lines(located.path)
+    records, places = read_json_lines(located.path, located.skipped)
     if task == "chid":
-        records = _expand_chid(records, located, data_dir)
-    return records, located
+        records, places = _expand_chid(records, places, located)
+    return records, replace(located, places=tuple(places))
 
 
 def sibling(path: str, name: str) -> str:
@@ -182,30 +299,37 @@ def exists(path: str) -> bool:
     return fs.exists(p)
 
 
-def _expand_chid(records: list[dict[str, Any]], located: Located, data_dir: str) -> list[dict[str, Any]]:
+def _expand_chid(records: list[dict[str, Any]], places: list[str],
+                 located: Located) -> tuple[list[dict[str, Any]], list[str]]:
     """CHID in the CLUE layout (a passage with several `#idiomNNNNNN#` blanks, answers in
     `<split>_answer.json`) → one record per blank in the FewCLUE shape (`content` with one `#idiom#`,
-    `candidates`, `answer`). FewCLUE records pass through."""
+    `candidates`, `answer`), each placed at its passage's line. FewCLUE records pass through; so does a record
+    with neither (the task counts it as having no blank)."""
     out: list[dict[str, Any]] = []
+    out_places: list[str] = []
     answers: dict[str, int] | None = None
-    for index, record in enumerate(records):
+    for index, (record, place) in enumerate(zip(records, places)):
         content = record.get("content")
-        if isinstance(content, str) and "#idiom#" in content:
+        passages = content if isinstance(content, list) else [content]
+        if not all(isinstance(p, str) for p in passages) or (isinstance(content, str) and "#idiom#" in content) \
+                or not any(re.search(r"#idiom\d+#", p) for p in passages):
             out.append({"id": record.get("id", index), **record})
+            out_places.append(place)
             continue
         if answers is None:
             answer_path = sibling(located.path, f"{located.split}_answer.json")
             answers = read_json(answer_path) if exists(answer_path) else {}
-        passages = content if isinstance(content, list) else [content]
         for passage in passages:
             for tag in re.findall(r"#idiom\d+#", passage):
                 if tag not in answers:
+                    located.skipped.add("blank without an answer", place, f"{tag} not in {located.split}_answer.json")
                     continue
                 text = passage.replace(tag, "#idiom#")
                 text = re.sub(r"#idiom\d+#", "", text)  # the other blanks of the passage
                 out.append({"id": tag.strip("#"), "content": text,
-                            "candidates": record["candidates"], "answer": int(answers[tag])})
-    return out
+                            "candidates": record.get("candidates"), "answer": answers[tag]})
+                out_places.append(place)
+    return out, out_places
 
 
 TNEWS_ZH = {  # FewCLUE's label_index2en2zh.json (public): used when the file is not beside the data
@@ -221,7 +345,8 @@ def tnews_label_names(located: Located) -> dict[str, str]:
     names = dict(TNEWS_ZH)
     path = sibling(located.path, "label_index2en2zh.json")
     if exists(path):
-        for record in read_json_lines(path):
+        # A bad line of this side file costs a Chinese name (the English one is used); it holds no example.
+        for record in read_json_lines(path)[0]:
             if record.get("label_desc") and record.get("label_zh"):
                 names[record["label_desc"]] = record["label_zh"]
     return names
@@ -235,7 +360,7 @@ def label_file_names(located: Located, task: str) -> list[str]:
         names += [line.strip() for line in read_text(txt).splitlines() if line.strip()]
     js = sibling(located.path, "labels.json")
     if exists(js):
-        for record in read_json_lines(js):
+        for record in read_json_lines(js)[0]:  # a side file of label names: a bad line costs a name, no example
             name = record.get("label_des") or record.get("label_desc")
             if name:
                 names.append(name)
@@ -259,21 +384,32 @@ def load_c3(data_dir: str, split: str = "eval") -> tuple[list[dict[str, Any]], L
     if located is None:
         raise DataNotFound(f"c3 ({split}): not found at {data_dir} (looked for c3-d-/c3-m-{{{','.join(order)}}}.json)")
     records: list[dict[str, Any]] = []
+    places: list[str] = []
     for kind in ("d", "m"):
         try:
             hit = find_file(data_dir, [(None, rf"c3-{kind}-{located.split}\.json", located.split)], "c3")
         except DataNotFound:
             continue
-        for item in read_json(hit.path):
-            lines, questions, doc_id = item[0], item[1], item[2] if len(item) > 2 else ""
+        for d_index, item in enumerate(read_json(hit.path), start=1):
+            try:
+                lines, questions, doc_id = item[0], list(item[1]), item[2] if len(item) > 2 else ""
+                passage = "\n".join(lines)
+            except RECORD_FAULTS as exc:  # its questions cannot be told apart: the document counts as one
+                located.skipped.add_fault(f"{hit.path}: document {d_index}", exc)
+                continue
             for q_index, q in enumerate(questions):
-                if "answer" not in q or q["answer"] not in q["choice"]:
-                    continue
-                records.append({
-                    "id": f"{kind}-{doc_id}-{q_index}", "passage": "\n".join(lines), "question": q["question"],
-                    "choices": list(q["choice"]), "label": q["choice"].index(q["answer"]),
-                })
-    return records, located
+                place = f"{hit.path}: document {d_index}, question {q_index + 1}"
+                try:
+                    if q.get("answer") not in q["choice"]:
+                        located.skipped.add("answer not among the choices", place, repr(q.get("answer"))[:40])
+                        continue
+                    records.append({"id": f"{kind}-{doc_id}-{q_index}", "passage": passage,
+                                    "question": q["question"], "choices": list(q["choice"]),
+                                    "label": q["choice"].index(q["answer"])})
+                    places.append(place)
+                except RECORD_FAULTS as exc:
+                    located.skipped.add_fault(place, exc)
+    return records, replace(located, places=tuple(places))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,16 +436,31 @@ def load_squad(name: str, data_dir: str, split: str = "eval") -> tuple[list[dict
     """One record per question: id, context, question, answers (all gold texts, in order)."""
     located = find_file(data_dir, _SQUAD_FILES[name][split], f"{name} ({split})")
     payload = read_json(located.path)
-    records = []
-    for article in payload["data"] if isinstance(payload, dict) else payload:
-        for paragraph in article["paragraphs"]:
-            for qa in paragraph["qas"]:
+    records, places = [], []
+    try:
+        paragraphs = [p for article in (payload["data"] if isinstance(payload, dict) else payload)
+                      for p in article["paragraphs"]]
+    except RECORD_FAULTS as exc:  # no articles of paragraphs to tell questions apart in: not SQuAD JSON
+        raise DataUnreadable(f"{located.path}: not SQuAD JSON (data → paragraphs → qas): "
+                             f"{type(exc).__name__}: {exc}") from None
+    for p_index, paragraph in enumerate(paragraphs, start=1):
+        if not isinstance(paragraph, dict) or not isinstance(paragraph.get("qas") or [], list):
+            located.skipped.add("malformed record", f"{located.path}: paragraph {p_index}", "no list of qas")
+            continue
+        for q_index, qa in enumerate(paragraph.get("qas") or [], start=1):
+            where = qa.get("id") if isinstance(qa, dict) else None
+            place = f"{located.path}: question {where or f'{q_index} of paragraph {p_index}'}"
+            try:
                 answers = [a["text"] for a in qa.get("answers", []) if a.get("text", "").strip()]
                 if not answers:
+                    located.skipped.add("no answer", place)
                     continue
                 records.append({"id": str(qa["id"]).strip(), "context": paragraph["context"],
                                 "question": qa["question"].strip(), "answers": answers})
-    return records, located
+                places.append(place)
+            except RECORD_FAULTS as exc:
+                located.skipped.add_fault(place, exc)
+    return records, replace(located, places=tuple(places))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -325,18 +476,31 @@ def load_cmrc2019(data_dir: str, split: str = "eval") -> tuple[list[dict[str, An
     }[split]
     located = find_file(data_dir, files, f"cmrc2019 ({split})")
     payload = read_json(located.path)
-    records = []
-    for doc in payload["data"] if isinstance(payload, dict) else payload:
-        context, choices, answers = doc["context"], list(doc["choices"]), doc.get("answers") or []
+    records, places = [], []
+    strip = re.compile(r"\[BLANK\d+\]")
+    for d_index, doc in enumerate(payload["data"] if isinstance(payload, dict) else payload, start=1):
+        try:
+            context, choices, answers = doc["context"], list(doc["choices"]), doc.get("answers") or []
+        except RECORD_FAULTS as exc:  # its blanks cannot be told apart: the document counts as one
+            located.skipped.add_fault(f"{located.path}: document {d_index}", exc)
+            continue
         for blank, answer in enumerate(answers, start=1):
             tag = f"[BLANK{blank}]"
-            if tag not in context or not 0 <= int(answer) < len(choices):
-                continue
-            before, _, after = context.partition(tag)
-            strip = re.compile(r"\[BLANK\d+\]")
-            records.append({"id": f"{doc.get('context_id', '')}-{blank}", "before": strip.sub("", before),
-                            "after": strip.sub("", after), "choices": choices, "label": int(answer)})
-    return records, located
+            place = f"{located.path}: {doc.get('context_id', f'document {d_index}')} {tag}"
+            try:
+                if tag not in context:
+                    located.skipped.add("answer for a blank the context lacks", place)
+                    continue
+                if not 0 <= int(answer) < len(choices):
+                    located.skipped.add("answer not among the choices", place, repr(answer)[:40])
+                    continue
+                before, _, after = context.partition(tag)
+                records.append({"id": f"{doc.get('context_id', '')}-{blank}", "before": strip.sub("", before),
+                                "after": strip.sub("", after), "choices": choices, "label": int(answer)})
+                places.append(place)
+            except RECORD_FAULTS as exc:
+                located.skipped.add_fault(place, exc)
+    return records, replace(located, places=tuple(places))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,16 +515,26 @@ def load_webqa(data_dir: str, split: str = "eval") -> tuple[list[dict[str, Any]]
     }[split]
     located = find_file(data_dir, files, f"webqa ({split})")
     payload = read_json(located.path)
-    records = []
+    if not isinstance(payload, dict):
+        raise DataUnreadable(f"{located.path}: not WebQA JSON (an object of questions by id): a "
+                             f"{type(payload).__name__}")
+    records, places = [], []
     for qid, item in payload.items():
-        answers: list[str] = []
-        for evidence in (item.get("evidences") or {}).values():
-            for answer in evidence.get("answer", []):
-                if answer and answer != "no_answer" and answer not in answers:
-                    answers.append(answer)
-        if answers:
+        place = f"{located.path}: {qid}"
+        try:
+            answers: list[str] = []
+            for evidence in (item.get("evidences") or {}).values():
+                for answer in evidence.get("answer", []):
+                    if answer and answer != "no_answer" and answer not in answers:
+                        answers.append(answer)
+            if not answers:
+                located.skipped.add("no answer", place)
+                continue
             records.append({"id": qid, "question": item["question"], "answers": answers})
-    return records, located
+            places.append(place)
+        except RECORD_FAULTS as exc:
+            located.skipped.add_fault(place, exc)
+    return records, replace(located, places=tuple(places))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,24 +544,30 @@ def load_dureader(data_dir: str, split: str = "eval") -> tuple[list[dict[str, An
     (or of the first document) as the passage, all gold answers."""
     public = {"eval": "dev", "train": "train", "dev": "dev", "test": "test"}[split]
     located = find_file(data_dir, [(None, rf"(search|zhidao)\.{public}\.json", public)], f"dureader ({split})")
-    records = []
+    records, places = [], []
     for source in ("search", "zhidao"):
         try:
             hit = find_file(data_dir, [(None, rf"{source}\.{public}\.json", public)], "dureader")
         except DataNotFound:
             continue
-        for item in read_json_lines(hit.path):
-            answers = [a for a in item.get("answers", []) if a.strip()]
-            documents = item.get("documents") or []
-            if not answers or not documents:
-                continue
-            chosen = next((d for d in documents if d.get("is_selected")), documents[0])
-            paragraphs = chosen.get("paragraphs") or [""]
-            index = chosen.get("most_related_para", 0)
-            passage = paragraphs[index] if 0 <= index < len(paragraphs) else paragraphs[0]
-            records.append({"id": f"{source}-{item.get('question_id')}", "context": passage,
-                            "question": item["question"], "answers": answers})
-    return records, located
+        items, item_places = read_json_lines(hit.path, located.skipped)
+        for item, place in zip(items, item_places):
+            try:
+                answers = [a for a in item.get("answers", []) if a.strip()]
+                documents = item.get("documents") or []
+                if not answers or not documents:
+                    located.skipped.add("no answer" if not answers else "no documents", place)
+                    continue
+                chosen = next((d for d in documents if d.get("is_selected")), documents[0])
+                paragraphs = chosen.get("paragraphs") or [""]
+                index = chosen.get("most_related_para", 0)
+                passage = paragraphs[index] if 0 <= index < len(paragraphs) else paragraphs[0]
+                records.append({"id": f"{source}-{item.get('question_id')}", "context": passage,
+                                "question": item["question"], "answers": answers})
+                places.append(place)
+            except RECORD_FAULTS as exc:
+                located.skipped.add_fault(place, exc)
+    return records, replace(located, places=tuple(places))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -422,7 +602,7 @@ def load_cloze_txt(name: str, data_dir: str, split: str = "eval") -> tuple[list[
         # spaces next to a non-ASCII character are word separators; between Latin words they stay
         return re.sub(r"\s+(?=[^\x00-\x7f])|(?<=[^\x00-\x7f])\s+", "", words.strip())
 
-    records = []
+    records, places = [], []
     queries: list[str | None] = []
     for doc_index, block in enumerate(re.split(r"\n\s*\n", text.strip())):
         lines = [line for line in block.splitlines() if line.strip()]
@@ -434,16 +614,20 @@ def load_cloze_txt(name: str, data_dir: str, split: str = "eval") -> tuple[list[
                 query, qid = clean(body), head.strip() if sep else str(doc_index)
             else:
                 sentences.append(clean(body))
+        place = f"{located.path}: document {doc_index + 1}"
         if query is None:
+            located.skipped.add("no XXXXX query line", place)
             continue
         answer = by_id.get(qid) if by_id else (listed[len(queries)][1] if len(queries) < len(listed) else None)
         queries.append(qid)
         if not answer:
+            located.skipped.add("no answer", place, f"query {qid}")
             continue
         before, _, after = query.partition("XXXXX")
         records.append({"id": f"{doc_index}-{qid}", "document": "".join(sentences), "before": before, "after": after,
                         "answers": [clean(answer)]})
-    return records, located
+        places.append(place)
+    return records, replace(located, places=tuple(places))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -462,11 +646,9 @@ def load_builtin(task: str, data_dir: str, split: str = "eval") -> tuple[list[di
     except DataNotFound as exc:
         reason = _builtin_skipped(data_dir).get(task)
         raise DataNotFound(f"{exc}; the set was built without it: {reason}" if reason else str(exc)) from None
-    records = read_json_lines(located.path)
-    for record in records:
-        if not 0 <= record["label"] < len(record["choices"]):
-            raise ValueError(f"{located.path}: {record['id']}: label {record['label']} out of range")
-    return records, located
+    # Its records are checked as the task reads them (evaluation.tasks): a bad one is counted, not fatal.
+    records, places = read_json_lines(located.path, located.skipped)
+    return records, replace(located, places=tuple(places))
 
 
 def _builtin_skipped(data_dir: str) -> dict[str, str]:
@@ -478,7 +660,7 @@ def _builtin_skipped(data_dir: str) -> dict[str, str]:
 
 
 __all__ = [
-    "DataNotFound", "Located", "SPLITS", "TNEWS_ZH", "clear_cache", "find_file", "label_file_names",
+    "DataNotFound", "DataUnreadable", "Located", "RECORD_FAULTS", "SKIP_EXAMPLES", "SPLITS", "Skipped", "TNEWS_ZH", "clear_cache", "find_file", "label_file_names",
     "load_builtin", "load_c3", "load_clue", "load_cloze_txt", "load_cmrc2019", "load_dureader", "load_squad", "load_webqa",
     "read_json", "read_json_lines", "tnews_label_names",
 ]

@@ -96,9 +96,24 @@ def load_model(checkpoint: str | os.PathLike[str], device: str = "cpu", dtype: t
 
 
 def read_domains(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The export's `domains.json` (domain names ↔ ids and training tokens per domain), if it has one."""
+    """The export's `domains.json` (domain names ↔ ids and training tokens per domain, the tokenizer's
+    fingerprint), if it has one."""
     path = Path(checkpoint) / DOMAINS_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not readable JSON: {exc}") from None
+
+
+def trained_tokenizer_sha256(checkpoint: str | os.PathLike[str]) -> str | None:
+    """The fingerprint (`PanguTokenizer.fingerprint`) of the tokenizer that packed the export's training data,
+    as its `domains.json` records it (the data contract, `tokenizer.pack`); None when it records none (an
+    imported release, an older export)."""
+    contract = read_domains(checkpoint) or {}
+    record = contract.get("tokenizer")
+    return contract.get("tokenizer_sha256") or (record.get("sha256") if isinstance(record, dict) else None)
 
 
 def choose_domain(checkpoint: str | os.PathLike[str], config: PanguConfig,
@@ -148,9 +163,13 @@ def choose_domain(checkpoint: str | os.PathLike[str], config: PanguConfig,
 def load_tokenizer(checkpoint: str | os.PathLike[str], config: PanguConfig,
                    tokenizer: str | os.PathLike[str] | None = None) -> PanguTokenizer:
     """The tokenizer of `checkpoint` (`find_tokenizer`), refused unless the model (`config`) has an embedding
-    for each of its pieces."""
+    for each of its pieces and, when the export records which tokenizer its data was packed with, unless it
+    is that one: another tokenizer of the same size gives the model other ids for the same text, and the
+    scores and text were garbage without a word. (Training checks the packed data the same way:
+    `pangu_model.train.data_tokenizer`.)"""
+    path = find_tokenizer(checkpoint, tokenizer)
     try:
-        tok = PanguTokenizer.load(find_tokenizer(checkpoint, tokenizer))
+        tok = PanguTokenizer.load(path)
     except TokenizerLoadError as exc:
         raise CheckpointError(str(exc)) from exc
     usable = config.tokenizer_pieces or config.vocab_size
@@ -158,6 +177,12 @@ def load_tokenizer(checkpoint: str | os.PathLike[str], config: PanguConfig,
         raise CheckpointError(
             f"tokenizer has {tok.vocab_size} pieces but the model only {usable} token embeddings"
         )
+    trained = trained_tokenizer_sha256(checkpoint)
+    if trained and tok.fingerprint != trained:  # any tokenizer, given or bundled: a bundled one can be replaced too
+        advice = ("leave --tokenizer out to use the export's own" if tokenizer is not None else
+                  "the export's own tokenizer was replaced: give the one it was trained with (--tokenizer)")
+        raise CheckpointError(f"tokenizer {path} (sha256 {tok.fingerprint[:12]}…) is not the one {checkpoint} was "
+                              f"trained with (sha256 {trained[:12]}…, in its {DOMAINS_FILE}): {advice}")
     return tok
 
 
@@ -199,4 +224,4 @@ def load_for_eval(
 
 
 __all__ = ["CheckpointError", "check_device", "check_model_options", "choose_domain", "find_tokenizer", "load_for_eval",
-           "load_model", "load_tokenizer", "model_config", "read_domains"]
+           "load_model", "load_tokenizer", "model_config", "read_domains", "trained_tokenizer_sha256"]

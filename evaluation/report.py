@@ -45,6 +45,23 @@ def _same_model_column(meta: dict[str, Any]) -> str | None:
     return None
 
 
+def skipped_records(name: str, summary: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """What a task left out of its data (and of its demonstrations' file): one line each, `eprstmt: 2 of 23
+    records skipped (not JSON: 1, no label: 1)`, with the first few places; none when it used every record."""
+    out = []
+    for prefix, what in (("", ""), ("train_", " (demonstrations)")):
+        counts = summary.get(f"{prefix}skipped") or {}
+        total = sum(counts.values())
+        if not total:
+            continue
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in counts.items())
+        # The file's records: those the task could use (n_available) and those it skipped.
+        of = f" of {summary.get('n_available', 0) + total}" if not prefix else ""
+        out.append((f"{name}{what}: {total}{of} records skipped ({reasons})",
+                    list(summary.get(f"{prefix}skipped_examples") or [])))
+    return out
+
+
 def markdown_report(results: dict[str, Any]) -> str:
     meta = results.get("meta", {})
     lines = ["# Evaluation report", ""]
@@ -106,6 +123,13 @@ def markdown_report(results: dict[str, Any]) -> str:
     for name, s in results.get("tasks", {}).items():
         template = s["template"].replace("\n", "\\n")
         lines.append(f"| {s['title']} | `{template}` |")
+    skipped = [line for name, s in results.get("tasks", {}).items() for line in skipped_records(name, s)]
+    if skipped:
+        lines += ["", "## Skipped records", "",
+                  "Records of the data files that could not be used, by reason (`skipped` in results.json), with the "
+                  "first few places:", ""]
+        for line, examples in skipped:
+            lines += [f"- {line}"] + [f"  - `{example}`" for example in examples]
     if missing:
         lines += ["", "## Not evaluated", ""] + [f"- **{n}**: {m}" for n, m in missing]
     return "\n".join(lines) + "\n"
@@ -134,4 +158,4 @@ def write_outputs(results: dict[str, Any], predictions: dict[str, list[dict[str,
     return output
 
 
-__all__ = ["REPORT_FILE", "RESULTS_FILE", "markdown_report", "require_output_dir", "write_outputs"]
+__all__ = ["REPORT_FILE", "RESULTS_FILE", "markdown_report", "require_output_dir", "skipped_records", "write_outputs"]

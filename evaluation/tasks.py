@@ -12,6 +12,10 @@ A task turns loader records into `Item`s:
 
 `Item.demo` is how the item reads as an in-context demonstration (the gold candidate, or the prompt
 followed by the first answer).
+
+A record a task cannot turn into an item (no label, a label outside the task's labels, a text field
+that is not a string) is left out and counted in `TaskData.skipped` with its place, beside the lines
+the loader could not read: a task's items and its skipped records are every record of its file.
 """
 
 from __future__ import annotations
@@ -48,6 +52,45 @@ class TaskData:
     items: list[Item]
     split: str
     path: str
+    skipped: loaders.Skipped = field(default_factory=loaders.Skipped)  # the records of the file left out, by reason
+
+
+class BadRecord(ValueError):
+    """A record a task cannot use: `reason` is what is counted (`loaders.Skipped`), `detail` the value found."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+def _shown(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"[:60]
+
+
+def _text(record: dict[str, Any], key: str) -> str:
+    """`record[key]` when it is a string; a missing field or another type (an integer, a list) is the record's
+    fault, where a number used to be stringified into the prompt as if it were text."""
+    if key not in record or record[key] is None:
+        raise BadRecord(f"no {key}")
+    value = record[key]
+    if not isinstance(value, str):
+        raise BadRecord(f"{key} is not a string", _shown(value))
+    return value
+
+
+def _items(records: list[dict[str, Any]], located: loaders.Located,
+           item_of: Callable[[int, dict[str, Any]], Item]) -> TaskData:
+    """`item_of(index, record)` of each record; one it refuses (`BadRecord`), or that has a shape it did not
+    foresee, is counted in the loader's `located.skipped` with its place and the task goes on without it."""
+    items = []
+    for index, record in enumerate(records):
+        try:
+            items.append(item_of(index, record))
+        except BadRecord as exc:
+            located.skipped.add(exc.reason, located.place(index), exc.detail)
+        except loaders.RECORD_FAULTS as exc:
+            located.skipped.add_fault(located.place(index), exc)
+    return TaskData(items, located.split, located.path, located.skipped)
 
 
 @dataclass(frozen=True)
@@ -82,31 +125,42 @@ def _with_distractors(gold: str, labels: list[str], k: int, rng: random.Random) 
 
 # --------------------------------------------------------------------------------------------------
 # classification and multiple choice (perplexity)
-def _topic_loader(task: str, template: str, label_of: Callable[[dict[str, Any], dict[str, str]], str],
-                  text_of: Callable[[dict[str, Any]], str], distractors: int = 3):
+def _topic_loader(task: str, template: str, label_key: str, text_key: str, distractors: int = 3):
+    """Topic classification: the label (`record[label_key]`, a TNEWS one named in Chinese) among `distractors`
+    other labels of the task's label space, the text `record[text_key]`."""
+
+    def label_of(record: dict[str, Any], names: dict[str, str]) -> str:
+        label = _text(record, label_key)
+        return names.get(label, label)
+
     def load(data_dir: str, split: str, seed: int) -> TaskData:
         records, located = loaders.load_clue(task, data_dir, split)
         names = loaders.tnews_label_names(located) if task == "tnews" else {}
         labels = list(dict.fromkeys(loaders.label_file_names(located, task)))
-        # The label space: every label seen in the labelled splits found (and the label files).
+        # The label space: every label seen in the labelled splits found (and the label files). A record
+        # without one adds none (the split evaluated counts it below; the other splits' are not its records).
+        seen = list(records)
         for other in ("eval", "train"):
             try:
-                more, _ = loaders.load_clue(task, data_dir, other)
+                seen += loaders.load_clue(task, data_dir, other)[0]
             except loaders.DataNotFound:
                 continue
-            labels += [label_of(r, names) for r in more]
-        labels += [label_of(r, names) for r in records]
+        for record in seen:
+            try:
+                labels.append(label_of(record, names))
+            except BadRecord:
+                continue
         labels = sorted(set(labels))
-        items = []
-        for index, record in enumerate(records):
-            gold_label = label_of(record, names)
+
+        def item_of(index: int, record: dict[str, Any]) -> Item:
+            gold_label, text = label_of(record, names), _text(record, text_key)
             rng = _seeded(seed, task, record.get("id", index), index)
             chosen, gold = _with_distractors(gold_label, labels, distractors, rng)
-            text = text_of(record)
-            items.append(Item(id=str(record.get("id", index)), gold=gold,
-                              candidates=[template.replace("$label", c).replace("$passage", text) for c in chosen],
-                              meta={"labels": chosen}))
-        return TaskData(items, located.split, located.path)
+            return Item(id=str(record.get("id", index)), gold=gold,
+                        candidates=[template.replace("$label", c).replace("$passage", text) for c in chosen],
+                        meta={"labels": chosen})
+
+        return _items(records, located, item_of)
 
     return load
 
@@ -115,66 +169,94 @@ def _fixed_loader(task: str, verbalise: Callable[[dict[str, Any], str], str], la
                   label_key: str = "label"):
     """Tasks with a fixed verbaliser: one candidate per label word, in the order of `label_words`."""
 
+    keys = list(label_words)
+
+    def item_of(index: int, record: dict[str, Any]) -> Item:
+        if record.get(label_key) in (None, ""):
+            raise BadRecord(f"no {label_key}")  # an unlabelled test file
+        label = str(record[label_key]).strip()  # a label given as a number (1 for "1") is the same label
+        if label not in label_words:  # CMNLI/OCNLI "-" (annotators disagreed: no gold)
+            raise BadRecord(f"{label_key} not one of {', '.join(keys)}", _shown(record[label_key]))
+        return Item(id=str(record.get("id", index)), gold=keys.index(label),
+                    candidates=[verbalise(record, label_words[k]) for k in keys])
+
     def load(data_dir: str, split: str, seed: int) -> TaskData:
         records, located = loaders.load_clue(task, data_dir, split)
-        keys = list(label_words)
-        items = []
-        for index, record in enumerate(records):
-            label = str(record.get(label_key, "")).strip()
-            if label not in label_words:
-                continue  # CMNLI/OCNLI "-" (no gold), unlabelled test files
-            items.append(Item(id=str(record.get("id", index)), gold=keys.index(label),
-                              candidates=[verbalise(record, label_words[k]) for k in keys]))
-        return TaskData(items, located.split, located.path)
+        return _items(records, located, item_of)
 
     return load
 
 
 def _nli_text(record: dict[str, Any], word: str) -> str:
-    return f"{record['sentence1']}?{word}，{record['sentence2']}"
+    return f"{_text(record, 'sentence1')}?{word}，{_text(record, 'sentence2')}"
 
 
 def _pair_text(record: dict[str, Any], word: str) -> str:
-    return f"下面两个句子语义{word}：{record['sentence1']}。{record['sentence2']}"
+    return f"下面两个句子语义{word}：{_text(record, 'sentence1')}。{_text(record, 'sentence2')}"
 
 
 def _csl_text(record: dict[str, Any], word: str) -> str:
-    keywords = record["keyword"] if isinstance(record["keyword"], str) else "、".join(record["keyword"])
-    return f"摘要：{record['abst']}，关键词：{keywords}{word}真实关键词"
+    keyword = record.get("keyword")
+    if isinstance(keyword, list) and all(isinstance(k, str) for k in keyword):
+        keyword = "、".join(keyword)
+    elif not isinstance(keyword, str):
+        raise BadRecord("keyword is not a string or a list of strings", _shown(keyword))
+    return f"摘要：{_text(record, 'abst')}，关键词：{keyword}{word}真实关键词"
 
 
 def _wsc_text(record: dict[str, Any], word: str) -> str:
-    target = record["target"]
-    return f"{record['text']}\n这里的“{target['span2_text']}”指的是“{target['span1_text']}”吗？{word}"
+    target = record.get("target")
+    if not isinstance(target, dict):
+        raise BadRecord("no target", _shown(target))
+    return (f"{_text(record, 'text')}\n这里的“{_text(target, 'span2_text')}”指的是“{_text(target, 'span1_text')}”"
+            f"吗？{word}")
 
 
 def _eprstmt_text(record: dict[str, Any], word: str) -> str:
-    return f"这是一条{word}：{record['sentence']}"
+    return f"这是一条{word}：{_text(record, 'sentence')}"
+
+
+def _choice_index(value: Any, choices: list[Any], what: str = "answer") -> int:
+    """`value` as the index of one of `choices` (an integer, or its digits); else the record's fault."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
+        raise BadRecord(f"no {what}" if value in (None, "") else f"{what} is not an index", _shown(value))
+    if not int(value) < len(choices):
+        raise BadRecord(f"{what} not among the candidates", f"{int(value)} of {len(choices)}")
+    return int(value)
+
+
+def _strings(record: dict[str, Any], key: str) -> list[str]:
+    """`record[key]` when it is a non-empty list of strings (the candidates of a multiple choice)."""
+    value = record.get(key)
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise BadRecord(f"{key} is not a list of strings", _shown(value))
+    return value
 
 
 def _load_chid(data_dir: str, split: str, seed: int) -> TaskData:
     records, located = loaders.load_clue("chid", data_dir, split)
-    items = []
-    for index, record in enumerate(records):
-        content = record["content"]
-        items.append(Item(id=str(record.get("id", index)), gold=int(record["answer"]),
-                          candidates=[content.replace("#idiom#", c, 1) for c in record["candidates"]]))
-    return TaskData(items, located.split, located.path)
+
+    def item_of(index: int, record: dict[str, Any]) -> Item:
+        content, candidates = _text(record, "content"), _strings(record, "candidates")
+        if "#idiom#" not in content:
+            raise BadRecord("no #idiom# blank in content")
+        return Item(id=str(record.get("id", index)), gold=_choice_index(record.get("answer"), candidates),
+                    candidates=[content.replace("#idiom#", c, 1) for c in candidates])
+
+    return _items(records, located, item_of)
 
 
 def _load_c3(data_dir: str, split: str, seed: int) -> TaskData:
     records, located = loaders.load_c3(data_dir, split)
-    items = [Item(id=r["id"], gold=r["label"], candidates=[
-        f"问: {r['question']}\n答:{choice}\n该答案来自对话: {r['passage']}" for choice in r["choices"]])
-        for r in records]
-    return TaskData(items, located.split, located.path)
+    return _items(records, located, lambda index, r: Item(id=r["id"], gold=r["label"], candidates=[
+        f"问: {_text(r, 'question')}\n答:{choice}\n该答案来自对话: {_text(r, 'passage')}"
+        for choice in _strings(r, "choices")]))
 
 
 def _load_cmrc2019(data_dir: str, split: str, seed: int, before: int = 200, after: int = 60) -> TaskData:
     records, located = loaders.load_cmrc2019(data_dir, split)
-    items = [Item(id=r["id"], gold=r["label"], candidates=[
-        f"{r['before'][-before:]}{choice}{r['after'][:after]}" for choice in r["choices"]]) for r in records]
-    return TaskData(items, located.split, located.path)
+    return _items(records, located, lambda index, r: Item(id=r["id"], gold=r["label"], candidates=[
+        f"{r['before'][-before:]}{choice}{r['after'][:after]}" for choice in _strings(r, "choices")]))
 
 
 def _builtin_task(name: str, title: str, template: str, text_var: str, choice_var: str, candidates: str,
@@ -183,12 +265,15 @@ def _builtin_task(name: str, title: str, template: str, text_var: str, choice_va
     `$<text_var>` and `$<choice_var>`. Not one of the paper's tasks, hence `extra`."""
     filled = string.Template(template)  # one pass: a `$` inside the text is never substituted
 
+    def item_of(index: int, r: dict[str, Any]) -> Item:
+        text, choices = _text(r, "text"), _strings(r, "choices")
+        return Item(id=str(r.get("id", index)), gold=_choice_index(r.get("label"), choices, "label"),
+                    meta={"labels": choices},
+                    candidates=[filled.substitute({text_var: text, choice_var: c}) for c in choices])
+
     def load(data_dir: str, split: str, seed: int) -> TaskData:
         records, located = loaders.load_builtin(name, data_dir, split)
-        items = [Item(id=r["id"], gold=r["label"], meta={"labels": r["choices"]},
-                      candidates=[filled.substitute({text_var: r["text"], choice_var: c}) for c in r["choices"]])
-                 for r in records]
-        return TaskData(items, located.split, located.path)
+        return _items(records, located, item_of)
 
     return Task(name, title, "ppl", "acc", template, candidates, load, chance=chance, extra=True, notes=notes)
 
@@ -204,25 +289,24 @@ def _reading_loader(kind: str):
             records, located = loaders.load_dureader(data_dir, split)
         else:
             records, located = loaders.load_squad(kind, data_dir, split)
-        items = [Item(id=r["id"], prompt=READING.replace("$Document", r["context"]).replace("$Question", r["question"]),
-                      answers=r["answers"]) for r in records]
-        return TaskData(items, located.split, located.path)
+        return _items(records, located, lambda index, r: Item(
+            id=r["id"], prompt=READING.replace("$Document", _text(r, "context")).replace("$Question", _text(r, "question")),
+            answers=_strings(r, "answers")))
 
     return load
 
 
 def _load_webqa(data_dir: str, split: str, seed: int) -> TaskData:
     records, located = loaders.load_webqa(data_dir, split)
-    items = [Item(id=r["id"], prompt=f"问：{r['question']}\n答：", answers=r["answers"]) for r in records]
-    return TaskData(items, located.split, located.path)
+    return _items(records, located, lambda index, r: Item(id=r["id"], prompt=f"问：{_text(r, 'question')}\n答：",
+                                                          answers=_strings(r, "answers")))
 
 
 def _cloze_loader(name: str):
     def load(data_dir: str, split: str, seed: int) -> TaskData:
         records, located = loaders.load_cloze_txt(name, data_dir, split)
-        items = [Item(id=r["id"], prompt=f"{r['document']}\n{r['before']}", answers=r["answers"],
-                      meta={"after": r["after"]}) for r in records]
-        return TaskData(items, located.split, located.path)
+        return _items(records, located, lambda index, r: Item(id=r["id"], prompt=f"{r['document']}\n{r['before']}",
+                                                              answers=r["answers"], meta={"after": r["after"]}))
 
     return load
 
@@ -281,12 +365,10 @@ for _task in [
          _fixed_loader("ocnli", _nli_text, {"entailment": "对", "neutral": "或许", "contradiction": "错"}),
          chance=100 / 3, reference=_ref(42.61, 41.53)),
     Task("tnews", "TNEWS", "ppl", "acc", "这是关于$label的文章：$passage", TOPIC,
-         _topic_loader("tnews", "这是关于$label的文章：$passage",
-                       lambda r, names: names.get(r["label_desc"], r["label_desc"]), lambda r: r["sentence"]),
+         _topic_loader("tnews", "这是关于$label的文章：$passage", "label_desc", "sentence"),
          chance=25.0, reference=_ref(60.95, 60.26), notes="label names: label_desc → Chinese (label_index2en2zh.json)"),
     Task("iflytek", "IFLYTEK", "ppl", "acc", "这是关于$label的应用程序：$passage", TOPIC,
-         _topic_loader("iflytek", "这是关于$label的应用程序：$passage",
-                       lambda r, names: r["label_des"], lambda r: r["sentence"]),
+         _topic_loader("iflytek", "这是关于$label的应用程序：$passage", "label_des", "sentence"),
          chance=25.0, reference=_ref(74.26, 73.80), notes="label names from label_des"),
     Task("afqmc", "AFQMC", "ppl", "acc", "下面两个句子语义相同/不同：$S1。$S2", "相同 (1) / 不同 (0)",
          _fixed_loader("afqmc", _pair_text, {"1": "相同", "0": "不同"}), chance=50.0, reference=_ref(59.29, 65.76)),
@@ -297,7 +379,7 @@ for _task in [
     Task("bustm", "BUSTM", "ppl", "acc", "下面两个句子语义相同/不同：$S1。$S2", "相同 (1) / 不同 (0), the AFQMC template",
          _fixed_loader("bustm", _pair_text, {"1": "相同", "0": "不同"}), chance=50.0, extra=True),
     Task("csldcp", "CSLDCP", "ppl", "acc", "这是关于$label的论文：$passage", TOPIC + " (of 67 disciplines)",
-         _topic_loader("csldcp", "这是关于$label的论文：$passage", lambda r, names: r["label"], lambda r: r["content"]),
+         _topic_loader("csldcp", "这是关于$label的论文：$passage", "label", "content"),
          chance=25.0, extra=True),
     Task("eprstmt", "EPRSTMT", "ppl", "acc", "这是一条好评/差评：$sentence", "好评 (Positive) / 差评 (Negative)",
          _fixed_loader("eprstmt", _eprstmt_text, {"Positive": "好评", "Negative": "差评"}), chance=50.0, extra=True),
@@ -356,5 +438,5 @@ def chance_level(task: Task, items: list[Item]) -> float | None:
     return 100.0 * sum(1.0 / len(item.candidates) for item in items) / len(items)
 
 
-__all__ = ["BUILTIN_TASKS", "FEWCLUE_TASKS", "GROUPS", "Item", "PAPER_TASKS", "TASKS", "Task", "TaskData", "chance_level",
+__all__ = ["BUILTIN_TASKS", "BadRecord", "FEWCLUE_TASKS", "GROUPS", "Item", "PAPER_TASKS", "TASKS", "Task", "TaskData", "chance_level",
            "resolve_tasks"]

@@ -94,9 +94,17 @@ def _model_generate(args: argparse.Namespace) -> int:
 
     from evaluation.samples import PROMPTS, generate_samples
 
+    # The sampling options default to None here so that one given with --greedy, which would be ignored
+    # (greedy decoding samples nothing), is refused; those left out take generate_samples' defaults.
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
+    given = {key: value for key, value in sampling.items() if value is not None}
+    if args.greedy and given:
+        flags = ", ".join(f"--{key.replace('_', '-')}" for key in given)
+        raise ValueError(f"--greedy takes the most likely token each step and samples nothing: {flags} would be "
+                         f"ignored; leave {'it' if len(given) == 1 else 'them'} out, or --greedy")
     result = generate_samples(args.export, args.prompts or PROMPTS, max_new_tokens=args.max_new_tokens,
-                              seed=args.seed, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              greedy=args.greedy, device=args.device, domain=args.domain, tokenizer=args.tokenizer)
+                              greedy=args.greedy, device=args.device, domain=args.domain, tokenizer=args.tokenizer,
+                              **given)
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
         return 0
@@ -147,6 +155,7 @@ def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from evaluation.harness import EvalConfig, data_set_name, run_evaluation
+    from evaluation.report import skipped_records
 
     if not args.checkpoint and not args.oracle:
         raise ValueError("give --checkpoint (or --oracle)")
@@ -170,7 +179,10 @@ def _eval(args: argparse.Namespace) -> int:
                         seed=args.seed, oracle=args.oracle, device=args.device, threads=args.threads,
                         domain=args.domain)
 
-    run_evaluation(config, progress=_eval_progress(sys.stderr.isatty()))
+    results = run_evaluation(config, progress=_eval_progress(sys.stderr.isatty()))
+    for name, summary in results["tasks"].items():  # records a task could not use are counted, and said here
+        for line, examples in skipped_records(name, summary):
+            print(f"{line}; first: {examples[0]}" if examples else line, file=sys.stderr)
     print(f"results: {output}/results.json\nreport:  {output}/report.md", file=sys.stderr)
     return 0
 
@@ -402,11 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
                                               "pretrain run's summary shows)")
     p.add_argument("--max-new-tokens", type=at_least(1), default=64, help="tokens to generate per prompt (at most "
                                                                           "to the model's max_seq_len)")
-    p.add_argument("--greedy", action="store_true", help="the most likely token each step, instead of sampling")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9; 1 keeps all)")
+    p.add_argument("--greedy", action="store_true", help="the most likely token each step, instead of sampling "
+                                                         "(refuses the sampling options below)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.8)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default 0.9; 1 keeps all)")
     p.add_argument("--top-k", type=at_least(1), default=None, help="sample among the k most likely tokens only")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the first prompt's sampling (+1 per prompt)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the first prompt's sampling (+1 per prompt; default 1234)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--domain", default=None, help="PanGu-Σ: this domain's sub-model, by id or name (default: the "
                                                   "domain with the most training tokens)")

@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from evaluation.harness import (EvalConfig, EvaluationFailed, Scorer, TaskRun, execute, plan_evaluation,
                                 run_kept_task)
+from evaluation.report import skipped_records
 from evaluation.tasks import Task
 from flows.reports import eval_scores_figure, png_markdown
 
@@ -23,9 +24,10 @@ def score_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per task: our score, PanGu-α 2.6B / 13B, chance (for the artifact table)."""
     rows = []
     for task in results["tasks"].values():
+        skipped = sum((task.get("skipped") or {}).values())  # records of its file it could not use
         if task.get("status") != "ok":
-            rows.append({"task": task["title"], "n": 0, "ours": task.get("status"), "PanGu-α 2.6B": "",
-                         "PanGu-α 13B": "", "chance": ""})
+            rows.append({"task": task["title"], "n": 0, "skipped": skipped, "ours": task.get("status"),
+                         "PanGu-α 2.6B": "", "PanGu-α 13B": "", "chance": ""})
             continue
 
         def show(scores: dict[str, float] | float | None) -> str:
@@ -35,7 +37,7 @@ def score_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             return " / ".join(f"{v:.2f}" for v in values)
 
         reference = task.get("reference") or {}
-        rows.append({"task": task["title"], "n": task["n"], "ours": show(task["scores"]),
+        rows.append({"task": task["title"], "n": task["n"], "skipped": skipped, "ours": show(task["scores"]),
                      "PanGu-α 2.6B": show(reference.get("PanGu-α 2.6B")),
                      "PanGu-α 13B": show(reference.get("PanGu-α 13B")),
                      "chance": f"{task['chance']['expected']:.2f}"})
@@ -56,6 +58,8 @@ def eval_task(spec: Task, scorer: Scorer, config: EvalConfig, key: dict[str, Any
         get_run_logger().info("%s: %s on %d examples (%.1fs)", spec.name, scores, summary["n"], summary["seconds"])
     else:
         get_run_logger().warning("%s: %s (%s)", spec.name, summary["status"], summary.get("message"))
+    for line, examples in skipped_records(spec.name, summary):  # counted in results.json; said in the log too
+        get_run_logger().warning("%s; first: %s", line, "; ".join(examples[:3]) or "–")
     return run
 
 
