@@ -54,7 +54,7 @@ from cleaning.document import (KEPT_SCHEMA, REJECTED_SCHEMA, Document, Rejection
 from cleaning.inputs import (InputShard, content_hash, expand_inputs, file_signature, hash_and_split, input_names,
                              describe_unsupported, require_some_input, unsupported_summary)
 from cleaning.pipeline import CleaningChain
-from cleaning.readers import FieldMap, ReadFault, RecordReader, ShardReadError
+from cleaning.readers import READER_REVISION, FieldMap, ReadFault, RecordReader, ShardReadError
 from cleaning.stats import ShardStats
 from cleaning.temporaries import remove_orphaned_temporaries
 from cleaning.writers import ParquetShardWriter, link_or_copy, read_json, write_json_atomic
@@ -119,9 +119,10 @@ class CorpusBuild:
         return [p for root in roots for p in remove_orphaned_temporaries(root)]
 
     def clean_fingerprint(self) -> str:
-        """What changes the clean stage's output: rules, per-source overrides, reader options."""
+        """What changes the clean stage's output: rules, per-source overrides, reader options, and how the
+        readers read (`READER_REVISION`: a cleaned shard cached by an older reader is read again)."""
         cfg = self.config.model_dump(mode="json")
-        return _hash_json({k: cfg[k] for k in ("rules", "sources", "reader")})
+        return _hash_json({**{k: cfg[k] for k in ("rules", "sources", "reader")}, "reader_revision": READER_REVISION})
 
     def list_inputs(self) -> list[tuple[str, str | None, str]]:
         """(uri, error, name) of every input file, in order: a listing only, which the driver does.
@@ -696,8 +697,9 @@ def describe_work(work: dict[str, Any]) -> str:
 
 def input_problems(manifest: dict[str, Any], shown: int = 5, unsupported: bool = True) -> list[str]:
     """Lines for the closing summary of a build, naming the inputs that were not read in full (status:
-    error, as the log said shard by shard) and, with `unsupported`, the files no reader takes; [] when
-    every input was read."""
+    error, as the log said shard by shard), with `unsupported` the files no reader takes, and a corpus
+    that kept no document (its inputs held none, or every one was rejected: a build that exits 0 with
+    an empty corpus must say so); [] when every input was read and some document kept."""
     problems = [entry for entry in manifest["inputs"] if entry.get("error")]
     lines = [f"{entry['status']}: {entry['error']}" for entry in problems[:shown]]
     if len(problems) > shown:
@@ -705,6 +707,13 @@ def input_problems(manifest: dict[str, Any], shown: int = 5, unsupported: bool =
     found = manifest.get("unsupported_files") or {}
     if unsupported and found.get("files"):
         lines.append(f"not read: {describe_unsupported(found)}")
+    totals = manifest["totals"]
+    if not totals["input"]:
+        lines.append("empty corpus: the inputs hold no document")
+    elif not totals["kept"]:
+        reasons = ", ".join(f"{reason} {n}" for reason, n in list(manifest["rejected_by_rule"].items())[:3])
+        lines.append(f"empty corpus: all {totals['input']} documents were rejected ({reasons}; "
+                     "manifest.json, rejected_by_rule)")
     return lines
 
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from cleaning.compression import compression
 from cleaning.readers import (JSON_SNIFF_BYTES, PARQUET_MAGIC, UNPACK_HINT, detect_format, is_json_document,
-                              is_supported, supported_suffixes)
+                              is_supported, supported_suffixes, utf16_codec)
 
 #: a part of a large input: (start, stop, records before start, bytes): byte offsets of a JSON-lines
 #: file, cut just after a newline, or row-group numbers of a Parquet file
@@ -298,8 +298,9 @@ def hash_and_split(uri: str, shard_bytes: int, storage_options: dict | None = No
     cut, its parts, found in the same single read. A JSON-lines file is cut just after the first
     newline at or past every `shard_bytes`, and each part records the lines before it (so ids,
     `NAME:LINE`, are the same as when the file is read whole); a Parquet file is cut between row
-    groups of about `shard_bytes` compressed bytes. Compressed streams, plain text, web pages and a .json file that is one
-    JSON document (`cleaning.readers.is_json_document`) stay whole."""
+    groups of about `shard_bytes` compressed bytes. Compressed streams, plain text, web pages, a .json file that is one
+    JSON document (`cleaning.readers.is_json_document`) and UTF-16 (`cleaning.readers.utf16_codec`: a 0x0A byte
+    of it need not end a line) stay whole."""
     h = xxhash.xxh3_128()
     size = lines = 0
     cuts: list[tuple[int, int]] = []  # (byte offset just after a newline, lines before it)
@@ -311,8 +312,8 @@ def hash_and_split(uri: str, shard_bytes: int, storage_options: dict | None = No
             if not block:
                 break
             if size == 0 and (compression(block) or block.startswith(PARQUET_MAGIC)
-                              or is_json_document(block[:JSON_SNIFF_BYTES])):
-                splittable = False  # read whole: a stream, row groups (below), or one JSON value
+                              or is_json_document(block[:JSON_SNIFF_BYTES]) or utf16_codec(block[:JSON_SNIFF_BYTES])):
+                splittable = False  # read whole: a stream, row groups (below), one JSON value, or UTF-16
             h.update(block)
             if splittable:
                 while size + len(block) > target:

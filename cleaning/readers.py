@@ -11,7 +11,10 @@ array that does not parse is read so too, element by element (`_array_elements`;
 commas before objects). A CSV quote that is never closed where its field ends loses its own line only
 (`_stray_quote`).
 JSON lines and plain text decode as their opening reads (`_text_codec`: UTF-8 with or without a
-byte-order mark, or GB18030 / Big5 for legacy Chinese files).
+byte-order mark, or GB18030 / Big5 for legacy Chinese files); an opening that is all ASCII decides
+nothing, and the first lines with other bytes decide instead (`RecordReader._text_lines`). UTF-16, with
+or without a byte-order mark (`utf16_codec`), is read as UTF-8 (`_Utf16AsUtf8`), since its line ends
+cannot be found in its bytes.
 Every physical record comes out as either a `Document` or a `Rejection` naming the file and line,
 so that input = kept + rejected holds from the first step.
 Damage that can be read past (a corrupt gzip member followed by intact ones, an unreadable Parquet
@@ -153,9 +156,74 @@ def is_json_document(opening: bytes) -> bool:
     return False
 
 
-# The data files of a Hugging Face dataset written by `save_to_disk`, and the names of its splits.
-_HF_DATASET_FILE = re.compile(r"data-\d+-of-\d+\.arrow")
+# Raised when the readers give other documents for the same bytes (cleaning.build's clean cache keys on it):
+# 2 reads UTF-16 without a byte-order mark, decides the encoding of an ASCII opening by its first other bytes,
+# ends lines at lone CRs, and names generic shard files (part-00000) after their folder.
+READER_REVISION = 2
+
+# A surrogate left alone by a UTF-16 decoder ("surrogatepass"): a unit that is not UTF-16.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# The characters of text a Chinese corpus takes in: Latin, Greek and Cyrillic, punctuation and symbols, CJK
+# (punctuation, kana, bopomofo, ideographs, fullwidth forms). Other bytes read as UTF-16 give mostly others
+# (UTF-8 or GBK Chinese: Hangul, Yi, private use), and so does UTF-16 read in the wrong byte order.
+_TEXT_CHARACTERS = re.compile("[\t\n\r\x20-\u024f\u0370-\u04ff\u2000-\u27bf\u3000-\u312f\u4e00-\u9fff"
+                              "\uf900-\ufaff\ufe30-\ufe4f\uff00-\uffef\U0001f000-\U0001faff\U00020000-\U0003ffff]+")
+
+
+def utf16_codec(opening: bytes) -> str | None:
+    """The UTF-16 codec of content that starts with `opening`, or None: "utf-16" after a byte-order mark;
+    without one (what some Windows tools write), "utf-16-le" or "utf-16-be" when the opening holds NUL
+    bytes and reads as text in that byte order. No UTF-8, GB18030 or Big5 text holds a NUL byte, while
+    UTF-16 holds one in every character below U+0100, its line ends among them; but a stray NUL (or a run
+    of them, padding) in a file of another encoding must not make it UTF-16. So the reading must hold
+    (in its first `JSON_SNIFF_BYTES`):
+    - no NUL character (what a run of NUL bytes gives) and at most one lone surrogate in a thousand
+      characters (one damaged unit does not make a UTF-16 file GB18030; other bytes give one in dozens);
+    - nine characters in ten of text (`_TEXT_CHARACTERS`);
+    - a line end for at least every 64 0x0A bytes, and one at all where there are some: in UTF-16 a 0x0A
+      byte that is not a line end is half of a character such as 上 (U+4E0A, 0A 4E), while the line ends
+      of a UTF-8 file read as UTF-16 pair with their neighbours into other characters.
+    Where both byte orders pass, the one with more characters of text wins."""
+    if opening.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    if b"\x00" not in opening:
+        return None
+    line_ends = opening.count(b"\n")
+    found: list[tuple[int, str]] = []
+    for codec in ("utf-16-le", "utf-16-be"):
+        text = codecs.getincrementaldecoder(codec)("surrogatepass").decode(opening)  # a cut character waits
+        if "\x00" in text or len(_SURROGATE.findall(text)) * 1000 > len(text):
+            continue
+        lines = text.count("\n")
+        readable = sum(len(run) for run in _TEXT_CHARACTERS.findall(text))
+        if readable * 10 >= len(text) * 9 and lines * 64 >= line_ends:
+            found.append((readable, codec))
+    return max(found)[1] if found else None
+
+
+def _sniffed_codec(sample: bytes, cut: bool) -> str:
+    """The codec of text whose bytes start with `sample` (`cut`: it ends where the content goes on, maybe
+    inside a character): UTF-8, or, when the sample is mostly not UTF-8, the legacy Chinese encoding it
+    reads as (GB18030, which GBK and GB2312 files are, or Big5-HKSCS; `cleaning.webpage.legacy_codec`). A
+    few bad bytes in UTF-8 text stay UTF-8: those lines are rejected, not read as another encoding."""
+    sample = sample[:-3] if cut else sample  # not a character cut in two
+    decoded = sample.decode("utf-8", errors="replace")
+    bad = decoded.count("\ufffd")
+    if bad == 0 or bad * 4 < sum(1 for char in decoded if ord(char) > 127):
+        return "utf-8"
+    return legacy_codec(sample, ("gb18030", "big5hkscs"))
+
+
+# The names of a dataset's splits, and its `data` folder (the Hub's `ds/data/train-00000-of-00001.parquet`):
+# folders above a file that name no source.
 _SPLIT_NAMES = {"train", "validation", "valid", "dev", "test"}
+_NO_SOURCE_FOLDERS = _SPLIT_NAMES | {"data"}
+# A file name that only counts shards (without its suffixes): `part-00000`, `part-r-00000` (Hadoop),
+# `part-00000-<uuid>-c000.snappy` (Spark), `data-00000-of-00001` (`datasets.save_to_disk`),
+# `train-00000-of-00012-<hash>` (the Hub), `shard_07`, `chunk-3`, `00012`.
+_SHARD_COUNTER = re.compile(r"(?:(?:part|data|shard|chunk|train|validation|valid|dev|test)(?:-[rm])?[-_.]?)?"
+                            r"\d+(?:-of-\d+)?(?:-[0-9a-f]{8,}(?:-[0-9a-f]{4,})*)?(?:-c\d+)?"
+                            r"(?:\.(?:snappy|zstd|gz|lz4|brotli))?", re.IGNORECASE)
 # WikiExtractor's output files (`text/AA/wiki_00`, `wiki_00.bz2` with --compress), which have no suffix:
 # the tool every Chinese Wikipedia corpus is made with.
 _WIKIEXTRACTOR_FILE = re.compile(r"wiki_\d{2,}")
@@ -195,19 +263,24 @@ def is_supported(path: str) -> bool:
 
 
 def shard_name(path: str) -> str:
-    """Short name of an input file, the default source and domain: the basename without extensions."""
+    """Short name of an input file, the default source and domain: the basename without extensions; for a
+    file whose name only counts shards (`_SHARD_COUNTER`: `weibo/part-00000.jsonl`, a Hugging Face dataset's
+    `ds/train/data-00000-of-00001.arrow` or `ds/data/train-00000-of-00001.parquet`), the name of the nearest
+    folder above it that is not a split or `data`: the dataset's name is its folder's, and `part-00000` of
+    two sources must not make them one domain."""
     base = os.path.basename(path.rstrip("/"))
     found = _suffix(base)
     if found is None:
         return base
     if found[1] == "wiki":
         return "wiki"  # one source for the whole dump, not one per file of it
-    parents = [part for part in path.rstrip("/").split("/")[:-1] if part]
-    if _HF_DATASET_FILE.fullmatch(base) and parents:  # a dataset's name is its directory's, not its files'
-        while len(parents) > 1 and parents[-1].lower() in _SPLIT_NAMES:
+    stem = base[: len(base) - len(found[0])]
+    parents = [part for part in path.split("://", 1)[-1].rstrip("/").split("/")[:-1] if part]
+    if _SHARD_COUNTER.fullmatch(stem) and parents:
+        while len(parents) > 1 and parents[-1].lower() in _NO_SOURCE_FOLDERS:
             parents.pop()  # `DatasetDict.save_to_disk`: DIR/train/data-00000-of-00001.arrow
         return parents[-1]
-    return base[: len(base) - len(found[0])]
+    return stem
 
 
 @functools.lru_cache(maxsize=64)
@@ -390,6 +463,19 @@ _WIKI_OPEN = re.compile(r"<doc\s+([^>]*)>\s*$")
 _WIKI_ATTR = re.compile(r'(\w+)="([^"]*)"')
 
 
+@dataclass(frozen=True)
+class _TextEncoding:
+    """How a text file's content becomes text (`RecordReader._encoding`)."""
+
+    opening: bytes  # its first `JSON_SNIFF_BYTES`, as UTF-8 when it is UTF-16: what the sniffers read
+    codec: str | None  # what its lines decode with; None: its opening is ASCII, which decides nothing
+    utf16: str | None = None  # the UTF-16 codec its content is read through as UTF-8 (`_Utf16AsUtf8`)
+
+
+# A CR that ends a line on its own, as Mac OS before X wrote text.
+_LONE_CR = re.compile(rb"\r(?!\n)")
+
+
 @dataclass
 class RecordReader:
     """Reads one input file into documents. `max_record_bytes` bounds memory per record (and per web
@@ -531,20 +617,24 @@ class RecordReader:
         return Rejection(doc, reason, f"{where}: {detail}")
 
     # -- formats ---------------------------------------------------------------------------
-    def _lines(self, path: str, head: bytes,
-               part: tuple[int, ...] | None = None) -> Iterator[tuple[int, bytes, bool] | ReadFault]:
+    def _lines(self, path: str, head: bytes, part: tuple[int, ...] | None = None, utf16: str | None = None,
+               cr_lines: bool = False) -> Iterator[tuple[int, bytes, bool] | ReadFault]:
         """(line number, raw bytes, complete) for every line; oversized lines are cut short.
 
         Compressed content is read when the bytes say so, whatever the name (`cleaning.compression`).
         A corrupt gzip member is skipped up to the next intact member (a `ReadFault` counts the bytes
         skipped); a gzip stream that ends early yields every complete line before the damage, then the
         partial last line as incomplete, then raises `ShardReadError`. Damage to a bzip2, xz or zstd
-        stream raises `ShardReadError` after the whole lines before it.
+        stream raises `ShardReadError` after the whole lines before it. `utf16`: the content's UTF-16
+        codec, its lines come out as UTF-8 (`_Utf16AsUtf8`; a damaged gzip stream of it is read up to the
+        damage only: what follows a skipped gap need not start on a character); `cr_lines`: a lone CR
+        ends a line too (`_CrLines`).
         """
         kind = compression(head)
-        with self._content(path, None if kind == "gzip" else kind) as (raw, content):
-            gz = _GzipLines(raw) if kind == "gzip" else None  # skips a corrupt member to the next one
-            stream = gz or content
+        gzip_lines = kind == "gzip" and not utf16
+        with self._content(path, None if gzip_lines else kind, utf16) as (raw, content):
+            gz = _GzipLines(raw) if gzip_lines else None  # skips a corrupt member to the next one
+            stream = _CrLines(gz or content) if cr_lines else gz or content
             damage = STREAM_ERRORS if kind and gz is None else ()  # what a plain file raises is not damage
             number = 0
             stop = None
@@ -582,19 +672,18 @@ class RecordReader:
                                            f"{type(err).__name__}: {err}", line=number + 1) from err
 
     def _read_jsonl(self, path: str, name: str, head: bytes, part: tuple[int, ...] | None = None,
-                    opening: bytes | None = None) -> Iterator[Document | Rejection | ReadFault]:
-        opening = self._opening(path, head) if opening is None else opening
-        codec = self._text_codec(path, opening)
-        if part is None and is_json_document(opening):
-            records = self._json_document(path, name, compression(head), codec)
+                    encoding: _TextEncoding | None = None) -> Iterator[Document | Rejection | ReadFault]:
+        encoding = self._encoding(path, head) if encoding is None else encoding
+        if part is None and is_json_document(encoding.opening):
+            records = self._json_document(path, name, compression(head), encoding)
             if records is not None:
                 yield from records
                 return
-        for item in self._lines(path, head, part):
+        for item in self._text_lines(path, head, encoding, part):
             if isinstance(item, ReadFault):
                 yield item
                 continue
-            number, raw, complete = item
+            number, raw, complete, codec = item
             if not complete:
                 yield self._raw_rejection(path, name, number, raw, "record_too_large",
                                           f"record exceeds {self.max_record_bytes} bytes")
@@ -622,13 +711,15 @@ class RecordReader:
             yield self._document(record, path, name, number)
 
     @contextlib.contextmanager
-    def _content(self, path: str, kind: str | None) -> Iterator[tuple[BinaryIO, BinaryIO]]:
+    def _content(self, path: str, kind: str | None, utf16: str | None = None) -> Iterator[tuple[BinaryIO, BinaryIO]]:
         """(raw, content): the file's bytes, buffered, and its content, decompressed as `kind`
-        (`cleaning.compression`) says; `raw` itself when None."""
+        (`cleaning.compression`) says (`raw` itself when None), and read as UTF-8 from `utf16`, the
+        UTF-16 codec it is in (`_Utf16AsUtf8`)."""
         with fsspec.open(path, "rb", **(self.storage_options or {})) as raw:
             if isinstance(raw, AbstractBufferedFile):  # object stores: their readline() takes no limit
                 raw = io.BufferedReader(raw, 1 << 20)
-            yield raw, (decompressed(raw, kind) if kind else raw)
+            content = decompressed(raw, kind) if kind else raw
+            yield raw, (io.BufferedReader(_Utf16AsUtf8(content, utf16), 1 << 20) if utf16 else content)
 
     def _opening(self, path: str, head: bytes) -> bytes:
         """The first `JSON_SNIFF_BYTES` of the file's content (decompressed when the bytes say so)."""
@@ -641,27 +732,68 @@ class RecordReader:
                     raise
                 return b""  # damaged: the line reader recovers what it can and reports the rest
 
+    def _encoding(self, path: str, head: bytes) -> _TextEncoding:
+        """How a text file (plain text, JSON, CSV) decodes, from its opening: UTF-16 (`utf16_codec`) is read
+        as UTF-8; the rest as `_text_codec` says."""
+        opening = self._opening(path, head)
+        utf16 = utf16_codec(opening)
+        if utf16 is None:
+            return _TextEncoding(opening, self._text_codec(opening))
+        decoder = codecs.getincrementaldecoder(utf16)("surrogatepass")  # as `_Utf16AsUtf8` reads it
+        return _TextEncoding(decoder.decode(opening).encode("utf-8", "surrogatepass"), "utf-8", utf16)
+
     @staticmethod
-    def _text_codec(path: str, opening: bytes) -> str:
+    def _text_codec(opening: bytes) -> str | None:
         """How a text file's lines (plain text or JSON) decode, from its opening: UTF-8 (its byte-order
-        mark dropped), or, when the opening is mostly not UTF-8, the legacy Chinese encoding it reads as
-        (GB18030, which GBK and GB2312 files are, or Big5-HKSCS; `cleaning.webpage.legacy_codec`). A few
-        bad bytes in UTF-8 text stay UTF-8: those lines are rejected, not read as another encoding."""
+        mark dropped) or a legacy Chinese encoding (`_sniffed_codec`); None when the opening is ASCII and
+        the file goes on after it: ASCII is what every one of these encodings starts with, so the first
+        bytes that are not ASCII decide (`_text_lines`). A GBK file that opens with 64 KiB of English lost
+        its Chinese, each line an `invalid_utf8` rejection."""
         if opening.startswith(codecs.BOM_UTF8):
             return "utf-8-sig"
-        if opening.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-            raise ShardReadError(path, "UTF-16 text (it starts with a UTF-16 byte-order mark), which is not read by "
-                                       "lines; convert it to UTF-8, e.g. `iconv -f UTF-16 -t UTF-8`")
-        sample = opening[:-3] if len(opening) == JSON_SNIFF_BYTES else opening  # not a character cut in two
-        decoded = sample.decode("utf-8", errors="replace")
-        bad = decoded.count("\ufffd")
-        if bad == 0 or bad * 4 < sum(1 for char in decoded if ord(char) > 127):
-            return "utf-8"
-        return legacy_codec(sample, ("gb18030", "big5hkscs"))
+        if len(opening) == JSON_SNIFF_BYTES and opening.isascii():
+            return None
+        return _sniffed_codec(opening, cut=len(opening) == JSON_SNIFF_BYTES)
+
+    def _text_lines(self, path: str, head: bytes, encoding: _TextEncoding, part: tuple[int, ...] | None = None,
+                    cr_lines: bool = False) -> Iterator[tuple[int, bytes, bool, str] | ReadFault]:
+        """`_lines`, each with the codec it decodes with: the file's (`_encoding`), or, when its opening was
+        ASCII, the one that its first lines with other bytes read as (`_sniffed_codec` over up to
+        `JSON_SNIFF_BYTES` of them, held back until then). No line is read twice: a large UTF-8 file costs
+        what it did, one `isascii` a line until its first other byte."""
+        lines = self._lines(path, head, part, encoding.utf16, cr_lines)
+        codec = encoding.codec
+        held: list[tuple[int, bytes, bool] | ReadFault] = []  # from the first line that is not ASCII on
+        size = 0
+
+        def decided() -> Iterator[tuple[int, bytes, bool, str] | ReadFault]:
+            nonlocal codec
+            if not held:
+                return
+            sample = b"".join(item[1] for item in held if not isinstance(item, ReadFault))
+            codec = _sniffed_codec(sample[:JSON_SNIFF_BYTES], cut=len(sample) > JSON_SNIFF_BYTES)
+            yield from (item if isinstance(item, ReadFault) else (*item, codec) for item in held)
+            held.clear()
+
+        try:
+            for item in lines:
+                if codec is None and (held or not (isinstance(item, ReadFault) or item[1].isascii())):
+                    held.append(item)
+                    size += 0 if isinstance(item, ReadFault) else len(item[1])
+                    if size >= JSON_SNIFF_BYTES:
+                        yield from decided()
+                elif isinstance(item, ReadFault):
+                    yield item
+                else:
+                    yield (*item, codec or "utf-8")  # ASCII before the first other byte: UTF-8 reads it
+        except ShardReadError:
+            yield from decided()  # the lines read before the damage are not lost
+            raise
+        yield from decided()
 
     def _undecodable(self, path: str, name: str, line: int, raw: bytes | str, codec: str, at: int,
                      unit: str = "line") -> Rejection:
-        """The rejection of a record that its file's codec (`_text_codec`) does not decode at byte `at` (`raw`:
+        """The rejection of a record that its file's codec (`_text_lines`) does not decode at byte `at` (`raw`:
         its bytes, or its text with the bytes kept as `_ESCAPED_BYTE`)."""
         if isinstance(raw, str):
             raw = raw.encode(codec, "surrogateescape")
@@ -672,13 +804,13 @@ class RecordReader:
                                    unit=unit)
 
     def _json_document(self, path: str, name: str, kind: str | None,
-                       codec: str) -> Iterator[Document | Rejection] | None:
+                       encoding: _TextEncoding) -> Iterator[Document | Rejection] | None:
         """The records of a .json file read whole: one JSON document (an array's elements, or one object),
         or objects one after another (`_json_values`); None when its values are JSON lines after all
         (each on a line of its own: the line reader reads them). An array that does not parse gives the
         elements that do, numbered by line (`_array_elements`); a document in which no record can be told
         apart stops the file, with one message."""
-        with self._content(path, kind) as (_, content):
+        with self._content(path, kind, encoding.utf16) as (_, content):
             try:
                 data = content.read(JSON_DOCUMENT_MAX_BYTES + 1)
             except STREAM_ERRORS as err:
@@ -690,6 +822,11 @@ class RecordReader:
                                        "not read whole; write it as JSON lines (one record per line: "
                                        "`jq -c '.[]' FILE > FILE.jsonl` for an array, `jq -c . FILE > "
                                        "FILE.jsonl` for objects one after another)")
+        codec = encoding.codec
+        if codec is None:  # an ASCII opening: the bytes from the first that is not decide, as in `_text_lines`
+            other = re.search(rb"[^\x00-\x7f]", data)
+            sample = data[other.start():other.start() + JSON_SNIFF_BYTES + 1] if other else b""
+            codec = _sniffed_codec(sample[:JSON_SNIFF_BYTES], cut=len(sample) > JSON_SNIFF_BYTES)
         # Bytes the codec does not decode become lone surrogates, found again per value below.
         text = data.decode(codec, "surrogateescape")
         undecodable = _first_escaped_byte(text, codec)
@@ -794,14 +931,17 @@ class RecordReader:
                 block.clear()
                 block_chars = pieces = 0
 
-        codec = self._text_codec(path, self._opening(path, head))
+        encoding = self._encoding(path, head)
+        # Lines that end with a lone CR (old Mac OS text) are lines too, or a file of them is one block.
+        # Only a file whose opening ends more lines so is read that way: in any other, a stray CR is no line end.
+        cr_lines = len(_LONE_CR.findall(encoding.opening)) > encoding.opening.count(b"\n")
         try:
-            for item in self._lines(path, head):
+            for item in self._text_lines(path, head, encoding, cr_lines=cr_lines):
                 if isinstance(item, ReadFault):
                     yield from flush()
                     yield item
                     continue
-                number, raw, complete = item
+                number, raw, complete, codec = item
                 if not complete:
                     yield from flush()
                     yield self._raw_rejection(path, name, number, raw, "record_too_large",
@@ -880,10 +1020,9 @@ class RecordReader:
         `<doc id=".." url=".." title="..">` and `</doc>` lines, each a document with the id and url of
         its tag (meta `title`, `line`: where the tag is). Text outside any article is one rejection per
         run of lines; an article that the next tag or the file's end cuts short is still read."""
-        opening = self._opening(path, head)
-        codec = self._text_codec(path, opening)
-        if opening.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
-            yield from self._read_jsonl(path, name, head, opening=opening)
+        encoding = self._encoding(path, head)
+        if encoding.opening.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
+            yield from self._read_jsonl(path, name, head, encoding=encoding)
             return
         fields = self.fields
         attrs: dict[str, str] | None = None  # the tag of the article being read
@@ -904,11 +1043,11 @@ class RecordReader:
             lines.clear()
 
         try:
-            for item in self._lines(path, head):
+            for item in self._text_lines(path, head, encoding):
                 if isinstance(item, ReadFault):
                     yield item
                     continue
-                number, raw, complete = item
+                number, raw, complete, codec = item
                 try:
                     line = raw.decode(codec)
                 except UnicodeDecodeError as err:
@@ -947,11 +1086,13 @@ class RecordReader:
         import csv
 
         csv.field_size_limit(max(csv.field_size_limit(), self.max_record_bytes))
-        opening = self._opening(path, head)
-        codec = self._text_codec(path, opening)
+        encoding = self._encoding(path, head)
+        # An ASCII opening decides nothing (`_text_codec`), but the stream the csv module reads decodes with
+        # one codec from its start: UTF-8 (what it read as before the late decision of `_text_lines`).
+        codec = encoding.codec or "utf-8"
         delimiter = "\t" if _suffix(path)[0].startswith(".tsv") else ","
         kind = compression(head)
-        with self._content(path, kind) as (_, stream):
+        with self._content(path, kind, encoding.utf16) as (_, stream):
             lines = _CsvLines(io.TextIOWrapper(stream, encoding=codec, errors="surrogateescape", newline=""))
             rows = csv.reader(lines, delimiter=delimiter)
             try:
@@ -1159,6 +1300,71 @@ class _CsvLines:
 
     def replay(self, lines: list[tuple[int, str]]) -> None:
         self._again.extend(reversed(lines))
+
+
+class _Utf16AsUtf8(io.RawIOBase):
+    """UTF-16 content as UTF-8, for the readers of lines: a 0x0A byte of UTF-16 may be half of any character
+    (上, U+4E0A, is 0A 4E), so its line ends cannot be found in its bytes; as UTF-8 they are, and every reader
+    reads it as it reads a UTF-8 file. A unit that is not UTF-16 (a lone surrogate, an odd last byte) comes
+    out as bytes that are not UTF-8, so that its line is rejected rather than changed."""
+
+    def __init__(self, source: BinaryIO, codec: str):
+        self._source = source
+        self._decoder = codecs.getincrementaldecoder(codec)("surrogatepass")
+        self._out = b""  # decoded, not yet handed out from `_at` on
+        self._at = 0
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._at == len(self._out) and not self._done:
+            data = self._source.read(1 << 20)
+            self._done = not data
+            try:
+                text = self._decoder.decode(data, final=self._done)
+            except UnicodeDecodeError:  # the content ends inside a unit
+                self._out, self._at = b"\xff", 0
+                continue
+            self._out, self._at = text.encode("utf-8", "surrogatepass"), 0
+        n = min(len(buffer), len(self._out) - self._at)
+        buffer[:n] = memoryview(self._out)[self._at:self._at + n]
+        self._at += n
+        return n
+
+
+# A line end: LF, CRLF, or a CR on its own.
+_LINE_END = re.compile(rb"\r\n?|\n")
+
+
+class _CrLines:
+    """The lines of a stream (of `readline(limit)`) that end at a lone CR too, as Mac OS before X ended them,
+    and at LF and CRLF as before; a lone CR comes out as LF, so that what reads the lines finds their end."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+        self._buffer = bytearray()
+        self._eof = False
+
+    def readline(self, limit: int) -> bytes:
+        searched = 0
+        while True:
+            end = _LINE_END.search(self._buffer, searched)
+            if end is not None and end.start() < limit:
+                lone_cr = end.group() == b"\r"
+                if not (lone_cr and end.end() == len(self._buffer) and not self._eof):  # else: a CRLF's first half?
+                    line = bytes(self._buffer[:end.start()]) + b"\n" if lone_cr else bytes(self._buffer[:end.end()])
+                    del self._buffer[:end.end()]
+                    return line
+            elif len(self._buffer) >= limit or self._eof:
+                line = bytes(self._buffer[:limit])
+                del self._buffer[:limit]
+                return line
+            searched = max(len(self._buffer) - 1, 0)
+            more = self._stream.readline(1 << 20)
+            self._eof = not more
+            self._buffer += more
 
 
 class _TruncatedStream(Exception):

@@ -192,6 +192,37 @@ def test_bad_inputs_are_reported_and_the_rest_finishes(raw, tmp_path):
     assert manifest["totals"]["input"] == manifest["totals"]["kept"] + manifest["totals"]["rejected"]
 
 
+def test_shards_cleaned_by_an_older_reader_are_not_reused(tmp_path, monkeypatch):
+    """The clean cache keyed on rules and options only: after the readers changed how they read a file (UTF-16
+    without a byte-order mark, an encoding decided after an ASCII opening), a build reused what the older
+    reader made of it."""
+    import cleaning.build
+
+    build = CorpusBuild([str(tmp_path)], str(tmp_path / "out"), config())
+    before = build.clean_fingerprint()
+    monkeypatch.setattr(cleaning.build, "READER_REVISION", cleaning.build.READER_REVISION + 1)
+    assert build.clean_fingerprint() != before
+
+
+def test_an_empty_corpus_is_named_among_the_problems(tmp_path):
+    """A build of empty files, or one that rejected every document, exited 0 with nothing under `problems:`:
+    an empty corpus looked like a finished one."""
+    from cleaning.build import input_problems
+
+    (tmp_path / "empty").mkdir()
+    for name in ("a.jsonl", "b.txt"):
+        (tmp_path / "empty" / name).write_bytes(b"")
+    manifest = run_local(CorpusBuild([str(tmp_path / "empty")], str(tmp_path / "none"), config()))
+    assert manifest["totals"]["input"] == 0
+    assert input_problems(manifest) == ["empty corpus: the inputs hold no document"]
+
+    write_jsonl(tmp_path / "short" / "a.jsonl", [{"text": "太短的文本。"}] * 3 + [{"text": "\x00"}])
+    manifest = run_local(CorpusBuild([str(tmp_path / "short")], str(tmp_path / "rejected"), config()))
+    assert (manifest["totals"]["input"], manifest["totals"]["kept"]) == (4, 0)
+    assert input_problems(manifest) == ["empty corpus: all 4 documents were rejected (min_length 3, "
+                                        "control_characters 1; manifest.json, rejected_by_rule)"]
+
+
 def test_per_source_overrides(raw, tmp_path):
     def build(sources, name):
         cfg = CorpusConfig.model_validate({"rules": RULES_ONLY, "dedup": {"exact": False, "fuzzy": False},

@@ -182,14 +182,14 @@ def test_cli_runs_the_flow(prefect_api, raw, tmp_path, capsys):
     preset.write_text(json.dumps({"rules": RULES_ONLY}), encoding="utf-8")
     other = tmp_path / "other"
     other.mkdir()
-    (other / "notes.txt").write_bytes("今天天气很好。\n".encode("utf-16"))
+    (other / "notes.txt").write_bytes(b"PK\x03\x04" + bytes(26))  # a zip archive under a text name
     (other / "scan.pdf").write_bytes(b"%PDF-1.4")
     assert main(["corpus", "build", str(raw / "part-*.jsonl"), str(other), "--output", str(tmp_path / "out"),
                  "--preset", str(preset), "--workers", "1"]) == 0
     err = capsys.readouterr().err
     assert "33 documents in" in err
     summary = err[err.index("33 documents in"):]
-    assert "problems:\n    unreadable: " in summary and "notes.txt: UTF-16 text" in summary
+    assert "problems:\n    unreadable: " in summary and "notes.txt: a zip archive" in summary
     assert "not read: 1 file(s) of a kind no reader takes (1 .pdf" in summary
     assert (tmp_path / "out" / "data" / "part-00002.parquet").exists()
 
