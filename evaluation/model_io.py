@@ -50,7 +50,12 @@ def imported_from(checkpoint: str | os.PathLike[str]) -> dict | None:
     """What `pangu model import` recorded of a released checkpoint the export was made from, if it was."""
     from pangu_model.released import PROVENANCE_FILE
 
-    path = Path(checkpoint) / PROVENANCE_FILE
+    return _json_beside(checkpoint, PROVENANCE_FILE)
+
+
+def _json_beside(checkpoint: str | os.PathLike[str], name: str) -> dict | None:
+    """The JSON file `name` of an export, None when it has none; a damaged one is one clear error."""
+    path = Path(checkpoint) / name
     if not path.is_file():
         return None
     try:
@@ -98,13 +103,7 @@ def load_model(checkpoint: str | os.PathLike[str], device: str = "cpu", dtype: t
 def read_domains(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The export's `domains.json` (domain names ↔ ids and training tokens per domain, the tokenizer's
     fingerprint), if it has one."""
-    path = Path(checkpoint) / DOMAINS_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not readable JSON: {exc}") from None
+    return _json_beside(checkpoint, DOMAINS_FILE)
 
 
 def trained_tokenizer_sha256(checkpoint: str | os.PathLike[str]) -> str | None:
