@@ -695,7 +695,8 @@ def describe_work(work: dict[str, Any]) -> str:
     return line
 
 
-def input_problems(manifest: dict[str, Any], shown: int = 5, unsupported: bool = True) -> list[str]:
+def input_problems(manifest: dict[str, Any], shown: int = 5, unsupported: bool = True,
+                   empty: bool = True) -> list[str]:
     """Lines for the closing summary of a build, naming the inputs that were not read in full (status:
     error, as the log said shard by shard), with `unsupported` the files no reader takes, and a corpus
     that kept no document (its inputs held none, or every one was rejected: a build that exits 0 with
@@ -707,14 +708,20 @@ def input_problems(manifest: dict[str, Any], shown: int = 5, unsupported: bool =
     found = manifest.get("unsupported_files") or {}
     if unsupported and found.get("files"):
         lines.append(f"not read: {describe_unsupported(found)}")
+    said = empty_corpus(manifest) if empty else None
+    return lines + ([said] if said else [])
+
+
+def empty_corpus(manifest: dict[str, Any]) -> str | None:
+    """One line when the build kept no document (its inputs held none, or every one was rejected), else None."""
     totals = manifest["totals"]
     if not totals["input"]:
-        lines.append("empty corpus: the inputs hold no document")
-    elif not totals["kept"]:
+        return "empty corpus: the inputs hold no document"
+    if not totals["kept"]:
         reasons = ", ".join(f"{reason} {n}" for reason, n in list(manifest["rejected_by_rule"].items())[:3])
-        lines.append(f"empty corpus: all {totals['input']} documents were rejected ({reasons}; "
-                     "manifest.json, rejected_by_rule)")
-    return lines
+        return (f"empty corpus: all {totals['input']} documents were rejected ({reasons}; "
+                "manifest.json, rejected_by_rule)")
+    return None
 
 
 class _Candidates:

@@ -15,7 +15,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from cleaning.build import CorpusBuild, describe_work, input_problems
+from cleaning.build import CorpusBuild, describe_work, empty_corpus, input_problems
 from cleaning.inputs import describe_unsupported, unsupported_summary
 from cleaning.outputs import check_output_uri
 from cleaning.pipeline import check_steps
@@ -83,7 +83,9 @@ def run_build(build: CorpusBuild, map_stage: Mapper, log: Callable[[str], None] 
     unread = sum(1 for entry in manifest["inputs"] if entry.get("error"))
     if unread:  # said shard by shard above (the files no reader takes, at the start); gathered here
         warn(f"{unread} of {len(manifest['inputs'])} inputs not read in full:\n  "
-             + "\n  ".join(input_problems(manifest, unsupported=False)))
+             + "\n  ".join(input_problems(manifest, unsupported=False, empty=False)))
+    if said := empty_corpus(manifest):  # it exits 0, like any finished build: the log says what it holds
+        warn(said)
     return manifest
 
 

@@ -116,7 +116,7 @@ def pipeline(inputs: list[str], root: str = "runs", corpus_config: CorpusConfig 
     problems = [f"- {line}" for line in corpus["problems"]]
     create_markdown_artifact(key="pipeline-summary", markdown="\n".join(
         ["# Pipeline run", ""] + [f"- **{k}**: `{v}`" for k, v in summary.items()]
-        + (["", "## Inputs not read in full", ""] + problems if problems else [])))
+        + (["", "## Corpus problems (inputs not read in full, an empty corpus)", ""] + problems if problems else [])))
     return {**summary, "corpus_problems": corpus["problems"]}
 
 
@@ -132,7 +132,7 @@ def pipeline_from_cli(args: argparse.Namespace) -> int:
         if key != "corpus_problems":
             print(f"  {key:>10}: {value}", file=sys.stderr)
     if result["corpus_problems"]:
-        print("\ninputs the corpus could not read in full:\n  " + "\n  ".join(result["corpus_problems"]),
+        print("\ncorpus problems:\n  " + "\n  ".join(result["corpus_problems"]),
               file=sys.stderr)
     if result["results"]:
         results = json.loads(Path(result["results"]).read_text(encoding="utf-8"))

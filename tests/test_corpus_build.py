@@ -212,9 +212,11 @@ def test_an_empty_corpus_is_named_among_the_problems(tmp_path):
     (tmp_path / "empty").mkdir()
     for name in ("a.jsonl", "b.txt"):
         (tmp_path / "empty" / name).write_bytes(b"")
-    manifest = run_local(CorpusBuild([str(tmp_path / "empty")], str(tmp_path / "none"), config()))
+    heard: list[str] = []
+    manifest = run_local(CorpusBuild([str(tmp_path / "empty")], str(tmp_path / "none"), config()), log=heard.append)
     assert manifest["totals"]["input"] == 0
     assert input_problems(manifest) == ["empty corpus: the inputs hold no document"]
+    assert "empty corpus: the inputs hold no document" in heard  # the build's log says it too
 
     write_jsonl(tmp_path / "short" / "a.jsonl", [{"text": "太短的文本。"}] * 3 + [{"text": "\x00"}])
     manifest = run_local(CorpusBuild([str(tmp_path / "short")], str(tmp_path / "rejected"), config()))
