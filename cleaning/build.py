@@ -690,8 +690,10 @@ def describe_work(work: dict[str, Any]) -> str:
     line = (f"cleaned {work['cleaned']} of {n} shards, signed {work['signed_documents']} documents "
             f"({work['signed_shards']} shards), finalized {work['finalized']} shards; "
             f"{work['data_files_from_previous']} data files the same as the previous version's")
-    if work.get("dedup") and not work["dedup"]["previous"]:
-        line += f"; dedup index built afresh ({work['dedup']['not_extended_because']})"
+    dedup = work.get("dedup") or {}
+    # Said when a previous version's index could not be extended (not of every first build and its reruns)
+    if dedup and not dedup["previous"] and dedup.get("not_extended_because") != dedup_index.NO_PREVIOUS_INDEX:
+        line += f"; dedup index built afresh ({dedup['not_extended_because']})"
     return line
 
 

@@ -129,11 +129,14 @@ def write_plan(work: str, version: str, shards: Sequence[dict[str, Any]], previo
     fs, root = dedup._fs(version_dir(work, version))
     if fs.exists(f"{root}/index.json"):
         return _load_json(fs, f"{root}/plan.json")
-    reason = _unusable(work, version, shards, previous, config) if previous else "no previous version with an index"
+    reason = _unusable(work, version, shards, previous, config) if previous else NO_PREVIOUS_INDEX
     plan = {"shards": list(shards), "previous": None if reason else previous, "reason": reason,
             "config": config.fingerprint()}
     _save_json(fs, f"{root}/plan.json", plan)
     return plan
+
+
+NO_PREVIOUS_INDEX = "no previous version with an index"  # a first build: its index is its own, as expected
 
 
 def _unusable(work: str, version: str, shards: Sequence[dict[str, Any]], previous: str,

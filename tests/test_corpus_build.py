@@ -192,6 +192,18 @@ def test_bad_inputs_are_reported_and_the_rest_finishes(raw, tmp_path):
     assert manifest["totals"]["input"] == manifest["totals"]["kept"] + manifest["totals"]["rejected"]
 
 
+def test_the_work_line_names_an_index_that_could_not_extend_the_previous_one_only():
+    """Every rerun of a first build said 'dedup index built afresh (no previous version with an index)'."""
+    from cleaning.build import describe_work
+    from cleaning.dedup_index import NO_PREVIOUS_INDEX
+
+    work = {"shards": 2, "cleaned": 0, "signed_documents": 0, "signed_shards": 0, "finalized": 0,
+            "data_files_from_previous": 0, "dedup": {"previous": None, "not_extended_because": NO_PREVIOUS_INDEX}}
+    assert "dedup index" not in describe_work(work)
+    work["dedup"]["not_extended_because"] = "its dedup config differs"
+    assert describe_work(work).endswith("; dedup index built afresh (its dedup config differs)")
+
+
 def test_shards_cleaned_by_an_older_reader_are_not_reused(tmp_path, monkeypatch):
     """The clean cache keyed on rules and options only: after the readers changed how they read a file (UTF-16
     without a byte-order mark, an encoding decided after an ASCII opening), a build reused what the older
