@@ -158,7 +158,8 @@ def is_json_document(opening: bytes) -> bool:
 
 # Raised when the readers give other documents for the same bytes (cleaning.build's clean cache keys on it):
 # 2 reads UTF-16 without a byte-order mark, decides the encoding of an ASCII opening by its first other bytes,
-# ends lines at lone CRs, and names generic shard files (part-00000) after their folder.
+# ends lines at lone CRs, names generic shard files (part-00000) after their folder, and drops the blanks
+# around a record's source and domain names.
 READER_REVISION = 2
 
 # A surrogate left alone by a UTF-16 decoder ("surrogatepass"): a unit that is not UTF-16.
@@ -299,6 +300,16 @@ def _field_text(value: Any) -> str:
     if isinstance(value, (list, tuple, dict)):
         return json.dumps(value, ensure_ascii=False, default=str)
     return str(value)
+
+
+def _name_text(*values: Any) -> str:
+    """A source or domain name: the first of `values` with text, its surrounding blanks dropped (" web " and
+    "web" are one domain, one set of PanGu-Σ experts, not two)."""
+    for value in values:
+        text = _field_text(value).strip() if value is not None else ""
+        if text:
+            return text
+    return ""
 
 
 def _preview(raw: bytes | str, limit: int = 2000) -> str:
@@ -548,8 +559,8 @@ class RecordReader:
         writable_path, base = _path_names(path)
         rid = record.get(f.id)
         doc_id = _field_text(rid) if rid not in (None, "") else generated_id(name, line, piece)
-        source = _field_text(record.get(f.source) or record.get(f.domain) or self.default_domain or base)
-        domain = _field_text(record.get(f.domain) or record.get(f.source) or self.default_domain or base)
+        source = _name_text(record.get(f.source), record.get(f.domain), self.default_domain, base)
+        domain = _name_text(record.get(f.domain), record.get(f.source), self.default_domain, base)
         url = record.get(f.url)
         url = _field_text(url) if url else None
         meta = {"input": writable_path, **({unit: line} if line is not None else {}), **(meta or {})}

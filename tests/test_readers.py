@@ -53,6 +53,17 @@ def test_an_id_domain_or_source_that_is_no_string_is_stored_as_json_text(tmp_pat
     assert (second.id, second.domain, second.source) == ("3.5", "True", "True")
 
 
+def test_blanks_around_a_domain_or_source_name_make_no_other_domain(tmp_path):
+    """" web " and "web" were two domains (two sets of PanGu-Σ experts); a blank name fell to nothing."""
+    text = abstracts()[0]
+    path = _jsonl(tmp_path / "named.jsonl", [
+        {"text": text, "domain": " web ", "source": "新闻\t"}, {"text": text, "domain": "web"},
+        {"text": text, "domain": "  ", "source": "论坛"}, {"text": text, "domain": 0},
+    ])
+    docs = list(RecordReader().read(path))
+    assert [(d.domain, d.source) for d in docs] == [("web", "新闻"), ("web", "web"), ("论坛", "论坛"), ("0", "0")]
+
+
 def test_corrupt_json_and_invalid_utf8_are_rejected_with_file_and_line(tmp_path):
     good = json.dumps({"text": abstracts()[0]}, ensure_ascii=False).encode()
     path = tmp_path / "bad.jsonl"
