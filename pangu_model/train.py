@@ -765,6 +765,8 @@ class Trainer:
                                                   config.validation_rows)
         self.domain_names = dict(self.dataset.shards.domain_names)
         self.num_domains = max(self.domain_names, default=-1) + 1
+        if self.validation and self.rank == 0:
+            self._say_unvalidated_domains()
         if self.pipeline_loss is not None:
             self.pipeline_loss.num_domains = max(1, self.num_domains)
         self._check_domains()
@@ -917,6 +919,19 @@ class Trainer:
             theirs = dist.get_process_group_ranks(group)
             if theirs not in ours:
                 raise RuntimeError(f"DeepSpeed {what} group {theirs} is not one of the topology's {ours}")
+
+    def _say_unvalidated_domains(self) -> None:
+        """A domain of fewer than two documents has none to hold out (tokenizer.dataset.held_out): its
+        validation loss is missing from every report, which the log says once rather than leave silent."""
+        import numpy as np
+
+        validated = {int(example["domain_ids"][0]) for example in self.validation}
+        trained = {int(d) for d in np.unique(self.dataset.shards.doc_domains)}
+        missing = sorted(trained - validated)
+        if missing:
+            names = ", ".join(str(self.domain_names.get(d, d)) for d in missing[:5]) + (", ..." if len(missing) > 5 else "")
+            print(f"pangu_model.train: no validation loss for {len(missing)} domain(s), {names}: too few documents "
+                  f"(or tokens) to hold any out", flush=True)
 
     def _check_domains(self) -> None:
         if self.pangu.router != "rre":

@@ -385,3 +385,21 @@ def test_two_ranks_agree_to_keep_the_export_of_a_finished_run() -> None:
     again = run_torchrun(path, timeout=120)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert (weights.stat().st_ino, weights.stat().st_mtime_ns) == (made.st_ino, made.st_mtime_ns)
+
+
+def test_a_domain_too_small_to_hold_documents_out_is_named_once(capsys) -> None:
+    """A domain of one document has no validation loss (tokenizer.dataset.held_out): every report lacked it
+    without a word."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from tokenizer.dataset import make_example
+
+    trainer = SimpleNamespace(
+        validation=[make_example(np.arange(9), 0), make_example(np.arange(9), 2)],
+        dataset=SimpleNamespace(shards=SimpleNamespace(doc_domains=np.array([0, 0, 1, 2, 2, 3]))),
+        domain_names={0: "news", 1: "manual", 2: "web", 3: "poetry"})
+    Trainer._say_unvalidated_domains(trainer)
+    assert capsys.readouterr().out == ("pangu_model.train: no validation loss for 2 domain(s), manual, poetry: too few "
+                                       "documents (or tokens) to hold any out\n")
