@@ -293,7 +293,7 @@ def export_hf(
     """Write `export` (model.safetensors + config.json + tokenizer, our format) as a transformers directory.
     A bad export, output, domain or tokenizer is refused before the weights are read or anything is written."""
     from cleaning.outputs import check_replaceable
-    from evaluation.model_io import choose_domain, find_tokenizer, load_model, model_config
+    from evaluation.model_io import choose_domain, find_tokenizer, load_model, load_tokenizer, model_config
     from evaluation.report import require_output_dir
     from tokenizer.hf import load_hf
     from tokenizer.pack import DOMAINS_FILE
@@ -305,10 +305,9 @@ def export_hf(
     require_output_dir(output)
     check_replaceable(output, "a transformers directory", _is_transformers_directory)
     chosen = choose_domain(export, pangu_config, domain)
+    # As evaluation loads it: pieces the model has embeddings for, and the tokenizer the export was trained with
+    load_tokenizer(export, pangu_config, tokenizer).close()
     hf_tokenizer = load_hf(find_tokenizer(export, tokenizer))
-    usable = pangu_config.tokenizer_pieces or pangu_config.vocab_size
-    if len(hf_tokenizer) > usable:
-        raise ValueError(f"tokenizer has {len(hf_tokenizer)} pieces but the model only {usable} token embeddings")
     model = load_model(export, dtype=dtype)
 
     hf_tokenizer.model_max_length = model.config.max_seq_len

@@ -173,7 +173,7 @@ def exports(tmp_path_factory) -> dict[str, Path]:
             "other_sha": other.fingerprint, "bare": checkpoint_dir()}
 
 
-@pytest.mark.parametrize("command", ["eval", "generate"])
+@pytest.mark.parametrize("command", ["eval", "generate", "export-hf"])
 def test_a_tokenizer_other_than_the_trained_one_is_refused(command, exports, tmp_path, monkeypatch, capsys) -> None:
     """`--tokenizer` of the same size but other content was accepted, and the scores and text were garbage."""
     import evaluation.model_io
@@ -186,12 +186,14 @@ def test_a_tokenizer_other_than_the_trained_one_is_refused(command, exports, tmp
 
     monkeypatch.setattr(evaluation.model_io, "load_checkpoint", weights_read)
     (tmp_path / "data").mkdir()
-    args = (["eval", "--checkpoint", str(exports["export"]), "--data-dir", str(tmp_path / "data"), "--output",
-             str(tmp_path / "out")] if command == "eval" else ["model", "generate", str(exports["export"])])
+    args = {"eval": ["eval", "--checkpoint", str(exports["export"]), "--data-dir", str(tmp_path / "data"),
+                     "--output", str(tmp_path / "out")],
+            "generate": ["model", "generate", str(exports["export"])],
+            "export-hf": ["model", "export-hf", str(exports["export"]), "--output", str(tmp_path / "out")]}[command]
     assert main([*args, "--tokenizer", str(exports["other"])]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"pangu {'eval' if command == 'eval' else 'model generate'}: "
-                                                   f"error: tokenizer {exports['other']}"), lines
+    name = {"eval": "eval", "generate": "model generate", "export-hf": "model export-hf"}[command]
+    assert len(lines) == 1 and lines[0].startswith(f"pangu {name}: error: tokenizer {exports['other']}"), lines
     assert f"sha256 {exports['other_sha'][:12]}…" in lines[0] and f"sha256 {exports['own'][:12]}…" in lines[0]
     assert not (tmp_path / "out").exists()
 
