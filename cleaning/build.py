@@ -54,7 +54,7 @@ from cleaning.document import (KEPT_SCHEMA, REJECTED_SCHEMA, Document, Rejection
 from cleaning.inputs import (InputShard, content_hash, expand_inputs, file_signature, hash_and_split, input_names,
                              describe_unsupported, require_some_input, unsupported_summary)
 from cleaning.pipeline import CleaningChain
-from cleaning.readers import READER_REVISION, FieldMap, ReadFault, RecordReader, ShardReadError
+from cleaning.readers import READER_REVISION, FieldMap, ReadFault, RecordReader, ShardReadError, shard_name
 from cleaning.stats import ShardStats
 from cleaning.temporaries import remove_orphaned_temporaries
 from cleaning.writers import ParquetShardWriter, link_or_copy, read_json, write_json_atomic
@@ -206,8 +206,11 @@ class CorpusBuild:
         return self.fs.exists(fsspec.core.url_to_fs(uri)[1])
 
     def clean_dir(self, shard: InputShard) -> str:
-        """Keyed by content and name (the name is in every generated id the shard holds), and part."""
-        key = _hash_json([shard.content_hash or shard.uri, shard.name] + ([list(shard.part)] if shard.part else []))[:24]
+        """Keyed by content and name (the name is in every generated id the shard holds), part, and the source
+        and domain its documents take when they name none (`shard_name`: a `part-00000.jsonl` takes its
+        folder's name, which its relative name need not hold)."""
+        key = _hash_json([shard.content_hash or shard.uri, shard.name, shard_name(shard.uri)]
+                         + ([list(shard.part)] if shard.part else []))[:24]
         return f"{self.work}/clean/{key}-{self.clean_fingerprint()[:12]}"
 
     def relative(self, uri: str) -> str:

@@ -299,8 +299,8 @@ def hash_and_split(uri: str, shard_bytes: int, storage_options: dict | None = No
     newline at or past every `shard_bytes`, and each part records the lines before it (so ids,
     `NAME:LINE`, are the same as when the file is read whole); a Parquet file is cut between row
     groups of about `shard_bytes` compressed bytes. Compressed streams, plain text, web pages, a .json file that is one
-    JSON document (`cleaning.readers.is_json_document`) and UTF-16 (`cleaning.readers.utf16_codec`: a 0x0A byte
-    of it need not end a line) stay whole."""
+    JSON document (`cleaning.readers.is_json_document`), UTF-16 (`cleaning.readers.utf16_codec`: a 0x0A byte
+    of it need not end a line) and a file whose first `JSON_SNIFF_BYTES` are ASCII stay whole."""
     h = xxhash.xxh3_128()
     size = lines = 0
     cuts: list[tuple[int, int]] = []  # (byte offset just after a newline, lines before it)
@@ -311,9 +311,12 @@ def hash_and_split(uri: str, shard_bytes: int, storage_options: dict | None = No
             block = fh.read(chunk)
             if not block:
                 break
-            if size == 0 and (compression(block) or block.startswith(PARQUET_MAGIC)
-                              or is_json_document(block[:JSON_SNIFF_BYTES]) or utf16_codec(block[:JSON_SNIFF_BYTES])):
-                splittable = False  # read whole: a stream, row groups (below), one JSON value, or UTF-16
+            opening = block[:JSON_SNIFF_BYTES]
+            if size == 0 and (compression(block) or block.startswith(PARQUET_MAGIC) or is_json_document(opening)
+                              or utf16_codec(opening) or (len(block) > len(opening) and opening.isascii())):
+                # read whole: a stream, row groups (below), one JSON value, UTF-16, or an ASCII opening, whose
+                # encoding its first other bytes decide (cleaning.readers: each part would decide its own)
+                splittable = False
             h.update(block)
             if splittable:
                 while size + len(block) > target:

@@ -137,7 +137,9 @@ def is_json_document(opening: bytes) -> bool:
     start = opening.lstrip(b"\xef\xbb\xbf").lstrip()
     if start.startswith(b"["):
         return True
-    if _LONE_BRACE.search(start):
+    # An opening cut just after `\n{` ends in a lone brace that opens the next JSON line: complete lines only
+    whole = start if len(opening) < JSON_SNIFF_BYTES else start[: start.rfind(b"\n") + 1]
+    if _LONE_BRACE.search(whole):
         return True
     if not start.startswith(b"{"):
         return False
@@ -187,8 +189,8 @@ def utf16_codec(opening: bytes) -> str | None:
     Where both byte orders pass, the one with more characters of text wins."""
     if opening.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return "utf-16"
-    if b"\x00" not in opening:
-        return None
+    if opening.count(b"\x00") * 2048 < len(opening):
+        return None  # none, or strays: UTF-16 has one in every character below U+0100, a line end among them
     line_ends = opening.count(b"\n")
     found: list[tuple[int, str]] = []
     for codec in ("utf-16-le", "utf-16-be"):
@@ -202,6 +204,14 @@ def utf16_codec(opening: bytes) -> str | None:
     return max(found)[1] if found else None
 
 
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _sniffed_codec(sample: bytes, cut: bool) -> str:
     """The codec of text whose bytes start with `sample` (`cut`: it ends where the content goes on, maybe
     inside a character): UTF-8, or, when the sample is mostly not UTF-8, the legacy Chinese encoding it
@@ -211,6 +221,12 @@ def _sniffed_codec(sample: bytes, cut: bool) -> str:
     decoded = sample.decode("utf-8", errors="replace")
     bad = decoded.count("\ufffd")
     if bad == 0 or bad * 4 < sum(1 for char in decoded if ord(char) > 127):
+        return "utf-8"
+    # Or most of its lines with other bytes than ASCII are UTF-8: a damaged line among a few others, in a
+    # mostly English stretch, outvotes them by its bytes but not by its lines. (A GBK or Big5 line of more
+    # than a character or two is never UTF-8.)
+    others = [line for line in sample.split(b"\n")[: -1 if cut else None] if not line.isascii()]
+    if 2 * sum(1 for line in others if _is_utf8(line)) > len(others):
         return "utf-8"
     return legacy_codec(sample, ("gb18030", "big5hkscs"))
 
@@ -222,8 +238,9 @@ _NO_SOURCE_FOLDERS = _SPLIT_NAMES | {"data"}
 # A file name that only counts shards (without its suffixes): `part-00000`, `part-r-00000` (Hadoop),
 # `part-00000-<uuid>-c000.snappy` (Spark), `data-00000-of-00001` (`datasets.save_to_disk`),
 # `train-00000-of-00012-<hash>` (the Hub), `shard_07`, `chunk-3`, `00012`.
-_SHARD_COUNTER = re.compile(r"(?:(?:part|data|shard|chunk|train|validation|valid|dev|test)(?:-[rm])?[-_.]?)?"
-                            r"\d+(?:-of-\d+)?(?:-[0-9a-f]{8,}(?:-[0-9a-f]{4,})*)?(?:-c\d+)?"
+# A bare number counts shards only zero-padded: `2021.jsonl` and `2022.jsonl` are two years, two sources.
+_SHARD_COUNTER = re.compile(r"(?:(?:part|data|shard|chunk|train|validation|valid|dev|test)(?:-[rm])?[-_.]?\d+|0\d+)"
+                            r"(?:-of-\d+)?(?:-[0-9a-f]{8,}(?:-[0-9a-f]{4,})*)?(?:-c\d+)?"
                             r"(?:\.(?:snappy|zstd|gz|lz4|brotli))?", re.IGNORECASE)
 # WikiExtractor's output files (`text/AA/wiki_00`, `wiki_00.bz2` with --compress), which have no suffix:
 # the tool every Chinese Wikipedia corpus is made with.
@@ -306,7 +323,7 @@ def _name_text(*values: Any) -> str:
     """A source or domain name: the first of `values` with text, its surrounding blanks dropped (" web " and
     "web" are one domain, one set of PanGu-Σ experts, not two)."""
     for value in values:
-        text = _field_text(value).strip() if value is not None else ""
+        text = _field_text(value).strip() if value else ""  # 0, False, [] and {} name nothing, as before
         if text:
             return text
     return ""
@@ -797,8 +814,8 @@ class RecordReader:
                     yield item
                 else:
                     yield (*item, codec or "utf-8")  # ASCII before the first other byte: UTF-8 reads it
-        except ShardReadError:
-            yield from decided()  # the lines read before the damage are not lost
+        except Exception:  # damage, or a read error of the filesystem: the lines before it are not lost
+            yield from decided()
             raise
         yield from decided()
 
@@ -944,8 +961,8 @@ class RecordReader:
 
         encoding = self._encoding(path, head)
         # Lines that end with a lone CR (old Mac OS text) are lines too, or a file of them is one block.
-        # Only a file whose opening ends more lines so is read that way: in any other, a stray CR is no line end.
-        cr_lines = len(_LONE_CR.findall(encoding.opening)) > encoding.opening.count(b"\n")
+        # Only a file whose opening has no LF is read that way: in any other, a CR is no line end (ids stay).
+        cr_lines = b"\n" not in encoding.opening and _LONE_CR.search(encoding.opening) is not None
         try:
             for item in self._text_lines(path, head, encoding, cr_lines=cr_lines):
                 if isinstance(item, ReadFault):

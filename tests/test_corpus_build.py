@@ -216,6 +216,17 @@ def test_shards_cleaned_by_an_older_reader_are_not_reused(tmp_path, monkeypatch)
     assert build.clean_fingerprint() != before
 
 
+def test_a_shard_named_by_its_folder_is_not_reused_under_another_folder(tmp_path):
+    """The clean cache keyed on content and relative name: `weibo/part-00000.jsonl` given as `weibo/`, then the
+    same file as `zhihu/part-00000.jsonl`, kept the domain weibo."""
+    records = [{"text": t} for t in long_documents(4)]
+    out = tmp_path / "corpus"
+    for folder in ("weibo", "zhihu"):
+        write_jsonl(tmp_path / folder / "part-00000.jsonl", records)
+        run_local(CorpusBuild([str(tmp_path / folder)], str(out), config()))
+        assert {row["domain"] for row in read_rows(out / "data")} == {folder}
+
+
 def test_an_empty_corpus_is_named_among_the_problems(tmp_path):
     """A build of empty files, or one that rejected every document, exited 0 with nothing under `problems:`:
     an empty corpus looked like a finished one."""

@@ -61,7 +61,8 @@ def test_blanks_around_a_domain_or_source_name_make_no_other_domain(tmp_path):
         {"text": text, "domain": "  ", "source": "论坛"}, {"text": text, "domain": 0},
     ])
     docs = list(RecordReader().read(path))
-    assert [(d.domain, d.source) for d in docs] == [("web", "新闻"), ("web", "web"), ("论坛", "论坛"), ("0", "0")]
+    # 0, False, [] and {} name nothing, as before: the file's name
+    assert [(d.domain, d.source) for d in docs] == [("web", "新闻"), ("web", "web"), ("论坛", "论坛"), ("named", "named")]
 
 
 def test_corrupt_json_and_invalid_utf8_are_rejected_with_file_and_line(tmp_path):

@@ -222,3 +222,109 @@ def _bad_line(path):
 def test_utf16_codec_names_the_mark():
     assert utf16_codec(codecs.BOM_UTF16_LE + "文".encode("utf-16-le")) == "utf-16"
     assert utf16_codec(codecs.BOM_UTF16_BE + "文".encode("utf-16-be")) == "utf-16"
+
+
+# -- what a review of the above found ------------------------------------------------------------------------
+def test_a_stray_nul_in_english_utf8_does_not_make_it_utf16(tmp_path):
+    """English read as UTF-16 is mostly 'text' (lowercase pairs are ideographs): one NUL made a file UTF-16,
+    and 200 records became 2 rejections."""
+    para = "the quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun " * 25
+    data = "".join(json.dumps({"text": f"doc {i} {para}"}) + "\n" for i in range(200)).encode()
+    newline = [i for i, byte in enumerate(data) if byte == 10][2]
+    for nul in (b"\x00", b"x\x00"):  # just before a line end, at an even or an odd offset
+        (tmp_path / "nul.jsonl").write_bytes(data[:newline] + nul + data[newline:])
+        assert utf16_codec((tmp_path / "nul.jsonl").read_bytes()[:JSON_SNIFF_BYTES]) is None
+        out = _read(tmp_path / "nul.jsonl")
+        assert sum(isinstance(o, Document) for o in out) == 199 and len(out) == 200
+
+
+def test_a_damaged_line_after_an_ascii_opening_does_not_decide_the_rest(tmp_path):
+    """The late decision over a mostly English stretch went by bytes: one cp1252 line outvoted the UTF-8 lines
+    after it, and every 'café' became 'cafÃ©'."""
+    english = "".join(f"This is an English line number {i} of a plain ASCII opening.\n" for i in range(1500))
+    damaged = "He said \x93hello\x94 and \x93bye\x94.\n".encode("latin-1")
+    rest = "".join(f"Line {i}: we met at the café.\n" if i % 500 == 0 else f"Plain line {i}.\n" for i in range(6000))
+    (tmp_path / "late.txt").write_bytes(english.encode() + damaged + rest.encode())
+    out = _read(tmp_path / "late.txt", txt_split="line")
+    rejected = [o for o in out if isinstance(o, Rejection)]
+    assert [o.doc.meta["line"] for o in rejected] == [1501] and rejected[0].reason == "invalid_utf8"
+    assert [o.text for o in out if isinstance(o, Document) and "caf" in o.text][:1] == ["Line 0: we met at the café."]
+
+
+def test_a_file_that_opens_with_ascii_is_not_split_into_parts(tmp_path):
+    """Each part decided its own encoding from its own first other bytes: the parts read otherwise than the
+    whole file."""
+    english = "".join(json.dumps({"text": f"English record {i} " * 8}) + "\n" for i in range(1500))
+    chinese = "".join(json.dumps({"text": a}, ensure_ascii=False) + "\n" for a in abstracts()[:50])
+    (tmp_path / "late.jsonl").write_bytes(english.encode() + chinese.encode())
+    (tmp_path / "chinese.jsonl").write_bytes((chinese * 40).encode())
+    assert hash_and_split(str(tmp_path / "late.jsonl"), 4096)[2] == []
+    assert len(hash_and_split(str(tmp_path / "chinese.jsonl"), 4096)[2]) > 1
+
+
+def test_held_lines_are_not_lost_when_the_filesystem_fails(tmp_path, monkeypatch):
+    """Only damage (ShardReadError) let the lines held for the late decision out; an OSError lost them."""
+    import contextlib
+
+    from cleaning import readers
+
+    english = "".join(f"English line {i} of an opening that is all ASCII.\n" for i in range(1500))
+    chinese = "".join(f"第{i}行：北京欢迎你。\n" for i in range(2000))
+    data = english.encode() + chinese.encode()
+    (tmp_path / "late.txt").write_bytes(data)
+
+    class Failing:
+        def __init__(self, raw):
+            self.raw, self.read_bytes = raw, 0
+
+        def readline(self, *args):
+            line = self.raw.readline(*args)
+            self.read_bytes += len(line)
+            if self.read_bytes > len(english) + 20_000:
+                raise OSError(5, "Input/output error")
+            return line
+
+        def __getattr__(self, name):
+            return getattr(self.raw, name)
+
+    original = readers.RecordReader._content
+
+    @contextlib.contextmanager
+    def failing_content(self, path, kind, utf16=None):
+        with original(self, path, kind, utf16) as (raw, content):
+            yield raw, Failing(content)
+
+    monkeypatch.setattr(readers.RecordReader, "_content", failing_content)
+    out: list = []
+    with pytest.raises(Exception):
+        for item in readers.RecordReader(txt_split="line").read(str(tmp_path / "late.txt")):
+            out.append(item)
+    assert sum(isinstance(o, Document) and "北京" in o.text for o in out) > 100
+
+
+def test_years_name_their_own_source_and_in_line_crs_end_no_line(tmp_path):
+    """`2021.jsonl` and `2022.jsonl` took their folder's name as one source; an LF file with CRs inside its
+    lines was split at them (its ids changed)."""
+    assert [shard_name(f"/in/{name}") for name in ("2021.jsonl", "news-2020.jsonl", "00012.jsonl", "part1.jsonl")] \
+        == ["2021", "news-2020", "in", "in"]
+    paragraphs = ["第%d篇：第一段内容很长。\r第二段内容。\r第三段内容。" % i for i in range(1, 4)]
+    (tmp_path / "stray.txt").write_bytes(("\n".join(paragraphs) + "\n").encode())
+    out = _read(tmp_path / "stray.txt", txt_split="line")
+    assert [o.id for o in out] == ["stray.txt:1", "stray.txt:2", "stray.txt:3"]
+
+
+def test_json_lines_whose_opening_is_cut_after_a_record_s_brace_stay_json_lines(tmp_path):
+    """An opening cut just after `\\n{` ended in a lone `{`: the file was taken for one JSON document."""
+    from cleaning.readers import is_json_document
+
+    record = json.dumps({"text": "记录：北京欢迎你。"}, ensure_ascii=False).encode() + b"\n"
+    data = record * (JSON_SNIFF_BYTES // len(record) + 2)
+    for pad in range(len(record)):
+        head = json.dumps({"text": "p" * pad}).encode() + b"\n" + data
+        if head[:JSON_SNIFF_BYTES].endswith(b"\n{"):
+            assert not is_json_document(head[:JSON_SNIFF_BYTES])
+            (tmp_path / "cut.jsonl").write_bytes(head)
+            assert hash_and_split(str(tmp_path / "cut.jsonl"), 4096)[2] != []
+            break
+    else:
+        raise AssertionError("no padding cut the opening after a brace")
