@@ -110,9 +110,9 @@ def trained_tokenizer_sha256(checkpoint: str | os.PathLike[str]) -> str | None:
     """The fingerprint (`PanguTokenizer.fingerprint`) of the tokenizer that packed the export's training data,
     as its `domains.json` records it (the data contract, `tokenizer.pack`); None when it records none (an
     imported release, an older export)."""
-    contract = read_domains(checkpoint) or {}
-    record = contract.get("tokenizer")
-    return contract.get("tokenizer_sha256") or (record.get("sha256") if isinstance(record, dict) else None)
+    from tokenizer.pack import packed_with
+
+    return packed_with(read_domains(checkpoint) or {})
 
 
 def choose_domain(checkpoint: str | os.PathLike[str], config: PanguConfig,

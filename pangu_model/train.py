@@ -360,6 +360,13 @@ def check_resumable(output: str | os.PathLike[str], config: TrainConfig, rank: i
         return
     directory = Path(output) / CHECKPOINT_DIR / tag
     state = torch.load(directory / f"trainer_rank{rank:05d}.pt", weights_only=True)
+    from tokenizer.pack import packed_with
+
+    trained, packed = state.get("tokenizer_sha256"), packed_with(read_data_contract(config.data))
+    if trained and packed and trained != packed:  # not recorded before checkpoints did: not checked
+        raise ResumeMismatch(f"{directory} was trained on ids of tokenizer sha256 {trained[:12]}…, this run's data "
+                             f"({config.data}) is packed with {packed[:12]}…: resume on data of that tokenizer, or "
+                             f"train into another output")
     if state["fingerprint"] == config.fingerprint():
         return
     differences = ""
@@ -493,6 +500,7 @@ def fit_to_data(config: TrainConfig) -> TrainConfig:
         from .checkpoint import load_config
 
         source = load_config(config.init_from)
+        _check_same_tokenizer(config.init_from, contract)
         if source.vocab_size < pieces:
             raise DataMismatch(f"init_from {config.init_from} has {source.vocab_size} embeddings but the data's "
                                f"tokenizer has {pieces} pieces: pack the corpus with that model's tokenizer")
@@ -520,6 +528,21 @@ def fit_to_data(config: TrainConfig) -> TrainConfig:
     if config.init_from is not None:
         check_init_from(config.init_from, fitted.pangu_config())
     return fitted
+
+
+def _check_same_tokenizer(export: str, contract: dict[str, Any]) -> None:
+    """An export to start from was trained on ids of one tokenizer: data packed by another of the same size
+    gives its embeddings other text (the run trained on, and its export bundled a tokenizer the start never
+    knew). An export that records none (an imported release) is taken as it is."""
+    from tokenizer.pack import DOMAINS_FILE, packed_with
+
+    path = Path(export) / DOMAINS_FILE
+    trained = packed_with(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
+    packed = packed_with(contract)
+    if trained and packed and trained != packed:
+        raise DataMismatch(f"init_from {export} was trained on ids of tokenizer sha256 {trained[:12]}…, the data is "
+                           f"packed with {packed[:12]}…: pack the corpus with that model's tokenizer "
+                           f"({Path(export) / 'tokenizer'})")
 
 
 def check_init_from(export: str, target: PanguConfig) -> None:
@@ -668,6 +691,9 @@ class Trainer:
         compile_muon_on_first_use()
         config = fit_to_data(config)
         self.config = config
+        from tokenizer.pack import packed_with
+
+        self.packed_with = packed_with(read_data_contract(config.data))  # recorded in every checkpoint
         self.output = Path(config.output)
         self.stop_requested = False
         self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -1206,6 +1232,7 @@ class Trainer:
             "step": self.step,
             "dataset": self.dataset.state_dict(),
             "fingerprint": self.config.fingerprint(),
+            "tokenizer_sha256": self.packed_with,  # its ids: data of another tokenizer cannot resume it
             "world_size": self.world_size,
             "tensor_parallel": self.config.tensor_parallel,
             "pipeline_parallel": self.config.pipeline_parallel,

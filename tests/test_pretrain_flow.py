@@ -135,6 +135,42 @@ def test_a_finished_run_is_the_one_its_export_record_names(tmp_path):
     assert finished_run(tmp_path, config) is None
 
 
+def test_data_of_another_tokenizer_cannot_resume_a_run_or_start_from_an_export(tokens, tmp_path):
+    """A tokenizer of the same size packs other ids: a resume (or --export-only) on such data trained on, and an
+    init_from export of it was accepted, and their exports bundled a tokenizer the weights never knew."""
+    import torch
+
+    from pangu_model.checkpoint import save_checkpoint
+    from pangu_model.model import PanguModel
+    from pangu_model.train import DataMismatch, ResumeMismatch, check_resumable, fit_to_data, load_train_config
+    from tokenizer.pack import packed_with
+
+    packed = packed_with(json.loads((tokens / "domains.json").read_text()))
+    config = fit_to_data(load_train_config("alpha-tiny", {"data": str(tokens), "output": str(tmp_path / "run"), **TINY}))
+    checkpoint = tmp_path / "run" / "checkpoints"
+    (checkpoint / "step00000002").mkdir(parents=True)
+    (checkpoint / "latest").write_text("step00000002")
+    for recorded, refused in ((packed, False), (None, False), ("0" * 64, True)):  # none: an older checkpoint
+        torch.save({"fingerprint": config.fingerprint(), "tokenizer_sha256": recorded},
+                   checkpoint / "step00000002" / "trainer_rank00000.pt")
+        if refused:
+            with pytest.raises(ResumeMismatch, match=f"trained on ids of tokenizer sha256 000000000000…, this run's "
+                                                     f"data .* is packed with {packed[:12]}…"):
+                check_resumable(tmp_path / "run", config)
+        else:
+            check_resumable(tmp_path / "run", config)
+
+    export = save_checkpoint(PanguModel(config.pangu_config()), tmp_path / "export")
+    for recorded, refused in ((packed, False), ("0" * 64, True)):
+        (export / "domains.json").write_text(json.dumps({"tokenizer_sha256": recorded}))
+        fields = {"data": str(tokens), "init_from": str(export), **TINY}
+        if refused:
+            with pytest.raises(DataMismatch, match="init_from .* was trained on ids of tokenizer sha256 000000000000…"):
+                fit_to_data(load_train_config("alpha-tiny", fields))
+        else:
+            fit_to_data(load_train_config("alpha-tiny", fields))
+
+
 def _weights_missing(directory: Path, preset: str) -> str:
     """A checkpoint dir with a config.json but no weights: it passes the flow's checks, and the training
     process fails when it loads it."""

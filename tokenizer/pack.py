@@ -49,6 +49,13 @@ DOMAINS_FILE = "domains.json"
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
+def packed_with(contract: dict[str, Any]) -> str | None:
+    """The fingerprint (`PanguTokenizer.fingerprint`) of the tokenizer that packed the data a `domains.json`
+    (`contract`, as `summarize` writes it, also bundled in an export) describes; None when it records none."""
+    record = contract.get("tokenizer")
+    return contract.get("tokenizer_sha256") or (record.get("sha256") if isinstance(record, dict) else None)
+
+
 def shard_stem(shard: str) -> str:
     name = shard.rstrip("/").rsplit("/", 1)[-1]
     return name[: -len(".parquet")] if name.endswith(".parquet") else name
