@@ -13,6 +13,7 @@ entries no remaining version uses.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from collections import defaultdict
@@ -32,6 +33,7 @@ from cleaning.temporaries import process_alive
 from cleaning.writers import read_json, write_json_atomic
 
 LATEST = "LATEST"
+_VERSION_NAME = re.compile(r"[0-9a-f]{16}")  # CorpusBuild.run_key
 PINNED = "PINNED"  # ROOT/<version>/PINNED: gc keeps the version whatever its age
 BUILDING = "_work/building"  # ROOT/_work/building/<version>.json while a refresh runs
 # The work directory's cache entries, one directory each under these folders. `dedup` and `final`
@@ -225,7 +227,8 @@ def collect_garbage(root: str, keep: int = 1, dry_run: bool = False,
     versions = []
     for path in fs.ls(base, detail=False):
         name = path.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith(("_", ".")) or not fs.isdir(path):
+        # a version's name is its run key (16 hex digits): a folder of the user's in ROOT is no version to remove
+        if name.startswith(("_", ".")) or not _VERSION_NAME.fullmatch(name) or not fs.isdir(path):
             continue
         versions.append(name)
         if fs.exists(f"{path}/manifest.json"):

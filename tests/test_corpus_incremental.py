@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -313,6 +314,10 @@ def test_gc_removes_an_unreferenced_version_and_its_files_and_keeps_the_referenc
     assert f"would remove version {first['v1']}" in printed and f"kept {second['version']} (LATEST)" in printed
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before  # a dry run removes nothing
 
+    (root / "notes").mkdir()  # a folder of the user's (was "would remove version notes")
+    (root / "notes" / "todo.txt").write_text("a user's\n")
+    assert "notes" not in collect_garbage(str(root), dry_run=True).removed_versions
+    shutil.rmtree(root / "notes")
     (v1 / "PINNED").write_text("kept for the paper\n")
     pinned = collect_garbage(str(root))
     assert pinned.removed_versions == [] and pinned.kept_versions[first["v1"]] == "pinned"
