@@ -189,7 +189,7 @@ def utf16_codec(opening: bytes) -> str | None:
     Where both byte orders pass, the one with more characters of text wins."""
     if opening.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return "utf-16"
-    if opening.count(b"\x00") * 2048 < len(opening):
+    if not opening or opening.count(b"\x00") * 2048 < len(opening):
         return None  # none, or strays: UTF-16 has one in every character below U+0100, a line end among them
     line_ends = opening.count(b"\n")
     found: list[tuple[int, str]] = []
