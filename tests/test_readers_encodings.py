@@ -234,9 +234,9 @@ def test_a_stray_nul_in_english_utf8_does_not_make_it_utf16(tmp_path):
     for nul in (b"\x00", b"x\x00"):  # just before a line end, at an even or an odd offset
         (tmp_path / "nul.jsonl").write_bytes(data[:newline] + nul + data[newline:])
         assert utf16_codec((tmp_path / "nul.jsonl").read_bytes()[:JSON_SNIFF_BYTES]) is None
-    assert utf16_codec(b"") is None  # the opening of damaged content: no encoding of its own
         out = _read(tmp_path / "nul.jsonl")
         assert sum(isinstance(o, Document) for o in out) == 199 and len(out) == 200
+    assert utf16_codec(b"") is None  # the opening of damaged content: no encoding of its own
 
 
 def test_a_damaged_line_after_an_ascii_opening_does_not_decide_the_rest(tmp_path):
