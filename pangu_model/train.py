@@ -358,11 +358,17 @@ def check_resumable(output: str | os.PathLike[str], config: TrainConfig, rank: i
     tag = latest_checkpoint_tag(output)
     if tag is None or not config.resume:
         return
-    directory = Path(output) / CHECKPOINT_DIR / tag
-    state = torch.load(directory / f"trainer_rank{rank:05d}.pt", weights_only=True)
     from tokenizer.pack import packed_with
 
-    trained, packed = state.get("tokenizer_sha256"), packed_with(read_data_contract(config.data))
+    directory = Path(output) / CHECKPOINT_DIR / tag
+    state = torch.load(directory / f"trainer_rank{rank:05d}.pt", weights_only=True)
+    refuse_another_run(directory, state, config, packed_with(read_data_contract(config.data)))
+
+
+def refuse_another_run(directory: Path, state: dict[str, Any], config: TrainConfig, packed: str | None) -> None:
+    """`check_resumable` on a checkpoint's trainer `state` already read, and the fingerprint of the tokenizer
+    that packed this run's data (`packed`)."""
+    trained = state.get("tokenizer_sha256")
     if trained and packed and trained != packed:  # not recorded before checkpoints did: not checked
         raise ResumeMismatch(f"{directory} was trained on ids of tokenizer sha256 {trained[:12]}…, this run's data "
                              f"({config.data}) is packed with {packed[:12]}…: resume on data of that tokenizer, or "
@@ -371,7 +377,7 @@ def check_resumable(output: str | os.PathLike[str], config: TrainConfig, rank: i
         return
     differences = ""
     try:
-        written = TrainConfig.model_validate_json((Path(output) / CHECKPOINT_DIR / TRAIN_CONFIG_FILE).read_text())
+        written = TrainConfig.model_validate_json((directory.parent / TRAIN_CONFIG_FILE).read_text())
     except (OSError, ValueError):  # an older run's, or damaged: the fingerprint alone says that they differ
         written = None
     if written is not None and written.fingerprint() == state["fingerprint"]:
@@ -1281,8 +1287,8 @@ class Trainer:
         if tag is None:
             return False
         directory = self.checkpoint_dir / tag
-        check_resumable(self.output, self.config, self.rank)
         state = torch.load(directory / f"trainer_rank{self.rank:05d}.pt", weights_only=True)
+        refuse_another_run(directory, state, self.config, self.packed_with)  # read once, checked as the flow checks
         held = {"tensor_parallel": "each tensor rank's checkpoint holds its own slices",
                 "pipeline_parallel": "each stage's checkpoint holds its own layers",
                 "expert_parallel": "each expert-parallel rank's checkpoint holds its own shard of the experts"}
