@@ -57,6 +57,18 @@ class _EachExpectedErrorOnce(logging.Filter):
         return not any(opening and opening in text for opening in self.shown)  # a failed state that repeats it
 
 
+class _HeartbeatsAfterTheEnd(logging.Filter):
+    """Drops the traceback of a flow run's heartbeat that found Prefect's event service stopped. The heartbeat
+    thread checks the run's state, then sends: a SIGTERM or Ctrl-C between the two ends the run and stops the
+    service, and the heartbeat of a run that is over (of no use to anyone) was logged as an error with its
+    traceback after the command's own `terminated` line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (record.name == "prefect.events.utilities" and "prefect.flow-run.heartbeat" in record.getMessage()
+                    and isinstance(error, RuntimeError) and "stopped service instance" in str(error))
+
+
 def expected_errors_in_one_line(is_expected: Callable[[BaseException], bool]) -> None:
     """Prefect's console handlers show an error for which `is_expected` holds without its traceback, once."""
     from prefect.logging.configuration import ensure_logging_setup
@@ -67,3 +79,4 @@ def expected_errors_in_one_line(is_expected: Callable[[BaseException], bool]) ->
         if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _ExpectedErrorsInOneLine):
             handler.setFormatter(_ExpectedErrorsInOneLine(handler.formatter or logging.Formatter(), is_expected))
             handler.addFilter(_EachExpectedErrorOnce(is_expected))
+            handler.addFilter(_HeartbeatsAfterTheEnd())

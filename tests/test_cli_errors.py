@@ -465,6 +465,45 @@ def test_the_terminal_shows_an_expected_error_once_not_at_every_run_it_fails(mon
     assert console.filter(record("Encountered exception during execution: %r", error))
 
 
+def test_a_heartbeat_sent_after_the_run_ended_prints_no_traceback(monkeypatch):
+    """Prefect's heartbeat thread checks the flow run's state, then sends. A SIGTERM between the two ended the run
+    and stopped the event service, and the terminal showed `Error emitting event: prefect.flow-run.heartbeat` with
+    a traceback after the command's `terminated` line."""
+    import logging
+
+    from prefect._internal.concurrency.services import QueueService
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from flows.cli import needs_no_traceback
+    from flows.console import expected_errors_in_one_line
+
+    monkeypatch.delenv("PANGU_DEBUG", raising=False)
+    expected_errors_in_one_line(needs_no_traceback)
+    console = next(h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler))
+
+    class Events(QueueService[int]):
+        async def _handle(self, item: int) -> None:
+            pass
+
+    stopped = Events.instance()
+    stopped.drain()  # what the end of a run does to Prefect's event service
+
+    def emitted(event: str, send) -> logging.LogRecord:
+        try:
+            send()
+        except Exception:  # noqa: BLE001 - as prefect.events.utilities.emit_event logs it
+            return logging.LogRecord("prefect.events.utilities", logging.ERROR, __file__, 1,
+                                     f"Error emitting event: {event}", None, sys.exc_info())
+        raise AssertionError("the stopped service took the event")
+
+    def broken() -> None:
+        raise RuntimeError("the events client failed")
+
+    assert not console.filter(emitted("prefect.flow-run.heartbeat", lambda: stopped.send(1)))
+    assert console.filter(emitted("prefect.flow-run.Completed", lambda: stopped.send(1)))  # another event: shown
+    assert console.filter(emitted("prefect.flow-run.heartbeat", broken))  # another failure: shown
+
+
 # A terminal's Ctrl-C: SIGINT to the command's whole process group. The command starts with SIGINT's default
 # action whatever this process inherited (a job started in the background inherits SIGINT ignored).
 _WITH_DEFAULT_SIGINT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
